@@ -1,0 +1,83 @@
+"""Causal linear attention: each position attends to itself and the past in ``O(L)``
+(Katharopoulos et al. 2020, "Transformers are RNNs", arXiv 2006.16236)."""
+
+from __future__ import annotations
+
+import torch
+from einops import rearrange
+from torch import nn
+
+from .._checks import check_attention_inputs
+from ..attention_registry import (
+    AttentionRegistry,
+    Callable,
+    EventDispatcherInstance,
+    Int,
+    Optional,
+)
+from ..causal_product import causal_dot_product
+from ..events import EventDispatcher
+from ..feature_maps import elu_feature_map
+
+__all__ = ["CausalLinearAttention"]
+
+
+class CausalLinearAttention(nn.Module):
+    """Causal linear attention.
+
+    ``V'_i = phi(Q_i)^T sum_{j<=i} phi(K_j) V_j^T / (phi(Q_i)^T sum_{j<=i} phi(K_j) + eps)``.
+    The attention mask must be a :class:`TriangularCausalMask` (or any lower-triangular
+    mask); padded keys are dropped with ``key_lengths``. When ``L != S`` the keys are
+    truncated or zero-padded to ``L``, as in fast-transformers.
+
+    Arguments:
+        query_dimensions: the head dimension ``E``.
+        feature_map: a factory ``query_dims -> FeatureMap`` (default: ``elu(x) + 1``).
+        eps: added to the normaliser (default: 1e-6).
+        event_dispatcher: dispatcher instance or key.
+
+    Shapes: queries ``(N, L, H, E)``, keys ``(N, S, H, E)``, values ``(N, S, H, D)``;
+    returns ``(N, L, H, D)``.
+    """
+
+    def __init__(self, query_dimensions, feature_map=None, eps=1e-6, event_dispatcher=""):
+        super().__init__()
+        self.feature_map = (feature_map or elu_feature_map)(query_dimensions)
+        self.eps = eps
+        self.event_dispatcher = EventDispatcher.get(event_dispatcher)
+
+    def forward(self, queries, keys, values, attn_mask, query_lengths, key_lengths):
+        """Return the causal linear attention ``(N, L, H, D)``."""
+        N, L, S, H, E, D = check_attention_inputs(
+            queries, keys, values, attn_mask, query_lengths, key_lengths
+        )
+        if not attn_mask.lower_triangular:
+            raise ValueError(
+                "CausalLinearAttention needs a lower triangular attention mask "
+                "(TriangularCausalMask); got a mask that is not"
+            )
+        self.feature_map.new_feature_map(queries.device)
+        Q = self.feature_map.forward_queries(queries)
+        K = self.feature_map.forward_keys(keys)
+        if not key_lengths.all_ones:
+            K = K * key_lengths.float_matrix.to(K.dtype)[:, :, None, None]
+        if S > L:
+            K, values = K[:, :L], values[:, :L]
+        elif S < L:
+            K = torch.nn.functional.pad(K, (0, 0, 0, 0, 0, L - S))
+            values = torch.nn.functional.pad(values, (0, 0, 0, 0, 0, L - S))
+        Z = 1 / (torch.einsum("nlhi,nlhi->nlh", Q, K.cumsum(dim=1)) + self.eps)
+        to_heads = lambda t: rearrange(t, "n l h d -> n h l d")  # noqa: E731
+        V = causal_dot_product(to_heads(Q), to_heads(K), to_heads(values))
+        return (rearrange(V, "n h l d -> n l h d") * Z[..., None]).contiguous()
+
+
+AttentionRegistry.register(
+    "causal-linear",
+    CausalLinearAttention,
+    [
+        ("query_dimensions", Int),
+        ("feature_map", Optional(Callable)),
+        ("event_dispatcher", Optional(EventDispatcherInstance, "")),
+    ],
+)

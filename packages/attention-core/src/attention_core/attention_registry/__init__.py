@@ -1,0 +1,29 @@
+"""Where attention implementations register their names and typed parameters.
+
+Three registries exist: :data:`AttentionRegistry` (batch attentions),
+:data:`RecurrentAttentionRegistry` and :data:`RecurrentCrossAttentionRegistry` (filled by
+the recurrent-transformer package). Builders look attentions up here.
+"""
+
+from .registry import (
+    AttentionRegistry,
+    RecurrentAttentionRegistry,
+    RecurrentCrossAttentionRegistry,
+    Registry,
+)
+from .spec import Bool, Callable, Choice, EventDispatcherInstance, Float, Int, Optional, Spec
+
+__all__ = [
+    "AttentionRegistry",
+    "Bool",
+    "Callable",
+    "Choice",
+    "EventDispatcherInstance",
+    "Float",
+    "Int",
+    "Optional",
+    "RecurrentAttentionRegistry",
+    "RecurrentCrossAttentionRegistry",
+    "Registry",
+    "Spec",
+]

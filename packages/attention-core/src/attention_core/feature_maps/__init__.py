@@ -1,0 +1,20 @@
+"""Feature maps for linear attentions (``feature_map=`` of LinearAttention and
+CausalLinearAttention take a factory such as ``Favor.factory(n_dims=256)``)."""
+
+from .base import ActivationFunctionFeatureMap, FeatureMap, elu_feature_map
+from .fourier_features import (
+    Favor,
+    GeneralizedRandomFeatures,
+    RandomFourierFeatures,
+    SmoothedRandomFourierFeatures,
+)
+
+__all__ = [
+    "ActivationFunctionFeatureMap",
+    "Favor",
+    "FeatureMap",
+    "GeneralizedRandomFeatures",
+    "RandomFourierFeatures",
+    "SmoothedRandomFourierFeatures",
+    "elu_feature_map",
+]
