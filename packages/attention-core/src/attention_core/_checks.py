@@ -103,7 +103,9 @@ def check_attention_inputs(
         )
     for name, t in (("keys", keys), ("values", values)):
         if t.dtype != queries.dtype:
-            raise TypeError(f"{name} must have the dtype of queries ({queries.dtype}); got {t.dtype}")
+            raise TypeError(
+                f"{name} must have the dtype of queries ({queries.dtype}); got {t.dtype}"
+            )
         if t.device != queries.device:
             raise ValueError(
                 f"{name} must be on the device of queries ({queries.device}); got {t.device}"

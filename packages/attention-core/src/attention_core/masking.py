@@ -133,7 +133,7 @@ class FullMask(BaseMask):
             with torch.no_grad():
                 self._mask = mask.clone()
             return
-        if mask is not None and not isinstance(mask, int) or isinstance(mask, bool):
+        if (mask is not None and not isinstance(mask, int)) or isinstance(mask, bool):
             raise TypeError(
                 f"FullMask: mask must be a bool tensor or an int size; got {type(mask).__name__}"
             )

@@ -20,7 +20,8 @@ class AttentionLayer(nn.Module):
     ``value_projection``, ``out_projection`` and the wrapped ``inner_attention``.
 
     Arguments:
-        attention: the inner attention, ``(N, L, H, E), (N, S, H, E), (N, S, H, D) -> (N, L, H, D)``.
+        attention: the inner attention,
+            ``(N, L, H, E), (N, S, H, E), (N, S, H, D) -> (N, L, H, D)``.
         d_model: the input and output feature size.
         n_heads: the number of heads ``H``.
         d_keys: ``E``, the head dimension of queries and keys (default: ``d_model // n_heads``).

@@ -48,7 +48,7 @@ class CausalLinearAttention(nn.Module):
 
     def forward(self, queries, keys, values, attn_mask, query_lengths, key_lengths):
         """Return the causal linear attention ``(N, L, H, D)``."""
-        N, L, S, H, E, D = check_attention_inputs(
+        _, L, S, _, _, _ = check_attention_inputs(
             queries, keys, values, attn_mask, query_lengths, key_lengths
         )
         if not attn_mask.lower_triangular:
