@@ -12,6 +12,7 @@ from ..attention_registry import (
     AttentionRegistry,
     Callable,
     EventDispatcherInstance,
+    Float,
     Int,
     Optional,
 )
@@ -78,6 +79,7 @@ AttentionRegistry.register(
     [
         ("query_dimensions", Int),
         ("feature_map", Optional(Callable)),
+        ("eps", Optional(Float, 1e-6)),
         ("event_dispatcher", Optional(EventDispatcherInstance, "")),
     ],
 )

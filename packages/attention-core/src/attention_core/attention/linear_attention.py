@@ -11,6 +11,7 @@ from ..attention_registry import (
     AttentionRegistry,
     Callable,
     EventDispatcherInstance,
+    Float,
     Int,
     Optional,
 )
@@ -67,6 +68,7 @@ AttentionRegistry.register(
     [
         ("query_dimensions", Int),
         ("feature_map", Optional(Callable)),
+        ("eps", Optional(Float, 1e-6)),
         ("event_dispatcher", Optional(EventDispatcherInstance, "")),
     ],
 )

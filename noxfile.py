@@ -1,0 +1,101 @@
+"""Every workflow of the repository: ``nox -l`` lists them.
+
+Each session gets its own virtual environment and installs what it needs from the
+packages' own metadata, so an undeclared dependency fails. ``.ci/constraints.txt`` pins
+``torch==2.13.0``, the CPU build that this machine's pip finds on disk.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tarfile
+from pathlib import Path
+
+import nox
+
+nox.needs_version = ">=2024.3.2"
+nox.options.default_venv_backend = "virtualenv"
+nox.options.error_on_missing_interpreters = True
+
+ROOT = Path(__file__).parent
+CONSTRAINTS = ("-c", str(ROOT / ".ci" / "constraints.txt"))
+CORE = "packages/attention-core"
+PACKAGES = {
+    "attention-core": "attention_core",
+    "recurrent-transformer": "recurrent_transformer",
+    "block-recurrent-transformer": "block_recurrent_transformer",
+    "feedback-transformer": "feedback_transformer",
+}
+MODEL_PACKAGES = [f"packages/{name}" for name in PACKAGES if name != "attention-core"]
+
+
+def install(session: nox.Session, *args: str) -> None:
+    """pip install with the repository's constraints (torch pinned to the local CPU build)."""
+    session.install(*CONSTRAINTS, *args)
+
+
+@nox.session
+@nox.parametrize("package", list(PACKAGES))
+def tests(session: nox.Session, package: str) -> None:
+    """Run one package's tests in a fresh environment (all four by default)."""
+    install(session, "torch==2.13.0")
+    targets = [CORE] if package == "attention-core" else [CORE, f"packages/{package}"]
+    install(session, *targets)
+    install(session, "pytest>=7", "hypothesis>=6")
+    session.run("pytest", f"packages/{package}/tests", *session.posargs)
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """ruff check and ruff format --check over the whole repository."""
+    session.install("ruff>=0.6")
+    session.run("ruff", "check", ".")
+    session.run("ruff", "format", "--check", ".")
+
+
+@nox.session
+def docs(session: nox.Session) -> None:
+    """Build the documentation site with mkdocs --strict (never imports the packages)."""
+    session.install("mkdocs-material>=9.5", "mkdocstrings[python]>=0.25")
+    session.run("mkdocs", "build", "--strict", "--site-dir", str(ROOT / "site"))
+
+
+@nox.session(default=False)
+def demo(session: nox.Session) -> None:
+    """The main job: run the seed examples end to end."""
+    install(session, "torch==2.13.0")
+    install(session, CORE, *MODEL_PACKAGES)
+    session.run("python", "-m", "attention_core.demo", *session.posargs)
+
+
+@nox.session(default=False)
+def bench(session: nox.Session) -> None:
+    """Time the attentions against each other; writes docs/benchmarks/results.md."""
+    install(session, "torch==2.13.0")
+    install(session, CORE, *MODEL_PACKAGES)
+    session.run("python", "benchmarks/bench_attention.py", *session.posargs)
+
+
+@nox.session
+def sdist(session: nox.Session) -> None:
+    """Build attention-core's sdist, then a wheel from the unpacked sdist alone."""
+    session.install("build>=1.0")
+    out = Path(session.create_tmp()) / "sdist"
+    shutil.rmtree(out, ignore_errors=True)
+    session.run("python", "-m", "build", "--sdist", "--outdir", str(out), CORE)
+    (archive,) = out.glob("attention_core-*.tar.gz")
+    with tarfile.open(archive) as tar:
+        tar.extractall(out, filter="data")
+    unpacked = archive.name.removesuffix(".tar.gz")
+    if not (out / unpacked / "csrc" / "bindings.cpp").is_file():
+        session.error(f"the sdist {archive.name} does not contain csrc/bindings.cpp")
+    session.run("python", "-m", "build", "--wheel", "--outdir", str(out), str(out / unpacked))
+    install(session, "torch==2.13.0")
+    (wheel,) = out.glob("attention_core-*.whl")
+    install(session, str(wheel))
+    session.run(
+        "python",
+        "-c",
+        "import attention_core._C as C; print('compiled extension OK:', C.__doc__)",
+        external=False,
+    )
