@@ -77,9 +77,7 @@ def test_full_attention_fully_masked_rows_are_zero_not_nan():
 def test_linear_attention(N, L, S, H, E, D):
     q, k, v = qkv(N, L, S, H, E, D)
     key_lengths = key_lengths_for(N, S)
-    out = LinearAttention(E)(
-        q, k, v, FullMask(L, S), LengthMask(torch.full((N,), L)), key_lengths
-    )
+    out = LinearAttention(E)(q, k, v, FullMask(L, S), LengthMask(torch.full((N,), L)), key_lengths)
     phi_q = torch.nn.functional.elu(q) + 1
     phi_k = torch.nn.functional.elu(k) + 1
     scores = torch.einsum("nlhe,nshe->nhls", phi_q, phi_k)
@@ -94,12 +92,18 @@ def test_linear_attention_rejects_masks():
     q, k, v = qkv(1, 4, 4, 1, 2, 2)
     with pytest.raises(ValueError, match="does not support arbitrary attention masks"):
         LinearAttention(2)(
-            q, k, v, TriangularCausalMask(4), LengthMask(torch.tensor([4])),
+            q,
+            k,
+            v,
+            TriangularCausalMask(4),
+            LengthMask(torch.tensor([4])),
             LengthMask(torch.tensor([4])),
         )
 
 
-@pytest.mark.parametrize(("N", "L", "S", "H", "E", "D"), [s for s in SHAPES if s.id != "cross-lengths"])
+@pytest.mark.parametrize(
+    ("N", "L", "S", "H", "E", "D"), [s for s in SHAPES if s.id != "cross-lengths"]
+)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 def test_causal_linear_attention(N, L, S, H, E, D, dtype):
     q, k, v = qkv(N, L, S, H, E, D, dtype=dtype)
@@ -173,9 +177,9 @@ def test_causal_dot_product_noncontiguous_input():
     Q = K = V = base.transpose(1, 2)  # (N, H, L, E) view, not contiguous
     assert not Q.is_contiguous()
     assert_close(
-        "transposed", causal_dot_product(Q, K, V), causal_dot_product_reference(*(
-            t.contiguous() for t in (Q, K, V)
-        ))
+        "transposed",
+        causal_dot_product(Q, K, V),
+        causal_dot_product_reference(*(t.contiguous() for t in (Q, K, V))),
     )
 
 

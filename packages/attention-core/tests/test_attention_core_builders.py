@@ -205,7 +205,7 @@ def test_event_dispatcher_reaches_every_module():
 
 
 def test_recurrent_model_builders_point_to_their_package():
-    with pytest.raises(AttributeError, match="recurrent_transformer.builders"):
+    with pytest.raises(AttributeError, match=r"recurrent_transformer\.builders"):
         builders_module.RecurrentEncoderBuilder  # noqa: B018
 
 

@@ -43,9 +43,7 @@ def test_length_mask():
     mask = LengthMask(torch.tensor([2, 4, 1]), max_len=5)
     assert mask.shape == (3, 5)
     assert not mask.all_ones
-    expected = torch.tensor(
-        [[1, 1, 0, 0, 0], [1, 1, 1, 1, 0], [1, 0, 0, 0, 0]], dtype=torch.bool
-    )
+    expected = torch.tensor([[1, 1, 0, 0, 0], [1, 1, 1, 1, 0], [1, 0, 0, 0, 0]], dtype=torch.bool)
     assert torch.equal(mask.bool_matrix, expected)
     assert torch.equal(mask.lengths, torch.tensor([2, 4, 1]))
     assert LengthMask(torch.tensor([3, 3])).all_ones

@@ -1,7 +1,6 @@
 """The package installs, imports and moves in lockstep with attention-core."""
 
 import attention_core
-
 import block_recurrent_transformer
 
 

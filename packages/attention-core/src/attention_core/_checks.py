@@ -57,7 +57,15 @@ def _check_mask(name: str, mask, shape: tuple[int, ...], device: torch.device) -
 
 
 def check_attention_inputs(
-    queries, keys, values, attn_mask, query_lengths, key_lengths, *, same_dims: bool = False
+    queries,
+    keys,
+    values,
+    attn_mask,
+    query_lengths,
+    key_lengths,
+    *,
+    same_dims: bool = False,
+    mask_shape: tuple[int, int] | None = None,
 ) -> tuple[int, int, int, int, int, int]:
     """Validate the inputs of an inner attention.
 
@@ -69,6 +77,7 @@ def check_attention_inputs(
         query_lengths: a mask of shape ``(N, L)``.
         key_lengths: a mask of shape ``(N, S)``.
         same_dims: also require ``D == E``.
+        mask_shape: the expected ``attn_mask`` shape when it is not ``(L, S)``.
 
     Returns:
         ``(N, L, S, H, E, D)``.
@@ -110,7 +119,7 @@ def check_attention_inputs(
             raise ValueError(
                 f"{name} must be on the device of queries ({queries.device}); got {t.device}"
             )
-    _check_mask("attn_mask", attn_mask, (L, S), queries.device)
+    _check_mask("attn_mask", attn_mask, mask_shape or (L, S), queries.device)
     _check_mask("query_lengths", query_lengths, (N, L), queries.device)
     _check_mask("key_lengths", key_lengths, (N, S), queries.device)
     return N, L, S, H, E, D

@@ -49,8 +49,9 @@ class CausalLinearAttention(nn.Module):
 
     def forward(self, queries, keys, values, attn_mask, query_lengths, key_lengths):
         """Return the causal linear attention ``(N, L, H, D)``."""
+        L = queries.shape[1] if queries.dim() == 4 else None
         _, L, S, _, _, _ = check_attention_inputs(
-            queries, keys, values, attn_mask, query_lengths, key_lengths
+            queries, keys, values, attn_mask, query_lengths, key_lengths, mask_shape=(L, L)
         )
         if not attn_mask.lower_triangular:
             raise ValueError(

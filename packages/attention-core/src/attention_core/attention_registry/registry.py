@@ -23,6 +23,7 @@ class Registry:
         self.name = name
         self._classes: dict[str, type] = {}
         self._class_params: dict[str, list[str]] = {}
+        self._class_specs: dict[str, dict[str, Spec]] = {}
         self._parameters: dict[str, Spec] = {}
 
     def register(self, key: str, class_object: type, parameter_tuples) -> None:
@@ -38,6 +39,7 @@ class Registry:
                 )
         self._classes[key] = class_object
         self._class_params[key] = [p for p, _ in parameter_tuples]
+        self._class_specs[key] = dict(parameter_tuples)
         for parameter, spec in parameter_tuples:
             self._parameters.setdefault(parameter, spec)
 
@@ -70,10 +72,20 @@ class Registry:
         """The spec registered for parameter ``key``."""
         return self._parameters[key]
 
+    def class_parameters(self, key: str, values: dict) -> dict:
+        """Resolve ``values`` for attention ``key`` with its own specs: parameters it declares
+        are converted, and ``None`` becomes that attention's registered default."""
+        specs = self._class_specs[key]
+        return {p: specs[p].get(values[p]) for p in self._class_params[key] if p in values}
+
     def validate_parameter(self, key: str, value):
-        """Return ``value`` checked (and possibly converted) by the spec of ``key``."""
+        """Return ``value`` checked (and possibly converted) by the spec of ``key``;
+        ``None`` for an optional parameter is kept (each attention applies its default)."""
+        spec = self._parameters[key]
+        if value is None and isinstance(spec, Optional):
+            return None
         try:
-            return self._parameters[key].get(value)
+            return spec.get(value)
         except Exception as e:
             raise ValueError(
                 f"invalid value {value!r} for attention parameter {key!r}; "

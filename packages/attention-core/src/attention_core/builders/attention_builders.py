@@ -81,9 +81,9 @@ class BaseAttentionBuilder(BaseBuilder):
         names = attention_type.split(":")
         attention = None
         for position, name in enumerate(reversed(names)):
-            attention_class, parameter_names = self._registry[name]
+            attention_class, _ = self._registry[name]
             signature = inspect.signature(attention_class)
-            parameters = {p: self._parameters[p] for p in parameter_names if p in self._parameters}
+            parameters = self._registry.class_parameters(name, self._parameters)
             if position > 0:
                 if "attention" not in signature.parameters:
                     raise ValueError(

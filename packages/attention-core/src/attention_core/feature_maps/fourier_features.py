@@ -43,12 +43,15 @@ def orthogonal_random_matrix_(w: Tensor) -> Tensor:
 class RandomFourierFeatures(FeatureMap):
     """Random Fourier features for the RBF kernel ``exp(-t |x - y|^2 / 2)``.
 
-    ``phi(x) = sqrt(2 / n_dims) [cos(x W), sin(x W)]`` with ``W ~ N(0, I)`` of shape
-    ``(query_dimensions, n_dims // 2)`` after scaling ``x`` by ``sqrt(softmax_temp)``.
+    ``phi(x) = [cos(x W), sin(x W)] / sqrt(m)`` with ``W ~ N(0, I)`` of shape
+    ``(query_dimensions, m)``, ``m = n_dims // 2``, after scaling ``x`` by
+    ``sqrt(softmax_temp)``, so that ``phi(x) . phi(y)`` is the mean of ``cos(w . (x - y))``
+    over the ``m`` drawn frequencies.
 
     Arguments:
         query_dimensions: the head dimension ``E``.
-        n_dims: the size of the feature map, even (default: ``query_dimensions``).
+        n_dims: the size of the feature map, even; an odd value gives ``n_dims - 1``
+            features (default: ``query_dimensions``).
         softmax_temp: the temperature ``t`` (default: ``1 / sqrt(query_dimensions)``).
         orthogonal: draw orthogonal random features to reduce variance (default: False).
         redraw: draw a new matrix every ``redraw`` calls of ``new_feature_map`` (default: 1).
@@ -98,7 +101,9 @@ class RandomFourierFeatures(FeatureMap):
     def forward(self, x: Tensor) -> Tensor:
         u = self._project(x * sqrt(self.softmax_temp))
         phi = torch.cat([torch.cos(u), torch.sin(u)], dim=-1)
-        return phi * sqrt(2 / self.n_dims)
+        # scale by the number of frequencies actually drawn: sqrt(2 / n_dims) would bias
+        # the kernel by (n_dims - 1) / n_dims for odd n_dims (e.g. the smoothed default)
+        return phi / sqrt(self.omega.shape[1])
 
 
 class SmoothedRandomFourierFeatures(RandomFourierFeatures):
@@ -146,7 +151,8 @@ class Favor(RandomFourierFeatures):
     """Positive orthogonal random features for the softmax kernel (FAVOR+, Lemma 1 of
     Choromanski et al. 2020).
 
-    ``phi(x) = exp(-|x|^2 / 2) / sqrt(m) [exp(x W), exp(-x W)]``, so that
+    ``phi(x) = exp(-|x|^2 / 2) / sqrt(2 m) [exp(x W), exp(-x W)]`` with ``W`` of shape
+    ``(query_dimensions, m)``, ``m = n_dims // 2``, so that
     ``E[phi(q) . phi(k)] = exp(q . k)`` after scaling by ``sqrt(softmax_temp)``.
 
     Arguments:
@@ -198,7 +204,7 @@ class Favor(RandomFourierFeatures):
         x = x * sqrt(self.softmax_temp)
         norm_x_squared = (x * x).sum(dim=-1, keepdim=True)
         u = self._project(x)
-        offset = norm_x_squared * 0.5 + 0.5 * log(self.n_dims)
+        offset = norm_x_squared * 0.5 + 0.5 * log(2 * self.omega.shape[1])
         if self.stabilize:
             self._check_sequence_length(norm_x_squared)
             offset = offset + norm_x_squared.amax(dim=1, keepdim=True)

@@ -65,9 +65,7 @@ class RMSNorm(nn.Module):
         """Normalise ``x`` ``(..., d)`` over its last axis; returns ``(..., d)``."""
         check_tensor("x", x, floating=True)
         if x.dim() == 0 or x.shape[-1] != self.dim:
-            raise ValueError(
-                f"x must have shape (..., {self.dim}); got {tuple(x.shape)}"
-            )
+            raise ValueError(f"x must have shape (..., {self.dim}); got {tuple(x.shape)}")
         inv_rms = torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + self.eps)
         return x * inv_rms * self.weight
 

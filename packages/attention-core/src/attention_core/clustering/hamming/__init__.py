@@ -1,0 +1,183 @@
+"""K-means in Hamming space, used to group queries by their hashes in clustered attention
+(Vyas et al. 2020, "Fast Transformers with Clustered Attention", arXiv 2007.04825).
+
+Each sequence ``(n, h)`` is clustered on its own with Lloyd's algorithm:
+
+1. Initialise centroid ``c`` with the hash at position ``floor(c * length / clusters)``.
+2. ``iterations`` times: assign every valid position to its nearest centroid by
+   ``popcount(hash ^ centroid)`` (ties go to the lowest cluster index), then set each bit of
+   a centroid when strictly more than half of its members have that bit (an empty cluster
+   keeps its centroid).
+3. Assign once more with the final centroids; these groups and their counts are returned.
+
+Positions at or beyond ``lengths[n]`` are padding: they get the group index ``clusters``,
+which sorts after every real cluster, and are never counted.
+
+Distances come from bit vectors as ``|a| + |b| - 2 a . b``, so the work is a batched
+matrix product of ``(L, bits)`` by ``(bits, clusters)`` per sequence and iteration.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..._checks import check_positive_int, check_tensor
+
+__all__ = ["cluster"]
+
+_MAX_BITS = 63
+
+
+def _bits_of(codes: Tensor, bits: int) -> Tensor:
+    """``(...,)`` int64 codes -> ``(..., bits)`` int64 zeros and ones, least significant first."""
+    shifts = torch.arange(bits, device=codes.device)
+    return (codes.unsqueeze(-1) >> shifts) & 1
+
+
+def _assign(hash_bits: Tensor, centroid_bits: Tensor) -> tuple[Tensor, Tensor]:
+    """Nearest centroid of every hash and the Hamming distance to it.
+
+    Arguments:
+        hash_bits: ``(N, H, L, B)`` float zeros and ones.
+        centroid_bits: ``(N, H, C, B)`` float zeros and ones.
+
+    Returns:
+        ``(groups, distances)``, both ``(N, H, L)`` int64.
+    """
+    overlap = torch.einsum("nhlb,nhcb->nhlc", hash_bits, centroid_bits)
+    distances = hash_bits.sum(-1, keepdim=True) + centroid_bits.sum(-1).unsqueeze(-2) - 2 * overlap
+    distances = distances.round().long()
+    nearest = distances.argmin(dim=-1)  # the first minimum: ties go to the lowest index
+    return nearest, distances.gather(-1, nearest.unsqueeze(-1)).squeeze(-1)
+
+
+def _tally(groups: Tensor, hash_bits: Tensor, clusters: int) -> tuple[Tensor, Tensor]:
+    """Members and set bits per cluster; the padding group ``clusters`` is dropped.
+
+    Returns:
+        ``counts (N, H, C)`` and ``bitcounts (N, H, C, B)``, int64.
+    """
+    N, H, L, B = hash_bits.shape
+    counts = groups.new_zeros(N, H, clusters + 1).scatter_add_(2, groups, torch.ones_like(groups))
+    index = groups.unsqueeze(-1).expand(N, H, L, B)
+    bitcounts = hash_bits.new_zeros(N, H, clusters + 1, B).scatter_add_(2, index, hash_bits)
+    return counts[:, :, :clusters], bitcounts[:, :, :clusters]
+
+
+def _check_buffer(name: str, buffer, shape: tuple[int, ...], dtype: torch.dtype, device) -> None:
+    if buffer is None:
+        return
+    check_tensor(name, buffer, dtype=dtype, device=device)
+    if tuple(buffer.shape) != shape:
+        raise ValueError(f"{name} must have shape {shape}; got {tuple(buffer.shape)}")
+
+
+def cluster(
+    hashes: Tensor,
+    lengths: Tensor,
+    groups: Tensor | None = None,
+    counts: Tensor | None = None,
+    centroids: Tensor | None = None,
+    distances: Tensor | None = None,
+    bitcounts: Tensor | None = None,
+    clusters: int = 30,
+    iterations: int = 10,
+    bits: int = 32,
+) -> tuple[Tensor, Tensor]:
+    """Cluster the hashes of every sequence with K-means under the Hamming distance.
+
+    The optional buffers exist for compatibility with ``fast_transformers``; when given
+    they are filled with the results (and ``centroids`` sets the number of clusters).
+    Not differentiable (integer inputs and outputs).
+
+    Arguments:
+        hashes: ``(N, H, L)`` int64 hash codes, e.g. from
+            :func:`attention_core.hashing.compute_hashes`.
+        lengths: ``(N,)`` integer number of valid positions of each sequence, in ``[0, L]``.
+        groups: optional ``(N, H, L)`` int32 buffer for the cluster of every position.
+        counts: optional ``(N, H, C)`` int32 buffer for the members of every cluster.
+        centroids: optional ``(N, H, C)`` int64 buffer for the final centroids.
+        distances: optional ``(N, H, L)`` int32 buffer for the distance of every position
+            to its centroid (0 for padding).
+        bitcounts: optional ``(N, H, C, bits)`` int32 buffer for how many members of each
+            cluster have each bit set.
+        clusters: ``C``, the number of clusters (ignored when ``centroids`` is given).
+        iterations: the number of Lloyd rounds (assignment + update), ``>= 0``.
+        bits: how many least significant bits of the hashes to use, in ``[1, 63]``.
+
+    Returns:
+        ``(groups, counts)``: ``(N, H, L)`` int32 cluster indices in ``[0, C)`` and ``C``
+        for padding; ``(N, H, C)`` int32 member counts.
+
+    Example:
+        >>> hashes = torch.tensor([[[0b0000, 0b0001, 0b1110, 0b1111]]])
+        >>> groups, counts = cluster(hashes, torch.tensor([4]), clusters=2, bits=4)
+        >>> groups, counts
+        (tensor([[[0, 0, 1, 1]]], dtype=torch.int32), tensor([[[2, 2]]], dtype=torch.int32))
+    """
+    check_tensor("hashes", hashes, dim=3, dtype=torch.int64)
+    check_tensor("lengths", lengths, dim=1, integer=True, device=hashes.device)
+    N, H, L = hashes.shape
+    if lengths.shape[0] != N:
+        raise ValueError(f"lengths must have shape (N,) = ({N},); got {tuple(lengths.shape)}")
+    if centroids is not None:
+        check_tensor("centroids", centroids, dim=3)
+        clusters = centroids.shape[2]
+    check_positive_int("clusters", clusters)
+    check_positive_int("iterations", iterations, allow_zero=True)
+    check_positive_int("bits", bits)
+    if bits > _MAX_BITS:
+        raise ValueError(f"bits must be in [1, {_MAX_BITS}]; got {bits}")
+    lengths = lengths.long()
+    if N and (int(lengths.min()) < 0 or int(lengths.max()) > L):
+        raise ValueError(
+            f"lengths must lie in [0, L={L}]; got values in "
+            f"[{int(lengths.min())}, {int(lengths.max())}]"
+        )
+    C, device = clusters, hashes.device
+    for name, buffer, shape, dtype in (
+        ("groups", groups, (N, H, L), torch.int32),
+        ("counts", counts, (N, H, C), torch.int32),
+        ("centroids", centroids, (N, H, C), torch.int64),
+        ("distances", distances, (N, H, L), torch.int32),
+        ("bitcounts", bitcounts, (N, H, C, bits), torch.int32),
+    ):
+        _check_buffer(name, buffer, shape, dtype, device)
+
+    valid = torch.arange(L, device=device) < lengths.view(N, 1, 1)  # (N, 1, L)
+    hash_bits = _bits_of(hashes, bits)  # (N, H, L, B)
+    hash_bits_f = hash_bits.float()
+    # centroid c starts at the hash in position floor(c * length / C)
+    start = torch.arange(C, device=device) * lengths.view(N, 1) // C  # (N, C)
+    start = start.clamp(max=max(L - 1, 0)).view(N, 1, C, 1).expand(N, H, C, bits)
+    if L:
+        centroid_bits = hash_bits.gather(2, start)
+    else:
+        centroid_bits = hash_bits.new_zeros(N, H, C, bits)
+
+    def assign() -> tuple[Tensor, Tensor]:
+        nearest, dist = _assign(hash_bits_f, centroid_bits.float())
+        return nearest.masked_fill(~valid, C), dist.masked_fill(~valid, 0)
+
+    nearest, dist = assign()
+    for _ in range(iterations):
+        member_counts, set_counts = _tally(nearest, hash_bits, C)
+        majority = (2 * set_counts > member_counts.unsqueeze(-1)).long()
+        centroid_bits = torch.where(member_counts.unsqueeze(-1) > 0, majority, centroid_bits)
+        nearest, dist = assign()
+    member_counts, set_counts = _tally(nearest, hash_bits, C)
+
+    results = {
+        "groups": (groups, nearest),
+        "counts": (counts, member_counts),
+        "centroids": (centroids, (centroid_bits << torch.arange(bits, device=device)).sum(-1)),
+        "distances": (distances, dist),
+        "bitcounts": (bitcounts, set_counts),
+    }
+    for buffer, value in results.values():
+        if buffer is not None:
+            buffer.copy_(value)
+    groups_out = groups if groups is not None else nearest.int()
+    counts_out = counts if counts is not None else member_counts.int()
+    return groups_out, counts_out

@@ -1,0 +1,24 @@
+"""Building blocks shared by the model packages built on attention-core: feed-forward
+blocks, norms, relative position biases, rotary embeddings and a masked ``attend``."""
+
+from .attend import attend, causal_mask
+from .feedforward import GEGLU, GLU, FeedForward
+from .norms import RMSNorm, l2norm
+from .position import DynamicPositionBias, T5RelativePositionBias, relative_positions
+from .rotary import RotaryEmbedding, apply_rotary_pos_emb, rotate_half
+
+__all__ = [
+    "GEGLU",
+    "GLU",
+    "DynamicPositionBias",
+    "FeedForward",
+    "RMSNorm",
+    "RotaryEmbedding",
+    "T5RelativePositionBias",
+    "apply_rotary_pos_emb",
+    "attend",
+    "causal_mask",
+    "l2norm",
+    "relative_positions",
+    "rotate_half",
+]
