@@ -56,7 +56,7 @@ def lint(session: nox.Session) -> None:
 @nox.session
 def docs(session: nox.Session) -> None:
     """Build the documentation site with mkdocs --strict (never imports the packages)."""
-    session.install("mkdocs-material>=9.5", "mkdocstrings[python]>=0.25")
+    session.install("mkdocs-material>=9.5", "mkdocstrings>=1.0", "mkdocstrings-python>=2.0")
     session.run("mkdocs", "build", "--strict", "--site-dir", str(ROOT / "site"))
 
 
