@@ -16,7 +16,7 @@ from ..attention_registry import (
     Int,
     Optional,
 )
-from ..causal_product import causal_dot_product
+from ..causal_product import normalized_causal_dot_product
 from ..events import EventDispatcher
 from ..feature_maps import elu_feature_map
 
@@ -68,10 +68,11 @@ class CausalLinearAttention(nn.Module):
         elif S < L:
             K = torch.nn.functional.pad(K, (0, 0, 0, 0, 0, L - S))
             values = torch.nn.functional.pad(values, (0, 0, 0, 0, 0, L - S))
-        Z = 1 / (torch.einsum("nlhi,nlhi->nlh", Q, K.cumsum(dim=1)) + self.eps)
+        # numerator and normaliser in one pass; on the kernel path the result is written
+        # straight into (N, L, H, D) storage, so the final rearrange is free
         to_heads = lambda t: rearrange(t, "n l h d -> n h l d")  # noqa: E731
-        V = causal_dot_product(to_heads(Q), to_heads(K), to_heads(values))
-        return (rearrange(V, "n h l d -> n l h d") * Z[..., None]).contiguous()
+        V = normalized_causal_dot_product(to_heads(Q), to_heads(K), to_heads(values), self.eps)
+        return rearrange(V, "n h l d -> n l h d").contiguous()
 
 
 AttentionRegistry.register(

@@ -1,0 +1,277 @@
+"""Causal linear attention on the CPU: attention-core's compiled kernel against
+pytorch-fast-transformers 0.4 and the plain-PyTorch (chunked) form. Run by ``nox -s bench``
+or directly (``--quick`` for a short run).
+
+Same process, same inputs, same thread count for every contender. Two workloads, B=1, H=8,
+D=M=64, float32 by default:
+
+- ``attention``: the whole CausalLinearAttention module (feature map, numerator and
+  normaliser), inputs ``(B, N, H, D)``;
+- ``numerator``: the bare causal dot product ``(B, H, N, D)``.
+
+Timings are medians of ``--repeats`` runs after a warm-up. Peak memory is measured per
+contender in a fresh subprocess: the peak resident set during one call minus the resident set
+before it (Linux ``VmHWM`` after resetting it), so it counts every allocation made by the
+call: outputs, saved tensors, gradients and workspace. GFLOP/s use the
+recurrence's own operation count, ``4 N H D M`` forward and ``14 N H D M`` forward+backward
+(the numerator; the normaliser adds ``O(N H D)``), and are also given as a fraction of a
+float32 GEMM timed here with the same threads. Medians from a shared machine are noisy: read
+the ratios.
+
+The table goes to stdout and to ``docs/benchmarks/causal_linear.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+H, D = 8, 64
+FORCE_REFERENCE_ENV = "ATTENTION_CORE_FORCE_REFERENCE"
+CONTENDERS = ["attention-core", "plain PyTorch", "fast-transformers"]
+MODES = ["forward", "forward+backward"]
+
+
+def have_fast_transformers() -> bool:
+    try:
+        import fast_transformers.causal_product  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+# ---------------------------------------------------------------------------------------
+# contenders
+# ---------------------------------------------------------------------------------------
+
+
+def make_call(workload: str, contender: str, N: int, dtype: torch.dtype):
+    """A function of (q, k, v) for one contender, and the input shape it takes."""
+    if contender == "fast-transformers":
+        from fast_transformers.attention import CausalLinearAttention
+        from fast_transformers.causal_product import causal_dot_product
+        from fast_transformers.masking import LengthMask, TriangularCausalMask
+    else:
+        from attention_core.attention import CausalLinearAttention
+        from attention_core.causal_product import causal_dot_product
+        from attention_core.masking import LengthMask, TriangularCausalMask
+    if workload == "numerator":
+        return causal_dot_product, (1, H, N, D)
+    attention = CausalLinearAttention(D)
+    mask, lengths = TriangularCausalMask(N), LengthMask(torch.tensor([N]), max_len=N)
+    return (lambda q, k, v: attention(q, k, v, mask, lengths, lengths)), (1, N, H, D)
+
+
+def make_inputs(shape: tuple[int, ...], dtype: torch.dtype, grad: bool):
+    g = torch.Generator().manual_seed(0)
+    return [torch.randn(shape, generator=g, dtype=dtype, requires_grad=grad) for _ in range(3)]
+
+
+def step(fn, q, k, v, mode: str) -> None:
+    if mode == "forward":
+        with torch.no_grad():
+            fn(q, k, v)
+    else:
+        fn(q, k, v).sum().backward()
+
+
+def select(contender: str) -> None:
+    """Kernel or forced plain-PyTorch path of attention-core (read at every call)."""
+    os.environ[FORCE_REFERENCE_ENV] = "1" if contender == "plain PyTorch" else "0"
+
+
+def median_ms(fn, repeats: int) -> float:
+    fn()  # warm up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def gemm_gflops(threads: int, dtype: torch.dtype, size: int = 2048) -> float:
+    torch.set_num_threads(threads)
+    a, b = (torch.randn(size, size, dtype=dtype) for _ in range(2))
+    ms = median_ms(lambda: a @ b, 7)
+    return 2 * size**3 / ms / 1e6
+
+
+# ---------------------------------------------------------------------------------------
+# peak memory: one subprocess per measurement
+# ---------------------------------------------------------------------------------------
+
+
+def measure_peak(workload: str, contender: str, N: int, mode: str, dtype: str, threads: int):
+    """Run in a child: print the growth of the peak RSS (MiB) caused by one call."""
+    torch.set_num_threads(threads)
+    select(contender)
+    dtype = getattr(torch, dtype)
+    small, small_shape = make_call(workload, contender, 64, dtype)  # lazy initialisation
+    step(small, *make_inputs(small_shape, dtype, mode != "forward"), mode)
+    fn, shape = make_call(workload, contender, N, dtype)
+    q, k, v = make_inputs(shape, dtype, mode != "forward")
+    before = reset_peak_rss_kib()
+    step(fn, q, k, v, mode)
+    print(json.dumps({"peak_mib": (peak_rss_kib() - before) / 1024}))
+
+
+def _status_kib(field: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def reset_peak_rss_kib() -> int:
+    """Reset the peak resident set size (Linux) and return the current one, in KiB. Without
+    /proc, fall back to ru_maxrss (which also counts the peak before this point)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return _status_kib("VmRSS")
+    except (OSError, TypeError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+def peak_rss_kib() -> int:
+    peak = _status_kib("VmHWM")
+    return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+def peak_mib(workload, contender, N, mode, dtype, threads) -> float | None:
+    command = [
+        sys.executable, __file__, "--child", workload, contender, str(N), mode,
+        str(dtype).removeprefix("torch."), str(threads),
+    ]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        print(result.stderr[-2000:], file=sys.stderr)
+        return None
+    return json.loads(result.stdout.strip().splitlines()[-1])["peak_mib"]
+
+
+# ---------------------------------------------------------------------------------------
+# the table
+# ---------------------------------------------------------------------------------------
+
+
+def run(args) -> tuple[list[dict], float]:
+    torch.set_num_threads(args.threads)
+    dtype = getattr(torch, args.dtype)
+    gemm = gemm_gflops(args.threads, dtype)
+    print(f"float32 GEMM (2048^3, {args.threads} threads): {gemm:.0f} GFLOP/s", flush=True)
+    # fast-transformers' CPU kernel takes float32 only
+    peer = have_fast_transformers() and dtype == torch.float32
+    contenders = [c for c in CONTENDERS if c != "fast-transformers" or peer]
+    rows = []
+    for workload in args.workloads:
+        for N in args.lengths:
+            for contender in contenders:
+                if contender == "plain PyTorch" and args.reference_max < N:
+                    continue
+                select(contender)
+                fn, shape = make_call(workload, contender, N, dtype)
+                row = {"workload": workload, "N": N, "contender": contender}
+                for mode in MODES:
+                    q, k, v = make_inputs(shape, dtype, mode != "forward")
+                    row[mode] = median_ms(lambda: step(fn, q, k, v, mode), args.repeats)  # noqa: B023
+                    row[f"{mode} MiB"] = (
+                        None
+                        if args.no_memory
+                        else peak_mib(workload, contender, N, mode, dtype, args.threads)
+                    )
+                rows.append(row)
+                print(
+                    f"{workload:9s} N={N:6d} {contender:18s} fwd {row['forward']:8.1f} ms  "
+                    f"fwd+bwd {row['forward+backward']:8.1f} ms  peak "
+                    f"{row['forward MiB']} / {row['forward+backward MiB']} MiB",
+                    flush=True,
+                )
+    return rows, gemm
+
+
+def fmt(x, spec: str) -> str:
+    return "n/a" if x is None else format(x, spec)
+
+
+def markdown(rows: list[dict], gemm: float, args) -> str:
+    lines = [
+        f"Causal linear attention on the CPU: B=1, H={H}, D=M={D}, {args.dtype}, "
+        f"{args.threads} threads, torch {torch.__version__}, medians of {args.repeats} runs "
+        f"(ms). Speed-up = fast-transformers time / this row's time. Peak = growth of the "
+        f"peak RSS during one call (MiB). GFLOP/s count the recurrence's 4·N·H·D·M "
+        f"(forward) and 14·N·H·D·M (forward+backward) operations; the measured "
+        f"{args.dtype} GEMM rate here was {gemm:.0f} GFLOP/s. Command: "
+        f"`python benchmarks/bench_causal_linear.py {' '.join(sys.argv[1:])}`.",
+        "",
+        "| workload | N | contender | forward | fwd+bwd | speed-up fwd | speed-up fwd+bwd "
+        "| peak fwd | peak fwd+bwd | GFLOP/s fwd (of GEMM) | GFLOP/s fwd+bwd (of GEMM) |",
+        "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    peer = {(r["workload"], r["N"]): r for r in rows if r["contender"] == "fast-transformers"}
+    for r in rows:
+        base = peer.get((r["workload"], r["N"]))
+        work = H * r["N"] * D * D / 1e6  # per (flop count / 1e9) / ms
+        cells = []
+        for mode, ops in (("forward", 4), ("forward+backward", 14)):
+            rate = ops * work / r[mode]
+            cells.append(f"{rate:.0f} ({rate / gemm:.0%})")
+        speed = [fmt(base[m] / r[m] if base else None, ".1f") + "x" * bool(base) for m in MODES]
+        lines.append(
+            f"| {r['workload']} | {r['N']} | {r['contender']} | {r['forward']:.1f} "
+            f"| {r['forward+backward']:.1f} | {speed[0]} | {speed[1]} "
+            f"| {fmt(r['forward MiB'], '.0f')} | {fmt(r['forward+backward MiB'], '.0f')} "
+            f"| {cells[0]} | {cells[1]} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--child":
+        workload, contender, N, mode, dtype, threads = sys.argv[2:8]
+        measure_peak(workload, contender, int(N), mode, dtype, int(threads))
+        return
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096, 16384])
+    parser.add_argument("--workloads", nargs="+", default=["attention", "numerator"])
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    parser.add_argument(
+        "--reference-max", type=int, default=16384, help="longest N for the plain-PyTorch form"
+    )
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
+    parser.add_argument("--quick", action="store_true", help="N=1024 and 4096, 3 repeats")
+    parser.add_argument(
+        "--output", type=Path, default=ROOT / "docs" / "benchmarks" / "causal_linear.md"
+    )
+    args = parser.parse_args()
+    if args.quick:
+        args.lengths, args.repeats = [1024, 4096], 3
+    if not have_fast_transformers():
+        print(
+            "pytorch-fast-transformers is not installed: timing attention-core alone",
+            file=sys.stderr,
+        )
+    rows, gemm = run(args)
+    table = markdown(rows, gemm, args)
+    print(table)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(table)
+
+
+if __name__ == "__main__":
+    main()
