@@ -1,0 +1,257 @@
+"""Recurrent inference: per-step latency and streaming-generation throughput.
+
+Run with ``nox -s bench`` or directly: ``python benchmarks/bench_recurrent.py [--quick]``.
+Writes the tables to ``docs/benchmarks/recurrent.md``.
+
+1. Per-step latency of the seed example's model (8 layers, 12 heads, 32-dimensional queries and
+   values, feed-forward 1536, batch 10), linear and full attention, at step 10 and step 2000:
+   recurrent-transformer against pytorch-fast-transformers' ``RecurrentEncoderBuilder`` in the
+   same process, with the same weights (fast-transformers' ``state_dict`` is loaded into ours
+   and the outputs are compared) and the same thread count. The state before step 10 comes from
+   9 real steps; the state before step 2000 is synthesised (random tensors of the shapes that
+   1999 steps leave behind: the cost of a step does not depend on the values), the same tensors
+   for both libraries, with our cache at the capacity that doubling reaches (2048).
+2. Streaming generation (``attention_core.generation.stream``, greedy) with a small
+   ``RecurrentLM`` (4 layers, d_model 128), causal-linear against full attention, after a
+   prompt of 512 to 8192 tokens consumed by ``prefill``: tokens per second of the steps.
+
+fast-transformers is imported if it is installed; ``--ft-site DIR`` (or the environment
+variable ``FT_SITE``) appends a site-packages directory that holds it (built against the same
+torch) to ``sys.path``. Without it, only our numbers are reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from recurrent_transformer.builders import RecurrentEncoderBuilder
+from recurrent_transformer.lm import RecurrentLM
+from recurrent_transformer.state import KVCache, LinearState, TransformerState
+
+ROOT = Path(__file__).resolve().parents[1]
+SEED_MODEL = dict(
+    n_layers=8, n_heads=12, feed_forward_dimensions=1536, query_dimensions=32, value_dimensions=32
+)
+N, H, E = 10, 12, 32
+
+
+# peers
+
+
+def import_fast_transformers(site: str | None):
+    """fast-transformers' RecurrentEncoderBuilder, or ``None`` when it cannot be imported."""
+    if site:
+        sys.path.append(site)
+    try:
+        from fast_transformers.builders import RecurrentEncoderBuilder as FTBuilder
+    except ImportError:
+        return None
+    return FTBuilder
+
+
+# part 1: per-step latency
+
+
+def synthesised_states(attention: str, steps: int, n_layers: int):
+    """States after ``steps`` steps for ours and for fast-transformers (same tensors)."""
+    g = torch.Generator().manual_seed(0)
+    ours, theirs = [], []
+    for _ in range(n_layers):
+        if attention == "linear":
+            S = torch.rand(N, H, E, E, generator=g) * steps
+            Z = torch.rand(N, H, E, generator=g) * steps + 1
+            ours.append(LinearState(S, Z))
+            theirs.append([S.clone(), Z.clone()])
+        else:
+            keys = torch.randn(N, H, steps, E, generator=g)
+            values = torch.randn(N, H, steps, E, generator=g)
+            capacity = 1 << steps.bit_length()
+            ours.append(KVCache.from_tensors(keys, values, capacity=capacity))
+            theirs.append([keys, values])
+    return TransformerState(tuple(ours)), theirs
+
+
+def time_steps(contenders: dict, x, repeats: int) -> dict[str, float]:
+    """Median milliseconds of one step for each ``name: (model, state, fresh)``; the contenders
+    alternate within each repeat so that load from other jobs hits them alike. ``fresh(state)``
+    copies the state outside the timer."""
+    times: dict[str, list[float]] = {name: [] for name in contenders}
+    with torch.no_grad():
+        for model, state, fresh in contenders.values():
+            model(x, state=fresh(state))  # warm-up
+        for _ in range(repeats):
+            for name, (model, state, fresh) in contenders.items():
+                s = fresh(state)
+                start = time.perf_counter()
+                model(x, state=s)
+                times[name].append((time.perf_counter() - start) * 1e3)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def per_step_latency(FTBuilder, repeats: int, long_step: int) -> tuple[list[dict], list[str]]:
+    rows, notes = [], []
+    for attention in ("linear", "full"):
+        torch.manual_seed(0)
+        ours = RecurrentEncoderBuilder.from_kwargs(attention_type=attention, **SEED_MODEL).get()
+        ours.eval()
+        ft = None
+        if FTBuilder is not None:
+            ft = FTBuilder.from_kwargs(attention_type=attention, **SEED_MODEL).get().eval()
+            ours.load_state_dict(ft.state_dict())  # the same weights, by the same names
+        x = torch.rand(N, H * E)
+        # state before step 10: 9 real steps
+        with torch.no_grad():
+            ours_state, ft_state, a, b = None, None, x, x
+            for _ in range(9):
+                a, ours_state = ours(a, state=ours_state)
+                if ft is not None:
+                    b, ft_state = ft(b, state=ft_state)
+        if ft is not None:
+            notes.append(
+                f"{attention}: after 9 steps with fast-transformers' weights, max |ours - theirs| "
+                f"= {(a - b).abs().max().item():.1e}"
+            )
+        long_ours, long_ft = synthesised_states(attention, long_step - 1, SEED_MODEL["n_layers"])
+        for step, state_ours, state_ft in (
+            (10, ours_state, ft_state),
+            (long_step, long_ours, long_ft),
+        ):
+            # a clone per repeat: our cache appends in place, so each timed step must start
+            # from a cache that no other step has extended
+            contenders = {"ours": (ours, state_ours, TransformerState.clone)}
+            if ft is not None:
+                contenders["fast-transformers"] = (ft, state_ft, list)
+            row = {"attention": attention, "step": step, **time_steps(contenders, x, repeats)}
+            rows.append(row)
+            print(row, flush=True)
+    return rows, notes
+
+
+# part 2: streaming generation
+
+
+def tokens_per_second(model, context: int, new_tokens: int) -> float:
+    from attention_core.generation import stream
+
+    prompt = torch.randint(0, model.num_tokens, (1, context), generator=torch.Generator())
+    tokens = stream(model, prompt, new_tokens + 1, temperature=0)
+    next(tokens)  # prefill and the first token
+    start = time.perf_counter()
+    count = sum(1 for _ in tokens)
+    return count / (time.perf_counter() - start)
+
+
+def generation(contexts: list[int], new_tokens: int) -> list[dict]:
+    rows = []
+    for attention in ("causal-linear", "full"):
+        torch.manual_seed(0)
+        model = RecurrentLM(
+            num_tokens=256,
+            n_layers=4,
+            n_heads=4,
+            query_dimensions=32,
+            value_dimensions=32,
+            attention_type=attention,
+        ).eval()
+        for context in contexts:
+            row = {
+                "attention": attention,
+                "context": context,
+                "tokens/s": tokens_per_second(model, context, new_tokens),
+            }
+            rows.append(row)
+            print(row, flush=True)
+    return rows
+
+
+# report
+
+
+def markdown(latency, notes, gen, args, have_ft: bool) -> str:
+    lines = [
+        "# Recurrent inference benchmarks",
+        "",
+        f"Generated by `python benchmarks/bench_recurrent.py{' --quick' if args.quick else ''}` on "
+        f"{datetime.date.today().isoformat()}: torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}, "
+        "float32, CPU. Medians; the machine is shared with other jobs, so the numbers are noisy "
+        "(read the ratios).",
+        "",
+        "## Per-step latency of the seed model",
+        "",
+        "8 layers, 12 heads, 32-dimensional queries and values, feed-forward 1536, batch 10, "
+        "under `torch.no_grad()`. Milliseconds per step (lower is better).",
+        "",
+    ]
+    if have_ft:
+        lines += [
+            "| attention | step | recurrent-transformer (ms) | fast-transformers (ms) | ratio |",
+            "| --- | ---: | ---: | ---: | ---: |",
+        ]
+        for r in latency:
+            ratio = r["ours"] / r["fast-transformers"]
+            lines.append(
+                f"| {r['attention']} | {r['step']} | {r['ours']:.2f} | "
+                f"{r['fast-transformers']:.2f} | {ratio:.2f} |"
+            )
+        lines += [""] + [f"- {note}" for note in notes]
+    else:
+        lines += [
+            "fast-transformers was not importable in this run: our numbers alone.",
+            "",
+            "| attention | step | recurrent-transformer (ms) |",
+            "| --- | ---: | ---: |",
+        ]
+        lines += [f"| {r['attention']} | {r['step']} | {r['ours']:.2f} |" for r in latency]
+    lines += [
+        "",
+        "## Streaming generation",
+        "",
+        "`RecurrentLM` (4 layers, 4 heads of 32, d_model 128, vocabulary 256), batch 1, greedy "
+        f"`attention_core.generation.stream`: {args.new_tokens} new tokens after a prompt of the "
+        "given length (consumed by one `prefill`). Tokens per second (higher is better).",
+        "",
+        "| context | causal-linear (tokens/s) | full (tokens/s) | linear / full |",
+        "| ---: | ---: | ---: | ---: |",
+    ]
+    by = {(r["attention"], r["context"]): r["tokens/s"] for r in gen}
+    for context in sorted({r["context"] for r in gen}):
+        linear, full = by[("causal-linear", context)], by[("full", context)]
+        lines.append(f"| {context} | {linear:.0f} | {full:.0f} | {linear / full:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer repeats and shorter contexts")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--ft-site", default=os.environ.get("FT_SITE"))
+    parser.add_argument("--new-tokens", type=int, default=None)
+    parser.add_argument("--out", default=str(ROOT / "docs" / "benchmarks" / "recurrent.md"))
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    FTBuilder = import_fast_transformers(args.ft_site)
+    repeats = 3 if args.quick else 9
+    long_step = 500 if args.quick else 2000
+    contexts = [256, 1024] if args.quick else [512, 1024, 2048, 4096, 8192]
+    args.new_tokens = args.new_tokens or (8 if args.quick else 32)
+    latency, notes = per_step_latency(FTBuilder, repeats, long_step)
+    gen = generation(contexts, args.new_tokens)
+    report = markdown(latency, notes, gen, args, FTBuilder is not None)
+    print(report)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(report)
+
+
+if __name__ == "__main__":
+    main()

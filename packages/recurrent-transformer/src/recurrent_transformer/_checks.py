@@ -1,0 +1,95 @@
+"""Input validation of the recurrent modules: one element per step, ``(N, ...)`` without a
+sequence axis, and whole prompts ``(N, T, ...)`` for ``prefill``."""
+
+from __future__ import annotations
+
+from attention_core._checks import check_tensor
+
+__all__ = ["check_element", "check_heads", "check_prompt", "check_sequence_heads"]
+
+
+def check_element(name: str, x, features: int, owner: str) -> tuple[int, int]:
+    """Check one element of a sequence, ``(N, features)``; a whole sequence ``(N, L, E)`` gets
+    a message pointing to ``prefill``.
+
+    Returns:
+        ``(N, features)``.
+    """
+    check_tensor(name, x, floating=True)
+    if x.dim() == 3 and x.shape[-1] == features:
+        raise ValueError(
+            f"{owner} takes one element of the sequence per call: {name} must have shape "
+            f"(N, {features}); got a whole sequence {tuple(x.shape)} (step through it, or use "
+            f"{owner}.prefill for a prompt)"
+        )
+    if x.dim() != 2 or x.shape[1] != features:
+        raise ValueError(f"{name} must have shape (N, {features}); got {tuple(x.shape)}")
+    return x.shape[0], x.shape[1]
+
+
+def check_prompt(name: str, x, features: int) -> tuple[int, int]:
+    """Check a whole sequence ``(N, T, features)`` with ``T >= 1``.
+
+    Returns:
+        ``(N, T)``.
+    """
+    check_tensor(name, x, floating=True)
+    if x.dim() != 3 or x.shape[2] != features or x.shape[1] < 1:
+        raise ValueError(
+            f"{name} must have shape (N, T, {features}) with T >= 1; got {tuple(x.shape)}"
+        )
+    return x.shape[0], x.shape[1]
+
+
+def check_heads(query, key, value, *, same_dims: bool = False) -> tuple[int, int, int, int]:
+    """Check the per-step inputs of an inner recurrent attention: query and key ``(N, H, E)``,
+    value ``(N, H, D)``, one dtype and device.
+
+    Returns:
+        ``(N, H, E, D)``.
+    """
+    check_tensor("query", query, dim=3, floating=True)
+    check_tensor("key", key, dim=3, floating=True, dtype=query.dtype, device=query.device)
+    check_tensor("value", value, dim=3, floating=True, dtype=query.dtype, device=query.device)
+    N, H, E = query.shape
+    if key.shape != query.shape:
+        raise ValueError(
+            f"key must have the shape of query (N, H, E) = {tuple(query.shape)}; "
+            f"got {tuple(key.shape)}"
+        )
+    if value.shape[:2] != (N, H):
+        raise ValueError(f"value must have shape ({N}, {H}, D); got {tuple(value.shape)}")
+    D = value.shape[2]
+    if same_dims and D != E:
+        raise ValueError(
+            f"this attention needs queries and values with the same head dimension; got {E} and {D}"
+        )
+    return N, H, E, D
+
+
+def check_sequence_heads(
+    queries, keys, values, *, same_dims: bool = False
+) -> tuple[int, int, int, int, int]:
+    """Check the inputs of an inner recurrent attention's ``prefill``: queries and keys
+    ``(N, T, H, E)``, values ``(N, T, H, D)``.
+
+    Returns:
+        ``(N, T, H, E, D)``.
+    """
+    check_tensor("queries", queries, dim=4, floating=True)
+    check_tensor("keys", keys, dim=4, floating=True, dtype=queries.dtype, device=queries.device)
+    check_tensor("values", values, dim=4, floating=True, dtype=queries.dtype, device=queries.device)
+    N, T, H, E = queries.shape
+    if keys.shape != queries.shape:
+        raise ValueError(
+            f"keys must have the shape of queries (N, T, H, E) = {tuple(queries.shape)}; "
+            f"got {tuple(keys.shape)}"
+        )
+    if values.shape[:3] != (N, T, H):
+        raise ValueError(f"values must have shape ({N}, {T}, {H}, D); got {tuple(values.shape)}")
+    D = values.shape[3]
+    if same_dims and D != E:
+        raise ValueError(
+            f"this attention needs queries and values with the same head dimension; got {E} and {D}"
+        )
+    return N, T, H, E, D

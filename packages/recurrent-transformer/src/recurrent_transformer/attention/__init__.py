@@ -1,0 +1,37 @@
+"""Recurrent attentions, mirroring ``fast_transformers.recurrent.attention``: self attentions in
+:mod:`.self_attention`, cross attentions in :mod:`.cross_attention`. Importing this package
+registers all of them in attention-core's recurrent registries."""
+
+from .cross_attention import (
+    RecurrentCrossAttention,
+    RecurrentCrossAttentionLayer,
+    RecurrentCrossFullAttention,
+    RecurrentCrossLinearAttention,
+)
+from .self_attention import (
+    RecurrentAFTFullAttention,
+    RecurrentAFTSimpleAttention,
+    RecurrentAttention,
+    RecurrentAttentionLayer,
+    RecurrentConditionalFullAttention,
+    RecurrentExactTopKAttention,
+    RecurrentFullAttention,
+    RecurrentLinearAttention,
+    RecurrentLocalAttention,
+)
+
+__all__ = [
+    "RecurrentAFTFullAttention",
+    "RecurrentAFTSimpleAttention",
+    "RecurrentAttention",
+    "RecurrentAttentionLayer",
+    "RecurrentConditionalFullAttention",
+    "RecurrentCrossAttention",
+    "RecurrentCrossAttentionLayer",
+    "RecurrentCrossFullAttention",
+    "RecurrentCrossLinearAttention",
+    "RecurrentExactTopKAttention",
+    "RecurrentFullAttention",
+    "RecurrentLinearAttention",
+    "RecurrentLocalAttention",
+]

@@ -1,0 +1,142 @@
+"""The recurrent cross attention layer: project the query of each step, project the memory's
+keys and values only once (at the first step), and run a recurrent inner cross attention."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from einops import rearrange
+from torch import Tensor, nn
+
+from attention_core._checks import check_positive_int, check_tensor
+from attention_core.events import EventDispatcher
+from attention_core.masking import BaseMask, LengthMask
+
+from ..._checks import check_element, check_prompt
+
+__all__ = ["RecurrentCrossAttentionLayer"]
+
+
+class RecurrentCrossAttentionLayer(nn.Module):
+    """Multi-head cross attention around a recurrent inner cross attention.
+
+    The parameters have the names of :class:`attention_core.attention.AttentionLayer`, so
+    ``load_state_dict`` moves weights between the batch and the recurrent layer. When a state is
+    given the keys and values are not projected again (they may be ``None``).
+
+    Arguments:
+        attention: the inner recurrent cross attention.
+        d_model: the feature size of the queries and the output.
+        n_heads: the number of heads ``H``.
+        d_keys: ``E``, the head dimension of queries and keys (default: ``d_model // n_heads``).
+        d_values: ``D``, the head dimension of values (default: ``d_model // n_heads``).
+        d_model_keys: the feature size of the memory (default: ``d_model``).
+        event_dispatcher: dispatcher instance or key.
+    """
+
+    def __init__(
+        self,
+        attention: nn.Module,
+        d_model: int,
+        n_heads: int,
+        d_keys: int | None = None,
+        d_values: int | None = None,
+        d_model_keys: int | None = None,
+        event_dispatcher="",
+    ):
+        super().__init__()
+        check_positive_int("d_model", d_model)
+        check_positive_int("n_heads", n_heads)
+        d_keys = d_keys or (d_model // n_heads)
+        d_values = d_values or (d_model // n_heads)
+        d_model_keys = d_model_keys or d_model
+        for name, value in (
+            ("d_keys", d_keys),
+            ("d_values", d_values),
+            ("d_model_keys", d_model_keys),
+        ):
+            check_positive_int(name, value)
+        self.inner_attention = attention
+        self.query_projection = nn.Linear(d_model, d_keys * n_heads)
+        self.key_projection = nn.Linear(d_model_keys, d_keys * n_heads)
+        self.value_projection = nn.Linear(d_model_keys, d_values * n_heads)
+        self.out_projection = nn.Linear(d_values * n_heads, d_model)
+        self.n_heads = n_heads
+        self.d_model = d_model
+        self.d_model_keys = d_model_keys
+        self.event_dispatcher = EventDispatcher.get(event_dispatcher)
+
+    def _memory(self, N: int, keys, values, key_lengths):
+        for name, t in (("keys", keys), ("values", values)):
+            check_tensor(name, t, dim=3, floating=True)
+            if t.shape[0] != N or t.shape[2] != self.d_model_keys:
+                raise ValueError(
+                    f"{name} must have shape ({N}, S, {self.d_model_keys}); got {tuple(t.shape)}"
+                )
+        S = keys.shape[1]
+        if values.shape[1] != S:
+            raise ValueError(
+                f"keys and values must have the same length; got {S} and {values.shape[1]}"
+            )
+        if key_lengths is None:
+            key_lengths = LengthMask(
+                torch.full((N,), S, dtype=torch.int64, device=keys.device), max_len=S
+            )
+        elif not isinstance(key_lengths, BaseMask):
+            kind = type(key_lengths).__name__
+            raise TypeError(f"key_lengths must be a BaseMask (e.g. LengthMask); got {kind}")
+        H = self.n_heads
+        k = rearrange(self.key_projection(keys), "n s (h e) -> n s h e", h=H)
+        v = rearrange(self.value_projection(values), "n s (h d) -> n s h d", h=H)
+        return k, v, key_lengths
+
+    def forward(
+        self,
+        query: Tensor,
+        keys: Tensor | None,
+        values: Tensor | None,
+        key_lengths: BaseMask | None = None,
+        state: Any = None,
+    ) -> tuple[Tensor, Any]:
+        """Attend from one element to the memory.
+
+        Arguments:
+            query: ``(N, d_model)``.
+            keys: ``(N, S, d_model_keys)``; ignored when ``state`` is given.
+            values: ``(N, S, d_model_keys)``; ignored when ``state`` is given.
+            key_lengths: ``(N, S)`` mask of the real memory positions (default: all).
+            state: the state returned by the previous call, or ``None``.
+
+        Returns:
+            ``(N, d_model)`` and the state.
+        """
+        N = check_element("query", query, self.d_model, type(self).__name__)[0]
+        q = rearrange(self.query_projection(query), "n (h e) -> n h e", h=self.n_heads)
+        k = v = None
+        if state is None:
+            k, v, key_lengths = self._memory(N, keys, values, key_lengths)
+        out, state = self.inner_attention(q, k, v, key_lengths, state)
+        return self.out_projection(rearrange(out, "n h d -> n (h d)")), state
+
+    def prefill(
+        self,
+        query: Tensor,
+        keys: Tensor | None,
+        values: Tensor | None,
+        key_lengths: BaseMask | None = None,
+        state: Any = None,
+    ) -> tuple[Tensor, Any]:
+        """Attend from ``T`` elements at once; arguments as :meth:`forward` with query
+        ``(N, T, d_model)``.
+
+        Returns:
+            ``(N, T, d_model)`` and the state.
+        """
+        N = check_prompt("query", query, self.d_model)[0]
+        q = rearrange(self.query_projection(query), "n t (h e) -> n t h e", h=self.n_heads)
+        k = v = None
+        if state is None:
+            k, v, key_lengths = self._memory(N, keys, values, key_lengths)
+        out, state = self.inner_attention.prefill(q, k, v, key_lengths, state)
+        return self.out_projection(rearrange(out, "n t h d -> n t (h d)")), state

@@ -1,0 +1,120 @@
+"""The recurrent attention layer: project one element to multi-head queries, keys and values,
+run a recurrent inner attention with the previous state, and project the result back."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from einops import rearrange
+from torch import Tensor, nn
+
+from attention_core._checks import check_positive_int
+from attention_core.events import EventDispatcher, QKVEvent
+from attention_core.utils import check_state
+
+from ..._checks import check_element, check_prompt
+
+__all__ = ["RecurrentAttentionLayer"]
+
+
+class RecurrentAttentionLayer(nn.Module):
+    """Multi-head attention around a recurrent inner attention.
+
+    The parameters have the names of :class:`attention_core.attention.AttentionLayer`
+    (``query_projection``, ``key_projection``, ``value_projection``, ``out_projection`` and the
+    wrapped ``inner_attention``), so ``load_state_dict`` moves weights between the two.
+
+    Arguments:
+        attention: the inner recurrent attention, e.g. :class:`RecurrentLinearAttention`.
+        d_model: the input and output feature size.
+        n_heads: the number of heads ``H``.
+        d_keys: ``E``, the head dimension of queries and keys (default: ``d_model // n_heads``).
+        d_values: ``D``, the head dimension of values (default: ``d_model // n_heads``).
+        event_dispatcher: dispatcher instance or key for :class:`QKVEvent` (default: ``""``).
+
+    Example:
+        >>> from recurrent_transformer.attention import RecurrentLinearAttention
+        >>> layer = RecurrentAttentionLayer(RecurrentLinearAttention(16), 64, 4)
+        >>> x = torch.rand(2, 64)
+        >>> y, state = layer(x, x, x)
+        >>> y.shape
+        torch.Size([2, 64])
+    """
+
+    def __init__(
+        self,
+        attention: nn.Module,
+        d_model: int,
+        n_heads: int,
+        d_keys: int | None = None,
+        d_values: int | None = None,
+        event_dispatcher="",
+    ):
+        super().__init__()
+        check_positive_int("d_model", d_model)
+        check_positive_int("n_heads", n_heads)
+        d_keys = d_keys or (d_model // n_heads)
+        d_values = d_values or (d_model // n_heads)
+        check_positive_int("d_keys", d_keys)
+        check_positive_int("d_values", d_values)
+        self.inner_attention = attention
+        self.query_projection = nn.Linear(d_model, d_keys * n_heads)
+        self.key_projection = nn.Linear(d_model, d_keys * n_heads)
+        self.value_projection = nn.Linear(d_model, d_values * n_heads)
+        self.out_projection = nn.Linear(d_values * n_heads, d_model)
+        self.n_heads = n_heads
+        self.d_model = d_model
+        self.event_dispatcher = EventDispatcher.get(event_dispatcher)
+
+    def forward(
+        self, query: Tensor, key: Tensor, value: Tensor, state: Any = None, memory: Any = None
+    ) -> tuple[Tensor, Any]:
+        """Attend from one element to itself and every previous element.
+
+        Arguments:
+            query: ``(N, d_model)``.
+            key: ``(N, d_model)``.
+            value: ``(N, d_model)``.
+            state: the inner attention's state from the previous step, or ``None``.
+            memory: deprecated name of ``state``.
+
+        Returns:
+            ``(N, d_model)`` and the new state.
+        """
+        state = check_state(state, memory)
+        name = type(self).__name__
+        for arg, x in (("query", query), ("key", key), ("value", value)):
+            check_element(arg, x, self.d_model, name)
+        H = self.n_heads
+        q = rearrange(self.query_projection(query), "n (h e) -> n h e", h=H)
+        k = rearrange(self.key_projection(key), "n (h e) -> n h e", h=H)
+        v = rearrange(self.value_projection(value), "n (h d) -> n h d", h=H)
+        if self.event_dispatcher.has_listeners:
+            self.event_dispatcher.dispatch(QKVEvent(self, q, k, v))
+        out, state = self.inner_attention(q, k, v, state)
+        return self.out_projection(rearrange(out, "n h d -> n (h d)")), state
+
+    def prefill(
+        self, query: Tensor, key: Tensor, value: Tensor, state: Any = None
+    ) -> tuple[Tensor, Any]:
+        """Consume ``T`` elements at once, as ``T`` calls of :meth:`forward` would.
+
+        Arguments:
+            query: ``(N, T, d_model)``.
+            key: ``(N, T, d_model)``.
+            value: ``(N, T, d_model)``.
+            state: the state to continue from, or ``None``.
+
+        Returns:
+            ``(N, T, d_model)`` and the state after the last element.
+        """
+        for arg, x in (("query", query), ("key", key), ("value", value)):
+            check_prompt(arg, x, self.d_model)
+        H = self.n_heads
+        q = rearrange(self.query_projection(query), "n t (h e) -> n t h e", h=H)
+        k = rearrange(self.key_projection(key), "n t (h e) -> n t h e", h=H)
+        v = rearrange(self.value_projection(value), "n t (h d) -> n t h d", h=H)
+        if self.event_dispatcher.has_listeners:
+            self.event_dispatcher.dispatch(QKVEvent(self, q, k, v))
+        out, state = self.inner_attention.prefill(q, k, v, state)
+        return self.out_projection(rearrange(out, "n t h d -> n t (h d)")), state

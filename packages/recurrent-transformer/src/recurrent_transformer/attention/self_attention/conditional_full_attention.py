@@ -1,0 +1,97 @@
+"""Conditional full attention as a recurrence: softmax attention while the sequence is short,
+another recurrent attention once it is long (softmax attention: Vaswani et al. 2017,
+arXiv 1706.03762).
+
+The batch ``conditional-full`` decides once per call from the whole length ``L``: full
+attention when ``L <= length_limit``, the other attention otherwise. A recurrent model does not
+know ``L`` in advance, so this form decides per step from the number of elements seen so far,
+which is what the batch attention does on each prefix: steps ``1 .. length_limit`` are softmax
+attention over a :class:`~recurrent_transformer.state.KVCache`, later steps use the other
+attention. The other attention is stepped from the first element (it needs the whole history
+when it takes over) and the cache is dropped at the switch. Stepping through a sequence of
+length ``<= length_limit`` therefore equals the batch attention exactly; for longer sequences
+the first ``length_limit`` outputs are the exact softmax ones instead of the other attention's.
+"""
+
+from __future__ import annotations
+
+from attention_core._checks import check_positive_int
+from attention_core.attention_registry import (
+    EventDispatcherInstance,
+    Float,
+    Int,
+    Optional,
+    RecurrentAttentionRegistry,
+)
+from attention_core.events import EventDispatcher
+
+from ...state import ConditionalState, check_state_type
+from .base import RecurrentAttention
+from .full_attention import RecurrentFullAttention
+
+__all__ = ["RecurrentConditionalFullAttention"]
+
+
+class RecurrentConditionalFullAttention(RecurrentAttention):
+    """Recurrent softmax attention for the first ``length_limit`` steps, then ``attention``.
+
+    Builders create it from composite types such as ``"conditional-full:linear"``. The
+    submodules are named ``full_attention`` and ``other_attention`` as in the batch attention.
+
+    Arguments:
+        attention: the recurrent attention used after ``length_limit`` steps.
+        length_limit: the number of steps done with softmax attention (default: 512).
+        softmax_temp: see :class:`RecurrentFullAttention`.
+        attention_dropout: see :class:`RecurrentFullAttention`.
+        event_dispatcher: dispatcher instance or key, given to the full attention.
+
+    Shapes: query and key ``(N, H, E)``, value ``(N, H, D)``; returns ``(N, H, D)``. The state
+    is a :class:`ConditionalState`.
+    """
+
+    def __init__(
+        self,
+        attention,
+        length_limit=512,
+        softmax_temp=None,
+        attention_dropout=0.1,
+        event_dispatcher="",
+    ):
+        super().__init__()
+        if not callable(attention):
+            raise TypeError(
+                "attention must be a recurrent attention module used after length_limit steps; "
+                f"got {type(attention).__name__}"
+            )
+        self.length_limit = check_positive_int("length_limit", length_limit)
+        self.event_dispatcher = EventDispatcher.get(event_dispatcher)
+        self.full_attention = RecurrentFullAttention(
+            softmax_temp, attention_dropout, event_dispatcher
+        )
+        self.other_attention = attention
+
+    def step(self, query, key, value, state):
+        """Step both attentions while within ``length_limit``, then only the other one."""
+        if state is None:
+            full_state, other_state, length = None, None, 0
+        else:
+            check_state_type("state", state, ConditionalState, type(self).__name__)
+            full_state, other_state, length = state.full, state.other, state.length
+        out, other_state = self.other_attention(query, key, value, other_state)
+        if length < self.length_limit:
+            out, full_state = self.full_attention.step(query, key, value, full_state)
+        else:
+            full_state = None
+        return out, ConditionalState(full_state, other_state, length + 1)
+
+
+RecurrentAttentionRegistry.register(
+    "conditional-full",
+    RecurrentConditionalFullAttention,
+    [
+        ("length_limit", Optional(Int, 512)),
+        ("softmax_temp", Optional(Float)),
+        ("attention_dropout", Optional(Float, 0.1)),
+        ("event_dispatcher", Optional(EventDispatcherInstance, "")),
+    ],
+)

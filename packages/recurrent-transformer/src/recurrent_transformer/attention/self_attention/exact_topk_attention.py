@@ -1,0 +1,87 @@
+"""Oracle top-k softmax attention as a recurrence over a key/value cache (the "exact top-k"
+baseline of Vyas et al. 2020, "Fast Transformers with Clustered Attention", arXiv 2007.04825).
+
+Each step appends its key and value to a :class:`~recurrent_transformer.state.KVCache` and
+attends with a softmax over the ``min(topk, t + 1)`` highest-scoring cached keys: the row of
+the batch ``exact-topk`` attention with a causal mask.
+
+Einstein notation: n batch, h heads, s cached positions, e query features, d value features.
+"""
+
+from __future__ import annotations
+
+from math import sqrt
+
+import torch
+from torch import nn
+
+from attention_core._checks import check_positive_int
+from attention_core.attention.full_attention import masked_softmax
+from attention_core.attention_registry import (
+    EventDispatcherInstance,
+    Float,
+    Int,
+    Optional,
+    RecurrentAttentionRegistry,
+)
+from attention_core.events import AttentionEvent, EventDispatcher
+
+from ...state import KVCache
+from .base import RecurrentAttention
+from .full_attention import check_cache
+
+__all__ = ["RecurrentExactTopKAttention"]
+
+
+class RecurrentExactTopKAttention(RecurrentAttention):
+    """Recurrent exact top-k attention, the dual of ``exact-topk`` with a causal mask.
+
+    Arguments:
+        topk: how many keys each step attends to (default: 32).
+        softmax_temp: multiplier of ``Q K^T`` (default: ``1 / sqrt(E)``).
+        attention_dropout: dropout on the attention weights in training mode (default: 0.1).
+        event_dispatcher: dispatcher instance or key for :class:`AttentionEvent` (the sparse
+            weights as ``(N, H, 1, t)``).
+
+    Shapes: query and key ``(N, H, E)``, value ``(N, H, D)``; returns ``(N, H, D)``. The state
+    is a :class:`KVCache`; step ``t`` costs ``O(t)``.
+    """
+
+    def __init__(self, topk=32, softmax_temp=None, attention_dropout=0.1, event_dispatcher=""):
+        super().__init__()
+        self.topk = check_positive_int("topk", topk)
+        self.softmax_temp = softmax_temp
+        self.dropout = nn.Dropout(attention_dropout)
+        self.event_dispatcher = EventDispatcher.get(event_dispatcher)
+
+    def step(self, query, key, value, state):
+        """Append ``key``/``value`` and attend to the ``topk`` best cached keys."""
+        N, H, E = query.shape
+        if state is None:
+            state = KVCache.empty(N, H, E, value.shape[-1], dtype=query.dtype, device=query.device)
+        else:
+            check_cache(state, query, value, type(self).__name__)
+        cache = state.append(key.unsqueeze(2), value.unsqueeze(2))
+        scores = torch.einsum("nhe,nhse->nhs", query, cache.keys)
+        allowed = None
+        if self.topk < cache.length:
+            with torch.no_grad():
+                best = scores.topk(self.topk, dim=-1, sorted=False).indices
+                allowed = torch.zeros_like(scores, dtype=torch.bool).scatter(-1, best, True)
+        temp = self.softmax_temp or 1.0 / sqrt(E)
+        A = self.dropout(masked_softmax(scores * temp, allowed))
+        if self.event_dispatcher.has_listeners:
+            self.event_dispatcher.dispatch(AttentionEvent(self, A.unsqueeze(2)))
+        return torch.einsum("nhs,nhsd->nhd", A, cache.values), cache
+
+
+RecurrentAttentionRegistry.register(
+    "exact-topk",
+    RecurrentExactTopKAttention,
+    [
+        ("topk", Optional(Int, 32)),
+        ("softmax_temp", Optional(Float)),
+        ("attention_dropout", Optional(Float, 0.1)),
+        ("event_dispatcher", Optional(EventDispatcherInstance, "")),
+    ],
+)

@@ -1,0 +1,261 @@
+"""A small causal language model that trains as a batch transformer and generates as a recurrent
+one (Katharopoulos et al. 2020, "Transformers are RNNs", arXiv 2006.16236).
+
+Training runs the batch :class:`~attention_core.transformers.TransformerEncoder` with a
+:class:`~attention_core.masking.TriangularCausalMask`. Generation runs its recurrent twin, a
+:class:`~recurrent_transformer.transformers.RecurrentTransformerEncoder` that shares the very
+same parameters (:func:`attention_core.utils.make_mirror`): the prompt is consumed in one
+parallel ``prefill`` pass, then each new token is one recurrent step. With ``causal-linear``
+attention a step costs the same at any context length. The model implements
+:class:`attention_core.generation.StepModel`, so :func:`attention_core.generation.stream` and
+:func:`~attention_core.generation.generate` drive it (temperature, top-k, top-p).
+
+Einstein notation: b batch, t positions, d model features, v vocabulary.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from attention_core._checks import check_positive_int, check_tensor
+from attention_core.attention_registry import AttentionRegistry, RecurrentAttentionRegistry
+from attention_core.builders import TransformerEncoderBuilder
+from attention_core.generation import generate
+from attention_core.masking import TriangularCausalMask
+from attention_core.utils import make_mirror
+
+from .builders import RecurrentEncoderBuilder
+from .state import RecurrentState, TransformerState
+
+__all__ = ["LMState", "RecurrentLM", "sinusoidal_positions"]
+
+
+# helpers
+
+
+def sinusoidal_positions(positions: Tensor, dim: int) -> Tensor:
+    """The fixed sinusoidal position encoding of Vaswani et al. 2017 (arXiv 1706.03762).
+
+    Arguments:
+        positions: ``(T,)`` integer positions.
+        dim: the feature size ``d``.
+
+    Returns:
+        ``(T, d)`` float32: ``sin`` in the first ``d // 2`` features, ``cos`` in the next ones
+        (and a zero column when ``d`` is odd).
+    """
+    half = dim // 2
+    frequencies = torch.exp(
+        -math.log(10000.0) * torch.arange(half, device=positions.device) / max(half, 1)
+    )
+    angles = positions.float()[:, None] * frequencies[None]
+    encoding = torch.cat([angles.sin(), angles.cos()], dim=-1)
+    if dim % 2:
+        encoding = nn.functional.pad(encoding, (0, 1))
+    return encoding
+
+
+@dataclasses.dataclass(eq=False)
+class LMState(RecurrentState):
+    """State of :class:`RecurrentLM` generation.
+
+    Attributes:
+        encoder: the recurrent encoder's :class:`TransformerState`.
+        position: the number of tokens consumed so far (the next token's position).
+    """
+
+    encoder: TransformerState
+    position: int
+
+
+torch.serialization.add_safe_globals([LMState])
+
+
+def _check_attention_type(attention_type: str) -> str:
+    if not isinstance(attention_type, str) or not attention_type:
+        raise ValueError(f"attention_type must be a non-empty str; got {attention_type!r}")
+    for name in attention_type.split(":"):
+        if name == "linear":
+            raise ValueError(
+                "RecurrentLM needs a causal attention: use attention_type='causal-linear' "
+                "(the batch 'linear' attention is not causal)"
+            )
+        if name not in AttentionRegistry or name not in RecurrentAttentionRegistry:
+            both = sorted(
+                set(AttentionRegistry.keys) & set(RecurrentAttentionRegistry.keys) - {"linear"}
+            )
+            raise ValueError(
+                f"attention type {name!r} in {attention_type!r} has no recurrent form; "
+                f"choose among {', '.join(both)}"
+            )
+    return attention_type
+
+
+# the model
+
+
+class RecurrentLM(nn.Module):
+    """A decoder-only language model: token embedding, position encoding, a transformer encoder
+    with a causal mask, and a linear head.
+
+    Arguments:
+        num_tokens: the vocabulary size ``V``.
+        n_layers: the number of layers (default: 4).
+        n_heads: the number of heads (default: 4).
+        query_dimensions: the head dimension of queries and keys (default: 32).
+        value_dimensions: the head dimension of values; ``d_model = n_heads *
+            value_dimensions`` (default: 32).
+        feed_forward_dimensions: the feed-forward hidden size (default: ``4 * d_model``).
+        attention_type: a causal attention with a recurrent form: ``"causal-linear"``
+            (default: a constant cost per generated token), ``"full"``, ``"local"``,
+            ``"exact-topk"``, ``"aft-simple"``, ``"aft-full"`` or a ``"conditional-full:..."``
+            composite.
+        dropout: dropout rate of the layers (default: 0.0).
+        activation: ``"relu"`` or ``"gelu"`` (default: ``"gelu"``).
+        positional_encoding: ``"sinusoidal"`` (default) or ``"none"``.
+        **attention_parameters: parameters of the attention (e.g. ``local_context=64``).
+
+    Shapes: ``forward`` maps tokens ``(B, T)`` int64 to logits ``(B, T, V)``.
+
+    Example:
+        >>> from attention_core.generation import generate
+        >>> lm = RecurrentLM(num_tokens=50, n_layers=2, n_heads=2, query_dimensions=8,
+        ...                  value_dimensions=8).eval()
+        >>> generate(lm, torch.tensor([[1, 2, 3]]), 5, temperature=0).shape
+        torch.Size([1, 8])
+    """
+
+    def __init__(
+        self,
+        num_tokens: int,
+        n_layers: int = 4,
+        n_heads: int = 4,
+        query_dimensions: int = 32,
+        value_dimensions: int = 32,
+        feed_forward_dimensions: int | None = None,
+        attention_type: str = "causal-linear",
+        dropout: float = 0.0,
+        activation: str = "gelu",
+        positional_encoding: str = "sinusoidal",
+        **attention_parameters,
+    ):
+        super().__init__()
+        check_positive_int("num_tokens", num_tokens)
+        _check_attention_type(attention_type)
+        if positional_encoding not in ("sinusoidal", "none"):
+            raise ValueError(
+                f"positional_encoding must be 'sinusoidal' or 'none'; got {positional_encoding!r}"
+            )
+        d_model = n_heads * value_dimensions
+        settings = dict(
+            attention_type=attention_type,
+            n_layers=n_layers,
+            n_heads=n_heads,
+            query_dimensions=query_dimensions,
+            value_dimensions=value_dimensions,
+            feed_forward_dimensions=feed_forward_dimensions or 4 * d_model,
+            dropout=dropout,
+            activation=activation,
+            **attention_parameters,
+        )
+        self.num_tokens = num_tokens
+        self.d_model = d_model
+        self.positional_encoding = positional_encoding
+        self.token_embedding = nn.Embedding(num_tokens, d_model)
+        self.encoder = TransformerEncoderBuilder.from_kwargs(**settings).get()
+        self.to_logits = nn.Linear(d_model, num_tokens)
+        # the recurrent twin shares the encoder's parameters and stays out of the module tree
+        # (no duplicate state_dict entries)
+        self.__dict__["_twin"] = RecurrentEncoderBuilder.from_kwargs(**settings).get()
+        self.__dict__["_twin_parameters"] = ()
+
+    # helpers
+
+    @property
+    def recurrent_encoder(self):
+        """The recurrent twin of :attr:`encoder`, sharing its parameters (re-mirrored if the
+        parameters were replaced, e.g. by ``load_state_dict(..., assign=True)``) and its
+        buffers (e.g. the features of a random feature map)."""
+        twin = self.__dict__["_twin"]
+        parameters = tuple(id(p) for p in self.encoder.parameters())
+        if parameters != self.__dict__["_twin_parameters"]:
+            make_mirror(self.encoder, twin)
+            self.__dict__["_twin_parameters"] = parameters
+        for name, buffer in self.encoder.named_buffers():
+            *path, leaf = name.split(".")
+            module = twin.get_submodule(".".join(path))
+            module._buffers[leaf] = buffer
+        twin.train(self.training)
+        return twin
+
+    def _embed(self, tokens: Tensor, start: int) -> Tensor:
+        x = self.token_embedding(tokens)
+        if self.positional_encoding == "sinusoidal":
+            positions = torch.arange(start, start + tokens.shape[-1], device=tokens.device)
+            x = x + sinusoidal_positions(positions, self.d_model).to(x.dtype)
+        return x
+
+    # training
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        """Next-token logits of every position, with the batch encoder and a causal mask.
+
+        Arguments:
+            tokens: ``(B, T)`` int64.
+
+        Returns:
+            ``(B, T, V)``.
+        """
+        check_tensor("tokens", tokens, dim=2, integer=True)
+        T = tokens.shape[1]
+        x = self._embed(tokens, 0)
+        x = self.encoder(x, attn_mask=TriangularCausalMask(T, device=tokens.device))
+        return self.to_logits(x)
+
+    # generation (attention_core.generation.StepModel)
+
+    def prefill(self, tokens: Tensor) -> tuple[Tensor, LMState]:
+        """Consume a prompt in one parallel pass of the recurrent twin.
+
+        Arguments:
+            tokens: ``(B, T)`` int64, ``T >= 1``.
+
+        Returns:
+            the logits ``(B, V)`` after the last prompt token and the :class:`LMState`.
+        """
+        check_tensor("tokens", tokens, dim=2, integer=True)
+        if tokens.shape[1] < 1:
+            raise ValueError(
+                f"tokens must have shape (B, T) with T >= 1; got {tuple(tokens.shape)}"
+            )
+        x, state = self.recurrent_encoder.prefill(self._embed(tokens, 0))
+        return self.to_logits(x[:, -1]), LMState(state, tokens.shape[1])
+
+    def step(self, tokens: Tensor, state: LMState) -> tuple[Tensor, LMState]:
+        """Consume one token per row.
+
+        Arguments:
+            tokens: ``(B,)`` int64.
+            state: the :class:`LMState` from :meth:`prefill` or the previous step.
+
+        Returns:
+            the logits ``(B, V)`` for the next position and the new state.
+        """
+        check_tensor("tokens", tokens, dim=1, integer=True)
+        if not isinstance(state, LMState):
+            raise TypeError(
+                f"state must be the LMState returned by prefill or step; got {type(state).__name__}"
+            )
+        x = self._embed(tokens[:, None], state.position)[:, 0]
+        x, encoder_state = self.recurrent_encoder(x, state=state.encoder)
+        return self.to_logits(x), LMState(encoder_state, state.position + 1)
+
+    def generate(self, prompt: Tensor, max_new_tokens: int, **sampling: Any) -> Tensor:
+        """``attention_core.generation.generate(self, prompt, max_new_tokens, **sampling)``:
+        the prompt ``(B, T)`` followed by up to ``max_new_tokens`` sampled tokens."""
+        return generate(self, prompt, max_new_tokens, **sampling)

@@ -1,0 +1,399 @@
+"""Transformer encoders and decoders as recurrent networks (Katharopoulos et al. 2020,
+"Transformers are RNNs", arXiv 2006.16236): one element of the sequence per call, with a state
+carried from call to call.
+
+They are the recurrent duals of :mod:`attention_core.transformers` (post-norm layers, the same
+parameter names): stepping through a sequence gives the outputs of the batch model with a
+:class:`~attention_core.masking.TriangularCausalMask` on self attention (and a full mask on
+cross attention). ``prefill`` consumes a whole prompt in one parallel pass and returns the same
+outputs and state as stepping through it.
+
+Shapes: ``x`` is ``(N, E)`` per step or ``(N, T, E)`` for ``prefill``; ``memory`` is
+``(N, S, E)``; ``memory_length_mask`` is a mask of shape ``(N, S)``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from attention_core._checks import check_positive_int, check_tensor
+from attention_core.events import EventDispatcher, IntermediateOutput
+from attention_core.masking import BaseMask
+from attention_core.utils import check_state
+
+from ._checks import check_element, check_prompt
+from .state import DecoderLayerState, TransformerState
+
+__all__ = [
+    "RecurrentTransformerDecoder",
+    "RecurrentTransformerDecoderLayer",
+    "RecurrentTransformerEncoder",
+    "RecurrentTransformerEncoderLayer",
+]
+
+_ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu}
+
+
+# helpers
+
+
+def _activation(name: str):
+    try:
+        return _ACTIVATIONS[name]
+    except KeyError:
+        raise ValueError(
+            f"activation must be one of {sorted(_ACTIVATIONS)}; got {name!r}"
+        ) from None
+
+
+def _layer_states(state: Any, n_layers: int, owner: str) -> list:
+    """The per-layer states of a model state (``None``: a new sequence)."""
+    if state is None:
+        return [None] * n_layers
+    if not isinstance(state, (TransformerState, list, tuple)):
+        raise TypeError(
+            f"{owner} needs the TransformerState it returned (or a list of per-layer states) as "
+            f"state; got {type(state).__name__}"
+        )
+    states = list(state)
+    if len(states) != n_layers:
+        raise ValueError(
+            f"{owner} has {n_layers} layers but the state holds {len(states)} layer states "
+            "(a state belongs to one model: start a new one with state=None)"
+        )
+    return states
+
+
+def _check_memory(memory, N: int, d_model: int) -> None:
+    check_tensor("memory", memory, dim=3, floating=True)
+    if memory.shape[0] != N or memory.shape[2] != d_model:
+        raise ValueError(f"memory must have shape ({N}, S, {d_model}); got {tuple(memory.shape)}")
+
+
+class _FeedForward(nn.Module):
+    """Shared by the layers: the position-wise feed-forward block with its residual."""
+
+    def _feed_forward(self, x: Tensor, norm: nn.Module) -> Tensor:
+        y = self.dropout(self.activation(self.linear1(x)))
+        y = self.dropout(self.linear2(y))
+        return norm(x + y)
+
+
+# encoder
+
+
+class RecurrentTransformerEncoderLayer(_FeedForward):
+    """Self attention to the previous elements and a feed-forward network, each with a residual
+    connection and a LayerNorm after it: the recurrent dual of
+    :class:`attention_core.transformers.TransformerEncoderLayer`.
+
+    Arguments:
+        attention: a :class:`~recurrent_transformer.attention.RecurrentAttentionLayer`.
+        d_model: the feature size ``E``.
+        d_ff: the hidden size of the feed-forward network (default: ``4 * d_model``).
+        dropout: dropout after attention and in the feed-forward network (default: 0.1).
+        activation: ``"relu"`` or ``"gelu"`` (default: ``"relu"``).
+        event_dispatcher: dispatcher instance or key.
+    """
+
+    def __init__(
+        self, attention, d_model, d_ff=None, dropout=0.1, activation="relu", event_dispatcher=""
+    ):
+        super().__init__()
+        check_positive_int("d_model", d_model)
+        d_ff = d_ff or 4 * d_model
+        check_positive_int("d_ff", d_ff)
+        self.attention = attention
+        self.linear1 = nn.Linear(d_model, d_ff)
+        self.linear2 = nn.Linear(d_ff, d_model)
+        self.norm1 = nn.LayerNorm(d_model)
+        self.norm2 = nn.LayerNorm(d_model)
+        self.dropout = nn.Dropout(dropout)
+        self.activation = _activation(activation)
+        self.d_model = d_model
+        self.event_dispatcher = EventDispatcher.get(event_dispatcher)
+
+    def forward(self, x: Tensor, state: Any = None, memory: Any = None) -> tuple[Tensor, Any]:
+        """Apply the layer to one element.
+
+        Arguments:
+            x: ``(N, E)``, one element of each sequence.
+            state: the attention's state from the previous element, or ``None``.
+            memory: deprecated name of ``state``.
+
+        Returns:
+            ``(N, E)`` and the new state.
+        """
+        state = check_state(state, memory)
+        check_element("x", x, self.d_model, type(self).__name__)
+        x2, state = self.attention(x, x, x, state)
+        return self._feed_forward(self.norm1(x + self.dropout(x2)), self.norm2), state
+
+    def prefill(self, x: Tensor, state: Any = None) -> tuple[Tensor, Any]:
+        """Apply the layer to ``T`` elements at once, as ``T`` calls of :meth:`forward` would.
+
+        Arguments:
+            x: ``(N, T, E)``.
+            state: the state to continue from, or ``None``.
+
+        Returns:
+            ``(N, T, E)`` and the state after the last element.
+        """
+        check_prompt("x", x, self.d_model)
+        x2, state = self.attention.prefill(x, x, x, state)
+        return self._feed_forward(self.norm1(x + self.dropout(x2)), self.norm2), state
+
+
+class RecurrentTransformerEncoder(nn.Module):
+    """A stack of recurrent encoder layers with an optional final normalisation; it keeps one
+    state per layer in a :class:`~recurrent_transformer.state.TransformerState`.
+
+    Arguments:
+        layers: :class:`RecurrentTransformerEncoderLayer` instances.
+        norm_layer: applied to the output of the last layer (default: None).
+        event_dispatcher: dispatcher instance or key; each layer's output is dispatched as an
+            :class:`IntermediateOutput` event.
+
+    Example:
+        >>> from recurrent_transformer.builders import RecurrentEncoderBuilder
+        >>> model = RecurrentEncoderBuilder.from_kwargs(
+        ...     n_layers=2, n_heads=4, query_dimensions=16, value_dimensions=16,
+        ...     attention_type="linear").get()
+        >>> x, state = model(torch.rand(3, 64))
+        >>> x, state = model(x, state=state)
+        >>> x.shape, len(state)
+        (torch.Size([3, 64]), 2)
+    """
+
+    def __init__(self, layers, norm_layer=None, event_dispatcher=""):
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+        self.norm = norm_layer
+        self.event_dispatcher = EventDispatcher.get(event_dispatcher)
+
+    def forward(
+        self, x: Tensor, state: Any = None, memory: Any = None
+    ) -> tuple[Tensor, TransformerState]:
+        """Apply every layer to one element.
+
+        Arguments:
+            x: ``(N, E)``, one element of each sequence.
+            state: the :class:`TransformerState` returned for the previous element, or
+                ``None`` for the first element.
+            memory: deprecated name of ``state`` (warns).
+
+        Returns:
+            ``(N, E)`` and the new :class:`TransformerState`.
+        """
+        state = check_state(state, memory)
+        if self.layers:
+            check_element("x", x, self.layers[0].d_model, type(self).__name__)
+        states = _layer_states(state, len(self.layers), type(self).__name__)
+        for i, layer in enumerate(self.layers):
+            x, states[i] = layer(x, states[i])
+            if self.event_dispatcher.has_listeners:
+                self.event_dispatcher.dispatch(IntermediateOutput(layer, x))
+        if self.norm is not None:
+            x = self.norm(x)
+        return x, TransformerState(tuple(states))
+
+    def prefill(self, x: Tensor, state: Any = None) -> tuple[Tensor, TransformerState]:
+        """Consume ``T`` elements in one parallel pass, as ``T`` calls of :meth:`forward`
+        would (e.g. a prompt before generating).
+
+        Arguments:
+            x: ``(N, T, E)``.
+            state: the state to continue from, or ``None``.
+
+        Returns:
+            ``(N, T, E)`` (the outputs of all ``T`` elements) and the state after the last.
+        """
+        if self.layers:
+            check_prompt("x", x, self.layers[0].d_model)
+        states = _layer_states(state, len(self.layers), type(self).__name__)
+        for i, layer in enumerate(self.layers):
+            x, states[i] = layer.prefill(x, states[i])
+            if self.event_dispatcher.has_listeners:
+                self.event_dispatcher.dispatch(IntermediateOutput(layer, x))
+        if self.norm is not None:
+            x = self.norm(x)
+        return x, TransformerState(tuple(states))
+
+
+# decoder
+
+
+class RecurrentTransformerDecoderLayer(_FeedForward):
+    """Self attention to the previous elements, cross attention to a memory, then a
+    feed-forward network; each with a residual connection followed by LayerNorm. The recurrent
+    dual of :class:`attention_core.transformers.TransformerDecoderLayer`.
+
+    Arguments:
+        self_attention: a :class:`~recurrent_transformer.attention.RecurrentAttentionLayer`.
+        cross_attention: a
+            :class:`~recurrent_transformer.attention.RecurrentCrossAttentionLayer`.
+        d_model: the feature size ``E``.
+        d_ff: feed-forward hidden size (default: ``4 * d_model``).
+        dropout: dropout rate (default: 0.1).
+        activation: ``"relu"`` or ``"gelu"`` (default: ``"relu"``).
+        event_dispatcher: dispatcher instance or key.
+    """
+
+    def __init__(
+        self,
+        self_attention,
+        cross_attention,
+        d_model,
+        d_ff=None,
+        dropout=0.1,
+        activation="relu",
+        event_dispatcher="",
+    ):
+        super().__init__()
+        check_positive_int("d_model", d_model)
+        d_ff = d_ff or 4 * d_model
+        check_positive_int("d_ff", d_ff)
+        self.self_attention = self_attention
+        self.cross_attention = cross_attention
+        self.linear1 = nn.Linear(d_model, d_ff)
+        self.linear2 = nn.Linear(d_ff, d_model)
+        self.norm1 = nn.LayerNorm(d_model)
+        self.norm2 = nn.LayerNorm(d_model)
+        self.norm3 = nn.LayerNorm(d_model)
+        self.dropout = nn.Dropout(dropout)
+        self.activation = _activation(activation)
+        self.d_model = d_model
+        self.event_dispatcher = EventDispatcher.get(event_dispatcher)
+
+    def _states(self, state) -> tuple[Any, Any]:
+        if state is None:
+            return None, None
+        if not isinstance(state, (DecoderLayerState, list, tuple)) or len(state) != 2:
+            raise TypeError(
+                f"{type(self).__name__} needs the DecoderLayerState it returned as state; "
+                f"got {type(state).__name__}"
+            )
+        return tuple(state)
+
+    def forward(
+        self,
+        x: Tensor,
+        memory: Tensor | None,
+        memory_length_mask: BaseMask | None = None,
+        state: Any = None,
+    ) -> tuple[Tensor, DecoderLayerState]:
+        """Apply the layer to one element.
+
+        Arguments:
+            x: ``(N, E)``, one element of each sequence.
+            memory: ``(N, S, E)``, read (projected) only at the first element; later calls
+                may pass ``None``.
+            memory_length_mask: ``(N, S)`` mask of the real memory positions (default: all).
+            state: the :class:`DecoderLayerState` from the previous element, or ``None``.
+
+        Returns:
+            ``(N, E)`` and the new :class:`DecoderLayerState`.
+        """
+        N = check_element("x", x, self.d_model, type(self).__name__)[0]
+        self_state, cross_state = self._states(state)
+        if cross_state is None:
+            _check_memory(memory, N, self.d_model)
+        x2, self_state = self.self_attention(x, x, x, self_state)
+        x = self.norm1(x + self.dropout(x2))
+        x2, cross_state = self.cross_attention(x, memory, memory, memory_length_mask, cross_state)
+        x = self.norm2(x + self.dropout(x2))
+        return self._feed_forward(x, self.norm3), DecoderLayerState(self_state, cross_state)
+
+    def prefill(
+        self,
+        x: Tensor,
+        memory: Tensor | None,
+        memory_length_mask: BaseMask | None = None,
+        state: Any = None,
+    ) -> tuple[Tensor, DecoderLayerState]:
+        """Apply the layer to ``T`` elements at once; arguments as :meth:`forward` with ``x``
+        of shape ``(N, T, E)``.
+
+        Returns:
+            ``(N, T, E)`` and the state after the last element.
+        """
+        N = check_prompt("x", x, self.d_model)[0]
+        self_state, cross_state = self._states(state)
+        if cross_state is None:
+            _check_memory(memory, N, self.d_model)
+        x2, self_state = self.self_attention.prefill(x, x, x, self_state)
+        x = self.norm1(x + self.dropout(x2))
+        x2, cross_state = self.cross_attention.prefill(
+            x, memory, memory, memory_length_mask, cross_state
+        )
+        x = self.norm2(x + self.dropout(x2))
+        return self._feed_forward(x, self.norm3), DecoderLayerState(self_state, cross_state)
+
+
+class RecurrentTransformerDecoder(nn.Module):
+    """A stack of recurrent decoder layers with an optional final normalisation; one
+    :class:`DecoderLayerState` per layer in a :class:`TransformerState`.
+
+    Arguments:
+        layers: :class:`RecurrentTransformerDecoderLayer` instances.
+        norm_layer: applied to the output (default: None).
+        event_dispatcher: dispatcher instance or key.
+    """
+
+    def __init__(self, layers, norm_layer=None, event_dispatcher=""):
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+        self.norm = norm_layer
+        self.event_dispatcher = EventDispatcher.get(event_dispatcher)
+
+    def forward(
+        self,
+        x: Tensor,
+        memory: Tensor | None,
+        memory_length_mask: BaseMask | None = None,
+        state: Any = None,
+    ) -> tuple[Tensor, TransformerState]:
+        """Apply every layer to one element.
+
+        Arguments:
+            x: ``(N, E)``, one element of each sequence.
+            memory: ``(N, S, E)``, the sequence to attend to (read at the first element).
+            memory_length_mask: ``(N, S)`` mask of the real memory positions (default: all).
+            state: the :class:`TransformerState` from the previous element, or ``None``.
+
+        Returns:
+            ``(N, E)`` and the new :class:`TransformerState`.
+        """
+        states = _layer_states(state, len(self.layers), type(self).__name__)
+        for i, layer in enumerate(self.layers):
+            x, states[i] = layer(x, memory, memory_length_mask=memory_length_mask, state=states[i])
+            if self.event_dispatcher.has_listeners:
+                self.event_dispatcher.dispatch(IntermediateOutput(layer, x))
+        if self.norm is not None:
+            x = self.norm(x)
+        return x, TransformerState(tuple(states))
+
+    def prefill(
+        self,
+        x: Tensor,
+        memory: Tensor | None,
+        memory_length_mask: BaseMask | None = None,
+        state: Any = None,
+    ) -> tuple[Tensor, TransformerState]:
+        """Consume ``T`` elements in one parallel pass; arguments as :meth:`forward` with ``x``
+        of shape ``(N, T, E)``.
+
+        Returns:
+            ``(N, T, E)`` and the state after the last element.
+        """
+        states = _layer_states(state, len(self.layers), type(self).__name__)
+        for i, layer in enumerate(self.layers):
+            x, states[i] = layer.prefill(x, memory, memory_length_mask, states[i])
+            if self.event_dispatcher.has_listeners:
+                self.event_dispatcher.dispatch(IntermediateOutput(layer, x))
+        if self.norm is not None:
+            x = self.norm(x)
+        return x, TransformerState(tuple(states))

@@ -1,0 +1,125 @@
+"""Recurrent decoders against the batch decoder with a causal self-attention mask, a full
+cross-attention mask and padded memories (float64, 1e-6); prefill; errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from attention_core.builders import TransformerDecoderBuilder
+from attention_core.masking import LengthMask, TriangularCausalMask
+from attention_core.testing import assert_close, seeded
+from recurrent_transformer.builders import RecurrentDecoderBuilder
+from recurrent_transformer.state import DecoderLayerState, LinearState, MemoryState
+
+TOL = {"rtol": 1e-6, "atol": 1e-6}
+SELF = {"linear": "causal-linear", "full": "full"}
+
+
+def twins(self_type, cross_type, n_layers=2):
+    kwargs = dict(
+        n_layers=n_layers,
+        n_heads=2,
+        query_dimensions=3,
+        value_dimensions=4,
+        feed_forward_dimensions=11,
+        dropout=0.0,
+        attention_dropout=0.0,
+    )
+    torch.manual_seed(0)
+    batch = TransformerDecoderBuilder.from_kwargs(
+        self_attention_type=SELF[self_type], cross_attention_type=cross_type, **kwargs
+    ).get()
+    recurrent = RecurrentDecoderBuilder.from_kwargs(
+        self_attention_type=self_type, cross_attention_type=cross_type, **kwargs
+    ).get()
+    assert list(batch.state_dict()) == list(recurrent.state_dict())
+    recurrent.load_state_dict(batch.state_dict())
+    return batch.double().eval(), recurrent.double().eval()
+
+
+def inputs(N=3, L=6, S=7, E=8, lengths=(7, 4, 1)):
+    g = seeded(1)
+    x = torch.randn(N, L, E, generator=g, dtype=torch.float64)
+    memory = torch.randn(N, S, E, generator=g, dtype=torch.float64)
+    return x, memory, LengthMask(torch.tensor(lengths), max_len=S)
+
+
+def step_through(model, x, memory, mask, state=None):
+    outputs = []
+    for t in range(x.shape[1]):
+        y, state = model(x[:, t], memory, memory_length_mask=mask, state=state)
+        outputs.append(y)
+    return torch.stack(outputs, dim=1), state
+
+
+COMBINATIONS = [
+    pytest.param(s, c, id=f"self-{s}-cross-{c}")
+    for s in ("linear", "full")
+    for c in ("linear", "full")
+]
+
+
+@pytest.mark.parametrize("lengths", [(7, 4, 1), (7, 7, 7)], ids=["padded", "unpadded"])
+@pytest.mark.parametrize("self_type,cross_type", COMBINATIONS)
+def test_stepping_equals_batch_decoder(self_type, cross_type, lengths):
+    batch, recurrent = twins(self_type, cross_type)
+    x, memory, mask = inputs(lengths=lengths)
+    expected = batch(x, memory, x_mask=TriangularCausalMask(x.shape[1]), memory_length_mask=mask)
+    with torch.no_grad():
+        stepped, state = step_through(recurrent, x, memory, mask)
+    assert_close("stepped", stepped, expected, **TOL)
+    assert all(isinstance(layer, DecoderLayerState) for layer in state)
+    _, cross_state = state[0]
+    assert isinstance(cross_state, LinearState if cross_type == "linear" else MemoryState)
+    prefilled, _ = recurrent.prefill(x, memory, mask)
+    assert_close("prefill", prefilled, expected, **TOL)
+
+
+@pytest.mark.parametrize("self_type,cross_type", COMBINATIONS)
+def test_prefill_then_stepping_without_the_memory(self_type, cross_type):
+    batch, recurrent = twins(self_type, cross_type)
+    x, memory, mask = inputs()
+    expected = batch(x, memory, x_mask=TriangularCausalMask(x.shape[1]), memory_length_mask=mask)
+    head, state = recurrent.prefill(x[:, :2], memory, mask)
+    # the memory was projected once into the state: later steps need not pass it again
+    tail, _ = step_through(recurrent, x[:, 2:], None, None, state)
+    assert_close("prefill + steps", torch.cat([head, tail], 1), expected, **TOL)
+
+
+def test_default_memory_length_mask_is_full():
+    batch, recurrent = twins("linear", "full")
+    x, memory, _ = inputs()
+    expected = batch(x, memory, x_mask=TriangularCausalMask(x.shape[1]))
+    outputs, state = [], None
+    for t in range(x.shape[1]):
+        y, state = recurrent(x[:, t], memory, state=state)
+        outputs.append(y)
+    assert_close("no mask", torch.stack(outputs, 1), expected, **TOL)
+
+
+def test_layer_state_unpacks_like_fast_transformers():
+    _, recurrent = twins("linear", "linear", n_layers=1)
+    x, memory, mask = inputs()
+    _, state = recurrent.layers[0](x[:, 0], memory, mask)
+    self_state, cross_state = state
+    y, _ = recurrent.layers[0](x[:, 1], memory, mask, state=[self_state, cross_state])
+    assert y.shape == (3, 8)
+
+
+def test_decoder_errors():
+    _, recurrent = twins("linear", "full")
+    x, memory, mask = inputs()
+    with pytest.raises(ValueError, match=r"one element of the sequence per call.*prefill"):
+        recurrent(x, memory, mask)
+    with pytest.raises(ValueError, match=r"memory must have shape \(3, S, 8\); got \(2, 7, 8\)"):
+        recurrent(x[:, 0], memory[:2], mask)
+    with pytest.raises(TypeError, match=r"memory must be a torch\.Tensor; got NoneType"):
+        recurrent(x[:, 0], None)
+    with pytest.raises(ValueError, match=r"key_lengths must have shape \(3, 7\); got \(3, 5\)"):
+        recurrent(x[:, 0], memory, LengthMask(torch.tensor([5, 4, 1])))
+    _, state = recurrent(x[:, 0], memory, mask)
+    with pytest.raises(ValueError, match=r"state.S must have shape \(2, .*one batch size"):
+        recurrent(x[:2, 1], memory[:2], state=state)
+    with pytest.raises(TypeError, match="needs the DecoderLayerState it returned"):
+        recurrent.layers[0](x[:, 1], memory, state=state)
