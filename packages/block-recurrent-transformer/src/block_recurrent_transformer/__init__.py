@@ -1,6 +1,23 @@
-"""The Block-Recurrent Transformer (Hutchins et al. 2022) for PyTorch.
+"""The Block-Recurrent Transformer (Hutchins et al. 2022, arXiv 2203.07852) for PyTorch, built
+on attention-core.
 
-Status: this package is a skeleton in version 0.1.0; see its README for what is coming.
+* :class:`BlockRecurrentTransformer`: the language model; ``forward(seq, xl_memories=None,
+  states=None, return_loss=False) -> (out, mems, states)``.
+* :class:`RecurrentTrainerWrapper`: segment-by-segment training with structured dropout of
+  memories and states, and generation with recurrence.
+* :class:`XLMemories` / :class:`LayerMemory`: the memories a call returns.
 """
 
+from .memory import LayerMemory, XLMemories
+from .transformer import BlockRecurrentTransformer, DecodeState
+from .wrapper import RecurrentTrainerWrapper
+
 __version__ = "0.1.0"
+
+__all__ = [
+    "BlockRecurrentTransformer",
+    "DecodeState",
+    "LayerMemory",
+    "RecurrentTrainerWrapper",
+    "XLMemories",
+]

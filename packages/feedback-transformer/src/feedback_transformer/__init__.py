@@ -1,6 +1,14 @@
-"""The Feedback Transformer (Fan et al. 2021) for PyTorch.
+"""The Feedback Transformer (Fan et al. 2021, arXiv 2002.09402) for PyTorch.
 
-Status: this package is a skeleton in version 0.1.0; see its README for what is coming.
+``FeedbackTransformer`` is the language model of feedback-transformer-pytorch's README (with
+its cross attention), ``FeedbackMemory`` what it returns and accepts as memory, and
+``FeedbackState`` its token-by-token decoding state (``prefill``/``step``).
 """
 
+from .generation import FeedbackState
+from .memory import FeedbackMemory
+from .model import FeedbackTransformer
+
 __version__ = "0.1.0"
+
+__all__ = ["FeedbackMemory", "FeedbackState", "FeedbackTransformer", "__version__"]

@@ -1,0 +1,134 @@
+"""Attention helpers of the Block-Recurrent Transformer: head splitting, query/key
+normalisation, multi-head / grouped / multi-query keys, and the relative position encodings.
+
+* Query/key normalisation (cosine-similarity attention with a temperature, as in the paper's
+  code; "QK-norm", Henry et al. 2020, arXiv 2010.04245): ``q`` and ``k`` are l2-normalised,
+  multiplied by a learned gain per feature, and the logits are scaled by a fixed temperature
+  instead of ``1 / sqrt(Dh)``.
+* Keys/values may have fewer heads than queries: ``kv_heads = heads`` is the paper's
+  multi-head attention, ``kv_heads = 1`` multi-query attention (Shazeer 2019,
+  arXiv 1911.02150), anything in between grouped-query attention (Ainslie et al. 2023,
+  arXiv 2305.13245).
+* Positions: rotary embeddings (Su et al. 2021, arXiv 2104.09864), a dynamic position bias
+  (an MLP of the distance, CrossFormer, arXiv 2108.00154) or T5's bucketed bias (Raffel et al.
+  2020, arXiv 1910.10683, used by the paper), all from ``attention_core.nn``.
+
+Einstein notation: ``b`` batch, ``h`` heads, ``g`` query heads per key/value head, ``n``
+sequence, ``i`` queries, ``j`` keys, ``d`` head feature.
+"""
+
+from __future__ import annotations
+
+import torch
+from einops import rearrange
+from torch import Tensor, nn
+
+from attention_core.nn import (
+    DynamicPositionBias,
+    RotaryEmbedding,
+    T5RelativePositionBias,
+    apply_rotary_pos_emb,
+    attend,
+    l2norm,
+)
+
+__all__ = ["POSITION_ENCODINGS", "HeadNorm", "PositionEncoding", "attend_heads", "split_heads"]
+
+
+def split_heads(t: Tensor, heads: int) -> Tensor:
+    """``(b, n, h * d)`` -> ``(b, h, n, d)``."""
+    return rearrange(t, "b n (h d) -> b h n d", h=heads)
+
+
+class HeadNorm(nn.Module):
+    """l2-normalise the last axis and multiply by a learned gain ``(d,)`` (starts at ones).
+
+    Shapes: ``(..., d)`` -> ``(..., d)``.
+    """
+
+    def __init__(self, dim_head: int):
+        super().__init__()
+        self.gain = nn.Parameter(torch.ones(dim_head))
+
+    def forward(self, t: Tensor) -> Tensor:
+        """Normalised and scaled ``t`` ``(..., d)``."""
+        return l2norm(t) * self.gain
+
+
+def attend_heads(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    mask: Tensor | None = None,
+    bias: Tensor | None = None,
+    scale: float | None = None,
+) -> Tensor:
+    """Attention of ``q`` ``(B, H, I, D)`` over ``k``/``v`` ``(B, Hkv, J, D)`` where ``Hkv``
+    divides ``H`` (each key/value head serves ``H / Hkv`` consecutive query heads).
+
+    ``mask`` (bool, ``True`` = may attend) and ``bias`` broadcast to ``(B, H, I, J)``; pass
+    them 4-dimensional so that ``scaled_dot_product_attention`` keeps its fused kernel. Rows
+    with no visible key return zeros. Returns ``(B, H, I, D)``.
+    """
+    heads, kv_heads = q.shape[1], k.shape[1]
+    if kv_heads not in (1, heads):
+        groups = heads // kv_heads
+        k = k.repeat_interleave(groups, dim=1)
+        v = v.repeat_interleave(groups, dim=1)
+    return attend(q, k, v, mask=mask, bias=bias, scale=scale)
+
+
+POSITION_ENCODINGS = ("rotary", "dynamic", "t5", None)
+
+
+class PositionEncoding(nn.Module):
+    """Relative positions for the token self-attention, shared by all layers.
+
+    Arguments:
+        kind: ``"rotary"`` (rotate queries and keys), ``"dynamic"`` (an MLP bias of the
+            log-distance), ``"t5"`` (T5's bucketed bias) or ``None``.
+        heads: number of query heads.
+        dim_head: head feature size (rotary rotates all of it).
+        mlp_dim: hidden width of the dynamic bias MLP.
+        max_distance: distance from which on the T5 buckets saturate.
+
+    Positions are integers relative to the start of the current block (negative in the past).
+    """
+
+    def __init__(
+        self, kind: str | None, heads: int, dim_head: int, *, mlp_dim: int, max_distance: int
+    ):
+        super().__init__()
+        if kind not in POSITION_ENCODINGS:
+            raise ValueError(f"position_encoding must be one of {POSITION_ENCODINGS}; got {kind!r}")
+        self.kind = kind
+        self.rotary = RotaryEmbedding(dim_head - dim_head % 2) if kind == "rotary" else None
+        if kind == "dynamic":
+            self.bias_module = DynamicPositionBias(mlp_dim, heads, depth=2, log_distance=True)
+        elif kind == "t5":
+            self.bias_module = T5RelativePositionBias(
+                heads, causal=True, num_buckets=32, max_distance=max_distance
+            )
+        else:
+            self.bias_module = None
+
+    def bias(self, query_positions: Tensor, key_positions: Tensor, dtype) -> Tensor | None:
+        """Additive bias ``(1, H, i, j)`` for queries ``(i,)`` and keys ``(j,)``, or ``None``."""
+        if self.bias_module is None:
+            return None
+        return self.bias_module(query_positions, key_positions)[None].to(dtype)
+
+    def angles(self, positions: Tensor, dtype) -> Tensor | None:
+        """Rotary angles ``(n, r)`` for integer ``positions`` ``(n,)``, or ``None``."""
+        if self.rotary is None:
+            return None
+        return self.rotary(positions, dtype=dtype)
+
+    @staticmethod
+    def rotate(t: Tensor, angles: Tensor | None) -> Tensor:
+        """Rotate ``t`` ``(..., n, d)`` by ``angles`` ``(n, r)``; identity for ``None``."""
+        return t if angles is None else apply_rotary_pos_emb(angles, t)
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind!r}"

@@ -1,0 +1,135 @@
+"""Token-by-token decoding of a :class:`~feedback_transformer.FeedbackTransformer` through the
+``prefill``/``step`` protocol of ``attention_core.generation``.
+
+Decoding is the Feedback Transformer's exact sequential model (Fan et al. 2021, arXiv
+2002.09402): each new token's layers attend to the memory of all earlier steps. The memory
+lives in a ``RingBuffer`` that each step writes in place, and everything that does not
+change from step to step (scaled query weights, position bias, the context's keys and
+values) is computed once in :func:`prefill`, so a step costs the same whatever the fill.
+
+Einstein notation: ``b`` batch, ``t`` prompt length, ``h`` heads, ``m`` memory slots.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor
+
+from attention_core.generation import generate as _generate
+from attention_core.generation import stream as _stream
+
+from .attention import MemorySlice
+from .memory import FeedbackMemory, RingBuffer
+
+__all__ = ["FeedbackState", "generate", "prefill", "step", "stream"]
+
+
+class FeedbackState:
+    """Decoding state of a batch of ``b`` rows: the memory ring buffer and what the steps
+    reuse. Steps update it in place.
+
+    Attributes:
+        ring: the last ``mem_len`` steps' keys and values.
+        batch: number of rows ``b``.
+        steps: tokens consumed so far (prompt included).
+    """
+
+    def __init__(self, model, memory: FeedbackMemory, cross, batch: int):
+        M = model.mem_len
+        self.ring = RingBuffer(memory, M)
+        self.batch, self.steps = batch, 0
+        self.cross = cross
+        positions = torch.arange(-M, 1, device=memory.keys.device)
+        self.bias = model.rel_pos(positions[M:], positions[:M])  # (h, 1, M)
+        self.weights = model._query_weights(fused=False)
+        self.mix = model._mix()
+        self.signature = model.signature
+
+    @property
+    def memory(self) -> FeedbackMemory:
+        """A copy of the current memory ``(b, h, m, d)``, oldest step first."""
+        keys, values = self.ring.view()
+        return FeedbackMemory(keys.clone(), values.clone(), self.signature)
+
+
+@torch.no_grad()
+def prefill(model, tokens: Tensor, memory=None, context=None, context_mask=None):
+    """``model.prefill``: logits ``(b, num_tokens)`` of the prompt's last position, state."""
+    model._check_tokens("tokens", tokens, 2)
+    h = model.token_emb(tokens)
+    prefix = model._check_memory(memory, tokens.shape[0], h)
+    cross = model._prepare_cross(context, context_mask, tokens.shape[0], h)
+    out, new_memory = model._run(h, prefix, cross, detach=True)
+    state = FeedbackState(model, new_memory, cross, tokens.shape[0])
+    state.steps = tokens.shape[1]
+    return model.to_logits(out[:, -1]), state
+
+
+@torch.no_grad()
+def step(model, tokens: Tensor, state: FeedbackState):
+    """``model.step``: one token per row ``(b,)`` -> logits ``(b, num_tokens)``, state."""
+    if not isinstance(state, FeedbackState):
+        raise TypeError(f"state must be a FeedbackState from prefill; got {type(state).__name__}")
+    if state.signature != model.signature or state.ring.capacity != model.mem_len:
+        raise ValueError("state comes from another model; call prefill of this model")
+    model._check_tokens("tokens", tokens, 1)
+    if tokens.shape[0] != state.batch:
+        raise ValueError(
+            f"tokens must have shape (b,) = ({state.batch},); got {tuple(tokens.shape)}"
+        )
+    x = model.token_emb(tokens)
+    ring = state.ring
+    memory = MemorySlice(ring, *ring.bounds())
+    bias = state.bias[:, :, model.mem_len - ring.filled :]
+    out, k, v = model._window(x, memory, bias, False, state.weights, state.cross, state.mix)
+    if k is not None:
+        ring.append(k, v)
+    state.steps += 1
+    return model.to_logits(out), state
+
+
+class _Bound:
+    """A model with its prefill keyword arguments bound: a ``StepModel``."""
+
+    def __init__(self, model, **prefill_kwargs):
+        self.model, self.prefill_kwargs = model, prefill_kwargs
+
+    def prefill(self, tokens: Tensor):
+        return self.model.prefill(tokens, **self.prefill_kwargs)
+
+    def step(self, tokens: Tensor, state):
+        return self.model.step(tokens, state)
+
+
+def generate(
+    model,
+    prompt: Tensor,
+    max_new_tokens: int,
+    *,
+    memory: FeedbackMemory | None = None,
+    context: Tensor | None = None,
+    context_mask: Tensor | None = None,
+    **sampling,
+) -> Tensor:
+    """The prompt ``(b, t)`` followed by up to ``max_new_tokens`` new tokens ``(b, t + n)``
+    (sampling options as in ``attention_core.generation.generate``)."""
+    bound = _Bound(model, memory=memory, context=context, context_mask=context_mask)
+    return _generate(bound, prompt, max_new_tokens, **sampling)
+
+
+def stream(
+    model,
+    prompt: Tensor,
+    max_new_tokens: int,
+    *,
+    memory: FeedbackMemory | None = None,
+    context: Tensor | None = None,
+    context_mask: Tensor | None = None,
+    **sampling,
+) -> Iterator[Tensor]:
+    """Yield up to ``max_new_tokens`` new tokens ``(b,)`` one at a time (as
+    ``attention_core.generation.stream``)."""
+    bound = _Bound(model, memory=memory, context=context, context_mask=context_mask)
+    return _stream(bound, prompt, max_new_tokens, **sampling)
