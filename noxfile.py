@@ -12,6 +12,7 @@ import tarfile
 from pathlib import Path
 
 import nox
+from nox.command import CommandFailed
 
 nox.needs_version = ">=2024.3.2"
 nox.options.default_venv_backend = "virtualenv"
@@ -62,18 +63,61 @@ def docs(session: nox.Session) -> None:
 
 @nox.session(default=False)
 def demo(session: nox.Session) -> None:
-    """The main job: run the seed examples end to end."""
+    """The main job: train a character-level LM for ~2 minutes, then stream a sample."""
     install(session, "torch==2.13.0")
-    install(session, CORE, *MODEL_PACKAGES)
+    install(session, CORE, *MODEL_PACKAGES, "tqdm>=4.60")
+    session.run("python", "examples/demo.py", *session.posargs)
+
+
+@nox.session(default=False)
+def seeds(session: nox.Session) -> None:
+    """Run the fast-transformers seed examples end to end and time every attention type."""
+    install(session, "torch==2.13.0")
+    install(session, CORE)
     session.run("python", "-m", "attention_core.demo", *session.posargs)
+
+
+@nox.session
+def examples(session: nox.Session) -> None:
+    """Smoke-test the demo and the examples/ scripts on tiny settings (every model family)."""
+    install(session, "torch==2.13.0")
+    install(session, CORE, *MODEL_PACKAGES, "tqdm>=4.60", "pytest>=7")
+    session.run("pytest", "examples", *session.posargs)
+
+
+@nox.session
+def compat(session: nox.Session) -> None:
+    """Check lockstep versions: every model package pins attention-core to its own version."""
+    session.run("python", str(ROOT / ".ci" / "check_versions.py"), external=True)
+
+
+# peers for nox -s bench; fast-transformers compiles C++ against the installed torch (about
+# 10-13 minutes here) and must not see nvcc on a machine without CUDA
+PEERS_PURE = ["feedback-transformer-pytorch==0.0.11"]
+PEER_FAST_TRANSFORMERS = "pytorch-fast-transformers==0.4.0"
 
 
 @nox.session(default=False)
 def bench(session: nox.Session) -> None:
-    """Time the attentions against each other; writes docs/benchmarks/results.md."""
+    """Time this project against the peer libraries; writes docs/benchmarks/*.md.
+
+    ``nox -s bench -- --quick`` passes ``--quick`` to every script; ``nox -R -s bench``
+    reuses the environment (and the compiled fast-transformers).
+    """
     install(session, "torch==2.13.0")
-    install(session, CORE, *MODEL_PACKAGES)
-    session.run("python", "benchmarks/bench_attention.py", *session.posargs)
+    install(session, CORE, *MODEL_PACKAGES, "numpy", "matplotlib")
+    session.install(*CONSTRAINTS, *PEERS_PURE)
+    try:
+        session.run("python", "-c", "import fast_transformers.causal_product", silent=True)
+    except CommandFailed:
+        session.install("setuptools", "wheel", "pybind11")
+        python = str(Path(session.bin) / "python")
+        session.run(
+            "env", "PATH=/usr/bin:/bin", python, "-m", "pip", "install", *CONSTRAINTS,
+            "--no-build-isolation", PEER_FAST_TRANSFORMERS, external=True,
+        )  # fmt: skip
+    for script in sorted((ROOT / "benchmarks").glob("bench_*.py")):
+        session.run("python", str(script), *session.posargs)
 
 
 @nox.session
