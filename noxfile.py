@@ -56,9 +56,12 @@ def lint(session: nox.Session) -> None:
 
 @nox.session
 def docs(session: nox.Session) -> None:
-    """Build the documentation site with mkdocs --strict (never imports the packages)."""
-    session.install("mkdocs-material>=9.5", "mkdocstrings>=1.0", "mkdocstrings-python>=2.0")
+    """Build the site with mkdocs --strict (never imports the packages) and check its links."""
+    session.install(
+        "mkdocs-material>=9.5", "mkdocstrings>=1.0", "mkdocstrings-python>=2.0", "pytest>=7"
+    )
     session.run("mkdocs", "build", "--strict", "--site-dir", str(ROOT / "site"))
+    session.run("pytest", "docs/tests", "-p", "no:cacheprovider")
 
 
 @nox.session(default=False)
@@ -118,6 +121,30 @@ def bench(session: nox.Session) -> None:
         )  # fmt: skip
     for script in sorted((ROOT / "benchmarks").glob("bench_*.py")):
         session.run("python", str(script), *session.posargs)
+
+
+@nox.session(default=False)
+def asan(session: nox.Session) -> None:
+    """Build the C++ kernels with AddressSanitizer and run their tests under it."""
+    install(session, "torch==2.13.0", "einops>=0.7", "pytest>=7", "hypothesis>=6")
+    session.install("scikit-build-core>=0.10", "pybind11>=2.12")
+    flags = "-fsanitize=address -fno-omit-frame-pointer -O1 -g"
+    session.install(
+        "--no-build-isolation", "--no-deps", "--force-reinstall",
+        "-C", f"cmake.define.CMAKE_CXX_FLAGS={flags}",
+        "-C", "cmake.define.CMAKE_MODULE_LINKER_FLAGS=-fsanitize=address",
+        "-C", "build-dir=build/asan", CORE,
+    )  # fmt: skip
+    libasan = session.run("gcc", "-print-file-name=libasan.so", silent=True, external=True)
+    kernel_tests = sorted(
+        str(path.relative_to(ROOT))
+        for path in (ROOT / CORE / "tests").glob("test_attention_core_*.py")
+        if "kernel" in path.name
+    )
+    session.run(
+        "pytest", *kernel_tests, "-p", "no:cacheprovider", *session.posargs,
+        env={"LD_PRELOAD": libasan.strip(), "ASAN_OPTIONS": "detect_leaks=0:abort_on_error=1"},
+    )  # fmt: skip
 
 
 @nox.session
