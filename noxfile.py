@@ -135,15 +135,20 @@ def asan(session: nox.Session) -> None:
         "-C", "cmake.define.CMAKE_MODULE_LINKER_FLAGS=-fsanitize=address",
         "-C", "build-dir=build/asan", CORE,
     )  # fmt: skip
-    libasan = session.run("gcc", "-print-file-name=libasan.so", silent=True, external=True)
+    # libstdc++ must be loaded with libasan, or ASan cannot intercept C++ throws (torch and
+    # pybind11 use exceptions) and aborts on the first one
+    preload = " ".join(
+        session.run("gcc", f"-print-file-name={lib}", silent=True, external=True).strip()
+        for lib in ("libasan.so", "libstdc++.so")
+    )
     kernel_tests = sorted(
         str(path.relative_to(ROOT))
         for path in (ROOT / CORE / "tests").glob("test_attention_core_*.py")
         if "kernel" in path.name
     )
     session.run(
-        "pytest", *kernel_tests, "-p", "no:cacheprovider", *session.posargs,
-        env={"LD_PRELOAD": libasan.strip(), "ASAN_OPTIONS": "detect_leaks=0:abort_on_error=1"},
+        "pytest", *kernel_tests, "-p", "no:cacheprovider", "-s", *session.posargs,
+        env={"LD_PRELOAD": preload, "ASAN_OPTIONS": "detect_leaks=0:abort_on_error=1"},
     )  # fmt: skip
 
 

@@ -9,6 +9,9 @@ D=M=64, float32 by default:
   normaliser), inputs ``(B, N, H, D)``;
 - ``numerator``: the bare causal dot product ``(B, H, N, D)``.
 
+For scale, the ``attention`` workload also times softmax attention with a causal mask
+(attention-core's FullAttention, quadratic in N) up to ``--full-max``.
+
 Timings are medians of ``--repeats`` runs after a warm-up. Peak memory is measured per
 contender in a fresh subprocess: the peak resident set during one call minus the resident set
 before it (Linux ``VmHWM`` after resetting it), so it counts every allocation made by the
@@ -38,7 +41,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 H, D = 8, 64
 FORCE_REFERENCE_ENV = "ATTENTION_CORE_FORCE_REFERENCE"
-CONTENDERS = ["attention-core", "plain PyTorch", "fast-transformers"]
+CONTENDERS = ["attention-core", "plain PyTorch", "fast-transformers", "full softmax"]
 MODES = ["forward", "forward+backward"]
 
 
@@ -57,6 +60,13 @@ def have_fast_transformers() -> bool:
 
 def make_call(workload: str, contender: str, N: int, dtype: torch.dtype):
     """A function of (q, k, v) for one contender, and the input shape it takes."""
+    if contender == "full softmax":  # attention-core's FullAttention with a causal mask
+        from attention_core.attention import FullAttention
+        from attention_core.masking import LengthMask, TriangularCausalMask
+
+        full = FullAttention(attention_dropout=0.0)
+        mask, lengths = TriangularCausalMask(N), LengthMask(torch.tensor([N]), max_len=N)
+        return (lambda q, k, v: full(q, k, v, mask, lengths, lengths)), (1, N, H, D)
     if contender == "fast-transformers":
         from fast_transformers.attention import CausalLinearAttention
         from fast_transformers.causal_product import causal_dot_product
@@ -182,6 +192,8 @@ def run(args) -> tuple[list[dict], float]:
             for contender in contenders:
                 if contender == "plain PyTorch" and args.reference_max < N:
                     continue
+                if contender == "full softmax" and (workload != "attention" or args.full_max < N):
+                    continue
                 select(contender)
                 fn, shape = make_call(workload, contender, N, dtype)
                 row = {"workload": workload, "N": N, "contender": contender}
@@ -225,10 +237,12 @@ def markdown(rows: list[dict], gemm: float, args) -> str:
     for r in rows:
         base = peer.get((r["workload"], r["N"]))
         work = H * r["N"] * D * D / 1e6  # per (flop count / 1e9) / ms
-        cells = []
-        for mode, ops in (("forward", 4), ("forward+backward", 14)):
-            rate = ops * work / r[mode]
-            cells.append(f"{rate:.0f} ({rate / gemm:.0%})")
+        cells = ["n/a", "n/a"]  # the recurrence's operation count means nothing for softmax
+        if r["contender"] != "full softmax":
+            cells = []
+            for mode, ops in (("forward", 4), ("forward+backward", 14)):
+                rate = ops * work / r[mode]
+                cells.append(f"{rate:.0f} ({rate / gemm:.0%})")
         speed = [fmt(base[m] / r[m] if base else None, ".1f") + "x" * bool(base) for m in MODES]
         lines.append(
             f"| {r['workload']} | {r['N']} | {r['contender']} | {r['forward']:.1f} "
@@ -253,6 +267,9 @@ def main() -> None:
     parser.add_argument(
         "--reference-max", type=int, default=16384, help="longest N for the plain-PyTorch form"
     )
+    parser.add_argument(
+        "--full-max", type=int, default=4096, help="longest N for full softmax attention"
+    )
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
     parser.add_argument("--quick", action="store_true", help="N=1024 and 4096, 3 repeats")
     parser.add_argument(
@@ -271,6 +288,8 @@ def main() -> None:
     print(table)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(table)
+    # the raw rows, for benchmarks/plot_results.py
+    args.output.with_suffix(".json").write_text(json.dumps(rows, indent=1) + "\n")
 
 
 if __name__ == "__main__":
