@@ -121,6 +121,7 @@ def bench(session: nox.Session) -> None:
         )  # fmt: skip
     for script in sorted((ROOT / "benchmarks").glob("bench_*.py")):
         session.run("python", str(script), *session.posargs)
+    session.run("python", "benchmarks/plot_results.py")
 
 
 @nox.session(default=False)
