@@ -406,11 +406,12 @@ def test_loss_ignores_ignore_index_labels():
     assert_close("loss", loss, expected)
 
 
-def test_activation_checkpointing_gives_the_same_gradients():
+@pytest.mark.parametrize("name", ["two-writers-mixed-reads", "t5-lstm-ffn", "dynamic-bias-gqa"])
+def test_activation_checkpointing_gives_the_same_gradients(name):
     seq = torch.randint(0, 40, (2, 10))
     grads = []
     for checkpoint_layers in (False, True):
-        model = make_model("two-writers-mixed-reads", checkpoint_layers=checkpoint_layers)
+        model = make_model(name, checkpoint_layers=checkpoint_layers)
         model.train()
         model(seq, return_loss=True)[0].backward()
         grads.append({n: p.grad for n, p in model.named_parameters()})
@@ -418,8 +419,9 @@ def test_activation_checkpointing_gives_the_same_gradients():
         assert_close(name, grads[1][name], g)
 
 
-def test_a_recurrent_layer_can_be_checkpointed_by_hand():
-    model = make_model("default")
+@pytest.mark.parametrize("name", ["default", "t5-lstm-ffn"])
+def test_a_recurrent_layer_can_be_checkpointed_by_hand(name):
+    model = make_model(name)
     seq = torch.randint(0, 40, (1, 9))
     layer = model.layers[1]  # the recurrent layer
     calls = []
@@ -564,6 +566,10 @@ def test_missing_or_foreign_memories_and_states():
         model(seq, states=states)
     with pytest.raises(TypeError, match="xl_memories must be the XLMemories"):
         model(seq, xl_memories=list(mems), states=states)
+    with pytest.raises(ValueError, match="xl_memories is required when states is given"):
+        model(seq, xl_memories=[], states=states)
+    fresh = model(seq)[0]  # the peer's empty lists start a new stream
+    assert torch.equal(model(seq, xl_memories=[], states=[])[0], fresh)
     with pytest.raises(ValueError, match="one tensor per recurrent layer"):
         model(seq, xl_memories=mems, states=states + states)
     with pytest.raises(
@@ -611,3 +617,27 @@ def test_bad_step_inputs():
         model.step(torch.zeros(2, dtype=torch.long), None)
     with pytest.raises(ValueError, match=r"token ids in \[0, 40\)"):
         model.step(torch.full((2,), 40), state)
+
+
+# ---------------------------------------------------------------- the peer's defects, absent
+
+
+def test_qk_norm_temperature_is_used():
+    seq = torch.randint(0, 40, (1, 9))
+    outs = [make_model("default", qk_rmsnorm_scale=scale)(seq)[0] for scale in (8.0, 2.0)]
+    assert (outs[0] - outs[1]).abs().max() > 1e-3
+    model = make_model("default", qk_rmsnorm_scale=2.0, all_layers_qk_rmsnorm=True)
+    assert all(layer.temperature == 2.0 for layer in model.layers)
+    assert all(layer.spec.qk_norm for layer in model.layers)
+
+
+def test_no_deprecation_warnings_in_training_and_generation():
+    import warnings
+
+    model = make_model("seed-layers", dtype=torch.float32, checkpoint_layers=True).train()
+    seq = torch.randint(0, 40, (2, 11))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # e.g. torch.backends.cuda.sdp_kernel is deprecated
+        model(seq, return_loss=True)[0].backward()
+        logits, state = model.prefill(seq)
+        model.step(logits.argmax(dim=-1), state)

@@ -131,4 +131,5 @@ class PositionEncoding(nn.Module):
         return t if angles is None else apply_rotary_pos_emb(angles, t)
 
     def extra_repr(self) -> str:
+        """The module summary printed by ``repr``."""
         return f"kind={self.kind!r}"

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from .memory import LayerMemory
 
-__all__ = ["BlockGeometry", "build_grid", "next_memory", "token_mask", "windows"]
+__all__ = ["BlockGeometry", "build_grid", "next_memory", "token_mask", "unseen_slots", "windows"]
 
 
 @dataclass(frozen=True)
@@ -167,6 +167,19 @@ def windows(t: Tensor, geom: BlockGeometry, grid_lookback: int, lookback: int) -
     if geom.single:
         return t
     return rearrange(t.unfold(2, lookback + geom.width, geom.width), "b h n d w -> (b n) h w d")
+
+
+def unseen_slots(geom: BlockGeometry, lookback: int, sliding: bool) -> int:
+    """Leading slots of a single-block window that none of the call's rows can see.
+
+    With the sliding window and ``lookback = W``, query row ``i`` sees the window slots
+    ``[i, i + W)`` (the ``W`` tokens before it), so the first ``offset`` slots are never used:
+    skipping them keeps a generation step at ``W + length`` key slots whatever its position
+    in the block. Zero otherwise.
+    """
+    if geom.single and sliding and lookback:
+        return geom.offset
+    return 0
 
 
 def token_mask(

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from .attention import PositionEncoding
-from .blocks import BlockGeometry, token_mask
+from .blocks import BlockGeometry, token_mask, unseen_slots
 
 __all__ = ["CallContext", "WindowTables"]
 
@@ -39,13 +39,25 @@ class WindowTables:
     query_angles: Tensor | None
     key_angles: Tensor | None
 
-    def rows(self, start: int, stop: int, slots: int) -> WindowTables:
-        """The tables of query rows ``[start, stop)`` over the first ``slots`` key slots."""
+    def rows(
+        self, start: int, stop: int, slots: int, *, skip: int = 0, keep: int = 0
+    ) -> WindowTables:
+        """The tables of query rows ``[start, stop)`` over the first ``slots`` key slots,
+        leaving out the ``skip`` slots that follow the first ``keep`` (compressed) slots."""
+
+        def keys(t: Tensor | None, dim: int) -> Tensor | None:
+            if t is None:
+                return None
+            if not skip:
+                return t.narrow(dim, 0, slots)
+            tail = t.narrow(dim, keep + skip, slots - keep - skip)
+            return torch.cat((t.narrow(dim, 0, keep), tail), dim=dim) if keep else tail
+
         return WindowTables(
-            self.mask[:, :, start:stop, :slots],
-            None if self.bias is None else self.bias[:, :, start:stop, :slots],
+            keys(self.mask[:, :, start:stop], 3),
+            None if self.bias is None else keys(self.bias[:, :, start:stop], 3),
             None if self.query_angles is None else self.query_angles[start:stop],
-            None if self.key_angles is None else self.key_angles[:slots],
+            keys(self.key_angles, 0),
         )
 
 
@@ -97,4 +109,5 @@ class CallContext:
         if not geom.single:
             return tables
         start, stop = geom.rows
-        return tables.rows(start, stop, compressed + lookback + stop)
+        skip = unseen_slots(geom, lookback, self.sliding)
+        return tables.rows(start, stop, compressed + lookback + stop, skip=skip, keep=compressed)

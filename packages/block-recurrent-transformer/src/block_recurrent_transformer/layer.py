@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from attention_core.nn import FeedForward, RMSNorm
 
 from .attention import HeadNorm, PositionEncoding, attend_heads, split_heads
-from .blocks import BlockGeometry, build_grid, next_memory, windows
+from .blocks import BlockGeometry, build_grid, next_memory, unseen_slots, windows
 from .context import CallContext
 from .memory import LayerMemory, MemoryCompressor
 from .state import RecurrentState
@@ -309,6 +309,9 @@ class BlockRecurrentLayer(nn.Module):
         win_k = windows(grid_k, geom, self.grid_lookback, lookback)
         win_v = windows(grid_v, geom, self.grid_lookback, lookback)
         win_ok = windows(valid, geom, self.grid_lookback, lookback)
+        skip = unseen_slots(geom, lookback, ctx.sliding)
+        if skip:  # a step inside a block: only the slots its rows can see
+            win_k, win_v, win_ok = win_k[:, :, skip:], win_v[:, :, skip:], win_ok[:, skip:]
         if self.compressor is not None:
             ck, cv, cok, compressed = self._compressed(memory, grid_k, grid_v, valid, geom)
             win_k, win_v = torch.cat((ck, win_k), dim=2), torch.cat((cv, win_v), dim=2)

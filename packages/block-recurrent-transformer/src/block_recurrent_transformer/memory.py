@@ -175,4 +175,5 @@ class MemoryCompressor(nn.Module):
         return keys, values, valid
 
     def extra_repr(self) -> str:
+        """The module summary printed by ``repr``."""
         return f"factor={self.factor}"

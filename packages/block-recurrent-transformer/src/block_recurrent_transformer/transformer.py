@@ -491,6 +491,10 @@ class BlockRecurrentTransformer(nn.Module):
         return list(states)
 
     def _stream_from(self, xl_memories, states, batch: int) -> _Stream:
+        if isinstance(xl_memories, (list, tuple)) and not xl_memories:
+            xl_memories = None  # block-recurrent-transformer-pytorch's "no memories yet"
+        if isinstance(states, (list, tuple)) and not states and xl_memories is None:
+            states = None
         if xl_memories is None:
             if states is not None and len(states) > 0:
                 raise ValueError(
@@ -581,6 +585,9 @@ class BlockRecurrentTransformer(nn.Module):
                 reads.append((prepared[w][1], prepared[w][2]))
             state = None if slot is None else states[slot]
             prep = None if slot is None else prepared[slot]
+            # build the window tables (a position bias may need gradients) outside the layer,
+            # so that an activation-checkpointed layer computes the same thing when re-run
+            ctx.tables(g, self.layers[index].token_lookback)
             h, memories[index], state, prep = self._call_layer(
                 index, h, g, memories[index], ctx, self.positions, state, prep, reads
             )
@@ -620,7 +627,8 @@ class BlockRecurrentTransformer(nn.Module):
                 with ``return_loss``; the last column is then only a label and may hold
                 ``ignore_index``).
             xl_memories: the memories returned by the previous call of the stream, or
-                ``None`` to start a new stream.
+                ``None`` (or ``[]``, as in block-recurrent-transformer-pytorch) to start a new
+                stream.
             states: the states returned with ``xl_memories`` (required with them when the
                 model has recurrent layers).
             return_loss: return the next-token cross-entropy of ``seq[:, 1:]`` given
@@ -688,7 +696,8 @@ class BlockRecurrentTransformer(nn.Module):
 
         Arguments:
             tokens: ``(B, T)`` token ids, ``T >= 1``; consumed in pieces of ``max_seq_len``.
-            xl_memories, states: continue an earlier stream (as in :meth:`forward`).
+            xl_memories: continue an earlier stream (as in :meth:`forward`), or ``None``.
+            states: the states returned with ``xl_memories``.
 
         Returns:
             the logits ``(B, V)`` of the last position and a :class:`DecodeState`.

@@ -168,6 +168,18 @@ class RecurrentTrainerWrapper(nn.Module):
         """
         check_tensor("prime", prime, dim=2, integer=True)
         check_positive_int("length", length)
+        if (
+            not isinstance(temperature, (int, float))
+            or isinstance(temperature, bool)
+            or not 0.0 <= temperature < float("inf")
+        ):
+            raise ValueError(f"temperature must be a finite float >= 0; got {temperature!r}")
+        if (
+            not isinstance(filter_thres, (int, float))
+            or isinstance(filter_thres, bool)
+            or not 0.0 <= filter_thres <= 1.0
+        ):
+            raise ValueError(f"filter_thres must be a float in [0, 1]; got {filter_thres!r}")
         if length <= prime.shape[1]:
             raise ValueError(
                 f"length must exceed the prime's length {prime.shape[1]} (it is the total "

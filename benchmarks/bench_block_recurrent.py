@@ -1,0 +1,235 @@
+"""Block-Recurrent Transformer: training throughput, activation memory and generation speed,
+block-recurrent-transformer against block-recurrent-transformer-pytorch 0.4.4.
+
+Run with ``nox -s bench`` or directly: ``python benchmarks/bench_block_recurrent.py [--quick]``.
+Writes the table to ``docs/benchmarks/block_recurrent.md``.
+
+Configuration (PEERS.md): dim 128, depth 2, 8 heads of 64, block width W = 256, 256 state
+vectors, one recurrent layer (layer 1, the peer's default ``depth // 2``), every layer attending
+into the previous block, rotary positions, max_seq_len 512, vocabulary 256, float32, two threads.
+Three contenders in one process:
+
+* ``peer``: block-recurrent-transformer-pytorch (multi-query keys/values, tokens see W + 1 .. 2W
+  keys, state cross-attention over the current block only, fixed gate);
+* ``ours (peer options)``: the same choices (``kv_heads=1, sliding_window=False,
+  state_attends_previous_block=False``);
+* ``ours (paper defaults)``: multi-head keys/values, a window of exactly W keys, state
+  cross-attention over the previous and the current block.
+
+Measured: tokens per second of a training forward (grad enabled) and of forward+backward of the
+next-token loss on a batch of 2 x 512 tokens; the bytes of the tensors saved for the backward
+(activation memory, counted with ``torch.autograd.graph.saved_tensors_hooks``, each storage
+once); and generation: tokens per second of ``RecurrentTrainerWrapper.generate`` after a prompt
+of 256 tokens (the whole call, prompt included; the peer re-runs the window for every token,
+ours takes one cached step per token).
+
+The peer is imported if it is installed (``pip install --no-deps
+block-recurrent-transformer-pytorch==0.4.4 beartype``); without it, only our numbers are
+reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from block_recurrent_transformer import BlockRecurrentTransformer, RecurrentTrainerWrapper
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = dict(
+    num_tokens=256,
+    dim=128,
+    depth=2,
+    dim_head=64,
+    heads=8,
+    max_seq_len=512,
+    block_width=256,
+    num_state_vectors=256,
+)
+PEER_OPTIONS = dict(kv_heads=1, sliding_window=False, state_attends_previous_block=False)
+BATCH = 2
+
+
+def import_peer():
+    """block-recurrent-transformer-pytorch's classes, or ``None`` when it is not installed."""
+    try:
+        from block_recurrent_transformer_pytorch import (
+            BlockRecurrentTransformer as PeerTransformer,
+        )
+        from block_recurrent_transformer_pytorch import (
+            RecurrentTrainerWrapper as PeerWrapper,
+        )
+    except ImportError:
+        return None
+    return PeerTransformer, PeerWrapper
+
+
+def contenders(peer) -> dict[str, tuple[torch.nn.Module, type]]:
+    """name -> (model, wrapper class)."""
+    out = {}
+    if peer is not None:
+        torch.manual_seed(0)
+        out["peer 0.4.4"] = (peer[0](**CONFIG), peer[1])
+    torch.manual_seed(0)
+    out["ours (peer options)"] = (
+        BlockRecurrentTransformer(**CONFIG, recurrent_layers=(1,), **PEER_OPTIONS),
+        RecurrentTrainerWrapper,
+    )
+    torch.manual_seed(0)
+    out["ours (paper defaults)"] = (
+        BlockRecurrentTransformer(**CONFIG, recurrent_layers=(1,)),
+        RecurrentTrainerWrapper,
+    )
+    return out
+
+
+# measurements
+
+
+def interleaved_medians(fns: dict, repeats: int) -> dict[str, float]:
+    """Median seconds of each function, timed in turns (one warm-up call each first) so that
+    a change of load on a shared machine hits every contender alike."""
+    for fn in fns.values():
+        fn()
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def loss_of(model, seq):
+    return model(seq, return_loss=True)[0]
+
+
+def saved_bytes(model, seq) -> int:
+    """Bytes of the distinct storages saved for the backward of the loss."""
+    storages = {}
+
+    def pack(t):
+        s = t.untyped_storage()
+        storages[s.data_ptr()] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = loss_of(model, seq)
+    del loss
+    return sum(storages.values())
+
+
+def training(models, repeats: int) -> dict[str, dict]:
+    seq = torch.randint(0, CONFIG["num_tokens"], (BATCH, CONFIG["max_seq_len"] + 1))
+    tokens = BATCH * CONFIG["max_seq_len"]
+    forwards, backwards = {}, {}
+    for name, (model, _) in models.items():
+        model.train()
+        forwards[name] = lambda model=model: loss_of(model, seq)
+
+        def forward_backward(model=model):
+            model.zero_grad(set_to_none=True)
+            loss_of(model, seq).backward()
+
+        backwards[name] = forward_backward
+    fwd = interleaved_medians(forwards, repeats)
+    bwd = interleaved_medians(backwards, repeats)
+    return {
+        name: dict(
+            forward=tokens / fwd[name],
+            forward_backward=tokens / bwd[name],
+            saved_mib=saved_bytes(model, seq) / 2**20,
+        )
+        for name, (model, _) in models.items()
+    }
+
+
+def generation(models, prompt: int, new_tokens: int, repeats: int) -> dict[str, float]:
+    prime = torch.randint(0, CONFIG["num_tokens"], (1, prompt))
+    runs = {}
+    for name, (model, wrapper_cls) in models.items():
+        wrapper = wrapper_cls(model).eval()
+
+        def run(wrapper=wrapper):
+            with torch.no_grad():
+                wrapper.generate(prime, prompt + new_tokens)
+
+        runs[name] = run
+    return {name: new_tokens / t for name, t in interleaved_medians(runs, repeats).items()}
+
+
+# report
+
+
+def markdown(train, gen, args, have_peer: bool) -> str:
+    base = "peer 0.4.4" if have_peer else None
+    lines = [
+        "# Block-Recurrent Transformer benchmark",
+        "",
+        f"`python benchmarks/bench_block_recurrent.py{' --quick' if args.quick else ''}` on "
+        f"{datetime.date.today()}, {platform.processor() or platform.machine()}, torch "
+        f"{torch.__version__}, {torch.get_num_threads()} threads, float32. Medians of "
+        f"{args.repeats} runs; a shared machine makes them noisy: read the ratios.",
+        "",
+        "Model: dim 128, depth 2, 8 heads x 64, block width 256, 256 state vectors, recurrent "
+        "layer 1, max_seq_len 512, vocabulary 256. Training: batch 2 x 512 tokens, next-token "
+        "loss. Generation: batch 1, prompt 256, "
+        f"{args.new_tokens} new tokens, whole `generate` call.",
+        "",
+        "| contender | fwd tok/s | fwd+bwd tok/s | saved for backward (MiB) | generation tok/s |",
+        "|---|---:|---:|---:|---:|",
+    ]
+
+    def ratio(value, reference):
+        return f" ({value / reference:.2f}x)" if reference else ""
+
+    for name, row in train.items():
+        ref = train.get(base) if base else None
+        gref = gen.get(base) if base else None
+        lines.append(
+            f"| {name} | {row['forward']:,.0f}{ratio(row['forward'], ref and ref['forward'])} "
+            f"| {row['forward_backward']:,.0f}"
+            f"{ratio(row['forward_backward'], ref and ref['forward_backward'])} "
+            f"| {row['saved_mib']:,.1f}{ratio(row['saved_mib'], ref and ref['saved_mib'])} "
+            f"| {gen[name]:,.1f}{ratio(gen[name], gref)} |"
+        )
+    lines += [
+        "",
+        "Ratios are against the peer (higher is better for tokens/s, lower for memory). "
+        "'ours (peer options)' makes the peer's choices (multi-query keys/values, W + 1 .. 2W "
+        "keys per token, state cross-attention over the current block); 'ours (paper "
+        "defaults)' uses 8 key/value heads, exactly W keys per token and state "
+        "cross-attention over the previous and the current block, so it does more work.",
+    ]
+    if not have_peer:
+        lines += ["", "block-recurrent-transformer-pytorch is not installed: ours only."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer repeats and tokens")
+    parser.add_argument("--out", default=str(ROOT / "docs" / "benchmarks" / "block_recurrent.md"))
+    args = parser.parse_args(argv)
+    args.repeats = 3 if args.quick else 7
+    args.new_tokens = 32 if args.quick else 192
+    torch.set_num_threads(2)
+    peer = import_peer()
+    models = contenders(peer)
+    train = training(models, args.repeats)
+    gen = generation(models, 256, args.new_tokens, 1 if args.quick else 3)
+    report = markdown(train, gen, args, peer is not None)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(report)
+    print(report)
+
+
+if __name__ == "__main__":
+    main()
