@@ -1,4 +1,21 @@
-"""An obviously-correct, slow reference of the Feedback Transformer, token by token."""
+"""A slow, obviously-correct reference of the Feedback Transformer, one token at a time.
+
+It follows the definition in the README and the model's docstrings, with none of the
+model's machinery (no preallocated buffers, no custom autograd, no fused projections, no
+precomputed bias tables), only the model's parameters:
+
+* the memory is a Python list of ``(time, key, value)``, one entry per past step, of which
+  the newest ``mem_len`` are kept;
+* a window of ``seq_len`` steps runs layer by layer; at each layer, the query of step ``t``
+  attends to every memory entry and to the keys/values of the window's earlier steps
+  ``u < t`` computed from their input to that layer (with the shared pre-norm and key/value
+  projection); a query with nothing to attend to gets a zero attention output;
+* the T5 bias of a key at time ``u`` for the query at time ``t`` is the table row of the
+  bucket of ``u - t``;
+* after the window, each step's memory entry is the shared key/value projection of the
+  normalised softmax-weighted mix of its embedding and layer outputs (or of its last
+  layer output with ``keep_last_hidden``).
+"""
 
 from __future__ import annotations
 
@@ -8,14 +25,28 @@ import torch
 import torch.nn.functional as F
 
 
-def _ff(layer, y):
-    inner = layer.ff.net[0](y)
-    a, g = inner.chunk(2, dim=-1)
-    return layer.ff.net[3](a * F.gelu(g))
+def _feedforward(layer, y):
+    """The GEGLU feed-forward of ``layer`` on the normalised ``y``."""
+    first, _, _, last = layer.ff.net
+    a, gate = first(y).chunk(2, dim=-1)
+    return last(a * F.gelu(gate))
+
+
+def _attention(q, entries, bias_row, d):
+    """``q`` ``(b, h, d)`` over ``entries`` ``[(time, k (b, h, d), v (b, h, d))]``."""
+    if not entries:
+        return torch.zeros_like(q)
+    keys = torch.stack([k for _, k, _ in entries], dim=2)
+    values = torch.stack([v for _, _, v in entries], dim=2)
+    scores = torch.einsum("bhd,bhjd->bhj", q, keys) / math.sqrt(d)
+    weights = (scores + bias_row).softmax(dim=-1)
+    return torch.einsum("bhj,bhjd->bhd", weights, values)
 
 
 def reference_forward(model, x, prefix=None, context=None, context_mask=None):
-    """Logits (b, n, V) and the final memory [(time, k (b,h,d), v (b,h,d))]."""
+    """Logits ``(b, n, num_tokens)`` of ``model`` on ``x`` ``(b, n)`` after the memory
+    ``prefix`` (``(keys, values)`` of shape ``(b, h, m, d)`` or ``None``), and the final
+    memory as a list ``[(time, key (b, h, d), value (b, h, d))]``, oldest first."""
     B, N = x.shape
     W, M, H, D = model.seq_len, model.mem_len, model.heads, model.dim_head
     emb = model.token_emb.weight[x]
@@ -24,56 +55,52 @@ def reference_forward(model, x, prefix=None, context=None, context_mask=None):
         m0 = prefix[0].shape[2]
         memory = [(i - m0, prefix[0][:, :, i], prefix[1][:, :, i]) for i in range(m0)]
     memory = memory[max(0, len(memory) - M) :] if M else []
-    mix = None if model.layer_weight is None else model.layer_weight.softmax(-1)
     norm = model.attn_norm
+    table = model.rel_pos.relative_attention_bias.weight  # (buckets, h)
 
-    def kv(h):
-        k, v = F.linear(norm(h), model.to_kv.weight).chunk(2, dim=-1)
+    def key_value(state):
+        k, v = F.linear(norm(state), model.to_kv.weight).chunk(2, dim=-1)
         return k.reshape(B, H, D), v.reshape(B, H, D)
 
-    def bias(times, t):
-        rel = torch.tensor([time - t for time in times])
-        table = model.rel_pos.relative_attention_bias.weight
-        return table[model.rel_pos.bucket(rel)].T  # (h, j)
+    def bias_row(entries, t):
+        distance = torch.tensor([u - t for u, _, _ in entries], dtype=torch.long)
+        return table[model.rel_pos.bucket(distance)].T  # (h, j)
 
-    outs = []
-    for s in range(0, N, W):
-        window = list(range(s, min(s + W, N)))
+    outputs = []
+    for start in range(0, N, W):
+        window = list(range(start, min(start + W, N)))
         xs = {t: emb[:, t] for t in window}
         states = {t: [xs[t]] for t in window}
         for layer in model.layers:
             new = {}
             for t in window:
                 q = F.linear(norm(xs[t]), layer.to_q.weight).reshape(B, H, D)
-                keys = list(memory) + [(u, *kv(xs[u])) for u in window if u < t]
-                if keys:
-                    K = torch.stack([k for _, k, _ in keys], dim=2)
-                    V = torch.stack([v for _, _, v in keys], dim=2)
-                    scores = torch.einsum("bhd,bhjd->bhj", q, K) / math.sqrt(D)
-                    p = (scores + bias([u for u, _, _ in keys], t)).softmax(-1)
-                    o = torch.einsum("bhj,bhjd->bhd", p, V)
-                else:
-                    o = q.new_zeros(B, H, D)
+                entries = list(memory) + [(u, *key_value(xs[u])) for u in window if u < t]
+                o = _attention(q, entries, bias_row(entries, t) if entries else None, D)
                 y = xs[t] + layer.to_out(o.reshape(B, H * D))
                 if layer.cross is not None:
                     c = layer.cross
                     cq = c.to_q(c.norm(y)).reshape(B, H, D)
                     ck, cv = c.to_kv(context).chunk(2, dim=-1)
-                    ck = ck.reshape(B, -1, H, D)
-                    cv = cv.reshape(B, -1, H, D)
-                    cs = torch.einsum("bhd,bshd->bhs", cq, ck) / math.sqrt(D)
+                    ck, cv = ck.reshape(B, -1, H, D), cv.reshape(B, -1, H, D)
+                    scores = torch.einsum("bhd,bshd->bhs", cq, ck) / math.sqrt(D)
                     if context_mask is not None:
-                        cs = cs.masked_fill(~context_mask[:, None, :], float("-inf"))
-                    co = torch.einsum("bhs,bshd->bhd", cs.softmax(-1), cv)
+                        scores = scores.masked_fill(~context_mask[:, None, :], float("-inf"))
+                    co = torch.einsum("bhs,bshd->bhd", scores.softmax(-1), cv)
                     y = y + c.to_out(co.reshape(B, H * D))
-                y = y + _ff(layer, layer.ff_norm(y))
-                new[t] = y
+                new[t] = y + _feedforward(layer, layer.ff_norm(y))
             xs = new
             for t in window:
                 states[t].append(xs[t])
         for t in window:
-            outs.append(xs[t])
-            merged = xs[t] if mix is None else sum(w * h for w, h in zip(mix, states[t]))
-            memory.append((t, *kv(merged)))
+            outputs.append(xs[t])
+            if not M:  # no memory
+                continue
+            if model.keep_last_hidden:
+                merged = xs[t]
+            else:
+                mix = model.layer_weight.softmax(dim=-1)  # (depth + 1,)
+                merged = sum(w * s for w, s in zip(mix, states[t]))
+            memory.append((t, *key_value(merged)))
         memory = memory[max(0, len(memory) - M) :] if M else []
-    return model.to_logits(torch.stack(outs, dim=1)), memory
+    return model.to_logits(torch.stack(outputs, dim=1)), memory

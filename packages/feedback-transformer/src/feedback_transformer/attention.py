@@ -103,7 +103,8 @@ def attend_window(
 
     Arguments:
         q: ``(b h, i, d)`` queries, already multiplied by the softmax scale.
-        kw, vw: ``(b, h, i, d)`` the window's keys and values, or ``None`` (single step).
+        kw: ``(b, h, i, d)`` the window's keys, or ``None`` (single step).
+        vw: ``(b, h, i, d)`` the window's values, or ``None``.
         bias: from :func:`window_bias`, ``(h, i, m + i)`` or ``(h, 1, m)``.
         memory: the memory slots (``m`` of them, maybe 0) and the buffer holding them.
         first_empty: zero the first query's output (it sees no key).

@@ -56,12 +56,14 @@ class FeedbackState:
 
 @torch.no_grad()
 def prefill(model, tokens: Tensor, memory=None, context=None, context_mask=None):
-    """``model.prefill``: logits ``(b, num_tokens)`` of the prompt's last position, state."""
+    """``model.prefill``: logits ``(b, num_tokens)`` of the prompt ``(b, t)``'s last position
+    and the state. The prompt runs one step at a time (windows of 1), as the decoding steps
+    do."""
     model._check_tokens("tokens", tokens, 2)
     h = model.token_emb(tokens)
     prefix = model._check_memory(memory, tokens.shape[0], h)
     cross = model._prepare_cross(context, context_mask, tokens.shape[0], h)
-    out, new_memory = model._run(h, prefix, cross, detach=True)
+    out, new_memory = model._run(h, prefix, cross, detach=True, window=1)
     state = FeedbackState(model, new_memory, cross, tokens.shape[0])
     state.steps = tokens.shape[1]
     return model.to_logits(out[:, -1]), state

@@ -12,6 +12,8 @@ heads, ``d`` head feature.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
@@ -19,6 +21,8 @@ from torch import Tensor, nn
 from attention_core.nn import FeedForward, attend
 
 from .attention import MemorySlice, attend_window
+
+LinearFn = Callable[[Tensor, Tensor, Tensor | None], Tensor]
 
 __all__ = ["CrossAttention", "FeedbackLayer"]
 
@@ -29,7 +33,8 @@ class CrossAttention(nn.Module):
 
     Arguments:
         dim: model width.
-        heads, dim_head: attention heads and their width.
+        heads: number of attention heads.
+        dim_head: width of each head.
         dropout: dropout on the attention weights.
 
     Shapes: :meth:`project` maps the context ``(b, s, dim)`` to keys and values
@@ -70,7 +75,8 @@ class FeedbackLayer(nn.Module):
 
     Arguments:
         dim: model width.
-        heads, dim_head: attention heads and their width.
+        heads: number of attention heads.
+        dim_head: width of each head.
         attn_dropout: dropout on the attention weights.
         ff_dropout: dropout inside the feed-forward block.
         ff_mult: feed-forward hidden width multiplier.
@@ -104,6 +110,7 @@ class FeedbackLayer(nn.Module):
         bias: Tensor,
         first_empty: bool = False,
         cross: tuple[Tensor, Tensor, Tensor | None] | None = None,
+        linear: LinearFn = F.linear,
     ) -> Tensor:
         """Advance a window of ``w`` steps by one layer.
 
@@ -117,6 +124,8 @@ class FeedbackLayer(nn.Module):
             bias: relative position bias ``(h, w, j)`` from ``attention.window_bias``.
             first_empty: the first query sees no key (zero output).
             cross: context keys, values ``(b, h, s, d)`` and mask, or ``None``.
+            linear: ``F.linear`` or a ``linear.StepLinear`` of the call (one weight
+                gradient per call instead of one per step).
 
         Returns:
             ``(b w, dim)``.
@@ -126,7 +135,7 @@ class FeedbackLayer(nn.Module):
         w = bias.shape[1]
         b = x.shape[0] // w
         a = F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
-        proj = F.linear(a, weight)
+        proj = linear(a, weight, None)
         if w == 1:
             q, kw, vw = proj.view(b * h, 1, d), None, None  # "b (h d) -> (b h) 1 d"
         else:
@@ -140,19 +149,18 @@ class FeedbackLayer(nn.Module):
             out = out.view(b, inner)  # "(b h) 1 d -> b (h d)"
         else:
             out = out.view(b, h, w, d).transpose(1, 2).reshape(b * w, inner)
-        x = x + F.linear(out, self.to_out.weight, self.to_out.bias)
+        x = x + linear(out, self.to_out.weight, self.to_out.bias)
         if self.cross is not None:
             x = x + self.cross(x.view(b, w, -1), *cross).view(b * w, -1)
-        return x + self._feedforward(x)
+        return x + self._feedforward(x, linear)
 
-    def _feedforward(self, x: Tensor) -> Tensor:
-        """``self.ff(self.ff_norm(x))``: the GEGLU block of ``attention_core.nn``, called on
-        its parameters (``x, gate = chunk(2)``, ``x * gelu(gate)``)."""
+    def _feedforward(self, x: Tensor, linear: LinearFn) -> Tensor:
+        """``self.ff(self.ff_norm(x))`` for ``x`` ``(b w, dim)``: the GEGLU block of
+        ``attention_core.nn`` (its linear maps through ``linear``, its gate module as is)."""
         norm = self.ff_norm
         x = F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
-        first, _, dropout, last = self.ff.net
-        x, gate = F.linear(x, first.weight, first.bias).chunk(2, dim=-1)
-        x = x * F.gelu(gate)
+        first, geglu, dropout, last = self.ff.net
+        x = geglu(linear(x, first.weight, first.bias))  # x, gate = chunk(2); x * gelu(gate)
         if self.training and dropout.p:
             x = F.dropout(x, dropout.p, training=True)
-        return F.linear(x, last.weight, last.bias)
+        return linear(x, last.weight, last.bias)

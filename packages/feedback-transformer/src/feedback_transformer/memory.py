@@ -28,19 +28,35 @@ from torch.autograd.function import once_differentiable
 __all__ = ["FeedbackMemory", "KVStore", "RingBuffer"]
 
 
-class FeedbackMemory(NamedTuple):
-    """The keys and values of the most recent steps, oldest first.
+class _KeysValues(NamedTuple):
+    keys: Tensor
+    values: Tensor
+
+
+class FeedbackMemory(_KeysValues):
+    """The keys and values of the most recent steps, oldest first: a ``(keys, values)``
+    named tuple (like feedback-transformer-pytorch's ``Memory``, so ``keys, values = memory``
+    works) that also remembers the size of the model that wrote it.
 
     Attributes:
         keys: ``(b, h, m, d)`` keys of the last ``m <= mem_len`` steps.
         values: ``(b, h, m, d)`` their values.
         source: ``(dim, depth, heads, dim_head)`` of the model that wrote them, so that a model
             of another size rejects them; ``None`` skips that check.
+
+    Example:
+        >>> memory = FeedbackMemory(torch.zeros(2, 8, 5, 64), torch.zeros(2, 8, 5, 64))
+        >>> keys, values = memory
+        >>> keys.shape, memory.source
+        (torch.Size([2, 8, 5, 64]), None)
     """
 
-    keys: Tensor
-    values: Tensor
-    source: tuple[int, int, int, int] | None = None
+    def __new__(
+        cls, keys: Tensor, values: Tensor, source: tuple[int, int, int, int] | None = None
+    ) -> FeedbackMemory:
+        self = super().__new__(cls, keys, values)
+        self.source = source
+        return self
 
     def detach(self) -> FeedbackMemory:
         """The same memory cut from the autograd graph."""

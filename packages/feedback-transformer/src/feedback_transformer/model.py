@@ -28,7 +28,8 @@ from attention_core._checks import check_positive_int, check_tensor
 from attention_core.nn import T5RelativePositionBias
 
 from .attention import MemorySlice, window_bias
-from .layers import FeedbackLayer
+from .layers import FeedbackLayer, LinearFn
+from .linear import StepLinear
 from .memory import FeedbackMemory, KVStore
 
 __all__ = ["FeedbackTransformer"]
@@ -73,7 +74,8 @@ class FeedbackTransformer(nn.Module):
         cross_attend: add a cross attention block to every layer; ``forward`` then needs a
             ``context``.
         ff_mult: feed-forward hidden width multiplier.
-        rel_pos_num_buckets, rel_pos_max_distance: T5 relative position buckets.
+        rel_pos_num_buckets: number of T5 relative position buckets.
+        rel_pos_max_distance: distance from which on all keys share the last bucket.
 
     Shapes: ``forward(x (b, n))`` -> logits ``(b, n, num_tokens)``.
 
@@ -162,12 +164,14 @@ class FeedbackTransformer(nn.Module):
     def _check_memory(self, memory, batch: int, like: Tensor) -> FeedbackMemory | None:
         if memory is None:
             return None
-        if not isinstance(memory, (tuple, list)) or len(memory) not in (2, 3):
+        if not isinstance(memory, (tuple, list)) or len(memory) != 2:
             raise TypeError(
                 "memory must be a FeedbackMemory or a (keys, values) tuple; "
                 f"got {type(memory).__name__}"
+                + (f" of length {len(memory)}" if isinstance(memory, (tuple, list)) else "")
             )
-        keys, values, source = (*memory, None)[:3]
+        keys, values = memory
+        source = getattr(memory, "source", None)
         if source is not None and tuple(source) != self.signature:
             raise ValueError(
                 "memory comes from a model with (dim, depth, heads, dim_head) = "
@@ -272,8 +276,10 @@ class FeedbackTransformer(nn.Module):
         weights: list[Tensor],
         cross: Cross | None,
         mix: Tensor | None,
+        linear: LinearFn = F.linear,
     ) -> tuple[Tensor, Tensor | None, Tensor | None]:
-        """Run a window of ``w`` steps, ``x`` ``(b w, dim)``, through every layer.
+        """Run a window of ``w`` steps, ``x`` ``(b w, dim)``, through every layer
+        (``linear``: ``F.linear`` or the call's ``StepLinear``).
 
         Returns the last layer's output ``(b w, dim)`` and the window's memory keys and
         values ``(b, h, w, d)`` (``None`` when ``mem_len == 0``).
@@ -281,26 +287,32 @@ class FeedbackTransformer(nn.Module):
         states = [x]
         for i, layer in enumerate(self.layers):
             layer_cross = None if cross is None else (*cross[0][i], cross[1])
-            x = layer(x, self.attn_norm, weights[i], memory, bias, first_empty, layer_cross)
+            x = layer(x, self.attn_norm, weights[i], memory, bias, first_empty, layer_cross, linear)
             states.append(x)
         if not self.mem_len:
             return x, None, None
         merged = x if mix is None else torch.stack(states, dim=-1) @ mix  # (b w) dim l, l
         norm = self.attn_norm
         merged = F.layer_norm(merged, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
-        kv = F.linear(merged, self.to_kv.weight)
+        kv = linear(merged, self.to_kv.weight, None)
         w = bias.shape[1]
         # "(b w) (two h d) -> two b h w d"
         kv = kv.view(-1, w, 2, self.heads, self.dim_head).permute(2, 0, 3, 1, 4)
         return x, kv[0], kv[1]
 
     def _run(
-        self, h: Tensor, prefix: FeedbackMemory | None, cross: Cross | None, detach: bool
+        self,
+        h: Tensor,
+        prefix: FeedbackMemory | None,
+        cross: Cross | None,
+        detach: bool,
+        window: int | None = None,
     ) -> tuple[Tensor, FeedbackMemory]:
-        """Process the embedded tokens ``h`` ``(b, n, dim)`` window by window; returns the
-        last layer's outputs ``(b, n, dim)`` and the memory."""
+        """Process the embedded tokens ``h`` ``(b, n, dim)`` in windows of ``window``
+        (default ``seq_len``) steps; returns the last layer's outputs ``(b, n, dim)`` and
+        the memory."""
         b, n, dim = h.shape
-        W, M = self.seq_len, self.mem_len
+        W, M = window or self.seq_len, self.mem_len
         m0 = 0 if prefix is None else prefix.keys.shape[2]
         # every step's keys and values, written once; with mem_len == 0 just the scratch
         # slots of the window's own keys
@@ -313,6 +325,7 @@ class FeedbackTransformer(nn.Module):
         weights = self._query_weights(fused=W > 1 and n > 1)
         q_weights = [wt[: self.heads * self.dim_head] for wt in weights]
         mix = self._mix()
+        linear = StepLinear() if torch.is_grad_enabled() else F.linear
 
         outputs = []
         for start in range(0, n, W):
@@ -325,7 +338,7 @@ class FeedbackTransformer(nn.Module):
             bias, first_empty = biases[w, hi - lo]
             memory = MemorySlice(store, lo, hi, link)
             layer_weights = weights if w > 1 else q_weights
-            x, k, v = self._window(x, memory, bias, first_empty, layer_weights, cross, mix)
+            x, k, v = self._window(x, memory, bias, first_empty, layer_weights, cross, mix, linear)
             outputs.append(x.view(b, w, dim))
             if M:
                 link = store.write(k, v)
@@ -352,8 +365,10 @@ class FeedbackTransformer(nn.Module):
         its last position and a :class:`~feedback_transformer.FeedbackState` for
         :meth:`step` (the ``attention_core.generation.StepModel`` protocol).
 
-        The prompt is processed like :meth:`forward` (windows of ``seq_len``), without
-        gradients; ``context``/``context_mask`` are projected once and kept in the state.
+        The prompt is consumed one step at a time like the generated tokens (the paper's
+        exact model, whatever ``seq_len`` is: the logits are those of :meth:`forward` of a
+        ``seq_len=1`` model with the same weights), without gradients;
+        ``context``/``context_mask`` are projected once and kept in the state.
         """
         from .generation import prefill
 
@@ -376,3 +391,12 @@ class FeedbackTransformer(nn.Module):
         from .generation import generate
 
         return generate(self, prompt, max_new_tokens, **kwargs)
+
+    def stream(self, prompt: Tensor, max_new_tokens: int, **kwargs):
+        """``attention_core.generation.stream`` on this model: yields up to
+        ``max_new_tokens`` sampled tokens ``(b,)`` one at a time after the prompt ``(b, t)``,
+        each at the same cost whatever the memory's fill. Keyword arguments as
+        :meth:`generate`."""
+        from .generation import stream
+
+        return stream(self, prompt, max_new_tokens, **kwargs)
