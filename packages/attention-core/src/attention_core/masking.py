@@ -193,6 +193,11 @@ class LengthMask(BaseMask):
             max_len = int(max_len)
         if not isinstance(max_len, int) or max_len < 0:
             raise ValueError(f"LengthMask: max_len must be a non-negative int; got {max_len!r}")
+        self._max_len = max_len
+        # the value checks read the lengths' values: skipped while torch.compile traces
+        # (data-dependent control flow), where all_ones is then computed lazily
+        if torch.compiler.is_compiling():
+            return
         if self._lengths.numel() > 0:
             low, high = int(self._lengths.min()), int(self._lengths.max())
             if low < 0 or high > max_len:
@@ -200,7 +205,6 @@ class LengthMask(BaseMask):
                     f"LengthMask: lengths must lie in [0, max_len={max_len}]; "
                     f"got values in [{low}, {high}]"
                 )
-        self._max_len = max_len
         self._all_ones = bool((self._lengths == max_len).all())
 
     @property
@@ -239,4 +243,5 @@ class TriangularCausalMask(LengthMask):
             raise ValueError(f"TriangularCausalMask: N must be a non-negative int; got {N!r}")
         lengths = torch.arange(1, N + 1, device=device)
         super().__init__(lengths, N, device)
+        self._all_ones = N <= 1  # known without reading the lengths (also when compiling)
         self._lower_triangular = True

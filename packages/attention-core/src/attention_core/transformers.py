@@ -43,7 +43,9 @@ def _check_input(name: str, x: Tensor, d_model: int) -> tuple[int, int]:
 
 
 def _full_lengths(x: Tensor, N: int, L: int) -> LengthMask:
-    return LengthMask(torch.full((N,), L, dtype=torch.int64, device=x.device), max_len=L)
+    mask = LengthMask(torch.full((N,), L, dtype=torch.int64, device=x.device), max_len=L)
+    mask._all_ones = True  # known without reading the lengths (also when compiling)
+    return mask
 
 
 class TransformerEncoderLayer(nn.Module):
