@@ -26,6 +26,7 @@ from attention_core.attention_registry import (
     RecurrentCrossAttentionRegistry,
 )
 from attention_core.events import EventDispatcher
+from attention_core.testing.markdown import markdown_examples, python_blocks, run_example
 
 PACKAGE = Path(__file__).resolve().parents[1]
 ROOT = PACKAGE.parents[1]
@@ -33,35 +34,6 @@ DOCS = ROOT / "docs"
 README = PACKAGE / "README.md"
 MKDOCS = ROOT / "mkdocs.yml"
 MODEL_PACKAGES = ("recurrent-transformer", "block-recurrent-transformer", "feedback-transformer")
-
-# an opening fence: indentation, three or more backticks or tildes, the language ``python``
-_OPENING = re.compile(r"^(?P<indent>[ \t]*)(?P<fence>`{3,}|~{3,})[ \t]*python(?:[ \t{].*)?$")
-
-
-def python_blocks(text: str) -> list[str]:
-    """The ```python fenced blocks of a Markdown ``text``, dedented, in order of appearance.
-
-    A block ends at a line holding only a fence of the same character and at least the
-    opening length (CommonMark); an unclosed block runs to the end of the text.
-    """
-    blocks = []
-    lines = text.splitlines()
-    i = 0
-    while i < len(lines):
-        opening = _OPENING.match(lines[i])
-        i += 1
-        if opening is None:
-            continue
-        indent, fence = len(opening["indent"]), opening["fence"]
-        closing = re.compile(rf"^[ \t]*{re.escape(fence[0])}{{{len(fence)},}}[ \t]*$")
-        body = []
-        while i < len(lines) and not closing.match(lines[i]):
-            line = lines[i]
-            body.append(line[min(indent, len(line) - len(line.lstrip())) :])
-            i += 1
-        i += 1
-        blocks.append("\n".join(body) + "\n")
-    return blocks
 
 
 def documentation_pages() -> list[Path]:
@@ -75,12 +47,10 @@ def documentation_pages() -> list[Path]:
 
 
 def collect_examples() -> list:
-    params = []
-    for page in documentation_pages():
-        name = page.relative_to(ROOT).as_posix()
-        for number, code in enumerate(python_blocks(page.read_text(encoding="utf-8")), start=1):
-            params.append(pytest.param(name, code, id=f"{name}:{number}"))
-    return params
+    return [
+        pytest.param(name.rsplit(":", 1)[0], code, id=name)
+        for name, code in markdown_examples(documentation_pages(), ROOT)
+    ]
 
 
 EXAMPLES = collect_examples()
@@ -133,9 +103,7 @@ def isolated_registries():
 
 @pytest.mark.parametrize(("page", "code"), EXAMPLES)
 def test_example_runs(page: str, code: str, isolated_registries):
-    torch.manual_seed(0)
-    namespace = {"__name__": EXAMPLE_MODULE}
-    exec(compile(code, page, "exec"), namespace)
+    run_example(page, code, module=EXAMPLE_MODULE, threads=torch.get_num_threads())
 
 
 def nav_pages(text: str) -> list[str]:
