@@ -1,6 +1,7 @@
 """Every ```python block of the package README and of its documentation pages
 (``docs/feedback-transformer/*.md``) runs, each in a fresh
-namespace after ``torch.manual_seed(0)`` (a block carries its own imports). Outside a checkout (files missing) the tests skip."""
+namespace after ``torch.manual_seed(0)`` (a block carries its own
+imports). Outside a checkout (files missing) the tests skip."""
 
 from __future__ import annotations
 
