@@ -300,7 +300,14 @@ RECURRENT = ["aft-full", "aft-simple", "causal-linear", "conditional-full", "exa
 
 def test_registries_list_every_recurrent_form():
     assert RecurrentAttentionRegistry.keys == RECURRENT
-    assert RecurrentCrossAttentionRegistry.keys == ["full", "linear"]
+    assert RecurrentCrossAttentionRegistry.keys == [
+        "aft-full",
+        "aft-simple",
+        "exact-topk",
+        "full",
+        "linear",
+        "local",
+    ]
 
 
 @pytest.mark.parametrize("name", RECURRENT)

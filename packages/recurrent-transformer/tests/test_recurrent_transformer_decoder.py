@@ -16,7 +16,7 @@ TOL = {"rtol": 1e-6, "atol": 1e-6}
 SELF = {"linear": "causal-linear", "full": "full"}
 
 
-def twins(self_type, cross_type, n_layers=2):
+def twins(self_type, cross_type, n_layers=2, **overrides):
     kwargs = dict(
         n_layers=n_layers,
         n_heads=2,
@@ -26,6 +26,7 @@ def twins(self_type, cross_type, n_layers=2):
         dropout=0.0,
         attention_dropout=0.0,
     )
+    kwargs.update(overrides)
     torch.manual_seed(0)
     batch = TransformerDecoderBuilder.from_kwargs(
         self_attention_type=SELF[self_type], cross_attention_type=cross_type, **kwargs
@@ -85,6 +86,58 @@ def test_prefill_then_stepping_without_the_memory(self_type, cross_type):
     # the memory was projected once into the state: later steps need not pass it again
     tail, _ = step_through(recurrent, x[:, 2:], None, None, state)
     assert_close("prefill + steps", torch.cat([head, tail], 1), expected, **TOL)
+
+
+@pytest.mark.parametrize("lengths", [(7, 4, 1), (7, 7, 7)], ids=["padded", "unpadded"])
+@pytest.mark.parametrize("cross_type", ["exact-topk", "aft-simple", "aft-full", "local"])
+def test_other_recurrent_cross_attentions_equal_the_batch_decoder(cross_type, lengths):
+    # topk=3 < S=7: the top-k selection is exercised; AFT needs E == D
+    batch, recurrent = twins(
+        "full",
+        cross_type,
+        query_dimensions=4,
+        topk=3,
+        max_sequence_length=8,
+        aft_parameterization=3,
+        local_context=3,
+    )
+    x, memory, mask = inputs(lengths=lengths)
+    expected = batch(x, memory, x_mask=TriangularCausalMask(x.shape[1]), memory_length_mask=mask)
+    with torch.no_grad():
+        stepped, state = step_through(recurrent, x, memory, mask)
+    assert_close(cross_type, stepped, expected, **TOL)
+    assert isinstance(state[0][1], MemoryState)
+    head, state = recurrent.prefill(x[:, :2], memory, mask)
+    tail, _ = step_through(recurrent, x[:, 2:], None, None, state)
+    assert_close("prefill + steps", torch.cat([head, tail], 1), expected, **TOL)
+    # another memory gives other outputs: the comparison is not vacuous
+    other, _ = step_through(recurrent, x, 2 * memory, mask)
+    assert not torch.allclose(other, expected, atol=1e-3)
+
+
+@pytest.mark.parametrize("local_context", [1, 2, 4])
+@pytest.mark.parametrize("S", [3, 9])
+def test_local_cross_attention_windows_equal_the_batch_decoder(local_context, S):
+    # S=3 < L=6: late windows fall past the memory (zeros, as in the batch attention)
+    batch, recurrent = twins("linear", "local", local_context=local_context)
+    x, memory, mask = inputs(S=S, lengths=(S, 2, 1))
+    expected = batch(x, memory, x_mask=TriangularCausalMask(x.shape[1]), memory_length_mask=mask)
+    with torch.no_grad():
+        stepped, state = step_through(recurrent, x, memory, mask)
+    assert_close("local", stepped, expected, **TOL)
+    assert state[0][1].position == x.shape[1]
+    head, state = recurrent.prefill(x[:, :4], memory, mask)
+    tail, _ = step_through(recurrent, x[:, 4:], None, None, state)
+    assert_close("prefill + steps", torch.cat([head, tail], 1), expected, **TOL)
+
+
+def test_aft_full_cross_attention_counts_positions_up_to_its_limit():
+    _, recurrent = twins("linear", "aft-full", query_dimensions=4, max_sequence_length=8)
+    x, memory, mask = inputs()
+    _, state = recurrent.prefill(torch.cat([x, x[:, :2]], 1), memory, mask)  # 8 steps
+    assert state[0][1].position == 8
+    with pytest.raises(ValueError, match="up to max_sequence_length=8 steps; this would be step 9"):
+        recurrent(x[:, 0], None, state=state)
 
 
 def test_default_memory_length_mask_is_full():

@@ -128,6 +128,39 @@ def test_lm_state_saves_and_resumes():
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("attention_type", ["causal-linear", "full"])
+def test_sampled_tokens_respect_top_k_of_the_batch_logits(attention_type):
+    model, prompt = lm(attention_type), tokens(T=3)
+    out = generate(
+        model, prompt, 8, temperature=1.5, top_k=3, generator=torch.Generator().manual_seed(0)
+    )
+    with torch.no_grad():
+        logits = model(out[:, :-1])[:, prompt.shape[1] - 1 :]  # the logits each draw used
+    allowed = logits.topk(3, dim=-1).indices
+    drawn = out[:, prompt.shape[1] :]
+    assert (allowed == drawn[..., None]).any(-1).all()
+    # top_k=1 is greedy, whatever the temperature
+    greedy = generate(model, prompt, 8, temperature=0)
+    assert torch.equal(generate(model, prompt, 8, temperature=2.0, top_k=1), greedy)
+
+
+def test_step_without_prefill_uses_the_current_weights():
+    model, seq = lm(), tokens(T=5)
+    with torch.no_grad():
+        _, state = model.prefill(seq[:, :4])
+        expected, _ = model.step(seq[:, 4], state)
+        # a fresh model that never ran prefill, given the weights and a saved state
+        fresh = lm(seed=3)
+        fresh.load_state_dict(model.state_dict())
+        got, _ = fresh.step(seq[:, 4], state)
+        assert_close("fresh step", got, expected)
+        # parameters replaced between two steps are picked up
+        replaced = lm(seed=4)
+        replaced.step(seq[:, 4], state)
+        replaced.load_state_dict(model.state_dict(), assign=True)
+        assert_close("after assign", replaced.step(seq[:, 4], state)[0], expected)
+
+
 def test_sinusoidal_positions():
     enc = sinusoidal_positions(torch.arange(3), 5)
     assert enc.shape == (3, 5)

@@ -190,7 +190,21 @@ class RecurrentLM(nn.Module):
             *path, leaf = name.split(".")
             module = twin.get_submodule(".".join(path))
             module._buffers[leaf] = buffer
-        twin.train(self.training)
+        if twin.training != self.training:
+            twin.train(self.training)
+        return twin
+
+    def _stepping_twin(self):
+        """The twin for one generation step. The full synchronisation of
+        :attr:`recurrent_encoder` walks every parameter and buffer (about a third of a small
+        model's step); here it runs only when the encoder's parameters look replaced (the first
+        one is another object) or the training mode changed, which covers a first ``step``
+        without ``prefill`` and ``load_state_dict(..., assign=True)``."""
+        twin = self.__dict__["_twin"]
+        mirrored = self.__dict__["_twin_parameters"]
+        first = next(self.encoder.parameters(), None)
+        if not mirrored or id(first) != mirrored[0] or twin.training != self.training:
+            return self.recurrent_encoder
         return twin
 
     def _embed(self, tokens: Tensor, start: int) -> Tensor:
@@ -252,7 +266,7 @@ class RecurrentLM(nn.Module):
                 f"state must be the LMState returned by prefill or step; got {type(state).__name__}"
             )
         x = self._embed(tokens[:, None], state.position)[:, 0]
-        x, encoder_state = self.recurrent_encoder(x, state=state.encoder)
+        x, encoder_state = self._stepping_twin()(x, state=state.encoder)
         return self.to_logits(x), LMState(encoder_state, state.position + 1)
 
     def generate(self, prompt: Tensor, max_new_tokens: int, **sampling: Any) -> Tensor:

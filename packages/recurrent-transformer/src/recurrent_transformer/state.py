@@ -26,7 +26,9 @@ state                     attention                           contents
 :class:`AFTSimpleState`   ``aft-simple``                      running per-feature softmax sums
 :class:`ConditionalState` ``conditional-full``                the full cache until the switch,
                                                               then the other attention's state
-:class:`MemoryState`      cross ``full``                      projected memory keys and values
+:class:`MemoryState`      cross ``full``, ``local``,          projected memory keys and values
+                          ``exact-topk``, ``aft-simple``,     (and the step's position)
+                          ``aft-full``
 ========================  ==================================  ==================================
 
 Einstein notation: n batch (``N``), h heads (``H``), t steps so far, c cache capacity,
@@ -409,18 +411,22 @@ class ConditionalState(RecurrentState):
 
 @dataclasses.dataclass(eq=False)
 class MemoryState(RecurrentState):
-    """State of recurrent full cross attention: the memory projected once.
+    """State of recurrent softmax-like cross attentions (``full``, ``local``, ``exact-topk``,
+    ``aft-simple``, ``aft-full``): the memory projected once.
 
     Attributes:
         keys: ``(N, H, S, E)``.
         values: ``(N, H, S, D)``.
         key_mask: ``(N, S)`` bool, ``True`` for real (non-padded) memory positions, or
             ``None`` when nothing is padded.
+        position: how many elements attended so far (used by ``local`` and ``aft-full``, whose
+            rows depend on the query position; 0 and unused otherwise).
     """
 
     keys: Tensor
     values: Tensor
     key_mask: Tensor | None
+    position: int = 0
 
 
 # per-layer and per-model containers

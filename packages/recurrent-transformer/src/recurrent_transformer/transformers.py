@@ -76,9 +76,13 @@ def _check_memory(memory, N: int, d_model: int) -> None:
 class _FeedForward(nn.Module):
     """Shared by the layers: the position-wise feed-forward block with its residual."""
 
+    def _drop(self, x: Tensor) -> Tensor:
+        # dropout is the identity in eval mode: skip the module call on the per-step path
+        return self.dropout(x) if self.training else x
+
     def _feed_forward(self, x: Tensor, norm: nn.Module) -> Tensor:
-        y = self.dropout(self.activation(self.linear1(x)))
-        y = self.dropout(self.linear2(y))
+        y = self._drop(self.activation(self.linear1(x)))
+        y = self._drop(self.linear2(y))
         return norm(x + y)
 
 
@@ -130,7 +134,7 @@ class RecurrentTransformerEncoderLayer(_FeedForward):
         state = check_state(state, memory)
         check_element("x", x, self.d_model, type(self).__name__)
         x2, state = self.attention(x, x, x, state)
-        return self._feed_forward(self.norm1(x + self.dropout(x2)), self.norm2), state
+        return self._feed_forward(self.norm1(x + self._drop(x2)), self.norm2), state
 
     def prefill(self, x: Tensor, state: Any = None) -> tuple[Tensor, Any]:
         """Apply the layer to ``T`` elements at once, as ``T`` calls of :meth:`forward` would.
@@ -144,7 +148,7 @@ class RecurrentTransformerEncoderLayer(_FeedForward):
         """
         check_prompt("x", x, self.d_model)
         x2, state = self.attention.prefill(x, x, x, state)
-        return self._feed_forward(self.norm1(x + self.dropout(x2)), self.norm2), state
+        return self._feed_forward(self.norm1(x + self._drop(x2)), self.norm2), state
 
 
 class RecurrentTransformerEncoder(nn.Module):
@@ -302,9 +306,9 @@ class RecurrentTransformerDecoderLayer(_FeedForward):
         if cross_state is None:
             _check_memory(memory, N, self.d_model)
         x2, self_state = self.self_attention(x, x, x, self_state)
-        x = self.norm1(x + self.dropout(x2))
+        x = self.norm1(x + self._drop(x2))
         x2, cross_state = self.cross_attention(x, memory, memory, memory_length_mask, cross_state)
-        x = self.norm2(x + self.dropout(x2))
+        x = self.norm2(x + self._drop(x2))
         return self._feed_forward(x, self.norm3), DecoderLayerState(self_state, cross_state)
 
     def prefill(
@@ -325,11 +329,11 @@ class RecurrentTransformerDecoderLayer(_FeedForward):
         if cross_state is None:
             _check_memory(memory, N, self.d_model)
         x2, self_state = self.self_attention.prefill(x, x, x, self_state)
-        x = self.norm1(x + self.dropout(x2))
+        x = self.norm1(x + self._drop(x2))
         x2, cross_state = self.cross_attention.prefill(
             x, memory, memory, memory_length_mask, cross_state
         )
-        x = self.norm2(x + self.dropout(x2))
+        x = self.norm2(x + self._drop(x2))
         return self._feed_forward(x, self.norm3), DecoderLayerState(self_state, cross_state)
 
 

@@ -3,10 +3,14 @@
 registers all of them in attention-core's recurrent registries."""
 
 from .cross_attention import (
+    RecurrentCrossAFTFullAttention,
+    RecurrentCrossAFTSimpleAttention,
     RecurrentCrossAttention,
     RecurrentCrossAttentionLayer,
+    RecurrentCrossExactTopKAttention,
     RecurrentCrossFullAttention,
     RecurrentCrossLinearAttention,
+    RecurrentCrossLocalAttention,
 )
 from .self_attention import (
     RecurrentAFTFullAttention,
@@ -26,10 +30,14 @@ __all__ = [
     "RecurrentAttention",
     "RecurrentAttentionLayer",
     "RecurrentConditionalFullAttention",
+    "RecurrentCrossAFTFullAttention",
+    "RecurrentCrossAFTSimpleAttention",
     "RecurrentCrossAttention",
     "RecurrentCrossAttentionLayer",
+    "RecurrentCrossExactTopKAttention",
     "RecurrentCrossFullAttention",
     "RecurrentCrossLinearAttention",
+    "RecurrentCrossLocalAttention",
     "RecurrentExactTopKAttention",
     "RecurrentFullAttention",
     "RecurrentLinearAttention",

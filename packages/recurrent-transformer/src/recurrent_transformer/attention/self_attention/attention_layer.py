@@ -83,16 +83,20 @@ class RecurrentAttentionLayer(nn.Module):
         """
         state = check_state(state, memory)
         name = type(self).__name__
-        for arg, x in (("query", query), ("key", key), ("value", value)):
-            check_element(arg, x, self.d_model, name)
-        H = self.n_heads
-        q = rearrange(self.query_projection(query), "n (h e) -> n h e", h=H)
-        k = rearrange(self.key_projection(key), "n (h e) -> n h e", h=H)
-        v = rearrange(self.value_projection(value), "n (h d) -> n h d", h=H)
+        check_element("query", query, self.d_model, name)
+        if key is not query or value is not query:  # self attention passes x three times
+            check_element("key", key, self.d_model, name)
+            check_element("value", value, self.d_model, name)
+        # the per-step hot path splits heads with unflatten/flatten: "n (h e) -> n h e" and
+        # back (an einops recipe lookup costs more than the view itself at one element per call)
+        heads = (self.n_heads, -1)
+        q = self.query_projection(query).unflatten(1, heads)
+        k = self.key_projection(key).unflatten(1, heads)
+        v = self.value_projection(value).unflatten(1, heads)
         if self.event_dispatcher.has_listeners:
             self.event_dispatcher.dispatch(QKVEvent(self, q, k, v))
         out, state = self.inner_attention(q, k, v, state)
-        return self.out_projection(rearrange(out, "n h d -> n (h d)")), state
+        return self.out_projection(out.flatten(1)), state
 
     def prefill(
         self, query: Tensor, key: Tensor, value: Tensor, state: Any = None

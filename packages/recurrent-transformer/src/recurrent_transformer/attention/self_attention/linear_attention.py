@@ -5,6 +5,12 @@ With ``S_i = sum_{j<=i} phi(K_j) V_j^T`` and ``Z_i = sum_{j<=i} phi(K_j)``, the 
 ``V'_i = phi(Q_i)^T S_i / (phi(Q_i)^T Z_i + eps)``: each step adds one outer product to the
 state and costs the same however long the sequence already is.
 
+A step is computed directly (``addcmul`` into a new ``S``, one batched matrix-vector product,
+one dot product): for the seed model's heads (N=10, H=12, E=M=32, float32, two threads) that
+took about 40 µs per layer, against about 80 µs through
+:func:`attention_core.causal_product.normalized_causal_dot_product` with a state and 70 µs with
+``einsum``. ``prefill`` uses the causal product for the whole prompt.
+
 Einstein notation: n batch, t prompt positions, h heads, f features after the feature map,
 m value features.
 """
