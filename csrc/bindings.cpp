@@ -12,9 +12,13 @@
 #include <stdexcept>
 #include <string>
 
+#include "aggregate.h"
 #include "causal_product.h"
 #include "cpu_dispatch.h"
+#include "hamming.h"
 #include "hashing.h"
+#include "local_product.h"
+#include "sparse_product.h"
 
 namespace py = pybind11;
 
@@ -162,6 +166,292 @@ void causal_product_backward(std::uintptr_t grad, Strides3 gs, std::uintptr_t q,
     attention_core::causal::backward<T>(a, threads);
 }
 
+// ---------------------------------------------------------------------------------------
+// local product
+// ---------------------------------------------------------------------------------------
+
+template <typename T>
+attention_core::local::Operand<T> local_operand(const char* name, std::uintptr_t address,
+                                                const Strides3& s, int64_t elements) {
+    require(name, address, elements);
+    return {as_ptr<T>(address), {s[0], s[1], s[2]}};
+}
+
+void check_local_sizes(int64_t N, int64_t H, int64_t L, int64_t S, int64_t F, int64_t C,
+                       int64_t threads) {
+    if (N < 0 || H < 0 || L < 0 || S < 0 || F < 0 || C < 1) {
+        std::ostringstream msg;
+        msg << "sizes must be non-negative and the local context positive; got (N, H, L, S, F, "
+               "C) = ("
+            << N << ", " << H << ", " << L << ", " << S << ", " << F << ", " << C << ")";
+        throw std::invalid_argument(msg.str());
+    }
+    if (threads < 1) {
+        std::ostringstream msg;
+        msg << "threads must be a positive int; got " << threads;
+        throw std::invalid_argument(msg.str());
+    }
+}
+
+template <typename T>
+void local_dot_forward(std::uintptr_t q, Strides3 qs, std::uintptr_t k, Strides3 ks,
+                       std::uintptr_t mask, std::array<int64_t, 2> mask_strides,
+                       std::uintptr_t lengths, std::uintptr_t out, Strides3 os, int64_t N,
+                       int64_t H, int64_t L, int64_t S, int64_t E, int64_t C, int64_t threads) {
+    check_local_sizes(N, H, L, S, E, C, threads);
+    attention_core::local::DotForward<T> a{N, H, L, S, E, C};
+    a.q = local_operand<const T>("Q", q, qs, N * H * L * E);
+    a.k = local_operand<const T>("K", k, ks, N * H * S * E);
+    require("attn_mask", mask, L * S);
+    require("key_lengths", lengths, N);
+    a.mask = as_ptr<const T>(mask);
+    a.mask_l = mask_strides[0];
+    a.mask_s = mask_strides[1];
+    a.lengths = as_ptr<const int64_t>(lengths);
+    a.out = local_operand<T>("out", out, os, N * H * L * C);
+    py::gil_scoped_release release;
+    attention_core::local::dot_forward<T>(a, threads);
+}
+
+template <typename T>
+void local_dot_backward(std::uintptr_t grad, Strides3 gs, std::uintptr_t q, Strides3 qs,
+                        std::uintptr_t k, Strides3 ks, std::uintptr_t lengths, std::uintptr_t dq,
+                        Strides3 dqs, std::uintptr_t dk, Strides3 dks, int64_t N, int64_t H,
+                        int64_t L, int64_t S, int64_t E, int64_t C, int64_t threads) {
+    check_local_sizes(N, H, L, S, E, C, threads);
+    attention_core::local::DotBackward<T> a{N, H, L, S, E, C};
+    a.grad = local_operand<const T>("grad", grad, gs, N * H * L * C);
+    a.q = local_operand<const T>("Q", q, qs, N * H * L * E);
+    a.k = local_operand<const T>("K", k, ks, N * H * S * E);
+    require("key_lengths", lengths, N);
+    a.lengths = as_ptr<const int64_t>(lengths);
+    a.dq = local_operand<T>("dQ", dq, dqs, N * H * L * E);
+    a.dk = local_operand<T>("dK", dk, dks, N * H * S * E);
+    py::gil_scoped_release release;
+    attention_core::local::dot_backward<T>(a, threads);
+}
+
+template <typename T>
+void local_average_forward(std::uintptr_t attention, Strides3 as, std::uintptr_t v,
+                           Strides3 vs, std::uintptr_t out, Strides3 os, int64_t N, int64_t H,
+                           int64_t L, int64_t S, int64_t D, int64_t C, int64_t threads) {
+    check_local_sizes(N, H, L, S, D, C, threads);
+    attention_core::local::AverageForward<T> a{N, H, L, S, D, C};
+    a.attention = local_operand<const T>("attention", attention, as, N * H * L * C);
+    a.v = local_operand<const T>("V", v, vs, N * H * S * D);
+    a.out = local_operand<T>("out", out, os, N * H * L * D);
+    py::gil_scoped_release release;
+    attention_core::local::average_forward<T>(a, threads);
+}
+
+template <typename T>
+void local_average_backward(std::uintptr_t grad, Strides3 gs, std::uintptr_t attention,
+                            Strides3 as, std::uintptr_t v, Strides3 vs, std::uintptr_t da,
+                            Strides3 das, std::uintptr_t dv, Strides3 dvs, int64_t N, int64_t H,
+                            int64_t L, int64_t S, int64_t D, int64_t C, int64_t threads) {
+    check_local_sizes(N, H, L, S, D, C, threads);
+    attention_core::local::AverageBackward<T> a{N, H, L, S, D, C};
+    a.grad = local_operand<const T>("grad", grad, gs, N * H * L * D);
+    a.attention = local_operand<const T>("attention", attention, as, N * H * L * C);
+    a.v = local_operand<const T>("V", v, vs, N * H * S * D);
+    a.dattention = local_operand<T>("dattention", da, das, N * H * L * C);
+    a.dv = local_operand<T>("dV", dv, dvs, N * H * S * D);
+    py::gil_scoped_release release;
+    attention_core::local::average_backward<T>(a, threads);
+}
+
+// ---------------------------------------------------------------------------------------
+// sparse and clustered sparse products
+// ---------------------------------------------------------------------------------------
+
+template <typename T>
+attention_core::sparse::Operand<T> sparse_operand(const char* name, std::uintptr_t address,
+                                                  const Strides3& s, int64_t elements) {
+    require(name, address, elements);
+    return {as_ptr<T>(address), {s[0], s[1], s[2]}};
+}
+
+// Sizes, and the index rows: topk (N, H, R, k) must hold values in [0, S) (checked here, so
+// a bad index cannot make the kernel read or write outside the buffers).
+template <typename T>
+void fill_sparse(attention_core::sparse::Problem<T>& p, std::uintptr_t topk, int64_t R,
+                 std::uintptr_t groups, std::uintptr_t limits, int64_t N, int64_t H, int64_t L,
+                 int64_t S, int64_t F, int64_t k, int64_t threads) {
+    if (N < 0 || H < 0 || L < 0 || S < 0 || F < 0 || k < 0 || R < 0) {
+        std::ostringstream msg;
+        msg << "sizes must be non-negative; got (N, H, L, S, F, k, R) = (" << N << ", " << H
+            << ", " << L << ", " << S << ", " << F << ", " << k << ", " << R << ")";
+        throw std::invalid_argument(msg.str());
+    }
+    if (threads < 1) {
+        std::ostringstream msg;
+        msg << "threads must be a positive int; got " << threads;
+        throw std::invalid_argument(msg.str());
+    }
+    require("topk", topk, N * H * R * k);
+    const int64_t* index = as_ptr<const int64_t>(topk);
+    for (int64_t i = 0; i < N * H * R * k; ++i) {
+        if (index[i] < 0 || index[i] >= S) {
+            std::ostringstream msg;
+            msg << "topk must hold key indices in [0, S=" << S << "); got " << index[i];
+            throw std::invalid_argument(msg.str());
+        }
+    }
+    if (!groups && R != L) {
+        std::ostringstream msg;
+        msg << "topk must have one row per query without groups; got R=" << R << " and L=" << L;
+        throw std::invalid_argument(msg.str());
+    }
+    p.N = N;
+    p.H = H;
+    p.L = L;
+    p.S = S;
+    p.F = F;
+    p.k = k;
+    p.index = {index, R, as_ptr<const int64_t>(groups), as_ptr<const int64_t>(limits)};
+}
+
+template <typename T>
+void sparse_dot_forward(std::uintptr_t q, Strides3 qs, std::uintptr_t keys, Strides3 ks,
+                        std::uintptr_t out, Strides3 os, std::uintptr_t topk, int64_t R,
+                        std::uintptr_t groups, std::uintptr_t limits, int64_t N, int64_t H,
+                        int64_t L, int64_t S, int64_t F, int64_t k, int64_t threads) {
+    attention_core::sparse::DotForward<T> a{};
+    fill_sparse<T>(a, topk, R, groups, limits, N, H, L, S, F, k, threads);
+    a.q = sparse_operand<const T>("Q", q, qs, N * H * L * F);
+    a.keys = sparse_operand<const T>("K", keys, ks, N * H * S * F);
+    a.out = sparse_operand<T>("out", out, os, N * H * L * k);
+    py::gil_scoped_release release;
+    attention_core::sparse::dot_forward<T>(a, threads);
+}
+
+template <typename T>
+void sparse_dot_backward(std::uintptr_t grad, Strides3 gs, std::uintptr_t q, Strides3 qs,
+                         std::uintptr_t keys, Strides3 ks, std::uintptr_t dq, Strides3 dqs,
+                         std::uintptr_t dk, Strides3 dks, std::uintptr_t topk, int64_t R,
+                         std::uintptr_t groups, std::uintptr_t limits, int64_t N, int64_t H,
+                         int64_t L, int64_t S, int64_t F, int64_t k, int64_t threads) {
+    attention_core::sparse::DotBackward<T> a{};
+    fill_sparse<T>(a, topk, R, groups, limits, N, H, L, S, F, k, threads);
+    a.grad = sparse_operand<const T>("grad", grad, gs, N * H * L * k);
+    a.q = sparse_operand<const T>("Q", q, qs, N * H * L * F);
+    a.keys = sparse_operand<const T>("K", keys, ks, N * H * S * F);
+    a.dq = sparse_operand<T>("dQ", dq, dqs, N * H * L * F);
+    a.dkeys = sparse_operand<T>("dK", dk, dks, N * H * S * F);
+    py::gil_scoped_release release;
+    attention_core::sparse::dot_backward<T>(a, threads);
+}
+
+template <typename T>
+void sparse_average_forward(std::uintptr_t weights, Strides3 ws, std::uintptr_t values,
+                            Strides3 vs, std::uintptr_t out, Strides3 os, std::uintptr_t topk,
+                            int64_t R, std::uintptr_t groups, std::uintptr_t limits, int64_t N,
+                            int64_t H, int64_t L, int64_t S, int64_t F, int64_t k,
+                            int64_t threads) {
+    attention_core::sparse::AverageForward<T> a{};
+    fill_sparse<T>(a, topk, R, groups, limits, N, H, L, S, F, k, threads);
+    a.weights = sparse_operand<const T>("weights", weights, ws, N * H * L * k);
+    a.values = sparse_operand<const T>("values", values, vs, N * H * S * F);
+    a.out = sparse_operand<T>("out", out, os, N * H * L * F);
+    py::gil_scoped_release release;
+    attention_core::sparse::average_forward<T>(a, threads);
+}
+
+template <typename T>
+void sparse_average_backward(std::uintptr_t grad, Strides3 gs, std::uintptr_t weights,
+                             Strides3 ws, std::uintptr_t values, Strides3 vs, std::uintptr_t dw,
+                             Strides3 dws, std::uintptr_t dv, Strides3 dvs, std::uintptr_t topk,
+                             int64_t R, std::uintptr_t groups, std::uintptr_t limits, int64_t N,
+                             int64_t H, int64_t L, int64_t S, int64_t F, int64_t k,
+                             int64_t threads) {
+    attention_core::sparse::AverageBackward<T> a{};
+    fill_sparse<T>(a, topk, R, groups, limits, N, H, L, S, F, k, threads);
+    a.grad = sparse_operand<const T>("grad", grad, gs, N * H * L * F);
+    a.weights = sparse_operand<const T>("weights", weights, ws, N * H * L * k);
+    a.values = sparse_operand<const T>("values", values, vs, N * H * S * F);
+    a.dweights = sparse_operand<T>("dweights", dw, dws, N * H * L * k);
+    a.dvalues = sparse_operand<T>("dvalues", dv, dvs, N * H * S * F);
+    py::gil_scoped_release release;
+    attention_core::sparse::average_backward<T>(a, threads);
+}
+
+// ---------------------------------------------------------------------------------------
+// aggregate and broadcast
+// ---------------------------------------------------------------------------------------
+
+template <typename T>
+void group_rows(std::uintptr_t in, Strides3 is, std::uintptr_t out, Strides3 os,
+                std::uintptr_t G, std::uintptr_t F, std::uintptr_t limits, int64_t N, int64_t H,
+                int64_t L, int64_t C, int64_t E, bool broadcast, int64_t threads) {
+    if (N < 0 || H < 0 || L < 0 || C < 0 || E < 0) {
+        std::ostringstream msg;
+        msg << "sizes must be non-negative; got (N, H, L, C, E) = (" << N << ", " << H << ", "
+            << L << ", " << C << ", " << E << ")";
+        throw std::invalid_argument(msg.str());
+    }
+    if (threads < 1) {
+        std::ostringstream msg;
+        msg << "threads must be a positive int; got " << threads;
+        throw std::invalid_argument(msg.str());
+    }
+    const int64_t in_rows = broadcast ? C : L, out_rows = broadcast ? L : C;
+    require("input", in, N * H * in_rows * E);
+    require("output", out, N * H * out_rows * E);
+    require("G", G, N * H * L);
+    attention_core::aggregate::Args<T> a{N, H, L, C, E};
+    a.G = as_ptr<const int64_t>(G);
+    a.F = as_ptr<const T>(F);
+    a.limits = as_ptr<const int64_t>(limits);
+    a.in = {as_ptr<const T>(in), {is[0], is[1], is[2]}};
+    a.out = {as_ptr<T>(out), {os[0], os[1], os[2]}};
+    py::gil_scoped_release release;
+    attention_core::aggregate::run<T>(a, broadcast, threads);
+}
+
+// ---------------------------------------------------------------------------------------
+// hamming k-means
+// ---------------------------------------------------------------------------------------
+
+void hamming_cluster(std::uintptr_t hashes, std::uintptr_t lengths, std::uintptr_t groups,
+                     std::uintptr_t counts, std::uintptr_t centroids, std::uintptr_t distances,
+                     std::uintptr_t bitcounts, int64_t N, int64_t H, int64_t L, int64_t C,
+                     int64_t bits, int64_t iterations, int64_t threads) {
+    if (N < 0 || H < 0 || L < 0 || C < 1 || iterations < 0) {
+        std::ostringstream msg;
+        msg << "sizes must be non-negative and clusters positive; got (N, H, L, C, iterations) "
+               "= ("
+            << N << ", " << H << ", " << L << ", " << C << ", " << iterations << ")";
+        throw std::invalid_argument(msg.str());
+    }
+    if (bits < 1 || bits > 63) {
+        std::ostringstream msg;
+        msg << "bits must be in [1, 63]; got " << bits;
+        throw std::invalid_argument(msg.str());
+    }
+    if (threads < 1) {
+        std::ostringstream msg;
+        msg << "threads must be a positive int; got " << threads;
+        throw std::invalid_argument(msg.str());
+    }
+    require("hashes", hashes, N * H * L);
+    require("lengths", lengths, N);
+    require("groups", groups, N * H * L);
+    require("counts", counts, N * H * C);
+    require("centroids", centroids, N * H * C);
+    require("distances", distances, N * H * L);
+    require("bitcounts", bitcounts, N * H * C * bits);
+    attention_core::hamming::Args a{N, H, L, C, bits, iterations};
+    a.hashes = as_ptr<const int64_t>(hashes);
+    a.lengths = as_ptr<const int64_t>(lengths);
+    a.groups = as_ptr<int32_t>(groups);
+    a.counts = as_ptr<int32_t>(counts);
+    a.centroids = as_ptr<int64_t>(centroids);
+    a.distances = as_ptr<int32_t>(distances);
+    a.bitcounts = as_ptr<int32_t>(bitcounts);
+    py::gil_scoped_release release;
+    attention_core::hamming::cluster(a, threads);
+}
+
 int get_cpu_level() { return static_cast<int>(attention_core::cpu_level()); }
 
 void set_cpu_level(int level) {
@@ -203,6 +493,88 @@ PYBIND11_MODULE(_C, m) {
           ATTENTION_CORE_CAUSAL_BACKWARD_ARGS);
     m.def("causal_product_backward_f64", &causal_product_backward<double>,
           ATTENTION_CORE_CAUSAL_BACKWARD_ARGS);
+#define ATTENTION_CORE_LOCAL_SIZES \
+    py::arg("N"), py::arg("H"), py::arg("L"), py::arg("S"), py::arg("F"), py::arg("C"), \
+        py::arg("threads")
+#define ATTENTION_CORE_LOCAL_DOT_FORWARD_ARGS                                               \
+    py::arg("q"), py::arg("q_strides"), py::arg("k"), py::arg("k_strides"), py::arg("mask"), \
+        py::arg("mask_strides"), py::arg("lengths"), py::arg("out"), py::arg("out_strides"),  \
+        ATTENTION_CORE_LOCAL_SIZES
+#define ATTENTION_CORE_LOCAL_DOT_BACKWARD_ARGS                                                \
+    py::arg("grad"), py::arg("grad_strides"), py::arg("q"), py::arg("q_strides"), py::arg("k"), \
+        py::arg("k_strides"), py::arg("lengths"), py::arg("dq"), py::arg("dq_strides"),         \
+        py::arg("dk"), py::arg("dk_strides"), ATTENTION_CORE_LOCAL_SIZES
+#define ATTENTION_CORE_LOCAL_AVERAGE_FORWARD_ARGS                                            \
+    py::arg("attention"), py::arg("attention_strides"), py::arg("v"), py::arg("v_strides"), \
+        py::arg("out"), py::arg("out_strides"), ATTENTION_CORE_LOCAL_SIZES
+#define ATTENTION_CORE_LOCAL_AVERAGE_BACKWARD_ARGS                                             \
+    py::arg("grad"), py::arg("grad_strides"), py::arg("attention"),                           \
+        py::arg("attention_strides"), py::arg("v"), py::arg("v_strides"), py::arg("dattention"), \
+        py::arg("dattention_strides"), py::arg("dv"), py::arg("dv_strides"),                  \
+        ATTENTION_CORE_LOCAL_SIZES
+    m.def("local_dot_product_forward_f32", &local_dot_forward<float>,
+          ATTENTION_CORE_LOCAL_DOT_FORWARD_ARGS);
+    m.def("local_dot_product_forward_f64", &local_dot_forward<double>,
+          ATTENTION_CORE_LOCAL_DOT_FORWARD_ARGS);
+    m.def("local_dot_product_backward_f32", &local_dot_backward<float>,
+          ATTENTION_CORE_LOCAL_DOT_BACKWARD_ARGS);
+    m.def("local_dot_product_backward_f64", &local_dot_backward<double>,
+          ATTENTION_CORE_LOCAL_DOT_BACKWARD_ARGS);
+    m.def("local_weighted_average_forward_f32", &local_average_forward<float>,
+          ATTENTION_CORE_LOCAL_AVERAGE_FORWARD_ARGS);
+    m.def("local_weighted_average_forward_f64", &local_average_forward<double>,
+          ATTENTION_CORE_LOCAL_AVERAGE_FORWARD_ARGS);
+    m.def("local_weighted_average_backward_f32", &local_average_backward<float>,
+          ATTENTION_CORE_LOCAL_AVERAGE_BACKWARD_ARGS);
+    m.def("local_weighted_average_backward_f64", &local_average_backward<double>,
+          ATTENTION_CORE_LOCAL_AVERAGE_BACKWARD_ARGS);
+#define ATTENTION_CORE_SPARSE_TAIL                                                          \
+    py::arg("topk"), py::arg("R"), py::arg("groups"), py::arg("limits"), py::arg("N"),      \
+        py::arg("H"), py::arg("L"), py::arg("S"), py::arg("F"), py::arg("k"), py::arg("threads")
+#define ATTENTION_CORE_SPARSE_DOT_FORWARD_ARGS                                                \
+    py::arg("q"), py::arg("q_strides"), py::arg("keys"), py::arg("keys_strides"), py::arg("out"), \
+        py::arg("out_strides"), ATTENTION_CORE_SPARSE_TAIL
+#define ATTENTION_CORE_SPARSE_DOT_BACKWARD_ARGS                                                \
+    py::arg("grad"), py::arg("grad_strides"), py::arg("q"), py::arg("q_strides"), py::arg("keys"), \
+        py::arg("keys_strides"), py::arg("dq"), py::arg("dq_strides"), py::arg("dkeys"),         \
+        py::arg("dkeys_strides"), ATTENTION_CORE_SPARSE_TAIL
+#define ATTENTION_CORE_SPARSE_AVERAGE_FORWARD_ARGS                                         \
+    py::arg("weights"), py::arg("weights_strides"), py::arg("values"),                     \
+        py::arg("values_strides"), py::arg("out"), py::arg("out_strides"),                 \
+        ATTENTION_CORE_SPARSE_TAIL
+#define ATTENTION_CORE_SPARSE_AVERAGE_BACKWARD_ARGS                                            \
+    py::arg("grad"), py::arg("grad_strides"), py::arg("weights"), py::arg("weights_strides"), \
+        py::arg("values"), py::arg("values_strides"), py::arg("dweights"),                   \
+        py::arg("dweights_strides"), py::arg("dvalues"), py::arg("dvalues_strides"),         \
+        ATTENTION_CORE_SPARSE_TAIL
+    m.def("sparse_dot_product_forward_f32", &sparse_dot_forward<float>,
+          ATTENTION_CORE_SPARSE_DOT_FORWARD_ARGS);
+    m.def("sparse_dot_product_forward_f64", &sparse_dot_forward<double>,
+          ATTENTION_CORE_SPARSE_DOT_FORWARD_ARGS);
+    m.def("sparse_dot_product_backward_f32", &sparse_dot_backward<float>,
+          ATTENTION_CORE_SPARSE_DOT_BACKWARD_ARGS);
+    m.def("sparse_dot_product_backward_f64", &sparse_dot_backward<double>,
+          ATTENTION_CORE_SPARSE_DOT_BACKWARD_ARGS);
+    m.def("sparse_weighted_average_forward_f32", &sparse_average_forward<float>,
+          ATTENTION_CORE_SPARSE_AVERAGE_FORWARD_ARGS);
+    m.def("sparse_weighted_average_forward_f64", &sparse_average_forward<double>,
+          ATTENTION_CORE_SPARSE_AVERAGE_FORWARD_ARGS);
+    m.def("sparse_weighted_average_backward_f32", &sparse_average_backward<float>,
+          ATTENTION_CORE_SPARSE_AVERAGE_BACKWARD_ARGS);
+    m.def("sparse_weighted_average_backward_f64", &sparse_average_backward<double>,
+          ATTENTION_CORE_SPARSE_AVERAGE_BACKWARD_ARGS);
+#define ATTENTION_CORE_GROUP_ARGS                                                             \
+    py::arg("input"), py::arg("input_strides"), py::arg("output"), py::arg("output_strides"), \
+        py::arg("G"), py::arg("F"), py::arg("limits"), py::arg("N"), py::arg("H"),           \
+        py::arg("L"), py::arg("C"), py::arg("E"), py::arg("broadcast"), py::arg("threads")
+    m.def("group_rows_f32", &group_rows<float>, ATTENTION_CORE_GROUP_ARGS,
+          "aggregate (broadcast=False) or broadcast (True) rows by group.");
+    m.def("group_rows_f64", &group_rows<double>, ATTENTION_CORE_GROUP_ARGS,
+          "aggregate (broadcast=False) or broadcast (True) rows by group.");
+    m.def("hamming_cluster", &hamming_cluster, py::arg("hashes"), py::arg("lengths"),
+          py::arg("groups"), py::arg("counts"), py::arg("centroids"), py::arg("distances"),
+          py::arg("bitcounts"), py::arg("N"), py::arg("H"), py::arg("L"), py::arg("C"),
+          py::arg("bits"), py::arg("iterations"), py::arg("threads"));
     m.def("cpu_level", &get_cpu_level,
           "Instruction set the kernels use: 0 baseline, 1 AVX2+FMA, 2 AVX-512.");
     m.def("set_cpu_level", &set_cpu_level, py::arg("level"),

@@ -9,6 +9,12 @@ The ``clustered_*`` variants take groups sorted along the sequence (as produced 
 the output of :func:`attention_core.clustering.hamming.cluster`) with padding at the end,
 and ignore the padding positions. Everything is built from ``scatter_add`` and ``gather``,
 so gradients flow to the rows and the factors through autograd.
+
+Float32/float64 CPU tensors go to the compiled kernels of ``attention_core._C`` (see
+:mod:`attention_core._kernels`; half precision is computed in float32) unless
+``ATTENTION_CORE_FORCE_REFERENCE=1``; CUDA tensors go to the Triton kernels of
+:mod:`attention_core._triton.aggregate` when triton is importable (float64 excepted); the
+plain-PyTorch forms are the reference and fallback.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .. import _kernels
 from .._checks import check_tensor
 
 __all__ = ["aggregate", "broadcast", "clustered_aggregate", "clustered_broadcast"]
@@ -50,6 +57,46 @@ def _write(name: str, out: Tensor | None, result: Tensor) -> Tensor:
     return out.copy_(result)
 
 
+def _kernel_rows(rows: Tensor, F: Tensor) -> tuple[Tensor, Tensor] | None:
+    """``rows`` and ``F`` in the kernels' compute dtype (float32 for half precision) when the
+    compiled kernels should handle them, else ``None``."""
+    if rows.device.type not in ("cpu", "cuda"):
+        return None
+    work = torch.float32 if rows.dtype in (torch.float16, torch.bfloat16) else rows.dtype
+    rows, F = rows.to(work), F.to(work)
+    return (rows, F) if _kernels.use_kernels(rows, F, triton=True) else None
+
+
+def _aggregate(X: Tensor, G: Tensor, F: Tensor, limits: Tensor | None) -> Tensor:
+    """Kernel or reference aggregate of checked inputs; ``limits (N, H)`` or ``None``."""
+    kernel = _kernel_rows(X, F)
+    if kernel is not None:
+        return _kernels.aggregate_forward(kernel[0], G.long(), kernel[1], limits).to(X.dtype)
+    N, H, L, E = X.shape
+    C = F.shape[2]
+    G = _sentinel_groups(G, C)
+    if limits is not None:
+        G = G.masked_fill(torch.arange(L, device=X.device) >= limits.unsqueeze(-1), C)
+    index = G.unsqueeze(-1).expand(N, H, L, E)
+    sums = X.new_zeros(N, H, C + 1, E).scatter_add(2, index, X)[:, :, :C]
+    return sums * F.to(X.dtype).unsqueeze(-1)
+
+
+def _broadcast(Y: Tensor, G: Tensor, F: Tensor, limits: Tensor | None) -> Tensor:
+    """Kernel or reference broadcast of checked inputs; ``limits (N, H)`` or ``None``."""
+    kernel = _kernel_rows(Y, F)
+    if kernel is not None:
+        return _kernels.broadcast_forward(kernel[0], G.long(), kernel[1], limits).to(Y.dtype)
+    N, H, C, E = Y.shape
+    L = G.shape[2]
+    G = _sentinel_groups(G, C)
+    if limits is not None:
+        G = G.masked_fill(torch.arange(L, device=Y.device) >= limits.unsqueeze(-1), C)
+    scaled = Y * F.to(Y.dtype).unsqueeze(-1)
+    padded = torch.cat([scaled, scaled.new_zeros(N, H, 1, E)], dim=2)  # row C is zero
+    return padded.gather(2, G.unsqueeze(-1).expand(N, H, L, E))
+
+
 def _sentinel_groups(G: Tensor, C: int) -> Tensor:
     """``G`` as int64 with every entry outside ``[0, C)`` replaced by ``C``."""
     G = G.long()
@@ -78,12 +125,10 @@ def aggregate(X: Tensor, G: Tensor, F: Tensor, Y: Tensor | None = None) -> Tenso
                   [1., 1.]]]])
     """
     check_tensor("X", X, dim=4, floating=True)
-    N, H, L, E = X.shape
+    N, H, L, _ = X.shape
     _check_groups(G, (N, H, L), X.device)
-    C = _check_factors(F, N, H, X.device)
-    index = _sentinel_groups(G, C).unsqueeze(-1).expand(N, H, L, E)
-    sums = X.new_zeros(N, H, C + 1, E).scatter_add(2, index, X)[:, :, :C]
-    return _write("Y", Y, sums * F.to(X.dtype).unsqueeze(-1))
+    _check_factors(F, N, H, X.device)
+    return _write("Y", Y, _aggregate(X, G, F, None))
 
 
 def broadcast(Y: Tensor, G: Tensor, F: Tensor, X: Tensor | None = None) -> Tensor:
@@ -107,21 +152,13 @@ def broadcast(Y: Tensor, G: Tensor, F: Tensor, X: Tensor | None = None) -> Tenso
         tensor([2., 1., 0.])
     """
     check_tensor("Y", Y, dim=4, floating=True)
-    N, H, C, E = Y.shape
+    N, H, C, _ = Y.shape
     check_tensor("G", G, dim=3, integer=True, device=Y.device)
     if tuple(G.shape[:2]) != (N, H):
         raise ValueError(f"G must have shape (N, H, L) = ({N}, {H}, L); got {tuple(G.shape)}")
     if _check_factors(F, N, H, Y.device) != C:
         raise ValueError(f"F must have shape (N, H, C) = ({N}, {H}, {C}); got {tuple(F.shape)}")
-    L = G.shape[2]
-    scaled = Y * F.to(Y.dtype).unsqueeze(-1)
-    padded = torch.cat([scaled, scaled.new_zeros(N, H, 1, E)], dim=2)  # row C is zero
-    index = _sentinel_groups(G, C).unsqueeze(-1).expand(N, H, L, E)
-    return _write("X", X, padded.gather(2, index))
-
-
-def _mask_padding(G: Tensor, valid: Tensor, C: int) -> Tensor:
-    return _sentinel_groups(G, C).masked_fill(~valid, C)
+    return _write("X", X, _broadcast(Y, G, F, None))
 
 
 def clustered_aggregate(
@@ -146,10 +183,9 @@ def clustered_aggregate(
     check_tensor("X", X, dim=4, floating=True)
     N, H, L, _ = X.shape
     _check_groups(G, (N, H, L), X.device)
-    C = _check_factors(F, N, H, X.device)
+    _check_factors(F, N, H, X.device)
     _check_lengths(lengths, N, X.device)
-    valid = torch.arange(L, device=X.device) < lengths.view(N, 1, 1)
-    return aggregate(X, _mask_padding(G, valid, C), F, Y)
+    return _write("Y", Y, _aggregate(X, G, F, lengths.long().view(N, 1).expand(N, H)))
 
 
 def clustered_broadcast(
@@ -184,6 +220,8 @@ def clustered_broadcast(
         raise ValueError(
             f"groups must have shape (N, H, L) = ({N}, {H}, L); got {tuple(groups.shape)}"
         )
-    L = groups.shape[2]
-    valid = torch.arange(L, device=Y.device) < counts.sum(dim=-1, keepdim=True)
-    return broadcast(Y, _mask_padding(groups, valid, C), factors, X)
+    if _check_factors(factors, N, H, Y.device) != C:
+        raise ValueError(
+            f"factors must have shape (N, H, C) = ({N}, {H}, {C}); got {tuple(factors.shape)}"
+        )
+    return _write("X", X, _broadcast(Y, groups, factors, counts.long().sum(-1)))

@@ -27,7 +27,8 @@ def masked_softmax(scores: Tensor, allowed: Tensor | None) -> Tensor:
         return torch.softmax(scores, dim=-1)
     scores = scores.masked_fill(~allowed, float("-inf"))
     empty = ~allowed.any(dim=-1, keepdim=True)
-    if bool(empty.any()):
+    # under torch.compile, always take the (equivalent) branch: no data-dependent control flow
+    if torch.compiler.is_compiling() or bool(empty.any()):
         scores = scores.masked_fill(empty, 0.0)
         return torch.softmax(scores, dim=-1).masked_fill(empty | ~allowed, 0.0)
     return torch.softmax(scores, dim=-1)

@@ -3,7 +3,7 @@
 
 ``causal_dot_product(Q, K, V)[n, h, i] = sum_{j <= i} (Q[n, h, i] . K[n, h, j]) V[n, h, j]``
 
-Three implementations sit behind the public functions:
+Four implementations sit behind the public functions:
 
 - :func:`causal_dot_product_reference`, the quadratic masked product: obviously right, the
   test oracle;
@@ -14,7 +14,10 @@ Three implementations sit behind the public functions:
   fused per-token recurrence over a state that stays in cache, threaded over batch x heads
   with ``torch.get_num_threads()`` threads, whose backward recomputes the states instead of
   storing them. Used for float32/float64 CPU tensors (half precision is computed in float32)
-  unless ``ATTENTION_CORE_FORCE_REFERENCE=1``.
+  unless ``ATTENTION_CORE_FORCE_REFERENCE=1``;
+- a chunked Triton kernel for float32 (and half-precision, computed in float32) CUDA tensors
+  when triton is importable (:mod:`attention_core._triton.causal_product`, registered as the
+  ops' ``"cuda"`` kernels); float64 CUDA tensors take the chunked plain-PyTorch form.
 
 :func:`normalized_causal_dot_product` adds the normaliser of causal linear attention in the
 same pass. Both take and return the running state (``S = sum_j K_j V_j^T`` and
@@ -210,7 +213,7 @@ def causal_dot_product(
     S0 = _check_state("state", state, (N, H, E, V.shape[-1]), Q)
     dtype, work = Q.dtype, _compute_dtype(Q.dtype)
     Q, K, V = Q.to(work), K.to(work), V.to(work)
-    if _kernels.use_kernels(Q, K, V):
+    if _kernels.use_kernels(Q, K, V, triton=True):
         out, S, _ = _kernels.causal_product_forward(Q, K, V, S0, None, False, 0.0, False)
     else:
         out, S = _chunked(Q, K, V, 64, S0)
@@ -267,7 +270,7 @@ def normalized_causal_dot_product(
         z0 = _check_state("state[1] (z)", state[1], (N, H, E), Q)
     dtype, work = Q.dtype, _compute_dtype(Q.dtype)
     Q, K, V = Q.to(work), K.to(work), V.to(work)
-    if _kernels.use_kernels(Q, K, V):
+    if _kernels.use_kernels(Q, K, V, triton=True):
         sequence_first = Q.stride(1) < Q.stride(2)
         out, S, z = _kernels.causal_product_forward(
             Q, K, V, S0, z0, True, float(eps), sequence_first

@@ -6,6 +6,12 @@ Query ``l`` sees the ``local_context`` keys ``j = l - local_context // 2 + k`` f
 ``k = 0 .. local_context - 1``. Both functions gather only those keys or values, so memory is
 ``O(L * local_context * (E + D))`` per head and never ``O(L * S)``. Gradients come from
 autograd through the gathers.
+
+Float32/float64 CPU tensors go to the compiled kernels of ``attention_core._C`` (see
+:mod:`attention_core._kernels`; half precision is computed in float32) unless
+``ATTENTION_CORE_FORCE_REFERENCE=1``; CUDA tensors go to the Triton kernels of
+:mod:`attention_core._triton.local_product` when triton is importable (float64 excepted); the
+gathers above are the reference and the fallback.
 """
 
 from __future__ import annotations
@@ -13,9 +19,17 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .. import _kernels
 from .._checks import check_positive_int, check_tensor
 
 __all__ = ["local_dot_product", "local_weighted_average"]
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _work_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float16/bfloat16 are computed in float32 by the kernels."""
+    return torch.float32 if dtype in _HALF else dtype
 
 
 def _window(L: int, S: int, local_context: int, device: torch.device) -> tuple[Tensor, Tensor]:
@@ -87,6 +101,13 @@ def local_dot_product(
 
     if S == 0:
         return queries.new_full((N, H, L, local_context), float("-inf"))
+    work = _work_dtype(queries.dtype)
+    if queries.device.type in ("cpu", "cuda") and not attn_mask.requires_grad:
+        q, k, mask = queries.to(work), keys.to(work), attn_mask.to(work)
+        if _kernels.use_kernels(q, k, mask, triton=True):
+            lengths = key_lengths.to(torch.int64)
+            out = _kernels.local_dot_product_forward(q, k, mask, lengths, local_context)
+            return out.to(queries.dtype)
     index, inside = _window(L, S, local_context, queries.device)
     valid = inside & (index < key_lengths.view(N, 1, 1, 1))  # (N, 1, L, K)
     scores = torch.einsum("nhle,nhlke->nhlk", queries, _gather_rows(keys, index))
@@ -131,6 +152,11 @@ def local_weighted_average(attention: Tensor, values: Tensor) -> Tensor:
     S, D = values.shape[2], values.shape[3]
     if S == 0:
         return values.new_zeros(N, H, L, D)
+    work = _work_dtype(values.dtype)
+    if values.device.type in ("cpu", "cuda"):
+        a, v = attention.to(work), values.to(work)
+        if _kernels.use_kernels(a, v, triton=True):
+            return _kernels.local_weighted_average_forward(a, v).to(values.dtype)
     index, inside = _window(L, S, K, attention.device)
     weights = attention.masked_fill(~inside, 0.0)
     return torch.einsum("nhlk,nhlkd->nhld", weights, _gather_rows(values, index))

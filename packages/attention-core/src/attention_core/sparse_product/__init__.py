@@ -5,6 +5,12 @@ top-k attention and of improved clustered attention (Vyas et al. 2020, arXiv 200
 take one list per cluster, ``topk[n, h, c]``, shared by every query of cluster ``c``. Only
 the selected keys or values are gathered, so memory is ``O(L * k * (E + D))`` per head;
 gradients come from autograd through the gathers.
+
+Float32/float64 CPU tensors go to the compiled kernels of ``attention_core._C`` (see
+:mod:`attention_core._kernels`; half precision is computed in float32) unless
+``ATTENTION_CORE_FORCE_REFERENCE=1``; CUDA tensors go to the Triton kernels of
+:mod:`attention_core._triton.sparse_product` when triton is importable (float64 excepted);
+the gathers below are the reference and the fallback.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import torch
 from einops import rearrange
 from torch import Tensor
 
+from .. import _kernels
 from .._checks import check_tensor
 
 __all__ = [
@@ -49,12 +56,28 @@ def _check_index(name: str, index: Tensor, shape: tuple[int, ...], S: int, devic
         expected = ", ".join("k" if s == -1 else str(s) for s in shape)
         raise ValueError(f"{name} must have shape ({expected}); got {tuple(index.shape)}")
     index = index.long()
+    # the range check reads the data; under torch.compile it is left to the kernel's binding
+    if torch.compiler.is_compiling():
+        return index
     if index.numel() and (int(index.min()) < 0 or int(index.max()) >= S):
         raise ValueError(
             f"{name} must hold key indices in [0, S={S}); got values in "
             f"[{int(index.min())}, {int(index.max())}]"
         )
     return index
+
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _kernel_inputs(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor] | None:
+    """``(a, b)`` in the kernels' compute dtype (float32 for half precision) when the compiled
+    kernels should handle them, else ``None``."""
+    if a.device.type not in ("cpu", "cuda"):
+        return None
+    work = torch.float32 if a.dtype in _HALF else a.dtype
+    a, b = a.to(work), b.to(work)
+    return (a, b) if _kernels.use_kernels(a, b, triton=True) else None
 
 
 def _gather(x: Tensor, index: Tensor) -> Tensor:
@@ -134,6 +157,10 @@ def sparse_dot_product(Q: Tensor, K: Tensor, topk: Tensor) -> Tensor:
     if K.shape[3] != E:
         raise ValueError(f"Q and K must have the same feature size; got {E} and {K.shape[3]}")
     topk = _check_index("topk", topk, (N, H, L, -1), K.shape[2], Q.device)
+    kernel_inputs = _kernel_inputs(Q, K)
+    if kernel_inputs is not None:
+        out = _kernels.sparse_dot_product_forward(*kernel_inputs, topk, None, None)
+        return out.to(Q.dtype)
     return torch.einsum("nhle,nhlke->nhlk", Q, _gather(K, topk))
 
 
@@ -153,6 +180,10 @@ def sparse_weighted_average(weights: Tensor, values: Tensor, topk: Tensor) -> Te
     """
     _check_pair(("weights", "values"), weights, values)
     topk = _check_index("topk", topk, tuple(weights.shape), values.shape[2], values.device)
+    kernel_inputs = _kernel_inputs(weights, values)
+    if kernel_inputs is not None:
+        out = _kernels.sparse_weighted_average_forward(*kernel_inputs, topk, None, None)
+        return out.to(values.dtype)
     return torch.einsum("nhlk,nhlkd->nhld", weights, _gather(values, topk))
 
 
@@ -191,6 +222,11 @@ def clustered_sparse_dot_product(
     check_tensor("lengths", lengths, dim=1, integer=True, device=Q.device)
     if lengths.shape[0] != N:
         raise ValueError(f"lengths must have shape (N,) = ({N},); got {tuple(lengths.shape)}")
+    kernel_inputs = _kernel_inputs(Q, K)
+    if kernel_inputs is not None:
+        limits = lengths.long().view(N, 1).expand(N, H)
+        out = _kernels.sparse_dot_product_forward(*kernel_inputs, topk, groups.long(), limits)
+        return out.to(Q.dtype)
     positions = torch.arange(L, device=Q.device) < lengths.view(N, 1, 1)
     index, valid = _per_query(topk, groups, positions)
     products = torch.einsum("nhle,nhlke->nhlk", Q, _gather(K, index))
@@ -225,9 +261,15 @@ def clustered_sparse_weighted_average(
             f"topk must have shape (N, H, C, k) with k = {k} (from weights); "
             f"got {tuple(topk.shape)}"
         )
-    positions = None
     if counts is not None:
         _check_counts(counts, topk)
+    kernel_inputs = _kernel_inputs(weights, values)
+    if kernel_inputs is not None:
+        limits = None if counts is None else counts.long().sum(-1)
+        out = _kernels.sparse_weighted_average_forward(*kernel_inputs, topk, groups.long(), limits)
+        return out.to(values.dtype)
+    positions = None
+    if counts is not None:
         positions = torch.arange(L, device=values.device) < counts.sum(-1, keepdim=True)
     index, valid = _per_query(topk, groups, positions)
     averaged = torch.einsum("nhlk,nhlkd->nhld", weights, _gather(values, index))

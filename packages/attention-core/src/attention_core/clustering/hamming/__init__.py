@@ -13,8 +13,11 @@ Each sequence ``(n, h)`` is clustered on its own with Lloyd's algorithm:
 Positions at or beyond ``lengths[n]`` are padding: they get the group index ``clusters``,
 which sorts after every real cluster, and are never counted.
 
-Distances come from bit vectors as ``|a| + |b| - 2 a . b``, so the work is a batched
-matrix product of ``(L, bits)`` by ``(bits, clusters)`` per sequence and iteration.
+The plain-PyTorch form (the reference and the fallback) gets distances from bit vectors as
+``|a| + |b| - 2 a . b``, a batched matrix product of ``(L, bits)`` by ``(bits, clusters)`` per
+sequence and iteration. CPU tensors go to the compiled kernel of ``attention_core._C`` (popcounts
+of XORs, threaded over sequences; see :mod:`attention_core._kernels`) unless
+``ATTENTION_CORE_FORCE_REFERENCE=1``; both give identical results.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ... import _kernels
 from ..._checks import check_positive_int, check_tensor
 
 __all__ = ["cluster"]
@@ -130,7 +134,12 @@ def cluster(
     if bits > _MAX_BITS:
         raise ValueError(f"bits must be in [1, {_MAX_BITS}]; got {bits}")
     lengths = lengths.long()
-    if N and (int(lengths.min()) < 0 or int(lengths.max()) > L):
+    # the range check reads the data: skipped under torch.compile (the kernel clamps lengths)
+    if (
+        N
+        and not torch.compiler.is_compiling()
+        and (int(lengths.min()) < 0 or int(lengths.max()) > L)
+    ):
         raise ValueError(
             f"lengths must lie in [0, L={L}]; got values in "
             f"[{int(lengths.min())}, {int(lengths.max())}]"
@@ -144,6 +153,25 @@ def cluster(
         ("bitcounts", bitcounts, (N, H, C, bits), torch.int32),
     ):
         _check_buffer(name, buffer, shape, dtype, device)
+
+    if hashes.device.type == "cpu" and _kernels.use_kernels():
+        nearest, member_counts, final, dist, set_counts = _kernels.hamming_cluster(
+            hashes, lengths, C, iterations, bits
+        )
+        results = {
+            "groups": (groups, nearest),
+            "counts": (counts, member_counts),
+            "centroids": (centroids, final),
+            "distances": (distances, dist),
+            "bitcounts": (bitcounts, set_counts),
+        }
+        for buffer, value in results.values():
+            if buffer is not None:
+                buffer.copy_(value)
+        return (
+            nearest if groups is None else groups,
+            member_counts if counts is None else counts,
+        )
 
     valid = torch.arange(L, device=device) < lengths.view(N, 1, 1)  # (N, 1, L)
     hash_bits = _bits_of(hashes, bits)  # (N, H, L, B)

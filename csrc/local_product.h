@@ -1,0 +1,366 @@
+// Banded (local) dot products and weighted averages, the core of local attention (Parmar et
+// al. 2018, "Image Transformer", arXiv 1802.05751; Beltagy et al. 2020, "Longformer", arXiv
+// 2004.05150), on the CPU.
+//
+// Slot k (k = 0 .. C-1) of query l is key j = l - C/2 + k, with C the local context. For one
+// head (batch x heads are spread over std::threads):
+//
+//   local_dot_product:       out[l, k] = q_l . k_j + mask[l, j]   (j valid, else -inf)
+//       backward:            dq_l = sum_k g[l, k] k_j,   dk_j += g[l, k] q_l
+//   local_weighted_average:  out_l = sum_k a[l, k] v_j            (0 <= j < S)
+//       backward:            da[l, k] = g_l . v_j,       dv_j += a[l, k] g_l
+//
+// so three loops do all the work (the "leaves", compiled once per instruction set):
+// - band_scores: x_l . y_{l - C/2 + k} for every slot. y is first copied transposed into a
+//   zero-padded (F x P) buffer whose column l + k holds key l - C/2 + k, so a tile of W
+//   slots of one query is W contiguous columns: the inner loop is a vector fused multiply-add
+//   per feature, with no horizontal sums, and keys outside [0, S) read zeros;
+// - band_gather: out_l = sum_k w[l, k] y_j, one axpy over the features per slot;
+// - band_scatter: dy_j += w[l, k] x_l, one axpy per slot; a head's rows are written by one
+//   thread only, so there are no races.
+// Memory is O(L C) for the scores and O(S F) per thread for the padded copy, never O(L S).
+//
+// Layout: every (N, H, L, features) operand is a pointer plus the element strides of its n, h
+// and l dimensions; the feature dimension is contiguous. Scores (N, H, L, C) likewise.
+// No pybind11 and no torch here: bindings.cpp converts and checks.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+#include "cpu_dispatch.h"
+#include "parallel.h"
+
+namespace attention_core {
+namespace local {
+
+// ---------------------------------------------------------------------------------------
+// The leaves
+// ---------------------------------------------------------------------------------------
+
+// out[l * out_step + k] = sum_f x[l * x_step + f] * yt[f * P + l + k], l < L, k < C.
+// yt needs P >= L + round_up(C, W) columns (the last tile reads up to W - 1 columns past C).
+template <typename T>
+struct BandScores {
+    const T* x;
+    int64_t x_step;
+    const T* yt;
+    int64_t P;
+    T* out;
+    int64_t out_step;
+    int64_t L;
+    int64_t C;
+    int64_t F;
+};
+
+template <typename T, int W>
+inline void band_scores(const BandScores<T>& p) {
+    for (int64_t l = 0; l < p.L; ++l) {
+        const T* __restrict xl = p.x + l * p.x_step;
+        T* __restrict ol = p.out + l * p.out_step;
+        for (int64_t k0 = 0; k0 < p.C; k0 += W) {
+            T acc[W] = {};
+            const T* __restrict column = p.yt + l + k0;
+            for (int64_t f = 0; f < p.F; ++f) {
+                const T xf = xl[f];
+                const T* __restrict row = column + f * p.P;
+                for (int w = 0; w < W; ++w) acc[w] += xf * row[w];
+            }
+            const int64_t width = std::min<int64_t>(W, p.C - k0);
+            for (int64_t w = 0; w < width; ++w) ol[k0 + w] = acc[w];
+        }
+    }
+}
+
+// Slots whose key j = l - C/2 + k lies in [0, limit) take part; the others are skipped.
+template <typename T>
+struct BandAxpy {
+    const T* w;  // (L, C) weights, rows w_step apart
+    int64_t w_step;
+    const T* x;  // gather: (S, F) rows read; scatter: (L, F) rows read
+    int64_t x_step;
+    T* y;  // gather: (L, F) rows written; scatter: (S, F) rows accumulated (zeroed first)
+    int64_t y_step;
+    int64_t L;
+    int64_t C;
+    int64_t F;
+    int64_t limit;
+};
+
+inline void slot_range(int64_t l, int64_t C, int64_t limit, int64_t& k_begin, int64_t& k_end) {
+    const int64_t first = l - C / 2;  // key of slot 0
+    k_begin = std::max<int64_t>(0, -first);
+    k_end = std::max<int64_t>(k_begin, std::min<int64_t>(C, limit - first));
+}
+
+// y_l = sum_k w[l, k] x_{l - C/2 + k}
+template <typename T>
+inline void band_gather(const BandAxpy<T>& p) {
+    for (int64_t l = 0; l < p.L; ++l) {
+        T* __restrict yl = p.y + l * p.y_step;
+        std::fill(yl, yl + p.F, T(0));
+        int64_t k_begin, k_end;
+        slot_range(l, p.C, p.limit, k_begin, k_end);
+        const T* wl = p.w + l * p.w_step;
+        for (int64_t k = k_begin; k < k_end; ++k) {
+            const T a = wl[k];
+            const T* __restrict xj = p.x + (l - p.C / 2 + k) * p.x_step;
+            for (int64_t f = 0; f < p.F; ++f) yl[f] += a * xj[f];
+        }
+    }
+}
+
+// y_{l - C/2 + k} += w[l, k] x_l (y must hold zeros, or what to add to, on entry)
+template <typename T>
+inline void band_scatter(const BandAxpy<T>& p) {
+    for (int64_t l = 0; l < p.L; ++l) {
+        int64_t k_begin, k_end;
+        slot_range(l, p.C, p.limit, k_begin, k_end);
+        const T* wl = p.w + l * p.w_step;
+        const T* __restrict xl = p.x + l * p.x_step;
+        for (int64_t k = k_begin; k < k_end; ++k) {
+            const T a = wl[k];
+            T* __restrict yj = p.y + (l - p.C / 2 + k) * p.y_step;
+            for (int64_t f = 0; f < p.F; ++f) yj[f] += a * xl[f];
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// One compiled copy of the leaves per instruction set
+// ---------------------------------------------------------------------------------------
+
+template <typename T>
+struct Leaves {
+    void (*scores)(const BandScores<T>&);
+    void (*gather)(const BandAxpy<T>&);
+    void (*scatter)(const BandAxpy<T>&);
+    int64_t width;  // the W of `scores`
+};
+
+// 32 elements per tile: the smallest width GCC vectorises (see causal_product.h).
+template <typename T>
+inline void scores_baseline(const BandScores<T>& p) {
+    band_scores<T, 32>(p);
+}
+template <typename T>
+inline void gather_baseline(const BandAxpy<T>& p) {
+    band_gather<T>(p);
+}
+template <typename T>
+inline void scatter_baseline(const BandAxpy<T>& p) {
+    band_scatter<T>(p);
+}
+
+#if ATTENTION_CORE_X86_DISPATCH
+template <typename T>
+ATTENTION_CORE_TARGET_AVX2 void scores_avx2(const BandScores<T>& p) {
+    band_scores<T, 32>(p);
+}
+template <typename T>
+ATTENTION_CORE_TARGET_AVX2 void gather_avx2(const BandAxpy<T>& p) {
+    band_gather<T>(p);
+}
+template <typename T>
+ATTENTION_CORE_TARGET_AVX2 void scatter_avx2(const BandAxpy<T>& p) {
+    band_scatter<T>(p);
+}
+template <typename T>
+ATTENTION_CORE_TARGET_AVX512 void scores_avx512(const BandScores<T>& p) {
+    band_scores<T, 32>(p);
+}
+template <typename T>
+ATTENTION_CORE_TARGET_AVX512 void gather_avx512(const BandAxpy<T>& p) {
+    band_gather<T>(p);
+}
+template <typename T>
+ATTENTION_CORE_TARGET_AVX512 void scatter_avx512(const BandAxpy<T>& p) {
+    band_scatter<T>(p);
+}
+#endif
+
+template <typename T>
+Leaves<T> leaves_for(CpuLevel level) {
+#if ATTENTION_CORE_X86_DISPATCH
+    if (level == CpuLevel::avx512) {
+        return {&scores_avx512<T>, &gather_avx512<T>, &scatter_avx512<T>, 32};
+    }
+    if (level == CpuLevel::avx2) return {&scores_avx2<T>, &gather_avx2<T>, &scatter_avx2<T>, 32};
+#endif
+    (void)level;
+    return {&scores_baseline<T>, &gather_baseline<T>, &scatter_baseline<T>, 32};
+}
+
+// ---------------------------------------------------------------------------------------
+// Over batch x heads
+// ---------------------------------------------------------------------------------------
+
+struct Strides {
+    int64_t n, h, l;
+};
+
+template <typename T>
+struct Operand {
+    T* data;
+    Strides s;
+    T* head(int64_t n, int64_t h) const { return data + n * s.n + h * s.h; }
+};
+
+// The zero-padded transposed copy of a head's (S, F) rows y: yt[f * P + C/2 + j] = y_j.
+template <typename T>
+struct PaddedTranspose {
+    std::vector<T> data;
+    int64_t P = 0;
+
+    void fill(const T* y, int64_t y_step, int64_t S, int64_t F, int64_t L, int64_t C,
+              int64_t W) {
+        P = L + (C + W - 1) / W * W;
+        data.assign(F * P, T(0));
+        const int64_t left = C / 2;
+        const int64_t count = std::max<int64_t>(0, std::min<int64_t>(S, P - left));
+        for (int64_t j = 0; j < count; ++j) {
+            const T* yj = y + j * y_step;
+            T* column = data.data() + left + j;
+            for (int64_t f = 0; f < F; ++f) column[f * P] = yj[f];
+        }
+    }
+};
+
+// Fewer threads than asked when the work is too small to pay for starting them.
+inline int64_t useful_threads(int64_t threads, int64_t heads, int64_t flops) {
+    constexpr int64_t kMinFlopsPerThread = int64_t{1} << 18;
+    return std::max<int64_t>(1, std::min({threads, heads, flops / kMinFlopsPerThread}));
+}
+
+template <typename T>
+void zero_rows(T* y, int64_t step, int64_t rows, int64_t F) {
+    for (int64_t r = 0; r < rows; ++r) std::fill(y + r * step, y + r * step + F, T(0));
+}
+
+// local_dot_product forward. mask is (L, S) with element strides (mask_l, mask_s); lengths
+// (N,) holds the valid keys of each sequence.
+template <typename T>
+struct DotForward {
+    int64_t N, H, L, S, E, C;
+    Operand<const T> q, k;  // (N, H, L, E), (N, H, S, E)
+    const T* mask;
+    int64_t mask_l, mask_s;
+    const int64_t* lengths;
+    Operand<T> out;  // (N, H, L, C)
+};
+
+template <typename T>
+void dot_forward(const DotForward<T>& a, int64_t threads) {
+    const Leaves<T> leaves = leaves_for<T>(cpu_level());
+    const int64_t workers = useful_threads(threads, a.N * a.H, 2 * a.N * a.H * a.L * a.C * a.E);
+    const T minus_inf = -std::numeric_limits<T>::infinity();
+    parallel_for(a.N * a.H, workers, [&](int64_t, int64_t begin, int64_t end) {
+        PaddedTranspose<T> kt;
+        for (int64_t item = begin; item < end; ++item) {
+            const int64_t n = item / a.H, h = item % a.H;
+            const int64_t limit = std::clamp<int64_t>(a.lengths[n], 0, a.S);
+            T* out = a.out.head(n, h);
+            kt.fill(a.k.head(n, h), a.k.s.l, limit, a.E, a.L, a.C, leaves.width);
+            leaves.scores({a.q.head(n, h), a.q.s.l, kt.data.data(), kt.P, out, a.out.s.l, a.L,
+                           a.C, a.E});
+            for (int64_t l = 0; l < a.L; ++l) {
+                T* ol = out + l * a.out.s.l;
+                int64_t k_begin, k_end;
+                slot_range(l, a.C, limit, k_begin, k_end);
+                std::fill(ol, ol + k_begin, minus_inf);
+                const T* mask_row = a.mask + l * a.mask_l;
+                for (int64_t k = k_begin; k < k_end; ++k) {
+                    ol[k] += mask_row[(l - a.C / 2 + k) * a.mask_s];
+                }
+                std::fill(ol + k_end, ol + a.C, minus_inf);
+            }
+        }
+    });
+}
+
+// local_dot_product backward: gradients of q and k (slots outside the window or the key
+// lengths carry no gradient).
+template <typename T>
+struct DotBackward {
+    int64_t N, H, L, S, E, C;
+    Operand<const T> grad;  // (N, H, L, C)
+    Operand<const T> q, k;
+    const int64_t* lengths;
+    Operand<T> dq, dk;  // like q, k
+};
+
+template <typename T>
+void dot_backward(const DotBackward<T>& a, int64_t threads) {
+    const Leaves<T> leaves = leaves_for<T>(cpu_level());
+    const int64_t workers = useful_threads(threads, a.N * a.H, 4 * a.N * a.H * a.L * a.C * a.E);
+    parallel_for(a.N * a.H, workers, [&](int64_t, int64_t begin, int64_t end) {
+        for (int64_t item = begin; item < end; ++item) {
+            const int64_t n = item / a.H, h = item % a.H;
+            const int64_t limit = std::clamp<int64_t>(a.lengths[n], 0, a.S);
+            const T* g = a.grad.head(n, h);
+            leaves.gather({g, a.grad.s.l, a.k.head(n, h), a.k.s.l, a.dq.head(n, h), a.dq.s.l,
+                           a.L, a.C, a.E, limit});
+            T* dk = a.dk.head(n, h);
+            zero_rows(dk, a.dk.s.l, a.S, a.E);
+            leaves.scatter({g, a.grad.s.l, a.q.head(n, h), a.q.s.l, dk, a.dk.s.l, a.L, a.C, a.E,
+                            limit});
+        }
+    });
+}
+
+// local_weighted_average forward: out_l = sum_k a[l, k] v_{l - C/2 + k}.
+template <typename T>
+struct AverageForward {
+    int64_t N, H, L, S, D, C;
+    Operand<const T> attention;  // (N, H, L, C)
+    Operand<const T> v;          // (N, H, S, D)
+    Operand<T> out;              // (N, H, L, D)
+};
+
+template <typename T>
+void average_forward(const AverageForward<T>& a, int64_t threads) {
+    const Leaves<T> leaves = leaves_for<T>(cpu_level());
+    const int64_t workers = useful_threads(threads, a.N * a.H, 2 * a.N * a.H * a.L * a.C * a.D);
+    parallel_for(a.N * a.H, workers, [&](int64_t, int64_t begin, int64_t end) {
+        for (int64_t item = begin; item < end; ++item) {
+            const int64_t n = item / a.H, h = item % a.H;
+            leaves.gather({a.attention.head(n, h), a.attention.s.l, a.v.head(n, h), a.v.s.l,
+                           a.out.head(n, h), a.out.s.l, a.L, a.C, a.D, a.S});
+        }
+    });
+}
+
+// local_weighted_average backward: gradients of the attention (zero outside [0, S)) and v.
+template <typename T>
+struct AverageBackward {
+    int64_t N, H, L, S, D, C;
+    Operand<const T> grad;  // (N, H, L, D)
+    Operand<const T> attention;
+    Operand<const T> v;
+    Operand<T> dattention, dv;
+};
+
+template <typename T>
+void average_backward(const AverageBackward<T>& a, int64_t threads) {
+    const Leaves<T> leaves = leaves_for<T>(cpu_level());
+    const int64_t workers = useful_threads(threads, a.N * a.H, 4 * a.N * a.H * a.L * a.C * a.D);
+    parallel_for(a.N * a.H, workers, [&](int64_t, int64_t begin, int64_t end) {
+        PaddedTranspose<T> vt;
+        for (int64_t item = begin; item < end; ++item) {
+            const int64_t n = item / a.H, h = item % a.H;
+            const T* g = a.grad.head(n, h);
+            vt.fill(a.v.head(n, h), a.v.s.l, a.S, a.D, a.L, a.C, leaves.width);
+            leaves.scores({g, a.grad.s.l, vt.data.data(), vt.P, a.dattention.head(n, h),
+                           a.dattention.s.l, a.L, a.C, a.D});
+            T* dv = a.dv.head(n, h);
+            zero_rows(dv, a.dv.s.l, a.S, a.D);
+            leaves.scatter({a.attention.head(n, h), a.attention.s.l, g, a.grad.s.l, dv,
+                            a.dv.s.l, a.L, a.C, a.D, a.S});
+        }
+    });
+}
+
+}  // namespace local
+}  // namespace attention_core
