@@ -113,8 +113,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     table = markdown_table(["attention", "final loss", "copy accuracy", "ms / training step"], rows)
     title = (
         f"Copy task: L={args.length} symbols from {args.symbols}, {args.layers} layers, "
-        f"d={args.dim}, batch {args.batch}, {args.steps} steps, {torch.get_num_threads()} "
-        f"threads (chance: {1 / args.symbols:.0%})."
+        f"d={args.dim}, batch {args.batch}, {args.steps} steps, torch threads: "
+        f"{torch.get_num_threads()} (chance: {1 / args.symbols:.0%})."
     )
     command = "python examples/copy_task.py " + " ".join(argv or sys.argv[1:])
     write_report(args.output, title, command.strip(), table)
