@@ -2,11 +2,13 @@
 plain-PyTorch reference and the compiled CPU kernel.
 
 One module per op holds its kernels and the Python launch functions that allocate outputs
-and call them (``causal_product``, ...); :mod:`attention_core._triton.ops` registers those
-launch functions as the ``"cuda"`` kernels of the ``torch.library`` custom ops defined in
-:mod:`attention_core._kernels`, so the public functions reach them through the same ops,
-autograd and fake registrations as the CPU kernels. The op modules import triton (an optional
-dependency) on their first call, which only CUDA tensors make; CPU-only use never imports it.
+and call them (``causal_product``, ``local_product``, ``sparse_product``, ``aggregate``; no
+Triton kernel for hashing or hamming clustering yet). :mod:`attention_core._triton.ops`
+registers those launch functions as the ``"cuda"`` kernels of the ``torch.library`` custom
+ops defined in :mod:`attention_core._kernels`, so the public functions reach them through the
+same ops, autograd and fake registrations as the CPU kernels. The op modules import triton
+(an optional dependency) on their first call, which only CUDA tensors make; CPU-only use
+never imports it.
 
 The kernels also run on CPU tensors under Triton's interpreter: set ``TRITON_INTERPRET=1``
 before triton is first imported (``triton.jit`` reads it when it decorates a function, and

@@ -34,6 +34,12 @@ __all__ = ["CHUNK", "DTYPES", "causal_product_backward", "causal_product_forward
 
 CHUNK = 64
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# Software pipelining of the chunk loads multiplies the shared memory of the float32 tiles:
+# compiled for sm_90 with E = M = 64, the forward / dQ / dK-dV kernels need 128 / 208 / 193 KiB
+# at Triton's default of 3 stages and 48 / 80 / 112 KiB with 1 (checked with triton.compile
+# for a GPUTarget("cuda", 90, 32), without a GPU). One stage fits A100 and H100; GPUs with
+# about 100 KiB per block (sm_86/sm_89) may still reject the dK-dV kernel at E = M = 64.
+NUM_STAGES = 1
 
 
 # ---------------------------------------------------------------------------------------
@@ -388,7 +394,7 @@ def causal_product_forward(
         *_strides(Q), *_strides(K), *_strides(V), *_strides(out),
         H, L, E, M, float(eps),
         HAS_S0=S0 is not None, HAS_Z0=z0 is not None, NORMALIZE=bool(normalize),
-        CHUNK=CHUNK, BLOCK_E=_block(E), BLOCK_M=BLOCK_M,
+        CHUNK=CHUNK, BLOCK_E=_block(E), BLOCK_M=BLOCK_M, num_stages=NUM_STAGES,
     )  # fmt: skip
     return out, S, z
 
@@ -459,7 +465,10 @@ def causal_product_backward(
     else:
         inv_den = dden = dS0  # never read
         out = grad
-    meta = dict(CHUNK=CHUNK, BLOCK_E=_block(E), BLOCK_M=_block(M), NORMALIZE=bool(normalize))
+    meta = dict(
+        CHUNK=CHUNK, BLOCK_E=_block(E), BLOCK_M=_block(M), NORMALIZE=bool(normalize),
+        num_stages=NUM_STAGES,
+    )  # fmt: skip
     _backward_queries_kernel[(N * H,)](
         grad, Q, K, V, out, dS0 if S0 is None else S0, dz0 if z0 is None else z0,
         dQ, inv_den, dden,
