@@ -105,3 +105,18 @@ def test_empty_batches_and_single_tokens_pass_through(attention_type):
         assert logits.shape == (2, 11)
         logits, _ = lm.step(torch.zeros(2, dtype=torch.long), state)
         assert torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_non_finite_inputs_are_refused_before_they_poison_the_state(bad):
+    model = tiny_encoder("linear")
+    x = torch.randn(2, 4)
+    _, state = model(x)
+    poisoned = x.clone()
+    poisoned[1, 2] = bad
+    with pytest.raises(ValueError, match="x holds NaN or infinite values"):
+        model(poisoned, state=state)
+    with pytest.raises(ValueError, match="holds NaN or infinite values"):
+        model.prefill(poisoned[:, None])
+    y2, _ = model(x, state=state)  # the state is untouched and keeps working
+    assert torch.isfinite(y2).all()

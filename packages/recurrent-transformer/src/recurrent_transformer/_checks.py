@@ -3,9 +3,30 @@ sequence axis, and whole prompts ``(N, T, ...)`` for ``prefill``."""
 
 from __future__ import annotations
 
+import torch
+
 from attention_core._checks import check_tensor
 
-__all__ = ["check_element", "check_heads", "check_prompt", "check_sequence_heads"]
+__all__ = [
+    "check_element",
+    "check_finite",
+    "check_heads",
+    "check_prompt",
+    "check_sequence_heads",
+]
+
+
+def check_finite(name: str, x) -> None:
+    """Reject NaN and infinite inputs before a recurrent state absorbs them (a poisoned state
+    returns non-finite outputs for the rest of the stream). Checked for CPU tensors outside
+    ``torch.compile``; on CUDA it would cost a device synchronisation per step."""
+    if x.device.type != "cpu" or torch.compiler.is_compiling() or not x.numel():
+        return
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(
+            f"{name} holds NaN or infinite values; the recurrent state would absorb them "
+            "and every later output would be non-finite"
+        )
 
 
 def check_element(name: str, x, features: int, owner: str) -> tuple[int, int]:
@@ -24,6 +45,7 @@ def check_element(name: str, x, features: int, owner: str) -> tuple[int, int]:
         )
     if x.dim() != 2 or x.shape[1] != features:
         raise ValueError(f"{name} must have shape (N, {features}); got {tuple(x.shape)}")
+    check_finite(name, x)
     return x.shape[0], x.shape[1]
 
 
@@ -38,6 +60,7 @@ def check_prompt(name: str, x, features: int) -> tuple[int, int]:
         raise ValueError(
             f"{name} must have shape (N, T, {features}) with T >= 1; got {tuple(x.shape)}"
         )
+    check_finite(name, x)
     return x.shape[0], x.shape[1]
 
 
