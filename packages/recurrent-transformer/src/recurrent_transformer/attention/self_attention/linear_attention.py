@@ -11,6 +11,9 @@ took about 40 µs per layer, against about 80 µs through
 :func:`attention_core.causal_product.normalized_causal_dot_product` with a state and 70 µs with
 ``einsum``. ``prefill`` uses the causal product for the whole prompt.
 
+The state accumulates in float32 for float16/bfloat16 inputs (a half-precision sum of
+thousands of steps stops growing: bfloat16 cannot add 1 to 1024); outputs keep the input dtype.
+
 Einstein notation: n batch, t prompt positions, h heads, f features after the feature map,
 m value features.
 """
@@ -38,6 +41,11 @@ from ...state import LinearState, check_state_tensor, check_state_type
 from .base import RecurrentAttention
 
 __all__ = ["RecurrentLinearAttention"]
+
+
+def _accumulating(t: Tensor) -> Tensor:
+    """``t`` in the dtype the state accumulates in: float32 for half precision."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
 class RecurrentLinearAttention(RecurrentAttention):
@@ -81,8 +89,10 @@ class RecurrentLinearAttention(RecurrentAttention):
         """One step: add ``phi(K) V^T`` to the state and read it with ``phi(Q)``."""
         if state is None:
             self.feature_map.new_feature_map(query.device)
-        Q = self.feature_map.forward_queries(query)
-        K = self.feature_map.forward_keys(key)
+        dtype = value.dtype
+        Q = _accumulating(self.feature_map.forward_queries(query))
+        K = _accumulating(self.feature_map.forward_keys(key))
+        value = _accumulating(value)
         if state is None:
             S = K.unsqueeze(-1) * value.unsqueeze(-2)
             Z = K
@@ -92,7 +102,7 @@ class RecurrentLinearAttention(RecurrentAttention):
             Z = state.Z + K
         numerator = torch.matmul(Q.unsqueeze(-2), S).squeeze(-2)
         denominator = (Q * Z).sum(dim=-1, keepdim=True) + self.eps
-        return numerator / denominator, LinearState(S, Z)
+        return (numerator / denominator).to(dtype), LinearState(S, Z)
 
     def prefill(self, queries, keys, values, state=None):
         """Consume a prompt in one parallel pass (the batch causal-linear computation) and
@@ -110,8 +120,10 @@ class RecurrentLinearAttention(RecurrentAttention):
         check_sequence_heads(queries, keys, values)
         if state is None:
             self.feature_map.new_feature_map(queries.device)
-        Q = self.feature_map.forward_queries(queries)
-        K = self.feature_map.forward_keys(keys)
+        dtype = values.dtype
+        Q = _accumulating(self.feature_map.forward_queries(queries))
+        K = _accumulating(self.feature_map.forward_keys(keys))
+        values = _accumulating(values)
         to_heads = lambda t: rearrange(t, "n t h f -> n h t f")  # noqa: E731
         numerator = rearrange(
             causal_dot_product(to_heads(Q), to_heads(K), to_heads(values)), "n h t m -> n t h m"
@@ -126,7 +138,7 @@ class RecurrentLinearAttention(RecurrentAttention):
             S = S + state.S
             Z = Z + state.Z
         denominator = torch.einsum("nthf,nthf->nth", Q, K_sums).unsqueeze(-1) + self.eps
-        return numerator / denominator, LinearState(S, Z)
+        return (numerator / denominator).to(dtype), LinearState(S, Z)
 
 
 _PARAMETERS = [
