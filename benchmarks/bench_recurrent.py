@@ -23,6 +23,7 @@ torch) to ``sys.path``. Without it, only our numbers are reported.
 from __future__ import annotations
 
 import argparse
+import json
 import datetime
 import os
 import platform
@@ -255,6 +256,13 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(report)
+    # per-token generation time against context, for benchmarks/plot_results.py
+    rows = [
+        {"model": f"recurrent LM ({r['attention']})", "context": r["context"],
+         "ms_per_token": 1000 / r["tokens/s"]}
+        for r in gen
+    ]  # fmt: skip
+    out.with_name("recurrent_generation.json").write_text(json.dumps(rows, indent=1) + "\n")
 
 
 if __name__ == "__main__":
