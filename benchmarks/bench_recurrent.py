@@ -23,8 +23,8 @@ torch) to ``sys.path``. Without it, only our numbers are reported.
 from __future__ import annotations
 
 import argparse
-import json
 import datetime
+import json
 import os
 import platform
 import statistics
