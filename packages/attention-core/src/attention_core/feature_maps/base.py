@@ -53,6 +53,7 @@ class FeatureMap(nn.Module):
         def inner(query_dims: int) -> FeatureMap:
             return cls(query_dims, *args, **kwargs)
 
+        inner.__doc__ = f"Build a {cls.__name__} for queries of ``query_dims`` features."
         return inner
 
 

@@ -50,6 +50,7 @@ class TinyEncoder(nn.Module):
         )  # fmt: skip
 
     def forward(self, x: Tensor) -> Tensor:
+        """``(N, L, 16)`` -> ``(N, L, 16)``."""
         from ..masking import TriangularCausalMask
 
         mask = TriangularCausalMask(x.shape[1], device=x.device) if self.causal else None
