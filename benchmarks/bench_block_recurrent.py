@@ -4,24 +4,29 @@ block-recurrent-transformer against block-recurrent-transformer-pytorch 0.4.4.
 Run with ``nox -s bench`` or directly: ``python benchmarks/bench_block_recurrent.py [--quick]``.
 Writes the table to ``docs/benchmarks/block_recurrent.md``.
 
-Configuration (PEERS.md): dim 128, depth 2, 8 heads of 64, block width W = 256, 256 state
-vectors, one recurrent layer (layer 1, the peer's default ``depth // 2``), every layer attending
-into the previous block, rotary positions, max_seq_len 512, vocabulary 256, float32, two threads.
-Three contenders in one process:
+Two configurations (8 heads of 64, vocabulary 256, max_seq_len 512, float32, two threads,
+``num_state_vectors = block_width``, one recurrent layer at ``depth // 2``, every layer
+attending into the previous block, rotary positions):
+
+* ``issue``: the issue's configuration, dim 256, depth 4, block width W = 128;
+* ``peers``: the PEERS.md configuration, dim 128, depth 2, W = 256.
+
+Three contenders per configuration, in one process:
 
 * ``peer``: block-recurrent-transformer-pytorch (multi-query keys/values, tokens see W + 1 .. 2W
   keys, state cross-attention over the current block only, fixed gate);
 * ``ours (peer options)``: the same choices (``kv_heads=1, sliding_window=False,
   state_attends_previous_block=False``);
 * ``ours (paper defaults)``: multi-head keys/values, a window of exactly W keys, state
-  cross-attention over the previous and the current block.
+  cross-attention over the previous and the current block (more work than the peer).
 
 Measured: tokens per second of a training forward (grad enabled) and of forward+backward of the
-next-token loss on a batch of 2 x 512 tokens; the bytes of the tensors saved for the backward
-(activation memory, counted with ``torch.autograd.graph.saved_tensors_hooks``, each storage
-once); and generation: tokens per second of ``RecurrentTrainerWrapper.generate`` after a prompt
-of 256 tokens (the whole call, prompt included; the peer re-runs the window for every token,
-ours takes one cached step per token).
+next-token loss on a batch of 2 x 512 tokens; the peak memory of training, measured as the bytes
+of the tensors saved for the backward (activation memory, counted with
+``torch.autograd.graph.saved_tensors_hooks``, each storage once; parameters and their
+gradients, equal in size for all contenders, are not counted); and generation: tokens per second
+of ``RecurrentTrainerWrapper.generate`` after a prompt of 256 tokens (the whole call, prompt
+included; the peer re-runs the window for every token, ours takes one cached step per token).
 
 The peer is imported if it is installed (``pip install --no-deps
 block-recurrent-transformer-pytorch==0.4.4 beartype``); without it, only our numbers are
@@ -42,16 +47,11 @@ import torch
 from block_recurrent_transformer import BlockRecurrentTransformer, RecurrentTrainerWrapper
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIG = dict(
-    num_tokens=256,
-    dim=128,
-    depth=2,
-    dim_head=64,
-    heads=8,
-    max_seq_len=512,
-    block_width=256,
-    num_state_vectors=256,
-)
+COMMON = dict(num_tokens=256, dim_head=64, heads=8, max_seq_len=512)
+CONFIGS = {
+    "issue": dict(COMMON, dim=256, depth=4, block_width=128, num_state_vectors=128),
+    "peers": dict(COMMON, dim=128, depth=2, block_width=256, num_state_vectors=256),
+}
 PEER_OPTIONS = dict(kv_heads=1, sliding_window=False, state_attends_previous_block=False)
 BATCH = 2
 
@@ -70,20 +70,21 @@ def import_peer():
     return PeerTransformer, PeerWrapper
 
 
-def contenders(peer) -> dict[str, tuple[torch.nn.Module, type]]:
-    """name -> (model, wrapper class)."""
+def contenders(peer, config: dict) -> dict[str, tuple[torch.nn.Module, type]]:
+    """name -> (model, wrapper class) for one configuration."""
     out = {}
+    recurrent = (max(1, config["depth"] // 2),)
     if peer is not None:
         torch.manual_seed(0)
-        out["peer 0.4.4"] = (peer[0](**CONFIG), peer[1])
+        out["peer 0.4.4"] = (peer[0](**config, recurrent_layers=recurrent), peer[1])
     torch.manual_seed(0)
     out["ours (peer options)"] = (
-        BlockRecurrentTransformer(**CONFIG, recurrent_layers=(1,), **PEER_OPTIONS),
+        BlockRecurrentTransformer(**config, recurrent_layers=recurrent, **PEER_OPTIONS),
         RecurrentTrainerWrapper,
     )
     torch.manual_seed(0)
     out["ours (paper defaults)"] = (
-        BlockRecurrentTransformer(**CONFIG, recurrent_layers=(1,)),
+        BlockRecurrentTransformer(**config, recurrent_layers=recurrent),
         RecurrentTrainerWrapper,
     )
     return out
@@ -125,9 +126,9 @@ def saved_bytes(model, seq) -> int:
     return sum(storages.values())
 
 
-def training(models, repeats: int) -> dict[str, dict]:
-    seq = torch.randint(0, CONFIG["num_tokens"], (BATCH, CONFIG["max_seq_len"] + 1))
-    tokens = BATCH * CONFIG["max_seq_len"]
+def training(models, config: dict, repeats: int) -> dict[str, dict]:
+    seq = torch.randint(0, config["num_tokens"], (BATCH, config["max_seq_len"] + 1))
+    tokens = BATCH * config["max_seq_len"]
     forwards, backwards = {}, {}
     for name, (model, _) in models.items():
         model.train()
@@ -150,8 +151,10 @@ def training(models, repeats: int) -> dict[str, dict]:
     }
 
 
-def generation(models, prompt: int, new_tokens: int, repeats: int) -> dict[str, float]:
-    prime = torch.randint(0, CONFIG["num_tokens"], (1, prompt))
+def generation(
+    models, config: dict, prompt: int, new_tokens: int, repeats: int
+) -> dict[str, float]:
+    prime = torch.randint(0, config["num_tokens"], (1, prompt))
     runs = {}
     for name, (model, wrapper_cls) in models.items():
         wrapper = wrapper_cls(model).eval()
@@ -167,7 +170,8 @@ def generation(models, prompt: int, new_tokens: int, repeats: int) -> dict[str, 
 # report
 
 
-def markdown(train, gen, args, have_peer: bool) -> str:
+def markdown(results: dict, args, have_peer: bool) -> str:
+    """The report: one table row per configuration and contender."""
     base = "peer 0.4.4" if have_peer else None
     lines = [
         "# Block-Recurrent Transformer benchmark",
@@ -177,28 +181,33 @@ def markdown(train, gen, args, have_peer: bool) -> str:
         f"{torch.__version__}, {torch.get_num_threads()} threads, float32. Medians of "
         f"{args.repeats} runs; a shared machine makes them noisy: read the ratios.",
         "",
-        "Model: dim 128, depth 2, 8 heads x 64, block width 256, 256 state vectors, recurrent "
-        "layer 1, max_seq_len 512, vocabulary 256. Training: batch 2 x 512 tokens, next-token "
-        "loss. Generation: batch 1, prompt 256, "
-        f"{args.new_tokens} new tokens, whole `generate` call.",
+        "Configurations: `issue` = dim 256, depth 4, block width 128, 128 state vectors, "
+        "recurrent layer 2; `peers` = dim 128, depth 2, block width 256, 256 state vectors, "
+        "recurrent layer 1. Both: 8 heads x 64, max_seq_len 512, vocabulary 256. Training: "
+        "batch 2 x 512 tokens, next-token loss. Memory: bytes of the tensors saved for the "
+        "backward of one training forward (activations; parameters not counted). Generation: "
+        f"batch 1, prompt 256, {args.new_tokens} new tokens, whole `generate` call.",
         "",
-        "| contender | fwd tok/s | fwd+bwd tok/s | saved for backward (MiB) | generation tok/s |",
-        "|---|---:|---:|---:|---:|",
+        "| config | contender | fwd tok/s | fwd+bwd tok/s | saved for backward (MiB) "
+        "| generation tok/s |",
+        "|---|---|---:|---:|---:|---:|",
     ]
 
     def ratio(value, reference):
         return f" ({value / reference:.2f}x)" if reference else ""
 
-    for name, row in train.items():
+    for config, (train, gen) in results.items():
         ref = train.get(base) if base else None
         gref = gen.get(base) if base else None
-        lines.append(
-            f"| {name} | {row['forward']:,.0f}{ratio(row['forward'], ref and ref['forward'])} "
-            f"| {row['forward_backward']:,.0f}"
-            f"{ratio(row['forward_backward'], ref and ref['forward_backward'])} "
-            f"| {row['saved_mib']:,.1f}{ratio(row['saved_mib'], ref and ref['saved_mib'])} "
-            f"| {gen[name]:,.1f}{ratio(gen[name], gref)} |"
-        )
+        for name, row in train.items():
+            lines.append(
+                f"| {config} | {name} "
+                f"| {row['forward']:,.0f}{ratio(row['forward'], ref and ref['forward'])} "
+                f"| {row['forward_backward']:,.0f}"
+                f"{ratio(row['forward_backward'], ref and ref['forward_backward'])} "
+                f"| {row['saved_mib']:,.1f}{ratio(row['saved_mib'], ref and ref['saved_mib'])} "
+                f"| {gen[name]:,.1f}{ratio(gen[name], gref)} |"
+            )
     lines += [
         "",
         "Ratios are against the peer (higher is better for tokens/s, lower for memory). "
@@ -217,14 +226,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="fewer repeats and tokens")
     parser.add_argument("--out", default=str(ROOT / "docs" / "benchmarks" / "block_recurrent.md"))
     args = parser.parse_args(argv)
-    args.repeats = 3 if args.quick else 7
-    args.new_tokens = 32 if args.quick else 192
+    args.repeats = 3 if args.quick else 5
+    args.new_tokens = 32 if args.quick else 128
     torch.set_num_threads(2)
     peer = import_peer()
-    models = contenders(peer)
-    train = training(models, args.repeats)
-    gen = generation(models, 256, args.new_tokens, 1 if args.quick else 3)
-    report = markdown(train, gen, args, peer is not None)
+    results = {}
+    for config_name, config in CONFIGS.items():
+        models = contenders(peer, config)
+        train = training(models, config, args.repeats)
+        gen = generation(models, config, 256, args.new_tokens, 1 if args.quick else 3)
+        results[config_name] = (train, gen)
+        del models
+    report = markdown(results, args, peer is not None)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(report)

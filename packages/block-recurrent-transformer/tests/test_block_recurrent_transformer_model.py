@@ -641,3 +641,42 @@ def test_no_deprecation_warnings_in_training_and_generation():
         model(seq, return_loss=True)[0].backward()
         logits, state = model.prefill(seq)
         model.step(logits.argmax(dim=-1), state)
+
+
+# ---------------------------------------------------------------- fast paths
+
+
+@pytest.mark.parametrize("dim_head", [8, 7])
+def test_rotation_table_equals_attention_core_rotary(dim_head):
+    from attention_core.nn import apply_rotary_pos_emb
+    from block_recurrent_transformer.attention import PositionEncoding
+
+    positions = PositionEncoding("rotary", 2, dim_head, mlp_dim=8, max_distance=32)
+    pos = torch.arange(-5, 7)
+    t = torch.randn(3, 2, 12, dim_head, dtype=torch.float64)
+    expected = apply_rotary_pos_emb(positions.rotary(pos, dtype=torch.float64), t)
+    assert_close("rotated", positions.rotate(t, positions.angles(pos, torch.float64)), expected)
+
+
+@pytest.mark.parametrize("kv_heads", [1, 2, 4])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_attend_window_equals_masked_attention(kv_heads, with_bias):
+    from block_recurrent_transformer.attention import attend_heads, attend_window
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(3, 4, 5, 8, dtype=torch.float64, generator=g)
+    k, v = (torch.randn(3, kv_heads, 9, 8, dtype=torch.float64, generator=g) for _ in "kv")
+    mask = torch.rand(1, 1, 5, 9, generator=g) < 0.6
+    mask[..., 0] = True  # every row sees a key
+    bias = torch.randn(1, 4, 5, 9, dtype=torch.float64, generator=g) if with_bias else None
+    base = bias if with_bias else torch.zeros(1, 1, 5, 9, dtype=torch.float64)
+    additive = base.masked_fill(~mask, float("-inf"))
+    expected = attend_heads(q, k, v, mask=mask, bias=bias, scale=0.7)
+    assert_close("window", attend_window(q, k, v, additive=additive, scale=0.7), expected)
+    # a mask per batch row (invalid key slots of some rows)
+    valid = torch.rand(3, 9, generator=g) < 0.7
+    valid[:, 0] = True
+    rows = mask & valid[:, None, None, :]
+    expected = attend_heads(q, k, v, mask=rows, bias=bias, scale=0.7)
+    per_row = additive.masked_fill(~valid[:, None, None, :], float("-inf"))
+    assert_close("per row", attend_window(q, k, v, additive=per_row, scale=0.7), expected)

@@ -176,8 +176,14 @@ def _record_key_lengths(monkeypatch):
         state_updates.append(k.shape[2])
         return original_state(q, k, v, **kwargs)
 
+    def layer_attend_window(q, k, v, **kwargs):  # the fast path (all slots valid)
+        token_keys.append(k.shape[2])
+        return original_window(q, k, v, **kwargs)
+
     original_layer, original_state = layer_module.attend_heads, state_module.attend_heads
+    original_window = layer_module.attend_window
     monkeypatch.setattr(layer_module, "attend_heads", layer_attend)
+    monkeypatch.setattr(layer_module, "attend_window", layer_attend_window)
     monkeypatch.setattr(state_module, "attend_heads", state_attend)
     return token_keys, state_updates
 

@@ -20,6 +20,7 @@ sequence, ``i`` queries, ``j`` keys, ``d`` head feature.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
@@ -27,12 +28,18 @@ from attention_core.nn import (
     DynamicPositionBias,
     RotaryEmbedding,
     T5RelativePositionBias,
-    apply_rotary_pos_emb,
     attend,
     l2norm,
 )
 
-__all__ = ["POSITION_ENCODINGS", "HeadNorm", "PositionEncoding", "attend_heads", "split_heads"]
+__all__ = [
+    "POSITION_ENCODINGS",
+    "HeadNorm",
+    "PositionEncoding",
+    "attend_heads",
+    "attend_window",
+    "split_heads",
+]
 
 
 def split_heads(t: Tensor, heads: int) -> Tensor:
@@ -79,6 +86,33 @@ def attend_heads(
     return attend(q, k, v, mask=mask, bias=bias, scale=scale)
 
 
+def attend_window(
+    q: Tensor, k: Tensor, v: Tensor, *, additive: Tensor, scale: float | None = None
+) -> Tensor:
+    """Attention of ``q`` ``(B, H, I, D)`` over ``k``/``v`` ``(B, Hkv, J, D)`` (``Hkv``
+    divides ``H``) with a ready-made additive mask ``(1 or B, 1 or H, I, J)`` (position bias,
+    and ``-inf`` where a key is forbidden) in which every row allows at least one key: one call of
+    ``scaled_dot_product_attention``, without the checks and the empty-row handling of
+    :func:`attend_heads`. With one key/value head (multi-query) the heads are folded into the
+    query rows, ``(B, 1, H * I, D)``, so that the keys are neither expanded nor repeated
+    (when the mask is shared by the batch).
+    Returns ``(B, H, I, D)``."""
+    b, heads, rows, d = q.shape
+    kv_heads = k.shape[1]
+    if kv_heads == 1 and additive.shape[0] == 1:
+        mask = additive.expand(1, heads, *additive.shape[2:]).reshape(1, 1, heads * rows, -1)
+        out = F.scaled_dot_product_attention(
+            q.reshape(b, 1, heads * rows, d), k, v, attn_mask=mask, scale=scale
+        )
+        return out.view(b, heads, rows, d)
+    if kv_heads == 1:
+        k, v = k.expand(-1, heads, -1, -1), v.expand(-1, heads, -1, -1)
+    elif kv_heads != heads:
+        k = k.repeat_interleave(heads // kv_heads, dim=1)
+        v = v.repeat_interleave(heads // kv_heads, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=additive, scale=scale)
+
+
 POSITION_ENCODINGS = ("rotary", "dynamic", "t5", None)
 
 
@@ -120,15 +154,33 @@ class PositionEncoding(nn.Module):
         return self.bias_module(query_positions, key_positions)[None].to(dtype)
 
     def angles(self, positions: Tensor, dtype) -> Tensor | None:
-        """Rotary angles ``(n, r)`` for integer ``positions`` ``(n,)``, or ``None``."""
+        """Rotation table ``(n, 2, r)`` for integer ``positions`` ``(n,)``: the cosines and
+        the signed sines (``-sin`` on the first half of the rotated features, ``+sin`` on the
+        second) of the rotary angles, computed once per call; ``None`` without rotary."""
         if self.rotary is None:
             return None
-        return self.rotary(positions, dtype=dtype)
+        angles = self.rotary(positions, dtype=dtype)
+        half = angles.shape[-1] // 2
+        sin = angles.sin()
+        signed = torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)
+        return torch.stack((angles.cos(), signed), dim=1)
 
     @staticmethod
-    def rotate(t: Tensor, angles: Tensor | None) -> Tensor:
-        """Rotate ``t`` ``(..., n, d)`` by ``angles`` ``(n, r)``; identity for ``None``."""
-        return t if angles is None else apply_rotary_pos_emb(angles, t)
+    def rotate(t: Tensor, table: Tensor | None) -> Tensor:
+        """Rotate ``t`` ``(..., n, d)`` by a rotation table ``(n, 2, r)`` from :meth:`angles`
+        (identity for ``None``): ``t * cos + roll(t, r / 2) * signed_sin`` on the first
+        ``r`` features, which is rotary's ``t * cos + rotate_half(t) * sin`` in three passes."""
+        if table is None:
+            return t
+        r = table.shape[-1]
+        if table.dtype != t.dtype:
+            table = table.to(t.dtype)
+        cos, signed_sin = table[:, 0], table[:, 1]
+        if r == t.shape[-1]:
+            return torch.addcmul(t * cos, t.roll(r // 2, dims=-1), signed_sin)
+        head = t[..., :r]
+        rotated = torch.addcmul(head * cos, head.roll(r // 2, dims=-1), signed_sin)
+        return torch.cat((rotated, t[..., r:]), dim=-1)
 
     def extra_repr(self) -> str:
         """The module summary printed by ``repr``."""

@@ -27,7 +27,24 @@ from torch import Tensor
 
 from .memory import LayerMemory
 
-__all__ = ["BlockGeometry", "build_grid", "next_memory", "token_mask", "unseen_slots", "windows"]
+__all__ = [
+    "BlockGeometry",
+    "all_valid",
+    "build_grid",
+    "next_memory",
+    "token_mask",
+    "unseen_slots",
+    "windows",
+]
+
+
+def all_valid(valid: Tensor) -> bool:
+    """Whether every slot of ``valid`` (bool, any shape) is valid, so that the validity mask
+    can be skipped. Under ``torch.compile`` this answers ``False`` without reading the data
+    (the mask is then always applied, which gives the same result without a graph break)."""
+    if torch.compiler.is_compiling():
+        return False
+    return bool(valid.all())
 
 
 @dataclass(frozen=True)

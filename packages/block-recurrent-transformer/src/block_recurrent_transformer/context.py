@@ -30,14 +30,23 @@ class WindowTables:
     Attributes:
         mask: ``(1, 1, i, j)`` bool, ``True`` = may attend (static part only).
         bias: ``(1, H, i, j)`` position bias or ``None``.
-        query_angles: ``(i, r)`` rotary angles of the query rows or ``None``.
-        key_angles: ``(j, r)`` rotary angles of the key slots or ``None``.
+        query_angles: ``(i, 2, r)`` rotation table (see
+            :meth:`~.attention.PositionEncoding.angles`) of the query rows or ``None``.
+        key_angles: ``(j, 2, r)`` rotation table of the key slots or ``None``.
+        additive: ``(1, 1 or H, i, j)`` float: the bias (or zeros) with ``-inf`` where the mask
+            forbids, the ready-made ``attn_mask`` of ``scaled_dot_product_attention`` (a call
+            with invalid slots adds ``-inf`` at them); ``None`` when ``has_empty_rows``.
+        has_empty_rows: some row may attend to no slot (then the general masked path, which
+            returns zeros for such rows, must be used); always ``True`` under
+            ``torch.compile``, where the tables are not inspected.
     """
 
     mask: Tensor
     bias: Tensor | None
     query_angles: Tensor | None
     key_angles: Tensor | None
+    additive: Tensor | None = None
+    has_empty_rows: bool = True
 
     def rows(
         self, start: int, stop: int, slots: int, *, skip: int = 0, keep: int = 0
@@ -58,6 +67,8 @@ class WindowTables:
             None if self.bias is None else keys(self.bias[:, :, start:stop], 3),
             None if self.query_angles is None else self.query_angles[start:stop],
             keys(self.key_angles, 0),
+            None if self.additive is None else keys(self.additive[:, :, start:stop], 3),
+            self.has_empty_rows,  # a subset of the rows, without slots they cannot see
         )
 
 
@@ -83,6 +94,7 @@ class CallContext:
     dtype: torch.dtype
     device: torch.device
     _full: dict = field(default_factory=dict)
+    _rows: dict = field(default_factory=dict)
 
     def tables(self, geom: BlockGeometry, lookback: int) -> WindowTables:
         """Tables for the token attention of ``geom`` with ``lookback`` (``W`` for layers
@@ -99,15 +111,32 @@ class CallContext:
                 compressed=compressed,
                 per_block=self.compressed_per_block,
             )
-            self._full[key] = WindowTables(
+            bias = self.positions.bias(q_pos, k_pos, self.dtype)
+            tables = WindowTables(
                 mask[None, None],
-                self.positions.bias(q_pos, k_pos, self.dtype),
+                bias,
                 self.positions.angles(q_pos, self.dtype),
                 self.positions.angles(k_pos, self.dtype),
             )
+            if not torch.compiler.is_compiling() and bool(mask.any(dim=-1).all()):
+                base = (
+                    bias
+                    if bias is not None
+                    else mask.new_zeros((1, 1, *mask.shape), dtype=self.dtype)
+                )
+                tables.additive = base.masked_fill(~mask, float("-inf"))
+                tables.has_empty_rows = False
+            self._full[key] = tables
         tables = self._full[key]
         if not geom.single:
             return tables
         start, stop = geom.rows
         skip = unseen_slots(geom, lookback, self.sliding)
-        return tables.rows(start, stop, compressed + lookback + stop, skip=skip, keep=compressed)
+        args = (start, stop, compressed + lookback + stop)
+        if torch.is_grad_enabled():  # a position bias may need gradients: slice afresh
+            return tables.rows(*args, skip=skip, keep=compressed)
+        # decoding: the same few row ranges come back every block, keep their slices
+        row_key = (key, *args, skip)
+        if row_key not in self._rows:
+            self._rows[row_key] = tables.rows(*args, skip=skip, keep=compressed)
+        return self._rows[row_key]

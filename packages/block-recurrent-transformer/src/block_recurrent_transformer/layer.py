@@ -33,8 +33,8 @@ from torch import Tensor, nn
 
 from attention_core.nn import FeedForward, RMSNorm
 
-from .attention import HeadNorm, PositionEncoding, attend_heads, split_heads
-from .blocks import BlockGeometry, build_grid, next_memory, unseen_slots, windows
+from .attention import HeadNorm, PositionEncoding, attend_heads, attend_window, split_heads
+from .blocks import BlockGeometry, all_valid, build_grid, next_memory, unseen_slots, windows
 from .context import CallContext
 from .memory import LayerMemory, MemoryCompressor
 from .state import RecurrentState
@@ -74,20 +74,25 @@ class LayerSpec:
 
 def _to_blocks(t: Tensor, geom: BlockGeometry) -> Tensor:
     """``(b, h, t, d)`` tokens -> ``(b * n, h, w, d)`` blocks (zero rows as padding), or the
-    unchanged rows of a single block."""
+    unchanged rows of a single block. When ``t`` is a head view of a ``(b, t, h * d)``
+    projection and the call covers whole blocks, the result is a view (no copy)."""
     if geom.single:
         return t
+    t = t.transpose(1, 2)  # b t h d: contiguous for a head view of a projection
     right = geom.current_length - geom.offset - geom.length
-    t = F.pad(t, (0, 0, geom.offset, right))
-    return rearrange(t, "b h (n w) d -> (b n) h w d", w=geom.width)
+    if geom.offset or right:
+        t = F.pad(t, (0, 0, 0, 0, geom.offset, right))
+    return rearrange(t, "b (n w) h d -> (b n) h w d", w=geom.width)
 
 
-def _from_blocks(t: Tensor, geom: BlockGeometry, batch: int) -> Tensor:
-    """Inverse of :func:`_to_blocks`, with heads merged: -> ``(b, t, h * d)``."""
-    if not geom.single:
-        t = rearrange(t, "(b n) h w d -> b h (n w) d", b=batch)
-        t = t[:, :, geom.offset : geom.offset + geom.length]
-    return rearrange(t, "b h t d -> b t (h d)")
+def _from_blocks(t: Tensor, geom: BlockGeometry) -> Tensor:
+    """Inverse of :func:`_to_blocks`, with heads merged (one copy): -> ``(b, t, h * d)``."""
+    if geom.single:
+        return rearrange(t, "b h t d -> b t (h d)")
+    t = rearrange(t, "(b n) h w d -> b (n w) (h d)", n=geom.num_blocks)
+    if geom.offset or t.shape[1] != geom.length:
+        t = t[:, geom.offset : geom.offset + geom.length]
+    return t
 
 
 def _per_block(t: Tensor, geom: BlockGeometry, batch: int) -> Tensor:
@@ -244,7 +249,7 @@ class BlockRecurrentLayer(nn.Module):
             if j < geom.complete:
                 ok = win_ok[:, j]
                 state = self.state.update(
-                    state, prepared, win_k[:, j], win_v[:, j], None if bool(ok.all()) else ok
+                    state, prepared, win_k[:, j], win_v[:, j], None if all_valid(ok) else ok
                 )
                 if j + 1 < geom.num_blocks:
                     prepared = self.state.prepare(state)
@@ -280,7 +285,6 @@ class BlockRecurrentLayer(nn.Module):
         Returns:
             ``(y (B, t, c), new memory, new state or None, prepare of the new state or None)``.
         """
-        batch = x.shape[0]
         xn, q, k, v, scale = self._project(x)
         grid_k, grid_v, valid = build_grid(memory, k, v, geom, self.grid_lookback)
         new_memory = next_memory(
@@ -322,12 +326,25 @@ class BlockRecurrentLayer(nn.Module):
                 new_memory.compressed_valid,
             ) = compressed
         tables = ctx.tables(geom, lookback)
-        mask = tables.mask
-        if not bool(win_ok.all()):
-            mask = mask & win_ok[:, None, None, :]
         q_blocks = positions.rotate(_to_blocks(q, geom), tables.query_angles)
         win_k = positions.rotate(win_k, tables.key_angles)
-        outs = [attend_heads(q_blocks, win_k, win_v, mask=mask, bias=tables.bias, scale=scale)]
+        additive = tables.additive
+        if additive is not None and not all_valid(win_ok):
+            # invalid slots (start of a stream, dropped memories, padding): still one fused
+            # call when every row keeps a visible key, else the general path below
+            visible = tables.mask & win_ok[:, None, None, :]
+            if all_valid(visible.any(dim=-1)):
+                blocked = torch.zeros(win_ok.shape, dtype=additive.dtype, device=win_ok.device)
+                additive = additive + blocked.masked_fill(~win_ok, float("-inf"))[:, None, None]
+            else:
+                additive = None
+        if additive is not None:
+            outs = [attend_window(q_blocks, win_k, win_v, additive=additive, scale=scale)]
+        else:  # some rows may see no key: the general masked path (zeros for such rows)
+            mask = tables.mask
+            if not all_valid(win_ok):
+                mask = mask & win_ok[:, None, None, :]
+            outs = [attend_heads(q_blocks, win_k, win_v, mask=mask, bias=tables.bias, scale=scale)]
 
         # cross-attention to the states read by this layer
         if reads:
@@ -338,7 +355,7 @@ class BlockRecurrentLayer(nn.Module):
             for q_read, (k_read, v_read) in zip(read_q, reads):
                 outs.append(attend_heads(q_read, k_read, v_read, scale=scale))
 
-        out = _from_blocks(torch.cat(outs, dim=1), geom, batch)
+        out = _from_blocks(torch.cat(outs, dim=1), geom)
         x = x + self.to_out(out)
         x = x + self.ff(self.ff_norm(x))
         return x, new_memory, state, final_prepared

@@ -139,6 +139,11 @@ class XLMemories:
         return XLMemories(self.position, [layer.drop(rows) for layer in self.layers])
 
 
+# ``torch.load(..., weights_only=True)`` may rebuild these two containers (they hold only
+# tensors, ints and lists): saved memories load without unpickling arbitrary code.
+torch.serialization.add_safe_globals([LayerMemory, XLMemories])
+
+
 # compression of evicted blocks
 
 
