@@ -1,19 +1,24 @@
 """Feedback Transformer: this project against feedback-transformer-pytorch 0.0.11.
 
 Run with ``nox -s bench`` or directly: ``python benchmarks/bench_feedback.py [--quick]``.
-Writes the table to ``docs/benchmarks/feedback.md``.
+Writes the table to ``docs/benchmarks/feedback.md`` and the decoding sweep to
+``docs/benchmarks/feedback_generation.json`` (rows of ``model``, ``context``,
+``ms_per_token``, plotted by ``benchmarks/plot_results.py``).
 
-Both models in one process, same sizes (the PEERS.md configuration: dim 128, depth 2, 8 heads
-of 64, mem_len 64, batch 2, vocabulary 256), same threads, float32, dropout off:
+Both models in one process, same sizes (issue 6's configuration: dim 256, depth 4, 8 heads of
+64, mem_len 256, batch 2 as in the peer's README, vocabulary 256), same threads, float32,
+dropout off:
 
-1. training and inference throughput at seq_len 1 (the paper's exact model) and 2: tokens per
-   second of ``model(x)`` under ``torch.no_grad()`` and of forward + backward of a next-token
-   loss, and the bytes saved for the backward pass (tensors saved by autograd, deduplicated by
-   storage, plus, for ours, the key/value buffer of the call that the backward reads);
-2. token-by-token decoding at mem_len 64 and 1024: ours ``model.step`` (ring-buffer memory);
-   the peer has no generation API, so its decoding is ``model(token, memory=memory,
-   return_memory=True)`` with a seq_len 1 model, one token at a time. The memory starts full
-   (random keys and values of the right shapes: a step's cost does not depend on the values).
+1. training and inference throughput at seq_len 2 (512 tokens) and 1 (the paper's exact
+   model, 128 tokens): tokens per second of ``model(x)`` under ``torch.no_grad()`` and of
+   forward + backward of a next-token loss, and the bytes saved for the backward pass
+   (tensors saved by autograd, deduplicated by storage, parameters excluded, plus, for ours,
+   the key/value buffer of the call that the backward reads);
+2. token-by-token decoding, batch 1, mem_len 1024, with the memory filled to 16, 64, 256 and
+   1024 steps (random keys and values of the right shapes: a step's cost does not depend on
+   the values): milliseconds per token. Ours: ``model.step`` (ring-buffer memory); the peer
+   has no generation API, so its decoding is ``model(token, memory=memory,
+   return_memory=True)`` with a seq_len 1 model, one token at a time.
 
 The peer is imported if it is installed (``pip install --no-deps
 feedback-transformer-pytorch==0.0.11``; it needs only torch and einops). Without it, only our
@@ -24,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import platform
 import statistics
 import time
@@ -36,7 +42,9 @@ from torch import Tensor
 from feedback_transformer import FeedbackMemory, FeedbackTransformer
 
 ROOT = Path(__file__).resolve().parents[1]
-DIM, DEPTH, HEADS, DIM_HEAD, VOCAB, BATCH = 128, 2, 8, 64, 256, 2
+DIM, DEPTH, HEADS, DIM_HEAD, VOCAB, BATCH, MEM_LEN = 256, 4, 8, 64, 256, 2, 256
+DECODE_MEM_LEN, FILLS = 1024, (16, 64, 256, 1024)
+LABEL = {"peer": "feedback-transformer-pytorch", "ours": "feedback (ours)"}
 
 
 def import_peer():
@@ -68,12 +76,15 @@ def median_time(fn, repeats: int) -> float:
 
 
 def saved_bytes(kind: str, model, x: Tensor) -> int:
-    """Bytes kept for the backward pass of ``model(x)``."""
+    """Activation bytes kept for the backward pass of ``model(x)`` (the parameters, which
+    autograd also saves, are not counted)."""
     storages: dict[int, int] = {}
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
 
     def pack(t):
         storage = t.untyped_storage()
-        storages[storage.data_ptr()] = storage.nbytes()
+        if storage.data_ptr() not in params:
+            storages[storage.data_ptr()] = storage.nbytes()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
@@ -91,7 +102,7 @@ def training(Peer, seq_len: int, n: int, repeats: int) -> list[dict]:
     for kind in ("peer", "ours"):
         if kind == "peer" and Peer is None:
             continue
-        model = build(kind, Peer, seq_len, 64)
+        model = build(kind, Peer, seq_len, MEM_LEN)
 
         def forward(model=model):
             with torch.no_grad():
@@ -107,6 +118,7 @@ def training(Peer, seq_len: int, n: int, repeats: int) -> list[dict]:
             dict(
                 contender=kind,
                 seq_len=seq_len,
+                n=n,
                 fwd=BATCH * n / fwd,
                 fwd_bwd=BATCH * (n - 1) / fwd_bwd,
                 saved=saved_bytes(kind, model, x) / 2**20,
@@ -115,20 +127,22 @@ def training(Peer, seq_len: int, n: int, repeats: int) -> list[dict]:
     return rows
 
 
-def decoding(Peer, mem_len: int, steps: int, repeats: int) -> list[dict]:
+def decoding(Peer, fill: int, steps: int, repeats: int) -> list[dict]:
+    """Milliseconds per token of batch-1 decoding after a memory of ``fill`` steps."""
     rows = []
     g = torch.Generator().manual_seed(1)
-    keys, values = (torch.randn(BATCH, HEADS, mem_len, DIM_HEAD, generator=g) for _ in range(2))
-    tokens = torch.randint(0, VOCAB, (BATCH, steps + 1), generator=g)
+    keys, values = (torch.randn(1, HEADS, fill, DIM_HEAD, generator=g) for _ in range(2))
+    tokens = torch.randint(0, VOCAB, (1, steps + 1), generator=g)
     for kind in ("peer", "ours"):
         if kind == "peer" and Peer is None:
             continue
-        model = build(kind, Peer, 1, mem_len).eval()
+        model = build(kind, Peer, 1, DECODE_MEM_LEN).eval()
         if kind == "ours":
 
             def run(model=model):
                 with torch.no_grad():
-                    _, state = model.prefill(tokens[:, :1], memory=FeedbackMemory(keys, values))
+                    memory = FeedbackMemory(keys, values)
+                    _, state = model.prefill(tokens[:, :1], memory=memory)
                     start = time.perf_counter()
                     for t in range(1, steps + 1):
                         _, state = model.step(tokens[:, t], state)
@@ -136,7 +150,7 @@ def decoding(Peer, mem_len: int, steps: int, repeats: int) -> list[dict]:
 
         else:
             # the peer's memory: (b, m, heads * dim_head) keys and values
-            memory = tuple(t.transpose(1, 2).reshape(BATCH, mem_len, -1) for t in (keys, values))
+            memory = tuple(t.transpose(1, 2).reshape(1, fill, -1) for t in (keys, values))
 
             def run(model=model, memory=memory):
                 with torch.no_grad():
@@ -148,7 +162,8 @@ def decoding(Peer, mem_len: int, steps: int, repeats: int) -> list[dict]:
 
         run()  # warm-up
         elapsed = statistics.median(run() for _ in range(repeats))
-        rows.append(dict(contender=kind, mem_len=mem_len, tokps=BATCH * steps / elapsed))
+        ms = round(1e3 * elapsed / steps, 3)
+        rows.append(dict(model=LABEL[kind], context=fill, ms_per_token=ms))
     return rows
 
 
@@ -156,7 +171,7 @@ def _ratio(value: float, base: float | None) -> str:
     return "" if base is None else f" ({value / base:.2f}x)"
 
 
-def markdown(train_rows, decode_rows, args, n: int, steps: int, have_peer: bool) -> str:
+def markdown(train_rows, decode_rows, args, steps: int, have_peer: bool) -> str:
     label = {"peer": "feedback-transformer-pytorch 0.0.11", "ours": "feedback-transformer (ours)"}
     lines = [
         "# Feedback Transformer benchmark",
@@ -166,19 +181,20 @@ def markdown(train_rows, decode_rows, args, n: int, steps: int, have_peer: bool)
         f"{torch.get_num_threads()} threads, float32, CPU. Medians of {args.repeats} runs; the "
         "machine is shared with other jobs, so the numbers are noisy: read the ratios.",
         "",
-        f"Model: dim {DIM}, depth {DEPTH}, {HEADS} heads x {DIM_HEAD}, mem_len 64, vocabulary "
-        f"{VOCAB}, dropout 0. Training and inference: batch {BATCH} x {n} tokens (forward + "
-        "backward of a next-token loss); 'saved' is what autograd keeps for the backward pass "
-        "(for ours, plus the call's key/value buffer).",
+        f"Model: dim {DIM}, depth {DEPTH}, {HEADS} heads x {DIM_HEAD}, mem_len {MEM_LEN}, "
+        f"vocabulary {VOCAB}, dropout 0. Training and inference: batch {BATCH} x n tokens "
+        "(forward + backward of a next-token loss); 'saved' is the activation memory that "
+        "autograd keeps for the backward pass, parameters excluded (for ours, plus the call's "
+        "key/value buffer).",
         "",
     ]
     if not have_peer:
         lines += ["feedback-transformer-pytorch was not importable in this run: ours alone.", ""]
     lines += [
-        "| contender | seq_len | fwd tok/s | fwd+bwd tok/s | saved for backward (MiB) |",
-        "|---|---:|---:|---:|---:|",
+        "| contender | seq_len | n | fwd tok/s | fwd+bwd tok/s | saved for backward (MiB) |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
-    for seq_len in sorted({r["seq_len"] for r in train_rows}):
+    for seq_len in dict.fromkeys(r["seq_len"] for r in train_rows):
         rows = {r["contender"]: r for r in train_rows if r["seq_len"] == seq_len}
         base = rows.get("peer")
         for kind, r in rows.items():
@@ -186,26 +202,30 @@ def markdown(train_rows, decode_rows, args, n: int, steps: int, have_peer: bool)
                 f"{r[key]:,.{digits}f}{_ratio(r[key], base and base[key])}"
                 for key, digits in (("fwd", 0), ("fwd_bwd", 0), ("saved", 1))
             ]
-            lines.append(f"| {label[kind]} | {seq_len} | " + " | ".join(cells) + " |")
+            lines.append(f"| {label[kind]} | {seq_len} | {r['n']} | " + " | ".join(cells) + " |")
     lines += [
         "",
-        f"Token-by-token decoding (seq_len 1, batch {BATCH}, {steps} steps after a full memory; "
-        "ours: `model.step`; the peer: `model(token, memory=memory, return_memory=True)`):",
+        f"Token-by-token decoding (seq_len 1, batch 1, mem_len {DECODE_MEM_LEN}, {steps} steps "
+        "after a memory of `fill` steps; ours: `model.step`; the peer: `model(token, "
+        "memory=memory, return_memory=True)`), milliseconds per token:",
         "",
-        "| contender | mem_len | tokens/s |",
-        "|---|---:|---:|",
+        "| contender | " + " | ".join(f"fill {f}" for f in FILLS) + " | fill "
+        f"{FILLS[-1]} / fill {FILLS[0]} |",
+        "|---|" + "---:|" * (len(FILLS) + 1),
     ]
-    for mem_len in sorted({r["mem_len"] for r in decode_rows}):
-        rows = {r["contender"]: r for r in decode_rows if r["mem_len"] == mem_len}
-        base = rows.get("peer")
-        for kind, r in rows.items():
-            ratio = _ratio(r["tokps"], base and base["tokps"])
-            lines.append(f"| {label[kind]} | {mem_len} | {r['tokps']:,.0f}{ratio} |")
+    for model in dict.fromkeys(r["model"] for r in decode_rows):
+        ms = {r["context"]: r["ms_per_token"] for r in decode_rows if r["model"] == model}
+        cells = [f"{ms[f]:.2f}" for f in FILLS]
+        lines.append(
+            f"| {model} | " + " | ".join(cells) + f" | {ms[FILLS[-1]] / ms[FILLS[0]]:.2f}x |"
+        )
     lines += [
         "",
-        "Ratios are against the peer (higher is better for tokens/s, lower for memory). The two "
-        "models are not the same function: the peer's window tokens also attend to themselves "
-        "and its memory ignores distance in the position bias; the work per step is the same.",
+        "Ratios in the first table are against the peer (higher is better for tokens/s, lower "
+        "for memory); the last column of the second is how much a token slows down as the "
+        "memory fills (1.00x: flat). The two models are not the same function: the peer's "
+        "window tokens also attend to themselves and its memory ignores distance in the "
+        "position bias; the work per step is the same.",
     ]
     return "\n".join(lines) + "\n"
 
@@ -218,18 +238,18 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     Peer = import_peer()
-    args.repeats = 3 if args.quick else 7
-    n = 32 if args.quick else 256
-    steps = 16 if args.quick else 128
-    train_rows = training(Peer, 1, n, args.repeats) + training(Peer, 2, n, args.repeats)
-    decode_rows = decoding(Peer, 64, steps, args.repeats) + decoding(
-        Peer, 1024, steps, args.repeats
-    )
-    report = markdown(train_rows, decode_rows, args, n, steps, Peer is not None)
+    args.repeats = 2 if args.quick else 3
+    steps = 16 if args.quick else 32
+    train_rows = training(Peer, 2, 64 if args.quick else 512, args.repeats)
+    train_rows += training(Peer, 1, 32 if args.quick else 128, args.repeats)
+    decode_rows = [row for fill in FILLS for row in decoding(Peer, fill, steps, args.repeats)]
+    report = markdown(train_rows, decode_rows, args, steps, Peer is not None)
     print(report)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(report)
+    sweep = out.with_name(out.stem + "_generation.json")
+    sweep.write_text(json.dumps(decode_rows, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@ Decoding is the Feedback Transformer's exact sequential model (Fan et al. 2021, 
 2002.09402): each new token's layers attend to the memory of all earlier steps. The memory
 lives in a ``RingBuffer`` that each step writes in place, and everything that does not
 change from step to step (scaled query weights, position bias, the context's keys and
-values) is computed once in :func:`prefill`, so a step costs the same whatever the fill.
+values) is computed once in :func:`prefill`: the only per-step work that grows with the
+memory's fill is the attention over it.
 
 Einstein notation: ``b`` batch, ``t`` prompt length, ``h`` heads, ``m`` memory slots.
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from attention_core.generation import generate as _generate
@@ -76,11 +78,17 @@ def step(model, tokens: Tensor, state: FeedbackState):
         raise TypeError(f"state must be a FeedbackState from prefill; got {type(state).__name__}")
     if state.signature != model.signature or state.ring.capacity != model.mem_len:
         raise ValueError("state comes from another model; call prefill of this model")
-    model._check_tokens("tokens", tokens, 1)
-    if tokens.shape[0] != state.batch:
+    if not isinstance(tokens, Tensor) or tokens.dim() != 1 or tokens.shape[0] != state.batch:
+        model._check_tokens("tokens", tokens, 1)  # a TypeError or ValueError for the kind
         raise ValueError(
             f"tokens must have shape (b,) = ({state.batch},); got {tuple(tokens.shape)}"
         )
+    if tokens.dtype != torch.long:
+        model._check_tokens("tokens", tokens, 1)
+    elif tokens.numel():  # the common case: one reduction to see that the ids are in range
+        low, high = tokens.aminmax()
+        if low < 0 or high >= model.num_tokens:
+            model._check_tokens("tokens", tokens, 1)  # raises, naming the range
     x = model.token_emb(tokens)
     ring = state.ring
     memory = MemorySlice(ring, *ring.bounds())
@@ -89,7 +97,9 @@ def step(model, tokens: Tensor, state: FeedbackState):
     if k is not None:
         ring.append(k, v)
     state.steps += 1
-    return model.to_logits(out), state
+    norm, head = model.to_logits  # LayerNorm, Linear: called without module dispatch
+    out = F.layer_norm(out, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+    return F.linear(out, head.weight, head.bias), state
 
 
 class _Bound:

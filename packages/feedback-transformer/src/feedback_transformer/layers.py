@@ -111,6 +111,7 @@ class FeedbackLayer(nn.Module):
         first_empty: bool = False,
         cross: tuple[Tensor, Tensor, Tensor | None] | None = None,
         linear: LinearFn = F.linear,
+        proj: Tensor | None = None,
     ) -> Tensor:
         """Advance a window of ``w`` steps by one layer.
 
@@ -126,6 +127,9 @@ class FeedbackLayer(nn.Module):
             cross: context keys, values ``(b, h, s, d)`` and mask, or ``None``.
             linear: ``F.linear`` or a ``linear.StepLinear`` of the call (one weight
                 gradient per call instead of one per step).
+            proj: ``(b w, o)``, the projection ``linear(norm(x), weight)`` when the caller
+                has it already (the first layer's input does not depend on the steps, so
+                the model projects all windows at once); ``None``: computed here.
 
         Returns:
             ``(b w, dim)``.
@@ -134,10 +138,11 @@ class FeedbackLayer(nn.Module):
         inner = h * d
         w = bias.shape[1]
         b = x.shape[0] // w
-        a = F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
-        proj = linear(a, weight, None)
+        if proj is None:
+            a = F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+            proj = linear(a, weight, None)
         if w == 1:
-            q, kw, vw = proj.view(b * h, 1, d), None, None  # "b (h d) -> (b h) 1 d"
+            q, kw, vw = proj.reshape(b * h, 1, d), None, None  # "b (h d) -> (b h) 1 d"
         else:
             # "(b w) (h d) -> (b h) w d" for the queries, "-> b h w d" for keys and values
             q = proj[:, :inner].view(b, w, h, d).transpose(1, 2).reshape(b * h, w, d)
@@ -159,8 +164,9 @@ class FeedbackLayer(nn.Module):
         ``attention_core.nn`` (its linear maps through ``linear``, its gate module as is)."""
         norm = self.ff_norm
         x = F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
-        first, geglu, dropout, last = self.ff.net
-        x = geglu(linear(x, first.weight, first.bias))  # x, gate = chunk(2); x * gelu(gate)
+        first, _, dropout, last = self.ff.net  # Linear, GEGLU, Dropout, Linear
+        x, gate = linear(x, first.weight, first.bias).chunk(2, dim=-1)
+        x = x * F.gelu(gate)  # the GEGLU module's product, without its per-call checks
         if self.training and dropout.p:
             x = F.dropout(x, dropout.p, training=True)
         return linear(x, last.weight, last.bias)

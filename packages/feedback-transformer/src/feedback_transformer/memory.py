@@ -63,6 +63,10 @@ class FeedbackMemory(_KeysValues):
         return FeedbackMemory(self.keys.detach(), self.values.detach(), self.source)
 
 
+# a memory is a tensor container that ``torch.load(..., weights_only=True)`` may rebuild
+torch.serialization.add_safe_globals([FeedbackMemory])
+
+
 class KVStore:
     """Keys and values of every step of one forward call, preallocated.
 
@@ -198,8 +202,9 @@ class RingBuffer:
         c = self.capacity
         if c == 0:
             return
-        keys, values = keys[:, :, -c:], values[:, :, -c:]
         n = keys.shape[2]
+        if n > c:
+            keys, values, n = keys[:, :, -c:], values[:, :, -c:], c
         shape = (self.batch, self.heads, 2 * c, keys.shape[3])
         if n == 1:  # the decoding step: two small copies per tensor
             s = self.next

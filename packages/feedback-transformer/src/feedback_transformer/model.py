@@ -153,7 +153,7 @@ class FeedbackTransformer(nn.Module):
         check_tensor(name, x, dim=dim, integer=True)
         if dim == 2 and x.shape[1] < 1:
             raise ValueError(f"{name} must have shape (b, n) with n >= 1; got {tuple(x.shape)}")
-        if x.numel():
+        if x.numel() and not torch.compiler.is_compiling():  # data-dependent: eager only
             low, high = int(x.min()), int(x.max())
             if low < 0 or high >= self.num_tokens:
                 raise ValueError(
@@ -277,9 +277,11 @@ class FeedbackTransformer(nn.Module):
         cross: Cross | None,
         mix: Tensor | None,
         linear: LinearFn = F.linear,
+        proj0: Tensor | None = None,
     ) -> tuple[Tensor, Tensor | None, Tensor | None]:
         """Run a window of ``w`` steps, ``x`` ``(b w, dim)``, through every layer
-        (``linear``: ``F.linear`` or the call's ``StepLinear``).
+        (``linear``: ``F.linear`` or the call's ``StepLinear``; ``proj0``: the first layer's
+        projection of ``x`` if already computed).
 
         Returns the last layer's output ``(b w, dim)`` and the window's memory keys and
         values ``(b, h, w, d)`` (``None`` when ``mem_len == 0``).
@@ -287,7 +289,10 @@ class FeedbackTransformer(nn.Module):
         states = [x]
         for i, layer in enumerate(self.layers):
             layer_cross = None if cross is None else (*cross[0][i], cross[1])
-            x = layer(x, self.attn_norm, weights[i], memory, bias, first_empty, layer_cross, linear)
+            proj = proj0 if i == 0 else None
+            x = layer(
+                x, self.attn_norm, weights[i], memory, bias, first_empty, layer_cross, linear, proj
+            )
             states.append(x)
         if not self.mem_len:
             return x, None, None
@@ -326,11 +331,19 @@ class FeedbackTransformer(nn.Module):
         q_weights = [wt[: self.heads * self.dim_head] for wt in weights]
         mix = self._mix()
         linear = StepLinear() if torch.is_grad_enabled() else F.linear
+        # the first layer's input is the embedding, known for every step: its pre-norm and
+        # projection are one product over all b * n rows instead of one per window
+        norm = self.attn_norm
+        a = F.layer_norm(h, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+        proj_all = linear(a.reshape(b * n, dim), weights[0], None).view(b, n, weights[0].shape[0])
+        # split once: one backward node for all windows (slicing per window would zero-fill
+        # a gradient of the whole input per window in the backward pass)
+        h_windows, proj_windows = h.split(W, dim=1), proj_all.split(W, dim=1)
 
         outputs = []
-        for start in range(0, n, W):
+        for index, start in enumerate(range(0, n, W)):
             w = min(W, n - start)
-            x = h[:, start : start + w].reshape(b * w, dim)
+            x = h_windows[index].reshape(b * w, dim)
             hi = m0 + start if M else 0
             lo = max(0, hi - M)
             if (w, hi - lo) not in biases:
@@ -338,7 +351,11 @@ class FeedbackTransformer(nn.Module):
             bias, first_empty = biases[w, hi - lo]
             memory = MemorySlice(store, lo, hi, link)
             layer_weights = weights if w > 1 else q_weights
-            x, k, v = self._window(x, memory, bias, first_empty, layer_weights, cross, mix, linear)
+            o = layer_weights[0].shape[0]  # "b w o -> (b w) o" (a copy when b > 1)
+            proj0 = proj_windows[index][:, :, :o].reshape(b * w, o)
+            x, k, v = self._window(
+                x, memory, bias, first_empty, layer_weights, cross, mix, linear, proj0
+            )
             outputs.append(x.view(b, w, dim))
             if M:
                 link = store.write(k, v)
@@ -377,7 +394,8 @@ class FeedbackTransformer(nn.Module):
     def step(self, tokens: Tensor, state):
         """Consume one token per row, ``tokens`` ``(b,)``, after ``state`` (which is updated
         in place and returned); returns the logits ``(b, num_tokens)`` of the next position
-        and the state. One step costs the same whatever the memory's fill, and equals
+        and the state. Apart from the attention products over the memory, a step costs the same
+        whatever the memory's fill (nothing is copied or re-stacked), and equals
         :meth:`forward` of a ``seq_len=1`` model."""
         from .generation import step
 
@@ -395,7 +413,8 @@ class FeedbackTransformer(nn.Module):
     def stream(self, prompt: Tensor, max_new_tokens: int, **kwargs):
         """``attention_core.generation.stream`` on this model: yields up to
         ``max_new_tokens`` sampled tokens ``(b,)`` one at a time after the prompt ``(b, t)``,
-        each at the same cost whatever the memory's fill. Keyword arguments as
+        each at a cost that depends on the memory's fill only through the attention products.
+        Keyword arguments as
         :meth:`generate`."""
         from .generation import stream
 
