@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <exception>
+#include <system_error>
 #include <thread>
 #include <vector>
 
@@ -34,7 +35,13 @@ void parallel_for(int64_t items, int64_t threads, Fn&& fn) {
     };
     std::vector<std::thread> pool;
     pool.reserve(workers - 1);
-    for (int64_t worker = 1; worker < workers; ++worker) pool.emplace_back(run, worker);
+    int64_t worker = 1;
+    try {
+        for (; worker < workers; ++worker) pool.emplace_back(run, worker);
+    } catch (const std::system_error&) {
+        // the system refused a thread: run the remaining ranges on this one
+    }
+    for (int64_t rest = worker; rest < workers; ++rest) run(rest);
     run(0);
     for (auto& thread : pool) thread.join();
     for (auto& error : errors) {

@@ -107,6 +107,7 @@ def _worker(rank, world_size, init_file, cases, strategies, lr, out_dir):
                 train_steps(wrapped, batches[:, rank * shard : (rank + 1) * shard], loss, lr)
                 results[name, strategy] = _flat_parameters(model)
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
+        dist.barrier()  # no rank tears gloo down while another still communicates
     finally:
         dist.destroy_process_group()
 
