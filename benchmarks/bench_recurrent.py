@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import platform
 import statistics
@@ -256,13 +255,6 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(report)
-    # per-token generation time against context, for benchmarks/plot_results.py
-    rows = [
-        {"model": f"recurrent LM ({r['attention']})", "context": r["context"],
-         "ms_per_token": 1000 / r["tokens/s"]}
-        for r in gen
-    ]  # fmt: skip
-    out.with_name("recurrent_generation.json").write_text(json.dumps(rows, indent=1) + "\n")
 
 
 if __name__ == "__main__":
