@@ -163,7 +163,9 @@ def decoding(Peer, fill: int, steps: int, repeats: int) -> list[dict]:
         run()  # warm-up
         elapsed = statistics.median(run() for _ in range(repeats))
         ms = round(1e3 * elapsed / steps, 3)
-        rows.append(dict(model=LABEL[kind], context=fill, ms_per_token=ms))
+        rows.append(
+            dict(model=f"{LABEL[kind]}, d={DIM} depth {DEPTH}", context=fill, ms_per_token=ms)
+        )
     return rows
 
 

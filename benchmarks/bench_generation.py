@@ -35,17 +35,17 @@ def models() -> dict[str, torch.nn.Module]:
     built = {}
     for attention in ("causal-linear", "full"):
         torch.manual_seed(0)
-        built[f"recurrent LM ({attention})"] = RecurrentLM(
+        built[f"recurrent LM ({attention}), d=128 depth 4"] = RecurrentLM(
             VOCAB, n_layers=4, n_heads=4, query_dimensions=32, value_dimensions=32,
             attention_type=attention,
         )  # fmt: skip
     torch.manual_seed(0)
-    built["block-recurrent (W=128)"] = BlockRecurrentTransformer(
+    built["block-recurrent (W=128), d=128 depth 2"] = BlockRecurrentTransformer(
         num_tokens=VOCAB, dim=128, depth=2, dim_head=32, heads=4, max_seq_len=512,
         block_width=128, num_state_vectors=128, recurrent_layers=(2,),
     )  # fmt: skip
     torch.manual_seed(0)
-    built["feedback (mem_len=1024)"] = FeedbackTransformer(
+    built["feedback (mem_len=1024), d=128 depth 2"] = FeedbackTransformer(
         num_tokens=VOCAB, dim=128, depth=2, seq_len=1, mem_len=1024, dim_head=32, heads=4
     )
     return {name: model.eval() for name, model in built.items()}
