@@ -340,24 +340,36 @@ causal_product_forward.register_autograd(_causal_backward, setup_context=_causal
 # like the causal product; outputs are contiguous (N, H, L, .) tensors.
 
 
-def _check_floats(names: str, *tensors: Tensor) -> None:
-    if _C is None:
-        raise RuntimeError("attention_core._C is not compiled; use the reference path")
-    dtypes = [t.dtype for t in tensors]
-    if dtypes[0] not in _KERNEL_DTYPES or any(d != dtypes[0] for d in dtypes):
-        got = ", ".join(str(d) for d in dtypes)
-        raise TypeError(f"{names} must all be float32 or float64 (one dtype); got {got}")
+# the dtypes a kernel family accepts and how its error message names them; the Triton kernels
+# (attention_core._triton) share these checks with their own rule
+DtypeRule = tuple[tuple[torch.dtype, ...], str]
+CPU_DTYPES: DtypeRule = (_KERNEL_DTYPES, "all be float32 or float64 (one dtype)")
+
+
+def _check_floats(names: str, *tensors: Tensor, dtypes: DtypeRule | None = None) -> None:
+    """Four-dimensional tensors of one allowed dtype on one device (``dtypes``: the CPU
+    kernels' rule by default, which also needs the compiled extension)."""
+    if dtypes is None:
+        if _C is None:
+            raise RuntimeError("attention_core._C is not compiled; use the reference path")
+        dtypes = CPU_DTYPES
+    allowed, phrase = dtypes
+    got = [t.dtype for t in tensors]
+    if got[0] not in allowed or any(d != got[0] for d in got):
+        raise TypeError(f"{names} must {phrase}; got {', '.join(str(d) for d in got)}")
     for t in tensors:
         if t.dim() != 4:
             raise ValueError(f"{names} must be 4-dimensional; got {tuple(t.shape)}")
+        if t.device != tensors[0].device:
+            raise ValueError(f"{names} must be on one device; got {t.device}")
 
 
 def _kernel(name: str, dtype: torch.dtype):
     return getattr(_C, f"{name}_{'f32' if dtype == torch.float32 else 'f64'}")
 
 
-def _check_local(Q: Tensor, K: Tensor, local_context: int) -> None:
-    _check_floats("Q and K", Q, K)
+def _check_local(Q: Tensor, K: Tensor, local_context: int, dtypes: DtypeRule | None = None) -> None:
+    _check_floats("Q and K", Q, K, dtypes=dtypes)
     if K.shape[:2] != Q.shape[:2] or K.shape[3] != Q.shape[3]:
         raise ValueError(
             f"Q must be (N, H, L, E) and K (N, H, S, E); got {tuple(Q.shape)} and {tuple(K.shape)}"
@@ -477,8 +489,8 @@ local_dot_product_forward.register_autograd(
 )
 
 
-def _check_average(attention: Tensor, V: Tensor) -> None:
-    _check_floats("attention and V", attention, V)
+def _check_average(attention: Tensor, V: Tensor, dtypes: DtypeRule | None = None) -> None:
+    _check_floats("attention and V", attention, V, dtypes=dtypes)
     if V.shape[:2] != attention.shape[:2] or attention.shape[3] < 1:
         raise ValueError(
             "attention must be (N, H, L, C) with C > 0 and V (N, H, S, D); got "
@@ -601,9 +613,9 @@ def _check_sparse_index(
     )
 
 
-def _check_rows(names: str, A: Tensor, B: Tensor) -> None:
+def _check_rows(names: str, A: Tensor, B: Tensor, dtypes: DtypeRule | None = None) -> None:
     """``A (N, H, L, .)`` and ``B (N, H, S, .)`` float tensors of one dtype."""
-    _check_floats(names, A, B)
+    _check_floats(names, A, B, dtypes=dtypes)
     if A.shape[:2] != B.shape[:2]:
         first, second = names.split(" and ")
         raise ValueError(
@@ -823,8 +835,10 @@ sparse_weighted_average_forward.register_autograd(
 # kernels plus a reduction over the features for the factors' gradient.
 
 
-def _check_groups(X: Tensor, G: Tensor, F: Tensor, limits: Tensor | None) -> None:
-    _check_floats("rows and F", X, F.unsqueeze(-1))
+def _check_groups(
+    X: Tensor, G: Tensor, F: Tensor, limits: Tensor | None, dtypes: DtypeRule | None = None
+) -> None:
+    _check_floats("rows and F", X, F.unsqueeze(-1), dtypes=dtypes)
     N, H = X.shape[:2]
     if G.dtype != torch.int64 or G.dim() != 3 or tuple(G.shape[:2]) != (N, H):
         raise ValueError(

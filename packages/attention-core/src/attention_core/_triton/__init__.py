@@ -24,7 +24,13 @@ from __future__ import annotations
 import functools
 import importlib.util
 
-__all__ = ["available", "installed"]
+import torch
+
+__all__ = ["DTYPES", "DTYPE_RULE", "available", "installed"]
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# how the shared input checks of attention_core._kernels name them in errors
+DTYPE_RULE = (DTYPES, "share one dtype among float32, float16 and bfloat16")
 
 
 def installed() -> bool:

@@ -24,6 +24,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .._kernels import _check_groups
+from . import DTYPE_RULE
+
 __all__ = [
     "aggregate_backward",
     "aggregate_forward",
@@ -31,7 +34,6 @@ __all__ = [
     "broadcast_forward",
 ]
 
-DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 BLOCK_L = 32
 
 
@@ -94,28 +96,6 @@ def _group_rows_kernel(
 # ---------------------------------------------------------------------------------------
 
 
-def _check(rows: Tensor, G: Tensor, F: Tensor, limits: Tensor | None) -> None:
-    if rows.dtype not in DTYPES or F.dtype != rows.dtype:
-        raise TypeError(
-            "rows and F must share one dtype among float32, float16 and bfloat16; got "
-            f"{rows.dtype}, {F.dtype}"
-        )
-    if rows.dim() != 4:
-        raise ValueError(f"rows must be 4-dimensional; got {tuple(rows.shape)}")
-    N, H = rows.shape[:2]
-    if G.dtype != torch.int64 or G.dim() != 3 or tuple(G.shape[:2]) != (N, H):
-        raise ValueError(
-            f"G must be an int64 tensor of shape ({N}, {H}, L); got {G.dtype} {tuple(G.shape)}"
-        )
-    if F.dim() != 3 or tuple(F.shape[:2]) != (N, H):
-        raise ValueError(f"F must have shape ({N}, {H}, C); got {tuple(F.shape)}")
-    if limits is not None and (limits.dtype != torch.int64 or tuple(limits.shape) != (N, H)):
-        raise ValueError(
-            f"limits must be an int64 tensor of shape ({N}, {H}); got {limits.dtype} "
-            f"{tuple(limits.shape)}"
-        )
-
-
 def _group_rows(
     rows: Tensor, G: Tensor, F: Tensor | None, limits: Tensor | None, C: int, broadcast: bool
 ) -> Tensor:
@@ -155,7 +135,7 @@ def aggregate_forward(X: Tensor, G: Tensor, F: Tensor, limits: Tensor | None) ->
     Returns:
         ``(N, H, C, E)``: ``F_c * sum_{l valid, G_l = c} X_l``.
     """
-    _check(X, G, F, limits)
+    _check_groups(X, G, F, limits, DTYPE_RULE)
     if G.shape[2] != X.shape[2]:
         raise ValueError(f"G must have {X.shape[2]} positions; got {tuple(G.shape)}")
     return _group_rows(X, G, F, limits, F.shape[2], False).to(X.dtype)
@@ -173,7 +153,7 @@ def aggregate_backward(
     Returns:
         ``dX (N, H, L, E)`` and ``dF (N, H, C)``.
     """
-    _check(X, G, F, limits)
+    _check_groups(X, G, F, limits, DTYPE_RULE)
     grad = grad.to(X.dtype)
     dX = _group_rows(grad, G, F, limits, F.shape[2], True)
     sums = _group_rows(X, G, None, limits, F.shape[2], False)
@@ -193,7 +173,7 @@ def broadcast_forward(Y: Tensor, G: Tensor, F: Tensor, limits: Tensor | None) ->
     Returns:
         ``(N, H, L, E)``: ``F_g Y_g`` with ``g = G_l`` for valid positions, zero elsewhere.
     """
-    _check(Y, G, F, limits)
+    _check_groups(Y, G, F, limits, DTYPE_RULE)
     if F.shape[2] != Y.shape[2]:
         raise ValueError(f"F must have shape {tuple(Y.shape[:3])}; got {tuple(F.shape)}")
     return _group_rows(Y, G, F, limits, Y.shape[2], True)
@@ -211,7 +191,7 @@ def broadcast_backward(
     Returns:
         ``dY (N, H, C, E)`` and ``dF (N, H, C)``.
     """
-    _check(Y, G, F, limits)
+    _check_groups(Y, G, F, limits, DTYPE_RULE)
     sums = _group_rows(grad.to(Y.dtype), G, None, limits, Y.shape[2], False)
     dY = sums * F.float().unsqueeze(-1)
     dF = torch.einsum("nhce,nhce->nhc", Y.float(), sums)

@@ -30,10 +30,11 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from . import DTYPES
+
 __all__ = ["CHUNK", "DTYPES", "causal_product_backward", "causal_product_forward"]
 
 CHUNK = 64
-DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Software pipelining of the chunk loads multiplies the shared memory of the float32 tiles:
 # compiled for sm_90 with E = M = 64, the forward / dQ / dK-dV kernels need 128 / 208 / 193 KiB
 # at Triton's default of 3 stages and 48 / 80 / 112 KiB with 1 (checked with triton.compile

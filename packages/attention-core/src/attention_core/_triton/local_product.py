@@ -26,10 +26,12 @@ interpreter (``TRITON_INTERPRET=1``) on CPU tensors, in a session without a GPU.
 
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+
+from .. import _kernels
+from . import DTYPE_RULE
 
 __all__ = [
     "local_dot_product_backward",
@@ -38,7 +40,6 @@ __all__ = [
     "local_weighted_average_forward",
 ]
 
-DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 BLOCK = 32
 
 
@@ -205,41 +206,9 @@ def _block_f(F: int) -> int:
     return max(16, triton.next_power_of_2(max(F, 1)))
 
 
-def _check(names: str, *tensors: Tensor) -> None:
-    dtypes = [t.dtype for t in tensors]
-    if dtypes[0] not in DTYPES or any(d != dtypes[0] for d in dtypes):
-        got = ", ".join(str(d) for d in dtypes)
-        raise TypeError(
-            f"{names} must share one dtype among float32, float16 and bfloat16; got {got}"
-        )
-    for t in tensors:
-        if t.dim() != 4:
-            raise ValueError(f"{names} must be 4-dimensional; got {tuple(t.shape)}")
-        if t.device != tensors[0].device:
-            raise ValueError(f"{names} must be on one device; got {t.device}")
-
-
 def _check_local(Q: Tensor, K: Tensor, key_lengths: Tensor, local_context: int) -> None:
-    _check("Q and K", Q, K)
-    if K.shape[:2] != Q.shape[:2] or K.shape[3] != Q.shape[3]:
-        shapes = f"{tuple(Q.shape)} and {tuple(K.shape)}"
-        raise ValueError(f"Q must be (N, H, L, E) and K (N, H, S, E); got {shapes}")
-    if local_context < 1:
-        raise ValueError(f"local_context must be a positive int; got {local_context}")
-    if key_lengths.dtype != torch.int64 or tuple(key_lengths.shape) != (Q.shape[0],):
-        raise ValueError(
-            f"key_lengths must be an int64 tensor of shape ({Q.shape[0]},); got "
-            f"{key_lengths.dtype} {tuple(key_lengths.shape)}"
-        )
-
-
-def _check_average(attention: Tensor, V: Tensor) -> None:
-    _check("attention and V", attention, V)
-    if V.shape[:2] != attention.shape[:2] or attention.shape[3] < 1:
-        raise ValueError(
-            "attention must be (N, H, L, C) with C > 0 and V (N, H, S, D); got "
-            f"{tuple(attention.shape)} and {tuple(V.shape)}"
-        )
+    _kernels._check_local(Q, K, local_context, DTYPE_RULE)
+    _kernels._check_lengths(key_lengths, Q.shape[0])
 
 
 def _scores(X, Y, mask, lengths, out, C):
@@ -349,7 +318,7 @@ def local_weighted_average_forward(attention: Tensor, V: Tensor) -> Tensor:
         ``(N, H, L, D)``: ``sum_k attention[l, k] V_j`` over ``j = l - C // 2 + k`` in
         ``[0, S)``.
     """
-    _check_average(attention, V)
+    _kernels._check_average(attention, V, DTYPE_RULE)
     N, H, L, _ = attention.shape
     return _rows(attention, V, None, V.new_empty(N, H, L, V.shape[3]))
 
@@ -366,7 +335,7 @@ def local_weighted_average_backward(
     Returns:
         ``dattention (N, H, L, C)`` (zero for slots outside ``[0, S)``) and ``dV (N, H, S, D)``.
     """
-    _check_average(attention, V)
+    _kernels._check_average(attention, V, DTYPE_RULE)
     N, H, L, C = attention.shape
     expected = (N, H, L, V.shape[3])
     if tuple(grad.shape) != expected:

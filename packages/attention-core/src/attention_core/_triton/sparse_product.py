@@ -31,6 +31,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .._kernels import _check_rows, _check_sparse_index
+from . import DTYPE_RULE
+
 __all__ = [
     "sparse_dot_product_backward",
     "sparse_dot_product_forward",
@@ -38,7 +41,6 @@ __all__ = [
     "sparse_weighted_average_forward",
 ]
 
-DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 BLOCK_L = 16
 
 
@@ -118,35 +120,6 @@ def _sparse_kernel(
 # ---------------------------------------------------------------------------------------
 
 
-def _check(names: str, A: Tensor, B: Tensor) -> None:
-    if A.dtype not in DTYPES or B.dtype != A.dtype:
-        raise TypeError(
-            f"{names} must share one dtype among float32, float16 and bfloat16; got "
-            f"{A.dtype}, {B.dtype}"
-        )
-    if A.dim() != 4 or B.dim() != 4 or A.shape[:2] != B.shape[:2] or A.device != B.device:
-        raise ValueError(
-            f"{names} must be (N, H, ., .) tensors with the same (N, H) on one device; got "
-            f"{tuple(A.shape)} on {A.device} and {tuple(B.shape)} on {B.device}"
-        )
-
-
-def _check_index(topk, groups, limits, N, H, L):
-    if topk.dtype != torch.int64 or topk.dim() != 4 or tuple(topk.shape[:2]) != (N, H):
-        raise ValueError(
-            f"topk must be an int64 tensor of shape ({N}, {H}, R, k); got {topk.dtype} "
-            f"{tuple(topk.shape)}"
-        )
-    if groups is None and topk.shape[2] != L:
-        raise ValueError(f"topk must have {L} rows (one per query); got {tuple(topk.shape)}")
-    for name, t, shape in (("groups", groups, (N, H, L)), ("limits", limits, (N, H))):
-        if t is not None and (t.dtype != torch.int64 or tuple(t.shape) != shape):
-            raise ValueError(
-                f"{name} must be an int64 tensor of shape {shape}; got {t.dtype} {tuple(t.shape)}"
-            )
-    return tuple(None if t is None else t.contiguous() for t in (topk, groups, limits))
-
-
 def _launch(X, Y, W, topk, groups, limits, out_dot, out_sum, out_scatter, L, S, F):
     N, H = topk.shape[:2]
     R, k = topk.shape[2], topk.shape[3]
@@ -182,11 +155,11 @@ def sparse_dot_product_forward(
     Returns:
         ``(N, H, L, k)``: ``Q_l . K_{topk[l, t]}``, zero for queries without keys.
     """
-    _check("Q and K", Q, K)
+    _check_rows("Q and K", Q, K, DTYPE_RULE)
     N, H, L, E = Q.shape
     if K.shape[3] != E:
         raise ValueError(f"Q and K must have the same feature size; got {E} and {K.shape[3]}")
-    topk, groups, limits = _check_index(topk, groups, limits, N, H, L)
+    topk, groups, limits = _check_sparse_index(topk, groups, limits, N, H, L)
     out = Q.new_zeros(N, H, L, topk.shape[3])
     _launch(Q, K, None, topk, groups, limits, out, None, None, L, K.shape[2], E)
     return out
@@ -209,10 +182,10 @@ def sparse_dot_product_backward(
     Returns:
         ``dQ (N, H, L, E)`` and ``dK (N, H, S, E)``.
     """
-    _check("Q and K", Q, K)
+    _check_rows("Q and K", Q, K, DTYPE_RULE)
     N, H, L, E = Q.shape
     S = K.shape[2]
-    topk, groups, limits = _check_index(topk, groups, limits, N, H, L)
+    topk, groups, limits = _check_sparse_index(topk, groups, limits, N, H, L)
     if tuple(grad.shape) != (N, H, L, topk.shape[3]):
         raise ValueError(
             f"grad must have shape {(N, H, L, topk.shape[3])}; got {tuple(grad.shape)}"
@@ -237,10 +210,10 @@ def sparse_weighted_average_forward(
         ``(N, H, L, D)``: ``sum_t weights[l, t] values_{topk[l, t]}``, zero for queries
         without keys.
     """
-    _check("weights and values", weights, values)
+    _check_rows("weights and values", weights, values, DTYPE_RULE)
     N, H, L, k = weights.shape
     S, D = values.shape[2], values.shape[3]
-    topk, groups, limits = _check_index(topk, groups, limits, N, H, L)
+    topk, groups, limits = _check_sparse_index(topk, groups, limits, N, H, L)
     if topk.shape[3] != k:
         raise ValueError(f"topk must have k = {k} columns (from weights); got {tuple(topk.shape)}")
     out = values.new_zeros(N, H, L, D)
@@ -265,10 +238,10 @@ def sparse_weighted_average_backward(
     Returns:
         ``dweights (N, H, L, k)`` and ``dvalues (N, H, S, D)``.
     """
-    _check("weights and values", weights, values)
+    _check_rows("weights and values", weights, values, DTYPE_RULE)
     N, H, L, k = weights.shape
     S, D = values.shape[2], values.shape[3]
-    topk, groups, limits = _check_index(topk, groups, limits, N, H, L)
+    topk, groups, limits = _check_sparse_index(topk, groups, limits, N, H, L)
     if topk.shape[3] != k or tuple(grad.shape) != (N, H, L, D):
         raise ValueError(
             f"topk must have k = {k} columns and grad shape {(N, H, L, D)}; got "
