@@ -16,12 +16,12 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from attention_core._checks import check_positive_int, check_tensor
+from attention_core._checks import check_tensor
 from attention_core.events import EventDispatcher, IntermediateOutput
 from attention_core.masking import BaseMask
+from attention_core.transformers import TransformerDecoderLayer, TransformerEncoderLayer
 from attention_core.utils import check_state
 
 from ._checks import check_element, check_prompt
@@ -34,19 +34,7 @@ __all__ = [
     "RecurrentTransformerEncoderLayer",
 ]
 
-_ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu}
-
-
 # helpers
-
-
-def _activation(name: str):
-    try:
-        return _ACTIVATIONS[name]
-    except KeyError:
-        raise ValueError(
-            f"activation must be one of {sorted(_ACTIVATIONS)}; got {name!r}"
-        ) from None
 
 
 def _layer_states(state: Any, n_layers: int, owner: str) -> list:
@@ -89,10 +77,11 @@ class _FeedForward(nn.Module):
 # encoder
 
 
-class RecurrentTransformerEncoderLayer(_FeedForward):
+class RecurrentTransformerEncoderLayer(_FeedForward, TransformerEncoderLayer):
     """Self attention to the previous elements and a feed-forward network, each with a residual
     connection and a LayerNorm after it: the recurrent dual of
-    :class:`attention_core.transformers.TransformerEncoderLayer`.
+    :class:`attention_core.transformers.TransformerEncoderLayer`, whose constructor and
+    parameters it shares (so a state_dict moves between the two).
 
     Arguments:
         attention: a :class:`~recurrent_transformer.attention.RecurrentAttentionLayer`.
@@ -102,23 +91,6 @@ class RecurrentTransformerEncoderLayer(_FeedForward):
         activation: ``"relu"`` or ``"gelu"`` (default: ``"relu"``).
         event_dispatcher: dispatcher instance or key.
     """
-
-    def __init__(
-        self, attention, d_model, d_ff=None, dropout=0.1, activation="relu", event_dispatcher=""
-    ):
-        super().__init__()
-        check_positive_int("d_model", d_model)
-        d_ff = d_ff or 4 * d_model
-        check_positive_int("d_ff", d_ff)
-        self.attention = attention
-        self.linear1 = nn.Linear(d_model, d_ff)
-        self.linear2 = nn.Linear(d_ff, d_model)
-        self.norm1 = nn.LayerNorm(d_model)
-        self.norm2 = nn.LayerNorm(d_model)
-        self.dropout = nn.Dropout(dropout)
-        self.activation = _activation(activation)
-        self.d_model = d_model
-        self.event_dispatcher = EventDispatcher.get(event_dispatcher)
 
     def forward(self, x: Tensor, state: Any = None, memory: Any = None) -> tuple[Tensor, Any]:
         """Apply the layer to one element.
@@ -230,10 +202,11 @@ class RecurrentTransformerEncoder(nn.Module):
 # decoder
 
 
-class RecurrentTransformerDecoderLayer(_FeedForward):
+class RecurrentTransformerDecoderLayer(_FeedForward, TransformerDecoderLayer):
     """Self attention to the previous elements, cross attention to a memory, then a
     feed-forward network; each with a residual connection followed by LayerNorm. The recurrent
-    dual of :class:`attention_core.transformers.TransformerDecoderLayer`.
+    dual of :class:`attention_core.transformers.TransformerDecoderLayer`, whose constructor
+    and parameters it shares (so a state_dict moves between the two).
 
     Arguments:
         self_attention: a :class:`~recurrent_transformer.attention.RecurrentAttentionLayer`.
@@ -245,32 +218,6 @@ class RecurrentTransformerDecoderLayer(_FeedForward):
         activation: ``"relu"`` or ``"gelu"`` (default: ``"relu"``).
         event_dispatcher: dispatcher instance or key.
     """
-
-    def __init__(
-        self,
-        self_attention,
-        cross_attention,
-        d_model,
-        d_ff=None,
-        dropout=0.1,
-        activation="relu",
-        event_dispatcher="",
-    ):
-        super().__init__()
-        check_positive_int("d_model", d_model)
-        d_ff = d_ff or 4 * d_model
-        check_positive_int("d_ff", d_ff)
-        self.self_attention = self_attention
-        self.cross_attention = cross_attention
-        self.linear1 = nn.Linear(d_model, d_ff)
-        self.linear2 = nn.Linear(d_ff, d_model)
-        self.norm1 = nn.LayerNorm(d_model)
-        self.norm2 = nn.LayerNorm(d_model)
-        self.norm3 = nn.LayerNorm(d_model)
-        self.dropout = nn.Dropout(dropout)
-        self.activation = _activation(activation)
-        self.d_model = d_model
-        self.event_dispatcher = EventDispatcher.get(event_dispatcher)
 
     def _states(self, state) -> tuple[Any, Any]:
         if state is None:

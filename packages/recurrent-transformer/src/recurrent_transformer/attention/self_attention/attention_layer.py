@@ -6,10 +6,10 @@ from __future__ import annotations
 from typing import Any
 
 from einops import rearrange
-from torch import Tensor, nn
+from torch import Tensor
 
-from attention_core._checks import check_positive_int
-from attention_core.events import EventDispatcher, QKVEvent
+from attention_core.attention.attention_layer import AttentionLayer
+from attention_core.events import QKVEvent
 from attention_core.utils import check_state
 
 from ..._checks import check_element, check_prompt
@@ -17,10 +17,10 @@ from ..._checks import check_element, check_prompt
 __all__ = ["RecurrentAttentionLayer"]
 
 
-class RecurrentAttentionLayer(nn.Module):
+class RecurrentAttentionLayer(AttentionLayer):
     """Multi-head attention around a recurrent inner attention.
 
-    The parameters have the names of :class:`attention_core.attention.AttentionLayer`
+    The constructor and parameters are those of :class:`attention_core.attention.AttentionLayer`
     (``query_projection``, ``key_projection``, ``value_projection``, ``out_projection`` and the
     wrapped ``inner_attention``), so ``load_state_dict`` moves weights between the two.
 
@@ -40,31 +40,6 @@ class RecurrentAttentionLayer(nn.Module):
         >>> y.shape
         torch.Size([2, 64])
     """
-
-    def __init__(
-        self,
-        attention: nn.Module,
-        d_model: int,
-        n_heads: int,
-        d_keys: int | None = None,
-        d_values: int | None = None,
-        event_dispatcher="",
-    ):
-        super().__init__()
-        check_positive_int("d_model", d_model)
-        check_positive_int("n_heads", n_heads)
-        d_keys = d_keys or (d_model // n_heads)
-        d_values = d_values or (d_model // n_heads)
-        check_positive_int("d_keys", d_keys)
-        check_positive_int("d_values", d_values)
-        self.inner_attention = attention
-        self.query_projection = nn.Linear(d_model, d_keys * n_heads)
-        self.key_projection = nn.Linear(d_model, d_keys * n_heads)
-        self.value_projection = nn.Linear(d_model, d_values * n_heads)
-        self.out_projection = nn.Linear(d_values * n_heads, d_model)
-        self.n_heads = n_heads
-        self.d_model = d_model
-        self.event_dispatcher = EventDispatcher.get(event_dispatcher)
 
     def forward(
         self, query: Tensor, key: Tensor, value: Tensor, state: Any = None, memory: Any = None
