@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from einops import rearrange
 
-from .._checks import check_attention_inputs, check_positive_int
+from .._checks import check_attention_inputs
 from ..attention_registry import (
     AttentionRegistry,
     Bool,
@@ -26,14 +26,14 @@ from ..attention_registry import (
 )
 from ..events import AttentionEvent
 from ..sparse_product import clustered_sparse_dot_product, clustered_sparse_weighted_average
-from ._clustering import ClusteredAttentionBase, cluster_rows, keys_allowed
+from ._clustering import cluster_rows, keys_allowed
 from .full_attention import masked_softmax
-from .improved_clustered_attention import top_keys
+from .improved_clustered_attention import ImprovedClusteredAttention, top_keys
 
 __all__ = ["ImprovedClusteredCausalAttention"]
 
 
-class ImprovedClusteredCausalAttention(ClusteredAttentionBase):
+class ImprovedClusteredCausalAttention(ImprovedClusteredAttention):
     """Causal attention of every query over the past keys among its cluster's top keys.
 
     Needs a lower-triangular ``attn_mask`` (e.g. :class:`TriangularCausalMask`), so
@@ -54,22 +54,6 @@ class ImprovedClusteredCausalAttention(ClusteredAttentionBase):
     Shapes: queries ``(N, L, H, E)``, keys ``(N, L, H, E)``, values ``(N, L, H, D)``;
     returns ``(N, L, H, D)``.
     """
-
-    def __init__(
-        self,
-        clusters,
-        iterations=10,
-        bits=32,
-        hash_bias=True,
-        topk=32,
-        softmax_temp=None,
-        attention_dropout=0.1,
-        event_dispatcher="",
-    ):
-        super().__init__(
-            clusters, iterations, bits, hash_bias, softmax_temp, attention_dropout, event_dispatcher
-        )
-        self.topk = check_positive_int("topk", topk)
 
     def forward(self, queries, keys, values, attn_mask, query_lengths, key_lengths):
         """Return the causal top-key attention of every query."""
