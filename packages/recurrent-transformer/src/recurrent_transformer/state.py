@@ -230,6 +230,12 @@ class KVCache(RecurrentState):
     re-using old states is safe. While autograd records (grad mode on and a tensor requiring
     grad), appending concatenates instead, so that gradients flow through the cache.
 
+    The key buffer is stored feature-major (it is the transpose of a contiguous
+    ``(N, H, E, C)`` tensor), so that a step streams every key feature contiguously over the
+    positions: the layout :func:`attention_core.cache_attention.cache_attention` reads at
+    memory speed. A cache loaded with ``torch.load`` holds row-major keys until its first
+    append reallocates it.
+
     Attributes:
         key_buffer: ``(N, H, C, E)``, the first ``length`` slots are the keys.
         value_buffer: ``(N, H, C, D)``.
@@ -258,8 +264,8 @@ class KVCache(RecurrentState):
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
     ) -> KVCache:
-        """An empty cache with room for ``capacity`` steps."""
-        keys = torch.empty(N, H, capacity, E, dtype=dtype, device=device)
+        """An empty cache with room for ``capacity`` steps (keys stored feature-major)."""
+        keys = torch.empty(N, H, E, capacity, dtype=dtype, device=device).transpose(2, 3)
         values = torch.empty(N, H, capacity, D, dtype=dtype, device=device)
         return cls(keys, values, 0, _Claim(0))
 

@@ -105,7 +105,20 @@ class RecurrentTransformerEncoderLayer(_FeedForward, TransformerEncoderLayer):
         """
         state = check_state(state, memory)
         check_element("x", x, self.d_model, type(self).__name__)
-        x2, state = self.attention(x, x, x, state)
+        return self.step(x, state)
+
+    def step(self, x: Tensor, state: Any) -> tuple[Tensor, Any]:
+        """:meth:`forward` on an element already validated (the encoder checks it once for
+        all its layers).
+
+        Arguments:
+            x: ``(N, E)``.
+            state: the attention's state from the previous element, or ``None``.
+
+        Returns:
+            ``(N, E)`` and the new state.
+        """
+        x2, state = self.attention.self_step(x, state)
         return self._feed_forward(self.norm1(x + self._drop(x2)), self.norm2), state
 
     def prefill(self, x: Tensor, state: Any = None) -> tuple[Tensor, Any]:
@@ -169,7 +182,7 @@ class RecurrentTransformerEncoder(nn.Module):
             check_element("x", x, self.layers[0].d_model, type(self).__name__)
         states = _layer_states(state, len(self.layers), type(self).__name__)
         for i, layer in enumerate(self.layers):
-            x, states[i] = layer(x, states[i])
+            x, states[i] = layer.step(x, states[i])
             if self.event_dispatcher.has_listeners:
                 self.event_dispatcher.dispatch(IntermediateOutput(layer, x))
         if self.norm is not None:
@@ -252,7 +265,7 @@ class RecurrentTransformerDecoderLayer(_FeedForward, TransformerDecoderLayer):
         self_state, cross_state = self._states(state)
         if cross_state is None:
             _check_memory(memory, N, self.d_model)
-        x2, self_state = self.self_attention(x, x, x, self_state)
+        x2, self_state = self.self_attention.self_step(x, self_state)
         x = self.norm1(x + self._drop(x2))
         x2, cross_state = self.cross_attention(x, memory, memory, memory_length_mask, cross_state)
         x = self.norm2(x + self._drop(x2))
