@@ -162,6 +162,37 @@ def test_cache_appends_in_place_between_doublings():
     assert cache.capacity == 32 and cache.length == 19
 
 
+def feature_major(cache: KVCache) -> bool:
+    """Whether the keys are stored as the attention step streams them: each feature
+    contiguous over the positions."""
+    return cache.key_buffer.transpose(2, 3).is_contiguous()
+
+
+def test_cache_keys_stay_feature_major():
+    cache = KVCache.empty(2, 3, 4, 5, capacity=16)
+    assert feature_major(cache)
+    with torch.no_grad():
+        for _ in range(20):  # in place, then through a doubling
+            cache = cache.append(torch.randn(2, 3, 1, 4), torch.randn(2, 3, 1, 5))
+            assert feature_major(cache)
+    assert cache.capacity == 32
+    for moved in (cache.clone(), cache.to(torch.float64), cache.detach()):
+        assert feature_major(moved)
+    assert feature_major(KVCache.from_tensors(cache.keys, cache.values))
+
+
+def test_loaded_cache_regrows_feature_major():
+    model = encoder("full")
+    xs = torch.randn(6, 3, 8)
+    expected, _ = run(model, xs)
+    head, state = run(model, xs[:4])
+    loaded = roundtrip(state, weights_only=True)
+    assert loaded[0].capacity == loaded[0].length == 4  # saved trimmed, row-major
+    tail, resumed = run(model, xs[4:], loaded)
+    assert all(feature_major(layer) for layer in resumed)
+    torch.testing.assert_close(torch.cat([head, tail]), expected, rtol=0, atol=0)
+
+
 def test_reusing_an_old_cache_copies_instead_of_overwriting():
     a = KVCache.empty(1, 1, 1, 1, capacity=8)
     k = lambda value: torch.full((1, 1, 1, 1), float(value))  # noqa: E731
