@@ -38,11 +38,10 @@ from __future__ import annotations
 import argparse
 import datetime
 import platform
-import statistics
-import time
 from pathlib import Path
 
 import torch
+from timing import interleaved_medians
 
 from block_recurrent_transformer import BlockRecurrentTransformer, RecurrentTrainerWrapper
 
@@ -91,20 +90,6 @@ def contenders(peer, config: dict) -> dict[str, tuple[torch.nn.Module, type]]:
 
 
 # measurements
-
-
-def interleaved_medians(fns: dict, repeats: int) -> dict[str, float]:
-    """Median seconds of each function, timed in turns (one warm-up call each first) so that
-    a change of load on a shared machine hits every contender alike."""
-    for fn in fns.values():
-        fn()
-    times = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def loss_of(model, seq):

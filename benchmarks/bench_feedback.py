@@ -31,12 +31,12 @@ import argparse
 import datetime
 import json
 import platform
-import statistics
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from timing import interleaved_medians
 from torch import Tensor
 
 from feedback_transformer import FeedbackMemory, FeedbackTransformer
@@ -65,16 +65,6 @@ def build(kind: str, Peer, seq_len: int, mem_len: int):
     return model
 
 
-def median_time(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def saved_bytes(kind: str, model, x: Tensor) -> int:
     """Activation bytes kept for the backward pass of ``model(x)`` (the parameters, which
     autograd also saves, are not counted)."""
@@ -97,12 +87,11 @@ def saved_bytes(kind: str, model, x: Tensor) -> int:
 
 
 def training(Peer, seq_len: int, n: int, repeats: int) -> list[dict]:
-    rows = []
     x = torch.randint(0, VOCAB, (BATCH, n), generator=torch.Generator().manual_seed(0))
-    for kind in ("peer", "ours"):
-        if kind == "peer" and Peer is None:
-            continue
-        model = build(kind, Peer, seq_len, MEM_LEN)
+    kinds = ["ours"] if Peer is None else ["peer", "ours"]
+    models = {kind: build(kind, Peer, seq_len, MEM_LEN) for kind in kinds}
+    forwards, trains = {}, {}
+    for kind, model in models.items():
 
         def forward(model=model):
             with torch.no_grad():
@@ -112,24 +101,25 @@ def training(Peer, seq_len: int, n: int, repeats: int) -> list[dict]:
             logits = model(x[:, :-1])
             F.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten()).backward()
 
-        fwd = median_time(forward, repeats)
-        fwd_bwd = median_time(train, repeats)
-        rows.append(
-            dict(
-                contender=kind,
-                seq_len=seq_len,
-                n=n,
-                fwd=BATCH * n / fwd,
-                fwd_bwd=BATCH * (n - 1) / fwd_bwd,
-                saved=saved_bytes(kind, model, x) / 2**20,
-            )
+        forwards[kind], trains[kind] = forward, train
+    fwd = interleaved_medians(forwards, repeats)
+    fwd_bwd = interleaved_medians(trains, repeats)
+    return [
+        dict(
+            contender=kind,
+            seq_len=seq_len,
+            n=n,
+            fwd=BATCH * n / fwd[kind],
+            fwd_bwd=BATCH * (n - 1) / fwd_bwd[kind],
+            saved=saved_bytes(kind, model, x) / 2**20,
         )
-    return rows
+        for kind, model in models.items()
+    ]
 
 
 def decoding(Peer, fill: int, steps: int, repeats: int) -> list[dict]:
     """Milliseconds per token of batch-1 decoding after a memory of ``fill`` steps."""
-    rows = []
+    runs = {}
     g = torch.Generator().manual_seed(1)
     keys, values = (torch.randn(1, HEADS, fill, DIM_HEAD, generator=g) for _ in range(2))
     tokens = torch.randint(0, VOCAB, (1, steps + 1), generator=g)
@@ -160,13 +150,16 @@ def decoding(Peer, fill: int, steps: int, repeats: int) -> list[dict]:
                         _, mem = model(tokens[:, t : t + 1], memory=mem, return_memory=True)
                     return time.perf_counter() - start
 
-        run()  # warm-up
-        elapsed = statistics.median(run() for _ in range(repeats))
-        ms = round(1e3 * elapsed / steps, 3)
-        rows.append(
-            dict(model=f"{LABEL[kind]}, d={DIM} depth {DEPTH}", context=fill, ms_per_token=ms)
+        runs[kind] = run
+    elapsed = interleaved_medians(runs, repeats)
+    return [
+        dict(
+            model=f"{LABEL[kind]}, d={DIM} depth {DEPTH}",
+            context=fill,
+            ms_per_token=round(1e3 * elapsed[kind] / steps, 3),
         )
-    return rows
+        for kind in runs
+    ]
 
 
 def _ratio(value: float, base: float | None) -> str:
@@ -240,7 +233,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     Peer = import_peer()
-    args.repeats = 2 if args.quick else 3
+    args.repeats = 2 if args.quick else 5
     steps = 16 if args.quick else 32
     train_rows = training(Peer, 2, 64 if args.quick else 512, args.repeats)
     train_rows += training(Peer, 1, 32 if args.quick else 128, args.repeats)
