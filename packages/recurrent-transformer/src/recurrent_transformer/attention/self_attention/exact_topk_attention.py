@@ -62,7 +62,8 @@ class RecurrentExactTopKAttention(RecurrentAttention):
         else:
             check_cache(state, query, value, type(self).__name__)
         cache = state.append(key.unsqueeze(2), value.unsqueeze(2))
-        scores = torch.einsum("nhe,nhse->nhs", query, cache.keys)
+        # batched products on the feature-major cache (see full_attention.attend_cache)
+        scores = torch.matmul(query.unsqueeze(2), cache.keys.transpose(-1, -2)).squeeze(2)
         allowed = None
         if self.topk < cache.length:
             with torch.no_grad():
@@ -72,7 +73,7 @@ class RecurrentExactTopKAttention(RecurrentAttention):
         A = self.dropout(masked_softmax(scores * temp, allowed))
         if self.event_dispatcher.has_listeners:
             self.event_dispatcher.dispatch(AttentionEvent(self, A.unsqueeze(2)))
-        return torch.einsum("nhs,nhsd->nhd", A, cache.values), cache
+        return torch.matmul(A.unsqueeze(2), cache.values).squeeze(2), cache
 
 
 RecurrentAttentionRegistry.register(
