@@ -231,10 +231,9 @@ class KVCache(RecurrentState):
     grad), appending concatenates instead, so that gradients flow through the cache.
 
     The key buffer is stored feature-major (it is the transpose of a contiguous
-    ``(N, H, E, C)`` tensor), so that a step streams every key feature contiguously over the
-    positions: the layout :func:`attention_core.cache_attention.cache_attention` reads at
-    memory speed. A cache loaded with ``torch.load`` holds row-major keys until its first
-    append reallocates it.
+    ``(N, H, E, C)`` tensor), so that a step's product ``q @ keys^T`` streams every key feature
+    contiguously over the positions, at memory speed. A cache loaded with ``torch.load`` holds
+    row-major keys until its first append reallocates it.
 
     Attributes:
         key_buffer: ``(N, H, C, E)``, the first ``length`` slots are the keys.
