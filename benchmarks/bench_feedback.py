@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from timing import interleaved_medians
+from timing import Elapsed, interleaved_medians
 from torch import Tensor
 
 from feedback_transformer import FeedbackMemory, FeedbackTransformer
@@ -136,7 +136,7 @@ def decoding(Peer, fill: int, steps: int, repeats: int) -> list[dict]:
                     start = time.perf_counter()
                     for t in range(1, steps + 1):
                         _, state = model.step(tokens[:, t], state)
-                    return time.perf_counter() - start
+                    return Elapsed(time.perf_counter() - start)
 
         else:
             # the peer's memory: (b, m, heads * dim_head) keys and values
@@ -148,7 +148,7 @@ def decoding(Peer, fill: int, steps: int, repeats: int) -> list[dict]:
                     start = time.perf_counter()
                     for t in range(1, steps + 1):
                         _, mem = model(tokens[:, t : t + 1], memory=mem, return_memory=True)
-                    return time.perf_counter() - start
+                    return Elapsed(time.perf_counter() - start)
 
         runs[kind] = run
     elapsed = interleaved_medians(runs, repeats)

@@ -7,10 +7,15 @@ import time
 from collections.abc import Callable
 
 
+class Elapsed(float):
+    """Seconds that a timed function measured itself (returned to leave its set-up out)."""
+
+
 def interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
     """Median seconds of each function, timed in turns (one warm-up call each first) so that a
-    change of load on a shared machine hits every contender alike. A function that returns a
-    float reports its own elapsed seconds (e.g. to leave a set-up step out of the timing)."""
+    change of load on a shared machine hits every contender alike. A function that returns an
+    :class:`Elapsed` reports its own time (e.g. to leave a set-up step out of the timing);
+    any other return value is ignored."""
     for fn in fns.values():
         fn()
     times: dict[str, list[float]] = {name: [] for name in fns}
@@ -19,5 +24,5 @@ def interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int) -> d
             start = time.perf_counter()
             reported = fn()
             elapsed = time.perf_counter() - start
-            times[name].append(reported if isinstance(reported, float) else elapsed)
+            times[name].append(reported if isinstance(reported, Elapsed) else elapsed)
     return {name: statistics.median(t) for name, t in times.items()}

@@ -122,6 +122,43 @@ def test_non_finite_inputs_are_refused_before_they_poison_the_state(bad):
     assert torch.isfinite(y2).all()
 
 
+@pytest.mark.parametrize("attention_type", ["linear", "full"])
+def test_overflow_inside_the_layers_is_refused_and_the_old_state_kept(attention_type):
+    """The layers skip the finiteness check of their input (the model checked it); a value
+    that turns non-finite inside them is caught at the model's output instead."""
+    torch.manual_seed(0)
+    model = RecurrentEncoderBuilder.from_kwargs(
+        attention_type=attention_type, n_layers=2, n_heads=1, query_dimensions=4,
+        value_dimensions=4, feed_forward_dimensions=8,
+    ).get().eval()  # fmt: skip
+    x = torch.randn(2, 4)
+    with torch.no_grad():
+        _, state = model(x)
+        expected, _ = model(x, state=state.clone())
+        huge = model.layers[0].linear2.weight.clone()
+        model.layers[0].linear2.weight.fill_(3e38)  # the first layer's output overflows
+        with pytest.raises(ValueError, match="produced NaN or infinite values"):
+            model(x, state=state)
+        model.layers[0].linear2.weight.copy_(huge)
+        y, _ = model(x, state=state)  # the previous state is still valid
+    torch.testing.assert_close(y, expected, rtol=0, atol=0)
+
+
+def test_forward_hooks_fire_while_stepping():
+    model = tiny_encoder("full")
+    seen = []
+    layer = model.layers[0]
+    for name, module in (
+        ("layer", layer),
+        ("attention", layer.attention),
+        ("inner", layer.attention.inner_attention),
+    ):
+        module.register_forward_hook(lambda *_, name=name: seen.append(name))
+    with torch.no_grad():
+        model(torch.randn(2, 4))
+    assert seen == ["inner", "attention", "layer"]
+
+
 # measured max abs difference from float32 over 16k steps (layer-normed outputs of magnitude
 # ~1): 5.6e-2 in bfloat16 and 9.2e-3 in float16, the rounding of half-precision weights and
 # activations (a half-precision state was 1.06 off in bfloat16 after only 4k steps: its

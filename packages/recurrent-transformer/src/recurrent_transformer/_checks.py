@@ -3,6 +3,8 @@ sequence axis, and whole prompts ``(N, T, ...)`` for ``prefill``."""
 
 from __future__ import annotations
 
+import contextvars
+
 import torch
 
 from attention_core._checks import check_tensor
@@ -11,16 +13,58 @@ __all__ = [
     "check_element",
     "check_finite",
     "check_heads",
+    "check_output",
     "check_prompt",
     "check_sequence_heads",
+    "end_layer_checks",
+    "start_layer_checks",
 ]
+
+# set while a model runs its layers on an input it has checked: the layers then skip their own
+# finiteness checks, and the model checks its output once instead
+_MODEL_CHECKED = contextvars.ContextVar("recurrent_transformer_model_checked", default=False)
+
+
+def start_layer_checks() -> contextvars.Token | None:
+    """Called by a model after it has checked its input, before it runs its layers: their
+    finiteness checks are skipped until :func:`end_layer_checks` (the model checks its output
+    with :func:`check_output`). Returns the token for :func:`end_layer_checks` (``None``
+    under ``torch.compile``, where nothing is checked)."""
+    if torch.compiler.is_compiling():
+        return None
+    return _MODEL_CHECKED.set(True)
+
+
+def end_layer_checks(token: contextvars.Token | None) -> None:
+    """Undo :func:`start_layer_checks`."""
+    if token is not None:
+        _MODEL_CHECKED.reset(token)
+
+
+def check_output(x, owner: str) -> None:
+    """Refuse a model output that turned non-finite inside the layers from a finite input (an
+    overflow): the new state, which absorbed it, is never returned, and the previous state
+    stays valid. CPU tensors outside ``torch.compile``, like :func:`check_finite`."""
+    if x.device.type != "cpu" or torch.compiler.is_compiling() or not x.numel():
+        return
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(
+            f"{owner} produced NaN or infinite values from a finite input (an overflow inside "
+            "a layer?); the new state is discarded: continue from the previous one"
+        )
 
 
 def check_finite(name: str, x) -> None:
     """Reject NaN and infinite inputs before a recurrent state absorbs them (a poisoned state
     returns non-finite outputs for the rest of the stream). Checked for CPU tensors outside
-    ``torch.compile``; on CUDA it would cost a device synchronisation per step."""
-    if x.device.type != "cpu" or torch.compiler.is_compiling() or not x.numel():
+    ``torch.compile``; on CUDA it would cost a device synchronisation per step. Skipped inside
+    a model's layers when the model has checked its input (see :func:`start_layer_checks`)."""
+    if (
+        x.device.type != "cpu"
+        or torch.compiler.is_compiling()
+        or not x.numel()
+        or _MODEL_CHECKED.get()
+    ):
         return
     if not bool(torch.isfinite(x).all()):
         raise ValueError(

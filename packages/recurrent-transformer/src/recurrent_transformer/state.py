@@ -232,8 +232,8 @@ class KVCache(RecurrentState):
 
     The key buffer is stored feature-major (it is the transpose of a contiguous
     ``(N, H, E, C)`` tensor), so that a step's product ``q @ keys^T`` streams every key feature
-    contiguously over the positions, at memory speed. A cache loaded with ``torch.load`` holds
-    row-major keys until its first append reallocates it.
+    contiguously over the positions, at memory speed. A cache loaded with ``torch.load`` may
+    hold row-major keys until its first append reallocates it.
 
     Attributes:
         key_buffer: ``(N, H, C, E)``, the first ``length`` slots are the keys.

@@ -24,7 +24,13 @@ from attention_core.masking import BaseMask
 from attention_core.transformers import TransformerDecoderLayer, TransformerEncoderLayer
 from attention_core.utils import check_state
 
-from ._checks import check_element, check_prompt
+from ._checks import (
+    check_element,
+    check_output,
+    check_prompt,
+    end_layer_checks,
+    start_layer_checks,
+)
 from .state import DecoderLayerState, TransformerState
 
 __all__ = [
@@ -53,6 +59,24 @@ def _layer_states(state: Any, n_layers: int, owner: str) -> list:
             "(a state belongs to one model: start a new one with state=None)"
         )
     return states
+
+
+def _run_layers(model: nn.Module, x: Tensor, states: list, call) -> tuple[Tensor, Any]:
+    """``x, states[i] = call(layer, x, states[i])`` for every layer of ``model`` (dispatching an
+    :class:`IntermediateOutput` event after each), then ``model.norm``. The model has checked
+    ``x``: the layers skip their finiteness checks and the output is checked once instead."""
+    token = start_layer_checks()
+    try:
+        for i, layer in enumerate(model.layers):
+            x, states[i] = call(layer, x, states[i])
+            if model.event_dispatcher.has_listeners:
+                model.event_dispatcher.dispatch(IntermediateOutput(layer, x))
+    finally:
+        end_layer_checks(token)
+    if model.norm is not None:
+        x = model.norm(x)
+    check_output(x, type(model).__name__)
+    return x, TransformerState(tuple(states))
 
 
 def _check_memory(memory, N: int, d_model: int) -> None:
@@ -105,20 +129,7 @@ class RecurrentTransformerEncoderLayer(_FeedForward, TransformerEncoderLayer):
         """
         state = check_state(state, memory)
         check_element("x", x, self.d_model, type(self).__name__)
-        return self.step(x, state)
-
-    def step(self, x: Tensor, state: Any) -> tuple[Tensor, Any]:
-        """:meth:`forward` on an element already validated (the encoder checks it once for
-        all its layers).
-
-        Arguments:
-            x: ``(N, E)``.
-            state: the attention's state from the previous element, or ``None``.
-
-        Returns:
-            ``(N, E)`` and the new state.
-        """
-        x2, state = self.attention.self_step(x, state)
+        x2, state = self.attention(x, x, x, state)
         return self._feed_forward(self.norm1(x + self._drop(x2)), self.norm2), state
 
     def prefill(self, x: Tensor, state: Any = None) -> tuple[Tensor, Any]:
@@ -181,13 +192,7 @@ class RecurrentTransformerEncoder(nn.Module):
         if self.layers:
             check_element("x", x, self.layers[0].d_model, type(self).__name__)
         states = _layer_states(state, len(self.layers), type(self).__name__)
-        for i, layer in enumerate(self.layers):
-            x, states[i] = layer.step(x, states[i])
-            if self.event_dispatcher.has_listeners:
-                self.event_dispatcher.dispatch(IntermediateOutput(layer, x))
-        if self.norm is not None:
-            x = self.norm(x)
-        return x, TransformerState(tuple(states))
+        return _run_layers(self, x, states, lambda layer, x, s: layer(x, s))
 
     def prefill(self, x: Tensor, state: Any = None) -> tuple[Tensor, TransformerState]:
         """Consume ``T`` elements in one parallel pass, as ``T`` calls of :meth:`forward`
@@ -203,13 +208,7 @@ class RecurrentTransformerEncoder(nn.Module):
         if self.layers:
             check_prompt("x", x, self.layers[0].d_model)
         states = _layer_states(state, len(self.layers), type(self).__name__)
-        for i, layer in enumerate(self.layers):
-            x, states[i] = layer.prefill(x, states[i])
-            if self.event_dispatcher.has_listeners:
-                self.event_dispatcher.dispatch(IntermediateOutput(layer, x))
-        if self.norm is not None:
-            x = self.norm(x)
-        return x, TransformerState(tuple(states))
+        return _run_layers(self, x, states, lambda layer, x, s: layer.prefill(x, s))
 
 
 # decoder
@@ -265,7 +264,7 @@ class RecurrentTransformerDecoderLayer(_FeedForward, TransformerDecoderLayer):
         self_state, cross_state = self._states(state)
         if cross_state is None:
             _check_memory(memory, N, self.d_model)
-        x2, self_state = self.self_attention.self_step(x, self_state)
+        x2, self_state = self.self_attention(x, x, x, self_state)
         x = self.norm1(x + self._drop(x2))
         x2, cross_state = self.cross_attention(x, memory, memory, memory_length_mask, cross_state)
         x = self.norm2(x + self._drop(x2))
@@ -331,14 +330,14 @@ class RecurrentTransformerDecoder(nn.Module):
         Returns:
             ``(N, E)`` and the new :class:`TransformerState`.
         """
+        if self.layers:
+            check_element("x", x, self.layers[0].d_model, type(self).__name__)
         states = _layer_states(state, len(self.layers), type(self).__name__)
-        for i, layer in enumerate(self.layers):
-            x, states[i] = layer(x, memory, memory_length_mask=memory_length_mask, state=states[i])
-            if self.event_dispatcher.has_listeners:
-                self.event_dispatcher.dispatch(IntermediateOutput(layer, x))
-        if self.norm is not None:
-            x = self.norm(x)
-        return x, TransformerState(tuple(states))
+
+        def call(layer, x, layer_state):
+            return layer(x, memory, memory_length_mask=memory_length_mask, state=layer_state)
+
+        return _run_layers(self, x, states, call)
 
     def prefill(
         self,
@@ -353,11 +352,11 @@ class RecurrentTransformerDecoder(nn.Module):
         Returns:
             ``(N, T, E)`` and the state after the last element.
         """
+        if self.layers:
+            check_prompt("x", x, self.layers[0].d_model)
         states = _layer_states(state, len(self.layers), type(self).__name__)
-        for i, layer in enumerate(self.layers):
-            x, states[i] = layer.prefill(x, memory, memory_length_mask, states[i])
-            if self.event_dispatcher.has_listeners:
-                self.event_dispatcher.dispatch(IntermediateOutput(layer, x))
-        if self.norm is not None:
-            x = self.norm(x)
-        return x, TransformerState(tuple(states))
+
+        def call(layer, x, layer_state):
+            return layer.prefill(x, memory, memory_length_mask, layer_state)
+
+        return _run_layers(self, x, states, call)

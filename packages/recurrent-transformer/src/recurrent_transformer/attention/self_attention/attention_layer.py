@@ -62,31 +62,15 @@ class RecurrentAttentionLayer(AttentionLayer):
         if key is not query or value is not query:  # self attention passes x three times
             check_element("key", key, self.d_model, name)
             check_element("value", value, self.d_model, name)
-        return self._attend(query, key, value, state)
-
-    def self_step(self, x: Tensor, state: Any) -> tuple[Tensor, Any]:
-        """One step of self attention on an element already validated (the encoder and
-        decoder layers check it once): :meth:`forward` with ``query = key = value = x``.
-
-        Arguments:
-            x: ``(N, d_model)``.
-            state: the inner attention's state from the previous step, or ``None``.
-
-        Returns:
-            ``(N, d_model)`` and the new state.
-        """
-        return self._attend(x, x, x, state)
-
-    def _attend(self, query: Tensor, key: Tensor, value: Tensor, state: Any) -> tuple[Tensor, Any]:
-        # heads split with unflatten/flatten: "n (h e) -> n h e" and back (an einops recipe
-        # lookup costs more than the view itself at one element per call)
+        # the per-step hot path splits heads with unflatten/flatten: "n (h e) -> n h e" and
+        # back (an einops recipe lookup costs more than the view itself at one element per call)
         heads = (self.n_heads, -1)
         q = self.query_projection(query).unflatten(1, heads)
         k = self.key_projection(key).unflatten(1, heads)
         v = self.value_projection(value).unflatten(1, heads)
         if self.event_dispatcher.has_listeners:
             self.event_dispatcher.dispatch(QKVEvent(self, q, k, v))
-        out, state = self.inner_attention.step(q, k, v, state)
+        out, state = self.inner_attention(q, k, v, state)
         return self.out_projection(out.flatten(1)), state
 
     def prefill(
