@@ -12,7 +12,7 @@ Writes the tables to ``docs/benchmarks/recurrent.md``.
    1999 steps leave behind: the cost of a step does not depend on the values), the same tensors
    for both libraries, with our cache at the capacity that doubling reaches (2048). From there
    each library steps on with its own state, as a generation loop does: one warm-up step, then
-   the median of ``repeats`` consecutive steps (11-19 and 2001-2009 by default), the two
+   the median of ``repeats`` consecutive steps (11-31 and 2001-2021 by default), the two
    libraries alternating at every step.
 2. Streaming generation (``attention_core.generation.stream``, greedy) with a small
    ``RecurrentLM`` (4 layers, d_model 128), causal-linear against full attention, after a
@@ -271,7 +271,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     FTBuilder = import_fast_transformers(args.ft_site)
-    repeats = args.repeats = 3 if args.quick else 9
+    repeats = args.repeats = 3 if args.quick else 21
     long_step = 500 if args.quick else 2000
     contexts = [256, 1024] if args.quick else [512, 1024, 2048, 4096, 8192]
     args.new_tokens = args.new_tokens or (8 if args.quick else 32)
