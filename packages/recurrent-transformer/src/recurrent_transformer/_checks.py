@@ -41,13 +41,19 @@ def end_layer_checks(token: contextvars.Token | None) -> None:
         _MODEL_CHECKED.reset(token)
 
 
+def _non_finite(x) -> bool:
+    """Whether a CPU tensor holds NaN or infinity; ``False`` off the CPU (it would cost a
+    device synchronisation per step), under ``torch.compile`` and for empty tensors."""
+    if x.device.type != "cpu" or torch.compiler.is_compiling() or not x.numel():
+        return False
+    return not bool(torch.isfinite(x).all())
+
+
 def check_output(x, owner: str) -> None:
     """Refuse a model output that turned non-finite inside the layers from a finite input (an
     overflow): the new state, which absorbed it, is never returned, and the previous state
     stays valid. CPU tensors outside ``torch.compile``, like :func:`check_finite`."""
-    if x.device.type != "cpu" or torch.compiler.is_compiling() or not x.numel():
-        return
-    if not bool(torch.isfinite(x).all()):
+    if _non_finite(x):
         raise ValueError(
             f"{owner} produced NaN or infinite values from a finite input (an overflow inside "
             "a layer?); the new state is discarded: continue from the previous one"
@@ -59,14 +65,9 @@ def check_finite(name: str, x) -> None:
     returns non-finite outputs for the rest of the stream). Checked for CPU tensors outside
     ``torch.compile``; on CUDA it would cost a device synchronisation per step. Skipped inside
     a model's layers when the model has checked its input (see :func:`start_layer_checks`)."""
-    if (
-        x.device.type != "cpu"
-        or torch.compiler.is_compiling()
-        or not x.numel()
-        or _MODEL_CHECKED.get()
-    ):
+    if torch.compiler.is_compiling() or _MODEL_CHECKED.get():
         return
-    if not bool(torch.isfinite(x).all()):
+    if _non_finite(x):
         raise ValueError(
             f"{name} holds NaN or infinite values; the recurrent state would absorb them "
             "and every later output would be non-finite"
