@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from attention_core._checks import check_positive_int, check_tensor
 from attention_core.nn import T5RelativePositionBias
 
+from . import kernel
 from .attention import MemorySlice, window_bias
 from .layers import FeedbackLayer, LinearFn
 from .linear import StepLinear
@@ -79,6 +80,11 @@ class FeedbackTransformer(nn.Module):
 
     Shapes: ``forward(x (b, n))`` -> logits ``(b, n, num_tokens)``.
 
+    Without gradients, a float32 CPU forward without cross attention runs its window loop
+    in one compiled call (``feedback_transformer.kernel``), the same arithmetic as the module
+    path within float32 rounding; set ``use_kernel = False`` on a model (or the class) to
+    always take the module path.
+
     Example:
         >>> model = FeedbackTransformer(num_tokens=100, dim=32, depth=2, seq_len=2,
         ...                             mem_len=8, dim_head=8, heads=2)
@@ -86,6 +92,8 @@ class FeedbackTransformer(nn.Module):
         >>> logits.shape, memory.keys.shape
         (torch.Size([2, 5, 100]), torch.Size([2, 2, 5, 8]))
     """
+
+    use_kernel: bool = True
 
     def __init__(
         self,
@@ -340,27 +348,31 @@ class FeedbackTransformer(nn.Module):
         # a gradient of the whole input per window in the backward pass)
         h_windows, proj_windows = h.split(W, dim=1), proj_all.split(W, dim=1)
 
-        outputs = []
-        for index, start in enumerate(range(0, n, W)):
-            w = min(W, n - start)
-            x = h_windows[index].reshape(b * w, dim)
-            hi = m0 + start if M else 0
-            lo = max(0, hi - M)
-            if (w, hi - lo) not in biases:
-                biases[w, hi - lo] = window_bias(bias_full, hi - lo, w, W)
-            bias, first_empty = biases[w, hi - lo]
-            memory = MemorySlice(store, lo, hi, link)
-            layer_weights = weights if w > 1 else q_weights
-            o = layer_weights[0].shape[0]  # "b w o -> (b w) o" (a copy when b > 1)
-            proj0 = proj_windows[index][:, :, :o].reshape(b * w, o)
-            x, k, v = self._window(
-                x, memory, bias, first_empty, layer_weights, cross, mix, linear, proj0
-            )
-            outputs.append(x.view(b, w, dim))
-            if M:
-                link = store.write(k, v)
+        if kernel.available(self, h, cross):  # the whole window loop in one compiled call
+            out = kernel.run(self, h, proj_all, bias_full, store, m0, W)
+        else:
+            outputs = []
+            for index, start in enumerate(range(0, n, W)):
+                w = min(W, n - start)
+                x = h_windows[index].reshape(b * w, dim)
+                hi = m0 + start if M else 0
+                lo = max(0, hi - M)
+                if (w, hi - lo) not in biases:
+                    biases[w, hi - lo] = window_bias(bias_full, hi - lo, w, W)
+                bias, first_empty = biases[w, hi - lo]
+                memory = MemorySlice(store, lo, hi, link)
+                layer_weights = weights if w > 1 else q_weights
+                o = layer_weights[0].shape[0]  # "b w o -> (b w) o" (a copy when b > 1)
+                proj0 = proj_windows[index][:, :, :o].reshape(b * w, o)
+                x, k, v = self._window(
+                    x, memory, bias, first_empty, layer_weights, cross, mix, linear, proj0
+                )
+                outputs.append(x.view(b, w, dim))
+                if M:
+                    link = store.write(k, v)
 
-        out = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
+            out = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
+
         if not M:
             empty = h.new_zeros(b, self.heads, 0, self.dim_head)
             return out, FeedbackMemory(empty, empty.clone(), self.signature)
