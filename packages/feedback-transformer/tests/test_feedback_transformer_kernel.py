@@ -1,0 +1,169 @@
+"""The compiled inference path (``feedback_transformer.kernel``, ``csrc/feedback.h``).
+
+Every case runs the kernel in float32 and compares it with the module path of the same
+weights in float64 (itself tested against the reference model): logits and the returned
+memory, over shapes that leave partial panels (widths not multiples of 32), partial
+windows, memory eviction, a prefix memory, keep_last_hidden, every instruction set and
+1-3 threads. Then when the kernel is used and when the module path is, and that its packed
+weights follow parameter updates.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from attention_core import _C
+from attention_core.testing import assert_close
+from feedback_transformer import FeedbackTransformer, kernel
+
+CASES = {
+    # name: (model options, batch, tokens, prefix memory steps)
+    "seed_sizes": (dict(dim=64, depth=2, heads=4, dim_head=16, seq_len=2, mem_len=12), 2, 20, 0),
+    "odd_widths": (
+        dict(dim=37, depth=3, heads=3, dim_head=13, seq_len=3, mem_len=7, ff_mult=1.5), 3, 17, 0
+    ),
+    "paper_exact": (dict(dim=48, depth=2, heads=2, dim_head=24, seq_len=1, mem_len=5), 2, 9, 0),
+    "no_memory": (dict(dim=40, depth=2, heads=2, dim_head=20, seq_len=4, mem_len=0), 2, 10, 0),
+    "prefix_memory": (dict(dim=33, depth=1, heads=5, dim_head=7, seq_len=2, mem_len=6), 1, 11, 4),
+    "last_hidden": (
+        dict(dim=32, depth=2, heads=2, dim_head=16, seq_len=2, mem_len=8, keep_last_hidden=True),
+        5, 13, 3,
+    ),
+    "short_input": (dict(dim=24, depth=2, heads=2, dim_head=12, seq_len=4, mem_len=8), 2, 3, 2),
+    "long_window": (dict(dim=70, depth=2, heads=2, dim_head=40, seq_len=7, mem_len=100), 2, 30, 0),
+}  # fmt: skip
+
+
+def make_model(options: dict, seed: int = 0) -> FeedbackTransformer:
+    torch.manual_seed(seed)
+    model = FeedbackTransformer(num_tokens=29, **options).eval()
+    with torch.no_grad():  # weights far from the initialisation: peaked attention, large mixes
+        for p in model.parameters():
+            p.normal_(0.0, 0.4)
+    return model
+
+
+def run_case(name: str, threads: int = 2):
+    options, batch, n, prefix = CASES[name]
+    model = make_model(options)
+    reference = copy.deepcopy(model).double()
+    reference.use_kernel = False
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randint(0, 29, (batch, n), generator=generator)
+    memory = None
+    if prefix:
+        with torch.no_grad():
+            start = torch.randint(0, 29, (batch, prefix), generator=generator)
+            _, memory = reference(start, return_memory=True)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.no_grad():
+            memory32 = None if memory is None else memory.__class__(*(t.float() for t in memory))
+            assert kernel.available(model, model.token_emb(x), None)
+            logits, new_memory = model(x, memory32, return_memory=True)
+            expected, expected_memory = reference(x, memory, return_memory=True)
+    finally:
+        torch.set_num_threads(previous)
+    return (logits, new_memory), (expected, expected_memory)
+
+
+def assert_matches(actual, expected):
+    (logits, memory), (want, want_memory) = actual, expected
+    assert_close("logits", logits, want, rtol=1e-4, atol=1e-4)
+    assert_close("memory keys", memory.keys, want_memory.keys, rtol=1e-4, atol=1e-4)
+    assert_close("memory values", memory.values, want_memory.values, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_kernel_matches_the_module_path_in_float64(name):
+    assert_matches(*run_case(name))
+
+
+@pytest.mark.parametrize("level", [0, 1, 2])
+@pytest.mark.parametrize("threads", [1, 3])
+def test_every_instruction_set_and_team_size_gives_the_same_model(level, threads):
+    _C.set_cpu_level(level)  # capped at what this CPU supports
+    try:
+        for name in ("odd_widths", "prefix_memory"):
+            assert_matches(*run_case(name, threads=threads))
+    finally:
+        _C.set_cpu_level(-1)
+
+
+def test_the_kernel_runs_without_gradients_and_the_module_path_with_them(monkeypatch):
+    model = make_model(CASES["seed_sizes"][0])
+    x = torch.randint(0, 29, (2, 9), generator=torch.Generator().manual_seed(2))
+    calls = []
+
+    class Spy:
+        def __getattr__(self, name):
+            calls.append(name)
+            return getattr(_C, name)
+
+    monkeypatch.setattr(kernel, "_C", Spy())
+    with torch.no_grad():
+        fast = model(x)
+    assert calls == ["feedback_forward_f32"]
+    slow = model(x)  # gradients recorded: the module path
+    assert calls == ["feedback_forward_f32"] and slow.requires_grad
+    assert_close("kernel vs module path", fast, slow.detach(), rtol=1e-4, atol=1e-4)
+
+
+def test_the_module_path_serves_what_the_kernel_does_not():
+    options = CASES["seed_sizes"][0]
+    model = make_model(options)
+    h = model.token_emb(torch.zeros(2, 3, dtype=torch.long)).detach()
+    with torch.no_grad():
+        assert kernel.available(model, h, None)
+        assert not kernel.available(model, h.double(), None)  # float32 only
+        assert not kernel.available(model, h[:0], None)  # empty batch
+        assert not kernel.available(model, h, ([], None))  # cross attention
+        model.use_kernel = False
+        assert not kernel.available(model, h, None)
+        model.use_kernel = True
+        handle = model.layers[1].register_forward_hook(lambda *args: None)
+        assert not kernel.available(model, h, None)  # hooks must fire
+        handle.remove()
+        dropout = make_model({**options, "attn_dropout": 0.1})
+        assert kernel.available(dropout, h, None)  # eval: no dropout in effect
+        assert not kernel.available(dropout.train(), h, None)
+    assert not kernel.available(model, h, None)  # gradients recorded
+
+
+def test_packed_weights_follow_parameter_updates():
+    model = make_model(CASES["odd_widths"][0])
+    x = torch.randint(0, 29, (2, 8), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        before = model(x)
+        model.layers[1].ff.net[0].weight.mul_(1.5)  # in place: the version counter moves
+        model.to_kv.weight.add_(0.1)
+        after = model(x)
+        model.use_kernel = False
+        expected = model(x)
+    assert (after - before).abs().max() > 1e-2
+    assert_close("after the update", after, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_pack_lays_out_panels_of_32_output_columns():
+    weight = torch.arange(70 * 5, dtype=torch.float32).reshape(70, 5)
+    panels = kernel.pack(weight)
+    assert panels.shape == (3, 5, 32) and panels.is_contiguous()
+    for column in (0, 31, 32, 69):
+        assert torch.equal(panels[column // 32, :, column % 32], weight[column])
+    assert not panels[2, :, 6:].any()  # columns 70 .. 95 are padding
+
+
+def test_prefill_takes_the_kernel_and_matches_token_by_token_steps():
+    model = make_model(CASES["paper_exact"][0])
+    prompt = torch.randint(0, 29, (2, 12), generator=torch.Generator().manual_seed(4))
+    logits, state = model.prefill(prompt)
+    model.use_kernel = False
+    expected, expected_state = model.prefill(prompt)
+    assert_close("prefill logits", logits, expected, rtol=1e-4, atol=1e-4)
+    assert_close(
+        "prefill memory", state.memory.keys, expected_state.memory.keys, rtol=1e-4, atol=1e-4
+    )
