@@ -65,11 +65,15 @@ def available(model, h: Tensor, cross) -> bool:
 
 
 def _packed(model, fused: bool) -> dict[str, object]:
-    params = tuple(model.parameters())
-    key = tuple((p.data_ptr(), p._version) for p in params)
+    """The model's weights as panels: per layer the list of ``_C.feedback_forward_f32``, and
+    the shared key/value projection; rebuilt when a parameter changed."""
+    key = tuple((p.data_ptr(), p._version) for p in model.parameters())
     entry = _cache.get(model)
-    if entry is not None and entry[0] == key and entry[1] == fused:
-        return entry[2]
+    if entry is None or entry[0] != key:
+        entry = (key, {})
+        _cache[model] = entry
+    if fused in entry[1]:
+        return entry[1][fused]
     weights = model._query_weights(fused)
     layers = []
     for i, layer in enumerate(model.layers):
@@ -78,7 +82,7 @@ def _packed(model, fused: bool) -> dict[str, object]:
         value_b, gate_b = first.bias.chunk(2, dim=0)
         layers.append(
             [
-                pack(weights[i]) if i else None,
+                pack(weights[i]) if i else None,  # layer 0's projection is the caller's
                 pack(layer.to_out.weight),
                 layer.to_out.bias.contiguous(),
                 layer.ff_norm.weight.contiguous(),
@@ -92,7 +96,7 @@ def _packed(model, fused: bool) -> dict[str, object]:
             ]
         )
     packed = {"layers": layers, "kv": pack(model.to_kv.weight) if model.mem_len else None}
-    _cache[model] = (key, fused, packed)
+    entry[1][fused] = packed
     return packed
 
 
@@ -113,17 +117,18 @@ def run(model, h: Tensor, proj0: Tensor, bias: Tensor, store, m0: int, window: i
         window: steps per window.
     """
     with torch.no_grad():
-        packed = _packed(model, fused=proj0.shape[2] != model.heads * model.dim_head)
         b, n, dim = h.shape
+        fused = proj0.shape[2] != model.heads * model.dim_head
+        packed = _packed(model, fused)
         h, proj0, bias = h.contiguous(), proj0.contiguous(), bias.contiguous()
         norm, mix = model.attn_norm, model._mix()
-        out = torch.empty_like(h)
         ff_norm = model.layers[0].ff_norm
         hidden = model.layers[0].ff.net[0].weight.shape[0] // 2
         sizes = (
             b, n, dim, model.heads, model.dim_head, hidden, model.depth, window,
             model.mem_len, m0, store.keys.shape[1], proj0.shape[2],
         )  # fmt: skip
+        out = torch.empty_like(h)
         _C.feedback_forward_f32(
             sizes,
             (norm.eps, ff_norm.eps),
