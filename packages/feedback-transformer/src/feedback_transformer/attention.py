@@ -142,6 +142,7 @@ class MemoryAttention(Function):
             out[:, 0] = 0.0
         ctx.memory, ctx.first_empty, ctx.dropout_p = memory, first_empty, dropout_p
         ctx.bias_shape = bias.shape
+        ctx.window_shape = None if kw is None else kw.shape
         ctx.save_for_backward(q, kw, vw, p, keep, out)
         return out
 
@@ -182,7 +183,7 @@ class MemoryAttention(Function):
             memory.source.accumulate(memory.lo, dk[:, :m], dv[:, :m])
         dkw = dvw = None
         if kw is not None:
-            shape = ctx.saved_tensors[1].shape
+            shape = ctx.window_shape  # unpacking ctx.saved_tensors again costs more
             dkw, dvw = dk[:, m:].reshape(shape), dv[:, m:].reshape(shape)
         dbias = None
         if ctx.needs_input_grad[3]:
