@@ -24,7 +24,14 @@ from torch import Tensor
 from torch.autograd import Function
 from torch.autograd.function import once_differentiable
 
-__all__ = ["MemoryAttention", "MemorySlice", "attend_window", "window_bias"]
+__all__ = [
+    "MemoryAttention",
+    "MemorySlice",
+    "attend_window",
+    "attention_backward",
+    "attention_forward",
+    "window_bias",
+]
 
 
 class MemorySlice:
@@ -117,11 +124,82 @@ def attend_window(
         return q.new_zeros(q.shape)  # a single step without memory sees nothing
     if torch.is_grad_enabled():
         return MemoryAttention.apply(q, kw, vw, bias, memory.link, memory, first_empty, dropout_p)
+    return attention_forward(q, kw, vw, bias, memory, first_empty, dropout_p)[0]
+
+
+def attention_forward(
+    q: Tensor,
+    kw: Tensor | None,
+    vw: Tensor | None,
+    bias: Tensor,
+    memory: MemorySlice,
+    first_empty: bool,
+    dropout_p: float,
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """:func:`attend_window` without autograd: the output ``(b h, i, d)``, the attention
+    weights ``(b h, i, j)`` before dropout and the dropout mask (or ``None``), which
+    :func:`attention_backward` takes."""
     k, v = _keys_values(memory, kw, vw)
-    out = torch.bmm(_weights(q, k, bias, dropout_p)[1], v)
+    p, pd, keep = _weights(q, k, bias, dropout_p)
+    out = torch.bmm(pd, v)
     if first_empty:
         out[:, 0] = 0.0
-    return out
+    return out, p, keep
+
+
+def attention_backward(
+    dout: Tensor,
+    q: Tensor,
+    kw: Tensor | None,
+    vw: Tensor | None,
+    p: Tensor,
+    keep: Tensor | None,
+    out: Tensor,
+    memory: MemorySlice,
+    first_empty: bool,
+    dropout_p: float,
+    bias_shape: torch.Size | None,
+) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
+    """Gradients of :func:`attention_forward` for ``dout`` ``(b h, i, d)``: ``dq``, the
+    window's ``dkw``/``dvw`` (shaped like ``kw``/``vw``), and the bias gradient (of shape
+    ``bias_shape``; ``None`` skips it). The memory's key and value gradients are added to
+    ``memory.source`` (its ``accumulate``); the memory is read from the buffer, not saved."""
+    km, vm = memory.views()
+    m = km.shape[1]
+    if first_empty:
+        dout = dout.clone()
+        dout[:, 0] = 0.0
+    pd = p if keep is None else p * keep / (1.0 - dropout_p)
+    window_shape = None if kw is None else kw.shape
+    if kw is not None:  # "b h w d -> (b h) w d"
+        kw, vw = kw.reshape(-1, *kw.shape[2:]), vw.reshape(-1, *vw.shape[2:])
+
+    # values, and the gradient of the (dropped-out) weights
+    if kw is None:
+        dpd = torch.bmm(dout, vm.mT)
+    elif not m:
+        dpd = torch.bmm(dout, vw.mT)
+    else:
+        dpd = torch.cat((torch.bmm(dout, vm.mT), torch.bmm(dout, vw.mT)), dim=-1)
+    dv = torch.bmm(pd.mT, dout)  # (b h, j, d)
+    dp = dpd if keep is None else dpd * keep / (1.0 - dropout_p)
+
+    # softmax: rowsum(dp * p) = rowsum(dout * out), with or without dropout
+    ds = p * (dp - (dout * out).sum(dim=-1, keepdim=True))
+    dk = torch.bmm(ds.mT, q)  # (b h, j, d)
+    if kw is None:
+        dq = torch.bmm(ds, km)
+    elif not m:
+        dq = torch.bmm(ds, kw)
+    else:
+        dq = torch.baddbmm(torch.bmm(ds[..., m:], kw), ds[..., :m], km)
+    if m:
+        memory.source.accumulate(memory.lo, dk[:, :m], dv[:, :m])
+    dkw = dvw = None
+    if window_shape is not None:
+        dkw, dvw = dk[:, m:].reshape(window_shape), dv[:, m:].reshape(window_shape)
+    dbias = None if bias_shape is None else ds.view(-1, *bias_shape).sum(dim=0)
+    return dq, dkw, dvw, dbias
 
 
 class MemoryAttention(Function):
@@ -135,14 +213,9 @@ class MemoryAttention(Function):
 
     @staticmethod
     def forward(ctx, q, kw, vw, bias, link, memory: MemorySlice, first_empty, dropout_p):
-        k, v = _keys_values(memory, kw, vw)
-        p, pd, keep = _weights(q, k, bias, dropout_p)
-        out = torch.bmm(pd, v)
-        if first_empty:
-            out[:, 0] = 0.0
+        out, p, keep = attention_forward(q, kw, vw, bias, memory, first_empty, dropout_p)
         ctx.memory, ctx.first_empty, ctx.dropout_p = memory, first_empty, dropout_p
         ctx.bias_shape = bias.shape
-        ctx.window_shape = None if kw is None else kw.shape
         ctx.save_for_backward(q, kw, vw, p, keep, out)
         return out
 
@@ -150,43 +223,10 @@ class MemoryAttention(Function):
     @once_differentiable
     def backward(ctx, dout: Tensor):
         q, kw, vw, p, keep, out = ctx.saved_tensors
-        memory, dropout_p = ctx.memory, ctx.dropout_p
-        km, vm = memory.views()
-        m = km.shape[1]
-        if ctx.first_empty:
-            dout = dout.clone()
-            dout[:, 0] = 0.0
-        pd = p if keep is None else p * keep / (1.0 - dropout_p)
-        if kw is not None:  # "b h w d -> (b h) w d"
-            kw, vw = kw.reshape(-1, *kw.shape[2:]), vw.reshape(-1, *vw.shape[2:])
-
-        # values, and the gradient of the (dropped-out) weights
-        if kw is None:
-            dpd = torch.bmm(dout, vm.mT)
-        elif not m:
-            dpd = torch.bmm(dout, vw.mT)
-        else:
-            dpd = torch.cat((torch.bmm(dout, vm.mT), torch.bmm(dout, vw.mT)), dim=-1)
-        dv = torch.bmm(pd.mT, dout)  # (b h, j, d)
-        dp = dpd if keep is None else dpd * keep / (1.0 - dropout_p)
-
-        # softmax: rowsum(dp * p) = rowsum(dout * out), with or without dropout
-        ds = p * (dp - (dout * out).sum(dim=-1, keepdim=True))
-        dk = torch.bmm(ds.mT, q)  # (b h, j, d)
-        if kw is None:
-            dq = torch.bmm(ds, km)
-        elif not m:
-            dq = torch.bmm(ds, kw)
-        else:
-            dq = torch.baddbmm(torch.bmm(ds[..., m:], kw), ds[..., :m], km)
-        if m:
-            memory.source.accumulate(memory.lo, dk[:, :m], dv[:, :m])
-        dkw = dvw = None
-        if kw is not None:
-            shape = ctx.window_shape  # unpacking ctx.saved_tensors again costs more
-            dkw, dvw = dk[:, m:].reshape(shape), dv[:, m:].reshape(shape)
-        dbias = None
-        if ctx.needs_input_grad[3]:
-            dbias = ds.view(-1, *ctx.bias_shape).sum(dim=0)
+        memory = ctx.memory
+        bias_shape = ctx.bias_shape if ctx.needs_input_grad[3] else None
+        dq, dkw, dvw, dbias = attention_backward(
+            dout, q, kw, vw, p, keep, out, memory, ctx.first_empty, ctx.dropout_p, bias_shape
+        )
         dlink = None if memory.link is None else memory.link.new_zeros(())
         return dq, dkw, dvw, dbias, dlink, None, None, None
