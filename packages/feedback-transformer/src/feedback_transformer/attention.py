@@ -138,7 +138,9 @@ def attention_forward(
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """:func:`attend_window` without autograd: the output ``(b h, i, d)``, the attention
     weights ``(b h, i, j)`` before dropout and the dropout mask (or ``None``), which
-    :func:`attention_backward` takes."""
+    :func:`attention_backward` takes (weights ``None``: a single step without memory)."""
+    if kw is None and memory.hi == memory.lo:
+        return q.new_zeros(q.shape), None, None  # a single step without memory sees nothing
     k, v = _keys_values(memory, kw, vw)
     p, pd, keep = _weights(q, k, bias, dropout_p)
     out = torch.bmm(pd, v)
@@ -164,6 +166,9 @@ def attention_backward(
     window's ``dkw``/``dvw`` (shaped like ``kw``/``vw``), and the bias gradient (of shape
     ``bias_shape``; ``None`` skips it). The memory's key and value gradients are added to
     ``memory.source`` (its ``accumulate``); the memory is read from the buffer, not saved."""
+    if p is None:  # the output was zero, whatever the inputs
+        dbias = None if bias_shape is None else dout.new_zeros(bias_shape)
+        return torch.zeros_like(q), None, None, dbias
     km, vm = memory.views()
     m = km.shape[1]
     if first_empty:

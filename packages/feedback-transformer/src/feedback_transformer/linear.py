@@ -89,13 +89,21 @@ class StepLinear:
         self._tokens: dict[int, tuple[Tensor, _Record]] = {}
 
     def __call__(self, x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+        entry = self.entry(weight, bias)
+        if entry is None:
+            return F.linear(x, weight, bias)
+        return Linear.apply(x, weight, bias, *entry)
+
+    def entry(self, weight: Tensor, bias: Tensor | None = None) -> tuple[Tensor, _Record] | None:
+        """The ``(token, record)`` of ``weight``: a use takes the token as an input and, in
+        its backward pass, appends ``(X, dY)`` to ``record.pairs``; ``None`` when no
+        gradient of the weight or bias is recorded."""
         if not torch.is_grad_enabled() or not (
             weight.requires_grad or (bias is not None and bias.requires_grad)
         ):
-            return F.linear(x, weight, bias)
+            return None
         key = id(weight)  # the weights live for the whole call: ids are stable
         if key not in self._tokens:
             record = _Record()
             self._tokens[key] = (Gather.apply(weight, bias, record), record)
-        token, record = self._tokens[key]
-        return Linear.apply(x, weight, bias, token, record)
+        return self._tokens[key]
