@@ -164,8 +164,9 @@ def attention_backward(
 ) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
     """Gradients of :func:`attention_forward` for ``dout`` ``(b h, i, d)``: ``dq``, the
     window's ``dkw``/``dvw`` (shaped like ``kw``/``vw``), and the bias gradient (of shape
-    ``bias_shape``; ``None`` skips it). The memory's key and value gradients are added to
-    ``memory.source`` (its ``accumulate``); the memory is read from the buffer, not saved."""
+    ``bias_shape``; ``None`` skips it). The memory's key and value gradients go to
+    ``memory.source`` (its ``accumulate_products``); the memory is read from the buffer, not
+    saved."""
     if p is None:  # the output was zero, whatever the inputs
         dbias = None if bias_shape is None else dout.new_zeros(bias_shape)
         return torch.zeros_like(q), None, None, dbias
@@ -186,23 +187,22 @@ def attention_backward(
         dpd = torch.bmm(dout, vw.mT)
     else:
         dpd = torch.cat((torch.bmm(dout, vm.mT), torch.bmm(dout, vw.mT)), dim=-1)
-    dv = torch.bmm(pd.mT, dout)  # (b h, j, d)
     dp = dpd if keep is None else dpd * keep / (1.0 - dropout_p)
 
     # softmax: rowsum(dp * p) = rowsum(dout * out), with or without dropout
     ds = p * (dp - (dout * out).sum(dim=-1, keepdim=True))
-    dk = torch.bmm(ds.mT, q)  # (b h, j, d)
     if kw is None:
         dq = torch.bmm(ds, km)
     elif not m:
         dq = torch.bmm(ds, kw)
     else:
         dq = torch.baddbmm(torch.bmm(ds[..., m:], kw), ds[..., :m], km)
-    if m:
-        memory.source.accumulate(memory.lo, dk[:, :m], dv[:, :m])
+    if m:  # the memory's key and value gradients: ds^T q and pd^T dout, added by the store
+        memory.source.accumulate_products(memory.lo, ds[..., :m], q, pd[..., :m], dout)
     dkw = dvw = None
     if window_shape is not None:
-        dkw, dvw = dk[:, m:].reshape(window_shape), dv[:, m:].reshape(window_shape)
+        dkw = torch.bmm(ds[..., m:].mT, q).reshape(window_shape)
+        dvw = torch.bmm(pd[..., m:].mT, dout).reshape(window_shape)
     dbias = None if bias_shape is None else ds.view(-1, *bias_shape).sum(dim=0)
     return dq, dkw, dvw, dbias
 

@@ -84,6 +84,8 @@ class KVStore:
         self.grad_keys: Tensor | None = None
         self.grad_values: Tensor | None = None
         self.size = 0
+        # (lo, m, [(ds, q, pd, dout)]): readers of slots lo .. lo + m - 1 not yet added
+        self._pending: tuple[int, int, list[tuple[Tensor, Tensor, Tensor, Tensor]]] | None = None
 
     @property
     def keys4(self) -> Tensor:
@@ -114,18 +116,51 @@ class KVStore:
             return self.keys4[:, :, lo:hi].clone(), self.values4[:, :, lo:hi].clone()
         return Read.apply(link, self, lo, hi)
 
-    def accumulate(self, lo: int, dk: Tensor, dv: Tensor) -> None:
-        """Add the gradients ``dk``/``dv`` ``(b h, m, d)`` of slots ``lo .. lo + m - 1``."""
+    def _grads(self) -> tuple[Tensor, Tensor]:
         if self.grad_keys is None:
             self.grad_keys = torch.zeros_like(self.keys)
             self.grad_values = torch.zeros_like(self.values)
+        return self.grad_keys, self.grad_values
+
+    def accumulate(self, lo: int, dk: Tensor, dv: Tensor) -> None:
+        """Add the gradients ``dk``/``dv`` ``(b h, m, d)`` of slots ``lo .. lo + m - 1``."""
+        grad_keys, grad_values = self._grads()
         hi = lo + dk.shape[1]
-        self.grad_keys[:, lo:hi].add_(dk)
-        self.grad_values[:, lo:hi].add_(dv)
+        grad_keys[:, lo:hi].add_(dk)
+        grad_values[:, lo:hi].add_(dv)
+
+    def accumulate_products(self, lo: int, ds: Tensor, q: Tensor, pd: Tensor, dout: Tensor):
+        """Add ``ds^T q`` to the key gradients and ``pd^T dout`` to the value gradients of
+        slots ``lo .. lo + m - 1`` (``ds``/``pd`` ``(b h, i, m)``, ``q``/``dout``
+        ``(b h, i, d)``: one reader's score gradients and attention weights).
+
+        Every layer of a window reads the same slots, so the products are held back and
+        added together, one pass over the gradient slice per window instead of one per
+        layer: a different slice, or :meth:`take_grad`, adds them.
+        """
+        m = ds.shape[2]
+        if self._pending is not None and self._pending[:2] != (lo, m):
+            self._flush()
+        if self._pending is None:
+            self._pending = (lo, m, [])
+        self._pending[2].append((ds, q, pd, dout))
+
+    def _flush(self) -> None:
+        if self._pending is None:
+            return
+        (lo, m, readers), self._pending = self._pending, None
+        grad_keys, grad_values = self._grads()
+        if len(readers) == 1:
+            ds, q, pd, dout = readers[0]
+        else:  # "r (b h) i m -> (b h) (r i) m": the readers as more queries
+            ds, q, pd, dout = (torch.cat(parts, dim=1) for parts in zip(*readers))
+        grad_keys[:, lo : lo + m].baddbmm_(ds.mT, q)
+        grad_values[:, lo : lo + m].baddbmm_(pd.mT, dout)
 
     def take_grad(self, lo: int, hi: int) -> tuple[Tensor, Tensor]:
         """Remove and return the gradients ``(b, h, hi - lo, d)`` collected for slots
         ``lo .. hi - 1``."""
+        self._flush()
         b, h, d = self.batch, self.heads, self.keys.shape[2]
         if self.grad_keys is None:
             zeros = self.keys.new_zeros(b, h, hi - lo, d)
