@@ -7,7 +7,8 @@ its cross attention), ``FeedbackMemory`` what it returns and accepts as memory, 
 Modules, in reading order: :mod:`.model` (the model, its checks and its window loop),
 :mod:`.layers` (one layer's blocks), :mod:`.attention` (a window's attention over the
 memory), :mod:`.memory` (the memory and its buffers), :mod:`.linear` (per-step linear maps
-with one weight gradient per call) and :mod:`.generation` (decoding).
+with one weight gradient per call), :mod:`.kernel` (the compiled inference path) and
+:mod:`.generation` (decoding).
 """
 
 from .generation import FeedbackState
