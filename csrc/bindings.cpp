@@ -458,11 +458,12 @@ void hamming_cluster(std::uintptr_t hashes, std::uintptr_t lengths, std::uintptr
 // ---------------------------------------------------------------------------------------
 
 using FeedbackSizes = std::array<int64_t, 12>;
-using FeedbackLayer = std::array<std::uintptr_t, 11>;
+using FeedbackLayer = std::array<std::uintptr_t, 9>;
 
 // sizes: (B, n, dim, heads, dim_head, hidden, depth, window, mem_len, m0, capacity, o);
-// layer: addresses of (qkv panels, out panels, out bias, ff norm weight, ff norm bias,
-// ff value panels, ff value bias, ff gate panels, ff gate bias, ff out panels, ff out bias).
+// layer: addresses of the row-major float32 (qkv weight (0 in layer 0), out weight, out bias,
+// ff norm weight, ff norm bias, ff in weight (2 hidden, dim), ff in bias, ff out weight, ff out
+// bias); kv: the (2 inner, dim) key/value weight (0 without memory).
 void feedback_forward(FeedbackSizes sizes, std::array<double, 2> eps, std::uintptr_t h,
                       std::uintptr_t proj0, std::uintptr_t norm_weight,
                       std::uintptr_t norm_bias, std::vector<FeedbackLayer> layers,
@@ -505,23 +506,27 @@ void feedback_forward(FeedbackSizes sizes, std::array<double, 2> eps, std::uintp
     a.norm_weight = as_ptr<const float>(norm_weight);
     a.norm_bias = as_ptr<const float>(norm_bias);
     std::vector<fb::Layer> packed(layers.size());
-    auto panels = [](std::uintptr_t p, std::uintptr_t b, int64_t N, int64_t K) {
-        require("weight panels", p, N * K);
+    auto weight = [](std::uintptr_t p, std::uintptr_t b, int64_t N, int64_t K) {
+        require("weight", p, N * K);
         return fb::Packed{as_ptr<const float>(p), as_ptr<const float>(b), N, K};
     };
+    const int64_t half = a.hidden * a.dim;  // the gate rows of the ff in weight
     for (size_t l = 0; l < layers.size(); ++l) {
         const FeedbackLayer& w = layers[l];
-        packed[l].qkv = panels(w[0], 0, l ? a.o : 0, a.dim);
-        packed[l].out = panels(w[1], w[2], a.dim, inner);
+        packed[l].qkv = weight(w[0], 0, l ? a.o : 0, a.dim);
+        packed[l].out = weight(w[1], w[2], a.dim, inner);
         packed[l].ff_norm_weight = as_ptr<const float>(w[3]);
         packed[l].ff_norm_bias = as_ptr<const float>(w[4]);
-        packed[l].ff_value = panels(w[5], w[6], a.hidden, a.dim);
-        packed[l].ff_gate = panels(w[7], w[8], a.hidden, a.dim);
-        packed[l].ff_out = panels(w[9], w[10], a.dim, a.hidden);
+        require("ff in weight", w[5], 2 * half);
+        require("ff in bias", w[6], 2 * a.hidden);
+        packed[l].ff_value = weight(w[5], w[6], a.hidden, a.dim);
+        packed[l].ff_gate = fb::Packed{as_ptr<const float>(w[5]) + half,
+                                       as_ptr<const float>(w[6]) + a.hidden, a.hidden, a.dim};
+        packed[l].ff_out = weight(w[7], w[8], a.dim, a.hidden);
     }
     a.layers = packed.data();
     a.mix = as_ptr<const float>(mix);
-    a.kv = panels(kv, 0, a.mem_len ? 2 * inner : 0, a.dim);
+    a.kv = weight(kv, 0, a.mem_len ? 2 * inner : 0, a.dim);
     a.bias = as_ptr<const float>(bias);
     a.keys = as_ptr<float>(keys);
     a.values = as_ptr<float>(values);

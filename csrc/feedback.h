@@ -18,10 +18,10 @@
 //              merged += mix[l + 1] x   (merged starts as mix[0] times the embedding)
 //     memory:  [k; v] = LN(merged or x) Wkv^T, written to store slots hi .. hi + w - 1
 //
-// Every weight is packed by the caller as panels of 32 output columns: panel p holds W[32 p +
-// c, k] at [p][k][c] (zero-padded past N), so a product streams each panel once, contiguously,
-// and the inner loop is a multiply-add of one broadcast input value into 32 accumulators per
-// row, with no horizontal sums. Threads split the panels of a product, the (batch, head)
+// Every weight is first copied (by the team, at the start of the call) as panels of 32 output
+// columns: panel p holds W[32 p + c, k] at [p][k][c] (zero-padded past N), so a product streams
+// each panel once, contiguously, and the inner loop is a multiply-add of one broadcast input
+// value into 32 accumulators per row, with no horizontal sums. Threads split the panels of a product, the (batch, head)
 // pairs of the attention, and rows of the copies. No pybind11 and no torch here.
 #pragma once
 
@@ -35,6 +35,7 @@
 #include <vector>
 
 #include "cpu_dispatch.h"
+#include "parallel.h"
 
 namespace attention_core {
 namespace feedback {
@@ -42,17 +43,34 @@ namespace feedback {
 constexpr int64_t kPanel = 32;  // output columns per packed panel
 constexpr int kRows = 4;        // rows per block of a product
 
-// A weight W (N, K) packed into ceil(N / 32) panels of (K, 32); bias (N,) or null.
+// A weight W (N, K), row-major at `weight`, with bias (N,) or null; `panels` receives its copy
+// as ceil(N / 32) panels of (K, 32), zero-padded past N, made at the start of the call
+// (pack_panel), so the weights are read as they are now, every call.
 struct Packed {
-    const float* panels;
+    const float* weight;
     const float* bias;
     int64_t N;
     int64_t K;
+    float* panels = nullptr;
     int64_t count() const { return (N + kPanel - 1) / kPanel; }
+    int64_t size() const { return count() * K * kPanel; }
 };
 
+// Panel p of w: panels[p][k][c] = W[32 p + c][k] (0 past N), written in blocks of 16 k.
+inline void pack_panel(const Packed& w, int64_t p) {
+    float* dst = w.panels + p * w.K * kPanel;
+    const int64_t c0 = p * kPanel, width = std::min(kPanel, w.N - c0);
+    for (int64_t k0 = 0; k0 < w.K; k0 += 16) {
+        const int64_t k1 = std::min(w.K, k0 + 16);
+        for (int64_t c = 0; c < kPanel; ++c) {
+            const float* src = c < width ? w.weight + (c0 + c) * w.K : nullptr;
+            for (int64_t k = k0; k < k1; ++k) dst[k * kPanel + c] = src ? src[k] : 0.0f;
+        }
+    }
+}
+
 struct Layer {
-    Packed qkv;       // (o, dim), the query part scaled by dim_head^-1/2 (unused in layer 0)
+    Packed qkv;       // (o, dim), the query part scaled by dim_head^-1/2 (N = 0 in layer 0)
     Packed out;       // (dim, inner) with bias
     const float* ff_norm_weight;
     const float* ff_norm_bias;
@@ -67,7 +85,7 @@ struct Args {
     int64_t mem_len;  // M
     int64_t m0;       // memory slots already in the store (slots 0 .. m0 - 1)
     int64_t capacity;  // store slots
-    int64_t o;         // width of a qkv row: inner (W == 1) or 3 inner
+    int64_t o;         // width of a qkv row: inner, or 3 inner with the window's keys/values
     float norm_eps, ff_norm_eps;
     const float* h;      // (B, n, dim) embeddings
     const float* proj0;  // (B, n, o) layer 0's projection of h
@@ -216,47 +234,6 @@ inline void product(const float* a, int64_t lda, int64_t rows, const Packed& w, 
 }
 
 // ---------------------------------------------------------------------------------------
-// Threads
-// ---------------------------------------------------------------------------------------
-
-// A reusable barrier for a fixed team; waiting threads spin briefly, then yield.
-class SpinBarrier {
-  public:
-    explicit SpinBarrier(int64_t parties) : parties_(parties) {}
-
-    void wait() {
-        if (parties_ == 1) return;
-        const int64_t generation = generation_.load(std::memory_order_acquire);
-        if (arrived_.fetch_add(1, std::memory_order_acq_rel) + 1 == parties_) {
-            arrived_.store(0, std::memory_order_relaxed);
-            generation_.fetch_add(1, std::memory_order_release);
-            return;
-        }
-        for (int64_t spins = 0; generation_.load(std::memory_order_acquire) == generation;) {
-            if (++spins > kSpins) {
-                std::this_thread::yield();
-            } else {
-#if defined(__x86_64__) || defined(__i386__)
-                __builtin_ia32_pause();
-#endif
-            }
-        }
-    }
-
-  private:
-    static constexpr int64_t kSpins = 20000;  // a few tens of microseconds
-    int64_t parties_;
-    std::atomic<int64_t> arrived_{0};
-    std::atomic<int64_t> generation_{0};
-};
-
-// [begin, end) of worker t's share of `items` among `workers`.
-inline void share(int64_t items, int64_t t, int64_t workers, int64_t& begin, int64_t& end) {
-    begin = items * t / workers;
-    end = items * (t + 1) / workers;
-}
-
-// ---------------------------------------------------------------------------------------
 // The attention of one (batch row, head) pair over the memory and the window
 // ---------------------------------------------------------------------------------------
 
@@ -387,6 +364,8 @@ inline void attend_pair(const Args& a, const Window& win, int64_t b, int64_t hea
 // ---------------------------------------------------------------------------------------
 
 struct Buffers {
+    std::vector<float> panels;            // every weight's panels
+    std::vector<const Packed*> weights;  // the weights to pack into them
     std::vector<float> x, merged, qkv, att, gated;
     std::vector<float> keys_t;  // (B heads, dim_head, capacity): the store's keys, transposed
     // per thread: LN of the rows, attention scores
@@ -408,6 +387,11 @@ inline void run_team(const Args& a, Buffers& buf, SpinBarrier& barrier, int64_t 
     const int64_t C = a.capacity;
     int64_t begin, end;
 
+    // the weights' panels, then the prefix memory's keys transposed
+    for (const Packed* w : buf.weights) {
+        share(w->count(), t, workers, begin, end);
+        for (int64_t p = begin; p < end; ++p) pack_panel(*w, p);
+    }
     // the prefix memory's keys, transposed
     share(B * a.heads, t, workers, begin, end);
     for (int64_t pair = begin; M && pair < end; ++pair) {
@@ -536,10 +520,44 @@ using TeamFn = void (*)(const Args&, Buffers&, SpinBarrier&, int64_t, int64_t);
 
 // Runs `team` (run_team compiled for an instruction set) on `threads` threads (fewer if the
 // system refuses some): every allocation happens here, so the team itself cannot throw.
-inline void run_with_team(const Args& a, int64_t threads, TeamFn team_fn) {
+// Threads worth running: one per 2^20 multiply-adds of a window's products (with less work per
+// thread, the waits at the barrier cost more than the work shared), and no more than the
+// hardware runs at once.
+inline int64_t team_size(const Args& a, int64_t threads) {
+    const int64_t inner = a.heads * a.dim_head;
+    const int64_t per_row = a.depth * (a.o + inner + 3 * a.hidden) * a.dim + 2 * inner * a.dim;
+    int64_t size = std::min(threads, (a.B * a.window * per_row) >> 20);
+    const int64_t cores = static_cast<int64_t>(std::thread::hardware_concurrency());
+    if (cores > 0) size = std::min(size, cores);
+    return std::max<int64_t>(1, size);
+}
+
+// Runs `team` (run_team compiled for an instruction set) on up to `threads` threads (fewer if
+// the work is small or the system refuses some): every allocation happens here, so the team
+// itself cannot throw.
+inline void run_with_team(const Args& args, int64_t threads, TeamFn team_fn) {
+    Args a = args;
+    std::vector<Layer> layers(args.layers, args.layers + args.depth);
+    a.layers = layers.data();
     const int64_t rows = a.B * a.window;
-    const int64_t wanted = std::max<int64_t>(1, threads);
+    const int64_t wanted = team_size(a, threads);
     Buffers buf;
+    std::vector<Packed*> weights;
+    for (Layer& layer : layers) {
+        for (Packed* w : {&layer.qkv, &layer.out, &layer.ff_value, &layer.ff_gate, &layer.ff_out}) {
+            if (w->N) weights.push_back(w);
+        }
+    }
+    if (a.kv.N) weights.push_back(&a.kv);
+    int64_t total = 0;
+    for (const Packed* w : weights) total += w->size();
+    buf.panels.resize(total);
+    float* next = buf.panels.data();
+    for (Packed* w : weights) {
+        w->panels = next;
+        next += w->size();
+    }
+    buf.weights.assign(weights.begin(), weights.end());
     buf.x.resize(rows * a.dim);
     buf.merged.resize(a.mix ? rows * a.dim : 0);
     buf.qkv.resize(rows * a.o);
@@ -560,7 +578,7 @@ inline void run_with_team(const Args& a, int64_t threads, TeamFn team_fn) {
                 while ((size = team.load(std::memory_order_acquire)) == 0) std::this_thread::yield();
                 team_fn(a, buf, *barrier, t, size);
             });
-        } catch (const std::system_error&) {
+        } catch (...) {
             break;  // the system refused a thread: a smaller team
         }
     }

@@ -164,12 +164,11 @@ def attention_backward(
 ) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
     """Gradients of :func:`attention_forward` for ``dout`` ``(b h, i, d)``: ``dq``, the
     window's ``dkw``/``dvw`` (shaped like ``kw``/``vw``), and the bias gradient (of shape
-    ``bias_shape``; ``None`` skips it). The memory's key and value gradients go to
-    ``memory.source`` (its ``accumulate_products``); the memory is read from the buffer, not
-    saved."""
-    if p is None:  # the output was zero, whatever the inputs
-        dbias = None if bias_shape is None else dout.new_zeros(bias_shape)
-        return torch.zeros_like(q), None, None, dbias
+    ``bias_shape``; ``None`` skips it); all ``None`` for a single step without memory. The
+    memory's key and value gradients go to ``memory.source`` (its ``accumulate_products``);
+    the memory is read from the buffer, not saved."""
+    if p is None:  # the output was zero whatever the inputs: no gradient reaches them
+        return None, None, None, None
     km, vm = memory.views()
     m = km.shape[1]
     if first_empty:

@@ -93,6 +93,12 @@ class FeedbackLayer(nn.Module):
 
     use_layer_step: bool = True
 
+    def ff_parts(self) -> tuple[nn.Linear, nn.Dropout, nn.Linear]:
+        """The feed-forward block's input product (``dim`` to ``2 hidden``: the value half,
+        then the gate half), its dropout and its output product (``hidden`` to ``dim``)."""
+        first, _, dropout, last = self.ff.net  # Linear, GEGLU, Dropout, Linear
+        return first, dropout, last
+
     def __init__(
         self,
         dim: int,
@@ -168,7 +174,7 @@ class FeedbackLayer(nn.Module):
     def _step(self, x, norm, weight, memory, bias, first_empty, linear, proj, dropout) -> Tensor:
         """The training path of :meth:`forward` (no cross attention): one :class:`LayerStep`
         node."""
-        first, _, ff_dropout, last = self.ff.net  # Linear, GEGLU, Dropout, Linear
+        first, ff_dropout, last = self.ff_parts()
         entries = [
             None if proj is not None else linear.entry(weight),
             linear.entry(self.to_out.weight, self.to_out.bias),
@@ -192,7 +198,7 @@ class FeedbackLayer(nn.Module):
         ``attention_core.nn`` (its linear maps through ``linear``, its gate module as is)."""
         norm = self.ff_norm
         x = F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
-        first, _, dropout, last = self.ff.net  # Linear, GEGLU, Dropout, Linear
+        first, dropout, last = self.ff_parts()
         x, gate = linear(x, first.weight, first.bias).chunk(2, dim=-1)
         x = x * F.gelu(gate)  # the GEGLU module's product, without its per-call checks
         if self.training and dropout.p:
@@ -293,11 +299,11 @@ class LayerStep(Function):
             datt, q, kw, vw, p, keep, att, ctx.memory, ctx.first_empty, attn_p,
             ctx.bias_shape if needs[13] else None,
         )  # fmt: skip
-        dproj = _join_projection(dq, dkw, dvw, b, w, h, d)
+        dproj = None if dq is None else _join_projection(dq, dkw, dvw, b, w, h, d)
 
-        dx, dnorm_w, dnorm_b, dproj_in = dx1, None, None, dproj
-        if not ctx.has_proj:  # proj = LN(x) W^T was computed here
-            dproj_in = None
+        dx, dnorm_w, dnorm_b = dx1, None, None
+        dproj_in = dproj if ctx.has_proj else None
+        if dproj is not None and not ctx.has_proj:  # proj = LN(x) W^T was computed here
             if rec_qkv is not None:
                 rec_qkv.pairs.append((a, dproj))
             dxn, dnorm_w, dnorm_b = torch.ops.aten.native_layer_norm_backward(

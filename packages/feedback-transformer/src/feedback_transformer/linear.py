@@ -62,17 +62,21 @@ class Gather(Function):
 class Linear(Function):
     """``apply(x, weight, bias, token, record)``: ``F.linear(x, weight, bias)`` for ``x``
     ``(r, i)``; the backward returns ``dX = dY W`` and records ``(X, dY)`` for
-    :class:`Gather`."""
+    :class:`Gather` (nothing when no gradient reached the output: the weight then gets
+    none from this use, as with ``F.linear``)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, token, record: _Record) -> Tensor:
         ctx.record = record
         ctx.save_for_backward(x, weight)
+        ctx.set_materialize_grads(False)
         return F.linear(x, weight, bias)
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, dy: Tensor):
+    def backward(ctx, dy: Tensor | None):
+        if dy is None:
+            return None, None, None, None, None
         x, weight = ctx.saved_tensors
         ctx.record.pairs.append((x, dy))
         dx = dy @ weight if ctx.needs_input_grad[0] else None
