@@ -457,21 +457,26 @@ void hamming_cluster(std::uintptr_t hashes, std::uintptr_t lengths, std::uintptr
 // feedback transformer inference
 // ---------------------------------------------------------------------------------------
 
-using FeedbackSizes = std::array<int64_t, 12>;
-using FeedbackLayer = std::array<std::uintptr_t, 9>;
+using FeedbackSizes = std::array<int64_t, 13>;
+using FeedbackLayer = std::array<std::uintptr_t, 16>;
 
-// sizes: (B, n, dim, heads, dim_head, hidden, depth, window, mem_len, m0, capacity, o);
-// layer: addresses of the row-major float32 (qkv weight (0 in layer 0), out weight, out bias,
-// ff norm weight, ff norm bias, ff in weight (2 hidden, dim), ff in bias, ff out weight, ff out
-// bias); kv: the (2 inner, dim) key/value weight (0 without memory).
-void feedback_forward(FeedbackSizes sizes, std::array<double, 2> eps, std::uintptr_t h,
+// sizes: (B, n, dim, heads, dim_head, hidden, depth, window, mem_len, m0, capacity, o, S);
+// eps: the attention, feed-forward and cross-attention norms'; layer: addresses of the
+// row-major float32 (qkv weight (0 in layer 0), out weight, out bias, ff norm weight, ff norm
+// bias, ff in weight (2 hidden, dim), ff in bias, ff out weight, ff out bias, then for cross
+// attention (S > 0, else 0): norm weight, norm bias, query weight, out weight, out bias,
+// context keys, context values (B heads, S, dim_head)); kv: the (2 inner, dim) key/value
+// weight (0 without memory); context_mask: (B, S) uint8 or 0.
+void feedback_forward(FeedbackSizes sizes, std::array<double, 3> eps, std::uintptr_t h,
                       std::uintptr_t proj0, std::uintptr_t norm_weight,
                       std::uintptr_t norm_bias, std::vector<FeedbackLayer> layers,
-                      std::uintptr_t mix, std::uintptr_t kv, std::uintptr_t bias,
+                      std::uintptr_t mix, std::uintptr_t kv, std::uintptr_t context_mask,
+                      std::uintptr_t bias,
                       std::uintptr_t keys, std::uintptr_t values, std::uintptr_t out,
                       int64_t threads) {
-    const char* names[] = {"B",      "n",      "dim",     "heads", "dim_head", "hidden",
-                           "depth",  "window", "mem_len", "m0",    "capacity", "o"};
+    const char* names[] = {"B",       "n",  "dim",      "heads", "dim_head",
+                           "hidden",  "depth", "window", "mem_len", "m0",
+                           "capacity", "o", "S"};
     for (size_t i = 0; i < sizes.size(); ++i) check_positive(names[i], sizes[i]);
     namespace fb = attention_core::feedback;
     fb::Args a{};
@@ -487,6 +492,7 @@ void feedback_forward(FeedbackSizes sizes, std::array<double, 2> eps, std::uintp
     a.m0 = sizes[9];
     a.capacity = sizes[10];
     a.o = sizes[11];
+    a.context_len = sizes[12];
     const int64_t inner = a.heads * a.dim_head;
     if (a.B < 1 || a.n < 1 || a.dim < 1 || a.heads < 1 || a.dim_head < 1 || a.hidden < 1 ||
         a.depth < 1 || a.window < 1 || (a.o != inner && a.o != 3 * inner) ||
@@ -501,6 +507,8 @@ void feedback_forward(FeedbackSizes sizes, std::array<double, 2> eps, std::uintp
     }
     a.norm_eps = static_cast<float>(eps[0]);
     a.ff_norm_eps = static_cast<float>(eps[1]);
+    a.cross_norm_eps = static_cast<float>(eps[2]);
+    a.context_mask = as_ptr<const uint8_t>(context_mask);
     a.h = as_ptr<const float>(h);
     a.proj0 = as_ptr<const float>(proj0);
     a.norm_weight = as_ptr<const float>(norm_weight);
@@ -523,6 +531,16 @@ void feedback_forward(FeedbackSizes sizes, std::array<double, 2> eps, std::uintp
         packed[l].ff_gate = fb::Packed{as_ptr<const float>(w[5]) + half,
                                        as_ptr<const float>(w[6]) + a.hidden, a.hidden, a.dim};
         packed[l].ff_out = weight(w[7], w[8], a.dim, a.hidden);
+        if (a.context_len) {
+            packed[l].cross_norm_weight = as_ptr<const float>(w[9]);
+            packed[l].cross_norm_bias = as_ptr<const float>(w[10]);
+            packed[l].cross_q = weight(w[11], 0, inner, a.dim);
+            packed[l].cross_out = weight(w[12], w[13], a.dim, inner);
+            require("context keys", w[14], a.B * inner * a.context_len);
+            require("context values", w[15], a.B * inner * a.context_len);
+            packed[l].context_keys = as_ptr<const float>(w[14]);
+            packed[l].context_values = as_ptr<const float>(w[15]);
+        }
     }
     a.layers = packed.data();
     a.mix = as_ptr<const float>(mix);
@@ -663,7 +681,8 @@ PYBIND11_MODULE(_C, m) {
           py::arg("bits"), py::arg("iterations"), py::arg("threads"));
     m.def("feedback_forward_f32", &feedback_forward, py::arg("sizes"), py::arg("eps"),
           py::arg("h"), py::arg("proj0"), py::arg("norm_weight"), py::arg("norm_bias"),
-          py::arg("layers"), py::arg("mix"), py::arg("kv"), py::arg("bias"), py::arg("keys"),
+          py::arg("layers"), py::arg("mix"), py::arg("kv"), py::arg("context_mask"),
+          py::arg("bias"), py::arg("keys"),
           py::arg("values"), py::arg("out"), py::arg("threads"),
           "Inference forward of a Feedback Transformer over float32 buffers (see feedback.h).");
     m.def("cpu_level", &get_cpu_level,

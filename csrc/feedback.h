@@ -14,6 +14,8 @@
 //              att = softmax(q [k_mem; k_win]^T + bias) [v_mem; v_win]
 //                     (memory slots lo .. hi-1 of the store, window keys strictly earlier)
 //              x  += att Wout^T + bout
+//              x  += softmax(LN_c(x) Wc^T [context keys]^T, mask) [context values] Wco^T + bco
+//                     (layers with cross attention; context keys/values projected by the caller)
 //              x  += (LN'(x) Win^T + bin) * gelu(LN'(x) Wgate^T + bgate) Wff^T + bff
 //              merged += mix[l + 1] x   (merged starts as mix[0] times the embedding)
 //     memory:  [k; v] = LN(merged or x) Wkv^T, written to store slots hi .. hi + w - 1
@@ -77,6 +79,15 @@ struct Layer {
     Packed ff_value;  // (hidden, dim) with bias: the first half of the GEGLU input product
     Packed ff_gate;   // (hidden, dim) with bias: its second half, passed through gelu
     Packed ff_out;    // (dim, hidden) with bias
+    // cross attention (Args::context_len > 0): its pre-norm, the query weight scaled by
+    // dim_head^-1/2, the output weight with bias, and the context's keys and values
+    // (B heads, context_len, dim_head), projected once by the caller
+    const float* cross_norm_weight = nullptr;
+    const float* cross_norm_bias = nullptr;
+    Packed cross_q{};
+    Packed cross_out{};
+    const float* context_keys = nullptr;
+    const float* context_values = nullptr;
 };
 
 struct Args {
@@ -86,7 +97,9 @@ struct Args {
     int64_t m0;       // memory slots already in the store (slots 0 .. m0 - 1)
     int64_t capacity;  // store slots
     int64_t o;         // width of a qkv row: inner, or 3 inner with the window's keys/values
-    float norm_eps, ff_norm_eps;
+    float norm_eps, ff_norm_eps, cross_norm_eps;
+    int64_t context_len;          // S: context positions of the cross attention (0: none)
+    const uint8_t* context_mask;  // (B, S), nonzero = visible, or null: all visible
     const float* h;      // (B, n, dim) embeddings
     const float* proj0;  // (B, n, o) layer 0's projection of h
     const float* norm_weight;  // the shared attention pre-norm
@@ -359,6 +372,58 @@ inline void attend_pair(const Args& a, const Window& win, int64_t b, int64_t hea
     if (i < win.w) attend_queries<1>(a, win, b, head, i, qkv, kt, att, scores);
 }
 
+// The cross attention of one (batch row, head) pair: the window's queries (rows of cq, width
+// inner) over the S context positions of `layer` (keys feature-major in ct, S per feature row),
+// masked positions left out; a query that sees none gets zeros. scores: 2 (M + W) >= 2 S
+// floats of scratch.
+inline void cross_pair(const Args& a, const Layer& layer, int64_t w, int64_t b, int64_t head,
+                       const float* cq, const float* ct, float* att, float* scores) {
+    const int64_t d = a.dim_head, inner = a.heads * d, S = a.context_len;
+    const int64_t pair = b * a.heads + head;
+    const float* kt = ct + pair * d * S;
+    const float* values = layer.context_values + pair * S * d;
+    const uint8_t* mask = a.context_mask ? a.context_mask + b * S : nullptr;
+    for (int64_t i0 = 0; i0 < w; i0 += 2) {
+        const int64_t count = std::min<int64_t>(2, w - i0);
+        const float* x[2];
+        float* s[2];
+        float* o[2];
+        for (int q = 0; q < 2; ++q) {
+            const int64_t row = b * w + i0 + std::min<int64_t>(q, count - 1);
+            x[q] = cq + row * inner + head * d;
+            o[q] = att + row * inner + head * d;
+            s[q] = scores + q * S;
+        }
+        if (count == 2) {
+            key_scores<2>(x, d, kt, S, S, s);
+        } else {
+            key_scores<1>(x, d, kt, S, S, s);
+        }
+        for (int64_t q = 0; q < count; ++q) {
+            float top = -INFINITY;
+            for (int64_t j = 0; j < S; ++j) {
+                if (!mask || mask[j]) top = std::max(top, s[q][j]);
+            }
+            if (top == -INFINITY) {  // every position masked
+                std::fill(s[q], s[q] + S, 0.0f);
+                continue;
+            }
+            for (int64_t j = 0; j < S; ++j) s[q][j] = exp_approx(s[q][j] - top);
+            if (mask) {
+                for (int64_t j = 0; j < S; ++j) s[q][j] = mask[j] ? s[q][j] : 0.0f;
+            }
+            const float scale = 1.0f / sum(s[q], S);
+            for (int64_t j = 0; j < S; ++j) s[q][j] *= scale;
+        }
+        const float* p[2] = {s[0], s[1]};
+        if (count == 2) {
+            value_sums<2>(p, values, S, d, o);
+        } else {
+            value_sums<1>(p, values, S, d, o);
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------------------
 // The window loop
 // ---------------------------------------------------------------------------------------
@@ -368,6 +433,8 @@ struct Buffers {
     std::vector<const Packed*> weights;  // the weights to pack into them
     std::vector<float> x, merged, qkv, att, gated;
     std::vector<float> keys_t;  // (B heads, dim_head, capacity): the store's keys, transposed
+    std::vector<float> context_t;  // per layer (B heads, dim_head, S): context keys, transposed
+    std::vector<float> cross_q;    // (rows, inner) the cross attention's queries
     // per thread: LN of the rows, attention scores
     std::vector<std::vector<float>> normed, scores;
 };
@@ -398,6 +465,17 @@ inline void run_team(const Args& a, Buffers& buf, SpinBarrier& barrier, int64_t 
         for (int64_t slot = 0; slot < a.m0; ++slot) {
             for (int64_t e = 0; e < d; ++e) {
                 kt[(pair * d + e) * C + slot] = a.keys[(pair * C + slot) * d + e];
+            }
+        }
+    }
+    const int64_t S = a.context_len;
+    float* ct = buf.context_t.data();
+    for (int64_t l = 0; S && l < a.depth; ++l) {  // and the context's keys transposed
+        for (int64_t pair = begin; pair < end; ++pair) {
+            const float* src = a.layers[l].context_keys + pair * S * d;
+            float* dst = ct + (l * B * a.heads + pair) * d * S;
+            for (int64_t j = 0; j < S; ++j) {
+                for (int64_t e = 0; e < d; ++e) dst[e * S + j] = src[j * d + e];
             }
         }
     }
@@ -451,6 +529,33 @@ inline void run_team(const Args& a, Buffers& buf, SpinBarrier& barrier, int64_t 
                         for (int64_t c = 0; c < width; ++c) y[c] += v[c];
                     });
             barrier.wait();
+            if (S) {  // x += cross attention to the context
+                float* cq = buf.cross_q.data();
+                for (int64_t r = 0; r < rows; ++r) {
+                    layer_norm(x + r * dim, layer.cross_norm_weight, layer.cross_norm_bias,
+                               a.cross_norm_eps, dim, normed + r * dim);
+                }
+                share(layer.cross_q.count(), t, workers, begin, end);
+                product(normed, dim, rows, layer.cross_q, begin, end,
+                        [&](int64_t r, int64_t c0, int64_t width, const float* v) {
+                            std::copy(v, v + width, cq + r * inner + c0);
+                        });
+                barrier.wait();
+                const float* layer_ct = ct + l * B * a.heads * d * S;
+                share(B * a.heads, t, workers, begin, end);
+                for (int64_t pair = begin; pair < end; ++pair) {
+                    cross_pair(a, layer, w, pair / a.heads, pair % a.heads, cq, layer_ct, att,
+                               scores);
+                }
+                barrier.wait();
+                share(layer.cross_out.count(), t, workers, begin, end);
+                product(att, inner, rows, layer.cross_out, begin, end,
+                        [&](int64_t r, int64_t c0, int64_t width, const float* v) {
+                            float* y = x + r * dim + c0;
+                            for (int64_t c = 0; c < width; ++c) y[c] += v[c];
+                        });
+                barrier.wait();
+            }
             // gated = (LN'(x) Win^T + bin) * gelu(LN'(x) Wgate^T + bgate)
             for (int64_t r = 0; r < rows; ++r) {
                 layer_norm(x + r * dim, layer.ff_norm_weight, layer.ff_norm_bias, a.ff_norm_eps,
@@ -525,7 +630,9 @@ using TeamFn = void (*)(const Args&, Buffers&, SpinBarrier&, int64_t, int64_t);
 // hardware runs at once.
 inline int64_t team_size(const Args& a, int64_t threads) {
     const int64_t inner = a.heads * a.dim_head;
-    const int64_t per_row = a.depth * (a.o + inner + 3 * a.hidden) * a.dim + 2 * inner * a.dim;
+    const int64_t cross = a.context_len ? 2 * inner : 0;
+    const int64_t per_row =
+        a.depth * (a.o + inner + cross + 3 * a.hidden) * a.dim + 2 * inner * a.dim;
     int64_t size = std::min(threads, (a.B * a.window * per_row) >> 20);
     const int64_t cores = static_cast<int64_t>(std::thread::hardware_concurrency());
     if (cores > 0) size = std::min(size, cores);
@@ -544,7 +651,8 @@ inline void run_with_team(const Args& args, int64_t threads, TeamFn team_fn) {
     Buffers buf;
     std::vector<Packed*> weights;
     for (Layer& layer : layers) {
-        for (Packed* w : {&layer.qkv, &layer.out, &layer.ff_value, &layer.ff_gate, &layer.ff_out}) {
+        for (Packed* w : {&layer.qkv, &layer.out, &layer.ff_value, &layer.ff_gate, &layer.ff_out,
+                          &layer.cross_q, &layer.cross_out}) {
             if (w->N) weights.push_back(w);
         }
     }
@@ -565,7 +673,10 @@ inline void run_with_team(const Args& args, int64_t threads, TeamFn team_fn) {
     buf.gated.resize(rows * a.hidden);
     buf.normed.assign(wanted, std::vector<float>(rows * a.dim));
     buf.keys_t.resize(a.mem_len ? a.B * a.heads * a.dim_head * a.capacity : 0);
-    buf.scores.assign(wanted, std::vector<float>(2 * (a.mem_len + a.window)));
+    buf.scores.assign(wanted,
+                      std::vector<float>(2 * std::max(a.mem_len + a.window, a.context_len)));
+    buf.context_t.resize(a.depth * a.B * a.heads * a.dim_head * a.context_len);
+    buf.cross_q.resize(a.context_len ? rows * a.heads * a.dim_head : 0);
 
     std::atomic<int64_t> team{0};  // the team size, once every thread that could start has
     SpinBarrier* barrier = nullptr;

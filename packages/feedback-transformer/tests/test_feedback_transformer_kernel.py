@@ -33,6 +33,14 @@ CASES = {
         5, 13, 3,
     ),
     "short_input": (dict(dim=24, depth=2, heads=2, dim_head=12, seq_len=4, mem_len=8), 2, 3, 2),
+    "cross_attention": (
+        dict(dim=40, depth=2, heads=2, dim_head=20, seq_len=2, mem_len=6, cross_attend=True),
+        3, 9, 2,
+    ),
+    "cross_attention_exact": (
+        dict(dim=33, depth=2, heads=3, dim_head=11, seq_len=1, mem_len=4, cross_attend=True),
+        2, 7, 0,
+    ),
     "short_memory": (dict(dim=20, depth=2, heads=2, dim_head=10, seq_len=5, mem_len=2), 3, 13, 4),
     "long_window": (dict(dim=70, depth=2, heads=2, dim_head=40, seq_len=7, mem_len=100), 2, 30, 0),
 }  # fmt: skip
@@ -50,6 +58,13 @@ def make_model(options: dict, seed: int = 0) -> FeedbackTransformer:
 def run_case(name: str, threads: int = 2):
     options, batch, n, prefix = CASES[name]
     model = make_model(options)
+    context = context_mask = None
+    if options.get("cross_attend"):
+        generator = torch.Generator().manual_seed(6)
+        context = torch.randn(batch, 5, options["dim"], generator=generator)
+        context_mask = torch.rand(batch, 5, generator=generator) > 0.4
+        context_mask[0] = False  # a row that sees no context position
+        context_mask[-1, 2] = True
     reference = copy.deepcopy(model).double()
     reference.use_kernel = False
     generator = torch.Generator().manual_seed(1)
@@ -58,18 +73,38 @@ def run_case(name: str, threads: int = 2):
     if prefix:
         with torch.no_grad():
             start = torch.randint(0, 29, (batch, prefix), generator=generator)
-            _, memory = reference(start, return_memory=True)
+            _, memory = reference(
+                start,
+                return_memory=True,
+                **contexts(reference, context, context_mask, torch.float64),
+            )
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         with torch.no_grad():
             memory32 = None if memory is None else memory.__class__(*(t.float() for t in memory))
-            assert kernel.available(model, model.token_emb(x), None)
-            logits, new_memory = model(x, memory32, return_memory=True)
-            expected, expected_memory = reference(x, memory, return_memory=True)
+            assert kernel.available(model, model.token_emb(x))
+            logits, new_memory = model(
+                x,
+                memory32,
+                return_memory=True,
+                **contexts(model, context, context_mask, torch.float32),
+            )
+            expected, expected_memory = reference(
+                x,
+                memory,
+                return_memory=True,
+                **contexts(reference, context, context_mask, torch.float64),
+            )
     finally:
         torch.set_num_threads(previous)
     return (logits, new_memory), (expected, expected_memory)
+
+
+def contexts(model, context, mask, dtype) -> dict:
+    if not model.cross_attend:
+        return {}
+    return dict(context=context.to(dtype), context_mask=mask)
 
 
 def assert_matches(actual, expected):
@@ -89,7 +124,7 @@ def test_kernel_matches_the_module_path_in_float64(name):
 def test_every_instruction_set_and_team_size_gives_the_same_model(level, threads):
     _C.set_cpu_level(level)  # capped at what this CPU supports
     try:
-        for name in ("odd_widths", "prefix_memory"):
+        for name in ("odd_widths", "prefix_memory", "cross_attention"):
             assert_matches(*run_case(name, threads=threads))
     finally:
         _C.set_cpu_level(-1)
@@ -118,23 +153,22 @@ def test_the_module_path_serves_what_the_kernel_does_not():
     model = make_model(options)
     h = model.token_emb(torch.zeros(2, 3, dtype=torch.long)).detach()
     with torch.no_grad():
-        assert kernel.available(model, h, None)
-        assert not kernel.available(model, h.double(), None)  # float32 only
-        assert not kernel.available(model, h[:0], None)  # empty batch
-        assert not kernel.available(model, h, ([], None))  # cross attention
+        assert kernel.available(model, h)
+        assert not kernel.available(model, h.double())  # float32 only
+        assert not kernel.available(model, h[:0])  # empty batch
         model.use_kernel = False
-        assert not kernel.available(model, h, None)
+        assert not kernel.available(model, h)
         model.use_kernel = True
         handle = model.layers[1].register_forward_hook(lambda *args: None)
-        assert not kernel.available(model, h, None)  # hooks must fire
+        assert not kernel.available(model, h)  # hooks must fire
         handle.remove()
         dropout = make_model({**options, "attn_dropout": 0.1})
-        assert kernel.available(dropout, h, None)  # eval: no dropout in effect
-        assert not kernel.available(dropout.train(), h, None)
+        assert kernel.available(dropout, h)  # eval: no dropout in effect
+        assert not kernel.available(dropout.train(), h)
         mixed = make_model(options)
         mixed.layers[1].ff.double()  # the module path raises its dtype error
-        assert not kernel.available(mixed, h, None)
-    assert not kernel.available(model, h, None)  # gradients recorded
+        assert not kernel.available(mixed, h)
+    assert not kernel.available(model, h)  # gradients recorded
 
 
 def test_tracing_records_the_module_path(monkeypatch):
@@ -142,7 +176,7 @@ def test_tracing_records_the_module_path(monkeypatch):
     h = model.token_emb(torch.zeros(2, 3, dtype=torch.long)).detach()
     monkeypatch.setattr(torch.jit, "is_tracing", lambda: True)
     with torch.no_grad():
-        assert not kernel.available(model, h, None)
+        assert not kernel.available(model, h)
 
 
 @pytest.mark.parametrize("update", ["in_place", "data", "fused_adamw"])

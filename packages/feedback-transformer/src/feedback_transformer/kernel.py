@@ -35,13 +35,13 @@ def _has_hooks(model: nn.Module) -> bool:
     return any(m._forward_hooks or m._forward_pre_hooks for m in model.layers)
 
 
-def available(model, h: Tensor, cross) -> bool:
+def available(model, h: Tensor) -> bool:
     """Whether ``model``'s forward over the embedded tokens ``h`` ``(b, n, dim)`` can take the
     compiled path: no gradients recorded, ``h`` and every parameter float32 on the CPU, a
-    non-empty batch, no cross attention, no dropout in effect, no forward hooks on the layers
-    (they would not fire), not inside ``torch.compile`` or ``torch.jit.trace`` (they record
-    the module path), and ``model.use_kernel``."""
-    if _forward is None or not model.use_kernel or torch.is_grad_enabled() or cross is not None:
+    non-empty batch, no dropout in effect, no forward hooks on the layers (they would not
+    fire), not inside ``torch.compile`` or ``torch.jit.trace`` (they record the module path),
+    and ``model.use_kernel``."""
+    if _forward is None or not model.use_kernel or torch.is_grad_enabled():
         return False
     if torch.compiler.is_compiling() or torch.jit.is_tracing():
         return False
@@ -65,6 +65,7 @@ def run(
     m0: int,
     window: int,
     weights: list[Tensor],
+    cross=None,
 ) -> Tensor:
     """The last layer's outputs ``(b, n, dim)`` of the embedded tokens ``h`` ``(b, n, dim)``;
     writes their memory to ``store`` (a ``memory.KVStore`` holding ``m0`` earlier steps).
@@ -78,6 +79,9 @@ def run(
             ``FeedbackTransformer._query_weights`` (``o``: ``heads * dim_head``, or three
             times that with the shared key/value weight stacked below, for windows of more
             than one step).
+        cross: for cross attention, the per-layer context keys and values ``(b, h, s, d)``
+            and the mask ``(b, 1, 1, s)`` (or ``None``), as ``FeedbackTransformer`` prepares
+            them; ``None`` without.
     """
     with torch.no_grad():
         b, n, dim = h.shape
@@ -91,28 +95,42 @@ def run(
             keep.append(t)
             return t.data_ptr()
 
+        context_len, mask, cross_eps = 0, None, 0.0
+        if cross is not None:
+            context_len = cross[0][0][0].shape[2]
+            if cross[1] is not None:  # "b 1 1 s -> b s"
+                mask = cross[1].reshape(b, context_len).to(torch.uint8)
         layers = []
         for i, layer in enumerate(model.layers):
             first, _, last = layer.ff_parts()
-            layers.append(
-                [
-                    address(weights[i]) if i else 0,  # layer 0's projection is proj0
-                    *map(address, (layer.to_out.weight, layer.to_out.bias)),
-                    *map(address, (layer.ff_norm.weight, layer.ff_norm.bias)),
-                    *map(address, (first.weight, first.bias, last.weight, last.bias)),
+            entry = [
+                address(weights[i]) if i else 0,  # layer 0's projection is proj0
+                *map(address, (layer.to_out.weight, layer.to_out.bias)),
+                *map(address, (layer.ff_norm.weight, layer.ff_norm.bias)),
+                *map(address, (first.weight, first.bias, last.weight, last.bias)),
+            ]
+            if cross is None:
+                entry += [0] * 7
+            else:
+                c = layer.cross
+                cross_eps = c.norm.eps
+                entry += [
+                    *map(address, (c.norm.weight, c.norm.bias)),
+                    address(c.to_q.weight * model.dim_head**-0.5),
+                    *map(address, (c.to_out.weight, c.to_out.bias, *cross[0][i])),
                 ]
-            )
+            layers.append(entry)
         norm, mix = model.attn_norm, model._mix()
         ff_norm = model.layers[0].ff_norm
         hidden = model.layers[0].ff_parts()[0].weight.shape[0] // 2
         sizes = (
             b, n, dim, model.heads, model.dim_head, hidden, model.depth, window,
-            model.mem_len, m0, store.keys.shape[1], proj0.shape[2],
+            model.mem_len, m0, store.keys.shape[1], proj0.shape[2], context_len,
         )  # fmt: skip
         out = torch.empty_like(h)
         _forward(
             sizes,
-            (norm.eps, ff_norm.eps),
+            (norm.eps, ff_norm.eps, cross_eps),
             h.data_ptr(),
             proj0.data_ptr(),
             address(norm.weight),
@@ -120,6 +138,7 @@ def run(
             layers,
             address(mix),
             address(model.to_kv.weight) if model.mem_len else 0,
+            address(mask),
             bias.data_ptr(),
             store.keys.data_ptr(),
             store.values.data_ptr(),

@@ -80,10 +80,9 @@ class FeedbackTransformer(nn.Module):
 
     Shapes: ``forward(x (b, n))`` -> logits ``(b, n, num_tokens)``.
 
-    Without gradients, a float32 CPU forward without cross attention runs its window loop
-    in one compiled call (``feedback_transformer.kernel``), equal to the module path within
-    float32 rounding; set ``use_kernel = False`` on a model (or the class) to always take the
-    module path.
+    Without gradients, a float32 CPU forward runs its window loop in one compiled call
+    (``feedback_transformer.kernel``), equal to the module path within float32 rounding; set
+    ``use_kernel = False`` on a model (or the class) to always take the module path.
 
     Example:
         >>> model = FeedbackTransformer(num_tokens=100, dim=32, depth=2, seq_len=2,
@@ -348,8 +347,8 @@ class FeedbackTransformer(nn.Module):
         # a gradient of the whole input per window in the backward pass)
         h_windows, proj_windows = h.split(W, dim=1), proj_all.split(W, dim=1)
 
-        if kernel.available(self, h, cross):  # the whole window loop in one compiled call
-            out = kernel.run(self, h, proj_all, bias_full, store, m0, W, weights)
+        if kernel.available(self, h):  # the whole window loop in one compiled call
+            out = kernel.run(self, h, proj_all, bias_full, store, m0, W, weights, cross)
         else:
             outputs = []
             for index, start in enumerate(range(0, n, W)):
