@@ -32,7 +32,6 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <system_error>
 #include <thread>
 #include <vector>
 
@@ -374,8 +373,8 @@ inline void attend_pair(const Args& a, const Window& win, int64_t b, int64_t hea
 
 // The cross attention of one (batch row, head) pair: the window's queries (rows of cq, width
 // inner) over the S context positions of `layer` (keys feature-major in ct, S per feature row),
-// masked positions left out; a query that sees none gets zeros. scores: 2 (M + W) >= 2 S
-// floats of scratch.
+// masked positions left out; a query that sees none gets zeros. scores: 2 S floats of scratch
+// (the buffer holds 2 max(M + W, S)).
 inline void cross_pair(const Args& a, const Layer& layer, int64_t w, int64_t b, int64_t head,
                        const float* cq, const float* ct, float* att, float* scores) {
     const int64_t d = a.dim_head, inner = a.heads * d, S = a.context_len;
@@ -399,13 +398,15 @@ inline void cross_pair(const Args& a, const Layer& layer, int64_t w, int64_t b, 
         } else {
             key_scores<1>(x, d, kt, S, S, s);
         }
+        bool empty[2] = {false, false};
         for (int64_t q = 0; q < count; ++q) {
             float top = -INFINITY;
             for (int64_t j = 0; j < S; ++j) {
                 if (!mask || mask[j]) top = std::max(top, s[q][j]);
             }
-            if (top == -INFINITY) {  // every position masked
+            if (top == -INFINITY) {  // every position masked: zeros, set after the sums
                 std::fill(s[q], s[q] + S, 0.0f);
+                empty[q] = true;
                 continue;
             }
             for (int64_t j = 0; j < S; ++j) s[q][j] = exp_approx(s[q][j] - top);
@@ -420,6 +421,9 @@ inline void cross_pair(const Args& a, const Layer& layer, int64_t w, int64_t b, 
             value_sums<2>(p, values, S, d, o);
         } else {
             value_sums<1>(p, values, S, d, o);
+        }
+        for (int64_t q = 0; q < count; ++q) {
+            if (empty[q]) std::fill(o[q], o[q] + d, 0.0f);  // even if a value is not finite
         }
     }
 }
@@ -623,31 +627,30 @@ inline void run_team(const Args& a, Buffers& buf, SpinBarrier& barrier, int64_t 
 
 using TeamFn = void (*)(const Args&, Buffers&, SpinBarrier&, int64_t, int64_t);
 
-// Runs `team` (run_team compiled for an instruction set) on `threads` threads (fewer if the
-// system refuses some): every allocation happens here, so the team itself cannot throw.
-// Threads worth running: one per 2^20 multiply-adds of a window's products (with less work per
-// thread, the waits at the barrier cost more than the work shared), and no more than the
-// hardware runs at once.
+// Threads worth running: one per 2^20 multiply-adds of a window (its products and its
+// attention over the memory, the window and the context; with less work per thread, the waits
+// at the barrier cost more than the work shared), and no more than the hardware runs at once.
 inline int64_t team_size(const Args& a, int64_t threads) {
     const int64_t inner = a.heads * a.dim_head;
     const int64_t cross = a.context_len ? 2 * inner : 0;
-    const int64_t per_row =
+    const int64_t products =
         a.depth * (a.o + inner + cross + 3 * a.hidden) * a.dim + 2 * inner * a.dim;
-    int64_t size = std::min(threads, (a.B * a.window * per_row) >> 20);
+    const int64_t attention = a.depth * 2 * inner * (a.mem_len + a.window + a.context_len);
+    int64_t size = std::min(threads, (a.B * a.window * (products + attention)) >> 20);
     const int64_t cores = static_cast<int64_t>(std::thread::hardware_concurrency());
     if (cores > 0) size = std::min(size, cores);
     return std::max<int64_t>(1, size);
 }
 
-// Runs `team` (run_team compiled for an instruction set) on up to `threads` threads (fewer if
-// the work is small or the system refuses some): every allocation happens here, so the team
-// itself cannot throw.
-inline void run_with_team(const Args& args, int64_t threads, TeamFn team_fn) {
+// Runs `team_fn` (run_team compiled for an instruction set) on up to `threads` threads (fewer
+// if the work is small or the system refuses some), or on `forced` threads if positive (for
+// tests): every allocation happens here, so the team itself cannot throw.
+inline void run_with_team(const Args& args, int64_t threads, int64_t forced, TeamFn team_fn) {
     Args a = args;
     std::vector<Layer> layers(args.layers, args.layers + args.depth);
     a.layers = layers.data();
     const int64_t rows = a.B * a.window;
-    const int64_t wanted = team_size(a, threads);
+    const int64_t wanted = forced > 0 ? forced : team_size(a, threads);
     Buffers buf;
     std::vector<Packed*> weights;
     for (Layer& layer : layers) {
@@ -719,15 +722,16 @@ ATTENTION_CORE_TARGET_AVX2 inline void team_avx2(const Args& a, Buffers& buf,
 }
 #endif
 
-// Runs the forward pass on `threads` threads with the best instruction set of this CPU.
-inline void forward(const Args& a, int64_t threads) {
-    TeamFn team = &team_baseline;
+// Runs the forward pass on up to `threads` threads (exactly `team` if positive) with the best
+// instruction set of this CPU.
+inline void forward(const Args& a, int64_t threads, int64_t team = 0) {
+    TeamFn team_fn = &team_baseline;
 #if ATTENTION_CORE_X86_DISPATCH
     const CpuLevel level = cpu_level();
-    if (level == CpuLevel::avx512) team = &team_avx512;
-    if (level == CpuLevel::avx2) team = &team_avx2;
+    if (level == CpuLevel::avx512) team_fn = &team_avx512;
+    if (level == CpuLevel::avx2) team_fn = &team_avx2;
 #endif
-    run_with_team(a, threads, team);
+    run_with_team(a, threads, team, team_fn);
 }
 
 }  // namespace feedback

@@ -8,7 +8,6 @@
 #include <atomic>
 #include <cstdint>
 #include <exception>
-#include <system_error>
 #include <thread>
 #include <vector>
 
@@ -77,7 +76,7 @@ void parallel_for(int64_t items, int64_t threads, Fn&& fn) {
     int64_t worker = 1;
     try {
         for (; worker < workers; ++worker) pool.emplace_back(run, worker);
-    } catch (const std::system_error&) {
+    } catch (...) {
         // the system refused a thread: run the remaining ranges on this one
     }
     for (int64_t rest = worker; rest < workers; ++rest) run(rest);

@@ -120,12 +120,14 @@ def test_kernel_matches_the_module_path_in_float64(name):
 
 
 @pytest.mark.parametrize("level", [0, 1, 2])
-@pytest.mark.parametrize("threads", [1, 3])
-def test_every_instruction_set_and_team_size_gives_the_same_model(level, threads):
+@pytest.mark.parametrize("team", [1, 3])
+def test_every_instruction_set_and_team_size_gives_the_same_model(level, team, monkeypatch):
+    # small models: the kernel would pick one thread; the team size is forced
+    monkeypatch.setattr(kernel, "TEAM", team)
     _C.set_cpu_level(level)  # capped at what this CPU supports
     try:
-        for name in ("odd_widths", "prefix_memory", "cross_attention"):
-            assert_matches(*run_case(name, threads=threads))
+        for name in ("odd_widths", "prefix_memory", "cross_attention", "short_memory"):
+            assert_matches(*run_case(name, threads=team))
     finally:
         _C.set_cpu_level(-1)
 
@@ -159,9 +161,13 @@ def test_the_module_path_serves_what_the_kernel_does_not():
         model.use_kernel = False
         assert not kernel.available(model, h)
         model.use_kernel = True
-        handle = model.layers[1].register_forward_hook(lambda *args: None)
-        assert not kernel.available(model, h)  # hooks must fire
-        handle.remove()
+        for module in (model.layers[1], model.layers[0].ff_norm):
+            handle = module.register_forward_hook(lambda *args: None)
+            assert not kernel.available(model, h)  # hooks must fire
+            handle.remove()
+        edited = make_model(options)
+        edited.layers[1].ff_norm.eps = 1e-3  # the kernel takes one epsilon per kind of norm
+        assert not kernel.available(edited, h)
         dropout = make_model({**options, "attn_dropout": 0.1})
         assert kernel.available(dropout, h)  # eval: no dropout in effect
         assert not kernel.available(dropout.train(), h)
@@ -169,6 +175,21 @@ def test_the_module_path_serves_what_the_kernel_does_not():
         mixed.layers[1].ff.double()  # the module path raises its dtype error
         assert not kernel.available(mixed, h)
     assert not kernel.available(model, h)  # gradients recorded
+
+
+def test_a_fully_masked_context_row_gives_zeros_even_with_non_finite_context():
+    options = CASES["cross_attention"][0]
+    model = make_model(options)
+    x = torch.randint(0, 29, (2, 5), generator=torch.Generator().manual_seed(7))
+    context = torch.randn(2, 4, options["dim"], generator=torch.Generator().manual_seed(8))
+    context[0, 1] = float("inf")
+    mask = torch.tensor([[False] * 4, [True, False, True, True]])
+    with torch.no_grad():
+        logits = model(x, context=context, context_mask=mask)
+        model.use_kernel = False
+        expected = model(x, context=context, context_mask=mask)
+    assert torch.isfinite(logits).all()
+    assert_close("kernel vs module path", logits, expected, rtol=1e-4, atol=1e-4)
 
 
 def test_tracing_records_the_module_path(monkeypatch):

@@ -6,10 +6,11 @@ computation (with ``exp`` and ``erf`` approximated to about float32 rounding), w
 Python dispatch per op. The model's steps are sequential and each op acts on a few rows, so
 at the widths the model is used with that dispatch is most of the cost.
 
-The kernel reads the weights as they are at each call (it copies them into panels of 32
-output columns at the start of the call, about 4% of a forward pass at dim 256), so nothing
+The kernel reads the weights as they are at each call (its threads copy them into panels of
+32 output columns at the start of the call, a small part of it), so nothing
 is cached: optimizer steps, in-place writes and loaded state dicts are always seen. The
-call also holds a transposed copy of the memory's keys while it runs.
+call also holds transposed copies of the memory's keys and of the context's keys (cross
+attention) while it runs.
 """
 
 from __future__ import annotations
@@ -28,19 +29,42 @@ __all__ = ["available", "run"]
 # an attention-core without this kernel (an older build) leaves the module path
 _forward = getattr(_C, "feedback_forward_f32", None)
 
+# threads of the kernel's team: 0 lets the kernel choose (one per 2^20 multiply-adds of a
+# window, at most torch.get_num_threads()); tests set it to run small models on several
+TEAM = 0
+
 
 def _has_hooks(model: nn.Module) -> bool:
+    """Forward hooks anywhere in the layers (the module path would call them), or global
+    ones."""
     if _module._global_forward_hooks or _module._global_forward_pre_hooks:
         return True
-    return any(m._forward_hooks or m._forward_pre_hooks for m in model.layers)
+    return any(m._forward_hooks or m._forward_pre_hooks for m in model.layers.modules())
+
+
+def _norms_fit(model) -> bool:
+    """The kernel takes one epsilon per kind of norm and needs their affine parameters: true
+    for the norms a ``FeedbackTransformer`` builds, not for edited ones."""
+    kinds = [[model.attn_norm], [layer.ff_norm for layer in model.layers]]
+    if model.cross_attend:
+        kinds.append([layer.cross.norm for layer in model.layers])
+    return all(
+        isinstance(norm, nn.LayerNorm)
+        and norm.weight is not None
+        and norm.bias is not None
+        and norm.eps == norms[0].eps
+        for norms in kinds
+        for norm in norms
+    )
 
 
 def available(model, h: Tensor) -> bool:
     """Whether ``model``'s forward over the embedded tokens ``h`` ``(b, n, dim)`` can take the
-    compiled path: no gradients recorded, ``h`` and every parameter float32 on the CPU, a
-    non-empty batch, no dropout in effect, no forward hooks on the layers (they would not
-    fire), not inside ``torch.compile`` or ``torch.jit.trace`` (they record the module path),
-    and ``model.use_kernel``."""
+    compiled path: an attention-core built with the kernel, ``model.use_kernel``, no
+    gradients recorded, not inside ``torch.compile`` or ``torch.jit.trace`` (they record the
+    module path), ``h`` and every parameter float32 on the CPU, a non-empty batch, no dropout
+    in effect, no forward hooks in the layers or their blocks (they would not fire), and the
+    layer norms the model was built with."""
     if _forward is None or not model.use_kernel or torch.is_grad_enabled():
         return False
     if torch.compiler.is_compiling() or torch.jit.is_tracing():
@@ -53,7 +77,7 @@ def available(model, h: Tensor) -> bool:
         return False
     if any(p.dtype != torch.float32 or p.device.type != "cpu" for p in model.parameters()):
         return False
-    return not _has_hooks(model)
+    return _norms_fit(model) and not _has_hooks(model)
 
 
 def run(
@@ -113,7 +137,7 @@ def run(
                 entry += [0] * 7
             else:
                 c = layer.cross
-                cross_eps = c.norm.eps
+                cross_eps = c.norm.eps  # the same in every layer (available)
                 entry += [
                     *map(address, (c.norm.weight, c.norm.bias)),
                     address(c.to_q.weight * model.dim_head**-0.5),
@@ -144,5 +168,6 @@ def run(
             store.values.data_ptr(),
             out.data_ptr(),
             torch.get_num_threads(),
+            TEAM,
         )
     return out
