@@ -33,6 +33,7 @@
 #include <cstdint>
 #include <cstring>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 #include "cpu_dispatch.h"
@@ -255,24 +256,25 @@ struct Window {
 
 constexpr int64_t kTile = 64;  // keys (scores) or features (values) per register tile
 
+// Calls body(width): with a compile-time kTile for a full tile (so that its loops vectorise at
+// full width), with the run-time width for the last, partial one.
+template <typename Body>
+inline void with_tile_width(int64_t width, Body&& body) {
+    if (width == kTile) {
+        body(std::integral_constant<int64_t, kTile>{});
+    } else {
+        body(width);
+    }
+}
+
 // s[q][j] = x_q . key_j for Q queries and m keys stored feature-major, key j's feature e at
 // kt[e * ld + j]: tiles of 64 keys, one broadcast multiply-add per feature.
 template <int Q>
 inline void key_scores(const float* const (&x)[2], int64_t d, const float* __restrict kt,
                        int64_t ld, int64_t m, float* const (&s)[2]) {
     for (int64_t j0 = 0; j0 < m; j0 += kTile) {
-        float acc[Q][kTile] = {};
-        if (m - j0 >= kTile) {
-            for (int64_t e = 0; e < d; ++e) {
-                const float* __restrict k = kt + e * ld + j0;
-                for (int q = 0; q < Q; ++q) {
-                    const float xe = x[q][e];
-                    for (int64_t c = 0; c < kTile; ++c) acc[q][c] += xe * k[c];
-                }
-            }
-            for (int q = 0; q < Q; ++q) std::copy(acc[q], acc[q] + kTile, s[q] + j0);
-        } else {
-            const int64_t width = m - j0;
+        with_tile_width(std::min(kTile, m - j0), [&](auto width) {
+            float acc[Q][kTile] = {};
             for (int64_t e = 0; e < d; ++e) {
                 const float* __restrict k = kt + e * ld + j0;
                 for (int q = 0; q < Q; ++q) {
@@ -281,7 +283,7 @@ inline void key_scores(const float* const (&x)[2], int64_t d, const float* __res
                 }
             }
             for (int q = 0; q < Q; ++q) std::copy(acc[q], acc[q] + width, s[q] + j0);
-        }
+        });
     }
 }
 
@@ -291,17 +293,8 @@ template <int Q>
 inline void value_sums(const float* const (&p)[2], const float* __restrict v, int64_t m,
                        int64_t d, float* const (&o)[2]) {
     for (int64_t e0 = 0; e0 < d; e0 += kTile) {
-        const int64_t width = std::min(kTile, d - e0);
-        float acc[Q][kTile] = {};
-        if (width == kTile) {
-            for (int64_t j = 0; j < m; ++j) {
-                const float* __restrict row = v + j * d + e0;
-                for (int q = 0; q < Q; ++q) {
-                    const float pj = p[q][j];
-                    for (int64_t c = 0; c < kTile; ++c) acc[q][c] += pj * row[c];
-                }
-            }
-        } else {
+        with_tile_width(std::min(kTile, d - e0), [&](auto width) {
+            float acc[Q][kTile] = {};
             for (int64_t j = 0; j < m; ++j) {
                 const float* __restrict row = v + j * d + e0;
                 for (int q = 0; q < Q; ++q) {
@@ -309,8 +302,8 @@ inline void value_sums(const float* const (&p)[2], const float* __restrict v, in
                     for (int64_t c = 0; c < width; ++c) acc[q][c] += pj * row[c];
                 }
             }
-        }
-        for (int q = 0; q < Q; ++q) std::copy(acc[q], acc[q] + width, o[q] + e0);
+            for (int q = 0; q < Q; ++q) std::copy(acc[q], acc[q] + width, o[q] + e0);
+        });
     }
 }
 
