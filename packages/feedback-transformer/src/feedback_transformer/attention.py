@@ -120,8 +120,6 @@ def attend_window(
     Returns:
         ``(b h, i, d)``. Uses :class:`MemoryAttention` when gradients are recorded.
     """
-    if kw is None and memory.hi == memory.lo:
-        return q.new_zeros(q.shape)  # a single step without memory sees nothing
     if torch.is_grad_enabled():
         return MemoryAttention.apply(q, kw, vw, bias, memory.link, memory, first_empty, dropout_p)
     return attention_forward(q, kw, vw, bias, memory, first_empty, dropout_p)[0]

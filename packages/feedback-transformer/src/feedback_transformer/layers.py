@@ -251,9 +251,7 @@ class LayerStep(Function):
             keep_ff = torch.empty_like(u, dtype=torch.bool).bernoulli_(1.0 - ff_p)
             u = u * keep_ff / (1.0 - ff_p)
         y = torch.addmm(x1, u, ff2_w.t()).add_(ff2_b)
-        ctx.memory, ctx.first_empty, ctx.eps, ctx.sizes, ctx.dropout = (
-            memory, first_empty, eps, sizes, dropout
-        )  # fmt: skip
+        ctx.memory, ctx.first_empty, ctx.sizes, ctx.dropout = memory, first_empty, sizes, dropout
         ctx.records, ctx.bias_shape, ctx.has_proj = records, bias.shape, a is None
         ctx.token_like = [t is not None for t in (tok_qkv, tok_out, tok_ff1, tok_ff2)]
         ctx.save_for_backward(

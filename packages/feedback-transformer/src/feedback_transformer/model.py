@@ -333,44 +333,19 @@ class FeedbackTransformer(nn.Module):
         # bias of queries 0 .. W-1 over memory slots -M .. -1 and window keys 0 .. W-1
         positions = torch.arange(-M, W, device=h.device)
         bias_full = self.rel_pos(positions[M:], positions)
-        biases: dict[tuple[int, int], tuple[Tensor, bool]] = {}  # one view per shape
         weights = self._query_weights(fused=W > 1 and n > 1)
-        q_weights = [wt[: self.heads * self.dim_head] for wt in weights]
-        mix = self._mix()
         linear = StepLinear() if torch.is_grad_enabled() else F.linear
         # the first layer's input is the embedding, known for every step: its pre-norm and
         # projection are one product over all b * n rows instead of one per window
         norm = self.attn_norm
         a = F.layer_norm(h, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
         proj_all = linear(a.reshape(b * n, dim), weights[0], None).view(b, n, weights[0].shape[0])
-        # split once: one backward node for all windows (slicing per window would zero-fill
-        # a gradient of the whole input per window in the backward pass)
-        h_windows, proj_windows = h.split(W, dim=1), proj_all.split(W, dim=1)
-
         if kernel.available(self, h):  # the whole window loop in one compiled call
             out = kernel.run(self, h, proj_all, bias_full, store, m0, W, weights, cross)
         else:
-            outputs = []
-            for index, start in enumerate(range(0, n, W)):
-                w = min(W, n - start)
-                x = h_windows[index].reshape(b * w, dim)
-                hi = m0 + start if M else 0
-                lo = max(0, hi - M)
-                if (w, hi - lo) not in biases:
-                    biases[w, hi - lo] = window_bias(bias_full, hi - lo, w, W)
-                bias, first_empty = biases[w, hi - lo]
-                memory = MemorySlice(store, lo, hi, link)
-                layer_weights = weights if w > 1 else q_weights
-                o = layer_weights[0].shape[0]  # "b w o -> (b w) o" (a copy when b > 1)
-                proj0 = proj_windows[index][:, :, :o].reshape(b * w, o)
-                x, k, v = self._window(
-                    x, memory, bias, first_empty, layer_weights, cross, mix, linear, proj0
-                )
-                outputs.append(x.view(b, w, dim))
-                if M:
-                    link = store.write(k, v)
-
-            out = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
+            out, link = self._run_windows(
+                h, proj_all, bias_full, store, link, m0, W, weights, cross, linear
+            )
 
         if not M:
             empty = h.new_zeros(b, self.heads, 0, self.dim_head)
@@ -378,6 +353,51 @@ class FeedbackTransformer(nn.Module):
         hi = m0 + n
         keys, values = store.read(max(0, hi - M), hi, link, detach)
         return out, FeedbackMemory(keys, values, self.signature)
+
+    def _run_windows(
+        self,
+        h: Tensor,
+        proj_all: Tensor,
+        bias_full: Tensor,
+        store: KVStore,
+        link: Tensor | None,
+        m0: int,
+        W: int,
+        weights: list[Tensor],
+        cross: Cross | None,
+        linear: LinearFn,
+    ) -> tuple[Tensor, Tensor | None]:
+        """The module path of :meth:`_run`: the windows one after another through
+        :meth:`_window`, each writing its memory to ``store``. Returns the last layer's
+        outputs ``(b, n, dim)`` and the autograd link of the last write."""
+        b, n, dim = h.shape
+        M = self.mem_len
+        q_weights = [wt[: self.heads * self.dim_head] for wt in weights]
+        mix = self._mix()
+        biases: dict[tuple[int, int], tuple[Tensor, bool]] = {}  # one view per shape
+        # split once: one backward node for all windows (slicing per window would zero-fill
+        # a gradient of the whole input per window in the backward pass)
+        h_windows, proj_windows = h.split(W, dim=1), proj_all.split(W, dim=1)
+        outputs = []
+        for index, start in enumerate(range(0, n, W)):
+            w = min(W, n - start)
+            x = h_windows[index].reshape(b * w, dim)
+            hi = m0 + start if M else 0
+            lo = max(0, hi - M)
+            if (w, hi - lo) not in biases:
+                biases[w, hi - lo] = window_bias(bias_full, hi - lo, w, W)
+            bias, first_empty = biases[w, hi - lo]
+            memory = MemorySlice(store, lo, hi, link)
+            layer_weights = weights if w > 1 else q_weights
+            o = layer_weights[0].shape[0]  # "b w o -> (b w) o" (a copy when b > 1)
+            proj0 = proj_windows[index][:, :, :o].reshape(b * w, o)
+            x, k, v = self._window(
+                x, memory, bias, first_empty, layer_weights, cross, mix, linear, proj0
+            )
+            outputs.append(x.view(b, w, dim))
+            if M:
+                link = store.write(k, v)
+        return (outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)), link
 
     # ---------------------------------------------------------------- generation
 
