@@ -24,6 +24,7 @@ from ..attention_registry import (
 )
 from ..events import AttentionEvent
 from ._clustering import ClusteredAttentionBase, keys_allowed
+from ._padding import zero_padding
 from .full_attention import masked_softmax
 
 __all__ = ["ClusteredAttention"]
@@ -72,6 +73,9 @@ class ClusteredAttention(ClusteredAttentionBase):
     def forward(self, queries, keys, values, attn_mask, query_lengths, key_lengths):
         """Return the clustered attention of the queries over the valid keys."""
         E = check_attention_inputs(queries, keys, values, attn_mask, query_lengths, key_lengths)[4]
+        queries = zero_padding(queries, query_lengths)
+        keys = zero_padding(keys, key_lengths)
+        values = zero_padding(values, key_lengths)
         if not attn_mask.all_ones:
             raise ValueError(
                 "ClusteredAttention does not support arbitrary attention masks; got an "

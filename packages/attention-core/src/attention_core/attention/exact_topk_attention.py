@@ -12,6 +12,7 @@ from torch import nn
 from .._checks import check_attention_inputs, check_positive_int
 from ..attention_registry import AttentionRegistry, EventDispatcherInstance, Float, Int, Optional
 from ..events import AttentionEvent, EventDispatcher
+from ._padding import zero_padding
 from .full_attention import attention_allowed, masked_softmax
 
 __all__ = ["ExactTopKAttention"]
@@ -48,6 +49,8 @@ class ExactTopKAttention(nn.Module):
         _, L, S, _, E, _ = check_attention_inputs(
             queries, keys, values, attn_mask, query_lengths, key_lengths
         )
+        keys = zero_padding(keys, key_lengths)
+        values = zero_padding(values, key_lengths)
         softmax_temp = self.softmax_temp or 1.0 / sqrt(E)
         scores = torch.einsum("nlhe,nshe->nhls", queries, keys)
         allowed = attention_allowed(attn_mask, key_lengths)

@@ -24,6 +24,7 @@ from ..attention_registry import (
     Optional,
 )
 from ..events import AttentionEvent, EventDispatcher
+from ._padding import zero_padding
 from .full_attention import masked_softmax
 
 __all__ = ["ReformerAttention"]
@@ -170,6 +171,9 @@ class ReformerAttention(nn.Module):
         N, L, S, H, E, D = check_attention_inputs(
             queries, keys, values, attn_mask, query_lengths, key_lengths
         )
+        # the keys are the normalised queries: both are zeroed where the keys are padding
+        queries = zero_padding(queries, key_lengths)
+        values = zero_padding(values, key_lengths)
         if L != S:
             raise ValueError(
                 "ReformerAttention is a self attention: queries and keys must have the same "
