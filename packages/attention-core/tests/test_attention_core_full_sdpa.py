@@ -68,7 +68,6 @@ def explicit(attention, *args):
     return result
 
 
-@pytest.mark.parametrize("backend", [SDPBackend.MATH, None], ids=["math", "default"])
 SHAPES = [(1, 1), (7, 7), (16, 16), (6, 11), (9, 2)]
 CASES = [(kind, L, S) for kind in KINDS for L, S in SHAPES if kind not in SQUARE_ONLY or L == S]
 
