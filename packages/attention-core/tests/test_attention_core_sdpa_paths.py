@@ -1,7 +1,7 @@
-"""FullAttention's fused path (PyTorch's scaled_dot_product_attention) equals its explicit
-path (the einsum/softmax one that runs for event listeners) in float64, outputs and every
-gradient, for every mask kind; the fused path really calls SDPA and never the explicit one;
-dropout is SDPA's ``dropout_p`` in training only."""
+"""The fused paths (PyTorch's scaled_dot_product_attention) of FullAttention and
+ClusteredAttention equal their explicit paths (the einsum/softmax ones that run for event
+listeners) in float64, outputs and every gradient, for every mask kind; the fused path really
+runs SDPA's kernel and no explicit softmax; dropout is SDPA's ``dropout_p`` in training only."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from attention_core.attention import ConditionalFullAttention, FullAttention
+from attention_core.attention import ClusteredAttention, ConditionalFullAttention, FullAttention
 from attention_core.events import AttentionEvent, EventDispatcher
 from attention_core.masking import FullMask, LengthMask, TriangularCausalMask
 from attention_core.testing import assert_close
@@ -167,3 +167,25 @@ def test_conditional_full_falls_back_to_the_fused_path():
     attention.full_attention.event_dispatcher = EventDispatcher()
     args = (*inputs(8, 8), *masks("lengths", 8, 8))
     assert "aten::scaled_dot_product_attention" in profiled_ops(attention, *args)
+
+
+@pytest.mark.parametrize("lengths", [[12, 12, 12], [12, 5, 0]], ids=["no-padding", "padded"])
+def test_clustered_fused_path_equals_explicit_path(lengths):
+    """ClusteredAttention's centroids attend through SDPA; with a listener, explicitly."""
+    attention = ClusteredAttention(
+        clusters=3, bits=8, attention_dropout=0.0, event_dispatcher=EventDispatcher()
+    ).eval()
+    q, k, v = inputs(12, 12, e=4, d=4)
+    key_lengths = LengthMask(torch.tensor(lengths), max_len=12)
+
+    def run_clustered():
+        torch.manual_seed(3)  # the same hyperplanes in both runs
+        out = attention(q, k, v, FullMask(12), key_lengths, key_lengths)
+        return out, torch.autograd.grad(out.sum(), (q, k, v))
+
+    actual, grads = run_clustered()
+    attention.event_dispatcher.listen(AttentionEvent, lambda event: None)
+    expected, expected_grads = run_clustered()
+    assert_close("clustered output", actual, expected)
+    for name, got, want in zip("qkv", grads, expected_grads, strict=True):
+        assert_close(f"clustered d{name}", got, want)
