@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from .._checks import check_attention_inputs, check_positive_int
 from ..attention_registry import AttentionRegistry, EventDispatcherInstance, Int, Optional
 from ..events import EventDispatcher
-from ._padding import zero_padding
+from ..masking import zero_padding
 
 __all__ = ["AFTFullAttention", "AFTSimpleAttention"]
 

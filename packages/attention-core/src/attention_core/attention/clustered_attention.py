@@ -23,9 +23,9 @@ from ..attention_registry import (
     Optional,
 )
 from ..events import AttentionEvent
+from ..masking import zero_padding
 from ..nn.attend import attend
 from ._clustering import ClusteredAttentionBase, keys_allowed
-from ._padding import zero_padding
 from .full_attention import masked_softmax
 
 __all__ = ["ClusteredAttention"]

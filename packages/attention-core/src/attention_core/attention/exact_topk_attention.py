@@ -12,7 +12,7 @@ from torch import nn
 from .._checks import check_attention_inputs, check_positive_int
 from ..attention_registry import AttentionRegistry, EventDispatcherInstance, Float, Int, Optional
 from ..events import AttentionEvent, EventDispatcher
-from ._padding import zero_padding
+from ..masking import zero_padding
 from .full_attention import attention_allowed, masked_softmax
 
 __all__ = ["ExactTopKAttention"]

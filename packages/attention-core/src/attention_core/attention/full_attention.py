@@ -17,9 +17,8 @@ from torch import Tensor, nn
 from .._checks import check_attention_inputs
 from ..attention_registry import AttentionRegistry, EventDispatcherInstance, Float, Optional
 from ..events import AttentionEvent, EventDispatcher
-from ..masking import BaseMask
+from ..masking import BaseMask, zero_padding
 from ..nn.attend import attend
-from ._padding import zero_padding
 
 __all__ = ["FullAttention", "masked_softmax"]
 

@@ -30,9 +30,9 @@ from ..attention_registry import (
     Optional,
 )
 from ..events import AttentionEvent
+from ..masking import zero_padding
 from ..sparse_product import clustered_sparse_dot_product, clustered_sparse_weighted_average
 from ._clustering import ClusteredAttentionBase, cluster_rows, keys_allowed
-from ._padding import zero_padding
 from .full_attention import masked_softmax
 
 __all__ = ["ImprovedClusteredAttention", "top_keys"]

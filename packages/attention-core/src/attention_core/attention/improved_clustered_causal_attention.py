@@ -25,9 +25,9 @@ from ..attention_registry import (
     Optional,
 )
 from ..events import AttentionEvent
+from ..masking import zero_padding
 from ..sparse_product import clustered_sparse_dot_product, clustered_sparse_weighted_average
 from ._clustering import cluster_rows, keys_allowed
-from ._padding import zero_padding
 from .full_attention import masked_softmax
 from .improved_clustered_attention import ImprovedClusteredAttention, top_keys
 

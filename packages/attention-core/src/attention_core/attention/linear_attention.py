@@ -17,7 +17,7 @@ from ..attention_registry import (
 )
 from ..events import EventDispatcher
 from ..feature_maps import elu_feature_map
-from ._padding import zero_padding
+from ..masking import zero_padding
 
 __all__ = ["LinearAttention"]
 

@@ -23,7 +23,7 @@ from ..attention_registry import (
 )
 from ..events import AttentionEvent, EventDispatcher
 from ..local_product import local_dot_product, local_weighted_average
-from ._padding import zero_padding
+from ..masking import zero_padding
 from .full_attention import masked_softmax
 
 __all__ = ["LocalAttention"]

@@ -24,7 +24,7 @@ from ..attention_registry import (
     Optional,
 )
 from ..events import AttentionEvent, EventDispatcher
-from ._padding import zero_padding
+from ..masking import zero_padding
 from .full_attention import masked_softmax
 
 __all__ = ["ReformerAttention"]
