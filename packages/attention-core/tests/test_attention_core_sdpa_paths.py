@@ -9,7 +9,12 @@ import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from attention_core.attention import ClusteredAttention, ConditionalFullAttention, FullAttention
+from attention_core.attention import (
+    ClusteredAttention,
+    ConditionalFullAttention,
+    ExactTopKAttention,
+    FullAttention,
+)
 from attention_core.events import AttentionEvent, EventDispatcher
 from attention_core.masking import FullMask, LengthMask, TriangularCausalMask
 from attention_core.testing import assert_close
@@ -189,3 +194,20 @@ def test_clustered_fused_path_equals_explicit_path(lengths):
     assert_close("clustered output", actual, expected)
     for name, got, want in zip("qkv", grads, expected_grads, strict=True):
         assert_close(f"clustered d{name}", got, want)
+
+
+@pytest.mark.parametrize("topk", [3, 50], ids=["top-3", "all-keys"])
+@pytest.mark.parametrize("kind", ["none", "causal", "arbitrary+lengths"])
+def test_exact_topk_fused_path_equals_explicit_path(kind, topk):
+    """ExactTopKAttention: SDPA under the top-k mask, or the weights built for a listener."""
+    attention = ExactTopKAttention(
+        topk=topk, attention_dropout=0.0, event_dispatcher=EventDispatcher()
+    ).eval()
+    q, k, v = inputs(9, 9, e=4, d=4)
+    attn_mask, key_lengths = masks(kind, 9, 9)
+    expected, expected_grads = explicit(attention, q, k, v, attn_mask, key_lengths)
+    assert "aten::_softmax" not in profiled_ops(attention, q, k, v, attn_mask, key_lengths)
+    actual, grads = run(attention, q, k, v, attn_mask, key_lengths)
+    assert_close(f"exact-topk {kind} output", actual, expected)
+    for name, got, want in zip("qkv", grads, expected_grads, strict=True):
+        assert_close(f"exact-topk {kind} d{name}", got, want)
