@@ -211,3 +211,22 @@ def test_exact_topk_fused_path_equals_explicit_path(kind, topk):
     assert_close(f"exact-topk {kind} output", actual, expected)
     for name, got, want in zip("qkv", grads, expected_grads, strict=True):
         assert_close(f"exact-topk {kind} d{name}", got, want)
+
+
+@pytest.mark.parametrize("kind", ["causal", "arbitrary+lengths"])
+def test_fused_path_compiles_without_graph_breaks(kind):
+    """torch.compile(fullgraph=True) traces the fused path, forward and backward."""
+    attention = FullAttention(event_dispatcher=EventDispatcher()).eval()
+    q, k, v = inputs(8, 8)
+    attn_mask, key_lengths = masks(kind, 8, 8)
+    attn_mask.all_ones, key_lengths.all_ones  # noqa: B018 (computed eagerly: data-dependent)
+    query_lengths = LengthMask(torch.full((N,), 8), max_len=8)
+
+    def loss(q, k, v):
+        return attention(q, k, v, attn_mask, query_lengths, key_lengths).square().sum()
+
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
+    expected = torch.autograd.grad(loss(q, k, v), (q, k, v))
+    actual = torch.autograd.grad(compiled(q, k, v), (q, k, v))
+    for name, got, want in zip("qkv", actual, expected, strict=True):
+        assert_close(f"compiled d{name}", got, want)
