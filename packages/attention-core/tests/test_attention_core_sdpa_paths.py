@@ -230,3 +230,12 @@ def test_fused_path_compiles_without_graph_breaks(kind):
     actual = torch.autograd.grad(compiled(q, k, v), (q, k, v))
     for name, got, want in zip("qkv", actual, expected, strict=True):
         assert_close(f"compiled d{name}", got, want)
+
+
+def test_causal_fused_path_never_builds_the_L_by_L_mask():
+    """Memory linear in L: the TriangularCausalMask's bool matrix is never materialised."""
+    attention = FullAttention(event_dispatcher=EventDispatcher()).eval()
+    q, k, v = inputs(6, 6)
+    causal, full = TriangularCausalMask(6), LengthMask(torch.full((N,), 6), max_len=6)
+    attention(q, k, v, causal, full, full).sum().backward()
+    assert not hasattr(causal, "_bool_matrix")

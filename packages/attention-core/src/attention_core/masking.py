@@ -35,6 +35,11 @@ class BaseMask:
         raise NotImplementedError
 
     @property
+    def device(self) -> torch.device:
+        """The device of :attr:`bool_matrix` (known without building it for length masks)."""
+        return self.bool_matrix.device
+
+    @property
     def float_matrix(self) -> Tensor:
         """``bool_matrix`` as float32 ones and zeros."""
         if not hasattr(self, "_float_matrix"):
@@ -218,6 +223,10 @@ class LengthMask(BaseMask):
     @property
     def lengths(self) -> Tensor:
         return self._lengths
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
 
     @property
     def shape(self) -> tuple[int, ...]:
