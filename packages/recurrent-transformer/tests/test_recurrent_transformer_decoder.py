@@ -176,3 +176,16 @@ def test_decoder_errors():
         recurrent(x[:2, 1], memory[:2], state=state)
     with pytest.raises(TypeError, match="needs the DecoderLayerState it returned"):
         recurrent.layers[0](x[:, 1], memory, state=state)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), 1e300])
+def test_full_cross_attention_padding_cannot_leak(value):
+    """Padded memory positions, whatever they hold, give the zero-padded result."""
+    _, recurrent = twins("full", "full")
+    x, memory, mask = inputs(lengths=(7, 4, 0))
+    padded = mask.bool_matrix[:, :, None]
+    with torch.no_grad():
+        garbage, _ = step_through(recurrent, x, memory.masked_fill(~padded, value), mask)
+        zeros, _ = step_through(recurrent, x, memory.masked_fill(~padded, 0.0), mask)
+    assert torch.isfinite(garbage).all()
+    assert_close("stepped", garbage, zeros, **TOL)

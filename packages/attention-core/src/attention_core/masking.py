@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["BaseMask", "FullMask", "LengthMask", "TriangularCausalMask"]
+__all__ = ["BaseMask", "FullMask", "LengthMask", "TriangularCausalMask", "zero_padding"]
 
 
 class BaseMask:
@@ -33,6 +33,11 @@ class BaseMask:
     def shape(self) -> tuple[int, ...]:
         """The shape of the mask, e.g. ``(L, S)`` or ``(N, L)``."""
         raise NotImplementedError
+
+    @property
+    def device(self) -> torch.device:
+        """The device of :attr:`bool_matrix` (known without building it for length masks)."""
+        return self.bool_matrix.device
 
     @property
     def float_matrix(self) -> Tensor:
@@ -220,6 +225,10 @@ class LengthMask(BaseMask):
         return self._lengths
 
     @property
+    def device(self) -> torch.device:
+        return self._device
+
+    @property
     def shape(self) -> tuple[int, ...]:
         return (self._lengths.shape[0], self._max_len)
 
@@ -245,3 +254,28 @@ class TriangularCausalMask(LengthMask):
         super().__init__(lengths, N, device)
         self._all_ones = N <= 1  # known without reading the lengths (also when compiling)
         self._lower_triangular = True
+
+
+def zero_padding(x: Tensor, lengths: BaseMask) -> Tensor:
+    """``x`` with the positions that ``lengths`` masks out set to zero, so that whatever a
+    user left in the padding (``torch.empty`` garbage, NaN, inf) cannot reach a valid output.
+
+    A ``torch.where``, not a product with the mask (``0 * nan`` is NaN), and no work at all
+    when ``lengths`` pads nothing. Every attention that takes a length mask applies it to its
+    keys and values (and queries, where queries are mixed) before any arithmetic.
+
+    Arguments:
+        x: ``(N, S, H, F)`` queries, keys or values.
+        lengths: a mask of shape ``(N, S)``, ``True`` at the valid positions.
+
+    Returns:
+        ``(N, S, H, F)``; ``x`` itself when nothing is padded.
+
+    Example:
+        >>> x = torch.full((1, 3, 1, 1), float("nan"))
+        >>> zero_padding(x, LengthMask(torch.tensor([1]), max_len=3)).flatten()
+        tensor([nan, 0., 0.])
+    """
+    if lengths.all_ones:
+        return x
+    return torch.where(lengths.bool_matrix[:, :, None, None], x, 0.0)

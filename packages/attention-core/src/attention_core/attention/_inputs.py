@@ -15,7 +15,7 @@ def _check_mask(name: str, mask, shape: tuple[int, ...], device: torch.device) -
         raise TypeError(f"{name} must be a BaseMask (e.g. FullMask); got {type(mask).__name__}")
     if tuple(mask.shape) != shape:
         raise ValueError(f"{name} must have shape {shape}; got {tuple(mask.shape)}")
-    mask_device = mask.bool_matrix.device
+    mask_device = mask.device  # not bool_matrix.device: a causal mask's is L x L
     if mask_device.type != device.type:
         raise ValueError(f"{name} must be on device {device}; got {mask_device}")
 

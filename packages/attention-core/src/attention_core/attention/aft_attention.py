@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from .._checks import check_positive_int
 from ..attention_registry import AttentionRegistry, EventDispatcherInstance, Int, Optional
 from ..events import EventDispatcher
+from ..masking import zero_padding
 from ._inputs import check_attention_inputs
 
 __all__ = ["AFTFullAttention", "AFTSimpleAttention"]
@@ -82,6 +83,8 @@ class AFTFullAttention(nn.Module):
         _, L, S, *_ = check_attention_inputs(
             queries, keys, values, attn_mask, query_lengths, key_lengths, same_dims=True
         )
+        keys = zero_padding(keys, key_lengths)
+        values = zero_padding(values, key_lengths)
         if max(L, S) > self.max_sequence_length:
             raise ValueError(
                 f"AFTFullAttention supports sequences up to max_sequence_length="
@@ -128,6 +131,8 @@ class AFTSimpleAttention(nn.Module):
         check_attention_inputs(
             queries, keys, values, attn_mask, query_lengths, key_lengths, same_dims=True
         )
+        keys = zero_padding(keys, key_lengths)
+        values = zero_padding(values, key_lengths)
         key_valid = key_lengths.bool_matrix[:, :, None, None]
         if attn_mask.all_ones:
             mixed = _global_mix(keys, values, key_valid)

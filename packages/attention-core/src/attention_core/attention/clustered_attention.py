@@ -22,6 +22,8 @@ from ..attention_registry import (
     Optional,
 )
 from ..events import AttentionEvent
+from ..masking import zero_padding
+from ..nn.attend import attend
 from ._clustering import ClusteredAttentionBase, keys_allowed
 from ._inputs import check_attention_inputs
 from .full_attention import masked_softmax
@@ -39,7 +41,9 @@ class ClusteredAttention(ClusteredAttentionBase):
     query receives its cluster's output. Padding queries get zeros.
 
     Arbitrary attention masks are not supported: ``attn_mask`` must be all ones.
-    Dispatches an :class:`AttentionEvent` with the ``(N, H, C, S)`` centroid attention.
+    The centroids attend through PyTorch's fused ``scaled_dot_product_attention`` unless a
+    listener is registered on ``event_dispatcher``: then the ``(N, H, C, S)`` centroid
+    attention is built explicitly and dispatched as an :class:`AttentionEvent`.
 
     Arguments:
         clusters: how many clusters to group the queries into.
@@ -72,6 +76,9 @@ class ClusteredAttention(ClusteredAttentionBase):
     def forward(self, queries, keys, values, attn_mask, query_lengths, key_lengths):
         """Return the clustered attention of the queries over the valid keys."""
         E = check_attention_inputs(queries, keys, values, attn_mask, query_lengths, key_lengths)[4]
+        queries = zero_padding(queries, query_lengths)
+        keys = zero_padding(keys, key_lengths)
+        values = zero_padding(values, key_lengths)
         if not attn_mask.all_ones:
             raise ValueError(
                 "ClusteredAttention does not support arbitrary attention masks; got an "
@@ -80,11 +87,21 @@ class ClusteredAttention(ClusteredAttentionBase):
         q, k, v = (rearrange(t, "n l h e -> n h l e") for t in (queries, keys, values))
         groups, counts = self.cluster_queries(q, query_lengths.lengths)
         centroids = self.centroids(q, groups, counts)
-        scores = self.temperature(E) * torch.einsum("nhce,nhse->nhcs", centroids, k)
-        A = self.dropout(masked_softmax(scores, keys_allowed(key_lengths)))
         if self.event_dispatcher.has_listeners:
+            scores = self.temperature(E) * torch.einsum("nhce,nhse->nhcs", centroids, k)
+            A = self.dropout(masked_softmax(scores, keys_allowed(key_lengths)))
             self.event_dispatcher.dispatch(AttentionEvent(self, A))
-        per_cluster = torch.einsum("nhcs,nhsd->nhcd", A, v)
+            per_cluster = torch.einsum("nhcs,nhsd->nhcd", A, v)
+        else:  # the centroids' attention is dense softmax attention: SDPA's fused kernel
+            per_cluster = attend(
+                centroids,
+                k,
+                v,
+                mask=keys_allowed(key_lengths),
+                dropout_p=self.dropout.p,
+                scale=self.temperature(E),
+                training=self.training,
+            )
         out = broadcast(per_cluster, groups, torch.ones_like(counts, dtype=v.dtype))
         return rearrange(out, "n h l d -> n l h d").contiguous()
 

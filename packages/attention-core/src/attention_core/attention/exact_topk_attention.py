@@ -12,6 +12,8 @@ from torch import nn
 from .._checks import check_positive_int
 from ..attention_registry import AttentionRegistry, EventDispatcherInstance, Float, Int, Optional
 from ..events import AttentionEvent, EventDispatcher
+from ..masking import zero_padding
+from ..nn.attend import attend
 from ._inputs import check_attention_inputs
 from .full_attention import attention_allowed, masked_softmax
 
@@ -25,6 +27,9 @@ class ExactTopKAttention(nn.Module):
     among the keys allowed by ``attn_mask`` and ``key_lengths`` are kept and the softmax is
     taken over those only. A query with fewer allowed keys than ``topk`` attends to all of
     them; one with none gets a zero output. Ties are broken arbitrarily by ``torch.topk``.
+    The scores only choose the keys (no gradient flows through the choice); the softmax
+    attention under the resulting mask runs on PyTorch's fused ``scaled_dot_product_attention``
+    unless a listener is registered on ``event_dispatcher``, which then receives the weights.
 
     Arguments:
         topk: how many keys each query attends to (default: 32).
@@ -46,25 +51,42 @@ class ExactTopKAttention(nn.Module):
 
     def forward(self, queries, keys, values, attn_mask, query_lengths, key_lengths):
         """Return the top-k softmax attention ``(N, L, H, D)``."""
-        _, L, S, _, E, _ = check_attention_inputs(
+        _, _, S, _, E, _ = check_attention_inputs(
             queries, keys, values, attn_mask, query_lengths, key_lengths
         )
         softmax_temp = self.softmax_temp or 1.0 / sqrt(E)
-        scores = torch.einsum("nlhe,nshe->nhls", queries, keys)
-        allowed = attention_allowed(attn_mask, key_lengths)
-        if allowed is None:
-            allowed = torch.ones(1, 1, L, S, dtype=torch.bool, device=queries.device)
+        keys = zero_padding(keys, key_lengths)
+        values = zero_padding(values, key_lengths)
+        allowed = attention_allowed(attn_mask, key_lengths)  # None: nothing masked
+        listening = self.event_dispatcher.has_listeners
+        scores = None
         topk = min(self.topk, S)
+        if topk < S or listening:
+            # with a listener the scores are kept for the softmax; otherwise they only choose
+            with torch.set_grad_enabled(listening and torch.is_grad_enabled()):
+                scores = torch.einsum("nlhe,nshe->nhls", queries, keys)
         if topk < S:
             with torch.no_grad():
-                ranked = scores.masked_fill(~allowed, float("-inf"))
+                ranked = scores if allowed is None else scores.masked_fill(~allowed, -torch.inf)
                 best = ranked.topk(topk, dim=-1, sorted=False).indices
                 kept = torch.zeros_like(ranked, dtype=torch.bool).scatter(-1, best, True)
-            allowed = allowed & kept
-        A = self.dropout(masked_softmax(scores * softmax_temp, allowed))
-        if self.event_dispatcher.has_listeners:
+            allowed = kept if allowed is None else allowed & kept
+        if listening:
+            A = self.dropout(masked_softmax(scores * softmax_temp, allowed))
             self.event_dispatcher.dispatch(AttentionEvent(self, A))
-        return torch.einsum("nhls,nshd->nlhd", A, values).contiguous()
+            return torch.einsum("nhls,nshd->nlhd", A, values).contiguous()
+        # SDPA under the top-k mask: Q K^T is computed again inside the fused kernel, but
+        # neither the scores nor the weights are stored for the backward pass
+        out = attend(
+            queries.transpose(1, 2),
+            keys.transpose(1, 2),
+            values.transpose(1, 2),
+            mask=allowed,
+            dropout_p=self.dropout.p,
+            scale=softmax_temp,
+            training=self.training,
+        )
+        return out.transpose(1, 2).contiguous()
 
 
 AttentionRegistry.register(

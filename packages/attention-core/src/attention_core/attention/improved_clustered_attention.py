@@ -30,6 +30,7 @@ from ..attention_registry import (
     Optional,
 )
 from ..events import AttentionEvent
+from ..masking import zero_padding
 from ..sparse_product import clustered_sparse_dot_product, clustered_sparse_weighted_average
 from ._clustering import ClusteredAttentionBase, cluster_rows, keys_allowed
 from ._inputs import check_attention_inputs
@@ -105,6 +106,9 @@ class ImprovedClusteredAttention(ClusteredAttentionBase):
         N, L, S, H, E, D = check_attention_inputs(
             queries, keys, values, attn_mask, query_lengths, key_lengths
         )
+        queries = zero_padding(queries, query_lengths)
+        keys = zero_padding(keys, key_lengths)
+        values = zero_padding(values, key_lengths)
         if not attn_mask.all_ones:
             raise ValueError(
                 "ImprovedClusteredAttention does not support arbitrary attention masks; got an "

@@ -16,6 +16,7 @@ from ..attention_registry import (
 )
 from ..events import EventDispatcher
 from ..feature_maps import elu_feature_map
+from ..masking import zero_padding
 from ._inputs import check_attention_inputs
 
 __all__ = ["LinearAttention"]
@@ -47,6 +48,8 @@ class LinearAttention(nn.Module):
     def forward(self, queries, keys, values, attn_mask, query_lengths, key_lengths):
         """Return the linear attention of the queries over the unmasked keys."""
         check_attention_inputs(queries, keys, values, attn_mask, query_lengths, key_lengths)
+        keys = zero_padding(keys, key_lengths)
+        values = zero_padding(values, key_lengths)
         if not attn_mask.all_ones:
             raise ValueError(
                 "LinearAttention does not support arbitrary attention masks; got a mask that "

@@ -23,6 +23,7 @@ from ..attention_registry import (
 )
 from ..events import AttentionEvent, EventDispatcher
 from ..local_product import local_dot_product, local_weighted_average
+from ..masking import zero_padding
 from ._inputs import check_attention_inputs
 from .full_attention import masked_softmax
 
@@ -62,6 +63,8 @@ class LocalAttention(nn.Module):
     def forward(self, queries, keys, values, attn_mask, query_lengths, key_lengths):
         """Return the local softmax attention as ``(N, L, H, D)``."""
         E = check_attention_inputs(queries, keys, values, attn_mask, query_lengths, key_lengths)[4]
+        keys = zero_padding(keys, key_lengths)
+        values = zero_padding(values, key_lengths)
         softmax_temp = self.softmax_temp or 1.0 / sqrt(E)
         q, k, v = (rearrange(t, "n l h e -> n h l e") for t in (queries, keys, values))
         QK = local_dot_product(

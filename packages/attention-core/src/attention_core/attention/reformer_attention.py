@@ -24,6 +24,7 @@ from ..attention_registry import (
     Optional,
 )
 from ..events import AttentionEvent, EventDispatcher
+from ..masking import zero_padding
 from ._inputs import check_attention_inputs
 from .full_attention import masked_softmax
 
@@ -171,6 +172,9 @@ class ReformerAttention(nn.Module):
         N, L, S, H, E, D = check_attention_inputs(
             queries, keys, values, attn_mask, query_lengths, key_lengths
         )
+        # the keys are the normalised queries, zeroed (with the values) where keys are padding
+        key_source = zero_padding(queries, key_lengths)
+        values = zero_padding(values, key_lengths)
         if L != S:
             raise ValueError(
                 "ReformerAttention is a self attention: queries and keys must have the same "
@@ -186,7 +190,7 @@ class ReformerAttention(nn.Module):
         to_heads = lambda t: rearrange(t, "n l h e -> n h l e")  # noqa: E731
         pad_positions = lambda t: nn.functional.pad(t, (0, 0, 0, pad))  # noqa: E731
         Q = pad_positions(to_heads(queries))
-        K = nn.functional.normalize(Q, dim=-1)
+        K = nn.functional.normalize(pad_positions(to_heads(key_source)), dim=-1)
         V = pad_positions(to_heads(values))
         valid = nn.functional.pad(key_lengths.bool_matrix, (0, pad), value=False)
         allowed_pairs = None

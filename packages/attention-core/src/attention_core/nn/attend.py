@@ -127,9 +127,14 @@ def attend(
         allowed = tri if allowed is None else allowed & tri
     empty = None
     if allowed is not None:
-        # queries with no allowed key: let them attend to everything, then zero their output
+        # queries with no allowed key: let them attend to everything, then zero their output.
+        # Eager mode looks first whether there is one (a check of a (·, ·, I, 1) tensor that
+        # spares a pass over the output); a trace always takes the equivalent branch.
         empty = ~allowed.any(dim=-1, keepdim=True)
-        allowed = allowed | empty
+        if torch.compiler.is_compiling() or bool(empty.any()):
+            allowed = allowed | empty
+        else:
+            empty = None
     attn_mask = allowed
     if bias is not None:
         bias = bias.to(q.dtype)
@@ -138,5 +143,5 @@ def attend(
         q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, scale=scale
     )
     if empty is not None:
-        out = out.masked_fill(empty, 0.0)
+        out = torch.where(empty, 0.0, out)  # unlike masked_fill, keeps SDPA's memory layout
     return out

@@ -26,6 +26,7 @@ from attention_core.attention_registry import (
     RecurrentCrossAttentionRegistry,
 )
 from attention_core.events import AttentionEvent, EventDispatcher
+from attention_core.masking import zero_padding
 
 from ...state import MemoryState, check_state_tensor, check_state_type
 from .base import RecurrentCrossAttention, check_memory_heads
@@ -58,6 +59,8 @@ class RecurrentCrossFullAttention(RecurrentCrossAttention):
         """Keep the memory's keys ``(N, H, S, E)``, values ``(N, H, S, D)`` and mask."""
         check_memory_heads(queries, keys, values, key_lengths)
         key_mask = None if key_lengths.all_ones else key_lengths.bool_matrix
+        # padded memory positions cannot leak, whatever they hold (NaN, inf)
+        keys, values = zero_padding(keys, key_lengths), zero_padding(values, key_lengths)
         to_heads = lambda t: rearrange(t, "n s h e -> n h s e").contiguous()  # noqa: E731
         return MemoryState(to_heads(keys), to_heads(values), key_mask)
 
