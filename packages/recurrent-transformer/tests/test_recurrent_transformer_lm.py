@@ -39,7 +39,7 @@ def tokens(B=2, T=9, seed=0):
     return torch.randint(0, 23, (B, T), generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("positional_encoding", ["sinusoidal", "none"])
+@pytest.mark.parametrize("positional_encoding", ["rotary", "sinusoidal", "none"])
 @pytest.mark.parametrize("attention_type", list(TYPES))
 def test_prefill_and_steps_give_the_batch_logits(attention_type, positional_encoding):
     model = lm(attention_type, positional_encoding=positional_encoding)
@@ -173,8 +173,8 @@ def test_lm_errors():
         RecurrentLM(10, attention_type="linear")
     with pytest.raises(ValueError, match="'reformer' in 'reformer' has no recurrent form"):
         RecurrentLM(10, attention_type="reformer")
-    with pytest.raises(ValueError, match="positional_encoding must be 'sinusoidal' or 'none'"):
-        RecurrentLM(10, positional_encoding="rotary")
+    with pytest.raises(ValueError, match="positional_encoding must be one of 'rotary', .*; got 'alibi'"):
+        RecurrentLM(10, positional_encoding="alibi")
     with pytest.raises(ValueError, match="num_tokens must be a positive int; got 0"):
         RecurrentLM(0)
     model = lm()

@@ -30,9 +30,15 @@ from attention_core.masking import TriangularCausalMask
 from attention_core.utils import make_mirror
 
 from .builders import RecurrentEncoderBuilder
+from .positions import RecurrentRotaryAttention, RotaryAttention
 from .state import RecurrentState, TransformerState
 
-__all__ = ["LMState", "RecurrentLM", "sinusoidal_positions"]
+__all__ = ["POSITIONAL_ENCODINGS", "LMState", "RecurrentLM", "sinusoidal_positions"]
+
+#: the position schemes of :class:`RecurrentLM`
+POSITIONAL_ENCODINGS = ("rotary", "sinusoidal", "none")
+#: rotary embeddings turn at most this many features of each query/key head
+ROTARY_FEATURES = 32
 
 
 # helpers
@@ -147,9 +153,10 @@ class RecurrentLM(nn.Module):
         super().__init__()
         check_positive_int("num_tokens", num_tokens)
         _check_attention_type(attention_type)
-        if positional_encoding not in ("sinusoidal", "none"):
+        if positional_encoding not in POSITIONAL_ENCODINGS:
             raise ValueError(
-                f"positional_encoding must be 'sinusoidal' or 'none'; got {positional_encoding!r}"
+                f"positional_encoding must be one of {', '.join(map(repr, POSITIONAL_ENCODINGS))}"
+                f"; got {positional_encoding!r}"
             )
         d_model = n_heads * value_dimensions
         settings = dict(
@@ -171,7 +178,16 @@ class RecurrentLM(nn.Module):
         self.to_logits = nn.Linear(d_model, num_tokens)
         # the recurrent twin shares the encoder's parameters and stays out of the module tree
         # (no duplicate state_dict entries)
-        self.__dict__["_twin"] = RecurrentEncoderBuilder.from_kwargs(**settings).get()
+        twin = RecurrentEncoderBuilder.from_kwargs(**settings).get()
+        if positional_encoding == "rotary":
+            rotated = min(query_dimensions - query_dimensions % 2, ROTARY_FEATURES)
+            for layer in self.encoder.layers:
+                inner = layer.attention.inner_attention
+                layer.attention.inner_attention = RotaryAttention(inner, rotated)
+            for layer in twin.layers:
+                inner = layer.attention.inner_attention
+                layer.attention.inner_attention = RecurrentRotaryAttention(inner, rotated)
+        self.__dict__["_twin"] = twin
         self.__dict__["_twin_parameters"] = ()
 
     # helpers
