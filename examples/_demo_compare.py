@@ -30,7 +30,7 @@ def child_arguments(args, family: str, workdir: Path) -> list[str]:
     if args.no_progress:
         argv.append("--no-progress")
     argv += ["--checkpoint", str(workdir / f"{family}.pt")]
-    return argv + ["--summary-json", str(workdir / f"{family}.json")]
+    return [*argv, "--summary-json", str(workdir / f"{family}.json")]
 
 
 def table(summaries: list[dict]) -> str:

@@ -19,7 +19,7 @@ class Progress:
     """
 
     def __init__(self, steps: int | None, seconds: float | None, disabled: bool = False):
-        self.by_time = not steps
+        self.by_time = steps is None
         self.last = 0.0
         self.bar = None
         if disabled:

@@ -48,11 +48,11 @@ from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the _demo_* modules beside it
 
-import _demo_checkpoint as checkpoints  # noqa: E402
-from _demo_data import bits_per_character, load_corpus, random_windows  # noqa: E402
-from _demo_progress import Progress  # noqa: E402
-from _demo_text import decode_stream, marker_for, prompt_at_line_start  # noqa: E402
-from _demo_threads import available_cpus, plural  # noqa: E402
+import _demo_checkpoint as checkpoints
+from _demo_data import bits_per_character, load_corpus, random_windows
+from _demo_progress import Progress
+from _demo_text import decode_stream, marker_for, prompt_at_line_start
+from _demo_threads import available_cpus, plural
 
 FAMILIES = ("linear", "full", "block-recurrent", "feedback")
 VOCAB = 256  # bytes
@@ -169,18 +169,20 @@ def train(args, family, model, optimizer, corpus, generator, done: dict) -> dict
     """The training loop: ``--steps`` steps or ``--minutes`` of training time (evaluations for
     the curve excluded). Returns the step, tokens, seconds and the validation curve."""
     logits = logits_of(family)
-    budget = None if args.steps else 60 * args.minutes
+    budget = None if args.steps is not None else 60 * args.minutes
     progress = Progress(args.steps, budget, disabled=args.no_progress)
     step, seen, seconds = done["step"], done["tokens"], done["seconds"]
     first_step, first_seconds, curve = step, seconds, []
     marks = [(i + 1) / args.curve_points for i in range(args.curve_points)]
     model.train()
     while True:
-        ran = (step - first_step) / args.steps if args.steps else (seconds - first_seconds) / max(
-            budget, 1e-9
-        )
+        if budget is None:  # the fraction of the budget spent
+            ran = (step - first_step) / args.steps if args.steps else 1.0
+        else:
+            ran = (seconds - first_seconds) / budget if budget else 1.0
         if marks and ran >= marks[0] - 1e-9:
-            marks.pop(0)
+            while marks and ran >= marks[0] - 1e-9:
+                marks.pop(0)
             curve.append((seconds, bits_per_character(logits, model, corpus.valid, args.window)))
         if ran >= 1:
             break
@@ -246,16 +248,27 @@ def main(argv: list[str] | None = None) -> dict:
     torch.manual_seed(args.seed)
     generator = torch.Generator().manual_seed(args.seed)
     corpus = load_corpus(args.data, args.max_bytes)
-    options = {k: getattr(args, k) for k in (*checkpoints.MODEL_OPTIONS, *checkpoints.TRAINING_OPTIONS)}
+    options = {
+        k: getattr(args, k) for k in (*checkpoints.MODEL_OPTIONS, *checkpoints.TRAINING_OPTIONS)
+    }
     model = build_model(args.model, args.dim, args.depth, args.window)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
-    path = Path(args.checkpoint) if args.checkpoint else checkpoints.default_path(args.model, corpus.name)
+    path = (
+        Path(args.checkpoint)
+        if args.checkpoint
+        else checkpoints.default_path(args.model, corpus.name)
+    )
     done = {"step": 0, "tokens": 0, "seconds": 0.0}
     if args.resume:
-        done = checkpoints.resume(path, model, optimizer, generator, options=options, corpus=corpus.identity)
+        done = checkpoints.resume(
+            path, model, optimizer, generator, options=options, corpus=corpus.identity
+        )
         print(f"resumed from {path} at step {done['step']}")
     parameters = sum(p.numel() for p in model.parameters())
-    print(f"{args.model}: {parameters / 1e6:.2f}M parameters, {len(corpus.train):,} training bytes ({corpus.name})")
+    print(
+        f"{args.model}: {parameters / 1e6:.2f}M parameters, "
+        f"{len(corpus.train):,} training bytes ({corpus.name})"
+    )
     trained = train(args, args.model, model, optimizer, corpus, generator, done)
     steps_now = trained["step"] - done["step"]
     bpc = bits_per_character(logits_of(args.model), model, corpus.valid, args.window)
@@ -266,8 +279,10 @@ def main(argv: list[str] | None = None) -> dict:
     if steps_now or not path.exists():
         if path.exists() and not args.resume:
             print(f"note: replacing {path} (a run of its own; --resume continues a checkpoint)")
-        checkpoints.save(path, model, optimizer, generator, options=options, corpus=corpus.identity,
-                         step=trained["step"], tokens=trained["tokens"], seconds=trained["seconds"])  # fmt: skip
+        progress = {k: trained[k] for k in ("step", "tokens", "seconds")}
+        checkpoints.save(
+            path, model, optimizer, generator, options=options, corpus=corpus.identity, **progress
+        )
         print(f"checkpoint: {path} (continue with --resume)")
     else:
         print(f"checkpoint: {path} left as it was (no training step in this run)")

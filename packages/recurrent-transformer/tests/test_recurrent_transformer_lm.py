@@ -173,7 +173,9 @@ def test_lm_errors():
         RecurrentLM(10, attention_type="linear")
     with pytest.raises(ValueError, match="'reformer' in 'reformer' has no recurrent form"):
         RecurrentLM(10, attention_type="reformer")
-    with pytest.raises(ValueError, match="positional_encoding must be one of 'rotary', .*; got 'alibi'"):
+    with pytest.raises(
+        ValueError, match=r"positional_encoding must be one of 'rotary', .*; got 'alibi'"
+    ):
         RecurrentLM(10, positional_encoding="alibi")
     with pytest.raises(ValueError, match="num_tokens must be a positive int; got 0"):
         RecurrentLM(0)

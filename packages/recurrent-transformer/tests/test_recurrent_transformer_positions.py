@@ -108,7 +108,7 @@ def test_state_round_trips_through_torch_save():
 def test_bad_inputs_fail_clearly():
     q, k, v = qkv()
     recurrent = RecurrentRotaryAttention(RecurrentFullAttention(), E)
-    with pytest.raises(TypeError, match="state must be the RotaryState .*; got tuple"):
+    with pytest.raises(TypeError, match=r"state must be the RotaryState .*; got tuple"):
         recurrent(q[:, 0], k[:, 0], v[:, 0], (1, None))
     wrapper = RotaryAttention(FullAttention(), E)
     with pytest.raises(ValueError, match=r"same length; got shapes \(2, 7, 3, 8\) and \(2, 4"):
