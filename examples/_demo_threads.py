@@ -46,3 +46,20 @@ def available_cpus() -> tuple[int, str]:
 def plural(count: int, noun: str) -> str:
     """``"1 thread"``, ``"2 threads"``."""
     return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
+def busy_hint(threads: int) -> str | None:
+    """A warning when other processes already keep the CPUs busy (1-minute load average at
+    least the CPU count) and more than one thread is used: OpenMP threads then wait for each
+    other, and one thread is often faster."""
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
+    cpus, _ = available_cpus()
+    if threads < 2 or load < cpus:
+        return None
+    return (
+        f"note: the load average is {load:.1f} on {plural(cpus, 'CPU')}: other processes "
+        "compete for them, and --threads 1 may train faster"
+    )

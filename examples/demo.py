@@ -52,7 +52,7 @@ import _demo_checkpoint as checkpoints
 from _demo_data import bits_per_character, load_corpus, random_windows
 from _demo_progress import Progress
 from _demo_text import decode_stream, marker_for, prompt_at_line_start
-from _demo_threads import available_cpus, plural
+from _demo_threads import available_cpus, busy_hint, plural
 
 FAMILIES = ("linear", "full", "block-recurrent", "feedback")
 VOCAB = 256  # bytes
@@ -162,6 +162,9 @@ def set_threads(requested: int | None) -> int:
     torch.set_num_threads(threads)
     reason = "--threads" if requested else f"{plural(cpus, 'CPU')} usable ({why}); --threads"
     print(f"using {plural(threads, 'thread')} ({reason} to change)")
+    busy = busy_hint(threads)
+    if busy:
+        print(busy)
     return threads
 
 

@@ -180,3 +180,12 @@ def test_compare_runs_every_family_and_writes_table_and_plot(tmp_path):
         assert f"| {family} |" in table
     assert "validation bits/char" in table and "generation tokens/s" in table
     assert (out / "demo_compare.svg").read_text().lstrip().startswith("<?xml")
+
+
+def test_a_busy_machine_gets_a_hint_about_threads(monkeypatch):
+    monkeypatch.setattr(_demo_threads, "available_cpus", lambda: (2, "CPU affinity"))
+    monkeypatch.setattr(os, "getloadavg", lambda: (5.0, 4.0, 3.0))
+    assert "load average is 5.0 on 2 CPUs" in _demo_threads.busy_hint(2)
+    assert _demo_threads.busy_hint(1) is None
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.5, 0.5, 0.5))
+    assert _demo_threads.busy_hint(2) is None
