@@ -3,7 +3,7 @@ model per scheme and attention on the demo's corpus, with the same steps, data a
 prints bits per character at positions [0, W), [W, 2W) and [2W, 3W) of 64 random validation
 windows of 3W bytes (W: the training window).
 
-    python examples/position_schemes.py                       # the table on docs/demo.md
+    python examples/position_schemes.py --out docs/benchmarks/position_schemes.md
     python examples/position_schemes.py --steps 300 --schemes token-shift sinusoidal
 
 Steps, not seconds, make the schemes comparable on a shared machine; one thread is the
@@ -24,7 +24,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import markdown_table
+from _common import markdown_table, write_report
 from _demo_data import load_corpus, random_windows
 
 from recurrent_transformer.lm import POSITIONAL_ENCODINGS, RecurrentLM
@@ -70,6 +70,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--max-bytes", type=int, default=4_000_000)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", help="also write the table here (Markdown)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     corpus = load_corpus(None, args.max_bytes)
@@ -92,7 +93,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
               f"{2 * W}-{3 * W - 1}", "worst / inside"]  # fmt: skip
     rows = [[r["attention"], r["scheme"], *(f"{b:.3f}" for b in r["bits"]),
              f"{max(r['bits'][1:]) / r['bits'][0]:.2f}"] for r in results]  # fmt: skip
-    print(markdown_table(header, rows))
+    title = (
+        f"{args.steps} steps of batch {args.batch} on {W}-byte windows, dim {args.dim}, depth "
+        f"{args.depth}, {args.threads} thread(s); bits per character of 64 validation windows "
+        f"of {3 * W} bytes, by position."
+    )
+    shown = argv if argv is not None else sys.argv[1:]
+    command = " ".join(["python examples/position_schemes.py", *shown])
+    write_report(args.out, title, command, markdown_table(header, rows))
     return results
 
 
