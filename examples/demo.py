@@ -52,7 +52,7 @@ import _demo_checkpoint as checkpoints
 from _demo_data import bits_per_character, load_corpus, random_windows
 from _demo_progress import Progress
 from _demo_text import decode_stream, marker_for, prompt_at_line_start
-from _demo_threads import available_cpus, busy_hint, plural
+from _demo_threads import default_threads, plural
 
 FAMILIES = ("linear", "full", "block-recurrent", "feedback")
 VOCAB = 256  # bytes
@@ -156,15 +156,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def set_threads(requested: int | None) -> int:
-    """Use ``requested`` threads, or as many as this process has CPUs; print the choice."""
-    cpus, why = available_cpus()
-    threads = requested or cpus
+    """Use ``requested`` threads, or as many as this process has idle CPUs; print the choice."""
+    threads, reason = (requested, "--threads") if requested else default_threads()
     torch.set_num_threads(threads)
-    reason = "--threads" if requested else f"{plural(cpus, 'CPU')} usable ({why}); --threads"
-    print(f"using {plural(threads, 'thread')} ({reason} to change)")
-    busy = busy_hint(threads)
-    if busy:
-        print(busy)
+    hint = "" if requested else "; --threads to change"
+    print(f"using {plural(threads, 'thread')} ({reason}{hint})")
     return threads
 
 

@@ -59,7 +59,7 @@ def test_demo_trains_checkpoints_resumes_and_samples(family, tmp_path, capsys):
     assert torch.equal(torch.load(checkpoint)["generator_state"], generator_after(4, corpus))
     out = capsys.readouterr().out
     assert "resumed from" in out and "bits per character over 64 random windows" in out
-    assert "using 1 thread (--threads" in out
+    assert "using 1 thread (--threads)" in out
     assert _demo_text.MARKER in out or _demo_text.ASCII_MARKER in out
 
 
@@ -182,10 +182,14 @@ def test_compare_runs_every_family_and_writes_table_and_plot(tmp_path):
     assert (out / "demo_compare.svg").read_text().lstrip().startswith("<?xml")
 
 
-def test_a_busy_machine_gets_a_hint_about_threads(monkeypatch):
-    monkeypatch.setattr(_demo_threads, "available_cpus", lambda: (2, "CPU affinity"))
-    monkeypatch.setattr(os, "getloadavg", lambda: (5.0, 4.0, 3.0))
-    assert "load average is 5.0 on 2 CPUs" in _demo_threads.busy_hint(2)
-    assert _demo_threads.busy_hint(1) is None
-    monkeypatch.setattr(os, "getloadavg", lambda: (0.5, 0.5, 0.5))
-    assert _demo_threads.busy_hint(2) is None
+def test_the_default_thread_count_leaves_out_the_cpus_others_keep_busy(monkeypatch):
+    monkeypatch.setattr(_demo_threads, "available_cpus", lambda: (4, "CPU affinity"))
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.3, 4.0, 3.0))
+    assert _demo_threads.default_threads() == (4, "4 CPUs usable (CPU affinity)")
+    monkeypatch.setattr(os, "getloadavg", lambda: (1.6, 4.0, 3.0))
+    assert _demo_threads.default_threads() == (
+        2,
+        "4 CPUs usable (CPU affinity), the load average 1.6 keeps 2 busy",
+    )
+    monkeypatch.setattr(os, "getloadavg", lambda: (13.0, 4.0, 3.0))
+    assert _demo_threads.default_threads()[0] == 1
