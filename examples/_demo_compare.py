@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from _common import markdown_table
+from _demo_threads import default_threads, plural
 
 DEMO = Path(__file__).resolve().parent / "demo.py"
 CURVE_POINTS = 8
@@ -80,7 +81,10 @@ def plot(summaries: list[dict], path: Path, title: str) -> None:
 def compare(args, argv: list[str], families: tuple[str, ...]) -> dict:
     """Run every family with the options of ``args``; print (and with ``--compare-out``,
     write) the table and the plot. Returns ``{"runs": [summary, ...]}``."""
-    budget = f"{args.steps} steps" if args.steps else f"{args.minutes:g} min"
+    budget = f"{args.steps} steps" if args.steps is not None else f"{args.minutes:g} min"
+    if args.threads is None:  # one count for every family, chosen once
+        args.threads, reason = default_threads()
+        print(f"every family uses {plural(args.threads, 'thread')} ({reason})")
     summaries = []
     with tempfile.TemporaryDirectory(prefix="demo-compare-") as tmp:
         for family in families:
