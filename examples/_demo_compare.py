@@ -96,7 +96,7 @@ def compare(args, argv: list[str], families: tuple[str, ...]) -> dict:
     text = table(summaries)
     command = "nox -s demo -- " + " ".join(argv)
     caption = (
-        f"Training budget: {budget} per family, {threads} threads, batch {args.batch}, "
+        f"Training budget: {budget} per family, {plural(threads, 'thread')}, batch {args.batch}, "
         f"window {args.window}, dim {args.dim}, depth {args.depth}; validation over 64 random "
         f"windows; run on {time.strftime('%Y-%m-%d')}."
     )
@@ -106,6 +106,8 @@ def compare(args, argv: list[str], families: tuple[str, ...]) -> dict:
         out.mkdir(parents=True, exist_ok=True)
         (out / "demo_compare.md").write_text(f"{text}\n\n{caption} Command: `{command}`\n")
         (out / "demo_compare.json").write_text(json.dumps(summaries, indent=1) + "\n")
-        plot(summaries, out / "demo_compare.svg", f"{budget} per family, {threads} threads")
+        plot(
+            summaries, out / "demo_compare.svg", f"{budget} per family, {plural(threads, 'thread')}"
+        )
         print(f"wrote {out / 'demo_compare.md'} and {out / 'demo_compare.svg'}")
     return {"runs": summaries}
