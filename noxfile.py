@@ -65,11 +65,18 @@ def docs(session: nox.Session) -> None:
     session.run("pytest", "docs/tests", "-p", "no:cacheprovider")
 
 
+DEMO_REQUIREMENTS = ("-r", "examples/requirements.txt")
+
+
 @nox.session(default=False)
 def demo(session: nox.Session) -> None:
-    """The main job: train a character-level LM for ~2 minutes, then stream a sample."""
+    """The main job: train a character-level LM for ~2 minutes, then stream a sample.
+
+    ``nox -s demo -- --compare --minutes 1 --compare-out docs/benchmarks`` trains every
+    family with the same budget and writes the table and plot that docs/demo.md shows.
+    """
     install(session, "torch==2.13.0")
-    install(session, CORE, *MODEL_PACKAGES, "tqdm>=4.60")
+    install(session, CORE, *MODEL_PACKAGES, *DEMO_REQUIREMENTS)
     session.run("python", "examples/demo.py", *session.posargs)
 
 
@@ -85,7 +92,7 @@ def seeds(session: nox.Session) -> None:
 def examples(session: nox.Session) -> None:
     """Smoke-test the demo and the examples/ scripts on tiny settings (every model family)."""
     install(session, "torch==2.13.0")
-    install(session, CORE, *MODEL_PACKAGES, "tqdm>=4.60", "pytest>=7")
+    install(session, CORE, *MODEL_PACKAGES, *DEMO_REQUIREMENTS, "pytest>=7")
     session.run("pytest", "examples", *session.posargs)
 
 

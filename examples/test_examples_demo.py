@@ -1,15 +1,25 @@
 """The demo (examples/demo.py) trains, evaluates, checkpoints, resumes and samples with every
-model family, on tiny settings."""
+model family on tiny settings; its checkpoints know their corpus and options; its helpers
+(threads, prompt, UTF-8 decoding, validation) do what they say; ``--compare`` runs every
+family and writes its table and plot."""
 
 from __future__ import annotations
 
 import importlib.util
 import math
+import os
+import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))  # the demo imports its _demo_* modules as siblings
+
+import _demo_data  # noqa: E402
+import _demo_text  # noqa: E402
+import _demo_threads  # noqa: E402
 
 
 def load(name: str):
@@ -21,38 +31,165 @@ def load(name: str):
 
 demo = load("demo")
 TINY = ["--steps", "2", "--dim", "32", "--depth", "1", "--window", "32", "--batch", "2",
-        "--sample-length", "5", "--max-bytes", "30000", "--no-progress"]  # fmt: skip
+        "--sample-length", "5", "--max-bytes", "30000", "--no-progress",
+        "--threads", "1"]  # fmt: skip
+
+
+def generator_after(draws: int, corpus, batch=2, window=32) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(draws):
+        _demo_data.random_windows(corpus.train, batch, window, generator)
+    return generator.get_state()
 
 
 @pytest.mark.parametrize("family", demo.FAMILIES)
 def test_demo_trains_checkpoints_resumes_and_samples(family, tmp_path, capsys):
-    checkpoint = str(tmp_path / "ckpt.pt")
-    first = demo.main(["--model", family, "--checkpoint", checkpoint, *TINY])
+    checkpoint = tmp_path / "ckpt.pt"
+    first = demo.main(["--model", family, "--checkpoint", str(checkpoint), *TINY])
     assert first["steps"] == 2 and first["tokens"] == 2 * 2 * 32
     assert math.isfinite(first["bpc"]) and 0 < first["bpc"] < 12
-    assert first["sampled"] == 5
-    assert Path(checkpoint).is_file()
-    resumed = demo.main(["--model", family, "--checkpoint", checkpoint, "--resume", *TINY])
+    assert first["sampled"] == 5 and first["parameters"] > 0
+    corpus = _demo_data.load_corpus(None, 30000)
+    saved = torch.load(checkpoint, weights_only=True)
+    assert saved["corpus"] == corpus.identity and saved["options"]["model"] == family
+    assert torch.equal(saved["generator_state"], generator_after(2, corpus))
+    resumed = demo.main(["--model", family, "--checkpoint", str(checkpoint), "--resume", *TINY])
     assert resumed["steps"] == 4 and resumed["tokens"] == 2 * first["tokens"]
+    # the resumed run drew new windows (the generator continued, it was not re-seeded)
+    assert torch.equal(torch.load(checkpoint)["generator_state"], generator_after(4, corpus))
     out = capsys.readouterr().out
-    assert "resumed from" in out and "bits per character" in out
+    assert "resumed from" in out and "bits per character over 64 random windows" in out
+    assert "using 1 thread (--threads)" in out
+    assert _demo_text.MARKER in out or _demo_text.ASCII_MARKER in out
 
 
-def test_demo_trains_on_a_given_text_file(tmp_path):
+def test_checkpoints_refuse_another_corpus_or_model_and_warn_on_training_options(
+    tmp_path, monkeypatch, capsys
+):
+    monkeypatch.chdir(tmp_path)
     text = tmp_path / "corpus.txt"
     text.write_text("the quick brown fox jumps over the lazy dog\n" * 200)
-    summary = demo.main(["--data", str(text), "--checkpoint", str(tmp_path / "c.pt"), *TINY])
-    assert summary["steps"] == 2
+    demo.main(["--data", str(text), *TINY])
+    default = tmp_path / "runs" / "demo-linear-corpus.pt"  # the default path names the corpus
+    assert default.is_file() and not (tmp_path / "runs" / "demo-linear-stdlib.pt").exists()
+    with pytest.raises(SystemExit, match=r"--resume: .* was trained on .*corpus.txt .*, not on "):
+        demo.main(["--checkpoint", str(default), "--resume", *TINY])
+    with pytest.raises(SystemExit, match=r"--resume: .* holds a model with .*'dim': 32"):
+        demo.main(["--data", str(text), "--resume", *TINY, "--dim", "64"])
+    demo.main(["--data", str(text), "--resume", *TINY, "--batch", "3"])
+    assert "warning: " in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="no checkpoint"):
+        demo.main(["--checkpoint", str(tmp_path / "none.pt"), "--resume", *TINY])
+    # a run without training steps leaves an existing checkpoint alone
+    before = default.read_bytes()
+    demo.main(["--data", str(text), *TINY, "--steps", "0"])
+    assert default.read_bytes() == before
 
 
-def test_demo_refuses_a_tiny_corpus_and_a_mismatched_resume(tmp_path):
+def test_bad_data_and_a_tiny_corpus_give_one_line_errors(tmp_path):
+    with pytest.raises(SystemExit, match=r"^--data: no such file: .*missing.txt$"):
+        demo.main(["--data", str(tmp_path / "missing.txt"), *TINY])
     text = tmp_path / "tiny.txt"
     text.write_text("too short")
     with pytest.raises(SystemExit, match="need at least 4096"):
         demo.main(["--data", str(text), *TINY])
-    checkpoint = str(tmp_path / "c.pt")
-    demo.main(["--checkpoint", checkpoint, *TINY])
-    with pytest.raises(SystemExit, match=r"--resume: .* holds"):
-        demo.main(["--checkpoint", checkpoint, "--resume", *TINY, "--dim", "64"])
-    with pytest.raises(SystemExit, match="no checkpoint"):
-        demo.main(["--checkpoint", str(tmp_path / "none.pt"), "--resume", *TINY])
+
+
+def test_no_progress_runs_without_tqdm_and_the_bar_asks_for_it(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "tqdm", None)  # importing tqdm now fails
+    monkeypatch.setitem(sys.modules, "tqdm.auto", None)
+    summary = demo.main(["--checkpoint", str(tmp_path / "c.pt"), *TINY])
+    assert summary["steps"] == 2
+    with_bar = [a for a in TINY if a != "--no-progress"]
+    with pytest.raises(SystemExit, match=r"needs tqdm: pip install -r examples/requirements\.txt"):
+        demo.main(["--checkpoint", str(tmp_path / "c.pt"), *with_bar])
+
+
+def test_the_time_budget_bar_has_a_total():
+    from _demo_progress import Progress
+
+    progress = Progress(None, 90.0)
+    progress.update(3, 12.5, 4.0, 1000.0)
+    assert progress.bar.total == 90.0 and progress.bar.n == 12.5
+    progress.update(4, 200.0, 4.0, 1000.0)  # never past the total
+    assert progress.bar.n == 90.0
+    progress.close()
+
+
+def test_threads_follow_affinity_and_cgroup_quota(tmp_path, monkeypatch):
+    (tmp_path / "cpu.max").write_text("150000 100000\n")
+    assert _demo_threads.cgroup_cpu_limit(tmp_path) == 1.5
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    assert _demo_threads.cgroup_cpu_limit(tmp_path) is None
+    v1 = tmp_path / "v1"
+    (v1 / "cpu").mkdir(parents=True)
+    (v1 / "cpu" / "cpu.cfs_quota_us").write_text("300000")
+    (v1 / "cpu" / "cpu.cfs_period_us").write_text("100000")
+    assert _demo_threads.cgroup_cpu_limit(v1) == 3.0
+    assert _demo_threads.cgroup_cpu_limit(tmp_path / "nothing") is None
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    monkeypatch.setattr(_demo_threads, "cgroup_cpu_limit", lambda: 1.5)
+    assert _demo_threads.available_cpus() == (1, "cgroup CPU quota 1.5")
+    monkeypatch.setattr(_demo_threads, "cgroup_cpu_limit", lambda: None)
+    assert _demo_threads.available_cpus() == (4, "CPU affinity")
+    assert _demo_threads.plural(1, "thread") == "1 thread"
+    assert _demo_threads.plural(2, "thread") == "2 threads"
+
+
+def test_prompts_start_at_a_line_and_bytes_decode_incrementally():
+    text = ("def f(x):\n    return x + 1\n" * 40).encode()
+    tokens = torch.tensor(list(text))
+    for seed in range(5):
+        prompt = _demo_text.prompt_at_line_start(tokens, 20, torch.Generator().manual_seed(seed))
+        assert 0 < prompt.shape[1] <= 20
+        assert bytes(prompt[0].tolist()).decode().startswith(("def f", "    return"))
+    sample = "héllo → wörld €"
+    assert "".join(_demo_text.decode_stream(sample.encode())) == sample
+    assert "".join(_demo_text.decode_stream(b"a\xffb")) == "a\ufffdb"
+    assert "".join(_demo_text.decode_stream(b"a\xe2\x82")) == "a\ufffd"  # cut short
+    assert _demo_text.marker_for("ascii") == "|>" and _demo_text.marker_for("utf-8") != "|>"
+
+
+def test_validation_uses_64_fixed_random_windows():
+    tokens = torch.randint(0, 256, (5000,), generator=torch.Generator().manual_seed(0))
+    seen = []
+
+    def uniform(model, inputs):
+        seen.append(inputs)
+        return torch.zeros(*inputs.shape, 256)
+
+    model = torch.nn.Linear(1, 1)
+    assert _demo_data.bits_per_character(uniform, model, tokens, 16) == pytest.approx(8.0)
+    first = torch.cat(seen)
+    seen.clear()
+    _demo_data.bits_per_character(uniform, model, tokens, 16)
+    assert first.shape == (64, 16) and torch.equal(torch.cat(seen), first)
+    assert len({tuple(row.tolist()) for row in first}) > 60  # distinct places
+    assert model.training  # its mode is restored
+
+
+def test_compare_runs_every_family_and_writes_table_and_plot(tmp_path):
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "docs"
+    summary = demo.main(["--compare", "--compare-out", str(out), *TINY])
+    assert [run["model"] for run in summary["runs"]] == list(demo.FAMILIES)
+    for run in summary["runs"]:  # a validation point per step here (8 over a longer run)
+        assert len(run["curve"]) == 2 and run["curve"][0][0] < run["curve"][1][0]
+    table = (out / "demo_compare.md").read_text()
+    for family in demo.FAMILIES:
+        assert f"| {family} |" in table
+    assert "validation bits/char" in table and "generation tokens/s" in table
+    assert (out / "demo_compare.svg").read_text().lstrip().startswith("<?xml")
+
+
+def test_the_default_thread_count_leaves_out_the_cpus_others_keep_busy(monkeypatch):
+    monkeypatch.setattr(_demo_threads, "available_cpus", lambda: (4, "CPU affinity"))
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.3, 4.0, 3.0))
+    assert _demo_threads.default_threads() == (4, "4 CPUs usable (CPU affinity)")
+    monkeypatch.setattr(os, "getloadavg", lambda: (1.6, 4.0, 3.0))
+    assert _demo_threads.default_threads() == (
+        2,
+        "4 CPUs usable (CPU affinity), the load average 1.6 keeps 2 busy",
+    )
+    monkeypatch.setattr(os, "getloadavg", lambda: (13.0, 4.0, 3.0))
+    assert _demo_threads.default_threads()[0] == 1

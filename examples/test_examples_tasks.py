@@ -56,3 +56,13 @@ def test_recall_task_runs_every_model(tmp_path):
     assert "| feedback |" in out.read_text()
     with pytest.raises(SystemExit):
         recall_task.main(["--window", "10", "--distance", "10"])
+
+
+def test_position_schemes_compares_every_scheme_inside_and_past_the_window():
+    position_schemes = load("position_schemes")
+    results = position_schemes.main(
+        ["--steps", "2", "--window", "8", "--dim", "32", "--depth", "1", "--batch", "2",
+         "--max-bytes", "30000", "--attentions", "causal-linear"]
+    )  # fmt: skip
+    assert [r["scheme"] for r in results] == list(position_schemes.POSITIONAL_ENCODINGS)
+    assert all(len(r["bits"]) == 3 and all(0 < b < 12 for b in r["bits"]) for r in results)

@@ -11,7 +11,12 @@ import torch
 
 from attention_core.generation import StepModel, generate, stream
 from attention_core.testing import assert_close
-from recurrent_transformer.lm import LMState, RecurrentLM, sinusoidal_positions
+from recurrent_transformer.lm import (
+    POSITIONAL_ENCODINGS,
+    LMState,
+    RecurrentLM,
+    sinusoidal_positions,
+)
 
 TYPES = {
     "causal-linear": {},
@@ -32,6 +37,9 @@ def lm(attention_type="causal-linear", seed=0, **kwargs):
         attention_type=attention_type,
         **kwargs,
     )
+    if model.token_shift is not None:  # zero at initialisation: draw it, so that it matters
+        with torch.no_grad():
+            model.token_shift.weight.normal_()
     return model.double().eval()
 
 
@@ -39,7 +47,7 @@ def tokens(B=2, T=9, seed=0):
     return torch.randint(0, 23, (B, T), generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("positional_encoding", ["sinusoidal", "none"])
+@pytest.mark.parametrize("positional_encoding", POSITIONAL_ENCODINGS)
 @pytest.mark.parametrize("attention_type", list(TYPES))
 def test_prefill_and_steps_give_the_batch_logits(attention_type, positional_encoding):
     model = lm(attention_type, positional_encoding=positional_encoding)
@@ -173,8 +181,10 @@ def test_lm_errors():
         RecurrentLM(10, attention_type="linear")
     with pytest.raises(ValueError, match="'reformer' in 'reformer' has no recurrent form"):
         RecurrentLM(10, attention_type="reformer")
-    with pytest.raises(ValueError, match="positional_encoding must be 'sinusoidal' or 'none'"):
-        RecurrentLM(10, positional_encoding="rotary")
+    with pytest.raises(
+        ValueError, match=r"positional_encoding must be one of 'token-shift', .*; got 'alibi'"
+    ):
+        RecurrentLM(10, positional_encoding="alibi")
     with pytest.raises(ValueError, match="num_tokens must be a positive int; got 0"):
         RecurrentLM(0)
     model = lm()

@@ -1,0 +1,113 @@
+"""``demo.py --compare``: every model family trained on the same corpus with the same budget,
+each in a process of its own (so that its peak memory is its own), then one table and a plot
+of validation bits per character against training time."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from _common import markdown_table
+from _demo_threads import default_threads, plural
+
+DEMO = Path(__file__).resolve().parent / "demo.py"
+CURVE_POINTS = 8
+#: options passed on to every family's run unchanged
+SHARED = ("data", "max_bytes", "minutes", "steps", "dim", "depth", "window", "batch", "lr",
+          "sample_length", "prompt_length", "temperature", "seed", "threads")  # fmt: skip
+
+
+def child_arguments(args, family: str, workdir: Path) -> list[str]:
+    """The command-line of one family's run."""
+    argv = ["--model", family, "--curve-points", str(CURVE_POINTS)]
+    for name in SHARED:
+        value = getattr(args, name)
+        if value is not None:
+            argv += [f"--{name.replace('_', '-')}", str(value)]
+    if args.no_progress:
+        argv.append("--no-progress")
+    argv += ["--checkpoint", str(workdir / f"{family}.pt")]
+    return [*argv, "--summary-json", str(workdir / f"{family}.json")]
+
+
+def table(summaries: list[dict]) -> str:
+    """The Markdown table of the runs."""
+    header = ["family", "parameters", "training tokens/s", "steps", "validation bits/char",
+              "generation tokens/s", "peak memory (MiB)"]  # fmt: skip
+    rows = [
+        [
+            s["model"],
+            f"{s['parameters'] / 1e6:.2f}M",
+            f"{s['train_tokens_per_s']:,.0f}",
+            f"{s['steps']:,}",
+            f"{s['bpc']:.3f}",
+            f"{s['generation_tokens_per_s']:,.0f}",
+            f"{s['peak_memory_mb']:,.0f}",
+        ]
+        for s in summaries
+    ]
+    return markdown_table(header, rows)
+
+
+def plot(summaries: list[dict], path: Path, title: str) -> None:
+    """Validation bits per character against training seconds, one line per family."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise SystemExit(
+            "--compare-out needs matplotlib: pip install -r examples/requirements.txt"
+        ) from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    for s in summaries:
+        seconds, bpc = zip(*s["curve"]) if s["curve"] else ((), ())
+        ax.plot(seconds, bpc, marker="o", label=s["model"])
+    ax.set_xlabel("training time (s)")
+    ax.set_ylabel("validation bits per character")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, metadata={"Date": None})
+    plt.close(fig)
+
+
+def compare(args, argv: list[str], families: tuple[str, ...]) -> dict:
+    """Run every family with the options of ``args``; print (and with ``--compare-out``,
+    write) the table and the plot. Returns ``{"runs": [summary, ...]}``."""
+    budget = f"{args.steps} steps" if args.steps is not None else f"{args.minutes:g} min"
+    if args.threads is None:  # one count for every family, chosen once
+        args.threads, reason = default_threads()
+        print(f"every family uses {plural(args.threads, 'thread')} ({reason})")
+    summaries = []
+    with tempfile.TemporaryDirectory(prefix="demo-compare-") as tmp:
+        for family in families:
+            print(f"\n=== {family}: {budget} of training ===", flush=True)
+            command = [sys.executable, str(DEMO), *child_arguments(args, family, Path(tmp))]
+            subprocess.run(command, check=True)
+            summaries.append(json.loads((Path(tmp) / f"{family}.json").read_text()))
+    threads = summaries[0]["threads"]
+    text = table(summaries)
+    command = "nox -s demo -- " + " ".join(argv)
+    caption = (
+        f"Training budget: {budget} per family, {plural(threads, 'thread')}, batch {args.batch}, "
+        f"window {args.window}, dim {args.dim}, depth {args.depth}; validation over 64 random "
+        f"windows; run on {time.strftime('%Y-%m-%d')}."
+    )
+    print(f"\n{text}\n\n{caption}")
+    if args.compare_out:
+        out = Path(args.compare_out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "demo_compare.md").write_text(f"{text}\n\n{caption} Command: `{command}`\n")
+        (out / "demo_compare.json").write_text(json.dumps(summaries, indent=1) + "\n")
+        plot(
+            summaries, out / "demo_compare.svg", f"{budget} per family, {plural(threads, 'thread')}"
+        )
+        print(f"wrote {out / 'demo_compare.md'} and {out / 'demo_compare.svg'}")
+    return {"runs": summaries}
