@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from .._checks import check_positive_int
 from ..attention_registry import AttentionRegistry, EventDispatcherInstance, Int, Optional
 from ..events import EventDispatcher
-from ._inputs import check_attention_inputs
+from ._inputs import check_attention_inputs, empty_attention
 
 __all__ = ["AFTFullAttention", "AFTSimpleAttention"]
 
@@ -79,7 +79,7 @@ class AFTFullAttention(nn.Module):
 
     def forward(self, queries, keys, values, attn_mask, query_lengths, key_lengths):
         """Return AFT-full's ``(N, L, H, D)``."""
-        _, L, S, *_ = check_attention_inputs(
+        N, L, S, *_ = check_attention_inputs(
             queries, keys, values, attn_mask, query_lengths, key_lengths, same_dims=True
         )
         if max(L, S) > self.max_sequence_length:
@@ -87,6 +87,8 @@ class AFTFullAttention(nn.Module):
                 f"AFTFullAttention supports sequences up to max_sequence_length="
                 f"{self.max_sequence_length}; got L={L} and S={S}"
             )
+        if 0 in (N, L, S):
+            return empty_attention(queries, keys, values)
         w = self.position_bias(L, S).to(queries.dtype)
         pairs = attn_mask.bool_matrix
         key_valid = key_lengths.bool_matrix[:, :, None, None]
@@ -125,9 +127,11 @@ class AFTSimpleAttention(nn.Module):
 
     def forward(self, queries, keys, values, attn_mask, query_lengths, key_lengths):
         """Return AFT-simple's ``(N, L, H, D)``."""
-        check_attention_inputs(
+        N, L, S, *_ = check_attention_inputs(
             queries, keys, values, attn_mask, query_lengths, key_lengths, same_dims=True
         )
+        if 0 in (N, L, S):
+            return empty_attention(queries, keys, values)
         key_valid = key_lengths.bool_matrix[:, :, None, None]
         if attn_mask.all_ones:
             mixed = _global_mix(keys, values, key_valid)
