@@ -22,19 +22,24 @@ def _physical_memory() -> int | None:
         return None
 
 
-def check_parameter_sizes(owner: str, settings: dict[str, int], tensor_sizes: list[int]) -> None:
-    """Raise ``ValueError`` if the parameters of ``tensor_sizes`` (element counts) cannot be
-    allocated on the default device in the default dtype: one tensor past torch's storage
-    limit, or, on the CPU, more bytes in all than the machine's physical memory.
+def check_parameter_sizes(
+    owner: str, settings: dict[str, int], tensor_sizes: list[int], copies: int
+) -> None:
+    """Raise ``ValueError`` if ``copies`` times the parameters of ``tensor_sizes`` (element
+    counts) cannot be allocated on the default device in the default dtype: one tensor past
+    torch's storage limit, or, on the CPU, more bytes in all than the machine's physical
+    memory.
 
     Arguments:
         owner: the builder's name, for the message.
         settings: the settings that determine the sizes, for the message.
-        tensor_sizes: the element count of every parameter tensor the builder will create.
+        tensor_sizes: the element count of every parameter tensor of one layer.
+        copies: the number of layers.
     """
     element = torch.empty((), dtype=torch.get_default_dtype()).element_size()
     device = torch.get_default_device()
-    largest, total = max(tensor_sizes, default=0) * element, sum(tensor_sizes) * element
+    largest = max(tensor_sizes, default=0) * element
+    total = sum(tensor_sizes) * copies * element
     described = ", ".join(f"{name}={value}" for name, value in settings.items())
     if largest > _STORAGE_LIMIT:
         raise ValueError(

@@ -158,7 +158,8 @@ class BaseTransformerBuilder(BaseBuilder):
                 "value_dimensions": self.value_dimensions,
                 "feed_forward_dimensions": self.feed_forward_dimensions,
             },
-            layer * self.n_layers,
+            layer,
+            self.n_layers,
         )
 
     def _set_attention_parameter(self, builders: list[BaseAttentionBuilder], key, val):
