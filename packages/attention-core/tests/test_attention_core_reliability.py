@@ -139,6 +139,15 @@ def test_deterministic_eval_keeps_its_matrix_across_threads():
     assert torch.equal(phi(x), expected)
 
 
+def test_a_linear_attention_with_random_features_compiles_with_fullgraph():
+    attention = LinearAttention(8, feature_map=Favor.factory(n_dims=16))
+    x = torch.randn(1, 10, 2, 8, generator=seeded(6))
+    masks = (FullMask(10), LengthMask(torch.tensor([10])), LengthMask(torch.tensor([10])))
+    compiled = torch.compile(attention, fullgraph=True)
+    y = compiled(x, x, x, *masks)
+    assert y.shape == (1, 10, 2, 8) and torch.isfinite(y).all()
+
+
 # empty inputs give empty outputs
 
 

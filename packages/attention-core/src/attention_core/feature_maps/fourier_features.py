@@ -63,6 +63,7 @@ class RandomFourierFeatures(FeatureMap):
     matrix whatever other threads draw meanwhile, so one attention forward projects its
     queries and keys with the same features. ``omega`` holds the latest matrix drawn by
     any thread; assigning it (or moving the module) makes every thread use the new value.
+    Under ``torch.compile`` the features are simply ``omega`` (no per-thread matrices).
     """
 
     def __init__(
@@ -109,22 +110,31 @@ class RandomFourierFeatures(FeatureMap):
     def new_feature_map(self, device) -> None:
         """Redraw ``omega`` on ``device`` (every ``redraw`` calls; never in deterministic
         eval) and hand it to the calling thread."""
+        if torch.compiler.is_compiling():  # no locks nor thread state inside a graph
+            self._draw(device)
+            return
         with self._lock:
-            if not (self.deterministic_eval and not self.training):
-                self._calls += 1
-                if self._calls % self.redraw == 0:
-                    omega = torch.zeros(self.query_dimensions, self.n_dims // 2, device=device)
-                    if self.orthogonal:
-                        orthogonal_random_matrix_(omega)
-                    else:
-                        omega.normal_()
-                    self.omega = omega
+            self._draw(device)
             self._published = self.omega
             self._thread.omega = self.omega
+
+    def _draw(self, device) -> None:
+        if self.deterministic_eval and not self.training:
+            return
+        self._calls += 1
+        if self._calls % self.redraw == 0:
+            omega = torch.zeros(self.query_dimensions, self.n_dims // 2, device=device)
+            if self.orthogonal:
+                orthogonal_random_matrix_(omega)
+            else:
+                omega.normal_()
+            self.omega = omega
 
     def _omega(self) -> Tensor:
         """The matrix of the calling thread: the one ``new_feature_map`` handed it, unless
         ``omega`` was replaced from outside since the last draw."""
+        if torch.compiler.is_compiling():
+            return self.omega
         mine = getattr(self._thread, "omega", None)
         if mine is None or self.omega is not self._published:
             return self.omega
