@@ -45,7 +45,7 @@ class FeedbackMemory(_KeysValues):
             of another size rejects them; ``None`` skips that check. A source is also
             recorded on the ``keys`` and ``values`` tensors themselves (see
             :func:`memory_source`), so the plain tuple ``tuple(memory)`` is checked as
-            strictly; new tensors made from them (slices, copies) carry no source.
+            strictly; new tensors computed from them (slices, clones) carry no source.
 
     Example:
         >>> memory = FeedbackMemory(torch.zeros(2, 8, 5, 64), torch.zeros(2, 8, 5, 64))
