@@ -66,6 +66,26 @@ def test_memory_from_another_model():
         make()(x, memory=FeedbackMemory(good.double(), good.double()))
 
 
+@pytest.mark.parametrize(
+    ("other", "source"),
+    [(dict(depth=3), r"\(16, 3, 2, 8\)"), (dict(dim=32), r"\(32, 2, 2, 8\)")],
+)
+def test_plain_tuple_memory_from_another_model(other, source):
+    """``tuple(memory)`` of a model of another depth or width (same memory shape) is refused
+    like the FeedbackMemory itself; the model's own memory as a tuple still works."""
+    x = torch.zeros(2, 3, dtype=torch.long)
+    _, foreign = make(**other)(x, return_memory=True)
+    with pytest.raises(ValueError, match=r"memory comes from a model with .* = " + source):
+        make()(x, memory=tuple(foreign))
+    with pytest.raises(ValueError, match=r"memory comes from a model with .* = " + source):
+        make()(x, memory=list(foreign))
+    model = make()
+    _, own = model(x, return_memory=True)
+    assert model(x, memory=tuple(own)).shape == (2, 3, 10)
+    with pytest.raises(ValueError, match="keys and values come from models with"):
+        model(x, memory=(own.keys, foreign.values))
+
+
 def test_context_errors():
     x = torch.zeros(2, 3, dtype=torch.long)
     cross = make(cross_attend=True)

@@ -169,7 +169,9 @@ def test_decoder_errors():
         recurrent(x[:, 0], memory[:2], mask)
     with pytest.raises(TypeError, match=r"memory must be a torch\.Tensor; got NoneType"):
         recurrent(x[:, 0], None)
-    with pytest.raises(ValueError, match=r"key_lengths must have shape \(3, 7\); got \(3, 5\)"):
+    with pytest.raises(
+        ValueError, match=r"memory_length_mask must have shape \(N, S\) = \(3, 7\).*got .* \(3, 5\)"
+    ):
         recurrent(x[:, 0], memory, LengthMask(torch.tensor([5, 4, 1])))
     _, state = recurrent(x[:, 0], memory, mask)
     with pytest.raises(ValueError, match=r"state.S must have shape \(2, .*one batch size"):

@@ -16,9 +16,11 @@ __all__ = [
     "check_floats",
     "check_grad",
     "check_index",
+    "check_model_dtype",
     "check_positive_int",
     "check_rows",
     "check_tensor",
+    "check_token_ids",
     "kernel_dtypes",
 ]
 
@@ -47,6 +49,37 @@ def check_tensor(
     if device is not None and x.device != device:
         raise ValueError(f"{name} must be on device {device}; got {x.device}")
     return x
+
+
+def check_model_dtype(name: str, x: Tensor, model_dtype: torch.dtype) -> Tensor:
+    """Check that the floating point input ``x`` has the dtype of the model's parameters.
+
+    A model never converts its input silently (a float16 input would be computed in float32
+    and come back float32, or lose precision the other way round). Under ``torch.autocast``
+    the dtypes legitimately differ, and nothing is checked.
+    """
+    if x.dtype != model_dtype and not torch.is_autocast_enabled(x.device.type):
+        raise TypeError(
+            f"{name} must have the dtype of the model's parameters ({model_dtype}); got "
+            f"{x.dtype} (convert the input with {name}.to({model_dtype}) or the model with "
+            f"model.to({x.dtype}))"
+        )
+    return x
+
+
+def check_token_ids(name: str, tokens: Tensor, num_tokens: int) -> Tensor:
+    """Check that the integer tensor ``tokens`` holds ids in ``[0, num_tokens)``.
+
+    Reads the values (one device synchronisation on CUDA); skipped under ``torch.compile``
+    and for empty tensors.
+    """
+    if tokens.numel() and not torch.compiler.is_compiling():
+        low, high = int(tokens.min()), int(tokens.max())
+        if low < 0 or high >= num_tokens:
+            raise ValueError(
+                f"{name} must hold token ids in [0, {num_tokens}); got values in [{low}, {high}]"
+            )
+    return tokens
 
 
 def check_positive_int(name: str, value, *, allow_zero: bool = False) -> int:

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._checks import check_positive_int, check_tensor
+from ._checks import check_model_dtype, check_positive_int, check_tensor
 from .events import EventDispatcher, IntermediateOutput
 from .masking import BaseMask, FullMask, LengthMask
 
@@ -35,11 +35,25 @@ def _activation(name: str):
         ) from None
 
 
-def _check_input(name: str, x: Tensor, d_model: int) -> tuple[int, int]:
+def _check_input(name: str, x: Tensor, d_model: int, model_dtype: torch.dtype) -> tuple[int, int]:
     check_tensor(name, x, dim=3, floating=True)
     if x.shape[-1] != d_model:
         raise ValueError(f"{name} must have shape (N, L, {d_model}); got {tuple(x.shape)}")
+    check_model_dtype(name, x, model_dtype)
     return x.shape[0], x.shape[1]
+
+
+def _check_length_mask(name: str, mask, N: int, L: int, of: str, axes: str = "N, L") -> None:
+    """A user's length mask must be ``(N, L)``: the batch and the length of ``of``."""
+    if mask is None:
+        return
+    if not isinstance(mask, BaseMask):
+        raise TypeError(f"{name} must be a BaseMask (e.g. LengthMask); got {type(mask).__name__}")
+    if tuple(mask.shape) != (N, L):
+        raise ValueError(
+            f"{name} must have shape ({axes}) = ({N}, {L}), the batch size and the sequence "
+            f"length of {of}; got a mask of shape {tuple(mask.shape)}"
+        )
 
 
 def _full_lengths(x: Tensor, N: int, L: int) -> LengthMask:
@@ -92,7 +106,8 @@ class TransformerEncoderLayer(nn.Module):
         Returns:
             ``(N, L, E)``.
         """
-        N, L = _check_input("x", x, self.d_model)
+        N, L = _check_input("x", x, self.d_model, self.linear1.weight.dtype)
+        _check_length_mask("length_mask", length_mask, N, L, "x")
         attn_mask = FullMask(L, device=x.device) if attn_mask is None else attn_mask
         length_mask = _full_lengths(x, N, L) if length_mask is None else length_mask
         x = x + self.dropout(
@@ -143,6 +158,7 @@ class TransformerEncoder(nn.Module):
         """
         check_tensor("x", x, dim=3, floating=True)
         N, L = x.shape[0], x.shape[1]
+        _check_length_mask("length_mask", length_mask, N, L, "x")
         attn_mask = FullMask(L, device=x.device) if attn_mask is None else attn_mask
         length_mask = _full_lengths(x, N, L) if length_mask is None else length_mask
         for layer in self.layers:
@@ -216,10 +232,12 @@ class TransformerDecoderLayer(nn.Module):
         Returns:
             ``(N, L, E)``.
         """
-        N, L = _check_input("x", x, self.d_model)
-        N_memory, S = _check_input("memory", memory, self.d_model)
+        N, L = _check_input("x", x, self.d_model, self.linear1.weight.dtype)
+        N_memory, S = _check_input("memory", memory, self.d_model, self.linear1.weight.dtype)
         if N_memory != N:
             raise ValueError(f"x and memory must have the same batch size; got {N} and {N_memory}")
+        _check_length_mask("x_length_mask", x_length_mask, N, L, "x")
+        _check_length_mask("memory_length_mask", memory_length_mask, N, S, "memory", "N, S")
         x_mask = FullMask(L, device=x.device) if x_mask is None else x_mask
         x_length_mask = _full_lengths(x, N, L) if x_length_mask is None else x_length_mask
         memory_mask = FullMask(L, S, device=x.device) if memory_mask is None else memory_mask
@@ -279,6 +297,8 @@ class TransformerDecoder(nn.Module):
         check_tensor("x", x, dim=3, floating=True)
         check_tensor("memory", memory, dim=3, floating=True)
         N, L, S = x.shape[0], x.shape[1], memory.shape[1]
+        _check_length_mask("x_length_mask", x_length_mask, N, L, "x")
+        _check_length_mask("memory_length_mask", memory_length_mask, N, S, "memory", "N, S")
         x_mask = FullMask(L, device=x.device) if x_mask is None else x_mask
         x_length_mask = _full_lengths(x, N, L) if x_length_mask is None else x_length_mask
         memory_mask = FullMask(L, S, device=x.device) if memory_mask is None else memory_mask

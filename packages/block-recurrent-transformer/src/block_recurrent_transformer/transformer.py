@@ -30,7 +30,7 @@ from einops import rearrange
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from attention_core._checks import check_positive_int, check_tensor
+from attention_core._checks import check_positive_int, check_tensor, check_token_ids
 from attention_core.nn import RMSNorm
 
 from .attention import PositionEncoding
@@ -542,13 +542,7 @@ class BlockRecurrentTransformer(nn.Module):
             raise ValueError(
                 f"{name} must have shape (B, n) with n >= {min_length}; got {tuple(seq.shape)}"
             )
-        if torch.compiler.is_compiling():
-            return  # a data-dependent check: eager mode only (no graph break under compile)
-        if seq.numel() and (int(seq.min()) < 0 or int(seq.max()) >= self.num_tokens):
-            raise ValueError(
-                f"{name} must hold token ids in [0, {self.num_tokens}); got values in "
-                f"[{int(seq.min())}, {int(seq.max())}]"
-            )
+        check_token_ids(name, seq, self.num_tokens)
 
     # the computation
 

@@ -25,7 +25,7 @@ from torch import Tensor
 from torch.autograd import Function
 from torch.autograd.function import once_differentiable
 
-__all__ = ["FeedbackMemory", "KVStore", "RingBuffer"]
+__all__ = ["FeedbackMemory", "KVStore", "RingBuffer", "memory_source"]
 
 
 class _KeysValues(NamedTuple):
@@ -42,7 +42,10 @@ class FeedbackMemory(_KeysValues):
         keys: ``(b, h, m, d)`` keys of the last ``m <= mem_len`` steps.
         values: ``(b, h, m, d)`` their values.
         source: ``(dim, depth, heads, dim_head)`` of the model that wrote them, so that a model
-            of another size rejects them; ``None`` skips that check.
+            of another size rejects them; ``None`` skips that check. A source is also
+            recorded on the ``keys`` and ``values`` tensors themselves (see
+            :func:`memory_source`), so the plain tuple ``tuple(memory)`` is checked as
+            strictly; new tensors computed from them (slices, clones) carry no source.
 
     Example:
         >>> memory = FeedbackMemory(torch.zeros(2, 8, 5, 64), torch.zeros(2, 8, 5, 64))
@@ -56,11 +59,36 @@ class FeedbackMemory(_KeysValues):
     ) -> FeedbackMemory:
         self = super().__new__(cls, keys, values)
         self.source = source
+        if source is not None:
+            for t in (keys, values):
+                t._feedback_memory_source = tuple(source)
         return self
 
     def detach(self) -> FeedbackMemory:
         """The same memory cut from the autograd graph."""
         return FeedbackMemory(self.keys.detach(), self.values.detach(), self.source)
+
+
+def memory_source(memory) -> tuple[int, int, int, int] | None:
+    """``(dim, depth, heads, dim_head)`` of the model that wrote ``memory`` (a
+    :class:`FeedbackMemory` or a plain ``(keys, values)`` tuple of its tensors), or ``None``
+    when unknown.
+
+    Raises ``ValueError`` when ``keys`` and ``values`` were written by models of different
+    sizes.
+    """
+    source = getattr(memory, "source", None)
+    if source is not None:
+        return tuple(source)
+    keys, values = memory
+    key_source = getattr(keys, "_feedback_memory_source", None)
+    value_source = getattr(values, "_feedback_memory_source", None)
+    if key_source is not None and value_source is not None and key_source != value_source:
+        raise ValueError(
+            "memory's keys and values come from models with (dim, depth, heads, dim_head) = "
+            f"{key_source} and {value_source}"
+        )
+    return key_source or value_source
 
 
 # a memory is a tensor container that ``torch.load(..., weights_only=True)`` may rebuild

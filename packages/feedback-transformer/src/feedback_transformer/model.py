@@ -24,14 +24,14 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from attention_core._checks import check_positive_int, check_tensor
+from attention_core._checks import check_positive_int, check_tensor, check_token_ids
 from attention_core.nn import T5RelativePositionBias
 
 from . import kernel
 from .attention import MemorySlice, window_bias
 from .layers import FeedbackLayer, LinearFn
 from .linear import StepLinear
-from .memory import FeedbackMemory, KVStore
+from .memory import FeedbackMemory, KVStore, memory_source
 
 __all__ = ["FeedbackTransformer"]
 
@@ -160,13 +160,7 @@ class FeedbackTransformer(nn.Module):
         check_tensor(name, x, dim=dim, integer=True)
         if dim == 2 and x.shape[1] < 1:
             raise ValueError(f"{name} must have shape (b, n) with n >= 1; got {tuple(x.shape)}")
-        if x.numel() and not torch.compiler.is_compiling():  # data-dependent: eager only
-            low, high = int(x.min()), int(x.max())
-            if low < 0 or high >= self.num_tokens:
-                raise ValueError(
-                    f"{name} must hold token ids in [0, {self.num_tokens}); "
-                    f"got values in [{low}, {high}]"
-                )
+        check_token_ids(name, x, self.num_tokens)
 
     def _check_memory(self, memory, batch: int, like: Tensor) -> FeedbackMemory | None:
         if memory is None:
@@ -178,8 +172,8 @@ class FeedbackTransformer(nn.Module):
                 + (f" of length {len(memory)}" if isinstance(memory, (tuple, list)) else "")
             )
         keys, values = memory
-        source = getattr(memory, "source", None)
-        if source is not None and tuple(source) != self.signature:
+        source = memory_source(memory)
+        if source is not None and source != self.signature:
             raise ValueError(
                 "memory comes from a model with (dim, depth, heads, dim_head) = "
                 f"{tuple(source)}; this model has {self.signature}"

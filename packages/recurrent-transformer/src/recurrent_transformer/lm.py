@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from attention_core._checks import check_positive_int, check_tensor
+from attention_core._checks import check_positive_int, check_tensor, check_token_ids
 from attention_core.attention_registry import AttentionRegistry, RecurrentAttentionRegistry
 from attention_core.builders import TransformerEncoderBuilder
 from attention_core.generation import generate
@@ -265,6 +265,7 @@ class RecurrentLM(nn.Module):
             ``(B, T, V)``.
         """
         check_tensor("tokens", tokens, dim=2, integer=True)
+        check_token_ids("tokens", tokens, self.num_tokens)
         T = tokens.shape[1]
         x = self._embed(tokens, 0)
         if self.token_shift is not None:
@@ -284,6 +285,7 @@ class RecurrentLM(nn.Module):
             the logits ``(B, V)`` after the last prompt token and the :class:`LMState`.
         """
         check_tensor("tokens", tokens, dim=2, integer=True)
+        check_token_ids("tokens", tokens, self.num_tokens)
         if tokens.shape[1] < 1:
             raise ValueError(
                 f"tokens must have shape (B, T) with T >= 1; got {tuple(tokens.shape)}"
@@ -305,6 +307,7 @@ class RecurrentLM(nn.Module):
             the logits ``(B, V)`` for the next position and the new state.
         """
         check_tensor("tokens", tokens, dim=1, integer=True)
+        check_token_ids("tokens", tokens, self.num_tokens)
         if not isinstance(state, LMState):
             raise TypeError(
                 f"state must be the LMState returned by prefill or step; got {type(state).__name__}"

@@ -18,7 +18,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from attention_core._checks import check_tensor
+from attention_core._checks import check_model_dtype, check_tensor
 from attention_core.events import EventDispatcher, IntermediateOutput
 from attention_core.masking import BaseMask
 from attention_core.transformers import TransformerDecoderLayer, TransformerEncoderLayer
@@ -79,10 +79,25 @@ def _run_layers(model: nn.Module, x: Tensor, states: list, call) -> tuple[Tensor
     return x, TransformerState(tuple(states))
 
 
-def _check_memory(memory, N: int, d_model: int) -> None:
+def _check_memory(memory, memory_length_mask, N: int, layer: nn.Module) -> None:
+    d_model = layer.d_model
     check_tensor("memory", memory, dim=3, floating=True)
     if memory.shape[0] != N or memory.shape[2] != d_model:
         raise ValueError(f"memory must have shape ({N}, S, {d_model}); got {tuple(memory.shape)}")
+    check_model_dtype("memory", memory, layer.linear1.weight.dtype)
+    S = memory.shape[1]
+    if memory_length_mask is None:
+        return
+    if not isinstance(memory_length_mask, BaseMask):
+        raise TypeError(
+            "memory_length_mask must be a BaseMask (e.g. LengthMask); got "
+            f"{type(memory_length_mask).__name__}"
+        )
+    if tuple(memory_length_mask.shape) != (N, S):
+        raise ValueError(
+            f"memory_length_mask must have shape (N, S) = ({N}, {S}), the batch size and the "
+            f"length of memory; got a mask of shape {tuple(memory_length_mask.shape)}"
+        )
 
 
 class _FeedForward(nn.Module):
@@ -129,6 +144,7 @@ class RecurrentTransformerEncoderLayer(_FeedForward, TransformerEncoderLayer):
         """
         state = check_state(state, memory)
         check_element("x", x, self.d_model, type(self).__name__)
+        check_model_dtype("x", x, self.linear1.weight.dtype)
         x2, state = self.attention(x, x, x, state)
         return self._feed_forward(self.norm1(x + self._drop(x2)), self.norm2), state
 
@@ -143,6 +159,7 @@ class RecurrentTransformerEncoderLayer(_FeedForward, TransformerEncoderLayer):
             ``(N, T, E)`` and the state after the last element.
         """
         check_prompt("x", x, self.d_model)
+        check_model_dtype("x", x, self.linear1.weight.dtype)
         x2, state = self.attention.prefill(x, x, x, state)
         return self._feed_forward(self.norm1(x + self._drop(x2)), self.norm2), state
 
@@ -261,9 +278,10 @@ class RecurrentTransformerDecoderLayer(_FeedForward, TransformerDecoderLayer):
             ``(N, E)`` and the new :class:`DecoderLayerState`.
         """
         N = check_element("x", x, self.d_model, type(self).__name__)[0]
+        check_model_dtype("x", x, self.linear1.weight.dtype)
         self_state, cross_state = self._states(state)
         if cross_state is None:
-            _check_memory(memory, N, self.d_model)
+            _check_memory(memory, memory_length_mask, N, self)
         x2, self_state = self.self_attention(x, x, x, self_state)
         x = self.norm1(x + self._drop(x2))
         x2, cross_state = self.cross_attention(x, memory, memory, memory_length_mask, cross_state)
@@ -284,9 +302,10 @@ class RecurrentTransformerDecoderLayer(_FeedForward, TransformerDecoderLayer):
             ``(N, T, E)`` and the state after the last element.
         """
         N = check_prompt("x", x, self.d_model)[0]
+        check_model_dtype("x", x, self.linear1.weight.dtype)
         self_state, cross_state = self._states(state)
         if cross_state is None:
-            _check_memory(memory, N, self.d_model)
+            _check_memory(memory, memory_length_mask, N, self)
         x2, self_state = self.self_attention.prefill(x, x, x, self_state)
         x = self.norm1(x + self._drop(x2))
         x2, cross_state = self.cross_attention.prefill(

@@ -7,7 +7,7 @@ import torch
 from .._checks import check_tensor
 from ..masking import BaseMask
 
-__all__ = ["check_attention_inputs"]
+__all__ = ["check_attention_inputs", "empty_attention"]
 
 
 def _check_mask(name: str, mask, shape: tuple[int, ...], device: torch.device) -> None:
@@ -87,3 +87,15 @@ def check_attention_inputs(
     _check_mask("query_lengths", query_lengths, (N, L), queries.device)
     _check_mask("key_lengths", key_lengths, (N, S), queries.device)
     return N, L, S, H, E, D
+
+
+def empty_attention(queries, keys, values):
+    """The ``(N, L, H, D)`` result of an attention whose batch, queries or keys are empty
+    (``0 in (N, L, S)``): empty, or zeros where a query has no key to see.
+
+    It stays in the autograd graph of all three inputs (with zero gradients), like the
+    result of an attention that computes.
+    """
+    # an empty sum over the keys is exactly 0 whatever the values hold; the output is empty
+    # unless S == 0, so adding keys.sum() * 0 (a NaN for infinite keys) changes nothing
+    return torch.einsum("nlhe,nshd->nlhd", queries, values) + keys.sum() * 0

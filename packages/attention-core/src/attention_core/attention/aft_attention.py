@@ -17,7 +17,7 @@ from .._checks import check_positive_int
 from ..attention_registry import AttentionRegistry, EventDispatcherInstance, Int, Optional
 from ..events import EventDispatcher
 from ..masking import zero_padding
-from ._inputs import check_attention_inputs
+from ._inputs import check_attention_inputs, empty_attention
 
 __all__ = ["AFTFullAttention", "AFTSimpleAttention"]
 
@@ -80,7 +80,7 @@ class AFTFullAttention(nn.Module):
 
     def forward(self, queries, keys, values, attn_mask, query_lengths, key_lengths):
         """Return AFT-full's ``(N, L, H, D)``."""
-        _, L, S, *_ = check_attention_inputs(
+        N, L, S, *_ = check_attention_inputs(
             queries, keys, values, attn_mask, query_lengths, key_lengths, same_dims=True
         )
         keys = zero_padding(keys, key_lengths)
@@ -90,6 +90,8 @@ class AFTFullAttention(nn.Module):
                 f"AFTFullAttention supports sequences up to max_sequence_length="
                 f"{self.max_sequence_length}; got L={L} and S={S}"
             )
+        if 0 in (N, L, S):
+            return empty_attention(queries, keys, values)
         w = self.position_bias(L, S).to(queries.dtype)
         pairs = attn_mask.bool_matrix
         key_valid = key_lengths.bool_matrix[:, :, None, None]
@@ -128,9 +130,11 @@ class AFTSimpleAttention(nn.Module):
 
     def forward(self, queries, keys, values, attn_mask, query_lengths, key_lengths):
         """Return AFT-simple's ``(N, L, H, D)``."""
-        check_attention_inputs(
+        N, L, S, *_ = check_attention_inputs(
             queries, keys, values, attn_mask, query_lengths, key_lengths, same_dims=True
         )
+        if 0 in (N, L, S):
+            return empty_attention(queries, keys, values)
         keys = zero_padding(keys, key_lengths)
         values = zero_padding(values, key_lengths)
         key_valid = key_lengths.bool_matrix[:, :, None, None]

@@ -25,7 +25,7 @@ from ..events import AttentionEvent
 from ..masking import zero_padding
 from ..nn.attend import attend
 from ._clustering import ClusteredAttentionBase, keys_allowed
-from ._inputs import check_attention_inputs
+from ._inputs import check_attention_inputs, empty_attention
 from .full_attention import masked_softmax
 
 __all__ = ["ClusteredAttention"]
@@ -75,7 +75,9 @@ class ClusteredAttention(ClusteredAttentionBase):
 
     def forward(self, queries, keys, values, attn_mask, query_lengths, key_lengths):
         """Return the clustered attention of the queries over the valid keys."""
-        E = check_attention_inputs(queries, keys, values, attn_mask, query_lengths, key_lengths)[4]
+        N, L, S, _, E, _ = check_attention_inputs(
+            queries, keys, values, attn_mask, query_lengths, key_lengths
+        )
         queries = zero_padding(queries, query_lengths)
         keys = zero_padding(keys, key_lengths)
         values = zero_padding(values, key_lengths)
@@ -84,6 +86,8 @@ class ClusteredAttention(ClusteredAttentionBase):
                 "ClusteredAttention does not support arbitrary attention masks; got an "
                 "attn_mask that is not all ones"
             )
+        if 0 in (N, L, S):
+            return empty_attention(queries, keys, values)
         q, k, v = (rearrange(t, "n l h e -> n h l e") for t in (queries, keys, values))
         groups, counts = self.cluster_queries(q, query_lengths.lengths)
         centroids = self.centroids(q, groups, counts)

@@ -33,7 +33,7 @@ from ..events import AttentionEvent
 from ..masking import zero_padding
 from ..sparse_product import clustered_sparse_dot_product, clustered_sparse_weighted_average
 from ._clustering import ClusteredAttentionBase, cluster_rows, keys_allowed
-from ._inputs import check_attention_inputs
+from ._inputs import check_attention_inputs, empty_attention
 from .full_attention import masked_softmax
 
 __all__ = ["ImprovedClusteredAttention", "top_keys"]
@@ -103,7 +103,7 @@ class ImprovedClusteredAttention(ClusteredAttentionBase):
 
     def forward(self, queries, keys, values, attn_mask, query_lengths, key_lengths):
         """Return the improved clustered attention of the queries over the valid keys."""
-        N, L, S, H, E, D = check_attention_inputs(
+        N, L, S, _, E, _ = check_attention_inputs(
             queries, keys, values, attn_mask, query_lengths, key_lengths
         )
         queries = zero_padding(queries, query_lengths)
@@ -114,8 +114,8 @@ class ImprovedClusteredAttention(ClusteredAttentionBase):
                 "ImprovedClusteredAttention does not support arbitrary attention masks; got an "
                 "attn_mask that is not all ones"
             )
-        if S == 0:
-            return values.new_zeros(N, L, H, D)
+        if 0 in (N, L, S):
+            return empty_attention(queries, keys, values)
         temp = self.temperature(E)
         q, k, v = (rearrange(t, "n l h e -> n h l e") for t in (queries, keys, values))
         lengths = query_lengths.lengths

@@ -27,7 +27,7 @@ from ..events import AttentionEvent
 from ..masking import zero_padding
 from ..sparse_product import clustered_sparse_dot_product, clustered_sparse_weighted_average
 from ._clustering import cluster_rows, keys_allowed
-from ._inputs import check_attention_inputs
+from ._inputs import check_attention_inputs, empty_attention
 from .full_attention import masked_softmax
 from .improved_clustered_attention import ImprovedClusteredAttention, top_keys
 
@@ -58,7 +58,7 @@ class ImprovedClusteredCausalAttention(ImprovedClusteredAttention):
 
     def forward(self, queries, keys, values, attn_mask, query_lengths, key_lengths):
         """Return the causal top-key attention of every query."""
-        N, L, S, H, E, D = check_attention_inputs(
+        N, L, S, _, E, _ = check_attention_inputs(
             queries, keys, values, attn_mask, query_lengths, key_lengths
         )
         queries = zero_padding(queries, query_lengths)
@@ -69,8 +69,8 @@ class ImprovedClusteredCausalAttention(ImprovedClusteredAttention):
                 "ImprovedClusteredCausalAttention needs a lower triangular (causal) attn_mask "
                 f"such as TriangularCausalMask({L}); got {attn_mask!r} that is not"
             )
-        if S == 0:
-            return values.new_zeros(N, L, H, D)
+        if 0 in (N, L, S):
+            return empty_attention(queries, keys, values)
         temp = self.temperature(E)
         q, k, v = (rearrange(t, "n l h e -> n h l e") for t in (queries, keys, values))
         lengths = query_lengths.lengths

@@ -12,6 +12,7 @@ from ..transformers import (
     TransformerEncoder,
     TransformerEncoderLayer,
 )
+from ._sizes import check_parameter_sizes
 from .attention_builders import AttentionBuilder, BaseAttentionBuilder, _suggest
 from .base import BaseBuilder
 
@@ -139,6 +140,28 @@ class BaseTransformerBuilder(BaseBuilder):
         """``value_dimensions * n_heads``, the feature size of inputs and outputs."""
         return self.value_dimensions * self.n_heads
 
+    def _check_sizes(self, attention_layers_per_layer: int) -> None:
+        """Refuse sizes whose parameters cannot be allocated, before allocating any (the
+        projections and the feed-forward network of every layer)."""
+        d_model, heads = self.model_dimensions, self.n_heads
+        queries = keys = d_model * heads * self.query_dimensions
+        values = outputs = d_model * heads * self.value_dimensions
+        feed_forward = d_model * self.feed_forward_dimensions
+        layer = [queries, keys, values, outputs] * attention_layers_per_layer
+        layer += [feed_forward, feed_forward]
+        check_parameter_sizes(
+            type(self).__name__,
+            {
+                "n_layers": self.n_layers,
+                "n_heads": heads,
+                "query_dimensions": self.query_dimensions,
+                "value_dimensions": self.value_dimensions,
+                "feed_forward_dimensions": self.feed_forward_dimensions,
+            },
+            layer,
+            self.n_layers,
+        )
+
     def _set_attention_parameter(self, builders: list[BaseAttentionBuilder], key, val):
         accepted = False
         for builder in builders:
@@ -210,6 +233,7 @@ class BaseTransformerEncoderBuilder(BaseTransformerBuilder):
 
     def get(self):
         """Construct the encoder."""
+        self._check_sizes(attention_layers_per_layer=1)
         self._prepare(self.attention)
         Encoder = self._get_encoder_class()
         EncoderLayer = self._get_encoder_layer_class()
@@ -328,6 +352,7 @@ class BaseTransformerDecoderBuilder(BaseTransformerBuilder):
 
     def get(self):
         """Construct the decoder."""
+        self._check_sizes(attention_layers_per_layer=2)
         self._prepare(self.self_attention)
         self._prepare(self.cross_attention)
         Decoder = self._get_decoder_class()

@@ -3,6 +3,7 @@ random features of Performers (Choromanski et al. 2020, arXiv 2009.14794)."""
 
 from __future__ import annotations
 
+import threading
 import warnings
 from collections.abc import Callable
 from math import log, sqrt
@@ -56,6 +57,13 @@ class RandomFourierFeatures(FeatureMap):
         orthogonal: draw orthogonal random features to reduce variance (default: False).
         redraw: draw a new matrix every ``redraw`` calls of ``new_feature_map`` (default: 1).
         deterministic_eval: do not redraw in eval mode (default: False).
+
+    Thread safety: ``new_feature_map`` hands the calling thread the matrix it drew (or
+    kept), and the thread's later ``forward_queries``/``forward_keys`` calls use that
+    matrix whatever other threads draw meanwhile, so one attention forward projects its
+    queries and keys with the same features. ``omega`` holds the latest matrix drawn by
+    any thread; assigning it (or moving the module) makes every thread use the new value.
+    Under ``torch.compile`` the features are simply ``omega`` (no per-thread matrices).
     """
 
     def __init__(
@@ -80,30 +88,67 @@ class RandomFourierFeatures(FeatureMap):
         self.deterministic_eval = deterministic_eval
         self.register_buffer("omega", torch.zeros(query_dimensions, self.n_dims // 2))
         self._calls = -1
+        self._init_thread_state()
+
+    def _init_thread_state(self) -> None:
+        # _published: the last matrix handed out by new_feature_map; _thread.omega: the one
+        # handed to this thread. Neither is pickled (see __getstate__).
+        self._lock = threading.Lock()
+        self._thread = threading.local()
+        self._published = None
+
+    def __getstate__(self):
+        state = dict(super().__getstate__())
+        for name in ("_lock", "_thread", "_published"):
+            state.pop(name, None)
+        return state
+
+    def __setstate__(self, state) -> None:
+        super().__setstate__(state)
+        self._init_thread_state()
 
     def new_feature_map(self, device) -> None:
-        """Redraw ``omega`` on ``device`` (every ``redraw`` calls; never in deterministic eval)."""
+        """Redraw ``omega`` on ``device`` (every ``redraw`` calls; never in deterministic
+        eval) and hand it to the calling thread."""
+        if torch.compiler.is_compiling():  # no locks nor thread state inside a graph
+            self._draw(device)
+            return
+        with self._lock:
+            self._draw(device)
+            self._published = self.omega
+            self._thread.omega = self.omega
+
+    def _draw(self, device) -> None:
         if self.deterministic_eval and not self.training:
             return
         self._calls += 1
-        if self._calls % self.redraw != 0:
-            return
-        omega = torch.zeros(self.query_dimensions, self.n_dims // 2, device=device)
-        if self.orthogonal:
-            orthogonal_random_matrix_(omega)
-        else:
-            omega.normal_()
-        self.omega = omega
+        if self._calls % self.redraw == 0:
+            omega = torch.zeros(self.query_dimensions, self.n_dims // 2, device=device)
+            if self.orthogonal:
+                orthogonal_random_matrix_(omega)
+            else:
+                omega.normal_()
+            self.omega = omega
+
+    def _omega(self) -> Tensor:
+        """The matrix of the calling thread: the one ``new_feature_map`` handed it, unless
+        ``omega`` was replaced from outside since the last draw."""
+        if torch.compiler.is_compiling():
+            return self.omega
+        mine = getattr(self._thread, "omega", None)
+        if mine is None or self.omega is not self._published:
+            return self.omega
+        return mine
 
     def _project(self, x: Tensor) -> Tensor:
-        return x @ self.omega.to(x.dtype)
+        return x @ self._omega().to(x.dtype)
 
     def forward(self, x: Tensor) -> Tensor:
         u = self._project(x * sqrt(self.softmax_temp))
         phi = torch.cat([torch.cos(u), torch.sin(u)], dim=-1)
         # scale by the number of frequencies actually drawn: sqrt(2 / n_dims) would bias
         # the kernel by (n_dims - 1) / n_dims for odd n_dims (e.g. the smoothed default)
-        return phi / sqrt(self.omega.shape[1])
+        return phi / sqrt(u.shape[-1])
 
 
 class SmoothedRandomFourierFeatures(RandomFourierFeatures):
@@ -204,7 +249,7 @@ class Favor(RandomFourierFeatures):
         x = x * sqrt(self.softmax_temp)
         norm_x_squared = (x * x).sum(dim=-1, keepdim=True)
         u = self._project(x)
-        offset = norm_x_squared * 0.5 + 0.5 * log(2 * self.omega.shape[1])
+        offset = norm_x_squared * 0.5 + 0.5 * log(2 * u.shape[-1])
         if self.stabilize:
             self._check_sequence_length(norm_x_squared)
             offset = offset + norm_x_squared.amax(dim=1, keepdim=True)
