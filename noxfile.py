@@ -135,6 +135,9 @@ def bench(session: nox.Session) -> None:
 @nox.session(default=False)
 def asan(session: nox.Session) -> None:
     """Build the C++ kernels with AddressSanitizer and run their tests under it."""
+    # the kernel tests include the property tests of test_attention_core_kernel_validation.py
+    # (wrong shapes, dtypes, devices, views, out-of-range indices), whose subprocess inherits
+    # LD_PRELOAD and so runs under AddressSanitizer too
     install(session, "torch==2.13.0", "einops>=0.7", "pytest>=7", "hypothesis>=6")
     session.install("scikit-build-core>=0.10", "pybind11>=2.12")
     flags = "-fsanitize=address -fno-omit-frame-pointer -O1 -g"

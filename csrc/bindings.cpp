@@ -19,6 +19,7 @@
 #include "hamming.h"
 #include "hashing.h"
 #include "local_product.h"
+#include "parallel.h"
 #include "sparse_product.h"
 
 namespace py = pybind11;
@@ -702,4 +703,9 @@ PYBIND11_MODULE(_C, m) {
           "Instruction set the kernels use: 0 baseline, 1 AVX2+FMA, 2 AVX-512.");
     m.def("set_cpu_level", &set_cpu_level, py::arg("level"),
           "Cap the instruction set (-1: the best this CPU supports); for tests and benchmarks.");
+    m.def("openmp_enabled", &attention_core::openmp_enabled,
+          "Whether the kernels were compiled with OpenMP (else they run serially).");
+    m.def(
+        "last_team_size", [] { return attention_core::last_team_size().load(); },
+        "Threads (the OpenMP team) that ran the last kernel's parallel loop (for tests).");
 }

@@ -508,3 +508,9 @@ def cpu_level() -> int:
 
 def set_cpu_level(level: int) -> None:
     """Cap the instruction set (-1: automatic); for tests and benchmarks."""
+
+def openmp_enabled() -> bool:
+    """Whether the kernels were compiled with OpenMP (otherwise they run serially)."""
+
+def last_team_size() -> int:
+    """Threads (the OpenMP team) that ran the last kernel's parallel loop; for tests."""
