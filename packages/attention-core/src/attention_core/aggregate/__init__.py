@@ -79,7 +79,9 @@ def _aggregate(X: Tensor, G: Tensor, F: Tensor, limits: Tensor | None) -> Tensor
         G = G.masked_fill(torch.arange(L, device=X.device) >= limits.unsqueeze(-1), C)
     index = G.unsqueeze(-1).expand(N, H, L, E)
     sums = X.new_zeros(N, H, C + 1, E).scatter_add(2, index, X)[:, :, :C]
-    return sums * F.to(X.dtype).unsqueeze(-1)
+    # a group without members sums to zero whatever its factor (1 / 0 = inf would give NaN)
+    members = G.new_zeros(N, H, C + 1).scatter_add(2, G, torch.ones_like(G))[:, :, :C]
+    return sums * F.to(X.dtype).where(members > 0, 0.0).unsqueeze(-1)
 
 
 def _broadcast(Y: Tensor, G: Tensor, F: Tensor, limits: Tensor | None) -> Tensor:
