@@ -217,7 +217,8 @@ class TransformerDecoderLayer(nn.Module):
             ``(N, L, E)``.
         """
         N, L = _check_input("x", x, self.d_model)
-        N_memory, S = _check_input("memory", memory, self.d_model)
+        memory_width = getattr(self.cross_attention, "d_model_keys", self.d_model)
+        N_memory, S = _check_input("memory", memory, memory_width)
         if N_memory != N:
             raise ValueError(f"x and memory must have the same batch size; got {N} and {N_memory}")
         x_mask = FullMask(L, device=x.device) if x_mask is None else x_mask

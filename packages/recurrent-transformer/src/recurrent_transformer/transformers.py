@@ -263,7 +263,7 @@ class RecurrentTransformerDecoderLayer(_FeedForward, TransformerDecoderLayer):
         N = check_element("x", x, self.d_model, type(self).__name__)[0]
         self_state, cross_state = self._states(state)
         if cross_state is None:
-            _check_memory(memory, N, self.d_model)
+            _check_memory(memory, N, getattr(self.cross_attention, "d_model_keys", self.d_model))
         x2, self_state = self.self_attention(x, x, x, self_state)
         x = self.norm1(x + self._drop(x2))
         x2, cross_state = self.cross_attention(x, memory, memory, memory_length_mask, cross_state)
@@ -286,7 +286,7 @@ class RecurrentTransformerDecoderLayer(_FeedForward, TransformerDecoderLayer):
         N = check_prompt("x", x, self.d_model)[0]
         self_state, cross_state = self._states(state)
         if cross_state is None:
-            _check_memory(memory, N, self.d_model)
+            _check_memory(memory, N, getattr(self.cross_attention, "d_model_keys", self.d_model))
         x2, self_state = self.self_attention.prefill(x, x, x, self_state)
         x = self.norm1(x + self._drop(x2))
         x2, cross_state = self.cross_attention.prefill(

@@ -24,6 +24,7 @@ from ..attention_registry import (
     Int,
     Optional,
 )
+from ..errors import UnsupportedMaskError
 from ..events import AttentionEvent
 from ..sparse_product import clustered_sparse_dot_product, clustered_sparse_weighted_average
 from ._clustering import cluster_rows, keys_allowed
@@ -61,7 +62,7 @@ class ImprovedClusteredCausalAttention(ImprovedClusteredAttention):
             queries, keys, values, attn_mask, query_lengths, key_lengths
         )
         if not attn_mask.lower_triangular:
-            raise ValueError(
+            raise UnsupportedMaskError(
                 "ImprovedClusteredCausalAttention needs a lower triangular (causal) attn_mask "
                 f"such as TriangularCausalMask({L}); got {attn_mask!r} that is not"
             )

@@ -15,6 +15,7 @@ from ..attention_registry import (
     Int,
     Optional,
 )
+from ..errors import UnsupportedMaskError
 from ..events import EventDispatcher
 from ..feature_maps import elu_feature_map
 
@@ -48,7 +49,7 @@ class LinearAttention(nn.Module):
         """Return the linear attention of the queries over the unmasked keys."""
         check_attention_inputs(queries, keys, values, attn_mask, query_lengths, key_lengths)
         if not attn_mask.all_ones:
-            raise ValueError(
+            raise UnsupportedMaskError(
                 "LinearAttention does not support arbitrary attention masks; got a mask that "
                 "is not all ones (use attention_type='causal-linear' for causal masks)"
             )
