@@ -58,6 +58,9 @@ def test_aggregate_cpu_takes_fast_transformers_counts_buffer():
     counts = torch.zeros(1, 1, 3)  # (N, H, C) serves as (N, H, C, 1), as in fast-transformers
     aggregate_cpu(torch.ones(1, 1, 4, 1), G, torch.ones(1, 1, 3), counts)
     assert counts.tolist() == [[[1.0, 2.0, 1.0]]]
+    X = torch.full((1, 1, 4), 5.0)  # (N, H, L) for (N, H, L, 1), with an invalid group
+    broadcast_cpu(counts.unsqueeze(-1), torch.tensor([[[2, -1, 0, 1]]]), torch.ones(1, 1, 3), X)
+    assert X.tolist() == [[[1.0, 5.0, 1.0, 2.0]]]
     with pytest.raises(ValueError, match="Y must have shape"):
         aggregate_cpu(torch.ones(1, 1, 4, 2), G, torch.ones(1, 1, 3), torch.zeros(1, 1, 3))
 

@@ -7,6 +7,7 @@ convention on top of the functional ops; this leaf module checks and fills such 
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from ._checks import check_tensor
@@ -40,13 +41,13 @@ def fill_buffer(
     if out.shape != result.shape:
         # fast-transformers' kernels see memory only: (N, H, C) serves for (N, H, C, 1)
         squeezed = [size for size in result.shape if size != 1]
-        if [size for size in out.shape if size != 1] != squeezed or not out.is_contiguous():
+        if [size for size in out.shape if size != 1] != squeezed:
             raise ValueError(
                 f"{name} must have shape {tuple(result.shape)}; got {tuple(out.shape)}"
             )
-        result = result.reshape(out.shape)
         if where is not None:
-            where = where.expand_as(result.new_empty(result.shape)).reshape(out.shape)
+            where = torch.broadcast_to(where, result.shape).reshape(out.shape)
+        result = result.reshape(out.shape)
     if out.is_floating_point() != result.is_floating_point():
         raise TypeError(f"{name} must have a dtype like {result.dtype}; got {out.dtype}")
     result = result.detach().to(out.dtype)
