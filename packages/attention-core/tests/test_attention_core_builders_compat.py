@@ -27,9 +27,18 @@ class RecordingAttention(torch.nn.Module):
         return torch.einsum("nhls,nshd->nlhd", scores, values)
 
 
-AttentionRegistry.register(
-    "recording-attention-test", RecordingAttention, [("n_heads", Int), ("query_dimensions", Int)]
-)
+@pytest.fixture
+def recording_attention():
+    """Register ``recording-attention-test`` for one test, then remove it (and the
+    ``n_heads`` parameter it brings), so that other tests see the registry unchanged."""
+    registry, name = AttentionRegistry, "recording-attention-test"
+    parameters_before = set(registry._parameters)
+    registry.register(name, RecordingAttention, [("n_heads", Int), ("query_dimensions", Int)])
+    yield name
+    for table in (registry._classes, registry._class_params, registry._class_specs):
+        del table[name]
+    for parameter in set(registry._parameters) - parameters_before:
+        del registry._parameters[parameter]
 
 
 def test_cross_sizes_shape_the_cross_attention():
@@ -64,7 +73,7 @@ def test_cross_sizes_default_to_the_self_attention_sizes():
         builder.cross_n_heads = 0
 
 
-def test_set_settings_reach_a_custom_attention_and_do_not_stick():
+def test_set_settings_reach_a_custom_attention_and_do_not_stick(recording_attention):
     builder = TransformerEncoderBuilder.from_kwargs(
         attention_type="recording-attention-test", n_heads=8, query_dimensions=16, n_layers=1
     )
@@ -78,7 +87,7 @@ def test_set_settings_reach_a_custom_attention_and_do_not_stick():
         TransformerEncoderBuilder.from_kwargs(attention_type="recording-attention-test").get()
 
 
-def test_decoder_cross_attention_gets_cross_heads():
+def test_decoder_cross_attention_gets_cross_heads(recording_attention):
     builder = TransformerDecoderBuilder.from_kwargs(
         n_layers=1, n_heads=4, query_dimensions=8, cross_n_heads=2,
         self_attention_type="recording-attention-test",
