@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-
 from torch.nn import LayerNorm
 
 from ..attention import AttentionLayer
@@ -15,6 +13,7 @@ from ..transformers import (
     TransformerEncoder,
     TransformerEncoderLayer,
 )
+from ._settings import ALWAYS_FORWARDED, FORWARDED, SIZE_SETTINGS, positive_int, with_defaults
 from .attention_builders import AttentionBuilder, BaseAttentionBuilder, _suggest
 from .base import BaseBuilder
 
@@ -25,43 +24,6 @@ __all__ = [
     "TransformerDecoderBuilder",
     "TransformerEncoderBuilder",
 ]
-
-
-def _positive_int(name: str, value) -> int | None:
-    """A positive int, or ``None`` for "not set" (as argparse gives for an absent option,
-    see ``from_namespace``); ``get()`` refuses to build while a size is ``None``."""
-    if value is None:
-        return None
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name} must be a positive int; got {value!r}")
-    return value
-
-
-# settings of a transformer builder that also reach its attention builders when the user set
-# them and an attention declares a parameter of that name (fast-transformers' rule, e.g. a
-# custom attention taking ``n_heads``); ``query_dimensions`` always does, its default
-# included; a decoder's cross attention gets the cross_* values
-_FORWARDED = ("n_heads", "query_dimensions", "value_dimensions", "feed_forward_dimensions")
-_ALWAYS_FORWARDED = ("query_dimensions",)
-_INT_SETTINGS = ("n_layers", *_FORWARDED)
-
-
-@contextmanager
-def _with_defaults(builder: BaseAttentionBuilder, values: dict):
-    """Set on ``builder`` the ``values`` that some attention declares and the user did not
-    set, for the duration of the block (a later change of the transformer setting is seen)."""
-    added = []
-    for name, value in values.items():
-        if value is None or name in builder._parameters:
-            continue
-        if builder._registry.contains_parameter(name):
-            setattr(builder, name, value)
-            added.append(name)
-    try:
-        yield builder
-    finally:
-        for name in added:
-            builder._parameters.pop(name, None)
 
 
 class BaseTransformerBuilder(BaseBuilder):
@@ -89,7 +51,7 @@ class BaseTransformerBuilder(BaseBuilder):
 
     @n_layers.setter
     def n_layers(self, val):
-        self._n_layers = _positive_int("n_layers", val)
+        self._n_layers = positive_int("n_layers", val)
 
     @property
     def n_heads(self) -> int:
@@ -98,7 +60,7 @@ class BaseTransformerBuilder(BaseBuilder):
 
     @n_heads.setter
     def n_heads(self, val):
-        self._n_heads = _positive_int("n_heads", val)
+        self._n_heads = positive_int("n_heads", val)
 
     @property
     def feed_forward_dimensions(self) -> int:
@@ -107,7 +69,7 @@ class BaseTransformerBuilder(BaseBuilder):
 
     @feed_forward_dimensions.setter
     def feed_forward_dimensions(self, val):
-        self._d_ff = _positive_int("feed_forward_dimensions", val)
+        self._d_ff = positive_int("feed_forward_dimensions", val)
 
     @property
     def query_dimensions(self) -> int:
@@ -116,7 +78,7 @@ class BaseTransformerBuilder(BaseBuilder):
 
     @query_dimensions.setter
     def query_dimensions(self, val):
-        self._d_query = _positive_int("query_dimensions", val)
+        self._d_query = positive_int("query_dimensions", val)
 
     @property
     def value_dimensions(self) -> int:
@@ -125,7 +87,7 @@ class BaseTransformerBuilder(BaseBuilder):
 
     @value_dimensions.setter
     def value_dimensions(self, val):
-        self._d_value = _positive_int("value_dimensions", val)
+        self._d_value = positive_int("value_dimensions", val)
 
     @property
     def dropout(self) -> float:
@@ -197,21 +159,21 @@ class BaseTransformerBuilder(BaseBuilder):
         return {
             parameter: getattr(self, setting)
             for parameter, setting in names.items()
-            if parameter in _ALWAYS_FORWARDED or {parameter, setting} & self._set_by_user
+            if parameter in ALWAYS_FORWARDED or {parameter, setting} & self._set_by_user
         }
 
     def _prepare(self, builder: BaseAttentionBuilder, names: dict[str, str] | None = None):
         """Check that every size is set, give ``builder`` the event dispatcher, and return a
         context in which it also holds the forwarded settings (``names``: see
         :meth:`_forwarded`; default: each parameter from the setting of its name)."""
-        unset = [name for name in _INT_SETTINGS if getattr(self, name) is None]
+        unset = [name for name in SIZE_SETTINGS if getattr(self, name) is None]
         if unset:
             raise MissingParameterError(
                 f"{type(self).__name__} cannot build: {', '.join(unset)} not set (None)"
             )
         builder.event_dispatcher = self.event_dispatcher
-        names = names or {name: name for name in _FORWARDED}
-        return _with_defaults(builder, self._forwarded(names))
+        names = names or {name: name for name in FORWARDED}
+        return with_defaults(builder, self._forwarded(names))
 
 
 class BaseTransformerEncoderBuilder(BaseTransformerBuilder):
@@ -385,7 +347,7 @@ class BaseTransformerDecoderBuilder(BaseTransformerBuilder):
 
     @cross_n_heads.setter
     def cross_n_heads(self, val):
-        self._cross_n_heads = _positive_int("cross_n_heads", val)
+        self._cross_n_heads = positive_int("cross_n_heads", val)
 
     @property
     def cross_query_dimensions(self) -> int:
@@ -395,7 +357,7 @@ class BaseTransformerDecoderBuilder(BaseTransformerBuilder):
 
     @cross_query_dimensions.setter
     def cross_query_dimensions(self, val):
-        self._cross_d_query = _positive_int("cross_query_dimensions", val)
+        self._cross_d_query = positive_int("cross_query_dimensions", val)
 
     @property
     def cross_value_dimensions(self) -> int:
@@ -405,7 +367,7 @@ class BaseTransformerDecoderBuilder(BaseTransformerBuilder):
 
     @cross_value_dimensions.setter
     def cross_value_dimensions(self, val):
-        self._cross_d_value = _positive_int("cross_value_dimensions", val)
+        self._cross_d_value = positive_int("cross_value_dimensions", val)
 
     @property
     def cross_model_dimensions(self) -> int:
@@ -415,7 +377,7 @@ class BaseTransformerDecoderBuilder(BaseTransformerBuilder):
 
     @cross_model_dimensions.setter
     def cross_model_dimensions(self, val):
-        self._cross_d_model = _positive_int("cross_model_dimensions", val)
+        self._cross_d_model = positive_int("cross_model_dimensions", val)
 
     def __setattr__(self, key, val):
         if key.startswith("_") or hasattr(type(self), key):
@@ -429,7 +391,7 @@ class BaseTransformerDecoderBuilder(BaseTransformerBuilder):
 
     def get(self):
         """Construct the decoder."""
-        cross = {name: name for name in _FORWARDED}
+        cross = {name: name for name in FORWARDED}
         cross.update(
             n_heads="cross_n_heads",
             query_dimensions="cross_query_dimensions",
