@@ -132,6 +132,36 @@ def bench(session: nox.Session) -> None:
     session.run("python", "benchmarks/plot_results.py")
 
 
+@nox.session(name="ft-suite", default=False)
+def ft_suite(session: nox.Session) -> None:
+    """Run fast-transformers' own CPU test suite against attention-core + recurrent-transformer.
+
+    ``nox -s ft-suite`` takes the suite from the 0.4.0 sdist on the package registry (network);
+    ``nox -s ft-suite -- PATH/tests [pytest args]`` runs another copy of its ``tests/`` folder,
+    e.g. master's. See docs/migrating.md.
+    """
+    install(session, "torch==2.13.0")
+    install(session, CORE, "packages/recurrent-transformer", "pytest>=7", "numpy", "setuptools")
+    args = list(session.posargs)
+    if args and Path(args[0]).is_dir():
+        tests = Path(args.pop(0)).resolve()
+    else:
+        out = Path(session.create_tmp()) / "ft-sdist"
+        shutil.rmtree(out, ignore_errors=True)
+        # the sdist's setup.py imports torch (so no build isolation) and must not see nvcc
+        python = str(Path(session.bin) / "python")
+        session.run(
+            "env", "PATH=/usr/bin:/bin", python, "-m", "pip", "download", "--quiet",
+            "--no-deps", "--no-binary", ":all:", "--no-build-isolation",
+            "-d", str(out), PEER_FAST_TRANSFORMERS, external=True,
+        )  # fmt: skip
+        (archive,) = out.glob("pytorch*fast*transformers-*.tar.gz")
+        with tarfile.open(archive) as tar:
+            tar.extractall(out, filter="data")
+        tests = out / archive.name.removesuffix(".tar.gz") / "tests"
+    session.run("python", str(ROOT / ".ci" / "ft_suite.py"), str(tests), *args)
+
+
 @nox.session(default=False)
 def asan(session: nox.Session) -> None:
     """Build the C++ kernels with AddressSanitizer and run their tests under it."""

@@ -17,6 +17,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <vector>
 
 #include "cpu_dispatch.h"
 #include "parallel.h"
@@ -38,21 +39,25 @@ struct Head {
     int64_t out_step;
 };
 
-// out (C rows) = F * group sums of in (L rows)
+// out (C rows) = F * group sums of in (L rows); a group without members gives zeros whatever
+// its factor (1 / count is infinite there, and 0 * inf would be NaN)
 template <typename T>
 inline void aggregate_head(const Head<T>& p, int64_t C) {
+    std::vector<char> has_members(static_cast<size_t>(C), 0);
     for (int64_t c = 0; c < C; ++c) {
         std::fill(p.out + c * p.out_step, p.out + c * p.out_step + p.E, T(0));
     }
     for (int64_t l = 0; l < p.end; ++l) {
         const int64_t g = p.G[l];
         if (g < 0 || g >= C) continue;
+        has_members[g] = 1;
         const T* __restrict x = p.in + l * p.in_step;
         T* __restrict y = p.out + g * p.out_step;
         for (int64_t e = 0; e < p.E; ++e) y[e] += x[e];
     }
     if (!p.F) return;
     for (int64_t c = 0; c < C; ++c) {
+        if (!has_members[c]) continue;
         T* __restrict y = p.out + c * p.out_step;
         const T f = p.F[c];
         for (int64_t e = 0; e < p.E; ++e) y[e] *= f;

@@ -96,10 +96,12 @@ class BaseMask:
 
     @property
     def lower_triangular(self) -> bool:
-        """``True`` when the mask is a square causal mask (row ``i`` allows keys ``0..i``)."""
+        """``True`` when row ``i`` allows exactly keys ``0..i``: a causal mask, square or with
+        extra disallowed columns, e.g. ``LengthMask(torch.tensor([1, 2, 3]), max_len=4)``
+        (as in fast-transformers)."""
         if not hasattr(self, "_lower_triangular"):
             self._lower_triangular = False
-            if len(self.shape) == 2 and self.shape[0] == self.shape[1]:
+            if len(self.shape) == 2 and self.shape[0] <= self.shape[1]:
                 try:
                     lengths = self.lengths
                 except ValueError:

@@ -232,8 +232,10 @@ class TransformerDecoderLayer(nn.Module):
         Returns:
             ``(N, L, E)``.
         """
-        N, L = _check_input("x", x, self.d_model, self.linear1.weight.dtype)
-        N_memory, S = _check_input("memory", memory, self.d_model, self.linear1.weight.dtype)
+        dtype = self.linear1.weight.dtype
+        N, L = _check_input("x", x, self.d_model, dtype)
+        memory_width = getattr(self.cross_attention, "d_model_keys", self.d_model)
+        N_memory, S = _check_input("memory", memory, memory_width, dtype)
         if N_memory != N:
             raise ValueError(f"x and memory must have the same batch size; got {N} and {N_memory}")
         _check_length_mask("x_length_mask", x_length_mask, N, L, "x")

@@ -9,6 +9,12 @@ Every state is a small dataclass of tensors (plus a few ints) with the same four
   ``weights_only=True`` (the classes are registered with
   ``torch.serialization.add_safe_globals``). A key/value cache is saved trimmed to its length.
 
+Every state is also the sequence that fast-transformers uses for it: ``len(state)``,
+``state[i]`` and unpacking give its items (a :class:`KVCache` is ``[keys, values]`` of shapes
+``(N, H, t, E)`` and ``(N, H, t, D)``, a :class:`LinearState` ``[S, Z]``), and every
+recurrent attention accepts that plain list or tuple as its state (:meth:`RecurrentState.
+from_sequence` builds the state object from it).
+
 A model's state (:class:`TransformerState`) holds one state per layer; a decoder layer's state
 (:class:`DecoderLayerState`) holds the state of its self attention and that of its cross
 attention. Which state an attention uses:
@@ -90,15 +96,24 @@ def _tensors(value: Any) -> Iterator[Tensor]:
             yield from _tensors(v)
 
 
-def check_state_type(name: str, state: Any, expected: type | tuple[type, ...], owner: str) -> None:
-    """Raise ``TypeError`` unless ``state`` is an instance of ``expected``.
+def check_state_type(name: str, state: Any, expected: type | tuple[type, ...], owner: str) -> Any:
+    """Return ``state`` as an instance of ``expected``, or raise ``TypeError``.
+
+    A plain list or tuple (fast-transformers' form of a state, e.g. ``[keys, values]``) is
+    converted with ``expected.from_sequence`` when ``expected`` is one state class.
 
     Arguments:
         name: how the state is called in the message (e.g. ``"state"``).
         state: the object given.
         expected: the accepted state class(es).
         owner: the module that received it, for the message.
+
+    Returns:
+        the state, an instance of ``expected``.
     """
+    sequence_form = isinstance(state, (list, tuple)) and isinstance(expected, type)
+    if sequence_form and issubclass(expected, RecurrentState):
+        return expected.from_sequence(state, name=name, owner=owner)
     if not isinstance(state, expected):
         names = (
             " or ".join(t.__name__ for t in expected)
@@ -109,6 +124,7 @@ def check_state_type(name: str, state: Any, expected: type | tuple[type, ...], o
             f"{owner} needs a {names} as {name} (the state it returned at the previous step); "
             f"got {type(state).__name__}"
         )
+    return state
 
 
 def check_state_tensor(name: str, t: Tensor, shape: tuple[int, ...], like: Tensor) -> None:
@@ -141,6 +157,38 @@ def check_state_tensor(name: str, t: Tensor, shape: tuple[int, ...], like: Tenso
 class RecurrentState:
     """Base class of all states: a dataclass whose fields are tensors, ints, ``None``, nested
     states or tuples of them."""
+
+    # fast-transformers' sequence form: the items, in order, and how to build a state from them
+
+    def as_sequence(self) -> tuple:
+        """The state as fast-transformers' list of tensors (see each class), as a tuple."""
+        return tuple(getattr(self, f.name) for f in dataclasses.fields(self) if f.init)
+
+    @classmethod
+    def from_sequence(cls, items, name: str = "state", owner: str = "") -> RecurrentState:
+        """Build the state from its sequence form (the inverse of :meth:`as_sequence`).
+
+        Arguments:
+            items: a list or tuple of the items of :meth:`as_sequence`.
+            name: how the state is called in error messages.
+            owner: the module that received it, for error messages.
+        """
+        fields = [f.name for f in dataclasses.fields(cls) if f.init]
+        if len(items) != len(fields):
+            raise ValueError(
+                f"{owner or cls.__name__} needs {name} as a {cls.__name__} or a list of "
+                f"{len(fields)} items [{', '.join(fields)}]; got {len(items)} items"
+            )
+        return cls(*items)
+
+    def __len__(self) -> int:
+        return len(self.as_sequence())
+
+    def __getitem__(self, index):
+        return self.as_sequence()[index]
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self.as_sequence())
 
     def map_tensors(self, fn: Callable[[Tensor], Tensor]) -> RecurrentState:
         """A new state of the same class with ``fn`` applied to every tensor."""
@@ -199,7 +247,8 @@ class LinearState(RecurrentState):
         S: ``(N, H, F, M)``, ``sum_j phi(K_j) V_j^T`` over the keys seen so far.
         Z: ``(N, H, F)``, ``sum_j phi(K_j)``, the normaliser.
 
-    Its size does not depend on the number of steps: every step costs the same.
+    Its size does not depend on the number of steps: every step costs the same. As a
+    sequence it is fast-transformers' ``[S, Z]``.
     """
 
     S: Tensor
@@ -245,6 +294,9 @@ class KVCache(RecurrentState):
         >>> cache = cache.append(torch.rand(2, 4, 1, 8), torch.rand(2, 4, 1, 8))
         >>> cache.keys.shape, cache.capacity
         (torch.Size([2, 4, 1, 8]), 16)
+        >>> keys, values = cache  # fast-transformers' [keys, values]
+        >>> len(cache), values.shape
+        (2, torch.Size([2, 4, 1, 8]))
     """
 
     key_buffer: Tensor
@@ -347,6 +399,28 @@ class KVCache(RecurrentState):
         grown.length = grown._claim.filled = new_length
         return grown
 
+    def as_sequence(self) -> tuple[Tensor, Tensor]:
+        """fast-transformers' ``[keys, values]``: ``(N, H, t, E)`` and ``(N, H, t, D)``."""
+        return self.keys, self.values
+
+    @classmethod
+    def from_sequence(cls, items, name: str = "state", owner: str = "") -> KVCache:
+        """A cache holding fast-transformers' ``[keys, values]`` of shapes ``(N, H, t, E)``
+        and ``(N, H, t, D)`` (copied into a growable buffer)."""
+        if len(items) != 2 or not all(isinstance(t, Tensor) and t.dim() == 4 for t in items):
+            got = [tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__ for t in items]
+            raise ValueError(
+                f"{owner or cls.__name__} needs {name} as a KVCache or [keys (N, H, t, E), "
+                f"values (N, H, t, D)]; got {got}"
+            )
+        keys, values = items
+        if keys.shape[:3] != values.shape[:3]:
+            raise ValueError(
+                f"{name}'s keys and values must have the same (N, H, t); got "
+                f"{tuple(keys.shape)} and {tuple(values.shape)}"
+            )
+        return cls.from_tensors(keys, values)
+
     def map_tensors(self, fn: Callable[[Tensor], Tensor]) -> KVCache:
         keys, values = fn(self.key_buffer), fn(self.value_buffer)
         shared = keys.untyped_storage().data_ptr() == self.key_buffer.untyped_storage().data_ptr()
@@ -366,6 +440,8 @@ class WindowState(RecurrentState):
     """State of causal local attention: the last ``w = local_context // 2 + 1`` keys and values
     (fewer during the first steps), oldest first. Each step drops the oldest entry once the
     window is full, so the state has a fixed size.
+
+    As a sequence it is ``[keys, values, length]``.
 
     Attributes:
         keys: ``(N, H, min(t, w), E)``.
@@ -426,12 +502,29 @@ class MemoryState(RecurrentState):
             ``None`` when nothing is padded.
         position: how many elements attended so far (used by ``local`` and ``aft-full``, whose
             rows depend on the query position; 0 and unused otherwise).
+
+    As a sequence it is fast-transformers' ``[keys, values]``.
     """
 
     keys: Tensor
     values: Tensor
-    key_mask: Tensor | None
+    key_mask: Tensor | None = None
     position: int = 0
+
+    def as_sequence(self) -> tuple[Tensor, Tensor]:
+        """fast-transformers' ``[keys, values]``: ``(N, H, S, E)`` and ``(N, H, S, D)``."""
+        return self.keys, self.values
+
+    @classmethod
+    def from_sequence(cls, items, name: str = "state", owner: str = "") -> MemoryState:
+        """The memory from fast-transformers' ``[keys (N, H, S, E), values (N, H, S, D)]``
+        (no padding, position 0), or from the four fields."""
+        if len(items) not in (2, 3, 4):
+            raise ValueError(
+                f"{owner or cls.__name__} needs {name} as a MemoryState or [keys (N, H, S, E), "
+                f"values (N, H, S, D)]; got {len(items)} items"
+            )
+        return cls(*items)
 
 
 # per-layer and per-model containers
@@ -450,15 +543,6 @@ class DecoderLayerState(RecurrentState):
     self_attention: Any
     cross_attention: Any
 
-    def __iter__(self) -> Iterator[Any]:
-        return iter((self.self_attention, self.cross_attention))
-
-    def __getitem__(self, index: int) -> Any:
-        return (self.self_attention, self.cross_attention)[index]
-
-    def __len__(self) -> int:
-        return 2
-
 
 @dataclasses.dataclass(eq=False)
 class TransformerState(RecurrentState):
@@ -473,14 +557,14 @@ class TransformerState(RecurrentState):
 
     layers: tuple
 
-    def __iter__(self) -> Iterator[Any]:
-        return iter(self.layers)
+    def as_sequence(self) -> tuple:
+        """The per-layer states."""
+        return tuple(self.layers)
 
-    def __getitem__(self, index: int) -> Any:
-        return self.layers[index]
-
-    def __len__(self) -> int:
-        return len(self.layers)
+    @classmethod
+    def from_sequence(cls, items, name: str = "state", owner: str = "") -> TransformerState:
+        """The model state from a list of per-layer states."""
+        return cls(tuple(items))
 
 
 torch.serialization.add_safe_globals(

@@ -80,7 +80,8 @@ def _run_layers(model: nn.Module, x: Tensor, states: list, call) -> tuple[Tensor
 
 
 def _check_memory(memory, memory_length_mask, N: int, layer: nn.Module) -> None:
-    d_model = layer.d_model
+    # the memory's width is the cross attention's key width (cross_model_dimensions)
+    d_model = getattr(layer.cross_attention, "d_model_keys", layer.d_model)
     check_tensor("memory", memory, dim=3, floating=True)
     if memory.shape[0] != N or memory.shape[2] != d_model:
         raise ValueError(f"memory must have shape ({N}, S, {d_model}); got {tuple(memory.shape)}")

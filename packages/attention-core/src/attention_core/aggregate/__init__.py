@@ -209,3 +209,7 @@ def clustered_broadcast(
             f"factors must have shape (N, H, C) = ({N}, {H}, {C}); got {tuple(factors.shape)}"
         )
     return _write("X", X, _broadcast(Y, groups, factors, counts.long().sum(-1)))
+
+
+from .aggregate_cpu import aggregate as aggregate_cpu  # noqa: E402, F401  fast_transformers name
+from .aggregate_cpu import broadcast as broadcast_cpu  # noqa: E402, F401  fast_transformers name

@@ -25,7 +25,9 @@ def aggregate_reference(X: Tensor, G: Tensor, F: Tensor, limits: Tensor | None) 
         G = G.masked_fill(torch.arange(L, device=X.device) >= limits.unsqueeze(-1), C)
     index = G.unsqueeze(-1).expand(N, H, L, E)
     sums = X.new_zeros(N, H, C + 1, E).scatter_add(2, index, X)[:, :, :C]
-    return sums * F.to(X.dtype).unsqueeze(-1)
+    # a group without members sums to zero whatever its factor (1 / 0 = inf would give NaN)
+    members = G.new_zeros(N, H, C + 1).scatter_add(2, G, torch.ones_like(G))[:, :, :C]
+    return sums * F.to(X.dtype).where(members > 0, 0.0).unsqueeze(-1)
 
 
 def broadcast_reference(Y: Tensor, G: Tensor, F: Tensor, limits: Tensor | None) -> Tensor:

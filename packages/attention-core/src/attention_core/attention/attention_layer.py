@@ -26,6 +26,8 @@ class AttentionLayer(nn.Module):
         n_heads: the number of heads ``H``.
         d_keys: ``E``, the head dimension of queries and keys (default: ``d_model // n_heads``).
         d_values: ``D``, the head dimension of values (default: ``d_model // n_heads``).
+        d_model_keys: the feature size of keys and values (default: ``d_model``), e.g. the
+            memory's width in a decoder's cross attention.
         event_dispatcher: dispatcher instance or key for :class:`QKVEvent` (default: ``""``).
 
     Example:
@@ -43,6 +45,7 @@ class AttentionLayer(nn.Module):
         n_heads: int,
         d_keys: int | None = None,
         d_values: int | None = None,
+        d_model_keys: int | None = None,
         event_dispatcher="",
     ):
         super().__init__()
@@ -52,13 +55,15 @@ class AttentionLayer(nn.Module):
         d_values = d_values or (d_model // n_heads)
         check_positive_int("d_keys", d_keys)
         check_positive_int("d_values", d_values)
+        d_model_keys = check_positive_int("d_model_keys", d_model_keys or d_model)
         self.inner_attention = attention
         self.query_projection = nn.Linear(d_model, d_keys * n_heads)
-        self.key_projection = nn.Linear(d_model, d_keys * n_heads)
-        self.value_projection = nn.Linear(d_model, d_values * n_heads)
+        self.key_projection = nn.Linear(d_model_keys, d_keys * n_heads)
+        self.value_projection = nn.Linear(d_model_keys, d_values * n_heads)
         self.out_projection = nn.Linear(d_values * n_heads, d_model)
         self.n_heads = n_heads
         self.d_model = d_model
+        self.d_model_keys = d_model_keys
         self.event_dispatcher = EventDispatcher.get(event_dispatcher)
 
     def forward(
@@ -74,8 +79,8 @@ class AttentionLayer(nn.Module):
 
         Arguments:
             queries: ``(N, L, d_model)``.
-            keys: ``(N, S, d_model)``.
-            values: ``(N, S, d_model)``.
+            keys: ``(N, S, d_model_keys)``.
+            values: ``(N, S, d_model_keys)``.
             attn_mask: ``(L, S)`` mask of allowed query/key pairs.
             query_lengths: ``(N, L)`` length mask of the queries.
             key_lengths: ``(N, S)`` length mask of the keys.
@@ -83,11 +88,15 @@ class AttentionLayer(nn.Module):
         Returns:
             ``(N, L, d_model)``.
         """
-        for name, t in (("queries", queries), ("keys", keys), ("values", values)):
+        for name, t, width, setting in (
+            ("queries", queries, self.d_model, "d_model"),
+            ("keys", keys, self.d_model_keys, "d_model_keys"),
+            ("values", values, self.d_model_keys, "d_model_keys"),
+        ):
             check_tensor(name, t, dim=3, floating=True)
-            if t.shape[-1] != self.d_model:
+            if t.shape[-1] != width:
                 raise ValueError(
-                    f"{name} must have d_model={self.d_model} features; got shape {tuple(t.shape)}"
+                    f"{name} must have {setting}={width} features; got shape {tuple(t.shape)}"
                 )
         H = self.n_heads
         q = rearrange(self.query_projection(queries), "n l (h e) -> n l h e", h=H)

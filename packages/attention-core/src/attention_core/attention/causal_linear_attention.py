@@ -16,6 +16,7 @@ from ..attention_registry import (
     Optional,
 )
 from ..causal_product import normalized_causal_dot_product
+from ..errors import UnsupportedMaskError
 from ..events import EventDispatcher
 from ..feature_maps import elu_feature_map
 from ._inputs import check_attention_inputs
@@ -54,7 +55,7 @@ class CausalLinearAttention(nn.Module):
             queries, keys, values, attn_mask, query_lengths, key_lengths, mask_shape=(L, L)
         )
         if not attn_mask.lower_triangular:
-            raise ValueError(
+            raise UnsupportedMaskError(
                 "CausalLinearAttention needs a lower triangular attention mask "
                 "(TriangularCausalMask); got a mask that is not"
             )

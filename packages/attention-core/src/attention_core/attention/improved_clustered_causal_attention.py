@@ -23,6 +23,7 @@ from ..attention_registry import (
     Int,
     Optional,
 )
+from ..errors import UnsupportedMaskError
 from ..events import AttentionEvent
 from ..masking import zero_padding
 from ..sparse_product import clustered_sparse_dot_product, clustered_sparse_weighted_average
@@ -65,7 +66,7 @@ class ImprovedClusteredCausalAttention(ImprovedClusteredAttention):
         keys = zero_padding(keys, key_lengths)
         values = zero_padding(values, key_lengths)
         if not attn_mask.lower_triangular:
-            raise ValueError(
+            raise UnsupportedMaskError(
                 "ImprovedClusteredCausalAttention needs a lower triangular (causal) attn_mask "
                 f"such as TriangularCausalMask({L}); got {attn_mask!r} that is not"
             )

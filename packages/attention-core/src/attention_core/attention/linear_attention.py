@@ -14,6 +14,7 @@ from ..attention_registry import (
     Int,
     Optional,
 )
+from ..errors import UnsupportedMaskError
 from ..events import EventDispatcher
 from ..feature_maps import elu_feature_map
 from ..masking import zero_padding
@@ -51,7 +52,7 @@ class LinearAttention(nn.Module):
         keys = zero_padding(keys, key_lengths)
         values = zero_padding(values, key_lengths)
         if not attn_mask.all_ones:
-            raise ValueError(
+            raise UnsupportedMaskError(
                 "LinearAttention does not support arbitrary attention masks; got a mask that "
                 "is not all ones (use attention_type='causal-linear' for causal masks)"
             )

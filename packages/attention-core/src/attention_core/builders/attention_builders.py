@@ -12,6 +12,7 @@ from ..attention_registry import (
     RecurrentCrossAttentionRegistry,
     Registry,
 )
+from ..errors import MissingParameterError
 from .base import BaseBuilder
 
 __all__ = [
@@ -100,11 +101,11 @@ class BaseAttentionBuilder(BaseBuilder):
             ]
             if missing:
                 if missing == ["attention"]:
-                    raise ValueError(
+                    raise MissingParameterError(
                         f"{name!r} wraps another attention; use a composite type such as "
                         f"'{name}:linear'"
                     )
-                raise ValueError(
+                raise MissingParameterError(
                     f"{self._registry.name} {name!r} needs the parameter(s) "
                     f"{', '.join(map(repr, missing))}; set them on the builder"
                 )

@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch.nn import LayerNorm
 
 from ..attention import AttentionLayer
+from ..errors import MissingParameterError
 from ..events import EventDispatcher
 from ..transformers import (
     TransformerDecoder,
@@ -12,6 +13,7 @@ from ..transformers import (
     TransformerEncoder,
     TransformerEncoderLayer,
 )
+from ._settings import ALWAYS_FORWARDED, FORWARDED, SIZE_SETTINGS, positive_int, with_defaults
 from ._sizes import check_parameter_sizes
 from .attention_builders import AttentionBuilder, BaseAttentionBuilder, _suggest
 from .base import BaseBuilder
@@ -23,12 +25,6 @@ __all__ = [
     "TransformerDecoderBuilder",
     "TransformerEncoderBuilder",
 ]
-
-
-def _positive_int(name: str, value) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name} must be a positive int; got {value!r}")
-    return value
 
 
 class BaseTransformerBuilder(BaseBuilder):
@@ -47,6 +43,7 @@ class BaseTransformerBuilder(BaseBuilder):
         self._activation = "relu"
         self._final_norm = True
         self._event_dispatcher = ""
+        self._set_by_user: set[str] = set()
 
     @property
     def n_layers(self) -> int:
@@ -55,7 +52,7 @@ class BaseTransformerBuilder(BaseBuilder):
 
     @n_layers.setter
     def n_layers(self, val):
-        self._n_layers = _positive_int("n_layers", val)
+        self._n_layers = positive_int("n_layers", val)
 
     @property
     def n_heads(self) -> int:
@@ -64,7 +61,7 @@ class BaseTransformerBuilder(BaseBuilder):
 
     @n_heads.setter
     def n_heads(self, val):
-        self._n_heads = _positive_int("n_heads", val)
+        self._n_heads = positive_int("n_heads", val)
 
     @property
     def feed_forward_dimensions(self) -> int:
@@ -73,7 +70,7 @@ class BaseTransformerBuilder(BaseBuilder):
 
     @feed_forward_dimensions.setter
     def feed_forward_dimensions(self, val):
-        self._d_ff = _positive_int("feed_forward_dimensions", val)
+        self._d_ff = positive_int("feed_forward_dimensions", val)
 
     @property
     def query_dimensions(self) -> int:
@@ -82,7 +79,7 @@ class BaseTransformerBuilder(BaseBuilder):
 
     @query_dimensions.setter
     def query_dimensions(self, val):
-        self._d_query = _positive_int("query_dimensions", val)
+        self._d_query = positive_int("query_dimensions", val)
 
     @property
     def value_dimensions(self) -> int:
@@ -91,7 +88,7 @@ class BaseTransformerBuilder(BaseBuilder):
 
     @value_dimensions.setter
     def value_dimensions(self, val):
-        self._d_value = _positive_int("value_dimensions", val)
+        self._d_value = positive_int("value_dimensions", val)
 
     @property
     def dropout(self) -> float:
@@ -179,13 +176,27 @@ class BaseTransformerBuilder(BaseBuilder):
                 f"parameter{_suggest(key, settings)}"
             )
 
-    def _prepare(self, builder: BaseAttentionBuilder) -> None:
+    def _forwarded(self, names: dict[str, str]) -> dict:
+        """``{parameter: value of setting}`` for the settings that reach the attention;
+        ``names`` maps each forwarded parameter to the setting that gives its value."""
+        return {
+            parameter: getattr(self, setting)
+            for parameter, setting in names.items()
+            if parameter in ALWAYS_FORWARDED or {parameter, setting} & self._set_by_user
+        }
+
+    def _prepare(self, builder: BaseAttentionBuilder, names: dict[str, str] | None = None):
+        """Check that every size is set, give ``builder`` the event dispatcher, and return a
+        context in which it also holds the forwarded settings (``names``: see
+        :meth:`_forwarded`; default: each parameter from the setting of its name)."""
+        unset = [name for name in SIZE_SETTINGS if getattr(self, name) is None]
+        if unset:
+            raise MissingParameterError(
+                f"{type(self).__name__} cannot build: {', '.join(unset)} not set (None)"
+            )
         builder.event_dispatcher = self.event_dispatcher
-        registry = builder._registry
-        if registry.contains_parameter("query_dimensions") and (
-            "query_dimensions" not in builder._parameters
-        ):
-            builder.query_dimensions = self.query_dimensions
+        names = names or {name: name for name in FORWARDED}
+        return with_defaults(builder, self._forwarded(names))
 
 
 class BaseTransformerEncoderBuilder(BaseTransformerBuilder):
@@ -228,13 +239,19 @@ class BaseTransformerEncoderBuilder(BaseTransformerBuilder):
 
     def __setattr__(self, key, val):
         if key.startswith("_") or hasattr(type(self), key):
-            return object.__setattr__(self, key, val)
+            object.__setattr__(self, key, val)
+            if not key.startswith("_"):
+                self._set_by_user.add(key)
+            return
         self._set_attention_parameter([self._attention_builder], key, val)
 
     def get(self):
         """Construct the encoder."""
+        with self._prepare(self.attention) as attention:
+            return self._build(attention)
+
+    def _build(self, attention: BaseAttentionBuilder):
         self._check_sizes(attention_layers_per_layer=1)
-        self._prepare(self.attention)
         Encoder = self._get_encoder_class()
         EncoderLayer = self._get_encoder_layer_class()
         Attention = self._get_attention_layer_class()
@@ -243,7 +260,7 @@ class BaseTransformerEncoderBuilder(BaseTransformerBuilder):
             [
                 EncoderLayer(
                     Attention(
-                        self.attention.get(self.attention_type),
+                        attention.get(self.attention_type),
                         d_model,
                         self.n_heads,
                         d_keys=self.query_dimensions,
@@ -296,6 +313,10 @@ class BaseTransformerDecoderBuilder(BaseTransformerBuilder):
         self._cross_attention_builder = self._get_cross_attention_builder()
         self._self_attention_type = "full"
         self._cross_attention_type = "full"
+        self._cross_n_heads = None
+        self._cross_d_query = None
+        self._cross_d_value = None
+        self._cross_d_model = None
 
     def _get_self_attention_builder(self) -> BaseAttentionBuilder:
         raise NotImplementedError
@@ -343,18 +364,71 @@ class BaseTransformerDecoderBuilder(BaseTransformerBuilder):
     def cross_attention_type(self, val):
         self._cross_attention_type = self._cross_attention_builder.validate_attention_type(val)
 
+    @property
+    def cross_n_heads(self) -> int:
+        """The number of cross attention heads (default: ``n_heads``)."""
+        return self._cross_n_heads or self.n_heads
+
+    @cross_n_heads.setter
+    def cross_n_heads(self, val):
+        self._cross_n_heads = positive_int("cross_n_heads", val)
+
+    @property
+    def cross_query_dimensions(self) -> int:
+        """The head dimension of the cross attention's queries and keys (default:
+        ``query_dimensions``)."""
+        return self._cross_d_query or self.query_dimensions
+
+    @cross_query_dimensions.setter
+    def cross_query_dimensions(self, val):
+        self._cross_d_query = positive_int("cross_query_dimensions", val)
+
+    @property
+    def cross_value_dimensions(self) -> int:
+        """The head dimension of the cross attention's values (default:
+        ``value_dimensions``)."""
+        return self._cross_d_value or self.value_dimensions
+
+    @cross_value_dimensions.setter
+    def cross_value_dimensions(self, val):
+        self._cross_d_value = positive_int("cross_value_dimensions", val)
+
+    @property
+    def cross_model_dimensions(self) -> int:
+        """The feature size of the memory (default: ``cross_n_heads *
+        cross_value_dimensions``, which is ``model_dimensions`` when no cross_* size is set)."""
+        return self._cross_d_model or self.cross_n_heads * self.cross_value_dimensions
+
+    @cross_model_dimensions.setter
+    def cross_model_dimensions(self, val):
+        self._cross_d_model = positive_int("cross_model_dimensions", val)
+
     def __setattr__(self, key, val):
         if key.startswith("_") or hasattr(type(self), key):
-            return object.__setattr__(self, key, val)
+            object.__setattr__(self, key, val)
+            if not key.startswith("_"):
+                self._set_by_user.add(key)
+            return
         self._set_attention_parameter(
             [self._self_attention_builder, self._cross_attention_builder], key, val
         )
 
     def get(self):
         """Construct the decoder."""
+        cross = {name: name for name in FORWARDED}
+        cross.update(
+            n_heads="cross_n_heads",
+            query_dimensions="cross_query_dimensions",
+            value_dimensions="cross_value_dimensions",
+        )
+        with (
+            self._prepare(self.self_attention) as self_attention,
+            self._prepare(self.cross_attention, cross) as cross_attention,
+        ):
+            return self._build(self_attention, cross_attention)
+
+    def _build(self, self_attention: BaseAttentionBuilder, cross_attention: BaseAttentionBuilder):
         self._check_sizes(attention_layers_per_layer=2)
-        self._prepare(self.self_attention)
-        self._prepare(self.cross_attention)
         Decoder = self._get_decoder_class()
         DecoderLayer = self._get_decoder_layer_class()
         SelfAttention = self._get_self_attention_layer_class()
@@ -364,7 +438,7 @@ class BaseTransformerDecoderBuilder(BaseTransformerBuilder):
             [
                 DecoderLayer(
                     SelfAttention(
-                        self.self_attention.get(self.self_attention_type),
+                        self_attention.get(self.self_attention_type),
                         d_model,
                         self.n_heads,
                         d_keys=self.query_dimensions,
@@ -372,11 +446,12 @@ class BaseTransformerDecoderBuilder(BaseTransformerBuilder):
                         event_dispatcher=self.event_dispatcher,
                     ),
                     CrossAttention(
-                        self.cross_attention.get(self.cross_attention_type),
+                        cross_attention.get(self.cross_attention_type),
                         d_model,
-                        self.n_heads,
-                        d_keys=self.query_dimensions,
-                        d_values=self.value_dimensions,
+                        self.cross_n_heads,
+                        d_keys=self.cross_query_dimensions,
+                        d_values=self.cross_value_dimensions,
+                        d_model_keys=self.cross_model_dimensions,
                         event_dispatcher=self.event_dispatcher,
                     ),
                     d_model,

@@ -156,3 +156,6 @@ def cluster(
     groups_out = groups if groups is not None else nearest.int()
     counts_out = counts if counts is not None else member_counts.int()
     return groups_out, counts_out
+
+
+from .cluster_cpu import cluster as cluster_cpu  # noqa: E402, F401  fast_transformers name

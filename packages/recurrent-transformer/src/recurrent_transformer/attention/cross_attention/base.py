@@ -66,7 +66,7 @@ class RecurrentCrossAttention(nn.Module):
         if state is None:
             state = self.make_state(queries, keys, values, key_lengths)
         else:
-            self.check_state(state, queries)
+            state = self.check_state(state, queries)
         return self.attend(queries, state), state
 
     def make_state(
@@ -76,8 +76,9 @@ class RecurrentCrossAttention(nn.Module):
         ``(N, S)``; ``queries`` ``(N, T, H, E)`` give the expected batch, heads and dtype."""
         raise NotImplementedError
 
-    def check_state(self, state: Any, queries: Tensor) -> None:
-        """Raise if ``state`` does not fit ``queries`` ``(N, T, H, E)``."""
+    def check_state(self, state: Any, queries: Tensor) -> Any:
+        """Return ``state`` (converted from fast-transformers' list form if needed); raise if
+        it does not fit ``queries`` ``(N, T, H, E)``."""
         raise NotImplementedError
 
     def attend(self, queries: Tensor, state: Any) -> Tensor:

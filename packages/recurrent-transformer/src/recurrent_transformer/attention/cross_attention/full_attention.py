@@ -65,10 +65,11 @@ class RecurrentCrossFullAttention(RecurrentCrossAttention):
         return MemoryState(to_heads(keys), to_heads(values), key_mask)
 
     def check_state(self, state, queries):
-        check_state_type("state", state, MemoryState, type(self).__name__)
+        state = check_state_type("state", state, MemoryState, type(self).__name__)
         N, _, H, E = queries.shape
         check_state_tensor("state.keys", state.keys, (N, H, -1, E), queries)
         check_state_tensor("state.values", state.values, (N, H, state.keys.shape[2], -1), queries)
+        return state
 
     def attend(self, queries, state):
         """Softmax attention of ``(N, T, H, E)`` queries over the memory."""

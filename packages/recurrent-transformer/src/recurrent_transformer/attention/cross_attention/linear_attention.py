@@ -62,10 +62,11 @@ class RecurrentCrossLinearAttention(RecurrentCrossAttention):
         return LinearState(torch.einsum("nshf,nshm->nhfm", K, values), K.sum(dim=1))
 
     def check_state(self, state, queries):
-        check_state_type("state", state, LinearState, type(self).__name__)
+        state = check_state_type("state", state, LinearState, type(self).__name__)
         N, _, H, _ = queries.shape
         check_state_tensor("state.S", state.S, (N, H, -1, -1), queries)
         check_state_tensor("state.Z", state.Z, (N, H, state.S.shape[2]), queries)
+        return state
 
     def attend(self, queries, state):
         """``phi(Q) S / (phi(Q) Z + eps)``."""

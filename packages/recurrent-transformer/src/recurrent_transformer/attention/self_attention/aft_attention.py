@@ -59,7 +59,7 @@ class RecurrentAFTSimpleAttention(RecurrentAttention):
         if state is None:
             maximum, numerator, denominator = key.detach(), value, torch.ones_like(key)
         else:
-            check_state_type("state", state, AFTSimpleState, type(self).__name__)
+            state = check_state_type("state", state, AFTSimpleState, type(self).__name__)
             for name in ("maximum", "numerator", "denominator"):
                 check_state_tensor(f"state.{name}", getattr(state, name), tuple(key.shape), key)
             maximum = torch.maximum(state.maximum, key.detach())
@@ -106,7 +106,7 @@ class RecurrentAFTFullAttention(RecurrentAttention):
         if state is None:
             state = KVCache.empty(N, H, D, D, dtype=query.dtype, device=query.device)
         else:
-            check_cache(state, query, value, type(self).__name__)
+            state = check_cache(state, query, value, type(self).__name__)
         t = state.length
         if t >= self.max_sequence_length:
             raise ValueError(

@@ -75,7 +75,7 @@ class RecurrentConditionalFullAttention(RecurrentAttention):
         if state is None:
             full_state, other_state, length = None, None, 0
         else:
-            check_state_type("state", state, ConditionalState, type(self).__name__)
+            state = check_state_type("state", state, ConditionalState, type(self).__name__)
             full_state, other_state, length = state.full, state.other, state.length
         out, other_state = self.other_attention(query, key, value, other_state)
         if length < self.length_limit:

@@ -60,7 +60,7 @@ class RecurrentExactTopKAttention(RecurrentAttention):
         if state is None:
             state = KVCache.empty(N, H, E, value.shape[-1], dtype=query.dtype, device=query.device)
         else:
-            check_cache(state, query, value, type(self).__name__)
+            state = check_cache(state, query, value, type(self).__name__)
         cache = state.append(key.unsqueeze(2), value.unsqueeze(2))
         # batched products on the feature-major cache (see full_attention.attend_cache)
         scores = torch.matmul(query.unsqueeze(2), cache.keys.transpose(-1, -2)).squeeze(2)

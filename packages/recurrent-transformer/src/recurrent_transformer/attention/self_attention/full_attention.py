@@ -40,7 +40,7 @@ _PREFILL_CHUNK = 256
 def check_cache(state, query: Tensor, value: Tensor, owner: str) -> KVCache:
     """Validate a :class:`KVCache` against one step's ``query`` ``(N, H, E)`` and ``value``
     ``(N, H, D)``."""
-    check_state_type("state", state, KVCache, owner)
+    state = check_state_type("state", state, KVCache, owner)
     N, H, E = query.shape
     check_state_tensor("state.key_buffer", state.key_buffer, (N, H, -1, E), query)
     check_state_tensor("state.value_buffer", state.value_buffer, (N, H, -1, value.shape[-1]), query)

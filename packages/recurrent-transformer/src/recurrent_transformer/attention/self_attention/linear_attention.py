@@ -79,7 +79,7 @@ class RecurrentLinearAttention(RecurrentAttention):
         self.event_dispatcher = EventDispatcher.get(event_dispatcher)
 
     def _check(self, state, Q: Tensor, value: Tensor) -> LinearState:
-        check_state_type("state", state, LinearState, type(self).__name__)
+        state = check_state_type("state", state, LinearState, type(self).__name__)
         N, H, F = Q.shape[0], Q.shape[-2], Q.shape[-1]
         check_state_tensor("state.S", state.S, (N, H, F, value.shape[-1]), Q)
         check_state_tensor("state.Z", state.Z, (N, H, F), Q)
@@ -97,7 +97,7 @@ class RecurrentLinearAttention(RecurrentAttention):
             S = K.unsqueeze(-1) * value.unsqueeze(-2)
             Z = K
         else:
-            self._check(state, Q, value)
+            state = self._check(state, Q, value)
             S = torch.addcmul(state.S, K.unsqueeze(-1), value.unsqueeze(-2))
             Z = state.Z + K
         numerator = torch.matmul(Q.unsqueeze(-2), S).squeeze(-2)
@@ -132,7 +132,7 @@ class RecurrentLinearAttention(RecurrentAttention):
         S = torch.einsum("nthf,nthm->nhfm", K, values)
         Z = K.sum(dim=1)
         if state is not None:
-            self._check(state, Q[:, 0], values[:, 0])
+            state = self._check(state, Q[:, 0], values[:, 0])
             numerator = numerator + torch.einsum("nthf,nhfm->nthm", Q, state.S)
             K_sums = K_sums + state.Z.unsqueeze(1)
             S = S + state.S

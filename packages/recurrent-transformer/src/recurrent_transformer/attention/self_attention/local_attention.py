@@ -69,7 +69,7 @@ class RecurrentLocalAttention(RecurrentAttention):
         if state is None:
             keys, values, length = key, value, 1
         else:
-            check_state_type("state", state, WindowState, type(self).__name__)
+            state = check_state_type("state", state, WindowState, type(self).__name__)
             N, H, E = query.shape
             check_state_tensor("state.keys", state.keys, (N, H, -1, E), query)
             check_state_tensor("state.values", state.values, (N, H, -1, value.shape[-1]), query)
