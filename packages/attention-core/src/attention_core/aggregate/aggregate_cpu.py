@@ -11,8 +11,6 @@ from __future__ import annotations
 from torch import Tensor
 
 from .._buffers import fill_buffer
-from . import aggregate as _aggregate
-from . import broadcast as _broadcast
 
 __all__ = ["aggregate", "broadcast"]
 
@@ -28,6 +26,8 @@ def aggregate(X: Tensor, G: Tensor, F: Tensor, Y: Tensor) -> None:
         F: ``(N, H, C)`` factor of every group.
         Y: ``(N, H, C, E)`` output buffer, added to.
     """
+    from . import aggregate as _aggregate  # here: the package imports this module (no cycle)
+
     fill_buffer("Y", Y, _aggregate(X, G, F), accumulate=True)
 
 
@@ -43,6 +43,8 @@ def broadcast(Y: Tensor, G: Tensor, F: Tensor, X: Tensor) -> None:
         F: ``(N, H, C)`` factor of every group.
         X: ``(N, H, L, E)`` output buffer.
     """
+    from . import broadcast as _broadcast  # here: the package imports this module (no cycle)
+
     result = _broadcast(Y, G, F)
     valid = ((G >= 0) & (Y.shape[2] > G)).unsqueeze(-1)
     fill_buffer("X", X, result, where=valid)

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from . import cluster as _cluster
-
 __all__ = ["cluster"]
 
 
@@ -37,6 +35,8 @@ def cluster(
         iterations: the number of Lloyd rounds.
         bits: how many least significant bits of the hashes to use, in ``[1, 63]``.
     """
+    from . import cluster as _cluster  # here: the package imports this module (no cycle)
+
     _cluster(
         hashes,
         lengths,
