@@ -23,6 +23,7 @@
 #include <cstring>
 #include <vector>
 
+#include "causal_chunked.h"
 #include "cpu_dispatch.h"
 #include "parallel.h"
 
@@ -322,6 +323,9 @@ struct Problem {
     Operand<const T> q, k, v;  // (N, H, L, E), (N, H, L, E), (N, H, L, M)
     const T* S0;               // (N, H, E, M) contiguous, or null for zeros
     const T* z0;               // (N, H, E) contiguous, or null (normalised only)
+    // q and k are the inputs of the feature map elu(x) + 1, applied in the kernel (chunked
+    // form only, which then runs at every length)
+    bool elu = false;
 };
 
 template <typename T>
@@ -369,8 +373,87 @@ void transpose_or_zero(T* dst, const T* src, int64_t rows, int64_t cols) {
     }
 }
 
+// The chunked form from this many tokens on; shorter sequences (and the recurrent step) run the
+// per-token recurrence, which has no chunk padding to pay for.
+constexpr int64_t kChunkedMinLength = 128;
+
+template <typename T>
+bool use_chunked(const Problem<T>& a) {
+    return a.elu || a.L >= kChunkedMinLength;
+}
+
+template <typename T>
+chunked::Head<T> chunked_head(const Problem<T>& a, int64_t n, int64_t h) {
+    return {a.q.head(n, h), a.q.s.l, a.k.head(n, h), a.k.s.l, a.v.head(n, h), a.v.s.l,
+            a.L,            a.E,     a.M,            a.normalize, a.elu,      a.eps};
+}
+
+template <typename T>
+void forward_chunked(const ForwardArgs<T>& a, int64_t threads) {
+    const int64_t N = a.N, H = a.H, E = a.E, M = a.M;
+    const chunked::Leaves<T> leaves = chunked::leaves_for<T>(cpu_level());
+    const int64_t workers = useful_threads(threads, N * H, 4 * N * H * a.L * E * M);
+    parallel_for(N * H, workers, [&](int64_t, int64_t begin, int64_t end) {
+        chunked::Workspace<T> ws;
+        ws.reserve(a.L, E, M, leaves.NR);
+        for (int64_t item = begin; item < end; ++item) {
+            const int64_t n = item / H, h = item % H;
+            chunked::HeadForward<T> p{};
+            static_cast<chunked::Head<T>&>(p) = chunked_head(a, n, h);
+            p.out = a.out.head(n, h);
+            p.out_step = a.out.s.l;
+            p.S = a.S + item * E * M;
+            copy_or_zero(p.S, a.S0 ? a.S0 + item * E * M : nullptr, E * M);
+            if (a.normalize) {
+                p.z = a.z + item * E;
+                copy_or_zero(p.z, a.z0 ? a.z0 + item * E : nullptr, E);
+            }
+            leaves.forward(p, ws);
+        }
+    });
+}
+
+template <typename T>
+void backward_chunked(const BackwardArgs<T>& a, int64_t threads) {
+    const int64_t N = a.N, H = a.H, E = a.E, M = a.M;
+    const chunked::Leaves<T> leaves = chunked::leaves_for<T>(cpu_level());
+    const int64_t workers = useful_threads(threads, N * H, 12 * N * H * a.L * E * M);
+    parallel_for(N * H, workers, [&](int64_t, int64_t begin, int64_t end) {
+        chunked::Workspace<T> ws;
+        ws.reserve(a.L, E, M, leaves.NR);
+        for (int64_t item = begin; item < end; ++item) {
+            const int64_t n = item / H, h = item % H;
+            chunked::HeadBackward<T> p{};
+            static_cast<chunked::Head<T>&>(p) = chunked_head(a, n, h);
+            p.grad = a.grad.head(n, h);
+            p.grad_step = a.grad.s.l;
+            if (a.normalize) {
+                p.out = a.out.head(n, h);
+                p.out_step = a.out.s.l;
+                p.z0 = a.z0 ? a.z0 + item * E : nullptr;
+                p.gz = a.gz ? a.gz + item * E : nullptr;
+                p.dz0 = a.dz0 + item * E;
+            }
+            p.S0 = a.S0 ? a.S0 + item * E * M : nullptr;
+            p.gS = a.gS ? a.gS + item * E * M : nullptr;
+            p.dq = a.dq.head(n, h);
+            p.dq_step = a.dq.s.l;
+            p.dk = a.dk.head(n, h);
+            p.dk_step = a.dk.s.l;
+            p.dv = a.dv.head(n, h);
+            p.dv_step = a.dv.s.l;
+            p.dS0 = a.dS0 + item * E * M;
+            leaves.backward(p, ws);
+        }
+    });
+}
+
 template <typename T>
 void forward(const ForwardArgs<T>& a, int64_t threads) {
+    if (use_chunked(a)) {
+        forward_chunked(a, threads);
+        return;
+    }
     const int64_t N = a.N, H = a.H, L = a.L, E = a.E, M = a.M;
     const Leaves<T> leaves = leaves_for<T>(cpu_level());
     const int64_t workers = useful_threads(threads, N * H, 4 * N * H * L * E * M);
@@ -397,6 +480,10 @@ void forward(const ForwardArgs<T>& a, int64_t threads) {
 
 template <typename T>
 void backward(const BackwardArgs<T>& a, int64_t threads) {
+    if (use_chunked(a)) {
+        backward_chunked(a, threads);
+        return;
+    }
     const int64_t N = a.N, H = a.H, L = a.L, E = a.E, M = a.M;
     const bool norm = a.normalize;
     const Leaves<T> leaves = leaves_for<T>(cpu_level());
