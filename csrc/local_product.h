@@ -170,7 +170,7 @@ struct Leaves {
     int64_t width;  // the W of `scores`
 };
 
-// 32 elements per tile: the smallest width GCC vectorises (see causal_product.h).
+// Baseline: 32 elements per tile, the smallest width GCC vectorises (see causal_product.h).
 template <typename T>
 inline void scores_baseline(const BandScores<T>& p) {
     band_scores<T, 32>(p);
@@ -185,9 +185,15 @@ inline void scatter_baseline(const BandAxpy<T>& p) {
 }
 
 #if ATTENTION_CORE_X86_DISPATCH
+// Slot tiles of 8 vectors: 8 independent accumulator chains per broadcast feature.
+template <typename T>
+constexpr int kAvx2ScoreWidth = 256 / sizeof(T);
+template <typename T>
+constexpr int kAvx512ScoreWidth = 512 / sizeof(T);
+
 template <typename T>
 ATTENTION_CORE_TARGET_AVX2 void scores_avx2(const BandScores<T>& p) {
-    band_scores<T, 32>(p);
+    band_scores<T, kAvx2ScoreWidth<T>>(p);
 }
 template <typename T>
 ATTENTION_CORE_TARGET_AVX2 void gather_avx2(const BandAxpy<T>& p) {
@@ -199,7 +205,7 @@ ATTENTION_CORE_TARGET_AVX2 void scatter_avx2(const BandAxpy<T>& p) {
 }
 template <typename T>
 ATTENTION_CORE_TARGET_AVX512 void scores_avx512(const BandScores<T>& p) {
-    band_scores<T, 32>(p);
+    band_scores<T, kAvx512ScoreWidth<T>>(p);
 }
 template <typename T>
 ATTENTION_CORE_TARGET_AVX512 void gather_avx512(const BandAxpy<T>& p) {
@@ -215,9 +221,11 @@ template <typename T>
 Leaves<T> leaves_for(CpuLevel level) {
 #if ATTENTION_CORE_X86_DISPATCH
     if (level == CpuLevel::avx512) {
-        return {&scores_avx512<T>, &gather_avx512<T>, &scatter_avx512<T>, 32};
+        return {&scores_avx512<T>, &gather_avx512<T>, &scatter_avx512<T>, kAvx512ScoreWidth<T>};
     }
-    if (level == CpuLevel::avx2) return {&scores_avx2<T>, &gather_avx2<T>, &scatter_avx2<T>, 32};
+    if (level == CpuLevel::avx2) {
+        return {&scores_avx2<T>, &gather_avx2<T>, &scatter_avx2<T>, kAvx2ScoreWidth<T>};
+    }
 #endif
     (void)level;
     return {&scores_baseline<T>, &gather_baseline<T>, &scatter_baseline<T>, 32};
