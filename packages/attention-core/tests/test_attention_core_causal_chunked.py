@@ -1,11 +1,17 @@
-"""The chunked (GEMM-shaped) form of the compiled causal product (csrc/causal_chunked.h).
+"""The packed and chunked forms of the compiled causal product (csrc/causal_packed.h,
+csrc/causal_chunked.h); csrc/causal_product.h picks the form:
 
-The kernel runs it for rows that are not adjacent in memory (the (N, L, H, E) layout of the
-attention modules, every-other-token views, padded buffers) from L = 128 on, chunks of 64
-tokens; compact rows and shorter sequences run the per-token recurrence. Every test here
-uses strided inputs of at least 128 tokens, so the chunked form is what runs: against the
-dense float64 reference, at chunk boundaries, with a partial last chunk, with initial and
-final states, every instruction-set variant, and gradcheck in float64."""
+- rows that are not adjacent in memory (the (N, L, H, E) layout of the attention modules,
+  every-other-token views, padded buffers): the per-token recurrence over packed chunks of 64
+  tokens, heads interleaved chunk by chunk;
+- from L = 128 on with a state of E M >= 128 * 128: the chunked, GEMM-shaped form (chunks of
+  64 tokens, register-blocked products);
+- compact rows otherwise: the plain recurrence (test_attention_core_causal_kernel.py).
+
+Every test here uses strided inputs, so one of the two new forms runs (the shapes say which):
+against the dense float64 reference, at chunk boundaries, with a partial last chunk, shorter
+than a chunk, with initial and final states, every instruction-set variant, and gradcheck in
+float64."""
 
 import pytest
 import torch
@@ -98,12 +104,16 @@ def check(Q, K, V, normalize, name=""):
         close(f"{name}d{label}", a.grad, b.grad)
 
 
-SHAPES = [
+SHAPES = [  # packed unless E M >= 128 * 128 and L >= 128
+    pytest.param((1, 2, 3, 4, 3), id="packed-three-tokens"),
+    pytest.param((2, 2, CHUNK - 7, 9, 4), id="packed-shorter-than-a-chunk"),
     pytest.param((1, 2, 2 * CHUNK, 5, 7), id="two-whole-chunks"),
     pytest.param((2, 2, 2 * CHUNK + 2, 33, 47), id="partial-last-chunk"),
     pytest.param((1, 2, 3 * CHUNK - 1, 64, 64), id="64x64"),
     pytest.param((1, 2, 200, 3, 1), id="narrow"),
     pytest.param((1, 2, 130, 70, 130), id="padded-columns"),
+    pytest.param((1, 2, 2 * CHUNK, 128, 128), id="chunked-two-whole-chunks"),
+    pytest.param((2, 2, 3 * CHUNK + 5, 131, 127), id="chunked-partial-chunk-padded-columns"),
 ]
 
 
@@ -133,23 +143,27 @@ def test_chunked_every_instruction_set_variant(level, normalize, cpu_level):
     if _C.cpu_level() != level:
         pytest.skip(f"this CPU does not support level {level}")
     for dtype in (torch.float32, torch.float64):
-        check(*inputs(1, 2, 140, 19, 37, dtype=dtype, seed=level), normalize, name=f"{dtype} ")
+        for shape in ((1, 2, 140, 19, 37), (1, 2, 140, 130, 129)):  # packed, chunked
+            check(*inputs(*shape, dtype=dtype, seed=level), normalize, name=f"{dtype} {shape} ")
 
 
 @pytest.mark.parametrize("normalize", NORMALIZE)
-def test_chunked_equals_recurrence(normalize):
-    """The same values through compact rows (the recurrence) and strided rows (chunks)."""
-    Q, K, V = inputs(2, 2, 300, 16, 24, seed=4, dtype=torch.float32)
+@pytest.mark.parametrize("features", [(16, 24), (128, 130)], ids=["packed", "chunked"])
+def test_chunked_equals_recurrence(features, normalize):
+    """The same values through compact rows (the recurrence) and strided rows."""
+    Q, K, V = inputs(2, 2, 300, *features, seed=4, dtype=torch.float32)
     chunked = run(Q, K, V, normalize)
     recurrence = run(Q.contiguous(), K.contiguous(), V.contiguous(), normalize)
     assert_close("chunked vs recurrence", chunked, recurrence)
 
 
 @pytest.mark.parametrize("normalize", NORMALIZE)
-def test_chunked_states_in_and_out(normalize):
-    Q, K, V = inputs(2, 2, 2 * CHUNK + 30, 5, 6, seed=5)
-    S0 = torch.rand(2, 2, 5, 6, dtype=torch.float64, generator=gen(6))
-    z0 = torch.rand(2, 2, 5, dtype=torch.float64, generator=gen(7))
+@pytest.mark.parametrize("features", [(5, 6), (128, 129)], ids=["packed", "chunked"])
+def test_chunked_states_in_and_out(features, normalize):
+    E, M = features
+    Q, K, V = inputs(2, 2, 2 * CHUNK + 30, E, M, seed=5)
+    S0 = torch.rand(2, 2, E, M, dtype=torch.float64, generator=gen(6))
+    z0 = torch.rand(2, 2, E, dtype=torch.float64, generator=gen(7))
     state = (S0, z0) if normalize else S0
     out, final = run(Q, K, V, normalize, state=state, return_state=True)
     expected, S, z = dense_reference(Q, K, V, normalize, S0=S0, z0=z0 if normalize else None)
@@ -157,7 +171,7 @@ def test_chunked_states_in_and_out(normalize):
     assert_close("S", final[0] if normalize else final, S)
     if normalize:
         assert_close("z", final[1], z)
-    # two passes with the state carried equal one pass, the second one of 130 tokens
+    # two passes with the state carried equal one pass (packed, then 130 tokens)
     first, mid = run(Q[:, :, :28], K[:, :, :28], V[:, :, :28], normalize, state=state,
                      return_state=True)  # fmt: skip
     second = run(Q[:, :, 28:], K[:, :, 28:], V[:, :, 28:], normalize, state=mid)
@@ -166,6 +180,8 @@ def test_chunked_states_in_and_out(normalize):
 
 @pytest.mark.parametrize("normalize", NORMALIZE)
 def test_chunked_gradcheck_with_states(normalize):
+    """gradcheck of the packed form; the chunked one (E M >= 128 * 128, too many inputs for
+    gradcheck) is held to the float64 reference's gradients above."""
     Q, K, V = (t.requires_grad_(True) for t in inputs(1, 2, CHUNK * 2 + 3, 3, 2, seed=8))
     S0 = torch.rand(1, 2, 3, 2, dtype=torch.float64, generator=gen(9), requires_grad=True)
     z0 = torch.rand(1, 2, 3, dtype=torch.float64, generator=gen(10), requires_grad=True)
