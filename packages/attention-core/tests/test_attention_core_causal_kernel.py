@@ -1,13 +1,14 @@
-"""The compiled causal-product kernel (attention_core._C through attention_core._kernels):
+"""The compiled causal-product kernel (attention_core._C through attention_core.causal_product._op):
 against an independent float64 reference, every instruction-set variant, strided layouts,
 gradients, the running state, opcheck, torch.compile, threads and dispatch."""
 
 import pytest
 import torch
 
-from attention_core import _kernels
+from attention_core import _extension
 from attention_core.attention import CausalLinearAttention
 from attention_core.builders import TransformerEncoderBuilder
+from attention_core.causal_product import _op as causal_op
 from attention_core.causal_product import (
     causal_dot_product,
     causal_dot_product_chunked,
@@ -17,7 +18,7 @@ from attention_core.masking import LengthMask, TriangularCausalMask
 from attention_core.testing import assert_close
 
 needs_kernels = pytest.mark.skipif(
-    not _kernels.kernels_available(), reason="attention_core._C is not compiled"
+    not _extension.kernels_available(), reason="attention_core._C is not compiled"
 )
 pytestmark = needs_kernels
 
@@ -82,8 +83,8 @@ def check_against_reference(Q, K, V, normalize, name=""):
 @pytest.fixture
 def cpu_level():
     """Set the instruction-set level for one test, then restore automatic selection."""
-    yield _kernels._C.set_cpu_level
-    _kernels._C.set_cpu_level(-1)
+    yield _extension._C.set_cpu_level
+    _extension._C.set_cpu_level(-1)
 
 
 # ---------------------------------------------------------------------------------------
@@ -110,7 +111,7 @@ def test_kernel_matches_dense_reference(shape, dtype, normalize):
 @pytest.mark.parametrize("level", [0, 1, 2], ids=["baseline", "avx2", "avx512"])
 def test_every_instruction_set_variant(level, normalize, cpu_level):
     cpu_level(level)
-    if _kernels._C.cpu_level() != level:
+    if _extension._C.cpu_level() != level:
         pytest.skip(f"this CPU does not support level {level}")
     for dtype in (torch.float32, torch.float64):
         Q, K, V = inputs(2, 2, 19, 37, 71, dtype=dtype, seed=level)
@@ -222,7 +223,7 @@ def test_gradient_of_some_inputs_only():
 @pytest.mark.parametrize("force_reference", [False, True], ids=["kernel", "reference"])
 @pytest.mark.parametrize("normalize", NORMALIZE)
 def test_two_halves_with_carried_state_equal_one_pass(normalize, force_reference, monkeypatch):
-    monkeypatch.setenv(_kernels.FORCE_REFERENCE_ENV, "1" if force_reference else "0")
+    monkeypatch.setenv(_extension.FORCE_REFERENCE_ENV, "1" if force_reference else "0")
     Q, K, V = inputs(2, 3, 23, 5, 7, seed=9)
     whole, final = run(Q, K, V, normalize, return_state=True)
     first, state = run(Q[:, :, :10], K[:, :, :10], V[:, :, :10], normalize, return_state=True)
@@ -275,7 +276,7 @@ def test_half_precision_inputs(dtype, normalize):
 def test_thread_count_is_honoured(normalize, monkeypatch):
     Q, K, V = (t.float().requires_grad_(True) for t in inputs(2, 4, 64, 32, 32, seed=12))
     calls = []
-    compiled = _kernels._C
+    compiled = _extension._C
 
     class Spy:  # records the thread count handed to the compiled functions
         def __getattr__(self, name):
@@ -287,7 +288,7 @@ def test_thread_count_is_honoured(normalize, monkeypatch):
 
             return call
 
-    monkeypatch.setattr(_kernels, "_C", Spy())
+    monkeypatch.setattr(_extension, "_C", Spy())
     results = []
     threads = torch.get_num_threads()
     try:
@@ -308,18 +309,18 @@ def test_thread_count_is_honoured(normalize, monkeypatch):
 def test_dispatch_to_kernel_unless_forced(monkeypatch):
     Q, K, V = inputs(1, 2, 9, 3, 4, dtype=torch.float32)
     calls = []
-    original = _kernels.causal_product_forward
+    original = causal_op.causal_product_forward
 
     def spy(*args):
         calls.append(args[5])
         return original(*args)
 
-    monkeypatch.setattr(_kernels, "causal_product_forward", spy)
-    monkeypatch.delenv(_kernels.FORCE_REFERENCE_ENV, raising=False)
+    monkeypatch.setattr(causal_op, "causal_product_forward", spy)
+    monkeypatch.delenv(_extension.FORCE_REFERENCE_ENV, raising=False)
     kernel = causal_dot_product(Q, K, V)
     normalized_causal_dot_product(Q, K, V)
     assert calls == [False, True]
-    monkeypatch.setenv(_kernels.FORCE_REFERENCE_ENV, "1")
+    monkeypatch.setenv(_extension.FORCE_REFERENCE_ENV, "1")
     reference = causal_dot_product(Q, K, V)
     normalized_causal_dot_product(Q, K, V)
     assert calls == [False, True]
@@ -328,8 +329,8 @@ def test_dispatch_to_kernel_unless_forced(monkeypatch):
 
 
 def test_missing_extension_falls_back(monkeypatch):
-    monkeypatch.setattr(_kernels, "_C", None)
-    assert not _kernels.kernels_available()
+    monkeypatch.setattr(_extension, "_C", None)
+    assert not _extension.kernels_available()
     Q, K, V = inputs(1, 2, 9, 3, 4)
     assert_close("chunked path", causal_dot_product(Q, K, V), dense_reference(Q, K, V, False)[0])
     out = normalized_causal_dot_product(Q, K, V, EPS)
@@ -351,10 +352,10 @@ def test_causal_linear_attention_kernel_equals_reference(dtype, monkeypatch):
     attention = CausalLinearAttention(E)
     mask = TriangularCausalMask(L)
     args = (LengthMask(torch.tensor([11, 4, 9]), max_len=L), LengthMask(torch.tensor([8, 5, 2])))
-    monkeypatch.setenv(_kernels.FORCE_REFERENCE_ENV, "0")
+    monkeypatch.setenv(_extension.FORCE_REFERENCE_ENV, "0")
     kernel = attention(q, k, v, mask, *args)
     assert kernel.shape == (N, L, H, D) and kernel.is_contiguous()
-    monkeypatch.setenv(_kernels.FORCE_REFERENCE_ENV, "1")
+    monkeypatch.setenv(_extension.FORCE_REFERENCE_ENV, "1")
     assert_close("attention", kernel, attention(q, k, v, mask, *args))
 
 
@@ -423,7 +424,7 @@ def opcheck_sample(sample, normalize):
 @pytest.mark.parametrize("normalize", NORMALIZE)
 @pytest.mark.parametrize("sample", OPCHECK_SAMPLES)
 def test_forward_opcheck(sample, normalize):
-    torch.library.opcheck(_kernels.causal_product_forward, opcheck_sample(sample, normalize))
+    torch.library.opcheck(causal_op.causal_product_forward, opcheck_sample(sample, normalize))
 
 
 @pytest.mark.parametrize("normalize", NORMALIZE)
@@ -432,13 +433,13 @@ def test_backward_opcheck(sample, normalize):
     Q, K, V, S0, z0, normalize, eps, sequence_first = (
         t.detach() if isinstance(t, torch.Tensor) else t for t in opcheck_sample(sample, normalize)
     )
-    out, S, z = _kernels.causal_product_forward(Q, K, V, S0, z0, normalize, eps, sequence_first)
+    out, S, z = causal_op.causal_product_forward(Q, K, V, S0, z0, normalize, eps, sequence_first)
     grad = torch.randn_like(out)
     grad_S = torch.randn_like(S) if sample == "state" else None
     grad_z = torch.randn_like(z) if sample == "state" and normalize else None
     args = (grad, Q, K, V, out if normalize else None, S0, z0, grad_S, grad_z, normalize, eps,
             sequence_first)  # fmt: skip
-    torch.library.opcheck(_kernels.causal_product_backward, args)
+    torch.library.opcheck(causal_op.causal_product_backward, args)
 
 
 # ---------------------------------------------------------------------------------------
@@ -451,7 +452,7 @@ def raw_forward(Q, K, V, *, L, out):
     address = 0 if out is None else out.data_ptr()
     S = torch.empty(1, 2, 3, 4)
     strides = (0, 0, 0)
-    _kernels._C.causal_product_forward_f32(
+    _extension._C.causal_product_forward_f32(
         Q.data_ptr(), strides, K.data_ptr(), strides, V.data_ptr(), strides, address, strides,
         0, 0, S.data_ptr(), 0, 1, 2, L, 3, 4, False, 0.0, 1,
     )  # fmt: skip
@@ -493,15 +494,15 @@ def raw_forward(Q, K, V, *, L, out):
             id="negative-eps",
         ),
         pytest.param(
-            lambda Q, K, V: _kernels.causal_product_forward(
+            lambda Q, K, V: causal_op.causal_product_forward(
                 Q.half(), K.half(), V.half(), None, None, False, 0.0, False
             ),
             TypeError,
-            "Q, K and V must all be float32 or float64; got torch.float16",
+            r"Q, K and V must all be float32 or float64 \(one dtype\); got torch.float16",
             id="op-dtype",
         ),
         pytest.param(
-            lambda Q, K, V: _kernels.causal_product_forward(
+            lambda Q, K, V: causal_op.causal_product_forward(
                 Q, K, V[:, :, :2], None, None, False, 0.0, False
             ),
             ValueError,
@@ -521,7 +522,7 @@ def raw_forward(Q, K, V, *, L, out):
             id="binding-null-output",
         ),
         pytest.param(
-            lambda Q, K, V: _kernels._C.set_cpu_level(3),
+            lambda Q, K, V: _extension._C.set_cpu_level(3),
             ValueError,
             r"level must be -1 \(detect\), 0 \(baseline\), 1 \(avx2\) or 2 \(avx512\); got 3",
             id="binding-cpu-level",

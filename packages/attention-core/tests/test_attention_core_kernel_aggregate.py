@@ -6,7 +6,8 @@ ClusteredAttention's bookkeeping, dispatch and errors."""
 import pytest
 import torch
 
-from attention_core import _kernels
+from attention_core import _extension
+from attention_core.aggregate import _op as aggregate_op
 from attention_core.aggregate import (
     aggregate,
     broadcast,
@@ -18,7 +19,7 @@ from attention_core.masking import FullMask, LengthMask
 from attention_core.testing import assert_close
 
 pytestmark = pytest.mark.skipif(
-    not _kernels.kernels_available(), reason="attention_core._C is not compiled"
+    not _extension.kernels_available(), reason="attention_core._C is not compiled"
 )
 
 DTYPES = [pytest.param(torch.float32, id="float32"), pytest.param(torch.float64, id="float64")]
@@ -123,14 +124,14 @@ def test_kernels_match_loops(shape, dtype):
 
 @pytest.fixture
 def cpu_level():
-    yield _kernels._C.set_cpu_level
-    _kernels._C.set_cpu_level(-1)
+    yield _extension._C.set_cpu_level
+    _extension._C.set_cpu_level(-1)
 
 
 @pytest.mark.parametrize("level", [0, 1, 2], ids=["baseline", "avx2", "avx512"])
 def test_every_instruction_set_variant(level, cpu_level):
     cpu_level(level)
-    if _kernels._C.cpu_level() != level:
+    if _extension._C.cpu_level() != level:
         pytest.skip(f"this CPU does not support level {level}")
     for dtype in (torch.float32, torch.float64):
         check_all(*make(2, 2, 11, 3, 37, seed=level, dtype=dtype), name=f"{dtype} ")
@@ -196,15 +197,15 @@ def opcheck_inputs(sample):
 @pytest.mark.parametrize("sample", OPCHECK_SAMPLES)
 def test_forward_opcheck(sample):
     X, Y, G, F, limits = opcheck_inputs(sample)
-    torch.library.opcheck(_kernels.aggregate_forward, (X, G, F, limits))
-    torch.library.opcheck(_kernels.broadcast_forward, (Y, G, F, limits))
+    torch.library.opcheck(aggregate_op.aggregate_forward, (X, G, F, limits))
+    torch.library.opcheck(aggregate_op.broadcast_forward, (Y, G, F, limits))
 
 
 @pytest.mark.parametrize("sample", ["transposed", "float64", "limits"])
 def test_backward_opcheck(sample):
     X, Y, G, F, limits = opcheck_inputs(sample)
-    torch.library.opcheck(_kernels.aggregate_backward, (torch.randn_like(Y), X, G, F, limits))
-    torch.library.opcheck(_kernels.broadcast_backward, (torch.randn_like(X), Y, G, F, limits))
+    torch.library.opcheck(aggregate_op.aggregate_backward, (torch.randn_like(Y), X, G, F, limits))
+    torch.library.opcheck(aggregate_op.broadcast_backward, (torch.randn_like(X), Y, G, F, limits))
 
 
 def test_compiled_clustered_attention_matches_eager():
@@ -255,7 +256,7 @@ def test_clustered_attention_kernel_equals_forced_reference(dtype, monkeypatch):
     attention = ClusteredAttention(3, attention_dropout=0.0)
     results = []
     for force in ("0", "1"):
-        monkeypatch.setenv(_kernels.FORCE_REFERENCE_ENV, force)
+        monkeypatch.setenv(_extension.FORCE_REFERENCE_ENV, force)
         torch.manual_seed(0)  # the same hash planes for both runs
         leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
         out = attention(*leaves, FullMask(L, S), *lengths)
@@ -269,14 +270,14 @@ def test_dispatch_to_kernel_unless_forced(monkeypatch):
     X, Y, G, F, lengths, counts = make(1, 2, 5, 2, 3, dtype=torch.float32)
     calls = []
     for name in ("aggregate_forward", "broadcast_forward"):
-        original = getattr(_kernels, name)
+        original = getattr(aggregate_op, name)
         monkeypatch.setattr(
-            _kernels, name, lambda *a, _f=original, _n=name: calls.append(_n) or _f(*a)
+            aggregate_op, name, lambda *a, _f=original, _n=name: calls.append(_n) or _f(*a)
         )
-    monkeypatch.delenv(_kernels.FORCE_REFERENCE_ENV, raising=False)
+    monkeypatch.delenv(_extension.FORCE_REFERENCE_ENV, raising=False)
     kernel = [clustered_aggregate(X, G, F, lengths), clustered_broadcast(Y, G, counts, F)]
     assert len(calls) == 2
-    monkeypatch.setenv(_kernels.FORCE_REFERENCE_ENV, "1")
+    monkeypatch.setenv(_extension.FORCE_REFERENCE_ENV, "1")
     reference = [clustered_aggregate(X, G, F, lengths), clustered_broadcast(Y, G, counts, F)]
     assert len(calls) == 2
     assert_close("aggregate", kernel[0], reference[0])
@@ -303,37 +304,37 @@ def test_half_precision_inputs(dtype):
     ("call", "error", "match"),
     [
         pytest.param(
-            lambda X, Y, G, F: _kernels.aggregate_forward(X.half(), G, F, None),
+            lambda X, Y, G, F: aggregate_op.aggregate_forward(X.half(), G, F, None),
             TypeError,
-            "rows and F must all be float32 or float64",
+            "X and F must all be float32 or float64",
             id="op-dtype",
         ),
         pytest.param(
-            lambda X, Y, G, F: _kernels.aggregate_forward(X, G.int(), F, None),
+            lambda X, Y, G, F: aggregate_op.aggregate_forward(X, G.int(), F, None),
             ValueError,
-            r"G must be an int64 tensor of shape \(1, 2, L\); got torch.int32",
+            r"G must be an int64 tensor of shape \(1, 2, 5\); got torch.int32",
             id="op-groups",
         ),
         pytest.param(
-            lambda X, Y, G, F: _kernels.aggregate_forward(X, G[..., :3], F, None),
+            lambda X, Y, G, F: aggregate_op.aggregate_forward(X, G[..., :3], F, None),
             ValueError,
-            r"G must have 5 positions; got \(1, 2, 3\)",
+            r"G must be an int64 tensor of shape \(1, 2, 5\); got torch.int64 \(1, 2, 3\)",
             id="op-positions",
         ),
         pytest.param(
-            lambda X, Y, G, F: _kernels.broadcast_forward(Y, G, F[..., :1], None),
+            lambda X, Y, G, F: aggregate_op.broadcast_forward(Y, G, F[..., :1], None),
             ValueError,
             r"F must have shape \(1, 2, 2\); got \(1, 2, 1\)",
             id="op-factors",
         ),
         pytest.param(
-            lambda X, Y, G, F: _kernels.broadcast_forward(Y, G, F, torch.tensor([3])),
+            lambda X, Y, G, F: aggregate_op.broadcast_forward(Y, G, F, torch.tensor([3])),
             ValueError,
             r"limits must be an int64 tensor of shape \(1, 2\); got torch.int64 \(1,\)",
             id="op-limits",
         ),
         pytest.param(
-            lambda X, Y, G, F: _kernels._C.group_rows_f32(
+            lambda X, Y, G, F: _extension._C.group_rows_f32(
                 X.data_ptr(), (0, 0, 0), 0, (0, 0, 0), G.data_ptr(), 0, 0, 1, 2, 5, 2, 3, False, 1
             ),
             ValueError,
@@ -341,7 +342,7 @@ def test_half_precision_inputs(dtype):
             id="binding-null-output",
         ),
         pytest.param(
-            lambda X, Y, G, F: _kernels._C.group_rows_f32(
+            lambda X, Y, G, F: _extension._C.group_rows_f32(
                 X.data_ptr(),
                 (0, 0, 0),
                 Y.data_ptr(),

@@ -6,14 +6,15 @@ errors."""
 import pytest
 import torch
 
-from attention_core import _kernels
+from attention_core import _extension
 from attention_core.attention import ClusteredAttention
+from attention_core.clustering.hamming import _op as hamming_op
 from attention_core.clustering.hamming import cluster
 from attention_core.masking import FullMask, LengthMask
 from attention_core.testing import assert_close
 
 pytestmark = pytest.mark.skipif(
-    not _kernels.kernels_available(), reason="attention_core._C is not compiled"
+    not _extension.kernels_available(), reason="attention_core._C is not compiled"
 )
 
 
@@ -113,9 +114,9 @@ def test_kernel_equals_forced_reference(case, monkeypatch):
     N, H, L, C, iterations, bits = case
     hashes = random_hashes(N, H, L, bits, seed=L + 1)
     lengths = torch.randint(0, L + 1, (N,), generator=gen(C + 1))
-    monkeypatch.setenv(_kernels.FORCE_REFERENCE_ENV, "0")
+    monkeypatch.setenv(_extension.FORCE_REFERENCE_ENV, "0")
     kernel = run_with_buffers(hashes, lengths, C, iterations, bits)
-    monkeypatch.setenv(_kernels.FORCE_REFERENCE_ENV, "1")
+    monkeypatch.setenv(_extension.FORCE_REFERENCE_ENV, "1")
     reference = run_with_buffers(hashes, lengths, C, iterations, bits)
     for name in kernel:
         assert torch.equal(kernel[name], reference[name]), name
@@ -144,8 +145,8 @@ def test_threads_give_identical_results():
 
 @pytest.fixture
 def cpu_level():
-    yield _kernels._C.set_cpu_level
-    _kernels._C.set_cpu_level(-1)
+    yield _extension._C.set_cpu_level
+    _extension._C.set_cpu_level(-1)
 
 
 def test_baseline_and_popcnt_variants_agree(cpu_level):
@@ -160,7 +161,7 @@ def test_baseline_and_popcnt_variants_agree(cpu_level):
 
 def test_opcheck():
     hashes, lengths = random_hashes(2, 3, 11, 20, seed=6), torch.tensor([11, 4])
-    torch.library.opcheck(_kernels.hamming_cluster, (hashes, lengths, 3, 2, 20))
+    torch.library.opcheck(hamming_op.hamming_cluster, (hashes, lengths, 3, 2, 20))
 
 
 def test_compiled_cluster_matches_eager():
@@ -190,7 +191,7 @@ def test_clustered_attention_kernel_equals_forced_reference(monkeypatch):
     attention = ClusteredAttention(3, bits=16, attention_dropout=0.0)
     results = []
     for force in ("0", "1"):
-        monkeypatch.setenv(_kernels.FORCE_REFERENCE_ENV, force)
+        monkeypatch.setenv(_extension.FORCE_REFERENCE_ENV, force)
         torch.manual_seed(0)  # the same hash planes for both runs
         results.append(attention(q, k, v, FullMask(L, S), *lengths))
     assert_close("out", results[0], results[1])
@@ -200,28 +201,28 @@ def test_clustered_attention_kernel_equals_forced_reference(monkeypatch):
     ("call", "error", "match"),
     [
         pytest.param(
-            lambda h, n: _kernels.hamming_cluster(h.int(), n, 2, 1, 8),
+            lambda h, n: hamming_op.hamming_cluster(h.int(), n, 2, 1, 8),
             TypeError,
             r"hashes must be an \(N, H, L\) int64 tensor; got torch.int32",
             id="op-hashes",
         ),
         pytest.param(
-            lambda h, n: _kernels.hamming_cluster(h, n[:1], 2, 1, 8),
+            lambda h, n: hamming_op.hamming_cluster(h, n[:1], 2, 1, 8),
             ValueError,
             r"lengths must be an int64 tensor of shape \(2,\); got torch.int64 \(1,\)",
             id="op-lengths",
         ),
         pytest.param(
-            lambda h, n: _kernels.hamming_cluster(h, n, 2, 1, 64),
+            lambda h, n: hamming_op.hamming_cluster(h, n, 2, 1, 64),
             ValueError,
-            r"bits must be in \[1, 63\]; got 64",
-            id="binding-bits",
+            r"bits must be an int in \[1, 63\]; got 64",
+            id="op-bits",
         ),
         pytest.param(
-            lambda h, n: _kernels.hamming_cluster(h, n, 0, 1, 8),
+            lambda h, n: hamming_op.hamming_cluster(h, n, 0, 1, 8),
             ValueError,
-            r"clusters positive; got \(N, H, L, C, iterations\) = \(2, 1, 5, 0, 1\)",
-            id="binding-clusters",
+            r"clusters must be an int in \[1, 2147483647\]; got 0",
+            id="op-clusters",
         ),
         pytest.param(
             lambda h, n: cluster(h, n + 9),

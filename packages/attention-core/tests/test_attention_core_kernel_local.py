@@ -5,14 +5,15 @@ gradients, opcheck, torch.compile of LocalAttention, dispatch and errors."""
 import pytest
 import torch
 
-from attention_core import _kernels
+from attention_core import _extension
 from attention_core.attention import LocalAttention
+from attention_core.local_product import _op as local_op
 from attention_core.local_product import local_dot_product, local_weighted_average
 from attention_core.masking import FullMask, LengthMask
 from attention_core.testing import assert_close
 
 pytestmark = pytest.mark.skipif(
-    not _kernels.kernels_available(), reason="attention_core._C is not compiled"
+    not _extension.kernels_available(), reason="attention_core._C is not compiled"
 )
 
 DTYPES = [pytest.param(torch.float32, id="float32"), pytest.param(torch.float64, id="float64")]
@@ -138,14 +139,14 @@ def test_weighted_average_matches_dense_reference(shape, dtype):
 
 @pytest.fixture
 def cpu_level():
-    yield _kernels._C.set_cpu_level
-    _kernels._C.set_cpu_level(-1)
+    yield _extension._C.set_cpu_level
+    _extension._C.set_cpu_level(-1)
 
 
 @pytest.mark.parametrize("level", [0, 1, 2], ids=["baseline", "avx2", "avx512"])
 def test_every_instruction_set_variant(level, cpu_level):
     cpu_level(level)
-    if _kernels._C.cpu_level() != level:
+    if _extension._C.cpu_level() != level:
         pytest.skip(f"this CPU does not support level {level}")
     for dtype in (torch.float32, torch.float64):
         check_dot(*band_inputs(2, 2, 23, 19, 37, 35, dtype=dtype, seed=level), 35, f"{dtype} ")
@@ -223,8 +224,8 @@ def opcheck_inputs(sample):
 @pytest.mark.parametrize("sample", OPCHECK_SAMPLES)
 def test_forward_opcheck(sample):
     Q, K, mask, lengths, A, V = opcheck_inputs(sample)
-    torch.library.opcheck(_kernels.local_dot_product_forward, (Q, K, mask, lengths, 5))
-    torch.library.opcheck(_kernels.local_weighted_average_forward, (A, V))
+    torch.library.opcheck(local_op.local_dot_product_forward, (Q, K, mask, lengths, 5))
+    torch.library.opcheck(local_op.local_weighted_average_forward, (A, V))
 
 
 @pytest.mark.parametrize("sample", ["transposed", "float64"])
@@ -232,8 +233,8 @@ def test_backward_opcheck(sample):
     Q, K, _, lengths, A, V = opcheck_inputs(sample)
     grad_scores = torch.randn(2, 3, 7, 5, dtype=Q.dtype)
     grad_out = torch.randn(2, 3, 7, 4, dtype=Q.dtype)
-    torch.library.opcheck(_kernels.local_dot_product_backward, (grad_scores, Q, K, lengths, 5))
-    torch.library.opcheck(_kernels.local_weighted_average_backward, (grad_out, A, V))
+    torch.library.opcheck(local_op.local_dot_product_backward, (grad_scores, Q, K, lengths, 5))
+    torch.library.opcheck(local_op.local_weighted_average_backward, (grad_out, A, V))
 
 
 def attention_inputs(dtype=torch.float32, seed=10):
@@ -289,13 +290,13 @@ def test_local_attention_kernel_equals_forced_reference(dtype, monkeypatch):
     attention = LocalAttention(6, softmax_temp=0.4, attention_dropout=0.0)
     q, k, v, mask, ql, kl = attention_inputs(dtype)
     leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
-    monkeypatch.setenv(_kernels.FORCE_REFERENCE_ENV, "0")
+    monkeypatch.setenv(_extension.FORCE_REFERENCE_ENV, "0")
     kernel = attention(*leaves, mask, ql, kl)
     kernel.square().sum().backward()
     grads = [t.grad for t in leaves]
     for t in leaves:
         t.grad = None
-    monkeypatch.setenv(_kernels.FORCE_REFERENCE_ENV, "1")
+    monkeypatch.setenv(_extension.FORCE_REFERENCE_ENV, "1")
     reference = attention(*leaves, mask, ql, kl)
     reference.square().sum().backward()
     assert_close("attention", kernel, reference)
@@ -308,20 +309,20 @@ def test_dispatch_to_kernel_unless_forced(monkeypatch):
     A, V = average_inputs(1, 2, 9, 9, 3, 4, dtype=torch.float32)
     calls = []
     for name in ("local_dot_product_forward", "local_weighted_average_forward"):
-        original = getattr(_kernels, name)
+        original = getattr(local_op, name)
         monkeypatch.setattr(
-            _kernels, name, lambda *a, _f=original, _n=name: calls.append(_n) or _f(*a)
+            local_op, name, lambda *a, _f=original, _n=name: calls.append(_n) or _f(*a)
         )
-    monkeypatch.delenv(_kernels.FORCE_REFERENCE_ENV, raising=False)
+    monkeypatch.delenv(_extension.FORCE_REFERENCE_ENV, raising=False)
     local_dot_product(Q, K, mask, lengths, 4)
     local_weighted_average(A, V)
     assert len(calls) == 2
-    monkeypatch.setenv(_kernels.FORCE_REFERENCE_ENV, "1")
+    monkeypatch.setenv(_extension.FORCE_REFERENCE_ENV, "1")
     local_dot_product(Q, K, mask, lengths, 4)
     local_weighted_average(A, V)
     assert len(calls) == 2
     # a mask that requires a gradient takes the differentiable reference path
-    monkeypatch.setenv(_kernels.FORCE_REFERENCE_ENV, "0")
+    monkeypatch.setenv(_extension.FORCE_REFERENCE_ENV, "0")
     local_dot_product(Q, K, mask.requires_grad_(True), lengths, 4)
     assert len(calls) == 2
 
@@ -348,39 +349,39 @@ def test_half_precision_inputs(dtype):
     ("call", "error", "match"),
     [
         pytest.param(
-            lambda Q, K, m, n: _kernels.local_dot_product_forward(Q.half(), K.half(), m, n, 3),
+            lambda Q, K, m, n: local_op.local_dot_product_forward(Q.half(), K.half(), m, n, 3),
             TypeError,
             "Q and K must all be float32 or float64",
             id="op-dtype",
         ),
         pytest.param(
-            lambda Q, K, m, n: _kernels.local_dot_product_forward(Q, K[..., :2], m, n, 3),
+            lambda Q, K, m, n: local_op.local_dot_product_forward(Q, K[..., :2], m, n, 3),
             ValueError,
             r"Q must be \(N, H, L, E\) and K \(N, H, S, E\); got \(1, 2, 5, 3\) and "
             r"\(1, 2, 6, 2\)",
             id="op-shapes",
         ),
         pytest.param(
-            lambda Q, K, m, n: _kernels.local_dot_product_forward(Q, K, m[:, :2], n, 3),
+            lambda Q, K, m, n: local_op.local_dot_product_forward(Q, K, m[:, :2], n, 3),
             ValueError,
             r"attn_mask must be a torch.float32 tensor of shape \(5, 6\); got torch.float32 "
             r"\(5, 2\)",
             id="op-mask",
         ),
         pytest.param(
-            lambda Q, K, m, n: _kernels.local_dot_product_forward(Q, K, m, n.int(), 3),
+            lambda Q, K, m, n: local_op.local_dot_product_forward(Q, K, m, n.int(), 3),
             ValueError,
             r"key_lengths must be an int64 tensor of shape \(1,\); got torch.int32",
             id="op-lengths",
         ),
         pytest.param(
-            lambda Q, K, m, n: _kernels.local_weighted_average_forward(Q[..., :0], K),
+            lambda Q, K, m, n: local_op.local_weighted_average_forward(Q[..., :0], K),
             ValueError,
             r"attention must be \(N, H, L, C\) with C > 0",
             id="op-empty-context",
         ),
         pytest.param(
-            lambda Q, K, m, n: _kernels._C.local_weighted_average_forward_f32(
+            lambda Q, K, m, n: _extension._C.local_weighted_average_forward_f32(
                 Q.data_ptr(),
                 (0, 0, 0),
                 K.data_ptr(),
@@ -400,7 +401,7 @@ def test_half_precision_inputs(dtype):
             id="binding-null-output",
         ),
         pytest.param(
-            lambda Q, K, m, n: _kernels._C.local_weighted_average_forward_f32(
+            lambda Q, K, m, n: _extension._C.local_weighted_average_forward_f32(
                 Q.data_ptr(),
                 (0, 0, 0),
                 K.data_ptr(),

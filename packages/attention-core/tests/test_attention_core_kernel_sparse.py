@@ -6,9 +6,10 @@ dispatch and errors."""
 import pytest
 import torch
 
-from attention_core import _kernels
+from attention_core import _extension
 from attention_core.attention import ImprovedClusteredAttention
 from attention_core.masking import FullMask, LengthMask
+from attention_core.sparse_product import _op as sparse_op
 from attention_core.sparse_product import (
     clustered_sparse_dot_product,
     clustered_sparse_weighted_average,
@@ -18,7 +19,7 @@ from attention_core.sparse_product import (
 from attention_core.testing import assert_close
 
 pytestmark = pytest.mark.skipif(
-    not _kernels.kernels_available(), reason="attention_core._C is not compiled"
+    not _extension.kernels_available(), reason="attention_core._C is not compiled"
 )
 
 DTYPES = [pytest.param(torch.float32, id="float32"), pytest.param(torch.float64, id="float64")]
@@ -153,14 +154,14 @@ def test_clustered_sparse_products_match_loops(shape, dtype):
 
 @pytest.fixture
 def cpu_level():
-    yield _kernels._C.set_cpu_level
-    _kernels._C.set_cpu_level(-1)
+    yield _extension._C.set_cpu_level
+    _extension._C.set_cpu_level(-1)
 
 
 @pytest.mark.parametrize("level", [0, 1, 2], ids=["baseline", "avx2", "avx512"])
 def test_every_instruction_set_variant(level, cpu_level):
     cpu_level(level)
-    if _kernels._C.cpu_level() != level:
+    if _extension._C.cpu_level() != level:
         pytest.skip(f"this CPU does not support level {level}")
     for dtype in (torch.float32, torch.float64):
         check_all(2, 2, 9, 11, 37, 5, dtype=dtype, seed=level, name=f"{dtype} ")
@@ -236,8 +237,8 @@ def opcheck_inputs(sample):
 @pytest.mark.parametrize("sample", OPCHECK_SAMPLES)
 def test_forward_opcheck(sample):
     Q, K, W, topk, groups, limits = opcheck_inputs(sample)
-    torch.library.opcheck(_kernels.sparse_dot_product_forward, (Q, K, topk, groups, limits))
-    torch.library.opcheck(_kernels.sparse_weighted_average_forward, (W, K, topk, groups, limits))
+    torch.library.opcheck(sparse_op.sparse_dot_product_forward, (Q, K, topk, groups, limits))
+    torch.library.opcheck(sparse_op.sparse_weighted_average_forward, (W, K, topk, groups, limits))
 
 
 @pytest.mark.parametrize("sample", ["transposed", "float64", "clustered"])
@@ -246,10 +247,10 @@ def test_backward_opcheck(sample):
     grad_dot = torch.randn(2, 3, 7, 3, dtype=Q.dtype)
     grad_average = torch.randn(2, 3, 7, 4, dtype=Q.dtype)
     torch.library.opcheck(
-        _kernels.sparse_dot_product_backward, (grad_dot, Q, K, topk, groups, limits)
+        sparse_op.sparse_dot_product_backward, (grad_dot, Q, K, topk, groups, limits)
     )
     torch.library.opcheck(
-        _kernels.sparse_weighted_average_backward, (grad_average, W, K, topk, groups, limits)
+        sparse_op.sparse_weighted_average_backward, (grad_average, W, K, topk, groups, limits)
     )
 
 
@@ -301,7 +302,7 @@ def test_improved_clustered_attention_kernel_equals_forced_reference(dtype, monk
     attention = ImprovedClusteredAttention(3, topk=4, attention_dropout=0.0)
     results = []
     for force in ("0", "1"):
-        monkeypatch.setenv(_kernels.FORCE_REFERENCE_ENV, force)
+        monkeypatch.setenv(_extension.FORCE_REFERENCE_ENV, force)
         torch.manual_seed(0)  # the same hash planes for both runs
         leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
         out = attention(*leaves, FullMask(L, S), *lengths)
@@ -315,14 +316,14 @@ def test_dispatch_to_kernel_unless_forced(monkeypatch):
     Q, K, W, topk = make(1, 2, 5, 4, 3, 2, dtype=torch.float32)
     calls = []
     for name in ("sparse_dot_product_forward", "sparse_weighted_average_forward"):
-        original = getattr(_kernels, name)
+        original = getattr(sparse_op, name)
         monkeypatch.setattr(
-            _kernels, name, lambda *a, _f=original, _n=name: calls.append(_n) or _f(*a)
+            sparse_op, name, lambda *a, _f=original, _n=name: calls.append(_n) or _f(*a)
         )
-    monkeypatch.delenv(_kernels.FORCE_REFERENCE_ENV, raising=False)
+    monkeypatch.delenv(_extension.FORCE_REFERENCE_ENV, raising=False)
     kernel = [sparse_dot_product(Q, K, topk), sparse_weighted_average(W, K, topk)]
     assert len(calls) == 2
-    monkeypatch.setenv(_kernels.FORCE_REFERENCE_ENV, "1")
+    monkeypatch.setenv(_extension.FORCE_REFERENCE_ENV, "1")
     reference = [sparse_dot_product(Q, K, topk), sparse_weighted_average(W, K, topk)]
     assert len(calls) == 2
     assert_close("dot", kernel[0], reference[0])
@@ -348,7 +349,7 @@ def test_half_precision_inputs(dtype):
 def raw_dot(Q, K, topk, S):
     """The binding called directly (no Python-side checks)."""
     out = torch.empty(1, 2, 5, 2)
-    _kernels._C.sparse_dot_product_forward_f32(
+    _extension._C.sparse_dot_product_forward_f32(
         Q.data_ptr(), Q.stride()[:3], K.data_ptr(), K.stride()[:3], out.data_ptr(),
         out.stride()[:3], topk.data_ptr(), 5, 0, 0, 1, 2, 5, S, 3, 2, 1,
     )  # fmt: skip
@@ -358,25 +359,25 @@ def raw_dot(Q, K, topk, S):
     ("call", "error", "match"),
     [
         pytest.param(
-            lambda Q, K, W, i: _kernels.sparse_dot_product_forward(Q.half(), K, i, None, None),
+            lambda Q, K, W, i: sparse_op.sparse_dot_product_forward(Q.half(), K, i, None, None),
             TypeError,
             "Q and K must all be float32 or float64",
             id="op-dtype",
         ),
         pytest.param(
-            lambda Q, K, W, i: _kernels.sparse_dot_product_forward(Q, K, i.int(), None, None),
+            lambda Q, K, W, i: sparse_op.sparse_dot_product_forward(Q, K, i.int(), None, None),
             ValueError,
             r"topk must be an int64 tensor of shape \(1, 2, R, k\); got torch.int32",
             id="op-topk-dtype",
         ),
         pytest.param(
-            lambda Q, K, W, i: _kernels.sparse_dot_product_forward(Q, K, i[:, :, :3], None, None),
+            lambda Q, K, W, i: sparse_op.sparse_dot_product_forward(Q, K, i[:, :, :3], None, None),
             ValueError,
             r"topk must have 5 rows \(one per query\)",
             id="op-topk-rows",
         ),
         pytest.param(
-            lambda Q, K, W, i: _kernels.sparse_weighted_average_forward(
+            lambda Q, K, W, i: sparse_op.sparse_weighted_average_forward(
                 W[..., :1], K, i, None, None
             ),
             ValueError,
@@ -384,7 +385,7 @@ def raw_dot(Q, K, topk, S):
             id="op-k",
         ),
         pytest.param(
-            lambda Q, K, W, i: _kernels.sparse_dot_product_forward(
+            lambda Q, K, W, i: sparse_op.sparse_dot_product_forward(
                 Q, K, i[:, :, :2], i[..., 0].int(), None
             ),
             ValueError,

@@ -22,21 +22,30 @@ import torch
 
 pytest.importorskip("triton")
 
-from attention_core import _kernels
-from attention_core._triton import aggregate as triton_aggregate
-from attention_core._triton import available
-from attention_core._triton import causal_product as triton_causal
-from attention_core._triton import local_product as triton_local
-from attention_core._triton import ops as triton_ops
-from attention_core._triton import sparse_product as triton_sparse
+from attention_core import _extension
+from attention_core.aggregate import _op as aggregate_op
+from attention_core.aggregate import _triton as triton_aggregate
+from attention_core.causal_product import _op as causal_op
+from attention_core.causal_product import _triton as triton_causal
 from attention_core.causal_product import (
     causal_dot_product,
     normalized_causal_dot_product,
 )
+from attention_core.local_product import _op as local_op
+from attention_core.local_product import _triton as triton_local
+from attention_core.sparse_product import _op as sparse_op
+from attention_core.sparse_product import _triton as triton_sparse
 from attention_core.testing import TOLERANCES, assert_close
 
 EPS = 1e-3
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# every op with a Triton kernel: name -> (its torch.library op, its "cuda" kernel)
+OP_MODULES = (causal_op, local_op, sparse_op, aggregate_op)
+CUDA_OPS = {
+    name: (getattr(module, name), kernel)
+    for module in OP_MODULES
+    for name, kernel in module.CUDA_KERNELS.items()
+}
 DEVICE = "cuda" if torch.cuda.is_available() and not INTERPRETED else "cpu"
 runs_kernels = pytest.mark.skipif(
     DEVICE == "cpu" and not INTERPRETED,
@@ -173,7 +182,7 @@ def check_all(inputs, grads, normalize, dtype, **kwargs):
 @pytest.mark.skipif(not INTERPRETED, reason="checks the interpreter run")
 def test_kernels_are_interpreted():
     assert type(triton_causal._forward_kernel).__name__ == "InterpretedFunction"
-    assert available()
+    assert _extension.triton_available()
 
 
 @runs_kernels
@@ -251,7 +260,7 @@ def test_causal_product_empty(shape, normalize):
 def test_causal_product_bad_inputs():
     Q = torch.rand(1, 2, 5, 3)
     V = torch.rand(1, 2, 5, 4)
-    with pytest.raises(TypeError, match=r"float32, float16 or bfloat16.*torch.float64"):
+    with pytest.raises(TypeError, match=r"float32, float16 and bfloat16; got torch.float64"):
         triton_causal.causal_product_forward(Q.double(), Q.double(), V.double())
     with pytest.raises(ValueError, match=r"V \(N, H, L, M\); got .*\(1, 2, 4, 4\)"):
         triton_causal.causal_product_forward(Q, Q, V[:, :, :4])
@@ -591,7 +600,10 @@ def test_aggregate_bad_inputs():
         triton_aggregate.aggregate_forward(X, G, F.double(), None)
     with pytest.raises(ValueError, match=r"G must be an int64 tensor .*torch.int32"):
         triton_aggregate.aggregate_forward(X, G.int(), F, None)
-    with pytest.raises(ValueError, match=r"G must have 5 positions; got \(1, 2, 4\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"G must be an int64 tensor of shape \(1, 2, 5\); got torch.int64 \(1, 2, 4\)",
+    ):
         triton_aggregate.aggregate_forward(X, G[:, :, :4], F, None)
     with pytest.raises(ValueError, match=r"limits must be an int64 tensor of shape \(1, 2\)"):
         triton_aggregate.broadcast_forward(torch.rand(1, 2, 4, 3), G, F, torch.zeros(2).long())
@@ -606,10 +618,10 @@ def test_aggregate_bad_inputs():
 def triton_as_cpu_kernels(monkeypatch):
     """Make the Triton launch functions (run by the interpreter) the ops' CPU kernels for one
     test, so the ops' fakes and autograd and the public functions run through them."""
-    if not INTERPRETED or not _kernels.kernels_available():
+    if not INTERPRETED or not _extension.kernels_available():
         pytest.skip("needs the interpreter run and the compiled CPU ops")
-    for name, fn in triton_ops._CUDA_KERNELS.items():
-        backends = getattr(getattr(_kernels, name), "_backend_fns", None)
+    for op, fn in CUDA_OPS.values():
+        backends = getattr(op, "_backend_fns", None)
         if backends is None or "cpu" not in backends:
             pytest.skip("torch.library internals differ from torch 2.13's")
         monkeypatch.setitem(backends, "cpu", fn)
@@ -636,7 +648,7 @@ def test_causal_op_opcheck_through_triton():
     # kernel tests run it
     checks = ("test_schema", "test_autograd_registration", "test_faketensor")
     for args in opcheck_samples(1, 2, 9, 3, 4):
-        torch.library.opcheck(_kernels.causal_product_forward, args, test_utils=checks)
+        torch.library.opcheck(causal_op.causal_product_forward, args, test_utils=checks)
 
 
 def other_op_samples():
@@ -668,7 +680,7 @@ def other_op_samples():
 def test_local_and_sparse_ops_opcheck_through_triton():
     checks = ("test_schema", "test_autograd_registration", "test_faketensor")
     for name, args in other_op_samples():
-        torch.library.opcheck(getattr(_kernels, name), args, test_utils=checks)
+        torch.library.opcheck(CUDA_OPS[name][0], args, test_utils=checks)
 
 
 @pytest.mark.usefixtures("triton_as_cpu_kernels")
@@ -772,7 +784,7 @@ def test_public_other_functions_through_triton():
 # ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", sorted(triton_ops._CUDA_KERNELS))
+@pytest.mark.parametrize("name", sorted(CUDA_OPS))
 def test_cuda_kernels_registered(name):
     assert torch._C._dispatch_has_kernel_for_dispatch_key(f"attention_core::{name}", "CUDA")
 
@@ -786,8 +798,8 @@ def test_cuda_op_kernel_matches_reference():
     )
     Q, K, V, S0, z0 = (cast(t, torch.float32) for t in inputs)
     grads = [cast(t, torch.float32) for t in grads]
-    out, S, z = triton_ops.causal_product_forward_cuda(Q, K, V, S0, z0, True, EPS, False)
-    dQ, dK, dV, dS0, dz0 = triton_ops.causal_product_backward_cuda(
+    out, S, z = causal_op.causal_product_forward_cuda(Q, K, V, S0, z0, True, EPS, False)
+    dQ, dK, dV, dS0, dz0 = causal_op.causal_product_backward_cuda(
         grads[0], Q, K, V, out, S0, z0, grads[1], grads[2], True, EPS, False
     )
     (ref_out, ref_S, ref_z), ref_grads = reference_gradients(
@@ -819,14 +831,14 @@ def like(device, dtype):
 )
 def test_use_kernels_dispatch(device, dtype, triton, expected):
     tensors = [like(device, dtype)] * 3
-    assert _kernels.use_kernels(*tensors, triton=triton) is expected
+    assert _extension.use_kernels(*tensors, triton=triton) is expected
 
 
 def test_use_kernels_cpu_unchanged_and_forced_reference(monkeypatch):
     Q = torch.rand(1, 1, 2, 2)
-    assert _kernels.use_kernels(Q, triton=True) is _kernels.kernels_available()
-    monkeypatch.setenv(_kernels.FORCE_REFERENCE_ENV, "1")
-    assert not _kernels.use_kernels(like("cuda", torch.float32), triton=True)
+    assert _extension.use_kernels(Q, triton=True) is _extension.kernels_available()
+    monkeypatch.setenv(_extension.FORCE_REFERENCE_ENV, "1")
+    assert not _extension.use_kernels(like("cuda", torch.float32), triton=True)
 
 
 @needs_cuda

@@ -1,14 +1,26 @@
 """Input validation shared by every module: clear errors that name the argument, the
-expected and the actual shape, dtype or device, raised before any computation."""
+expected and the actual shape, dtype or device, raised before any computation.
+
+A leaf module: it imports nothing of attention_core, so every module (the op packages
+included) can import it without an import cycle."""
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
-from .masking import BaseMask
-
-__all__ = ["check_attention_inputs", "check_positive_int", "check_tensor"]
+__all__ = [
+    "CPU_DTYPES",
+    "TRITON_DTYPES",
+    "DtypeRule",
+    "check_floats",
+    "check_grad",
+    "check_index",
+    "check_positive_int",
+    "check_rows",
+    "check_tensor",
+    "kernel_dtypes",
+]
 
 
 def check_tensor(
@@ -46,80 +58,72 @@ def check_positive_int(name: str, value, *, allow_zero: bool = False) -> int:
     return value
 
 
-def _check_mask(name: str, mask, shape: tuple[int, ...], device: torch.device) -> None:
-    if not isinstance(mask, BaseMask):
-        raise TypeError(f"{name} must be a BaseMask (e.g. FullMask); got {type(mask).__name__}")
-    if tuple(mask.shape) != shape:
-        raise ValueError(f"{name} must have shape {shape}; got {tuple(mask.shape)}")
-    mask_device = mask.bool_matrix.device
-    if mask_device.type != device.type:
-        raise ValueError(f"{name} must be on device {device}; got {mask_device}")
+# ---------------------------------------------------------------------------------------
+# the compiled and Triton kernels' operands
+# ---------------------------------------------------------------------------------------
+
+# the dtypes a kernel family accepts and how an error message names them
+DtypeRule = tuple[tuple[torch.dtype, ...], str]
+CPU_DTYPES: DtypeRule = ((torch.float32, torch.float64), "all be float32 or float64 (one dtype)")
+TRITON_DTYPES: DtypeRule = (
+    (torch.float32, torch.float16, torch.bfloat16),
+    "share one dtype among float32, float16 and bfloat16",
+)
 
 
-def check_attention_inputs(
-    queries,
-    keys,
-    values,
-    attn_mask,
-    query_lengths,
-    key_lengths,
-    *,
-    same_dims: bool = False,
-    mask_shape: tuple[int, int] | None = None,
-) -> tuple[int, int, int, int, int, int]:
-    """Validate the inputs of an inner attention.
+def kernel_dtypes(t: Tensor) -> DtypeRule:
+    """The dtype rule of the kernels that serve ``t``'s device (Triton's for CUDA)."""
+    return TRITON_DTYPES if t.device.type == "cuda" else CPU_DTYPES
 
-    Arguments:
-        queries: ``(N, L, H, E)``.
-        keys: ``(N, S, H, E)``.
-        values: ``(N, S, H, D)``.
-        attn_mask: a mask of shape ``(L, S)``.
-        query_lengths: a mask of shape ``(N, L)``.
-        key_lengths: a mask of shape ``(N, S)``.
-        same_dims: also require ``D == E``.
-        mask_shape: the expected ``attn_mask`` shape when it is not ``(L, S)``.
 
-    Returns:
-        ``(N, L, S, H, E, D)``.
-    """
-    check_tensor("queries", queries, dim=4, floating=True)
-    check_tensor("keys", keys, dim=4, floating=True)
-    check_tensor("values", values, dim=4, floating=True)
-    N, L, H, E = queries.shape
-    if keys.shape[0] != N or values.shape[0] != N:
-        raise ValueError(
-            "queries, keys and values must have the same batch size; got "
-            f"{N}, {keys.shape[0]} and {values.shape[0]}"
-        )
-    if keys.shape[2] != H or values.shape[2] != H:
-        raise ValueError(
-            "queries, keys and values must have the same number of heads; got "
-            f"{H}, {keys.shape[2]} and {values.shape[2]}"
-        )
-    if keys.shape[3] != E:
-        raise ValueError(
-            f"queries and keys must have the same head dimension; got {E} and {keys.shape[3]}"
-        )
-    S = keys.shape[1]
-    if values.shape[1] != S:
-        raise ValueError(
-            f"keys and values must have the same sequence length; got {S} and {values.shape[1]}"
-        )
-    D = values.shape[3]
-    if same_dims and D != E:
-        raise ValueError(
-            f"this attention needs queries and values with the same head dimension; got {E} and {D}"
-        )
-    for name, t in (("keys", keys), ("values", values)):
-        if t.dtype != queries.dtype:
-            raise TypeError(
-                f"{name} must have the dtype of queries ({queries.dtype}); got {t.dtype}"
-            )
-        if t.device != queries.device:
+def check_floats(names: str, *tensors: Tensor, dtypes: DtypeRule = CPU_DTYPES) -> None:
+    """Four-dimensional tensors of one allowed dtype on one device."""
+    allowed, phrase = dtypes
+    got = [t.dtype for t in tensors]
+    if got[0] not in allowed or any(d != got[0] for d in got):
+        raise TypeError(f"{names} must {phrase}; got {', '.join(str(d) for d in got)}")
+    for t in tensors:
+        if t.dim() != 4:
+            raise ValueError(f"{names} must be 4-dimensional; got {tuple(t.shape)}")
+        if t.device != tensors[0].device:
             raise ValueError(
-                f"{name} must be on the device of queries ({queries.device}); got {t.device}"
+                f"{names} must be on one device; got {tensors[0].device} and {t.device}"
             )
-    _check_mask("attn_mask", attn_mask, mask_shape or (L, S), queries.device)
-    _check_mask("query_lengths", query_lengths, (N, L), queries.device)
-    _check_mask("key_lengths", key_lengths, (N, S), queries.device)
-    return N, L, S, H, E, D
+
+
+def check_rows(names: str, A: Tensor, B: Tensor, dtypes: DtypeRule = CPU_DTYPES) -> None:
+    """``A (N, H, L, .)`` and ``B (N, H, S, .)`` float tensors of one dtype and device."""
+    check_floats(names, A, B, dtypes=dtypes)
+    if A.shape[:2] != B.shape[:2]:
+        first, second = names.split(" and ")
+        raise ValueError(
+            f"{first} and {second} must have the same (N, H); got {tuple(A.shape)} and "
+            f"{tuple(B.shape)}"
+        )
+
+
+def check_index(name: str, t: Tensor | None, shape: tuple[int, ...], device) -> None:
+    """An optional int64 tensor of exactly ``shape`` on ``device``."""
+    if t is None:
+        return
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
+    if t.dtype != torch.int64 or tuple(t.shape) != tuple(shape):
+        raise ValueError(
+            f"{name} must be an int64 tensor of shape {tuple(shape)}; got {t.dtype} "
+            f"{tuple(t.shape)}"
+        )
+    if t.device != device:
+        raise ValueError(f"{name} must be on device {device}; got {t.device}")
+
+
+def check_grad(name: str, grad: Tensor, shape: tuple[int, ...], like: Tensor) -> None:
+    """A floating gradient of exactly ``shape`` on the device of ``like``."""
+    if not isinstance(grad, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor; got {type(grad).__name__}")
+    if tuple(grad.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}; got {tuple(grad.shape)}")
+    if not grad.is_floating_point():
+        raise TypeError(f"{name} must be a floating point tensor; got {grad.dtype}")
+    if grad.device != like.device:
+        raise ValueError(f"{name} must be on device {like.device}; got {grad.device}")

@@ -7,13 +7,15 @@ attention (Vyas et al. 2020, arXiv 2007.04825).
 
 The ``clustered_*`` variants take groups sorted along the sequence (as produced by sorting
 the output of :func:`attention_core.clustering.hamming.cluster`) with padding at the end,
-and ignore the padding positions. Everything is built from ``scatter_add`` and ``gather``,
-so gradients flow to the rows and the factors through autograd.
+and ignore the padding positions. The references (:mod:`attention_core.aggregate.reference`)
+are built from ``scatter_add`` and ``gather``, so gradients flow to the rows and the factors
+through autograd.
 
 Float32/float64 CPU tensors go to the compiled kernels of ``attention_core._C`` (see
-:mod:`attention_core._kernels`; half precision is computed in float32) unless
+``csrc/aggregate.h`` and the ops of :mod:`attention_core.aggregate._op`; half precision is
+computed in float32) unless
 ``ATTENTION_CORE_FORCE_REFERENCE=1``; CUDA tensors go to the Triton kernels of
-:mod:`attention_core._triton.aggregate` when triton is importable (float64 excepted); the
+:mod:`attention_core.aggregate._triton` when triton is importable (float64 excepted); the
 plain-PyTorch forms are the reference and fallback.
 """
 
@@ -22,8 +24,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .. import _kernels
 from .._checks import check_tensor
+from .._extension import use_kernels
+from . import _op
+from .reference import aggregate_reference, broadcast_reference
 
 __all__ = ["aggregate", "broadcast", "clustered_aggregate", "clustered_broadcast"]
 
@@ -64,43 +68,23 @@ def _kernel_rows(rows: Tensor, F: Tensor) -> tuple[Tensor, Tensor] | None:
         return None
     work = torch.float32 if rows.dtype in (torch.float16, torch.bfloat16) else rows.dtype
     rows, F = rows.to(work), F.to(work)
-    return (rows, F) if _kernels.use_kernels(rows, F, triton=True) else None
+    return (rows, F) if use_kernels(rows, F, triton=True) else None
 
 
 def _aggregate(X: Tensor, G: Tensor, F: Tensor, limits: Tensor | None) -> Tensor:
     """Kernel or reference aggregate of checked inputs; ``limits (N, H)`` or ``None``."""
     kernel = _kernel_rows(X, F)
     if kernel is not None:
-        return _kernels.aggregate_forward(kernel[0], G.long(), kernel[1], limits).to(X.dtype)
-    N, H, L, E = X.shape
-    C = F.shape[2]
-    G = _sentinel_groups(G, C)
-    if limits is not None:
-        G = G.masked_fill(torch.arange(L, device=X.device) >= limits.unsqueeze(-1), C)
-    index = G.unsqueeze(-1).expand(N, H, L, E)
-    sums = X.new_zeros(N, H, C + 1, E).scatter_add(2, index, X)[:, :, :C]
-    return sums * F.to(X.dtype).unsqueeze(-1)
+        return _op.aggregate_forward(kernel[0], G.long(), kernel[1], limits).to(X.dtype)
+    return aggregate_reference(X, G, F, limits)
 
 
 def _broadcast(Y: Tensor, G: Tensor, F: Tensor, limits: Tensor | None) -> Tensor:
     """Kernel or reference broadcast of checked inputs; ``limits (N, H)`` or ``None``."""
     kernel = _kernel_rows(Y, F)
     if kernel is not None:
-        return _kernels.broadcast_forward(kernel[0], G.long(), kernel[1], limits).to(Y.dtype)
-    N, H, C, E = Y.shape
-    L = G.shape[2]
-    G = _sentinel_groups(G, C)
-    if limits is not None:
-        G = G.masked_fill(torch.arange(L, device=Y.device) >= limits.unsqueeze(-1), C)
-    scaled = Y * F.to(Y.dtype).unsqueeze(-1)
-    padded = torch.cat([scaled, scaled.new_zeros(N, H, 1, E)], dim=2)  # row C is zero
-    return padded.gather(2, G.unsqueeze(-1).expand(N, H, L, E))
-
-
-def _sentinel_groups(G: Tensor, C: int) -> Tensor:
-    """``G`` as int64 with every entry outside ``[0, C)`` replaced by ``C``."""
-    G = G.long()
-    return G.masked_fill((G < 0) | (G >= C), C)
+        return _op.broadcast_forward(kernel[0], G.long(), kernel[1], limits).to(Y.dtype)
+    return broadcast_reference(Y, G, F, limits)
 
 
 def aggregate(X: Tensor, G: Tensor, F: Tensor, Y: Tensor | None = None) -> Tensor:

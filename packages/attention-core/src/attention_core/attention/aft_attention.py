@@ -13,9 +13,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .._checks import check_attention_inputs, check_positive_int
+from .._checks import check_positive_int
 from ..attention_registry import AttentionRegistry, EventDispatcherInstance, Int, Optional
 from ..events import EventDispatcher
+from ._inputs import check_attention_inputs
 
 __all__ = ["AFTFullAttention", "AFTSimpleAttention"]
 

@@ -7,7 +7,6 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from .._checks import check_attention_inputs
 from ..attention_registry import (
     AttentionRegistry,
     Callable,
@@ -19,6 +18,7 @@ from ..attention_registry import (
 from ..causal_product import normalized_causal_dot_product
 from ..events import EventDispatcher
 from ..feature_maps import elu_feature_map
+from ._inputs import check_attention_inputs
 
 __all__ = ["CausalLinearAttention"]
 

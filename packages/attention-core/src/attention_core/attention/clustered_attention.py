@@ -12,7 +12,6 @@ from __future__ import annotations
 import torch
 from einops import rearrange
 
-from .._checks import check_attention_inputs
 from ..aggregate import broadcast
 from ..attention_registry import (
     AttentionRegistry,
@@ -24,6 +23,7 @@ from ..attention_registry import (
 )
 from ..events import AttentionEvent
 from ._clustering import ClusteredAttentionBase, keys_allowed
+from ._inputs import check_attention_inputs
 from .full_attention import masked_softmax
 
 __all__ = ["ClusteredAttention"]

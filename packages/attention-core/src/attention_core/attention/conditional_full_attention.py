@@ -5,9 +5,10 @@ from __future__ import annotations
 
 from torch import nn
 
-from .._checks import check_attention_inputs, check_positive_int
+from .._checks import check_positive_int
 from ..attention_registry import AttentionRegistry, EventDispatcherInstance, Float, Int, Optional
 from ..events import EventDispatcher
+from ._inputs import check_attention_inputs
 from .full_attention import FullAttention
 
 __all__ = ["ConditionalFullAttention"]

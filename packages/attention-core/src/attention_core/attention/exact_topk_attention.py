@@ -9,9 +9,10 @@ from math import sqrt
 import torch
 from torch import nn
 
-from .._checks import check_attention_inputs, check_positive_int
+from .._checks import check_positive_int
 from ..attention_registry import AttentionRegistry, EventDispatcherInstance, Float, Int, Optional
 from ..events import AttentionEvent, EventDispatcher
+from ._inputs import check_attention_inputs
 from .full_attention import attention_allowed, masked_softmax
 
 __all__ = ["ExactTopKAttention"]

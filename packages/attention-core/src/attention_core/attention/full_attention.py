@@ -7,10 +7,10 @@ from math import sqrt
 import torch
 from torch import Tensor, nn
 
-from .._checks import check_attention_inputs
 from ..attention_registry import AttentionRegistry, EventDispatcherInstance, Float, Optional
 from ..events import AttentionEvent, EventDispatcher
 from ..masking import BaseMask
+from ._inputs import check_attention_inputs
 
 __all__ = ["FullAttention", "masked_softmax"]
 

@@ -19,7 +19,7 @@ import torch
 from einops import rearrange
 from torch import Tensor
 
-from .._checks import check_attention_inputs, check_positive_int
+from .._checks import check_positive_int
 from ..aggregate import broadcast
 from ..attention_registry import (
     AttentionRegistry,
@@ -32,6 +32,7 @@ from ..attention_registry import (
 from ..events import AttentionEvent
 from ..sparse_product import clustered_sparse_dot_product, clustered_sparse_weighted_average
 from ._clustering import ClusteredAttentionBase, cluster_rows, keys_allowed
+from ._inputs import check_attention_inputs
 from .full_attention import masked_softmax
 
 __all__ = ["ImprovedClusteredAttention", "top_keys"]

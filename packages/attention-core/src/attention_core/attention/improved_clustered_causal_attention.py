@@ -15,7 +15,6 @@ from __future__ import annotations
 import torch
 from einops import rearrange
 
-from .._checks import check_attention_inputs
 from ..attention_registry import (
     AttentionRegistry,
     Bool,
@@ -27,6 +26,7 @@ from ..attention_registry import (
 from ..events import AttentionEvent
 from ..sparse_product import clustered_sparse_dot_product, clustered_sparse_weighted_average
 from ._clustering import cluster_rows, keys_allowed
+from ._inputs import check_attention_inputs
 from .full_attention import masked_softmax
 from .improved_clustered_attention import ImprovedClusteredAttention, top_keys
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .._checks import check_attention_inputs
 from ..attention_registry import (
     AttentionRegistry,
     Callable,
@@ -17,6 +16,7 @@ from ..attention_registry import (
 )
 from ..events import EventDispatcher
 from ..feature_maps import elu_feature_map
+from ._inputs import check_attention_inputs
 
 __all__ = ["LinearAttention"]
 

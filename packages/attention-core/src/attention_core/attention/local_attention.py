@@ -13,7 +13,7 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from .._checks import check_attention_inputs, check_positive_int
+from .._checks import check_positive_int
 from ..attention_registry import (
     AttentionRegistry,
     EventDispatcherInstance,
@@ -23,6 +23,7 @@ from ..attention_registry import (
 )
 from ..events import AttentionEvent, EventDispatcher
 from ..local_product import local_dot_product, local_weighted_average
+from ._inputs import check_attention_inputs
 from .full_attention import masked_softmax
 
 __all__ = ["LocalAttention"]

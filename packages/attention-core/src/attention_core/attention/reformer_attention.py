@@ -14,7 +14,7 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from .._checks import check_attention_inputs, check_positive_int
+from .._checks import check_positive_int
 from ..attention_registry import (
     AttentionRegistry,
     Bool,
@@ -24,6 +24,7 @@ from ..attention_registry import (
     Optional,
 )
 from ..events import AttentionEvent, EventDispatcher
+from ._inputs import check_attention_inputs
 from .full_attention import masked_softmax
 
 __all__ = ["ReformerAttention"]

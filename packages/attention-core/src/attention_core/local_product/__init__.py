@@ -8,10 +8,11 @@ Query ``l`` sees the ``local_context`` keys ``j = l - local_context // 2 + k`` f
 autograd through the gathers.
 
 Float32/float64 CPU tensors go to the compiled kernels of ``attention_core._C`` (see
-:mod:`attention_core._kernels`; half precision is computed in float32) unless
+``csrc/local_product.h`` and the ops of :mod:`attention_core.local_product._op`; half
+precision is computed in float32) unless
 ``ATTENTION_CORE_FORCE_REFERENCE=1``; CUDA tensors go to the Triton kernels of
-:mod:`attention_core._triton.local_product` when triton is importable (float64 excepted); the
-gathers above are the reference and the fallback.
+:mod:`attention_core.local_product._triton` when triton is importable (float64 excepted); the
+gathers of :mod:`attention_core.local_product.reference` are the reference and the fallback.
 """
 
 from __future__ import annotations
@@ -19,8 +20,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .. import _kernels
 from .._checks import check_positive_int, check_tensor
+from .._extension import use_kernels
+from . import _op
+from .reference import local_dot_product_reference, local_weighted_average_reference
 
 __all__ = ["local_dot_product", "local_weighted_average"]
 
@@ -30,25 +33,6 @@ _HALF = (torch.float16, torch.bfloat16)
 def _work_dtype(dtype: torch.dtype) -> torch.dtype:
     """float16/bfloat16 are computed in float32 by the kernels."""
     return torch.float32 if dtype in _HALF else dtype
-
-
-def _window(L: int, S: int, local_context: int, device: torch.device) -> tuple[Tensor, Tensor]:
-    """Key index of every window slot, clamped into ``[0, S)``, and whether it lies there.
-
-    Returns:
-        ``(index, inside)``, both ``(L, local_context)``.
-    """
-    rows = torch.arange(L, device=device).unsqueeze(1)
-    slots = torch.arange(local_context, device=device).unsqueeze(0)
-    index = rows - local_context // 2 + slots
-    inside = (index >= 0) & (index < S)
-    return index.clamp(0, max(S - 1, 0)), inside
-
-
-def _gather_rows(x: Tensor, index: Tensor) -> Tensor:
-    """``x[n, h, index[l, k]]`` for ``x`` of shape ``(N, H, S, F)``; returns
-    ``(N, H, L, K, F)``."""
-    return x[:, :, index]
 
 
 def local_dot_product(
@@ -104,16 +88,11 @@ def local_dot_product(
     work = _work_dtype(queries.dtype)
     if queries.device.type in ("cpu", "cuda") and not attn_mask.requires_grad:
         q, k, mask = queries.to(work), keys.to(work), attn_mask.to(work)
-        if _kernels.use_kernels(q, k, mask, triton=True):
+        if use_kernels(q, k, mask, triton=True):
             lengths = key_lengths.to(torch.int64)
-            out = _kernels.local_dot_product_forward(q, k, mask, lengths, local_context)
+            out = _op.local_dot_product_forward(q, k, mask, lengths, local_context)
             return out.to(queries.dtype)
-    index, inside = _window(L, S, local_context, queries.device)
-    valid = inside & (index < key_lengths.view(N, 1, 1, 1))  # (N, 1, L, K)
-    scores = torch.einsum("nhle,nhlke->nhlk", queries, _gather_rows(keys, index))
-    rows = torch.arange(L, device=queries.device).unsqueeze(1)
-    scores = scores + attn_mask[rows, index].to(scores.dtype)
-    return scores.masked_fill(~valid, float("-inf"))
+    return local_dot_product_reference(queries, keys, attn_mask, key_lengths, local_context)
 
 
 def local_weighted_average(attention: Tensor, values: Tensor) -> Tensor:
@@ -155,8 +134,6 @@ def local_weighted_average(attention: Tensor, values: Tensor) -> Tensor:
     work = _work_dtype(values.dtype)
     if values.device.type in ("cpu", "cuda"):
         a, v = attention.to(work), values.to(work)
-        if _kernels.use_kernels(a, v, triton=True):
-            return _kernels.local_weighted_average_forward(a, v).to(values.dtype)
-    index, inside = _window(L, S, K, attention.device)
-    weights = attention.masked_fill(~inside, 0.0)
-    return torch.einsum("nhlk,nhlkd->nhld", weights, _gather_rows(values, index))
+        if use_kernels(a, v, triton=True):
+            return _op.local_weighted_average_forward(a, v).to(values.dtype)
+    return local_weighted_average_reference(attention, values)

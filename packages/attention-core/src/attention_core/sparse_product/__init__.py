@@ -7,20 +7,27 @@ the selected keys or values are gathered, so memory is ``O(L * k * (E + D))`` pe
 gradients come from autograd through the gathers.
 
 Float32/float64 CPU tensors go to the compiled kernels of ``attention_core._C`` (see
-:mod:`attention_core._kernels`; half precision is computed in float32) unless
+``csrc/sparse_product.h`` and the ops of :mod:`attention_core.sparse_product._op`; half
+precision is computed in float32) unless
 ``ATTENTION_CORE_FORCE_REFERENCE=1``; CUDA tensors go to the Triton kernels of
-:mod:`attention_core._triton.sparse_product` when triton is importable (float64 excepted);
-the gathers below are the reference and the fallback.
+:mod:`attention_core.sparse_product._triton` when triton is importable (float64 excepted);
+the gathers of :mod:`attention_core.sparse_product.reference` are the reference and the fallback.
 """
 
 from __future__ import annotations
 
 import torch
-from einops import rearrange
 from torch import Tensor
 
-from .. import _kernels
 from .._checks import check_tensor
+from .._extension import use_kernels
+from . import _op
+from .reference import (
+    clustered_sparse_dot_product_reference,
+    clustered_sparse_weighted_average_reference,
+    sparse_dot_product_reference,
+    sparse_weighted_average_reference,
+)
 
 __all__ = [
     "clustered_sparse_dot_product",
@@ -48,23 +55,22 @@ def _check_pair(names: tuple[str, str], a: Tensor, b: Tensor) -> None:
         )
 
 
-def _check_index(name: str, index: Tensor, shape: tuple[int, ...], S: int, device) -> Tensor:
-    """Check an integer index tensor of the given shape (``-1`` = any size) with entries
-    in ``[0, S)``; return it as int64."""
+def _check_index(name: str, index: Tensor, shape: tuple[int, ...], device) -> Tensor:
+    """Check an integer index tensor of the given shape (``-1`` = any size); return it as
+    int64. Its values are checked by the op (kernel path) or :func:`_check_keys` (reference
+    path), once."""
     check_tensor(name, index, dim=len(shape), integer=True, device=device)
     if any(want not in (-1, got) for want, got in zip(shape, index.shape, strict=True)):
         expected = ", ".join("k" if s == -1 else str(s) for s in shape)
         raise ValueError(f"{name} must have shape ({expected}); got {tuple(index.shape)}")
-    index = index.long()
-    # the range check reads the data; under torch.compile it is left to the kernel's binding
-    if torch.compiler.is_compiling():
-        return index
-    if index.numel() and (int(index.min()) < 0 or int(index.max()) >= S):
-        raise ValueError(
-            f"{name} must hold key indices in [0, S={S}); got values in "
-            f"[{int(index.min())}, {int(index.max())}]"
-        )
-    return index
+    return index.long()
+
+
+def _check_keys(topk: Tensor, S: int) -> None:
+    """The reference path's range check of the key indices (it reads the data: under
+    torch.compile it is left out)."""
+    if not torch.compiler.is_compiling():
+        _op.check_topk_values(topk, S)
 
 
 _HALF = (torch.float16, torch.bfloat16)
@@ -77,41 +83,11 @@ def _kernel_inputs(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor] | None:
         return None
     work = torch.float32 if a.dtype in _HALF else a.dtype
     a, b = a.to(work), b.to(work)
-    return (a, b) if _kernels.use_kernels(a, b, triton=True) else None
+    return (a, b) if use_kernels(a, b, triton=True) else None
 
 
-def _gather(x: Tensor, index: Tensor) -> Tensor:
-    """``x[n, h, index[n, h, l, i]]`` for ``x (N, H, S, F)``; returns ``(N, H, L, k, F)``."""
-    k, F = index.shape[-1], x.shape[-1]
-    flat = rearrange(index, "n h l k -> n h (l k) 1").expand(-1, -1, -1, F)
-    return rearrange(x.gather(2, flat), "n h (l k) f -> n h l k f", k=k)
-
-
-def _per_query(
-    topk: Tensor, groups: Tensor, valid_positions: Tensor | None
-) -> tuple[Tensor, Tensor]:
-    """Each query's key list from its cluster's.
-
-    Arguments:
-        topk: ``(N, H, C, k)`` int64.
-        groups: ``(N, H, L)`` integer cluster of every query.
-        valid_positions: ``(N, 1, L)`` or ``(N, H, L)`` bool, or ``None``.
-
-    Returns:
-        ``(index (N, H, L, k), valid (N, H, L, 1))``; queries whose group lies outside
-        ``[0, C)`` or whose position is not valid get ``valid == False``.
-    """
-    C, k = topk.shape[2], topk.shape[3]
-    groups = groups.long()
-    valid = (groups >= 0) & (groups < C)
-    if valid_positions is not None:
-        valid = valid & valid_positions
-    rows = groups.clamp(0, C - 1).unsqueeze(-1).expand(-1, -1, -1, k)
-    return topk.gather(2, rows), valid.unsqueeze(-1)
-
-
-def _check_clusters(topk: Tensor, groups: Tensor, N: int, H: int, L: int, S: int, device):
-    topk = _check_index("topk", topk, (N, H, -1, -1), S, device)
+def _check_clusters(topk: Tensor, groups: Tensor, N: int, H: int, L: int, device):
+    topk = _check_index("topk", topk, (N, H, -1, -1), device)
     if topk.shape[2] == 0:
         raise ValueError(f"topk must have at least one cluster; got shape {tuple(topk.shape)}")
     check_tensor("groups", groups, dim=3, integer=True, device=device)
@@ -156,12 +132,13 @@ def sparse_dot_product(Q: Tensor, K: Tensor, topk: Tensor) -> Tensor:
     N, H, L, E = Q.shape
     if K.shape[3] != E:
         raise ValueError(f"Q and K must have the same feature size; got {E} and {K.shape[3]}")
-    topk = _check_index("topk", topk, (N, H, L, -1), K.shape[2], Q.device)
+    topk = _check_index("topk", topk, (N, H, L, -1), Q.device)
     kernel_inputs = _kernel_inputs(Q, K)
     if kernel_inputs is not None:
-        out = _kernels.sparse_dot_product_forward(*kernel_inputs, topk, None, None)
+        out = _op.sparse_dot_product_forward(*kernel_inputs, topk, None, None)
         return out.to(Q.dtype)
-    return torch.einsum("nhle,nhlke->nhlk", Q, _gather(K, topk))
+    _check_keys(topk, K.shape[2])
+    return sparse_dot_product_reference(Q, K, topk)
 
 
 def sparse_weighted_average(weights: Tensor, values: Tensor, topk: Tensor) -> Tensor:
@@ -179,12 +156,13 @@ def sparse_weighted_average(weights: Tensor, values: Tensor, topk: Tensor) -> Te
         ``(N, H, L, D)``.
     """
     _check_pair(("weights", "values"), weights, values)
-    topk = _check_index("topk", topk, tuple(weights.shape), values.shape[2], values.device)
+    topk = _check_index("topk", topk, tuple(weights.shape), values.device)
     kernel_inputs = _kernel_inputs(weights, values)
     if kernel_inputs is not None:
-        out = _kernels.sparse_weighted_average_forward(*kernel_inputs, topk, None, None)
+        out = _op.sparse_weighted_average_forward(*kernel_inputs, topk, None, None)
         return out.to(values.dtype)
-    return torch.einsum("nhlk,nhlkd->nhld", weights, _gather(values, topk))
+    _check_keys(topk, values.shape[2])
+    return sparse_weighted_average_reference(weights, values, topk)
 
 
 # ---------------------------------------------------------------------------------------
@@ -217,7 +195,7 @@ def clustered_sparse_dot_product(
     N, H, L, E = Q.shape
     if K.shape[3] != E:
         raise ValueError(f"Q and K must have the same feature size; got {E} and {K.shape[3]}")
-    topk = _check_clusters(topk, groups, N, H, L, K.shape[2], Q.device)
+    topk = _check_clusters(topk, groups, N, H, L, Q.device)
     _check_counts(counts, topk)
     check_tensor("lengths", lengths, dim=1, integer=True, device=Q.device)
     if lengths.shape[0] != N:
@@ -225,12 +203,10 @@ def clustered_sparse_dot_product(
     kernel_inputs = _kernel_inputs(Q, K)
     if kernel_inputs is not None:
         limits = lengths.long().view(N, 1).expand(N, H)
-        out = _kernels.sparse_dot_product_forward(*kernel_inputs, topk, groups.long(), limits)
+        out = _op.sparse_dot_product_forward(*kernel_inputs, topk, groups.long(), limits)
         return out.to(Q.dtype)
-    positions = torch.arange(L, device=Q.device) < lengths.view(N, 1, 1)
-    index, valid = _per_query(topk, groups, positions)
-    products = torch.einsum("nhle,nhlke->nhlk", Q, _gather(K, index))
-    return products.masked_fill(~valid, 0.0)
+    _check_keys(topk, K.shape[2])
+    return clustered_sparse_dot_product_reference(Q, K, topk, groups, lengths)
 
 
 def clustered_sparse_weighted_average(
@@ -255,7 +231,7 @@ def clustered_sparse_weighted_average(
     """
     _check_pair(("weights", "values"), weights, values)
     N, H, L, k = weights.shape
-    topk = _check_clusters(topk, groups, N, H, L, values.shape[2], values.device)
+    topk = _check_clusters(topk, groups, N, H, L, values.device)
     if topk.shape[3] != k:
         raise ValueError(
             f"topk must have shape (N, H, C, k) with k = {k} (from weights); "
@@ -266,11 +242,7 @@ def clustered_sparse_weighted_average(
     kernel_inputs = _kernel_inputs(weights, values)
     if kernel_inputs is not None:
         limits = None if counts is None else counts.long().sum(-1)
-        out = _kernels.sparse_weighted_average_forward(*kernel_inputs, topk, groups.long(), limits)
+        out = _op.sparse_weighted_average_forward(*kernel_inputs, topk, groups.long(), limits)
         return out.to(values.dtype)
-    positions = None
-    if counts is not None:
-        positions = torch.arange(L, device=values.device) < counts.sum(-1, keepdim=True)
-    index, valid = _per_query(topk, groups, positions)
-    averaged = torch.einsum("nhlk,nhlkd->nhld", weights, _gather(values, index))
-    return averaged.masked_fill(~valid, 0.0)
+    _check_keys(topk, values.shape[2])
+    return clustered_sparse_weighted_average_reference(weights, values, topk, groups, counts)

@@ -16,7 +16,8 @@ which sorts after every real cluster, and are never counted.
 The plain-PyTorch form (the reference and the fallback) gets distances from bit vectors as
 ``|a| + |b| - 2 a . b``, a batched matrix product of ``(L, bits)`` by ``(bits, clusters)`` per
 sequence and iteration. CPU tensors go to the compiled kernel of ``attention_core._C`` (popcounts
-of XORs, threaded over sequences; see :mod:`attention_core._kernels`) unless
+of XORs, threaded over sequences; ``csrc/hamming.h`` and the op of
+:mod:`attention_core.clustering.hamming._op`) unless
 ``ATTENTION_CORE_FORCE_REFERENCE=1``; both give identical results.
 """
 
@@ -25,48 +26,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ... import _kernels
 from ..._checks import check_positive_int, check_tensor
+from ..._extension import use_kernels
+from . import _op
+from .reference import hamming_cluster_reference
 
 __all__ = ["cluster"]
 
 _MAX_BITS = 63
-
-
-def _bits_of(codes: Tensor, bits: int) -> Tensor:
-    """``(...,)`` int64 codes -> ``(..., bits)`` int64 zeros and ones, least significant first."""
-    shifts = torch.arange(bits, device=codes.device)
-    return (codes.unsqueeze(-1) >> shifts) & 1
-
-
-def _assign(hash_bits: Tensor, centroid_bits: Tensor) -> tuple[Tensor, Tensor]:
-    """Nearest centroid of every hash and the Hamming distance to it.
-
-    Arguments:
-        hash_bits: ``(N, H, L, B)`` float zeros and ones.
-        centroid_bits: ``(N, H, C, B)`` float zeros and ones.
-
-    Returns:
-        ``(groups, distances)``, both ``(N, H, L)`` int64.
-    """
-    overlap = torch.einsum("nhlb,nhcb->nhlc", hash_bits, centroid_bits)
-    distances = hash_bits.sum(-1, keepdim=True) + centroid_bits.sum(-1).unsqueeze(-2) - 2 * overlap
-    distances = distances.round().long()
-    nearest = distances.argmin(dim=-1)  # the first minimum: ties go to the lowest index
-    return nearest, distances.gather(-1, nearest.unsqueeze(-1)).squeeze(-1)
-
-
-def _tally(groups: Tensor, hash_bits: Tensor, clusters: int) -> tuple[Tensor, Tensor]:
-    """Members and set bits per cluster; the padding group ``clusters`` is dropped.
-
-    Returns:
-        ``counts (N, H, C)`` and ``bitcounts (N, H, C, B)``, int64.
-    """
-    N, H, L, B = hash_bits.shape
-    counts = groups.new_zeros(N, H, clusters + 1).scatter_add_(2, groups, torch.ones_like(groups))
-    index = groups.unsqueeze(-1).expand(N, H, L, B)
-    bitcounts = hash_bits.new_zeros(N, H, clusters + 1, B).scatter_add_(2, index, hash_bits)
-    return counts[:, :, :clusters], bitcounts[:, :, :clusters]
 
 
 def _check_buffer(name: str, buffer, shape: tuple[int, ...], dtype: torch.dtype, device) -> None:
@@ -154,8 +121,8 @@ def cluster(
     ):
         _check_buffer(name, buffer, shape, dtype, device)
 
-    if hashes.device.type == "cpu" and _kernels.use_kernels():
-        nearest, member_counts, final, dist, set_counts = _kernels.hamming_cluster(
+    if hashes.device.type == "cpu" and use_kernels():
+        nearest, member_counts, final, dist, set_counts = _op.hamming_cluster(
             hashes, lengths, C, iterations, bits
         )
         results = {
@@ -173,33 +140,13 @@ def cluster(
             member_counts if counts is None else counts,
         )
 
-    valid = torch.arange(L, device=device) < lengths.view(N, 1, 1)  # (N, 1, L)
-    hash_bits = _bits_of(hashes, bits)  # (N, H, L, B)
-    hash_bits_f = hash_bits.float()
-    # centroid c starts at the hash in position floor(c * length / C)
-    start = torch.arange(C, device=device) * lengths.view(N, 1) // C  # (N, C)
-    start = start.clamp(max=max(L - 1, 0)).view(N, 1, C, 1).expand(N, H, C, bits)
-    if L:
-        centroid_bits = hash_bits.gather(2, start)
-    else:
-        centroid_bits = hash_bits.new_zeros(N, H, C, bits)
-
-    def assign() -> tuple[Tensor, Tensor]:
-        nearest, dist = _assign(hash_bits_f, centroid_bits.float())
-        return nearest.masked_fill(~valid, C), dist.masked_fill(~valid, 0)
-
-    nearest, dist = assign()
-    for _ in range(iterations):
-        member_counts, set_counts = _tally(nearest, hash_bits, C)
-        majority = (2 * set_counts > member_counts.unsqueeze(-1)).long()
-        centroid_bits = torch.where(member_counts.unsqueeze(-1) > 0, majority, centroid_bits)
-        nearest, dist = assign()
-    member_counts, set_counts = _tally(nearest, hash_bits, C)
-
+    nearest, member_counts, final, dist, set_counts = hamming_cluster_reference(
+        hashes, lengths, C, iterations, bits
+    )
     results = {
         "groups": (groups, nearest),
         "counts": (counts, member_counts),
-        "centroids": (centroids, (centroid_bits << torch.arange(bits, device=device)).sum(-1)),
+        "centroids": (centroids, final),
         "distances": (distances, dist),
         "bitcounts": (bitcounts, set_counts),
     }

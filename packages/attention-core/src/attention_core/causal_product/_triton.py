@@ -30,9 +30,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from . import DTYPES
+from .._checks import TRITON_DTYPES
+from ._op import check_causal
 
-__all__ = ["CHUNK", "DTYPES", "causal_product_backward", "causal_product_forward"]
+__all__ = ["CHUNK", "causal_product_backward", "causal_product_forward"]
 
 CHUNK = 64
 # Software pipelining of the chunk loads multiplies the shared memory of the float32 tiles:
@@ -310,23 +311,6 @@ def _state(t: Tensor | None, shape: tuple[int, ...], name: str, device) -> Tenso
     return t.contiguous()
 
 
-def _check(Q: Tensor, K: Tensor, V: Tensor) -> None:
-    if Q.dtype not in DTYPES or not (Q.dtype == K.dtype == V.dtype):
-        raise TypeError(
-            "Q, K and V must all be float32, float16 or bfloat16 for the Triton kernel; got "
-            f"{Q.dtype}, {K.dtype}, {V.dtype}"
-        )
-    if Q.dim() != 4 or K.shape != Q.shape or V.dim() != 4 or V.shape[:3] != Q.shape[:3]:
-        raise ValueError(
-            "Q and K must be (N, H, L, E) and V (N, H, L, M); got "
-            f"{tuple(Q.shape)}, {tuple(K.shape)} and {tuple(V.shape)}"
-        )
-    if not (Q.device == K.device == V.device):
-        raise ValueError(
-            f"Q, K and V must be on one device; got {Q.device}, {K.device}, {V.device}"
-        )
-
-
 def _copy_or_zero(target: Tensor, source: Tensor | None) -> None:
     if source is None:
         target.zero_()
@@ -372,7 +356,7 @@ def causal_product_forward(
         ``out (N, H, L, M)`` in the input dtype, the final ``S (N, H, E, M)`` and, when
         normalising, the final ``z (N, H, E)`` (``(N, H, 0)`` otherwise).
     """
-    _check(Q, K, V)
+    check_causal(Q, K, V, {}, eps, TRITON_DTYPES)
     N, H, L, E = Q.shape
     M = V.shape[-1]
     if state_dtype is None:
@@ -431,7 +415,7 @@ def causal_product_backward(
         (sequence-first storage if ``sequence_first``), ``dS0 (N, H, E, M)`` and
         ``dz0 (N, H, E)`` (``(N, H, 0)`` when not normalising).
     """
-    _check(Q, K, V)
+    check_causal(Q, K, V, {}, eps, TRITON_DTYPES)
     N, H, L, E = Q.shape
     M = V.shape[-1]
     if state_dtype is None:

@@ -30,8 +30,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .. import _kernels
-from . import DTYPE_RULE
+from .._checks import TRITON_DTYPES
+from ._op import check_local_average, check_local_dot
 
 __all__ = [
     "local_dot_product_backward",
@@ -206,11 +206,6 @@ def _block_f(F: int) -> int:
     return max(16, triton.next_power_of_2(max(F, 1)))
 
 
-def _check_local(Q: Tensor, K: Tensor, key_lengths: Tensor, local_context: int) -> None:
-    _kernels._check_local(Q, K, local_context, DTYPE_RULE)
-    _kernels._check_lengths(key_lengths, Q.shape[0])
-
-
 def _scores(X, Y, mask, lengths, out, C):
     N, H, L, F = X.shape
     S = Y.shape[2]
@@ -270,14 +265,8 @@ def local_dot_product_forward(
         ``(N, H, L, C)``: ``Q_l . K_j + attn_mask[l, j]`` for ``j = l - C // 2 + k`` in
         ``[0, min(S, key_lengths[n]))`` and ``-inf`` elsewhere.
     """
-    _check_local(Q, K, key_lengths, local_context)
+    check_local_dot(Q, K, attn_mask, key_lengths, local_context, dtypes=TRITON_DTYPES)
     N, H, L, _ = Q.shape
-    S = K.shape[2]
-    if attn_mask.dtype != Q.dtype or tuple(attn_mask.shape) != (L, S):
-        raise ValueError(
-            f"attn_mask must be a {Q.dtype} tensor of shape ({L}, {S}); got {attn_mask.dtype} "
-            f"{tuple(attn_mask.shape)}"
-        )
     out = Q.new_full((N, H, L, local_context), float("-inf"))
     return _scores(Q, K, attn_mask, key_lengths.contiguous(), out, local_context)
 
@@ -295,12 +284,7 @@ def local_dot_product_backward(
         ``dQ (N, H, L, E)`` and ``dK (N, H, S, E)``; slots outside the window or the key
         lengths pass no gradient.
     """
-    _check_local(Q, K, key_lengths, local_context)
-    N, H, L, _ = Q.shape
-    if tuple(grad.shape) != (N, H, L, local_context):
-        raise ValueError(
-            f"grad must have shape {(N, H, L, local_context)}; got {tuple(grad.shape)}"
-        )
+    check_local_dot(Q, K, None, key_lengths, local_context, grad, TRITON_DTYPES)
     lengths = key_lengths.contiguous()
     dQ = _rows(grad, K, lengths, Q.new_empty(Q.shape))
     dK = _cols(grad, Q, lengths, Q.new_empty(K.shape))
@@ -318,7 +302,7 @@ def local_weighted_average_forward(attention: Tensor, V: Tensor) -> Tensor:
         ``(N, H, L, D)``: ``sum_k attention[l, k] V_j`` over ``j = l - C // 2 + k`` in
         ``[0, S)``.
     """
-    _kernels._check_average(attention, V, DTYPE_RULE)
+    check_local_average(attention, V, dtypes=TRITON_DTYPES)
     N, H, L, _ = attention.shape
     return _rows(attention, V, None, V.new_empty(N, H, L, V.shape[3]))
 
@@ -335,11 +319,8 @@ def local_weighted_average_backward(
     Returns:
         ``dattention (N, H, L, C)`` (zero for slots outside ``[0, S)``) and ``dV (N, H, S, D)``.
     """
-    _kernels._check_average(attention, V, DTYPE_RULE)
+    check_local_average(attention, V, grad, TRITON_DTYPES)
     N, H, L, C = attention.shape
-    expected = (N, H, L, V.shape[3])
-    if tuple(grad.shape) != expected:
-        raise ValueError(f"grad must have shape {expected}; got {tuple(grad.shape)}")
     grad = grad.to(V.dtype)
     dA = _scores(grad, V, None, None, V.new_zeros(N, H, L, C), C)
     dV = _cols(attention, grad, None, V.new_empty(V.shape))

@@ -24,8 +24,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .._kernels import _check_groups
-from . import DTYPE_RULE
+from .._checks import TRITON_DTYPES
+from ._op import check_groups
 
 __all__ = [
     "aggregate_backward",
@@ -135,9 +135,7 @@ def aggregate_forward(X: Tensor, G: Tensor, F: Tensor, limits: Tensor | None) ->
     Returns:
         ``(N, H, C, E)``: ``F_c * sum_{l valid, G_l = c} X_l``.
     """
-    _check_groups(X, G, F, limits, DTYPE_RULE)
-    if G.shape[2] != X.shape[2]:
-        raise ValueError(f"G must have {X.shape[2]} positions; got {tuple(G.shape)}")
+    check_groups(X, G, F, limits, False, dtypes=TRITON_DTYPES)
     return _group_rows(X, G, F, limits, F.shape[2], False).to(X.dtype)
 
 
@@ -153,7 +151,7 @@ def aggregate_backward(
     Returns:
         ``dX (N, H, L, E)`` and ``dF (N, H, C)``.
     """
-    _check_groups(X, G, F, limits, DTYPE_RULE)
+    check_groups(X, G, F, limits, False, grad, TRITON_DTYPES)
     grad = grad.to(X.dtype)
     dX = _group_rows(grad, G, F, limits, F.shape[2], True)
     sums = _group_rows(X, G, None, limits, F.shape[2], False)
@@ -173,9 +171,7 @@ def broadcast_forward(Y: Tensor, G: Tensor, F: Tensor, limits: Tensor | None) ->
     Returns:
         ``(N, H, L, E)``: ``F_g Y_g`` with ``g = G_l`` for valid positions, zero elsewhere.
     """
-    _check_groups(Y, G, F, limits, DTYPE_RULE)
-    if F.shape[2] != Y.shape[2]:
-        raise ValueError(f"F must have shape {tuple(Y.shape[:3])}; got {tuple(F.shape)}")
+    check_groups(Y, G, F, limits, True, dtypes=TRITON_DTYPES)
     return _group_rows(Y, G, F, limits, Y.shape[2], True)
 
 
@@ -191,7 +187,7 @@ def broadcast_backward(
     Returns:
         ``dY (N, H, C, E)`` and ``dF (N, H, C)``.
     """
-    _check_groups(Y, G, F, limits, DTYPE_RULE)
+    check_groups(Y, G, F, limits, True, grad, TRITON_DTYPES)
     sums = _group_rows(grad.to(Y.dtype), G, None, limits, Y.shape[2], False)
     dY = sums * F.float().unsqueeze(-1)
     dF = torch.einsum("nhce,nhce->nhc", Y.float(), sums)

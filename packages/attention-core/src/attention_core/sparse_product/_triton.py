@@ -31,8 +31,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .._kernels import _check_rows, _check_sparse_index
-from . import DTYPE_RULE
+from .._checks import TRITON_DTYPES
+from ._op import check_sparse_average, check_sparse_dot, check_topk_values, contiguous_indices
 
 __all__ = [
     "sparse_dot_product_backward",
@@ -155,11 +155,10 @@ def sparse_dot_product_forward(
     Returns:
         ``(N, H, L, k)``: ``Q_l . K_{topk[l, t]}``, zero for queries without keys.
     """
-    _check_rows("Q and K", Q, K, DTYPE_RULE)
+    check_sparse_dot(Q, K, topk, groups, limits, dtypes=TRITON_DTYPES)
+    check_topk_values(topk, K.shape[2])
     N, H, L, E = Q.shape
-    if K.shape[3] != E:
-        raise ValueError(f"Q and K must have the same feature size; got {E} and {K.shape[3]}")
-    topk, groups, limits = _check_sparse_index(topk, groups, limits, N, H, L)
+    topk, groups, limits = contiguous_indices(topk, groups, limits)
     out = Q.new_zeros(N, H, L, topk.shape[3])
     _launch(Q, K, None, topk, groups, limits, out, None, None, L, K.shape[2], E)
     return out
@@ -182,14 +181,11 @@ def sparse_dot_product_backward(
     Returns:
         ``dQ (N, H, L, E)`` and ``dK (N, H, S, E)``.
     """
-    _check_rows("Q and K", Q, K, DTYPE_RULE)
+    check_sparse_dot(Q, K, topk, groups, limits, grad, TRITON_DTYPES)
+    check_topk_values(topk, K.shape[2])
     N, H, L, E = Q.shape
     S = K.shape[2]
-    topk, groups, limits = _check_sparse_index(topk, groups, limits, N, H, L)
-    if tuple(grad.shape) != (N, H, L, topk.shape[3]):
-        raise ValueError(
-            f"grad must have shape {(N, H, L, topk.shape[3])}; got {tuple(grad.shape)}"
-        )
+    topk, groups, limits = contiguous_indices(topk, groups, limits)
     dQ = Q.new_zeros(N, H, L, E)
     dK = torch.zeros(N, H, S, E, dtype=torch.float32, device=Q.device)
     _launch(Q, K, grad.to(Q.dtype), topk, groups, limits, None, dQ, dK, L, S, E)
@@ -210,12 +206,11 @@ def sparse_weighted_average_forward(
         ``(N, H, L, D)``: ``sum_t weights[l, t] values_{topk[l, t]}``, zero for queries
         without keys.
     """
-    _check_rows("weights and values", weights, values, DTYPE_RULE)
-    N, H, L, k = weights.shape
+    check_sparse_average(weights, values, topk, groups, limits, dtypes=TRITON_DTYPES)
+    check_topk_values(topk, values.shape[2])
+    N, H, L, _ = weights.shape
     S, D = values.shape[2], values.shape[3]
-    topk, groups, limits = _check_sparse_index(topk, groups, limits, N, H, L)
-    if topk.shape[3] != k:
-        raise ValueError(f"topk must have k = {k} columns (from weights); got {tuple(topk.shape)}")
+    topk, groups, limits = contiguous_indices(topk, groups, limits)
     out = values.new_zeros(N, H, L, D)
     _launch(None, values, weights, topk, groups, limits, None, out, None, L, S, D)
     return out
@@ -238,15 +233,11 @@ def sparse_weighted_average_backward(
     Returns:
         ``dweights (N, H, L, k)`` and ``dvalues (N, H, S, D)``.
     """
-    _check_rows("weights and values", weights, values, DTYPE_RULE)
+    check_sparse_average(weights, values, topk, groups, limits, grad, TRITON_DTYPES)
+    check_topk_values(topk, values.shape[2])
     N, H, L, k = weights.shape
     S, D = values.shape[2], values.shape[3]
-    topk, groups, limits = _check_sparse_index(topk, groups, limits, N, H, L)
-    if topk.shape[3] != k or tuple(grad.shape) != (N, H, L, D):
-        raise ValueError(
-            f"topk must have k = {k} columns and grad shape {(N, H, L, D)}; got "
-            f"{tuple(topk.shape)} and {tuple(grad.shape)}"
-        )
+    topk, groups, limits = contiguous_indices(topk, groups, limits)
     dW = values.new_zeros(N, H, L, k)
     dV = torch.zeros(N, H, S, D, dtype=torch.float32, device=values.device)
     _launch(grad.to(values.dtype), values, weights, topk, groups, limits, dW, None, dV, L, S, D)

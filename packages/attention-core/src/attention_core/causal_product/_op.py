@@ -1,0 +1,303 @@
+"""The ``torch.library`` ops of the causal product: ``attention_core::causal_product_forward``
+and ``causal_product_backward`` (CPU kernel in ``csrc/causal_product.h``, CUDA kernel in
+:mod:`._triton`), their fake (meta) registrations and their autograd.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from .._checks import CPU_DTYPES, DtypeRule, check_floats
+from .._extension import (
+    address,
+    binding,
+    new_nhl,
+    nhl,
+    require_extension,
+    row_major,
+    triton_installed,
+)
+
+# Every (N, H, L, features) operand reaches the kernel as a pointer plus the element strides
+# of its n, h and l dimensions, so transposed views (for example (N, L, H, E) storage seen as
+# (N, H, L, E)) need no copy; only the feature dimension must be contiguous. Outputs are
+# allocated heads-first, or sequence-first (an (N, L, H, .) tensor seen through a transpose)
+# when ``sequence_first`` is set, which is what CausalLinearAttention wants.
+
+
+def check_causal(
+    Q: Tensor,
+    K: Tensor,
+    V: Tensor,
+    tensors: dict[str, Tensor | None],
+    eps: float,
+    dtypes: DtypeRule = CPU_DTYPES,
+) -> None:
+    """Every argument of the causal product ops: ``Q, K (N, H, L, E)``, ``V (N, H, L, M)``
+    of one allowed dtype on one device, and the optional ``tensors`` by name (``S0``,
+    ``grad_S (N, H, E, M)``, ``z0``, ``grad_z (N, H, E)``, ``grad``, ``out (N, H, L, M)``)
+    of the same dtype (``grad`` and the state gradients may have any floating dtype) and
+    device; ``eps`` finite and non-negative."""
+    check_floats("Q, K and V", Q, K, V, dtypes=dtypes)
+    if K.shape != Q.shape or V.shape[:3] != Q.shape[:3]:
+        raise ValueError(
+            "Q and K must be (N, H, L, E) and V (N, H, L, M); got "
+            f"{tuple(Q.shape)}, {tuple(K.shape)} and {tuple(V.shape)}"
+        )
+    N, H, L, E = Q.shape
+    M = V.shape[-1]
+    shapes = {
+        "S0": (N, H, E, M),
+        "grad_S": (N, H, E, M),
+        "z0": (N, H, E),
+        "grad_z": (N, H, E),
+        "grad": (N, H, L, M),
+        "out": (N, H, L, M),
+    }
+    for name, t in tensors.items():
+        if t is None:
+            continue
+        any_float = name.startswith("grad")
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
+        if tuple(t.shape) != shapes[name] or (t.dtype != Q.dtype and not any_float):
+            raise ValueError(
+                f"{name} must be a {Q.dtype} tensor of shape {shapes[name]}; got "
+                f"{t.dtype} {tuple(t.shape)}"
+            )
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating point tensor; got {t.dtype}")
+        if t.device != Q.device:
+            raise ValueError(f"{name} must be on device {Q.device}; got {t.device}")
+    if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps >= 0):
+        raise ValueError(f"eps must be a finite non-negative number; got {eps!r}")
+
+
+@torch.library.custom_op(
+    "attention_core::causal_product_forward", mutates_args=(), device_types="cpu"
+)
+def causal_product_forward(
+    Q: Tensor,
+    K: Tensor,
+    V: Tensor,
+    S0: Tensor | None,
+    z0: Tensor | None,
+    normalize: bool,
+    eps: float,
+    sequence_first: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Causal dot product with the compiled kernel, optionally normalised.
+
+    Arguments:
+        Q: ``(N, H, L, E)`` float32 or float64 CPU tensor (any strides).
+        K: ``(N, H, L, E)``.
+        V: ``(N, H, L, M)``.
+        S0: ``(N, H, E, M)`` initial state ``sum_j K_j V_j^T``, or ``None`` for zeros.
+        z0: ``(N, H, E)`` initial normaliser state ``sum_j K_j``, or ``None`` for zeros
+            (ignored unless ``normalize``).
+        normalize: divide by ``Q_i . z_i + eps`` (causal linear attention).
+        eps: added to the normaliser.
+        sequence_first: store the output as ``(N, L, H, M)`` (returned as its
+            ``(N, H, L, M)`` transpose).
+
+    Returns:
+        ``out (N, H, L, M)``, the final state ``S (N, H, E, M)`` and, when normalising, the
+        final normaliser state ``z (N, H, E)`` (``(N, H, 0)`` otherwise).
+    """
+    z0 = z0 if normalize else None
+    require_extension()
+    check_causal(Q, K, V, {"S0": S0, "z0": z0}, eps)
+    N, H, L, E = Q.shape
+    M = V.shape[-1]
+    Q, K, V = row_major(Q), row_major(K), row_major(V)
+    S0 = None if S0 is None else S0.contiguous()
+    z0 = None if z0 is None else z0.contiguous()
+    out = new_nhl(Q, N, H, L, M, sequence_first)
+    S = Q.new_empty(N, H, E, M)
+    z = Q.new_empty(N, H, E if normalize else 0)
+    binding("causal_product_forward", Q.dtype)(
+        Q.data_ptr(), nhl(Q), K.data_ptr(), nhl(K), V.data_ptr(), nhl(V),
+        out.data_ptr(), nhl(out), address(S0), address(z0), S.data_ptr(), z.data_ptr(),
+        N, H, L, E, M, normalize, eps, torch.get_num_threads(),
+    )  # fmt: skip
+    return out, S, z
+
+
+@causal_product_forward.register_fake
+def _(Q, K, V, S0, z0, normalize, eps, sequence_first):
+    check_causal(Q, K, V, {"S0": S0, "z0": z0 if normalize else None}, eps)
+    N, H, L, E = Q.shape
+    M = V.shape[-1]
+    out = new_nhl(Q, N, H, L, M, sequence_first)
+    return out, Q.new_empty(N, H, E, M), Q.new_empty(N, H, E if normalize else 0)
+
+
+@torch.library.custom_op(
+    "attention_core::causal_product_backward", mutates_args=(), device_types="cpu"
+)
+def causal_product_backward(
+    grad: Tensor,
+    Q: Tensor,
+    K: Tensor,
+    V: Tensor,
+    out: Tensor | None,
+    S0: Tensor | None,
+    z0: Tensor | None,
+    grad_S: Tensor | None,
+    grad_z: Tensor | None,
+    normalize: bool,
+    eps: float,
+    sequence_first: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Gradients of :func:`causal_product_forward`, recomputing the states (no per-position
+    state is stored).
+
+    Arguments:
+        grad: ``(N, H, L, M)`` gradient of ``out``.
+        Q, K, V, S0, z0, normalize, eps, sequence_first: as in the forward.
+        out: ``(N, H, L, M)`` the forward output (needed when normalising, else ``None``).
+        grad_S: ``(N, H, E, M)`` gradient of the final state, or ``None``.
+        grad_z: ``(N, H, E)`` gradient of the final normaliser state, or ``None`` (ignored
+            unless ``normalize``).
+
+    Returns:
+        ``dQ (N, H, L, E)``, ``dK (N, H, L, E)``, ``dV (N, H, L, M)`` (sequence-first storage
+        if ``sequence_first``), ``dS0 (N, H, E, M)`` and ``dz0 (N, H, E)`` (``(N, H, 0)`` when
+        not normalising).
+    """
+    if not normalize:  # the plain product has no normaliser state
+        z0 = grad_z = None
+    if normalize and out is None:
+        raise ValueError("out must be the forward output when normalize is set; got None")
+    require_extension()
+    tensors = {"S0": S0, "z0": z0, "grad_S": grad_S, "grad_z": grad_z, "grad": grad}
+    check_causal(Q, K, V, {**tensors, "out": out if normalize else None}, eps)
+    N, H, L, E = Q.shape
+    M = V.shape[-1]
+    grad, Q, K, V = row_major(grad.to(Q.dtype)), row_major(Q), row_major(K), row_major(V)
+    out = row_major(out) if normalize else None
+    S0, z0, grad_S, grad_z = (
+        None if t is None else t.to(Q.dtype).contiguous() for t in (S0, z0, grad_S, grad_z)
+    )
+    dQ = new_nhl(Q, N, H, L, E, sequence_first)
+    dK = new_nhl(Q, N, H, L, E, sequence_first)
+    dV = new_nhl(Q, N, H, L, M, sequence_first)
+    dS0 = Q.new_empty(N, H, E, M)
+    dz0 = Q.new_empty(N, H, E if normalize else 0)
+    binding("causal_product_backward", Q.dtype)(
+        grad.data_ptr(), nhl(grad), Q.data_ptr(), nhl(Q), K.data_ptr(), nhl(K),
+        V.data_ptr(), nhl(V), address(out), (0, 0, 0) if out is None else nhl(out),
+        address(S0), address(z0), address(grad_S), address(grad_z),
+        dQ.data_ptr(), nhl(dQ), dK.data_ptr(), nhl(dK), dV.data_ptr(), nhl(dV),
+        dS0.data_ptr(), dz0.data_ptr(), N, H, L, E, M, normalize, eps, torch.get_num_threads(),
+    )  # fmt: skip
+    return dQ, dK, dV, dS0, dz0
+
+
+@causal_product_backward.register_fake
+def _(grad, Q, K, V, out, S0, z0, grad_S, grad_z, normalize, eps, sequence_first):
+    if not normalize:
+        z0 = grad_z = None
+    tensors = {"S0": S0, "z0": z0, "grad_S": grad_S, "grad_z": grad_z, "grad": grad}
+    check_causal(Q, K, V, {**tensors, "out": out if normalize else None}, eps)
+    N, H, L, E = Q.shape
+    M = V.shape[-1]
+    return (
+        new_nhl(Q, N, H, L, E, sequence_first),
+        new_nhl(Q, N, H, L, E, sequence_first),
+        new_nhl(Q, N, H, L, M, sequence_first),
+        Q.new_empty(N, H, E, M),
+        Q.new_empty(N, H, E if normalize else 0),
+    )
+
+
+def _causal_setup_context(ctx, inputs, output) -> None:
+    Q, K, V, S0, z0, normalize, eps, sequence_first = inputs
+    out = output[0] if normalize else None
+    ctx.save_for_backward(Q, K, V, out, S0, z0)
+    ctx.options = (normalize, eps, sequence_first)
+
+
+def _causal_backward(ctx, grad_out, grad_S, grad_z):
+    Q, K, V, out, S0, z0 = ctx.saved_tensors
+    normalize, eps, sequence_first = ctx.options
+    if grad_out is None:
+        grad_out = torch.zeros_like(out if out is not None else V)
+    dQ, dK, dV, dS0, dz0 = causal_product_backward(
+        grad_out, Q, K, V, out, S0, z0, grad_S, grad_z, normalize, eps, sequence_first
+    )
+    return (
+        dQ,
+        dK,
+        dV,
+        None if S0 is None else dS0,
+        None if z0 is None else dz0,
+        None,
+        None,
+        None,
+    )
+
+
+causal_product_forward.register_autograd(_causal_backward, setup_context=_causal_setup_context)
+
+
+# the CUDA kernels: the Triton launch functions of ._triton, imported on the first call
+
+
+def causal_product_forward_cuda(
+    Q: Tensor,
+    K: Tensor,
+    V: Tensor,
+    S0: Tensor | None,
+    z0: Tensor | None,
+    normalize: bool,
+    eps: float,
+    sequence_first: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """CUDA kernel of ``attention_core::causal_product_forward`` (shapes as there:
+    ``Q, K (N, H, L, E)``, ``V (N, H, L, M)``, ``S0 (N, H, E, M)``, ``z0 (N, H, E)``; returns
+    ``out (N, H, L, M)``, ``S (N, H, E, M)``, ``z (N, H, E)`` or ``(N, H, 0)``); states in the
+    input dtype, as the op's fake allocates them."""
+    from . import _triton
+
+    return _triton.causal_product_forward(
+        Q, K, V, S0, z0, normalize=normalize, eps=eps, sequence_first=sequence_first,
+        state_dtype=Q.dtype,
+    )  # fmt: skip
+
+
+def causal_product_backward_cuda(
+    grad: Tensor,
+    Q: Tensor,
+    K: Tensor,
+    V: Tensor,
+    out: Tensor | None,
+    S0: Tensor | None,
+    z0: Tensor | None,
+    grad_S: Tensor | None,
+    grad_z: Tensor | None,
+    normalize: bool,
+    eps: float,
+    sequence_first: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """CUDA kernel of ``attention_core::causal_product_backward``: ``dQ, dK (N, H, L, E)``,
+    ``dV (N, H, L, M)``, ``dS0 (N, H, E, M)``, ``dz0 (N, H, E)`` or ``(N, H, 0)``."""
+    from . import _triton
+
+    return _triton.causal_product_backward(
+        grad, Q, K, V, out, S0, z0, grad_S, grad_z, normalize=normalize, eps=eps,
+        sequence_first=sequence_first, state_dtype=Q.dtype,
+    )  # fmt: skip
+
+
+CUDA_KERNELS = {
+    "causal_product_forward": causal_product_forward_cuda,
+    "causal_product_backward": causal_product_backward_cuda,
+}
+
+if triton_installed():
+    causal_product_forward.register_kernel("cuda")(causal_product_forward_cuda)
+    causal_product_backward.register_kernel("cuda")(causal_product_backward_cuda)
