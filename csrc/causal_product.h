@@ -56,8 +56,8 @@ struct Problem {
     Operand<const T> q, k, v;  // (N, H, L, E), (N, H, L, E), (N, H, L, M)
     const T* S0;               // (N, H, E, M) contiguous, or null for zeros
     const T* z0;               // (N, H, E) contiguous, or null (normalised only)
-    // q and k are the inputs of the feature map elu(x) + 1, applied in the kernel (chunked
-    // form only, which then runs at every length)
+    // q and k are the inputs of the feature map elu(x) + 1, applied in the kernel when the
+    // rows are packed (packed and chunked forms: dq and dk are then gradients of the inputs)
     bool elu = false;
 };
 
