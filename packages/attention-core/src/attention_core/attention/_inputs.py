@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from .._checks import check_tensor
-from ..masking import BaseMask
+from ..masking import BaseMask, LengthMask
 
 __all__ = ["check_attention_inputs"]
 
@@ -15,7 +15,9 @@ def _check_mask(name: str, mask, shape: tuple[int, ...], device: torch.device) -
         raise TypeError(f"{name} must be a BaseMask (e.g. FullMask); got {type(mask).__name__}")
     if tuple(mask.shape) != shape:
         raise ValueError(f"{name} must have shape {shape}; got {tuple(mask.shape)}")
-    mask_device = mask.bool_matrix.device
+    # a length mask (the causal mask too) knows its device without building its (L, S) matrix,
+    # which at L = S = 16384 would be a 256 MiB allocation inside every call
+    mask_device = (mask.lengths if isinstance(mask, LengthMask) else mask.bool_matrix).device
     if mask_device.type != device.type:
         raise ValueError(f"{name} must be on device {device}; got {mask_device}")
 
