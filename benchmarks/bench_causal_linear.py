@@ -12,7 +12,10 @@ D=M=64, float32 by default:
 For scale, the ``attention`` workload also times softmax attention with a causal mask
 (attention-core's FullAttention, quadratic in N) up to ``--full-max``.
 
-Timings are medians of ``--repeats`` runs after a warm-up. Peak memory is measured per
+Timings are medians of ``--repeats`` runs after a warm-up, the contenders of one row timed
+round-robin (A, B, C, A, B, C, ...) so that a shared machine's load hits them alike. The layer
+is also timed against its bare numerator op (contiguous inputs), interleaved likewise, and a
+last table sets the results against issue 15's targets. Peak memory is measured per
 contender in a fresh subprocess: the peak resident set during one call minus the resident set
 before it (Linux ``VmHWM`` after resetting it), so it counts every allocation made by the
 call: outputs, saved tensors, gradients and workspace. GFLOP/s use the
@@ -178,6 +181,32 @@ def peak_mib(workload, contender, N, mode, dtype, threads) -> float | None:
 # ---------------------------------------------------------------------------------------
 
 
+def interleaved_ms(fns: dict, repeats: int) -> dict:
+    """Median ms of each function, timed round-robin (A, B, C, A, B, C, ...) after one
+    warm-up call each, so that the load of a shared machine hits every contender alike."""
+    for fn in fns.values():
+        fn()
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append((time.perf_counter() - start) * 1e3)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def timed_call(workload, contender, N, dtype, mode):
+    """A function of no arguments: one call of ``contender`` in ``mode``."""
+    fn, shape = make_call(workload, contender, N, dtype)
+    q, k, v = make_inputs(shape, dtype, mode != "forward")
+
+    def call():
+        select(contender)
+        step(fn, q, k, v, mode)
+
+    return call
+
+
 def run(args) -> tuple[list[dict], float]:
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
@@ -189,17 +218,22 @@ def run(args) -> tuple[list[dict], float]:
     rows = []
     for workload in args.workloads:
         for N in args.lengths:
-            for contender in contenders:
-                if contender == "plain PyTorch" and args.reference_max < N:
-                    continue
-                if contender == "full softmax" and (workload != "attention" or args.full_max < N):
-                    continue
-                select(contender)
-                fn, shape = make_call(workload, contender, N, dtype)
+            chosen = [
+                c
+                for c in contenders
+                if not (c == "plain PyTorch" and args.reference_max < N)
+                and not (c == "full softmax" and (workload != "attention" or args.full_max < N))
+            ]
+            times = {
+                mode: interleaved_ms(
+                    {c: timed_call(workload, c, N, dtype, mode) for c in chosen}, args.repeats
+                )
+                for mode in MODES
+            }
+            for contender in chosen:
                 row = {"workload": workload, "N": N, "contender": contender}
                 for mode in MODES:
-                    q, k, v = make_inputs(shape, dtype, mode != "forward")
-                    row[mode] = median_ms(lambda: step(fn, q, k, v, mode), args.repeats)  # noqa: B023
+                    row[mode] = times[mode][contender]
                     row[f"{mode} MiB"] = (
                         None
                         if args.no_memory
@@ -212,14 +246,78 @@ def run(args) -> tuple[list[dict], float]:
                     f"{row['forward MiB']} / {row['forward+backward MiB']} MiB",
                     flush=True,
                 )
+    select("attention-core")
     return rows, gemm
+
+
+def layer_against_bare_op(args) -> list[dict]:
+    """attention-core's whole CausalLinearAttention layer ((B, N, H, D) inputs) against its
+    bare numerator op on contiguous (B, H, N, D) inputs, interleaved: the layer's overhead
+    (feature map, normaliser, layout)."""
+    dtype = getattr(torch, args.dtype)
+    select("attention-core")
+    rows = []
+    for N in args.lengths:
+        row = {"N": N}
+        for mode in MODES:
+            times = interleaved_ms(
+                {
+                    w: timed_call(w, "attention-core", N, dtype, mode)
+                    for w in ("attention", "numerator")
+                },
+                args.repeats,
+            )
+            row[mode] = times["attention"] / times["numerator"]
+        rows.append(row)
+        print(
+            f"layer / bare numerator N={N:6d} fwd {row['forward']:.2f}x  "
+            f"fwd+bwd {row['forward+backward']:.2f}x",
+            flush=True,
+        )
+    return rows
 
 
 def fmt(x, spec: str) -> str:
     return "n/a" if x is None else format(x, spec)
 
 
-def markdown(rows: list[dict], gemm: float, args) -> str:
+def targets(rows: list[dict], layer: list[dict], gemm: float) -> list[str]:
+    """Issue 15's targets, with what this run reached (ratios; a shared machine is noisy)."""
+    get = {(r["workload"], r["N"], r["contender"]): r for r in rows}
+    lines = [
+        "",
+        "Targets (issue 15): attention forward >= 6x and forward+backward >= 5x faster than "
+        "fast-transformers, peak memory <= fast-transformers', the layer within 1.3x of its "
+        "bare numerator op, the numerator forward >= 50% of the GEMM rate.",
+        "",
+        "| N | attention fwd speed-up | attention fwd+bwd speed-up | peak fwd / fwd+bwd vs "
+        "fast-transformers | layer / bare op fwd | layer / bare op fwd+bwd "
+        "| numerator fwd of GEMM |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for entry in layer:
+        N = entry["N"]
+        ours = get.get(("attention", N, "attention-core"))
+        peer = get.get(("attention", N, "fast-transformers"))
+        numerator = get.get(("numerator", N, "attention-core"))
+        speed = ["n/a", "n/a"]
+        memory = "n/a"
+        if ours and peer:
+            speed = [f"{peer[m] / ours[m]:.1f}x" for m in MODES]
+            peaks = [(ours[f"{m} MiB"], peer[f"{m} MiB"]) for m in MODES]
+            if all(a is not None and b for a, b in peaks):
+                memory = " / ".join(f"{a / b:.2f}x" for a, b in peaks)
+        rate = "n/a"
+        if numerator:
+            rate = f"{4 * H * N * D * D / 1e6 / numerator['forward'] / gemm:.0%}"
+        lines.append(
+            f"| {N} | {speed[0]} | {speed[1]} | {memory} | {entry['forward']:.2f}x "
+            f"| {entry['forward+backward']:.2f}x | {rate} |"
+        )
+    return lines
+
+
+def markdown(rows: list[dict], gemm: float, args, layer: list[dict] | None = None) -> str:
     lines = [
         f"Causal linear attention on the CPU: B=1, H={H}, D=M={D}, {args.dtype}, "
         f"{args.threads} threads, torch {torch.__version__}, medians of {args.repeats} runs "
@@ -250,6 +348,8 @@ def markdown(rows: list[dict], gemm: float, args) -> str:
             f"| {fmt(r['forward MiB'], '.0f')} | {fmt(r['forward+backward MiB'], '.0f')} "
             f"| {cells[0]} | {cells[1]} |"
         )
+    if layer:
+        lines += targets(rows, layer, gemm)
     return "\n".join(lines) + "\n"
 
 
@@ -284,7 +384,8 @@ def main() -> None:
             file=sys.stderr,
         )
     rows, gemm = run(args)
-    table = markdown(rows, gemm, args)
+    layer = layer_against_bare_op(args) if {"attention", "numerator"} <= set(args.workloads) else []
+    table = markdown(rows, gemm, args, layer)
     print(table)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(table)

@@ -11,11 +11,13 @@ B=1, H=8, D=64:
   random key indices per query (``topk (B, H, N, 128)``).
 
 Each op is timed forward (no grad) and forward+backward (``out.sum().backward()``, -inf
-slots set to zero first). Timings are medians of ``--repeats`` runs after a warm-up; a
-contender whose warm-up call takes longer than ``--slow-ms`` is timed by that one call
-(the plain-PyTorch reference at N=4096). Medians from a shared machine are noisy: read the
-ratios. Every contender runs each op once at N=256 before any timing (lazy initialisation).
-The table goes to stdout and to ``docs/benchmarks/ops.md``.
+slots set to zero first). Timings are medians of ``--repeats`` runs after a warm-up, the
+contenders timed round-robin (A, B, C, A, B, C, ...) so that a shared machine's load hits
+them alike; a contender whose warm-up call takes longer than ``--slow-ms`` is timed by that
+one call (the plain-PyTorch reference at N=4096). Target (issue 15): attention-core at least
+2x faster than fast-transformers, forward and forward+backward. Medians from a shared
+machine are noisy: read the ratios. Every contender runs each op once at N=256 before any
+timing (lazy initialisation). The table goes to stdout and to ``docs/benchmarks/ops.md``.
 """
 
 from __future__ import annotations
@@ -98,18 +100,34 @@ def step(fn, mode: str) -> None:
         torch.where(torch.isinf(out), 0.0, out).sum().backward()
 
 
-def median_ms(fn, repeats: int, slow_ms: float) -> float:
-    start = time.perf_counter()
-    fn()  # warm up
-    first = (time.perf_counter() - start) * 1e3
-    if first > slow_ms:
-        return first
-    times = []
-    for _ in range(repeats):
+def interleaved_ms(fns: dict, repeats: int, slow_ms: float) -> dict:
+    """Median ms of each function, timed round-robin (A, B, C, A, B, C, ...) after one
+    warm-up call each, so that a shared machine's load hits every contender alike; a
+    function whose warm-up call takes longer than ``slow_ms`` is timed by that call only."""
+    times = {}
+    for name, fn in fns.items():
         start = time.perf_counter()
         fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+        times[name] = [(time.perf_counter() - start) * 1e3]
+    fast = [name for name, t in times.items() if t[0] <= slow_ms]
+    for name in fast:
+        times[name] = []
+    for _ in range(repeats):
+        for name in fast:
+            start = time.perf_counter()
+            fns[name]()
+            times[name].append((time.perf_counter() - start) * 1e3)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def timed_call(op: str, contender: str, N: int, mode: str):
+    fn = make_call(op, contender, N, mode != "forward")
+
+    def call():
+        select(contender)
+        step(fn, mode)
+
+    return call
 
 
 def run(args) -> list[dict]:
@@ -124,15 +142,14 @@ def run(args) -> list[dict]:
     for op in args.ops:
         for N in args.lengths:
             row = {"op": op, "N": N}
-            for contender in contenders:
-                select(contender)
-                for mode in MODES:
-                    fn = make_call(op, contender, N, mode != "forward")
-                    row[contender, mode] = median_ms(
-                        lambda: step(fn, mode),  # noqa: B023
-                        args.repeats,
-                        args.slow_ms,
-                    )
+            for mode in MODES:
+                times = interleaved_ms(
+                    {c: timed_call(op, c, N, mode) for c in contenders},
+                    args.repeats,
+                    args.slow_ms,
+                )
+                for contender in contenders:
+                    row[contender, mode] = times[contender]
             rows.append(row)
             print(
                 f"{op:24s} N={N:5d} "

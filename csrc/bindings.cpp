@@ -122,9 +122,10 @@ void causal_product_forward(std::uintptr_t q, Strides3 qs, std::uintptr_t k, Str
                             std::uintptr_t v, Strides3 vs, std::uintptr_t out, Strides3 os,
                             std::uintptr_t S0, std::uintptr_t z0, std::uintptr_t S,
                             std::uintptr_t z, int64_t N, int64_t H, int64_t L, int64_t E,
-                            int64_t M, bool normalize, double eps, int64_t threads) {
+                            int64_t M, bool normalize, double eps, int64_t threads, bool elu) {
     attention_core::causal::ForwardArgs<T> a{};
     fill_problem<T>(a, q, qs, k, ks, v, vs, S0, z0, N, H, L, E, M, normalize, eps, threads);
+    a.elu = elu;
     require("out", out, N * H * L * M);
     require("S", S, N * H * E * M);
     if (normalize) require("z", z, N * H * E);
@@ -143,9 +144,11 @@ void causal_product_backward(std::uintptr_t grad, Strides3 gs, std::uintptr_t q,
                              std::uintptr_t dq, Strides3 dqs, std::uintptr_t dk, Strides3 dks,
                              std::uintptr_t dv, Strides3 dvs, std::uintptr_t dS0,
                              std::uintptr_t dz0, int64_t N, int64_t H, int64_t L, int64_t E,
-                             int64_t M, bool normalize, double eps, int64_t threads) {
+                             int64_t M, bool normalize, double eps, int64_t threads,
+                             bool elu) {
     attention_core::causal::BackwardArgs<T> a{};
     fill_problem<T>(a, q, qs, k, ks, v, vs, S0, z0, N, H, L, E, M, normalize, eps, threads);
+    a.elu = elu;
     require("grad", grad, N * H * L * M);
     require("dQ", dq, N * H * L * E);
     require("dK", dk, N * H * L * E);
@@ -594,7 +597,8 @@ PYBIND11_MODULE(_C, m) {
     py::arg("q"), py::arg("q_strides"), py::arg("k"), py::arg("k_strides"), py::arg("v"),   \
         py::arg("v_strides"), py::arg("out"), py::arg("out_strides"), py::arg("S0"),        \
         py::arg("z0"), py::arg("S"), py::arg("z"), py::arg("N"), py::arg("H"), py::arg("L"), \
-        py::arg("E"), py::arg("M"), py::arg("normalize"), py::arg("eps"), py::arg("threads")
+        py::arg("E"), py::arg("M"), py::arg("normalize"), py::arg("eps"), py::arg("threads"), \
+        py::arg("elu") = false
 #define ATTENTION_CORE_CAUSAL_BACKWARD_ARGS                                                    \
     py::arg("grad"), py::arg("grad_strides"), py::arg("q"), py::arg("q_strides"), py::arg("k"), \
         py::arg("k_strides"), py::arg("v"), py::arg("v_strides"), py::arg("out"),              \
@@ -602,7 +606,7 @@ PYBIND11_MODULE(_C, m) {
         py::arg("dq"), py::arg("dq_strides"), py::arg("dk"), py::arg("dk_strides"),            \
         py::arg("dv"), py::arg("dv_strides"), py::arg("dS0"), py::arg("dz0"), py::arg("N"),    \
         py::arg("H"), py::arg("L"), py::arg("E"), py::arg("M"), py::arg("normalize"),          \
-        py::arg("eps"), py::arg("threads")
+        py::arg("eps"), py::arg("threads"), py::arg("elu") = false
     m.def("causal_product_forward_f32", &causal_product_forward<float>,
           ATTENTION_CORE_CAUSAL_FORWARD_ARGS);
     m.def("causal_product_forward_f64", &causal_product_forward<double>,

@@ -15,9 +15,10 @@
 //   zero-padded (F x P) buffer whose column l + k holds key l - C/2 + k, so a tile of W
 //   slots of one query is W contiguous columns: the inner loop is a vector fused multiply-add
 //   per feature, with no horizontal sums, and keys outside [0, S) read zeros;
-// - band_gather: out_l = sum_k w[l, k] y_j, one axpy over the features per slot;
-// - band_scatter: dy_j += w[l, k] x_l, one axpy per slot; a head's rows are written by one
-//   thread only, so there are no races.
+// - band_gather: out_l = sum_k w[l, k] y_j, a weighted sum of rows kept in registers
+//   (weighted_rows.h);
+// - band_scatter: dy_j = sum of w[l, k] x_l over the slots (l, k) that reach key j, written
+//   as a gather per key (the weights read along a diagonal), so it is the same leaf.
 // Memory is O(L C) for the scores and O(S F) per thread for the padded copy, never O(L S).
 //
 // Layout: every (N, H, L, features) operand is a pointer plus the element strides of its n, h
@@ -32,6 +33,7 @@
 
 #include "cpu_dispatch.h"
 #include "parallel.h"
+#include "weighted_rows.h"
 
 namespace attention_core {
 namespace local {
@@ -81,12 +83,13 @@ struct BandAxpy {
     int64_t w_step;
     const T* x;  // gather: (S, F) rows read; scatter: (L, F) rows read
     int64_t x_step;
-    T* y;  // gather: (L, F) rows written; scatter: (S, F) rows accumulated (zeroed first)
+    T* y;  // gather: (L, F) rows written; scatter: (S, F) rows written
     int64_t y_step;
     int64_t L;
     int64_t C;
     int64_t F;
     int64_t limit;
+    int64_t S;  // scatter: the rows of y (rows from `limit` on are zero)
 };
 
 inline void slot_range(int64_t l, int64_t C, int64_t limit, int64_t& k_begin, int64_t& k_end) {
@@ -95,36 +98,63 @@ inline void slot_range(int64_t l, int64_t C, int64_t limit, int64_t& k_begin, in
     k_end = std::max<int64_t>(k_begin, std::min<int64_t>(C, limit - first));
 }
 
-// y_l = sum_k w[l, k] x_{l - C/2 + k}
+// The slots [k_begin, k_end) of query l: weights w[l, k], rows x_{l - C/2 + k}.
 template <typename T>
+struct QuerySlots {
+    const T* w;
+    const T* x;
+    int64_t x_step;
+    int64_t count() const { return n; }
+    T weight(int64_t t) const { return w[t]; }
+    const T* row(int64_t t) const { return x + t * x_step; }
+    int64_t n;
+};
+
+// The queries that reach key j, slot k from k_end - 1 down to k_begin: query
+// l = j + C/2 - k, weight w[l, k], row x_l.
+template <typename T>
+struct KeySlots {
+    const T* w;  // at (l_first, k_last)
+    int64_t w_diagonal;  // w_step - 1: from (l, k) to (l + 1, k - 1)
+    const T* x;  // at l_first
+    int64_t x_step;
+    int64_t n;
+    int64_t count() const { return n; }
+    T weight(int64_t t) const { return w[t * w_diagonal]; }
+    const T* row(int64_t t) const { return x + t * x_step; }
+};
+
+// y_l = sum_k w[l, k] x_{l - C/2 + k}
+template <typename T, int W>
 inline void band_gather(const BandAxpy<T>& p) {
     for (int64_t l = 0; l < p.L; ++l) {
-        T* __restrict yl = p.y + l * p.y_step;
-        std::fill(yl, yl + p.F, T(0));
         int64_t k_begin, k_end;
         slot_range(l, p.C, p.limit, k_begin, k_end);
-        const T* wl = p.w + l * p.w_step;
-        for (int64_t k = k_begin; k < k_end; ++k) {
-            const T a = wl[k];
-            const T* __restrict xj = p.x + (l - p.C / 2 + k) * p.x_step;
-            for (int64_t f = 0; f < p.F; ++f) yl[f] += a * xj[f];
-        }
+        const QuerySlots<T> slots{p.w + l * p.w_step + k_begin,
+                                  p.x + (l - p.C / 2 + k_begin) * p.x_step, p.x_step,
+                                  k_end - k_begin};
+        weighted_rows<T, W>(p.y + l * p.y_step, p.F, slots);
     }
 }
 
-// y_{l - C/2 + k} += w[l, k] x_l (y must hold zeros, or what to add to, on entry)
-template <typename T>
+// y_j = sum_{l, k: l - C/2 + k = j} w[l, k] x_l for j < limit, 0 for limit <= j < S: the
+// scatter of the slots written as a gather per key, so every row of y is written once from
+// registers.
+template <typename T, int W>
 inline void band_scatter(const BandAxpy<T>& p) {
-    for (int64_t l = 0; l < p.L; ++l) {
-        int64_t k_begin, k_end;
-        slot_range(l, p.C, p.limit, k_begin, k_end);
-        const T* wl = p.w + l * p.w_step;
-        const T* __restrict xl = p.x + l * p.x_step;
-        for (int64_t k = k_begin; k < k_end; ++k) {
-            const T a = wl[k];
-            T* __restrict yj = p.y + (l - p.C / 2 + k) * p.y_step;
-            for (int64_t f = 0; f < p.F; ++f) yj[f] += a * xl[f];
+    for (int64_t j = 0; j < p.S; ++j) {
+        T* y = p.y + j * p.y_step;
+        // k = j + C/2 - l with 0 <= l < L and 0 <= k < C
+        const int64_t k_last = std::min<int64_t>(p.C - 1, j + p.C / 2);
+        const int64_t k_first = std::max<int64_t>(0, j + p.C / 2 - (p.L - 1));
+        if (j >= p.limit || k_first > k_last) {
+            std::fill(y, y + p.F, T(0));
+            continue;
         }
+        const int64_t l_first = j + p.C / 2 - k_last;
+        const KeySlots<T> slots{p.w + l_first * p.w_step + k_last, p.w_step - 1,
+                                p.x + l_first * p.x_step, p.x_step, k_last - k_first + 1};
+        weighted_rows<T, W>(y, p.F, slots);
     }
 }
 
@@ -140,44 +170,50 @@ struct Leaves {
     int64_t width;  // the W of `scores`
 };
 
-// 32 elements per tile: the smallest width GCC vectorises (see causal_product.h).
+// Baseline: 32 elements per tile, the smallest width GCC vectorises (see causal_product.h).
 template <typename T>
 inline void scores_baseline(const BandScores<T>& p) {
     band_scores<T, 32>(p);
 }
 template <typename T>
 inline void gather_baseline(const BandAxpy<T>& p) {
-    band_gather<T>(p);
+    band_gather<T, 32>(p);
 }
 template <typename T>
 inline void scatter_baseline(const BandAxpy<T>& p) {
-    band_scatter<T>(p);
+    band_scatter<T, 32>(p);
 }
 
 #if ATTENTION_CORE_X86_DISPATCH
+// Slot tiles of 8 vectors: 8 independent accumulator chains per broadcast feature.
+template <typename T>
+constexpr int kAvx2ScoreWidth = 256 / sizeof(T);
+template <typename T>
+constexpr int kAvx512ScoreWidth = 512 / sizeof(T);
+
 template <typename T>
 ATTENTION_CORE_TARGET_AVX2 void scores_avx2(const BandScores<T>& p) {
-    band_scores<T, 32>(p);
+    band_scores<T, kAvx2ScoreWidth<T>>(p);
 }
 template <typename T>
 ATTENTION_CORE_TARGET_AVX2 void gather_avx2(const BandAxpy<T>& p) {
-    band_gather<T>(p);
+    band_gather<T, 32>(p);
 }
 template <typename T>
 ATTENTION_CORE_TARGET_AVX2 void scatter_avx2(const BandAxpy<T>& p) {
-    band_scatter<T>(p);
+    band_scatter<T, 32>(p);
 }
 template <typename T>
 ATTENTION_CORE_TARGET_AVX512 void scores_avx512(const BandScores<T>& p) {
-    band_scores<T, 32>(p);
+    band_scores<T, kAvx512ScoreWidth<T>>(p);
 }
 template <typename T>
 ATTENTION_CORE_TARGET_AVX512 void gather_avx512(const BandAxpy<T>& p) {
-    band_gather<T>(p);
+    band_gather<T, 256 / sizeof(T)>(p);
 }
 template <typename T>
 ATTENTION_CORE_TARGET_AVX512 void scatter_avx512(const BandAxpy<T>& p) {
-    band_scatter<T>(p);
+    band_scatter<T, 256 / sizeof(T)>(p);
 }
 #endif
 
@@ -185,9 +221,11 @@ template <typename T>
 Leaves<T> leaves_for(CpuLevel level) {
 #if ATTENTION_CORE_X86_DISPATCH
     if (level == CpuLevel::avx512) {
-        return {&scores_avx512<T>, &gather_avx512<T>, &scatter_avx512<T>, 32};
+        return {&scores_avx512<T>, &gather_avx512<T>, &scatter_avx512<T>, kAvx512ScoreWidth<T>};
     }
-    if (level == CpuLevel::avx2) return {&scores_avx2<T>, &gather_avx2<T>, &scatter_avx2<T>, 32};
+    if (level == CpuLevel::avx2) {
+        return {&scores_avx2<T>, &gather_avx2<T>, &scatter_avx2<T>, kAvx2ScoreWidth<T>};
+    }
 #endif
     (void)level;
     return {&scores_baseline<T>, &gather_baseline<T>, &scatter_baseline<T>, 32};
@@ -232,11 +270,6 @@ struct PaddedTranspose {
 inline int64_t useful_threads(int64_t threads, int64_t heads, int64_t flops) {
     constexpr int64_t kMinFlopsPerThread = int64_t{1} << 18;
     return std::max<int64_t>(1, std::min({threads, heads, flops / kMinFlopsPerThread}));
-}
-
-template <typename T>
-void zero_rows(T* y, int64_t step, int64_t rows, int64_t F) {
-    for (int64_t r = 0; r < rows; ++r) std::fill(y + r * step, y + r * step + F, T(0));
 }
 
 // local_dot_product forward. mask is (L, S) with element strides (mask_l, mask_s); lengths
@@ -301,11 +334,9 @@ void dot_backward(const DotBackward<T>& a, int64_t threads) {
             const int64_t limit = std::clamp<int64_t>(a.lengths[n], 0, a.S);
             const T* g = a.grad.head(n, h);
             leaves.gather({g, a.grad.s.l, a.k.head(n, h), a.k.s.l, a.dq.head(n, h), a.dq.s.l,
-                           a.L, a.C, a.E, limit});
-            T* dk = a.dk.head(n, h);
-            zero_rows(dk, a.dk.s.l, a.S, a.E);
-            leaves.scatter({g, a.grad.s.l, a.q.head(n, h), a.q.s.l, dk, a.dk.s.l, a.L, a.C, a.E,
-                            limit});
+                           a.L, a.C, a.E, limit, 0});
+            leaves.scatter({g, a.grad.s.l, a.q.head(n, h), a.q.s.l, a.dk.head(n, h), a.dk.s.l,
+                            a.L, a.C, a.E, limit, a.S});
         }
     });
 }
@@ -327,7 +358,7 @@ void average_forward(const AverageForward<T>& a, int64_t threads) {
         for (int64_t item = begin; item < end; ++item) {
             const int64_t n = item / a.H, h = item % a.H;
             leaves.gather({a.attention.head(n, h), a.attention.s.l, a.v.head(n, h), a.v.s.l,
-                           a.out.head(n, h), a.out.s.l, a.L, a.C, a.D, a.S});
+                           a.out.head(n, h), a.out.s.l, a.L, a.C, a.D, a.S, 0});
         }
     });
 }
@@ -354,10 +385,8 @@ void average_backward(const AverageBackward<T>& a, int64_t threads) {
             vt.fill(a.v.head(n, h), a.v.s.l, a.S, a.D, a.L, a.C, leaves.width);
             leaves.scores({g, a.grad.s.l, vt.data.data(), vt.P, a.dattention.head(n, h),
                            a.dattention.s.l, a.L, a.C, a.D});
-            T* dv = a.dv.head(n, h);
-            zero_rows(dv, a.dv.s.l, a.S, a.D);
-            leaves.scatter({a.attention.head(n, h), a.attention.s.l, g, a.grad.s.l, dv,
-                            a.dv.s.l, a.L, a.C, a.D, a.S});
+            leaves.scatter({a.attention.head(n, h), a.attention.s.l, g, a.grad.s.l,
+                            a.dv.head(n, h), a.dv.s.l, a.L, a.C, a.D, a.S, a.S});
         }
     });
 }

@@ -29,6 +29,7 @@
 
 #include "cpu_dispatch.h"
 #include "parallel.h"
+#include "weighted_rows.h"
 
 namespace attention_core {
 namespace sparse {
@@ -135,20 +136,30 @@ inline void rows_dot(const Rows<T>& p) {
     }
 }
 
-// out_l = sum_t w[l, t] x_{rows[l][t]} (zero for a query without keys)
+// The k selected rows of one query: weights w[t], rows x_{index[t]}.
 template <typename T>
+struct SelectedRows {
+    const T* w;
+    const int64_t* index;
+    const T* x;
+    int64_t x_step;
+    int64_t n;
+    int64_t count() const { return n; }
+    T weight(int64_t t) const { return w[t]; }
+    const T* row(int64_t t) const { return x + index[t] * x_step; }
+};
+
+// out_l = sum_t w[l, t] x_{rows[l][t]} (zero for a query without keys), summed in registers
+template <typename T, int W>
 inline void rows_gather(const Rows<T>& p) {
     for (int64_t l = 0; l < p.L; ++l) {
         T* __restrict ol = p.out + l * p.out_step;
-        std::fill(ol, ol + p.F, T(0));
         const int64_t* index = p.rows[l];
-        if (!index) continue;
-        const T* wl = p.w + l * p.w_step;
-        for (int64_t t = 0; t < p.k; ++t) {
-            const T a = wl[t];
-            const T* __restrict xj = p.x + index[t] * p.x_step;
-            for (int64_t f = 0; f < p.F; ++f) ol[f] += a * xj[f];
+        if (!index) {
+            std::fill(ol, ol + p.F, T(0));
+            continue;
         }
+        weighted_rows<T, W>(ol, p.F, SelectedRows<T>{p.w + l * p.w_step, index, p.x, p.x_step, p.k});
     }
 }
 
@@ -181,7 +192,7 @@ inline void dot_baseline(const Rows<T>& p) {
 }
 template <typename T>
 inline void gather_baseline(const Rows<T>& p) {
-    rows_gather<T>(p);
+    rows_gather<T, 32>(p);
 }
 template <typename T>
 inline void scatter_baseline(const Rows<T>& p) {
@@ -195,7 +206,7 @@ ATTENTION_CORE_TARGET_AVX2 void dot_avx2(const Rows<T>& p) {
 }
 template <typename T>
 ATTENTION_CORE_TARGET_AVX2 void gather_avx2(const Rows<T>& p) {
-    rows_gather<T>(p);
+    rows_gather<T, 32>(p);
 }
 template <typename T>
 ATTENTION_CORE_TARGET_AVX2 void scatter_avx2(const Rows<T>& p) {
@@ -207,7 +218,7 @@ ATTENTION_CORE_TARGET_AVX512 void dot_avx512(const Rows<T>& p) {
 }
 template <typename T>
 ATTENTION_CORE_TARGET_AVX512 void gather_avx512(const Rows<T>& p) {
-    rows_gather<T>(p);
+    rows_gather<T, 256 / sizeof(T)>(p);
 }
 template <typename T>
 ATTENTION_CORE_TARGET_AVX512 void scatter_avx512(const Rows<T>& p) {

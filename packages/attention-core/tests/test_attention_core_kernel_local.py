@@ -25,6 +25,7 @@ SHAPES = [  # N, H, L, S, E, C
     pytest.param((2, 1, 5, 11, 7, 9), id="more-keys"),
     pytest.param((1, 2, 6, 6, 4, 17), id="context-wider-than-sequence"),
     pytest.param((1, 1, 41, 41, 37, 33), id="simd-tails"),
+    pytest.param((1, 2, 70, 60, 130, 7), id="wide-features"),  # full register tiles + tail
 ]
 
 

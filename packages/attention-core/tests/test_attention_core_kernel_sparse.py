@@ -30,6 +30,7 @@ SHAPES = [  # N, H, L, S, E, k
     pytest.param((1, 2, 5, 3, 4, 7), id="more-picks-than-keys"),  # repeated indices
     pytest.param((2, 1, 11, 13, 37, 5), id="simd-tails"),
     pytest.param((1, 2, 4, 6, 64, 3), id="e64"),
+    pytest.param((1, 2, 9, 12, 130, 5), id="wide-features"),  # full register tiles + tail
 ]
 
 

@@ -31,6 +31,7 @@ def causal_product_forward_f32(
     normalize: bool,
     eps: float,
     threads: int,
+    elu: bool = False,
 ) -> None: ...
 def causal_product_forward_f64(
     q: int,
@@ -53,6 +54,7 @@ def causal_product_forward_f64(
     normalize: bool,
     eps: float,
     threads: int,
+    elu: bool = False,
 ) -> None: ...
 def causal_product_backward_f32(
     grad: int,
@@ -85,6 +87,7 @@ def causal_product_backward_f32(
     normalize: bool,
     eps: float,
     threads: int,
+    elu: bool = False,
 ) -> None: ...
 def causal_product_backward_f64(
     grad: int,
@@ -117,6 +120,7 @@ def causal_product_backward_f64(
     normalize: bool,
     eps: float,
     threads: int,
+    elu: bool = False,
 ) -> None: ...
 def local_dot_product_forward_f32(
     q: int,

@@ -15,10 +15,11 @@ from ..attention_registry import (
     Int,
     Optional,
 )
-from ..causal_product import normalized_causal_dot_product
+from ..causal_product import elu_normalized_causal_dot_product, normalized_causal_dot_product
 from ..errors import UnsupportedMaskError
 from ..events import EventDispatcher
-from ..feature_maps import elu_feature_map
+from ..feature_maps import ActivationFunctionFeatureMap, elu_feature_map
+from ..feature_maps.base import _elu_plus_one
 from ._inputs import check_attention_inputs
 
 __all__ = ["CausalLinearAttention"]
@@ -30,7 +31,11 @@ class CausalLinearAttention(nn.Module):
     ``V'_i = phi(Q_i)^T sum_{j<=i} phi(K_j) V_j^T / (phi(Q_i)^T sum_{j<=i} phi(K_j) + eps)``.
     The attention mask must be a :class:`TriangularCausalMask` (or any lower-triangular
     mask); padded keys are dropped with ``key_lengths``. When ``L != S`` the keys are
-    truncated or zero-padded to ``L``, as in fast-transformers.
+    truncated or zero-padded to ``L``, as in fast-transformers. With the default feature map,
+    ``S == L`` and no padded keys the layer is one call of
+    :func:`~attention_core.causal_product.elu_normalized_causal_dot_product` (on the CPU
+    kernel: feature map, numerator and normaliser in one pass over the ``(N, L, H, .)``
+    layout); any other feature map runs it first and then the normalised product.
 
     Arguments:
         query_dimensions: the head dimension ``E``.
@@ -59,6 +64,14 @@ class CausalLinearAttention(nn.Module):
                 "CausalLinearAttention needs a lower triangular attention mask "
                 "(TriangularCausalMask); got a mask that is not"
             )
+        to_heads = lambda t: rearrange(t, "n l h d -> n h l d")  # noqa: E731
+        if S == L and key_lengths.all_ones and self._default_feature_map():
+            # the whole layer in one kernel call: feature map, numerator and normaliser,
+            # reading and writing the (N, L, H, .) layout in place
+            V = elu_normalized_causal_dot_product(
+                to_heads(queries), to_heads(keys), to_heads(values), self.eps
+            )
+            return rearrange(V, "n h l d -> n l h d").contiguous()
         self.feature_map.new_feature_map(queries.device)
         Q = self.feature_map.forward_queries(queries)
         K = self.feature_map.forward_keys(keys)
@@ -71,9 +84,20 @@ class CausalLinearAttention(nn.Module):
             values = torch.nn.functional.pad(values, (0, 0, 0, 0, 0, L - S))
         # numerator and normaliser in one pass; on the kernel path the result is written
         # straight into (N, L, H, D) storage, so the final rearrange is free
-        to_heads = lambda t: rearrange(t, "n l h d -> n h l d")  # noqa: E731
         V = normalized_causal_dot_product(to_heads(Q), to_heads(K), to_heads(values), self.eps)
         return rearrange(V, "n h l d -> n l h d").contiguous()
+
+    def _default_feature_map(self) -> bool:
+        """Whether the feature map is ``elu(x) + 1`` (the default) with no hooks, so that
+        the kernel may apply it."""
+        fm = self.feature_map
+        return (
+            type(fm) is ActivationFunctionFeatureMap
+            and fm.activation_function is _elu_plus_one
+            and not (fm._forward_hooks or fm._forward_pre_hooks)
+            and not (torch.nn.modules.module._global_forward_hooks)
+            and not (torch.nn.modules.module._global_forward_pre_hooks)
+        )
 
 
 AttentionRegistry.register(

@@ -21,17 +21,21 @@ Four implementations sit behind the public functions:
   ops' ``"cuda"`` kernels); float64 CUDA tensors take the chunked plain-PyTorch form.
 
 :func:`normalized_causal_dot_product` adds the normaliser of causal linear attention in the
-same pass. Both take and return the running state (``S = sum_j K_j V_j^T`` and
+same pass, and :func:`elu_normalized_causal_dot_product` also the default feature map
+``elu(x) + 1`` (inside the CPU kernel; the whole ``CausalLinearAttention`` layer with its
+default feature map is this one call).
+Both take and return the running state (``S = sum_j K_j V_j^T`` and
 ``z = sum_j K_j``), so a prompt can be processed in one parallel call and then continued
 token by token, or chunk by chunk.
 """
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from .._extension import use_kernels
-from . import _op
+from . import _fused, _op
 from .reference import (
     causal_dot_product_chunked,
     causal_dot_product_reference,
@@ -46,8 +50,14 @@ __all__ = [
     "causal_dot_product",
     "causal_dot_product_chunked",
     "causal_dot_product_reference",
+    "elu_normalized_causal_dot_product",
     "normalized_causal_dot_product",
 ]
+
+
+def _check_eps(eps) -> None:
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
+        raise ValueError(f"eps must be a non-negative number; got {eps!r}")
 
 
 def causal_dot_product(
@@ -136,8 +146,7 @@ def normalized_causal_dot_product(
         torch.Size([1, 2, 7, 4])
     """
     check_inputs(Q, K, V)
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
-        raise ValueError(f"eps must be a non-negative number; got {eps!r}")
+    _check_eps(eps)
     N, H, _, E = Q.shape
     M = V.shape[-1]
     S0 = z0 = None
@@ -155,3 +164,38 @@ def normalized_causal_dot_product(
         out, S, z = normalized_chunked_product(Q, K, V, eps, S0, z0)
     out = out.to(dtype)
     return (out, (S, z)) if return_state else out
+
+
+def elu_normalized_causal_dot_product(Q: Tensor, K: Tensor, V: Tensor, eps: float = 1e-6) -> Tensor:
+    """Causal linear attention with the default feature map ``phi(x) = elu(x) + 1``:
+    ``normalized_causal_dot_product(phi(Q), phi(K), V, eps)`` in one pass.
+
+    For float32/float64 CPU tensors the compiled kernel applies ``phi`` while it reads each
+    chunk of rows (op ``attention_core::elu_causal_linear_attention``), so neither feature-
+    mapped copy is made nor stored for the backward pass; elsewhere ``phi`` is applied first
+    and :func:`normalized_causal_dot_product` runs. The result is stored like ``Q`` (see
+    there). Differentiable with respect to ``Q``, ``K`` and ``V``.
+
+    Arguments:
+        Q: ``(N, H, L, E)`` queries, before the feature map.
+        K: ``(N, H, L, E)`` keys, before the feature map.
+        V: ``(N, H, L, M)`` values.
+        eps: added to the normaliser.
+
+    Returns:
+        ``(N, H, L, M)``.
+
+    Example:
+        >>> Q, K, V = (torch.randn(1, 2, 7, 4) for _ in range(3))
+        >>> phi = lambda x: torch.nn.functional.elu(x) + 1
+        >>> out = elu_normalized_causal_dot_product(Q, K, V)
+        >>> torch.allclose(out, normalized_causal_dot_product(phi(Q), phi(K), V), atol=1e-5)
+        True
+    """
+    check_inputs(Q, K, V)
+    _check_eps(eps)
+    if use_kernels(Q, K, V):
+        sequence_first = Q.stride(1) < Q.stride(2)
+        return _fused.elu_causal_linear_attention(Q, K, V, float(eps), sequence_first)
+    phi = torch.nn.functional.elu
+    return normalized_causal_dot_product(phi(Q) + 1, phi(K) + 1, V, eps)

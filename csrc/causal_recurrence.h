@@ -1,0 +1,307 @@
+// The per-token recurrence of the causal product and its normaliser sweeps: the leaves that
+// causal_product.h runs over batch x heads (see there for the maths), compiled once per
+// instruction set. No pybind11 and no torch here.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "cpu_dispatch.h"
+
+namespace attention_core {
+namespace causal {
+
+// ---------------------------------------------------------------------------------------
+// The recurrence
+// ---------------------------------------------------------------------------------------
+
+// For each token t (t = 0..length-1, or reversed):
+//     state += kv_scale[t] * k_t v_t^T                    (rows x cols)
+//     out_t  = [out_t +] q_scale[t] * state^T q_t          (cols)
+// q_t and k_t have `rows` elements, v_t and out_t `cols`; `*_step` is the distance between two
+// tokens of one operand. A null scale means 1.
+template <typename T>
+struct Recurrence {
+    const T* q;
+    int64_t q_step;
+    const T* k;
+    int64_t k_step;
+    const T* v;
+    int64_t v_step;
+    T* out;
+    int64_t out_step;
+    const T* q_scale;
+    const T* kv_scale;
+    T* state;
+    int64_t rows;
+    int64_t cols;
+    int64_t length;
+    bool accumulate;  // add into out instead of overwriting it
+    bool reverse;     // walk the tokens from the last to the first
+};
+
+// A block of state rows is swept over the whole sequence while it stays in L1.
+constexpr int64_t kStateBlockBytes = 16 * 1024;
+
+// Columns [c0, c0 + W) and rows [r0, r1) of the state, for every token. W is a compile-time
+// width, so `vv` and `acc` live in vector registers and the row loop is a stream of loads,
+// fused multiply-adds and stores over one contiguous row of the state. `state` points at
+// column c0 of row 0 and rows are `ld` apart. A Partial tile has only `width` < W real columns
+// (the last one of a row): its state is a zero-padded copy, so the padding stays zero.
+//
+// GCC vectorises the w-loops when W >= 32; smaller constant trip counts get fully unrolled
+// first and then stay scalar, hence the tail handling below instead of narrower tiles.
+template <typename T, int W, bool Partial>
+inline void recurrence_tile(const Recurrence<T>& p, int64_t c0, int64_t width, T* state,
+                            int64_t ld, int64_t r0, int64_t r1) {
+    const bool fresh = r0 == 0 && !p.accumulate;
+    T* __restrict st = state;
+    for (int64_t i = 0; i < p.length; ++i) {
+        const int64_t t = p.reverse ? p.length - 1 - i : i;
+        const T* __restrict qt = p.q + t * p.q_step;
+        const T* __restrict kt = p.k + t * p.k_step;
+        const T* __restrict vt = p.v + t * p.v_step + c0;
+        T* __restrict ot = p.out + t * p.out_step + c0;
+        const T kv_scale = p.kv_scale ? p.kv_scale[t] : T(1);
+        const T q_scale = p.q_scale ? p.q_scale[t] : T(1);
+        T vv[W];
+        T acc[W];
+        if constexpr (Partial) {
+            for (int w = 0; w < W; ++w) vv[w] = w < width ? vt[w] * kv_scale : T(0);
+            for (int w = 0; w < W; ++w) acc[w] = fresh || w >= width ? T(0) : ot[w];
+        } else {
+            for (int w = 0; w < W; ++w) vv[w] = vt[w] * kv_scale;
+            for (int w = 0; w < W; ++w) acc[w] = fresh ? T(0) : ot[w];
+        }
+        for (int64_t e = r0; e < r1; ++e) {
+            const T ke = kt[e];
+            const T qe = qt[e] * q_scale;
+            T* __restrict row = st + e * ld;
+            for (int w = 0; w < W; ++w) {
+                const T s = row[w] + ke * vv[w];
+                row[w] = s;
+                acc[w] += qe * s;
+            }
+        }
+        if constexpr (Partial) {
+            for (int64_t w = 0; w < width; ++w) ot[w] = acc[w];
+        } else {
+            for (int w = 0; w < W; ++w) ot[w] = acc[w];
+        }
+    }
+}
+
+template <typename T, int W, bool Partial>
+inline void recurrence_column(const Recurrence<T>& p, int64_t c0, int64_t width, T* state,
+                              int64_t ld) {
+    const int64_t block = std::max<int64_t>(1, kStateBlockBytes / (W * int64_t(sizeof(T))));
+    for (int64_t r0 = 0; r0 < p.rows; r0 += block) {
+        recurrence_tile<T, W, Partial>(p, c0, width, state, ld, r0, std::min(p.rows, r0 + block));
+    }
+}
+
+template <typename T, int W>
+inline void run_recurrence(const Recurrence<T>& p) {
+    if (p.rows == 0) {  // an empty sum: out_t = 0
+        if (!p.accumulate) {
+            for (int64_t t = 0; t < p.length; ++t) {
+                std::fill(p.out + t * p.out_step, p.out + t * p.out_step + p.cols, T(0));
+            }
+        }
+        return;
+    }
+    int64_t c0 = 0;
+    for (; c0 + W <= p.cols; c0 += W) recurrence_column<T, W, false>(p, c0, W, p.state + c0, p.cols);
+    const int64_t width = p.cols - c0;
+    if (width == 0) return;
+    // the last columns: through a zero-padded copy of their part of the state
+    std::vector<T> padded(p.rows * W, T(0));
+    for (int64_t e = 0; e < p.rows; ++e) {
+        std::copy(p.state + e * p.cols + c0, p.state + (e + 1) * p.cols, padded.data() + e * W);
+    }
+    recurrence_column<T, W, true>(p, c0, width, padded.data(), W);
+    for (int64_t e = 0; e < p.rows; ++e) {
+        std::copy(padded.data() + e * W, padded.data() + e * W + width, p.state + e * p.cols + c0);
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// The normaliser sweeps (cheap: O(E + M) per token)
+// ---------------------------------------------------------------------------------------
+
+template <typename T>
+inline T dot(const T* __restrict a, const T* __restrict b, int64_t n) {
+    constexpr int P = 32;  // independent partial sums (32: see recurrence_tile)
+    T part[P] = {};
+    int64_t i = 0;
+    for (; i + P <= n; i += P) {
+        for (int j = 0; j < P; ++j) part[j] += a[i + j] * b[i + j];
+    }
+    T sum = 0;
+    for (; i < n; ++i) sum += a[i] * b[i];
+    for (int j = 0; j < P; ++j) sum += part[j];
+    return sum;
+}
+
+// Forward in time: z_i = z + sum_{j<=i} k_j and r_i = 1 / (q_i . z_i + eps). With `g` set (the
+// backward pass) also dd_i = -(g_i . out_i) r_i, the gradient of the denominator, and
+// dq_i = dd_i z_i. `z` holds z0 on entry and z_final on exit.
+template <typename T>
+struct NormalizerSweep {
+    const T* q;
+    int64_t q_step;
+    const T* k;
+    int64_t k_step;
+    const T* g;  // backward only (else null)
+    int64_t g_step;
+    const T* out;
+    int64_t out_step;
+    T* dq;
+    int64_t dq_step;
+    T* z;
+    T* r;
+    T* dd;
+    int64_t length;
+    int64_t E;
+    int64_t M;
+    T eps;
+};
+
+template <typename T>
+inline void normalizer_sweep(const NormalizerSweep<T>& p) {
+    T* __restrict z = p.z;
+    for (int64_t t = 0; t < p.length; ++t) {
+        const T* __restrict kt = p.k + t * p.k_step;
+        for (int64_t e = 0; e < p.E; ++e) z[e] += kt[e];
+        const T r = T(1) / (dot(p.q + t * p.q_step, z, p.E) + p.eps);
+        p.r[t] = r;
+        if (p.g) {
+            const T dd = -dot(p.g + t * p.g_step, p.out + t * p.out_step, p.M) * r;
+            p.dd[t] = dd;
+            T* __restrict dq = p.dq + t * p.dq_step;
+            for (int64_t e = 0; e < p.E; ++e) dq[e] = dd * z[e];
+        }
+    }
+}
+
+// Reverse in time: w_i = w + sum_{j>=i} dd_j q_j, written to dk_i; `w` holds the gradient of
+// z_final on entry and the gradient of z0 on exit.
+template <typename T>
+struct NormalizerReverse {
+    const T* q;
+    int64_t q_step;
+    const T* dd;
+    T* dk;
+    int64_t dk_step;
+    T* w;
+    int64_t length;
+    int64_t E;
+};
+
+template <typename T>
+inline void normalizer_reverse(const NormalizerReverse<T>& p) {
+    T* __restrict w = p.w;
+    for (int64_t t = p.length - 1; t >= 0; --t) {
+        const T* __restrict qt = p.q + t * p.q_step;
+        T* __restrict dk = p.dk + t * p.dk_step;
+        const T dd = p.dd[t];
+        for (int64_t e = 0; e < p.E; ++e) {
+            w[e] += dd * qt[e];
+            dk[e] = w[e];
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// One compiled copy of the leaves per instruction set
+// ---------------------------------------------------------------------------------------
+
+template <typename T>
+struct Leaves {
+    void (*recurrence)(const Recurrence<T>&);
+    void (*normalizer_sweep)(const NormalizerSweep<T>&);
+    void (*normalizer_reverse)(const NormalizerReverse<T>&);
+};
+
+// Tile widths: 32 elements (the smallest that GCC vectorises; measured best for AVX2), 256 bytes
+// with AVX-512's 32 registers.
+template <typename T>
+inline void recurrence_baseline(const Recurrence<T>& p) {
+    run_recurrence<T, 32>(p);
+}
+template <typename T>
+inline void normalizer_sweep_baseline(const NormalizerSweep<T>& p) {
+    normalizer_sweep<T>(p);
+}
+template <typename T>
+inline void normalizer_reverse_baseline(const NormalizerReverse<T>& p) {
+    normalizer_reverse<T>(p);
+}
+
+#if ATTENTION_CORE_X86_DISPATCH
+template <typename T>
+ATTENTION_CORE_TARGET_AVX2 void recurrence_avx2(const Recurrence<T>& p) {
+    run_recurrence<T, 32>(p);
+}
+template <typename T>
+ATTENTION_CORE_TARGET_AVX2 void normalizer_sweep_avx2(const NormalizerSweep<T>& p) {
+    normalizer_sweep<T>(p);
+}
+template <typename T>
+ATTENTION_CORE_TARGET_AVX2 void normalizer_reverse_avx2(const NormalizerReverse<T>& p) {
+    normalizer_reverse<T>(p);
+}
+template <typename T>
+ATTENTION_CORE_TARGET_AVX512 void recurrence_avx512(const Recurrence<T>& p) {
+    run_recurrence<T, 256 / sizeof(T)>(p);
+}
+template <typename T>
+ATTENTION_CORE_TARGET_AVX512 void normalizer_sweep_avx512(const NormalizerSweep<T>& p) {
+    normalizer_sweep<T>(p);
+}
+template <typename T>
+ATTENTION_CORE_TARGET_AVX512 void normalizer_reverse_avx512(const NormalizerReverse<T>& p) {
+    normalizer_reverse<T>(p);
+}
+#endif
+
+template <typename T>
+Leaves<T> leaves_for(CpuLevel level) {
+#if ATTENTION_CORE_X86_DISPATCH
+    if (level == CpuLevel::avx512) {
+        return {&recurrence_avx512<T>, &normalizer_sweep_avx512<T>, &normalizer_reverse_avx512<T>};
+    }
+    if (level == CpuLevel::avx2) {
+        return {&recurrence_avx2<T>, &normalizer_sweep_avx2<T>, &normalizer_reverse_avx2<T>};
+    }
+#endif
+    (void)level;
+    return {&recurrence_baseline<T>, &normalizer_sweep_baseline<T>,
+            &normalizer_reverse_baseline<T>};
+}
+
+template <typename T>
+void copy_or_zero(T* dst, const T* src, int64_t n) {
+    if (src) {
+        std::memcpy(dst, src, sizeof(T) * n);
+    } else {
+        std::fill(dst, dst + n, T(0));
+    }
+}
+
+// dst (cols x rows) = src^T for a row-major (rows x cols) src, or zeros when src is null.
+template <typename T>
+void transpose_or_zero(T* dst, const T* src, int64_t rows, int64_t cols) {
+    if (!src) {
+        std::fill(dst, dst + rows * cols, T(0));
+        return;
+    }
+    for (int64_t i = 0; i < rows; ++i) {
+        for (int64_t j = 0; j < cols; ++j) dst[j * rows + i] = src[i * cols + j];
+    }
+}
+
+}  // namespace causal
+}  // namespace attention_core
