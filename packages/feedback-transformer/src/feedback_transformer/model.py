@@ -246,7 +246,8 @@ class FeedbackTransformer(nn.Module):
                 only its newest ``mem_len`` steps are used.
             return_memory: also return the memory after ``x``.
             context: ``(b, s, dim)`` encoded context (models with ``cross_attend=True``).
-            context_mask: ``(b, s)`` boolean, ``True`` for context positions to attend to.
+            context_mask: ``(b, s)`` boolean, ``True`` for context positions to attend to;
+                what the other positions of ``context`` hold (even NaN) has no effect.
             detach_memory: return the memory cut from the graph (default); ``False`` keeps
                 it differentiable, for backpropagation through several calls.
 
