@@ -196,7 +196,8 @@ class FeedbackTransformer(nn.Module):
         return FeedbackMemory(keys[:, :, -keep:], values[:, :, -keep:], self.signature)
 
     def _prepare_cross(self, context, context_mask, batch: int, like: Tensor) -> Cross | None:
-        """Context keys/values per layer, projected once, and the visibility mask."""
+        """Context keys/values per layer, projected once (masked positions zeroed first), and
+        the visibility mask."""
         if not self.cross_attend:
             if context is not None or context_mask is not None:
                 raise ValueError(
@@ -219,7 +220,11 @@ class FeedbackTransformer(nn.Module):
                     f"context_mask must have shape (b, s) = {tuple(context.shape[:2])}; "
                     f"got {tuple(context_mask.shape)}"
                 )
-            mask = rearrange(context_mask.to(like.device), "b s -> b 1 1 s")
+            context_mask = context_mask.to(like.device)
+            # masked positions become zero keys and values (a select, not a product: 0 * nan
+            # is nan), so whatever they held reaches no output nor gradient on either path
+            context = torch.where(context_mask[..., None], context, 0.0)
+            mask = rearrange(context_mask, "b s -> b 1 1 s")
         return [layer.cross.project(context) for layer in self.layers], mask
 
     # ---------------------------------------------------------------- forward
@@ -241,7 +246,8 @@ class FeedbackTransformer(nn.Module):
                 only its newest ``mem_len`` steps are used.
             return_memory: also return the memory after ``x``.
             context: ``(b, s, dim)`` encoded context (models with ``cross_attend=True``).
-            context_mask: ``(b, s)`` boolean, ``True`` for context positions to attend to.
+            context_mask: ``(b, s)`` boolean, ``True`` for context positions to attend to;
+                what the other positions of ``context`` hold (even NaN) has no effect.
             detach_memory: return the memory cut from the graph (default); ``False`` keeps
                 it differentiable, for backpropagation through several calls.
 
