@@ -106,7 +106,8 @@ inline void cluster_head(const Args& a, int64_t item, std::vector<int64_t>& code
             centroids[c] = codes[farthest];
             const uint64_t centroid = uint64_t(centroids[c]);
             for (int64_t l = 0; l < length; ++l) {
-                far[l] = std::min(far[l], int32_t(__builtin_popcountll(uint64_t(codes[l]) ^ centroid)));
+                const int32_t d = __builtin_popcountll(uint64_t(codes[l]) ^ centroid);
+                far[l] = std::min(far[l], d);
             }
         }
     };

@@ -162,7 +162,7 @@ def test_two_groups_starting_in_one_cluster_split(force_reference, monkeypatch):
     hashes[0, 0, 1::2] = 255
     hashes[0, 0, 50] = 0
     hashes[0, 0, 51] = 0
-    groups, counts = cluster(hashes, torch.tensor([100]), clusters=2, iterations=0, bits=8)
+    _, counts = cluster(hashes, torch.tensor([100]), clusters=2, iterations=0, bits=8)
     assert counts.view(-1).tolist() == [100, 0]  # no iteration: no re-seeding
     buffers = run_with_buffers(hashes, torch.tensor([100]), 2, 1, 8)
     assert buffers["centroids"].view(-1).tolist() == [0, 255]
@@ -186,7 +186,7 @@ def test_duplicate_hashes_keep_an_empty_cluster_when_no_position_is_off_centroid
     """Fewer distinct hashes than clusters: once every position sits on a centroid the
     remaining empty cluster keeps its centroid (nothing to take)."""
     hashes = blocks_of_equal_hashes([3, 12], 5, seed=0)
-    groups, counts = cluster(hashes, torch.tensor([10]), clusters=3, iterations=5, bits=4)
+    _, counts = cluster(hashes, torch.tensor([10]), clusters=3, iterations=5, bits=4)
     assert sorted(counts.view(-1).tolist()) == [0, 5, 5]
 
 

@@ -45,7 +45,7 @@ def compute_hashes_reference(X: Tensor, A: Tensor) -> Tensor:
         ``(M,)`` int64.
     """
     check_inputs(X, A, None)
-    above = (X @ A[:, :-1].T) > A[:, -1]
+    above = torch.gt(X @ A[:, :-1].T, A[:, -1])
     powers = torch.ones((), dtype=torch.int64, device=X.device) << torch.arange(
         A.shape[0], device=X.device
     )
