@@ -91,6 +91,7 @@ inline void cluster_head(const Args& a, int64_t item, std::vector<int64_t>& code
     // distances of the last assignment
     std::vector<int32_t> far;
     auto reseed_empty = [&]() {
+        if (std::find(counts, counts + C, 0) == counts + C) return;  // no empty cluster
         far.assign(distances, distances + length);
         for (int64_t c = 0; c < C; ++c) {
             if (counts[c] != 0) continue;
