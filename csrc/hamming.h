@@ -6,8 +6,11 @@
 // 1. centroid c starts as the hash at position min(floor(c * length / C), L - 1);
 // 2. `iterations` times: assign every valid position (l < length) to the centroid with the
 //    smallest popcount(hash ^ centroid) (ties: the lowest index), then set each bit of a
-//    centroid when strictly more than half of its members have it (an empty cluster keeps
-//    its centroid);
+//    centroid when strictly more than half of its members have it; then each empty cluster,
+//    in index order, takes the hash of the valid position farthest from its centroid (the
+//    largest distance of the last assignment, ties: the lowest position), and the distances
+//    drop to the one to that new centroid where it is closer; an empty cluster keeps its
+//    centroid when every position sits on a centroid (distance 0);
 // 3. assign once more; count members and set bits.
 //
 // Only the `bits` least significant bits of the hashes count. Padding positions get group C
@@ -84,9 +87,35 @@ inline void cluster_head(const Args& a, int64_t item, std::vector<int64_t>& code
             for (int64_t b = 0; b < B; ++b) row[b] += int32_t((h >> b) & 1);
         }
     };
+    // an empty cluster takes the farthest position (see the header); far[l] starts as the
+    // distances of the last assignment
+    std::vector<int32_t> far;
+    auto reseed_empty = [&]() {
+        if (std::find(counts, counts + C, 0) == counts + C) return;  // no empty cluster
+        far.assign(distances, distances + length);
+        for (int64_t c = 0; c < C; ++c) {
+            if (counts[c] != 0) continue;
+            int64_t farthest = -1;
+            int32_t best = 0;
+            for (int64_t l = 0; l < length; ++l) {
+                if (far[l] > best) {
+                    best = far[l];
+                    farthest = l;
+                }
+            }
+            if (farthest < 0) return;  // every position sits on a centroid
+            centroids[c] = codes[farthest];
+            const uint64_t centroid = uint64_t(centroids[c]);
+            for (int64_t l = 0; l < length; ++l) {
+                const int32_t d = __builtin_popcountll(uint64_t(codes[l]) ^ centroid);
+                far[l] = std::min(far[l], d);
+            }
+        }
+    };
     assign();
     for (int64_t it = 0; it < a.iterations; ++it) {
         tally();
+        reseed_empty();
         for (int64_t c = 0; c < C; ++c) {
             if (counts[c] == 0) continue;
             int64_t centroid = 0;

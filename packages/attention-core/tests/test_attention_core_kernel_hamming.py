@@ -50,9 +50,20 @@ def python_kmeans(hashes, length, C, iterations, bits):
                 bitcounts[groups[l]][b] += (codes[l] >> b) & 1
         return counts, bitcounts
 
+    def reseed_empty(counts, distances):
+        """Each empty cluster takes the farthest valid position (ties: the lowest one)."""
+        far = distances[:length]
+        for c in range(C):
+            if counts[c] or not far or max(far) == 0:
+                continue
+            taken = codes[far.index(max(far))]
+            centroids[c] = taken
+            far = [min(d, bin(code ^ taken).count("1")) for d, code in zip(far, codes)]
+
     groups, distances = assign()
     for _ in range(iterations):
         counts, bitcounts = tally(groups)
+        reseed_empty(counts, distances)
         for c in range(C):
             if counts[c]:
                 centroids[c] = sum(1 << b for b in range(bits) if 2 * bitcounts[c][b] > counts[c])
@@ -92,6 +103,7 @@ CASES = [  # N, H, L, C, iterations, bits
     pytest.param((1, 2, 5, 9, 2, 8), id="more-clusters-than-positions"),
     pytest.param((2, 1, 23, 4, 0, 63), id="no-iterations-63-bits"),
     pytest.param((1, 1, 40, 5, 10, 3), id="few-bits-many-ties"),
+    pytest.param((2, 2, 64, 16, 8, 4), id="more-clusters-than-hashes"),
 ]
 
 
@@ -120,6 +132,62 @@ def test_kernel_equals_forced_reference(case, monkeypatch):
     reference = run_with_buffers(hashes, lengths, C, iterations, bits)
     for name in kernel:
         assert torch.equal(kernel[name], reference[name]), name
+
+
+def blocks_of_equal_hashes(values, repeat, seed):
+    """``(1, 1, len(values) * repeat)`` hashes: every value ``repeat`` times, shuffled."""
+    hashes = torch.tensor(values).repeat_interleave(repeat)
+    return hashes[torch.randperm(hashes.numel(), generator=gen(seed))].view(1, 1, -1)
+
+
+@pytest.mark.parametrize("force_reference", ["0", "1"], ids=["kernel", "reference"])
+@pytest.mark.parametrize("seed", range(6))
+def test_power_of_two_hashes_fill_every_cluster(seed, force_reference, monkeypatch):
+    """Eight groups of equal hashes and eight clusters: evenly spaced starting positions often
+    share a group; the re-seeding of empty clusters still finds all eight."""
+    monkeypatch.setenv(_extension.FORCE_REFERENCE_ENV, force_reference)
+    hashes = blocks_of_equal_hashes([1 << i for i in range(8)], 10, seed)
+    buffers = run_with_buffers(hashes, torch.tensor([80]), 8, 20, 8)
+    assert sorted(buffers["centroids"].view(-1).tolist()) == [1 << i for i in range(8)]
+    assert buffers["counts"].view(-1).tolist() == [10] * 8
+    assert (buffers["distances"] == 0).all()
+
+
+@pytest.mark.parametrize("force_reference", ["0", "1"], ids=["kernel", "reference"])
+def test_two_groups_starting_in_one_cluster_split(force_reference, monkeypatch):
+    """Both starting positions (0 and 50) hold 0: the second cluster is empty after the
+    first assignment and takes the farthest hash, 255 (the lowest such position)."""
+    monkeypatch.setenv(_extension.FORCE_REFERENCE_ENV, force_reference)
+    hashes = torch.zeros(1, 1, 100, dtype=torch.int64)
+    hashes[0, 0, 1::2] = 255
+    hashes[0, 0, 50] = 0
+    hashes[0, 0, 51] = 0
+    _, counts = cluster(hashes, torch.tensor([100]), clusters=2, iterations=0, bits=8)
+    assert counts.view(-1).tolist() == [100, 0]  # no iteration: no re-seeding
+    buffers = run_with_buffers(hashes, torch.tensor([100]), 2, 1, 8)
+    assert buffers["centroids"].view(-1).tolist() == [0, 255]
+    assert buffers["counts"].view(-1).tolist() == [51, 49]
+    assert torch.equal(buffers["groups"].view(-1), (hashes.view(-1) == 255).int())
+
+
+@pytest.mark.parametrize("force_reference", ["0", "1"], ids=["kernel", "reference"])
+def test_empty_clusters_take_distinct_far_hashes(force_reference, monkeypatch):
+    """Three empty clusters re-seed one after another: each takes the position farthest
+    from every centroid so far, not the same far hash three times."""
+    monkeypatch.setenv(_extension.FORCE_REFERENCE_ENV, force_reference)
+    # the clusters start at positions 0, 5, 10 and 15, all holding 0; the far hashes follow
+    hashes = torch.tensor([0] * 16 + [0xF0, 0x0F, 0xFF, 0xFF]).view(1, 1, 20)
+    buffers = run_with_buffers(hashes, torch.tensor([20]), 4, 1, 8)
+    assert buffers["centroids"].view(-1).tolist() == [0, 0xFF, 0xF0, 0x0F]
+    assert buffers["counts"].view(-1).tolist() == [16, 2, 1, 1]
+
+
+def test_duplicate_hashes_keep_an_empty_cluster_when_no_position_is_off_centroid():
+    """Fewer distinct hashes than clusters: once every position sits on a centroid the
+    remaining empty cluster keeps its centroid (nothing to take)."""
+    hashes = blocks_of_equal_hashes([3, 12], 5, seed=0)
+    _, counts = cluster(hashes, torch.tensor([10]), clusters=3, iterations=5, bits=4)
+    assert sorted(counts.view(-1).tolist()) == [0, 5, 5]
 
 
 def test_padding_and_empty_sequences():

@@ -40,9 +40,10 @@ def gen(seed):
 
 
 def hash_margins(X, A):
-    """float64 ``X . A[b, :D] + A[b, D]`` for every row and plane, ``(M, B)``."""
+    """float64 ``X . A[b, :D] - A[b, D]`` (the last column is a threshold, as in
+    fast-transformers) for every row and plane, ``(M, B)``."""
     X, A = X.double(), A.double()
-    return X @ A[:, :-1].T + A[:, -1]
+    return X @ A[:, :-1].T - A[:, -1]
 
 
 def hashes_oracle(X, A):
@@ -90,9 +91,15 @@ def test_compute_hashes_matches_oracle(M, D, B, dtype, layout):
 
 def test_compute_hashes_exact_on_hand_example():
     X = torch.tensor([[1.0, -1.0], [-1.0, 2.0], [0.0, 0.0]])
-    A = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
+    # the third plane has threshold -1: 0 > -1 sets its bit everywhere
+    A = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, -1.0]])
     assert compute_hashes(X, A).tolist() == [0b101, 0b110, 0b100]
+    assert compute_hashes_reference(X, A).tolist() == [0b101, 0b110, 0b100]
     assert hashes_oracle(X, A) == [0b101, 0b110, 0b100]
+    # a threshold of 1 clears the third bit and the first of [1, -1]: 1 > 1 is false
+    A = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
+    assert compute_hashes(X, A).tolist() == [0b000, 0b010, 0b000]
+    assert compute_hashes_reference(X, A).tolist() == [0b000, 0b010, 0b000]
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
@@ -409,7 +416,8 @@ def popcount(x):
 
 
 def cluster_oracle(hashes, lengths, clusters, iterations, bits):
-    """Lloyd's algorithm on Python ints, one sequence at a time."""
+    """Lloyd's algorithm on Python ints, one sequence at a time, with the re-seeding of
+    empty clusters of :mod:`attention_core.clustering.hamming`."""
     N, H, L = hashes.shape
     mask = (1 << bits) - 1
     groups = torch.full((N, H, L), clusters, dtype=torch.int32)
@@ -429,6 +437,13 @@ def cluster_oracle(hashes, lengths, clusters, iterations, bits):
 
             members = assign()
             for _ in range(iterations):
+                # an empty cluster takes the code farthest from every centroid so far (ties:
+                # the lowest position), unless every code sits on a centroid
+                far = [min(popcount(x ^ centroid) for centroid in centroids) for x in codes]
+                for c in range(clusters):
+                    if c not in members and max(far) > 0:
+                        centroids[c] = codes[far.index(max(far))]
+                        far = [min(d, popcount(x ^ centroids[c])) for d, x in zip(far, codes)]
                 for c in range(clusters):
                     mine = [x for x, m in zip(codes, members, strict=True) if m == c]
                     if mine:

@@ -2,7 +2,8 @@
 attention, Vyas et al. 2020, arXiv 2007.04825).
 
 Each of ``B`` hyperplanes ``A[b] = (w_b, c_b)`` contributes one bit to a vector's hash: bit
-``b`` of ``hash(x)`` is set when ``w_b . x + c_b > 0``. Nearby vectors fall on the same side
+``b`` of ``hash(x)`` is set when ``w_b . x > c_b`` (fast-transformers' convention: the last
+column of the planes is a threshold). Nearby vectors fall on the same side
 of most planes, so the Hamming distance between hashes approximates their distance.
 
 On CPU in float32/float64 the compiled kernel of ``attention_core._C`` does the work (see
@@ -29,12 +30,13 @@ def compute_hashes(X: Tensor, A: Tensor, H: Tensor | None = None) -> Tensor:
 
     Arguments:
         X: ``(M, D)`` floating point vectors.
-        A: ``(B, D + 1)`` hyperplanes of the dtype of ``X``; the last column is a bias.
+        A: ``(B, D + 1)`` hyperplanes of the dtype of ``X``; the last column is a threshold.
             ``1 <= B <= 63``.
         H: optional ``(M,)`` int64 output buffer, overwritten and returned.
 
     Returns:
-        ``(M,)`` int64 where bit ``b`` is set when ``X @ A[b, :D] + A[b, D] > 0``.
+        ``(M,)`` int64 where bit ``b`` is set when ``X @ A[b, :D] > A[b, D]``, as in
+        fast-transformers.
 
     Example:
         >>> X = torch.tensor([[1.0, -1.0], [-1.0, 2.0]])

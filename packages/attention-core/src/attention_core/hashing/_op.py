@@ -35,11 +35,11 @@ def compute_hashes_kernel(X: Tensor, A: Tensor) -> Tensor:
 
     Arguments:
         X: ``(M, D)`` float32 or float64 CPU tensor.
-        A: ``(B, D + 1)`` hyperplanes of the same dtype, the last column a bias;
+        A: ``(B, D + 1)`` hyperplanes of the same dtype, the last column a threshold;
             ``1 <= B <= 63``.
 
     Returns:
-        ``(M,)`` int64; bit ``b`` is set when ``X @ A[b, :D] + A[b, D] > 0``.
+        ``(M,)`` int64; bit ``b`` is set when ``X @ A[b, :D] > A[b, D]``.
     """
     require_extension()
     check_hash_inputs(X, A, CPU_DTYPES[0])

@@ -1,9 +1,8 @@
 """``fast_transformers.hashing.hash_cpu`` over :func:`attention_core.hashing.compute_hashes`.
 
 Same function names, argument order and caller-allocated ``H`` as fast-transformers' compiled
-module, including its sign convention for the bias: bit ``b`` is set when
-``X @ A[b, :D] > A[b, D]`` (:func:`attention_core.hashing.compute_hashes` adds the bias
-instead: ``X @ A[b, :D] + A[b, D] > 0``).
+module; bit ``b`` is set when ``X @ A[b, :D] > A[b, D]``, the convention of
+:func:`attention_core.hashing.compute_hashes` too.
 """
 
 from __future__ import annotations
@@ -25,8 +24,6 @@ def compute_hashes(X: Tensor, A: Tensor, H: Tensor) -> None:
         A: ``(B, D + 1)`` hyperplanes, the last column the threshold; ``1 <= B <= 63``.
         H: ``(M,)`` int64 output buffer, overwritten.
     """
-    if isinstance(A, Tensor) and A.dim() == 2 and A.shape[1] > 0:
-        A = torch.cat([A[:, :-1], -A[:, -1:]], dim=1)
     fill_buffer("H", H, _compute_hashes(X, A))
 
 

@@ -24,7 +24,7 @@ def check_inputs(X: Tensor, A: Tensor, H: Tensor | None) -> None:
     if A.shape[1] != X.shape[1] + 1:
         raise ValueError(
             f"A must have shape (B, D + 1) = (B, {X.shape[1] + 1}) (the last column is a "
-            f"bias); got {tuple(A.shape)}"
+            f"threshold); got {tuple(A.shape)}"
         )
     if not 1 <= A.shape[0] <= MAX_BITS:
         raise ValueError(f"A must hold between 1 and {MAX_BITS} hyperplanes; got {A.shape[0]}")
@@ -35,17 +35,17 @@ def check_inputs(X: Tensor, A: Tensor, H: Tensor | None) -> None:
 
 
 def compute_hashes_reference(X: Tensor, A: Tensor) -> Tensor:
-    """Plain-PyTorch hashes: ``sum_b [X @ A[b, :D] + A[b, D] > 0] << b``.
+    """Plain-PyTorch hashes: ``sum_b [X @ A[b, :D] > A[b, D]] << b``.
 
     Arguments:
         X: ``(M, D)`` vectors.
-        A: ``(B, D + 1)`` hyperplanes, the last column a bias.
+        A: ``(B, D + 1)`` hyperplanes, the last column a threshold.
 
     Returns:
         ``(M,)`` int64.
     """
     check_inputs(X, A, None)
-    above = (X @ A[:, :-1].T + A[:, -1]) > 0
+    above = torch.gt(X @ A[:, :-1].T, A[:, -1])
     powers = torch.ones((), dtype=torch.int64, device=X.device) << torch.arange(
         A.shape[0], device=X.device
     )

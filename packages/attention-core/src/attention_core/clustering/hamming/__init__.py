@@ -6,8 +6,12 @@ Each sequence ``(n, h)`` is clustered on its own with Lloyd's algorithm:
 1. Initialise centroid ``c`` with the hash at position ``floor(c * length / clusters)``.
 2. ``iterations`` times: assign every valid position to its nearest centroid by
    ``popcount(hash ^ centroid)`` (ties go to the lowest cluster index), then set each bit of
-   a centroid when strictly more than half of its members have that bit (an empty cluster
-   keeps its centroid).
+   a centroid when strictly more than half of its members have that bit. Each cluster left
+   without members takes, in index order, the hash of the valid position farthest from its
+   centroid (the largest distance of that assignment, ties go to the lowest position; the
+   distances then drop to the one to the new centroid where it is closer), so two starting
+   positions in one group do not leave a cluster empty for good. An empty cluster keeps its
+   centroid only when every position already sits on a centroid.
 3. Assign once more with the final centroids; these groups and their counts are returned.
 
 Positions at or beyond ``lengths[n]`` are padding: they get the group index ``clusters``,

@@ -46,6 +46,43 @@ def _tally(groups: Tensor, hash_bits: Tensor, clusters: int) -> tuple[Tensor, Te
     return counts[:, :, :clusters], bitcounts[:, :, :clusters]
 
 
+def _reseed_empty(
+    centroid_bits: Tensor, member_counts: Tensor, hash_bits: Tensor, dist: Tensor, valid: Tensor
+) -> Tensor:
+    """Each empty cluster, in index order, takes the hash of the valid position farthest from
+    its centroid (the largest of ``dist``, ties: the lowest position); the distances then drop
+    to the one to that new centroid where it is closer. An empty cluster keeps its centroid
+    when every position sits on a centroid (distance 0).
+
+    Arguments:
+        centroid_bits: ``(N, H, C, B)`` int64 zeros and ones.
+        member_counts: ``(N, H, C)`` members per cluster.
+        hash_bits: ``(N, H, L, B)`` int64 zeros and ones.
+        dist: ``(N, H, L)`` distances of the last assignment.
+        valid: ``(N, 1, L)`` bool, the positions before each sequence's length.
+
+    Returns:
+        The ``(N, H, C, B)`` centroid bits with the empty clusters re-seeded.
+    """
+    empty = member_counts == 0
+    if not bool(empty.any()):
+        return centroid_bits
+    centroid_bits = centroid_bits.clone()
+    far = dist.masked_fill(~valid, -1)
+    B = hash_bits.shape[-1]
+    for c in range(centroid_bits.shape[2]):
+        farthest_dist, farthest = far.max(dim=-1)  # the first maximum: the lowest position
+        take = empty[:, :, c] & (farthest_dist > 0)  # (N, H)
+        if not bool(take.any()):
+            continue
+        index = farthest.view(*farthest.shape, 1, 1).expand(-1, -1, 1, B)
+        taken = hash_bits.gather(2, index).squeeze(2)  # (N, H, B)
+        centroid_bits[:, :, c] = torch.where(take.unsqueeze(-1), taken, centroid_bits[:, :, c])
+        to_taken = (hash_bits != taken.unsqueeze(2)).sum(-1)  # (N, H, L)
+        far = torch.where(take.unsqueeze(-1) & valid, torch.minimum(far, to_taken), far)
+    return centroid_bits
+
+
 def hamming_cluster_reference(
     hashes: Tensor, lengths: Tensor, clusters: int, iterations: int, bits: int
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -77,6 +114,7 @@ def hamming_cluster_reference(
     nearest, dist = assign()
     for _ in range(iterations):
         member_counts, set_counts = _tally(nearest, hash_bits, C)
+        centroid_bits = _reseed_empty(centroid_bits, member_counts, hash_bits, dist, valid)
         majority = (2 * set_counts > member_counts.unsqueeze(-1)).long()
         centroid_bits = torch.where(member_counts.unsqueeze(-1) > 0, majority, centroid_bits)
         nearest, dist = assign()
