@@ -452,7 +452,7 @@ def test_out_of_range_indices_raise_alike_on_kernel_and_reference(bad, where, mo
 
 def test_kernel_results_unchanged_by_an_earlier_failed_call():
     """A call that raised on a bad index leaves no state: the next valid call is exact."""
-    Q, K, W, topk = make(1, 2, 6, 5, 3, 2)
+    Q, K, _, topk = make(1, 2, 6, 5, 3, 2)
     expected = loop_dot(Q, K, topk)
     bad = topk.clone()
     bad[0, 0, 3, 1] = 7
