@@ -7,10 +7,11 @@
 //   - per cluster:  idx_l = topk[groups[l]]             (clustered_sparse_*)
 // and a query whose group lies outside [0, C), or whose position is past the head's limit
 // (padding), has no row: its outputs are zero and it passes no gradient. The key indices
-// are read from data and trusted nowhere: each query's row is bounds-checked in the loop,
-// just before the leaf reads it (the row is then in cache); a row holding an index outside
-// [0, S) is skipped like a query without keys (nothing outside a buffer is read or written)
-// and reported through `IndexError`, on which the binding raises after the kernel. Then
+// are read from data and trusted nowhere: every index of topk is bounds-checked inside the
+// kernel's parallel loop over heads (`Index::fill`; no separate scan before the kernel), a
+// row holding an index outside [0, S) is skipped like a query without keys (nothing outside
+// a buffer is read or written) and reported through `IndexError`, on which the binding
+// raises after the kernel. Then
 //
 //   sparse_dot_product:       out[l, t] = q_l . k_{idx_l[t]}
 //       backward:             dq_l = sum_t g[l, t] k_{idx_l[t]},   dk_j += g[l, t] q_l
