@@ -276,12 +276,14 @@ attention_core::sparse::Operand<T> sparse_operand(const char* name, std::uintptr
     return {as_ptr<T>(address), {s[0], s[1], s[2]}};
 }
 
-// Sizes, and the index rows: topk (N, H, R, k) must hold values in [0, S) (checked here, so
-// a bad index cannot make the kernel read or write outside the buffers).
+// Sizes, and the index rows. The values of topk (N, H, R, k) are not scanned here: the kernel
+// bounds-checks each row in its loop, skips a row holding an index outside [0, S) and reports
+// it in `error`; `raise_index_error` then raises (after the kernel, the GIL held again).
 template <typename T>
 void fill_sparse(attention_core::sparse::Problem<T>& p, std::uintptr_t topk, int64_t R,
                  std::uintptr_t groups, std::uintptr_t limits, int64_t N, int64_t H, int64_t L,
-                 int64_t S, int64_t F, int64_t k, int64_t threads) {
+                 int64_t S, int64_t F, int64_t k, int64_t threads,
+                 attention_core::sparse::IndexError* error) {
     if (N < 0 || H < 0 || L < 0 || S < 0 || F < 0 || k < 0 || R < 0) {
         std::ostringstream msg;
         msg << "sizes must be non-negative; got (N, H, L, S, F, k, R) = (" << N << ", " << H
@@ -295,13 +297,6 @@ void fill_sparse(attention_core::sparse::Problem<T>& p, std::uintptr_t topk, int
     }
     require("topk", topk, N * H * R * k);
     const int64_t* index = as_ptr<const int64_t>(topk);
-    for (int64_t i = 0; i < N * H * R * k; ++i) {
-        if (index[i] < 0 || index[i] >= S) {
-            std::ostringstream msg;
-            msg << "topk must hold key indices in [0, S=" << S << "); got " << index[i];
-            throw std::invalid_argument(msg.str());
-        }
-    }
     if (!groups && R != L) {
         std::ostringstream msg;
         msg << "topk must have one row per query without groups; got R=" << R << " and L=" << L;
@@ -313,7 +308,14 @@ void fill_sparse(attention_core::sparse::Problem<T>& p, std::uintptr_t topk, int
     p.S = S;
     p.F = F;
     p.k = k;
-    p.index = {index, R, as_ptr<const int64_t>(groups), as_ptr<const int64_t>(limits)};
+    p.index = {index, R, as_ptr<const int64_t>(groups), as_ptr<const int64_t>(limits), error};
+}
+
+inline void raise_index_error(const attention_core::sparse::IndexError& error, int64_t S) {
+    if (!error.found.load()) return;
+    std::ostringstream msg;
+    msg << "topk must hold key indices in [0, S=" << S << "); got " << error.value.load();
+    throw std::invalid_argument(msg.str());
 }
 
 template <typename T>
@@ -322,12 +324,16 @@ void sparse_dot_forward(std::uintptr_t q, Strides3 qs, std::uintptr_t keys, Stri
                         std::uintptr_t groups, std::uintptr_t limits, int64_t N, int64_t H,
                         int64_t L, int64_t S, int64_t F, int64_t k, int64_t threads) {
     attention_core::sparse::DotForward<T> a{};
-    fill_sparse<T>(a, topk, R, groups, limits, N, H, L, S, F, k, threads);
+    attention_core::sparse::IndexError error;
+    fill_sparse<T>(a, topk, R, groups, limits, N, H, L, S, F, k, threads, &error);
     a.q = sparse_operand<const T>("Q", q, qs, N * H * L * F);
     a.keys = sparse_operand<const T>("K", keys, ks, N * H * S * F);
     a.out = sparse_operand<T>("out", out, os, N * H * L * k);
-    py::gil_scoped_release release;
-    attention_core::sparse::dot_forward<T>(a, threads);
+    {
+        py::gil_scoped_release release;
+        attention_core::sparse::dot_forward<T>(a, threads);
+    }
+    raise_index_error(error, S);
 }
 
 template <typename T>
@@ -337,14 +343,18 @@ void sparse_dot_backward(std::uintptr_t grad, Strides3 gs, std::uintptr_t q, Str
                          std::uintptr_t groups, std::uintptr_t limits, int64_t N, int64_t H,
                          int64_t L, int64_t S, int64_t F, int64_t k, int64_t threads) {
     attention_core::sparse::DotBackward<T> a{};
-    fill_sparse<T>(a, topk, R, groups, limits, N, H, L, S, F, k, threads);
+    attention_core::sparse::IndexError error;
+    fill_sparse<T>(a, topk, R, groups, limits, N, H, L, S, F, k, threads, &error);
     a.grad = sparse_operand<const T>("grad", grad, gs, N * H * L * k);
     a.q = sparse_operand<const T>("Q", q, qs, N * H * L * F);
     a.keys = sparse_operand<const T>("K", keys, ks, N * H * S * F);
     a.dq = sparse_operand<T>("dQ", dq, dqs, N * H * L * F);
     a.dkeys = sparse_operand<T>("dK", dk, dks, N * H * S * F);
-    py::gil_scoped_release release;
-    attention_core::sparse::dot_backward<T>(a, threads);
+    {
+        py::gil_scoped_release release;
+        attention_core::sparse::dot_backward<T>(a, threads);
+    }
+    raise_index_error(error, S);
 }
 
 template <typename T>
@@ -354,12 +364,16 @@ void sparse_average_forward(std::uintptr_t weights, Strides3 ws, std::uintptr_t 
                             int64_t H, int64_t L, int64_t S, int64_t F, int64_t k,
                             int64_t threads) {
     attention_core::sparse::AverageForward<T> a{};
-    fill_sparse<T>(a, topk, R, groups, limits, N, H, L, S, F, k, threads);
+    attention_core::sparse::IndexError error;
+    fill_sparse<T>(a, topk, R, groups, limits, N, H, L, S, F, k, threads, &error);
     a.weights = sparse_operand<const T>("weights", weights, ws, N * H * L * k);
     a.values = sparse_operand<const T>("values", values, vs, N * H * S * F);
     a.out = sparse_operand<T>("out", out, os, N * H * L * F);
-    py::gil_scoped_release release;
-    attention_core::sparse::average_forward<T>(a, threads);
+    {
+        py::gil_scoped_release release;
+        attention_core::sparse::average_forward<T>(a, threads);
+    }
+    raise_index_error(error, S);
 }
 
 template <typename T>
@@ -370,14 +384,18 @@ void sparse_average_backward(std::uintptr_t grad, Strides3 gs, std::uintptr_t we
                              int64_t H, int64_t L, int64_t S, int64_t F, int64_t k,
                              int64_t threads) {
     attention_core::sparse::AverageBackward<T> a{};
-    fill_sparse<T>(a, topk, R, groups, limits, N, H, L, S, F, k, threads);
+    attention_core::sparse::IndexError error;
+    fill_sparse<T>(a, topk, R, groups, limits, N, H, L, S, F, k, threads, &error);
     a.grad = sparse_operand<const T>("grad", grad, gs, N * H * L * F);
     a.weights = sparse_operand<const T>("weights", weights, ws, N * H * L * k);
     a.values = sparse_operand<const T>("values", values, vs, N * H * S * F);
     a.dweights = sparse_operand<T>("dweights", dw, dws, N * H * L * k);
     a.dvalues = sparse_operand<T>("dvalues", dv, dvs, N * H * S * F);
-    py::gil_scoped_release release;
-    attention_core::sparse::average_backward<T>(a, threads);
+    {
+        py::gil_scoped_release release;
+        attention_core::sparse::average_backward<T>(a, threads);
+    }
+    raise_index_error(error, S);
 }
 
 // ---------------------------------------------------------------------------------------

@@ -6,7 +6,12 @@
 //   - per query:    idx_l = topk[l]                     (sparse_*)
 //   - per cluster:  idx_l = topk[groups[l]]             (clustered_sparse_*)
 // and a query whose group lies outside [0, C), or whose position is past the head's limit
-// (padding), has no row: its outputs are zero and it passes no gradient. Then
+// (padding), has no row: its outputs are zero and it passes no gradient. The key indices
+// are read from data and trusted nowhere: every index of topk is bounds-checked inside the
+// kernel's parallel loop over heads (`Index::fill`; no separate scan before the kernel), a
+// row holding an index outside [0, S) is skipped like a query without keys (nothing outside
+// a buffer is read or written) and reported through `IndexError`, on which the binding
+// raises after the kernel. Then
 //
 //   sparse_dot_product:       out[l, t] = q_l . k_{idx_l[t]}
 //       backward:             dq_l = sum_t g[l, t] k_{idx_l[t]},   dk_j += g[l, t] q_l
@@ -23,6 +28,7 @@
 #pragma once
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -251,24 +257,62 @@ struct Operand {
     T* head(int64_t n, int64_t h) const { return data + n * s.n + h * s.h; }
 };
 
+// The first key index found outside [0, S) by any thread (the binding raises on it).
+struct IndexError {
+    std::atomic<bool> found{false};
+    std::atomic<int64_t> value{0};
+    void report(int64_t v) {
+        bool expected = false;
+        if (found.compare_exchange_strong(expected, true)) value.store(v);
+    }
+};
+
+// Whether all n indices lie in [0, S); the first one that does not is reported.
+inline bool indices_in_range(const int64_t* index, int64_t n, int64_t S, IndexError* error) {
+    const uint64_t size = static_cast<uint64_t>(S);
+    bool bad = false;  // one unsigned compare catches negatives too; no branch per index
+    for (int64_t t = 0; t < n; ++t) bad |= static_cast<uint64_t>(index[t]) >= size;
+    if (!bad) return true;
+    for (int64_t t = 0; t < n; ++t) {
+        if (index[t] < 0 || index[t] >= S) {
+            if (error) error->report(index[t]);
+            break;
+        }
+    }
+    return false;
+}
+
 // Which key indices each query reads.
 struct Index {
     const int64_t* topk;    // (N, H, R, k) contiguous: R = L per query, or C per cluster
     int64_t R;
     const int64_t* groups;  // (N, H, L) contiguous cluster of each query, or null (per query)
     const int64_t* limits;  // (N, H) contiguous: queries l >= limits[n, h] have no keys; or null
+    IndexError* error;      // where an index outside [0, S) is reported, or null
 
-    // rows[l] for the head `item` (of L queries with k indices each)
-    void fill(std::vector<const int64_t*>& rows, int64_t item, int64_t L, int64_t k) const {
+    // rows[l] for the head `item` (of L queries with k indices each, keys in [0, S)). Every
+    // index of the head's topk slice is checked here, in the kernel's parallel loop, also
+    // the rows no query reads (clusters without queries, queries past the limit), so the
+    // op rejects exactly what a scan of all of topk would. Per query each row is checked
+    // just before the leaf reads it (in cache) and a bad row is left null (skipped); per
+    // cluster the head's C rows (few, read by many queries) are checked first and a head
+    // with a bad one is skipped whole. Bad indices are reported (the op raises after).
+    void fill(std::vector<const int64_t*>& rows, int64_t item, int64_t L, int64_t S,
+              int64_t k) const {
         rows.assign(L, nullptr);
         const int64_t end = limits ? std::clamp<int64_t>(limits[item], 0, L) : L;
-        for (int64_t l = 0; l < end; ++l) {
-            int64_t r = l;
-            if (groups) {
-                r = groups[item * L + l];
-                if (r < 0 || r >= R) continue;
+        const int64_t* head = topk + item * R * k;
+        if (!groups) {
+            for (int64_t l = 0; l < R; ++l) {
+                const int64_t* row = head + l * k;
+                if (indices_in_range(row, k, S, error) && l < end) rows[l] = row;
             }
-            rows[l] = topk + (item * R + r) * k;
+            return;
+        }
+        if (!indices_in_range(head, R * k, S, error)) return;
+        for (int64_t l = 0; l < end; ++l) {
+            const int64_t r = groups[item * L + l];
+            if (r >= 0 && r < R) rows[l] = head + r * k;
         }
     }
 };
@@ -304,7 +348,7 @@ void dot_forward(const DotForward<T>& a, int64_t threads) {
         std::vector<const int64_t*> rows;
         for (int64_t item = begin; item < end; ++item) {
             const int64_t n = item / a.H, h = item % a.H;
-            a.index.fill(rows, item, a.L, a.k);
+            a.index.fill(rows, item, a.L, a.S, a.k);
             leaves.dot({rows.data(), a.L, a.k, a.F, nullptr, 0, a.q.head(n, h), a.q.s.l,
                         a.keys.head(n, h), a.keys.s.l, a.out.head(n, h), a.out.s.l});
         }
@@ -326,7 +370,7 @@ void dot_backward(const DotBackward<T>& a, int64_t threads) {
         std::vector<const int64_t*> rows;
         for (int64_t item = begin; item < end; ++item) {
             const int64_t n = item / a.H, h = item % a.H;
-            a.index.fill(rows, item, a.L, a.k);
+            a.index.fill(rows, item, a.L, a.S, a.k);
             const T* g = a.grad.head(n, h);
             leaves.gather({rows.data(), a.L, a.k, a.F, g, a.grad.s.l, a.keys.head(n, h),
                            a.keys.s.l, nullptr, 0, a.dq.head(n, h), a.dq.s.l});
@@ -354,7 +398,7 @@ void average_forward(const AverageForward<T>& a, int64_t threads) {
         std::vector<const int64_t*> rows;
         for (int64_t item = begin; item < end; ++item) {
             const int64_t n = item / a.H, h = item % a.H;
-            a.index.fill(rows, item, a.L, a.k);
+            a.index.fill(rows, item, a.L, a.S, a.k);
             leaves.gather({rows.data(), a.L, a.k, a.F, a.weights.head(n, h), a.weights.s.l,
                            a.values.head(n, h), a.values.s.l, nullptr, 0, a.out.head(n, h),
                            a.out.s.l});
@@ -378,7 +422,7 @@ void average_backward(const AverageBackward<T>& a, int64_t threads) {
         std::vector<const int64_t*> rows;
         for (int64_t item = begin; item < end; ++item) {
             const int64_t n = item / a.H, h = item % a.H;
-            a.index.fill(rows, item, a.L, a.k);
+            a.index.fill(rows, item, a.L, a.S, a.k);
             const T* g = a.grad.head(n, h);
             leaves.dot({rows.data(), a.L, a.k, a.F, nullptr, 0, g, a.grad.s.l,
                         a.values.head(n, h), a.values.s.l, a.dweights.head(n, h),

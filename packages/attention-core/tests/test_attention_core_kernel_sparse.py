@@ -412,3 +412,50 @@ def test_bad_inputs(call, error, match):
     topk[0, 0, 0, 0] = 3
     with pytest.raises(error, match=match):
         call(Q, K, W, topk)
+
+
+def _bad_index_calls(bad, where):
+    """Each public sparse function with one key index set to ``bad``: ``where`` is "read" (a
+    row some valid query reads), "unused-cluster" (a cluster no query belongs to) or
+    "past-length" (a cluster only padded queries belong to)."""
+    N, H, L, S, E, k, C = 1, 2, 6, 5, 3, 2, 4
+    Q, K, W, _ = make(N, H, L, S, E, k)
+    g = gen(3)
+    topk = torch.randint(0, S, (N, H, L, k), generator=g)
+    ctopk = torch.randint(0, S, (N, H, C, k), generator=g)
+    groups = torch.tensor([0, 1, 0, 1, 2, 2]).expand(N, H, L).clone()  # cluster 3: unused
+    lengths = torch.tensor([4])  # queries 4 and 5 (cluster 2) are padding
+    counts = torch.ones(N, H, C, dtype=torch.long)
+    row = {"read": 1, "unused-cluster": 3, "past-length": 2}[where]
+    ctopk[0, 1, row, 1] = bad
+    topk[0, 1, {"read": 2, "unused-cluster": 2, "past-length": 5}[where], 0] = bad
+    return [
+        lambda: sparse_dot_product(Q, K, topk),
+        lambda: sparse_weighted_average(W, K, topk),
+        lambda: clustered_sparse_dot_product(Q, K, ctopk, groups, counts, lengths),
+        lambda: clustered_sparse_weighted_average(W, K, ctopk, groups, counts),
+    ]
+
+
+@pytest.mark.parametrize("bad", [-1, 5, 2**40, -(2**62)])
+@pytest.mark.parametrize("where", ["read", "unused-cluster", "past-length"])
+def test_out_of_range_indices_raise_alike_on_kernel_and_reference(bad, where, monkeypatch):
+    """The kernel checks indices in its loop (no scan before it) and raises after it; the
+    reference checks before computing. Both reject every index of topk outside [0, S), also
+    those no valid query reads, with the same error."""
+    for force in ("0", "1"):
+        monkeypatch.setenv(_extension.FORCE_REFERENCE_ENV, force)
+        for call in _bad_index_calls(bad, where):
+            with pytest.raises(ValueError, match=r"topk must hold key indices in \[0, S=5\)"):
+                call()
+
+
+def test_kernel_results_unchanged_by_an_earlier_failed_call():
+    """A call that raised on a bad index leaves no state: the next valid call is exact."""
+    Q, K, _, topk = make(1, 2, 6, 5, 3, 2)
+    expected = loop_dot(Q, K, topk)
+    bad = topk.clone()
+    bad[0, 0, 3, 1] = 7
+    with pytest.raises(ValueError, match=r"got 7"):
+        sparse_dot_product(Q, K, bad)
+    assert_close("dot", sparse_dot_product(Q, K, topk), expected)

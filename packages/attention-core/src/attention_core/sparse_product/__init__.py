@@ -118,7 +118,8 @@ def sparse_dot_product(Q: Tensor, K: Tensor, topk: Tensor) -> Tensor:
     Arguments:
         Q: ``(N, H, L, E)`` queries.
         K: ``(N, H, S, E)`` keys.
-        topk: ``(N, H, L, k)`` integer key indices in ``[0, S)``.
+        topk: ``(N, H, L, k)`` integer key indices in ``[0, S)`` (any other value raises
+            ``ValueError``; the compiled kernel checks them in its loop, the reference first).
 
     Returns:
         ``(N, H, L, k)``.
@@ -150,7 +151,8 @@ def sparse_weighted_average(weights: Tensor, values: Tensor, topk: Tensor) -> Te
     Arguments:
         weights: ``(N, H, L, k)``.
         values: ``(N, H, S, D)``.
-        topk: ``(N, H, L, k)`` integer key indices in ``[0, S)``.
+        topk: ``(N, H, L, k)`` integer key indices in ``[0, S)`` (any other value raises
+            ``ValueError``; the compiled kernel checks them in its loop, the reference first).
 
     Returns:
         ``(N, H, L, D)``.

@@ -47,8 +47,9 @@ def check_sparse(
     weights) and ``B (N, H, S, .)`` (the keys or the values) of one allowed dtype and device;
     ``topk (N, H, L, k)``, or ``(N, H, R, k)`` with ``groups (N, H, L)``, and
     ``limits (N, H)``, all int64 on that device; ``grad`` a pair (gradient, expected shape).
-    The key indices are checked to lie in ``[0, S)`` by the binding (CPU kernels) or by
-    :func:`check_topk_values` (Triton kernels and the references), once per call."""
+    Metadata only: the key indices' values are bounds-checked by the CPU kernel in its loop
+    (a row with an index outside ``[0, S)`` is skipped and the op raises ``ValueError``
+    after the kernel), or by :func:`check_topk_values` (Triton kernels and the references)."""
     check_rows(names, A, B, dtypes=dtypes)
     N, H, L, _ = A.shape
     device = A.device
@@ -143,7 +144,9 @@ def sparse_dot_product_forward(
         Q: ``(N, H, L, E)`` float32 or float64 CPU tensor (any strides).
         K: ``(N, H, S, E)``.
         topk: ``(N, H, L, k)`` int64 key indices in ``[0, S)``, or ``(N, H, C, k)`` with
-            ``groups``.
+            ``groups``. Not scanned before the kernel: the kernel checks each row as it reads
+            it, never reads outside ``K``, and an index outside ``[0, S)`` raises
+            ``ValueError`` after it.
         groups: ``(N, H, L)`` int64 cluster of every query, or ``None``.
         limits: ``(N, H)`` int64 number of valid queries, or ``None``.
 
@@ -239,7 +242,8 @@ def sparse_weighted_average_forward(
     Arguments:
         weights: ``(N, H, L, k)`` float32 or float64 CPU tensor (any strides).
         values: ``(N, H, S, D)``.
-        topk, groups, limits: as in :func:`sparse_dot_product_forward`.
+        topk, groups, limits: as in :func:`sparse_dot_product_forward` (an index outside
+            ``[0, S)`` raises ``ValueError`` after the kernel, which skips its row).
 
     Returns:
         ``(N, H, L, D)``: ``sum_t weights[l, t] values_{topk[l, t]}``, zero for queries
