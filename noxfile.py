@@ -141,7 +141,11 @@ def ft_suite(session: nox.Session) -> None:
     e.g. master's. See docs/migrating.md.
     """
     install(session, "torch==2.13.0")
-    install(session, CORE, "packages/recurrent-transformer", "pytest>=7", "numpy", "setuptools")
+    # transformers: the suite checks the Hugging Face BERT weight mapper against a real BertModel
+    install(
+        session, CORE, "packages/recurrent-transformer", "pytest>=7", "numpy", "setuptools",
+        "transformers",
+    )  # fmt: skip
     args = list(session.posargs)
     if args and Path(args[0]).is_dir():
         tests = Path(args.pop(0)).resolve()
