@@ -77,7 +77,7 @@ def test_new_feature_map_hands_each_thread_its_own_matrix(feature_map):
 
 
 def test_concurrent_forward_calls_of_one_linear_encoder():
-    """The issue's case: four threads call one linear encoder built with Favor; every call
+    """Four threads call one linear encoder built with Favor; every call
     projects its queries and keys with one matrix (checked on its recorded projections,
     with the query and key projections of the attention layer made equal)."""
     E, heads = 4, 2
