@@ -26,7 +26,7 @@ class BaseMask:
 
     @property
     def bool_matrix(self) -> Tensor:
-        """Boolean tensor of shape :attr:`shape`; ``True`` where attention is allowed."""
+        """Boolean tensor of shape `shape`; ``True`` where attention is allowed."""
         raise NotImplementedError
 
     @property
@@ -36,7 +36,7 @@ class BaseMask:
 
     @property
     def device(self) -> torch.device:
-        """The device of :attr:`bool_matrix` (known without building it for length masks)."""
+        """The device of `bool_matrix` (known without building it for length masks)."""
         return self.bool_matrix.device
 
     @property
@@ -80,7 +80,7 @@ class BaseMask:
 
     @property
     def additive_matrix_finite(self) -> Tensor:
-        """Like :attr:`additive_matrix` but with ``-1e24`` instead of ``-inf``."""
+        """Like `additive_matrix` but with ``-1e24`` instead of ``-inf``."""
         if not hasattr(self, "_additive_matrix_finite"):
             with torch.no_grad():
                 self._additive_matrix_finite = (~self.bool_matrix).float() * (-1e24)

@@ -2,7 +2,7 @@
 arXiv 1706.03762), post-norm like ``torch.nn.TransformerEncoderLayer``.
 
 Shapes: ``x`` is ``(N, L, E)``, ``memory`` is ``(N, S, E)``; masks are
-:mod:`attention_core.masking` objects: ``attn_mask``/``x_mask`` ``(L, L)``, ``memory_mask``
+`attention_core.masking` objects: ``attn_mask``/``x_mask`` ``(L, L)``, ``memory_mask``
 ``(L, S)``, length masks ``(N, L)`` and ``(N, S)``.
 """
 
@@ -67,13 +67,13 @@ class TransformerEncoderLayer(nn.Module):
     and a LayerNorm after it.
 
     Arguments:
-        attention: an attention layer such as :class:`~attention_core.attention.AttentionLayer`,
+        attention: an attention layer such as `AttentionLayer`,
             called as ``attention(x, x, x, attn_mask, query_lengths, key_lengths)``.
         d_model: the feature size ``E``.
         d_ff: the hidden size of the feed-forward network (default: ``4 * d_model``).
         dropout: dropout after attention and in the feed-forward network (default: 0.1).
         activation: ``"relu"`` or ``"gelu"`` (default: ``"relu"``).
-        event_dispatcher: dispatcher instance or key for :class:`IntermediateOutput`.
+        event_dispatcher: dispatcher instance or key for `IntermediateOutput`.
     """
 
     def __init__(
@@ -125,10 +125,10 @@ class TransformerEncoder(nn.Module):
     """A stack of encoder layers with an optional final normalisation.
 
     Arguments:
-        layers: the :class:`TransformerEncoderLayer` instances.
+        layers: the `TransformerEncoderLayer` instances.
         norm_layer: applied to the output of the last layer (default: None).
         event_dispatcher: dispatcher instance or key; each layer's output is dispatched as
-            an :class:`IntermediateOutput` event.
+            an `IntermediateOutput` event.
 
     Example:
         >>> from attention_core.builders import TransformerEncoderBuilder
@@ -150,7 +150,7 @@ class TransformerEncoder(nn.Module):
 
         Arguments:
             x: ``(N, L, E)``.
-            attn_mask: ``(L, L)`` mask, e.g. :class:`TriangularCausalMask` (default: all ones).
+            attn_mask: ``(L, L)`` mask, e.g. `TriangularCausalMask` (default: all ones).
             length_mask: ``(N, L)`` length mask of padded sequences (default: no padding).
 
         Returns:
@@ -271,7 +271,7 @@ class TransformerDecoder(nn.Module):
     """A stack of decoder layers with an optional final normalisation.
 
     Arguments:
-        layers: the :class:`TransformerDecoderLayer` instances.
+        layers: the `TransformerDecoderLayer` instances.
         norm_layer: applied to the output (default: None).
         event_dispatcher: dispatcher instance or key.
     """
@@ -291,7 +291,7 @@ class TransformerDecoder(nn.Module):
         memory_mask: BaseMask | None = None,
         memory_length_mask: BaseMask | None = None,
     ) -> Tensor:
-        """Apply every layer; arguments as :meth:`TransformerDecoderLayer.forward`.
+        """Apply every layer; arguments as `TransformerDecoderLayer.forward`.
 
         Returns:
             ``(N, L, E)``.

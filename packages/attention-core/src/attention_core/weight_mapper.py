@@ -213,7 +213,7 @@ class HugginfaceBertEncoderMapper(SimpleMapper):
 
 
 class LongformerMapper(SimpleMapper):
-    """Map a Hugging Face Longformer encoder like :class:`HugginfaceBertEncoderMapper`.
+    """Map a Hugging Face Longformer encoder like `HugginfaceBertEncoderMapper`.
 
     The global-attention projections (``query_global`` etc.) have no counterpart and are
     dropped with a warning; build ours with ``attention_type="local"``.

@@ -93,7 +93,7 @@ def attend_window(
     divides ``H``) with a ready-made additive mask ``(1 or B, 1 or H, I, J)`` (position bias,
     and ``-inf`` where a key is forbidden) in which every row allows at least one key: one call of
     ``scaled_dot_product_attention``, without the checks and the empty-row handling of
-    :func:`attend_heads`. With one key/value head (multi-query) the heads are folded into the
+    `attend_heads`. With one key/value head (multi-query) the heads are folded into the
     query rows, ``(B, 1, H * I, D)``, so that the keys are neither expanded nor repeated
     (when the mask is shared by the batch).
     Returns ``(B, H, I, D)``."""
@@ -167,7 +167,7 @@ class PositionEncoding(nn.Module):
 
     @staticmethod
     def rotate(t: Tensor, table: Tensor | None) -> Tensor:
-        """Rotate ``t`` ``(..., n, d)`` by a rotation table ``(n, 2, r)`` from :meth:`angles`
+        """Rotate ``t`` ``(..., n, d)`` by a rotation table ``(n, 2, r)`` from `angles`
         (identity for ``None``): ``t * cos + roll(t, r / 2) * signed_sin`` on the first
         ``r`` features, which is rotary's ``t * cos + rotate_half(t) * sin`` in three passes."""
         if table is None:

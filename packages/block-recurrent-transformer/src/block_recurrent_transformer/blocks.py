@@ -223,7 +223,7 @@ def token_mask(
     Returns:
         the mask ``(rows, slots)`` bool, the query positions ``(rows,)`` and the key
         positions ``(slots,)`` (int64, relative to the block start; compressed slots at the
-        position of the last token they summarise, see :func:`compressed_positions`).
+        position of the last token they summarise, see `compressed_positions`).
     """
     row_start, row_stop = geom.rows
     i = torch.arange(row_start, row_stop, device=device)

@@ -4,7 +4,7 @@ the rotary angles of the token self-attention (Block-Recurrent Transformer, Hutc
 
 They depend only on the block width, the look-back and the compressed slots, never on the
 tokens, so they are built once for a whole block and sliced for calls that cover only some
-rows of one block (generation). During generation the same :class:`CallContext` tables are
+rows of one block (generation). During generation the same `CallContext` tables are
 reused from step to step.
 
 Einstein notation: ``h`` heads, ``i`` query rows, ``j`` key slots, ``r`` rotated features.
@@ -31,7 +31,7 @@ class WindowTables:
         mask: ``(1, 1, i, j)`` bool, ``True`` = may attend (static part only).
         bias: ``(1, H, i, j)`` position bias or ``None``.
         query_angles: ``(i, 2, r)`` rotation table (see
-            :meth:`~.attention.PositionEncoding.angles`) of the query rows or ``None``.
+            `angles`) of the query rows or ``None``.
         key_angles: ``(j, 2, r)`` rotation table of the key slots or ``None``.
         additive: ``(1, 1 or H, i, j)`` float: the bias (or zeros) with ``-inf`` where the mask
             forbids, the ready-made ``attn_mask`` of ``scaled_dot_product_attention`` (a call
@@ -74,12 +74,12 @@ class WindowTables:
 
 @dataclass
 class CallContext:
-    """Builds and caches :class:`WindowTables` for one model.
+    """Builds and caches `WindowTables` for one model.
 
     Attributes:
         positions: the model's position encoding.
         width: block width ``W``.
-        sliding: the sliding-window mask (see :func:`~.blocks.token_mask`).
+        sliding: the sliding-window mask (see `token_mask`).
         compressed_slots: compressed memory slots seen by XL layers (0 without).
         compressed_per_block: compressed slots per block.
         dtype: floating dtype of the model.

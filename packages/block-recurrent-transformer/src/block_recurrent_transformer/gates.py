@@ -80,7 +80,7 @@ GATE_TYPES = ("fixed", "lstm")
 
 
 def make_gate(gate_type: str, dim_in: int, dim: int) -> nn.Module:
-    """A :class:`FixedGate` (``"fixed"``) or an :class:`LSTMGate` (``"lstm"``)."""
+    """A `FixedGate` (``"fixed"``) or an `LSTMGate` (``"lstm"``)."""
     if gate_type == "fixed":
         return FixedGate(dim)
     if gate_type == "lstm":

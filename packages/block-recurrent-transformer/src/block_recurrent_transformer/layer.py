@@ -4,11 +4,11 @@ arXiv 2002.05202), applied to all blocks of a call at once.
 
 The attention block of a layer
 
-* attends, block by block, over a sliding window of keys (:mod:`.blocks`); layers listed in
+* attends, block by block, over a sliding window of keys (`.blocks`); layers listed in
   ``xl_memories_layers`` reach into the previous block (Transformer-XL style, arXiv
   1901.02860) and into the compressed memory, the others stay inside their block;
 * when the layer is recurrent, runs the state update of every block that ends in the call
-  (:mod:`.state`) — the only part that is sequential over blocks;
+  (`.state`) — the only part that is sequential over blocks;
 * cross-attends from the tokens to the state of every recurrent layer it reads (its own, or a
   higher layer's with "enhanced recurrence"), the state being the one left by the previous
   block;
@@ -86,7 +86,7 @@ def _to_blocks(t: Tensor, geom: BlockGeometry) -> Tensor:
 
 
 def _from_blocks(t: Tensor, geom: BlockGeometry) -> Tensor:
-    """Inverse of :func:`_to_blocks`, with heads merged (one copy): -> ``(b, t, h * d)``."""
+    """Inverse of `_to_blocks`, with heads merged (one copy): -> ``(b, t, h * d)``."""
     if geom.single:
         return rearrange(t, "b h t d -> b t (h d)")
     t = rearrange(t, "(b n) h w d -> b (n w) (h d)", n=geom.num_blocks)
@@ -107,7 +107,7 @@ class BlockRecurrentLayer(nn.Module):
 
     Arguments:
         dim: model feature size.
-        spec: the layer's role (:class:`LayerSpec`).
+        spec: the layer's role (`LayerSpec`).
         heads: query heads ``H``.
         dim_head: head feature size ``Dh``.
         kv_heads: key/value heads ``Hkv`` (divides ``H``).
@@ -115,12 +115,12 @@ class BlockRecurrentLayer(nn.Module):
         temperature: logit scale when ``spec.qk_norm``.
         ff_mult: feed-forward width multiplier (GEGLU with ``2/3`` of it, so that the
             parameter count matches a plain feed-forward of ``ff_mult``).
-        state: the :class:`RecurrentState` this layer writes, or ``None``.
-        compressor: the :class:`MemoryCompressor` of an XL layer with compressed memory.
+        state: the `RecurrentState` this layer writes, or ``None``.
+        compressor: the `MemoryCompressor` of an XL layer with compressed memory.
         compressed_slots: slots ``C`` of that compressed memory.
 
     Shapes: ``forward`` takes the call's hidden states ``(B, t, c)`` and returns the same
-    shape, with the layer's new memory and state (see :meth:`forward`).
+    shape, with the layer's new memory and state (see `forward`).
     """
 
     def __init__(
@@ -274,7 +274,7 @@ class BlockRecurrentLayer(nn.Module):
         Arguments:
             x: ``(B, t, c)`` hidden states of the call's ``t = geom.length`` tokens.
             geom: where the tokens fall among blocks.
-            memory: this layer's :class:`LayerMemory` before the call.
+            memory: this layer's `LayerMemory` before the call.
             ctx: the shared window tables.
             positions: the model's position encoding (rotary is applied here).
             state: ``(B, S, c)`` state before the call (recurrent layers only).

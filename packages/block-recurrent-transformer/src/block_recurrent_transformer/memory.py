@@ -46,7 +46,7 @@ class LayerMemory:
             layer's key normalisation and before any rotary embedding.
         values: ``(B, Hkv, m, Dh)`` values of the same positions.
         valid: ``(B, m)`` bool; ``False`` marks positions a row must not attend to (before
-            the start of the stream, or dropped with :meth:`XLMemories.drop`).
+            the start of the stream, or dropped with `XLMemories.drop`).
         compressed_keys: ``(B, Hkv, C, Dh)`` compressed keys of older blocks, or ``None``
             when the layer keeps no compressed memory.
         compressed_values: ``(B, Hkv, C, Dh)`` or ``None``.
@@ -92,13 +92,13 @@ class LayerMemory:
 class XLMemories:
     """The memories of every layer after ``position`` tokens of a stream.
 
-    Returned by :class:`~block_recurrent_transformer.BlockRecurrentTransformer` as its second
-    output and passed back as ``xl_memories``. Indexing gives the :class:`LayerMemory` of a
+    Returned by `BlockRecurrentTransformer` as its second
+    output and passed back as ``xl_memories``. Indexing gives the `LayerMemory` of a
     layer (0-based): ``mems[2].keys`` is ``(B, Hkv, m, Dh)``.
 
     Attributes:
         position: number of tokens of the stream consumed so far.
-        layers: one :class:`LayerMemory` per layer, bottom first.
+        layers: one `LayerMemory` per layer, bottom first.
     """
 
     position: int

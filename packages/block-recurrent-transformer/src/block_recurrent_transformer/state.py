@@ -3,12 +3,12 @@ arXiv 2203.07852, section 3).
 
 A recurrent layer carries ``S`` state vectors from block to block. For each block:
 
-* *vertical direction* (the tokens, in :mod:`.layer`): the tokens cross-attend to the state
+* *vertical direction* (the tokens, in `.layer`): the tokens cross-attend to the state
   of the previous block, beside their own sliding-window self-attention;
 * *horizontal direction* (here): the state vectors self-attend among themselves and
   cross-attend to the keys/values of the block's tokens (those of the previous and the current
   block by default, as in the paper's code); both results are concatenated, projected and
-  gated into the state (:mod:`.gates`), optionally followed by a gated feed-forward block
+  gated into the state (`.gates`), optionally followed by a gated feed-forward block
   (the paper's "dual" gate configuration; without it, the cheaper "skip" configuration).
 
 The state keys/values are shared by the state self-attention and by every token layer that
@@ -47,8 +47,8 @@ class RecurrentState(nn.Module):
         state_ffn: add the gated feed-forward block after the attention gate.
         ff_mult: width multiplier of that feed-forward block.
 
-    Shapes: a state is ``(B, S, c)``; :meth:`prepare` gives its normalised form and keys/values
-    ``(B, Hkv, S, Dh)``; :meth:`update` takes token keys/values ``(B, Hkv, J, Dh)``.
+    Shapes: a state is ``(B, S, c)``; `prepare` gives its normalised form and keys/values
+    ``(B, Hkv, S, Dh)``; `update` takes token keys/values ``(B, Hkv, J, Dh)``.
     """
 
     def __init__(

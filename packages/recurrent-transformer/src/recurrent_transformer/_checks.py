@@ -27,8 +27,8 @@ _MODEL_CHECKED = contextvars.ContextVar("recurrent_transformer_model_checked", d
 
 def start_layer_checks() -> contextvars.Token | None:
     """Called by a model after it has checked its input, before it runs its layers: their
-    finiteness checks are skipped until :func:`end_layer_checks` (the model checks its output
-    with :func:`check_output`). Returns the token for :func:`end_layer_checks` (``None``
+    finiteness checks are skipped until `end_layer_checks` (the model checks its output
+    with `check_output`). Returns the token for `end_layer_checks` (``None``
     under ``torch.compile``, where nothing is checked)."""
     if torch.compiler.is_compiling():
         return None
@@ -36,7 +36,7 @@ def start_layer_checks() -> contextvars.Token | None:
 
 
 def end_layer_checks(token: contextvars.Token | None) -> None:
-    """Undo :func:`start_layer_checks`."""
+    """Undo `start_layer_checks`."""
     if token is not None:
         _MODEL_CHECKED.reset(token)
 
@@ -52,7 +52,7 @@ def _non_finite(x) -> bool:
 def check_output(x, owner: str) -> None:
     """Refuse a model output that turned non-finite inside the layers from a finite input (an
     overflow): the new state, which absorbed it, is never returned, and the previous state
-    stays valid. CPU tensors outside ``torch.compile``, like :func:`check_finite`."""
+    stays valid. CPU tensors outside ``torch.compile``, like `check_finite`."""
     if _non_finite(x):
         raise ValueError(
             f"{owner} produced NaN or infinite values from a finite input (an overflow inside "
@@ -64,7 +64,7 @@ def check_finite(name: str, x) -> None:
     """Reject NaN and infinite inputs before a recurrent state absorbs them (a poisoned state
     returns non-finite outputs for the rest of the stream). Checked for CPU tensors outside
     ``torch.compile``; on CUDA it would cost a device synchronisation per step. Skipped inside
-    a model's layers when the model has checked its input (see :func:`start_layer_checks`)."""
+    a model's layers when the model has checked its input (see `start_layer_checks`)."""
     if torch.compiler.is_compiling() or _MODEL_CHECKED.get():
         return
     if _non_finite(x):

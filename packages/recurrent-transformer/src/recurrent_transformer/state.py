@@ -10,29 +10,29 @@ Every state is a small dataclass of tensors (plus a few ints) with the same four
   ``torch.serialization.add_safe_globals``). A key/value cache is saved trimmed to its length.
 
 Every state is also the sequence that fast-transformers uses for it: ``len(state)``,
-``state[i]`` and unpacking give its items (a :class:`KVCache` is ``[keys, values]`` of shapes
-``(N, H, t, E)`` and ``(N, H, t, D)``, a :class:`LinearState` ``[S, Z]``), and every
-recurrent attention accepts that plain list or tuple as its state (:meth:`RecurrentState.
-from_sequence` builds the state object from it).
+``state[i]`` and unpacking give its items (a `KVCache` is ``[keys, values]`` of shapes
+``(N, H, t, E)`` and ``(N, H, t, D)``, a `LinearState` ``[S, Z]``), and every
+recurrent attention accepts that plain list or tuple as its state
+(`RecurrentState.from_sequence` builds the state object from it).
 
-A model's state (:class:`TransformerState`) holds one state per layer; a decoder layer's state
-(:class:`DecoderLayerState`) holds the state of its self attention and that of its cross
+A model's state (`TransformerState`) holds one state per layer; a decoder layer's state
+(`DecoderLayerState`) holds the state of its self attention and that of its cross
 attention. Which state an attention uses:
 
 ========================  ==================================  ==================================
 state                     attention                           contents
 ========================  ==================================  ==================================
-:class:`LinearState`      ``linear`` / ``causal-linear``,     ``S = sum_j phi(K_j) V_j^T``
+`LinearState`      ``linear`` / ``causal-linear``,     ``S = sum_j phi(K_j) V_j^T``
                           cross ``linear``                    ``(N, H, F, M)``, ``Z = sum_j
                                                               phi(K_j)`` ``(N, H, F)``
-:class:`KVCache`          ``full``, ``exact-topk``,           keys ``(N, H, t, E)`` and values
+`KVCache`          ``full``, ``exact-topk``,           keys ``(N, H, t, E)`` and values
                           ``aft-full``                        ``(N, H, t, D)`` of the past
-:class:`WindowState`      ``local``                           the last ``local_context // 2 + 1``
+`WindowState`      ``local``                           the last ``local_context // 2 + 1``
                                                               keys and values
-:class:`AFTSimpleState`   ``aft-simple``                      running per-feature softmax sums
-:class:`ConditionalState` ``conditional-full``                the full cache until the switch,
+`AFTSimpleState`   ``aft-simple``                      running per-feature softmax sums
+`ConditionalState` ``conditional-full``                the full cache until the switch,
                                                               then the other attention's state
-:class:`MemoryState`      cross ``full``, ``local``,          projected memory keys and values
+`MemoryState`      cross ``full``, ``local``,          projected memory keys and values
                           ``exact-topk``, ``aft-simple``,     (and the step's position)
                           ``aft-full``
 ========================  ==================================  ==================================
@@ -166,10 +166,10 @@ class RecurrentState:
 
     @classmethod
     def from_sequence(cls, items, name: str = "state", owner: str = "") -> RecurrentState:
-        """Build the state from its sequence form (the inverse of :meth:`as_sequence`).
+        """Build the state from its sequence form (the inverse of `as_sequence`).
 
         Arguments:
-            items: a list or tuple of the items of :meth:`as_sequence`.
+            items: a list or tuple of the items of `as_sequence`.
             name: how the state is called in error messages.
             owner: the module that received it, for error messages.
         """
@@ -476,7 +476,7 @@ class ConditionalState(RecurrentState):
     """State of recurrent conditional-full attention.
 
     Attributes:
-        full: the :class:`KVCache` of the full attention while ``length <= length_limit``,
+        full: the `KVCache` of the full attention while ``length <= length_limit``,
             then ``None``.
         other: the state of the wrapped attention (it sees every step from the first).
         length: ``t``, the number of steps so far.

@@ -1,5 +1,5 @@
 """The ``torch.library`` ops of aggregate and broadcast: ``attention_core::aggregate_*`` and
-``broadcast_*`` (CPU kernel in ``csrc/aggregate.h``, CUDA kernels in :mod:`._triton`), their
+``broadcast_*`` (CPU kernel in ``csrc/aggregate.h``, CUDA kernels in `._triton`), their
 fake (meta) registrations and their autograd.
 """
 
@@ -111,7 +111,7 @@ def _(X, G, F, limits):
 def aggregate_backward(
     grad: Tensor, X: Tensor, G: Tensor, F: Tensor, limits: Tensor | None
 ) -> tuple[Tensor, Tensor]:
-    """Gradients of :func:`aggregate_forward`: ``dX (N, H, L, E)`` and ``dF (N, H, C)``.
+    """Gradients of `aggregate_forward`: ``dX (N, H, L, E)`` and ``dF (N, H, C)``.
 
     Arguments:
         grad: ``(N, H, C, E)`` gradient of the output.
@@ -174,7 +174,7 @@ def _(Y, G, F, limits):
 def broadcast_backward(
     grad: Tensor, Y: Tensor, G: Tensor, F: Tensor, limits: Tensor | None
 ) -> tuple[Tensor, Tensor]:
-    """Gradients of :func:`broadcast_forward`: ``dY (N, H, C, E)`` and ``dF (N, H, C)``.
+    """Gradients of `broadcast_forward`: ``dY (N, H, C, E)`` and ``dF (N, H, C)``.
 
     Arguments:
         grad: ``(N, H, L, E)`` gradient of the output.

@@ -142,7 +142,7 @@ def aggregate_forward(X: Tensor, G: Tensor, F: Tensor, limits: Tensor | None) ->
 def aggregate_backward(
     grad: Tensor, X: Tensor, G: Tensor, F: Tensor, limits: Tensor | None
 ) -> tuple[Tensor, Tensor]:
-    """Gradients of :func:`aggregate_forward`.
+    """Gradients of `aggregate_forward`.
 
     Arguments:
         grad: ``(N, H, C, E)`` gradient of the output.
@@ -178,7 +178,7 @@ def broadcast_forward(Y: Tensor, G: Tensor, F: Tensor, limits: Tensor | None) ->
 def broadcast_backward(
     grad: Tensor, Y: Tensor, G: Tensor, F: Tensor, limits: Tensor | None
 ) -> tuple[Tensor, Tensor]:
-    """Gradients of :func:`broadcast_forward`.
+    """Gradients of `broadcast_forward`.
 
     Arguments:
         grad: ``(N, H, L, E)`` gradient of the output.

@@ -1,5 +1,5 @@
 """Every attention of fast-transformers. Importing this package registers them all in
-:data:`attention_core.attention_registry.AttentionRegistry`."""
+`attention_core.attention_registry.AttentionRegistry`."""
 
 from .aft_attention import AFTFullAttention, AFTSimpleAttention
 from .attention_layer import AttentionLayer

@@ -57,7 +57,7 @@ class ClusteredAttentionBase(nn.Module):
             distance then tracks the angle between queries rather than their distance).
         softmax_temp: multiplier of the dot products (default: ``1 / sqrt(E)``).
         attention_dropout: dropout on the attention weights.
-        event_dispatcher: dispatcher instance or key for :class:`AttentionEvent`.
+        event_dispatcher: dispatcher instance or key for `AttentionEvent`.
     """
 
     def __init__(

@@ -51,7 +51,7 @@ class AFTFullAttention(nn.Module):
     the maxima (over allowed entries) keep every exponential ``<= 1``. Queries without an
     allowed key get zeros. The result can underflow to zero when a row's allowed keys all
     have ``K + w`` about 87 (float32) below the per-feature maxima. There is no attention
-    matrix, so no :class:`AttentionEvent` is dispatched.
+    matrix, so no `AttentionEvent` is dispatched.
 
     Arguments:
         max_sequence_length: the largest ``L`` and ``S`` accepted; sizes ``u`` and ``v``
@@ -113,8 +113,8 @@ class AFTSimpleAttention(nn.Module):
     softmax-weighted sum over the keys inside ``key_lengths``) and lower triangular (query
     ``t`` sees keys ``s <= t``; computed with ``logcumsumexp`` so that large keys neither
     overflow nor underflow). Any other mask would need ``O(L S)`` work and raises
-    ``ValueError`` (use :class:`AFTFullAttention`). Queries without an allowed key get
-    zeros. There is no attention matrix, so no :class:`AttentionEvent` is dispatched.
+    ``ValueError`` (use `AFTFullAttention`). Queries without an allowed key get
+    zeros. There is no attention matrix, so no `AttentionEvent` is dispatched.
 
     Arguments:
         event_dispatcher: dispatcher instance or key.

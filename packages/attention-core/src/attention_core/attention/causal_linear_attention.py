@@ -29,11 +29,11 @@ class CausalLinearAttention(nn.Module):
     """Causal linear attention.
 
     ``V'_i = phi(Q_i)^T sum_{j<=i} phi(K_j) V_j^T / (phi(Q_i)^T sum_{j<=i} phi(K_j) + eps)``.
-    The attention mask must be a :class:`TriangularCausalMask` (or any lower-triangular
+    The attention mask must be a `TriangularCausalMask` (or any lower-triangular
     mask); padded keys are dropped with ``key_lengths``. When ``L != S`` the keys are
     truncated or zero-padded to ``L``, as in fast-transformers. With the default feature map,
     ``S == L`` and no padded keys the layer is one call of
-    :func:`~attention_core.causal_product.elu_normalized_causal_dot_product` (on the CPU
+    `elu_normalized_causal_dot_product` (on the CPU
     kernel: feature map, numerator and normaliser in one pass over the ``(N, L, H, .)``
     layout); any other feature map runs it first and then the normalised product.
 

@@ -43,7 +43,7 @@ class ClusteredAttention(ClusteredAttentionBase):
     Arbitrary attention masks are not supported: ``attn_mask`` must be all ones.
     The centroids attend through PyTorch's fused ``scaled_dot_product_attention`` unless a
     listener is registered on ``event_dispatcher``: then the ``(N, H, C, S)`` centroid
-    attention is built explicitly and dispatched as an :class:`AttentionEvent`.
+    attention is built explicitly and dispatched as an `AttentionEvent`.
 
     Arguments:
         clusters: how many clusters to group the queries into.

@@ -62,14 +62,14 @@ def top_keys(scores: Tensor, allowed: Tensor | None, topk: int) -> tuple[Tensor,
 class ImprovedClusteredAttention(ClusteredAttentionBase):
     """Clustered attention with per-query attention over each cluster's top keys.
 
-    Clusters the valid queries like :class:`ClusteredAttention`; then each cluster's
+    Clusters the valid queries like `ClusteredAttention`; then each cluster's
     centroid picks its ``topk`` best keys (clamped to the number of valid keys), and every
     query computes its own softmax over those keys, scaled by the centroid's attention mass
     on them, plus the centroid's attention on the other keys (see the module docstring).
     With ``topk >= S`` this is exact softmax attention. Padding queries get zeros.
 
     Arbitrary attention masks are not supported: ``attn_mask`` must be all ones.
-    Dispatches an :class:`AttentionEvent` with the ``(N, H, C, S)`` centroid attention.
+    Dispatches an `AttentionEvent` with the ``(N, H, C, S)`` centroid attention.
 
     Arguments:
         clusters: how many clusters to group the queries into.

@@ -38,10 +38,10 @@ __all__ = ["ImprovedClusteredCausalAttention"]
 class ImprovedClusteredCausalAttention(ImprovedClusteredAttention):
     """Causal attention of every query over the past keys among its cluster's top keys.
 
-    Needs a lower-triangular ``attn_mask`` (e.g. :class:`TriangularCausalMask`), so
+    Needs a lower-triangular ``attn_mask`` (e.g. `TriangularCausalMask`), so
     ``L == S``. ``topk`` is clamped to the number of valid keys. Padding queries and queries
     whose cluster's top keys all lie in their future get zeros. Dispatches an
-    :class:`AttentionEvent` with the ``(N, H, L, k)`` per-query weights over the top keys.
+    `AttentionEvent` with the ``(N, H, L, k)`` per-query weights over the top keys.
 
     Arguments:
         clusters: how many clusters to group the queries into.

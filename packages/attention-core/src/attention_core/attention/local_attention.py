@@ -35,10 +35,10 @@ class LocalAttention(nn.Module):
 
     Query ``l`` may attend to the keys ``j`` in
     ``[l - local_context // 2, l - local_context // 2 + local_context)`` that ``attn_mask``
-    and ``key_lengths`` allow; it is the same as :class:`FullAttention` with that band
+    and ``key_lengths`` allow; it is the same as `FullAttention` with that band
     combined into the masks, but costs ``O(L * local_context)`` instead of ``O(L * S)``.
     Queries with no allowed key get zeros. Queries and keys may differ in length.
-    Dispatches an :class:`AttentionEvent` with the ``(N, H, L, local_context)`` band of
+    Dispatches an `AttentionEvent` with the ``(N, H, L, local_context)`` band of
     attention weights.
 
     Arguments:

@@ -69,7 +69,7 @@ class ReformerAttention(nn.Module):
     sequence is padded internally with masked positions that are dropped from the output
     (fast-transformers fails there).
 
-    With ``chunk_size >= L`` (one chunk) the result equals :class:`FullAttention` with keys
+    With ``chunk_size >= L`` (one chunk) the result equals `FullAttention` with keys
     ``Q / |Q|``.
 
     Arguments:
@@ -80,7 +80,7 @@ class ReformerAttention(nn.Module):
         softmax_temp: multiplier of ``Q K^T`` (default: ``1 / sqrt(E)``).
         attention_dropout: dropout on the attention weights (default: 0.1).
         event_dispatcher: dispatcher instance or key; listeners receive one
-            :class:`AttentionEvent` per forward with the dense ``(N, H, L, L)`` attention
+            `AttentionEvent` per forward with the dense ``(N, H, L, L)`` attention
             averaged over rounds (built only when someone listens).
 
     Shapes: queries ``(N, L, H, E)``, keys ``(N, L, H, E)`` (ignored), values

@@ -114,7 +114,7 @@ class BaseAttentionBuilder(BaseBuilder):
 
 
 class AttentionBuilder(BaseAttentionBuilder):
-    """Build batch attentions from :data:`AttentionRegistry`.
+    """Build batch attentions from `AttentionRegistry`.
 
     Example:
         >>> builder = AttentionBuilder.from_kwargs(query_dimensions=64)
@@ -127,7 +127,7 @@ class AttentionBuilder(BaseAttentionBuilder):
 
 
 class RecurrentAttentionBuilder(BaseAttentionBuilder):
-    """Build recurrent self attentions from :data:`RecurrentAttentionRegistry` (filled by
+    """Build recurrent self attentions from `RecurrentAttentionRegistry` (filled by
     the ``recurrent-transformer`` package)."""
 
     def __init__(self):
@@ -135,7 +135,7 @@ class RecurrentAttentionBuilder(BaseAttentionBuilder):
 
 
 class RecurrentCrossAttentionBuilder(BaseAttentionBuilder):
-    """Build recurrent cross attentions from :data:`RecurrentCrossAttentionRegistry`
+    """Build recurrent cross attentions from `RecurrentCrossAttentionRegistry`
     (filled by the ``recurrent-transformer`` package)."""
 
     def __init__(self):

@@ -7,7 +7,7 @@ __all__ = ["BaseBuilder"]
 
 class BaseBuilder:
     """Builders collect settings as attributes, validate them as they are set, and
-    construct a module with :meth:`get`."""
+    construct a module with `get`."""
 
     @classmethod
     def from_kwargs(cls, strict: bool = True, **kwargs):

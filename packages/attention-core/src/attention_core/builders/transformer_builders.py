@@ -188,7 +188,7 @@ class BaseTransformerBuilder(BaseBuilder):
     def _prepare(self, builder: BaseAttentionBuilder, names: dict[str, str] | None = None):
         """Check that every size is set, give ``builder`` the event dispatcher, and return a
         context in which it also holds the forwarded settings (``names``: see
-        :meth:`_forwarded`; default: each parameter from the setting of its name)."""
+        `_forwarded`; default: each parameter from the setting of its name)."""
         unset = [name for name in SIZE_SETTINGS if getattr(self, name) is None]
         if unset:
             raise MissingParameterError(
@@ -281,7 +281,7 @@ class BaseTransformerEncoderBuilder(BaseTransformerBuilder):
 
 
 class TransformerEncoderBuilder(BaseTransformerEncoderBuilder):
-    """Build a :class:`~attention_core.transformers.TransformerEncoder`.
+    """Build a `TransformerEncoder`.
 
     Example:
         >>> encoder = TransformerEncoderBuilder.from_kwargs(
@@ -468,7 +468,7 @@ class BaseTransformerDecoderBuilder(BaseTransformerBuilder):
 
 
 class TransformerDecoderBuilder(BaseTransformerDecoderBuilder):
-    """Build a :class:`~attention_core.transformers.TransformerDecoder`.
+    """Build a `TransformerDecoder`.
 
     Example:
         >>> decoder = TransformerDecoderBuilder.from_kwargs(

@@ -159,11 +159,11 @@ class SmoothedRandomFourierFeatures(RandomFourierFeatures):
     Arguments:
         query_dimensions: the head dimension.
         n_dims: total feature size including the constant (default: ``query_dimensions``).
-        softmax_temp: see :class:`RandomFourierFeatures`.
-        orthogonal: see :class:`RandomFourierFeatures`.
+        softmax_temp: see `RandomFourierFeatures`.
+        orthogonal: see `RandomFourierFeatures`.
         smoothing: the constant ``s`` added to the kernel (default: 1.0).
-        redraw: see :class:`RandomFourierFeatures`.
-        deterministic_eval: see :class:`RandomFourierFeatures`.
+        redraw: see `RandomFourierFeatures`.
+        deterministic_eval: see `RandomFourierFeatures`.
     """
 
     def __init__(
@@ -203,13 +203,13 @@ class Favor(RandomFourierFeatures):
     Arguments:
         query_dimensions: the head dimension.
         n_dims: the feature size (default: ``query_dimensions``).
-        softmax_temp: see :class:`RandomFourierFeatures`.
-        orthogonal: see :class:`RandomFourierFeatures`.
+        softmax_temp: see `RandomFourierFeatures`.
+        orthogonal: see `RandomFourierFeatures`.
         stabilize: subtract the largest squared norm per sequence (dimension 1 of an
             ``(N, L, H, E)`` input) before exponentiating, avoiding overflow. The shift
             cancels in the normalised attention. (default: False)
-        redraw: see :class:`RandomFourierFeatures`.
-        deterministic_eval: see :class:`RandomFourierFeatures`.
+        redraw: see `RandomFourierFeatures`.
+        deterministic_eval: see `RandomFourierFeatures`.
     """
 
     def __init__(
@@ -263,10 +263,10 @@ class GeneralizedRandomFeatures(RandomFourierFeatures):
         query_dimensions: the head dimension.
         n_dims: the feature size (default: ``query_dimensions``).
         softmax_temp: inputs are multiplied by ``sqrt(softmax_temp)`` (default: 1.0).
-        orthogonal: see :class:`RandomFourierFeatures`.
+        orthogonal: see `RandomFourierFeatures`.
         kernel_fn: the elementwise ``f`` (default: ``torch.relu``).
-        redraw: see :class:`RandomFourierFeatures`.
-        deterministic_eval: see :class:`RandomFourierFeatures`.
+        redraw: see `RandomFourierFeatures`.
+        deterministic_eval: see `RandomFourierFeatures`.
     """
 
     def __init__(

@@ -1,5 +1,5 @@
 """Autoregressive decoding: logit filters and sampling, and a ``prefill``/``step``
-protocol with :func:`stream` and :func:`generate` loops shared by every model family."""
+protocol with `stream` and `generate` loops shared by every model family."""
 
 from .generate import StepModel, generate, stream
 from .sampling import filter_by_threshold, sample, top_k_filter, top_p_filter

@@ -7,9 +7,9 @@ column of the planes is a threshold). Nearby vectors fall on the same side
 of most planes, so the Hamming distance between hashes approximates their distance.
 
 On CPU in float32/float64 the compiled kernel of ``attention_core._C`` does the work (see
-``csrc/hashing.h`` and the op of :mod:`attention_core.hashing._op`);
+``csrc/hashing.h`` and the op of `attention_core.hashing._op`);
 every other device or dtype uses
-:func:`compute_hashes_reference`.
+`compute_hashes_reference`.
 """
 
 from __future__ import annotations

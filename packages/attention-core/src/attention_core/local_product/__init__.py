@@ -8,11 +8,11 @@ Query ``l`` sees the ``local_context`` keys ``j = l - local_context // 2 + k`` f
 autograd through the gathers.
 
 Float32/float64 CPU tensors go to the compiled kernels of ``attention_core._C`` (see
-``csrc/local_product.h`` and the ops of :mod:`attention_core.local_product._op`; half
+``csrc/local_product.h`` and the ops of `attention_core.local_product._op`; half
 precision is computed in float32) unless
 ``ATTENTION_CORE_FORCE_REFERENCE=1``; CUDA tensors go to the Triton kernels of
-:mod:`attention_core.local_product._triton` when triton is importable (float64 excepted); the
-gathers of :mod:`attention_core.local_product.reference` are the reference and the fallback.
+`attention_core.local_product._triton` when triton is importable (float64 excepted); the
+gathers of `attention_core.local_product.reference` are the reference and the fallback.
 """
 
 from __future__ import annotations
@@ -104,7 +104,7 @@ def local_weighted_average(attention: Tensor, values: Tensor) -> Tensor:
 
     Arguments:
         attention: ``(N, H, L, local_context)`` weights, e.g. a softmax over
-            :func:`local_dot_product`.
+            `local_dot_product`.
         values: ``(N, H, S, D)``.
 
     Returns:

@@ -1,6 +1,6 @@
 """The ``torch.library`` ops of the local product: ``attention_core::local_dot_product_*`` and
 ``local_weighted_average_*`` (CPU kernels in ``csrc/local_product.h``, CUDA kernels in
-:mod:`._triton`), their fake (meta) registrations and their autograd.
+`._triton`), their fake (meta) registrations and their autograd.
 """
 
 from __future__ import annotations
@@ -128,7 +128,7 @@ def _(Q, K, attn_mask, key_lengths, local_context):
 def local_dot_product_backward(
     grad: Tensor, Q: Tensor, K: Tensor, key_lengths: Tensor, local_context: int
 ) -> tuple[Tensor, Tensor]:
-    """Gradients of :func:`local_dot_product_forward` with respect to ``Q`` and ``K``.
+    """Gradients of `local_dot_product_forward` with respect to ``Q`` and ``K``.
 
     Arguments:
         grad: ``(N, H, L, C)`` gradient of the output.
@@ -217,7 +217,7 @@ def _(attention, V):
 def local_weighted_average_backward(
     grad: Tensor, attention: Tensor, V: Tensor
 ) -> tuple[Tensor, Tensor]:
-    """Gradients of :func:`local_weighted_average_forward`.
+    """Gradients of `local_weighted_average_forward`.
 
     Arguments:
         grad: ``(N, H, L, D)`` gradient of the output.

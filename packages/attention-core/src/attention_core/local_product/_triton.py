@@ -274,7 +274,7 @@ def local_dot_product_forward(
 def local_dot_product_backward(
     grad: Tensor, Q: Tensor, K: Tensor, key_lengths: Tensor, local_context: int
 ) -> tuple[Tensor, Tensor]:
-    """Gradients of :func:`local_dot_product_forward` with respect to ``Q`` and ``K``.
+    """Gradients of `local_dot_product_forward` with respect to ``Q`` and ``K``.
 
     Arguments:
         grad: ``(N, H, L, C)`` gradient of the output.
@@ -310,7 +310,7 @@ def local_weighted_average_forward(attention: Tensor, V: Tensor) -> Tensor:
 def local_weighted_average_backward(
     grad: Tensor, attention: Tensor, V: Tensor
 ) -> tuple[Tensor, Tensor]:
-    """Gradients of :func:`local_weighted_average_forward`.
+    """Gradients of `local_weighted_average_forward`.
 
     Arguments:
         grad: ``(N, H, L, D)`` gradient of the output.

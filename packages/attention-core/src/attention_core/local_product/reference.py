@@ -31,7 +31,7 @@ def _gather_rows(x: Tensor, index: Tensor) -> Tensor:
 def local_dot_product_reference(
     queries: Tensor, keys: Tensor, attn_mask: Tensor, key_lengths: Tensor, local_context: int
 ) -> Tensor:
-    """:func:`attention_core.local_product.local_dot_product` of checked inputs
+    """`attention_core.local_product.local_dot_product` of checked inputs
     (``queries (N, H, L, E)``, ``keys (N, H, S, E)`` with ``S > 0``, ``attn_mask (L, S)``,
     ``key_lengths (N,)``) by gathering each window: ``(N, H, L, local_context)``."""
     N, _, L, _ = queries.shape
@@ -45,7 +45,7 @@ def local_dot_product_reference(
 
 
 def local_weighted_average_reference(attention: Tensor, values: Tensor) -> Tensor:
-    """:func:`attention_core.local_product.local_weighted_average` of checked inputs
+    """`attention_core.local_product.local_weighted_average` of checked inputs
     (``attention (N, H, L, C)``, ``values (N, H, S, D)`` with ``S > 0``) by gathering each
     window: ``(N, H, L, D)``."""
     L, K = attention.shape[2], attention.shape[3]

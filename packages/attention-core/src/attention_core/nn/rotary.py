@@ -32,10 +32,10 @@ def apply_rotary_pos_emb(freqs: Tensor, t: Tensor, scale: Tensor | float = 1.0) 
     """Rotate the first ``r = freqs.shape[-1]`` features of ``t``; the rest pass unchanged.
 
     Arguments:
-        freqs: ``(n, r)`` angles from :meth:`RotaryEmbedding.forward` (or any shape
+        freqs: ``(n, r)`` angles from `RotaryEmbedding.forward` (or any shape
             broadcastable to ``(..., n, r)``).
         t: ``(..., n, d)`` queries or keys with ``d >= r``.
-        scale: xPos scale ``(n, r)`` from :meth:`RotaryEmbedding.scale` for queries, its
+        scale: xPos scale ``(n, r)`` from `RotaryEmbedding.scale` for queries, its
             reciprocal for keys; ``1.0`` for plain rotary.
 
     Returns:

@@ -7,11 +7,11 @@ the selected keys or values are gathered, so memory is ``O(L * k * (E + D))`` pe
 gradients come from autograd through the gathers.
 
 Float32/float64 CPU tensors go to the compiled kernels of ``attention_core._C`` (see
-``csrc/sparse_product.h`` and the ops of :mod:`attention_core.sparse_product._op`; half
+``csrc/sparse_product.h`` and the ops of `attention_core.sparse_product._op`; half
 precision is computed in float32) unless
 ``ATTENTION_CORE_FORCE_REFERENCE=1``; CUDA tensors go to the Triton kernels of
-:mod:`attention_core.sparse_product._triton` when triton is importable (float64 excepted);
-the gathers of :mod:`attention_core.sparse_product.reference` are the reference and the fallback.
+`attention_core.sparse_product._triton` when triton is importable (float64 excepted);
+the gathers of `attention_core.sparse_product.reference` are the reference and the fallback.
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ def _check_pair(names: tuple[str, str], a: Tensor, b: Tensor) -> None:
 
 def _check_index(name: str, index: Tensor, shape: tuple[int, ...], device) -> Tensor:
     """Check an integer index tensor of the given shape (``-1`` = any size); return it as
-    int64. Its values are checked by the op (kernel path) or :func:`_check_keys` (reference
+    int64. Its values are checked by the op (kernel path) or `_check_keys` (reference
     path), once."""
     check_tensor(name, index, dim=len(shape), integer=True, device=device)
     if any(want not in (-1, got) for want, got in zip(shape, index.shape, strict=True)):

@@ -1,6 +1,6 @@
 """The ``torch.library`` ops of the sparse and clustered sparse products:
 ``attention_core::sparse_dot_product_*`` and ``sparse_weighted_average_*`` (CPU kernels in
-``csrc/sparse_product.h``, CUDA kernels in :mod:`._triton`), their fake (meta) registrations
+``csrc/sparse_product.h``, CUDA kernels in `._triton`), their fake (meta) registrations
 and their autograd.
 """
 
@@ -49,7 +49,7 @@ def check_sparse(
     ``limits (N, H)``, all int64 on that device; ``grad`` a pair (gradient, expected shape).
     Metadata only: the key indices' values are bounds-checked by the CPU kernel in its loop
     (a row with an index outside ``[0, S)`` is skipped and the op raises ``ValueError``
-    after the kernel), or by :func:`check_topk_values` (Triton kernels and the references)."""
+    after the kernel), or by `check_topk_values` (Triton kernels and the references)."""
     check_rows(names, A, B, dtypes=dtypes)
     N, H, L, _ = A.shape
     device = A.device
@@ -79,7 +79,7 @@ def check_sparse_dot(
     grad: Tensor | None = None,
     dtypes: DtypeRule = CPU_DTYPES,
 ) -> None:
-    """The sparse dot product ops' arguments: :func:`check_sparse` with ``Q (N, H, L, E)``,
+    """The sparse dot product ops' arguments: `check_sparse` with ``Q (N, H, L, E)``,
     ``K (N, H, S, E)`` and ``grad (N, H, L, k)``."""
     pair = None
     if grad is not None:
@@ -100,7 +100,7 @@ def check_sparse_average(
     grad: Tensor | None = None,
     dtypes: DtypeRule = CPU_DTYPES,
 ) -> None:
-    """The sparse weighted average ops' arguments: :func:`check_sparse` with
+    """The sparse weighted average ops' arguments: `check_sparse` with
     ``weights (N, H, L, k)``, ``values (N, H, S, D)``, ``topk (N, H, ., k)`` and
     ``grad (N, H, L, D)``."""
     pair = None
@@ -185,7 +185,7 @@ def sparse_dot_product_backward(
     groups: Tensor | None,
     limits: Tensor | None,
 ) -> tuple[Tensor, Tensor]:
-    """Gradients of :func:`sparse_dot_product_forward`.
+    """Gradients of `sparse_dot_product_forward`.
 
     Arguments:
         grad: ``(N, H, L, k)`` gradient of the output.
@@ -242,7 +242,7 @@ def sparse_weighted_average_forward(
     Arguments:
         weights: ``(N, H, L, k)`` float32 or float64 CPU tensor (any strides).
         values: ``(N, H, S, D)``.
-        topk, groups, limits: as in :func:`sparse_dot_product_forward` (an index outside
+        topk, groups, limits: as in `sparse_dot_product_forward` (an index outside
             ``[0, S)`` raises ``ValueError`` after the kernel, which skips its row).
 
     Returns:
@@ -282,7 +282,7 @@ def sparse_weighted_average_backward(
     groups: Tensor | None,
     limits: Tensor | None,
 ) -> tuple[Tensor, Tensor]:
-    """Gradients of :func:`sparse_weighted_average_forward`.
+    """Gradients of `sparse_weighted_average_forward`.
 
     Arguments:
         grad: ``(N, H, L, D)`` gradient of the output.

@@ -1,6 +1,6 @@
 """The plain-PyTorch sparse products: gathers of each query's selected keys or values, the
 reference of the tests and the fallback on every device and dtype. Inputs are checked by the
-public functions of :mod:`attention_core.sparse_product` (key indices in ``[0, S)``)."""
+public functions of `attention_core.sparse_product` (key indices in ``[0, S)``)."""
 
 from __future__ import annotations
 

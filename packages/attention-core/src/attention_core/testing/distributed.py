@@ -2,7 +2,7 @@
 (``gloo`` backend, CPU) under DistributedDataParallel or FSDP must keep identical parameters on
 every rank, equal to one process trained on the concatenated batch.
 
-Every package's distributed tests call :func:`check_data_parallel` with a picklable model
+Every package's distributed tests call `check_data_parallel` with a picklable model
 factory (e.g. ``functools.partial(SomeModel, dim=32)``): the workers are started with the
 ``spawn`` method, so they rebuild the model from the factory and the same seed.
 """
@@ -29,7 +29,7 @@ LOSSES = ("lm", "mse")
 
 class TinyEncoder(nn.Module):
     """A small builder-made encoder (2 layers, 2 heads of 8 features, float64, no dropout),
-    with a causal mask when ``causal``: a picklable model for :func:`check_data_parallel`.
+    with a causal mask when ``causal``: a picklable model for `check_data_parallel`.
 
     Shapes: ``(N, L, 16)`` -> ``(N, L, 16)``.
     """

@@ -21,7 +21,7 @@ The plain-PyTorch form (the reference and the fallback) gets distances from bit 
 ``|a| + |b| - 2 a . b``, a batched matrix product of ``(L, bits)`` by ``(bits, clusters)`` per
 sequence and iteration. CPU tensors go to the compiled kernel of ``attention_core._C`` (popcounts
 of XORs, threaded over sequences; ``csrc/hamming.h`` and the op of
-:mod:`attention_core.clustering.hamming._op`) unless
+`attention_core.clustering.hamming._op`) unless
 ``ATTENTION_CORE_FORCE_REFERENCE=1``; both give identical results.
 """
 
@@ -68,7 +68,7 @@ def cluster(
 
     Arguments:
         hashes: ``(N, H, L)`` int64 hash codes, e.g. from
-            :func:`attention_core.hashing.compute_hashes`.
+            `attention_core.hashing.compute_hashes`.
         lengths: ``(N,)`` integer number of valid positions of each sequence, in ``[0, L]``.
         groups: optional ``(N, H, L)`` int32 buffer for the cluster of every position.
         counts: optional ``(N, H, C)`` int32 buffer for the members of every cluster.

@@ -51,7 +51,7 @@ def hamming_cluster(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """K-means of every sequence's hashes under the Hamming distance, with the compiled kernel
     (Lloyd iterations from deterministic initial centroids; see
-    :func:`attention_core.clustering.hamming.cluster`).
+    `attention_core.clustering.hamming.cluster`).
 
     Arguments:
         hashes: ``(N, H, L)`` int64 CPU tensor.

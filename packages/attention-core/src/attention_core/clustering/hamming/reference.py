@@ -86,7 +86,7 @@ def _reseed_empty(
 def hamming_cluster_reference(
     hashes: Tensor, lengths: Tensor, clusters: int, iterations: int, bits: int
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """:func:`attention_core.clustering.hamming.cluster` of checked inputs
+    """`attention_core.clustering.hamming.cluster` of checked inputs
     (``hashes (N, H, L)`` int64, ``lengths (N,)``) in plain PyTorch.
 
     Returns:

@@ -1,5 +1,5 @@
 """Recurrent cross attentions; importing this package registers them in
-:data:`attention_core.attention_registry.RecurrentCrossAttentionRegistry` (``linear``,
+`attention_core.attention_registry.RecurrentCrossAttentionRegistry` (``linear``,
 ``full``, ``local``, ``exact-topk``, ``aft-simple`` and ``aft-full``, with the parameters of the
 batch attentions of the same names). ``clustered`` and ``improved-clustered`` have none (they
 cluster the queries of the whole sequence) and ``reformer`` is a self attention only."""

@@ -21,7 +21,7 @@ __all__ = ["RecurrentCrossAttentionLayer"]
 class RecurrentCrossAttentionLayer(nn.Module):
     """Multi-head cross attention around a recurrent inner cross attention.
 
-    The parameters have the names of :class:`attention_core.attention.AttentionLayer`, so
+    The parameters have the names of `attention_core.attention.AttentionLayer`, so
     ``load_state_dict`` moves weights between the batch and the recurrent layer. When a state is
     given the keys and values are not projected again (they may be ``None``).
 
@@ -127,7 +127,7 @@ class RecurrentCrossAttentionLayer(nn.Module):
         key_lengths: BaseMask | None = None,
         state: Any = None,
     ) -> tuple[Tensor, Any]:
-        """Attend from ``T`` elements at once; arguments as :meth:`forward` with query
+        """Attend from ``T`` elements at once; arguments as `forward` with query
         ``(N, T, d_model)``.
 
         Returns:

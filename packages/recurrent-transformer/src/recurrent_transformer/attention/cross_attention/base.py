@@ -16,7 +16,7 @@ __all__ = ["RecurrentCrossAttention"]
 class RecurrentCrossAttention(nn.Module):
     """Base class of the inner recurrent cross attentions.
 
-    Subclasses implement :meth:`make_state` (read the memory) and :meth:`attend` (queries
+    Subclasses implement `make_state` (read the memory) and `attend` (queries
     against a state); queries never change the state.
 
     Shapes: query ``(N, H, E)``, keys ``(N, S, H, E)``, values ``(N, S, H, D)``, key_lengths a
@@ -56,7 +56,7 @@ class RecurrentCrossAttention(nn.Module):
         key_lengths: BaseMask | None,
         state: Any = None,
     ) -> tuple[Tensor, Any]:
-        """Attend from ``T`` queries at once; arguments as :meth:`forward` with queries
+        """Attend from ``T`` queries at once; arguments as `forward` with queries
         ``(N, T, H, E)``.
 
         Returns:

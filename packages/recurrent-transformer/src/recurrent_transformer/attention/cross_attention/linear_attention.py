@@ -33,7 +33,7 @@ __all__ = ["RecurrentCrossLinearAttention"]
 class RecurrentCrossLinearAttention(RecurrentCrossAttention):
     """Recurrent linear cross attention, the dual of ``linear`` with a full mask.
 
-    The state is a :class:`LinearState` computed from the memory at the first step (when a
+    The state is a `LinearState` computed from the memory at the first step (when a
     random feature map draws its features).
 
     Arguments:

@@ -8,7 +8,7 @@ state and costs the same however long the sequence already is.
 A step is computed directly (``addcmul`` into a new ``S``, one batched matrix-vector product,
 one dot product): for the seed model's heads (N=10, H=12, E=M=32, float32, two threads) that
 took about 40 µs per layer, against about 80 µs through
-:func:`attention_core.causal_product.normalized_causal_dot_product` with a state and 70 µs with
+`attention_core.causal_product.normalized_causal_dot_product` with a state and 70 µs with
 ``einsum``. ``prefill`` uses the causal product for the whole prompt.
 
 The state accumulates in float32 for float16/bfloat16 inputs (a half-precision sum of
@@ -51,7 +51,7 @@ def _accumulating(t: Tensor) -> Tensor:
 class RecurrentLinearAttention(RecurrentAttention):
     """Recurrent causal linear attention, the dual of ``causal-linear``.
 
-    Registered as ``"linear"`` and ``"causal-linear"``. The state is a :class:`LinearState`
+    Registered as ``"linear"`` and ``"causal-linear"``. The state is a `LinearState`
     (``S`` of shape ``(N, H, F, M)``, ``Z`` of shape ``(N, H, F)``, with ``F`` the size of the
     feature map). A random feature map draws its features at the first step (``state=None``)
     and keeps them for the rest of the sequence.
@@ -112,10 +112,10 @@ class RecurrentLinearAttention(RecurrentAttention):
             queries: ``(N, T, H, E)``.
             keys: ``(N, T, H, E)``.
             values: ``(N, T, H, M)``.
-            state: a :class:`LinearState` to continue from, or ``None``.
+            state: a `LinearState` to continue from, or ``None``.
 
         Returns:
-            ``(N, T, H, M)`` and the :class:`LinearState` after the last position.
+            ``(N, T, H, M)`` and the `LinearState` after the last position.
         """
         check_sequence_heads(queries, keys, values)
         if state is None:
