@@ -234,11 +234,12 @@ class RecurrentLM(nn.Module):
         return twin
 
     def _stepping_twin(self):
-        """The twin for one generation step. The full synchronisation of
-        `recurrent_encoder` walks every parameter and buffer (about a third of a small
-        model's step); here it runs only when the encoder's parameters look replaced (the first
-        one is another object) or the training mode changed, which covers a first ``step``
-        without ``prefill`` and ``load_state_dict(..., assign=True)``."""
+        """The twin for one generation step.
+
+        The full synchronisation of `recurrent_encoder` walks every parameter and buffer (about a
+        third of a small model's step); here it runs only when the encoder's parameters look
+        replaced (the first one is another object) or the training mode changed, which covers a
+        first ``step`` without ``prefill`` and ``load_state_dict(..., assign=True)``."""
         twin = self.__dict__["_twin"]
         mirrored = self.__dict__["_twin_parameters"]
         first = next(self.encoder.parameters(), None)

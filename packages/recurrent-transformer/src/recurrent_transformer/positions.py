@@ -51,8 +51,9 @@ torch.serialization.add_safe_globals([RotaryState])
 
 
 class RotaryAttention(nn.Module):
-    """A batch inner attention whose queries and keys are rotated by their positions
-    ``0 .. L-1`` first.
+    """A batch inner attention whose queries and keys are rotated by their positions ``0 ..
+
+    L-1`` first.
 
     Arguments:
         attention: the inner attention (e.g. ``CausalLinearAttention``, ``FullAttention``).

@@ -47,6 +47,7 @@ def _group_rows_kernel(
     BLOCK_L: tl.constexpr, BLOCK_E: tl.constexpr,
 ):  # fmt: skip
     """Aggregate: OUT[g] += F_g IN[l] (OUT a contiguous float32 (N, H, C, E) buffer).
+
     Broadcast: OUT[l] = F_g IN[g], zero for positions that take no part."""
     bh = tl.program_id(0)
     block_l = tl.program_id(1)

@@ -385,8 +385,7 @@ class BaseTransformerDecoderBuilder(BaseTransformerBuilder):
 
     @property
     def cross_value_dimensions(self) -> int:
-        """The head dimension of the cross attention's values (default:
-        ``value_dimensions``)."""
+        """The head dimension of the cross attention's values (default: ``value_dimensions``)."""
         return self._cross_d_value or self.value_dimensions
 
     @cross_value_dimensions.setter

@@ -1,5 +1,4 @@
-"""The plain-PyTorch hashes (the reference and the fallback) and the public functions' input
-checks."""
+"""The plain-PyTorch hashes (reference and fallback) and the input checks of the public functions."""
 
 from __future__ import annotations
 

@@ -59,7 +59,9 @@ def _band_scores_kernel(
     HAS_MASK: tl.constexpr, HAS_LENGTHS: tl.constexpr,
     BLOCK_L: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_F: tl.constexpr,
 ):  # fmt: skip
-    """out[n, h, l, j - l + C // 2] = X_l . Y_j (+ MASK[l, j]) for j in the band and below
+    """Write the band of scores ``X_l . Y_j`` (plus the mask) of one block of queries.
+
+    out[n, h, l, j - l + C // 2] = X_l . Y_j (+ MASK[l, j]) for j in the band and below
     the key limit; other entries are left as they are (the caller fills them)."""
     bh = tl.program_id(0)
     block_l = tl.program_id(1)

@@ -23,8 +23,7 @@ def _window(L: int, S: int, local_context: int, device: torch.device) -> tuple[T
 
 
 def _gather_rows(x: Tensor, index: Tensor) -> Tensor:
-    """``x[n, h, index[l, k]]`` for ``x`` of shape ``(N, H, S, F)``; returns
-    ``(N, H, L, K, F)``."""
+    """``x[n, h, index[l, k]]`` for ``x`` of shape ``(N, H, S, F)``; returns ``(N, H, L, K, F)``."""
     return x[:, :, index]
 
 

@@ -56,9 +56,9 @@ def _check_pair(names: tuple[str, str], a: Tensor, b: Tensor) -> None:
 
 
 def _check_index(name: str, index: Tensor, shape: tuple[int, ...], device) -> Tensor:
-    """Check an integer index tensor of the given shape (``-1`` = any size); return it as
-    int64. Its values are checked by the op (kernel path) or `_check_keys` (reference
-    path), once."""
+    """Check an integer index tensor of the given shape (``-1`` = any size); return it as int64.
+
+    Its values are checked by the op (kernel path) or `_check_keys` (reference path), once."""
     check_tensor(name, index, dim=len(shape), integer=True, device=device)
     if any(want not in (-1, got) for want, got in zip(shape, index.shape, strict=True)):
         expected = ", ".join("k" if s == -1 else str(s) for s in shape)

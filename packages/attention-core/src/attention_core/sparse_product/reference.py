@@ -52,7 +52,9 @@ def sparse_dot_product_reference(Q: Tensor, K: Tensor, topk: Tensor) -> Tensor:
 
 
 def sparse_weighted_average_reference(weights: Tensor, values: Tensor, topk: Tensor) -> Tensor:
-    """``weights (N, H, L, k)``, ``values (N, H, S, D)``, ``topk (N, H, L, k)`` ->
+    """Average the gathered values: ``(N, H, L, k)`` weights over ``(N, H, S, D)`` values.
+
+    ``weights (N, H, L, k)``, ``values (N, H, S, D)``, ``topk (N, H, L, k)`` ->
     ``(N, H, L, D)``."""
     return torch.einsum("nhlk,nhlkd->nhld", weights, _gather(values, topk))
 

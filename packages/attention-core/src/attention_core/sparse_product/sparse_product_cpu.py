@@ -1,5 +1,4 @@
-"""``fast_transformers.sparse_product.sparse_product_cpu`` over
-`attention_core.sparse_product`.
+"""``fast_transformers.sparse_product.sparse_product_cpu`` over `attention_core.sparse_product`.
 
 Same function names, argument order and caller-allocated outputs as fast-transformers'
 compiled module: the products overwrite their buffer, the weighted average and every

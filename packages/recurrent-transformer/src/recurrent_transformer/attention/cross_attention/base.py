@@ -56,8 +56,7 @@ class RecurrentCrossAttention(nn.Module):
         key_lengths: BaseMask | None,
         state: Any = None,
     ) -> tuple[Tensor, Any]:
-        """Attend from ``T`` queries at once; arguments as `forward` with queries
-        ``(N, T, H, E)``.
+        """Attend from ``T`` queries at once; arguments as `forward` with queries ``(N, T, H, E)``.
 
         Returns:
             ``(N, T, H, D)`` and the state.

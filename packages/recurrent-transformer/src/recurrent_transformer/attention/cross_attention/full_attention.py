@@ -1,5 +1,4 @@
-"""Softmax cross attention with the memory projected once (Vaswani et al. 2017,
-arXiv 1706.03762).
+"""Softmax cross attention with the memory projected once (Vaswani et al. 2017, arXiv 1706.03762).
 
 The projected keys and values of the memory are kept in a
 `MemoryState`; each step attends to them with a full mask

@@ -1,5 +1,4 @@
-"""Softmax attention as a recurrence over a key/value cache (Vaswani et al. 2017,
-arXiv 1706.03762).
+"""Softmax attention as a recurrence over a key/value cache (Vaswani et al. 2017, arXiv 1706.03762).
 
 Step ``t`` appends its key and value to a `KVCache` (in
 place, amortised ``O(1)``, buffers doubling when full) and attends over the ``t + 1`` cached
@@ -38,8 +37,7 @@ _PREFILL_CHUNK = 256
 
 
 def check_cache(state, query: Tensor, value: Tensor, owner: str) -> KVCache:
-    """Validate a `KVCache` against one step's ``query`` ``(N, H, E)`` and ``value``
-    ``(N, H, D)``."""
+    """Validate a `KVCache` against one step's ``query (N, H, E)`` and ``value (N, H, D)``."""
     state = check_state_type("state", state, KVCache, owner)
     N, H, E = query.shape
     check_state_tensor("state.key_buffer", state.key_buffer, (N, H, -1, E), query)
@@ -128,8 +126,7 @@ class RecurrentFullAttention(RecurrentAttention):
         return out.squeeze(2), cache
 
     def prefill(self, queries, keys, values, state=None):
-        """Fill the cache with a prompt and attend causally, ``_PREFILL_CHUNK`` queries at a
-        time.
+        """Fill the cache with a prompt and attend causally, ``_PREFILL_CHUNK`` queries at a time.
 
         Arguments:
             queries: ``(N, T, H, E)``.
