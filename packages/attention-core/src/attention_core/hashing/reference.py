@@ -1,4 +1,4 @@
-"""The plain-PyTorch hashes (reference and fallback) and the input checks of the public functions."""
+"""The plain-PyTorch hashes (reference and fallback) and the input checks of the public API."""
 
 from __future__ import annotations
 
