@@ -50,8 +50,10 @@ def kernels_available() -> bool:
 
 
 def triton_installed() -> bool:
-    """``True`` when a ``triton`` package is installed (found without importing it, so that
-    importing attention_core does not pay for importing triton)."""
+    """``True`` when a ``triton`` package is installed.
+
+    Found without importing it, so that importing attention_core does not pay for importing triton.
+    """
     return importlib.util.find_spec("triton") is not None
 
 

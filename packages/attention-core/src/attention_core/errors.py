@@ -22,8 +22,9 @@ __all__ = ["MissingParameterError", "UnsupportedMaskError"]
 
 
 class MissingParameterError(ValueError, TypeError):
-    """A builder cannot construct an attention: a parameter it needs was not set (or a
-    wrapper such as ``conditional-full`` was named without the attention it wraps).
+    """A builder cannot construct an attention: a parameter it needs was not set.
+
+    Also raised when a wrapper such as ``conditional-full`` is named without the attention it wraps.
 
     fast-transformers calls the constructor anyway and gets Python's ``TypeError`` for the
     missing argument; this error is both a ``ValueError`` and a ``TypeError``.

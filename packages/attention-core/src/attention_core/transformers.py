@@ -171,8 +171,9 @@ class TransformerEncoder(nn.Module):
 
 
 class TransformerDecoderLayer(nn.Module):
-    """Self attention, cross attention over ``memory``, then a feed-forward network; each
-    with a residual connection followed by LayerNorm.
+    """Self attention, cross attention over ``memory``, then a feed-forward network.
+
+    Each has a residual connection followed by LayerNorm.
 
     Arguments:
         self_attention: attention layer over ``x``.

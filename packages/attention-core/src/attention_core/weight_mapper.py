@@ -51,8 +51,9 @@ class RenameRule(MappingRule):
 
 
 class SplitRule(MappingRule):
-    """Split a tensor along dimension 0 into equal parts named by ``replacements``
-    (e.g. a packed query/key/value projection)."""
+    """Split a tensor along dimension 0 into equal parts named by ``replacements``.
+
+    For example a packed query/key/value projection."""
 
     def __init__(self, pattern: str, replacements: list[str]):
         self.pattern = re.compile(pattern)

@@ -97,8 +97,9 @@ class CallContext:
     _rows: dict = field(default_factory=dict)
 
     def tables(self, geom: BlockGeometry, lookback: int) -> WindowTables:
-        """Tables for the token attention of ``geom`` with ``lookback`` (``W`` for layers
-        that see the previous block and the compressed memory, ``0`` otherwise)."""
+        """Tables for the token attention of ``geom`` with ``lookback``.
+
+        ``W`` for layers that see the previous block and the compressed memory, ``0`` otherwise."""
         compressed = self.compressed_slots if lookback else 0
         key = (lookback, compressed)
         if key not in self._full:

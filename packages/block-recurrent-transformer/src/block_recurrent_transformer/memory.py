@@ -170,8 +170,9 @@ class MemoryCompressor(nn.Module):
         self.to_values = nn.Linear(factor * dim_head, dim_head, bias=False)
 
     def forward(self, keys: Tensor, values: Tensor, valid: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Compress blocks of keys/values ``(B, Hkv, n, W, Dh)`` and their validity
-        ``(B, n, W)``; see the class docstring."""
+        """Compress blocks of keys/values ``(B, Hkv, n, W, Dh)`` and their validity ``(B, n, W)``.
+
+        See the class docstring."""
         c = self.factor
         group = "b h n (e c) d -> b h n e (c d)"
         keys = self.to_keys(rearrange(keys, group, c=c))

@@ -1,5 +1,6 @@
-"""The recurrent state of a Block-Recurrent Transformer layer (Hutchins et al. 2022,
-arXiv 2203.07852, section 3).
+"""The recurrent state of a Block-Recurrent Transformer layer.
+
+Reference: Hutchins et al. 2022, arXiv 2203.07852, section 3.
 
 A recurrent layer carries ``S`` state vectors from block to block. For each block:
 

@@ -42,8 +42,10 @@ def end_layer_checks(token: contextvars.Token | None) -> None:
 
 
 def _non_finite(x) -> bool:
-    """Whether a CPU tensor holds NaN or infinity; ``False`` off the CPU (it would cost a
-    device synchronisation per step), under ``torch.compile`` and for empty tensors."""
+    """Whether a CPU tensor holds NaN or infinity.
+
+    ``False`` off the CPU (it would cost a device synchronisation per step), under ``torch.compile``
+    and for empty tensors."""
     if x.device.type != "cpu" or torch.compiler.is_compiling() or not x.numel():
         return False
     return not bool(torch.isfinite(x).all())
@@ -61,10 +63,11 @@ def check_output(x, owner: str) -> None:
 
 
 def check_finite(name: str, x) -> None:
-    """Reject NaN and infinite inputs before a recurrent state absorbs them (a poisoned state
-    returns non-finite outputs for the rest of the stream). Checked for CPU tensors outside
-    ``torch.compile``; on CUDA it would cost a device synchronisation per step. Skipped inside
-    a model's layers when the model has checked its input (see `start_layer_checks`)."""
+    """Reject NaN and infinite inputs before a recurrent state absorbs them.
+
+    A poisoned state returns non-finite outputs for the rest of the stream. Checked for CPU tensors
+    outside ``torch.compile``; on CUDA it would cost a device synchronisation per step. Skipped
+    inside a model's layers when the model has checked its input (see `start_layer_checks`)."""
     if torch.compiler.is_compiling() or _MODEL_CHECKED.get():
         return
     if _non_finite(x):
@@ -75,8 +78,9 @@ def check_finite(name: str, x) -> None:
 
 
 def check_element(name: str, x, features: int, owner: str) -> tuple[int, int]:
-    """Check one element of a sequence, ``(N, features)``; a whole sequence ``(N, L, E)`` gets
-    a message pointing to ``prefill``.
+    """Check one element of a sequence, ``(N, features)``.
+
+    A whole sequence ``(N, L, E)`` gets a message pointing to ``prefill``.
 
     Returns:
         ``(N, features)``.

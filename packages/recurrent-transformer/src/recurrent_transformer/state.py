@@ -256,8 +256,9 @@ class LinearState(RecurrentState):
 
 
 class _Claim:
-    """How many slots of a shared key/value buffer are in use; shared by the caches that view
-    the same buffer so that only the newest may append in place."""
+    """How many slots of a shared key/value buffer are in use.
+
+    The caches that view the same buffer share it, so that only the newest may append in place."""
 
     __slots__ = ("filled",)
 
@@ -532,8 +533,10 @@ class MemoryState(RecurrentState):
 
 @dataclasses.dataclass(eq=False)
 class DecoderLayerState(RecurrentState):
-    """State of one recurrent decoder layer; unpacks as ``self_state, cross_state`` like the
-    ``[self_state, cross_state]`` list of fast-transformers.
+    """State of one recurrent decoder layer.
+
+    Unpacks as ``self_state, cross_state`` like the ``[self_state, cross_state]`` list of
+    fast-transformers.
 
     Attributes:
         self_attention: the self attention's state.

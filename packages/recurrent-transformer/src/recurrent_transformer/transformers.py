@@ -166,8 +166,9 @@ class RecurrentTransformerEncoderLayer(_FeedForward, TransformerEncoderLayer):
 
 
 class RecurrentTransformerEncoder(nn.Module):
-    """A stack of recurrent encoder layers with an optional final normalisation; it keeps one
-    state per layer in a `TransformerState`.
+    """A stack of recurrent encoder layers with an optional final normalisation.
+
+    It keeps one state per layer in a `TransformerState`.
 
     Arguments:
         layers: `RecurrentTransformerEncoderLayer` instances.
@@ -213,8 +214,9 @@ class RecurrentTransformerEncoder(nn.Module):
         return _run_layers(self, x, states, lambda layer, x, s: layer(x, s))
 
     def prefill(self, x: Tensor, state: Any = None) -> tuple[Tensor, TransformerState]:
-        """Consume ``T`` elements in one parallel pass, as ``T`` calls of `forward`
-        would (e.g. a prompt before generating).
+        """Consume ``T`` elements in one parallel pass, as ``T`` calls of `forward` would.
+
+        For example a prompt before generating.
 
         Arguments:
             x: ``(N, T, E)``.
@@ -296,8 +298,9 @@ class RecurrentTransformerDecoderLayer(_FeedForward, TransformerDecoderLayer):
         memory_length_mask: BaseMask | None = None,
         state: Any = None,
     ) -> tuple[Tensor, DecoderLayerState]:
-        """Apply the layer to ``T`` elements at once; arguments as `forward` with ``x``
-        of shape ``(N, T, E)``.
+        """Apply the layer to ``T`` elements at once.
+
+        Arguments as `forward` with ``x`` of shape ``(N, T, E)``.
 
         Returns:
             ``(N, T, E)`` and the state after the last element.
@@ -317,8 +320,9 @@ class RecurrentTransformerDecoderLayer(_FeedForward, TransformerDecoderLayer):
 
 
 class RecurrentTransformerDecoder(nn.Module):
-    """A stack of recurrent decoder layers with an optional final normalisation; one
-    `DecoderLayerState` per layer in a `TransformerState`.
+    """A stack of recurrent decoder layers with an optional final normalisation.
+
+    One `DecoderLayerState` per layer in a `TransformerState`.
 
     Arguments:
         layers: `RecurrentTransformerDecoderLayer` instances.
@@ -366,8 +370,9 @@ class RecurrentTransformerDecoder(nn.Module):
         memory_length_mask: BaseMask | None = None,
         state: Any = None,
     ) -> tuple[Tensor, TransformerState]:
-        """Consume ``T`` elements in one parallel pass; arguments as `forward` with ``x``
-        of shape ``(N, T, E)``.
+        """Consume ``T`` elements in one parallel pass.
+
+        Arguments as `forward` with ``x`` of shape ``(N, T, E)``.
 
         Returns:
             ``(N, T, E)`` and the state after the last element.

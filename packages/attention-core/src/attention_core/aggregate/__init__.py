@@ -1,5 +1,6 @@
-"""Aggregate rows by group and broadcast group rows back, the bookkeeping of clustered
-attention (Vyas et al. 2020, arXiv 2007.04825).
+"""Aggregate rows by group and broadcast group rows back, the bookkeeping of clustered attention.
+
+Reference: Vyas et al. 2020, arXiv 2007.04825.
 
 * `aggregate` sums the rows of each group, scaled by a per-group factor (with factor
   ``1 / count`` this is the centroid of the group).

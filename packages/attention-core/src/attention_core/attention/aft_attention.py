@@ -26,14 +26,16 @@ __all__ = ["AFTFullAttention", "AFTSimpleAttention"]
 
 
 def _safe_divide(numerator: Tensor, denominator: Tensor) -> Tensor:
-    """``numerator / denominator``, and zero where the denominator is zero (then so is the
-    numerator: no allowed key)."""
+    """``numerator / denominator``, and zero where the denominator is zero.
+
+    Then so is the numerator: no allowed key."""
     return numerator / denominator.clamp_min(torch.finfo(denominator.dtype).tiny)
 
 
 def _masked_max(x: Tensor, allowed: Tensor, dim: int) -> Tensor:
-    """The maximum of ``x`` over ``dim`` where ``allowed``, or zero where nothing is (kept as
-    a dimension, detached: it is only a shift)."""
+    """The maximum of ``x`` over ``dim`` where ``allowed``, or zero where nothing is.
+
+    Kept as a dimension, detached: it is only a shift."""
     x = x.detach().masked_fill(~allowed, float("-inf")).amax(dim=dim, keepdim=True)
     return x.nan_to_num(neginf=0.0)
 

@@ -1,5 +1,6 @@
-"""Causal linear attention: each position attends to itself and the past in ``O(L)``
-(Katharopoulos et al. 2020, "Transformers are RNNs", arXiv 2006.16236)."""
+"""Causal linear attention: each position attends to itself and the past in ``O(L)``.
+
+Reference: Katharopoulos et al. 2020, "Transformers are RNNs", arXiv 2006.16236."""
 
 from __future__ import annotations
 

@@ -24,8 +24,9 @@ __all__ = ["FullAttention", "masked_softmax"]
 
 
 def masked_softmax(scores: Tensor, allowed: Tensor | None) -> Tensor:
-    """Softmax over the last axis where ``allowed`` is ``True``; rows with no allowed
-    entry become zeros instead of NaN.
+    """Softmax over the last axis where ``allowed`` is ``True``.
+
+    Rows with no allowed entry become zeros instead of NaN.
 
     Arguments:
         scores: ``(..., S)`` logits.
@@ -97,8 +98,9 @@ class FullAttention(nn.Module):
         return self._fused(queries, keys, values, attn_mask, key_lengths, softmax_temp, L == S)
 
     def _fused(self, queries, keys, values, attn_mask, key_lengths, softmax_temp, square):
-        """SDPA on ``(N, H, L, E)`` views; its CPU kernel writes ``(N, L, H, D)`` memory, so
-        the final transpose is free."""
+        """SDPA on ``(N, H, L, E)`` views.
+
+        Its CPU kernel writes ``(N, L, H, D)`` memory, so the final transpose is free."""
         causal = (
             square
             and not attn_mask.all_ones

@@ -1,5 +1,6 @@
-"""Shared-QK LSH attention of the Reformer (Kitaev et al. 2020, "Reformer: The Efficient
-Transformer", arXiv 2001.04451).
+"""Shared-QK LSH attention of the Reformer.
+
+Reference: Kitaev et al. 2020, "Reformer: The Efficient Transformer", arXiv 2001.04451.
 
 Einstein notation: n batch, h heads, l sequence, c chunk index, i / j positions inside a
 chunk / inside a chunk's key window (own chunk plus previous one), e query/key feature,
@@ -118,8 +119,10 @@ class ReformerAttention(nn.Module):
         self.event_dispatcher = EventDispatcher.get(event_dispatcher)
 
     def _hash(self, keys: Tensor, valid: Tensor) -> Tensor:
-        """Bucket ``(N, H, Lp)`` of the normalised keys ``(N, H, Lp, E)``; invalid positions
-        (``valid`` ``(N, Lp)`` false) go to bucket ``2 * bits``, after every real one."""
+        """Bucket ``(N, H, Lp)`` of the normalised keys ``(N, H, Lp, E)``.
+
+        Invalid positions (``valid`` ``(N, Lp)`` false) go to bucket ``2 * bits``, after every real
+        one."""
         planes = torch.randn(keys.shape[-1], self.bits, dtype=keys.dtype, device=keys.device)
         projected = keys @ planes
         buckets = torch.cat([projected, -projected], dim=-1).argmax(dim=-1)

@@ -79,7 +79,8 @@ class Registry:
         return {p: specs[p].get(values[p]) for p in self._class_params[key] if p in values}
 
     def validate_parameter(self, key: str, value):
-        """Return ``value`` checked (and possibly converted) by the spec of ``key``;
+        """Return ``value`` checked (and possibly converted) by the spec of ``key``.
+
         ``None`` for an optional parameter is kept (each attention applies its default)."""
         spec = self._parameters[key]
         if value is None and isinstance(spec, Optional):

@@ -21,8 +21,9 @@ class BaseBuilder:
 
     @classmethod
     def from_namespace(cls, args, strict: bool = False):
-        """Create a builder from an ``argparse.Namespace``; unknown names are ignored
-        unless ``strict``."""
+        """Create a builder from an ``argparse.Namespace``.
+
+        Unknown names are ignored unless ``strict``."""
         return cls.from_dictionary(vars(args), strict=strict)
 
     @classmethod

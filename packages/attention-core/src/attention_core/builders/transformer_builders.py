@@ -138,8 +138,9 @@ class BaseTransformerBuilder(BaseBuilder):
         return self.value_dimensions * self.n_heads
 
     def _check_sizes(self, attention_layers_per_layer: int) -> None:
-        """Refuse sizes whose parameters cannot be allocated, before allocating any (the
-        projections and the feed-forward network of every layer)."""
+        """Refuse sizes whose parameters cannot be allocated, before allocating any.
+
+        Counted: the projections and the feed-forward network of every layer."""
         d_model, heads = self.model_dimensions, self.n_heads
         queries = keys = d_model * heads * self.query_dimensions
         values = outputs = d_model * heads * self.value_dimensions
@@ -177,7 +178,8 @@ class BaseTransformerBuilder(BaseBuilder):
             )
 
     def _forwarded(self, names: dict[str, str]) -> dict:
-        """``{parameter: value of setting}`` for the settings that reach the attention;
+        """``{parameter: value of setting}`` for the settings that reach the attention.
+
         ``names`` maps each forwarded parameter to the setting that gives its value."""
         return {
             parameter: getattr(self, setting)
@@ -304,8 +306,10 @@ class TransformerEncoderBuilder(BaseTransformerEncoderBuilder):
 
 
 class BaseTransformerDecoderBuilder(BaseTransformerBuilder):
-    """Build decoders; attention parameters set on the builder go to both the self and the
-    cross attention builders (to whichever accepts them)."""
+    """Build decoders.
+
+    Attention parameters set on the builder go to both the self and the cross attention builders (to
+    whichever accepts them)."""
 
     def __init__(self):
         super().__init__()
@@ -394,8 +398,10 @@ class BaseTransformerDecoderBuilder(BaseTransformerBuilder):
 
     @property
     def cross_model_dimensions(self) -> int:
-        """The feature size of the memory (default: ``cross_n_heads *
-        cross_value_dimensions``, which is ``model_dimensions`` when no cross_* size is set)."""
+        """The feature size of the memory.
+
+        Default: ``cross_n_heads * cross_value_dimensions``, which is ``model_dimensions`` when no
+        cross_* size is set."""
         return self._cross_d_model or self.cross_n_heads * self.cross_value_dimensions
 
     @cross_model_dimensions.setter

@@ -193,8 +193,9 @@ class SmoothedRandomFourierFeatures(RandomFourierFeatures):
 
 
 class Favor(RandomFourierFeatures):
-    """Positive orthogonal random features for the softmax kernel (FAVOR+, Lemma 1 of
-    Choromanski et al. 2020).
+    """Positive orthogonal random features for the softmax kernel.
+
+    Reference: FAVOR+, Lemma 1 of Choromanski et al. 2020.
 
     ``phi(x) = exp(-|x|^2 / 2) / sqrt(2 m) [exp(x W), exp(-x W)]`` with ``W`` of shape
     ``(query_dimensions, m)``, ``m = n_dims // 2``, so that

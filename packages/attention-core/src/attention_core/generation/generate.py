@@ -1,5 +1,6 @@
-"""Autoregressive decoding over a two-method step protocol that every model family
-implements (full recomputation, recurrent state, Transformer-XL memories, ...).
+"""Autoregressive decoding over a two-method step protocol that every model family implements.
+
+The families: full recomputation, recurrent state, Transformer-XL memories, ...
 
 A model exposes ``prefill(tokens) -> (logits, state)``, which consumes the whole prompt and
 returns the logits of its last position, and ``step(token, state) -> (logits, state)``, which

@@ -1,5 +1,6 @@
-"""Locality-sensitive hashing with random hyperplanes (Charikar 2002; used by clustered
-attention, Vyas et al. 2020, arXiv 2007.04825).
+"""Locality-sensitive hashing with random hyperplanes.
+
+Reference: Charikar 2002. Clustered attention (Vyas et al. 2020, arXiv 2007.04825) uses them.
 
 Each of ``B`` hyperplanes ``A[b] = (w_b, c_b)`` contributes one bit to a vector's hash: bit
 ``b`` of ``hash(x)`` is set when ``w_b . x > c_b`` (fast-transformers' convention: the last

@@ -1,6 +1,7 @@
-"""Banded (local) dot products and weighted averages, the core of local attention
-(as in Image Transformer, Parmar et al. 2018, arXiv 1802.05751, and Longformer's sliding
-window, Beltagy et al. 2020, arXiv 2004.05150).
+"""Banded (local) dot products and weighted averages, the core of local attention.
+
+As in Image Transformer, Parmar et al. 2018, arXiv 1802.05751, and Longformer's sliding
+window, Beltagy et al. 2020, arXiv 2004.05150.
 
 Query ``l`` sees the ``local_context`` keys ``j = l - local_context // 2 + k`` for
 ``k = 0 .. local_context - 1``. Both functions gather only those keys or values, so memory is

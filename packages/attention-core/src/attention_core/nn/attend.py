@@ -19,8 +19,9 @@ __all__ = ["attend", "causal_mask"]
 
 
 def causal_mask(i: int, j: int, *, device: torch.device | None = None) -> Tensor:
-    """End-aligned causal mask ``(i, j)``: query ``q`` may see key ``k`` iff
-    ``k <= q + j - i`` (the queries are the last ``i`` of the ``j`` keys).
+    """End-aligned causal mask ``(i, j)``: query ``q`` may see key ``k`` iff ``k <= q + j - i``.
+
+    The queries are the last ``i`` of the ``j`` keys.
 
     Example:
         >>> causal_mask(2, 4).int()

@@ -1,5 +1,6 @@
-"""Position-wise feed-forward blocks, optionally gated: GEGLU and its GLU relatives
-(Shazeer 2020, "GLU Variants Improve Transformer", arXiv 2002.05202).
+"""Position-wise feed-forward blocks, optionally gated: GEGLU and its GLU relatives.
+
+Reference: Shazeer 2020, "GLU Variants Improve Transformer", arXiv 2002.05202.
 
 Einstein notation: ``...`` any leading axes (batch, sequence), ``d`` model feature.
 """

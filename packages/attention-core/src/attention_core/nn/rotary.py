@@ -141,8 +141,9 @@ class RotaryEmbedding(nn.Module):
         return repeat(torch.outer(positions, inv_freq), "n r -> n (two r)", two=2)
 
     def scale(self, positions: Tensor, *, dtype: torch.dtype = torch.float32) -> Tensor:
-        """xPos scales ``(n, r)`` for ``positions`` ``(n,)`` in ``dtype``; all ones when xPos
-        is off."""
+        """xPos scales ``(n, r)`` for ``positions`` ``(n,)`` in ``dtype``.
+
+        All ones when xPos is off."""
         positions, k2 = self._prepare(positions, dtype)
         if not self.use_xpos:
             return positions.new_ones(positions.shape[0], self.dim)

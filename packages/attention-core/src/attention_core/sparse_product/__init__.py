@@ -67,8 +67,9 @@ def _check_index(name: str, index: Tensor, shape: tuple[int, ...], device) -> Te
 
 
 def _check_keys(topk: Tensor, S: int) -> None:
-    """The reference path's range check of the key indices (it reads the data: under
-    torch.compile it is left out)."""
+    """The reference path's range check of the key indices.
+
+    It reads the data: under torch.compile it is left out."""
     if not torch.compiler.is_compiling():
         _op.check_topk_values(topk, S)
 

@@ -1,5 +1,6 @@
-"""Helpers shared by the test suites of every package (shipped so that the model
-packages' tests can use them without a root conftest)."""
+"""Helpers shared by the test suites of every package.
+
+Shipped so that the model packages' tests can use them without a root conftest."""
 
 from __future__ import annotations
 

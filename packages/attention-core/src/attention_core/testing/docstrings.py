@@ -17,8 +17,9 @@ def _public_names(module) -> list[str]:
 
 
 def _documented_in(cls, attr: str, package: str) -> bool:
-    """Whether ``cls.attr`` or the method of ``package`` it overrides has a docstring (a
-    docstring inherited from torch, e.g. ``nn.Module.forward``'s, does not count)."""
+    """Whether ``cls.attr`` or the method of ``package`` it overrides has a docstring.
+
+    A docstring inherited from torch, e.g. ``nn.Module.forward``'s, does not count."""
     for base in cls.__mro__:
         member = vars(base).get(attr)
         if member is None or not base.__module__.startswith(package):

@@ -46,8 +46,9 @@ def python_blocks(text: str) -> list[str]:
 
 
 def markdown_examples(pages: list[Path], root: Path) -> list[tuple[str, str]]:
-    """``(name, code)`` for every python block of the existing ``pages``; ``name`` is
-    ``<path relative to root>:<block number>`` (1-based)."""
+    """``(name, code)`` for every python block of the existing ``pages``.
+
+    ``name`` is ``<path relative to root>:<block number>`` (1-based)."""
     examples = []
     for page in pages:
         if not page.is_file():

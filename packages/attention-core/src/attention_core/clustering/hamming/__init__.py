@@ -1,5 +1,6 @@
-"""K-means in Hamming space, used to group queries by their hashes in clustered attention
-(Vyas et al. 2020, "Fast Transformers with Clustered Attention", arXiv 2007.04825).
+"""K-means in Hamming space, used to group queries by their hashes in clustered attention.
+
+Reference: Vyas et al. 2020, "Fast Transformers with Clustered Attention", arXiv 2007.04825.
 
 Each sequence ``(n, h)`` is clustered on its own with Lloyd's algorithm:
 

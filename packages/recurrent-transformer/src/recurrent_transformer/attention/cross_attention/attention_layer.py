@@ -127,8 +127,9 @@ class RecurrentCrossAttentionLayer(nn.Module):
         key_lengths: BaseMask | None = None,
         state: Any = None,
     ) -> tuple[Tensor, Any]:
-        """Attend from ``T`` elements at once; arguments as `forward` with query
-        ``(N, T, d_model)``.
+        """Attend from ``T`` elements at once.
+
+        Arguments as `forward` with query ``(N, T, d_model)``.
 
         Returns:
             ``(N, T, d_model)`` and the state.

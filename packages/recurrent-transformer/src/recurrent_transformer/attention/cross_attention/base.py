@@ -71,13 +71,15 @@ class RecurrentCrossAttention(nn.Module):
     def make_state(
         self, queries: Tensor, keys: Tensor, values: Tensor, key_lengths: BaseMask
     ) -> Any:
-        """Read the memory: keys ``(N, S, H, E)``, values ``(N, S, H, D)``, key_lengths
-        ``(N, S)``; ``queries`` ``(N, T, H, E)`` give the expected batch, heads and dtype."""
+        """Read the memory: keys ``(N, S, H, E)``, values ``(N, S, H, D)``, key_lengths ``(N, S)``.
+
+        ``queries`` ``(N, T, H, E)`` give the expected batch, heads and dtype."""
         raise NotImplementedError
 
     def check_state(self, state: Any, queries: Tensor) -> Any:
-        """Return ``state`` (converted from fast-transformers' list form if needed); raise if
-        it does not fit ``queries`` ``(N, T, H, E)``."""
+        """Return ``state`` (converted from fast-transformers' list form if needed).
+
+        Raise if it does not fit ``queries`` ``(N, T, H, E)``."""
         raise NotImplementedError
 
     def attend(self, queries: Tensor, state: Any) -> Tensor:

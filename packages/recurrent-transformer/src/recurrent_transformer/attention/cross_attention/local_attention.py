@@ -1,5 +1,6 @@
-"""Local (windowed) softmax cross attention with the memory projected once (Parmar et al.
-2018, "Image Transformer", arXiv 1802.05751).
+"""Local (windowed) softmax cross attention with the memory projected once.
+
+Reference: Parmar et al. 2018, "Image Transformer", arXiv 1802.05751.
 
 The batch ``local`` attention lets query ``t`` see the memory positions
 ``t - w // 2 .. t - w // 2 + w - 1`` (``w = local_context``, clipped to the memory and its
@@ -37,8 +38,9 @@ __all__ = ["RecurrentCrossLocalAttention"]
 
 
 class RecurrentCrossLocalAttention(RecurrentCrossFullAttention):
-    """Recurrent local cross attention, the dual of ``local`` with a full mask (it keeps the
-    memory as `RecurrentCrossFullAttention` does).
+    """Recurrent local cross attention, the dual of ``local`` with a full mask.
+
+    It keeps the memory as `RecurrentCrossFullAttention` does.
 
     Arguments:
         local_context: the window size ``w``: step ``t`` (counting from 0) sees memory
@@ -61,8 +63,9 @@ class RecurrentCrossLocalAttention(RecurrentCrossFullAttention):
         self.local_context = check_positive_int("local_context", local_context)
 
     def prefill(self, queries, keys, values, key_lengths, state=None):
-        """As `RecurrentCrossAttention.prefill`; the returned state's ``position`` is
-        advanced by the number of queries ``T``."""
+        """As `RecurrentCrossAttention.prefill`.
+
+        The returned state's ``position`` is advanced by the number of queries ``T``."""
         out, state = super().prefill(queries, keys, values, key_lengths, state)
         return out, dataclasses.replace(state, position=state.position + queries.shape[1])
 

@@ -131,8 +131,9 @@ class RecurrentCrossAFTFullAttention(_RowwiseCrossAttention, AFTFullAttention):
         return self.u[self._offset : self._offset + L] @ self.v[:S].T
 
     def prefill(self, queries, keys, values, key_lengths, state=None):
-        """As `RecurrentCrossAttention.prefill`; the returned state's ``position`` is
-        advanced by the number of queries ``T``."""
+        """As `RecurrentCrossAttention.prefill`.
+
+        The returned state's ``position`` is advanced by the number of queries ``T``."""
         out, state = super().prefill(queries, keys, values, key_lengths, state)
         return out, dataclasses.replace(state, position=state.position + queries.shape[1])
 

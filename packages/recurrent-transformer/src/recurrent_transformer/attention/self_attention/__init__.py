@@ -1,4 +1,6 @@
-"""Recurrent self attentions; importing this package registers them in
+"""Recurrent self attentions.
+
+Importing this package registers them in
 `attention_core.attention_registry.RecurrentAttentionRegistry`.
 
 Every batch attention whose causal form can be computed one element at a time has a recurrent

@@ -1,5 +1,6 @@
-"""The Attention Free Transformer's causal token mixing as recurrences (Zhai et al. 2021, "An
-Attention Free Transformer", arXiv 2105.14103).
+"""The Attention Free Transformer's causal token mixing as recurrences.
+
+Reference: Zhai et al. 2021, "An Attention Free Transformer", arXiv 2105.14103.
 
 ``Y_t = sigmoid(Q_t) * sum_{s<=t} exp(K_s + w_ts) V_s / sum_{s<=t} exp(K_s + w_ts)``, feature
 by feature (so ``E == D``).

@@ -1,5 +1,7 @@
-"""Oracle top-k softmax attention as a recurrence over a key/value cache (the "exact top-k"
-baseline of Vyas et al. 2020, "Fast Transformers with Clustered Attention", arXiv 2007.04825).
+"""Oracle top-k softmax attention as a recurrence over a key/value cache.
+
+Reference: the "exact top-k" baseline of Vyas et al. 2020, "Fast Transformers with Clustered
+Attention", arXiv 2007.04825.
 
 Each step appends its key and value to a `KVCache` and
 attends with a softmax over the ``min(topk, t + 1)`` highest-scoring cached keys: the row of

@@ -1,5 +1,6 @@
-"""Causal linear attention as a recurrence with a fixed-size state (Katharopoulos et al. 2020,
-"Transformers are RNNs", arXiv 2006.16236).
+"""Causal linear attention as a recurrence with a fixed-size state.
+
+Reference: Katharopoulos et al. 2020, "Transformers are RNNs", arXiv 2006.16236.
 
 With ``S_i = sum_{j<=i} phi(K_j) V_j^T`` and ``Z_i = sum_{j<=i} phi(K_j)``, the output is
 ``V'_i = phi(Q_i)^T S_i / (phi(Q_i)^T Z_i + eps)``: each step adds one outer product to the

@@ -1,6 +1,7 @@
-"""Causal local (sliding window) attention as a recurrence over the last few keys (Parmar et
-al. 2018, "Image Transformer", arXiv 1802.05751; Beltagy et al. 2020, "Longformer",
-arXiv 2004.05150).
+"""Causal local (sliding window) attention as a recurrence over the last few keys.
+
+Reference: Parmar et al. 2018, "Image Transformer", arXiv 1802.05751; Beltagy et al. 2020,
+"Longformer", arXiv 2004.05150.
 
 The batch ``local`` attention lets query ``i`` see keys ``i - w // 2 .. i - w // 2 + w - 1``
 (``w = local_context``); with a causal mask that leaves ``i - w // 2 .. i``, the current key
