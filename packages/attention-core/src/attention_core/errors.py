@@ -32,8 +32,10 @@ class MissingParameterError(ValueError, TypeError):
 
 
 class UnsupportedMaskError(ValueError, RuntimeError):
-    """An attention got a mask it cannot apply, e.g. an arbitrary attention mask given to
-    linear attention (only all-ones masks; ``causal-linear`` handles the causal one).
+    """An attention got a mask it cannot apply.
+
+    For example an arbitrary attention mask given to linear attention, which takes only all-ones
+    masks (``causal-linear`` handles the causal one).
 
     fast-transformers raises ``RuntimeError`` there; this error is both a ``ValueError`` and a
     ``RuntimeError``.

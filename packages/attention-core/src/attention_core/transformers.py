@@ -1,5 +1,7 @@
-"""Transformer encoders and decoders that take any attention layer (Vaswani et al. 2017,
-arXiv 1706.03762), post-norm like ``torch.nn.TransformerEncoderLayer``.
+"""Transformer encoders and decoders that take any attention layer.
+
+Post-norm like ``torch.nn.TransformerEncoderLayer``. Reference: Vaswani et al. 2017, arXiv
+1706.03762.
 
 Shapes: ``x`` is ``(N, L, E)``, ``memory`` is ``(N, S, E)``; masks are
 `attention_core.masking` objects: ``attn_mask``/``x_mask`` ``(L, L)``, ``memory_mask``
@@ -63,8 +65,9 @@ def _full_lengths(x: Tensor, N: int, L: int) -> LengthMask:
 
 
 class TransformerEncoderLayer(nn.Module):
-    """Self attention followed by a feed-forward network, each with a residual connection
-    and a LayerNorm after it.
+    """Self attention followed by a feed-forward network.
+
+    Each has a residual connection and a LayerNorm after it.
 
     Arguments:
         attention: an attention layer such as `AttentionLayer`,

@@ -203,9 +203,10 @@ _BERT_PREFIX = r"(?:(?:bert|roberta|longformer|model)\.)?(?:encoder\.)?"
 
 
 class HugginfaceBertEncoderMapper(SimpleMapper):
-    """Map the encoder of a Hugging Face BERT model (``BertEncoder`` or a whole
-    ``BertModel``; embeddings and pooler are dropped) onto an encoder built with
-    ``activation="gelu"`` and ``final_normalization=False``."""
+    """Map the encoder of a Hugging Face BERT model onto an encoder built here.
+
+    The source is a ``BertEncoder`` or a whole ``BertModel`` (embeddings and pooler are dropped);
+    the target is an encoder built with ``activation="gelu"`` and ``final_normalization=False``."""
 
     RULES = [
         *_bert_rules(_BERT_PREFIX),

@@ -1,5 +1,6 @@
-"""The Block-Recurrent Transformer (Hutchins et al. 2022, arXiv 2203.07852) for PyTorch, built
-on attention-core.
+"""The Block-Recurrent Transformer for PyTorch, built on attention-core.
+
+Reference: Hutchins et al. 2022, arXiv 2203.07852.
 
 * `BlockRecurrentTransformer`: the language model; ``forward(seq, xl_memories=None,
   states=None, return_loss=False) -> (out, mems, states)``.

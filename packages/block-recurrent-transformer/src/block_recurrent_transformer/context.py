@@ -1,6 +1,7 @@
-"""Per-call tables shared by every layer: the static window masks, the position biases and
-the rotary angles of the token self-attention (Block-Recurrent Transformer, Hutchins et al.
-2022, arXiv 2203.07852).
+"""Per-call tables shared by every layer of the Block-Recurrent Transformer.
+
+The static window masks, the position biases and the rotary angles of the token self-attention.
+Reference: Hutchins et al. 2022, arXiv 2203.07852.
 
 They depend only on the block width, the look-back and the compressed slots, never on the
 tokens, so they are built once for a whole block and sliced for calls that cover only some
@@ -51,8 +52,9 @@ class WindowTables:
     def rows(
         self, start: int, stop: int, slots: int, *, skip: int = 0, keep: int = 0
     ) -> WindowTables:
-        """The tables of query rows ``[start, stop)`` over the first ``slots`` key slots,
-        leaving out the ``skip`` slots that follow the first ``keep`` (compressed) slots."""
+        """The tables of query rows ``[start, stop)`` over the first ``slots`` key slots.
+
+        They leave out the ``skip`` slots that follow the first ``keep`` (compressed) slots."""
 
         def keys(t: Tensor | None, dim: int) -> Tensor | None:
             if t is None:

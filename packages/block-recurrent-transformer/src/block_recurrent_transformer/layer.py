@@ -1,6 +1,7 @@
-"""One layer of the Block-Recurrent Transformer (Hutchins et al. 2022, arXiv 2203.07852): a
-pre-norm attention block and a pre-norm GEGLU feed-forward block (Shazeer 2020,
-arXiv 2002.05202), applied to all blocks of a call at once.
+"""One layer of the Block-Recurrent Transformer: an attention block and a GEGLU feed-forward block.
+
+Both blocks are pre-norm and are applied to all blocks of a call at once. References: Hutchins et
+al. 2022, arXiv 2203.07852; GEGLU: Shazeer 2020, arXiv 2002.05202.
 
 The attention block of a layer
 
@@ -73,9 +74,11 @@ class LayerSpec:
 
 
 def _to_blocks(t: Tensor, geom: BlockGeometry) -> Tensor:
-    """``(b, h, t, d)`` tokens -> ``(b * n, h, w, d)`` blocks (zero rows as padding), or the
-    unchanged rows of a single block. When ``t`` is a head view of a ``(b, t, h * d)``
-    projection and the call covers whole blocks, the result is a view (no copy)."""
+    """Cut ``(b, h, t, d)`` tokens into ``(b * n, h, w, d)`` blocks.
+
+    Zero rows pad the last block; a single block keeps its rows unchanged. When ``t`` is a head view
+    of a ``(b, t, h * d)`` projection and the call covers whole blocks, the result is a view (no
+    copy)."""
     if geom.single:
         return t
     t = t.transpose(1, 2)  # b t h d: contiguous for a head view of a projection
@@ -189,8 +192,9 @@ class BlockRecurrentLayer(nn.Module):
         valid: Tensor,
         geom: BlockGeometry,
     ) -> tuple[Tensor, Tensor, Tensor, tuple[Tensor, Tensor, Tensor]]:
-        """Compressed windows ``(b * n, Hkv, C, d)`` (or ``(b, Hkv, C, d)``) with validity,
-        and the compressed memory handed to the next call."""
+        """Compressed windows with validity, and the compressed memory handed to the next call.
+
+        The windows are ``(b * n, Hkv, C, d)`` (or ``(b, Hkv, C, d)``)."""
         cap, width = self.compressed_slots, self.width
         per_block = width // self.compressor.factor
         count = max(geom.num_blocks - 1, geom.complete)  # blocks -1 .. count - 2 of the grid

@@ -1,5 +1,6 @@
-"""Transformer-XL memories of the Block-Recurrent Transformer: the keys and values of the
-recent past that the next call still needs, with a validity mask per row.
+"""Transformer-XL memories of the Block-Recurrent Transformer.
+
+The keys and values of the recent past that the next call still needs, with a validity mask per row.
 
 Transformer-XL (Dai et al. 2019, arXiv 1901.02860) caches the keys and values of the previous
 segment so that attention can look across the segment boundary. The Block-Recurrent
@@ -148,9 +149,10 @@ torch.serialization.add_safe_globals([LayerMemory, XLMemories])
 
 
 class MemoryCompressor(nn.Module):
-    """Compress each run of ``factor`` consecutive keys (and values) of a block into one slot
-    with a learned linear map shared by all heads (a strided convolution of kernel and stride
-    ``factor``, as in the Compressive Transformer, arXiv 1911.05507).
+    """Compress each run of ``factor`` consecutive keys and values of a block into one slot.
+
+    A learned linear map shared by all heads: a strided convolution of kernel and stride ``factor``,
+    as in the Compressive Transformer, arXiv 1911.05507.
 
     Arguments:
         dim_head: head feature size ``Dh``.

@@ -93,8 +93,10 @@ class RecurrentState(nn.Module):
         return self.initial.expand(batch, -1, -1)
 
     def prepare(self, state: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Normalised state ``(B, S, c)`` (with position embeddings) and its keys and values
-        ``(B, Hkv, S, Dh)``, shared by the state update and the token layers that read it."""
+        """Normalised state ``(B, S, c)`` and its keys and values ``(B, Hkv, S, Dh)``.
+
+        The state includes position embeddings; the state update and the token layers that read it
+        share the result."""
         normed = self.norm(state) + self.position
         k, v = self.to_kv(normed).chunk(2, dim=-1)
         return normed, self.k_norm(split_heads(k, self.kv_heads)), split_heads(v, self.kv_heads)

@@ -1,5 +1,6 @@
-"""Recurrent (one element at a time) transformer encoders and decoders with constant-cost
-token-by-token inference: the successor of ``fast_transformers.recurrent``.
+"""Recurrent transformer encoders and decoders with constant-cost token-by-token inference.
+
+They process one element at a time: the successor of ``fast_transformers.recurrent``.
 
 Modules: `.transformers` (RecurrentTransformerEncoder/Decoder and their layers),
 `.attention` (recurrent self and cross attentions), `.builders`

@@ -1,5 +1,7 @@
-"""Input validation of the recurrent modules: one element per step, ``(N, ...)`` without a
-sequence axis, and whole prompts ``(N, T, ...)`` for ``prefill``."""
+"""Input validation of the recurrent modules.
+
+One element per step, ``(N, ...)`` without a sequence axis, and whole prompts ``(N, T, ...)`` for
+``prefill``."""
 
 from __future__ import annotations
 
@@ -26,10 +28,11 @@ _MODEL_CHECKED = contextvars.ContextVar("recurrent_transformer_model_checked", d
 
 
 def start_layer_checks() -> contextvars.Token | None:
-    """Called by a model after it has checked its input, before it runs its layers: their
-    finiteness checks are skipped until `end_layer_checks` (the model checks its output
-    with `check_output`). Returns the token for `end_layer_checks` (``None``
-    under ``torch.compile``, where nothing is checked)."""
+    """Skip the layers' finiteness checks until `end_layer_checks`.
+
+    Called by a model after it has checked its input, before it runs its layers (the model checks
+    its output with `check_output`). Returns the token for `end_layer_checks` (``None`` under
+    ``torch.compile``, where nothing is checked)."""
     if torch.compiler.is_compiling():
         return None
     return _MODEL_CHECKED.set(True)
@@ -52,9 +55,10 @@ def _non_finite(x) -> bool:
 
 
 def check_output(x, owner: str) -> None:
-    """Refuse a model output that turned non-finite inside the layers from a finite input (an
-    overflow): the new state, which absorbed it, is never returned, and the previous state
-    stays valid. CPU tensors outside ``torch.compile``, like `check_finite`."""
+    """Refuse a model output that turned non-finite inside the layers from a finite input.
+
+    Such an output comes from an overflow: the new state, which absorbed it, is never returned, and
+    the previous state stays valid. CPU tensors outside ``torch.compile``, like `check_finite`."""
     if _non_finite(x):
         raise ValueError(
             f"{owner} produced NaN or infinite values from a finite input (an overflow inside "
@@ -114,8 +118,9 @@ def check_prompt(name: str, x, features: int) -> tuple[int, int]:
 
 
 def check_heads(query, key, value, *, same_dims: bool = False) -> tuple[int, int, int, int]:
-    """Check the per-step inputs of an inner recurrent attention: query and key ``(N, H, E)``,
-    value ``(N, H, D)``, one dtype and device.
+    """Check the per-step inputs of an inner recurrent attention.
+
+    Query and key ``(N, H, E)``, value ``(N, H, D)``, one dtype and device.
 
     Returns:
         ``(N, H, E, D)``.
@@ -142,8 +147,9 @@ def check_heads(query, key, value, *, same_dims: bool = False) -> tuple[int, int
 def check_sequence_heads(
     queries, keys, values, *, same_dims: bool = False
 ) -> tuple[int, int, int, int, int]:
-    """Check the inputs of an inner recurrent attention's ``prefill``: queries and keys
-    ``(N, T, H, E)``, values ``(N, T, H, D)``.
+    """Check the inputs of an inner recurrent attention's ``prefill``.
+
+    Queries and keys ``(N, T, H, E)``, values ``(N, T, H, D)``.
 
     Returns:
         ``(N, T, H, E, D)``.

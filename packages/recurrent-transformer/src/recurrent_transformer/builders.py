@@ -1,6 +1,8 @@
-"""Builders of recurrent encoders and decoders, with the settings of attention-core's batch
-builders (``fast_transformers.builders.RecurrentEncoderBuilder`` and
-``RecurrentDecoderBuilder`` under their old names).
+"""Builders of recurrent encoders and decoders, with the settings of the batch builders.
+
+The settings are those of attention-core's batch builders;
+``fast_transformers.builders.RecurrentEncoderBuilder`` and ``RecurrentDecoderBuilder`` live here
+under their old names.
 
 Importing this module registers every recurrent attention, so
 ``RecurrentEncoderBuilder.from_kwargs(attention_type="linear", ...)`` works right away. Models

@@ -1,5 +1,6 @@
-"""A small causal language model that trains as a batch transformer and generates as a recurrent
-one (Katharopoulos et al. 2020, "Transformers are RNNs", arXiv 2006.16236).
+"""A small causal language model that trains as a batch transformer and generates recurrently.
+
+Reference: Katharopoulos et al. 2020, "Transformers are RNNs", arXiv 2006.16236.
 
 Training runs the batch `TransformerEncoder` with a
 `TriangularCausalMask`. Generation runs its recurrent twin, a
@@ -111,9 +112,10 @@ def _check_attention_type(attention_type: str) -> str:
 
 
 class RecurrentLM(nn.Module):
-    """A decoder-only language model: token embedding, a position scheme (by default a token
-    shift, which generalises past the trained length), a transformer encoder with a causal
-    mask, and a linear head.
+    """A decoder-only language model that trains in batch and generates recurrently.
+
+    Token embedding, a position scheme (by default a token shift, which generalises past the trained
+    length), a transformer encoder with a causal mask, and a linear head.
 
     Arguments:
         num_tokens: the vocabulary size ``V``.
@@ -217,9 +219,11 @@ class RecurrentLM(nn.Module):
 
     @property
     def recurrent_encoder(self):
-        """The recurrent twin of `encoder`, sharing its parameters (re-mirrored if the
-        parameters were replaced, e.g. by ``load_state_dict(..., assign=True)``) and its
-        buffers (e.g. the features of a random feature map)."""
+        """The recurrent twin of `encoder`, sharing its parameters and buffers.
+
+        The twin is re-mirrored if the parameters were replaced, e.g. by
+        ``load_state_dict(..., assign=True)``; the buffers are, e.g., the features of a random
+        feature map."""
         twin = self.__dict__["_twin"]
         parameters = tuple(id(p) for p in self.encoder.parameters())
         if parameters != self.__dict__["_twin_parameters"]:
@@ -320,6 +324,7 @@ class RecurrentLM(nn.Module):
         return self.to_logits(x), LMState(encoder_state, state.position + 1, shift)
 
     def generate(self, prompt: Tensor, max_new_tokens: int, **sampling: Any) -> Tensor:
-        """``attention_core.generation.generate(self, prompt, max_new_tokens, **sampling)``:
-        the prompt ``(B, T)`` followed by up to ``max_new_tokens`` sampled tokens."""
+        """Return the prompt ``(B, T)`` followed by up to ``max_new_tokens`` sampled tokens.
+
+        Same as ``attention_core.generation.generate(self, prompt, max_new_tokens, **sampling)``."""
         return generate(self, prompt, max_new_tokens, **sampling)

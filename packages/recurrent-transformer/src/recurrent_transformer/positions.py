@@ -1,6 +1,7 @@
-"""Relative positions for the language model's attentions: rotary embeddings (Su et al. 2021,
-RoFormer, arXiv 2104.09864) applied to the queries and keys of any inner attention, in its
-batch form and in its recurrent form.
+"""Rotary relative positions for the language model's attentions.
+
+Rotary embeddings (Su et al. 2021, RoFormer, arXiv 2104.09864) applied to the queries and keys of
+any inner attention, in its batch form and in its recurrent form.
 
 `RotaryAttention` wraps a batch inner attention (``(N, L, H, E)`` queries and keys at
 positions ``0 .. L-1``); `RecurrentRotaryAttention` wraps the recurrent dual and counts
@@ -81,8 +82,10 @@ class RotaryAttention(nn.Module):
 
 
 class RecurrentRotaryAttention(nn.Module):
-    """The recurrent dual of `RotaryAttention`: it wraps a recurrent inner attention and
-    rotates each query and key by its position, counted in a `RotaryState`.
+    """The recurrent dual of `RotaryAttention`.
+
+    It wraps a recurrent inner attention and rotates each query and key by its position, counted in
+    a `RotaryState`.
 
     Arguments:
         attention: the recurrent inner attention.

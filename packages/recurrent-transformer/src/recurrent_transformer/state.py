@@ -128,8 +128,9 @@ def check_state_type(name: str, state: Any, expected: type | tuple[type, ...], o
 
 
 def check_state_tensor(name: str, t: Tensor, shape: tuple[int, ...], like: Tensor) -> None:
-    """Raise ``ValueError``/``TypeError`` unless ``t`` has ``shape`` and the dtype and device of
-    ``like``; ``-1`` in ``shape`` matches any size.
+    """Raise unless ``t`` has ``shape`` and the dtype and device of ``like``.
+
+    Raises ``ValueError`` or ``TypeError``; ``-1`` in ``shape`` matches any size.
 
     The message explains that a state belongs to one batch size and one model width.
     """
@@ -155,8 +156,9 @@ def check_state_tensor(name: str, t: Tensor, shape: tuple[int, ...], like: Tenso
 
 @dataclasses.dataclass(eq=False)
 class RecurrentState:
-    """Base class of all states: a dataclass whose fields are tensors, ints, ``None``, nested
-    states or tuples of them."""
+    """Base class of all states.
+
+    A dataclass whose fields are tensors, ints, ``None``, nested states or tuples of them."""
 
     # fast-transformers' sequence form: the items, in order, and how to build a state from them
 
@@ -202,8 +204,10 @@ class RecurrentState:
         return list(_tensors(self))
 
     def to(self, *args, **kwargs) -> RecurrentState:
-        """Move the state like ``Tensor.to``: ``to(device)``, ``to(dtype)``, ``to(tensor)``,
-        ``to(device=..., dtype=...)``. Only floating tensors change dtype."""
+        """Move the state like ``Tensor.to``.
+
+        Accepts ``to(device)``, ``to(dtype)``, ``to(tensor)``, ``to(device=..., dtype=...)``. Only
+        floating tensors change dtype."""
         device, dtype = _parse_to(*args, **kwargs)
 
         def move(t: Tensor) -> Tensor:
@@ -323,8 +327,9 @@ class KVCache(RecurrentState):
 
     @classmethod
     def from_tensors(cls, keys: Tensor, values: Tensor, capacity: int | None = None) -> KVCache:
-        """A cache holding ``keys`` ``(N, H, t, E)`` and ``values`` ``(N, H, t, D)``, with room
-        for ``capacity`` steps (default: the next power of two above ``t``)."""
+        """Build a cache holding ``keys`` ``(N, H, t, E)`` and ``values`` ``(N, H, t, D)``.
+
+        It has room for ``capacity`` steps (default: the next power of two above ``t``)."""
         N, H, t, E = keys.shape
         D = values.shape[-1]
         if capacity is None:
@@ -406,8 +411,9 @@ class KVCache(RecurrentState):
 
     @classmethod
     def from_sequence(cls, items, name: str = "state", owner: str = "") -> KVCache:
-        """A cache holding fast-transformers' ``[keys, values]`` of shapes ``(N, H, t, E)``
-        and ``(N, H, t, D)`` (copied into a growable buffer)."""
+        """Build a cache holding fast-transformers' ``[keys, values]``.
+
+        Shapes ``(N, H, t, E)`` and ``(N, H, t, D)``, copied into a growable buffer."""
         if len(items) != 2 or not all(isinstance(t, Tensor) and t.dim() == 4 for t in items):
             got = [tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__ for t in items]
             raise ValueError(
@@ -438,9 +444,10 @@ class KVCache(RecurrentState):
 
 @dataclasses.dataclass(eq=False)
 class WindowState(RecurrentState):
-    """State of causal local attention: the last ``w = local_context // 2 + 1`` keys and values
-    (fewer during the first steps), oldest first. Each step drops the oldest entry once the
-    window is full, so the state has a fixed size.
+    """State of causal local attention: the last keys and values, oldest first.
+
+    It holds the last ``w = local_context // 2 + 1`` keys and values (fewer during the first steps).
+    Each step drops the oldest entry once the window is full, so the state has a fixed size.
 
     As a sequence it is ``[keys, values, length]``.
 
@@ -457,9 +464,10 @@ class WindowState(RecurrentState):
 
 @dataclasses.dataclass(eq=False)
 class AFTSimpleState(RecurrentState):
-    """State of causal AFT-simple (Zhai et al. 2021, arXiv 2105.14103): per-feature running
-    sums of ``exp(K_s - m)`` and ``exp(K_s - m) V_s`` over the past, shifted by their running
-    maximum ``m`` so that nothing overflows.
+    """State of causal AFT-simple: running sums over the past, shifted so that nothing overflows.
+
+    Per-feature running sums of ``exp(K_s - m)`` and ``exp(K_s - m) V_s`` over the past, shifted by
+    their running maximum ``m``. Reference: Zhai et al. 2021, arXiv 2105.14103.
 
     Attributes:
         maximum: ``(N, H, D)``, ``m = max_s K_s``.
@@ -493,8 +501,9 @@ class ConditionalState(RecurrentState):
 
 @dataclasses.dataclass(eq=False)
 class MemoryState(RecurrentState):
-    """State of recurrent softmax-like cross attentions (``full``, ``local``, ``exact-topk``,
-    ``aft-simple``, ``aft-full``): the memory projected once.
+    """State of recurrent softmax-like cross attentions: the memory projected once.
+
+    Used by ``full``, ``local``, ``exact-topk``, ``aft-simple`` and ``aft-full``.
 
     Attributes:
         keys: ``(N, H, S, E)``.
@@ -518,8 +527,9 @@ class MemoryState(RecurrentState):
 
     @classmethod
     def from_sequence(cls, items, name: str = "state", owner: str = "") -> MemoryState:
-        """The memory from fast-transformers' ``[keys (N, H, S, E), values (N, H, S, D)]``
-        (no padding, position 0), or from the four fields."""
+        """Build the memory from fast-transformers' ``[keys, values]`` or from the four fields.
+
+        The keys are ``(N, H, S, E)`` and the values ``(N, H, S, D)`` (no padding, position 0)."""
         if len(items) not in (2, 3, 4):
             raise ValueError(
                 f"{owner or cls.__name__} needs {name} as a MemoryState or [keys (N, H, S, E), "

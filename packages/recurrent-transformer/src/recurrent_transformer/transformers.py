@@ -1,6 +1,7 @@
-"""Transformer encoders and decoders as recurrent networks (Katharopoulos et al. 2020,
-"Transformers are RNNs", arXiv 2006.16236): one element of the sequence per call, with a state
-carried from call to call.
+"""Transformer encoders and decoders as recurrent networks, one element per call.
+
+A state is carried from call to call. Reference: Katharopoulos et al. 2020, "Transformers are RNNs",
+arXiv 2006.16236.
 
 They are the recurrent duals of `attention_core.transformers` (post-norm layers, the same
 parameter names): stepping through a sequence gives the outputs of the batch model with a
@@ -62,9 +63,11 @@ def _layer_states(state: Any, n_layers: int, owner: str) -> list:
 
 
 def _run_layers(model: nn.Module, x: Tensor, states: list, call) -> tuple[Tensor, Any]:
-    """``x, states[i] = call(layer, x, states[i])`` for every layer of ``model`` (dispatching an
-    `IntermediateOutput` event after each), then ``model.norm``. The model has checked
-    ``x``: the layers skip their finiteness checks and the output is checked once instead."""
+    """Run every layer of ``model`` on ``x`` with its state, then ``model.norm``.
+
+    ``x, states[i] = call(layer, x, states[i])`` for every layer (dispatching an
+    `IntermediateOutput` event after each). The model has checked ``x``: the layers skip their
+    finiteness checks and the output is checked once instead."""
     token = start_layer_checks()
     try:
         for i, layer in enumerate(model.layers):
@@ -118,10 +121,11 @@ class _FeedForward(nn.Module):
 
 
 class RecurrentTransformerEncoderLayer(_FeedForward, TransformerEncoderLayer):
-    """Self attention to the previous elements and a feed-forward network, each with a residual
-    connection and a LayerNorm after it: the recurrent dual of
-    `attention_core.transformers.TransformerEncoderLayer`, whose constructor and
-    parameters it shares (so a state_dict moves between the two).
+    """Self attention to the previous elements and a feed-forward network, one step at a time.
+
+    Each has a residual connection and a LayerNorm after it. The recurrent dual of
+    `attention_core.transformers.TransformerEncoderLayer`, whose constructor and parameters it
+    shares (so a state_dict moves between the two).
 
     Arguments:
         attention: a `RecurrentAttentionLayer`.
@@ -235,10 +239,11 @@ class RecurrentTransformerEncoder(nn.Module):
 
 
 class RecurrentTransformerDecoderLayer(_FeedForward, TransformerDecoderLayer):
-    """Self attention to the previous elements, cross attention to a memory, then a
-    feed-forward network; each with a residual connection followed by LayerNorm. The recurrent
-    dual of `attention_core.transformers.TransformerDecoderLayer`, whose constructor
-    and parameters it shares (so a state_dict moves between the two).
+    """Self attention, cross attention to a memory, then a feed-forward network, one step at a time.
+
+    The self attention sees the previous elements; each block has a residual connection followed by
+    LayerNorm. The recurrent dual of `attention_core.transformers.TransformerDecoderLayer`, whose
+    constructor and parameters it shares (so a state_dict moves between the two).
 
     Arguments:
         self_attention: a `RecurrentAttentionLayer`.

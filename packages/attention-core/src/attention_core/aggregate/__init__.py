@@ -63,8 +63,10 @@ def _write(name: str, out: Tensor | None, result: Tensor) -> Tensor:
 
 
 def _kernel_rows(rows: Tensor, F: Tensor) -> tuple[Tensor, Tensor] | None:
-    """``rows`` and ``F`` in the kernels' compute dtype (float32 for half precision) when the
-    compiled kernels should handle them, else ``None``."""
+    """Return ``rows`` and ``F`` in the kernels' compute dtype, or ``None`` for the reference path.
+
+    The compute dtype is float32 for half precision; ``None`` when the compiled kernels should not
+    handle them."""
     if rows.device.type not in ("cpu", "cuda"):
         return None
     work = torch.float32 if rows.dtype in (torch.float16, torch.bfloat16) else rows.dtype

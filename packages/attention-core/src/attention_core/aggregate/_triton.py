@@ -100,7 +100,9 @@ def _group_rows_kernel(
 def _group_rows(
     rows: Tensor, G: Tensor, F: Tensor | None, limits: Tensor | None, C: int, broadcast: bool
 ) -> Tensor:
-    """Aggregate ``rows (N, H, L, E)`` into float32 ``(N, H, C, E)``, or broadcast
+    """Aggregate or broadcast rows with the Triton kernel.
+
+    Aggregate ``rows (N, H, L, E)`` into float32 ``(N, H, C, E)``, or broadcast
     ``rows (N, H, C, E)`` to ``(N, H, L, E)`` in the rows' dtype; ``F=None``: factors of one."""
     N, H, _, E = rows.shape
     L = G.shape[2]

@@ -1,6 +1,8 @@
-"""What the clustered attentions share (Vyas et al. 2020, "Fast Transformers with Clustered
-Attention", arXiv 2007.04825): hash the queries with random hyperplanes, group the hashes
-with K-means in Hamming space, and average each group's queries into a centroid.
+"""What the clustered attentions share: hashing, Hamming K-means and centroids.
+
+Hash the queries with random hyperplanes, group the hashes with K-means in Hamming space, and
+average each group's queries into a centroid. Reference: Vyas et al. 2020, "Fast Transformers with
+Clustered Attention", arXiv 2007.04825.
 
 Einstein notation: n batch, h heads, l queries, s keys, c clusters, e/d features.
 """

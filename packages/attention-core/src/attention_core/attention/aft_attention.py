@@ -1,5 +1,7 @@
-"""The Attention Free Transformer's token mixing (Zhai et al. 2021, "An Attention Free
-Transformer", arXiv 2105.14103): an elementwise, per-feature softmax over the keys.
+"""The Attention Free Transformer's token mixing: a per-feature softmax over the keys.
+
+An elementwise, per-feature softmax over the keys. Reference: Zhai et al. 2021, "An Attention Free
+Transformer", arXiv 2105.14103.
 
 ``Y_t = sigmoid(Q_t) * sum_s exp(K_s + w_ts) V_s / sum_s exp(K_s + w_ts)``, where every
 product and exponential is taken feature by feature (so ``E == D``) and ``w`` is a learned

@@ -1,5 +1,6 @@
-"""The attention layer: project inputs to multi-head queries, keys and values, run an
-inner attention, and project the result back."""
+"""The attention layer: project the inputs, run an inner attention, project the result back.
+
+The inputs are projected to multi-head queries, keys and values."""
 
 from __future__ import annotations
 

@@ -89,8 +89,9 @@ class CausalLinearAttention(nn.Module):
         return rearrange(V, "n h l d -> n l h d").contiguous()
 
     def _default_feature_map(self) -> bool:
-        """Whether the feature map is ``elu(x) + 1`` (the default) with no hooks, so that
-        the kernel may apply it."""
+        """Whether the feature map is the default ``elu(x) + 1`` with no hooks.
+
+        Then the kernel may apply it."""
         fm = self.feature_map
         return (
             type(fm) is ActivationFunctionFeatureMap

@@ -1,6 +1,8 @@
-"""Clustered attention: cluster the queries, let each cluster's centroid attend to the
-keys, and give every query its centroid's output (Vyas et al. 2020, "Fast Transformers
-with Clustered Attention", arXiv 2007.04825).
+"""Clustered attention: every query gets the output of its cluster's centroid.
+
+Cluster the queries, let each cluster's centroid attend to the keys, and give every query its
+centroid's output. Reference: Vyas et al. 2020, "Fast Transformers with Clustered Attention", arXiv
+2007.04825.
 
 Cost ``O(N H (C S + L C bits))`` instead of ``O(N H L S)`` for ``C`` clusters.
 

@@ -1,5 +1,7 @@
-"""Full softmax attention for short sequences and another attention for long ones, e.g.
-``"conditional-full:linear"`` (softmax attention: Vaswani et al. 2017, arXiv 1706.03762)."""
+"""Full softmax attention for short sequences and another attention for long ones.
+
+For example ``"conditional-full:linear"``. Reference for softmax attention: Vaswani et al. 2017,
+arXiv 1706.03762."""
 
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
-"""Oracle top-k softmax attention: each query attends only to its ``topk`` best keys, found
-exactly from the dense scores (the "exact top-k" baseline of Vyas et al. 2020, "Fast
-Transformers with Clustered Attention", arXiv 2007.04825)."""
+"""Oracle top-k softmax attention: each query attends only to its ``topk`` best keys.
+
+The keys are found exactly from the dense scores: the "exact top-k" baseline of Vyas et al. 2020,
+"Fast Transformers with Clustered Attention", arXiv 2007.04825."""
 
 from __future__ import annotations
 

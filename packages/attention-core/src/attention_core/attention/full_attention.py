@@ -44,9 +44,11 @@ def masked_softmax(scores: Tensor, allowed: Tensor | None) -> Tensor:
 
 
 def attention_allowed(attn_mask: BaseMask, key_lengths: BaseMask) -> Tensor | None:
-    """Combine an ``(L, S)`` attention mask and ``(N, S)`` key lengths into a boolean mask
-    broadcastable to ``(N, 1, L, S)`` (``(1, 1, L, S)``, ``(N, 1, 1, S)`` or ``(N, 1, L, S)``),
-    or ``None`` when nothing is masked."""
+    """Combine an attention mask and key lengths into one boolean mask, or ``None``.
+
+    The ``(L, S)`` attention mask and ``(N, S)`` key lengths give a mask broadcastable to
+    ``(N, 1, L, S)`` (``(1, 1, L, S)``, ``(N, 1, 1, S)`` or ``(N, 1, L, S)``), or ``None`` when
+    nothing is masked."""
     allowed = None
     if not attn_mask.all_ones:
         allowed = attn_mask.bool_matrix[None, None]

@@ -1,6 +1,7 @@
-"""Improved clustered attention: clustered attention whose approximation is refined, for
-each query, on the keys its centroid attends to most (Vyas et al. 2020, "Fast Transformers
-with Clustered Attention", arXiv 2007.04825, section 3.3).
+"""Improved clustered attention: clustered attention refined on each centroid's top keys.
+
+The approximation is refined, for each query, on the keys its centroid attends to most. Reference:
+Vyas et al. 2020, "Fast Transformers with Clustered Attention", arXiv 2007.04825, section 3.3.
 
 For a query ``i`` of cluster ``c`` with centroid attention ``A_c`` (a softmax over all valid
 keys) and the set ``T_c`` of the ``topk`` keys with the highest centroid scores:

@@ -1,6 +1,7 @@
-"""Causal improved clustered attention: each query attends only to the past keys among its
-cluster's top keys (Vyas et al. 2020, "Fast Transformers with Clustered Attention",
-arXiv 2007.04825).
+"""Causal improved clustered attention.
+
+Each query attends only to the past keys among its cluster's top keys. Reference: Vyas et al. 2020,
+"Fast Transformers with Clustered Attention", arXiv 2007.04825.
 
 The queries are clustered and each centroid picks its ``topk`` highest-scoring valid keys
 ``T_c``; query ``i`` of cluster ``c`` then computes ``softmax_{j in T_c, j <= i}(temp q_i . k_j)``

@@ -1,6 +1,7 @@
-"""Local attention: every query attends to a window of ``local_context`` keys around its
-own position (Parmar et al. 2018, "Image Transformer", arXiv 1802.05751; Beltagy et al.
-2020, "Longformer", arXiv 2004.05150).
+"""Local attention: every query attends to a window of ``local_context`` keys around it.
+
+The window is centred on the query's own position. References: Parmar et al. 2018, "Image
+Transformer", arXiv 1802.05751; Beltagy et al. 2020, "Longformer", arXiv 2004.05150.
 
 Einstein notation: n batch, h heads, l queries, k window slots, e/d features.
 """

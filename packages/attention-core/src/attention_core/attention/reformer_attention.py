@@ -41,9 +41,11 @@ def _sort_by(x: Tensor, order: Tensor) -> Tensor:
 
 
 def _chunks_with_look_back(x: Tensor, chunk: int) -> tuple[Tensor, Tensor]:
-    """Split ``(N, H, C * chunk, ...)`` into chunks ``(N, H, C, chunk, ...)`` and key windows
-    ``(N, H, C, 2 * chunk, ...)`` that hold the previous chunk followed by the chunk itself
-    (chunk 0 gets the last chunk as its previous one; callers mask it out)."""
+    """Split a sequence into chunks and key windows that also hold the previous chunk.
+
+    ``(N, H, C * chunk, ...)`` becomes chunks ``(N, H, C, chunk, ...)`` and key windows
+    ``(N, H, C, 2 * chunk, ...)`` that hold the previous chunk followed by the chunk itself (chunk 0
+    gets the last chunk as its previous one; callers mask it out)."""
     chunks = x.unflatten(2, (-1, chunk))
     return chunks, torch.cat([chunks.roll(1, dims=2), chunks], dim=3)
 

@@ -6,8 +6,10 @@ __all__ = ["BaseBuilder"]
 
 
 class BaseBuilder:
-    """Builders collect settings as attributes, validate them as they are set, and
-    construct a module with `get`."""
+    """Base class of the builders.
+
+    Builders collect settings as attributes, validate them as they are set, and construct a module
+    with `get`."""
 
     @classmethod
     def from_kwargs(cls, strict: bool = True, **kwargs):

@@ -188,9 +188,10 @@ class BaseTransformerBuilder(BaseBuilder):
         }
 
     def _prepare(self, builder: BaseAttentionBuilder, names: dict[str, str] | None = None):
-        """Check that every size is set, give ``builder`` the event dispatcher, and return a
-        context in which it also holds the forwarded settings (``names``: see
-        `_forwarded`; default: each parameter from the setting of its name)."""
+        """Check the sizes and return a context in which ``builder`` holds the forwarded settings.
+
+        Also gives ``builder`` the event dispatcher. ``names``: see `_forwarded`; default: each
+        parameter from the setting of its name."""
         unset = [name for name in SIZE_SETTINGS if getattr(self, name) is None]
         if unset:
             raise MissingParameterError(
@@ -379,8 +380,9 @@ class BaseTransformerDecoderBuilder(BaseTransformerBuilder):
 
     @property
     def cross_query_dimensions(self) -> int:
-        """The head dimension of the cross attention's queries and keys (default:
-        ``query_dimensions``)."""
+        """The head dimension of the cross attention's queries and keys.
+
+        Default: ``query_dimensions``."""
         return self._cross_d_query or self.query_dimensions
 
     @cross_query_dimensions.setter

@@ -1,5 +1,7 @@
-"""Random feature maps: random Fourier features for the RBF kernel and the positive
-random features of Performers (Choromanski et al. 2020, arXiv 2009.14794)."""
+"""Random feature maps: random Fourier features and the positive random features of Performers.
+
+Random Fourier features approximate the RBF kernel. Reference: Choromanski et al. 2020, arXiv
+2009.14794."""
 
 from __future__ import annotations
 
@@ -108,8 +110,9 @@ class RandomFourierFeatures(FeatureMap):
         self._init_thread_state()
 
     def new_feature_map(self, device) -> None:
-        """Redraw ``omega`` on ``device`` (every ``redraw`` calls; never in deterministic
-        eval) and hand it to the calling thread."""
+        """Redraw ``omega`` on ``device`` and hand it to the calling thread.
+
+        Redrawn every ``redraw`` calls; never in deterministic eval."""
         if torch.compiler.is_compiling():  # no locks nor thread state inside a graph
             self._draw(device)
             return
@@ -131,8 +134,10 @@ class RandomFourierFeatures(FeatureMap):
             self.omega = omega
 
     def _omega(self) -> Tensor:
-        """The matrix of the calling thread: the one ``new_feature_map`` handed it, unless
-        ``omega`` was replaced from outside since the last draw."""
+        """The matrix of the calling thread.
+
+        The one ``new_feature_map`` handed it, unless ``omega`` was replaced from outside since the
+        last draw."""
         if torch.compiler.is_compiling():
             return self.omega
         mine = getattr(self._thread, "omega", None)

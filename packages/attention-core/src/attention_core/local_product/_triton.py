@@ -161,8 +161,10 @@ def _band_cols_kernel(
     HAS_LENGTHS: tl.constexpr,
     BLOCK_L: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_F: tl.constexpr,
 ):  # fmt: skip
-    """out_j = sum_{l : j in band of l} BAND[l, j - l + C // 2] X_l for j < limit, zero for
-    limit <= j < S."""
+    """Accumulate the band into key rows: the transposed product of the local weighted average.
+
+    out_j = sum_{l : j in band of l} BAND[l, j - l + C // 2] X_l for j < limit, zero for limit <= j
+    < S."""
     bh = tl.program_id(0)
     block_j = tl.program_id(1)
     n = (bh // H).to(tl.int64)

@@ -1,8 +1,9 @@
-"""Softmax attention on top of ``torch.nn.functional.scaled_dot_product_attention``
-(Vaswani et al. 2017, arXiv 1706.03762) with the conventions the recurrent models need:
-multi-query keys/values (Shazeer 2019, arXiv 1911.02150), end-aligned causal masking for
-keys that start with a memory prefix, an additive bias, and zeros (never NaN) for queries
-that may attend to nothing.
+"""Softmax attention on ``scaled_dot_product_attention`` with the conventions of recurrent models.
+
+Built on ``torch.nn.functional.scaled_dot_product_attention`` (Vaswani et al. 2017, arXiv
+1706.03762), with multi-query keys/values (Shazeer 2019, arXiv 1911.02150), end-aligned causal
+masking for keys that start with a memory prefix, an additive bias, and zeros (never NaN) for
+queries that may attend to nothing.
 
 Einstein notation: ``b`` batch, ``h`` heads, ``i`` queries, ``j`` keys, ``d`` feature.
 """

@@ -30,8 +30,10 @@ def _activation(name) -> Callable[[Tensor], Tensor]:
 
 
 class GLU(nn.Module):
-    """Gated linear unit on a pre-projected input: ``x, gate = t.chunk(2, -1)``, returns
-    ``x * activation(gate)`` (``"gelu"``: GEGLU, ``"silu"``: SwiGLU, ``"relu"``: ReGLU).
+    """Gated linear unit on a pre-projected input.
+
+    ``x, gate = t.chunk(2, -1)``, returns ``x * activation(gate)`` (``"gelu"``: GEGLU, ``"silu"``:
+    SwiGLU, ``"relu"``: ReGLU).
 
     Arguments:
         activation: ``"gelu"``, ``"relu"`` or ``"silu"``.
@@ -78,7 +80,9 @@ class GEGLU(GLU):
 
 
 class FeedForward(nn.Module):
-    """``Linear(d, inner) -> activation -> Dropout -> Linear(inner, d)`` with
+    """A position-wise feed-forward network with one hidden layer.
+
+    ``Linear(d, inner) -> activation -> Dropout -> Linear(inner, d)`` with
     ``inner = int(dim * mult)``.
 
     With ``glu=True`` the first projection is twice as wide, ``Linear(d, 2 * inner)``, and its

@@ -1,5 +1,6 @@
-"""Normalisation helpers: RMSNorm (Zhang & Sennrich 2019, arXiv 1910.07467) and
-L2-normalisation along an axis.
+"""Normalisation helpers: RMSNorm and L2-normalisation along an axis.
+
+Reference: RMSNorm, Zhang & Sennrich 2019, arXiv 1910.07467.
 
 Einstein notation: ``...`` any leading axes, ``d`` feature.
 """

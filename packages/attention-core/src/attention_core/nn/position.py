@@ -146,15 +146,18 @@ class T5RelativePositionBias(nn.Module):
         return offset + torch.where(n < exact, n, large)
 
     def forward(self, query_positions: Tensor, key_positions: Tensor) -> Tensor:
-        """Bias ``(h, i, j)`` for queries at ``query_positions`` ``(i,)`` and keys at
-        ``key_positions`` ``(j,)`` (any integers, e.g. negative for memories)."""
+        """Bias ``(h, i, j)`` for queries and keys at the given positions.
+
+        Queries at ``query_positions`` ``(i,)`` and keys at ``key_positions`` ``(j,)``: any
+        integers, e.g. negative for memories."""
         rel = relative_positions(query_positions, key_positions)
         values = self.relative_attention_bias(self.bucket(rel).to(self._device))
         return rearrange(values, "i j h -> h i j") * self.scale
 
     def bias(self, i: int, j: int, *, offset: int | None = None) -> Tensor:
-        """Bias ``(h, i, j)`` for queries at ``offset .. offset + i - 1`` and keys at
-        ``0 .. j - 1``; ``offset`` defaults to ``j - i`` (the queries are the last ``i`` keys)."""
+        """Bias ``(h, i, j)`` for queries at ``offset .. offset + i - 1`` and keys at ``0 .. j-1``.
+
+        ``offset`` defaults to ``j - i`` (the queries are the last ``i`` keys)."""
         return self(*_last_positions(i, j, offset, self._device))
 
     @property
@@ -221,8 +224,9 @@ class DynamicPositionBias(nn.Module):
         return rearrange(d, "u -> u 1")
 
     def forward(self, query_positions: Tensor, key_positions: Tensor) -> Tensor:
-        """Bias ``(h, i, j)`` for queries at ``query_positions`` ``(i,)`` and keys at
-        ``key_positions`` ``(j,)``."""
+        """Bias ``(h, i, j)`` for queries and keys at the given positions.
+
+        Queries at ``query_positions`` ``(i,)`` and keys at ``key_positions`` ``(j,)``."""
         rel = relative_positions(query_positions, key_positions)
         unique, index = torch.unique(rel, return_inverse=True)
         values = self.mlp(self.distance_features(unique))  # (u, h)
@@ -230,6 +234,7 @@ class DynamicPositionBias(nn.Module):
         return rearrange(values[index], "i j h -> h i j")
 
     def bias(self, i: int, j: int, *, offset: int | None = None) -> Tensor:
-        """Bias ``(h, i, j)`` for queries at ``offset .. offset + i - 1`` and keys at
-        ``0 .. j - 1``; ``offset`` defaults to ``j - i`` (the queries are the last ``i`` keys)."""
+        """Bias ``(h, i, j)`` for queries at ``offset .. offset + i - 1`` and keys at ``0 .. j-1``.
+
+        ``offset`` defaults to ``j - i`` (the queries are the last ``i`` keys)."""
         return self(*_last_positions(i, j, offset, self.mlp[0].weight.device))

@@ -1,5 +1,6 @@
-"""Rotary position embeddings (Su et al. 2021, RoFormer, arXiv 2104.09864) with optional
-xPos length-extrapolation scales (Sun et al. 2022, arXiv 2212.10554).
+"""Rotary position embeddings with optional xPos length-extrapolation scales.
+
+References: Su et al. 2021, RoFormer, arXiv 2104.09864; xPos: Sun et al. 2022, arXiv 2212.10554.
 
 Feature ``k`` of the rotated block is paired with feature ``k + r/2`` (the "rotate half"
 layout of GPT-NeoX and lucidrains) and the pair is rotated by the angle
@@ -133,9 +134,10 @@ class RotaryEmbedding(nn.Module):
         return positions.to(dtype), k2
 
     def forward(self, positions: Tensor, *, dtype: torch.dtype = torch.float32) -> Tensor:
-        """Angles ``(n, r)`` for ``positions`` ``(n,)`` (integer or float), computed in
-        ``dtype`` (at least float32; pass ``torch.float64`` for float64 models) on the device
-        of ``positions``."""
+        """Return the angles ``(n, r)`` for ``positions`` ``(n,)`` (integer or float).
+
+        Computed in ``dtype`` (at least float32; pass ``torch.float64`` for float64 models) on the
+        device of ``positions``."""
         positions, k2 = self._prepare(positions, dtype)
         inv_freq = self.theta ** (-k2 / self.dim)
         return repeat(torch.outer(positions, inv_freq), "n r -> n (two r)", two=2)

@@ -1,5 +1,7 @@
-"""Dot products and weighted averages over a few selected keys per query, the core of
-top-k attention and of improved clustered attention (Vyas et al. 2020, arXiv 2007.04825).
+"""Dot products and weighted averages over a few selected keys per query.
+
+The core of top-k attention and of improved clustered attention (Vyas et al. 2020, arXiv
+2007.04825).
 
 ``topk[n, h, l]`` lists the keys that query ``l`` looks at. The ``clustered_*`` variants
 take one list per cluster, ``topk[n, h, c]``, shared by every query of cluster ``c``. Only
@@ -78,8 +80,10 @@ _HALF = (torch.float16, torch.bfloat16)
 
 
 def _kernel_inputs(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor] | None:
-    """``(a, b)`` in the kernels' compute dtype (float32 for half precision) when the compiled
-    kernels should handle them, else ``None``."""
+    """Return ``(a, b)`` in the kernels' compute dtype, or ``None`` for the reference path.
+
+    The compute dtype is float32 for half precision; ``None`` when the compiled kernels should not
+    handle them."""
     if a.device.type not in ("cpu", "cuda"):
         return None
     work = torch.float32 if a.dtype in _HALF else a.dtype

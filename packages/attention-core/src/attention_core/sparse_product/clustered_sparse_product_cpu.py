@@ -1,5 +1,6 @@
-"""``fast_transformers.sparse_product.clustered_sparse_product_cpu`` over
-`attention_core.sparse_product`.
+"""fast-transformers' ``clustered_sparse_product_cpu`` module over `attention_core.sparse_product`.
+
+Stands in for ``fast_transformers.sparse_product.clustered_sparse_product_cpu``.
 
 Same function names, argument order and caller-allocated outputs as fast-transformers'
 compiled module: the products overwrite the rows of queries whose group lies in ``[0, C)``

@@ -1,5 +1,6 @@
-"""``fast_transformers.clustering.hamming.cluster_cpu`` over
-`attention_core.clustering.hamming.cluster`.
+"""fast-transformers' ``cluster_cpu`` module over `attention_core.clustering.hamming.cluster`.
+
+Stands in for ``fast_transformers.clustering.hamming.cluster_cpu``.
 
 Same function name, argument order and caller-allocated outputs as fast-transformers'
 compiled module. One difference: fast-transformers' kernel starts its iterations from the

@@ -1,5 +1,7 @@
-"""The recurrent cross attention layer: project the query of each step, project the memory's
-keys and values only once (at the first step), and run a recurrent inner cross attention."""
+"""The recurrent cross attention layer.
+
+Projects the query of each step, projects the memory's keys and values only once (at the first
+step), and runs a recurrent inner cross attention."""
 
 from __future__ import annotations
 

@@ -1,5 +1,7 @@
-"""The interface of recurrent cross attentions: the memory is read once into a state, then each
-step (or a whole prompt at once) attends to it with a full mask."""
+"""The interface of recurrent cross attentions.
+
+The memory is read once into a state, then each step (or a whole prompt at once) attends to it with
+a full mask."""
 
 from __future__ import annotations
 

@@ -70,8 +70,9 @@ class RecurrentCrossLocalAttention(RecurrentCrossFullAttention):
         return out, dataclasses.replace(state, position=state.position + queries.shape[1])
 
     def attend(self, queries, state):
-        """Softmax attention of ``(N, T, H, E)`` queries at positions ``state.position ..``
-        over their windows of the memory."""
+        """Softmax attention of queries over their windows of the memory.
+
+        The queries are ``(N, T, H, E)`` at positions ``state.position ..``."""
         T, S, w = queries.shape[1], state.keys.shape[2], self.local_context
         first = state.position - w // 2  # the first window position of the first query
         lo, hi = max(0, first), min(S, first + T - 1 + w)

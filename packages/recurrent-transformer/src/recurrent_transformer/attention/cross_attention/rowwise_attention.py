@@ -1,7 +1,7 @@
-"""Recurrent cross attentions whose row ``t`` depends only on query ``t``, its position and the
-memory: exact top-k (Vyas et al. 2020, "Fast Transformers with Clustered Attention",
-arXiv 2007.04825), AFT-simple and AFT-full (Zhai et al. 2021, "An Attention Free Transformer",
-arXiv 2105.14103).
+"""Recurrent cross attentions whose row ``t`` depends only on query ``t``, its position, the memory.
+
+Exact top-k (Vyas et al. 2020, "Fast Transformers with Clustered Attention", arXiv 2007.04825),
+AFT-simple and AFT-full (Zhai et al. 2021, "An Attention Free Transformer", arXiv 2105.14103).
 
 With a full mask over a fixed memory, row ``t`` of these batch attentions does not depend on
 the other queries. Their recurrent form keeps the projected memory in a
@@ -97,7 +97,8 @@ class RecurrentCrossExactTopKAttention(_RowwiseCrossAttention, ExactTopKAttentio
 
 
 class RecurrentCrossAFTSimpleAttention(_RowwiseCrossAttention, AFTSimpleAttention):
-    """Recurrent AFT-simple cross attention, the dual of ``aft-simple`` with a full mask:
+    """Recurrent AFT-simple cross attention, the dual of ``aft-simple`` with a full mask.
+
     ``Y_t = sigmoid(Q_t) * sum_s softmax_s(K)_s V_s`` over the real memory positions.
 
     Arguments: those of `attention_core.attention.aft_attention.AFTSimpleAttention`
@@ -111,8 +112,9 @@ class RecurrentCrossAFTSimpleAttention(_RowwiseCrossAttention, AFTSimpleAttentio
 
 
 class RecurrentCrossAFTFullAttention(_RowwiseCrossAttention, AFTFullAttention):
-    """Recurrent AFT-full cross attention, the dual of ``aft-full`` with a full mask: step
-    ``t`` (counting from 0) mixes the memory with the bias row ``w_t = u_t v_{0..S-1}^T``.
+    """Recurrent AFT-full cross attention, the dual of ``aft-full`` with a full mask.
+
+    Step ``t`` (counting from 0) mixes the memory with the bias row ``w_t = u_t v_{0..S-1}^T``.
 
     Arguments: those of `attention_core.attention.aft_attention.AFTFullAttention`
     (``max_sequence_length=1024``, ``aft_parameterization=64``, ``event_dispatcher=""``);

@@ -1,5 +1,7 @@
-"""The recurrent attention layer: project one element to multi-head queries, keys and values,
-run a recurrent inner attention with the previous state, and project the result back."""
+"""The recurrent attention layer: project, run a recurrent inner attention, project back.
+
+One element is projected to multi-head queries, keys and values; the inner attention runs with the
+previous state."""
 
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
-"""Conditional full attention as a recurrence: softmax attention while the sequence is short,
-another recurrent attention once it is long (softmax attention: Vaswani et al. 2017,
-arXiv 1706.03762).
+"""Conditional full attention as a recurrence.
+
+Softmax attention while the sequence is short, another recurrent attention once it is long.
+Reference for softmax attention: Vaswani et al. 2017, arXiv 1706.03762.
 
 The batch ``conditional-full`` decides once per call from the whole length ``L``: full
 attention when ``L <= length_limit``, the other attention otherwise. A recurrent model does not

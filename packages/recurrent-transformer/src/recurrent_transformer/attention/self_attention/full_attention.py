@@ -90,8 +90,9 @@ def attend_cache(
 
 
 class RecurrentFullAttention(RecurrentAttention):
-    """Recurrent softmax attention over a growing key/value cache, the dual of ``full`` with
-    a causal mask.
+    """Recurrent softmax attention over a growing key/value cache.
+
+    The dual of ``full`` with a causal mask.
 
     The state is a `KVCache`; see it for the in-place append, the doubling of its
     buffers, and what happens while autograd records.

@@ -106,8 +106,10 @@ class RecurrentLinearAttention(RecurrentAttention):
         return (numerator / denominator).to(dtype), LinearState(S, Z)
 
     def prefill(self, queries, keys, values, state=None):
-        """Consume a prompt in one parallel pass (the batch causal-linear computation) and
-        return the state after it; continues from ``state`` when one is given.
+        """Consume a prompt in one parallel pass and return the state after it.
+
+        The pass is the batch causal-linear computation; it continues from ``state`` when one is
+        given.
 
         Arguments:
             queries: ``(N, T, H, E)``.
