@@ -10,7 +10,7 @@ This module imports nothing of the package, so every module may use it.
 
 Example:
     >>> try:
-    ...     raise MissingParameterError("attention 'linear' needs 'query_dimensions'")
+    ...     raise MissingParameterError("'linear' needs 'query_dimensions'")
     ... except TypeError as error:
     ...     isinstance(error, ValueError)
     True

@@ -6,7 +6,8 @@ Vyas et al. 2020, "Fast Transformers with Clustered Attention", arXiv 2007.04825
 For a query ``i`` of cluster ``c`` with centroid attention ``A_c`` (a softmax over all valid
 keys) and the set ``T_c`` of the ``topk`` keys with the highest centroid scores:
 
-    V_i = m_c sum_{j in T_c} softmax_{T_c}(temp q_i . k_j) v_j + sum_{j not in T_c} A_c[j] v_j
+    V_i = m_c sum_{j in T_c} softmax_{T_c}(temp q_i . k_j) v_j
+          + sum_{j not in T_c} A_c[j] v_j
 
 where ``m_c = sum_{j in T_c} A_c[j]`` is the mass the centroid gives to ``T_c``: the top keys
 are re-weighted exactly for each query, the remaining keys keep the centroid's weights.

@@ -110,7 +110,8 @@ def stream(
         ...     def step(self, tokens, state):
         ...         return self.table[tokens], state
         >>> model = Bigram(torch.eye(4).roll(1, dims=1))   # i -> i + 1 (mod 4)
-        >>> [t.tolist() for t in stream(model, torch.tensor([[0], [2]]), 3, temperature=0)]
+        >>> tokens = stream(model, torch.tensor([[0], [2]]), 3, temperature=0)
+        >>> [t.tolist() for t in tokens]
         [[1, 3], [2, 0], [3, 1]]
     """
     _check_prompt(prompt)

@@ -89,11 +89,11 @@ class T5RelativePositionBias(nn.Module):
 
     Example:
         >>> rel_pos = T5RelativePositionBias(heads=4)
-        >>> queries = torch.arange(10, 13)          # 3 new positions
-        >>> keys = torch.arange(-500, 13)           # a long memory plus the new positions
+        >>> queries = torch.arange(10, 13)  # 3 new positions
+        >>> keys = torch.arange(-500, 13)  # a long memory, then the new positions
         >>> rel_pos(queries, keys).shape
         torch.Size([4, 3, 513])
-        >>> rel_pos.bias(3, 8).shape                # queries are the last 3 of 8 keys
+        >>> rel_pos.bias(3, 8).shape  # queries are the last 3 of 8 keys
         torch.Size([4, 3, 8])
     """
 
@@ -192,7 +192,7 @@ class DynamicPositionBias(nn.Module):
 
     Example:
         >>> dpb = DynamicPositionBias(dim=16, heads=4, log_distance=True)
-        >>> dpb.bias(5, 12).shape                      # queries are the last 5 of 12 keys
+        >>> dpb.bias(5, 12).shape  # queries are the last 5 of 12 keys
         torch.Size([4, 5, 12])
         >>> dpb(torch.arange(3), torch.arange(-6, 3)).shape
         torch.Size([4, 3, 9])

@@ -44,7 +44,7 @@ def apply_rotary_pos_emb(freqs: Tensor, t: Tensor, scale: Tensor | float = 1.0) 
 
     Example:
         >>> rotary = RotaryEmbedding(dim=16)
-        >>> q = torch.randn(2, 4, 10, 64)           # (b, h, n, d): rotate 16 of 64 features
+        >>> q = torch.randn(2, 4, 10, 64)  # (b, h, n, d): rotate 16 of 64 features
         >>> apply_rotary_pos_emb(rotary(torch.arange(10)), q).shape
         torch.Size([2, 4, 10, 64])
     """

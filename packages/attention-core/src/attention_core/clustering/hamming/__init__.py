@@ -89,8 +89,10 @@ def cluster(
     Example:
         >>> hashes = torch.tensor([[[0b0000, 0b0001, 0b1110, 0b1111]]])
         >>> groups, counts = cluster(hashes, torch.tensor([4]), clusters=2, bits=4)
-        >>> groups, counts
-        (tensor([[[0, 0, 1, 1]]], dtype=torch.int32), tensor([[[2, 2]]], dtype=torch.int32))
+        >>> groups
+        tensor([[[0, 0, 1, 1]]], dtype=torch.int32)
+        >>> counts
+        tensor([[[2, 2]]], dtype=torch.int32)
     """
     check_tensor("hashes", hashes, dim=3, dtype=torch.int64)
     check_tensor("lengths", lengths, dim=1, integer=True, device=hashes.device)
