@@ -108,3 +108,16 @@ def test_the_link_check_catches_missing_pages_and_anchors(tmp_path):
 def test_benchmark_page_shows_measured_tables(site):
     text = (site / "benchmarks" / "index.html").read_text(encoding="utf-8")
     assert re.search(r"<table>", text), "the benchmark page has no table"
+
+
+def test_api_pages_render_no_private_object(site):
+    """The reference documents public objects only: no ``_private`` module, class or function."""
+    imports = tuple(package.replace("-", "_") + "." for package in PACKAGES)
+    private = []
+    for page in site.rglob("*.html"):
+        for anchor in parse(page).ids:
+            if anchor.startswith(imports) and any(
+                part.startswith("_") and not part.endswith("__") for part in anchor.split(".")
+            ):
+                private.append(f"{page.relative_to(site)}#{anchor}")
+    assert not private, "private objects on the API pages:\n" + "\n".join(sorted(private)[:50])
