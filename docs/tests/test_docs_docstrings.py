@@ -38,6 +38,26 @@ ALLOWED = (
 
 ROLE = re.compile(r":(?:py:)?(?:meth|class|func|mod|attr|obj|exc|data|const|ref)s?:`")
 SENTENCE_END = re.compile(r"[.!?][)\"'`*]*$")
+EXAMPLES = re.compile(r"^(?P<indent>\s*)Examples?:\s*$")
+DOCTEST_FLAGS = re.compile(r"\s*# doctest:.*$")  # not rendered (trim_doctest_flags)
+# the characters of a code block that the content column shows at 1400 px without scrolling
+EXAMPLE_WIDTH = 78
+
+
+def long_example_lines(text: str) -> list[str]:
+    """The lines of the ``Example:`` sections of ``text`` wider than ``EXAMPLE_WIDTH``."""
+    long, section = [], None
+    for line in text.split("\n"):
+        heading = EXAMPLES.match(line)
+        if heading:
+            section = len(heading["indent"])
+        elif section is not None and line.strip():
+            indent = len(line) - len(line.lstrip())
+            if indent <= section:
+                section = None
+            elif len(DOCTEST_FLAGS.sub("", line)) - section - 4 > EXAMPLE_WIDTH:
+                long.append(line.strip())
+    return long
 
 
 def _is_public(obj: griffe.Object) -> bool:
@@ -73,7 +93,7 @@ def _allowed(path: str) -> bool:
 
 
 def docstring_problems(obj: griffe.Object) -> list[str]:
-    """What would render badly in ``obj``'s docstring: raw roles, a cut or wrapped summary."""
+    """What would render badly in ``obj``'s docstring: raw roles, a cut summary, wide examples."""
     text = obj.docstring.value
     lines = text.split("\n")
     problems = []
@@ -84,6 +104,10 @@ def docstring_problems(obj: griffe.Object) -> list[str]:
         problems.append(f"summary does not end a sentence: {lines[0]!r}")
     elif len(lines) > 1 and lines[1].strip():
         problems.append(f"summary continues on the next line: {lines[1].strip()!r}")
+    problems.extend(
+        f"example line wider than {EXAMPLE_WIDTH} characters: {line!r}"
+        for line in long_example_lines(text)
+    )
     return problems
 
 
@@ -128,6 +152,8 @@ def test_every_allowed_entry_still_excuses_something(documented):
         ("Split a tensor along dimension 0 into\nequal parts.", ["sentence"]),
         ("The first line is a sentence.\nThe next one wraps on.", ["next line"]),
         ("Attend.\n\nArguments:\n    x: the input.", []),
+        ("Attend.\n\nExample:\n    >>> " + "x" * 75 + "\n    done", ["wider"]),
+        ("Attend.\n\nExample:\n    >>> " + "x" * 74 + "\n\nAfter.", []),
     ],
 )
 def test_the_checks_catch_what_they_claim(text, expected):

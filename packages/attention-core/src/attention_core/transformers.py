@@ -135,7 +135,8 @@ class TransformerEncoder(nn.Module):
 
     Example:
         >>> from attention_core.builders import TransformerEncoderBuilder
-        >>> encoder = TransformerEncoderBuilder.from_kwargs(n_layers=2, n_heads=4).get()
+        >>> builder = TransformerEncoderBuilder.from_kwargs(n_layers=2, n_heads=4)
+        >>> encoder = builder.get()
         >>> encoder(torch.rand(3, 20, 256)).shape
         torch.Size([3, 20, 256])
     """

@@ -99,8 +99,8 @@ def attend(
         ``causal``) get zeros, and no gradient flows through them.
 
     Example:
-        >>> q = torch.randn(2, 4, 3, 16)                       # 3 new queries
-        >>> k = v = torch.randn(2, 1, 10, 16)                  # 7 memories + 3 new keys
+        >>> q = torch.randn(2, 4, 3, 16)  # 3 new queries
+        >>> k = v = torch.randn(2, 1, 10, 16)  # 7 memories + 3 new keys
         >>> attend(q, k, v, causal=True).shape
         torch.Size([2, 4, 3, 16])
     """
