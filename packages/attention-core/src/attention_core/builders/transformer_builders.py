@@ -138,9 +138,7 @@ class BaseTransformerBuilder(BaseBuilder):
         return self.value_dimensions * self.n_heads
 
     def _check_sizes(self, attention_layers_per_layer: int) -> None:
-        """Refuse sizes whose parameters cannot be allocated, before allocating any.
-
-        Counted: the projections and the feed-forward network of every layer."""
+        """Refuse sizes whose projections and feed-forward networks cannot be allocated."""
         d_model, heads = self.model_dimensions, self.n_heads
         queries = keys = d_model * heads * self.query_dimensions
         values = outputs = d_model * heads * self.value_dimensions
@@ -178,9 +176,7 @@ class BaseTransformerBuilder(BaseBuilder):
             )
 
     def _forwarded(self, names: dict[str, str]) -> dict:
-        """``{parameter: value of setting}`` for the settings that reach the attention.
-
-        ``names`` maps each forwarded parameter to the setting that gives its value."""
+        """Map each forwarded parameter to the value of the setting that ``names`` gives it."""
         return {
             parameter: getattr(self, setting)
             for parameter, setting in names.items()
@@ -380,9 +376,7 @@ class BaseTransformerDecoderBuilder(BaseTransformerBuilder):
 
     @property
     def cross_query_dimensions(self) -> int:
-        """The head dimension of the cross attention's queries and keys.
-
-        Default: ``query_dimensions``."""
+        """Head size of the cross attention's queries and keys (default: ``query_dimensions``)."""
         return self._cross_d_query or self.query_dimensions
 
     @cross_query_dimensions.setter
