@@ -32,6 +32,8 @@ class AttentionLayer(nn.Module):
         event_dispatcher: dispatcher instance or key for `QKVEvent` (default: ``""``).
 
     Example:
+        >>> from attention_core.attention import FullAttention
+        >>> from attention_core.masking import FullMask, LengthMask
         >>> layer = AttentionLayer(FullAttention(), d_model=64, n_heads=4)
         >>> x = torch.rand(2, 10, 64)
         >>> layer(x, x, x, FullMask(10), LengthMask(torch.tensor([10, 7])),
