@@ -3,12 +3,14 @@ settings that reach the attention builders (fast-transformers' rule)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 from .attention_builders import BaseAttentionBuilder
 
 
-def positive_int(name: str, value) -> int | None:
+def positive_int(name: str, value: object) -> int | None:
     """A positive int, or ``None`` for "not set" (as argparse gives for an absent option,
     see ``from_namespace``); ``get()`` refuses to build while a size is ``None``."""
     if value is None:
@@ -28,7 +30,9 @@ SIZE_SETTINGS = ("n_layers", *FORWARDED)
 
 
 @contextmanager
-def with_defaults(builder: BaseAttentionBuilder, values: dict):
+def with_defaults(
+    builder: BaseAttentionBuilder, values: dict[str, Any]
+) -> Iterator[BaseAttentionBuilder]:
     """Set on ``builder`` the ``values`` that some attention declares and the user did not
     set, for the duration of the block (a later change of the transformer setting is seen)."""
     added = []

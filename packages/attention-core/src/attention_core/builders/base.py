@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from argparse import Namespace
+from typing import Any, TypeVar
+
 __all__ = ["BaseBuilder"]
+
+_Builder = TypeVar("_Builder", bound="BaseBuilder")
 
 
 class BaseBuilder:
@@ -10,7 +15,7 @@ class BaseBuilder:
     construct a module with :meth:`get`."""
 
     @classmethod
-    def from_kwargs(cls, strict: bool = True, **kwargs):
+    def from_kwargs(cls: type[_Builder], strict: bool = True, **kwargs: Any) -> _Builder:
         """Create a builder from keyword arguments.
 
         Arguments:
@@ -20,13 +25,15 @@ class BaseBuilder:
         return cls.from_dictionary(kwargs, strict=strict)
 
     @classmethod
-    def from_namespace(cls, args, strict: bool = False):
+    def from_namespace(cls: type[_Builder], args: Namespace, strict: bool = False) -> _Builder:
         """Create a builder from an ``argparse.Namespace``; unknown names are ignored
         unless ``strict``."""
         return cls.from_dictionary(vars(args), strict=strict)
 
     @classmethod
-    def from_dictionary(cls, dictionary: dict, strict: bool = True):
+    def from_dictionary(
+        cls: type[_Builder], dictionary: dict[str, Any], strict: bool = True
+    ) -> _Builder:
         """Create a builder from a dictionary of settings.
 
         Arguments:

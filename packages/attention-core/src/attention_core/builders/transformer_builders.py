@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from torch.nn import LayerNorm
+from contextlib import AbstractContextManager
+
+from torch.nn import LayerNorm, Module
 
 from ..attention import AttentionLayer
 from ..errors import MissingParameterError
@@ -34,11 +36,11 @@ class BaseTransformerBuilder(BaseBuilder):
     """
 
     def __init__(self):
-        self._n_layers = 4
-        self._n_heads = 4
-        self._d_query = 64
-        self._d_value = 64
-        self._d_ff = 1024
+        self._n_layers: int | None = 4
+        self._n_heads: int | None = 4
+        self._d_query: int | None = 64
+        self._d_value: int | None = 64
+        self._d_ff: int | None = 1024
         self._dropout = 0.1
         self._activation = "relu"
         self._final_norm = True
@@ -46,7 +48,7 @@ class BaseTransformerBuilder(BaseBuilder):
         self._set_by_user: set[str] = set()
 
     @property
-    def n_layers(self) -> int:
+    def n_layers(self) -> int | None:
         """The number of layers (default: 4)."""
         return self._n_layers
 
@@ -55,7 +57,7 @@ class BaseTransformerBuilder(BaseBuilder):
         self._n_layers = positive_int("n_layers", val)
 
     @property
-    def n_heads(self) -> int:
+    def n_heads(self) -> int | None:
         """The number of attention heads (default: 4)."""
         return self._n_heads
 
@@ -64,7 +66,7 @@ class BaseTransformerBuilder(BaseBuilder):
         self._n_heads = positive_int("n_heads", val)
 
     @property
-    def feed_forward_dimensions(self) -> int:
+    def feed_forward_dimensions(self) -> int | None:
         """The hidden size of the feed-forward networks (default: 1024)."""
         return self._d_ff
 
@@ -73,7 +75,7 @@ class BaseTransformerBuilder(BaseBuilder):
         self._d_ff = positive_int("feed_forward_dimensions", val)
 
     @property
-    def query_dimensions(self) -> int:
+    def query_dimensions(self) -> int | None:
         """The head dimension of queries and keys (default: 64)."""
         return self._d_query
 
@@ -82,7 +84,7 @@ class BaseTransformerBuilder(BaseBuilder):
         self._d_query = positive_int("query_dimensions", val)
 
     @property
-    def value_dimensions(self) -> int:
+    def value_dimensions(self) -> int | None:
         """The head dimension of values (default: 64)."""
         return self._d_value
 
@@ -135,31 +137,30 @@ class BaseTransformerBuilder(BaseBuilder):
     @property
     def model_dimensions(self) -> int:
         """``value_dimensions * n_heads``, the feature size of inputs and outputs."""
-        return self.value_dimensions * self.n_heads
+        return self._size("value_dimensions") * self._size("n_heads")
+
+    def _size(self, name: str) -> int:
+        """The size setting ``name``; ``MissingParameterError`` while it is unset (``None``)."""
+        value = getattr(self, name)
+        if value is None:
+            raise MissingParameterError(f"{type(self).__name__}: {name} is not set (None)")
+        return value
 
     def _check_sizes(self, attention_layers_per_layer: int) -> None:
         """Refuse sizes whose parameters cannot be allocated, before allocating any (the
         projections and the feed-forward network of every layer)."""
-        d_model, heads = self.model_dimensions, self.n_heads
-        queries = keys = d_model * heads * self.query_dimensions
-        values = outputs = d_model * heads * self.value_dimensions
-        feed_forward = d_model * self.feed_forward_dimensions
+        sizes = {name: self._size(name) for name in SIZE_SETTINGS}
+        d_model, heads = self.model_dimensions, sizes["n_heads"]
+        queries = keys = d_model * heads * sizes["query_dimensions"]
+        values = outputs = d_model * heads * sizes["value_dimensions"]
+        feed_forward = d_model * sizes["feed_forward_dimensions"]
         layer = [queries, keys, values, outputs] * attention_layers_per_layer
         layer += [feed_forward, feed_forward]
-        check_parameter_sizes(
-            type(self).__name__,
-            {
-                "n_layers": self.n_layers,
-                "n_heads": heads,
-                "query_dimensions": self.query_dimensions,
-                "value_dimensions": self.value_dimensions,
-                "feed_forward_dimensions": self.feed_forward_dimensions,
-            },
-            layer,
-            self.n_layers,
-        )
+        check_parameter_sizes(type(self).__name__, sizes, layer, sizes["n_layers"])
 
-    def _set_attention_parameter(self, builders: list[BaseAttentionBuilder], key, val):
+    def _set_attention_parameter(
+        self, builders: list[BaseAttentionBuilder], key: str, val: object
+    ) -> None:
         accepted = False
         for builder in builders:
             try:
@@ -185,7 +186,9 @@ class BaseTransformerBuilder(BaseBuilder):
             if parameter in ALWAYS_FORWARDED or {parameter, setting} & self._set_by_user
         }
 
-    def _prepare(self, builder: BaseAttentionBuilder, names: dict[str, str] | None = None):
+    def _prepare(
+        self, builder: BaseAttentionBuilder, names: dict[str, str] | None = None
+    ) -> AbstractContextManager[BaseAttentionBuilder]:
         """Check that every size is set, give ``builder`` the event dispatcher, and return a
         context in which it also holds the forwarded settings (``names``: see
         :meth:`_forwarded`; default: each parameter from the setting of its name)."""
@@ -245,12 +248,12 @@ class BaseTransformerEncoderBuilder(BaseTransformerBuilder):
             return
         self._set_attention_parameter([self._attention_builder], key, val)
 
-    def get(self):
+    def get(self) -> Module:
         """Construct the encoder."""
         with self._prepare(self.attention) as attention:
             return self._build(attention)
 
-    def _build(self, attention: BaseAttentionBuilder):
+    def _build(self, attention: BaseAttentionBuilder) -> Module:
         self._check_sizes(attention_layers_per_layer=1)
         Encoder = self._get_encoder_class()
         EncoderLayer = self._get_encoder_layer_class()
@@ -273,7 +276,7 @@ class BaseTransformerEncoderBuilder(BaseTransformerBuilder):
                     self.activation,
                     event_dispatcher=self.event_dispatcher,
                 )
-                for _ in range(self.n_layers)
+                for _ in range(self._size("n_layers"))
             ],
             LayerNorm(d_model) if self.final_normalization else None,
             event_dispatcher=self.event_dispatcher,
@@ -313,10 +316,10 @@ class BaseTransformerDecoderBuilder(BaseTransformerBuilder):
         self._cross_attention_builder = self._get_cross_attention_builder()
         self._self_attention_type = "full"
         self._cross_attention_type = "full"
-        self._cross_n_heads = None
-        self._cross_d_query = None
-        self._cross_d_value = None
-        self._cross_d_model = None
+        self._cross_n_heads: int | None = None
+        self._cross_d_query: int | None = None
+        self._cross_d_value: int | None = None
+        self._cross_d_model: int | None = None
 
     def _get_self_attention_builder(self) -> BaseAttentionBuilder:
         raise NotImplementedError
@@ -367,7 +370,7 @@ class BaseTransformerDecoderBuilder(BaseTransformerBuilder):
     @property
     def cross_n_heads(self) -> int:
         """The number of cross attention heads (default: ``n_heads``)."""
-        return self._cross_n_heads or self.n_heads
+        return self._cross_n_heads or self._size("n_heads")
 
     @cross_n_heads.setter
     def cross_n_heads(self, val):
@@ -377,7 +380,7 @@ class BaseTransformerDecoderBuilder(BaseTransformerBuilder):
     def cross_query_dimensions(self) -> int:
         """The head dimension of the cross attention's queries and keys (default:
         ``query_dimensions``)."""
-        return self._cross_d_query or self.query_dimensions
+        return self._cross_d_query or self._size("query_dimensions")
 
     @cross_query_dimensions.setter
     def cross_query_dimensions(self, val):
@@ -387,7 +390,7 @@ class BaseTransformerDecoderBuilder(BaseTransformerBuilder):
     def cross_value_dimensions(self) -> int:
         """The head dimension of the cross attention's values (default:
         ``value_dimensions``)."""
-        return self._cross_d_value or self.value_dimensions
+        return self._cross_d_value or self._size("value_dimensions")
 
     @cross_value_dimensions.setter
     def cross_value_dimensions(self, val):
@@ -413,7 +416,7 @@ class BaseTransformerDecoderBuilder(BaseTransformerBuilder):
             [self._self_attention_builder, self._cross_attention_builder], key, val
         )
 
-    def get(self):
+    def get(self) -> Module:
         """Construct the decoder."""
         cross = {name: name for name in FORWARDED}
         cross.update(
@@ -427,7 +430,9 @@ class BaseTransformerDecoderBuilder(BaseTransformerBuilder):
         ):
             return self._build(self_attention, cross_attention)
 
-    def _build(self, self_attention: BaseAttentionBuilder, cross_attention: BaseAttentionBuilder):
+    def _build(
+        self, self_attention: BaseAttentionBuilder, cross_attention: BaseAttentionBuilder
+    ) -> Module:
         self._check_sizes(attention_layers_per_layer=2)
         Decoder = self._get_decoder_class()
         DecoderLayer = self._get_decoder_layer_class()
@@ -460,7 +465,7 @@ class BaseTransformerDecoderBuilder(BaseTransformerBuilder):
                     self.activation,
                     event_dispatcher=self.event_dispatcher,
                 )
-                for _ in range(self.n_layers)
+                for _ in range(self._size("n_layers"))
             ],
             LayerNorm(d_model) if self.final_normalization else None,
             event_dispatcher=self.event_dispatcher,
