@@ -27,7 +27,7 @@ __all__ = [
 
 def check_tensor(
     name: str,
-    x,
+    x: object,
     *,
     dim: int | None = None,
     floating: bool = False,
@@ -82,7 +82,7 @@ def check_token_ids(name: str, tokens: Tensor, num_tokens: int) -> Tensor:
     return tokens
 
 
-def check_positive_int(name: str, value, *, allow_zero: bool = False) -> int:
+def check_positive_int(name: str, value: object, *, allow_zero: bool = False) -> int:
     """Check that ``value`` is an int > 0 (or >= 0 with ``allow_zero``)."""
     low = 0 if allow_zero else 1
     if not isinstance(value, int) or isinstance(value, bool) or value < low:
@@ -135,7 +135,7 @@ def check_rows(names: str, A: Tensor, B: Tensor, dtypes: DtypeRule = CPU_DTYPES)
         )
 
 
-def check_index(name: str, t: Tensor | None, shape: tuple[int, ...], device) -> None:
+def check_index(name: str, t: Tensor | None, shape: tuple[int, ...], device: torch.device) -> None:
     """An optional int64 tensor of exactly ``shape`` on ``device``."""
     if t is None:
         return

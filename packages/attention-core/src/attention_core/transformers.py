@@ -8,6 +8,8 @@ Shapes: ``x`` is ``(N, L, E)``, ``memory`` is ``(N, S, E)``; masks are
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -23,10 +25,10 @@ __all__ = [
     "TransformerEncoderLayer",
 ]
 
-_ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu}
+_ACTIVATIONS: dict[str, Callable[..., Tensor]] = {"relu": F.relu, "gelu": F.gelu}
 
 
-def _activation(name: str):
+def _activation(name: str) -> Callable[..., Tensor]:
     try:
         return _ACTIVATIONS[name]
     except KeyError:
@@ -43,7 +45,9 @@ def _check_input(name: str, x: Tensor, d_model: int, model_dtype: torch.dtype) -
     return x.shape[0], x.shape[1]
 
 
-def _check_length_mask(name: str, mask, N: int, L: int, of: str, axes: str = "N, L") -> None:
+def _check_length_mask(
+    name: str, mask: BaseMask | None, N: int, L: int, of: str, axes: str = "N, L"
+) -> None:
     """A user's length mask must be ``(N, L)``: the batch and the length of ``of``."""
     if mask is None:
         return

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 from einops import rearrange
-from torch import nn
+from torch import Tensor, nn
 
 from ..attention_registry import (
     AttentionRegistry,
@@ -55,7 +55,8 @@ class CausalLinearAttention(nn.Module):
 
     def forward(self, queries, keys, values, attn_mask, query_lengths, key_lengths):
         """Return the causal linear attention ``(N, L, H, D)``."""
-        L = queries.shape[1] if queries.dim() == 4 else None
+        # a non-tensor or a wrong rank is refused by check_attention_inputs before L is used
+        L = queries.shape[1] if isinstance(queries, Tensor) and queries.dim() == 4 else 0
         _, L, S, _, _, _ = check_attention_inputs(
             queries, keys, values, attn_mask, query_lengths, key_lengths, mask_shape=(L, L)
         )

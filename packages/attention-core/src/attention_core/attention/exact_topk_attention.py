@@ -65,13 +65,13 @@ class ExactTopKAttention(nn.Module):
             # with a listener the scores are kept for the softmax; otherwise they only choose
             with torch.set_grad_enabled(listening and torch.is_grad_enabled()):
                 scores = torch.einsum("nlhe,nshe->nhls", queries, keys)
-        if topk < S:
+        if scores is not None and topk < S:  # scores were computed
             with torch.no_grad():
                 ranked = scores if allowed is None else scores.masked_fill(~allowed, -torch.inf)
                 best = ranked.topk(topk, dim=-1, sorted=False).indices
                 kept = torch.zeros_like(ranked, dtype=torch.bool).scatter(-1, best, True)
             allowed = kept if allowed is None else allowed & kept
-        if listening:
+        if scores is not None and listening:  # scores were computed
             A = self.dropout(masked_softmax(scores * softmax_temp, allowed))
             self.event_dispatcher.dispatch(AttentionEvent(self, A))
             return torch.einsum("nhls,nshd->nlhd", A, values).contiguous()

@@ -199,7 +199,7 @@ class ReformerAttention(nn.Module):
 
         listening = self.event_dispatcher.has_listeners
         dense = Q.new_zeros(N, H, Lp * Lp) if listening else None
-        out = 0
+        out = Q.new_zeros(())
         for _ in range(self.rounds):
             round_out, A, q_pos, k_pos = self._round(
                 Q, K, V, valid, allowed_pairs, chunk, softmax_temp

@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from ..errors import MissingParameterError
 from .attention_builders import BaseAttentionBuilder
 
 
@@ -17,6 +18,14 @@ def positive_int(name: str, value: object) -> int | None:
         return None
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ValueError(f"{name} must be a positive int; got {value!r}")
+    return value
+
+
+def required_size(builder: object, name: str) -> int:
+    """The size setting ``name`` of ``builder``; ``MissingParameterError`` while it is unset."""
+    value = getattr(builder, name)
+    if value is None:
+        raise MissingParameterError(f"{type(builder).__name__}: {name} is not set (None)")
     return value
 
 

@@ -16,6 +16,7 @@ from ..transformers import (
     TransformerEncoderLayer,
 )
 from ._settings import ALWAYS_FORWARDED, FORWARDED, SIZE_SETTINGS, positive_int, with_defaults
+from ._settings import required_size as _required_size
 from ._sizes import check_parameter_sizes
 from .attention_builders import AttentionBuilder, BaseAttentionBuilder, _suggest
 from .base import BaseBuilder
@@ -137,19 +138,12 @@ class BaseTransformerBuilder(BaseBuilder):
     @property
     def model_dimensions(self) -> int:
         """``value_dimensions * n_heads``, the feature size of inputs and outputs."""
-        return self._size("value_dimensions") * self._size("n_heads")
-
-    def _size(self, name: str) -> int:
-        """The size setting ``name``; ``MissingParameterError`` while it is unset (``None``)."""
-        value = getattr(self, name)
-        if value is None:
-            raise MissingParameterError(f"{type(self).__name__}: {name} is not set (None)")
-        return value
+        return _required_size(self, "value_dimensions") * _required_size(self, "n_heads")
 
     def _check_sizes(self, attention_layers_per_layer: int) -> None:
         """Refuse sizes whose parameters cannot be allocated, before allocating any (the
         projections and the feed-forward network of every layer)."""
-        sizes = {name: self._size(name) for name in SIZE_SETTINGS}
+        sizes = {name: _required_size(self, name) for name in SIZE_SETTINGS}
         d_model, heads = self.model_dimensions, sizes["n_heads"]
         queries = keys = d_model * heads * sizes["query_dimensions"]
         values = outputs = d_model * heads * sizes["value_dimensions"]
@@ -276,7 +270,7 @@ class BaseTransformerEncoderBuilder(BaseTransformerBuilder):
                     self.activation,
                     event_dispatcher=self.event_dispatcher,
                 )
-                for _ in range(self._size("n_layers"))
+                for _ in range(_required_size(self, "n_layers"))
             ],
             LayerNorm(d_model) if self.final_normalization else None,
             event_dispatcher=self.event_dispatcher,
@@ -370,7 +364,7 @@ class BaseTransformerDecoderBuilder(BaseTransformerBuilder):
     @property
     def cross_n_heads(self) -> int:
         """The number of cross attention heads (default: ``n_heads``)."""
-        return self._cross_n_heads or self._size("n_heads")
+        return self._cross_n_heads or _required_size(self, "n_heads")
 
     @cross_n_heads.setter
     def cross_n_heads(self, val):
@@ -380,7 +374,7 @@ class BaseTransformerDecoderBuilder(BaseTransformerBuilder):
     def cross_query_dimensions(self) -> int:
         """The head dimension of the cross attention's queries and keys (default:
         ``query_dimensions``)."""
-        return self._cross_d_query or self._size("query_dimensions")
+        return self._cross_d_query or _required_size(self, "query_dimensions")
 
     @cross_query_dimensions.setter
     def cross_query_dimensions(self, val):
@@ -390,7 +384,7 @@ class BaseTransformerDecoderBuilder(BaseTransformerBuilder):
     def cross_value_dimensions(self) -> int:
         """The head dimension of the cross attention's values (default:
         ``value_dimensions``)."""
-        return self._cross_d_value or self._size("value_dimensions")
+        return self._cross_d_value or _required_size(self, "value_dimensions")
 
     @cross_value_dimensions.setter
     def cross_value_dimensions(self, val):
@@ -465,7 +459,7 @@ class BaseTransformerDecoderBuilder(BaseTransformerBuilder):
                     self.activation,
                     event_dispatcher=self.event_dispatcher,
                 )
-                for _ in range(self._size("n_layers"))
+                for _ in range(_required_size(self, "n_layers"))
             ],
             LayerNorm(d_model) if self.final_normalization else None,
             event_dispatcher=self.event_dispatcher,

@@ -17,7 +17,14 @@ TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
 }
 
 
-def assert_close(name: str, actual: Tensor, expected: Tensor, *, rtol=None, atol=None) -> None:
+def assert_close(
+    name: str,
+    actual: Tensor,
+    expected: Tensor,
+    *,
+    rtol: float | None = None,
+    atol: float | None = None,
+) -> None:
     """``torch.testing.assert_close`` with dtype-based default tolerances and a message
     that names the compared quantity (e.g. ``"dq"``) and the largest difference."""
     default_rtol, default_atol = TOLERANCES.get(actual.dtype, (1e-5, 1e-8))

@@ -188,5 +188,5 @@ def check_data_parallel(
     return differences
 
 
-def _spawned(rank: int, worker) -> None:
+def _spawned(rank: int, worker: Callable[[int], object]) -> None:
     worker(rank)
