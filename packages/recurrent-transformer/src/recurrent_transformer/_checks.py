@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextvars
 
 import torch
+from torch import Tensor
 
 from attention_core._checks import check_tensor
 
@@ -41,7 +42,7 @@ def end_layer_checks(token: contextvars.Token | None) -> None:
         _MODEL_CHECKED.reset(token)
 
 
-def _non_finite(x) -> bool:
+def _non_finite(x: Tensor) -> bool:
     """Whether a CPU tensor holds NaN or infinity; ``False`` off the CPU (it would cost a
     device synchronisation per step), under ``torch.compile`` and for empty tensors."""
     if x.device.type != "cpu" or torch.compiler.is_compiling() or not x.numel():
@@ -49,7 +50,7 @@ def _non_finite(x) -> bool:
     return not bool(torch.isfinite(x).all())
 
 
-def check_output(x, owner: str) -> None:
+def check_output(x: Tensor, owner: str) -> None:
     """Refuse a model output that turned non-finite inside the layers from a finite input (an
     overflow): the new state, which absorbed it, is never returned, and the previous state
     stays valid. CPU tensors outside ``torch.compile``, like :func:`check_finite`."""
@@ -60,7 +61,7 @@ def check_output(x, owner: str) -> None:
         )
 
 
-def check_finite(name: str, x) -> None:
+def check_finite(name: str, x: Tensor) -> None:
     """Reject NaN and infinite inputs before a recurrent state absorbs them (a poisoned state
     returns non-finite outputs for the rest of the stream). Checked for CPU tensors outside
     ``torch.compile``; on CUDA it would cost a device synchronisation per step. Skipped inside
@@ -74,7 +75,7 @@ def check_finite(name: str, x) -> None:
         )
 
 
-def check_element(name: str, x, features: int, owner: str) -> tuple[int, int]:
+def check_element(name: str, x: Tensor, features: int, owner: str) -> tuple[int, int]:
     """Check one element of a sequence, ``(N, features)``; a whole sequence ``(N, L, E)`` gets
     a message pointing to ``prefill``.
 
@@ -94,7 +95,7 @@ def check_element(name: str, x, features: int, owner: str) -> tuple[int, int]:
     return x.shape[0], x.shape[1]
 
 
-def check_prompt(name: str, x, features: int) -> tuple[int, int]:
+def check_prompt(name: str, x: Tensor, features: int) -> tuple[int, int]:
     """Check a whole sequence ``(N, T, features)`` with ``T >= 1``.
 
     Returns:
@@ -109,7 +110,9 @@ def check_prompt(name: str, x, features: int) -> tuple[int, int]:
     return x.shape[0], x.shape[1]
 
 
-def check_heads(query, key, value, *, same_dims: bool = False) -> tuple[int, int, int, int]:
+def check_heads(
+    query: Tensor, key: Tensor, value: Tensor, *, same_dims: bool = False
+) -> tuple[int, int, int, int]:
     """Check the per-step inputs of an inner recurrent attention: query and key ``(N, H, E)``,
     value ``(N, H, D)``, one dtype and device.
 
@@ -136,7 +139,7 @@ def check_heads(query, key, value, *, same_dims: bool = False) -> tuple[int, int
 
 
 def check_sequence_heads(
-    queries, keys, values, *, same_dims: bool = False
+    queries: Tensor, keys: Tensor, values: Tensor, *, same_dims: bool = False
 ) -> tuple[int, int, int, int, int]:
     """Check the inputs of an inner recurrent attention's ``prefill``: queries and keys
     ``(N, T, H, E)``, values ``(N, T, H, D)``.

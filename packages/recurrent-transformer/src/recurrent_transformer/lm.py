@@ -168,7 +168,7 @@ class RecurrentLM(nn.Module):
         dropout: float = 0.0,
         activation: str = "gelu",
         positional_encoding: str = "token-shift",
-        **attention_parameters,
+        **attention_parameters: Any,
     ):
         super().__init__()
         check_positive_int("num_tokens", num_tokens)

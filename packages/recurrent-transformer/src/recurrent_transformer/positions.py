@@ -65,7 +65,7 @@ class RotaryAttention(nn.Module):
 
     def __init__(self, attention: nn.Module, dim: int, theta: float = 10000):
         super().__init__()
-        self.attention = attention
+        self.attention: Any = attention  # any (recurrent) attention
         self.rotary = RotaryEmbedding(dim, theta=theta)
 
     def forward(self, queries, keys, values, attn_mask, query_lengths, key_lengths):
@@ -94,7 +94,7 @@ class RecurrentRotaryAttention(nn.Module):
 
     def __init__(self, attention: nn.Module, dim: int, theta: float = 10000):
         super().__init__()
-        self.attention = attention
+        self.attention: Any = attention  # any (recurrent) attention
         self.rotary = RotaryEmbedding(dim, theta=theta)
 
     @staticmethod

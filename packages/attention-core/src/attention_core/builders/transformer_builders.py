@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from contextlib import AbstractContextManager
+from typing import Any
 
-from torch.nn import LayerNorm, Module
+from torch.nn import LayerNorm
 
 from ..attention import AttentionLayer
 from ..errors import MissingParameterError
@@ -242,12 +243,12 @@ class BaseTransformerEncoderBuilder(BaseTransformerBuilder):
             return
         self._set_attention_parameter([self._attention_builder], key, val)
 
-    def get(self) -> Module:
+    def get(self) -> Any:
         """Construct the encoder."""
         with self._prepare(self.attention) as attention:
             return self._build(attention)
 
-    def _build(self, attention: BaseAttentionBuilder) -> Module:
+    def _build(self, attention: BaseAttentionBuilder) -> Any:
         self._check_sizes(attention_layers_per_layer=1)
         Encoder = self._get_encoder_class()
         EncoderLayer = self._get_encoder_layer_class()
@@ -410,7 +411,7 @@ class BaseTransformerDecoderBuilder(BaseTransformerBuilder):
             [self._self_attention_builder, self._cross_attention_builder], key, val
         )
 
-    def get(self) -> Module:
+    def get(self) -> Any:
         """Construct the decoder."""
         cross = {name: name for name in FORWARDED}
         cross.update(
@@ -426,7 +427,7 @@ class BaseTransformerDecoderBuilder(BaseTransformerBuilder):
 
     def _build(
         self, self_attention: BaseAttentionBuilder, cross_attention: BaseAttentionBuilder
-    ) -> Module:
+    ) -> Any:
         self._check_sizes(attention_layers_per_layer=2)
         Decoder = self._get_decoder_class()
         DecoderLayer = self._get_decoder_layer_class()

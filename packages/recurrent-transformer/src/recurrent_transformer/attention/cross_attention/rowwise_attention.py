@@ -21,6 +21,7 @@ features.
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import torch
 from einops import rearrange
@@ -50,7 +51,7 @@ class _RowwiseCrossAttention(RecurrentCrossAttention):
     """Keep the memory, then run the batch attention (the next class in the MRO) per step."""
 
     #: the batch attention whose ``forward`` computes the rows
-    batch_class: type
+    batch_class: Any  # the batch attention class whose forward this one reuses
 
     def make_state(self, queries, keys, values, key_lengths):
         """Keep the memory's keys ``(N, H, S, E)``, values ``(N, H, S, D)`` and mask."""
@@ -83,7 +84,8 @@ class _RowwiseCrossAttention(RecurrentCrossAttention):
         )
 
 
-class RecurrentCrossExactTopKAttention(_RowwiseCrossAttention, ExactTopKAttention):
+# the recurrent forward replaces the batch one (the batch class gives parameters and registry)
+class RecurrentCrossExactTopKAttention(_RowwiseCrossAttention, ExactTopKAttention):  # type: ignore[misc]
     """Recurrent exact top-k cross attention, the dual of ``exact-topk`` with a full mask.
 
     Arguments: those of :class:`attention_core.attention.exact_topk_attention.ExactTopKAttention`
@@ -96,7 +98,8 @@ class RecurrentCrossExactTopKAttention(_RowwiseCrossAttention, ExactTopKAttentio
     batch_class = ExactTopKAttention
 
 
-class RecurrentCrossAFTSimpleAttention(_RowwiseCrossAttention, AFTSimpleAttention):
+# the recurrent forward replaces the batch one, as above
+class RecurrentCrossAFTSimpleAttention(_RowwiseCrossAttention, AFTSimpleAttention):  # type: ignore[misc]
     """Recurrent AFT-simple cross attention, the dual of ``aft-simple`` with a full mask:
     ``Y_t = sigmoid(Q_t) * sum_s softmax_s(K)_s V_s`` over the real memory positions.
 
@@ -110,7 +113,8 @@ class RecurrentCrossAFTSimpleAttention(_RowwiseCrossAttention, AFTSimpleAttentio
     batch_class = AFTSimpleAttention
 
 
-class RecurrentCrossAFTFullAttention(_RowwiseCrossAttention, AFTFullAttention):
+# the recurrent forward replaces the batch one, as above
+class RecurrentCrossAFTFullAttention(_RowwiseCrossAttention, AFTFullAttention):  # type: ignore[misc]
     """Recurrent AFT-full cross attention, the dual of ``aft-full`` with a full mask: step
     ``t`` (counting from 0) mixes the memory with the bias row ``w_t = u_t v_{0..S-1}^T``.
 

@@ -13,6 +13,7 @@ features, d value features.
 from __future__ import annotations
 
 from math import sqrt
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -31,13 +32,16 @@ from ..._checks import check_sequence_heads
 from ...state import KVCache, check_state_tensor, check_state_type
 from .base import RecurrentAttention
 
+if TYPE_CHECKING:
+    from .local_attention import RecurrentLocalAttention
+
 __all__ = ["RecurrentFullAttention", "attend_cache", "check_cache"]
 
 # queries handled at once by a prefill: bounds the (N, H, chunk, S) score matrix
 _PREFILL_CHUNK = 256
 
 
-def check_cache(state, query: Tensor, value: Tensor, owner: str) -> KVCache:
+def check_cache(state: Any, query: Tensor, value: Tensor, owner: str) -> KVCache:
     """Validate a :class:`KVCache` against one step's ``query`` ``(N, H, E)`` and ``value``
     ``(N, H, D)``."""
     state = check_state_type("state", state, KVCache, owner)
@@ -48,7 +52,11 @@ def check_cache(state, query: Tensor, value: Tensor, owner: str) -> KVCache:
 
 
 def attend_cache(
-    module: nn.Module, queries: Tensor, keys: Tensor, values: Tensor, softmax_temp: float
+    module: RecurrentFullAttention | RecurrentLocalAttention,
+    queries: Tensor,
+    keys: Tensor,
+    values: Tensor,
+    softmax_temp: float,
 ) -> Tensor:
     """Causal softmax attention of the last ``T`` positions over ``S >= T`` cached ones.
 
@@ -113,7 +121,7 @@ class RecurrentFullAttention(RecurrentAttention):
         self.dropout = nn.Dropout(attention_dropout)
         self.event_dispatcher = EventDispatcher.get(event_dispatcher)
 
-    def _new_cache(self, query: Tensor, value: Tensor, state) -> KVCache:
+    def _new_cache(self, query: Tensor, value: Tensor, state: Any) -> KVCache:
         if state is None:
             N, H, E = query.shape
             return KVCache.empty(N, H, E, value.shape[-1], dtype=query.dtype, device=query.device)

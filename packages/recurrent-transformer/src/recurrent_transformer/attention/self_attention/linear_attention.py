@@ -20,6 +20,8 @@ m value features.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from einops import rearrange
 from torch import Tensor
@@ -78,7 +80,7 @@ class RecurrentLinearAttention(RecurrentAttention):
         self.eps = eps
         self.event_dispatcher = EventDispatcher.get(event_dispatcher)
 
-    def _check(self, state, Q: Tensor, value: Tensor) -> LinearState:
+    def _check(self, state: Any, Q: Tensor, value: Tensor) -> LinearState:
         state = check_state_type("state", state, LinearState, type(self).__name__)
         N, H, F = Q.shape[0], Q.shape[-2], Q.shape[-1]
         check_state_tensor("state.S", state.S, (N, H, F, value.shape[-1]), Q)
