@@ -203,7 +203,7 @@ def token_mask(
     geom: BlockGeometry,
     lookback: int,
     sliding: bool,
-    device,
+    device: torch.device,
     *,
     compressed: int = 0,
     per_block: int = 1,
@@ -240,7 +240,9 @@ def token_mask(
     return allowed, i, p
 
 
-def compressed_positions(width: int, slots: int, device, *, per_block: int | None = None) -> Tensor:
+def compressed_positions(
+    width: int, slots: int, device: torch.device, *, per_block: int | None = None
+) -> Tensor:
     """Positions (relative to the current block start) of the ``slots`` compressed slots
     seen by a block: the newest ``per_block`` slots summarise the block before the previous
     one, the next ones the block before that, and so on; slot ``g`` of a block stands at the
