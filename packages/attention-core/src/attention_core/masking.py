@@ -133,7 +133,13 @@ class FullMask(BaseMask):
         tensor([[0., -inf]])
     """
 
-    def __init__(self, mask=None, N=None, M=None, device="cpu"):
+    def __init__(
+        self,
+        mask: Tensor | int | None = None,
+        N: int | None = None,
+        M: int | None = None,
+        device: torch.device | str = "cpu",
+    ):
         if isinstance(mask, Tensor):
             if mask.dtype != torch.bool:
                 raise ValueError(f"FullMask expects a bool tensor as mask; got dtype {mask.dtype}")

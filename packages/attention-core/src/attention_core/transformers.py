@@ -8,7 +8,7 @@ Shapes: ``x`` is ``(N, L, E)``, ``memory`` is ``(N, S, E)``; masks are
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -81,7 +81,13 @@ class TransformerEncoderLayer(nn.Module):
     """
 
     def __init__(
-        self, attention, d_model, d_ff=None, dropout=0.1, activation="relu", event_dispatcher=""
+        self,
+        attention: nn.Module,
+        d_model: int,
+        d_ff: int | None = None,
+        dropout: float = 0.1,
+        activation: str = "relu",
+        event_dispatcher: EventDispatcher | str = "",
     ):
         super().__init__()
         check_positive_int("d_model", d_model)
@@ -141,7 +147,12 @@ class TransformerEncoder(nn.Module):
         torch.Size([3, 20, 256])
     """
 
-    def __init__(self, layers, norm_layer=None, event_dispatcher=""):
+    def __init__(
+        self,
+        layers: Iterable[nn.Module],
+        norm_layer: nn.Module | None = None,
+        event_dispatcher: EventDispatcher | str = "",
+    ):
         super().__init__()
         self.layers = nn.ModuleList(layers)
         self.norm = norm_layer
@@ -190,13 +201,13 @@ class TransformerDecoderLayer(nn.Module):
 
     def __init__(
         self,
-        self_attention,
-        cross_attention,
-        d_model,
-        d_ff=None,
-        dropout=0.1,
-        activation="relu",
-        event_dispatcher="",
+        self_attention: nn.Module,
+        cross_attention: nn.Module,
+        d_model: int,
+        d_ff: int | None = None,
+        dropout: float = 0.1,
+        activation: str = "relu",
+        event_dispatcher: EventDispatcher | str = "",
     ):
         super().__init__()
         check_positive_int("d_model", d_model)
@@ -280,7 +291,12 @@ class TransformerDecoder(nn.Module):
         event_dispatcher: dispatcher instance or key.
     """
 
-    def __init__(self, layers, norm_layer=None, event_dispatcher=""):
+    def __init__(
+        self,
+        layers: Iterable[nn.Module],
+        norm_layer: nn.Module | None = None,
+        event_dispatcher: EventDispatcher | str = "",
+    ):
         super().__init__()
         self.layers = nn.ModuleList(layers)
         self.norm = norm_layer

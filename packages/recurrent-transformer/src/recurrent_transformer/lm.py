@@ -33,6 +33,7 @@ from attention_core.utils import make_mirror
 from .builders import RecurrentEncoderBuilder
 from .positions import RecurrentRotaryAttention, RotaryAttention
 from .state import RecurrentState, TransformerState
+from .transformers import RecurrentTransformerEncoder
 
 __all__ = ["POSITIONAL_ENCODINGS", "LMState", "RecurrentLM", "sinusoidal_positions"]
 
@@ -216,7 +217,7 @@ class RecurrentLM(nn.Module):
     # helpers
 
     @property
-    def recurrent_encoder(self):
+    def recurrent_encoder(self) -> RecurrentTransformerEncoder:
         """The recurrent twin of :attr:`encoder`, sharing its parameters (re-mirrored if the
         parameters were replaced, e.g. by ``load_state_dict(..., assign=True)``) and its
         buffers (e.g. the features of a random feature map)."""

@@ -15,7 +15,7 @@ Shapes: ``x`` is ``(N, E)`` per step or ``(N, T, E)`` for ``prefill``; ``memory`
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from torch import Tensor, nn
 
@@ -33,6 +33,9 @@ from ._checks import (
     start_layer_checks,
 )
 from .state import DecoderLayerState, TransformerState
+
+if TYPE_CHECKING:
+    from .attention import RecurrentAttentionLayer, RecurrentCrossAttentionLayer
 
 __all__ = [
     "RecurrentTransformerDecoder",
@@ -153,6 +156,8 @@ class RecurrentTransformerEncoderLayer(_FeedForward, TransformerEncoderLayer):
         activation: ``"relu"`` or ``"gelu"`` (default: ``"relu"``).
         event_dispatcher: dispatcher instance or key.
     """
+
+    attention: RecurrentAttentionLayer
 
     # the recurrent layer shares the batch layer's constructor and parameters, not its call
     def forward(  # type: ignore[override]
@@ -278,6 +283,9 @@ class RecurrentTransformerDecoderLayer(_FeedForward, TransformerDecoderLayer):
         activation: ``"relu"`` or ``"gelu"`` (default: ``"relu"``).
         event_dispatcher: dispatcher instance or key.
     """
+
+    self_attention: RecurrentAttentionLayer
+    cross_attention: RecurrentCrossAttentionLayer
 
     def _states(self, state: Any) -> tuple[Any, Any]:
         if state is None:

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import collections.abc
+
 import torch
 from einops import rearrange
 from torch import Tensor, nn
@@ -18,8 +20,9 @@ from ..attention_registry import (
 from ..causal_product import elu_normalized_causal_dot_product, normalized_causal_dot_product
 from ..errors import UnsupportedMaskError
 from ..events import EventDispatcher
-from ..feature_maps import ActivationFunctionFeatureMap, elu_feature_map
+from ..feature_maps import ActivationFunctionFeatureMap, FeatureMap, elu_feature_map
 from ..feature_maps.base import _elu_plus_one
+from ..masking import BaseMask
 from ._inputs import check_attention_inputs
 
 __all__ = ["CausalLinearAttention"]
@@ -47,13 +50,27 @@ class CausalLinearAttention(nn.Module):
     returns ``(N, L, H, D)``.
     """
 
-    def __init__(self, query_dimensions, feature_map=None, eps=1e-6, event_dispatcher=""):
+    def __init__(
+        self,
+        query_dimensions: int,
+        feature_map: collections.abc.Callable[[int], FeatureMap] | None = None,
+        eps: float = 1e-6,
+        event_dispatcher: EventDispatcher | str = "",
+    ):
         super().__init__()
         self.feature_map = (feature_map or elu_feature_map)(query_dimensions)
         self.eps = eps
         self.event_dispatcher = EventDispatcher.get(event_dispatcher)
 
-    def forward(self, queries, keys, values, attn_mask, query_lengths, key_lengths):
+    def forward(
+        self,
+        queries: Tensor,
+        keys: Tensor,
+        values: Tensor,
+        attn_mask: BaseMask,
+        query_lengths: BaseMask,
+        key_lengths: BaseMask,
+    ) -> Tensor:
         """Return the causal linear attention ``(N, L, H, D)``."""
         # a non-tensor or a wrong rank is refused by check_attention_inputs before L is used
         L = queries.shape[1] if isinstance(queries, Tensor) and queries.dim() == 4 else 0

@@ -6,6 +6,7 @@ parameter name, so a wrong type fails when it is set, not deep inside a model.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 __all__ = [
@@ -41,7 +42,7 @@ class Spec:
         """Return ``True`` if ``x`` conforms to the spec."""
         return isinstance(x, self._spec)
 
-    def get(self, x):
+    def get(self, x: Any) -> Any:
         """Return ``x`` (possibly converted) or raise ``ValueError`` if it does not conform."""
         if not self.check(x):
             raise ValueError(f"{x!r} does not conform to {self!r}")
@@ -68,7 +69,7 @@ class _Float(Spec):
     def check(self, x: object) -> bool:
         return isinstance(x, (int, float)) and not isinstance(x, bool)
 
-    def get(self, x):
+    def get(self, x: Any) -> Any:
         return float(super().get(x))
 
 
@@ -80,7 +81,7 @@ class Choice(Spec):
         True
     """
 
-    def __init__(self, choices):
+    def __init__(self, choices: Iterable[Any]):
         super().__init__(None, f"Choice({list(choices)!r})")
         self._choices = tuple(choices)
 
@@ -122,7 +123,7 @@ class Optional(Spec):
     def check(self, x: object) -> bool:
         return x is None or self.other_spec.check(x)
 
-    def get(self, x):
+    def get(self, x: Any) -> Any:
         if x is None:
             return self.default
         return self.other_spec.get(x)

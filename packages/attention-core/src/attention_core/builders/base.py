@@ -49,6 +49,6 @@ class BaseBuilder:
                     raise ValueError(f"{cls.__name__} has no setting {key!r}: {e}") from None
         return builder
 
-    def get(self, *args, **kwargs):
+    def get(self, *args: Any, **kwargs: Any) -> Any:
         """Construct the module."""
         raise NotImplementedError

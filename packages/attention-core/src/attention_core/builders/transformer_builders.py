@@ -46,7 +46,7 @@ class BaseTransformerBuilder(BaseBuilder):
         self._dropout = 0.1
         self._activation = "relu"
         self._final_norm = True
-        self._event_dispatcher = ""
+        self._event_dispatcher: EventDispatcher | str = ""
         self._set_by_user: set[str] = set()
 
     @property
@@ -55,7 +55,7 @@ class BaseTransformerBuilder(BaseBuilder):
         return self._n_layers
 
     @n_layers.setter
-    def n_layers(self, val):
+    def n_layers(self, val: int | None) -> None:
         self._n_layers = positive_int("n_layers", val)
 
     @property
@@ -64,7 +64,7 @@ class BaseTransformerBuilder(BaseBuilder):
         return self._n_heads
 
     @n_heads.setter
-    def n_heads(self, val):
+    def n_heads(self, val: int | None) -> None:
         self._n_heads = positive_int("n_heads", val)
 
     @property
@@ -73,7 +73,7 @@ class BaseTransformerBuilder(BaseBuilder):
         return self._d_ff
 
     @feed_forward_dimensions.setter
-    def feed_forward_dimensions(self, val):
+    def feed_forward_dimensions(self, val: int | None) -> None:
         self._d_ff = positive_int("feed_forward_dimensions", val)
 
     @property
@@ -82,7 +82,7 @@ class BaseTransformerBuilder(BaseBuilder):
         return self._d_query
 
     @query_dimensions.setter
-    def query_dimensions(self, val):
+    def query_dimensions(self, val: int | None) -> None:
         self._d_query = positive_int("query_dimensions", val)
 
     @property
@@ -91,7 +91,7 @@ class BaseTransformerBuilder(BaseBuilder):
         return self._d_value
 
     @value_dimensions.setter
-    def value_dimensions(self, val):
+    def value_dimensions(self, val: int | None) -> None:
         self._d_value = positive_int("value_dimensions", val)
 
     @property
@@ -100,7 +100,7 @@ class BaseTransformerBuilder(BaseBuilder):
         return self._dropout
 
     @dropout.setter
-    def dropout(self, val):
+    def dropout(self, val: float) -> None:
         if isinstance(val, bool) or not isinstance(val, (int, float)) or not 0 <= val <= 1:
             raise ValueError(f"dropout must be a float in [0, 1]; got {val!r}")
         self._dropout = float(val)
@@ -111,7 +111,7 @@ class BaseTransformerBuilder(BaseBuilder):
         return self._activation
 
     @activation.setter
-    def activation(self, val):
+    def activation(self, val: str) -> None:
         activations = ["relu", "gelu"]
         if val not in activations:
             raise ValueError(f"activation must be one of {activations}; got {val!r}")
@@ -123,16 +123,16 @@ class BaseTransformerBuilder(BaseBuilder):
         return self._final_norm
 
     @final_normalization.setter
-    def final_normalization(self, val):
+    def final_normalization(self, val: bool) -> None:
         self._final_norm = bool(val)
 
     @property
-    def event_dispatcher(self):
+    def event_dispatcher(self) -> EventDispatcher | str:
         """The event dispatcher instance or key given to every module (default: ``""``)."""
         return self._event_dispatcher
 
     @event_dispatcher.setter
-    def event_dispatcher(self, val):
+    def event_dispatcher(self, val: EventDispatcher | str) -> None:
         EventDispatcher.get(val)  # validates the type
         self._event_dispatcher = val
 
@@ -232,7 +232,7 @@ class BaseTransformerEncoderBuilder(BaseTransformerBuilder):
         return self._attention_type
 
     @attention_type.setter
-    def attention_type(self, val):
+    def attention_type(self, val: str) -> None:
         self._attention_type = self._attention_builder.validate_attention_type(val)
 
     def __setattr__(self, key, val):
@@ -350,7 +350,7 @@ class BaseTransformerDecoderBuilder(BaseTransformerBuilder):
         return self._self_attention_type
 
     @self_attention_type.setter
-    def self_attention_type(self, val):
+    def self_attention_type(self, val: str) -> None:
         self._self_attention_type = self._self_attention_builder.validate_attention_type(val)
 
     @property
@@ -359,7 +359,7 @@ class BaseTransformerDecoderBuilder(BaseTransformerBuilder):
         return self._cross_attention_type
 
     @cross_attention_type.setter
-    def cross_attention_type(self, val):
+    def cross_attention_type(self, val: str) -> None:
         self._cross_attention_type = self._cross_attention_builder.validate_attention_type(val)
 
     @property
@@ -368,7 +368,7 @@ class BaseTransformerDecoderBuilder(BaseTransformerBuilder):
         return self._cross_n_heads or _required_size(self, "n_heads")
 
     @cross_n_heads.setter
-    def cross_n_heads(self, val):
+    def cross_n_heads(self, val: int | None) -> None:
         self._cross_n_heads = positive_int("cross_n_heads", val)
 
     @property
@@ -378,7 +378,7 @@ class BaseTransformerDecoderBuilder(BaseTransformerBuilder):
         return self._cross_d_query or _required_size(self, "query_dimensions")
 
     @cross_query_dimensions.setter
-    def cross_query_dimensions(self, val):
+    def cross_query_dimensions(self, val: int | None) -> None:
         self._cross_d_query = positive_int("cross_query_dimensions", val)
 
     @property
@@ -388,7 +388,7 @@ class BaseTransformerDecoderBuilder(BaseTransformerBuilder):
         return self._cross_d_value or _required_size(self, "value_dimensions")
 
     @cross_value_dimensions.setter
-    def cross_value_dimensions(self, val):
+    def cross_value_dimensions(self, val: int | None) -> None:
         self._cross_d_value = positive_int("cross_value_dimensions", val)
 
     @property
@@ -398,7 +398,7 @@ class BaseTransformerDecoderBuilder(BaseTransformerBuilder):
         return self._cross_d_model or self.cross_n_heads * self.cross_value_dimensions
 
     @cross_model_dimensions.setter
-    def cross_model_dimensions(self, val):
+    def cross_model_dimensions(self, val: int | None) -> None:
         self._cross_d_model = positive_int("cross_model_dimensions", val)
 
     def __setattr__(self, key, val):

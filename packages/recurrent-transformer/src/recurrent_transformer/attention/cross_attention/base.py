@@ -95,11 +95,11 @@ def check_memory_heads(
     keys: Tensor | None,
     values: Tensor | None,
     key_lengths: BaseMask | None,
-) -> tuple[int, int]:
+) -> tuple[Tensor, Tensor, BaseMask]:
     """Validate the projected memory against ``queries`` ``(N, T, H, E)``.
 
     Returns:
-        ``(S, D)``.
+        the checked ``keys``, ``values`` and ``key_lengths``.
     """
     N, _, H, E = queries.shape
     dtype, device = queries.dtype, queries.device
@@ -116,4 +116,4 @@ def check_memory_heads(
         )
     if tuple(key_lengths.shape) != (N, S):
         raise ValueError(f"key_lengths must have shape ({N}, {S}); got {tuple(key_lengths.shape)}")
-    return S, values.shape[3]
+    return keys, values, key_lengths

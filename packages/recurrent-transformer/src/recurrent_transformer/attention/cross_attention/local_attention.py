@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import dataclasses
 from math import sqrt
+from typing import Any
 
 import torch
 from einops import rearrange
+from torch import Tensor
 
 from attention_core._checks import check_positive_int
 from attention_core.attention.full_attention import masked_softmax
@@ -29,7 +31,8 @@ from attention_core.attention_registry import (
     Optional,
     RecurrentCrossAttentionRegistry,
 )
-from attention_core.events import AttentionEvent
+from attention_core.events import AttentionEvent, EventDispatcher
+from attention_core.masking import BaseMask
 
 from .full_attention import RecurrentCrossFullAttention
 
@@ -55,18 +58,29 @@ class RecurrentCrossLocalAttention(RecurrentCrossFullAttention):
     """
 
     def __init__(
-        self, local_context, softmax_temp=None, attention_dropout=0.1, event_dispatcher=""
+        self,
+        local_context: int,
+        softmax_temp: float | None = None,
+        attention_dropout: float = 0.1,
+        event_dispatcher: EventDispatcher | str = "",
     ):
         super().__init__(softmax_temp, attention_dropout, event_dispatcher)
         self.local_context = check_positive_int("local_context", local_context)
 
-    def prefill(self, queries, keys, values, key_lengths, state=None):
+    def prefill(
+        self,
+        queries: Tensor,
+        keys: Tensor | None,
+        values: Tensor | None,
+        key_lengths: BaseMask | None,
+        state: Any = None,
+    ) -> tuple[Tensor, Any]:
         """As :meth:`RecurrentCrossAttention.prefill`; the returned state's ``position`` is
         advanced by the number of queries ``T``."""
         out, state = super().prefill(queries, keys, values, key_lengths, state)
         return out, dataclasses.replace(state, position=state.position + queries.shape[1])
 
-    def attend(self, queries, state):
+    def attend(self, queries: Tensor, state: Any) -> Tensor:
         """Softmax attention of ``(N, T, H, E)`` queries at positions ``state.position ..``
         over their windows of the memory."""
         T, S, w = queries.shape[1], state.keys.shape[2], self.local_context

@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 from einops import rearrange
+from torch import Tensor
 
 from attention_core.attention.aft_attention import AFTFullAttention, AFTSimpleAttention
 from attention_core.attention.exact_topk_attention import ExactTopKAttention
@@ -35,7 +36,7 @@ from attention_core.attention_registry import (
     Optional,
     RecurrentCrossAttentionRegistry,
 )
-from attention_core.masking import FullMask, LengthMask
+from attention_core.masking import BaseMask, FullMask, LengthMask
 
 from ...state import MemoryState, check_state_tensor, check_state_type
 from .base import RecurrentCrossAttention, check_memory_heads
@@ -53,21 +54,27 @@ class _RowwiseCrossAttention(RecurrentCrossAttention):
     #: the batch attention whose ``forward`` computes the rows
     batch_class: Any  # the batch attention class whose forward this one reuses
 
-    def make_state(self, queries, keys, values, key_lengths):
+    def make_state(
+        self,
+        queries: Tensor,
+        keys: Tensor | None,
+        values: Tensor | None,
+        key_lengths: BaseMask | None,
+    ) -> Any:
         """Keep the memory's keys ``(N, H, S, E)``, values ``(N, H, S, D)`` and mask."""
-        check_memory_heads(queries, keys, values, key_lengths)
+        keys, values, key_lengths = check_memory_heads(queries, keys, values, key_lengths)
         key_mask = None if key_lengths.all_ones else key_lengths.bool_matrix
         to_heads = lambda t: rearrange(t, "n s h e -> n h s e")  # noqa: E731
         return MemoryState(to_heads(keys), to_heads(values), key_mask)
 
-    def check_state(self, state, queries):
+    def check_state(self, state: Any, queries: Tensor) -> Any:
         state = check_state_type("state", state, MemoryState, type(self).__name__)
         N, _, H, E = queries.shape
         check_state_tensor("state.keys", state.keys, (N, H, -1, E), queries)
         check_state_tensor("state.values", state.values, (N, H, state.keys.shape[2], -1), queries)
         return state
 
-    def attend(self, queries, state):
+    def attend(self, queries: Tensor, state: Any) -> Tensor:
         """The batch attention's rows for ``(N, T, H, E)`` queries over the memory."""
         N, T = queries.shape[:2]
         S = state.keys.shape[2]
@@ -130,17 +137,24 @@ class RecurrentCrossAFTFullAttention(_RowwiseCrossAttention, AFTFullAttention): 
     batch_class = AFTFullAttention
     _offset = 0  # the position of the first query that attend() computes
 
-    def position_bias(self, L, S):
+    def position_bias(self, L: int, S: int) -> Tensor:
         """The bias rows of positions ``offset .. offset + L - 1``: ``(L, S)``."""
         return self.u[self._offset : self._offset + L] @ self.v[:S].T
 
-    def prefill(self, queries, keys, values, key_lengths, state=None):
+    def prefill(
+        self,
+        queries: Tensor,
+        keys: Tensor | None,
+        values: Tensor | None,
+        key_lengths: BaseMask | None,
+        state: Any = None,
+    ) -> tuple[Tensor, Any]:
         """As :meth:`RecurrentCrossAttention.prefill`; the returned state's ``position`` is
         advanced by the number of queries ``T``."""
         out, state = super().prefill(queries, keys, values, key_lengths, state)
         return out, dataclasses.replace(state, position=state.position + queries.shape[1])
 
-    def attend(self, queries, state):
+    def attend(self, queries: Tensor, state: Any) -> Tensor:
         """AFT-full rows of positions ``state.position ..`` for ``(N, T, H, D)`` queries."""
         end = state.position + queries.shape[1]
         if end > self.max_sequence_length:

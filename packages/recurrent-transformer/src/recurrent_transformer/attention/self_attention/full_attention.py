@@ -115,7 +115,12 @@ class RecurrentFullAttention(RecurrentAttention):
     Shapes: query and key ``(N, H, E)``, value ``(N, H, D)``; returns ``(N, H, D)``.
     """
 
-    def __init__(self, softmax_temp=None, attention_dropout=0.1, event_dispatcher=""):
+    def __init__(
+        self,
+        softmax_temp: float | None = None,
+        attention_dropout: float = 0.1,
+        event_dispatcher: EventDispatcher | str = "",
+    ):
         super().__init__()
         self.softmax_temp = softmax_temp
         self.dropout = nn.Dropout(attention_dropout)
@@ -127,7 +132,7 @@ class RecurrentFullAttention(RecurrentAttention):
             return KVCache.empty(N, H, E, value.shape[-1], dtype=query.dtype, device=query.device)
         return check_cache(state, query, value, type(self).__name__)
 
-    def step(self, query, key, value, state):
+    def step(self, query: Tensor, key: Tensor, value: Tensor, state: Any) -> tuple[Tensor, Any]:
         """Append ``key``/``value`` to the cache and attend over it."""
         cache = self._new_cache(query, value, state)
         cache = cache.append(key.unsqueeze(2), value.unsqueeze(2))
@@ -135,7 +140,9 @@ class RecurrentFullAttention(RecurrentAttention):
         out = attend_cache(self, query.unsqueeze(2), cache.keys, cache.values, temp)
         return out.squeeze(2), cache
 
-    def prefill(self, queries, keys, values, state=None):
+    def prefill(
+        self, queries: Tensor, keys: Tensor, values: Tensor, state: Any = None
+    ) -> tuple[Tensor, Any]:
         """Fill the cache with a prompt and attend causally, ``_PREFILL_CHUNK`` queries at a
         time.
 
