@@ -35,22 +35,34 @@ SNIPPET = textwrap.dedent(
 )
 
 
-def run_mypy(tmp_path: Path, code: str) -> tuple[list[str], int]:
-    """mypy's error lines for ``code`` under the repository's configuration, and its status."""
-    snippet = tmp_path / "user_code.py"
-    snippet.write_text(code)
-    stdout, stderr, status = mypy_api.run(
-        ["--config-file", str(CONFIG), "--no-error-summary", "--show-error-codes", str(snippet)]
-    )
+GOOD = SNIPPET.replace("(Q, Q, 3)", "(Q, Q, Q)").replace(
+    "LengthMask(3)", "LengthMask(torch.tensor([3]))"
+)
+
+
+@pytest.fixture(scope="module")
+def mypy_errors(tmp_path_factory) -> dict[str, dict[int, str]]:
+    """``{file: {line: error}}`` of one mypy run, under the repository's configuration, over
+    ``wrong.py`` (``SNIPPET``) and ``right.py`` (``GOOD``)."""
+    folder = tmp_path_factory.mktemp("typing")
+    (folder / "wrong.py").write_text(SNIPPET)
+    (folder / "right.py").write_text(GOOD)
+    arguments = ["--config-file", str(CONFIG), "--no-error-summary", "--show-error-codes"]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(ROOT)  # the configuration's paths are relative to the repository root
+        stdout, stderr, status = mypy_api.run([*arguments, str(folder)])
     assert status in (0, 1), f"mypy did not run (status {status}):\n{stdout}\n{stderr}"
-    return [line for line in stdout.splitlines() if ": error:" in line], status
+    errors: dict[str, dict[int, str]] = {"wrong.py": {}, "right.py": {}}
+    for line in stdout.splitlines():
+        if ": error:" in line:
+            path, number, _ = line.split(":", 2)
+            errors[Path(path).name][int(number)] = line
+    return errors
 
 
-def test_mypy_settings_catch_a_wrong_tensor_argument(tmp_path, monkeypatch):
-    monkeypatch.chdir(ROOT)  # the configuration's paths are relative to the repository root
-    errors, status = run_mypy(tmp_path, SNIPPET)
+def test_mypy_settings_catch_a_wrong_tensor_argument(mypy_errors):
+    by_line = mypy_errors["wrong.py"]
     lines = SNIPPET.splitlines()
-    by_line = {int(error.split(":")[1]): error for error in errors}
     bad = lines.index("bad = elu_normalized_causal_dot_product(Q, Q, 3)") + 1
     message = 'Argument 3 to "elu_normalized_causal_dot_product" has incompatible type "int"'
     assert message in by_line[bad]
@@ -63,14 +75,8 @@ def test_mypy_settings_catch_a_wrong_tensor_argument(tmp_path, monkeypatch):
     untyped = lines.index("    return LengthMask(3)") + 1
     assert 'Argument 1 to "LengthMask" has incompatible type "int"' in by_line[untyped]
     # the correct calls (and the return_state overloads) pass: exactly the errors above
-    assert sorted(by_line) == [bad, overload, untyped], errors
-    assert status == 1
+    assert sorted(by_line) == [bad, overload, untyped], by_line
 
 
-def test_mypy_accepts_the_correct_calls(tmp_path, monkeypatch):
-    monkeypatch.chdir(ROOT)
-    good = SNIPPET.replace("(Q, Q, 3)", "(Q, Q, Q)").replace(
-        "LengthMask(3)", "LengthMask(torch.tensor([3]))"
-    )
-    errors, status = run_mypy(tmp_path, good)
-    assert errors == [] and status == 0
+def test_mypy_accepts_the_correct_calls(mypy_errors):
+    assert mypy_errors["right.py"] == {}
