@@ -221,3 +221,13 @@ def sdist(session: nox.Session) -> None:
         "import attention_core._C as C; print('compiled extension OK:', C.__doc__)",
         external=False,
     )
+
+
+@nox.session
+def typecheck(session: nox.Session) -> None:
+    """mypy over the packages' sources (settings in pyproject.toml), and the settings' test."""
+    # mypy reads the sources through mypy_path: the packages' dependencies are enough, the
+    # compiled extension is typed by its stub (_C.pyi)
+    install(session, "torch==2.13.0", "einops>=0.7", "mypy==2.4.1", "pytest>=7")
+    session.run("mypy", *session.posargs)
+    session.run("pytest", f"{CORE}/tests/test_attention_core_typing.py", "-p", "no:cacheprovider")

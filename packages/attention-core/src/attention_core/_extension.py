@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -22,7 +23,7 @@ from torch import Tensor
 try:  # torch is imported first: the extension links to the libgomp.so.1 torch has loaded
     from . import _C
 except ImportError:  # a source checkout that was never compiled
-    _C = None
+    _C = None  # type: ignore[assignment]  # every caller checks `require_extension()` first
 
 __all__ = [
     "FORCE_REFERENCE_ENV",
@@ -90,7 +91,7 @@ def require_extension() -> None:
         raise RuntimeError("attention_core._C is not compiled; use the reference path")
 
 
-def binding(name: str, dtype: torch.dtype):
+def binding(name: str, dtype: torch.dtype) -> Callable[..., None]:
     """The ``_C`` function ``name`` for ``dtype`` (``name_f32`` or ``name_f64``)."""
     require_extension()
     return getattr(_C, f"{name}_{'f32' if dtype == torch.float32 else 'f64'}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from typing import Any
 
 import torch
 
@@ -17,7 +18,7 @@ from .builders import TransformerEncoderBuilder
 from .masking import TriangularCausalMask
 
 CAUSAL = {"causal-linear", "causal-improved-clustered"}
-EXTRA = {
+EXTRA: dict[str, dict[str, Any]] = {
     "local": {"local_context": 32},
     "clustered": {"clusters": 16},
     "improved-clustered": {"clusters": 16, "topk": 16},
@@ -63,6 +64,7 @@ def every_attention(length: int) -> None:
     print(f"== every attention type: 2 layers, 4 heads, batch 2, length {length}")
     x = torch.rand(2, length, 4 * 32)
     for name in AttentionRegistry.keys:
+        extra: dict[str, Any]
         if name == "conditional-full":
             attention_type, extra = "conditional-full:linear", {"length_limit": length // 2}
         else:

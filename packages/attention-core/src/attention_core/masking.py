@@ -134,7 +134,13 @@ class FullMask(BaseMask):
         tensor([[0., -inf]])
     """
 
-    def __init__(self, mask=None, N=None, M=None, device="cpu"):
+    def __init__(
+        self,
+        mask: Tensor | int | None = None,
+        N: int | None = None,
+        M: int | None = None,
+        device: torch.device | str = "cpu",
+    ):
         if isinstance(mask, Tensor):
             if mask.dtype != torch.bool:
                 raise ValueError(f"FullMask expects a bool tensor as mask; got dtype {mask.dtype}")
@@ -181,7 +187,9 @@ class LengthMask(BaseMask):
                 [ True,  True,  True, False]])
     """
 
-    def __init__(self, lengths: Tensor, max_len: int | None = None, device=None):
+    def __init__(
+        self, lengths: Tensor, max_len: int | None = None, device: torch.device | str | None = None
+    ):
         if not isinstance(lengths, Tensor):
             raise TypeError(f"LengthMask: lengths must be a tensor; got {type(lengths).__name__}")
         if lengths.dim() != 1:
@@ -250,7 +258,7 @@ class TriangularCausalMask(LengthMask):
                 [ True,  True,  True]])
     """
 
-    def __init__(self, N: int, device="cpu"):
+    def __init__(self, N: int, device: torch.device | str = "cpu"):
         if not isinstance(N, int) or isinstance(N, bool) or N < 0:
             raise ValueError(f"TriangularCausalMask: N must be a non-negative int; got {N!r}")
         lengths = torch.arange(1, N + 1, device=device)

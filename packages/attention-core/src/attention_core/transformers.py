@@ -10,6 +10,8 @@ Shapes: ``x`` is ``(N, L, E)``, ``memory`` is ``(N, S, E)``; masks are
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -25,10 +27,10 @@ __all__ = [
     "TransformerEncoderLayer",
 ]
 
-_ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu}
+_ACTIVATIONS: dict[str, Callable[..., Tensor]] = {"relu": F.relu, "gelu": F.gelu}
 
 
-def _activation(name: str):
+def _activation(name: str) -> Callable[..., Tensor]:
     try:
         return _ACTIVATIONS[name]
     except KeyError:
@@ -45,7 +47,9 @@ def _check_input(name: str, x: Tensor, d_model: int, model_dtype: torch.dtype) -
     return x.shape[0], x.shape[1]
 
 
-def _check_length_mask(name: str, mask, N: int, L: int, of: str, axes: str = "N, L") -> None:
+def _check_length_mask(
+    name: str, mask: BaseMask | None, N: int, L: int, of: str, axes: str = "N, L"
+) -> None:
     """A user's length mask must be ``(N, L)``: the batch and the length of ``of``."""
     if mask is None:
         return
@@ -80,7 +84,13 @@ class TransformerEncoderLayer(nn.Module):
     """
 
     def __init__(
-        self, attention, d_model, d_ff=None, dropout=0.1, activation="relu", event_dispatcher=""
+        self,
+        attention: nn.Module,
+        d_model: int,
+        d_ff: int | None = None,
+        dropout: float = 0.1,
+        activation: str = "relu",
+        event_dispatcher: EventDispatcher | str = "",
     ):
         super().__init__()
         check_positive_int("d_model", d_model)
@@ -141,7 +151,12 @@ class TransformerEncoder(nn.Module):
         torch.Size([3, 20, 256])
     """
 
-    def __init__(self, layers, norm_layer=None, event_dispatcher=""):
+    def __init__(
+        self,
+        layers: Iterable[nn.Module],
+        norm_layer: nn.Module | None = None,
+        event_dispatcher: EventDispatcher | str = "",
+    ):
         super().__init__()
         self.layers = nn.ModuleList(layers)
         self.norm = norm_layer
@@ -191,13 +206,13 @@ class TransformerDecoderLayer(nn.Module):
 
     def __init__(
         self,
-        self_attention,
-        cross_attention,
-        d_model,
-        d_ff=None,
-        dropout=0.1,
-        activation="relu",
-        event_dispatcher="",
+        self_attention: nn.Module,
+        cross_attention: nn.Module,
+        d_model: int,
+        d_ff: int | None = None,
+        dropout: float = 0.1,
+        activation: str = "relu",
+        event_dispatcher: EventDispatcher | str = "",
     ):
         super().__init__()
         check_positive_int("d_model", d_model)
@@ -281,7 +296,12 @@ class TransformerDecoder(nn.Module):
         event_dispatcher: dispatcher instance or key.
     """
 
-    def __init__(self, layers, norm_layer=None, event_dispatcher=""):
+    def __init__(
+        self,
+        layers: Iterable[nn.Module],
+        norm_layer: nn.Module | None = None,
+        event_dispatcher: EventDispatcher | str = "",
+    ):
         super().__init__()
         self.layers = nn.ModuleList(layers)
         self.norm = norm_layer

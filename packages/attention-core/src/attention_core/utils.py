@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import warnings
+from typing import Any
 
 from torch import nn
 
 __all__ = ["check_state", "make_mirror"]
 
 
-def check_state(state=None, memory=None):
+def check_state(state: Any = None, memory: Any = None) -> Any:
     """Return ``state``, accepting the deprecated keyword ``memory`` in its place.
 
     Recurrent modules used to call their state ``memory``; passing ``memory=`` still works

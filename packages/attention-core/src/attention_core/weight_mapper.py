@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 import warnings
+from typing import cast
 
 from torch import Tensor
 
@@ -158,7 +159,7 @@ class PytorchMapper(SimpleMapper):
             RenameRule(r"(layers\.\d+\.(?:linear[12]|norm[123])\.(?:weight|bias))", r"\1"),
             RenameRule(r"(norm\.(?:weight|bias))", r"\1"),
         ]
-        mapper = type(cls.__name__, (SimpleMapper,), {"RULES": rules})
+        mapper = cast(type[SimpleMapper], type(cls.__name__, (SimpleMapper,), {"RULES": rules}))
         return mapper.map(state_dict)
 
 
@@ -195,6 +196,8 @@ class _NormRule(RenameRule):
 
     def apply(self, key: str, value: Tensor) -> list[tuple[str, Tensor]]:
         match = self.pattern.fullmatch(key)
+        if match is None:
+            raise ValueError(f"{key!r} does not match {self.pattern.pattern!r}")
         name = self._NAMES[match.group(2)]
         return [(match.expand(self.replacement.format(name)), value)]
 

@@ -142,6 +142,7 @@ class PositionEncoding(nn.Module):
             raise ValueError(f"position_encoding must be one of {POSITION_ENCODINGS}; got {kind!r}")
         self.kind = kind
         self.rotary = RotaryEmbedding(dim_head - dim_head % 2) if kind == "rotary" else None
+        self.bias_module: DynamicPositionBias | T5RelativePositionBias | None
         if kind == "dynamic":
             self.bias_module = DynamicPositionBias(mlp_dim, heads, depth=2, log_distance=True)
         elif kind == "t5":
@@ -151,13 +152,15 @@ class PositionEncoding(nn.Module):
         else:
             self.bias_module = None
 
-    def bias(self, query_positions: Tensor, key_positions: Tensor, dtype) -> Tensor | None:
+    def bias(
+        self, query_positions: Tensor, key_positions: Tensor, dtype: torch.dtype
+    ) -> Tensor | None:
         """Additive bias ``(1, H, i, j)`` for queries ``(i,)`` and keys ``(j,)``, or ``None``."""
         if self.bias_module is None:
             return None
         return self.bias_module(query_positions, key_positions)[None].to(dtype)
 
-    def angles(self, positions: Tensor, dtype) -> Tensor | None:
+    def angles(self, positions: Tensor, dtype: torch.dtype) -> Tensor | None:
         """Rotation table ``(n, 2, r)`` for integer ``positions (n,)``, or ``None`` without rotary.
 
         The cosines and the signed sines (``-sin`` on the first half of the rotated features,

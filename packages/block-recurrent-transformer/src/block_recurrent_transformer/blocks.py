@@ -207,7 +207,7 @@ def token_mask(
     geom: BlockGeometry,
     lookback: int,
     sliding: bool,
-    device,
+    device: torch.device,
     *,
     compressed: int = 0,
     per_block: int = 1,
@@ -244,7 +244,9 @@ def token_mask(
     return allowed, i, p
 
 
-def compressed_positions(width: int, slots: int, device, *, per_block: int | None = None) -> Tensor:
+def compressed_positions(
+    width: int, slots: int, device: torch.device, *, per_block: int | None = None
+) -> Tensor:
     """Positions of the ``slots`` compressed slots seen by a block, relative to the block start.
 
     The newest ``per_block`` slots summarise the block before the previous one, the next ones the

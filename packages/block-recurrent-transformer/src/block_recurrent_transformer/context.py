@@ -56,9 +56,7 @@ class WindowTables:
 
         They leave out the ``skip`` slots that follow the first ``keep`` (compressed) slots."""
 
-        def keys(t: Tensor | None, dim: int) -> Tensor | None:
-            if t is None:
-                return None
+        def keys(t: Tensor, dim: int) -> Tensor:
             if not skip:
                 return t.narrow(dim, 0, slots)
             tail = t.narrow(dim, keep + skip, slots - keep - skip)
@@ -68,7 +66,7 @@ class WindowTables:
             keys(self.mask[:, :, start:stop], 3),
             None if self.bias is None else keys(self.bias[:, :, start:stop], 3),
             None if self.query_angles is None else self.query_angles[start:stop],
-            keys(self.key_angles, 0),
+            None if self.key_angles is None else keys(self.key_angles, 0),
             None if self.additive is None else keys(self.additive[:, :, start:stop], 3),
             self.has_empty_rows,  # a subset of the rows, without slots they cannot see
         )

@@ -25,6 +25,7 @@ tokens of the call, ``s`` state vectors, ``d`` head feature, ``c`` compressed sl
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -186,6 +187,7 @@ class BlockRecurrentLayer(nn.Module):
 
     def _compressed(
         self,
+        compressor: MemoryCompressor,
         memory: LayerMemory,
         grid_k: Tensor,
         grid_v: Tensor,
@@ -196,15 +198,18 @@ class BlockRecurrentLayer(nn.Module):
 
         The windows are ``(b * n, Hkv, C, d)`` (or ``(b, Hkv, C, d)``)."""
         cap, width = self.compressed_slots, self.width
-        per_block = width // self.compressor.factor
+        per_block = width // compressor.factor
         count = max(geom.num_blocks - 1, geom.complete)  # blocks -1 .. count - 2 of the grid
         mem = (memory.compressed_keys, memory.compressed_values, memory.compressed_valid)
+        if mem[0] is None or mem[1] is None or mem[2] is None:
+            raise ValueError("a layer with compressed memory needs its compressed memory; got None")
+        mem = (mem[0], mem[1], mem[2])
         if count:
             blocks = "b h (n w) d -> b h n w d"
             k = rearrange(grid_k[:, :, : count * width], blocks, w=width)
             v = rearrange(grid_v[:, :, : count * width], blocks, w=width)
             ok = rearrange(valid[:, : count * width], "b (n w) -> b n w", w=width)
-            ck, cv, cok = self.compressor(k, v, ok)
+            ck, cv, cok = compressor(k, v, ok)
             flat = "b h n e d -> b h (n e) d"
             seq_k = torch.cat((mem[0], rearrange(ck, flat)), dim=2)
             seq_v = torch.cat((mem[1], rearrange(cv, flat)), dim=2)
@@ -228,6 +233,7 @@ class BlockRecurrentLayer(nn.Module):
 
     def _state_chain(
         self,
+        recurrent: RecurrentState,
         state: Tensor,
         prepared: Prepared | None,
         grid_k: Tensor,
@@ -241,7 +247,7 @@ class BlockRecurrentLayer(nn.Module):
         its tokens read) and ``prepare`` of the final state when the last block is unfinished
         (``None`` otherwise)."""
         batch = state.shape[0]
-        prepared = prepared if prepared is not None else self.state.prepare(state)
+        prepared = prepared if prepared is not None else recurrent.prepare(state)
         if geom.complete:
             lookback = self.spec.state_lookback
             win_k = _per_block(windows(grid_k, geom, self.grid_lookback, lookback), geom, batch)
@@ -252,11 +258,11 @@ class BlockRecurrentLayer(nn.Module):
             preps.append(prepared)
             if j < geom.complete:
                 ok = win_ok[:, j]
-                state = self.state.update(
+                state = recurrent.update(
                     state, prepared, win_k[:, j], win_v[:, j], None if all_valid(ok) else ok
                 )
                 if j + 1 < geom.num_blocks:
-                    prepared = self.state.prepare(state)
+                    prepared = recurrent.prepare(state)
         final = prepared if geom.num_blocks > geom.complete else None
         return state, preps, final
 
@@ -271,7 +277,7 @@ class BlockRecurrentLayer(nn.Module):
         positions: PositionEncoding,
         state: Tensor | None = None,
         prepared: Prepared | None = None,
-        external_reads: list[tuple[Tensor, Tensor]] = (),
+        external_reads: Sequence[tuple[Tensor, Tensor]] = (),
     ) -> tuple[Tensor, LayerMemory, Tensor | None, Prepared | None]:
         """Run the layer on a call.
 
@@ -298,8 +304,10 @@ class BlockRecurrentLayer(nn.Module):
         # recurrent state: sequential over the blocks that end in this call
         reads, final_prepared = [], None
         if self.state is not None:
+            if state is None:
+                raise ValueError("a recurrent layer needs the state before the call; got None")
             state, preps, final_prepared = self._state_chain(
-                state, prepared, grid_k, grid_v, valid, geom
+                self.state, state, prepared, grid_k, grid_v, valid, geom
             )
             if self.spec.reads_own_state:
                 own_k = torch.stack([p[1] for p in preps], dim=1)
@@ -321,7 +329,9 @@ class BlockRecurrentLayer(nn.Module):
         if skip:  # a step inside a block: only the slots its rows can see
             win_k, win_v, win_ok = win_k[:, :, skip:], win_v[:, :, skip:], win_ok[:, skip:]
         if self.compressor is not None:
-            ck, cv, cok, compressed = self._compressed(memory, grid_k, grid_v, valid, geom)
+            ck, cv, cok, compressed = self._compressed(
+                self.compressor, memory, grid_k, grid_v, valid, geom
+            )
             win_k, win_v = torch.cat((ck, win_k), dim=2), torch.cat((cv, win_v), dim=2)
             win_ok = torch.cat((cok, win_ok), dim=1)
             (
@@ -352,11 +362,13 @@ class BlockRecurrentLayer(nn.Module):
 
         # cross-attention to the states read by this layer
         if reads:
+            if self.to_read_q is None:
+                raise ValueError(f"this layer reads no state (num_reads 0); got {len(reads)}")
             read_q = split_heads(self.to_read_q(xn), self.heads * len(reads))
-            if self.spec.qk_norm:
+            if self.spec.qk_norm and self.read_q_norm is not None:
                 read_q = self.read_q_norm(read_q)
-            read_q = _to_blocks(read_q, geom).chunk(len(reads), dim=1)
-            for q_read, (k_read, v_read) in zip(read_q, reads):
+            read_qs = _to_blocks(read_q, geom).chunk(len(reads), dim=1)
+            for q_read, (k_read, v_read) in zip(read_qs, reads):
                 outs.append(attend_heads(q_read, k_read, v_read, scale=scale))
 
         out = _from_blocks(torch.cat(outs, dim=1), geom)

@@ -68,7 +68,8 @@ class LayerMemory:
 
     def detach(self) -> LayerMemory:
         """The same memory cut from the autograd graph."""
-        return LayerMemory(*(None if t is None else t.detach() for t in self._fields()))
+        optional = (None if t is None else t.detach() for t in self._fields()[3:])
+        return LayerMemory(self.keys.detach(), self.values.detach(), self.valid.detach(), *optional)
 
     def drop(self, rows: Tensor) -> LayerMemory:
         """Mark every position of the rows where ``rows`` ``(B,)`` is true as invalid."""

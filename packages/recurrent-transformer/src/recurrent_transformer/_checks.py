@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextvars
 
 import torch
+from torch import Tensor
 
 from attention_core.checks import check_tensor
 
@@ -44,7 +45,7 @@ def end_layer_checks(token: contextvars.Token | None) -> None:
         _MODEL_CHECKED.reset(token)
 
 
-def _non_finite(x) -> bool:
+def _non_finite(x: Tensor) -> bool:
     """Whether a CPU tensor holds NaN or infinity.
 
     ``False`` off the CPU (it would cost a device synchronisation per step), under ``torch.compile``
@@ -54,7 +55,7 @@ def _non_finite(x) -> bool:
     return not bool(torch.isfinite(x).all())
 
 
-def check_output(x, owner: str) -> None:
+def check_output(x: Tensor, owner: str) -> None:
     """Refuse a model output that turned non-finite inside the layers from a finite input.
 
     Such an output comes from an overflow: the new state, which absorbed it, is never returned, and
@@ -66,7 +67,7 @@ def check_output(x, owner: str) -> None:
         )
 
 
-def check_finite(name: str, x) -> None:
+def check_finite(name: str, x: Tensor) -> None:
     """Reject NaN and infinite inputs before a recurrent state absorbs them.
 
     A poisoned state returns non-finite outputs for the rest of the stream. Checked for CPU tensors
@@ -81,7 +82,7 @@ def check_finite(name: str, x) -> None:
         )
 
 
-def check_element(name: str, x, features: int, owner: str) -> tuple[int, int]:
+def check_element(name: str, x: Tensor, features: int, owner: str) -> tuple[int, int]:
     """Check one element of a sequence, ``(N, features)``.
 
     A whole sequence ``(N, L, E)`` gets a message pointing to ``prefill``.
@@ -102,7 +103,7 @@ def check_element(name: str, x, features: int, owner: str) -> tuple[int, int]:
     return x.shape[0], x.shape[1]
 
 
-def check_prompt(name: str, x, features: int) -> tuple[int, int]:
+def check_prompt(name: str, x: Tensor, features: int) -> tuple[int, int]:
     """Check a whole sequence ``(N, T, features)`` with ``T >= 1``.
 
     Returns:
@@ -117,7 +118,9 @@ def check_prompt(name: str, x, features: int) -> tuple[int, int]:
     return x.shape[0], x.shape[1]
 
 
-def check_heads(query, key, value, *, same_dims: bool = False) -> tuple[int, int, int, int]:
+def check_heads(
+    query: Tensor, key: Tensor, value: Tensor, *, same_dims: bool = False
+) -> tuple[int, int, int, int]:
     """Check the per-step inputs of an inner recurrent attention.
 
     Query and key ``(N, H, E)``, value ``(N, H, D)``, one dtype and device.
@@ -145,7 +148,7 @@ def check_heads(query, key, value, *, same_dims: bool = False) -> tuple[int, int
 
 
 def check_sequence_heads(
-    queries, keys, values, *, same_dims: bool = False
+    queries: Tensor, keys: Tensor, values: Tensor, *, same_dims: bool = False
 ) -> tuple[int, int, int, int, int]:
     """Check the inputs of an inner recurrent attention's ``prefill``.
 

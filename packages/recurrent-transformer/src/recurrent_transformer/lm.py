@@ -34,6 +34,7 @@ from attention_core.utils import make_mirror
 from .builders import RecurrentEncoderBuilder
 from .positions import RecurrentRotaryAttention, RotaryAttention
 from .state import RecurrentState, TransformerState
+from .transformers import RecurrentTransformerEncoder
 
 __all__ = ["POSITIONAL_ENCODINGS", "LMState", "RecurrentLM", "sinusoidal_positions"]
 
@@ -170,7 +171,7 @@ class RecurrentLM(nn.Module):
         dropout: float = 0.0,
         activation: str = "gelu",
         positional_encoding: str = "token-shift",
-        **attention_parameters,
+        **attention_parameters: Any,
     ):
         super().__init__()
         check_positive_int("num_tokens", num_tokens)
@@ -218,7 +219,7 @@ class RecurrentLM(nn.Module):
     # helpers
 
     @property
-    def recurrent_encoder(self):
+    def recurrent_encoder(self) -> RecurrentTransformerEncoder:
         """The recurrent twin of `encoder`, sharing its parameters and buffers.
 
         The twin is re-mirrored if the parameters were replaced, e.g. by

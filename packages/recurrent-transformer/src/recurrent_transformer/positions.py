@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from attention_core.masking import BaseMask
 from attention_core.nn.rotary import RotaryEmbedding, apply_rotary_pos_emb
 
 from .state import RecurrentState
@@ -67,10 +68,18 @@ class RotaryAttention(nn.Module):
 
     def __init__(self, attention: nn.Module, dim: int, theta: float = 10000):
         super().__init__()
-        self.attention = attention
+        self.attention: Any = attention  # any (recurrent) attention
         self.rotary = RotaryEmbedding(dim, theta=theta)
 
-    def forward(self, queries, keys, values, attn_mask, query_lengths, key_lengths):
+    def forward(
+        self,
+        queries: Tensor,
+        keys: Tensor,
+        values: Tensor,
+        attn_mask: BaseMask,
+        query_lengths: BaseMask,
+        key_lengths: BaseMask,
+    ) -> Tensor:
         """Rotate ``queries`` and ``keys`` by their positions, then attend."""
         if queries.dim() != 4 or keys.dim() != 4 or queries.shape[1] != keys.shape[1]:
             raise ValueError(
@@ -98,7 +107,7 @@ class RecurrentRotaryAttention(nn.Module):
 
     def __init__(self, attention: nn.Module, dim: int, theta: float = 10000):
         super().__init__()
-        self.attention = attention
+        self.attention: Any = attention  # any (recurrent) attention
         self.rotary = RotaryEmbedding(dim, theta=theta)
 
     @staticmethod
@@ -112,7 +121,9 @@ class RecurrentRotaryAttention(nn.Module):
             )
         return state.position, state.inner
 
-    def forward(self, query, key, value, state=None):
+    def forward(
+        self, query: Tensor, key: Tensor, value: Tensor, state: Any = None
+    ) -> tuple[Tensor, Any]:
         """One element: rotate ``query`` and ``key`` by the next position, then attend."""
         position, inner = self._unpack(state)
         q = _rotate(self.rotary, query[:, None], position)[:, 0]
@@ -120,7 +131,9 @@ class RecurrentRotaryAttention(nn.Module):
         out, inner = self.attention(q, k, value, inner)
         return out, RotaryState(position + 1, inner)
 
-    def prefill(self, queries, keys, values, state=None):
+    def prefill(
+        self, queries: Tensor, keys: Tensor, values: Tensor, state: Any = None
+    ) -> tuple[Tensor, Any]:
         """``T`` elements at once, as ``T`` calls of `forward` would."""
         position, inner = self._unpack(state)
         q, k = _rotate(self.rotary, queries, position), _rotate(self.rotary, keys, position)

@@ -68,7 +68,7 @@ __all__ = [
 # helpers
 
 
-def _parse_to(*args, **kwargs) -> tuple[torch.device | None, torch.dtype | None]:
+def _parse_to(*args: Any, **kwargs: Any) -> tuple[torch.device | None, torch.dtype | None]:
     device, dtype, _, _ = torch._C._nn._parse_to(*args, **kwargs)
     if dtype is not None and not (dtype.is_floating_point or dtype.is_complex):
         raise TypeError(f"state.to() accepts only floating dtypes; got {dtype}")
@@ -112,7 +112,7 @@ def check_state_type(name: str, state: Any, expected: type | tuple[type, ...], o
         the state, an instance of ``expected``.
     """
     sequence_form = isinstance(state, (list, tuple)) and isinstance(expected, type)
-    if sequence_form and issubclass(expected, RecurrentState):
+    if sequence_form and isinstance(expected, type) and issubclass(expected, RecurrentState):
         return expected.from_sequence(state, name=name, owner=owner)
     if not isinstance(state, expected):
         names = (
@@ -167,7 +167,7 @@ class RecurrentState:
         return tuple(getattr(self, f.name) for f in dataclasses.fields(self) if f.init)
 
     @classmethod
-    def from_sequence(cls, items, name: str = "state", owner: str = "") -> RecurrentState:
+    def from_sequence(cls, items: Any, name: str = "state", owner: str = "") -> RecurrentState:
         """Build the state from its sequence form (the inverse of `as_sequence`).
 
         Arguments:
@@ -203,7 +203,7 @@ class RecurrentState:
         """Every tensor of the state (nested states included), in field order."""
         return list(_tensors(self))
 
-    def to(self, *args, **kwargs) -> RecurrentState:
+    def to(self, *args: Any, **kwargs: Any) -> RecurrentState:
         """Move the state like ``Tensor.to``.
 
         Accepts ``to(device)``, ``to(dtype)``, ``to(tensor)``, ``to(device=..., dtype=...)``. Only
@@ -339,7 +339,7 @@ class KVCache(RecurrentState):
         cache = cls.empty(N, H, E, D, capacity, keys.dtype, keys.device)
         cache.key_buffer[:, :, :t] = keys
         cache.value_buffer[:, :, :t] = values
-        cache.length = cache._claim.filled = t
+        cache.length, cache._claim = t, _Claim(t)  # the new cache is its buffers' only owner
         return cache
 
     @property
@@ -381,11 +381,12 @@ class KVCache(RecurrentState):
             k = torch.cat([self.keys, keys], dim=2)
             v = torch.cat([self.values, values], dim=2)
             return KVCache(k, v, new_length, None)
-        if self._in_place_ok(new_length):
+        claim = self._claim
+        if claim is not None and self._in_place_ok(new_length):
             self.key_buffer[:, :, self.length : new_length] = keys
             self.value_buffer[:, :, self.length : new_length] = values
-            self._claim.filled = new_length
-            return KVCache(self.key_buffer, self.value_buffer, new_length, self._claim)
+            claim.filled = new_length
+            return KVCache(self.key_buffer, self.value_buffer, new_length, claim)
         capacity = max(_MIN_CAPACITY, new_length, 2 * self.capacity)
         grown = KVCache.empty(
             keys.shape[0],
@@ -402,7 +403,7 @@ class KVCache(RecurrentState):
         ):
             buffer[:, :, : self.length] = old
             buffer[:, :, self.length : new_length] = new
-        grown.length = grown._claim.filled = new_length
+        grown.length, grown._claim = new_length, _Claim(new_length)  # sole owner, as above
         return grown
 
     def as_sequence(self) -> tuple[Tensor, Tensor]:
@@ -410,7 +411,7 @@ class KVCache(RecurrentState):
         return self.keys, self.values
 
     @classmethod
-    def from_sequence(cls, items, name: str = "state", owner: str = "") -> KVCache:
+    def from_sequence(cls, items: Any, name: str = "state", owner: str = "") -> KVCache:
         """Build a cache holding fast-transformers' ``[keys, values]``.
 
         Shapes ``(N, H, t, E)`` and ``(N, H, t, D)``, copied into a growable buffer."""
@@ -526,7 +527,7 @@ class MemoryState(RecurrentState):
         return self.keys, self.values
 
     @classmethod
-    def from_sequence(cls, items, name: str = "state", owner: str = "") -> MemoryState:
+    def from_sequence(cls, items: Any, name: str = "state", owner: str = "") -> MemoryState:
         """Build the memory from fast-transformers' ``[keys, values]`` or from the four fields.
 
         The keys are ``(N, H, S, E)`` and the values ``(N, H, S, D)`` (no padding, position 0)."""
@@ -575,7 +576,7 @@ class TransformerState(RecurrentState):
         return tuple(self.layers)
 
     @classmethod
-    def from_sequence(cls, items, name: str = "state", owner: str = "") -> TransformerState:
+    def from_sequence(cls, items: Any, name: str = "state", owner: str = "") -> TransformerState:
         """The model state from a list of per-layer states."""
         return cls(tuple(items))
 

@@ -15,7 +15,8 @@ Shapes: ``x`` is ``(N, E)`` per step or ``(N, T, E)`` for ``prefill``; ``memory`
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any, cast
 
 from torch import Tensor, nn
 
@@ -34,6 +35,9 @@ from ._checks import (
 )
 from .state import DecoderLayerState, TransformerState
 
+if TYPE_CHECKING:
+    from .attention import RecurrentAttentionLayer, RecurrentCrossAttentionLayer
+
 __all__ = [
     "RecurrentTransformerDecoder",
     "RecurrentTransformerDecoderLayer",
@@ -42,6 +46,11 @@ __all__ = [
 ]
 
 # helpers
+
+
+def _width(layers: nn.ModuleList) -> int:
+    """The feature size ``E`` of the first of ``layers``."""
+    return cast(int, layers[0].d_model)
 
 
 def _layer_states(state: Any, n_layers: int, owner: str) -> list:
@@ -62,7 +71,12 @@ def _layer_states(state: Any, n_layers: int, owner: str) -> list:
     return states
 
 
-def _run_layers(model: nn.Module, x: Tensor, states: list, call) -> tuple[Tensor, Any]:
+def _run_layers(
+    model: RecurrentTransformerEncoder | RecurrentTransformerDecoder,
+    x: Tensor,
+    states: list,
+    call: Callable[[Any, Tensor, Any], tuple[Tensor, Any]],
+) -> tuple[Tensor, Any]:
     """Run every layer of ``model`` on ``x`` with its state, then ``model.norm``.
 
     ``x, states[i] = call(layer, x, states[i])`` for every layer (dispatching an
@@ -82,10 +96,15 @@ def _run_layers(model: nn.Module, x: Tensor, states: list, call) -> tuple[Tensor
     return x, TransformerState(tuple(states))
 
 
-def _check_memory(memory, memory_length_mask, N: int, layer: nn.Module) -> None:
+def _check_memory(
+    memory: Tensor | None,
+    memory_length_mask: BaseMask | None,
+    N: int,
+    layer: RecurrentTransformerDecoderLayer,
+) -> None:
     # the memory's width is the cross attention's key width (cross_model_dimensions)
     d_model = getattr(layer.cross_attention, "d_model_keys", layer.d_model)
-    check_tensor("memory", memory, dim=3, floating=True)
+    memory = check_tensor("memory", memory, dim=3, floating=True)
     if memory.shape[0] != N or memory.shape[2] != d_model:
         raise ValueError(f"memory must have shape ({N}, S, {d_model}); got {tuple(memory.shape)}")
     check_model_dtype("memory", memory, layer.linear1.weight.dtype)
@@ -106,6 +125,12 @@ def _check_memory(memory, memory_length_mask, N: int, layer: nn.Module) -> None:
 
 class _FeedForward(nn.Module):
     """Shared by the layers: the position-wise feed-forward block with its residual."""
+
+    # set by attention_core's layers, which the recurrent layers extend
+    dropout: nn.Dropout
+    activation: Callable[[Tensor], Tensor]
+    linear1: nn.Linear
+    linear2: nn.Linear
 
     def _drop(self, x: Tensor) -> Tensor:
         # dropout is the identity in eval mode: skip the module call on the per-step path
@@ -136,7 +161,12 @@ class RecurrentTransformerEncoderLayer(_FeedForward, TransformerEncoderLayer):
         event_dispatcher: dispatcher instance or key.
     """
 
-    def forward(self, x: Tensor, state: Any = None, memory: Any = None) -> tuple[Tensor, Any]:
+    attention: RecurrentAttentionLayer
+
+    # the recurrent layer shares the batch layer's constructor and parameters, not its call
+    def forward(  # type: ignore[override]
+        self, x: Tensor, state: Any = None, memory: Any = None
+    ) -> tuple[Tensor, Any]:
         """Apply the layer to one element.
 
         Arguments:
@@ -191,7 +221,12 @@ class RecurrentTransformerEncoder(nn.Module):
         (torch.Size([3, 64]), 2)
     """
 
-    def __init__(self, layers, norm_layer=None, event_dispatcher=""):
+    def __init__(
+        self,
+        layers: Iterable[nn.Module],
+        norm_layer: nn.Module | None = None,
+        event_dispatcher: EventDispatcher | str = "",
+    ):
         super().__init__()
         self.layers = nn.ModuleList(layers)
         self.norm = norm_layer
@@ -213,7 +248,7 @@ class RecurrentTransformerEncoder(nn.Module):
         """
         state = check_state(state, memory)
         if self.layers:
-            check_element("x", x, self.layers[0].d_model, type(self).__name__)
+            check_element("x", x, _width(self.layers), type(self).__name__)
         states = _layer_states(state, len(self.layers), type(self).__name__)
         return _run_layers(self, x, states, lambda layer, x, s: layer(x, s))
 
@@ -230,7 +265,7 @@ class RecurrentTransformerEncoder(nn.Module):
             ``(N, T, E)`` (the outputs of all ``T`` elements) and the state after the last.
         """
         if self.layers:
-            check_prompt("x", x, self.layers[0].d_model)
+            check_prompt("x", x, _width(self.layers))
         states = _layer_states(state, len(self.layers), type(self).__name__)
         return _run_layers(self, x, states, lambda layer, x, s: layer.prefill(x, s))
 
@@ -256,7 +291,10 @@ class RecurrentTransformerDecoderLayer(_FeedForward, TransformerDecoderLayer):
         event_dispatcher: dispatcher instance or key.
     """
 
-    def _states(self, state) -> tuple[Any, Any]:
+    self_attention: RecurrentAttentionLayer
+    cross_attention: RecurrentCrossAttentionLayer
+
+    def _states(self, state: Any) -> tuple[Any, Any]:
         if state is None:
             return None, None
         if not isinstance(state, (DecoderLayerState, list, tuple)) or len(state) != 2:
@@ -266,7 +304,8 @@ class RecurrentTransformerDecoderLayer(_FeedForward, TransformerDecoderLayer):
             )
         return tuple(state)
 
-    def forward(
+    # the recurrent layer shares the batch layer's constructor and parameters, not its call
+    def forward(  # type: ignore[override]
         self,
         x: Tensor,
         memory: Tensor | None,
@@ -335,7 +374,12 @@ class RecurrentTransformerDecoder(nn.Module):
         event_dispatcher: dispatcher instance or key.
     """
 
-    def __init__(self, layers, norm_layer=None, event_dispatcher=""):
+    def __init__(
+        self,
+        layers: Iterable[nn.Module],
+        norm_layer: nn.Module | None = None,
+        event_dispatcher: EventDispatcher | str = "",
+    ):
         super().__init__()
         self.layers = nn.ModuleList(layers)
         self.norm = norm_layer
@@ -360,7 +404,7 @@ class RecurrentTransformerDecoder(nn.Module):
             ``(N, E)`` and the new `TransformerState`.
         """
         if self.layers:
-            check_element("x", x, self.layers[0].d_model, type(self).__name__)
+            check_element("x", x, _width(self.layers), type(self).__name__)
         states = _layer_states(state, len(self.layers), type(self).__name__)
 
         def call(layer, x, layer_state):
@@ -383,7 +427,7 @@ class RecurrentTransformerDecoder(nn.Module):
             ``(N, T, E)`` and the state after the last element.
         """
         if self.layers:
-            check_prompt("x", x, self.layers[0].d_model)
+            check_prompt("x", x, _width(self.layers))
         states = _layer_states(state, len(self.layers), type(self).__name__)
 
         def call(layer, x, layer_state):

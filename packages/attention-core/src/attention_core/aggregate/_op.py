@@ -6,6 +6,8 @@ kernels in `._triton`), their fake (meta) registrations and their autograd.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
@@ -135,7 +137,7 @@ def _(grad, X, G, F, limits):
     return X.new_empty(X.shape), F.new_empty(F.shape)
 
 
-def _aggregate_setup_context(ctx, inputs, output) -> None:
+def _aggregate_setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
     ctx.save_for_backward(*inputs)
 
 
@@ -197,7 +199,7 @@ def _(grad, Y, G, F, limits):
     return Y.new_empty(Y.shape), F.new_empty(F.shape)
 
 
-def _broadcast_setup_context(ctx, inputs, output) -> None:
+def _broadcast_setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
     ctx.save_for_backward(*inputs)
 
 

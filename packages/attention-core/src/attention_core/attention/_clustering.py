@@ -64,13 +64,13 @@ class ClusteredAttentionBase(nn.Module):
 
     def __init__(
         self,
-        clusters,
-        iterations=10,
-        bits=32,
-        hash_bias=True,
-        softmax_temp=None,
-        attention_dropout=0.1,
-        event_dispatcher="",
+        clusters: int,
+        iterations: int = 10,
+        bits: int = 32,
+        hash_bias: bool = True,
+        softmax_temp: float | None = None,
+        attention_dropout: float = 0.1,
+        event_dispatcher: EventDispatcher | str = "",
     ):
         super().__init__()
         self.clusters = check_positive_int("clusters", clusters)

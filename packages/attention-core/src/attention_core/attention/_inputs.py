@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from torch import Tensor
 
 from .._checks import check_tensor
 from ..masking import BaseMask
@@ -10,7 +11,7 @@ from ..masking import BaseMask
 __all__ = ["check_attention_inputs", "empty_attention"]
 
 
-def _check_mask(name: str, mask, shape: tuple[int, ...], device: torch.device) -> None:
+def _check_mask(name: str, mask: object, shape: tuple[int, ...], device: torch.device) -> None:
     if not isinstance(mask, BaseMask):
         raise TypeError(f"{name} must be a BaseMask (e.g. FullMask); got {type(mask).__name__}")
     if tuple(mask.shape) != shape:
@@ -21,12 +22,12 @@ def _check_mask(name: str, mask, shape: tuple[int, ...], device: torch.device) -
 
 
 def check_attention_inputs(
-    queries,
-    keys,
-    values,
-    attn_mask,
-    query_lengths,
-    key_lengths,
+    queries: Tensor,
+    keys: Tensor,
+    values: Tensor,
+    attn_mask: BaseMask,
+    query_lengths: BaseMask,
+    key_lengths: BaseMask,
     *,
     same_dims: bool = False,
     mask_shape: tuple[int, int] | None = None,

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from .._checks import check_positive_int
 from ..attention_registry import AttentionRegistry, EventDispatcherInstance, Int, Optional
 from ..events import EventDispatcher
-from ..masking import zero_padding
+from ..masking import BaseMask, zero_padding
 from ._inputs import check_attention_inputs, empty_attention
 
 __all__ = ["AFTFullAttention", "AFTSimpleAttention"]
@@ -70,7 +70,12 @@ class AFTFullAttention(nn.Module):
     masks ``(L, S)``, ``(N, L)``, ``(N, S)``; returns ``(N, L, H, D)``.
     """
 
-    def __init__(self, max_sequence_length=1024, aft_parameterization=64, event_dispatcher=""):
+    def __init__(
+        self,
+        max_sequence_length: int = 1024,
+        aft_parameterization: int = 64,
+        event_dispatcher: EventDispatcher | str = "",
+    ):
         super().__init__()
         self.max_sequence_length = check_positive_int("max_sequence_length", max_sequence_length)
         check_positive_int("aft_parameterization", aft_parameterization)
@@ -82,7 +87,15 @@ class AFTFullAttention(nn.Module):
         """The position bias ``w = u[:L] v[:S]^T`` of shape ``(L, S)``."""
         return self.u[:L] @ self.v[:S].T
 
-    def forward(self, queries, keys, values, attn_mask, query_lengths, key_lengths):
+    def forward(
+        self,
+        queries: Tensor,
+        keys: Tensor,
+        values: Tensor,
+        attn_mask: BaseMask,
+        query_lengths: BaseMask,
+        key_lengths: BaseMask,
+    ) -> Tensor:
         """Return AFT-full's ``(N, L, H, D)``."""
         N, L, S, *_ = check_attention_inputs(
             queries, keys, values, attn_mask, query_lengths, key_lengths, same_dims=True
@@ -128,11 +141,19 @@ class AFTSimpleAttention(nn.Module):
     ``L == S``.
     """
 
-    def __init__(self, event_dispatcher=""):
+    def __init__(self, event_dispatcher: EventDispatcher | str = ""):
         super().__init__()
         self.event_dispatcher = EventDispatcher.get(event_dispatcher)
 
-    def forward(self, queries, keys, values, attn_mask, query_lengths, key_lengths):
+    def forward(
+        self,
+        queries: Tensor,
+        keys: Tensor,
+        values: Tensor,
+        attn_mask: BaseMask,
+        query_lengths: BaseMask,
+        key_lengths: BaseMask,
+    ) -> Tensor:
         """Return AFT-simple's ``(N, L, H, D)``."""
         N, L, S, *_ = check_attention_inputs(
             queries, keys, values, attn_mask, query_lengths, key_lengths, same_dims=True

@@ -49,7 +49,7 @@ class AttentionLayer(nn.Module):
         d_keys: int | None = None,
         d_values: int | None = None,
         d_model_keys: int | None = None,
-        event_dispatcher="",
+        event_dispatcher: EventDispatcher | str = "",
     ):
         super().__init__()
         check_positive_int("d_model", d_model)

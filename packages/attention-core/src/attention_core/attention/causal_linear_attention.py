@@ -4,9 +4,11 @@ Reference: Katharopoulos et al. 2020, "Transformers are RNNs", arXiv 2006.16236.
 
 from __future__ import annotations
 
+import collections.abc
+
 import torch
 from einops import rearrange
-from torch import nn
+from torch import Tensor, nn
 
 from ..attention_registry import (
     AttentionRegistry,
@@ -19,8 +21,9 @@ from ..attention_registry import (
 from ..causal_product import elu_normalized_causal_dot_product, normalized_causal_dot_product
 from ..errors import UnsupportedMaskError
 from ..events import EventDispatcher
-from ..feature_maps import ActivationFunctionFeatureMap, elu_feature_map
+from ..feature_maps import ActivationFunctionFeatureMap, FeatureMap, elu_feature_map
 from ..feature_maps.base import _elu_plus_one
+from ..masking import BaseMask
 from ._inputs import check_attention_inputs
 
 __all__ = ["CausalLinearAttention"]
@@ -48,15 +51,30 @@ class CausalLinearAttention(nn.Module):
     returns ``(N, L, H, D)``.
     """
 
-    def __init__(self, query_dimensions, feature_map=None, eps=1e-6, event_dispatcher=""):
+    def __init__(
+        self,
+        query_dimensions: int,
+        feature_map: collections.abc.Callable[[int], FeatureMap] | None = None,
+        eps: float = 1e-6,
+        event_dispatcher: EventDispatcher | str = "",
+    ):
         super().__init__()
         self.feature_map = (feature_map or elu_feature_map)(query_dimensions)
         self.eps = eps
         self.event_dispatcher = EventDispatcher.get(event_dispatcher)
 
-    def forward(self, queries, keys, values, attn_mask, query_lengths, key_lengths):
+    def forward(
+        self,
+        queries: Tensor,
+        keys: Tensor,
+        values: Tensor,
+        attn_mask: BaseMask,
+        query_lengths: BaseMask,
+        key_lengths: BaseMask,
+    ) -> Tensor:
         """Return the causal linear attention ``(N, L, H, D)``."""
-        L = queries.shape[1] if queries.dim() == 4 else None
+        # a non-tensor or a wrong rank is refused by check_attention_inputs before L is used
+        L = queries.shape[1] if isinstance(queries, Tensor) and queries.dim() == 4 else 0
         _, L, S, _, _, _ = check_attention_inputs(
             queries, keys, values, attn_mask, query_lengths, key_lengths, mask_shape=(L, L)
         )

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 from einops import rearrange
+from torch import Tensor
 
 from ..aggregate import broadcast
 from ..attention_registry import (
@@ -23,8 +24,8 @@ from ..attention_registry import (
     Int,
     Optional,
 )
-from ..events import AttentionEvent
-from ..masking import zero_padding
+from ..events import AttentionEvent, EventDispatcher
+from ..masking import BaseMask, zero_padding
 from ..nn.attend import attend
 from ._clustering import ClusteredAttentionBase, keys_allowed
 from ._inputs import check_attention_inputs, empty_attention
@@ -63,19 +64,27 @@ class ClusteredAttention(ClusteredAttentionBase):
 
     def __init__(
         self,
-        clusters,
-        iterations=10,
-        bits=32,
-        hash_bias=True,
-        softmax_temp=None,
-        attention_dropout=0.1,
-        event_dispatcher="",
+        clusters: int,
+        iterations: int = 10,
+        bits: int = 32,
+        hash_bias: bool = True,
+        softmax_temp: float | None = None,
+        attention_dropout: float = 0.1,
+        event_dispatcher: EventDispatcher | str = "",
     ):
         super().__init__(
             clusters, iterations, bits, hash_bias, softmax_temp, attention_dropout, event_dispatcher
         )
 
-    def forward(self, queries, keys, values, attn_mask, query_lengths, key_lengths):
+    def forward(
+        self,
+        queries: Tensor,
+        keys: Tensor,
+        values: Tensor,
+        attn_mask: BaseMask,
+        query_lengths: BaseMask,
+        key_lengths: BaseMask,
+    ) -> Tensor:
         """Return the clustered attention of the queries over the valid keys."""
         N, L, S, _, E, _ = check_attention_inputs(
             queries, keys, values, attn_mask, query_lengths, key_lengths

@@ -5,11 +5,12 @@ arXiv 1706.03762."""
 
 from __future__ import annotations
 
-from torch import nn
+from torch import Tensor, nn
 
 from .._checks import check_positive_int
 from ..attention_registry import AttentionRegistry, EventDispatcherInstance, Float, Int, Optional
 from ..events import EventDispatcher
+from ..masking import BaseMask
 from ._inputs import check_attention_inputs
 from .full_attention import FullAttention
 
@@ -39,11 +40,11 @@ class ConditionalFullAttention(nn.Module):
 
     def __init__(
         self,
-        attention,
-        length_limit=512,
-        softmax_temp=None,
-        attention_dropout=0.1,
-        event_dispatcher="",
+        attention: nn.Module,
+        length_limit: int = 512,
+        softmax_temp: float | None = None,
+        attention_dropout: float = 0.1,
+        event_dispatcher: EventDispatcher | str = "",
     ):
         super().__init__()
         if not callable(attention):
@@ -56,12 +57,20 @@ class ConditionalFullAttention(nn.Module):
         self.full_attention = FullAttention(softmax_temp, attention_dropout, event_dispatcher)
         self.other_attention = attention
 
-    def forward(self, queries, keys, values, attn_mask, query_lengths, key_lengths):
+    def forward(
+        self,
+        queries: Tensor,
+        keys: Tensor,
+        values: Tensor,
+        attn_mask: BaseMask,
+        query_lengths: BaseMask,
+        key_lengths: BaseMask,
+    ) -> Tensor:
         """Return ``FullAttention`` when ``L, S <= length_limit``, else the wrapped attention."""
         _, L, S, *_ = check_attention_inputs(
             queries, keys, values, attn_mask, query_lengths, key_lengths
         )
-        inner = self.full_attention
+        inner: nn.Module = self.full_attention
         if self.length_limit < L or self.length_limit < S:
             inner = self.other_attention
         return inner(queries, keys, values, attn_mask, query_lengths, key_lengths)

@@ -8,12 +8,12 @@ from __future__ import annotations
 from math import sqrt
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from .._checks import check_positive_int
 from ..attention_registry import AttentionRegistry, EventDispatcherInstance, Float, Int, Optional
 from ..events import AttentionEvent, EventDispatcher
-from ..masking import zero_padding
+from ..masking import BaseMask, zero_padding
 from ..nn.attend import attend
 from ._inputs import check_attention_inputs
 from .full_attention import attention_allowed, masked_softmax
@@ -43,14 +43,28 @@ class ExactTopKAttention(nn.Module):
     masks ``(L, S)``, ``(N, L)``, ``(N, S)``; returns ``(N, L, H, D)``.
     """
 
-    def __init__(self, topk=32, softmax_temp=None, attention_dropout=0.1, event_dispatcher=""):
+    def __init__(
+        self,
+        topk: int = 32,
+        softmax_temp: float | None = None,
+        attention_dropout: float = 0.1,
+        event_dispatcher: EventDispatcher | str = "",
+    ):
         super().__init__()
         self.topk = check_positive_int("topk", topk)
         self.softmax_temp = softmax_temp
         self.dropout = nn.Dropout(attention_dropout)
         self.event_dispatcher = EventDispatcher.get(event_dispatcher)
 
-    def forward(self, queries, keys, values, attn_mask, query_lengths, key_lengths):
+    def forward(
+        self,
+        queries: Tensor,
+        keys: Tensor,
+        values: Tensor,
+        attn_mask: BaseMask,
+        query_lengths: BaseMask,
+        key_lengths: BaseMask,
+    ) -> Tensor:
         """Return the top-k softmax attention ``(N, L, H, D)``."""
         _, _, S, _, E, _ = check_attention_inputs(
             queries, keys, values, attn_mask, query_lengths, key_lengths
@@ -66,13 +80,13 @@ class ExactTopKAttention(nn.Module):
             # with a listener the scores are kept for the softmax; otherwise they only choose
             with torch.set_grad_enabled(listening and torch.is_grad_enabled()):
                 scores = torch.einsum("nlhe,nshe->nhls", queries, keys)
-        if topk < S:
+        if scores is not None and topk < S:  # scores were computed
             with torch.no_grad():
                 ranked = scores if allowed is None else scores.masked_fill(~allowed, -torch.inf)
                 best = ranked.topk(topk, dim=-1, sorted=False).indices
                 kept = torch.zeros_like(ranked, dtype=torch.bool).scatter(-1, best, True)
             allowed = kept if allowed is None else allowed & kept
-        if listening:
+        if scores is not None and listening:  # scores were computed
             A = self.dropout(masked_softmax(scores * softmax_temp, allowed))
             self.event_dispatcher.dispatch(AttentionEvent(self, A))
             return torch.einsum("nhls,nshd->nlhd", A, values).contiguous()

@@ -81,13 +81,26 @@ class FullAttention(nn.Module):
     masks ``(L, S)``, ``(N, L)``, ``(N, S)``; returns ``(N, L, H, D)``.
     """
 
-    def __init__(self, softmax_temp=None, attention_dropout=0.1, event_dispatcher=""):
+    def __init__(
+        self,
+        softmax_temp: float | None = None,
+        attention_dropout: float = 0.1,
+        event_dispatcher: EventDispatcher | str = "",
+    ):
         super().__init__()
         self.softmax_temp = softmax_temp
         self.dropout = nn.Dropout(attention_dropout)
         self.event_dispatcher = EventDispatcher.get(event_dispatcher)
 
-    def forward(self, queries, keys, values, attn_mask, query_lengths, key_lengths):
+    def forward(
+        self,
+        queries: Tensor,
+        keys: Tensor,
+        values: Tensor,
+        attn_mask: BaseMask,
+        query_lengths: BaseMask,
+        key_lengths: BaseMask,
+    ) -> Tensor:
         """Return ``softmax(softmax_temp * Q K^T + masks) V`` as ``(N, L, H, D)``."""
         _, L, S, _, E, _ = check_attention_inputs(
             queries, keys, values, attn_mask, query_lengths, key_lengths

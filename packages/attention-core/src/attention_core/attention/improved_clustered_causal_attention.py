@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 from einops import rearrange
+from torch import Tensor
 
 from ..attention_registry import (
     AttentionRegistry,
@@ -26,7 +27,7 @@ from ..attention_registry import (
 )
 from ..errors import UnsupportedMaskError
 from ..events import AttentionEvent
-from ..masking import zero_padding
+from ..masking import BaseMask, zero_padding
 from ..sparse_product import clustered_sparse_dot_product, clustered_sparse_weighted_average
 from ._clustering import cluster_rows, keys_allowed
 from ._inputs import check_attention_inputs, empty_attention
@@ -58,7 +59,15 @@ class ImprovedClusteredCausalAttention(ImprovedClusteredAttention):
     returns ``(N, L, H, D)``.
     """
 
-    def forward(self, queries, keys, values, attn_mask, query_lengths, key_lengths):
+    def forward(
+        self,
+        queries: Tensor,
+        keys: Tensor,
+        values: Tensor,
+        attn_mask: BaseMask,
+        query_lengths: BaseMask,
+        key_lengths: BaseMask,
+    ) -> Tensor:
         """Return the causal top-key attention of every query."""
         N, L, S, _, E, _ = check_attention_inputs(
             queries, keys, values, attn_mask, query_lengths, key_lengths

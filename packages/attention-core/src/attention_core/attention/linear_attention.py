@@ -4,8 +4,10 @@ Reference: Katharopoulos et al. 2020, "Transformers are RNNs", arXiv 2006.16236.
 
 from __future__ import annotations
 
+import collections.abc
+
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from ..attention_registry import (
     AttentionRegistry,
@@ -17,8 +19,8 @@ from ..attention_registry import (
 )
 from ..errors import UnsupportedMaskError
 from ..events import EventDispatcher
-from ..feature_maps import elu_feature_map
-from ..masking import zero_padding
+from ..feature_maps import FeatureMap, elu_feature_map
+from ..masking import BaseMask, zero_padding
 from ._inputs import check_attention_inputs
 
 __all__ = ["LinearAttention"]
@@ -41,13 +43,27 @@ class LinearAttention(nn.Module):
     returns ``(N, L, H, D)``.
     """
 
-    def __init__(self, query_dimensions, feature_map=None, eps=1e-6, event_dispatcher=""):
+    def __init__(
+        self,
+        query_dimensions: int,
+        feature_map: collections.abc.Callable[[int], FeatureMap] | None = None,
+        eps: float = 1e-6,
+        event_dispatcher: EventDispatcher | str = "",
+    ):
         super().__init__()
         self.feature_map = (feature_map or elu_feature_map)(query_dimensions)
         self.eps = eps
         self.event_dispatcher = EventDispatcher.get(event_dispatcher)
 
-    def forward(self, queries, keys, values, attn_mask, query_lengths, key_lengths):
+    def forward(
+        self,
+        queries: Tensor,
+        keys: Tensor,
+        values: Tensor,
+        attn_mask: BaseMask,
+        query_lengths: BaseMask,
+        key_lengths: BaseMask,
+    ) -> Tensor:
         """Return the linear attention of the queries over the unmasked keys."""
         check_attention_inputs(queries, keys, values, attn_mask, query_lengths, key_lengths)
         keys = zero_padding(keys, key_lengths)

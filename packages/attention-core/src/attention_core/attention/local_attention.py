@@ -12,7 +12,7 @@ from math import sqrt
 
 import torch
 from einops import rearrange
-from torch import nn
+from torch import Tensor, nn
 
 from .._checks import check_positive_int
 from ..attention_registry import (
@@ -24,7 +24,7 @@ from ..attention_registry import (
 )
 from ..events import AttentionEvent, EventDispatcher
 from ..local_product import local_dot_product, local_weighted_average
-from ..masking import zero_padding
+from ..masking import BaseMask, zero_padding
 from ._inputs import check_attention_inputs
 from .full_attention import masked_softmax
 
@@ -53,7 +53,11 @@ class LocalAttention(nn.Module):
     """
 
     def __init__(
-        self, local_context, softmax_temp=None, attention_dropout=0.1, event_dispatcher=""
+        self,
+        local_context: int,
+        softmax_temp: float | None = None,
+        attention_dropout: float = 0.1,
+        event_dispatcher: EventDispatcher | str = "",
     ):
         super().__init__()
         self.local_context = check_positive_int("local_context", local_context)
@@ -61,7 +65,15 @@ class LocalAttention(nn.Module):
         self.dropout = nn.Dropout(attention_dropout)
         self.event_dispatcher = EventDispatcher.get(event_dispatcher)
 
-    def forward(self, queries, keys, values, attn_mask, query_lengths, key_lengths):
+    def forward(
+        self,
+        queries: Tensor,
+        keys: Tensor,
+        values: Tensor,
+        attn_mask: BaseMask,
+        query_lengths: BaseMask,
+        key_lengths: BaseMask,
+    ) -> Tensor:
         """Return the local softmax attention as ``(N, L, H, D)``."""
         E = check_attention_inputs(queries, keys, values, attn_mask, query_lengths, key_lengths)[4]
         keys = zero_padding(keys, key_lengths)

@@ -25,7 +25,7 @@ from ..attention_registry import (
     Optional,
 )
 from ..events import AttentionEvent, EventDispatcher
-from ..masking import zero_padding
+from ..masking import BaseMask, zero_padding
 from ._inputs import check_attention_inputs
 from .full_attention import masked_softmax
 
@@ -101,13 +101,13 @@ class ReformerAttention(nn.Module):
 
     def __init__(
         self,
-        chunk_size=32,
-        bits=8,
-        rounds=4,
-        masked=False,
-        softmax_temp=None,
-        attention_dropout=0.1,
-        event_dispatcher="",
+        chunk_size: int = 32,
+        bits: int = 8,
+        rounds: int = 4,
+        masked: bool = False,
+        softmax_temp: float | None = None,
+        attention_dropout: float = 0.1,
+        event_dispatcher: EventDispatcher | str = "",
     ):
         super().__init__()
         self.chunk_size = check_positive_int("chunk_size", chunk_size)
@@ -172,7 +172,15 @@ class ReformerAttention(nn.Module):
         unsorted = torch.zeros_like(out).scatter(2, order[..., None].expand_as(out), out)
         return unsorted, A, q_pos, k_pos
 
-    def forward(self, queries, keys, values, attn_mask, query_lengths, key_lengths):
+    def forward(
+        self,
+        queries: Tensor,
+        keys: Tensor,
+        values: Tensor,
+        attn_mask: BaseMask,
+        query_lengths: BaseMask,
+        key_lengths: BaseMask,
+    ) -> Tensor:
         """Return the average over rounds of the chunked LSH attention, ``(N, L, H, D)``."""
         N, L, S, H, E, D = check_attention_inputs(
             queries, keys, values, attn_mask, query_lengths, key_lengths
@@ -204,7 +212,7 @@ class ReformerAttention(nn.Module):
 
         listening = self.event_dispatcher.has_listeners
         dense = Q.new_zeros(N, H, Lp * Lp) if listening else None
-        out = 0
+        out = Q.new_zeros(())
         for _ in range(self.rounds):
             round_out, A, q_pos, k_pos = self._round(
                 Q, K, V, valid, allowed_pairs, chunk, softmax_temp

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import Any
+
 from .spec import Optional, Spec
 
 __all__ = [
@@ -26,7 +29,9 @@ class Registry:
         self._class_specs: dict[str, dict[str, Spec]] = {}
         self._parameters: dict[str, Spec] = {}
 
-    def register(self, key: str, class_object: type, parameter_tuples) -> None:
+    def register(
+        self, key: str, class_object: type, parameter_tuples: Iterable[tuple[str, Spec]]
+    ) -> None:
         """Register ``class_object`` under ``key`` with ``[(parameter, spec), ...]``."""
         if key in self._classes:
             raise ValueError(f"{key!r} is already registered in the {self.name} registry")
@@ -80,7 +85,7 @@ class Registry:
         specs = self._class_specs[key]
         return {p: specs[p].get(values[p]) for p in self._class_params[key] if p in values}
 
-    def validate_parameter(self, key: str, value):
+    def validate_parameter(self, key: str, value: object) -> Any:
         """Return ``value`` checked (and possibly converted) by the spec of ``key``.
 
         ``None`` for an optional parameter is kept (each attention applies its default)."""

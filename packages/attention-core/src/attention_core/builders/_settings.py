@@ -5,12 +5,15 @@ Size settings that may be unset, and the builder settings that reach the attenti
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
+from ..errors import MissingParameterError
 from .attention_builders import BaseAttentionBuilder
 
 
-def positive_int(name: str, value) -> int | None:
+def positive_int(name: str, value: object) -> int | None:
     """Return a positive int, or ``None`` for "not set".
 
     ``None`` is what argparse gives for an absent option, see ``from_namespace``; ``get()`` refuses
@@ -19,6 +22,14 @@ def positive_int(name: str, value) -> int | None:
         return None
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ValueError(f"{name} must be a positive int; got {value!r}")
+    return value
+
+
+def required_size(builder: object, name: str) -> int:
+    """The size setting ``name`` of ``builder``; ``MissingParameterError`` while it is unset."""
+    value = getattr(builder, name)
+    if value is None:
+        raise MissingParameterError(f"{type(builder).__name__}: {name} is not set (None)")
     return value
 
 
@@ -32,7 +43,9 @@ SIZE_SETTINGS = ("n_layers", *FORWARDED)
 
 
 @contextmanager
-def with_defaults(builder: BaseAttentionBuilder, values: dict):
+def with_defaults(
+    builder: BaseAttentionBuilder, values: dict[str, Any]
+) -> Iterator[BaseAttentionBuilder]:
     """Set the attention's own defaults on ``builder`` for the duration of the block.
 
     Sets the ``values`` that some attention declares and the user did not set; a later change of the

@@ -5,6 +5,8 @@ from __future__ import annotations
 import inspect
 from difflib import get_close_matches
 
+from torch.nn import Module
+
 from .. import attention as _register_attentions  # noqa: F401  (fills AttentionRegistry)
 from ..attention_registry import (
     AttentionRegistry,
@@ -77,11 +79,11 @@ class BaseAttentionBuilder(BaseBuilder):
                 )
         return attention_type
 
-    def get(self, attention_type: str):
+    def get(self, attention_type: str) -> Module:
         """Construct the attention named ``attention_type`` from the parameters set."""
         self.validate_attention_type(attention_type)
         names = attention_type.split(":")
-        attention = None
+        attention: Module | None = None
         for position, name in enumerate(reversed(names)):
             attention_class, _ = self._registry[name]
             signature = inspect.signature(attention_class)
@@ -111,6 +113,8 @@ class BaseAttentionBuilder(BaseBuilder):
                     f"{', '.join(map(repr, missing))}; set them on the builder"
                 )
             attention = attention_class(**parameters)
+        if attention is None:  # unreachable: split(":") gives at least one (validated) name
+            raise ValueError(f"empty attention type {attention_type!r}")
         return attention
 
 

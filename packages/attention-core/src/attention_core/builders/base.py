@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from argparse import Namespace
+from typing import Any, TypeVar
+
 __all__ = ["BaseBuilder"]
+
+_Builder = TypeVar("_Builder", bound="BaseBuilder")
 
 
 class BaseBuilder:
@@ -12,7 +17,7 @@ class BaseBuilder:
     with `get`."""
 
     @classmethod
-    def from_kwargs(cls, strict: bool = True, **kwargs):
+    def from_kwargs(cls: type[_Builder], strict: bool = True, **kwargs: Any) -> _Builder:
         """Create a builder from keyword arguments.
 
         Arguments:
@@ -22,14 +27,16 @@ class BaseBuilder:
         return cls.from_dictionary(kwargs, strict=strict)
 
     @classmethod
-    def from_namespace(cls, args, strict: bool = False):
+    def from_namespace(cls: type[_Builder], args: Namespace, strict: bool = False) -> _Builder:
         """Create a builder from an ``argparse.Namespace``.
 
         Unknown names are ignored unless ``strict``."""
         return cls.from_dictionary(vars(args), strict=strict)
 
     @classmethod
-    def from_dictionary(cls, dictionary: dict, strict: bool = True):
+    def from_dictionary(
+        cls: type[_Builder], dictionary: dict[str, Any], strict: bool = True
+    ) -> _Builder:
         """Create a builder from a dictionary of settings.
 
         Arguments:
@@ -45,6 +52,6 @@ class BaseBuilder:
                     raise ValueError(f"{cls.__name__} has no setting {key!r}: {e}") from None
         return builder
 
-    def get(self, *args, **kwargs):
+    def get(self, *args: Any, **kwargs: Any) -> Any:
         """Construct the module."""
         raise NotImplementedError

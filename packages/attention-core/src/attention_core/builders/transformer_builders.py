@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
+from typing import Any
+
 from torch.nn import LayerNorm
 
 from ..attention import AttentionLayer
@@ -14,6 +17,7 @@ from ..transformers import (
     TransformerEncoderLayer,
 )
 from ._settings import ALWAYS_FORWARDED, FORWARDED, SIZE_SETTINGS, positive_int, with_defaults
+from ._settings import required_size as _required_size
 from ._sizes import check_parameter_sizes
 from .attention_builders import AttentionBuilder, BaseAttentionBuilder, _suggest
 from .base import BaseBuilder
@@ -34,60 +38,60 @@ class BaseTransformerBuilder(BaseBuilder):
     """
 
     def __init__(self):
-        self._n_layers = 4
-        self._n_heads = 4
-        self._d_query = 64
-        self._d_value = 64
-        self._d_ff = 1024
+        self._n_layers: int | None = 4
+        self._n_heads: int | None = 4
+        self._d_query: int | None = 64
+        self._d_value: int | None = 64
+        self._d_ff: int | None = 1024
         self._dropout = 0.1
         self._activation = "relu"
         self._final_norm = True
-        self._event_dispatcher = ""
+        self._event_dispatcher: EventDispatcher | str = ""
         self._set_by_user: set[str] = set()
 
     @property
-    def n_layers(self) -> int:
+    def n_layers(self) -> int | None:
         """The number of layers (default: 4)."""
         return self._n_layers
 
     @n_layers.setter
-    def n_layers(self, val):
+    def n_layers(self, val: int | None) -> None:
         self._n_layers = positive_int("n_layers", val)
 
     @property
-    def n_heads(self) -> int:
+    def n_heads(self) -> int | None:
         """The number of attention heads (default: 4)."""
         return self._n_heads
 
     @n_heads.setter
-    def n_heads(self, val):
+    def n_heads(self, val: int | None) -> None:
         self._n_heads = positive_int("n_heads", val)
 
     @property
-    def feed_forward_dimensions(self) -> int:
+    def feed_forward_dimensions(self) -> int | None:
         """The hidden size of the feed-forward networks (default: 1024)."""
         return self._d_ff
 
     @feed_forward_dimensions.setter
-    def feed_forward_dimensions(self, val):
+    def feed_forward_dimensions(self, val: int | None) -> None:
         self._d_ff = positive_int("feed_forward_dimensions", val)
 
     @property
-    def query_dimensions(self) -> int:
+    def query_dimensions(self) -> int | None:
         """The head dimension of queries and keys (default: 64)."""
         return self._d_query
 
     @query_dimensions.setter
-    def query_dimensions(self, val):
+    def query_dimensions(self, val: int | None) -> None:
         self._d_query = positive_int("query_dimensions", val)
 
     @property
-    def value_dimensions(self) -> int:
+    def value_dimensions(self) -> int | None:
         """The head dimension of values (default: 64)."""
         return self._d_value
 
     @value_dimensions.setter
-    def value_dimensions(self, val):
+    def value_dimensions(self, val: int | None) -> None:
         self._d_value = positive_int("value_dimensions", val)
 
     @property
@@ -96,7 +100,7 @@ class BaseTransformerBuilder(BaseBuilder):
         return self._dropout
 
     @dropout.setter
-    def dropout(self, val):
+    def dropout(self, val: float) -> None:
         if isinstance(val, bool) or not isinstance(val, (int, float)) or not 0 <= val <= 1:
             raise ValueError(f"dropout must be a float in [0, 1]; got {val!r}")
         self._dropout = float(val)
@@ -107,7 +111,7 @@ class BaseTransformerBuilder(BaseBuilder):
         return self._activation
 
     @activation.setter
-    def activation(self, val):
+    def activation(self, val: str) -> None:
         activations = ["relu", "gelu"]
         if val not in activations:
             raise ValueError(f"activation must be one of {activations}; got {val!r}")
@@ -119,46 +123,38 @@ class BaseTransformerBuilder(BaseBuilder):
         return self._final_norm
 
     @final_normalization.setter
-    def final_normalization(self, val):
+    def final_normalization(self, val: bool) -> None:
         self._final_norm = bool(val)
 
     @property
-    def event_dispatcher(self):
+    def event_dispatcher(self) -> EventDispatcher | str:
         """The event dispatcher instance or key given to every module (default: ``""``)."""
         return self._event_dispatcher
 
     @event_dispatcher.setter
-    def event_dispatcher(self, val):
+    def event_dispatcher(self, val: EventDispatcher | str) -> None:
         EventDispatcher.get(val)  # validates the type
         self._event_dispatcher = val
 
     @property
     def model_dimensions(self) -> int:
         """``value_dimensions * n_heads``, the feature size of inputs and outputs."""
-        return self.value_dimensions * self.n_heads
+        return _required_size(self, "value_dimensions") * _required_size(self, "n_heads")
 
     def _check_sizes(self, attention_layers_per_layer: int) -> None:
         """Refuse sizes whose projections and feed-forward networks cannot be allocated."""
-        d_model, heads = self.model_dimensions, self.n_heads
-        queries = keys = d_model * heads * self.query_dimensions
-        values = outputs = d_model * heads * self.value_dimensions
-        feed_forward = d_model * self.feed_forward_dimensions
+        sizes = {name: _required_size(self, name) for name in SIZE_SETTINGS}
+        d_model, heads = self.model_dimensions, sizes["n_heads"]
+        queries = keys = d_model * heads * sizes["query_dimensions"]
+        values = outputs = d_model * heads * sizes["value_dimensions"]
+        feed_forward = d_model * sizes["feed_forward_dimensions"]
         layer = [queries, keys, values, outputs] * attention_layers_per_layer
         layer += [feed_forward, feed_forward]
-        check_parameter_sizes(
-            type(self).__name__,
-            {
-                "n_layers": self.n_layers,
-                "n_heads": heads,
-                "query_dimensions": self.query_dimensions,
-                "value_dimensions": self.value_dimensions,
-                "feed_forward_dimensions": self.feed_forward_dimensions,
-            },
-            layer,
-            self.n_layers,
-        )
+        check_parameter_sizes(type(self).__name__, sizes, layer, sizes["n_layers"])
 
-    def _set_attention_parameter(self, builders: list[BaseAttentionBuilder], key, val):
+    def _set_attention_parameter(
+        self, builders: list[BaseAttentionBuilder], key: str, val: object
+    ) -> None:
         accepted = False
         for builder in builders:
             try:
@@ -183,7 +179,9 @@ class BaseTransformerBuilder(BaseBuilder):
             if parameter in ALWAYS_FORWARDED or {parameter, setting} & self._set_by_user
         }
 
-    def _prepare(self, builder: BaseAttentionBuilder, names: dict[str, str] | None = None):
+    def _prepare(
+        self, builder: BaseAttentionBuilder, names: dict[str, str] | None = None
+    ) -> AbstractContextManager[BaseAttentionBuilder]:
         """Check the sizes and return a context in which ``builder`` holds the forwarded settings.
 
         Also gives ``builder`` the event dispatcher. ``names``: see `_forwarded`; default: each
@@ -233,7 +231,7 @@ class BaseTransformerEncoderBuilder(BaseTransformerBuilder):
         return self._attention_type
 
     @attention_type.setter
-    def attention_type(self, val):
+    def attention_type(self, val: str) -> None:
         self._attention_type = self._attention_builder.validate_attention_type(val)
 
     def __setattr__(self, key, val):
@@ -244,12 +242,12 @@ class BaseTransformerEncoderBuilder(BaseTransformerBuilder):
             return
         self._set_attention_parameter([self._attention_builder], key, val)
 
-    def get(self):
+    def get(self) -> Any:
         """Construct the encoder."""
         with self._prepare(self.attention) as attention:
             return self._build(attention)
 
-    def _build(self, attention: BaseAttentionBuilder):
+    def _build(self, attention: BaseAttentionBuilder) -> Any:
         self._check_sizes(attention_layers_per_layer=1)
         Encoder = self._get_encoder_class()
         EncoderLayer = self._get_encoder_layer_class()
@@ -272,7 +270,7 @@ class BaseTransformerEncoderBuilder(BaseTransformerBuilder):
                     self.activation,
                     event_dispatcher=self.event_dispatcher,
                 )
-                for _ in range(self.n_layers)
+                for _ in range(_required_size(self, "n_layers"))
             ],
             LayerNorm(d_model) if self.final_normalization else None,
             event_dispatcher=self.event_dispatcher,
@@ -314,10 +312,10 @@ class BaseTransformerDecoderBuilder(BaseTransformerBuilder):
         self._cross_attention_builder = self._get_cross_attention_builder()
         self._self_attention_type = "full"
         self._cross_attention_type = "full"
-        self._cross_n_heads = None
-        self._cross_d_query = None
-        self._cross_d_value = None
-        self._cross_d_model = None
+        self._cross_n_heads: int | None = None
+        self._cross_d_query: int | None = None
+        self._cross_d_value: int | None = None
+        self._cross_d_model: int | None = None
 
     def _get_self_attention_builder(self) -> BaseAttentionBuilder:
         raise NotImplementedError
@@ -353,7 +351,7 @@ class BaseTransformerDecoderBuilder(BaseTransformerBuilder):
         return self._self_attention_type
 
     @self_attention_type.setter
-    def self_attention_type(self, val):
+    def self_attention_type(self, val: str) -> None:
         self._self_attention_type = self._self_attention_builder.validate_attention_type(val)
 
     @property
@@ -362,34 +360,34 @@ class BaseTransformerDecoderBuilder(BaseTransformerBuilder):
         return self._cross_attention_type
 
     @cross_attention_type.setter
-    def cross_attention_type(self, val):
+    def cross_attention_type(self, val: str) -> None:
         self._cross_attention_type = self._cross_attention_builder.validate_attention_type(val)
 
     @property
     def cross_n_heads(self) -> int:
         """The number of cross attention heads (default: ``n_heads``)."""
-        return self._cross_n_heads or self.n_heads
+        return self._cross_n_heads or _required_size(self, "n_heads")
 
     @cross_n_heads.setter
-    def cross_n_heads(self, val):
+    def cross_n_heads(self, val: int | None) -> None:
         self._cross_n_heads = positive_int("cross_n_heads", val)
 
     @property
     def cross_query_dimensions(self) -> int:
         """Head size of the cross attention's queries and keys (default: ``query_dimensions``)."""
-        return self._cross_d_query or self.query_dimensions
+        return self._cross_d_query or _required_size(self, "query_dimensions")
 
     @cross_query_dimensions.setter
-    def cross_query_dimensions(self, val):
+    def cross_query_dimensions(self, val: int | None) -> None:
         self._cross_d_query = positive_int("cross_query_dimensions", val)
 
     @property
     def cross_value_dimensions(self) -> int:
         """The head dimension of the cross attention's values (default: ``value_dimensions``)."""
-        return self._cross_d_value or self.value_dimensions
+        return self._cross_d_value or _required_size(self, "value_dimensions")
 
     @cross_value_dimensions.setter
-    def cross_value_dimensions(self, val):
+    def cross_value_dimensions(self, val: int | None) -> None:
         self._cross_d_value = positive_int("cross_value_dimensions", val)
 
     @property
@@ -401,7 +399,7 @@ class BaseTransformerDecoderBuilder(BaseTransformerBuilder):
         return self._cross_d_model or self.cross_n_heads * self.cross_value_dimensions
 
     @cross_model_dimensions.setter
-    def cross_model_dimensions(self, val):
+    def cross_model_dimensions(self, val: int | None) -> None:
         self._cross_d_model = positive_int("cross_model_dimensions", val)
 
     def __setattr__(self, key, val):
@@ -414,7 +412,7 @@ class BaseTransformerDecoderBuilder(BaseTransformerBuilder):
             [self._self_attention_builder, self._cross_attention_builder], key, val
         )
 
-    def get(self):
+    def get(self) -> Any:
         """Construct the decoder."""
         cross = {name: name for name in FORWARDED}
         cross.update(
@@ -428,7 +426,9 @@ class BaseTransformerDecoderBuilder(BaseTransformerBuilder):
         ):
             return self._build(self_attention, cross_attention)
 
-    def _build(self, self_attention: BaseAttentionBuilder, cross_attention: BaseAttentionBuilder):
+    def _build(
+        self, self_attention: BaseAttentionBuilder, cross_attention: BaseAttentionBuilder
+    ) -> Any:
         self._check_sizes(attention_layers_per_layer=2)
         Decoder = self._get_decoder_class()
         DecoderLayer = self._get_decoder_layer_class()
@@ -461,7 +461,7 @@ class BaseTransformerDecoderBuilder(BaseTransformerBuilder):
                     self.activation,
                     event_dispatcher=self.event_dispatcher,
                 )
-                for _ in range(self.n_layers)
+                for _ in range(_required_size(self, "n_layers"))
             ],
             LayerNorm(d_model) if self.final_normalization else None,
             event_dispatcher=self.event_dispatcher,

@@ -31,6 +31,8 @@ token by token, or chunk by chunk.
 
 from __future__ import annotations
 
+from typing import Literal, overload
+
 import torch
 from torch import Tensor
 
@@ -55,9 +57,28 @@ __all__ = [
 ]
 
 
-def _check_eps(eps) -> None:
+def _check_eps(eps: object) -> None:
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
         raise ValueError(f"eps must be a non-negative number; got {eps!r}")
+
+
+@overload
+def causal_dot_product(
+    Q: Tensor,
+    K: Tensor,
+    V: Tensor,
+    *,
+    state: Tensor | None = ...,
+    return_state: Literal[False] = ...,
+) -> Tensor: ...
+@overload
+def causal_dot_product(
+    Q: Tensor, K: Tensor, V: Tensor, *, state: Tensor | None = ..., return_state: Literal[True]
+) -> tuple[Tensor, Tensor]: ...
+@overload
+def causal_dot_product(
+    Q: Tensor, K: Tensor, V: Tensor, *, state: Tensor | None = ..., return_state: bool
+) -> Tensor | tuple[Tensor, Tensor]: ...
 
 
 def causal_dot_product(
@@ -107,6 +128,38 @@ def causal_dot_product(
         out, S = chunked_product(Q, K, V, 64, S0)
     out = out.to(dtype)
     return (out, S) if return_state else out
+
+
+@overload
+def normalized_causal_dot_product(
+    Q: Tensor,
+    K: Tensor,
+    V: Tensor,
+    eps: float = ...,
+    *,
+    state: tuple[Tensor, Tensor] | None = ...,
+    return_state: Literal[False] = ...,
+) -> Tensor: ...
+@overload
+def normalized_causal_dot_product(
+    Q: Tensor,
+    K: Tensor,
+    V: Tensor,
+    eps: float = ...,
+    *,
+    state: tuple[Tensor, Tensor] | None = ...,
+    return_state: Literal[True],
+) -> tuple[Tensor, tuple[Tensor, Tensor]]: ...
+@overload
+def normalized_causal_dot_product(
+    Q: Tensor,
+    K: Tensor,
+    V: Tensor,
+    eps: float = ...,
+    *,
+    state: tuple[Tensor, Tensor] | None = ...,
+    return_state: bool,
+) -> Tensor | tuple[Tensor, tuple[Tensor, Tensor]]: ...
 
 
 def normalized_causal_dot_product(

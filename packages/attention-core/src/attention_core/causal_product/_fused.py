@@ -10,6 +10,8 @@ no feature-mapped copy of Q and K is stored for the backward pass.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
@@ -109,7 +111,7 @@ def _(grad, Q, K, V, out, eps, sequence_first):
     )
 
 
-def _setup_context(ctx, inputs, output) -> None:
+def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
     Q, K, V, eps, sequence_first = inputs
     ctx.save_for_backward(Q, K, V, output)
     ctx.options = (eps, sequence_first)

@@ -6,6 +6,7 @@ and ``causal_product_backward`` (CPU kernel in ``csrc/causal_product.h``, CUDA k
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -178,7 +179,7 @@ def causal_product_backward(
     N, H, L, E = Q.shape
     M = V.shape[-1]
     grad, Q, K, V = row_major(grad.to(Q.dtype)), row_major(Q), row_major(K), row_major(V)
-    out = row_major(out) if normalize else None
+    out = row_major(out) if normalize and out is not None else None
     S0, z0, grad_S, grad_z = (
         None if t is None else t.to(Q.dtype).contiguous() for t in (S0, z0, grad_S, grad_z)
     )
@@ -214,7 +215,7 @@ def _(grad, Q, K, V, out, S0, z0, grad_S, grad_z, normalize, eps, sequence_first
     )
 
 
-def _causal_setup_context(ctx, inputs, output) -> None:
+def _causal_setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
     Q, K, V, S0, z0, normalize, eps, sequence_first = inputs
     out = output[0] if normalize else None
     ctx.save_for_backward(Q, K, V, out, S0, z0)

@@ -300,7 +300,9 @@ def _new_nhl(like: Tensor, N: int, H: int, L: int, D: int, sequence_first: bool)
     return like.new_empty(N, H, L, D)
 
 
-def _state(t: Tensor | None, shape: tuple[int, ...], name: str, device) -> Tensor | None:
+def _state(
+    t: Tensor | None, shape: tuple[int, ...], name: str, device: torch.device
+) -> Tensor | None:
     if t is None:
         return None
     if tuple(t.shape) != shape or not t.is_floating_point() or t.device != device:
@@ -319,7 +321,8 @@ def _copy_or_zero(target: Tensor, source: Tensor | None) -> None:
 
 
 def _strides(t: Tensor) -> tuple[int, int, int, int]:
-    return tuple(t.stride())
+    n, h, l, e = t.stride()
+    return n, h, l, e
 
 
 def causal_product_forward(
@@ -449,7 +452,7 @@ def causal_product_backward(
         dden = Q.new_empty(N, H, L, dtype=torch.float32)
     else:
         inv_den = dden = dS0  # never read
-        out = grad
+    out = grad if out is None or not normalize else out  # out is read only when normalising
     meta = dict(
         CHUNK=CHUNK, BLOCK_E=_block(E), BLOCK_M=_block(M), NORMALIZE=bool(normalize),
         num_stages=NUM_STAGES,

@@ -51,7 +51,9 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in _HALF else dtype
 
 
-def check_state(name: str, state, shape: tuple[int, ...], Q: Tensor) -> Tensor | None:
+def check_state(
+    name: str, state: Tensor | None, shape: tuple[int, ...], Q: Tensor
+) -> Tensor | None:
     """``state`` validated and cast to the compute dtype, or ``None``."""
     if state is None:
         return None
@@ -80,7 +82,9 @@ def causal_dot_product_reference(Q: Tensor, K: Tensor, V: Tensor) -> Tensor:
     return torch.einsum("nhls,nhsm->nhlm", scores, V)
 
 
-def chunked_product(Q: Tensor, K: Tensor, V: Tensor, chunk_size: int, S0: Tensor | None):
+def chunked_product(
+    Q: Tensor, K: Tensor, V: Tensor, chunk_size: int, S0: Tensor | None
+) -> tuple[Tensor, Tensor]:
     """The chunked numerator ``(N, H, L, M)`` of checked ``Q, K (N, H, L, E)`` and
     ``V (N, H, L, M)`` and the final state ``S0 + sum_j K_j V_j^T`` ``(N, H, E, M)``."""
     N, H, L, E = Q.shape

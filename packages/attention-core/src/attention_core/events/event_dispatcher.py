@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable
+from typing import Any
 
 from .event import Event
 from .filters import CallableEventFilter, EventFilter, event_class
@@ -28,7 +29,7 @@ class EventDispatcher:
     def __init__(self):
         self._listeners: OrderedDict = OrderedDict()
 
-    def listen(self, event_filter, event_handler: Callable[[Event], None]) -> None:
+    def listen(self, event_filter: Any, event_handler: Callable[[Event], None]) -> None:
         """Call ``event_handler(event)`` for every dispatched event that passes the filter.
 
         Arguments:
@@ -47,7 +48,7 @@ class EventDispatcher:
             event_filter = CallableEventFilter(event_filter)
         self._listeners[event_handler] = event_filter
 
-    def remove(self, event_handler) -> None:
+    def remove(self, event_handler: Callable[[Event], None]) -> None:
         """Stop delivering events to ``event_handler``."""
         self._listeners.pop(event_handler, None)
 
@@ -67,7 +68,7 @@ class EventDispatcher:
                 event_handler(event)
 
     @classmethod
-    def get(cls, key="") -> EventDispatcher:
+    def get(cls, key: EventDispatcher | str = "") -> EventDispatcher:
         """Return ``key`` itself if it is a dispatcher, else the shared one named ``key``."""
         if isinstance(key, cls):
             return key

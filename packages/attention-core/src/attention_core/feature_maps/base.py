@@ -6,6 +6,7 @@ A feature map is a ``phi`` such that ``phi(q) . phi(k)`` stands in for the softm
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -24,7 +25,7 @@ class FeatureMap(nn.Module):
         super().__init__()
         self.query_dims = query_dims
 
-    def new_feature_map(self, device) -> None:
+    def new_feature_map(self, device: torch.device | str) -> None:
         """Sample new random parameters, if any; attentions call this on every forward."""
         raise NotImplementedError
 
@@ -41,7 +42,7 @@ class FeatureMap(nn.Module):
         raise NotImplementedError
 
     @classmethod
-    def factory(cls, *args, **kwargs) -> Callable[[int], FeatureMap]:
+    def factory(cls, *args: Any, **kwargs: Any) -> Callable[[int], FeatureMap]:
         """Return ``query_dims -> cls(query_dims, *args, **kwargs)``.
 
         Attentions receive feature maps as such factories because they know the query
@@ -72,7 +73,7 @@ class ActivationFunctionFeatureMap(FeatureMap):
         super().__init__(query_dims)
         self.activation_function = activation_function
 
-    def new_feature_map(self, device) -> None:
+    def new_feature_map(self, device: torch.device | str) -> None:
         return
 
     def forward(self, x: Tensor) -> Tensor:

@@ -9,6 +9,7 @@ import threading
 import warnings
 from collections.abc import Callable
 from math import log, sqrt
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -97,19 +98,19 @@ class RandomFourierFeatures(FeatureMap):
         # handed to this thread. Neither is pickled (see __getstate__).
         self._lock = threading.Lock()
         self._thread = threading.local()
-        self._published = None
+        self._published: Tensor | None = None
 
-    def __getstate__(self):
+    def __getstate__(self) -> dict[str, Any]:
         state = dict(super().__getstate__())
         for name in ("_lock", "_thread", "_published"):
             state.pop(name, None)
         return state
 
-    def __setstate__(self, state) -> None:
+    def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self._init_thread_state()
 
-    def new_feature_map(self, device) -> None:
+    def new_feature_map(self, device: torch.device | str) -> None:
         """Redraw ``omega`` on ``device`` and hand it to the calling thread.
 
         Redrawn every ``redraw`` calls; never in deterministic eval."""
@@ -121,7 +122,7 @@ class RandomFourierFeatures(FeatureMap):
             self._published = self.omega
             self._thread.omega = self.omega
 
-    def _draw(self, device) -> None:
+    def _draw(self, device: torch.device | str) -> None:
         if self.deterministic_eval and not self.training:
             return
         self._calls += 1

@@ -49,7 +49,7 @@ class StepModel(Protocol):
         ...
 
 
-def _check_logits(method: str, logits, batch: int) -> Tensor:
+def _check_logits(method: str, logits: object, batch: int) -> Tensor:
     if not isinstance(logits, Tensor):
         raise TypeError(
             f"model.{method} must return (logits, state) with logits a torch.Tensor; "
@@ -63,7 +63,7 @@ def _check_logits(method: str, logits, batch: int) -> Tensor:
     return logits
 
 
-def _unpack(method: str, out) -> tuple[Tensor, Any]:
+def _unpack(method: str, out: object) -> tuple[Tensor, Any]:
     if not isinstance(out, tuple) or len(out) != 2:
         raise TypeError(f"model.{method} must return a (logits, state) tuple; got {out!r:.80}")
     return out
@@ -201,7 +201,7 @@ def generate(
     return torch.cat([prompt, torch.stack(new, dim=1).to(prompt.device)], dim=1)
 
 
-def _check_prompt(prompt) -> None:
+def _check_prompt(prompt: Tensor) -> None:
     check_tensor("prompt", prompt, dim=2, dtype=torch.int64)
     if prompt.shape[1] < 1:
         raise ValueError(f"prompt must have shape (B, T) with T >= 1; got {tuple(prompt.shape)}")

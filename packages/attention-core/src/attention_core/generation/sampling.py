@@ -18,7 +18,7 @@ from .._checks import check_positive_int, check_tensor
 __all__ = ["filter_by_threshold", "sample", "top_k_filter", "top_p_filter"]
 
 
-def _check_logits(logits, *, dim: int | None = None) -> Tensor:
+def _check_logits(logits: Tensor, *, dim: int | None = None) -> Tensor:
     check_tensor("logits", logits, dim=dim, floating=True)
     if logits.dim() == 0 or logits.shape[-1] == 0:
         raise ValueError(f"logits must have shape (..., V) with V >= 1; got {tuple(logits.shape)}")
@@ -29,13 +29,13 @@ def _softmax_dtype(logits: Tensor) -> torch.dtype:
     return torch.promote_types(logits.dtype, torch.float32)
 
 
-def _check_top_p(p) -> float:
+def _check_top_p(p: object) -> float:
     if not isinstance(p, (int, float)) or isinstance(p, bool) or not 0.0 < p <= 1.0:
         raise ValueError(f"top_p must be a float in (0, 1]; got {p!r}")
     return float(p)
 
 
-def _check_temperature(temperature) -> float:
+def _check_temperature(temperature: object) -> float:
     if (
         not isinstance(temperature, (int, float))
         or isinstance(temperature, bool)

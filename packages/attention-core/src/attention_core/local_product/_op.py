@@ -7,6 +7,8 @@ autograd.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
@@ -165,7 +167,7 @@ def _(grad, Q, K, key_lengths, local_context):
     return Q.new_empty(Q.shape), Q.new_empty(K.shape)
 
 
-def _local_dot_setup_context(ctx, inputs, output) -> None:
+def _local_dot_setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
     Q, K, _, key_lengths, local_context = inputs
     ctx.save_for_backward(Q, K, key_lengths)
     ctx.local_context = local_context
@@ -252,7 +254,7 @@ def _(grad, attention, V):
     return V.new_empty(attention.shape), V.new_empty(V.shape)
 
 
-def _local_average_setup_context(ctx, inputs, output) -> None:
+def _local_average_setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
     ctx.save_for_backward(*inputs)
 
 

@@ -43,7 +43,9 @@ def _broadcast_to_scores(name: str, t: Tensor, scores: tuple[int, int, int, int]
         )
 
 
-def _check(q, k, v, mask, bias) -> tuple[int, int, int, int]:
+def _check(
+    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, bias: Tensor | None
+) -> tuple[int, int, int, int]:
     check_tensor("q", q, dim=4, floating=True)
     check_tensor("k", k, dim=4, dtype=q.dtype, device=q.device)
     check_tensor("v", v, dim=4, dtype=q.dtype, device=q.device)

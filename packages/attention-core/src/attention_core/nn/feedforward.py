@@ -23,7 +23,7 @@ ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
 }
 
 
-def _activation(name) -> Callable[[Tensor], Tensor]:
+def _activation(name: str) -> Callable[[Tensor], Tensor]:
     if name not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}; got {name!r}")
     return ACTIVATIONS[name]
@@ -131,6 +131,7 @@ class FeedForward(nn.Module):
             raise ValueError(f"dropout must be a float in [0, 1); got {dropout!r}")
         fn = _activation(activation)
         self.dim, self.inner_dim, self.glu = dim, inner, bool(glu)
+        act: nn.Module
         if glu:
             first, act = nn.Linear(dim, 2 * inner), GLU(activation)
         else:

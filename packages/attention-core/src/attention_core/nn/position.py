@@ -51,7 +51,9 @@ def relative_positions(query_positions: Tensor, key_positions: Tensor) -> Tensor
     return key_positions.long()[None, :] - query_positions.long()[:, None]
 
 
-def _last_positions(i: int, j: int, offset: int | None, device) -> tuple[Tensor, Tensor]:
+def _last_positions(
+    i: int, j: int, offset: int | None, device: torch.device
+) -> tuple[Tensor, Tensor]:
     """Positions for "queries ``offset .. offset + i - 1`` over keys ``0 .. j - 1``"."""
     check_positive_int("i", i, allow_zero=True)
     check_positive_int("j", j, allow_zero=True)
@@ -217,7 +219,7 @@ class DynamicPositionBias(nn.Module):
 
     def distance_features(self, distances: Tensor) -> Tensor:
         """The MLP input ``(u, 1)`` for integer distances ``(u,)``."""
-        weight = self.mlp[0].weight
+        weight = next(self.mlp.parameters())  # the first Linear's weight
         d = distances.to(dtype=weight.dtype, device=weight.device)
         if self.log_distance:
             d = torch.sign(d) * torch.log1p(d.abs())
@@ -237,4 +239,4 @@ class DynamicPositionBias(nn.Module):
         """Bias ``(h, i, j)`` for queries at ``offset .. offset + i - 1`` and keys at ``0 .. j-1``.
 
         ``offset`` defaults to ``j - i`` (the queries are the last ``i`` keys)."""
-        return self(*_last_positions(i, j, offset, self.mlp[0].weight.device))
+        return self(*_last_positions(i, j, offset, next(self.mlp.parameters()).device))

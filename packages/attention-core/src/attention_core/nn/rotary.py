@@ -147,7 +147,7 @@ class RotaryEmbedding(nn.Module):
 
         All ones when xPos is off."""
         positions, k2 = self._prepare(positions, dtype)
-        if not self.use_xpos:
+        if self.xpos_scale_base is None:
             return positions.new_ones(positions.shape[0], self.dim)
         zeta = (k2 + 0.4 * self.dim) / (1.4 * self.dim)
         power = rearrange(positions / self.xpos_scale_base, "n -> n 1")

@@ -57,7 +57,7 @@ def _check_pair(names: tuple[str, str], a: Tensor, b: Tensor) -> None:
         )
 
 
-def _check_index(name: str, index: Tensor, shape: tuple[int, ...], device) -> Tensor:
+def _check_index(name: str, index: Tensor, shape: tuple[int, ...], device: torch.device) -> Tensor:
     """Check an integer index tensor of the given shape (``-1`` = any size); return it as int64.
 
     Its values are checked by the op (kernel path) or `_check_keys` (reference path), once."""
@@ -91,7 +91,9 @@ def _kernel_inputs(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor] | None:
     return (a, b) if use_kernels(a, b, triton=True) else None
 
 
-def _check_clusters(topk: Tensor, groups: Tensor, N: int, H: int, L: int, device):
+def _check_clusters(
+    topk: Tensor, groups: Tensor, N: int, H: int, L: int, device: torch.device
+) -> Tensor:
     topk = _check_index("topk", topk, (N, H, -1, -1), device)
     if topk.shape[2] == 0:
         raise ValueError(f"topk must have at least one cluster; got shape {tuple(topk.shape)}")

@@ -7,6 +7,8 @@ autograd.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
@@ -136,8 +138,14 @@ def _sparse_tail(topk: Tensor, groups: Tensor | None, limits: Tensor | None) -> 
     return (topk.data_ptr(), topk.shape[2], address(groups), address(limits))
 
 
-def contiguous_indices(*tensors: Tensor | None) -> tuple[Tensor | None, ...]:
-    return tuple(None if t is None else t.contiguous() for t in tensors)
+def contiguous_indices(
+    topk: Tensor, groups: Tensor | None, limits: Tensor | None
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    return (
+        topk.contiguous(),
+        None if groups is None else groups.contiguous(),
+        None if limits is None else limits.contiguous(),
+    )
 
 
 @torch.library.custom_op(
@@ -224,7 +232,7 @@ def _(grad, Q, K, topk, groups, limits):
     return Q.new_empty(Q.shape), Q.new_empty(K.shape)
 
 
-def _sparse_dot_setup_context(ctx, inputs, output) -> None:
+def _sparse_dot_setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
     ctx.save_for_backward(*inputs)
 
 
@@ -321,7 +329,7 @@ def _(grad, weights, values, topk, groups, limits):
     return values.new_empty(weights.shape), values.new_empty(values.shape)
 
 
-def _sparse_average_setup_context(ctx, inputs, output) -> None:
+def _sparse_average_setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
     ctx.save_for_backward(*inputs)
 
 

@@ -8,6 +8,8 @@ from autograd through the differentiable ops.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -23,7 +25,9 @@ __all__ = [
 ]
 
 
-def gradients(op, inputs: tuple[Tensor, ...], index_args: tuple, grad_out: Tensor):
+def gradients(
+    op: Callable[..., Tensor], inputs: tuple[Tensor, ...], index_args: tuple, grad_out: Tensor
+) -> tuple[Tensor, ...]:
     """Gradients of ``op(*inputs, *index_args)`` with respect to ``inputs`` for ``grad_out``."""
     leaves = [t.detach().requires_grad_() for t in inputs]
     with torch.enable_grad():

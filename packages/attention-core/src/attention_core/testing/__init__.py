@@ -18,7 +18,14 @@ TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
 }
 
 
-def assert_close(name: str, actual: Tensor, expected: Tensor, *, rtol=None, atol=None) -> None:
+def assert_close(
+    name: str,
+    actual: Tensor,
+    expected: Tensor,
+    *,
+    rtol: float | None = None,
+    atol: float | None = None,
+) -> None:
     """``torch.testing.assert_close`` with dtype-based tolerances and a message naming the values.
 
     The message names the compared quantity (e.g. ``"dq"``) and the largest difference."""

@@ -194,7 +194,7 @@ def check_data_parallel(
     return differences
 
 
-def _spawned(rank: int, worker) -> None:
+def _spawned(rank: int, worker: Callable[[int], object]) -> None:
     worker(rank)
     # The results are saved and the process group is destroyed: leave without interpreter
     # finalization, where gloo's worker threads can still be torn down after Python's and

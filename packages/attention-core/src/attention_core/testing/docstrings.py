@@ -5,18 +5,19 @@ from __future__ import annotations
 import importlib
 import inspect
 import pkgutil
+from types import ModuleType
 
 __all__ = ["undocumented"]
 
 
-def _public_names(module) -> list[str]:
+def _public_names(module: ModuleType) -> list[str]:
     names = getattr(module, "__all__", None)
     if names is None:
         names = [n for n in vars(module) if not n.startswith("_")]
     return list(names)
 
 
-def _documented_in(cls, attr: str, package: str) -> bool:
+def _documented_in(cls: type, attr: str, package: str) -> bool:
     """Whether ``cls.attr`` or the method of ``package`` it overrides has a docstring.
 
     A docstring inherited from torch, e.g. ``nn.Module.forward``'s, does not count."""

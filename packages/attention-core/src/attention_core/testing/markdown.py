@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -60,7 +61,9 @@ def markdown_examples(pages: list[Path], root: Path) -> list[tuple[str, str]]:
     return examples
 
 
-def run_example(name: str, code: str, *, module: str = "__docs_example__", threads: int = 1):
+def run_example(
+    name: str, code: str, *, module: str = "__docs_example__", threads: int = 1
+) -> dict[str, Any]:
     """Execute one example in a fresh namespace after ``torch.manual_seed(0)``.
 
     Runs with ``threads`` torch threads (restored afterwards); returns the namespace."""

@@ -40,7 +40,8 @@ def interfered(feature_map_class: type[FeatureMap]) -> type[FeatureMap]:
         True
     """
 
-    class Interfered(feature_map_class):
+    # mypy cannot follow a base class that is a variable
+    class Interfered(feature_map_class):  # type: ignore[misc, valid-type]
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             self.projections: list[tuple[str, Tensor, int]] = []

@@ -41,7 +41,13 @@ __all__ = ["cluster"]
 _MAX_BITS = 63
 
 
-def _check_buffer(name: str, buffer, shape: tuple[int, ...], dtype: torch.dtype, device) -> None:
+def _check_buffer(
+    name: str,
+    buffer: Tensor | None,
+    shape: tuple[int, ...],
+    dtype: torch.dtype,
+    device: torch.device,
+) -> None:
     if buffer is None:
         return
     check_tensor(name, buffer, dtype=dtype, device=device)

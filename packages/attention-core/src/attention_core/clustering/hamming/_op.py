@@ -36,7 +36,9 @@ def check_cluster_inputs(
             raise ValueError(f"{name} must be an int in [{low}, {high}]; got {value!r}")
 
 
-def _hamming_outputs(hashes: Tensor, C: int, bits: int) -> tuple[Tensor, ...]:
+def _hamming_outputs(
+    hashes: Tensor, C: int, bits: int
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     N, H, L = hashes.shape
     i32 = torch.int32
     return (
@@ -74,8 +76,10 @@ def hamming_cluster(
     N, H, L = hashes.shape
     hashes, lengths = hashes.contiguous(), lengths.contiguous()
     outputs = _hamming_outputs(hashes, clusters, bits)
+    groups, counts, centroids, distances, bitcounts = outputs
     _extension._C.hamming_cluster(
-        hashes.data_ptr(), lengths.data_ptr(), *(t.data_ptr() for t in outputs),
+        hashes.data_ptr(), lengths.data_ptr(), groups.data_ptr(), counts.data_ptr(),
+        centroids.data_ptr(), distances.data_ptr(), bitcounts.data_ptr(),
         N, H, L, clusters, bits, iterations, torch.get_num_threads(),
     )  # fmt: skip
     return outputs

@@ -45,7 +45,7 @@ class RecurrentCrossAttentionLayer(nn.Module):
         d_keys: int | None = None,
         d_values: int | None = None,
         d_model_keys: int | None = None,
-        event_dispatcher="",
+        event_dispatcher: EventDispatcher | str = "",
     ):
         super().__init__()
         check_positive_int("d_model", d_model)
@@ -59,7 +59,7 @@ class RecurrentCrossAttentionLayer(nn.Module):
             ("d_model_keys", d_model_keys),
         ):
             check_positive_int(name, value)
-        self.inner_attention = attention
+        self.inner_attention: Any = attention  # a recurrent cross attention (forward, prefill)
         self.query_projection = nn.Linear(d_model, d_keys * n_heads)
         self.key_projection = nn.Linear(d_model_keys, d_keys * n_heads)
         self.value_projection = nn.Linear(d_model_keys, d_values * n_heads)
@@ -69,9 +69,12 @@ class RecurrentCrossAttentionLayer(nn.Module):
         self.d_model_keys = d_model_keys
         self.event_dispatcher = EventDispatcher.get(event_dispatcher)
 
-    def _memory(self, N: int, keys, values, key_lengths):
+    def _memory(
+        self, N: int, keys: Tensor | None, values: Tensor | None, key_lengths: BaseMask | None
+    ) -> tuple[Tensor, Tensor, BaseMask]:
+        keys = check_tensor("keys", keys, dim=3, floating=True)
+        values = check_tensor("values", values, dim=3, floating=True)
         for name, t in (("keys", keys), ("values", values)):
-            check_tensor(name, t, dim=3, floating=True)
             if t.shape[0] != N or t.shape[2] != self.d_model_keys:
                 raise ValueError(
                     f"{name} must have shape ({N}, S, {self.d_model_keys}); got {tuple(t.shape)}"

@@ -71,7 +71,11 @@ class RecurrentCrossAttention(nn.Module):
         return self.attend(queries, state), state
 
     def make_state(
-        self, queries: Tensor, keys: Tensor, values: Tensor, key_lengths: BaseMask
+        self,
+        queries: Tensor,
+        keys: Tensor | None,
+        values: Tensor | None,
+        key_lengths: BaseMask | None,
     ) -> Any:
         """Read the memory: keys ``(N, S, H, E)``, values ``(N, S, H, D)``, key_lengths ``(N, S)``.
 
@@ -89,15 +93,21 @@ class RecurrentCrossAttention(nn.Module):
         raise NotImplementedError
 
 
-def check_memory_heads(queries: Tensor, keys, values, key_lengths) -> tuple[int, int]:
+def check_memory_heads(
+    queries: Tensor,
+    keys: Tensor | None,
+    values: Tensor | None,
+    key_lengths: BaseMask | None,
+) -> tuple[Tensor, Tensor, BaseMask]:
     """Validate the projected memory against ``queries`` ``(N, T, H, E)``.
 
     Returns:
-        ``(S, D)``.
+        the checked ``keys``, ``values`` and ``key_lengths``.
     """
     N, _, H, E = queries.shape
-    check_tensor("keys", keys, dim=4, floating=True, dtype=queries.dtype, device=queries.device)
-    check_tensor("values", values, dim=4, floating=True, dtype=queries.dtype, device=queries.device)
+    dtype, device = queries.dtype, queries.device
+    keys = check_tensor("keys", keys, dim=4, floating=True, dtype=dtype, device=device)
+    values = check_tensor("values", values, dim=4, floating=True, dtype=dtype, device=device)
     S = keys.shape[1]
     if (keys.shape[0], keys.shape[2], keys.shape[3]) != (N, H, E):
         raise ValueError(f"keys must have shape ({N}, S, {H}, {E}); got {tuple(keys.shape)}")
@@ -109,4 +119,4 @@ def check_memory_heads(queries: Tensor, keys, values, key_lengths) -> tuple[int,
         )
     if tuple(key_lengths.shape) != (N, S):
         raise ValueError(f"key_lengths must have shape ({N}, {S}); got {tuple(key_lengths.shape)}")
-    return S, values.shape[3]
+    return keys, values, key_lengths

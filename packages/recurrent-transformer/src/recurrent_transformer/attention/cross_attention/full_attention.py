@@ -11,11 +11,12 @@ features.
 from __future__ import annotations
 
 from math import sqrt
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
-from torch import nn
+from torch import Tensor, nn
 
 from attention_core.attention.full_attention import masked_softmax
 from attention_core.attention_registry import (
@@ -25,7 +26,7 @@ from attention_core.attention_registry import (
     RecurrentCrossAttentionRegistry,
 )
 from attention_core.events import AttentionEvent, EventDispatcher
-from attention_core.masking import zero_padding
+from attention_core.masking import BaseMask, zero_padding
 
 from ...state import MemoryState, check_state_tensor, check_state_type
 from .base import RecurrentCrossAttention, check_memory_heads
@@ -48,29 +49,40 @@ class RecurrentCrossFullAttention(RecurrentCrossAttention):
     ``(N, H, D)``.
     """
 
-    def __init__(self, softmax_temp=None, attention_dropout=0.1, event_dispatcher=""):
+    def __init__(
+        self,
+        softmax_temp: float | None = None,
+        attention_dropout: float = 0.1,
+        event_dispatcher: EventDispatcher | str = "",
+    ):
         super().__init__()
         self.softmax_temp = softmax_temp
         self.dropout = nn.Dropout(attention_dropout)
         self.event_dispatcher = EventDispatcher.get(event_dispatcher)
 
-    def make_state(self, queries, keys, values, key_lengths):
+    def make_state(
+        self,
+        queries: Tensor,
+        keys: Tensor | None,
+        values: Tensor | None,
+        key_lengths: BaseMask | None,
+    ) -> Any:
         """Keep the memory's keys ``(N, H, S, E)``, values ``(N, H, S, D)`` and mask."""
-        check_memory_heads(queries, keys, values, key_lengths)
+        keys, values, key_lengths = check_memory_heads(queries, keys, values, key_lengths)
         key_mask = None if key_lengths.all_ones else key_lengths.bool_matrix
         # padded memory positions cannot leak, whatever they hold (NaN, inf)
         keys, values = zero_padding(keys, key_lengths), zero_padding(values, key_lengths)
         to_heads = lambda t: rearrange(t, "n s h e -> n h s e").contiguous()  # noqa: E731
         return MemoryState(to_heads(keys), to_heads(values), key_mask)
 
-    def check_state(self, state, queries):
+    def check_state(self, state: Any, queries: Tensor) -> Any:
         state = check_state_type("state", state, MemoryState, type(self).__name__)
         N, _, H, E = queries.shape
         check_state_tensor("state.keys", state.keys, (N, H, -1, E), queries)
         check_state_tensor("state.values", state.values, (N, H, state.keys.shape[2], -1), queries)
         return state
 
-    def attend(self, queries, state):
+    def attend(self, queries: Tensor, state: Any) -> Tensor:
         """Softmax attention of ``(N, T, H, E)`` queries over the memory."""
         q = rearrange(queries, "n t h e -> n h t e")
         temp = self.softmax_temp or 1.0 / sqrt(queries.shape[-1])

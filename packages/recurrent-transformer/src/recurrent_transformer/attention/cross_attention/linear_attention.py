@@ -12,7 +12,11 @@ feature map, m value features.
 
 from __future__ import annotations
 
+import collections.abc
+from typing import Any
+
 import torch
+from torch import Tensor
 
 from attention_core.attention_registry import (
     Callable,
@@ -23,7 +27,8 @@ from attention_core.attention_registry import (
     RecurrentCrossAttentionRegistry,
 )
 from attention_core.events import EventDispatcher
-from attention_core.feature_maps import elu_feature_map
+from attention_core.feature_maps import FeatureMap, elu_feature_map
+from attention_core.masking import BaseMask
 
 from ...state import LinearState, check_state_tensor, check_state_type
 from .base import RecurrentCrossAttention, check_memory_heads
@@ -47,29 +52,41 @@ class RecurrentCrossLinearAttention(RecurrentCrossAttention):
     ``(N, H, M)``.
     """
 
-    def __init__(self, query_dimensions, feature_map=None, eps=1e-6, event_dispatcher=""):
+    def __init__(
+        self,
+        query_dimensions: int,
+        feature_map: collections.abc.Callable[[int], FeatureMap] | None = None,
+        eps: float = 1e-6,
+        event_dispatcher: EventDispatcher | str = "",
+    ):
         super().__init__()
         self.feature_map = (feature_map or elu_feature_map)(query_dimensions)
         self.eps = eps
         self.event_dispatcher = EventDispatcher.get(event_dispatcher)
 
-    def make_state(self, queries, keys, values, key_lengths):
+    def make_state(
+        self,
+        queries: Tensor,
+        keys: Tensor | None,
+        values: Tensor | None,
+        key_lengths: BaseMask | None,
+    ) -> Any:
         """Fold the memory into ``S`` ``(N, H, F, M)`` and ``Z`` ``(N, H, F)``."""
-        check_memory_heads(queries, keys, values, key_lengths)
+        keys, values, key_lengths = check_memory_heads(queries, keys, values, key_lengths)
         self.feature_map.new_feature_map(queries.device)
         K = self.feature_map.forward_keys(keys)
         if not key_lengths.all_ones:
             K = K * key_lengths.float_matrix.to(K)[:, :, None, None]
         return LinearState(torch.einsum("nshf,nshm->nhfm", K, values), K.sum(dim=1))
 
-    def check_state(self, state, queries):
+    def check_state(self, state: Any, queries: Tensor) -> Any:
         state = check_state_type("state", state, LinearState, type(self).__name__)
         N, _, H, _ = queries.shape
         check_state_tensor("state.S", state.S, (N, H, -1, -1), queries)
         check_state_tensor("state.Z", state.Z, (N, H, state.S.shape[2]), queries)
         return state
 
-    def attend(self, queries, state):
+    def attend(self, queries: Tensor, state: Any) -> Tensor:
         """``phi(Q) S / (phi(Q) Z + eps)``."""
         Q = self.feature_map.forward_queries(queries)
         if Q.shape[-1] != state.S.shape[2]:

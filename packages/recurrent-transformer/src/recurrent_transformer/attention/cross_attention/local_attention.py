@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import dataclasses
 from math import sqrt
+from typing import Any
 
 import torch
 from einops import rearrange
+from torch import Tensor
 
 from attention_core.attention.full_attention import masked_softmax
 from attention_core.attention_registry import (
@@ -30,7 +32,8 @@ from attention_core.attention_registry import (
     RecurrentCrossAttentionRegistry,
 )
 from attention_core.checks import check_positive_int
-from attention_core.events import AttentionEvent
+from attention_core.events import AttentionEvent, EventDispatcher
+from attention_core.masking import BaseMask
 
 from .full_attention import RecurrentCrossFullAttention
 
@@ -57,19 +60,30 @@ class RecurrentCrossLocalAttention(RecurrentCrossFullAttention):
     """
 
     def __init__(
-        self, local_context, softmax_temp=None, attention_dropout=0.1, event_dispatcher=""
+        self,
+        local_context: int,
+        softmax_temp: float | None = None,
+        attention_dropout: float = 0.1,
+        event_dispatcher: EventDispatcher | str = "",
     ):
         super().__init__(softmax_temp, attention_dropout, event_dispatcher)
         self.local_context = check_positive_int("local_context", local_context)
 
-    def prefill(self, queries, keys, values, key_lengths, state=None):
+    def prefill(
+        self,
+        queries: Tensor,
+        keys: Tensor | None,
+        values: Tensor | None,
+        key_lengths: BaseMask | None,
+        state: Any = None,
+    ) -> tuple[Tensor, Any]:
         """As `RecurrentCrossAttention.prefill`.
 
         The returned state's ``position`` is advanced by the number of queries ``T``."""
         out, state = super().prefill(queries, keys, values, key_lengths, state)
         return out, dataclasses.replace(state, position=state.position + queries.shape[1])
 
-    def attend(self, queries, state):
+    def attend(self, queries: Tensor, state: Any) -> Tensor:
         """Softmax attention of queries over their windows of the memory.
 
         The queries are ``(N, T, H, E)`` at positions ``state.position ..``."""

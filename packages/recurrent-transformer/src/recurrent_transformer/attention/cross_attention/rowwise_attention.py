@@ -21,9 +21,11 @@ features.
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import torch
 from einops import rearrange
+from torch import Tensor
 
 from attention_core.attention.aft_attention import AFTFullAttention, AFTSimpleAttention
 from attention_core.attention.exact_topk_attention import ExactTopKAttention
@@ -34,7 +36,7 @@ from attention_core.attention_registry import (
     Optional,
     RecurrentCrossAttentionRegistry,
 )
-from attention_core.masking import FullMask, LengthMask
+from attention_core.masking import BaseMask, FullMask, LengthMask
 
 from ...state import MemoryState, check_state_tensor, check_state_type
 from .base import RecurrentCrossAttention, check_memory_heads
@@ -50,23 +52,29 @@ class _RowwiseCrossAttention(RecurrentCrossAttention):
     """Keep the memory, then run the batch attention (the next class in the MRO) per step."""
 
     #: the batch attention whose ``forward`` computes the rows
-    batch_class: type
+    batch_class: Any  # the batch attention class whose forward this one reuses
 
-    def make_state(self, queries, keys, values, key_lengths):
+    def make_state(
+        self,
+        queries: Tensor,
+        keys: Tensor | None,
+        values: Tensor | None,
+        key_lengths: BaseMask | None,
+    ) -> Any:
         """Keep the memory's keys ``(N, H, S, E)``, values ``(N, H, S, D)`` and mask."""
-        check_memory_heads(queries, keys, values, key_lengths)
+        keys, values, key_lengths = check_memory_heads(queries, keys, values, key_lengths)
         key_mask = None if key_lengths.all_ones else key_lengths.bool_matrix
         to_heads = lambda t: rearrange(t, "n s h e -> n h s e")  # noqa: E731
         return MemoryState(to_heads(keys), to_heads(values), key_mask)
 
-    def check_state(self, state, queries):
+    def check_state(self, state: Any, queries: Tensor) -> Any:
         state = check_state_type("state", state, MemoryState, type(self).__name__)
         N, _, H, E = queries.shape
         check_state_tensor("state.keys", state.keys, (N, H, -1, E), queries)
         check_state_tensor("state.values", state.values, (N, H, state.keys.shape[2], -1), queries)
         return state
 
-    def attend(self, queries, state):
+    def attend(self, queries: Tensor, state: Any) -> Tensor:
         """The batch attention's rows for ``(N, T, H, E)`` queries over the memory."""
         N, T = queries.shape[:2]
         S = state.keys.shape[2]
@@ -83,7 +91,8 @@ class _RowwiseCrossAttention(RecurrentCrossAttention):
         )
 
 
-class RecurrentCrossExactTopKAttention(_RowwiseCrossAttention, ExactTopKAttention):
+# the recurrent forward replaces the batch one (the batch class gives parameters and registry)
+class RecurrentCrossExactTopKAttention(_RowwiseCrossAttention, ExactTopKAttention):  # type: ignore[misc]
     """Recurrent exact top-k cross attention, the dual of ``exact-topk`` with a full mask.
 
     Arguments: those of `attention_core.attention.exact_topk_attention.ExactTopKAttention`
@@ -96,7 +105,8 @@ class RecurrentCrossExactTopKAttention(_RowwiseCrossAttention, ExactTopKAttentio
     batch_class = ExactTopKAttention
 
 
-class RecurrentCrossAFTSimpleAttention(_RowwiseCrossAttention, AFTSimpleAttention):
+# the recurrent forward replaces the batch one, as above
+class RecurrentCrossAFTSimpleAttention(_RowwiseCrossAttention, AFTSimpleAttention):  # type: ignore[misc]
     """Recurrent AFT-simple cross attention, the dual of ``aft-simple`` with a full mask.
 
     ``Y_t = sigmoid(Q_t) * sum_s softmax_s(K)_s V_s`` over the real memory positions.
@@ -111,7 +121,8 @@ class RecurrentCrossAFTSimpleAttention(_RowwiseCrossAttention, AFTSimpleAttentio
     batch_class = AFTSimpleAttention
 
 
-class RecurrentCrossAFTFullAttention(_RowwiseCrossAttention, AFTFullAttention):
+# the recurrent forward replaces the batch one, as above
+class RecurrentCrossAFTFullAttention(_RowwiseCrossAttention, AFTFullAttention):  # type: ignore[misc]
     """Recurrent AFT-full cross attention, the dual of ``aft-full`` with a full mask.
 
     Step ``t`` (counting from 0) mixes the memory with the bias row ``w_t = u_t v_{0..S-1}^T``.
@@ -128,18 +139,25 @@ class RecurrentCrossAFTFullAttention(_RowwiseCrossAttention, AFTFullAttention):
     batch_class = AFTFullAttention
     _offset = 0  # the position of the first query that attend() computes
 
-    def position_bias(self, L, S):
+    def position_bias(self, L: int, S: int) -> Tensor:
         """The bias rows of positions ``offset .. offset + L - 1``: ``(L, S)``."""
         return self.u[self._offset : self._offset + L] @ self.v[:S].T
 
-    def prefill(self, queries, keys, values, key_lengths, state=None):
+    def prefill(
+        self,
+        queries: Tensor,
+        keys: Tensor | None,
+        values: Tensor | None,
+        key_lengths: BaseMask | None,
+        state: Any = None,
+    ) -> tuple[Tensor, Any]:
         """As `RecurrentCrossAttention.prefill`.
 
         The returned state's ``position`` is advanced by the number of queries ``T``."""
         out, state = super().prefill(queries, keys, values, key_lengths, state)
         return out, dataclasses.replace(state, position=state.position + queries.shape[1])
 
-    def attend(self, queries, state):
+    def attend(self, queries: Tensor, state: Any) -> Tensor:
         """AFT-full rows of positions ``state.position ..`` for ``(N, T, H, D)`` queries."""
         end = state.position + queries.shape[1]
         if end > self.max_sequence_length:

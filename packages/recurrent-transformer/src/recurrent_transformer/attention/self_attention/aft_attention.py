@@ -17,8 +17,10 @@ Einstein notation: n batch, h heads, s past positions, d features.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from attention_core.attention_registry import (
     EventDispatcherInstance,
@@ -51,11 +53,11 @@ class RecurrentAFTSimpleAttention(RecurrentAttention):
 
     same_dims = True
 
-    def __init__(self, event_dispatcher=""):
+    def __init__(self, event_dispatcher: EventDispatcher | str = ""):
         super().__init__()
         self.event_dispatcher = EventDispatcher.get(event_dispatcher)
 
-    def step(self, query, key, value, state):
+    def step(self, query: Tensor, key: Tensor, value: Tensor, state: Any) -> tuple[Tensor, Any]:
         """Fold ``exp(K) V`` and ``exp(K)`` into the running sums and read them."""
         if state is None:
             maximum, numerator, denominator = key.detach(), value, torch.ones_like(key)
@@ -93,7 +95,12 @@ class RecurrentAFTFullAttention(RecurrentAttention):
 
     same_dims = True
 
-    def __init__(self, max_sequence_length=1024, aft_parameterization=64, event_dispatcher=""):
+    def __init__(
+        self,
+        max_sequence_length: int = 1024,
+        aft_parameterization: int = 64,
+        event_dispatcher: EventDispatcher | str = "",
+    ):
         super().__init__()
         self.max_sequence_length = check_positive_int("max_sequence_length", max_sequence_length)
         check_positive_int("aft_parameterization", aft_parameterization)
@@ -101,7 +108,7 @@ class RecurrentAFTFullAttention(RecurrentAttention):
         self.v = nn.Parameter(torch.randn(max_sequence_length, aft_parameterization) * 0.01)
         self.event_dispatcher = EventDispatcher.get(event_dispatcher)
 
-    def step(self, query, key, value, state):
+    def step(self, query: Tensor, key: Tensor, value: Tensor, state: Any) -> tuple[Tensor, Any]:
         """Append ``key``/``value`` and mix every cached value with the bias row of step t."""
         N, H, D = query.shape
         if state is None:

@@ -43,7 +43,11 @@ class RecurrentAttentionLayer(AttentionLayer):
         torch.Size([2, 64])
     """
 
-    def forward(
+    # any recurrent attention: a module with `forward` and `prefill` taking and returning a state
+    inner_attention: Any
+
+    # the recurrent layer shares the batch layer's constructor and parameters, not its call
+    def forward(  # type: ignore[override]
         self, query: Tensor, key: Tensor, value: Tensor, state: Any = None, memory: Any = None
     ) -> tuple[Tensor, Any]:
         """Attend from one element to itself and every previous element.

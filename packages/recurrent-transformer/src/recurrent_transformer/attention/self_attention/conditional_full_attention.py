@@ -16,6 +16,10 @@ the first ``length_limit`` outputs are the exact softmax ones instead of the oth
 
 from __future__ import annotations
 
+from typing import Any
+
+from torch import Tensor, nn
+
 from attention_core.attention_registry import (
     EventDispatcherInstance,
     Float,
@@ -52,11 +56,11 @@ class RecurrentConditionalFullAttention(RecurrentAttention):
 
     def __init__(
         self,
-        attention,
-        length_limit=512,
-        softmax_temp=None,
-        attention_dropout=0.1,
-        event_dispatcher="",
+        attention: nn.Module,
+        length_limit: int = 512,
+        softmax_temp: float | None = None,
+        attention_dropout: float = 0.1,
+        event_dispatcher: EventDispatcher | str = "",
     ):
         super().__init__()
         if not callable(attention):
@@ -71,7 +75,7 @@ class RecurrentConditionalFullAttention(RecurrentAttention):
         )
         self.other_attention = attention
 
-    def step(self, query, key, value, state):
+    def step(self, query: Tensor, key: Tensor, value: Tensor, state: Any) -> tuple[Tensor, Any]:
         """Step both attentions while within ``length_limit``, then only the other one."""
         if state is None:
             full_state, other_state, length = None, None, 0

@@ -13,9 +13,10 @@ Einstein notation: n batch, h heads, s cached positions, e query features, d val
 from __future__ import annotations
 
 from math import sqrt
+from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from attention_core.attention.full_attention import masked_softmax
 from attention_core.attention_registry import (
@@ -49,14 +50,20 @@ class RecurrentExactTopKAttention(RecurrentAttention):
     is a `KVCache`; step ``t`` costs ``O(t)``.
     """
 
-    def __init__(self, topk=32, softmax_temp=None, attention_dropout=0.1, event_dispatcher=""):
+    def __init__(
+        self,
+        topk: int = 32,
+        softmax_temp: float | None = None,
+        attention_dropout: float = 0.1,
+        event_dispatcher: EventDispatcher | str = "",
+    ):
         super().__init__()
         self.topk = check_positive_int("topk", topk)
         self.softmax_temp = softmax_temp
         self.dropout = nn.Dropout(attention_dropout)
         self.event_dispatcher = EventDispatcher.get(event_dispatcher)
 
-    def step(self, query, key, value, state):
+    def step(self, query: Tensor, key: Tensor, value: Tensor, state: Any) -> tuple[Tensor, Any]:
         """Append ``key``/``value`` and attend to the ``topk`` best cached keys."""
         N, H, E = query.shape
         if state is None:

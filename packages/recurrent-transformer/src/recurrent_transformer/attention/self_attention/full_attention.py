@@ -12,6 +12,7 @@ features, d value features.
 from __future__ import annotations
 
 from math import sqrt
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -30,13 +31,16 @@ from ..._checks import check_sequence_heads
 from ...state import KVCache, check_state_tensor, check_state_type
 from .base import RecurrentAttention
 
+if TYPE_CHECKING:
+    from .local_attention import RecurrentLocalAttention
+
 __all__ = ["RecurrentFullAttention", "attend_cache", "check_cache"]
 
 # queries handled at once by a prefill: bounds the (N, H, chunk, S) score matrix
 _PREFILL_CHUNK = 256
 
 
-def check_cache(state, query: Tensor, value: Tensor, owner: str) -> KVCache:
+def check_cache(state: Any, query: Tensor, value: Tensor, owner: str) -> KVCache:
     """Validate a `KVCache` against one step's ``query (N, H, E)`` and ``value (N, H, D)``."""
     state = check_state_type("state", state, KVCache, owner)
     N, H, E = query.shape
@@ -46,7 +50,11 @@ def check_cache(state, query: Tensor, value: Tensor, owner: str) -> KVCache:
 
 
 def attend_cache(
-    module: nn.Module, queries: Tensor, keys: Tensor, values: Tensor, softmax_temp: float
+    module: RecurrentFullAttention | RecurrentLocalAttention,
+    queries: Tensor,
+    keys: Tensor,
+    values: Tensor,
+    softmax_temp: float,
 ) -> Tensor:
     """Causal softmax attention of the last ``T`` positions over ``S >= T`` cached ones.
 
@@ -106,19 +114,24 @@ class RecurrentFullAttention(RecurrentAttention):
     Shapes: query and key ``(N, H, E)``, value ``(N, H, D)``; returns ``(N, H, D)``.
     """
 
-    def __init__(self, softmax_temp=None, attention_dropout=0.1, event_dispatcher=""):
+    def __init__(
+        self,
+        softmax_temp: float | None = None,
+        attention_dropout: float = 0.1,
+        event_dispatcher: EventDispatcher | str = "",
+    ):
         super().__init__()
         self.softmax_temp = softmax_temp
         self.dropout = nn.Dropout(attention_dropout)
         self.event_dispatcher = EventDispatcher.get(event_dispatcher)
 
-    def _new_cache(self, query: Tensor, value: Tensor, state) -> KVCache:
+    def _new_cache(self, query: Tensor, value: Tensor, state: Any) -> KVCache:
         if state is None:
             N, H, E = query.shape
             return KVCache.empty(N, H, E, value.shape[-1], dtype=query.dtype, device=query.device)
         return check_cache(state, query, value, type(self).__name__)
 
-    def step(self, query, key, value, state):
+    def step(self, query: Tensor, key: Tensor, value: Tensor, state: Any) -> tuple[Tensor, Any]:
         """Append ``key``/``value`` to the cache and attend over it."""
         cache = self._new_cache(query, value, state)
         cache = cache.append(key.unsqueeze(2), value.unsqueeze(2))
@@ -126,7 +139,9 @@ class RecurrentFullAttention(RecurrentAttention):
         out = attend_cache(self, query.unsqueeze(2), cache.keys, cache.values, temp)
         return out.squeeze(2), cache
 
-    def prefill(self, queries, keys, values, state=None):
+    def prefill(
+        self, queries: Tensor, keys: Tensor, values: Tensor, state: Any = None
+    ) -> tuple[Tensor, Any]:
         """Fill the cache with a prompt and attend causally, ``_PREFILL_CHUNK`` queries at a time.
 
         Arguments:

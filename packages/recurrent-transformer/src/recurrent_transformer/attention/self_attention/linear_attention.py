@@ -21,6 +21,9 @@ m value features.
 
 from __future__ import annotations
 
+import collections.abc
+from typing import Any
+
 import torch
 from einops import rearrange
 from torch import Tensor
@@ -35,7 +38,7 @@ from attention_core.attention_registry import (
 )
 from attention_core.causal_product import causal_dot_product
 from attention_core.events import EventDispatcher
-from attention_core.feature_maps import elu_feature_map
+from attention_core.feature_maps import FeatureMap, elu_feature_map
 
 from ..._checks import check_sequence_heads
 from ...state import LinearState, check_state_tensor, check_state_type
@@ -73,20 +76,26 @@ class RecurrentLinearAttention(RecurrentAttention):
         (torch.Size([2, 4, 8]), torch.Size([2, 4, 8, 8]))
     """
 
-    def __init__(self, query_dimensions, feature_map=None, eps=1e-6, event_dispatcher=""):
+    def __init__(
+        self,
+        query_dimensions: int,
+        feature_map: collections.abc.Callable[[int], FeatureMap] | None = None,
+        eps: float = 1e-6,
+        event_dispatcher: EventDispatcher | str = "",
+    ):
         super().__init__()
         self.feature_map = (feature_map or elu_feature_map)(query_dimensions)
         self.eps = eps
         self.event_dispatcher = EventDispatcher.get(event_dispatcher)
 
-    def _check(self, state, Q: Tensor, value: Tensor) -> LinearState:
+    def _check(self, state: Any, Q: Tensor, value: Tensor) -> LinearState:
         state = check_state_type("state", state, LinearState, type(self).__name__)
         N, H, F = Q.shape[0], Q.shape[-2], Q.shape[-1]
         check_state_tensor("state.S", state.S, (N, H, F, value.shape[-1]), Q)
         check_state_tensor("state.Z", state.Z, (N, H, F), Q)
         return state
 
-    def step(self, query, key, value, state):
+    def step(self, query: Tensor, key: Tensor, value: Tensor, state: Any) -> tuple[Tensor, Any]:
         """One step: add ``phi(K) V^T`` to the state and read it with ``phi(Q)``."""
         if state is None:
             self.feature_map.new_feature_map(query.device)
@@ -105,7 +114,9 @@ class RecurrentLinearAttention(RecurrentAttention):
         denominator = (Q * Z).sum(dim=-1, keepdim=True) + self.eps
         return (numerator / denominator).to(dtype), LinearState(S, Z)
 
-    def prefill(self, queries, keys, values, state=None):
+    def prefill(
+        self, queries: Tensor, keys: Tensor, values: Tensor, state: Any = None
+    ) -> tuple[Tensor, Any]:
         """Consume a prompt in one parallel pass and return the state after it.
 
         The pass is the batch causal-linear computation; it continues from ``state`` when one is

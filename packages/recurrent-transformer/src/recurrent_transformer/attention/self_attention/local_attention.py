@@ -15,9 +15,10 @@ Einstein notation: n batch, h heads, j window slots, e query features, d value f
 from __future__ import annotations
 
 from math import sqrt
+from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from attention_core.attention_registry import (
     EventDispatcherInstance,
@@ -51,7 +52,11 @@ class RecurrentLocalAttention(RecurrentAttention):
     """
 
     def __init__(
-        self, local_context, softmax_temp=None, attention_dropout=0.1, event_dispatcher=""
+        self,
+        local_context: int,
+        softmax_temp: float | None = None,
+        attention_dropout: float = 0.1,
+        event_dispatcher: EventDispatcher | str = "",
     ):
         super().__init__()
         self.local_context = check_positive_int("local_context", local_context)
@@ -64,7 +69,7 @@ class RecurrentLocalAttention(RecurrentAttention):
         """How many keys a step sees: ``local_context // 2 + 1``."""
         return self.local_context // 2 + 1
 
-    def step(self, query, key, value, state):
+    def step(self, query: Tensor, key: Tensor, value: Tensor, state: Any) -> tuple[Tensor, Any]:
         """Slide the window by one element and attend over it."""
         key, value = key.unsqueeze(2), value.unsqueeze(2)
         if state is None:
