@@ -72,7 +72,7 @@ def check_rows(names: str, A: Tensor, B: Tensor, dtypes: DtypeRule = CPU_DTYPES)
         )
 
 
-def check_index(name: str, t: Tensor | None, shape: tuple[int, ...], device) -> None:
+def check_index(name: str, t: Tensor | None, shape: tuple[int, ...], device: torch.device) -> None:
     """An optional int64 tensor of exactly ``shape`` on ``device``."""
     if t is None:
         return

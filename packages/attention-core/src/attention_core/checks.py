@@ -31,9 +31,12 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TypeGuard, TypeVar
 
 import torch
 from torch import Tensor
+
+T = TypeVar("T")
 
 __all__ = [
     "check_bool",
@@ -48,11 +51,11 @@ __all__ = [
 ]
 
 
-def _is_int(value) -> bool:
+def _is_int(value: object) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _is_number(value) -> bool:
+def _is_number(value: object) -> TypeGuard[int | float]:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
@@ -61,7 +64,7 @@ def _is_number(value) -> bool:
 # ---------------------------------------------------------------------------------------
 
 
-def check_bool(name: str, value) -> bool:
+def check_bool(name: str, value: object) -> bool:
     """Check that `value` is a bool (`True` or `False`, not `0`, `1` or `None`).
 
     Arguments:
@@ -87,7 +90,7 @@ def check_bool(name: str, value) -> bool:
     return value
 
 
-def check_int(name: str, value) -> int:
+def check_int(name: str, value: object) -> int:
     """Check that `value` is an int of any sign (not a bool), e.g. an `ignore_index`.
 
     Arguments:
@@ -113,7 +116,7 @@ def check_int(name: str, value) -> int:
     return value
 
 
-def check_positive_int(name: str, value, *, allow_zero: bool = False) -> int:
+def check_positive_int(name: str, value: object, *, allow_zero: bool = False) -> int:
     """Check that `value` is an int `> 0` (or `>= 0` with `allow_zero`), not a bool.
 
     Arguments:
@@ -144,7 +147,7 @@ def check_positive_int(name: str, value, *, allow_zero: bool = False) -> int:
     return value
 
 
-def check_positive_number(name: str, value) -> float:
+def check_positive_number(name: str, value: object) -> float:
     """Check that `value` is an int or a float `> 0` (not a bool, NaN or a tensor).
 
     Arguments:
@@ -170,7 +173,7 @@ def check_positive_number(name: str, value) -> float:
     return float(value)
 
 
-def check_probability(name: str, value, *, allow_one: bool = True) -> float:
+def check_probability(name: str, value: object, *, allow_one: bool = True) -> float:
     """Check that `value` is a probability: an int or a float in `[0, 1]` (or `[0, 1)`).
 
     Arguments:
@@ -198,7 +201,7 @@ def check_probability(name: str, value, *, allow_one: bool = True) -> float:
     return float(value)
 
 
-def check_choice(name: str, value, choices: Sequence):
+def check_choice(name: str, value: T, choices: Sequence[object]) -> T:
     """Check that `value` is one of `choices` (compared with `==`).
 
     Arguments:
@@ -237,7 +240,7 @@ def _shape_text(shape: Sequence[int | str | None]) -> str:
 
 def check_tensor(
     name: str,
-    x,
+    x: object,
     *,
     dim: int | None = None,
     shape: Sequence[int | str | None] | None = None,
