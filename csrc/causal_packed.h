@@ -68,11 +68,27 @@ inline void map_row(T* __restrict dst, const T* __restrict src, int64_t cols, bo
     }
 }
 
+// The q and k rows of token t + kChunk (the next chunk of this head, visited after the
+// worker's other heads): strided rows are not followed by the hardware prefetchers.
+template <typename T>
+inline void prefetch_next_chunk(const T* q, int64_t q_step, const T* k, int64_t k_step,
+                                int64_t t, int64_t L, int64_t E) {
+    const int64_t ahead = t + kChunk;
+    if (ahead >= L) return;
+    const char* qa = reinterpret_cast<const char*>(q + ahead * q_step);
+    const char* ka = reinterpret_cast<const char*>(k + ahead * k_step);
+    for (int64_t b = 0; b < E * int64_t(sizeof(T)); b += 64) {
+        __builtin_prefetch(qa + b);
+        __builtin_prefetch(ka + b);
+    }
+}
+
 // The c rows of the chunk at c0: q and k mapped into ws.q and ws.k.
 template <typename T>
 inline void map_chunk(const chunked::Head<T>& p, Workspace<T>& ws, int64_t c0, int64_t c) {
     const int64_t E = p.E;
     for (int64_t i = 0; i < c; ++i) {
+        prefetch_next_chunk(p.q, p.q_step, p.k, p.k_step, c0 + i, p.L, E);
         map_row(ws.q.data() + i * E, p.q + (c0 + i) * p.q_step, E, p.elu);
         map_row(ws.k.data() + i * E, p.k + (c0 + i) * p.k_step, E, p.elu);
     }
@@ -108,6 +124,7 @@ struct Chunks {
         for (int64_t i = 0; i < c; ++i) {
             T* __restrict qi = q + i * E;
             T* __restrict ki = k + i * E;
+            prefetch_next_chunk(p.q, p.q_step, p.k, p.k_step, c0 + i, p.L, E);
             map_row(qi, p.q + (c0 + i) * p.q_step, E, p.elu);
             map_row(ki, p.k + (c0 + i) * p.k_step, E, p.elu);
             if (p.normalize) {
