@@ -68,29 +68,60 @@ inline void map_row(T* __restrict dst, const T* __restrict src, int64_t cols, bo
     }
 }
 
-// The q and k rows of token t + kChunk (the next chunk of this head, visited after the
-// worker's other heads): strided rows are not followed by the hardware prefetchers.
+// Prefetching of the next chunk of this head (visited after the worker's other heads): the
+// hardware prefetchers do not follow strided rows. `ahead` is the token of the next chunk that
+// corresponds to token t of this one (t + kChunk, or t - kChunk in reverse sweeps).
+inline int64_t token_ahead(int64_t t, int64_t L, bool reverse) {
+    const int64_t ahead = reverse ? t - kChunk : t + kChunk;
+    return ahead >= 0 && ahead < L ? ahead : -1;
+}
+
 template <typename T>
-inline void prefetch_next_chunk(const T* q, int64_t q_step, const T* k, int64_t k_step,
-                                int64_t t, int64_t L, int64_t E) {
-    const int64_t ahead = t + kChunk;
-    if (ahead >= L) return;
-    const char* qa = reinterpret_cast<const char*>(q + ahead * q_step);
-    const char* ka = reinterpret_cast<const char*>(k + ahead * k_step);
-    for (int64_t b = 0; b < E * int64_t(sizeof(T)); b += 64) {
-        __builtin_prefetch(qa + b);
-        __builtin_prefetch(ka + b);
+inline void prefetch_row(const T* base, int64_t step, int64_t t, int64_t cols,
+                         bool write = false) {
+    const char* row = reinterpret_cast<const char*>(base + t * step);
+    for (int64_t b = 0; b < cols * int64_t(sizeof(T)); b += 64) {
+        if (write) {
+            __builtin_prefetch(row + b, 1);
+        } else {
+            __builtin_prefetch(row + b);
+        }
     }
 }
 
-// The c rows of the chunk at c0: q and k mapped into ws.q and ws.k.
+// The rows that the backward sweeps read (and write) at token `ahead`.
 template <typename T>
-inline void map_chunk(const chunked::Head<T>& p, Workspace<T>& ws, int64_t c0, int64_t c) {
+inline void prefetch_backward(const HeadBackward<T>& p, int64_t ahead, bool reverse) {
+    if (ahead < 0) return;
+    prefetch_row(p.grad, p.grad_step, ahead, p.M);
+    prefetch_row(p.v, p.v_step, ahead, p.M);
+    if (reverse) {
+        prefetch_row(p.dk, p.dk_step, ahead, p.E, true);
+        prefetch_row(p.dv, p.dv_step, ahead, p.M, true);
+    } else {
+        prefetch_row(p.dq, p.dq_step, ahead, p.E, true);
+        if (p.normalize) prefetch_row(p.out, p.out_step, ahead, p.M);
+    }
+}
+
+// The c rows of the chunk at c0: q and k mapped into ws.q and ws.k (and the rows of the next
+// chunk prefetched).
+template <typename T>
+inline void map_chunk(const HeadBackward<T>& p, Workspace<T>& ws, int64_t c0, int64_t c,
+                      bool reverse) {
     const int64_t E = p.E;
+    const T* q = p.q;
+    const T* k = p.k;
+    const int64_t q_step = p.q_step, k_step = p.k_step, L = p.L;
     for (int64_t i = 0; i < c; ++i) {
-        prefetch_next_chunk(p.q, p.q_step, p.k, p.k_step, c0 + i, p.L, E);
-        map_row(ws.q.data() + i * E, p.q + (c0 + i) * p.q_step, E, p.elu);
-        map_row(ws.k.data() + i * E, p.k + (c0 + i) * p.k_step, E, p.elu);
+        const int64_t ahead = token_ahead(c0 + i, L, reverse);
+        if (ahead >= 0) {
+            prefetch_row(q, q_step, ahead, E);
+            prefetch_row(k, k_step, ahead, E);
+            prefetch_backward(p, ahead, reverse);
+        }
+        map_row(ws.q.data() + i * E, q + (c0 + i) * q_step, E, p.elu);
+        map_row(ws.k.data() + i * E, k + (c0 + i) * k_step, E, p.elu);
     }
 }
 
@@ -124,7 +155,11 @@ struct Chunks {
         for (int64_t i = 0; i < c; ++i) {
             T* __restrict qi = q + i * E;
             T* __restrict ki = k + i * E;
-            prefetch_next_chunk(p.q, p.q_step, p.k, p.k_step, c0 + i, p.L, E);
+            const int64_t ahead = token_ahead(c0 + i, p.L, false);
+            if (ahead >= 0) {
+                prefetch_row(p.q, p.q_step, ahead, E);
+                prefetch_row(p.k, p.k_step, ahead, E);
+            }
             map_row(qi, p.q + (c0 + i) * p.q_step, E, p.elu);
             map_row(ki, p.k + (c0 + i) * p.k_step, E, p.elu);
             if (p.normalize) {
@@ -143,7 +178,7 @@ struct Chunks {
                                  int64_t c0) {
         const int64_t E = p.E, M = p.M, c = std::min(kChunk, p.L - c0);
         const bool norm = p.normalize;
-        map_chunk(p, ws, c0, c);
+        map_chunk(p, ws, c0, c, false);
         const T* g = p.grad + c0 * p.grad_step;
         T* r = h.r.data() + c0;
         if (norm) {
@@ -163,7 +198,7 @@ struct Chunks {
                                  int64_t c0) {
         const int64_t E = p.E, M = p.M, c = std::min(kChunk, p.L - c0);
         const bool norm = p.normalize;
-        map_chunk(p, ws, c0, c);
+        map_chunk(p, ws, c0, c, true);
         const T* g = p.grad + c0 * p.grad_step;
         const T* v = p.v + c0 * p.v_step;
         const T* r = norm ? h.r.data() + c0 : nullptr;
