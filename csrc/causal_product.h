@@ -187,7 +187,7 @@ void backward_chunked(const BackwardArgs<T>& a, int64_t threads) {
 // inner one (see causal_packed.h).
 template <typename T>
 void forward_packed(const ForwardArgs<T>& a, int64_t threads) {
-    const Leaves<T> leaves = leaves_for<T>(cpu_level());
+    const packed::Leaves<T> leaves = packed::leaves_for<T>(cpu_level());
     const int64_t NH = a.N * a.H;
     const int64_t workers = useful_threads(threads, NH, 4 * NH * a.L * a.E * a.M);
     parallel_for(NH, workers, [&](int64_t, int64_t begin, int64_t end) {
@@ -196,14 +196,14 @@ void forward_packed(const ForwardArgs<T>& a, int64_t threads) {
         packed::Workspace<T> ws;
         ws.reserve(a.E, a.M);
         for (int64_t c0 = 0; c0 < a.L; c0 += packed::kChunk) {
-            for (const auto& p : heads) packed::forward_chunk(p, ws, leaves, c0);
+            for (const auto& p : heads) leaves.forward(p, ws, c0);
         }
     });
 }
 
 template <typename T>
 void backward_packed(const BackwardArgs<T>& a, int64_t threads) {
-    const Leaves<T> leaves = leaves_for<T>(cpu_level());
+    const packed::Leaves<T> leaves = packed::leaves_for<T>(cpu_level());
     const int64_t NH = a.N * a.H, L = a.L, C = packed::kChunk;
     const int64_t workers = useful_threads(threads, NH, 12 * NH * L * a.E * a.M);
     parallel_for(NH, workers, [&](int64_t, int64_t begin, int64_t end) {
@@ -217,13 +217,13 @@ void backward_packed(const BackwardArgs<T>& a, int64_t threads) {
         for (size_t i = 0; i < heads.size(); ++i) packed::backward_start(heads[i], states[i]);
         for (int64_t c0 = 0; c0 < L; c0 += C) {
             for (size_t i = 0; i < heads.size(); ++i) {
-                packed::backward_forward_chunk(heads[i], states[i], ws, leaves, c0);
+                leaves.backward_forward(heads[i], states[i], ws, c0);
             }
         }
         for (size_t i = 0; i < heads.size(); ++i) packed::backward_turn(heads[i], states[i]);
         for (int64_t c0 = (L - 1) / C * C; L > 0 && c0 >= 0; c0 -= C) {
             for (size_t i = 0; i < heads.size(); ++i) {
-                packed::backward_reverse_chunk(heads[i], states[i], ws, leaves, c0);
+                leaves.backward_reverse(heads[i], states[i], ws, c0);
             }
         }
     });

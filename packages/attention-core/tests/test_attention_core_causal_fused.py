@@ -8,6 +8,7 @@ torch.compile, and the layer's general path for every other feature map."""
 import pytest
 import torch
 
+from attention_core import _extension
 from attention_core.attention import CausalLinearAttention
 from attention_core.causal_product import (
     _fused,
@@ -59,6 +60,7 @@ SHAPES = [
     pytest.param((1, 2, 64, 64, 64), id="one-chunk"),
     pytest.param((2, 2, 130, 33, 47), id="partial-last-chunk"),
     pytest.param((1, 2, 130, 128, 129), id="chunked-form"),
+    pytest.param((1, 3, 200, 64, 64), id="chunks-of-full-tiles"),
 ]
 
 
@@ -67,6 +69,24 @@ SHAPES = [
 @pytest.mark.parametrize("shape", SHAPES)
 def test_fused_feature_map_matches_mapping_first(shape, dtype, sequence_first):
     check(*inputs(*shape, dtype=dtype, sequence_first=sequence_first))
+
+
+@pytest.fixture
+def cpu_level():
+    """Set the instruction-set level for one test, then restore automatic selection."""
+    yield _extension._C.set_cpu_level
+    _extension._C.set_cpu_level(-1)
+
+
+@pytest.mark.parametrize("level", [0, 1, 2], ids=["baseline", "avx2", "avx512"])
+def test_every_instruction_set_variant(level, cpu_level):
+    """Each compiled copy of the chunk kernels (feature map, normaliser, recurrence with its
+    full and partial column tiles and token groups), over several chunks."""
+    cpu_level(level)
+    if _extension._C.cpu_level() != level:
+        pytest.skip(f"this CPU does not support level {level}")
+    for dtype in (torch.float32, torch.float64):
+        check(*inputs(2, 2, 131, 64, 71, dtype=dtype, seed=level), name=f"{dtype} ")
 
 
 def test_output_keeps_the_attention_layout():

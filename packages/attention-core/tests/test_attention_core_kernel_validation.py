@@ -23,7 +23,11 @@ from hypothesis import strategies as st
 
 from attention_core import _extension
 from attention_core.aggregate import aggregate, broadcast, clustered_aggregate
-from attention_core.causal_product import causal_dot_product, normalized_causal_dot_product
+from attention_core.causal_product import (
+    causal_dot_product,
+    elu_normalized_causal_dot_product,
+    normalized_causal_dot_product,
+)
 from attention_core.clustering.hamming import cluster
 from attention_core.hashing import compute_hashes
 from attention_core.local_product import local_dot_product, local_weighted_average
@@ -120,6 +124,18 @@ SPECS = [
         lambda s: (True, 1e-6, False),
     ),
     Spec(
+        "elu_causal_linear_attention",
+        op("elu_causal_linear_attention"),
+        CAUSAL,
+        lambda s: (1e-6, False),
+    ),
+    Spec(
+        "elu_causal_linear_attention_backward",
+        op("elu_causal_linear_attention_backward"),
+        [Arg("grad", "N H L M"), *CAUSAL, Arg("out", "N H L M")],
+        lambda s: (1e-6, False),
+    ),
+    Spec(
         "local_dot_product_forward",
         op("local_dot_product_forward"),
         [*LOCAL_QK, Arg("attn_mask", "L S"), Arg("key_lengths", "N", "index")],
@@ -185,6 +201,12 @@ SPECS = [
     # the public functions
     Spec("causal_dot_product", causal_dot_product, CAUSAL, kernel=False),
     Spec("normalized_causal_dot_product", normalized_causal_dot_product, CAUSAL, kernel=False),
+    Spec(
+        "elu_normalized_causal_dot_product",
+        elu_normalized_causal_dot_product,
+        CAUSAL,
+        kernel=False,
+    ),
     Spec(
         "local_dot_product",
         local_dot_product,
