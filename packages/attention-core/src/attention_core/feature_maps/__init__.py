@@ -1,7 +1,7 @@
 """Feature maps for linear attentions (``feature_map=`` of LinearAttention and
 CausalLinearAttention take a factory such as ``Favor.factory(n_dims=256)``)."""
 
-from .base import ActivationFunctionFeatureMap, FeatureMap, elu_feature_map
+from .base import ActivationFunctionFeatureMap, FeatureMap, elu_feature_map, is_elu_feature_map
 from .fourier_features import (
     Favor,
     GeneralizedRandomFeatures,
@@ -17,4 +17,5 @@ __all__ = [
     "RandomFourierFeatures",
     "SmoothedRandomFourierFeatures",
     "elu_feature_map",
+    "is_elu_feature_map",
 ]
