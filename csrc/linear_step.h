@@ -4,11 +4,11 @@
 //   Z' = Z + phi(k)              (E)
 //   out = phi(q)^T S' / (phi(q) . Z' + eps)
 //
-// with phi(x) = elu(x) + 1 when `elu` is set and phi(x) = x otherwise (queries and keys mapped
-// by any other feature map beforehand). One pass over the state: each row of S is read once,
-// updated, written to S' and used for the output while it is in registers. The old state is
-// never written (callers keep it, e.g. for beam search). No pybind11 include: the bindings
-// validate sizes and pointers.
+// with phi(x) = elu(x) + 1 when `elu` is set (for float, exp through a polynomial within about
+// 1 ulp) and phi(x) = x otherwise (queries and keys mapped by any other feature map
+// beforehand). One pass over the state: each row of S is read once, updated, written to S' and
+// used for the output while it is in registers. The old state is never written (callers keep
+// it, e.g. for beam search). No pybind11 include: the bindings validate sizes and pointers.
 #pragma once
 
 #include <algorithm>
@@ -16,6 +16,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "causal_chunked.h"
 #include "cpu_dispatch.h"
 #include "parallel.h"
 
@@ -40,11 +41,15 @@ struct Problem {
     bool elu;
 };
 
-// elu(x) + 1, computed as torch computes elu (expm1 below zero) followed by + 1.
+// phi(x) of n contiguous elements: elu(x) + 1 (the branch-free form shared with the chunked
+// causal product, so the loop vectorises) or a copy.
 template <typename T>
-inline T feature(T x, bool elu) {
-    if (!elu) return x;
-    return x > T(0) ? x + T(1) : std::expm1(x) + T(1);
+inline void features(T* __restrict dst, const T* __restrict src, int64_t n, bool elu) {
+    if (elu) {
+        for (int64_t i = 0; i < n; ++i) dst[i] = causal::chunked::elu_plus_one(src[i]);
+    } else {
+        for (int64_t i = 0; i < n; ++i) dst[i] = src[i];
+    }
 }
 
 // Heads [begin, end) of the flattened (n, h) range; `phi` is scratch of 2 E elements.
@@ -63,10 +68,10 @@ inline void run_heads(const Problem<T>& p, int64_t begin, int64_t end, T* __rest
         T* __restrict out = p.out + item * M;
         T* __restrict S_new = p.S_new + item * E * M;
         T* __restrict Z_new = p.Z_new + item * E;
+        features(phi_q, q, E, p.elu);
+        features(phi_k, k, E, p.elu);
         T denominator = T(0);
         for (int64_t e = 0; e < E; ++e) {
-            phi_q[e] = feature(q[e], p.elu);
-            phi_k[e] = feature(k[e], p.elu);
             Z_new[e] = (Z ? Z[e] : T(0)) + phi_k[e];
             denominator += phi_q[e] * Z_new[e];
         }
