@@ -102,9 +102,13 @@ def linear_attention_step_backward_reference(
         grad_out: `(N, H, M)` gradient of the output, or ``None`` (zero).
         grad_S: `(N, H, E, M)` gradient of the new ``S``, or ``None`` (zero).
         grad_Z: `(N, H, E)` gradient of the new ``Z``, or ``None`` (zero).
-        query, key, value, eps, elu_feature_map: the inputs of the step.
+        query: `(N, H, E)` the query of the step.
+        key: `(N, H, E)` the key of the step.
+        value: `(N, H, M)` the value of the step.
         S_new: `(N, H, E, M)` the state the step returned.
         Z_new: `(N, H, E)` the normaliser state the step returned.
+        eps: added to the normaliser in the step.
+        elu_feature_map: whether the step applied ``elu(x) + 1`` to query and key.
 
     Returns:
         ``dq`` `(N, H, E)`, ``dk`` `(N, H, E)`, ``dv`` `(N, H, M)` in the input dtypes, and
