@@ -59,10 +59,12 @@ def _non_finite(x) -> bool:
 
 
 def layer_checks_enabled() -> bool:
-    """Whether a layer must check its own inputs: ``False`` while a model runs its layers on
-    an input it has checked (see `start_layer_checks`), where the layers' inputs are derived
-    from it. Always ``True`` under ``torch.compile``, where the shape checks cost nothing at run
-    time (the flag is not set there, see `start_layer_checks`)."""
+    """Tell whether a layer must check its own inputs.
+
+    ``False`` while a model runs its layers on an input it has checked (see
+    `start_layer_checks`): the layers' inputs are derived from it. Always ``True`` under
+    ``torch.compile``, where the shape checks cost nothing at run time (the flag is not set
+    there)."""
     return torch.compiler.is_compiling() or not _MODEL_CHECKED.get()
 
 

@@ -50,8 +50,10 @@ __all__ = [
 
 
 def _needs_graph(*tensors: Tensor | None) -> bool:
-    """Whether the call must go through the registered op: under ``torch.compile`` (so that
-    the graph holds the op) or when autograd records it."""
+    """Tell whether the call must go through the registered op.
+
+    It must under ``torch.compile`` (so that the graph holds the op) and when autograd records
+    the call."""
     if torch.compiler.is_compiling():
         return True
     if not torch.is_grad_enabled():

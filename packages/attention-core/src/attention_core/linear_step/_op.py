@@ -27,10 +27,12 @@ def _shape_error(name: str, t: Tensor, shape: tuple[int, ...], dtype: torch.dtyp
 def check_step(
     query: Tensor, key: Tensor, value: Tensor, S: Tensor | None, Z: Tensor | None, eps: float
 ) -> None:
-    """Every argument of the step: ``query``, ``key`` `(N, H, E)` and ``value`` `(N, H, M)`
-    floating tensors of one dtype and device; ``S`` `(N, H, E, M)` and ``Z`` `(N, H, E)` (each
-    optional) in the accumulation dtype (float32 for half precision, else the input dtype) on
-    the same device; ``eps`` a finite non-negative number."""
+    """Check every argument of the step before a kernel runs.
+
+    ``query``, ``key`` `(N, H, E)` and ``value`` `(N, H, M)` must be floating tensors of one
+    dtype and device; ``S`` `(N, H, E, M)` and ``Z`` `(N, H, E)` (each optional) in the
+    accumulation dtype (float32 for half precision, else the input dtype) on the same device;
+    ``eps`` a finite non-negative number."""
     for name, t in (("query", query), ("key", key), ("value", value)):
         if not isinstance(t, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
@@ -93,8 +95,10 @@ def compute_step(
     eps: float,
     elu_feature_map: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """The step on checked arguments (see `check_step`): the compiled kernel for float32 and
-    float64 CPU tensors, the plain-PyTorch reference elsewhere. Returns new contiguous tensors
+    """Compute the step on arguments that `check_step` has accepted.
+
+    The compiled kernel runs for float32 and float64 CPU tensors, the plain-PyTorch reference
+    elsewhere. Returns new contiguous tensors
     ``out`` `(N, H, M)`, ``S`` `(N, H, E, M)` and ``Z`` `(N, H, E)`; never writes its inputs."""
     if not use_kernels(query):
         return linear_attention_step_reference(query, key, value, S, Z, eps, elu_feature_map)

@@ -85,9 +85,10 @@ class RecurrentLinearAttention(RecurrentAttention):
         return state
 
     def step(self, query, key, value, state):
-        """One step: add ``phi(K) V^T`` to the state and read it with ``phi(Q)`` (one call of
-        `attention_core.linear_step.linear_attention_step`, which applies the default feature
-        map itself for float32/float64 inputs)."""
+        """Add ``phi(K) V^T`` to the state and read it with ``phi(Q)``.
+
+        One call of `attention_core.linear_step.linear_attention_step`, which applies the
+        default feature map itself for float32/float64 inputs."""
         if state is None:
             self.feature_map.new_feature_map(query.device)
         dtype = value.dtype
