@@ -13,7 +13,9 @@ Writes the tables to ``docs/benchmarks/recurrent.md``.
    depend on the values), the same tensors for both libraries, with our cache at the capacity
    that doubling reaches (2048). From there each library steps on with its own state, as a
    generation loop does: one warm-up step, then the median of ``repeats`` consecutive steps
-   (11-31 and 2001-2021 by default), the two libraries alternating at every step.
+   (11-31 and 2001-2021 by default), the two libraries alternating at every step. At step 10
+   with linear attention, ``torch.compile`` of our model (CPU inductor) joins the alternation
+   (``--no-compile`` skips it).
 2. Streaming generation (``attention_core.generation.stream``, greedy) with a small
    ``RecurrentLM`` (4 layers, d_model 128), causal-linear against full attention, after a
    prompt of 512 to 8192 tokens consumed by ``prefill``: tokens per second of the steps.
@@ -93,7 +95,7 @@ def time_steps(contenders: dict, x, repeats: int) -> dict[str, float]:
     times: dict[str, list[float]] = {name: [] for name in contenders}
     with torch.no_grad():
         for name, (model, _) in contenders.items():
-            states[name] = model(x, state=states[name])[1]  # warm-up
+            states[name] = model(x, state=states[name])[1]  # warm-up (and compilation)
         for _ in range(repeats):
             for name, (model, _) in contenders.items():
                 start = time.perf_counter()
@@ -117,7 +119,9 @@ def dense_products_ms(model, repeats: int) -> float:
     return statistics.median(times[1:])
 
 
-def per_step_latency(FTBuilder, repeats: int, long_step: int) -> tuple[list[dict], list[str]]:
+def per_step_latency(
+    FTBuilder, repeats: int, long_step: int, compile_step: bool = False
+) -> tuple[list[dict], list[str]]:
     rows, notes = [], []
     for attention in ("linear", "full"):
         torch.manual_seed(0)
@@ -148,7 +152,16 @@ def per_step_latency(FTBuilder, repeats: int, long_step: int) -> tuple[list[dict
             contenders = {"ours": (ours, state_ours)}
             if ft is not None:
                 contenders["fast-transformers"] = (ft, state_ft)
+            compiled = compile_step and attention == "linear" and step == 10
+            if compiled:
+                contenders["ours, torch.compile"] = (torch.compile(ours), state_ours)
             row = {"attention": attention, "step": step, **time_steps(contenders, x, repeats)}
+            if compiled:
+                ms = row.pop("ours, torch.compile")
+                notes.append(
+                    f"linear, step 10, `torch.compile(model)` (CPU inductor, compiled before "
+                    f"timing): {ms:.2f} ms against {row['ours']:.2f} ms eager"
+                )
             rows.append(row)
             print(row, flush=True)
         if attention == "linear":
@@ -265,6 +278,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--ft-site", default=os.environ.get("FT_SITE"))
     parser.add_argument("--new-tokens", type=int, default=None)
+    parser.add_argument(
+        "--no-compile", action="store_true", help="skip timing torch.compile(model) on the step"
+    )
     parser.add_argument("--out", default=str(ROOT / "docs" / "benchmarks" / "recurrent.md"))
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -273,7 +289,7 @@ def main(argv: list[str] | None = None) -> None:
     long_step = 500 if args.quick else 2000
     contexts = [256, 1024] if args.quick else [512, 1024, 2048, 4096, 8192]
     args.new_tokens = args.new_tokens or (8 if args.quick else 32)
-    latency, notes = per_step_latency(FTBuilder, repeats, long_step)
+    latency, notes = per_step_latency(FTBuilder, repeats, long_step, not args.no_compile)
     gen = generation(contexts, args.new_tokens)
     report = markdown(latency, notes, gen, args, FTBuilder is not None)
     print(report)

@@ -18,6 +18,7 @@
 #include "feedback.h"
 #include "hamming.h"
 #include "hashing.h"
+#include "linear_step_bindings.h"
 #include "local_product.h"
 #include "parallel.h"
 #include "sparse_product.h"
@@ -730,4 +731,5 @@ PYBIND11_MODULE(_C, m) {
     m.def(
         "last_team_size", [] { return attention_core::last_team_size().load(); },
         "Threads (the OpenMP team) that ran the last kernel's parallel loop (for tests).");
+    attention_core::linear_step::bind(m);  // csrc/linear_step_bindings.h
 }

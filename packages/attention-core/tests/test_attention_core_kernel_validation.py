@@ -30,6 +30,7 @@ from attention_core.causal_product import (
 )
 from attention_core.clustering.hamming import cluster
 from attention_core.hashing import compute_hashes
+from attention_core.linear_step import linear_attention_step
 from attention_core.local_product import local_dot_product, local_weighted_average
 from attention_core.sparse_product import (
     clustered_sparse_dot_product,
@@ -109,6 +110,13 @@ CLUSTERS = [
     Arg("lengths", "N", "index"),
 ]
 GROUPS = [Arg("G", "N H L", "group"), Arg("F", "N H C")]
+LINEAR_STEP = [
+    Arg("query", "N H E"),
+    Arg("key", "N H E"),
+    Arg("value", "N H M"),
+    Arg("S", "N H E M"),
+    Arg("Z", "N H E"),
+]
 
 SPECS = [
     Spec(
@@ -174,6 +182,7 @@ SPECS = [
         op("sparse_weighted_average_backward"),
         [Arg("grad", "N H L D"), *SPARSE_AVERAGE, *SPARSE_INDEX, *LIMITS],
     ),
+    Spec("linear_attention_step", op("linear_attention_step"), LINEAR_STEP, lambda s: (1e-6, True)),
     Spec("aggregate_forward", op("aggregate_forward"), [Arg("X", "N H L E"), *GROUPS, *LIMITS]),
     Spec(
         "aggregate_backward",
@@ -217,6 +226,12 @@ SPECS = [
             Arg("key_lengths", "N", "index"),
         ],
         lambda s: (s["C"],),
+        kernel=False,
+    ),
+    Spec(
+        "linear_attention_step",
+        lambda query, key, value, S, Z: linear_attention_step(query, key, value, (S, Z)),
+        LINEAR_STEP,
         kernel=False,
     ),
     Spec(

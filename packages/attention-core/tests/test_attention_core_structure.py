@@ -23,6 +23,7 @@ OP_PACKAGES = (
     "aggregate",
     "hashing",
     "clustering/hamming",
+    "linear_step",
 )
 
 

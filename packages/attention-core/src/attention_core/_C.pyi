@@ -518,3 +518,49 @@ def openmp_enabled() -> bool:
 
 def last_team_size() -> int:
     """Threads (the OpenMP team) that ran the last kernel's parallel loop; for tests."""
+
+def linear_attention_step_f32(
+    q: int,
+    q_strides: tuple[int, int],
+    k: int,
+    k_strides: tuple[int, int],
+    v: int,
+    v_strides: tuple[int, int],
+    S: int,
+    Z: int,
+    out: int,
+    S_new: int,
+    Z_new: int,
+    N: int,
+    H: int,
+    E: int,
+    M: int,
+    eps: float,
+    elu: bool,
+    threads: int,
+) -> None:
+    """One recurrent linear-attention step over float32 buffers (csrc/linear_step.h): q, k, v
+    ``(N, H, E|M)`` with the strides of n and h, S ``(N, H, E, M)`` and Z ``(N, H, E)``
+    contiguous or 0 for zeros; writes out ``(N, H, M)``, S_new and Z_new."""
+
+def linear_attention_step_f64(
+    q: int,
+    q_strides: tuple[int, int],
+    k: int,
+    k_strides: tuple[int, int],
+    v: int,
+    v_strides: tuple[int, int],
+    S: int,
+    Z: int,
+    out: int,
+    S_new: int,
+    Z_new: int,
+    N: int,
+    H: int,
+    E: int,
+    M: int,
+    eps: float,
+    elu: bool,
+    threads: int,
+) -> None:
+    """float64 version of `linear_attention_step_f32`."""

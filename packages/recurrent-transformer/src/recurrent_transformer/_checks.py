@@ -6,6 +6,7 @@ One element per step, ``(N, ...)`` without a sequence axis, and whole prompts ``
 from __future__ import annotations
 
 import contextvars
+import math
 
 import torch
 from torch import Tensor
@@ -20,6 +21,7 @@ __all__ = [
     "check_prompt",
     "check_sequence_heads",
     "end_layer_checks",
+    "layer_checks_enabled",
     "start_layer_checks",
 ]
 
@@ -48,11 +50,27 @@ def end_layer_checks(token: contextvars.Token | None) -> None:
 def _non_finite(x: Tensor) -> bool:
     """Whether a CPU tensor holds NaN or infinity.
 
-    ``False`` off the CPU (it would cost a device synchronisation per step), under ``torch.compile``
-    and for empty tensors."""
+    ``False`` off the CPU (it would cost a device synchronisation per step), under
+    ``torch.compile`` and for empty tensors. One reduction decides the common case: a sum is
+    finite only if every element is (a NaN or an infinity makes it NaN or infinite), so a finite
+    sum proves the tensor finite; only a non-finite sum (which may also be an overflow of finite
+    values) runs the elementwise test.
+    """
     if x.device.type != "cpu" or torch.compiler.is_compiling() or not x.numel():
         return False
+    if math.isfinite(x.sum().item()):
+        return False
     return not bool(torch.isfinite(x).all())
+
+
+def layer_checks_enabled() -> bool:
+    """Tell whether a layer must check its own inputs.
+
+    ``False`` while a model runs its layers on an input it has checked (see
+    `start_layer_checks`): the layers' inputs are derived from it. Always ``True`` under
+    ``torch.compile``, where the shape checks cost nothing at run time (the flag is not set
+    there)."""
+    return torch.compiler.is_compiling() or not _MODEL_CHECKED.get()
 
 
 def check_output(x: Tensor, owner: str) -> None:

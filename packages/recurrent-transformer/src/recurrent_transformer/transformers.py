@@ -31,6 +31,7 @@ from ._checks import (
     check_output,
     check_prompt,
     end_layer_checks,
+    layer_checks_enabled,
     start_layer_checks,
 )
 from .state import DecoderLayerState, TransformerState
@@ -178,8 +179,9 @@ class RecurrentTransformerEncoderLayer(_FeedForward, TransformerEncoderLayer):
             ``(N, E)`` and the new state.
         """
         state = check_state(state, memory)
-        check_element("x", x, self.d_model, type(self).__name__)
-        check_model_dtype("x", x, self.linear1.weight.dtype)
+        if layer_checks_enabled():  # else the model has checked x
+            check_element("x", x, self.d_model, type(self).__name__)
+            check_model_dtype("x", x, self.linear1.weight.dtype)
         x2, state = self.attention(x, x, x, state)
         return self._feed_forward(self.norm1(x + self._drop(x2)), self.norm2), state
 
@@ -249,6 +251,8 @@ class RecurrentTransformerEncoder(nn.Module):
         state = check_state(state, memory)
         if self.layers:
             check_element("x", x, _width(self.layers), type(self).__name__)
+            if isinstance(self.layers[0], RecurrentTransformerEncoderLayer):
+                check_model_dtype("x", x, self.layers[0].linear1.weight.dtype)
         states = _layer_states(state, len(self.layers), type(self).__name__)
         return _run_layers(self, x, states, lambda layer, x, s: layer(x, s))
 

@@ -3,7 +3,7 @@
 The ``feature_map=`` argument of LinearAttention and CausalLinearAttention takes a factory such as
 ``Favor.factory(n_dims=256)``."""
 
-from .base import ActivationFunctionFeatureMap, FeatureMap, elu_feature_map
+from .base import ActivationFunctionFeatureMap, FeatureMap, elu_feature_map, is_elu_feature_map
 from .fourier_features import (
     Favor,
     GeneralizedRandomFeatures,
@@ -19,4 +19,5 @@ __all__ = [
     "RandomFourierFeatures",
     "SmoothedRandomFourierFeatures",
     "elu_feature_map",
+    "is_elu_feature_map",
 ]

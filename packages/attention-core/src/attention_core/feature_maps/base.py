@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["ActivationFunctionFeatureMap", "FeatureMap", "elu_feature_map"]
+__all__ = ["ActivationFunctionFeatureMap", "FeatureMap", "elu_feature_map", "is_elu_feature_map"]
 
 
 class FeatureMap(nn.Module):
@@ -86,3 +86,29 @@ def _elu_plus_one(x: Tensor) -> Tensor:
 
 elu_feature_map = ActivationFunctionFeatureMap.factory(_elu_plus_one)
 """Factory of the ``elu(x) + 1`` feature map of Katharopoulos et al. 2020 (the default)."""
+
+
+def is_elu_feature_map(feature_map: nn.Module) -> bool:
+    """Tell whether ``feature_map`` is the default ``elu(x) + 1`` map built by `elu_feature_map`.
+
+    A kernel that applies ``elu(x) + 1`` itself (for example
+    `attention_core.linear_step.linear_attention_step` with ``elu_feature_map=True``) may then
+    replace the module call: the map has no forward hooks, and no global forward hooks are set.
+
+    Arguments:
+        feature_map: a feature map module (any `FeatureMap`).
+
+    Returns:
+        ``True`` for an unhooked ``elu(x) + 1`` map, else ``False``.
+
+    Example:
+        >>> is_elu_feature_map(elu_feature_map(8))
+        True
+    """
+    hooks = torch.nn.modules.module
+    return (
+        type(feature_map) is ActivationFunctionFeatureMap
+        and feature_map.activation_function is _elu_plus_one
+        and not (feature_map._forward_hooks or feature_map._forward_pre_hooks)
+        and not (hooks._global_forward_hooks or hooks._global_forward_pre_hooks)
+    )

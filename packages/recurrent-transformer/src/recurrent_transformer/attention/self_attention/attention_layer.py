@@ -14,7 +14,7 @@ from attention_core.attention.attention_layer import AttentionLayer
 from attention_core.events import QKVEvent
 from attention_core.utils import check_state
 
-from ..._checks import check_element, check_prompt
+from ..._checks import check_element, check_prompt, layer_checks_enabled
 
 __all__ = ["RecurrentAttentionLayer"]
 
@@ -63,11 +63,12 @@ class RecurrentAttentionLayer(AttentionLayer):
             ``(N, d_model)`` and the new state.
         """
         state = check_state(state, memory)
-        name = type(self).__name__
-        check_element("query", query, self.d_model, name)
-        if key is not query or value is not query:  # self attention passes x three times
-            check_element("key", key, self.d_model, name)
-            check_element("value", value, self.d_model, name)
+        if layer_checks_enabled():  # else the model has checked its input
+            name = type(self).__name__
+            check_element("query", query, self.d_model, name)
+            if key is not query or value is not query:  # self attention passes x three times
+                check_element("key", key, self.d_model, name)
+                check_element("value", value, self.d_model, name)
         # the per-step hot path splits heads with unflatten/flatten: "n (h e) -> n h e" and
         # back (an einops recipe lookup costs more than the view itself at one element per call)
         heads = (self.n_heads, -1)

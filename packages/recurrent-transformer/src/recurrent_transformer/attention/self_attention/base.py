@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from attention_core.utils import check_state
 
-from ..._checks import check_heads, check_sequence_heads
+from ..._checks import check_heads, check_sequence_heads, layer_checks_enabled
 
 __all__ = ["RecurrentAttention"]
 
@@ -48,7 +48,8 @@ class RecurrentAttention(nn.Module):
             ``(N, H, D)`` and the new state.
         """
         state = check_state(state, memory)
-        check_heads(query, key, value, same_dims=self.same_dims)
+        if layer_checks_enabled():  # else the model has checked its input
+            check_heads(query, key, value, same_dims=self.same_dims)
         return self.step(query, key, value, state)
 
     def step(self, query: Tensor, key: Tensor, value: Tensor, state: Any) -> tuple[Tensor, Any]:
