@@ -6,6 +6,7 @@ registration and its autograd.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -62,15 +63,19 @@ def check_step(
     N, H, E = query.shape
     M = value.shape[2]
     dtype = accumulation_dtype(query.dtype)
-    for name, t, shape in (("S", S, (N, H, E, M)), ("Z", Z, (N, H, E))):
-        if t is None:
+    state: tuple[tuple[str, Tensor | None, tuple[int, ...]], ...] = (
+        ("S", S, (N, H, E, M)),
+        ("Z", Z, (N, H, E)),
+    )
+    for name, tensor, shape in state:
+        if tensor is None:
             continue
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor or None; got {type(t).__name__}")
-        if t.dtype != dtype or t.shape != shape:
-            raise ValueError(_shape_error(name, t, shape, dtype))
-        if t.device != device:
-            raise ValueError(f"{name} must be on device {device}; got {t.device}")
+        if not isinstance(tensor, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor or None; got {type(tensor).__name__}")
+        if tensor.dtype != dtype or tensor.shape != shape:
+            raise ValueError(_shape_error(name, tensor, shape, dtype))
+        if tensor.device != device:
+            raise ValueError(f"{name} must be on device {device}; got {tensor.device}")
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps):
         raise ValueError(f"eps must be a finite non-negative number; got {eps!r}")
     if eps < 0:
@@ -160,7 +165,7 @@ def _(query, key, value, S, Z, eps, elu_feature_map):
     )
 
 
-def _setup_context(ctx, inputs, output) -> None:
+def _setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
     query, key, value, S, Z, eps, elu_feature_map = inputs
     _, S_new, Z_new = output
     ctx.save_for_backward(query, key, value, S_new, Z_new)
