@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import _inference_window
 from ._fused_window_step import LayerStep, StepInputs, StepPlan, join_heads, split_projection
 from ._kv_store import KVStore
 from ._step_linear import StepLinear
@@ -54,6 +55,13 @@ def query_weights(model, fused: bool) -> list[Tensor]:
 def memory_mix(model) -> Tensor | None:
     """``softmax(layer_weight)`` ``(depth + 1,)``, or ``None`` (the last layer only)."""
     return None if model.layer_weight is None else model.layer_weight.softmax(dim=-1)
+
+
+def dropout_active(model) -> bool:
+    """Whether a forward of ``model`` applies dropout (training mode, a probability > 0)."""
+    return model.training and any(
+        layer.attn_dropout or layer.ff_parts()[1].p for layer in model.layers
+    )
 
 
 def _layer_norm(x: Tensor, norm) -> Tensor:
@@ -211,6 +219,7 @@ def run(
     weights = query_weights(model, fused=W > 1 and n > 1)
     q_weights = [wt[: model.heads * model.dim_head] for wt in weights]
     linear = StepLinear() if torch.is_grad_enabled() else F.linear
+    fast_inference = linear is F.linear and not dropout_active(model)
     mix = memory_mix(model)
     # the first layer's input is the embedding, known for every step: its pre-norm and
     # projection are one product over all b * n rows instead of one per window
@@ -232,10 +241,15 @@ def run(
         layer_weights = weights if w > 1 else q_weights
         o = layer_weights[0].shape[0]  # "b w o -> (b w) o" (a copy when b > 1)
         proj0 = proj_windows[index][:, :, :o].reshape(b * w, o)
-        x, k, v = window(
-            model, x, MemorySlice(store, lo, hi, link), bias, first_empty, layer_weights,
-            cross, mix, linear, proj0,
-        )  # fmt: skip
+        memory = MemorySlice(store, lo, hi, link)
+        if fast_inference:
+            x, k, v = _inference_window.window(
+                model, x, memory, bias, first_empty, layer_weights, cross, mix, proj0
+            )
+        else:
+            x, k, v = window(
+                model, x, memory, bias, first_empty, layer_weights, cross, mix, linear, proj0
+            )
         outputs.append(x.view(b, w, dim))
         if M:
             link = store.write(k, v)

@@ -22,7 +22,7 @@ from torch import Tensor
 from attention_core.generation import generate as _generate
 from attention_core.generation import stream as _stream
 
-from . import _window_loop
+from . import _inference_window, _window_loop
 from ._inputs import check_memory, check_tokens, prepare_context
 from ._kv_store import RingBuffer
 from ._window_attention import MemorySlice
@@ -98,7 +98,7 @@ def step(model, tokens: Tensor, state: FeedbackState):
     ring = state.ring
     memory = MemorySlice(ring, *ring.bounds())
     bias = state.bias[:, :, model.mem_len - ring.filled :]
-    out, k, v = _window_loop.window(
+    out, k, v = _inference_window.window(
         model, x, memory, bias, False, state.weights, state.cross, state.mix
     )
     if k is not None:
