@@ -4,15 +4,19 @@
 OpenMP teams larger than the CPUs available spin against each other (on a 2-core machine
 with one other busy process, 2 threads ran 2.6x slower than on a quiet machine, 1 thread 1.3x),
 so the count is the smaller of the affinity mask and the cgroup CPU quota, less the CPUs that
-other processes already keep busy (the 1-minute load average, read before the demo computes
-anything): on this 2-core machine with a load average of about 13, a training step of the
-default model took 0.62 s on 1 thread and 5.67 s on 2 (medians, interleaved).
+other processes keep busy right now (measured over half a second from ``/proc/stat`` before the
+demo computes anything; the 1-minute load average where ``/proc/stat`` cannot be read). On a
+2-core machine with a load average of about 13, a training step of the default model took
+0.62 s on 1 thread and 5.67 s on 2 (medians, interleaved). The load average is a poor guide on
+its own: it decays over minutes, so right after a build on an idle machine it still reads
+about 1.0 and would halve the threads.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import time
 from pathlib import Path
 
 
@@ -51,21 +55,60 @@ def plural(count: int, noun: str) -> str:
     return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
-def idle_cpus(cpus: int) -> tuple[int, float | None]:
-    """How many of ``cpus`` other processes leave free (``cpus`` minus the 1-minute load
-    average, rounded, at least 1), and the load average (``None`` where it is unknown)."""
+def cpu_times(stat: Path = Path("/proc/stat")) -> dict[int, tuple[int, int]]:
+    """``cpu index -> (busy, total)`` jiffies since boot, from ``/proc/stat`` (empty when it
+    cannot be read). Busy is everything but idle and I/O wait."""
+    try:
+        lines = stat.read_text().splitlines()
+    except OSError:
+        return {}
+    times = {}
+    for line in lines:
+        name, *fields = line.split()
+        if not name.startswith("cpu") or name == "cpu" or len(fields) < 5:
+            continue
+        values = [int(v) for v in fields[:8]]  # user nice system idle iowait irq softirq steal
+        total = sum(values)
+        times[int(name[3:])] = (total - values[3] - values[4], total)
+    return times
+
+
+def busy_cpus(cpus: set[int], interval: float = 0.5) -> float | None:
+    """How many of ``cpus`` other processes keep busy now: the busy share of each over
+    ``interval`` seconds, summed (``None`` where ``/proc/stat`` cannot be read)."""
+    before = cpu_times()
+    if not before:
+        return None
+    time.sleep(interval)
+    after = cpu_times()
+    busy = 0.0
+    for cpu in cpus:
+        if cpu in before and cpu in after:
+            elapsed = after[cpu][1] - before[cpu][1]
+            if elapsed > 0:
+                busy += (after[cpu][0] - before[cpu][0]) / elapsed
+    return busy
+
+
+def idle_cpus(cpus: int) -> tuple[int, str | None]:
+    """How many of ``cpus`` other processes leave free (``cpus`` minus the busy ones, rounded,
+    at least 1) and what was measured (``None`` where nothing could be)."""
+    affinity = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set()
+    busy = busy_cpus(set(affinity)) if affinity else None
+    if busy is not None:
+        return max(1, min(cpus, round(cpus - busy))), f"other processes use {busy:.1f} CPUs now"
     try:
         load = os.getloadavg()[0]
     except (AttributeError, OSError):
         return cpus, None
-    return max(1, min(cpus, round(cpus - load))), load
+    return max(1, min(cpus, round(cpus - load))), f"the load average is {load:.1f}"
 
 
 def default_threads() -> tuple[int, str]:
     """The demo's thread count and why (for the log line)."""
     cpus, why = available_cpus()
-    threads, load = idle_cpus(cpus)
+    threads, measured = idle_cpus(cpus)
     reason = f"{plural(cpus, 'CPU')} usable ({why})"
     if threads < cpus:
-        reason += f", the load average {load:.1f} keeps {cpus - threads} busy"
+        reason += f", {measured}: {cpus - threads} busy"
     return threads, reason

@@ -182,14 +182,38 @@ def test_compare_runs_every_family_and_writes_table_and_plot(tmp_path):
     assert (out / "demo_compare.svg").read_text().lstrip().startswith("<?xml")
 
 
-def test_the_default_thread_count_leaves_out_the_cpus_others_keep_busy(monkeypatch):
+def test_the_default_thread_count_leaves_out_the_cpus_others_keep_busy(monkeypatch, tmp_path):
     monkeypatch.setattr(_demo_threads, "available_cpus", lambda: (4, "CPU affinity"))
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    monkeypatch.setattr(_demo_threads.time, "sleep", lambda seconds: None)
+    # two samples of /proc/stat: CPUs 0 and 1 fully busy in between, 2 and 3 idle
+    samples = iter([{c: (100, 1000) for c in range(4)}, {0: (200, 1100), 1: (200, 1100),
+                    2: (100, 1100), 3: (100, 1100)}])  # fmt: skip
+    monkeypatch.setattr(_demo_threads, "cpu_times", lambda: next(samples))
+    assert _demo_threads.default_threads() == (
+        2,
+        "4 CPUs usable (CPU affinity), other processes use 2.0 CPUs now: 2 busy",
+    )
+    # without /proc/stat, the load average decides
+    monkeypatch.setattr(_demo_threads, "cpu_times", lambda: {})
     monkeypatch.setattr(os, "getloadavg", lambda: (0.3, 4.0, 3.0))
     assert _demo_threads.default_threads() == (4, "4 CPUs usable (CPU affinity)")
     monkeypatch.setattr(os, "getloadavg", lambda: (1.6, 4.0, 3.0))
     assert _demo_threads.default_threads() == (
         2,
-        "4 CPUs usable (CPU affinity), the load average 1.6 keeps 2 busy",
+        "4 CPUs usable (CPU affinity), the load average is 1.6: 2 busy",
     )
     monkeypatch.setattr(os, "getloadavg", lambda: (13.0, 4.0, 3.0))
     assert _demo_threads.default_threads()[0] == 1
+
+
+def test_cpu_times_read_proc_stat(tmp_path):
+    stat = tmp_path / "stat"
+    stat.write_text(
+        "cpu  10 0 10 100 5 0 0 0 0 0\n"
+        "cpu0 4 1 2 50 3 0 0 0 0 0\n"
+        "cpu1 6 0 8 50 2 1 1 0 0 0\n"
+        "intr 1 2 3\n"
+    )
+    assert _demo_threads.cpu_times(stat) == {0: (7, 60), 1: (16, 68)}
+    assert _demo_threads.cpu_times(tmp_path / "missing") == {}

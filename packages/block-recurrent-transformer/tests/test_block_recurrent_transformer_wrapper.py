@@ -318,7 +318,9 @@ def test_bad_generate_arguments():
         wrapper.generate(prime, 0)
     with pytest.raises(ValueError, match="temperature must be a finite float >= 0; got -1"):
         wrapper.generate(prime, 8, temperature=-1.0)
-    with pytest.raises(ValueError, match=r"filter_thres must be a float in \[0, 1\]; got 1.5"):
+    with pytest.raises(
+        ValueError, match=r"filter_thres must be a probability in \[0, 1\]; got 1.5"
+    ):
         wrapper.generate(prime, 8, filter_thres=1.5)
     with pytest.raises(TypeError, match="prime"):
         wrapper.generate(prime.float(), 8)

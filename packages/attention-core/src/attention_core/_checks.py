@@ -1,13 +1,16 @@
-"""Input validation shared by every module: clear errors that name the argument, the
-expected and the actual shape, dtype or device, raised before any computation.
+"""Checks of the compiled and Triton kernels' operands, shared by the op packages.
 
-A leaf module: it imports nothing of attention_core, so every module (the op packages
-included) can import it without an import cycle."""
+The validators of arguments in general (tensors, ints, probabilities, token ids) are public in
+`attention_core.checks`; they are re-exported here for the modules of the package. This
+module imports only `attention_core.checks`, which imports nothing of the package, so every
+module (the op packages included) can import it without an import cycle."""
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
+
+from .checks import check_model_dtype, check_positive_int, check_tensor, check_token_ids
 
 __all__ = [
     "CPU_DTYPES",
@@ -23,72 +26,6 @@ __all__ = [
     "check_token_ids",
     "kernel_dtypes",
 ]
-
-
-def check_tensor(
-    name: str,
-    x,
-    *,
-    dim: int | None = None,
-    floating: bool = False,
-    integer: bool = False,
-    dtype: torch.dtype | None = None,
-    device: torch.device | None = None,
-) -> Tensor:
-    """Check that ``x`` is a tensor with the given rank, dtype kind and device."""
-    if not isinstance(x, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor; got {type(x).__name__}")
-    if dim is not None and x.dim() != dim:
-        raise ValueError(f"{name} must have {dim} dimensions; got shape {tuple(x.shape)}")
-    if floating and not x.is_floating_point():
-        raise TypeError(f"{name} must be a floating point tensor; got dtype {x.dtype}")
-    if integer and (x.is_floating_point() or x.is_complex() or x.dtype == torch.bool):
-        raise TypeError(f"{name} must be an integer tensor; got dtype {x.dtype}")
-    if dtype is not None and x.dtype != dtype:
-        raise TypeError(f"{name} must have dtype {dtype}; got {x.dtype}")
-    if device is not None and x.device != device:
-        raise ValueError(f"{name} must be on device {device}; got {x.device}")
-    return x
-
-
-def check_model_dtype(name: str, x: Tensor, model_dtype: torch.dtype) -> Tensor:
-    """Check that the floating point input ``x`` has the dtype of the model's parameters.
-
-    A model never converts its input silently (a float16 input would be computed in float32
-    and come back float32, or lose precision the other way round). Under ``torch.autocast``
-    the dtypes legitimately differ, and nothing is checked.
-    """
-    if x.dtype != model_dtype and not torch.is_autocast_enabled(x.device.type):
-        raise TypeError(
-            f"{name} must have the dtype of the model's parameters ({model_dtype}); got "
-            f"{x.dtype} (convert the input with {name}.to({model_dtype}) or the model with "
-            f"model.to({x.dtype}))"
-        )
-    return x
-
-
-def check_token_ids(name: str, tokens: Tensor, num_tokens: int) -> Tensor:
-    """Check that the integer tensor ``tokens`` holds ids in ``[0, num_tokens)``.
-
-    Reads the values (one device synchronisation on CUDA); skipped under ``torch.compile``
-    and for empty tensors.
-    """
-    if tokens.numel() and not torch.compiler.is_compiling():
-        low, high = int(tokens.min()), int(tokens.max())
-        if low < 0 or high >= num_tokens:
-            raise ValueError(
-                f"{name} must hold token ids in [0, {num_tokens}); got values in [{low}, {high}]"
-            )
-    return tokens
-
-
-def check_positive_int(name: str, value, *, allow_zero: bool = False) -> int:
-    """Check that ``value`` is an int > 0 (or >= 0 with ``allow_zero``)."""
-    low = 0 if allow_zero else 1
-    if not isinstance(value, int) or isinstance(value, bool) or value < low:
-        kind = "a non-negative" if allow_zero else "a positive"
-        raise ValueError(f"{name} must be {kind} int; got {value!r}")
-    return value
 
 
 # ---------------------------------------------------------------------------------------

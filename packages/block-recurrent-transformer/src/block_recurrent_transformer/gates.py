@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from attention_core._checks import check_positive_int
+from attention_core.checks import check_positive_int
 
 __all__ = ["GATE_TYPES", "FixedGate", "LSTMGate", "make_gate"]
 

@@ -29,7 +29,7 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from attention_core._checks import check_positive_int, check_tensor
+from attention_core.checks import check_positive_int, check_tensor
 
 __all__ = ["LayerMemory", "MemoryCompressor", "XLMemories"]
 

@@ -30,7 +30,14 @@ from einops import rearrange
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from attention_core._checks import check_positive_int, check_tensor, check_token_ids
+from attention_core.checks import (
+    check_bool,
+    check_int,
+    check_positive_int,
+    check_positive_number,
+    check_tensor,
+    check_token_ids,
+)
 from attention_core.nn import RMSNorm
 
 from .attention import PositionEncoding
@@ -61,18 +68,6 @@ def _layers(name: str, value, depth: int, *, allow_empty: bool) -> tuple[int, ..
     if len(set(value)) != len(value):
         raise ValueError(f"{name} must not repeat a layer; got {tuple(value)}")
     return tuple(value)
-
-
-def _positive_number(name: str, value) -> float:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
-        raise ValueError(f"{name} must be a positive number; got {value!r}")
-    return float(value)
-
-
-def _bool(name: str, value) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool; got {value!r}")
-    return value
 
 
 @dataclass
@@ -213,8 +208,8 @@ class BlockRecurrentTransformer(nn.Module):
             raise ValueError(f"kv_heads must divide heads = {heads}; got {kv_heads}")
         num_state_vectors = block_width if num_state_vectors is None else num_state_vectors
         check_positive_int("num_state_vectors", num_state_vectors)
-        ff_mult = _positive_number("ff_mult", ff_mult)
-        temperature = _positive_number("qk_rmsnorm_scale", qk_rmsnorm_scale)
+        ff_mult = check_positive_number("ff_mult", ff_mult)
+        temperature = check_positive_number("qk_rmsnorm_scale", qk_rmsnorm_scale)
         if gate_type not in GATE_TYPES:
             raise ValueError(f"gate_type must be one of {GATE_TYPES}; got {gate_type!r}")
         for name, value in (
@@ -225,9 +220,8 @@ class BlockRecurrentTransformer(nn.Module):
             ("use_compressed_mem", use_compressed_mem),
             ("checkpoint_layers", checkpoint_layers),
         ):
-            _bool(name, value)
-        if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
-            raise TypeError(f"ignore_index must be an int; got {ignore_index!r}")
+            check_bool(name, value)
+        check_int("ignore_index", ignore_index)
         compressed_slots = 0
         if use_compressed_mem:
             c = compressed_mem_factor
@@ -638,8 +632,7 @@ class BlockRecurrentTransformer(nn.Module):
             states are detached and describe the stream after the consumed tokens (all of
             ``seq``, or ``seq[:, :-1]`` with ``return_loss``).
         """
-        if not isinstance(return_loss, bool):
-            raise TypeError(f"return_loss must be a bool; got {return_loss!r}")
+        check_bool("return_loss", return_loss)
         if return_loss:
             check_tensor("seq", seq, dim=2, integer=True)
             if seq.shape[1] < 2:
@@ -649,12 +642,7 @@ class BlockRecurrentTransformer(nn.Module):
                 )
             inputs, labels = seq[:, :-1], seq[:, 1:]
             self._check_tokens("seq[:, :-1]", inputs, min_length=1)
-            bad = (labels != self.ignore_index) & ((labels < 0) | (labels >= self.num_tokens))
-            if not torch.compiler.is_compiling() and bool(bad.any()):
-                raise ValueError(
-                    f"seq[:, 1:] must hold token ids in [0, {self.num_tokens}) or ignore_index "
-                    f"= {self.ignore_index}; got {labels[bad][0].item()}"
-                )
+            check_token_ids("seq[:, 1:]", labels, self.num_tokens, ignore_index=self.ignore_index)
         else:
             self._check_tokens("seq", seq, min_length=1)
             inputs, labels = seq, None

@@ -22,19 +22,18 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from attention_core._checks import check_positive_int, check_tensor
+from attention_core.checks import (
+    check_positive_int,
+    check_probability,
+    check_tensor,
+    check_token_ids,
+)
 from attention_core.generation import filter_by_threshold, sample
 
 from .memory import XLMemories
 from .transformer import BlockRecurrentTransformer
 
 __all__ = ["RecurrentTrainerWrapper"]
-
-
-def _probability(name: str, value) -> float:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0.0 <= value <= 1.0:
-        raise ValueError(f"{name} must be a probability in [0, 1]; got {value!r}")
-    return float(value)
 
 
 class RecurrentTrainerWrapper(nn.Module):
@@ -75,8 +74,8 @@ class RecurrentTrainerWrapper(nn.Module):
             )
         self.model = model
         self.seq_len = model.max_seq_len
-        self.xl_memories_dropout = _probability("xl_memories_dropout", xl_memories_dropout)
-        self.state_dropout = _probability("state_dropout", state_dropout)
+        self.xl_memories_dropout = check_probability("xl_memories_dropout", xl_memories_dropout)
+        self.state_dropout = check_probability("state_dropout", state_dropout)
 
     def _dropout(
         self, memories: XLMemories | None, states: list[Tensor] | None, batch: int, device
@@ -122,12 +121,7 @@ class RecurrentTrainerWrapper(nn.Module):
             inputs = inputs[:, : labels.shape[1]]
             memories, states = self._dropout(memories, states, batch, seq.device)
             logits, memories, states = model(inputs, xl_memories=memories, states=states)
-            bad = (labels != model.ignore_index) & ((labels < 0) | (labels >= model.num_tokens))
-            if bool(bad.any()):
-                raise ValueError(
-                    f"seq labels must hold token ids in [0, {model.num_tokens}) or ignore_index "
-                    f"= {model.ignore_index}; got {labels[bad][0].item()}"
-                )
+            check_token_ids("seq labels", labels, model.num_tokens, ignore_index=model.ignore_index)
             loss_sum = loss_sum + F.cross_entropy(
                 rearrange(logits, "b n v -> b v n"),
                 labels,
@@ -174,12 +168,7 @@ class RecurrentTrainerWrapper(nn.Module):
             or not 0.0 <= temperature < float("inf")
         ):
             raise ValueError(f"temperature must be a finite float >= 0; got {temperature!r}")
-        if (
-            not isinstance(filter_thres, (int, float))
-            or isinstance(filter_thres, bool)
-            or not 0.0 <= filter_thres <= 1.0
-        ):
-            raise ValueError(f"filter_thres must be a float in [0, 1]; got {filter_thres!r}")
+        check_probability("filter_thres", filter_thres)
         if length <= prime.shape[1]:
             raise ValueError(
                 f"length must exceed the prime's length {prime.shape[1]} (it is the total "

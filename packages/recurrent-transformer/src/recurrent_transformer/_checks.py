@@ -7,7 +7,7 @@ import contextvars
 
 import torch
 
-from attention_core._checks import check_tensor
+from attention_core.checks import check_tensor
 
 __all__ = [
     "check_element",

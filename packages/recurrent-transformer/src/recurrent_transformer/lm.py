@@ -22,9 +22,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from attention_core._checks import check_positive_int, check_tensor, check_token_ids
 from attention_core.attention_registry import AttentionRegistry, RecurrentAttentionRegistry
 from attention_core.builders import TransformerEncoderBuilder
+from attention_core.checks import check_positive_int, check_tensor, check_token_ids
 from attention_core.generation import generate
 from attention_core.masking import TriangularCausalMask
 from attention_core.nn import TokenShift

@@ -18,7 +18,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from attention_core._checks import check_model_dtype, check_tensor
+from attention_core.checks import check_model_dtype, check_tensor
 from attention_core.events import EventDispatcher, IntermediateOutput
 from attention_core.masking import BaseMask
 from attention_core.transformers import TransformerDecoderLayer, TransformerEncoderLayer

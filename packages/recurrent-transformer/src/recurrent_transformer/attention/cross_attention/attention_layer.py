@@ -9,7 +9,7 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from attention_core._checks import check_positive_int, check_tensor
+from attention_core.checks import check_positive_int, check_tensor
 from attention_core.events import EventDispatcher
 from attention_core.masking import BaseMask, LengthMask
 

@@ -7,7 +7,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from attention_core._checks import check_tensor
+from attention_core.checks import check_tensor
 from attention_core.masking import BaseMask
 
 __all__ = ["RecurrentCrossAttention"]

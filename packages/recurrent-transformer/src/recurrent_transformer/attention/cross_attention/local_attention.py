@@ -20,7 +20,6 @@ from math import sqrt
 import torch
 from einops import rearrange
 
-from attention_core._checks import check_positive_int
 from attention_core.attention.full_attention import masked_softmax
 from attention_core.attention_registry import (
     EventDispatcherInstance,
@@ -29,6 +28,7 @@ from attention_core.attention_registry import (
     Optional,
     RecurrentCrossAttentionRegistry,
 )
+from attention_core.checks import check_positive_int
 from attention_core.events import AttentionEvent
 
 from .full_attention import RecurrentCrossFullAttention

@@ -19,13 +19,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from attention_core._checks import check_positive_int
 from attention_core.attention_registry import (
     EventDispatcherInstance,
     Int,
     Optional,
     RecurrentAttentionRegistry,
 )
+from attention_core.checks import check_positive_int
 from attention_core.events import EventDispatcher
 
 from ...state import AFTSimpleState, KVCache, check_state_tensor, check_state_type

@@ -15,7 +15,6 @@ the first ``length_limit`` outputs are the exact softmax ones instead of the oth
 
 from __future__ import annotations
 
-from attention_core._checks import check_positive_int
 from attention_core.attention_registry import (
     EventDispatcherInstance,
     Float,
@@ -23,6 +22,7 @@ from attention_core.attention_registry import (
     Optional,
     RecurrentAttentionRegistry,
 )
+from attention_core.checks import check_positive_int
 from attention_core.events import EventDispatcher
 
 from ...state import ConditionalState, check_state_type

@@ -15,7 +15,6 @@ from math import sqrt
 import torch
 from torch import nn
 
-from attention_core._checks import check_positive_int
 from attention_core.attention.full_attention import masked_softmax
 from attention_core.attention_registry import (
     EventDispatcherInstance,
@@ -24,6 +23,7 @@ from attention_core.attention_registry import (
     Optional,
     RecurrentAttentionRegistry,
 )
+from attention_core.checks import check_positive_int
 from attention_core.events import AttentionEvent, EventDispatcher
 
 from ...state import KVCache

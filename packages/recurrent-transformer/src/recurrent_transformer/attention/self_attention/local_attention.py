@@ -18,7 +18,6 @@ from math import sqrt
 import torch
 from torch import nn
 
-from attention_core._checks import check_positive_int
 from attention_core.attention_registry import (
     EventDispatcherInstance,
     Float,
@@ -26,6 +25,7 @@ from attention_core.attention_registry import (
     Optional,
     RecurrentAttentionRegistry,
 )
+from attention_core.checks import check_positive_int
 from attention_core.events import EventDispatcher
 
 from ...state import WindowState, check_state_tensor, check_state_type
