@@ -23,10 +23,11 @@ from torch import Tensor
 
 from ._window_attention import MemorySlice
 
-__all__ = ["window"]
+__all__ = ["layer_norm", "window"]
 
 
-def _layer_norm(x: Tensor, norm) -> Tensor:
+def layer_norm(x: Tensor, norm) -> Tensor:
+    """``norm(x)`` for an ``nn.LayerNorm`` ``norm``, without module dispatch."""
     return F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
 
 
@@ -63,13 +64,13 @@ def _layer(layer, weight, norm, x, memory, bias, first_empty, cross, proj) -> Te
     w = bias.shape[1]
     b = x.shape[0] // w
     if proj is None:
-        proj = F.linear(_layer_norm(x, norm), weight)
+        proj = F.linear(layer_norm(x, norm), weight)
     out = _attention(proj, memory, bias, first_empty, (b, w, layer.heads, layer.dim_head))
     x = F.linear(out, layer.to_out.weight, layer.to_out.bias).add_(x)
     if cross is not None:
         x += layer.cross(x.view(b, w, -1), *cross).view(b * w, -1)
     first, _, last = layer.ff_parts()
-    a = _layer_norm(x, layer.ff_norm)
+    a = layer_norm(x, layer.ff_norm)
     hidden, gate = F.linear(a, first.weight, first.bias).chunk(2, dim=-1)
     hidden = hidden * F.gelu(gate)
     return F.linear(hidden, last.weight, last.bias).add_(x)
@@ -103,7 +104,7 @@ def window(
     if not model.mem_len:
         return x, None, None
     merged = x if mix is None else torch.stack(states, dim=-1) @ mix  # (b w) dim l, l
-    kv = F.linear(_layer_norm(merged, model.attn_norm), model.to_kv.weight)
+    kv = F.linear(layer_norm(merged, model.attn_norm), model.to_kv.weight)
     # "(b w) (two h d) -> two b h w d"
     kv = kv.view(b, w, 2, h, model.dim_head).permute(2, 0, 3, 1, 4)
     return x, kv[0], kv[1]

@@ -8,7 +8,7 @@ import torch
 from einops import rearrange
 from torch import Tensor
 
-from attention_core._checks import check_tensor, check_token_ids
+from attention_core.checks import check_tensor, check_token_ids
 
 from .memory import FeedbackMemory, memory_source
 

@@ -26,7 +26,7 @@ class KVStore:
 
     ``keys``/``values`` have shape ``(b h, c, d)`` (heads folded into the batch, the layout
     of the batched products); ``keys4``/``values4`` are their ``(b, h, c, d)`` views. Slot
-    ``i`` is written once (by :meth:`write`) and read by the attention of later steps as a
+    ``i`` is written once (by `write`) and read by the attention of later steps as a
     narrowed view, never copied. ``grad_keys``/``grad_values`` collect the gradients of the
     slots during the backward pass (allocated on first use).
     """
@@ -90,7 +90,7 @@ class KVStore:
 
         Every layer of a window reads the same slots, so the products are held back and
         added together, one pass over the gradient slice per window instead of one per
-        layer: a different slice, or :meth:`take_grad`, adds them.
+        layer: a different slice, or `take_grad`, adds them.
         """
         m = ds.shape[2]
         if self._pending is not None and self._pending[:2] != (lo, m):

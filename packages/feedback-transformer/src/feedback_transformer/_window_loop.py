@@ -29,6 +29,7 @@ from torch import Tensor
 
 from . import _inference_window
 from ._fused_window_step import LayerStep, StepInputs, StepPlan, join_heads, split_projection
+from ._inference_window import layer_norm
 from ._kv_store import KVStore
 from ._step_linear import StepLinear
 from ._window_attention import MemorySlice, attend_window, window_bias
@@ -64,15 +65,11 @@ def dropout_active(model) -> bool:
     )
 
 
-def _layer_norm(x: Tensor, norm) -> Tensor:
-    return F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
-
-
 def _feedforward(layer, x: Tensor, linear: LinearFn) -> Tensor:
     """``layer.ff(layer.ff_norm(x))`` for ``x`` ``(b w, dim)``, its products through
     ``linear``."""
     first, dropout, last = layer.ff_parts()
-    x, gate = linear(_layer_norm(x, layer.ff_norm), first.weight, first.bias).chunk(2, dim=-1)
+    x, gate = linear(layer_norm(x, layer.ff_norm), first.weight, first.bias).chunk(2, dim=-1)
     x = x * F.gelu(gate)
     if layer.training and dropout.p:
         x = F.dropout(x, dropout.p, training=True)
@@ -146,7 +143,7 @@ def layer_window(
     if fused and torch.is_grad_enabled():
         return _fused_layer(layer, norm, x, weight, memory, bias, first_empty, linear, proj)
     if proj is None:
-        proj = linear(_layer_norm(x, norm), weight, None)
+        proj = linear(layer_norm(x, norm), weight, None)
     q, kw, vw = split_projection(proj, b, w, h, d)
     dropout = layer.attn_dropout if layer.training else 0.0
     out = join_heads(attend_window(q, kw, vw, bias, memory, first_empty, dropout), b, w, h, d)
@@ -186,7 +183,7 @@ def window(
     if not model.mem_len:
         return x, None, None
     merged = x if mix is None else torch.stack(states, dim=-1) @ mix  # (b w) dim l, l
-    kv = linear(_layer_norm(merged, model.attn_norm), model.to_kv.weight, None)
+    kv = linear(layer_norm(merged, model.attn_norm), model.to_kv.weight, None)
     w = bias.shape[1]
     # "(b w) (two h d) -> two b h w d"
     kv = kv.view(-1, w, 2, model.heads, model.dim_head).permute(2, 0, 3, 1, 4)
@@ -223,7 +220,7 @@ def run(
     mix = memory_mix(model)
     # the first layer's input is the embedding, known for every step: its pre-norm and
     # projection are one product over all b * n rows instead of one per window
-    a = _layer_norm(h, model.attn_norm)
+    a = layer_norm(h, model.attn_norm)
     proj_all = linear(a.reshape(b * n, dim), weights[0], None).view(b, n, weights[0].shape[0])
     biases: dict[tuple[int, int], tuple[Tensor, bool]] = {}  # one view per shape
     # split once: one backward node for all windows (slicing per window would zero-fill a

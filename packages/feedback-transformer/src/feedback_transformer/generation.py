@@ -1,11 +1,11 @@
-"""Token-by-token decoding of a :class:`~feedback_transformer.FeedbackTransformer` through the
+"""Token-by-token decoding of a `FeedbackTransformer` through the
 ``prefill``/``step`` protocol of ``attention_core.generation``.
 
 Decoding is the Feedback Transformer's exact sequential model (Fan et al. 2021, arXiv
 2002.09402): each new token's layers attend to the memory of all earlier steps. The memory
 lives in a ``RingBuffer`` that each step writes in place, and everything that does not
 change from step to step (scaled query weights, position bias, the context's keys and
-values) is computed once in :func:`prefill`: the only per-step work that grows with the
+values) is computed once in `prefill`: the only per-step work that grows with the
 memory's fill is the attention over it.
 
 Einstein notation: ``b`` batch, ``t`` prompt length, ``h`` heads, ``m`` memory slots.

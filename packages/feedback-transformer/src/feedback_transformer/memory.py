@@ -35,7 +35,7 @@ class FeedbackMemory(_KeysValues):
         source: ``(dim, depth, heads, dim_head)`` of the model that wrote them, so that a model
             of another size rejects them; ``None`` skips that check. A source is also
             recorded on the ``keys`` and ``values`` tensors themselves (see
-            :func:`memory_source`), so the plain tuple ``tuple(memory)`` is checked as
+            `memory_source`), so the plain tuple ``tuple(memory)`` is checked as
             strictly; new tensors computed from them (slices, clones) carry no source.
 
     Example:
@@ -62,7 +62,7 @@ class FeedbackMemory(_KeysValues):
 
 def memory_source(memory) -> tuple[int, int, int, int] | None:
     """``(dim, depth, heads, dim_head)`` of the model that wrote ``memory`` (a
-    :class:`FeedbackMemory` or a plain ``(keys, values)`` tuple of its tensors), or ``None``
+    `FeedbackMemory` or a plain ``(keys, values)`` tuple of its tensors), or ``None``
     when unknown.
 
     Raises ``ValueError`` when ``keys`` and ``values`` were written by models of different

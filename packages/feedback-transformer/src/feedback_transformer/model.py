@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from attention_core._checks import check_positive_int
+from attention_core.checks import check_bool, check_positive_int, check_probability
 from attention_core.nn import T5RelativePositionBias
 
 from . import _window_loop
@@ -34,18 +34,6 @@ from .reference import feedback_forward
 __all__ = ["FeedbackTransformer"]
 
 
-def _check_probability(name: str, value) -> float:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value < 1:
-        raise ValueError(f"{name} must be a float in [0, 1); got {value!r}")
-    return float(value)
-
-
-def _check_bool(name: str, value) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool; got {type(value).__name__}")
-    return value
-
-
 class FeedbackTransformer(nn.Module):
     """Feedback Transformer language model.
 
@@ -54,7 +42,7 @@ class FeedbackTransformer(nn.Module):
     ``seq_len > 1`` (faster: fewer sequential steps) a window's tokens see the memory of the
     earlier windows plus, within the window, the earlier tokens' states at the same layer
     instead of their (not yet computed) memory: an approximation, which token-by-token
-    generation (:meth:`step`) does not make.
+    generation (`step`) does not make.
 
     Arguments:
         num_tokens: vocabulary size.
@@ -122,10 +110,10 @@ class FeedbackTransformer(nn.Module):
             )
         check_positive_int("dim_head", dim_head)
         check_positive_int("heads", heads)
-        attn_dropout = _check_probability("attn_dropout", attn_dropout)
-        ff_dropout = _check_probability("ff_dropout", ff_dropout)
-        self.keep_last_hidden = _check_bool("keep_last_hidden", keep_last_hidden)
-        self.cross_attend = _check_bool("cross_attend", cross_attend)
+        attn_dropout = check_probability("attn_dropout", attn_dropout, allow_one=False)
+        ff_dropout = check_probability("ff_dropout", ff_dropout, allow_one=False)
+        self.keep_last_hidden = check_bool("keep_last_hidden", keep_last_hidden)
+        self.cross_attend = check_bool("cross_attend", cross_attend)
         self.num_tokens, self.dim, self.depth = num_tokens, dim, depth
         self.seq_len, self.mem_len, self.heads, self.dim_head = seq_len, mem_len, heads, dim_head
 
@@ -161,7 +149,7 @@ class FeedbackTransformer(nn.Module):
         context_mask: Tensor | None = None,
         detach_memory: bool = True,
     ) -> Tensor | tuple[Tensor, FeedbackMemory]:
-        """Logits of every position of ``x``, continuing after ``memory``.
+        """Return the logits of every position of ``x``, continuing after ``memory``.
 
         Arguments:
             x: ``(b, n)`` token ids, ``n >= 1``.
@@ -179,7 +167,7 @@ class FeedbackTransformer(nn.Module):
             `FeedbackMemory` of the last ``min(mem_len, m + n)`` steps.
         """
         check_tokens(self, "x", x, 2)
-        detach = _check_bool("detach_memory", detach_memory)
+        detach = check_bool("detach_memory", detach_memory)
         h = self.token_emb(x)
         prefix = check_memory(self, memory, x.shape[0], h)
         cross = prepare_context(self, context, context_mask, x.shape[0], h)
@@ -205,12 +193,13 @@ class FeedbackTransformer(nn.Module):
         context: Tensor | None = None,
         context_mask: Tensor | None = None,
     ):
-        """Consume a prompt ``tokens`` ``(b, t)``; returns the logits ``(b, num_tokens)`` of
-        its last position and a :class:`~feedback_transformer.FeedbackState` for
-        :meth:`step` (the ``attention_core.generation.StepModel`` protocol).
+        """Consume a prompt and return the logits of its last position and a decoding state.
+
+        ``tokens`` ``(b, t)``; returns the logits ``(b, num_tokens)`` and a `FeedbackState`
+        for `step` (the ``attention_core.generation.StepModel`` protocol).
 
         The prompt is consumed one step at a time like the generated tokens (the paper's
-        exact model, whatever ``seq_len`` is: the logits are those of :meth:`forward` of a
+        exact model, whatever ``seq_len`` is: the logits are those of `forward` of a
         ``seq_len=1`` model with the same weights), without gradients;
         ``context``/``context_mask`` are projected once and kept in the state.
         """
@@ -219,30 +208,33 @@ class FeedbackTransformer(nn.Module):
         return prefill(self, tokens, memory, context, context_mask)
 
     def step(self, tokens: Tensor, state):
-        """Consume one token per row, ``tokens`` ``(b,)``, after ``state`` (which is updated
-        in place and returned); returns the logits ``(b, num_tokens)`` of the next position
-        and the state. Apart from the attention products over the memory, a step costs the same
-        whatever the memory's fill (nothing is copied or re-stacked), and equals
-        :meth:`forward` of a ``seq_len=1`` model."""
+        """Consume one token per row and return the logits of the next position.
+
+        ``tokens`` ``(b,)`` come after ``state`` (which is updated in place and returned);
+        returns the logits ``(b, num_tokens)`` and the state. Apart from the attention
+        products over the memory, a step costs the same whatever the memory's fill (nothing
+        is copied or re-stacked), and equals `forward` of a ``seq_len=1`` model."""
         from .generation import step
 
         return step(self, tokens, state)
 
     def generate(self, prompt: Tensor, max_new_tokens: int, **kwargs) -> Tensor:
-        """``attention_core.generation.generate`` on this model: the prompt ``(b, t)``
-        followed by up to ``max_new_tokens`` sampled tokens. Keyword arguments: ``memory``,
-        ``context``, ``context_mask`` (passed to :meth:`prefill`) and the sampling options
+        """Sample up to ``max_new_tokens`` tokens after a prompt.
+
+        ``attention_core.generation.generate`` on this model: returns the prompt ``(b, t)``
+        followed by the sampled tokens. Keyword arguments: ``memory``,
+        ``context``, ``context_mask`` (passed to `prefill`) and the sampling options
         ``temperature``, ``top_k``, ``top_p``, ``eos_token``, ``generator``."""
         from .generation import generate
 
         return generate(self, prompt, max_new_tokens, **kwargs)
 
     def stream(self, prompt: Tensor, max_new_tokens: int, **kwargs):
-        """``attention_core.generation.stream`` on this model: yields up to
-        ``max_new_tokens`` sampled tokens ``(b,)`` one at a time after the prompt ``(b, t)``,
-        each at a cost that depends on the memory's fill only through the attention products.
-        Keyword arguments as
-        :meth:`generate`."""
+        """Yield up to ``max_new_tokens`` sampled tokens ``(b,)`` one at a time after a prompt.
+
+        ``attention_core.generation.stream`` on this model, after the prompt ``(b, t)``; each
+        token costs what the memory's fill adds through the attention products only.
+        Keyword arguments as `generate`."""
         from .generation import stream
 
         return stream(self, prompt, max_new_tokens, **kwargs)

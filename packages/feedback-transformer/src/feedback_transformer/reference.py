@@ -44,8 +44,11 @@ __all__ = ["feedback_forward", "feedback_layer", "memory_key_value"]
 
 
 def memory_key_value(model, state: Tensor) -> tuple[Tensor, Tensor]:
-    """Keys and values ``(b, h, w, d)`` of states ``(b, w, dim)`` with the pre-norm and the
-    key/value projection that all layers share (the memory's, and a window's own keys)."""
+    """Project states ``(b, w, dim)`` to keys and values ``(b, h, w, d)``.
+
+    With the pre-norm and the key/value projection that all layers share: this makes the
+    memory's keys and values and those of a window's own steps.
+    """
     kv = model.to_kv(model.attn_norm(state))
     return rearrange(kv, "b w (two h d) -> two b h w d", two=2, h=model.heads)
 
@@ -59,8 +62,10 @@ def feedback_layer(
     key_times: Tensor,
     context: tuple[Tensor, Tensor, Tensor | None] | None = None,
 ) -> Tensor:
-    """One layer for a window of steps: attention over the memory and the window's earlier
-    steps, [cross attention,] feed-forward.
+    """Advance a window of steps by one layer.
+
+    Attention over the memory and the window's earlier steps, [cross attention,] and the
+    feed-forward, each pre-normalised and residual.
 
     Arguments:
         model: the `FeedbackTransformer` (its shared pre-norm, key/value projection and
@@ -101,8 +106,7 @@ def feedback_forward(
     context: list[tuple[Tensor, Tensor]] | None = None,
     context_mask: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """The last layer's outputs for the embedded tokens ``h`` ``(b, n, dim)`` after
-    ``memory``, window after window, and the memory after them.
+    """Run the embedded tokens through the model, window after window, after a memory.
 
     Arguments:
         model: the `FeedbackTransformer` whose parameters are used.
