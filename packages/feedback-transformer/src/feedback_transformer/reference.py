@@ -5,7 +5,7 @@ section 3: at time step ``t`` every layer ``l`` attends to the memory
 ``[m_{t-τ}, ..., m_{t-1}]`` of the steps before it, and after the last layer the step's own
 memory vector merges the states of all layers,
 
-    m_t = sum_{l=0}^{L} softmax(w)_l x_t^l                                   (eq. 3)
+    m_t = sum_{l=0}^{L} softmax(w)_l x_t^l
 
 (or, with ``keep_last_hidden``, the last layer's output ``x_t^L``). The memory is projected
 once to a key and a value with the projection that every layer shares, so all layers of all
@@ -139,7 +139,8 @@ def feedback_forward(
         outputs.append(x)
         if not M:
             continue
-        # eq. 3: the memory vector of each step, projected once for all layers
+        # the memory vector of each step (the softmax-weighted sum of its layer states),
+        # projected once for all layers
         merged = (
             x if mix is None else torch.einsum("b w e l, l -> b w e", torch.stack(states, -1), mix)
         )
