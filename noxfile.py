@@ -59,7 +59,7 @@ def lint(session: nox.Session) -> None:
 def docs(session: nox.Session) -> None:
     """Build the site with mkdocs --strict (never imports the packages) and check its links."""
     session.install(
-        "mkdocs-material>=9.5", "mkdocstrings>=1.0", "mkdocstrings-python>=2.0", "pytest>=7"
+        "mkdocs-material>=9.5", "mkdocstrings>=1", "mkdocstrings-python>=2", "black", "pytest>=7"
     )
     session.run("mkdocs", "build", "--strict", "--site-dir", str(ROOT / "site"))
     session.run("pytest", "docs/tests", "-p", "no:cacheprovider")

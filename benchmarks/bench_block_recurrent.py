@@ -2,14 +2,15 @@
 block-recurrent-transformer against block-recurrent-transformer-pytorch 0.4.4.
 
 Run with ``nox -s bench`` or directly: ``python benchmarks/bench_block_recurrent.py [--quick]``.
-Writes the table to ``docs/benchmarks/block_recurrent.md``.
+Writes the table to ``docs/benchmarks/block_recurrent.md`` and the numbers to
+``block_recurrent.json`` beside it (for ``benchmarks/plot_results.py``).
 
 Two configurations (8 heads of 64, vocabulary 256, max_seq_len 512, float32, two threads,
 ``num_state_vectors = block_width``, one recurrent layer at ``depth // 2``, every layer
 attending into the previous block, rotary positions):
 
-* ``issue``: the issue's configuration, dim 256, depth 4, block width W = 128;
-* ``peers``: the PEERS.md configuration, dim 128, depth 2, W = 256.
+* ``d256-W128``: dim 256, depth 4, block width W = 128;
+* ``d128-W256``: dim 128, depth 2, W = 256.
 
 Three contenders per configuration, in one process:
 
@@ -37,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import platform
 from pathlib import Path
 
@@ -48,8 +50,8 @@ from block_recurrent_transformer import BlockRecurrentTransformer, RecurrentTrai
 ROOT = Path(__file__).resolve().parents[1]
 COMMON = dict(num_tokens=256, dim_head=64, heads=8, max_seq_len=512)
 CONFIGS = {
-    "issue": dict(COMMON, dim=256, depth=4, block_width=128, num_state_vectors=128),
-    "peers": dict(COMMON, dim=128, depth=2, block_width=256, num_state_vectors=256),
+    "d256-W128": dict(COMMON, dim=256, depth=4, block_width=128, num_state_vectors=128),
+    "d128-W256": dict(COMMON, dim=128, depth=2, block_width=256, num_state_vectors=256),
 }
 PEER_OPTIONS = dict(kv_heads=1, sliding_window=False, state_attends_previous_block=False)
 BATCH = 2
@@ -159,16 +161,15 @@ def markdown(results: dict, args, have_peer: bool) -> str:
     """The report: one table row per configuration and contender."""
     base = "peer 0.4.4" if have_peer else None
     lines = [
-        "# Block-Recurrent Transformer benchmark",
-        "",
         f"`python benchmarks/bench_block_recurrent.py{' --quick' if args.quick else ''}` on "
         f"{datetime.date.today()}, {platform.processor() or platform.machine()}, torch "
         f"{torch.__version__}, {torch.get_num_threads()} threads, float32. Medians of "
-        f"{args.repeats} runs; a shared machine makes them noisy: read the ratios.",
+        f"{args.repeats} runs; absolute numbers vary between runs: read the ratios.",
         "",
-        "Configurations: `issue` = dim 256, depth 4, block width 128, 128 state vectors, "
-        "recurrent layer 2; `peers` = dim 128, depth 2, block width 256, 256 state vectors, "
-        "recurrent layer 1. Both: 8 heads x 64, max_seq_len 512, vocabulary 256. Training: "
+        "Configurations: `d256-W128` = dim 256, depth 4, block width 128, 128 state vectors, "
+        "recurrent layer 2; `d128-W256` = dim 128, depth 2, block width 256, 256 state "
+        "vectors, recurrent layer 1. "
+        "Both: 8 heads x 64, max_seq_len 512, vocabulary 256. Training: "
         "batch 2 x 512 tokens, next-token loss. Memory: bytes of the tensors saved for the "
         "backward of one training forward (activations; parameters not counted). Generation: "
         f"batch 1, prompt 256, {args.new_tokens} new tokens, whole `generate` call.",
@@ -227,6 +228,11 @@ def main(argv: list[str] | None = None) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(report)
     print(report)
+    numbers = {
+        config: {name: dict(row, generation=gen[name]) for name, row in train.items()}
+        for config, (train, gen) in results.items()
+    }
+    out.with_suffix(".json").write_text(json.dumps(numbers, indent=1) + "\n")
 
 
 if __name__ == "__main__":

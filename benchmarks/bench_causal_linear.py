@@ -15,7 +15,7 @@ For scale, the ``attention`` workload also times softmax attention with a causal
 Timings are medians of ``--repeats`` runs after a warm-up, the contenders of one row timed
 round-robin (A, B, C, A, B, C, ...) so that a shared machine's load hits them alike. The layer
 is also timed against its bare numerator op (contiguous inputs), interleaved likewise, and a
-last table sets the results against issue 15's targets. Peak memory is measured per
+last table sets the results against the project's performance targets. Peak memory is measured per
 contender in a fresh subprocess: the peak resident set during one call minus the resident set
 before it (Linux ``VmHWM`` after resetting it), so it counts every allocation made by the
 call: outputs, saved tensors, gradients and workspace. GFLOP/s use the
@@ -24,7 +24,8 @@ recurrence's own operation count, ``4 N H D M`` forward and ``14 N H D M`` forwa
 float32 GEMM timed here with the same threads. Medians from a shared machine are noisy: read
 the ratios.
 
-The table goes to stdout and to ``docs/benchmarks/causal_linear.md``.
+The tables go to stdout and to ``docs/benchmarks/causal_linear.md``, the numbers to
+``causal_linear.json`` beside it; ``--render`` rewrites the tables from that JSON alone.
 """
 
 from __future__ import annotations
@@ -281,20 +282,21 @@ def fmt(x, spec: str) -> str:
     return "n/a" if x is None else format(x, spec)
 
 
+TARGETS = (
+    "attention forward: speed-up over fast-transformers >= 6x",
+    "attention forward+backward: speed-up over fast-transformers >= 5x",
+    "attention peak memory fwd / fwd+bwd vs fast-transformers <= 1x",
+    "layer / bare numerator op, forward <= 1.3x",
+    "layer / bare numerator op, forward+backward <= 1.3x",
+    "numerator forward, share of the GEMM rate >= 50%",
+)
+
+
 def targets(rows: list[dict], layer: list[dict], gemm: float) -> list[str]:
-    """Issue 15's targets, with what this run reached (ratios; a shared machine is noisy)."""
+    """The project's performance targets, with what this run reached: one row per target,
+    one column per N (ratios; a shared machine is noisy)."""
     get = {(r["workload"], r["N"], r["contender"]): r for r in rows}
-    lines = [
-        "",
-        "Targets (issue 15): attention forward >= 6x and forward+backward >= 5x faster than "
-        "fast-transformers, peak memory <= fast-transformers', the layer within 1.3x of its "
-        "bare numerator op, the numerator forward >= 50% of the GEMM rate.",
-        "",
-        "| N | attention fwd speed-up | attention fwd+bwd speed-up | peak fwd / fwd+bwd vs "
-        "fast-transformers | layer / bare op fwd | layer / bare op fwd+bwd "
-        "| numerator fwd of GEMM |",
-        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
-    ]
+    columns = []
     for entry in layer:
         N = entry["N"]
         ours = get.get(("attention", N, "attention-core"))
@@ -310,26 +312,41 @@ def targets(rows: list[dict], layer: list[dict], gemm: float) -> list[str]:
         rate = "n/a"
         if numerator:
             rate = f"{4 * H * N * D * D / 1e6 / numerator['forward'] / gemm:.0%}"
-        lines.append(
-            f"| {N} | {speed[0]} | {speed[1]} | {memory} | {entry['forward']:.2f}x "
-            f"| {entry['forward+backward']:.2f}x | {rate} |"
-        )
+        layer_cells = [f"{entry[m]:.2f}x" for m in MODES]
+        columns.append([*speed, memory, *layer_cells, rate])
+    lines = [
+        "",
+        "Against the project's performance targets (the layer is `CausalLinearAttention`, the "
+        "bare op its numerator on contiguous inputs):",
+        "",
+        "| target | " + " | ".join(f"N={entry['N']}" for entry in layer) + " |",
+        "| --- |" + " ---: |" * len(layer),
+    ]
+    for i, target in enumerate(TARGETS):
+        lines.append(f"| {target} | " + " | ".join(c[i] for c in columns) + " |")
     return lines
 
 
 def markdown(rows: list[dict], gemm: float, args, layer: list[dict] | None = None) -> str:
+    """The tables: times and speed-ups, then peak memory and GFLOP/s, then the targets."""
     lines = [
         f"Causal linear attention on the CPU: B=1, H={H}, D=M={D}, {args.dtype}, "
-        f"{args.threads} threads, torch {torch.__version__}, medians of {args.repeats} runs "
-        f"(ms). Speed-up = fast-transformers time / this row's time. Peak = growth of the "
-        f"peak RSS during one call (MiB). GFLOP/s count the recurrence's 4·N·H·D·M "
-        f"(forward) and 14·N·H·D·M (forward+backward) operations; the measured "
-        f"{args.dtype} GEMM rate here was {gemm:.0f} GFLOP/s. Command: "
-        f"`python benchmarks/bench_causal_linear.py {' '.join(sys.argv[1:])}`.",
+        f"{args.threads} threads, torch {args.torch}, medians of {args.repeats} runs. "
+        f"Command: `python benchmarks/bench_causal_linear.py{args.command}`.",
         "",
-        "| workload | N | contender | forward | fwd+bwd | speed-up fwd | speed-up fwd+bwd "
-        "| peak fwd | peak fwd+bwd | GFLOP/s fwd (of GEMM) | GFLOP/s fwd+bwd (of GEMM) |",
-        "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "Time in ms; speed-up = fast-transformers' time / this row's time.",
+        "",
+        "| workload | N | contender | forward | fwd+bwd | speed-up fwd | speed-up fwd+bwd |",
+        "| --- | ---: | --- | ---: | ---: | ---: | ---: |",
+    ]
+    memory = [
+        "",
+        f"Peak = growth of the peak RSS during one call (MiB). GFLOP/s count the recurrence's "
+        f"4·N·H·D·M (forward) and 14·N·H·D·M (forward+backward) operations, in brackets as a "
+        f"share of the {args.dtype} GEMM rate measured here ({gemm:.0f} GFLOP/s).",
+        "",
+        "| workload | N | contender | peak fwd | peak fwd+bwd | GFLOP/s fwd | GFLOP/s fwd+bwd |",
+        "| --- | ---: | --- | ---: | ---: | ---: | ---: |",
     ]
     peer = {(r["workload"], r["N"]): r for r in rows if r["contender"] == "fast-transformers"}
     for r in rows:
@@ -342,15 +359,25 @@ def markdown(rows: list[dict], gemm: float, args, layer: list[dict] | None = Non
                 rate = ops * work / r[mode]
                 cells.append(f"{rate:.0f} ({rate / gemm:.0%})")
         speed = [fmt(base[m] / r[m] if base else None, ".1f") + "x" * bool(base) for m in MODES]
+        key = f"| {r['workload']} | {r['N']} | {r['contender']} "
         lines.append(
-            f"| {r['workload']} | {r['N']} | {r['contender']} | {r['forward']:.1f} "
-            f"| {r['forward+backward']:.1f} | {speed[0]} | {speed[1]} "
-            f"| {fmt(r['forward MiB'], '.0f')} | {fmt(r['forward+backward MiB'], '.0f')} "
+            key + f"| {r['forward']:.1f} | {r['forward+backward']:.1f} | {speed[0]} | {speed[1]} |"
+        )
+        memory.append(
+            key + f"| {fmt(r['forward MiB'], '.0f')} | {fmt(r['forward+backward MiB'], '.0f')} "
             f"| {cells[0]} | {cells[1]} |"
         )
+    lines += memory
     if layer:
         lines += targets(rows, layer, gemm)
     return "\n".join(lines) + "\n"
+
+
+def render(path: Path) -> str:
+    """The tables again from a stored JSON file (``--render``), without measuring."""
+    stored = json.loads(path.read_text())
+    args = argparse.Namespace(**stored["args"])
+    return markdown(stored["rows"], stored["gemm"], args, stored["layer"])
 
 
 def main() -> None:
@@ -375,9 +402,19 @@ def main() -> None:
     parser.add_argument(
         "--output", type=Path, default=ROOT / "docs" / "benchmarks" / "causal_linear.md"
     )
+    parser.add_argument(
+        "--render", action="store_true", help="rewrite the tables from the stored JSON only"
+    )
     args = parser.parse_args()
+    if args.render:
+        table = render(args.output.with_suffix(".json"))
+        print(table)
+        args.output.write_text(table)
+        return
     if args.quick:
         args.lengths, args.repeats = [1024, 4096], 3
+    args.torch = torch.__version__
+    args.command = "".join(f" {a}" for a in sys.argv[1:])
     if not have_fast_transformers():
         print(
             "pytorch-fast-transformers is not installed: timing attention-core alone",
@@ -389,8 +426,10 @@ def main() -> None:
     print(table)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(table)
-    # the raw rows, for benchmarks/plot_results.py
-    args.output.with_suffix(".json").write_text(json.dumps(rows, indent=1) + "\n")
+    # the numbers, for --render and benchmarks/plot_results.py
+    keep = {k: getattr(args, k) for k in ("dtype", "threads", "repeats", "torch", "command")}
+    stored = {"args": keep, "gemm": gemm, "layer": layer, "rows": rows}
+    args.output.with_suffix(".json").write_text(json.dumps(stored, indent=1) + "\n")
 
 
 if __name__ == "__main__":

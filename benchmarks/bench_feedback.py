@@ -1,11 +1,11 @@
 """Feedback Transformer: this project against feedback-transformer-pytorch 0.0.11.
 
 Run with ``nox -s bench`` or directly: ``python benchmarks/bench_feedback.py [--quick]``.
-Writes the table to ``docs/benchmarks/feedback.md`` and the decoding sweep to
-``docs/benchmarks/feedback_generation.json`` (rows of ``model``, ``context``,
-``ms_per_token``, plotted by ``benchmarks/plot_results.py``).
+Writes the tables to ``docs/benchmarks/feedback.md``, the training rows to ``feedback.json``
+and the decoding sweep to ``feedback_generation.json`` beside it (rows of ``model``,
+``context``, ``ms_per_token``); ``benchmarks/plot_results.py`` plots both.
 
-Both models in one process, same sizes (issue 6's configuration: dim 256, depth 4, 8 heads of
+Both models in one process, same sizes (dim 256, depth 4, 8 heads of
 64, mem_len 256, batch 2 as in the peer's README, vocabulary 256), same threads, float32,
 dropout off:
 
@@ -170,12 +170,10 @@ def _ratio(value: float, base: float | None) -> str:
 def markdown(train_rows, decode_rows, args, steps: int, have_peer: bool) -> str:
     label = {"peer": "feedback-transformer-pytorch 0.0.11", "ours": "feedback-transformer (ours)"}
     lines = [
-        "# Feedback Transformer benchmark",
-        "",
         f"`python benchmarks/bench_feedback.py{' --quick' if args.quick else ''}` on "
         f"{datetime.date.today().isoformat()}, {platform.machine()}, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads, float32, CPU. Medians of {args.repeats} runs; the "
-        "machine is shared with other jobs, so the numbers are noisy: read the ratios.",
+        f"{torch.get_num_threads()} threads, float32, CPU. Medians of {args.repeats} runs; "
+        "absolute numbers vary between runs: read the ratios.",
         "",
         f"Model: dim {DIM}, depth {DEPTH}, {HEADS} heads x {DIM_HEAD}, mem_len {MEM_LEN}, "
         f"vocabulary {VOCAB}, dropout 0. Training and inference: batch {BATCH} x n tokens "
@@ -249,6 +247,7 @@ def main(argv: list[str] | None = None) -> None:
     out.write_text(report)
     sweep = out.with_name(out.stem + "_generation.json")
     sweep.write_text(json.dumps(decode_rows, indent=1) + "\n")
+    out.with_suffix(".json").write_text(json.dumps(train_rows, indent=1) + "\n")
 
 
 if __name__ == "__main__":

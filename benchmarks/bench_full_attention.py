@@ -14,8 +14,9 @@ Same process, same inputs, same thread count for every contender; timed in turns
   event listener registered, which builds the attention matrix) and ``fast-transformers``
   (skipped with a note when it is not installed). The explicit and fast-transformers rows stop
   at ``--dense-max`` (their ``N x N`` matrices need gigabytes beyond it).
-- ``bert``: seed 004's BERT example forward (12 layers, 12 heads of 64, feed-forward 3072,
-  GELU, input 10 x 512 x 768), attention-core against fast-transformers.
+- ``bert``: the BERT-size encoder of fast-transformers' own example, forward (12 layers,
+  12 heads of 64, feed-forward 3072, GELU, input 10 x 512 x 768), attention-core against
+  fast-transformers.
 
 Peak memory is measured per contender in a fresh subprocess, as in ``bench_causal_linear.py``
 (growth of the peak resident set during one call, MiB). Medians from a shared machine are
@@ -197,20 +198,29 @@ def fmt(x, spec: str) -> str:
 
 
 def markdown(rows: list[dict], bert: dict[str, float], args, peer: bool) -> str:
+    """Two tables (times against the bare SDPA call; speed-up over fast-transformers and peak
+    memory), then the BERT-size encoder's forward."""
     note = "" if peer else " pytorch-fast-transformers was not installed: its column is empty."
     lines = [
         f"Softmax attention as a layer on the CPU: B=1, H={H}, E=D={E}, float32, "
-        f"{args.threads} threads, torch {torch.__version__}, medians of {args.repeats} runs "
-        f"timed in turns (ms). Masks: `causal` = TriangularCausalMask, `lengths` = a length "
-        f"mask with 3/4 of the keys valid. vs SDPA = this row's time / the bare SDPA call's; "
-        f"vs fast-transformers = fast-transformers' time / this row's. Peak = growth of the "
-        f"peak RSS during one call (MiB). `explicit` is attention-core with an event "
+        f"{args.threads} threads, torch {args.torch}, medians of {args.repeats} runs "
+        f"timed in turns. Masks: `causal` = TriangularCausalMask, `lengths` = a length "
+        f"mask with 3/4 of the keys valid. `explicit` is attention-core with an event "
         f"listener registered. Command: "
-        f"`python benchmarks/bench_full_attention.py {' '.join(sys.argv[1:])}`.{note}",
+        f"`python benchmarks/bench_full_attention.py{args.command}`.{note}",
         "",
-        "| mask | N | contender | forward | fwd+bwd | vs SDPA fwd | vs SDPA fwd+bwd "
-        "| vs fast-transformers fwd | vs fast-transformers fwd+bwd | peak fwd | peak fwd+bwd |",
-        "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "Time in ms; vs SDPA = this row's time / the bare SDPA call's (lower is better).",
+        "",
+        "| mask | N | contender | forward | fwd+bwd | vs SDPA fwd | vs SDPA fwd+bwd |",
+        "| --- | ---: | --- | ---: | ---: | ---: | ---: |",
+    ]
+    second = [
+        "",
+        "Speed-up = fast-transformers' time / this row's time (higher is better); peak = "
+        "growth of the peak RSS during one call (MiB).",
+        "",
+        "| mask | N | contender | speed-up fwd | speed-up fwd+bwd | peak fwd | peak fwd+bwd |",
+        "| --- | ---: | --- | ---: | ---: | ---: | ---: |",
     ]
     by = {(r["mask"], r["N"], r["contender"]): r for r in rows}
     for r in rows:
@@ -218,22 +228,36 @@ def markdown(rows: list[dict], bert: dict[str, float], args, peer: bool) -> str:
         ft = by.get((r["mask"], r["N"], "fast-transformers"))
         vs_sdpa = [fmt(r[m] / sdpa[m] if sdpa else None, ".2f") + "x" * bool(sdpa) for m in MODES]
         vs_ft = [fmt(ft[m] / r[m] if ft else None, ".1f") + "x" * bool(ft) for m in MODES]
+        key = f"| {r['mask']} | {r['N']} | {r['contender']} "
         lines.append(
-            f"| {r['mask']} | {r['N']} | {r['contender']} | {r['forward']:.1f} "
-            f"| {r['forward+backward']:.1f} | {vs_sdpa[0]} | {vs_sdpa[1]} | {vs_ft[0]} "
-            f"| {vs_ft[1]} | {fmt(r['forward MiB'], '.0f')} "
+            key + f"| {r['forward']:.1f} | {r['forward+backward']:.1f} "
+            f"| {vs_sdpa[0]} | {vs_sdpa[1]} |"
+        )
+        second.append(
+            key + f"| {vs_ft[0]} | {vs_ft[1]} | {fmt(r['forward MiB'], '.0f')} "
             f"| {fmt(r['forward+backward MiB'], '.0f')} |"
         )
+    lines += second
     if bert:
         ours, theirs = bert["attention-core"], bert.get("fast-transformers")
         ratio = f" ({theirs / ours:.2f}x faster than fast-transformers' {theirs:.0f} ms)"
         lines += [
             "",
-            f"Seed 004's BERT example forward (12 layers, 12 heads of 64, feed-forward 3072, "
-            f"input 10 x 512 x 768), median of {args.bert_repeats} runs timed in turns: "
-            f"attention-core {ours:.0f} ms" + (ratio if theirs else "") + ".",
+            f"The BERT-base-size encoder of fast-transformers' own example (12 layers, 12 heads "
+            f"of 64, feed-forward 3072, input 10 x 512 x 768), forward, median of "
+            f"{args.bert_repeats} runs timed in turns: attention-core {ours:.0f} ms"
+            + (ratio if theirs else "")
+            + ".",
         ]
     return "\n".join(lines) + "\n"
+
+
+def render(path: Path) -> str:
+    """The tables again from a stored JSON file (``--render``), without measuring."""
+    stored = json.loads(path.read_text())
+    args = argparse.Namespace(**stored["args"])
+    peer = any(r["contender"] == "fast-transformers" for r in stored["layer"])
+    return markdown(stored["layer"], stored["bert"], args, peer)
 
 
 def main() -> None:
@@ -250,14 +274,24 @@ def main() -> None:
         "--dense-max", type=int, default=4096, help="longest N for explicit / fast-transformers"
     )
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
-    parser.add_argument("--no-bert", action="store_true", help="skip seed 004's BERT example")
+    parser.add_argument("--no-bert", action="store_true", help="skip the BERT-size encoder")
     parser.add_argument("--quick", action="store_true", help="N=1024 and 4096, 3 repeats")
     parser.add_argument(
         "--output", type=Path, default=ROOT / "docs" / "benchmarks" / "full_attention.md"
     )
+    parser.add_argument(
+        "--render", action="store_true", help="rewrite the tables from the stored JSON only"
+    )
     args = parser.parse_args()
+    if args.render:
+        table = render(args.output.with_suffix(".json"))
+        print(table)
+        args.output.write_text(table)
+        return
     if args.quick:
         args.lengths, args.repeats, args.bert_repeats = [1024, 4096], 3, 2
+    args.torch = torch.__version__
+    args.command = "".join(f" {a}" for a in sys.argv[1:])
     torch.set_num_threads(args.threads)
     peer = have_fast_transformers()
     if not peer:
@@ -269,7 +303,9 @@ def main() -> None:
     print(table)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(table)
-    args.output.with_suffix(".json").write_text(json.dumps({"layer": rows, "bert": bert}) + "\n")
+    keep = {k: getattr(args, k) for k in ("threads", "repeats", "bert_repeats", "torch", "command")}
+    stored = {"args": keep, "layer": rows, "bert": bert}
+    args.output.with_suffix(".json").write_text(json.dumps(stored) + "\n")
 
 
 if __name__ == "__main__":

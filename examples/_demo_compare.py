@@ -64,18 +64,23 @@ def plot(summaries: list[dict], path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.0))
-    for s in summaries:
-        seconds, bpc = zip(*s["curve"]) if s["curve"] else ((), ())
-        ax.plot(seconds, bpc, marker="o", label=s["model"])
-    ax.set_xlabel("training time (s)")
-    ax.set_ylabel("validation bits per character")
-    ax.set_title(title, fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, metadata={"Date": None})
-    plt.close(fig)
+    grey = "#8a8a8a"  # a transparent figure with grey text reads on light and dark pages
+    style = {"savefig.transparent": True, "text.color": grey, "axes.labelcolor": grey,
+             "axes.edgecolor": grey, "xtick.color": grey, "ytick.color": grey,
+             "legend.frameon": False, "svg.hashsalt": "attention-core"}  # fmt: skip
+    with plt.rc_context(style):
+        fig, ax = plt.subplots(figsize=(7.5, 4.2))
+        for s in summaries:
+            seconds, bpc = zip(*s["curve"]) if s["curve"] else ((), ())
+            ax.plot(seconds, bpc, marker="o", label=s["model"])
+        ax.set_xlabel("training time (s)")
+        ax.set_ylabel("validation bits per character")
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.35, color=grey)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(path, metadata={"Date": None})
+        plt.close(fig)
 
 
 def compare(args, argv: list[str], families: tuple[str, ...]) -> dict:
@@ -106,8 +111,7 @@ def compare(args, argv: list[str], families: tuple[str, ...]) -> dict:
         out.mkdir(parents=True, exist_ok=True)
         (out / "demo_compare.md").write_text(f"{text}\n\n{caption} Command: `{command}`\n")
         (out / "demo_compare.json").write_text(json.dumps(summaries, indent=1) + "\n")
-        plot(
-            summaries, out / "demo_compare.svg", f"{budget} per family, {plural(threads, 'thread')}"
-        )
+        title = f"{budget} per family, {plural(threads, 'thread')}, on the CPU"
+        plot(summaries, out / "demo_compare.svg", title)
         print(f"wrote {out / 'demo_compare.md'} and {out / 'demo_compare.svg'}")
     return {"runs": summaries}

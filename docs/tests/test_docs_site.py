@@ -59,7 +59,8 @@ def test_every_package_and_the_benchmarks_have_pages(site):
         assert (site / page / "index.html").is_file(), page
 
 
-def test_no_internal_link_or_anchor_is_broken(site):
+def broken_links(site: Path) -> list[str]:
+    """Every internal ``href``/``src`` of the built ``site`` whose page or anchor is missing."""
     pages = {page: parse(page) for page in site.rglob("*.html")}
     broken = []
     for page, links in pages.items():
@@ -81,9 +82,42 @@ def test_no_internal_link_or_anchor_is_broken(site):
                 ids = pages[resolved].ids if resolved in pages else parse(resolved).ids
                 if unquote(parts.fragment) not in ids:
                     broken.append(f"{page.relative_to(site)} -> {target} (no such anchor)")
-    assert not broken, "broken links:\n" + "\n".join(sorted(set(broken))[:50])
+    return sorted(set(broken))
+
+
+def test_no_internal_link_or_anchor_is_broken(site):
+    broken = broken_links(site)
+    assert not broken, "broken links:\n" + "\n".join(broken[:50])
+
+
+def test_the_link_check_catches_missing_pages_and_anchors(tmp_path):
+    (tmp_path / "api").mkdir()
+    (tmp_path / "api" / "index.html").write_text('<h2 id="attention_core.masking">m</h2>')
+    (tmp_path / "index.html").write_text(
+        '<a href="api/#attention_core.masking">ok</a> <a href="#top">no anchor here</a>'
+        '<a href="api/#attention_core.gone">gone</a> <a href="missing/">no page</a>'
+        '<a href="https://example.org/#x">external</a>'
+    )
+    assert broken_links(tmp_path) == [
+        "index.html -> #top (no such anchor)",
+        "index.html -> api/#attention_core.gone (no such anchor)",
+        "index.html -> missing/",
+    ]
 
 
 def test_benchmark_page_shows_measured_tables(site):
     text = (site / "benchmarks" / "index.html").read_text(encoding="utf-8")
     assert re.search(r"<table>", text), "the benchmark page has no table"
+
+
+def test_api_pages_render_no_private_object(site):
+    """The reference documents public objects only: no ``_private`` module, class or function."""
+    imports = tuple(package.replace("-", "_") + "." for package in PACKAGES)
+    private = []
+    for page in site.rglob("*.html"):
+        for anchor in parse(page).ids:
+            if anchor.startswith(imports) and any(
+                part.startswith("_") and not part.endswith("__") for part in anchor.split(".")
+            ):
+                private.append(f"{page.relative_to(site)}#{anchor}")
+    assert not private, "private objects on the API pages:\n" + "\n".join(sorted(private)[:50])

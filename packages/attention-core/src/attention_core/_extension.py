@@ -50,8 +50,10 @@ def kernels_available() -> bool:
 
 
 def triton_installed() -> bool:
-    """``True`` when a ``triton`` package is installed (found without importing it, so that
-    importing attention_core does not pay for importing triton)."""
+    """``True`` when a ``triton`` package is installed.
+
+    Found without importing it, so that importing attention_core does not pay for importing triton.
+    """
     return importlib.util.find_spec("triton") is not None
 
 
@@ -67,11 +69,12 @@ def triton_available() -> bool:
 
 
 def use_kernels(*tensors: Tensor, triton: bool = False) -> bool:
-    """``True`` when the compiled kernels should handle ``tensors``: the extension is
-    available, ``ATTENTION_CORE_FORCE_REFERENCE`` is unset (or ``"0"``), and every tensor is
-    a float32/float64 CPU tensor. With ``triton=True`` (ops with a Triton kernel registered
-    for ``"cuda"``), float32/float16/bfloat16 CUDA tensors also qualify when triton is
-    importable; float64 CUDA tensors do not (they take the plain-PyTorch path)."""
+    """``True`` when the compiled kernels should handle ``tensors``.
+
+    That is when the extension is available, ``ATTENTION_CORE_FORCE_REFERENCE`` is unset (or
+    ``"0"``), and every tensor is a float32/float64 CPU tensor. With ``triton=True`` (ops with a
+    Triton kernel registered for ``"cuda"``), float32/float16/bfloat16 CUDA tensors also qualify
+    when triton is importable; float64 CUDA tensors do not (they take the plain-PyTorch path)."""
     if os.environ.get(FORCE_REFERENCE_ENV, "0") not in ("", "0"):
         return False
     if triton and tensors and all(t.device.type == "cuda" for t in tensors):

@@ -10,7 +10,7 @@ This module imports nothing of the package, so every module may use it.
 
 Example:
     >>> try:
-    ...     raise MissingParameterError("attention 'linear' needs 'query_dimensions'")
+    ...     raise MissingParameterError("'linear' needs 'query_dimensions'")
     ... except TypeError as error:
     ...     isinstance(error, ValueError)
     True
@@ -22,8 +22,9 @@ __all__ = ["MissingParameterError", "UnsupportedMaskError"]
 
 
 class MissingParameterError(ValueError, TypeError):
-    """A builder cannot construct an attention: a parameter it needs was not set (or a
-    wrapper such as ``conditional-full`` was named without the attention it wraps).
+    """A builder cannot construct an attention: a parameter it needs was not set.
+
+    Also raised when a wrapper such as ``conditional-full`` is named without the attention it wraps.
 
     fast-transformers calls the constructor anyway and gets Python's ``TypeError`` for the
     missing argument; this error is both a ``ValueError`` and a ``TypeError``.
@@ -31,8 +32,10 @@ class MissingParameterError(ValueError, TypeError):
 
 
 class UnsupportedMaskError(ValueError, RuntimeError):
-    """An attention got a mask it cannot apply, e.g. an arbitrary attention mask given to
-    linear attention (only all-ones masks; ``causal-linear`` handles the causal one).
+    """An attention got a mask it cannot apply.
+
+    For example an arbitrary attention mask given to linear attention, which takes only all-ones
+    masks (``causal-linear`` handles the causal one).
 
     fast-transformers raises ``RuntimeError`` there; this error is both a ``ValueError`` and a
     ``RuntimeError``.

@@ -26,7 +26,7 @@ class BaseMask:
 
     @property
     def bool_matrix(self) -> Tensor:
-        """Boolean tensor of shape :attr:`shape`; ``True`` where attention is allowed."""
+        """Boolean tensor of shape `shape`; ``True`` where attention is allowed."""
         raise NotImplementedError
 
     @property
@@ -36,7 +36,7 @@ class BaseMask:
 
     @property
     def device(self) -> torch.device:
-        """The device of :attr:`bool_matrix` (known without building it for length masks)."""
+        """The device of `bool_matrix` (known without building it for length masks)."""
         return self.bool_matrix.device
 
     @property
@@ -80,7 +80,7 @@ class BaseMask:
 
     @property
     def additive_matrix_finite(self) -> Tensor:
-        """Like :attr:`additive_matrix` but with ``-1e24`` instead of ``-inf``."""
+        """Like `additive_matrix` but with ``-1e24`` instead of ``-inf``."""
         if not hasattr(self, "_additive_matrix_finite"):
             with torch.no_grad():
                 self._additive_matrix_finite = (~self.bool_matrix).float() * (-1e24)
@@ -96,9 +96,10 @@ class BaseMask:
 
     @property
     def lower_triangular(self) -> bool:
-        """``True`` when row ``i`` allows exactly keys ``0..i``: a causal mask, square or with
-        extra disallowed columns, e.g. ``LengthMask(torch.tensor([1, 2, 3]), max_len=4)``
-        (as in fast-transformers)."""
+        """``True`` when row ``i`` allows exactly keys ``0..i``, i.e. the mask is causal.
+
+        The mask may be square or have extra disallowed columns, e.g.
+        ``LengthMask(torch.tensor([1, 2, 3]), max_len=4)`` (as in fast-transformers)."""
         if not hasattr(self, "_lower_triangular"):
             self._lower_triangular = False
             if len(self.shape) == 2 and self.shape[0] <= self.shape[1]:
@@ -259,8 +260,10 @@ class TriangularCausalMask(LengthMask):
 
 
 def zero_padding(x: Tensor, lengths: BaseMask) -> Tensor:
-    """``x`` with the positions that ``lengths`` masks out set to zero, so that whatever a
-    user left in the padding (``torch.empty`` garbage, NaN, inf) cannot reach a valid output.
+    """Return ``x`` with the positions that ``lengths`` masks out set to zero.
+
+    Whatever a user left in the padding (``torch.empty`` garbage, NaN, inf) then cannot reach a
+    valid output.
 
     A ``torch.where``, not a product with the mask (``0 * nan`` is NaN), and no work at all
     when ``lengths`` pads nothing. Every attention that takes a length mask applies it to its

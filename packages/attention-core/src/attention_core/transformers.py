@@ -1,8 +1,10 @@
-"""Transformer encoders and decoders that take any attention layer (Vaswani et al. 2017,
-arXiv 1706.03762), post-norm like ``torch.nn.TransformerEncoderLayer``.
+"""Transformer encoders and decoders that take any attention layer.
+
+Post-norm like ``torch.nn.TransformerEncoderLayer``. Reference: Vaswani et al. 2017, arXiv
+1706.03762.
 
 Shapes: ``x`` is ``(N, L, E)``, ``memory`` is ``(N, S, E)``; masks are
-:mod:`attention_core.masking` objects: ``attn_mask``/``x_mask`` ``(L, L)``, ``memory_mask``
+`attention_core.masking` objects: ``attn_mask``/``x_mask`` ``(L, L)``, ``memory_mask``
 ``(L, S)``, length masks ``(N, L)`` and ``(N, S)``.
 """
 
@@ -63,17 +65,18 @@ def _full_lengths(x: Tensor, N: int, L: int) -> LengthMask:
 
 
 class TransformerEncoderLayer(nn.Module):
-    """Self attention followed by a feed-forward network, each with a residual connection
-    and a LayerNorm after it.
+    """Self attention followed by a feed-forward network.
+
+    Each has a residual connection and a LayerNorm after it.
 
     Arguments:
-        attention: an attention layer such as :class:`~attention_core.attention.AttentionLayer`,
+        attention: an attention layer such as `AttentionLayer`,
             called as ``attention(x, x, x, attn_mask, query_lengths, key_lengths)``.
         d_model: the feature size ``E``.
         d_ff: the hidden size of the feed-forward network (default: ``4 * d_model``).
         dropout: dropout after attention and in the feed-forward network (default: 0.1).
         activation: ``"relu"`` or ``"gelu"`` (default: ``"relu"``).
-        event_dispatcher: dispatcher instance or key for :class:`IntermediateOutput`.
+        event_dispatcher: dispatcher instance or key for `IntermediateOutput`.
     """
 
     def __init__(
@@ -125,14 +128,15 @@ class TransformerEncoder(nn.Module):
     """A stack of encoder layers with an optional final normalisation.
 
     Arguments:
-        layers: the :class:`TransformerEncoderLayer` instances.
+        layers: the `TransformerEncoderLayer` instances.
         norm_layer: applied to the output of the last layer (default: None).
         event_dispatcher: dispatcher instance or key; each layer's output is dispatched as
-            an :class:`IntermediateOutput` event.
+            an `IntermediateOutput` event.
 
     Example:
         >>> from attention_core.builders import TransformerEncoderBuilder
-        >>> encoder = TransformerEncoderBuilder.from_kwargs(n_layers=2, n_heads=4).get()
+        >>> builder = TransformerEncoderBuilder.from_kwargs(n_layers=2, n_heads=4)
+        >>> encoder = builder.get()
         >>> encoder(torch.rand(3, 20, 256)).shape
         torch.Size([3, 20, 256])
     """
@@ -150,7 +154,7 @@ class TransformerEncoder(nn.Module):
 
         Arguments:
             x: ``(N, L, E)``.
-            attn_mask: ``(L, L)`` mask, e.g. :class:`TriangularCausalMask` (default: all ones).
+            attn_mask: ``(L, L)`` mask, e.g. `TriangularCausalMask` (default: all ones).
             length_mask: ``(N, L)`` length mask of padded sequences (default: no padding).
 
         Returns:
@@ -171,8 +175,9 @@ class TransformerEncoder(nn.Module):
 
 
 class TransformerDecoderLayer(nn.Module):
-    """Self attention, cross attention over ``memory``, then a feed-forward network; each
-    with a residual connection followed by LayerNorm.
+    """Self attention, cross attention over ``memory``, then a feed-forward network.
+
+    Each has a residual connection followed by LayerNorm.
 
     Arguments:
         self_attention: attention layer over ``x``.
@@ -271,7 +276,7 @@ class TransformerDecoder(nn.Module):
     """A stack of decoder layers with an optional final normalisation.
 
     Arguments:
-        layers: the :class:`TransformerDecoderLayer` instances.
+        layers: the `TransformerDecoderLayer` instances.
         norm_layer: applied to the output (default: None).
         event_dispatcher: dispatcher instance or key.
     """
@@ -291,7 +296,7 @@ class TransformerDecoder(nn.Module):
         memory_mask: BaseMask | None = None,
         memory_length_mask: BaseMask | None = None,
     ) -> Tensor:
-        """Apply every layer; arguments as :meth:`TransformerDecoderLayer.forward`.
+        """Apply every layer; arguments as `TransformerDecoderLayer.forward`.
 
         Returns:
             ``(N, L, E)``.

@@ -51,8 +51,9 @@ class RenameRule(MappingRule):
 
 
 class SplitRule(MappingRule):
-    """Split a tensor along dimension 0 into equal parts named by ``replacements``
-    (e.g. a packed query/key/value projection)."""
+    """Split a tensor along dimension 0 into equal parts named by ``replacements``.
+
+    For example a packed query/key/value projection."""
 
     def __init__(self, pattern: str, replacements: list[str]):
         self.pattern = re.compile(pattern)
@@ -202,9 +203,10 @@ _BERT_PREFIX = r"(?:(?:bert|roberta|longformer|model)\.)?(?:encoder\.)?"
 
 
 class HugginfaceBertEncoderMapper(SimpleMapper):
-    """Map the encoder of a Hugging Face BERT model (``BertEncoder`` or a whole
-    ``BertModel``; embeddings and pooler are dropped) onto an encoder built with
-    ``activation="gelu"`` and ``final_normalization=False``."""
+    """Map the encoder of a Hugging Face BERT model onto an encoder built here.
+
+    The source is a ``BertEncoder`` or a whole ``BertModel`` (embeddings and pooler are dropped);
+    the target is an encoder built with ``activation="gelu"`` and ``final_normalization=False``."""
 
     RULES = [
         *_bert_rules(_BERT_PREFIX),
@@ -213,7 +215,7 @@ class HugginfaceBertEncoderMapper(SimpleMapper):
 
 
 class LongformerMapper(SimpleMapper):
-    """Map a Hugging Face Longformer encoder like :class:`HugginfaceBertEncoderMapper`.
+    """Map a Hugging Face Longformer encoder like `HugginfaceBertEncoderMapper`.
 
     The global-attention projections (``query_global`` etc.) have no counterpart and are
     dropped with a warning; build ours with ``attention_type="local"``.

@@ -1,11 +1,12 @@
-"""The Block-Recurrent Transformer (Hutchins et al. 2022, arXiv 2203.07852) for PyTorch, built
-on attention-core.
+"""The Block-Recurrent Transformer for PyTorch, built on attention-core.
 
-* :class:`BlockRecurrentTransformer`: the language model; ``forward(seq, xl_memories=None,
+Reference: Hutchins et al. 2022, arXiv 2203.07852.
+
+* `BlockRecurrentTransformer`: the language model; ``forward(seq, xl_memories=None,
   states=None, return_loss=False) -> (out, mems, states)``.
-* :class:`RecurrentTrainerWrapper`: segment-by-segment training with structured dropout of
+* `RecurrentTrainerWrapper`: segment-by-segment training with structured dropout of
   memories and states, and generation with recurrence.
-* :class:`XLMemories` / :class:`LayerMemory`: the memories a call returns.
+* `XLMemories` / `LayerMemory`: the memories a call returns.
 """
 
 from .memory import LayerMemory, XLMemories

@@ -1,5 +1,7 @@
-"""Attention helpers of the Block-Recurrent Transformer: head splitting, query/key
-normalisation, multi-head / grouped / multi-query keys, and the relative position encodings.
+"""Attention helpers of the Block-Recurrent Transformer.
+
+Head splitting, query/key normalisation, multi-head / grouped / multi-query keys, and the relative
+position encodings.
 
 * Query/key normalisation (cosine-similarity attention with a temperature, as in the paper's
   code; "QK-norm", Henry et al. 2020, arXiv 2010.04245): ``q`` and ``k`` are l2-normalised,
@@ -71,8 +73,9 @@ def attend_heads(
     bias: Tensor | None = None,
     scale: float | None = None,
 ) -> Tensor:
-    """Attention of ``q`` ``(B, H, I, D)`` over ``k``/``v`` ``(B, Hkv, J, D)`` where ``Hkv``
-    divides ``H`` (each key/value head serves ``H / Hkv`` consecutive query heads).
+    """Attention of ``q (B, H, I, D)`` over ``k``/``v`` ``(B, Hkv, J, D)``, ``Hkv`` dividing ``H``.
+
+    Each key/value head serves ``H / Hkv`` consecutive query heads.
 
     ``mask`` (bool, ``True`` = may attend) and ``bias`` broadcast to ``(B, H, I, J)``; pass
     them 4-dimensional so that ``scaled_dot_product_attention`` keeps its fused kernel. Rows
@@ -89,14 +92,15 @@ def attend_heads(
 def attend_window(
     q: Tensor, k: Tensor, v: Tensor, *, additive: Tensor, scale: float | None = None
 ) -> Tensor:
-    """Attention of ``q`` ``(B, H, I, D)`` over ``k``/``v`` ``(B, Hkv, J, D)`` (``Hkv``
-    divides ``H``) with a ready-made additive mask ``(1 or B, 1 or H, I, J)`` (position bias,
-    and ``-inf`` where a key is forbidden) in which every row allows at least one key: one call of
+    """Attention over a window with a ready-made additive mask in which every row sees a key.
+
+    Attention of ``q`` ``(B, H, I, D)`` over ``k``/``v`` ``(B, Hkv, J, D)`` (``Hkv`` divides ``H``)
+    with a ready-made additive mask ``(1 or B, 1 or H, I, J)`` (position bias, and ``-inf`` where a
+    key is forbidden) in which every row allows at least one key: one call of
     ``scaled_dot_product_attention``, without the checks and the empty-row handling of
-    :func:`attend_heads`. With one key/value head (multi-query) the heads are folded into the
-    query rows, ``(B, 1, H * I, D)``, so that the keys are neither expanded nor repeated
-    (when the mask is shared by the batch).
-    Returns ``(B, H, I, D)``."""
+    `attend_heads`. With one key/value head (multi-query) the heads are folded into the query rows,
+    ``(B, 1, H * I, D)``, so that the keys are neither expanded nor repeated (when the mask is
+    shared by the batch). Returns ``(B, H, I, D)``."""
     b, heads, rows, d = q.shape
     kv_heads = k.shape[1]
     if kv_heads == 1 and additive.shape[0] == 1:
@@ -154,9 +158,10 @@ class PositionEncoding(nn.Module):
         return self.bias_module(query_positions, key_positions)[None].to(dtype)
 
     def angles(self, positions: Tensor, dtype) -> Tensor | None:
-        """Rotation table ``(n, 2, r)`` for integer ``positions`` ``(n,)``: the cosines and
-        the signed sines (``-sin`` on the first half of the rotated features, ``+sin`` on the
-        second) of the rotary angles, computed once per call; ``None`` without rotary."""
+        """Rotation table ``(n, 2, r)`` for integer ``positions (n,)``, or ``None`` without rotary.
+
+        The cosines and the signed sines (``-sin`` on the first half of the rotated features,
+        ``+sin`` on the second) of the rotary angles, computed once per call."""
         if self.rotary is None:
             return None
         angles = self.rotary(positions, dtype=dtype)
@@ -167,8 +172,9 @@ class PositionEncoding(nn.Module):
 
     @staticmethod
     def rotate(t: Tensor, table: Tensor | None) -> Tensor:
-        """Rotate ``t`` ``(..., n, d)`` by a rotation table ``(n, 2, r)`` from :meth:`angles`
-        (identity for ``None``): ``t * cos + roll(t, r / 2) * signed_sin`` on the first
+        """Rotate ``t`` ``(..., n, d)`` by a rotation table ``(n, 2, r)`` from `angles`.
+
+        The identity for ``None``. Computes ``t * cos + roll(t, r / 2) * signed_sin`` on the first
         ``r`` features, which is rotary's ``t * cos + rotate_half(t) * sin`` in three passes."""
         if table is None:
             return t

@@ -39,9 +39,11 @@ __all__ = [
 
 
 def all_valid(valid: Tensor) -> bool:
-    """Whether every slot of ``valid`` (bool, any shape) is valid, so that the validity mask
-    can be skipped. Under ``torch.compile`` this answers ``False`` without reading the data
-    (the mask is then always applied, which gives the same result without a graph break)."""
+    """Whether every slot of ``valid`` (bool, any shape) is valid.
+
+    Then the validity mask can be skipped. Under ``torch.compile`` this answers ``False`` without
+    reading the data (the mask is then always applied, which gives the same result without a graph
+    break)."""
     if torch.compiler.is_compiling():
         return False
     return bool(valid.all())
@@ -49,8 +51,9 @@ def all_valid(valid: Tensor) -> bool:
 
 @dataclass(frozen=True)
 class BlockGeometry:
-    """Where the ``length`` new tokens of a call fall among blocks of ``width`` tokens, the
-    stream having consumed ``start`` tokens before the call."""
+    """Where the ``length`` new tokens of a call fall among blocks of ``width`` tokens.
+
+    The stream has consumed ``start`` tokens before the call."""
 
     start: int
     length: int
@@ -146,9 +149,10 @@ def next_memory(
     lookback: int,
     keep_previous: bool,
 ) -> LayerMemory:
-    """The memory a layer hands to the next call: the last ``min(P, W + r)`` positions when
-    ``keep_previous`` (previous block and current block), else the ``r`` positions of the
-    current block, where ``P = geom.end`` and ``r = P % W``."""
+    """The memory a layer hands to the next call.
+
+    The last ``min(P, W + r)`` positions when ``keep_previous`` (previous block and current block),
+    else the ``r`` positions of the current block, where ``P = geom.end`` and ``r = P % W``."""
     width, end = geom.width, geom.end
     r = end % width
     keep = min(end, width + r) if keep_previous else r
@@ -223,7 +227,7 @@ def token_mask(
     Returns:
         the mask ``(rows, slots)`` bool, the query positions ``(rows,)`` and the key
         positions ``(slots,)`` (int64, relative to the block start; compressed slots at the
-        position of the last token they summarise, see :func:`compressed_positions`).
+        position of the last token they summarise, see `compressed_positions`).
     """
     row_start, row_stop = geom.rows
     i = torch.arange(row_start, row_stop, device=device)
@@ -241,10 +245,11 @@ def token_mask(
 
 
 def compressed_positions(width: int, slots: int, device, *, per_block: int | None = None) -> Tensor:
-    """Positions (relative to the current block start) of the ``slots`` compressed slots
-    seen by a block: the newest ``per_block`` slots summarise the block before the previous
-    one, the next ones the block before that, and so on; slot ``g`` of a block stands at the
-    last of the tokens it summarises."""
+    """Positions of the ``slots`` compressed slots seen by a block, relative to the block start.
+
+    The newest ``per_block`` slots summarise the block before the previous one, the next ones the
+    block before that, and so on; slot ``g`` of a block stands at the last of the tokens it
+    summarises."""
     per_block = per_block or slots
     u = torch.arange(slots, device=device)
     age = (slots - 1 - u) // per_block  # 0 for the newest block

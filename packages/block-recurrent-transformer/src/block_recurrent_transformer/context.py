@@ -1,10 +1,11 @@
-"""Per-call tables shared by every layer: the static window masks, the position biases and
-the rotary angles of the token self-attention (Block-Recurrent Transformer, Hutchins et al.
-2022, arXiv 2203.07852).
+"""Per-call tables shared by every layer of the Block-Recurrent Transformer.
+
+The static window masks, the position biases and the rotary angles of the token self-attention.
+Reference: Hutchins et al. 2022, arXiv 2203.07852.
 
 They depend only on the block width, the look-back and the compressed slots, never on the
 tokens, so they are built once for a whole block and sliced for calls that cover only some
-rows of one block (generation). During generation the same :class:`CallContext` tables are
+rows of one block (generation). During generation the same `CallContext` tables are
 reused from step to step.
 
 Einstein notation: ``h`` heads, ``i`` query rows, ``j`` key slots, ``r`` rotated features.
@@ -31,7 +32,7 @@ class WindowTables:
         mask: ``(1, 1, i, j)`` bool, ``True`` = may attend (static part only).
         bias: ``(1, H, i, j)`` position bias or ``None``.
         query_angles: ``(i, 2, r)`` rotation table (see
-            :meth:`~.attention.PositionEncoding.angles`) of the query rows or ``None``.
+            `angles`) of the query rows or ``None``.
         key_angles: ``(j, 2, r)`` rotation table of the key slots or ``None``.
         additive: ``(1, 1 or H, i, j)`` float: the bias (or zeros) with ``-inf`` where the mask
             forbids, the ready-made ``attn_mask`` of ``scaled_dot_product_attention`` (a call
@@ -51,8 +52,9 @@ class WindowTables:
     def rows(
         self, start: int, stop: int, slots: int, *, skip: int = 0, keep: int = 0
     ) -> WindowTables:
-        """The tables of query rows ``[start, stop)`` over the first ``slots`` key slots,
-        leaving out the ``skip`` slots that follow the first ``keep`` (compressed) slots."""
+        """The tables of query rows ``[start, stop)`` over the first ``slots`` key slots.
+
+        They leave out the ``skip`` slots that follow the first ``keep`` (compressed) slots."""
 
         def keys(t: Tensor | None, dim: int) -> Tensor | None:
             if t is None:
@@ -74,12 +76,12 @@ class WindowTables:
 
 @dataclass
 class CallContext:
-    """Builds and caches :class:`WindowTables` for one model.
+    """Builds and caches `WindowTables` for one model.
 
     Attributes:
         positions: the model's position encoding.
         width: block width ``W``.
-        sliding: the sliding-window mask (see :func:`~.blocks.token_mask`).
+        sliding: the sliding-window mask (see `token_mask`).
         compressed_slots: compressed memory slots seen by XL layers (0 without).
         compressed_per_block: compressed slots per block.
         dtype: floating dtype of the model.
@@ -97,8 +99,9 @@ class CallContext:
     _rows: dict = field(default_factory=dict)
 
     def tables(self, geom: BlockGeometry, lookback: int) -> WindowTables:
-        """Tables for the token attention of ``geom`` with ``lookback`` (``W`` for layers
-        that see the previous block and the compressed memory, ``0`` otherwise)."""
+        """Tables for the token attention of ``geom`` with ``lookback``.
+
+        ``W`` for layers that see the previous block and the compressed memory, ``0`` otherwise."""
         compressed = self.compressed_slots if lookback else 0
         key = (lookback, compressed)
         if key not in self._full:

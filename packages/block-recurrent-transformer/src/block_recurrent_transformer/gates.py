@@ -1,5 +1,7 @@
-"""Gates that replace the residual connections of the recurrent (horizontal) direction of the
-Block-Recurrent Transformer (Hutchins et al. 2022, arXiv 2203.07852, section 3.3).
+"""Gates that replace the residual connections of the recurrent direction.
+
+The recurrent (horizontal) direction of the Block-Recurrent Transformer. Reference: Hutchins et al.
+2022, arXiv 2203.07852, section 3.3.
 
 Both combine the previous state ``c`` with an update ``z`` computed from the attention output
 ``h`` (or the feed-forward hidden activations):
@@ -49,7 +51,8 @@ class FixedGate(nn.Module):
 
 
 class LSTMGate(nn.Module):
-    """LSTM-style input and forget gates computed from ``h``:
+    """LSTM-style input and forget gates computed from ``h``.
+
     ``c' = c * sigmoid(W_f h + b_f + 1) + tanh(z) * sigmoid(W_i h + b_i - 1)``.
 
     Arguments:
@@ -80,7 +83,7 @@ GATE_TYPES = ("fixed", "lstm")
 
 
 def make_gate(gate_type: str, dim_in: int, dim: int) -> nn.Module:
-    """A :class:`FixedGate` (``"fixed"``) or an :class:`LSTMGate` (``"lstm"``)."""
+    """A `FixedGate` (``"fixed"``) or an `LSTMGate` (``"lstm"``)."""
     if gate_type == "fixed":
         return FixedGate(dim)
     if gate_type == "lstm":

@@ -1,14 +1,15 @@
-"""One layer of the Block-Recurrent Transformer (Hutchins et al. 2022, arXiv 2203.07852): a
-pre-norm attention block and a pre-norm GEGLU feed-forward block (Shazeer 2020,
-arXiv 2002.05202), applied to all blocks of a call at once.
+"""One layer of the Block-Recurrent Transformer: an attention block and a GEGLU feed-forward block.
+
+Both blocks are pre-norm and are applied to all blocks of a call at once. References: Hutchins et
+al. 2022, arXiv 2203.07852; GEGLU: Shazeer 2020, arXiv 2002.05202.
 
 The attention block of a layer
 
-* attends, block by block, over a sliding window of keys (:mod:`.blocks`); layers listed in
+* attends, block by block, over a sliding window of keys (`.blocks`); layers listed in
   ``xl_memories_layers`` reach into the previous block (Transformer-XL style, arXiv
   1901.02860) and into the compressed memory, the others stay inside their block;
 * when the layer is recurrent, runs the state update of every block that ends in the call
-  (:mod:`.state`) — the only part that is sequential over blocks;
+  (`.state`) — the only part that is sequential over blocks;
 * cross-attends from the tokens to the state of every recurrent layer it reads (its own, or a
   higher layer's with "enhanced recurrence"), the state being the one left by the previous
   block;
@@ -73,9 +74,11 @@ class LayerSpec:
 
 
 def _to_blocks(t: Tensor, geom: BlockGeometry) -> Tensor:
-    """``(b, h, t, d)`` tokens -> ``(b * n, h, w, d)`` blocks (zero rows as padding), or the
-    unchanged rows of a single block. When ``t`` is a head view of a ``(b, t, h * d)``
-    projection and the call covers whole blocks, the result is a view (no copy)."""
+    """Cut ``(b, h, t, d)`` tokens into ``(b * n, h, w, d)`` blocks.
+
+    Zero rows pad the last block; a single block keeps its rows unchanged. When ``t`` is a head view
+    of a ``(b, t, h * d)`` projection and the call covers whole blocks, the result is a view (no
+    copy)."""
     if geom.single:
         return t
     t = t.transpose(1, 2)  # b t h d: contiguous for a head view of a projection
@@ -86,7 +89,7 @@ def _to_blocks(t: Tensor, geom: BlockGeometry) -> Tensor:
 
 
 def _from_blocks(t: Tensor, geom: BlockGeometry) -> Tensor:
-    """Inverse of :func:`_to_blocks`, with heads merged (one copy): -> ``(b, t, h * d)``."""
+    """Inverse of `_to_blocks`, with heads merged (one copy): -> ``(b, t, h * d)``."""
     if geom.single:
         return rearrange(t, "b h t d -> b t (h d)")
     t = rearrange(t, "(b n) h w d -> b (n w) (h d)", n=geom.num_blocks)
@@ -107,7 +110,7 @@ class BlockRecurrentLayer(nn.Module):
 
     Arguments:
         dim: model feature size.
-        spec: the layer's role (:class:`LayerSpec`).
+        spec: the layer's role (`LayerSpec`).
         heads: query heads ``H``.
         dim_head: head feature size ``Dh``.
         kv_heads: key/value heads ``Hkv`` (divides ``H``).
@@ -115,12 +118,12 @@ class BlockRecurrentLayer(nn.Module):
         temperature: logit scale when ``spec.qk_norm``.
         ff_mult: feed-forward width multiplier (GEGLU with ``2/3`` of it, so that the
             parameter count matches a plain feed-forward of ``ff_mult``).
-        state: the :class:`RecurrentState` this layer writes, or ``None``.
-        compressor: the :class:`MemoryCompressor` of an XL layer with compressed memory.
+        state: the `RecurrentState` this layer writes, or ``None``.
+        compressor: the `MemoryCompressor` of an XL layer with compressed memory.
         compressed_slots: slots ``C`` of that compressed memory.
 
     Shapes: ``forward`` takes the call's hidden states ``(B, t, c)`` and returns the same
-    shape, with the layer's new memory and state (see :meth:`forward`).
+    shape, with the layer's new memory and state (see `forward`).
     """
 
     def __init__(
@@ -189,8 +192,9 @@ class BlockRecurrentLayer(nn.Module):
         valid: Tensor,
         geom: BlockGeometry,
     ) -> tuple[Tensor, Tensor, Tensor, tuple[Tensor, Tensor, Tensor]]:
-        """Compressed windows ``(b * n, Hkv, C, d)`` (or ``(b, Hkv, C, d)``) with validity,
-        and the compressed memory handed to the next call."""
+        """Compressed windows with validity, and the compressed memory handed to the next call.
+
+        The windows are ``(b * n, Hkv, C, d)`` (or ``(b, Hkv, C, d)``)."""
         cap, width = self.compressed_slots, self.width
         per_block = width // self.compressor.factor
         count = max(geom.num_blocks - 1, geom.complete)  # blocks -1 .. count - 2 of the grid
@@ -274,7 +278,7 @@ class BlockRecurrentLayer(nn.Module):
         Arguments:
             x: ``(B, t, c)`` hidden states of the call's ``t = geom.length`` tokens.
             geom: where the tokens fall among blocks.
-            memory: this layer's :class:`LayerMemory` before the call.
+            memory: this layer's `LayerMemory` before the call.
             ctx: the shared window tables.
             positions: the model's position encoding (rotary is applied here).
             state: ``(B, S, c)`` state before the call (recurrent layers only).

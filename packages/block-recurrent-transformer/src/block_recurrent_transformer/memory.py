@@ -1,5 +1,6 @@
-"""Transformer-XL memories of the Block-Recurrent Transformer: the keys and values of the
-recent past that the next call still needs, with a validity mask per row.
+"""Transformer-XL memories of the Block-Recurrent Transformer.
+
+The keys and values of the recent past that the next call still needs, with a validity mask per row.
 
 Transformer-XL (Dai et al. 2019, arXiv 1901.02860) caches the keys and values of the previous
 segment so that attention can look across the segment boundary. The Block-Recurrent
@@ -46,7 +47,7 @@ class LayerMemory:
             layer's key normalisation and before any rotary embedding.
         values: ``(B, Hkv, m, Dh)`` values of the same positions.
         valid: ``(B, m)`` bool; ``False`` marks positions a row must not attend to (before
-            the start of the stream, or dropped with :meth:`XLMemories.drop`).
+            the start of the stream, or dropped with `XLMemories.drop`).
         compressed_keys: ``(B, Hkv, C, Dh)`` compressed keys of older blocks, or ``None``
             when the layer keeps no compressed memory.
         compressed_values: ``(B, Hkv, C, Dh)`` or ``None``.
@@ -92,13 +93,13 @@ class LayerMemory:
 class XLMemories:
     """The memories of every layer after ``position`` tokens of a stream.
 
-    Returned by :class:`~block_recurrent_transformer.BlockRecurrentTransformer` as its second
-    output and passed back as ``xl_memories``. Indexing gives the :class:`LayerMemory` of a
+    Returned by `BlockRecurrentTransformer` as its second
+    output and passed back as ``xl_memories``. Indexing gives the `LayerMemory` of a
     layer (0-based): ``mems[2].keys`` is ``(B, Hkv, m, Dh)``.
 
     Attributes:
         position: number of tokens of the stream consumed so far.
-        layers: one :class:`LayerMemory` per layer, bottom first.
+        layers: one `LayerMemory` per layer, bottom first.
     """
 
     position: int
@@ -148,9 +149,10 @@ torch.serialization.add_safe_globals([LayerMemory, XLMemories])
 
 
 class MemoryCompressor(nn.Module):
-    """Compress each run of ``factor`` consecutive keys (and values) of a block into one slot
-    with a learned linear map shared by all heads (a strided convolution of kernel and stride
-    ``factor``, as in the Compressive Transformer, arXiv 1911.05507).
+    """Compress each run of ``factor`` consecutive keys and values of a block into one slot.
+
+    A learned linear map shared by all heads: a strided convolution of kernel and stride ``factor``,
+    as in the Compressive Transformer, arXiv 1911.05507.
 
     Arguments:
         dim_head: head feature size ``Dh``.
@@ -170,8 +172,9 @@ class MemoryCompressor(nn.Module):
         self.to_values = nn.Linear(factor * dim_head, dim_head, bias=False)
 
     def forward(self, keys: Tensor, values: Tensor, valid: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Compress blocks of keys/values ``(B, Hkv, n, W, Dh)`` and their validity
-        ``(B, n, W)``; see the class docstring."""
+        """Compress blocks of keys/values ``(B, Hkv, n, W, Dh)`` and their validity ``(B, n, W)``.
+
+        See the class docstring."""
         c = self.factor
         group = "b h n (e c) d -> b h n e (c d)"
         keys = self.to_keys(rearrange(keys, group, c=c))

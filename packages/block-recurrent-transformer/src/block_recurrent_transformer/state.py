@@ -1,14 +1,15 @@
-"""The recurrent state of a Block-Recurrent Transformer layer (Hutchins et al. 2022,
-arXiv 2203.07852, section 3).
+"""The recurrent state of a Block-Recurrent Transformer layer.
+
+Reference: Hutchins et al. 2022, arXiv 2203.07852, section 3.
 
 A recurrent layer carries ``S`` state vectors from block to block. For each block:
 
-* *vertical direction* (the tokens, in :mod:`.layer`): the tokens cross-attend to the state
+* *vertical direction* (the tokens, in `.layer`): the tokens cross-attend to the state
   of the previous block, beside their own sliding-window self-attention;
 * *horizontal direction* (here): the state vectors self-attend among themselves and
   cross-attend to the keys/values of the block's tokens (those of the previous and the current
   block by default, as in the paper's code); both results are concatenated, projected and
-  gated into the state (:mod:`.gates`), optionally followed by a gated feed-forward block
+  gated into the state (`.gates`), optionally followed by a gated feed-forward block
   (the paper's "dual" gate configuration; without it, the cheaper "skip" configuration).
 
 The state keys/values are shared by the state self-attention and by every token layer that
@@ -47,8 +48,8 @@ class RecurrentState(nn.Module):
         state_ffn: add the gated feed-forward block after the attention gate.
         ff_mult: width multiplier of that feed-forward block.
 
-    Shapes: a state is ``(B, S, c)``; :meth:`prepare` gives its normalised form and keys/values
-    ``(B, Hkv, S, Dh)``; :meth:`update` takes token keys/values ``(B, Hkv, J, Dh)``.
+    Shapes: a state is ``(B, S, c)``; `prepare` gives its normalised form and keys/values
+    ``(B, Hkv, S, Dh)``; `update` takes token keys/values ``(B, Hkv, J, Dh)``.
     """
 
     def __init__(
@@ -92,8 +93,10 @@ class RecurrentState(nn.Module):
         return self.initial.expand(batch, -1, -1)
 
     def prepare(self, state: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Normalised state ``(B, S, c)`` (with position embeddings) and its keys and values
-        ``(B, Hkv, S, Dh)``, shared by the state update and the token layers that read it."""
+        """Normalised state ``(B, S, c)`` and its keys and values ``(B, Hkv, S, Dh)``.
+
+        The state includes position embeddings; the state update and the token layers that read it
+        share the result."""
         normed = self.norm(state) + self.position
         k, v = self.to_kv(normed).chunk(2, dim=-1)
         return normed, self.k_norm(split_heads(k, self.kv_heads)), split_heads(v, self.kv_heads)

@@ -1,5 +1,7 @@
-"""Input validation of the recurrent modules: one element per step, ``(N, ...)`` without a
-sequence axis, and whole prompts ``(N, T, ...)`` for ``prefill``."""
+"""Input validation of the recurrent modules.
+
+One element per step, ``(N, ...)`` without a sequence axis, and whole prompts ``(N, T, ...)`` for
+``prefill``."""
 
 from __future__ import annotations
 
@@ -26,33 +28,37 @@ _MODEL_CHECKED = contextvars.ContextVar("recurrent_transformer_model_checked", d
 
 
 def start_layer_checks() -> contextvars.Token | None:
-    """Called by a model after it has checked its input, before it runs its layers: their
-    finiteness checks are skipped until :func:`end_layer_checks` (the model checks its output
-    with :func:`check_output`). Returns the token for :func:`end_layer_checks` (``None``
-    under ``torch.compile``, where nothing is checked)."""
+    """Skip the layers' finiteness checks until `end_layer_checks`.
+
+    Called by a model after it has checked its input, before it runs its layers (the model checks
+    its output with `check_output`). Returns the token for `end_layer_checks` (``None`` under
+    ``torch.compile``, where nothing is checked)."""
     if torch.compiler.is_compiling():
         return None
     return _MODEL_CHECKED.set(True)
 
 
 def end_layer_checks(token: contextvars.Token | None) -> None:
-    """Undo :func:`start_layer_checks`."""
+    """Undo `start_layer_checks`."""
     if token is not None:
         _MODEL_CHECKED.reset(token)
 
 
 def _non_finite(x) -> bool:
-    """Whether a CPU tensor holds NaN or infinity; ``False`` off the CPU (it would cost a
-    device synchronisation per step), under ``torch.compile`` and for empty tensors."""
+    """Whether a CPU tensor holds NaN or infinity.
+
+    ``False`` off the CPU (it would cost a device synchronisation per step), under ``torch.compile``
+    and for empty tensors."""
     if x.device.type != "cpu" or torch.compiler.is_compiling() or not x.numel():
         return False
     return not bool(torch.isfinite(x).all())
 
 
 def check_output(x, owner: str) -> None:
-    """Refuse a model output that turned non-finite inside the layers from a finite input (an
-    overflow): the new state, which absorbed it, is never returned, and the previous state
-    stays valid. CPU tensors outside ``torch.compile``, like :func:`check_finite`."""
+    """Refuse a model output that turned non-finite inside the layers from a finite input.
+
+    Such an output comes from an overflow: the new state, which absorbed it, is never returned, and
+    the previous state stays valid. CPU tensors outside ``torch.compile``, like `check_finite`."""
     if _non_finite(x):
         raise ValueError(
             f"{owner} produced NaN or infinite values from a finite input (an overflow inside "
@@ -61,10 +67,11 @@ def check_output(x, owner: str) -> None:
 
 
 def check_finite(name: str, x) -> None:
-    """Reject NaN and infinite inputs before a recurrent state absorbs them (a poisoned state
-    returns non-finite outputs for the rest of the stream). Checked for CPU tensors outside
-    ``torch.compile``; on CUDA it would cost a device synchronisation per step. Skipped inside
-    a model's layers when the model has checked its input (see :func:`start_layer_checks`)."""
+    """Reject NaN and infinite inputs before a recurrent state absorbs them.
+
+    A poisoned state returns non-finite outputs for the rest of the stream. Checked for CPU tensors
+    outside ``torch.compile``; on CUDA it would cost a device synchronisation per step. Skipped
+    inside a model's layers when the model has checked its input (see `start_layer_checks`)."""
     if torch.compiler.is_compiling() or _MODEL_CHECKED.get():
         return
     if _non_finite(x):
@@ -75,8 +82,9 @@ def check_finite(name: str, x) -> None:
 
 
 def check_element(name: str, x, features: int, owner: str) -> tuple[int, int]:
-    """Check one element of a sequence, ``(N, features)``; a whole sequence ``(N, L, E)`` gets
-    a message pointing to ``prefill``.
+    """Check one element of a sequence, ``(N, features)``.
+
+    A whole sequence ``(N, L, E)`` gets a message pointing to ``prefill``.
 
     Returns:
         ``(N, features)``.
@@ -110,8 +118,9 @@ def check_prompt(name: str, x, features: int) -> tuple[int, int]:
 
 
 def check_heads(query, key, value, *, same_dims: bool = False) -> tuple[int, int, int, int]:
-    """Check the per-step inputs of an inner recurrent attention: query and key ``(N, H, E)``,
-    value ``(N, H, D)``, one dtype and device.
+    """Check the per-step inputs of an inner recurrent attention.
+
+    Query and key ``(N, H, E)``, value ``(N, H, D)``, one dtype and device.
 
     Returns:
         ``(N, H, E, D)``.
@@ -138,8 +147,9 @@ def check_heads(query, key, value, *, same_dims: bool = False) -> tuple[int, int
 def check_sequence_heads(
     queries, keys, values, *, same_dims: bool = False
 ) -> tuple[int, int, int, int, int]:
-    """Check the inputs of an inner recurrent attention's ``prefill``: queries and keys
-    ``(N, T, H, E)``, values ``(N, T, H, D)``.
+    """Check the inputs of an inner recurrent attention's ``prefill``.
+
+    Queries and keys ``(N, T, H, E)``, values ``(N, T, H, D)``.
 
     Returns:
         ``(N, T, H, E, D)``.

@@ -1,6 +1,8 @@
-"""Builders of recurrent encoders and decoders, with the settings of attention-core's batch
-builders (``fast_transformers.builders.RecurrentEncoderBuilder`` and
-``RecurrentDecoderBuilder`` under their old names).
+"""Builders of recurrent encoders and decoders, with the settings of the batch builders.
+
+The settings are those of attention-core's batch builders;
+``fast_transformers.builders.RecurrentEncoderBuilder`` and ``RecurrentDecoderBuilder`` live here
+under their old names.
 
 Importing this module registers every recurrent attention, so
 ``RecurrentEncoderBuilder.from_kwargs(attention_type="linear", ...)`` works right away. Models
@@ -43,12 +45,12 @@ __all__ = [
 
 
 class RecurrentEncoderBuilder(BaseTransformerEncoderBuilder):
-    """Build a :class:`~recurrent_transformer.transformers.RecurrentTransformerEncoder`.
+    """Build a `RecurrentTransformerEncoder`.
 
     Settings (``n_layers``, ``n_heads``, ``query_dimensions``, ``value_dimensions``,
     ``feed_forward_dimensions``, ``dropout``, ``activation``, ``final_normalization``,
     ``event_dispatcher``, ``attention_type`` and the attention parameters) are those of
-    :class:`attention_core.builders.TransformerEncoderBuilder`; ``attention_type`` names a
+    `attention_core.builders.TransformerEncoderBuilder`; ``attention_type`` names a
     recurrent self attention (default: ``"full"``).
 
     Example:
@@ -71,9 +73,9 @@ class RecurrentEncoderBuilder(BaseTransformerEncoderBuilder):
 
 
 class RecurrentDecoderBuilder(BaseTransformerDecoderBuilder):
-    """Build a :class:`~recurrent_transformer.transformers.RecurrentTransformerDecoder`.
+    """Build a `RecurrentTransformerDecoder`.
 
-    Settings are those of :class:`attention_core.builders.TransformerDecoderBuilder`;
+    Settings are those of `attention_core.builders.TransformerDecoderBuilder`;
     ``self_attention_type`` names a recurrent self attention and ``cross_attention_type`` a
     recurrent cross attention (``"linear"`` or ``"full"``; both default to ``"full"``).
 

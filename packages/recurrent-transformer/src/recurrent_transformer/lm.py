@@ -1,14 +1,15 @@
-"""A small causal language model that trains as a batch transformer and generates as a recurrent
-one (Katharopoulos et al. 2020, "Transformers are RNNs", arXiv 2006.16236).
+"""A small causal language model that trains as a batch transformer and generates recurrently.
 
-Training runs the batch :class:`~attention_core.transformers.TransformerEncoder` with a
-:class:`~attention_core.masking.TriangularCausalMask`. Generation runs its recurrent twin, a
-:class:`~recurrent_transformer.transformers.RecurrentTransformerEncoder` that shares the very
-same parameters (:func:`attention_core.utils.make_mirror`): the prompt is consumed in one
+Reference: Katharopoulos et al. 2020, "Transformers are RNNs", arXiv 2006.16236.
+
+Training runs the batch `TransformerEncoder` with a
+`TriangularCausalMask`. Generation runs its recurrent twin, a
+`RecurrentTransformerEncoder` that shares the very
+same parameters (`attention_core.utils.make_mirror`): the prompt is consumed in one
 parallel ``prefill`` pass, then each new token is one recurrent step. With ``causal-linear``
 attention a step costs the same at any context length. The model implements
-:class:`attention_core.generation.StepModel`, so :func:`attention_core.generation.stream` and
-:func:`~attention_core.generation.generate` drive it (temperature, top-k, top-p).
+`attention_core.generation.StepModel`, so `attention_core.generation.stream` and
+`generate` drive it (temperature, top-k, top-p).
 
 Einstein notation: b batch, t positions, d model features, v vocabulary.
 """
@@ -36,7 +37,7 @@ from .state import RecurrentState, TransformerState
 
 __all__ = ["POSITIONAL_ENCODINGS", "LMState", "RecurrentLM", "sinusoidal_positions"]
 
-#: the position schemes of :class:`RecurrentLM`
+#: the position schemes of `RecurrentLM`
 POSITIONAL_ENCODINGS = ("token-shift", "token-shift+rotary", "rotary", "sinusoidal", "none")
 #: rotary embeddings turn at most this many features of each query/key head
 ROTARY_FEATURES = 32
@@ -71,10 +72,10 @@ def sinusoidal_positions(positions: Tensor, dim: int) -> Tensor:
 
 @dataclasses.dataclass(eq=False)
 class LMState(RecurrentState):
-    """State of :class:`RecurrentLM` generation.
+    """State of `RecurrentLM` generation.
 
     Attributes:
-        encoder: the recurrent encoder's :class:`TransformerState`.
+        encoder: the recurrent encoder's `TransformerState`.
         position: the number of tokens consumed so far (the next token's position).
         shift: the token shift's cache ``(B, TOKEN_SHIFT - 1, d)`` (``None`` without it).
     """
@@ -111,9 +112,10 @@ def _check_attention_type(attention_type: str) -> str:
 
 
 class RecurrentLM(nn.Module):
-    """A decoder-only language model: token embedding, a position scheme (by default a token
-    shift, which generalises past the trained length), a transformer encoder with a causal
-    mask, and a linear head.
+    """A decoder-only language model that trains in batch and generates recurrently.
+
+    Token embedding, a position scheme (by default a token shift, which generalises past the trained
+    length), a transformer encoder with a causal mask, and a linear head.
 
     Arguments:
         num_tokens: the vocabulary size ``V``.
@@ -133,13 +135,13 @@ class RecurrentLM(nn.Module):
             ``"token-shift"``):
 
             - ``"token-shift"``: no absolute position; a learned causal convolution over the
-              last 4 token embeddings (:class:`attention_core.nn.TokenShift`). The model reads
+              last 4 token embeddings (`attention_core.nn.TokenShift`). The model reads
               any length the same way: trained on 64-byte windows of Python sources,
               bits per character at positions 64-191 stay within 5% of those at 0-63, and
               inside the window it beats ``"sinusoidal"`` (2.14 against 2.44; measured on
               the demo page);
             - ``"rotary"``: rotary embeddings of queries and keys
-              (:class:`~recurrent_transformer.positions.RotaryAttention`);
+              (`RotaryAttention`);
               ``"token-shift+rotary"`` both;
             - ``"sinusoidal"``: the absolute encoding of Vaswani et al. (the former default;
               it does not generalise past the trained length);
@@ -217,9 +219,11 @@ class RecurrentLM(nn.Module):
 
     @property
     def recurrent_encoder(self):
-        """The recurrent twin of :attr:`encoder`, sharing its parameters (re-mirrored if the
-        parameters were replaced, e.g. by ``load_state_dict(..., assign=True)``) and its
-        buffers (e.g. the features of a random feature map)."""
+        """The recurrent twin of `encoder`, sharing its parameters and buffers.
+
+        The twin is re-mirrored if the parameters were replaced, e.g. by
+        ``load_state_dict(..., assign=True)``; the buffers are, e.g., the features of a random
+        feature map."""
         twin = self.__dict__["_twin"]
         parameters = tuple(id(p) for p in self.encoder.parameters())
         if parameters != self.__dict__["_twin_parameters"]:
@@ -234,11 +238,12 @@ class RecurrentLM(nn.Module):
         return twin
 
     def _stepping_twin(self):
-        """The twin for one generation step. The full synchronisation of
-        :attr:`recurrent_encoder` walks every parameter and buffer (about a third of a small
-        model's step); here it runs only when the encoder's parameters look replaced (the first
-        one is another object) or the training mode changed, which covers a first ``step``
-        without ``prefill`` and ``load_state_dict(..., assign=True)``."""
+        """The twin for one generation step.
+
+        The full synchronisation of `recurrent_encoder` walks every parameter and buffer (about a
+        third of a small model's step); here it runs only when the encoder's parameters look
+        replaced (the first one is another object) or the training mode changed, which covers a
+        first ``step`` without ``prefill`` and ``load_state_dict(..., assign=True)``."""
         twin = self.__dict__["_twin"]
         mirrored = self.__dict__["_twin_parameters"]
         first = next(self.encoder.parameters(), None)
@@ -282,7 +287,7 @@ class RecurrentLM(nn.Module):
             tokens: ``(B, T)`` int64, ``T >= 1``.
 
         Returns:
-            the logits ``(B, V)`` after the last prompt token and the :class:`LMState`.
+            the logits ``(B, V)`` after the last prompt token and the `LMState`.
         """
         check_tensor("tokens", tokens, dim=2, integer=True)
         check_token_ids("tokens", tokens, self.num_tokens)
@@ -301,7 +306,7 @@ class RecurrentLM(nn.Module):
 
         Arguments:
             tokens: ``(B,)`` int64.
-            state: the :class:`LMState` from :meth:`prefill` or the previous step.
+            state: the `LMState` from `prefill` or the previous step.
 
         Returns:
             the logits ``(B, V)`` for the next position and the new state.
@@ -319,6 +324,7 @@ class RecurrentLM(nn.Module):
         return self.to_logits(x), LMState(encoder_state, state.position + 1, shift)
 
     def generate(self, prompt: Tensor, max_new_tokens: int, **sampling: Any) -> Tensor:
-        """``attention_core.generation.generate(self, prompt, max_new_tokens, **sampling)``:
-        the prompt ``(B, T)`` followed by up to ``max_new_tokens`` sampled tokens."""
+        """Return the prompt ``(B, T)`` followed by up to ``max_new_tokens`` sampled tokens.
+
+        Same as ``attention_core.generation.generate(self, prompt, max_new_tokens, **sampling)``."""
         return generate(self, prompt, max_new_tokens, **sampling)

@@ -1,10 +1,11 @@
-"""Relative positions for the language model's attentions: rotary embeddings (Su et al. 2021,
-RoFormer, arXiv 2104.09864) applied to the queries and keys of any inner attention, in its
-batch form and in its recurrent form.
+"""Rotary relative positions for the language model's attentions.
 
-:class:`RotaryAttention` wraps a batch inner attention (``(N, L, H, E)`` queries and keys at
-positions ``0 .. L-1``); :class:`RecurrentRotaryAttention` wraps the recurrent dual and counts
-the positions it has consumed in its :class:`RotaryState`, so that stepping through a sequence
+Rotary embeddings (Su et al. 2021, RoFormer, arXiv 2104.09864) applied to the queries and keys of
+any inner attention, in its batch form and in its recurrent form.
+
+`RotaryAttention` wraps a batch inner attention (``(N, L, H, E)`` queries and keys at
+positions ``0 .. L-1``); `RecurrentRotaryAttention` wraps the recurrent dual and counts
+the positions it has consumed in its `RotaryState`, so that stepping through a sequence
 rotates every query and key by the same angle as the batch form. With softmax attention the
 scores then depend only on the distance between a query and a key.
 
@@ -36,7 +37,7 @@ def _rotate(rotary: RotaryEmbedding, t: Tensor, start: int) -> Tensor:
 
 @dataclasses.dataclass(eq=False)
 class RotaryState(RecurrentState):
-    """State of :class:`RecurrentRotaryAttention`.
+    """State of `RecurrentRotaryAttention`.
 
     Attributes:
         position: the number of elements consumed so far (the next element's position).
@@ -51,8 +52,9 @@ torch.serialization.add_safe_globals([RotaryState])
 
 
 class RotaryAttention(nn.Module):
-    """A batch inner attention whose queries and keys are rotated by their positions
-    ``0 .. L-1`` first.
+    """A batch inner attention whose queries and keys are rotated by their positions ``0 ..
+
+    L-1`` first.
 
     Arguments:
         attention: the inner attention (e.g. ``CausalLinearAttention``, ``FullAttention``).
@@ -80,8 +82,10 @@ class RotaryAttention(nn.Module):
 
 
 class RecurrentRotaryAttention(nn.Module):
-    """The recurrent dual of :class:`RotaryAttention`: it wraps a recurrent inner attention and
-    rotates each query and key by its position, counted in a :class:`RotaryState`.
+    """The recurrent dual of `RotaryAttention`.
+
+    It wraps a recurrent inner attention and rotates each query and key by its position, counted in
+    a `RotaryState`.
 
     Arguments:
         attention: the recurrent inner attention.
@@ -117,7 +121,7 @@ class RecurrentRotaryAttention(nn.Module):
         return out, RotaryState(position + 1, inner)
 
     def prefill(self, queries, keys, values, state=None):
-        """``T`` elements at once, as ``T`` calls of :meth:`forward` would."""
+        """``T`` elements at once, as ``T`` calls of `forward` would."""
         position, inner = self._unpack(state)
         q, k = _rotate(self.rotary, queries, position), _rotate(self.rotary, keys, position)
         out, inner = self.attention.prefill(q, k, values, inner)

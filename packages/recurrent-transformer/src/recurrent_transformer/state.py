@@ -10,29 +10,29 @@ Every state is a small dataclass of tensors (plus a few ints) with the same four
   ``torch.serialization.add_safe_globals``). A key/value cache is saved trimmed to its length.
 
 Every state is also the sequence that fast-transformers uses for it: ``len(state)``,
-``state[i]`` and unpacking give its items (a :class:`KVCache` is ``[keys, values]`` of shapes
-``(N, H, t, E)`` and ``(N, H, t, D)``, a :class:`LinearState` ``[S, Z]``), and every
-recurrent attention accepts that plain list or tuple as its state (:meth:`RecurrentState.
-from_sequence` builds the state object from it).
+``state[i]`` and unpacking give its items (a `KVCache` is ``[keys, values]`` of shapes
+``(N, H, t, E)`` and ``(N, H, t, D)``, a `LinearState` ``[S, Z]``), and every
+recurrent attention accepts that plain list or tuple as its state
+(`RecurrentState.from_sequence` builds the state object from it).
 
-A model's state (:class:`TransformerState`) holds one state per layer; a decoder layer's state
-(:class:`DecoderLayerState`) holds the state of its self attention and that of its cross
+A model's state (`TransformerState`) holds one state per layer; a decoder layer's state
+(`DecoderLayerState`) holds the state of its self attention and that of its cross
 attention. Which state an attention uses:
 
 ========================  ==================================  ==================================
 state                     attention                           contents
 ========================  ==================================  ==================================
-:class:`LinearState`      ``linear`` / ``causal-linear``,     ``S = sum_j phi(K_j) V_j^T``
+`LinearState`      ``linear`` / ``causal-linear``,     ``S = sum_j phi(K_j) V_j^T``
                           cross ``linear``                    ``(N, H, F, M)``, ``Z = sum_j
                                                               phi(K_j)`` ``(N, H, F)``
-:class:`KVCache`          ``full``, ``exact-topk``,           keys ``(N, H, t, E)`` and values
+`KVCache`          ``full``, ``exact-topk``,           keys ``(N, H, t, E)`` and values
                           ``aft-full``                        ``(N, H, t, D)`` of the past
-:class:`WindowState`      ``local``                           the last ``local_context // 2 + 1``
+`WindowState`      ``local``                           the last ``local_context // 2 + 1``
                                                               keys and values
-:class:`AFTSimpleState`   ``aft-simple``                      running per-feature softmax sums
-:class:`ConditionalState` ``conditional-full``                the full cache until the switch,
+`AFTSimpleState`   ``aft-simple``                      running per-feature softmax sums
+`ConditionalState` ``conditional-full``                the full cache until the switch,
                                                               then the other attention's state
-:class:`MemoryState`      cross ``full``, ``local``,          projected memory keys and values
+`MemoryState`      cross ``full``, ``local``,          projected memory keys and values
                           ``exact-topk``, ``aft-simple``,     (and the step's position)
                           ``aft-full``
 ========================  ==================================  ==================================
@@ -128,8 +128,9 @@ def check_state_type(name: str, state: Any, expected: type | tuple[type, ...], o
 
 
 def check_state_tensor(name: str, t: Tensor, shape: tuple[int, ...], like: Tensor) -> None:
-    """Raise ``ValueError``/``TypeError`` unless ``t`` has ``shape`` and the dtype and device of
-    ``like``; ``-1`` in ``shape`` matches any size.
+    """Raise unless ``t`` has ``shape`` and the dtype and device of ``like``.
+
+    Raises ``ValueError`` or ``TypeError``; ``-1`` in ``shape`` matches any size.
 
     The message explains that a state belongs to one batch size and one model width.
     """
@@ -155,8 +156,9 @@ def check_state_tensor(name: str, t: Tensor, shape: tuple[int, ...], like: Tenso
 
 @dataclasses.dataclass(eq=False)
 class RecurrentState:
-    """Base class of all states: a dataclass whose fields are tensors, ints, ``None``, nested
-    states or tuples of them."""
+    """Base class of all states.
+
+    A dataclass whose fields are tensors, ints, ``None``, nested states or tuples of them."""
 
     # fast-transformers' sequence form: the items, in order, and how to build a state from them
 
@@ -166,10 +168,10 @@ class RecurrentState:
 
     @classmethod
     def from_sequence(cls, items, name: str = "state", owner: str = "") -> RecurrentState:
-        """Build the state from its sequence form (the inverse of :meth:`as_sequence`).
+        """Build the state from its sequence form (the inverse of `as_sequence`).
 
         Arguments:
-            items: a list or tuple of the items of :meth:`as_sequence`.
+            items: a list or tuple of the items of `as_sequence`.
             name: how the state is called in error messages.
             owner: the module that received it, for error messages.
         """
@@ -202,8 +204,10 @@ class RecurrentState:
         return list(_tensors(self))
 
     def to(self, *args, **kwargs) -> RecurrentState:
-        """Move the state like ``Tensor.to``: ``to(device)``, ``to(dtype)``, ``to(tensor)``,
-        ``to(device=..., dtype=...)``. Only floating tensors change dtype."""
+        """Move the state like ``Tensor.to``.
+
+        Accepts ``to(device)``, ``to(dtype)``, ``to(tensor)``, ``to(device=..., dtype=...)``. Only
+        floating tensors change dtype."""
         device, dtype = _parse_to(*args, **kwargs)
 
         def move(t: Tensor) -> Tensor:
@@ -256,8 +260,9 @@ class LinearState(RecurrentState):
 
 
 class _Claim:
-    """How many slots of a shared key/value buffer are in use; shared by the caches that view
-    the same buffer so that only the newest may append in place."""
+    """How many slots of a shared key/value buffer are in use.
+
+    The caches that view the same buffer share it, so that only the newest may append in place."""
 
     __slots__ = ("filled",)
 
@@ -322,8 +327,9 @@ class KVCache(RecurrentState):
 
     @classmethod
     def from_tensors(cls, keys: Tensor, values: Tensor, capacity: int | None = None) -> KVCache:
-        """A cache holding ``keys`` ``(N, H, t, E)`` and ``values`` ``(N, H, t, D)``, with room
-        for ``capacity`` steps (default: the next power of two above ``t``)."""
+        """Build a cache holding ``keys`` ``(N, H, t, E)`` and ``values`` ``(N, H, t, D)``.
+
+        It has room for ``capacity`` steps (default: the next power of two above ``t``)."""
         N, H, t, E = keys.shape
         D = values.shape[-1]
         if capacity is None:
@@ -405,8 +411,9 @@ class KVCache(RecurrentState):
 
     @classmethod
     def from_sequence(cls, items, name: str = "state", owner: str = "") -> KVCache:
-        """A cache holding fast-transformers' ``[keys, values]`` of shapes ``(N, H, t, E)``
-        and ``(N, H, t, D)`` (copied into a growable buffer)."""
+        """Build a cache holding fast-transformers' ``[keys, values]``.
+
+        Shapes ``(N, H, t, E)`` and ``(N, H, t, D)``, copied into a growable buffer."""
         if len(items) != 2 or not all(isinstance(t, Tensor) and t.dim() == 4 for t in items):
             got = [tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__ for t in items]
             raise ValueError(
@@ -437,9 +444,10 @@ class KVCache(RecurrentState):
 
 @dataclasses.dataclass(eq=False)
 class WindowState(RecurrentState):
-    """State of causal local attention: the last ``w = local_context // 2 + 1`` keys and values
-    (fewer during the first steps), oldest first. Each step drops the oldest entry once the
-    window is full, so the state has a fixed size.
+    """State of causal local attention: the last keys and values, oldest first.
+
+    It holds the last ``w = local_context // 2 + 1`` keys and values (fewer during the first steps).
+    Each step drops the oldest entry once the window is full, so the state has a fixed size.
 
     As a sequence it is ``[keys, values, length]``.
 
@@ -456,9 +464,10 @@ class WindowState(RecurrentState):
 
 @dataclasses.dataclass(eq=False)
 class AFTSimpleState(RecurrentState):
-    """State of causal AFT-simple (Zhai et al. 2021, arXiv 2105.14103): per-feature running
-    sums of ``exp(K_s - m)`` and ``exp(K_s - m) V_s`` over the past, shifted by their running
-    maximum ``m`` so that nothing overflows.
+    """State of causal AFT-simple: running sums over the past, shifted so that nothing overflows.
+
+    Per-feature running sums of ``exp(K_s - m)`` and ``exp(K_s - m) V_s`` over the past, shifted by
+    their running maximum ``m``. Reference: Zhai et al. 2021, arXiv 2105.14103.
 
     Attributes:
         maximum: ``(N, H, D)``, ``m = max_s K_s``.
@@ -476,7 +485,7 @@ class ConditionalState(RecurrentState):
     """State of recurrent conditional-full attention.
 
     Attributes:
-        full: the :class:`KVCache` of the full attention while ``length <= length_limit``,
+        full: the `KVCache` of the full attention while ``length <= length_limit``,
             then ``None``.
         other: the state of the wrapped attention (it sees every step from the first).
         length: ``t``, the number of steps so far.
@@ -492,8 +501,9 @@ class ConditionalState(RecurrentState):
 
 @dataclasses.dataclass(eq=False)
 class MemoryState(RecurrentState):
-    """State of recurrent softmax-like cross attentions (``full``, ``local``, ``exact-topk``,
-    ``aft-simple``, ``aft-full``): the memory projected once.
+    """State of recurrent softmax-like cross attentions: the memory projected once.
+
+    Used by ``full``, ``local``, ``exact-topk``, ``aft-simple`` and ``aft-full``.
 
     Attributes:
         keys: ``(N, H, S, E)``.
@@ -517,8 +527,9 @@ class MemoryState(RecurrentState):
 
     @classmethod
     def from_sequence(cls, items, name: str = "state", owner: str = "") -> MemoryState:
-        """The memory from fast-transformers' ``[keys (N, H, S, E), values (N, H, S, D)]``
-        (no padding, position 0), or from the four fields."""
+        """Build the memory from fast-transformers' ``[keys, values]`` or from the four fields.
+
+        The keys are ``(N, H, S, E)`` and the values ``(N, H, S, D)`` (no padding, position 0)."""
         if len(items) not in (2, 3, 4):
             raise ValueError(
                 f"{owner or cls.__name__} needs {name} as a MemoryState or [keys (N, H, S, E), "
@@ -532,8 +543,10 @@ class MemoryState(RecurrentState):
 
 @dataclasses.dataclass(eq=False)
 class DecoderLayerState(RecurrentState):
-    """State of one recurrent decoder layer; unpacks as ``self_state, cross_state`` like the
-    ``[self_state, cross_state]`` list of fast-transformers.
+    """State of one recurrent decoder layer.
+
+    Unpacks as ``self_state, cross_state`` like the ``[self_state, cross_state]`` list of
+    fast-transformers.
 
     Attributes:
         self_attention: the self attention's state.

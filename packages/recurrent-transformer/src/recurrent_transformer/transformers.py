@@ -1,10 +1,11 @@
-"""Transformer encoders and decoders as recurrent networks (Katharopoulos et al. 2020,
-"Transformers are RNNs", arXiv 2006.16236): one element of the sequence per call, with a state
-carried from call to call.
+"""Transformer encoders and decoders as recurrent networks, one element per call.
 
-They are the recurrent duals of :mod:`attention_core.transformers` (post-norm layers, the same
+A state is carried from call to call. Reference: Katharopoulos et al. 2020, "Transformers are RNNs",
+arXiv 2006.16236.
+
+They are the recurrent duals of `attention_core.transformers` (post-norm layers, the same
 parameter names): stepping through a sequence gives the outputs of the batch model with a
-:class:`~attention_core.masking.TriangularCausalMask` on self attention (and a full mask on
+`TriangularCausalMask` on self attention (and a full mask on
 cross attention). ``prefill`` consumes a whole prompt in one parallel pass and returns the same
 outputs and state as stepping through it.
 
@@ -62,9 +63,11 @@ def _layer_states(state: Any, n_layers: int, owner: str) -> list:
 
 
 def _run_layers(model: nn.Module, x: Tensor, states: list, call) -> tuple[Tensor, Any]:
-    """``x, states[i] = call(layer, x, states[i])`` for every layer of ``model`` (dispatching an
-    :class:`IntermediateOutput` event after each), then ``model.norm``. The model has checked
-    ``x``: the layers skip their finiteness checks and the output is checked once instead."""
+    """Run every layer of ``model`` on ``x`` with its state, then ``model.norm``.
+
+    ``x, states[i] = call(layer, x, states[i])`` for every layer (dispatching an
+    `IntermediateOutput` event after each). The model has checked ``x``: the layers skip their
+    finiteness checks and the output is checked once instead."""
     token = start_layer_checks()
     try:
         for i, layer in enumerate(model.layers):
@@ -118,13 +121,14 @@ class _FeedForward(nn.Module):
 
 
 class RecurrentTransformerEncoderLayer(_FeedForward, TransformerEncoderLayer):
-    """Self attention to the previous elements and a feed-forward network, each with a residual
-    connection and a LayerNorm after it: the recurrent dual of
-    :class:`attention_core.transformers.TransformerEncoderLayer`, whose constructor and
-    parameters it shares (so a state_dict moves between the two).
+    """Self attention to the previous elements and a feed-forward network, one step at a time.
+
+    Each has a residual connection and a LayerNorm after it. The recurrent dual of
+    `attention_core.transformers.TransformerEncoderLayer`, whose constructor and parameters it
+    shares (so a state_dict moves between the two).
 
     Arguments:
-        attention: a :class:`~recurrent_transformer.attention.RecurrentAttentionLayer`.
+        attention: a `RecurrentAttentionLayer`.
         d_model: the feature size ``E``.
         d_ff: the hidden size of the feed-forward network (default: ``4 * d_model``).
         dropout: dropout after attention and in the feed-forward network (default: 0.1).
@@ -150,7 +154,7 @@ class RecurrentTransformerEncoderLayer(_FeedForward, TransformerEncoderLayer):
         return self._feed_forward(self.norm1(x + self._drop(x2)), self.norm2), state
 
     def prefill(self, x: Tensor, state: Any = None) -> tuple[Tensor, Any]:
-        """Apply the layer to ``T`` elements at once, as ``T`` calls of :meth:`forward` would.
+        """Apply the layer to ``T`` elements at once, as ``T`` calls of `forward` would.
 
         Arguments:
             x: ``(N, T, E)``.
@@ -166,14 +170,15 @@ class RecurrentTransformerEncoderLayer(_FeedForward, TransformerEncoderLayer):
 
 
 class RecurrentTransformerEncoder(nn.Module):
-    """A stack of recurrent encoder layers with an optional final normalisation; it keeps one
-    state per layer in a :class:`~recurrent_transformer.state.TransformerState`.
+    """A stack of recurrent encoder layers with an optional final normalisation.
+
+    It keeps one state per layer in a `TransformerState`.
 
     Arguments:
-        layers: :class:`RecurrentTransformerEncoderLayer` instances.
+        layers: `RecurrentTransformerEncoderLayer` instances.
         norm_layer: applied to the output of the last layer (default: None).
         event_dispatcher: dispatcher instance or key; each layer's output is dispatched as an
-            :class:`IntermediateOutput` event.
+            `IntermediateOutput` event.
 
     Example:
         >>> from recurrent_transformer.builders import RecurrentEncoderBuilder
@@ -199,12 +204,12 @@ class RecurrentTransformerEncoder(nn.Module):
 
         Arguments:
             x: ``(N, E)``, one element of each sequence.
-            state: the :class:`TransformerState` returned for the previous element, or
+            state: the `TransformerState` returned for the previous element, or
                 ``None`` for the first element.
             memory: deprecated name of ``state`` (warns).
 
         Returns:
-            ``(N, E)`` and the new :class:`TransformerState`.
+            ``(N, E)`` and the new `TransformerState`.
         """
         state = check_state(state, memory)
         if self.layers:
@@ -213,8 +218,9 @@ class RecurrentTransformerEncoder(nn.Module):
         return _run_layers(self, x, states, lambda layer, x, s: layer(x, s))
 
     def prefill(self, x: Tensor, state: Any = None) -> tuple[Tensor, TransformerState]:
-        """Consume ``T`` elements in one parallel pass, as ``T`` calls of :meth:`forward`
-        would (e.g. a prompt before generating).
+        """Consume ``T`` elements in one parallel pass, as ``T`` calls of `forward` would.
+
+        For example a prompt before generating.
 
         Arguments:
             x: ``(N, T, E)``.
@@ -233,15 +239,16 @@ class RecurrentTransformerEncoder(nn.Module):
 
 
 class RecurrentTransformerDecoderLayer(_FeedForward, TransformerDecoderLayer):
-    """Self attention to the previous elements, cross attention to a memory, then a
-    feed-forward network; each with a residual connection followed by LayerNorm. The recurrent
-    dual of :class:`attention_core.transformers.TransformerDecoderLayer`, whose constructor
-    and parameters it shares (so a state_dict moves between the two).
+    """Self attention, cross attention to a memory, then a feed-forward network, one step at a time.
+
+    The self attention sees the previous elements; each block has a residual connection followed by
+    LayerNorm. The recurrent dual of `attention_core.transformers.TransformerDecoderLayer`, whose
+    constructor and parameters it shares (so a state_dict moves between the two).
 
     Arguments:
-        self_attention: a :class:`~recurrent_transformer.attention.RecurrentAttentionLayer`.
+        self_attention: a `RecurrentAttentionLayer`.
         cross_attention: a
-            :class:`~recurrent_transformer.attention.RecurrentCrossAttentionLayer`.
+            `RecurrentCrossAttentionLayer`.
         d_model: the feature size ``E``.
         d_ff: feed-forward hidden size (default: ``4 * d_model``).
         dropout: dropout rate (default: 0.1).
@@ -273,10 +280,10 @@ class RecurrentTransformerDecoderLayer(_FeedForward, TransformerDecoderLayer):
             memory: ``(N, S, E)``, read (projected) only at the first element; later calls
                 may pass ``None``.
             memory_length_mask: ``(N, S)`` mask of the real memory positions (default: all).
-            state: the :class:`DecoderLayerState` from the previous element, or ``None``.
+            state: the `DecoderLayerState` from the previous element, or ``None``.
 
         Returns:
-            ``(N, E)`` and the new :class:`DecoderLayerState`.
+            ``(N, E)`` and the new `DecoderLayerState`.
         """
         N = check_element("x", x, self.d_model, type(self).__name__)[0]
         check_model_dtype("x", x, self.linear1.weight.dtype)
@@ -296,8 +303,9 @@ class RecurrentTransformerDecoderLayer(_FeedForward, TransformerDecoderLayer):
         memory_length_mask: BaseMask | None = None,
         state: Any = None,
     ) -> tuple[Tensor, DecoderLayerState]:
-        """Apply the layer to ``T`` elements at once; arguments as :meth:`forward` with ``x``
-        of shape ``(N, T, E)``.
+        """Apply the layer to ``T`` elements at once.
+
+        Arguments as `forward` with ``x`` of shape ``(N, T, E)``.
 
         Returns:
             ``(N, T, E)`` and the state after the last element.
@@ -317,11 +325,12 @@ class RecurrentTransformerDecoderLayer(_FeedForward, TransformerDecoderLayer):
 
 
 class RecurrentTransformerDecoder(nn.Module):
-    """A stack of recurrent decoder layers with an optional final normalisation; one
-    :class:`DecoderLayerState` per layer in a :class:`TransformerState`.
+    """A stack of recurrent decoder layers with an optional final normalisation.
+
+    One `DecoderLayerState` per layer in a `TransformerState`.
 
     Arguments:
-        layers: :class:`RecurrentTransformerDecoderLayer` instances.
+        layers: `RecurrentTransformerDecoderLayer` instances.
         norm_layer: applied to the output (default: None).
         event_dispatcher: dispatcher instance or key.
     """
@@ -345,10 +354,10 @@ class RecurrentTransformerDecoder(nn.Module):
             x: ``(N, E)``, one element of each sequence.
             memory: ``(N, S, E)``, the sequence to attend to (read at the first element).
             memory_length_mask: ``(N, S)`` mask of the real memory positions (default: all).
-            state: the :class:`TransformerState` from the previous element, or ``None``.
+            state: the `TransformerState` from the previous element, or ``None``.
 
         Returns:
-            ``(N, E)`` and the new :class:`TransformerState`.
+            ``(N, E)`` and the new `TransformerState`.
         """
         if self.layers:
             check_element("x", x, self.layers[0].d_model, type(self).__name__)
@@ -366,8 +375,9 @@ class RecurrentTransformerDecoder(nn.Module):
         memory_length_mask: BaseMask | None = None,
         state: Any = None,
     ) -> tuple[Tensor, TransformerState]:
-        """Consume ``T`` elements in one parallel pass; arguments as :meth:`forward` with ``x``
-        of shape ``(N, T, E)``.
+        """Consume ``T`` elements in one parallel pass.
+
+        Arguments as `forward` with ``x`` of shape ``(N, T, E)``.
 
         Returns:
             ``(N, T, E)`` and the state after the last element.

@@ -1,21 +1,22 @@
-"""Aggregate rows by group and broadcast group rows back, the bookkeeping of clustered
-attention (Vyas et al. 2020, arXiv 2007.04825).
+"""Aggregate rows by group and broadcast group rows back, the bookkeeping of clustered attention.
 
-* :func:`aggregate` sums the rows of each group, scaled by a per-group factor (with factor
+Reference: Vyas et al. 2020, arXiv 2007.04825.
+
+* `aggregate` sums the rows of each group, scaled by a per-group factor (with factor
   ``1 / count`` this is the centroid of the group).
-* :func:`broadcast` copies each group's row, scaled by its factor, to every member.
+* `broadcast` copies each group's row, scaled by its factor, to every member.
 
 The ``clustered_*`` variants take groups sorted along the sequence (as produced by sorting
-the output of :func:`attention_core.clustering.hamming.cluster`) with padding at the end,
-and ignore the padding positions. The references (:mod:`attention_core.aggregate.reference`)
+the output of `attention_core.clustering.hamming.cluster`) with padding at the end,
+and ignore the padding positions. The references (`attention_core.aggregate.reference`)
 are built from ``scatter_add`` and ``gather``, so gradients flow to the rows and the factors
 through autograd.
 
 Float32/float64 CPU tensors go to the compiled kernels of ``attention_core._C`` (see
-``csrc/aggregate.h`` and the ops of :mod:`attention_core.aggregate._op`; half precision is
+``csrc/aggregate.h`` and the ops of `attention_core.aggregate._op`; half precision is
 computed in float32) unless
 ``ATTENTION_CORE_FORCE_REFERENCE=1``; CUDA tensors go to the Triton kernels of
-:mod:`attention_core.aggregate._triton` when triton is importable (float64 excepted); the
+`attention_core.aggregate._triton` when triton is importable (float64 excepted); the
 plain-PyTorch forms are the reference and fallback.
 """
 
@@ -62,8 +63,10 @@ def _write(name: str, out: Tensor | None, result: Tensor) -> Tensor:
 
 
 def _kernel_rows(rows: Tensor, F: Tensor) -> tuple[Tensor, Tensor] | None:
-    """``rows`` and ``F`` in the kernels' compute dtype (float32 for half precision) when the
-    compiled kernels should handle them, else ``None``."""
+    """Return ``rows`` and ``F`` in the kernels' compute dtype, or ``None`` for the reference path.
+
+    The compute dtype is float32 for half precision; ``None`` when the compiled kernels should not
+    handle them."""
     if rows.device.type not in ("cpu", "cuda"):
         return None
     work = torch.float32 if rows.dtype in (torch.float16, torch.bfloat16) else rows.dtype
@@ -148,7 +151,7 @@ def broadcast(Y: Tensor, G: Tensor, F: Tensor, X: Tensor | None = None) -> Tenso
 def clustered_aggregate(
     X: Tensor, G: Tensor, F: Tensor, lengths: Tensor, Y: Tensor | None = None
 ) -> Tensor:
-    """:func:`aggregate` over the first ``lengths[n]`` positions of each sequence.
+    """`aggregate` over the first ``lengths[n]`` positions of each sequence.
 
     Meant for positions sorted by group with the padding last, as clustered attention
     arranges them; the result does not depend on the order. Same argument order as
@@ -175,7 +178,7 @@ def clustered_aggregate(
 def clustered_broadcast(
     Y: Tensor, groups: Tensor, counts: Tensor, factors: Tensor, X: Tensor | None = None
 ) -> Tensor:
-    """:func:`broadcast` for positions sorted by group, with the padding last.
+    """`broadcast` for positions sorted by group, with the padding last.
 
     Position ``l`` of sequence ``(n, h)`` is valid when ``l < sum_c counts[n, h, c]``
     (the members of all clusters come first); the others are zero. Same argument order as

@@ -1,6 +1,7 @@
-"""The ``torch.library`` ops of aggregate and broadcast: ``attention_core::aggregate_*`` and
-``broadcast_*`` (CPU kernel in ``csrc/aggregate.h``, CUDA kernels in :mod:`._triton`), their
-fake (meta) registrations and their autograd.
+"""The ``torch.library`` ops of aggregate and broadcast.
+
+``attention_core::aggregate_*`` and ``broadcast_*`` (CPU kernel in ``csrc/aggregate.h``, CUDA
+kernels in `._triton`), their fake (meta) registrations and their autograd.
 """
 
 from __future__ import annotations
@@ -40,10 +41,11 @@ def check_groups(
     grad: Tensor | None = None,
     dtypes: DtypeRule = CPU_DTYPES,
 ) -> None:
-    """Every argument of the aggregate (``broadcast=False``) and broadcast ops: the rows
-    ``X (N, H, L, E)`` or ``Y (N, H, C, E)`` and ``F (N, H, C)`` of one allowed dtype and
-    device, ``G (N, H, L)`` and ``limits (N, H)`` int64 on that device, and ``grad`` of the
-    output's shape: ``(N, H, C, E)`` for aggregate, ``(N, H, L, E)`` for broadcast."""
+    """Check every argument of the aggregate (``broadcast=False``) and broadcast ops.
+
+    The rows ``X (N, H, L, E)`` or ``Y (N, H, C, E)`` and ``F (N, H, C)`` of one allowed dtype and
+    device, ``G (N, H, L)`` and ``limits (N, H)`` int64 on that device, and ``grad`` of the output's
+    shape: ``(N, H, C, E)`` for aggregate, ``(N, H, L, E)`` for broadcast."""
     name = "Y" if broadcast else "X"
     if not isinstance(F, Tensor) or F.dim() != 3:
         got = tuple(F.shape) if isinstance(F, Tensor) else type(F).__name__
@@ -66,7 +68,9 @@ def check_groups(
 def _group_rows(
     rows: Tensor, G: Tensor, F: Tensor | None, limits: Tensor | None, C: int, broadcast: bool
 ) -> Tensor:
-    """The kernel: aggregate ``rows (N, H, L, E)`` into ``(N, H, C, E)``, or broadcast
+    """Aggregate or broadcast rows with the compiled kernel.
+
+    The kernel: aggregate ``rows (N, H, L, E)`` into ``(N, H, C, E)``, or broadcast
     ``rows (N, H, C, E)`` to ``(N, H, L, E)``; ``F=None`` means factors of one."""
     N, H, _, E = rows.shape
     L = G.shape[2]
@@ -111,7 +115,7 @@ def _(X, G, F, limits):
 def aggregate_backward(
     grad: Tensor, X: Tensor, G: Tensor, F: Tensor, limits: Tensor | None
 ) -> tuple[Tensor, Tensor]:
-    """Gradients of :func:`aggregate_forward`: ``dX (N, H, L, E)`` and ``dF (N, H, C)``.
+    """Gradients of `aggregate_forward`: ``dX (N, H, L, E)`` and ``dF (N, H, C)``.
 
     Arguments:
         grad: ``(N, H, C, E)`` gradient of the output.
@@ -146,8 +150,9 @@ aggregate_forward.register_autograd(_aggregate_backward, setup_context=_aggregat
 
 @torch.library.custom_op("attention_core::broadcast_forward", mutates_args=(), device_types="cpu")
 def broadcast_forward(Y: Tensor, G: Tensor, F: Tensor, limits: Tensor | None) -> Tensor:
-    """Every valid position gets its group's row scaled by the group's factor, with the
-    compiled kernel.
+    """Give every valid position its group's row scaled by the group's factor.
+
+    Runs the compiled kernel.
 
     Arguments:
         Y: ``(N, H, C, E)`` float32 or float64 CPU tensor (any strides).
@@ -174,7 +179,7 @@ def _(Y, G, F, limits):
 def broadcast_backward(
     grad: Tensor, Y: Tensor, G: Tensor, F: Tensor, limits: Tensor | None
 ) -> tuple[Tensor, Tensor]:
-    """Gradients of :func:`broadcast_forward`: ``dY (N, H, C, E)`` and ``dF (N, H, C)``.
+    """Gradients of `broadcast_forward`: ``dY (N, H, C, E)`` and ``dF (N, H, C)``.
 
     Arguments:
         grad: ``(N, H, L, E)`` gradient of the output.
@@ -209,8 +214,9 @@ broadcast_forward.register_autograd(_broadcast_backward, setup_context=_broadcas
 
 
 def aggregate_forward_cuda(X: Tensor, G: Tensor, F: Tensor, limits: Tensor | None) -> Tensor:
-    """CUDA kernel of ``attention_core::aggregate_forward``: ``X (N, H, L, E)``,
-    ``G (N, H, L)``, ``F (N, H, C)``, ``limits (N, H)`` -> ``(N, H, C, E)``."""
+    """CUDA kernel of ``attention_core::aggregate_forward``.
+
+    ``X (N, H, L, E)``, ``G (N, H, L)``, ``F (N, H, C)``, ``limits (N, H)`` -> ``(N, H, C, E)``."""
     from . import _triton
 
     return _triton.aggregate_forward(X, G, F, limits)
@@ -219,16 +225,18 @@ def aggregate_forward_cuda(X: Tensor, G: Tensor, F: Tensor, limits: Tensor | Non
 def aggregate_backward_cuda(
     grad: Tensor, X: Tensor, G: Tensor, F: Tensor, limits: Tensor | None
 ) -> tuple[Tensor, Tensor]:
-    """CUDA kernel of ``attention_core::aggregate_backward``: ``grad (N, H, C, E)`` ->
-    ``dX (N, H, L, E)``, ``dF (N, H, C)``."""
+    """CUDA kernel of ``attention_core::aggregate_backward``.
+
+    ``grad (N, H, C, E)`` -> ``dX (N, H, L, E)``, ``dF (N, H, C)``."""
     from . import _triton
 
     return _triton.aggregate_backward(grad, X, G, F, limits)
 
 
 def broadcast_forward_cuda(Y: Tensor, G: Tensor, F: Tensor, limits: Tensor | None) -> Tensor:
-    """CUDA kernel of ``attention_core::broadcast_forward``: ``Y (N, H, C, E)``,
-    ``G (N, H, L)``, ``F (N, H, C)``, ``limits (N, H)`` -> ``(N, H, L, E)``."""
+    """CUDA kernel of ``attention_core::broadcast_forward``.
+
+    ``Y (N, H, C, E)``, ``G (N, H, L)``, ``F (N, H, C)``, ``limits (N, H)`` -> ``(N, H, L, E)``."""
     from . import _triton
 
     return _triton.broadcast_forward(Y, G, F, limits)
@@ -237,8 +245,9 @@ def broadcast_forward_cuda(Y: Tensor, G: Tensor, F: Tensor, limits: Tensor | Non
 def broadcast_backward_cuda(
     grad: Tensor, Y: Tensor, G: Tensor, F: Tensor, limits: Tensor | None
 ) -> tuple[Tensor, Tensor]:
-    """CUDA kernel of ``attention_core::broadcast_backward``: ``grad (N, H, L, E)`` ->
-    ``dY (N, H, C, E)``, ``dF (N, H, C)``."""
+    """CUDA kernel of ``attention_core::broadcast_backward``.
+
+    ``grad (N, H, L, E)`` -> ``dY (N, H, C, E)``, ``dF (N, H, C)``."""
     from . import _triton
 
     return _triton.broadcast_backward(grad, Y, G, F, limits)

@@ -47,6 +47,7 @@ def _group_rows_kernel(
     BLOCK_L: tl.constexpr, BLOCK_E: tl.constexpr,
 ):  # fmt: skip
     """Aggregate: OUT[g] += F_g IN[l] (OUT a contiguous float32 (N, H, C, E) buffer).
+
     Broadcast: OUT[l] = F_g IN[g], zero for positions that take no part."""
     bh = tl.program_id(0)
     block_l = tl.program_id(1)
@@ -99,7 +100,9 @@ def _group_rows_kernel(
 def _group_rows(
     rows: Tensor, G: Tensor, F: Tensor | None, limits: Tensor | None, C: int, broadcast: bool
 ) -> Tensor:
-    """Aggregate ``rows (N, H, L, E)`` into float32 ``(N, H, C, E)``, or broadcast
+    """Aggregate or broadcast rows with the Triton kernel.
+
+    Aggregate ``rows (N, H, L, E)`` into float32 ``(N, H, C, E)``, or broadcast
     ``rows (N, H, C, E)`` to ``(N, H, L, E)`` in the rows' dtype; ``F=None``: factors of one."""
     N, H, _, E = rows.shape
     L = G.shape[2]
@@ -142,7 +145,7 @@ def aggregate_forward(X: Tensor, G: Tensor, F: Tensor, limits: Tensor | None) ->
 def aggregate_backward(
     grad: Tensor, X: Tensor, G: Tensor, F: Tensor, limits: Tensor | None
 ) -> tuple[Tensor, Tensor]:
-    """Gradients of :func:`aggregate_forward`.
+    """Gradients of `aggregate_forward`.
 
     Arguments:
         grad: ``(N, H, C, E)`` gradient of the output.
@@ -178,7 +181,7 @@ def broadcast_forward(Y: Tensor, G: Tensor, F: Tensor, limits: Tensor | None) ->
 def broadcast_backward(
     grad: Tensor, Y: Tensor, G: Tensor, F: Tensor, limits: Tensor | None
 ) -> tuple[Tensor, Tensor]:
-    """Gradients of :func:`broadcast_forward`.
+    """Gradients of `broadcast_forward`.
 
     Arguments:
         grad: ``(N, H, L, E)`` gradient of the output.

@@ -1,9 +1,9 @@
-"""``fast_transformers.aggregate.aggregate_cpu``'s functions over :mod:`attention_core.aggregate`.
+"""``fast_transformers.aggregate.aggregate_cpu``'s functions over `attention_core.aggregate`.
 
 fast-transformers' compiled module fills caller-allocated outputs; these functions keep its
 names, argument order and buffer conventions (any device and floating dtype is accepted).
-New code should call :func:`attention_core.aggregate.aggregate` and
-:func:`~attention_core.aggregate.broadcast`, which return their results.
+New code should call `attention_core.aggregate.aggregate` and
+`broadcast`, which return their results.
 """
 
 from __future__ import annotations

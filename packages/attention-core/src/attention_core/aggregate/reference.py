@@ -1,5 +1,6 @@
-"""The plain-PyTorch aggregate and broadcast (``scatter_add`` and ``gather``): the reference of
-the tests and the fallback on every device and dtype."""
+"""The plain-PyTorch aggregate and broadcast (``scatter_add`` and ``gather``).
+
+The reference of the tests and the fallback on every device and dtype."""
 
 from __future__ import annotations
 
@@ -16,8 +17,10 @@ def _sentinel_groups(G: Tensor, C: int) -> Tensor:
 
 
 def aggregate_reference(X: Tensor, G: Tensor, F: Tensor, limits: Tensor | None) -> Tensor:
-    """``X (N, H, L, E)``, ``G (N, H, L)``, ``F (N, H, C)``, ``limits (N, H)`` or ``None``
-    -> ``(N, H, C, E)``: ``F_c * sum_{l valid, G_l = c} X_l``."""
+    """Sum the rows of each group, scaled by the group's factor, in plain PyTorch.
+
+    ``X (N, H, L, E)``, ``G (N, H, L)``, ``F (N, H, C)``, ``limits (N, H)`` or ``None`` ->
+    ``(N, H, C, E)``: ``F_c * sum_{l valid, G_l = c} X_l``."""
     N, H, L, E = X.shape
     C = F.shape[2]
     G = _sentinel_groups(G, C)
@@ -31,8 +34,10 @@ def aggregate_reference(X: Tensor, G: Tensor, F: Tensor, limits: Tensor | None) 
 
 
 def broadcast_reference(Y: Tensor, G: Tensor, F: Tensor, limits: Tensor | None) -> Tensor:
-    """``Y (N, H, C, E)``, ``G (N, H, L)``, ``F (N, H, C)``, ``limits (N, H)`` or ``None``
-    -> ``(N, H, L, E)``: ``F_g Y_g`` with ``g = G_l`` for valid positions, zero elsewhere."""
+    """Broadcast each group's row back to its positions, in plain PyTorch.
+
+    ``Y (N, H, C, E)``, ``G (N, H, L)``, ``F (N, H, C)``, ``limits (N, H)`` or ``None`` ->
+    ``(N, H, L, E)``: ``F_g Y_g`` with ``g = G_l`` for valid positions, zero elsewhere."""
     N, H, C, E = Y.shape
     L = G.shape[2]
     G = _sentinel_groups(G, C)

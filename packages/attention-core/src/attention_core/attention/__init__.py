@@ -1,5 +1,7 @@
-"""Every attention of fast-transformers. Importing this package registers them all in
-:data:`attention_core.attention_registry.AttentionRegistry`."""
+"""Every attention of fast-transformers.
+
+Importing this package registers them all in `attention_core.attention_registry.AttentionRegistry`.
+"""
 
 from .aft_attention import AFTFullAttention, AFTSimpleAttention
 from .attention_layer import AttentionLayer

@@ -1,6 +1,8 @@
-"""What the clustered attentions share (Vyas et al. 2020, "Fast Transformers with Clustered
-Attention", arXiv 2007.04825): hash the queries with random hyperplanes, group the hashes
-with K-means in Hamming space, and average each group's queries into a centroid.
+"""What the clustered attentions share: hashing, Hamming K-means and centroids.
+
+Hash the queries with random hyperplanes, group the hashes with K-means in Hamming space, and
+average each group's queries into a centroid. Reference: Vyas et al. 2020, "Fast Transformers with
+Clustered Attention", arXiv 2007.04825.
 
 Einstein notation: n batch, h heads, l queries, s keys, c clusters, e/d features.
 """
@@ -57,7 +59,7 @@ class ClusteredAttentionBase(nn.Module):
             distance then tracks the angle between queries rather than their distance).
         softmax_temp: multiplier of the dot products (default: ``1 / sqrt(E)``).
         attention_dropout: dropout on the attention weights.
-        event_dispatcher: dispatcher instance or key for :class:`AttentionEvent`.
+        event_dispatcher: dispatcher instance or key for `AttentionEvent`.
     """
 
     def __init__(

@@ -90,8 +90,9 @@ def check_attention_inputs(
 
 
 def empty_attention(queries, keys, values):
-    """The ``(N, L, H, D)`` result of an attention whose batch, queries or keys are empty
-    (``0 in (N, L, S)``): empty, or zeros where a query has no key to see.
+    """The ``(N, L, H, D)`` result of an attention whose batch, queries or keys are empty.
+
+    That is when ``0 in (N, L, S)``: the result is empty, or zeros where a query has no key to see.
 
     It stays in the autograd graph of all three inputs (with zero gradients), like the
     result of an attention that computes.

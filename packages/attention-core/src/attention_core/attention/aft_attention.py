@@ -1,5 +1,7 @@
-"""The Attention Free Transformer's token mixing (Zhai et al. 2021, "An Attention Free
-Transformer", arXiv 2105.14103): an elementwise, per-feature softmax over the keys.
+"""The Attention Free Transformer's token mixing: a per-feature softmax over the keys.
+
+An elementwise, per-feature softmax over the keys. Reference: Zhai et al. 2021, "An Attention Free
+Transformer", arXiv 2105.14103.
 
 ``Y_t = sigmoid(Q_t) * sum_s exp(K_s + w_ts) V_s / sum_s exp(K_s + w_ts)``, where every
 product and exponential is taken feature by feature (so ``E == D``) and ``w`` is a learned
@@ -26,14 +28,16 @@ __all__ = ["AFTFullAttention", "AFTSimpleAttention"]
 
 
 def _safe_divide(numerator: Tensor, denominator: Tensor) -> Tensor:
-    """``numerator / denominator``, and zero where the denominator is zero (then so is the
-    numerator: no allowed key)."""
+    """``numerator / denominator``, and zero where the denominator is zero.
+
+    Then so is the numerator: no allowed key."""
     return numerator / denominator.clamp_min(torch.finfo(denominator.dtype).tiny)
 
 
 def _masked_max(x: Tensor, allowed: Tensor, dim: int) -> Tensor:
-    """The maximum of ``x`` over ``dim`` where ``allowed``, or zero where nothing is (kept as
-    a dimension, detached: it is only a shift)."""
+    """The maximum of ``x`` over ``dim`` where ``allowed``, or zero where nothing is.
+
+    Kept as a dimension, detached: it is only a shift."""
     x = x.detach().masked_fill(~allowed, float("-inf")).amax(dim=dim, keepdim=True)
     return x.nan_to_num(neginf=0.0)
 
@@ -51,7 +55,7 @@ class AFTFullAttention(nn.Module):
     the maxima (over allowed entries) keep every exponential ``<= 1``. Queries without an
     allowed key get zeros. The result can underflow to zero when a row's allowed keys all
     have ``K + w`` about 87 (float32) below the per-feature maxima. There is no attention
-    matrix, so no :class:`AttentionEvent` is dispatched.
+    matrix, so no `AttentionEvent` is dispatched.
 
     Arguments:
         max_sequence_length: the largest ``L`` and ``S`` accepted; sizes ``u`` and ``v``
@@ -113,8 +117,8 @@ class AFTSimpleAttention(nn.Module):
     softmax-weighted sum over the keys inside ``key_lengths``) and lower triangular (query
     ``t`` sees keys ``s <= t``; computed with ``logcumsumexp`` so that large keys neither
     overflow nor underflow). Any other mask would need ``O(L S)`` work and raises
-    ``ValueError`` (use :class:`AFTFullAttention`). Queries without an allowed key get
-    zeros. There is no attention matrix, so no :class:`AttentionEvent` is dispatched.
+    ``ValueError`` (use `AFTFullAttention`). Queries without an allowed key get
+    zeros. There is no attention matrix, so no `AttentionEvent` is dispatched.
 
     Arguments:
         event_dispatcher: dispatcher instance or key.

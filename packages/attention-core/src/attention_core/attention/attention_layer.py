@@ -1,5 +1,6 @@
-"""The attention layer: project inputs to multi-head queries, keys and values, run an
-inner attention, and project the result back."""
+"""The attention layer: project the inputs, run an inner attention, project the result back.
+
+The inputs are projected to multi-head queries, keys and values."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ __all__ = ["AttentionLayer"]
 
 
 class AttentionLayer(nn.Module):
-    """Multi-head attention around any inner attention of :mod:`attention_core.attention`.
+    """Multi-head attention around any inner attention of `attention_core.attention`.
 
     Parameter names match fast-transformers: ``query_projection``, ``key_projection``,
     ``value_projection``, ``out_projection`` and the wrapped ``inner_attention``.
@@ -28,9 +29,11 @@ class AttentionLayer(nn.Module):
         d_values: ``D``, the head dimension of values (default: ``d_model // n_heads``).
         d_model_keys: the feature size of keys and values (default: ``d_model``), e.g. the
             memory's width in a decoder's cross attention.
-        event_dispatcher: dispatcher instance or key for :class:`QKVEvent` (default: ``""``).
+        event_dispatcher: dispatcher instance or key for `QKVEvent` (default: ``""``).
 
     Example:
+        >>> from attention_core.attention import FullAttention
+        >>> from attention_core.masking import FullMask, LengthMask
         >>> layer = AttentionLayer(FullAttention(), d_model=64, n_heads=4)
         >>> x = torch.rand(2, 10, 64)
         >>> layer(x, x, x, FullMask(10), LengthMask(torch.tensor([10, 7])),

@@ -1,5 +1,6 @@
-"""Causal linear attention: each position attends to itself and the past in ``O(L)``
-(Katharopoulos et al. 2020, "Transformers are RNNs", arXiv 2006.16236)."""
+"""Causal linear attention: each position attends to itself and the past in ``O(L)``.
+
+Reference: Katharopoulos et al. 2020, "Transformers are RNNs", arXiv 2006.16236."""
 
 from __future__ import annotations
 
@@ -29,11 +30,11 @@ class CausalLinearAttention(nn.Module):
     """Causal linear attention.
 
     ``V'_i = phi(Q_i)^T sum_{j<=i} phi(K_j) V_j^T / (phi(Q_i)^T sum_{j<=i} phi(K_j) + eps)``.
-    The attention mask must be a :class:`TriangularCausalMask` (or any lower-triangular
+    The attention mask must be a `TriangularCausalMask` (or any lower-triangular
     mask); padded keys are dropped with ``key_lengths``. When ``L != S`` the keys are
     truncated or zero-padded to ``L``, as in fast-transformers. With the default feature map,
     ``S == L`` and no padded keys the layer is one call of
-    :func:`~attention_core.causal_product.elu_normalized_causal_dot_product` (on the CPU
+    `elu_normalized_causal_dot_product` (on the CPU
     kernel: feature map, numerator and normaliser in one pass over the ``(N, L, H, .)``
     layout); any other feature map runs it first and then the normalised product.
 
@@ -88,8 +89,9 @@ class CausalLinearAttention(nn.Module):
         return rearrange(V, "n h l d -> n l h d").contiguous()
 
     def _default_feature_map(self) -> bool:
-        """Whether the feature map is ``elu(x) + 1`` (the default) with no hooks, so that
-        the kernel may apply it."""
+        """Whether the feature map is the default ``elu(x) + 1`` with no hooks.
+
+        Then the kernel may apply it."""
         fm = self.feature_map
         return (
             type(fm) is ActivationFunctionFeatureMap

@@ -1,6 +1,8 @@
-"""Clustered attention: cluster the queries, let each cluster's centroid attend to the
-keys, and give every query its centroid's output (Vyas et al. 2020, "Fast Transformers
-with Clustered Attention", arXiv 2007.04825).
+"""Clustered attention: every query gets the output of its cluster's centroid.
+
+Cluster the queries, let each cluster's centroid attend to the keys, and give every query its
+centroid's output. Reference: Vyas et al. 2020, "Fast Transformers with Clustered Attention", arXiv
+2007.04825.
 
 Cost ``O(N H (C S + L C bits))`` instead of ``O(N H L S)`` for ``C`` clusters.
 
@@ -43,7 +45,7 @@ class ClusteredAttention(ClusteredAttentionBase):
     Arbitrary attention masks are not supported: ``attn_mask`` must be all ones.
     The centroids attend through PyTorch's fused ``scaled_dot_product_attention`` unless a
     listener is registered on ``event_dispatcher``: then the ``(N, H, C, S)`` centroid
-    attention is built explicitly and dispatched as an :class:`AttentionEvent`.
+    attention is built explicitly and dispatched as an `AttentionEvent`.
 
     Arguments:
         clusters: how many clusters to group the queries into.

@@ -1,5 +1,7 @@
-"""Full softmax attention for short sequences and another attention for long ones, e.g.
-``"conditional-full:linear"`` (softmax attention: Vaswani et al. 2017, arXiv 1706.03762)."""
+"""Full softmax attention for short sequences and another attention for long ones.
+
+For example ``"conditional-full:linear"``. Reference for softmax attention: Vaswani et al. 2017,
+arXiv 1706.03762."""
 
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ __all__ = ["ConditionalFullAttention"]
 
 
 class ConditionalFullAttention(nn.Module):
-    """Delegate to :class:`FullAttention` when the sequences are short.
+    """Delegate to `FullAttention` when the sequences are short.
 
     If both ``L`` and ``S`` are at most ``length_limit`` the exact softmax attention is used,
     otherwise the wrapped ``attention``. Builders create it from composite attention types
@@ -27,8 +29,8 @@ class ConditionalFullAttention(nn.Module):
         attention: the attention module used for long sequences (fast-transformers calls
             this argument ``other_attention``; passing it positionally works with both).
         length_limit: the largest ``L`` and ``S`` handled by full attention (default: 512).
-        softmax_temp: see :class:`FullAttention`.
-        attention_dropout: see :class:`FullAttention`.
+        softmax_temp: see `FullAttention`.
+        attention_dropout: see `FullAttention`.
         event_dispatcher: dispatcher instance or key, given to the full attention.
 
     Shapes: queries ``(N, L, H, E)``, keys ``(N, S, H, E)``, values ``(N, S, H, D)``,

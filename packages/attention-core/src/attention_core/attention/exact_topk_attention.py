@@ -1,6 +1,7 @@
-"""Oracle top-k softmax attention: each query attends only to its ``topk`` best keys, found
-exactly from the dense scores (the "exact top-k" baseline of Vyas et al. 2020, "Fast
-Transformers with Clustered Attention", arXiv 2007.04825)."""
+"""Oracle top-k softmax attention: each query attends only to its ``topk`` best keys.
+
+The keys are found exactly from the dense scores: the "exact top-k" baseline of Vyas et al. 2020,
+"Fast Transformers with Clustered Attention", arXiv 2007.04825."""
 
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ class ExactTopKAttention(nn.Module):
         topk: how many keys each query attends to (default: 32).
         softmax_temp: multiplier of ``Q K^T`` (default: ``1 / sqrt(E)``).
         attention_dropout: dropout on the attention weights (default: 0.1).
-        event_dispatcher: dispatcher instance or key for :class:`AttentionEvent` (the sparse
+        event_dispatcher: dispatcher instance or key for `AttentionEvent` (the sparse
             attention as a dense ``(N, H, L, S)`` matrix).
 
     Shapes: queries ``(N, L, H, E)``, keys ``(N, S, H, E)``, values ``(N, S, H, D)``,

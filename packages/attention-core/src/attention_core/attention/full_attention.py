@@ -1,10 +1,10 @@
 """Softmax attention, ``softmax(Q K^T / sqrt(E)) V`` (Vaswani et al. 2017, arXiv 1706.03762).
 
 Two paths compute it. The fused one calls ``torch.nn.functional.scaled_dot_product_attention``
-(through :func:`attention_core.nn.attend`): flash attention on CPU and CUDA, which never
+(through `attention_core.nn.attend`): flash attention on CPU and CUDA, which never
 stores the ``(N, H, L, S)`` weights. The explicit one builds the weights with ``einsum`` and
 ``softmax``; it runs only when a listener of the module's event dispatcher may want them as an
-:class:`AttentionEvent`.
+`AttentionEvent`.
 """
 
 from __future__ import annotations
@@ -24,8 +24,9 @@ __all__ = ["FullAttention", "masked_softmax"]
 
 
 def masked_softmax(scores: Tensor, allowed: Tensor | None) -> Tensor:
-    """Softmax over the last axis where ``allowed`` is ``True``; rows with no allowed
-    entry become zeros instead of NaN.
+    """Softmax over the last axis where ``allowed`` is ``True``.
+
+    Rows with no allowed entry become zeros instead of NaN.
 
     Arguments:
         scores: ``(..., S)`` logits.
@@ -43,9 +44,11 @@ def masked_softmax(scores: Tensor, allowed: Tensor | None) -> Tensor:
 
 
 def attention_allowed(attn_mask: BaseMask, key_lengths: BaseMask) -> Tensor | None:
-    """Combine an ``(L, S)`` attention mask and ``(N, S)`` key lengths into a boolean mask
-    broadcastable to ``(N, 1, L, S)`` (``(1, 1, L, S)``, ``(N, 1, 1, S)`` or ``(N, 1, L, S)``),
-    or ``None`` when nothing is masked."""
+    """Combine an attention mask and key lengths into one boolean mask, or ``None``.
+
+    The ``(L, S)`` attention mask and ``(N, S)`` key lengths give a mask broadcastable to
+    ``(N, 1, L, S)`` (``(1, 1, L, S)``, ``(N, 1, 1, S)`` or ``(N, 1, L, S)``), or ``None`` when
+    nothing is masked."""
     allowed = None
     if not attn_mask.all_ones:
         allowed = attn_mask.bool_matrix[None, None]
@@ -64,15 +67,15 @@ class FullAttention(nn.Module):
 
     Computed with PyTorch's fused ``scaled_dot_product_attention`` unless a listener is
     registered on ``event_dispatcher``: then the ``(N, H, L, S)`` attention matrix is built
-    explicitly and dispatched as an :class:`AttentionEvent` (slower, and it is stored for the
-    backward pass). A :class:`TriangularCausalMask` (or any lower triangular square mask)
+    explicitly and dispatched as an `AttentionEvent` (slower, and it is stored for the
+    backward pass). A `TriangularCausalMask` (or any lower triangular square mask)
     becomes SDPA's ``is_causal``, other masks and length masks a boolean mask, ``softmax_temp``
     its ``scale`` and ``attention_dropout`` its ``dropout_p`` in training mode.
 
     Arguments:
         softmax_temp: multiplier of ``Q K^T`` (default: ``1 / sqrt(E)``).
         attention_dropout: dropout on the attention weights (default: 0.1).
-        event_dispatcher: dispatcher instance or key for :class:`AttentionEvent`.
+        event_dispatcher: dispatcher instance or key for `AttentionEvent`.
 
     Shapes: queries ``(N, L, H, E)``, keys ``(N, S, H, E)``, values ``(N, S, H, D)``,
     masks ``(L, S)``, ``(N, L)``, ``(N, S)``; returns ``(N, L, H, D)``.
@@ -97,8 +100,9 @@ class FullAttention(nn.Module):
         return self._fused(queries, keys, values, attn_mask, key_lengths, softmax_temp, L == S)
 
     def _fused(self, queries, keys, values, attn_mask, key_lengths, softmax_temp, square):
-        """SDPA on ``(N, H, L, E)`` views; its CPU kernel writes ``(N, L, H, D)`` memory, so
-        the final transpose is free."""
+        """SDPA on ``(N, H, L, E)`` views.
+
+        Its CPU kernel writes ``(N, L, H, D)`` memory, so the final transpose is free."""
         causal = (
             square
             and not attn_mask.all_ones

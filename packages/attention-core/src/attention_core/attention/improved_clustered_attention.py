@@ -1,11 +1,13 @@
-"""Improved clustered attention: clustered attention whose approximation is refined, for
-each query, on the keys its centroid attends to most (Vyas et al. 2020, "Fast Transformers
-with Clustered Attention", arXiv 2007.04825, section 3.3).
+"""Improved clustered attention: clustered attention refined on each centroid's top keys.
+
+The approximation is refined, for each query, on the keys its centroid attends to most. Reference:
+Vyas et al. 2020, "Fast Transformers with Clustered Attention", arXiv 2007.04825, section 3.3.
 
 For a query ``i`` of cluster ``c`` with centroid attention ``A_c`` (a softmax over all valid
 keys) and the set ``T_c`` of the ``topk`` keys with the highest centroid scores:
 
-    V_i = m_c sum_{j in T_c} softmax_{T_c}(temp q_i . k_j) v_j + sum_{j not in T_c} A_c[j] v_j
+    V_i = m_c sum_{j in T_c} softmax_{T_c}(temp q_i . k_j) v_j
+          + sum_{j not in T_c} A_c[j] v_j
 
 where ``m_c = sum_{j in T_c} A_c[j]`` is the mass the centroid gives to ``T_c``: the top keys
 are re-weighted exactly for each query, the remaining keys keep the centroid's weights.
@@ -62,14 +64,14 @@ def top_keys(scores: Tensor, allowed: Tensor | None, topk: int) -> tuple[Tensor,
 class ImprovedClusteredAttention(ClusteredAttentionBase):
     """Clustered attention with per-query attention over each cluster's top keys.
 
-    Clusters the valid queries like :class:`ClusteredAttention`; then each cluster's
+    Clusters the valid queries like `ClusteredAttention`; then each cluster's
     centroid picks its ``topk`` best keys (clamped to the number of valid keys), and every
     query computes its own softmax over those keys, scaled by the centroid's attention mass
     on them, plus the centroid's attention on the other keys (see the module docstring).
     With ``topk >= S`` this is exact softmax attention. Padding queries get zeros.
 
     Arbitrary attention masks are not supported: ``attn_mask`` must be all ones.
-    Dispatches an :class:`AttentionEvent` with the ``(N, H, C, S)`` centroid attention.
+    Dispatches an `AttentionEvent` with the ``(N, H, C, S)`` centroid attention.
 
     Arguments:
         clusters: how many clusters to group the queries into.

@@ -1,6 +1,7 @@
-"""Causal improved clustered attention: each query attends only to the past keys among its
-cluster's top keys (Vyas et al. 2020, "Fast Transformers with Clustered Attention",
-arXiv 2007.04825).
+"""Causal improved clustered attention.
+
+Each query attends only to the past keys among its cluster's top keys. Reference: Vyas et al. 2020,
+"Fast Transformers with Clustered Attention", arXiv 2007.04825.
 
 The queries are clustered and each centroid picks its ``topk`` highest-scoring valid keys
 ``T_c``; query ``i`` of cluster ``c`` then computes ``softmax_{j in T_c, j <= i}(temp q_i . k_j)``
@@ -38,10 +39,10 @@ __all__ = ["ImprovedClusteredCausalAttention"]
 class ImprovedClusteredCausalAttention(ImprovedClusteredAttention):
     """Causal attention of every query over the past keys among its cluster's top keys.
 
-    Needs a lower-triangular ``attn_mask`` (e.g. :class:`TriangularCausalMask`), so
+    Needs a lower-triangular ``attn_mask`` (e.g. `TriangularCausalMask`), so
     ``L == S``. ``topk`` is clamped to the number of valid keys. Padding queries and queries
     whose cluster's top keys all lie in their future get zeros. Dispatches an
-    :class:`AttentionEvent` with the ``(N, H, L, k)`` per-query weights over the top keys.
+    `AttentionEvent` with the ``(N, H, L, k)`` per-query weights over the top keys.
 
     Arguments:
         clusters: how many clusters to group the queries into.

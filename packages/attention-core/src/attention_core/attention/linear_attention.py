@@ -1,5 +1,6 @@
-"""Linear attention, ``phi(Q) (phi(K)^T V)`` normalised by ``phi(Q) sum_j phi(K_j)``
-(Katharopoulos et al. 2020, "Transformers are RNNs", arXiv 2006.16236)."""
+"""Linear attention, ``phi(Q) (phi(K)^T V)`` normalised by ``phi(Q) sum_j phi(K_j)``.
+
+Reference: Katharopoulos et al. 2020, "Transformers are RNNs", arXiv 2006.16236."""
 
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
-"""Local attention: every query attends to a window of ``local_context`` keys around its
-own position (Parmar et al. 2018, "Image Transformer", arXiv 1802.05751; Beltagy et al.
-2020, "Longformer", arXiv 2004.05150).
+"""Local attention: every query attends to a window of ``local_context`` keys around it.
+
+The window is centred on the query's own position. References: Parmar et al. 2018, "Image
+Transformer", arXiv 1802.05751; Beltagy et al. 2020, "Longformer", arXiv 2004.05150.
 
 Einstein notation: n batch, h heads, l queries, k window slots, e/d features.
 """
@@ -35,10 +36,10 @@ class LocalAttention(nn.Module):
 
     Query ``l`` may attend to the keys ``j`` in
     ``[l - local_context // 2, l - local_context // 2 + local_context)`` that ``attn_mask``
-    and ``key_lengths`` allow; it is the same as :class:`FullAttention` with that band
+    and ``key_lengths`` allow; it is the same as `FullAttention` with that band
     combined into the masks, but costs ``O(L * local_context)`` instead of ``O(L * S)``.
     Queries with no allowed key get zeros. Queries and keys may differ in length.
-    Dispatches an :class:`AttentionEvent` with the ``(N, H, L, local_context)`` band of
+    Dispatches an `AttentionEvent` with the ``(N, H, L, local_context)`` band of
     attention weights.
 
     Arguments:

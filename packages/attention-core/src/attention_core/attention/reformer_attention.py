@@ -1,5 +1,6 @@
-"""Shared-QK LSH attention of the Reformer (Kitaev et al. 2020, "Reformer: The Efficient
-Transformer", arXiv 2001.04451).
+"""Shared-QK LSH attention of the Reformer.
+
+Reference: Kitaev et al. 2020, "Reformer: The Efficient Transformer", arXiv 2001.04451.
 
 Einstein notation: n batch, h heads, l sequence, c chunk index, i / j positions inside a
 chunk / inside a chunk's key window (own chunk plus previous one), e query/key feature,
@@ -40,9 +41,11 @@ def _sort_by(x: Tensor, order: Tensor) -> Tensor:
 
 
 def _chunks_with_look_back(x: Tensor, chunk: int) -> tuple[Tensor, Tensor]:
-    """Split ``(N, H, C * chunk, ...)`` into chunks ``(N, H, C, chunk, ...)`` and key windows
-    ``(N, H, C, 2 * chunk, ...)`` that hold the previous chunk followed by the chunk itself
-    (chunk 0 gets the last chunk as its previous one; callers mask it out)."""
+    """Split a sequence into chunks and key windows that also hold the previous chunk.
+
+    ``(N, H, C * chunk, ...)`` becomes chunks ``(N, H, C, chunk, ...)`` and key windows
+    ``(N, H, C, 2 * chunk, ...)`` that hold the previous chunk followed by the chunk itself (chunk 0
+    gets the last chunk as its previous one; callers mask it out)."""
     chunks = x.unflatten(2, (-1, chunk))
     return chunks, torch.cat([chunks.roll(1, dims=2), chunks], dim=3)
 
@@ -69,7 +72,7 @@ class ReformerAttention(nn.Module):
     sequence is padded internally with masked positions that are dropped from the output
     (fast-transformers fails there).
 
-    With ``chunk_size >= L`` (one chunk) the result equals :class:`FullAttention` with keys
+    With ``chunk_size >= L`` (one chunk) the result equals `FullAttention` with keys
     ``Q / |Q|``.
 
     Arguments:
@@ -80,7 +83,7 @@ class ReformerAttention(nn.Module):
         softmax_temp: multiplier of ``Q K^T`` (default: ``1 / sqrt(E)``).
         attention_dropout: dropout on the attention weights (default: 0.1).
         event_dispatcher: dispatcher instance or key; listeners receive one
-            :class:`AttentionEvent` per forward with the dense ``(N, H, L, L)`` attention
+            `AttentionEvent` per forward with the dense ``(N, H, L, L)`` attention
             averaged over rounds (built only when someone listens).
 
     Shapes: queries ``(N, L, H, E)``, keys ``(N, L, H, E)`` (ignored), values
@@ -118,8 +121,10 @@ class ReformerAttention(nn.Module):
         self.event_dispatcher = EventDispatcher.get(event_dispatcher)
 
     def _hash(self, keys: Tensor, valid: Tensor) -> Tensor:
-        """Bucket ``(N, H, Lp)`` of the normalised keys ``(N, H, Lp, E)``; invalid positions
-        (``valid`` ``(N, Lp)`` false) go to bucket ``2 * bits``, after every real one."""
+        """Bucket ``(N, H, Lp)`` of the normalised keys ``(N, H, Lp, E)``.
+
+        Invalid positions (``valid`` ``(N, Lp)`` false) go to bucket ``2 * bits``, after every real
+        one."""
         planes = torch.randn(keys.shape[-1], self.bits, dtype=keys.dtype, device=keys.device)
         projected = keys @ planes
         buckets = torch.cat([projected, -projected], dim=-1).argmax(dim=-1)

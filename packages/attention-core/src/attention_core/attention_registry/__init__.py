@@ -1,7 +1,7 @@
 """Where attention implementations register their names and typed parameters.
 
-Three registries exist: :data:`AttentionRegistry` (batch attentions),
-:data:`RecurrentAttentionRegistry` and :data:`RecurrentCrossAttentionRegistry` (filled by
+Three registries exist: `AttentionRegistry` (batch attentions),
+`RecurrentAttentionRegistry` and `RecurrentCrossAttentionRegistry` (filled by
 the recurrent-transformer package). Builders look attentions up here.
 """
 

@@ -73,13 +73,16 @@ class Registry:
         return self._parameters[key]
 
     def class_parameters(self, key: str, values: dict) -> dict:
-        """Resolve ``values`` for attention ``key`` with its own specs: parameters it declares
-        are converted, and ``None`` becomes that attention's registered default."""
+        """Resolve ``values`` for attention ``key`` with its own specs.
+
+        Parameters it declares are converted, and ``None`` becomes that attention's registered
+        default."""
         specs = self._class_specs[key]
         return {p: specs[p].get(values[p]) for p in self._class_params[key] if p in values}
 
     def validate_parameter(self, key: str, value):
-        """Return ``value`` checked (and possibly converted) by the spec of ``key``;
+        """Return ``value`` checked (and possibly converted) by the spec of ``key``.
+
         ``None`` for an optional parameter is kept (each attention applies its default)."""
         spec = self._parameters[key]
         if value is None and isinstance(spec, Optional):

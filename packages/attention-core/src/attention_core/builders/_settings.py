@@ -1,5 +1,7 @@
-"""Helpers of the transformer builders: size settings that may be unset, and the builder
-settings that reach the attention builders (fast-transformers' rule)."""
+"""Helpers of the transformer builders.
+
+Size settings that may be unset, and the builder settings that reach the attention builders
+(fast-transformers' rule)."""
 
 from __future__ import annotations
 
@@ -9,8 +11,10 @@ from .attention_builders import BaseAttentionBuilder
 
 
 def positive_int(name: str, value) -> int | None:
-    """A positive int, or ``None`` for "not set" (as argparse gives for an absent option,
-    see ``from_namespace``); ``get()`` refuses to build while a size is ``None``."""
+    """Return a positive int, or ``None`` for "not set".
+
+    ``None`` is what argparse gives for an absent option, see ``from_namespace``; ``get()`` refuses
+    to build while a size is ``None``."""
     if value is None:
         return None
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -29,8 +33,10 @@ SIZE_SETTINGS = ("n_layers", *FORWARDED)
 
 @contextmanager
 def with_defaults(builder: BaseAttentionBuilder, values: dict):
-    """Set on ``builder`` the ``values`` that some attention declares and the user did not
-    set, for the duration of the block (a later change of the transformer setting is seen)."""
+    """Set the attention's own defaults on ``builder`` for the duration of the block.
+
+    Sets the ``values`` that some attention declares and the user did not set; a later change of the
+    transformer setting is seen."""
     added = []
     for name, value in values.items():
         if value is None or name in builder._parameters:

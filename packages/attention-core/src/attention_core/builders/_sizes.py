@@ -1,6 +1,7 @@
-"""The size check of the transformer builders: refuse, before anything is allocated, a model
-whose parameters cannot exist (a tensor past torch's storage limit, or more bytes than the
-machine's memory), naming the settings that make it so."""
+"""The size check of the transformer builders.
+
+Refuse, before anything is allocated, a model whose parameters cannot exist (a tensor past torch's
+storage limit, or more bytes than the machine's memory), naming the settings that make it so."""
 
 from __future__ import annotations
 
@@ -25,10 +26,11 @@ def _physical_memory() -> int | None:
 def check_parameter_sizes(
     owner: str, settings: dict[str, int], tensor_sizes: list[int], copies: int
 ) -> None:
-    """Raise ``ValueError`` if ``copies`` times the parameters of ``tensor_sizes`` (element
-    counts) cannot be allocated on the default device in the default dtype: one tensor past
-    torch's storage limit, or, on the CPU, more bytes in all than the machine's physical
-    memory.
+    """Raise ``ValueError`` if the parameters of ``tensor_sizes`` cannot be allocated.
+
+    Counts ``copies`` times the element counts of ``tensor_sizes`` on the default device in the
+    default dtype: one tensor past torch's storage limit, or, on the CPU, more bytes in all than the
+    machine's physical memory.
 
     Arguments:
         owner: the builder's name, for the message.

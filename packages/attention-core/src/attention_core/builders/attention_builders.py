@@ -29,8 +29,9 @@ def _suggest(name: str, choices: list[str]) -> str:
 
 
 class BaseAttentionBuilder(BaseBuilder):
-    """Build attentions registered in ``registry``; parameters are set as attributes and
-    validated against the registry's specs.
+    """Build attentions registered in ``registry``.
+
+    Parameters are set as attributes and validated against the registry's specs.
 
     Composite names such as ``"conditional-full:improved-clustered"`` build the rightmost
     attention first and pass it as ``attention=`` to the one on its left.
@@ -114,7 +115,7 @@ class BaseAttentionBuilder(BaseBuilder):
 
 
 class AttentionBuilder(BaseAttentionBuilder):
-    """Build batch attentions from :data:`AttentionRegistry`.
+    """Build batch attentions from `AttentionRegistry`.
 
     Example:
         >>> builder = AttentionBuilder.from_kwargs(query_dimensions=64)
@@ -127,16 +128,18 @@ class AttentionBuilder(BaseAttentionBuilder):
 
 
 class RecurrentAttentionBuilder(BaseAttentionBuilder):
-    """Build recurrent self attentions from :data:`RecurrentAttentionRegistry` (filled by
-    the ``recurrent-transformer`` package)."""
+    """Build recurrent self attentions from `RecurrentAttentionRegistry`.
+
+    The ``recurrent-transformer`` package fills that registry."""
 
     def __init__(self):
         super().__init__(RecurrentAttentionRegistry)
 
 
 class RecurrentCrossAttentionBuilder(BaseAttentionBuilder):
-    """Build recurrent cross attentions from :data:`RecurrentCrossAttentionRegistry`
-    (filled by the ``recurrent-transformer`` package)."""
+    """Build recurrent cross attentions from `RecurrentCrossAttentionRegistry`.
+
+    The ``recurrent-transformer`` package fills that registry."""
 
     def __init__(self):
         super().__init__(RecurrentCrossAttentionRegistry)

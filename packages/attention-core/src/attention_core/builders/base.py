@@ -6,8 +6,10 @@ __all__ = ["BaseBuilder"]
 
 
 class BaseBuilder:
-    """Builders collect settings as attributes, validate them as they are set, and
-    construct a module with :meth:`get`."""
+    """Base class of the builders.
+
+    Builders collect settings as attributes, validate them as they are set, and construct a module
+    with `get`."""
 
     @classmethod
     def from_kwargs(cls, strict: bool = True, **kwargs):
@@ -21,8 +23,9 @@ class BaseBuilder:
 
     @classmethod
     def from_namespace(cls, args, strict: bool = False):
-        """Create a builder from an ``argparse.Namespace``; unknown names are ignored
-        unless ``strict``."""
+        """Create a builder from an ``argparse.Namespace``.
+
+        Unknown names are ignored unless ``strict``."""
         return cls.from_dictionary(vars(args), strict=strict)
 
     @classmethod

@@ -138,8 +138,7 @@ class BaseTransformerBuilder(BaseBuilder):
         return self.value_dimensions * self.n_heads
 
     def _check_sizes(self, attention_layers_per_layer: int) -> None:
-        """Refuse sizes whose parameters cannot be allocated, before allocating any (the
-        projections and the feed-forward network of every layer)."""
+        """Refuse sizes whose projections and feed-forward networks cannot be allocated."""
         d_model, heads = self.model_dimensions, self.n_heads
         queries = keys = d_model * heads * self.query_dimensions
         values = outputs = d_model * heads * self.value_dimensions
@@ -177,8 +176,7 @@ class BaseTransformerBuilder(BaseBuilder):
             )
 
     def _forwarded(self, names: dict[str, str]) -> dict:
-        """``{parameter: value of setting}`` for the settings that reach the attention;
-        ``names`` maps each forwarded parameter to the setting that gives its value."""
+        """Map each forwarded parameter to the value of the setting that ``names`` gives it."""
         return {
             parameter: getattr(self, setting)
             for parameter, setting in names.items()
@@ -186,9 +184,10 @@ class BaseTransformerBuilder(BaseBuilder):
         }
 
     def _prepare(self, builder: BaseAttentionBuilder, names: dict[str, str] | None = None):
-        """Check that every size is set, give ``builder`` the event dispatcher, and return a
-        context in which it also holds the forwarded settings (``names``: see
-        :meth:`_forwarded`; default: each parameter from the setting of its name)."""
+        """Check the sizes and return a context in which ``builder`` holds the forwarded settings.
+
+        Also gives ``builder`` the event dispatcher. ``names``: see `_forwarded`; default: each
+        parameter from the setting of its name."""
         unset = [name for name in SIZE_SETTINGS if getattr(self, name) is None]
         if unset:
             raise MissingParameterError(
@@ -281,7 +280,7 @@ class BaseTransformerEncoderBuilder(BaseTransformerBuilder):
 
 
 class TransformerEncoderBuilder(BaseTransformerEncoderBuilder):
-    """Build a :class:`~attention_core.transformers.TransformerEncoder`.
+    """Build a `TransformerEncoder`.
 
     Example:
         >>> encoder = TransformerEncoderBuilder.from_kwargs(
@@ -304,8 +303,10 @@ class TransformerEncoderBuilder(BaseTransformerEncoderBuilder):
 
 
 class BaseTransformerDecoderBuilder(BaseTransformerBuilder):
-    """Build decoders; attention parameters set on the builder go to both the self and the
-    cross attention builders (to whichever accepts them)."""
+    """Build decoders.
+
+    Attention parameters set on the builder go to both the self and the cross attention builders (to
+    whichever accepts them)."""
 
     def __init__(self):
         super().__init__()
@@ -375,8 +376,7 @@ class BaseTransformerDecoderBuilder(BaseTransformerBuilder):
 
     @property
     def cross_query_dimensions(self) -> int:
-        """The head dimension of the cross attention's queries and keys (default:
-        ``query_dimensions``)."""
+        """Head size of the cross attention's queries and keys (default: ``query_dimensions``)."""
         return self._cross_d_query or self.query_dimensions
 
     @cross_query_dimensions.setter
@@ -385,8 +385,7 @@ class BaseTransformerDecoderBuilder(BaseTransformerBuilder):
 
     @property
     def cross_value_dimensions(self) -> int:
-        """The head dimension of the cross attention's values (default:
-        ``value_dimensions``)."""
+        """The head dimension of the cross attention's values (default: ``value_dimensions``)."""
         return self._cross_d_value or self.value_dimensions
 
     @cross_value_dimensions.setter
@@ -395,8 +394,10 @@ class BaseTransformerDecoderBuilder(BaseTransformerBuilder):
 
     @property
     def cross_model_dimensions(self) -> int:
-        """The feature size of the memory (default: ``cross_n_heads *
-        cross_value_dimensions``, which is ``model_dimensions`` when no cross_* size is set)."""
+        """The feature size of the memory.
+
+        Default: ``cross_n_heads * cross_value_dimensions``, which is ``model_dimensions`` when no
+        cross_* size is set."""
         return self._cross_d_model or self.cross_n_heads * self.cross_value_dimensions
 
     @cross_model_dimensions.setter
@@ -468,7 +469,7 @@ class BaseTransformerDecoderBuilder(BaseTransformerBuilder):
 
 
 class TransformerDecoderBuilder(BaseTransformerDecoderBuilder):
-    """Build a :class:`~attention_core.transformers.TransformerDecoder`.
+    """Build a `TransformerDecoder`.
 
     Example:
         >>> decoder = TransformerDecoderBuilder.from_kwargs(

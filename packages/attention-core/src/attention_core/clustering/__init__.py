@@ -1,1 +1,1 @@
-"""Clustering algorithms used to group queries (see :mod:`attention_core.clustering.hamming`)."""
+"""Clustering algorithms used to group queries (see `attention_core.clustering.hamming`)."""

@@ -1,5 +1,6 @@
-"""Events let you observe what happens inside a model (attention matrices, projected
-queries, keys and values, intermediate outputs) without changing its code."""
+"""Events let you observe what happens inside a model without changing its code.
+
+For example attention matrices, projected queries, keys and values, and intermediate outputs."""
 
 from .event import AttentionEvent, Event, IntermediateOutput, QKVEvent
 from .event_dispatcher import EventDispatcher

@@ -15,7 +15,7 @@ class EventDispatcher:
     """Holds listeners and calls each one whose filter accepts a dispatched event.
 
     Modules take an ``event_dispatcher`` argument that is either an instance or a string
-    key; :meth:`get` maps a key to a process-wide instance (``""`` is the default one).
+    key; `get` maps a key to a process-wide instance (``""`` is the default one).
 
     Example:
         >>> dispatcher = EventDispatcher.get("my-model")
@@ -32,9 +32,9 @@ class EventDispatcher:
         """Call ``event_handler(event)`` for every dispatched event that passes the filter.
 
         Arguments:
-            event_filter: an :class:`EventFilter`, an :class:`Event` subclass or a callable
+            event_filter: an `EventFilter`, an `Event` subclass or a callable
                 ``event -> bool``.
-            event_handler: the listener; it is also the key used by :meth:`remove`.
+            event_handler: the listener; it is also the key used by `remove`.
         """
         if isinstance(event_filter, type) and issubclass(event_filter, Event):
             event_filter = event_class(event_filter)

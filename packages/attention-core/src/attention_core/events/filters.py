@@ -1,6 +1,6 @@
 """Composable predicates that select which events a listener receives.
 
-Filters combine with ``&``, ``|`` and ``~``; an :class:`Event` subclass or any callable
+Filters combine with ``&``, ``|`` and ``~``; an `Event` subclass or any callable
 taking an event can stand on either side of ``&`` and ``|``.
 """
 

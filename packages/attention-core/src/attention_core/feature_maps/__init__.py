@@ -1,5 +1,7 @@
-"""Feature maps for linear attentions (``feature_map=`` of LinearAttention and
-CausalLinearAttention take a factory such as ``Favor.factory(n_dims=256)``)."""
+"""Feature maps for linear attentions.
+
+The ``feature_map=`` argument of LinearAttention and CausalLinearAttention takes a factory such as
+``Favor.factory(n_dims=256)``."""
 
 from .base import ActivationFunctionFeatureMap, FeatureMap, elu_feature_map
 from .fourier_features import (

@@ -1,5 +1,7 @@
-"""Feature maps for linear attention: ``phi`` such that ``phi(q) . phi(k)`` stands in for
-the softmax kernel ``exp(q . k)``."""
+"""Feature maps for linear attention.
+
+A feature map is a ``phi`` such that ``phi(q) . phi(k)`` stands in for the softmax kernel
+``exp(q . k)``."""
 
 from __future__ import annotations
 

@@ -1,5 +1,7 @@
-"""Random feature maps: random Fourier features for the RBF kernel and the positive
-random features of Performers (Choromanski et al. 2020, arXiv 2009.14794)."""
+"""Random feature maps: random Fourier features and the positive random features of Performers.
+
+Random Fourier features approximate the RBF kernel. Reference: Choromanski et al. 2020, arXiv
+2009.14794."""
 
 from __future__ import annotations
 
@@ -108,8 +110,9 @@ class RandomFourierFeatures(FeatureMap):
         self._init_thread_state()
 
     def new_feature_map(self, device) -> None:
-        """Redraw ``omega`` on ``device`` (every ``redraw`` calls; never in deterministic
-        eval) and hand it to the calling thread."""
+        """Redraw ``omega`` on ``device`` and hand it to the calling thread.
+
+        Redrawn every ``redraw`` calls; never in deterministic eval."""
         if torch.compiler.is_compiling():  # no locks nor thread state inside a graph
             self._draw(device)
             return
@@ -131,8 +134,10 @@ class RandomFourierFeatures(FeatureMap):
             self.omega = omega
 
     def _omega(self) -> Tensor:
-        """The matrix of the calling thread: the one ``new_feature_map`` handed it, unless
-        ``omega`` was replaced from outside since the last draw."""
+        """The matrix of the calling thread.
+
+        The one ``new_feature_map`` handed it, unless ``omega`` was replaced from outside since the
+        last draw."""
         if torch.compiler.is_compiling():
             return self.omega
         mine = getattr(self._thread, "omega", None)
@@ -159,11 +164,11 @@ class SmoothedRandomFourierFeatures(RandomFourierFeatures):
     Arguments:
         query_dimensions: the head dimension.
         n_dims: total feature size including the constant (default: ``query_dimensions``).
-        softmax_temp: see :class:`RandomFourierFeatures`.
-        orthogonal: see :class:`RandomFourierFeatures`.
+        softmax_temp: see `RandomFourierFeatures`.
+        orthogonal: see `RandomFourierFeatures`.
         smoothing: the constant ``s`` added to the kernel (default: 1.0).
-        redraw: see :class:`RandomFourierFeatures`.
-        deterministic_eval: see :class:`RandomFourierFeatures`.
+        redraw: see `RandomFourierFeatures`.
+        deterministic_eval: see `RandomFourierFeatures`.
     """
 
     def __init__(
@@ -193,8 +198,9 @@ class SmoothedRandomFourierFeatures(RandomFourierFeatures):
 
 
 class Favor(RandomFourierFeatures):
-    """Positive orthogonal random features for the softmax kernel (FAVOR+, Lemma 1 of
-    Choromanski et al. 2020).
+    """Positive orthogonal random features for the softmax kernel.
+
+    Reference: FAVOR+, Lemma 1 of Choromanski et al. 2020.
 
     ``phi(x) = exp(-|x|^2 / 2) / sqrt(2 m) [exp(x W), exp(-x W)]`` with ``W`` of shape
     ``(query_dimensions, m)``, ``m = n_dims // 2``, so that
@@ -203,13 +209,13 @@ class Favor(RandomFourierFeatures):
     Arguments:
         query_dimensions: the head dimension.
         n_dims: the feature size (default: ``query_dimensions``).
-        softmax_temp: see :class:`RandomFourierFeatures`.
-        orthogonal: see :class:`RandomFourierFeatures`.
+        softmax_temp: see `RandomFourierFeatures`.
+        orthogonal: see `RandomFourierFeatures`.
         stabilize: subtract the largest squared norm per sequence (dimension 1 of an
             ``(N, L, H, E)`` input) before exponentiating, avoiding overflow. The shift
             cancels in the normalised attention. (default: False)
-        redraw: see :class:`RandomFourierFeatures`.
-        deterministic_eval: see :class:`RandomFourierFeatures`.
+        redraw: see `RandomFourierFeatures`.
+        deterministic_eval: see `RandomFourierFeatures`.
     """
 
     def __init__(
@@ -263,10 +269,10 @@ class GeneralizedRandomFeatures(RandomFourierFeatures):
         query_dimensions: the head dimension.
         n_dims: the feature size (default: ``query_dimensions``).
         softmax_temp: inputs are multiplied by ``sqrt(softmax_temp)`` (default: 1.0).
-        orthogonal: see :class:`RandomFourierFeatures`.
+        orthogonal: see `RandomFourierFeatures`.
         kernel_fn: the elementwise ``f`` (default: ``torch.relu``).
-        redraw: see :class:`RandomFourierFeatures`.
-        deterministic_eval: see :class:`RandomFourierFeatures`.
+        redraw: see `RandomFourierFeatures`.
+        deterministic_eval: see `RandomFourierFeatures`.
     """
 
     def __init__(

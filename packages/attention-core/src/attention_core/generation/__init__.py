@@ -1,5 +1,7 @@
-"""Autoregressive decoding: logit filters and sampling, and a ``prefill``/``step``
-protocol with :func:`stream` and :func:`generate` loops shared by every model family."""
+"""Autoregressive decoding shared by every model family.
+
+Logit filters and sampling, and a ``prefill``/``step`` protocol with the `stream` and `generate`
+loops."""
 
 from .generate import StepModel, generate, stream
 from .sampling import filter_by_threshold, sample, top_k_filter, top_p_filter

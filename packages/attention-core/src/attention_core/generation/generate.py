@@ -1,10 +1,11 @@
-"""Autoregressive decoding over a two-method step protocol that every model family
-implements (full recomputation, recurrent state, Transformer-XL memories, ...).
+"""Autoregressive decoding over a two-method step protocol that every model family implements.
+
+The families: full recomputation, recurrent state, Transformer-XL memories, ...
 
 A model exposes ``prefill(tokens) -> (logits, state)``, which consumes the whole prompt and
 returns the logits of its last position, and ``step(token, state) -> (logits, state)``, which
-consumes one new token per row. :func:`stream` yields new tokens one at a time and
-:func:`generate` returns the prompt followed by them.
+consumes one new token per row. `stream` yields new tokens one at a time and
+`generate` returns the prompt followed by them.
 
 Einstein notation: ``b`` batch, ``t`` prompt length, ``v`` vocabulary, ``n`` new tokens.
 """
@@ -25,7 +26,7 @@ __all__ = ["StepModel", "generate", "stream"]
 
 @runtime_checkable
 class StepModel(Protocol):
-    """What :func:`stream` and :func:`generate` need from a model.
+    """What `stream` and `generate` need from a model.
 
     ``state`` is opaque to the decoding loop: whatever ``prefill`` returns is passed to the
     first ``step``, whatever a ``step`` returns is passed to the next one.
@@ -91,7 +92,7 @@ def stream(
     it. Occurrences in the prompt do not count.
 
     Arguments:
-        model: a :class:`StepModel`.
+        model: a `StepModel`.
         prompt: ``(B, T)`` int64 with ``T >= 1``.
         max_new_tokens: ``>= 0``.
         temperature: ``>= 0``; ``0`` is greedy decoding.
@@ -109,7 +110,8 @@ def stream(
         ...     def step(self, tokens, state):
         ...         return self.table[tokens], state
         >>> model = Bigram(torch.eye(4).roll(1, dims=1))   # i -> i + 1 (mod 4)
-        >>> [t.tolist() for t in stream(model, torch.tensor([[0], [2]]), 3, temperature=0)]
+        >>> tokens = stream(model, torch.tensor([[0], [2]]), 3, temperature=0)
+        >>> [t.tolist() for t in tokens]
         [[1, 3], [2, 0], [3, 1]]
     """
     _check_prompt(prompt)
@@ -162,7 +164,7 @@ def generate(
     eos_token: int | None = None,
     generator: torch.Generator | None = None,
 ) -> Tensor:
-    """The prompt followed by the tokens of :func:`stream` (same arguments).
+    """The prompt followed by the tokens of `stream` (same arguments).
 
     Returns:
         ``(B, T + n)`` int64 with ``n <= max_new_tokens`` (``n`` is smaller only when every

@@ -1,6 +1,7 @@
-"""Logit filters and token sampling for autoregressive decoding: top-k, nucleus (top-p,
-Holtzman et al. 2019, arXiv 1904.09751), lucidrains' ``thres`` top-k, temperature and
-greedy decoding.
+"""Logit filters and token sampling for autoregressive decoding.
+
+Top-k, nucleus (top-p, Holtzman et al. 2019, arXiv 1904.09751), lucidrains' ``thres`` top-k,
+temperature and greedy decoding.
 
 Einstein notation: ``...`` leading axes, ``b`` batch, ``v`` vocabulary.
 """
@@ -71,8 +72,9 @@ def top_k_filter(logits: Tensor, k: int) -> Tensor:
 
 
 def top_p_filter(logits: Tensor, p: float) -> Tensor:
-    """Nucleus filter: keep the smallest set of most probable tokens whose total
-    probability (under ``softmax(logits)``) is ``>= p``; the others become ``-inf``.
+    """Nucleus filter: keep the smallest set of most probable tokens whose probability is ``>= p``.
+
+    The total probability is taken under ``softmax(logits)``; the other tokens become ``-inf``.
 
     A token is kept when the probability mass of the tokens ranked strictly above it is
     ``< p``, so the most probable token is always kept. ``p = 1`` keeps everything.
@@ -103,8 +105,9 @@ def top_p_filter(logits: Tensor, p: float) -> Tensor:
 
 
 def filter_by_threshold(logits: Tensor, thres: float = 0.9) -> Tensor:
-    """lucidrains' ``top_k(logits, thres)``: keep the ``max(1, ceil((1 - thres) * V))``
-    largest logits of each row (``thres = 0.9`` keeps the top 10 %).
+    """Keep the ``max(1, ceil((1 - thres) * V))`` largest logits of each row.
+
+    This is lucidrains' ``top_k(logits, thres)``: ``thres = 0.9`` keeps the top 10 %.
 
     Arguments:
         logits: ``(..., V)`` floating logits.

@@ -1,5 +1,6 @@
-"""Locality-sensitive hashing with random hyperplanes (Charikar 2002; used by clustered
-attention, Vyas et al. 2020, arXiv 2007.04825).
+"""Locality-sensitive hashing with random hyperplanes.
+
+Reference: Charikar 2002. Clustered attention (Vyas et al. 2020, arXiv 2007.04825) uses them.
 
 Each of ``B`` hyperplanes ``A[b] = (w_b, c_b)`` contributes one bit to a vector's hash: bit
 ``b`` of ``hash(x)`` is set when ``w_b . x > c_b`` (fast-transformers' convention: the last
@@ -7,9 +8,9 @@ column of the planes is a threshold). Nearby vectors fall on the same side
 of most planes, so the Hamming distance between hashes approximates their distance.
 
 On CPU in float32/float64 the compiled kernel of ``attention_core._C`` does the work (see
-``csrc/hashing.h`` and the op of :mod:`attention_core.hashing._op`);
+``csrc/hashing.h`` and the op of `attention_core.hashing._op`);
 every other device or dtype uses
-:func:`compute_hashes_reference`.
+`compute_hashes_reference`.
 """
 
 from __future__ import annotations

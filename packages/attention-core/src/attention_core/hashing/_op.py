@@ -1,5 +1,6 @@
-"""The ``torch.library`` op ``attention_core::compute_hashes`` (CPU kernel in
-``csrc/hashing.h``) and its fake (meta) registration.
+"""The ``torch.library`` op ``attention_core::compute_hashes`` and its fake (meta) registration.
+
+Its CPU kernel is in ``csrc/hashing.h``.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
-"""``fast_transformers.hashing.hash_cpu`` over :func:`attention_core.hashing.compute_hashes`.
+"""``fast_transformers.hashing.hash_cpu`` over `attention_core.hashing.compute_hashes`.
 
 Same function names, argument order and caller-allocated ``H`` as fast-transformers' compiled
 module; bit ``b`` is set when ``X @ A[b, :D] > A[b, D]``, the convention of
-:func:`attention_core.hashing.compute_hashes` too.
+`attention_core.hashing.compute_hashes` too.
 """
 
 from __future__ import annotations

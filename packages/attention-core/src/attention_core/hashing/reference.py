@@ -1,5 +1,4 @@
-"""The plain-PyTorch hashes (the reference and the fallback) and the public functions' input
-checks."""
+"""The plain-PyTorch hashes (reference and fallback) and the input checks of the public API."""
 
 from __future__ import annotations
 
@@ -15,7 +14,9 @@ MAX_BITS = 63
 
 
 def check_inputs(X: Tensor, A: Tensor, H: Tensor | None) -> None:
-    """``X (M, D)`` and ``A (B, D + 1)`` floating tensors of one dtype and device with
+    """Check the inputs of the hashing functions.
+
+    ``X (M, D)`` and ``A (B, D + 1)`` floating tensors of one dtype and device with
     ``1 <= B <= MAX_BITS``, and the optional ``(M,)`` int64 output buffer ``H``."""
     check_tensor("X", X, dim=2, floating=True)
     check_tensor("A", A, dim=2, floating=True, device=X.device)

@@ -1,6 +1,7 @@
-"""Banded (local) dot products and weighted averages, the core of local attention
-(as in Image Transformer, Parmar et al. 2018, arXiv 1802.05751, and Longformer's sliding
-window, Beltagy et al. 2020, arXiv 2004.05150).
+"""Banded (local) dot products and weighted averages, the core of local attention.
+
+As in Image Transformer, Parmar et al. 2018, arXiv 1802.05751, and Longformer's sliding
+window, Beltagy et al. 2020, arXiv 2004.05150.
 
 Query ``l`` sees the ``local_context`` keys ``j = l - local_context // 2 + k`` for
 ``k = 0 .. local_context - 1``. Both functions gather only those keys or values, so memory is
@@ -8,11 +9,11 @@ Query ``l`` sees the ``local_context`` keys ``j = l - local_context // 2 + k`` f
 autograd through the gathers.
 
 Float32/float64 CPU tensors go to the compiled kernels of ``attention_core._C`` (see
-``csrc/local_product.h`` and the ops of :mod:`attention_core.local_product._op`; half
+``csrc/local_product.h`` and the ops of `attention_core.local_product._op`; half
 precision is computed in float32) unless
 ``ATTENTION_CORE_FORCE_REFERENCE=1``; CUDA tensors go to the Triton kernels of
-:mod:`attention_core.local_product._triton` when triton is importable (float64 excepted); the
-gathers of :mod:`attention_core.local_product.reference` are the reference and the fallback.
+`attention_core.local_product._triton` when triton is importable (float64 excepted); the
+gathers of `attention_core.local_product.reference` are the reference and the fallback.
 """
 
 from __future__ import annotations
@@ -104,7 +105,7 @@ def local_weighted_average(attention: Tensor, values: Tensor) -> Tensor:
 
     Arguments:
         attention: ``(N, H, L, local_context)`` weights, e.g. a softmax over
-            :func:`local_dot_product`.
+            `local_dot_product`.
         values: ``(N, H, S, D)``.
 
     Returns:

@@ -1,6 +1,8 @@
-"""The ``torch.library`` ops of the local product: ``attention_core::local_dot_product_*`` and
-``local_weighted_average_*`` (CPU kernels in ``csrc/local_product.h``, CUDA kernels in
-:mod:`._triton`), their fake (meta) registrations and their autograd.
+"""The ``torch.library`` ops of the local product.
+
+``attention_core::local_dot_product_*`` and ``local_weighted_average_*`` (CPU kernels in
+``csrc/local_product.h``, CUDA kernels in `._triton`), their fake (meta) registrations and their
+autograd.
 """
 
 from __future__ import annotations
@@ -37,10 +39,11 @@ def check_local_dot(
     grad: Tensor | None = None,
     dtypes: DtypeRule = CPU_DTYPES,
 ) -> None:
-    """Every argument of the local dot product ops: ``Q (N, H, L, E)`` and ``K (N, H, S, E)``
-    of one allowed dtype and device, ``attn_mask (L, S)`` of that dtype and device (``None``
-    in the backward), ``key_lengths (N,)`` int64, ``local_context >= 1`` and
-    ``grad (N, H, L, local_context)``."""
+    """Check every argument of the local dot product ops.
+
+    ``Q (N, H, L, E)`` and ``K (N, H, S, E)`` of one allowed dtype and device, ``attn_mask (L, S)``
+    of that dtype and device (``None`` in the backward), ``key_lengths (N,)`` int64,
+    ``local_context >= 1`` and ``grad (N, H, L, local_context)``."""
     check_floats("Q and K", Q, K, dtypes=dtypes)
     if K.shape[:2] != Q.shape[:2] or K.shape[3] != Q.shape[3]:
         raise ValueError(
@@ -68,8 +71,10 @@ def check_local_dot(
 def check_local_average(
     attention: Tensor, V: Tensor, grad: Tensor | None = None, dtypes: DtypeRule = CPU_DTYPES
 ) -> None:
-    """Every argument of the local weighted average ops: ``attention (N, H, L, C)`` with
-    ``C >= 1`` and ``V (N, H, S, D)`` of one allowed dtype and device, ``grad (N, H, L, D)``."""
+    """Check every argument of the local weighted average ops.
+
+    ``attention (N, H, L, C)`` with ``C >= 1`` and ``V (N, H, S, D)`` of one allowed dtype and
+    device, ``grad (N, H, L, D)``."""
     check_floats("attention and V", attention, V, dtypes=dtypes)
     if V.shape[:2] != attention.shape[:2] or attention.shape[3] < 1:
         raise ValueError(
@@ -128,7 +133,7 @@ def _(Q, K, attn_mask, key_lengths, local_context):
 def local_dot_product_backward(
     grad: Tensor, Q: Tensor, K: Tensor, key_lengths: Tensor, local_context: int
 ) -> tuple[Tensor, Tensor]:
-    """Gradients of :func:`local_dot_product_forward` with respect to ``Q`` and ``K``.
+    """Gradients of `local_dot_product_forward` with respect to ``Q`` and ``K``.
 
     Arguments:
         grad: ``(N, H, L, C)`` gradient of the output.
@@ -217,7 +222,7 @@ def _(attention, V):
 def local_weighted_average_backward(
     grad: Tensor, attention: Tensor, V: Tensor
 ) -> tuple[Tensor, Tensor]:
-    """Gradients of :func:`local_weighted_average_forward`.
+    """Gradients of `local_weighted_average_forward`.
 
     Arguments:
         grad: ``(N, H, L, D)`` gradient of the output.
@@ -267,8 +272,10 @@ local_weighted_average_forward.register_autograd(
 def local_dot_product_forward_cuda(
     Q: Tensor, K: Tensor, attn_mask: Tensor, key_lengths: Tensor, local_context: int
 ) -> Tensor:
-    """CUDA kernel of ``attention_core::local_dot_product_forward``: ``Q (N, H, L, E)``,
-    ``K (N, H, S, E)``, ``attn_mask (L, S)``, ``key_lengths (N,)`` -> ``(N, H, L, C)``."""
+    """CUDA kernel of ``attention_core::local_dot_product_forward``.
+
+    ``Q (N, H, L, E)``, ``K (N, H, S, E)``, ``attn_mask (L, S)``, ``key_lengths (N,)`` ->
+    ``(N, H, L, C)``."""
     from . import _triton
 
     return _triton.local_dot_product_forward(Q, K, attn_mask, key_lengths, local_context)
@@ -277,15 +284,17 @@ def local_dot_product_forward_cuda(
 def local_dot_product_backward_cuda(
     grad: Tensor, Q: Tensor, K: Tensor, key_lengths: Tensor, local_context: int
 ) -> tuple[Tensor, Tensor]:
-    """CUDA kernel of ``attention_core::local_dot_product_backward``: ``grad (N, H, L, C)``
-    -> ``dQ (N, H, L, E)``, ``dK (N, H, S, E)``."""
+    """CUDA kernel of ``attention_core::local_dot_product_backward``.
+
+    ``grad (N, H, L, C)`` -> ``dQ (N, H, L, E)``, ``dK (N, H, S, E)``."""
     from . import _triton
 
     return _triton.local_dot_product_backward(grad, Q, K, key_lengths, local_context)
 
 
 def local_weighted_average_forward_cuda(attention: Tensor, V: Tensor) -> Tensor:
-    """CUDA kernel of ``attention_core::local_weighted_average_forward``:
+    """CUDA kernel of ``attention_core::local_weighted_average_forward``.
+
     ``attention (N, H, L, C)``, ``V (N, H, S, D)`` -> ``(N, H, L, D)``."""
     from . import _triton
 
@@ -295,7 +304,8 @@ def local_weighted_average_forward_cuda(attention: Tensor, V: Tensor) -> Tensor:
 def local_weighted_average_backward_cuda(
     grad: Tensor, attention: Tensor, V: Tensor
 ) -> tuple[Tensor, Tensor]:
-    """CUDA kernel of ``attention_core::local_weighted_average_backward``:
+    """CUDA kernel of ``attention_core::local_weighted_average_backward``.
+
     ``grad (N, H, L, D)`` -> ``dattention (N, H, L, C)``, ``dV (N, H, S, D)``."""
     from . import _triton
 

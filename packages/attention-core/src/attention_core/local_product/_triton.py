@@ -59,7 +59,9 @@ def _band_scores_kernel(
     HAS_MASK: tl.constexpr, HAS_LENGTHS: tl.constexpr,
     BLOCK_L: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_F: tl.constexpr,
 ):  # fmt: skip
-    """out[n, h, l, j - l + C // 2] = X_l . Y_j (+ MASK[l, j]) for j in the band and below
+    """Write the band of scores ``X_l . Y_j`` (plus the mask) of one block of queries.
+
+    out[n, h, l, j - l + C // 2] = X_l . Y_j (+ MASK[l, j]) for j in the band and below
     the key limit; other entries are left as they are (the caller fills them)."""
     bh = tl.program_id(0)
     block_l = tl.program_id(1)
@@ -159,8 +161,10 @@ def _band_cols_kernel(
     HAS_LENGTHS: tl.constexpr,
     BLOCK_L: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_F: tl.constexpr,
 ):  # fmt: skip
-    """out_j = sum_{l : j in band of l} BAND[l, j - l + C // 2] X_l for j < limit, zero for
-    limit <= j < S."""
+    """Accumulate the band into key rows: the transposed product of the local weighted average.
+
+    out_j = sum_{l : j in band of l} BAND[l, j - l + C // 2] X_l for j < limit, zero for limit <= j
+    < S."""
     bh = tl.program_id(0)
     block_j = tl.program_id(1)
     n = (bh // H).to(tl.int64)
@@ -274,7 +278,7 @@ def local_dot_product_forward(
 def local_dot_product_backward(
     grad: Tensor, Q: Tensor, K: Tensor, key_lengths: Tensor, local_context: int
 ) -> tuple[Tensor, Tensor]:
-    """Gradients of :func:`local_dot_product_forward` with respect to ``Q`` and ``K``.
+    """Gradients of `local_dot_product_forward` with respect to ``Q`` and ``K``.
 
     Arguments:
         grad: ``(N, H, L, C)`` gradient of the output.
@@ -310,7 +314,7 @@ def local_weighted_average_forward(attention: Tensor, V: Tensor) -> Tensor:
 def local_weighted_average_backward(
     grad: Tensor, attention: Tensor, V: Tensor
 ) -> tuple[Tensor, Tensor]:
-    """Gradients of :func:`local_weighted_average_forward`.
+    """Gradients of `local_weighted_average_forward`.
 
     Arguments:
         grad: ``(N, H, L, D)`` gradient of the output.

@@ -1,10 +1,10 @@
-"""``fast_transformers.local_product.local_product_cpu`` over :mod:`attention_core.local_product`.
+"""``fast_transformers.local_product.local_product_cpu`` over `attention_core.local_product`.
 
 Same function names, argument order and return values as fast-transformers' compiled module:
 the products return new tensors, the backward functions return the gradients (computed by
 autograd through the differentiable ops). As in fast-transformers, the slots of a window that
 hold no key (before the start, past the end or past ``key_lengths``) are ``-1e24`` here,
-where :func:`attention_core.local_product.local_dot_product` gives ``-inf``.
+where `attention_core.local_product.local_dot_product` gives ``-inf``.
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ def local_dot_product(
 def local_dot_backward(
     queries: Tensor, keys: Tensor, key_lengths: Tensor, grad: Tensor, local_context: int
 ) -> tuple[Tensor, Tensor]:
-    """Gradients of :func:`local_dot_product` (without a mask) for the output gradient ``grad``.
+    """Gradients of `local_dot_product` (without a mask) for the output gradient ``grad``.
 
     Arguments:
         queries: ``(N, H, L, E)``.
@@ -97,7 +97,7 @@ def local_weighted_average(attention: Tensor, values: Tensor) -> Tensor:
 def local_weighted_average_backward(
     attention: Tensor, values: Tensor, grad: Tensor
 ) -> tuple[Tensor, Tensor]:
-    """Gradients of :func:`local_weighted_average` for the output gradient ``grad``.
+    """Gradients of `local_weighted_average` for the output gradient ``grad``.
 
     Arguments:
         attention: ``(N, H, L, local_context)``.

@@ -1,5 +1,6 @@
-"""The plain-PyTorch local products: gathers of each query's window of keys or values, the
-reference of the tests and the fallback on every device and dtype."""
+"""The plain-PyTorch local products: gathers of each query's window of keys or values.
+
+The reference of the tests and the fallback on every device and dtype."""
 
 from __future__ import annotations
 
@@ -23,17 +24,18 @@ def _window(L: int, S: int, local_context: int, device: torch.device) -> tuple[T
 
 
 def _gather_rows(x: Tensor, index: Tensor) -> Tensor:
-    """``x[n, h, index[l, k]]`` for ``x`` of shape ``(N, H, S, F)``; returns
-    ``(N, H, L, K, F)``."""
+    """``x[n, h, index[l, k]]`` for ``x`` of shape ``(N, H, S, F)``; returns ``(N, H, L, K, F)``."""
     return x[:, :, index]
 
 
 def local_dot_product_reference(
     queries: Tensor, keys: Tensor, attn_mask: Tensor, key_lengths: Tensor, local_context: int
 ) -> Tensor:
-    """:func:`attention_core.local_product.local_dot_product` of checked inputs
-    (``queries (N, H, L, E)``, ``keys (N, H, S, E)`` with ``S > 0``, ``attn_mask (L, S)``,
-    ``key_lengths (N,)``) by gathering each window: ``(N, H, L, local_context)``."""
+    """Local dot products of checked inputs in plain PyTorch, by gathering each window.
+
+    Computes `attention_core.local_product.local_dot_product` of ``queries (N, H, L, E)``,
+    ``keys (N, H, S, E)`` with ``S > 0``, ``attn_mask (L, S)`` and ``key_lengths (N,)``:
+    ``(N, H, L, local_context)``."""
     N, _, L, _ = queries.shape
     S = keys.shape[2]
     index, inside = _window(L, S, local_context, queries.device)
@@ -45,9 +47,10 @@ def local_dot_product_reference(
 
 
 def local_weighted_average_reference(attention: Tensor, values: Tensor) -> Tensor:
-    """:func:`attention_core.local_product.local_weighted_average` of checked inputs
-    (``attention (N, H, L, C)``, ``values (N, H, S, D)`` with ``S > 0``) by gathering each
-    window: ``(N, H, L, D)``."""
+    """Local weighted average of checked inputs in plain PyTorch, by gathering each window.
+
+    Computes `attention_core.local_product.local_weighted_average` of ``attention (N, H, L, C)`` and
+    ``values (N, H, S, D)`` with ``S > 0``: ``(N, H, L, D)``."""
     L, K = attention.shape[2], attention.shape[3]
     index, inside = _window(L, values.shape[2], K, attention.device)
     weights = attention.masked_fill(~inside, 0.0)

@@ -1,6 +1,7 @@
-"""Building blocks shared by the model packages built on attention-core: feed-forward
-blocks, norms, relative position biases, rotary embeddings, a causal token shift and a masked
-``attend``."""
+"""Building blocks shared by the model packages built on attention-core.
+
+Feed-forward blocks, norms, relative position biases, rotary embeddings, a causal token shift and a
+masked ``attend``."""
 
 from .attend import attend, causal_mask
 from .feedforward import GEGLU, GLU, FeedForward

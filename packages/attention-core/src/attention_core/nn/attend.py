@@ -1,8 +1,9 @@
-"""Softmax attention on top of ``torch.nn.functional.scaled_dot_product_attention``
-(Vaswani et al. 2017, arXiv 1706.03762) with the conventions the recurrent models need:
-multi-query keys/values (Shazeer 2019, arXiv 1911.02150), end-aligned causal masking for
-keys that start with a memory prefix, an additive bias, and zeros (never NaN) for queries
-that may attend to nothing.
+"""Softmax attention on ``scaled_dot_product_attention`` with the conventions of recurrent models.
+
+Built on ``torch.nn.functional.scaled_dot_product_attention`` (Vaswani et al. 2017, arXiv
+1706.03762), with multi-query keys/values (Shazeer 2019, arXiv 1911.02150), end-aligned causal
+masking for keys that start with a memory prefix, an additive bias, and zeros (never NaN) for
+queries that may attend to nothing.
 
 Einstein notation: ``b`` batch, ``h`` heads, ``i`` queries, ``j`` keys, ``d`` feature.
 """
@@ -19,8 +20,9 @@ __all__ = ["attend", "causal_mask"]
 
 
 def causal_mask(i: int, j: int, *, device: torch.device | None = None) -> Tensor:
-    """End-aligned causal mask ``(i, j)``: query ``q`` may see key ``k`` iff
-    ``k <= q + j - i`` (the queries are the last ``i`` of the ``j`` keys).
+    """End-aligned causal mask ``(i, j)``: query ``q`` may see key ``k`` iff ``k <= q + j - i``.
+
+    The queries are the last ``i`` of the ``j`` keys.
 
     Example:
         >>> causal_mask(2, 4).int()
@@ -97,8 +99,8 @@ def attend(
         ``causal``) get zeros, and no gradient flows through them.
 
     Example:
-        >>> q = torch.randn(2, 4, 3, 16)                       # 3 new queries
-        >>> k = v = torch.randn(2, 1, 10, 16)                  # 7 memories + 3 new keys
+        >>> q = torch.randn(2, 4, 3, 16)  # 3 new queries
+        >>> k = v = torch.randn(2, 1, 10, 16)  # 7 memories + 3 new keys
         >>> attend(q, k, v, causal=True).shape
         torch.Size([2, 4, 3, 16])
     """

@@ -1,5 +1,6 @@
-"""Position-wise feed-forward blocks, optionally gated: GEGLU and its GLU relatives
-(Shazeer 2020, "GLU Variants Improve Transformer", arXiv 2002.05202).
+"""Position-wise feed-forward blocks, optionally gated: GEGLU and its GLU relatives.
+
+Reference: Shazeer 2020, "GLU Variants Improve Transformer", arXiv 2002.05202.
 
 Einstein notation: ``...`` any leading axes (batch, sequence), ``d`` model feature.
 """
@@ -29,8 +30,10 @@ def _activation(name) -> Callable[[Tensor], Tensor]:
 
 
 class GLU(nn.Module):
-    """Gated linear unit on a pre-projected input: ``x, gate = t.chunk(2, -1)``, returns
-    ``x * activation(gate)`` (``"gelu"``: GEGLU, ``"silu"``: SwiGLU, ``"relu"``: ReGLU).
+    """Gated linear unit on a pre-projected input.
+
+    ``x, gate = t.chunk(2, -1)``, returns ``x * activation(gate)`` (``"gelu"``: GEGLU, ``"silu"``:
+    SwiGLU, ``"relu"``: ReGLU).
 
     Arguments:
         activation: ``"gelu"``, ``"relu"`` or ``"silu"``.
@@ -77,12 +80,14 @@ class GEGLU(GLU):
 
 
 class FeedForward(nn.Module):
-    """``Linear(d, inner) -> activation -> Dropout -> Linear(inner, d)`` with
+    """A position-wise feed-forward network with one hidden layer.
+
+    ``Linear(d, inner) -> activation -> Dropout -> Linear(inner, d)`` with
     ``inner = int(dim * mult)``.
 
     With ``glu=True`` the first projection is twice as wide, ``Linear(d, 2 * inner)``, and its
-    halves are combined by :class:`GLU` (``activation="gelu"`` gives GEGLU, as in
-    lucidrains' recurrent transformers). ``inner`` is ``int(dim * mult)`` in both cases
+    halves are combined by `GLU` (``activation="gelu"`` gives GEGLU, as in lucidrains'
+    recurrent transformers). ``inner`` is ``int(dim * mult)`` in both cases
     (the lucidrains convention), so the gated block has 1.5x the parameters of the plain one
     at equal ``mult``; pass ``mult=mult * 2 / 3`` to match parameter counts instead.
 

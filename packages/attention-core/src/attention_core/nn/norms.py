@@ -1,5 +1,6 @@
-"""Normalisation helpers: RMSNorm (Zhang & Sennrich 2019, arXiv 1910.07467) and
-L2-normalisation along an axis.
+"""Normalisation helpers: RMSNorm and L2-normalisation along an axis.
+
+Reference: RMSNorm, Zhang & Sennrich 2019, arXiv 1910.07467.
 
 Einstein notation: ``...`` any leading axes, ``d`` feature.
 """
@@ -49,8 +50,10 @@ class RMSNorm(nn.Module):
     Example:
         >>> norm = RMSNorm(8)
         >>> y = norm(torch.randn(2, 5, 8))
-        >>> y.shape, bool(torch.allclose(y.pow(2).mean(-1), torch.ones(2, 5), atol=1e-5))
-        (torch.Size([2, 5, 8]), True)
+        >>> y.shape
+        torch.Size([2, 5, 8])
+        >>> bool(torch.allclose(y.pow(2).mean(-1), torch.ones(2, 5), atol=1e-5))
+        True
     """
 
     def __init__(self, dim: int, eps: float = 1e-8):

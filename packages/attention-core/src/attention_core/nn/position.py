@@ -1,10 +1,10 @@
 """Learned relative position biases added to attention logits.
 
-* :class:`T5RelativePositionBias`: one learned scalar per head and distance bucket, with
+* `T5RelativePositionBias`: one learned scalar per head and distance bucket, with
   exact buckets for small distances and log-spaced ones up to ``max_distance`` (Raffel et al.
   2020, T5, arXiv 1910.10683), also over a memory of past steps (keys at negative
   positions).
-* :class:`DynamicPositionBias`: a small MLP from the (optionally log-scaled) distance to one
+* `DynamicPositionBias`: a small MLP from the (optionally log-scaled) distance to one
   bias per head (Wang et al. 2021, CrossFormer, arXiv 2108.00154; used by the Block-Recurrent
   Transformer, arXiv 2203.07852).
 
@@ -89,11 +89,11 @@ class T5RelativePositionBias(nn.Module):
 
     Example:
         >>> rel_pos = T5RelativePositionBias(heads=4)
-        >>> queries = torch.arange(10, 13)          # 3 new positions
-        >>> keys = torch.arange(-500, 13)           # a long memory plus the new positions
+        >>> queries = torch.arange(10, 13)  # 3 new positions
+        >>> keys = torch.arange(-500, 13)  # a long memory, then the new positions
         >>> rel_pos(queries, keys).shape
         torch.Size([4, 3, 513])
-        >>> rel_pos.bias(3, 8).shape                # queries are the last 3 of 8 keys
+        >>> rel_pos.bias(3, 8).shape  # queries are the last 3 of 8 keys
         torch.Size([4, 3, 8])
     """
 
@@ -146,15 +146,18 @@ class T5RelativePositionBias(nn.Module):
         return offset + torch.where(n < exact, n, large)
 
     def forward(self, query_positions: Tensor, key_positions: Tensor) -> Tensor:
-        """Bias ``(h, i, j)`` for queries at ``query_positions`` ``(i,)`` and keys at
-        ``key_positions`` ``(j,)`` (any integers, e.g. negative for memories)."""
+        """Bias ``(h, i, j)`` for queries and keys at the given positions.
+
+        Queries at ``query_positions`` ``(i,)`` and keys at ``key_positions`` ``(j,)``: any
+        integers, e.g. negative for memories."""
         rel = relative_positions(query_positions, key_positions)
         values = self.relative_attention_bias(self.bucket(rel).to(self._device))
         return rearrange(values, "i j h -> h i j") * self.scale
 
     def bias(self, i: int, j: int, *, offset: int | None = None) -> Tensor:
-        """Bias ``(h, i, j)`` for queries at ``offset .. offset + i - 1`` and keys at
-        ``0 .. j - 1``; ``offset`` defaults to ``j - i`` (the queries are the last ``i`` keys)."""
+        """Bias ``(h, i, j)`` for queries at ``offset .. offset + i - 1`` and keys at ``0 .. j-1``.
+
+        ``offset`` defaults to ``j - i`` (the queries are the last ``i`` keys)."""
         return self(*_last_positions(i, j, offset, self._device))
 
     @property
@@ -189,7 +192,7 @@ class DynamicPositionBias(nn.Module):
 
     Example:
         >>> dpb = DynamicPositionBias(dim=16, heads=4, log_distance=True)
-        >>> dpb.bias(5, 12).shape                      # queries are the last 5 of 12 keys
+        >>> dpb.bias(5, 12).shape  # queries are the last 5 of 12 keys
         torch.Size([4, 5, 12])
         >>> dpb(torch.arange(3), torch.arange(-6, 3)).shape
         torch.Size([4, 3, 9])
@@ -221,8 +224,9 @@ class DynamicPositionBias(nn.Module):
         return rearrange(d, "u -> u 1")
 
     def forward(self, query_positions: Tensor, key_positions: Tensor) -> Tensor:
-        """Bias ``(h, i, j)`` for queries at ``query_positions`` ``(i,)`` and keys at
-        ``key_positions`` ``(j,)``."""
+        """Bias ``(h, i, j)`` for queries and keys at the given positions.
+
+        Queries at ``query_positions`` ``(i,)`` and keys at ``key_positions`` ``(j,)``."""
         rel = relative_positions(query_positions, key_positions)
         unique, index = torch.unique(rel, return_inverse=True)
         values = self.mlp(self.distance_features(unique))  # (u, h)
@@ -230,6 +234,7 @@ class DynamicPositionBias(nn.Module):
         return rearrange(values[index], "i j h -> h i j")
 
     def bias(self, i: int, j: int, *, offset: int | None = None) -> Tensor:
-        """Bias ``(h, i, j)`` for queries at ``offset .. offset + i - 1`` and keys at
-        ``0 .. j - 1``; ``offset`` defaults to ``j - i`` (the queries are the last ``i`` keys)."""
+        """Bias ``(h, i, j)`` for queries at ``offset .. offset + i - 1`` and keys at ``0 .. j-1``.
+
+        ``offset`` defaults to ``j - i`` (the queries are the last ``i`` keys)."""
         return self(*_last_positions(i, j, offset, self.mlp[0].weight.device))

@@ -1,5 +1,6 @@
-"""Rotary position embeddings (Su et al. 2021, RoFormer, arXiv 2104.09864) with optional
-xPos length-extrapolation scales (Sun et al. 2022, arXiv 2212.10554).
+"""Rotary position embeddings with optional xPos length-extrapolation scales.
+
+References: Su et al. 2021, RoFormer, arXiv 2104.09864; xPos: Sun et al. 2022, arXiv 2212.10554.
 
 Feature ``k`` of the rotated block is paired with feature ``k + r/2`` (the "rotate half"
 layout of GPT-NeoX and lucidrains) and the pair is rotated by the angle
@@ -32,10 +33,10 @@ def apply_rotary_pos_emb(freqs: Tensor, t: Tensor, scale: Tensor | float = 1.0) 
     """Rotate the first ``r = freqs.shape[-1]`` features of ``t``; the rest pass unchanged.
 
     Arguments:
-        freqs: ``(n, r)`` angles from :meth:`RotaryEmbedding.forward` (or any shape
+        freqs: ``(n, r)`` angles from `RotaryEmbedding.forward` (or any shape
             broadcastable to ``(..., n, r)``).
         t: ``(..., n, d)`` queries or keys with ``d >= r``.
-        scale: xPos scale ``(n, r)`` from :meth:`RotaryEmbedding.scale` for queries, its
+        scale: xPos scale ``(n, r)`` from `RotaryEmbedding.scale` for queries, its
             reciprocal for keys; ``1.0`` for plain rotary.
 
     Returns:
@@ -43,7 +44,7 @@ def apply_rotary_pos_emb(freqs: Tensor, t: Tensor, scale: Tensor | float = 1.0) 
 
     Example:
         >>> rotary = RotaryEmbedding(dim=16)
-        >>> q = torch.randn(2, 4, 10, 64)           # (b, h, n, d): rotate 16 of 64 features
+        >>> q = torch.randn(2, 4, 10, 64)  # (b, h, n, d): rotate 16 of 64 features
         >>> apply_rotary_pos_emb(rotary(torch.arange(10)), q).shape
         torch.Size([2, 4, 10, 64])
     """
@@ -133,16 +134,18 @@ class RotaryEmbedding(nn.Module):
         return positions.to(dtype), k2
 
     def forward(self, positions: Tensor, *, dtype: torch.dtype = torch.float32) -> Tensor:
-        """Angles ``(n, r)`` for ``positions`` ``(n,)`` (integer or float), computed in
-        ``dtype`` (at least float32; pass ``torch.float64`` for float64 models) on the device
-        of ``positions``."""
+        """Return the angles ``(n, r)`` for ``positions`` ``(n,)`` (integer or float).
+
+        Computed in ``dtype`` (at least float32; pass ``torch.float64`` for float64 models) on the
+        device of ``positions``."""
         positions, k2 = self._prepare(positions, dtype)
         inv_freq = self.theta ** (-k2 / self.dim)
         return repeat(torch.outer(positions, inv_freq), "n r -> n (two r)", two=2)
 
     def scale(self, positions: Tensor, *, dtype: torch.dtype = torch.float32) -> Tensor:
-        """xPos scales ``(n, r)`` for ``positions`` ``(n,)`` in ``dtype``; all ones when xPos
-        is off."""
+        """xPos scales ``(n, r)`` for ``positions`` ``(n,)`` in ``dtype``.
+
+        All ones when xPos is off."""
         positions, k2 = self._prepare(positions, dtype)
         if not self.use_xpos:
             return positions.new_ones(positions.shape[0], self.dim)

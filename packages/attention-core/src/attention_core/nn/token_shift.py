@@ -1,6 +1,7 @@
-"""A causal depthwise convolution over the last few positions ("token shift"): relative
-position information that does not depend on the absolute position, so a model that uses it
-behaves the same at any distance from the start of the sequence.
+"""A causal depthwise convolution over the last few positions ("token shift").
+
+It gives relative position information that does not depend on the absolute position, so a model
+that uses it behaves the same at any distance from the start of the sequence.
 
 Each feature of the output at position ``t`` adds a learned mix of the same feature at
 positions ``t - k + 1 .. t``: ``y_t = x_t + sum_{i<k} w_i * x_{t-i} + b`` (one weight per
@@ -77,8 +78,10 @@ class TokenShift(nn.Module):
         return cache.to(x.dtype)
 
     def _convolve(self, padded: Tensor) -> Tensor:
-        """``(b, t + k - 1, d)`` inputs (the ``k - 1`` before the first output included) to
-        the ``(b, t, d)`` outputs."""
+        """Map ``(b, t + k - 1, d)`` inputs to the ``(b, t, d)`` outputs.
+
+        ``(b, t + k - 1, d)`` inputs (the ``k - 1`` before the first output included) to the
+        ``(b, t, d)`` outputs."""
         weight = rearrange(self.weight.to(padded.dtype), "d k -> d 1 k")
         mixed = F.conv1d(
             rearrange(padded, "b t d -> b d t"), weight, self.bias.to(padded.dtype), groups=self.dim

@@ -1,5 +1,7 @@
-"""Dot products and weighted averages over a few selected keys per query, the core of
-top-k attention and of improved clustered attention (Vyas et al. 2020, arXiv 2007.04825).
+"""Dot products and weighted averages over a few selected keys per query.
+
+The core of top-k attention and of improved clustered attention (Vyas et al. 2020, arXiv
+2007.04825).
 
 ``topk[n, h, l]`` lists the keys that query ``l`` looks at. The ``clustered_*`` variants
 take one list per cluster, ``topk[n, h, c]``, shared by every query of cluster ``c``. Only
@@ -7,11 +9,11 @@ the selected keys or values are gathered, so memory is ``O(L * k * (E + D))`` pe
 gradients come from autograd through the gathers.
 
 Float32/float64 CPU tensors go to the compiled kernels of ``attention_core._C`` (see
-``csrc/sparse_product.h`` and the ops of :mod:`attention_core.sparse_product._op`; half
+``csrc/sparse_product.h`` and the ops of `attention_core.sparse_product._op`; half
 precision is computed in float32) unless
 ``ATTENTION_CORE_FORCE_REFERENCE=1``; CUDA tensors go to the Triton kernels of
-:mod:`attention_core.sparse_product._triton` when triton is importable (float64 excepted);
-the gathers of :mod:`attention_core.sparse_product.reference` are the reference and the fallback.
+`attention_core.sparse_product._triton` when triton is importable (float64 excepted);
+the gathers of `attention_core.sparse_product.reference` are the reference and the fallback.
 """
 
 from __future__ import annotations
@@ -56,9 +58,9 @@ def _check_pair(names: tuple[str, str], a: Tensor, b: Tensor) -> None:
 
 
 def _check_index(name: str, index: Tensor, shape: tuple[int, ...], device) -> Tensor:
-    """Check an integer index tensor of the given shape (``-1`` = any size); return it as
-    int64. Its values are checked by the op (kernel path) or :func:`_check_keys` (reference
-    path), once."""
+    """Check an integer index tensor of the given shape (``-1`` = any size); return it as int64.
+
+    Its values are checked by the op (kernel path) or `_check_keys` (reference path), once."""
     check_tensor(name, index, dim=len(shape), integer=True, device=device)
     if any(want not in (-1, got) for want, got in zip(shape, index.shape, strict=True)):
         expected = ", ".join("k" if s == -1 else str(s) for s in shape)
@@ -67,8 +69,9 @@ def _check_index(name: str, index: Tensor, shape: tuple[int, ...], device) -> Te
 
 
 def _check_keys(topk: Tensor, S: int) -> None:
-    """The reference path's range check of the key indices (it reads the data: under
-    torch.compile it is left out)."""
+    """The reference path's range check of the key indices.
+
+    It reads the data: under torch.compile it is left out."""
     if not torch.compiler.is_compiling():
         _op.check_topk_values(topk, S)
 
@@ -77,8 +80,10 @@ _HALF = (torch.float16, torch.bfloat16)
 
 
 def _kernel_inputs(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor] | None:
-    """``(a, b)`` in the kernels' compute dtype (float32 for half precision) when the compiled
-    kernels should handle them, else ``None``."""
+    """Return ``(a, b)`` in the kernels' compute dtype, or ``None`` for the reference path.
+
+    The compute dtype is float32 for half precision; ``None`` when the compiled kernels should not
+    handle them."""
     if a.device.type not in ("cpu", "cuda"):
         return None
     work = torch.float32 if a.dtype in _HALF else a.dtype

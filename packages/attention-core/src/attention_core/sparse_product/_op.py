@@ -1,7 +1,8 @@
-"""The ``torch.library`` ops of the sparse and clustered sparse products:
+"""The ``torch.library`` ops of the sparse and clustered sparse products.
+
 ``attention_core::sparse_dot_product_*`` and ``sparse_weighted_average_*`` (CPU kernels in
-``csrc/sparse_product.h``, CUDA kernels in :mod:`._triton`), their fake (meta) registrations
-and their autograd.
+``csrc/sparse_product.h``, CUDA kernels in `._triton`), their fake (meta) registrations and their
+autograd.
 """
 
 from __future__ import annotations
@@ -43,13 +44,15 @@ def check_sparse(
     grad: tuple[Tensor, tuple[int, ...]] | None = None,
     dtypes: DtypeRule = CPU_DTYPES,
 ) -> None:
-    """Every argument of the sparse product ops. ``A (N, H, L, .)`` (the queries or the
-    weights) and ``B (N, H, S, .)`` (the keys or the values) of one allowed dtype and device;
-    ``topk (N, H, L, k)``, or ``(N, H, R, k)`` with ``groups (N, H, L)``, and
-    ``limits (N, H)``, all int64 on that device; ``grad`` a pair (gradient, expected shape).
-    Metadata only: the key indices' values are bounds-checked by the CPU kernel in its loop
-    (a row with an index outside ``[0, S)`` is skipped and the op raises ``ValueError``
-    after the kernel), or by :func:`check_topk_values` (Triton kernels and the references)."""
+    """Check every argument of the sparse product ops.
+
+    Every argument of the sparse product ops. ``A (N, H, L, .)`` (the queries or the weights) and
+    ``B (N, H, S, .)`` (the keys or the values) of one allowed dtype and device;
+    ``topk (N, H, L, k)``, or ``(N, H, R, k)`` with ``groups (N, H, L)``, and ``limits (N, H)``, all
+    int64 on that device; ``grad`` a pair (gradient, expected shape). Metadata only: the key
+    indices' values are bounds-checked by the CPU kernel in its loop (a row with an index outside
+    ``[0, S)`` is skipped and the op raises ``ValueError`` after the kernel), or by
+    `check_topk_values` (Triton kernels and the references)."""
     check_rows(names, A, B, dtypes=dtypes)
     N, H, L, _ = A.shape
     device = A.device
@@ -79,7 +82,9 @@ def check_sparse_dot(
     grad: Tensor | None = None,
     dtypes: DtypeRule = CPU_DTYPES,
 ) -> None:
-    """The sparse dot product ops' arguments: :func:`check_sparse` with ``Q (N, H, L, E)``,
+    """Check the arguments of the sparse dot product ops.
+
+    The sparse dot product ops' arguments: `check_sparse` with ``Q (N, H, L, E)``,
     ``K (N, H, S, E)`` and ``grad (N, H, L, k)``."""
     pair = None
     if grad is not None:
@@ -100,9 +105,10 @@ def check_sparse_average(
     grad: Tensor | None = None,
     dtypes: DtypeRule = CPU_DTYPES,
 ) -> None:
-    """The sparse weighted average ops' arguments: :func:`check_sparse` with
-    ``weights (N, H, L, k)``, ``values (N, H, S, D)``, ``topk (N, H, ., k)`` and
-    ``grad (N, H, L, D)``."""
+    """Check the arguments of the sparse weighted average ops.
+
+    The sparse weighted average ops' arguments: `check_sparse` with ``weights (N, H, L, k)``,
+    ``values (N, H, S, D)``, ``topk (N, H, ., k)`` and ``grad (N, H, L, D)``."""
     pair = None
     if grad is not None:
         pair = (grad, (*weights.shape[:3], values.shape[-1]))
@@ -123,8 +129,10 @@ def check_topk_values(topk: Tensor, S: int) -> None:
 
 
 def _sparse_tail(topk: Tensor, groups: Tensor | None, limits: Tensor | None) -> tuple:
-    """The index arguments of the bindings (``topk``, its row count, ``groups``, ``limits``),
-    from checked contiguous int64 tensors."""
+    """The index arguments of the bindings, from checked contiguous int64 tensors.
+
+    The index arguments of the bindings (``topk``, its row count, ``groups``, ``limits``), from
+    checked contiguous int64 tensors."""
     return (topk.data_ptr(), topk.shape[2], address(groups), address(limits))
 
 
@@ -185,7 +193,7 @@ def sparse_dot_product_backward(
     groups: Tensor | None,
     limits: Tensor | None,
 ) -> tuple[Tensor, Tensor]:
-    """Gradients of :func:`sparse_dot_product_forward`.
+    """Gradients of `sparse_dot_product_forward`.
 
     Arguments:
         grad: ``(N, H, L, k)`` gradient of the output.
@@ -242,7 +250,7 @@ def sparse_weighted_average_forward(
     Arguments:
         weights: ``(N, H, L, k)`` float32 or float64 CPU tensor (any strides).
         values: ``(N, H, S, D)``.
-        topk, groups, limits: as in :func:`sparse_dot_product_forward` (an index outside
+        topk, groups, limits: as in `sparse_dot_product_forward` (an index outside
             ``[0, S)`` raises ``ValueError`` after the kernel, which skips its row).
 
     Returns:
@@ -282,7 +290,7 @@ def sparse_weighted_average_backward(
     groups: Tensor | None,
     limits: Tensor | None,
 ) -> tuple[Tensor, Tensor]:
-    """Gradients of :func:`sparse_weighted_average_forward`.
+    """Gradients of `sparse_weighted_average_forward`.
 
     Arguments:
         grad: ``(N, H, L, D)`` gradient of the output.
@@ -334,9 +342,10 @@ sparse_weighted_average_forward.register_autograd(
 def sparse_dot_product_forward_cuda(
     Q: Tensor, K: Tensor, topk: Tensor, groups: Tensor | None, limits: Tensor | None
 ) -> Tensor:
-    """CUDA kernel of ``attention_core::sparse_dot_product_forward``: ``Q (N, H, L, E)``,
-    ``K (N, H, S, E)``, ``topk (N, H, L or C, k)``, ``groups (N, H, L)``, ``limits (N, H)``
-    -> ``(N, H, L, k)``."""
+    """CUDA kernel of ``attention_core::sparse_dot_product_forward``.
+
+    ``Q (N, H, L, E)``, ``K (N, H, S, E)``, ``topk (N, H, L or C, k)``, ``groups (N, H, L)``,
+    ``limits (N, H)`` -> ``(N, H, L, k)``."""
     from . import _triton
 
     return _triton.sparse_dot_product_forward(Q, K, topk, groups, limits)
@@ -350,8 +359,9 @@ def sparse_dot_product_backward_cuda(
     groups: Tensor | None,
     limits: Tensor | None,
 ) -> tuple[Tensor, Tensor]:
-    """CUDA kernel of ``attention_core::sparse_dot_product_backward``: ``grad (N, H, L, k)``
-    -> ``dQ (N, H, L, E)``, ``dK (N, H, S, E)``."""
+    """CUDA kernel of ``attention_core::sparse_dot_product_backward``.
+
+    ``grad (N, H, L, k)`` -> ``dQ (N, H, L, E)``, ``dK (N, H, S, E)``."""
     from . import _triton
 
     return _triton.sparse_dot_product_backward(grad, Q, K, topk, groups, limits)
@@ -360,7 +370,8 @@ def sparse_dot_product_backward_cuda(
 def sparse_weighted_average_forward_cuda(
     weights: Tensor, values: Tensor, topk: Tensor, groups: Tensor | None, limits: Tensor | None
 ) -> Tensor:
-    """CUDA kernel of ``attention_core::sparse_weighted_average_forward``:
+    """CUDA kernel of ``attention_core::sparse_weighted_average_forward``.
+
     ``weights (N, H, L, k)``, ``values (N, H, S, D)`` -> ``(N, H, L, D)``."""
     from . import _triton
 
@@ -375,7 +386,8 @@ def sparse_weighted_average_backward_cuda(
     groups: Tensor | None,
     limits: Tensor | None,
 ) -> tuple[Tensor, Tensor]:
-    """CUDA kernel of ``attention_core::sparse_weighted_average_backward``:
+    """CUDA kernel of ``attention_core::sparse_weighted_average_backward``.
+
     ``grad (N, H, L, D)`` -> ``dweights (N, H, L, k)``, ``dvalues (N, H, S, D)``."""
     from . import _triton
 

@@ -172,7 +172,7 @@ def sparse_dot_product_backward(
     groups: Tensor | None,
     limits: Tensor | None,
 ) -> tuple[Tensor, Tensor]:
-    """Gradients of :func:`sparse_dot_product_forward`.
+    """Gradients of `sparse_dot_product_forward`.
 
     Arguments:
         grad: ``(N, H, L, k)`` gradient of the output.
@@ -200,7 +200,7 @@ def sparse_weighted_average_forward(
     Arguments:
         weights: ``(N, H, L, k)`` float32/float16/bfloat16, any strides.
         values: ``(N, H, S, D)`` same dtype and device.
-        topk, groups, limits: as in :func:`sparse_dot_product_forward`.
+        topk, groups, limits: as in `sparse_dot_product_forward`.
 
     Returns:
         ``(N, H, L, D)``: ``sum_t weights[l, t] values_{topk[l, t]}``, zero for queries
@@ -224,7 +224,7 @@ def sparse_weighted_average_backward(
     groups: Tensor | None,
     limits: Tensor | None,
 ) -> tuple[Tensor, Tensor]:
-    """Gradients of :func:`sparse_weighted_average_forward`.
+    """Gradients of `sparse_weighted_average_forward`.
 
     Arguments:
         grad: ``(N, H, L, D)`` gradient of the output.

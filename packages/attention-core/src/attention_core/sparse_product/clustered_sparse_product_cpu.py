@@ -1,5 +1,6 @@
-"""``fast_transformers.sparse_product.clustered_sparse_product_cpu`` over
-:mod:`attention_core.sparse_product`.
+"""fast-transformers' ``clustered_sparse_product_cpu`` module over `attention_core.sparse_product`.
+
+Stands in for ``fast_transformers.sparse_product.clustered_sparse_product_cpu``.
 
 Same function names, argument order and caller-allocated outputs as fast-transformers'
 compiled module: the products overwrite the rows of queries whose group lies in ``[0, C)``
@@ -66,7 +67,7 @@ def clustered_sparse_dot_backward(
     grad_Q: Tensor,
     grad_K: Tensor,
 ) -> None:
-    """Add the gradients of :func:`clustered_sparse_dot_product` to the buffers.
+    """Add the gradients of `clustered_sparse_dot_product` to the buffers.
 
     Arguments:
         Q: ``(N, H, L, E)``.
@@ -108,7 +109,7 @@ def clustered_sparse_weighted_average_backward(
     grad_weights: Tensor,
     grad_values: Tensor,
 ) -> None:
-    """Add the gradients of :func:`clustered_sparse_weighted_average` to the buffers.
+    """Add the gradients of `clustered_sparse_weighted_average` to the buffers.
 
     Arguments:
         weights: ``(N, H, L, k)``.

@@ -1,6 +1,7 @@
-"""The plain-PyTorch sparse products: gathers of each query's selected keys or values, the
-reference of the tests and the fallback on every device and dtype. Inputs are checked by the
-public functions of :mod:`attention_core.sparse_product` (key indices in ``[0, S)``)."""
+"""The plain-PyTorch sparse products: gathers of each query's selected keys or values.
+
+The reference of the tests and the fallback on every device and dtype. Inputs are checked by the
+public functions of `attention_core.sparse_product` (key indices in ``[0, S)``)."""
 
 from __future__ import annotations
 
@@ -52,7 +53,9 @@ def sparse_dot_product_reference(Q: Tensor, K: Tensor, topk: Tensor) -> Tensor:
 
 
 def sparse_weighted_average_reference(weights: Tensor, values: Tensor, topk: Tensor) -> Tensor:
-    """``weights (N, H, L, k)``, ``values (N, H, S, D)``, ``topk (N, H, L, k)`` ->
+    """Average the gathered values: ``(N, H, L, k)`` weights over ``(N, H, S, D)`` values.
+
+    ``weights (N, H, L, k)``, ``values (N, H, S, D)``, ``topk (N, H, L, k)`` ->
     ``(N, H, L, D)``."""
     return torch.einsum("nhlk,nhlkd->nhld", weights, _gather(values, topk))
 
@@ -60,7 +63,9 @@ def sparse_weighted_average_reference(weights: Tensor, values: Tensor, topk: Ten
 def clustered_sparse_dot_product_reference(
     Q: Tensor, K: Tensor, topk: Tensor, groups: Tensor, lengths: Tensor
 ) -> Tensor:
-    """``Q (N, H, L, E)``, ``K (N, H, S, E)``, ``topk (N, H, C, k)``, ``groups (N, H, L)``,
+    """Dot products of each query with its cluster's selected keys, in plain PyTorch.
+
+    ``Q (N, H, L, E)``, ``K (N, H, S, E)``, ``topk (N, H, C, k)``, ``groups (N, H, L)``,
     ``lengths (N,)`` -> ``(N, H, L, k)``, zero for queries without keys."""
     N, _, L, _ = Q.shape
     positions = torch.arange(L, device=Q.device) < lengths.view(N, 1, 1)
@@ -72,9 +77,10 @@ def clustered_sparse_dot_product_reference(
 def clustered_sparse_weighted_average_reference(
     weights: Tensor, values: Tensor, topk: Tensor, groups: Tensor, counts: Tensor | None
 ) -> Tensor:
-    """``weights (N, H, L, k)``, ``values (N, H, S, D)``, ``topk (N, H, C, k)``,
-    ``groups (N, H, L)``, ``counts (N, H, C)`` or ``None`` -> ``(N, H, L, D)``, zero for
-    queries without keys."""
+    """Weighted average over each cluster's selected values, in plain PyTorch.
+
+    ``weights (N, H, L, k)``, ``values (N, H, S, D)``, ``topk (N, H, C, k)``, ``groups (N, H, L)``,
+    ``counts (N, H, C)`` or ``None`` -> ``(N, H, L, D)``, zero for queries without keys."""
     L = weights.shape[2]
     positions = None
     if counts is not None:

@@ -1,5 +1,4 @@
-"""``fast_transformers.sparse_product.sparse_product_cpu`` over
-:mod:`attention_core.sparse_product`.
+"""``fast_transformers.sparse_product.sparse_product_cpu`` over `attention_core.sparse_product`.
 
 Same function names, argument order and caller-allocated outputs as fast-transformers'
 compiled module: the products overwrite their buffer, the weighted average and every
@@ -48,7 +47,7 @@ def sparse_dot_product(Q: Tensor, K: Tensor, topk: Tensor, product: Tensor) -> N
 def sparse_dot_backward(
     Q: Tensor, K: Tensor, topk: Tensor, grad_out: Tensor, grad_Q: Tensor, grad_K: Tensor
 ) -> None:
-    """Add the gradients of :func:`sparse_dot_product` for ``grad_out`` to the buffers.
+    """Add the gradients of `sparse_dot_product` for ``grad_out`` to the buffers.
 
     Arguments:
         Q: ``(N, H, L, E)``.
@@ -85,7 +84,7 @@ def sparse_weighted_average_backward(
     grad_weights: Tensor,
     grad_values: Tensor,
 ) -> None:
-    """Add the gradients of :func:`sparse_weighted_average` for ``grad_out`` to the buffers.
+    """Add the gradients of `sparse_weighted_average` for ``grad_out`` to the buffers.
 
     Arguments:
         weights: ``(N, H, L, k)``.

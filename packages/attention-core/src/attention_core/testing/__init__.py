@@ -1,5 +1,6 @@
-"""Helpers shared by the test suites of every package (shipped so that the model
-packages' tests can use them without a root conftest)."""
+"""Helpers shared by the test suites of every package.
+
+Shipped so that the model packages' tests can use them without a root conftest."""
 
 from __future__ import annotations
 
@@ -18,8 +19,9 @@ TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
 
 
 def assert_close(name: str, actual: Tensor, expected: Tensor, *, rtol=None, atol=None) -> None:
-    """``torch.testing.assert_close`` with dtype-based default tolerances and a message
-    that names the compared quantity (e.g. ``"dq"``) and the largest difference."""
+    """``torch.testing.assert_close`` with dtype-based tolerances and a message naming the values.
+
+    The message names the compared quantity (e.g. ``"dq"``) and the largest difference."""
     default_rtol, default_atol = TOLERANCES.get(actual.dtype, (1e-5, 1e-8))
     rtol = default_rtol if rtol is None else rtol
     atol = default_atol if atol is None else atol

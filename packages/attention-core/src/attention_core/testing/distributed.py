@@ -1,8 +1,9 @@
-"""Data-parallel equivalence checks: a model trained for a few steps by two processes
-(``gloo`` backend, CPU) under DistributedDataParallel or FSDP must keep identical parameters on
-every rank, equal to one process trained on the concatenated batch.
+"""Data-parallel equivalence checks for DistributedDataParallel and FSDP.
 
-Every package's distributed tests call :func:`check_data_parallel` with a picklable model
+A model trained for a few steps by two processes (``gloo`` backend, CPU) must keep identical
+parameters on every rank, equal to one process trained on the concatenated batch.
+
+Every package's distributed tests call `check_data_parallel` with a picklable model
 factory (e.g. ``functools.partial(SomeModel, dim=32)``): the workers are started with the
 ``spawn`` method, so they rebuild the model from the factory and the same seed.
 """
@@ -29,8 +30,9 @@ LOSSES = ("lm", "mse")
 
 
 class TinyEncoder(nn.Module):
-    """A small builder-made encoder (2 layers, 2 heads of 8 features, float64, no dropout),
-    with a causal mask when ``causal``: a picklable model for :func:`check_data_parallel`.
+    """A small builder-made encoder: a picklable model for `check_data_parallel`.
+
+    2 layers, 2 heads of 8 features, float64, no dropout, with a causal mask when ``causal``.
 
     Shapes: ``(N, L, 16)`` -> ``(N, L, 16)``.
     """
@@ -59,8 +61,10 @@ class TinyEncoder(nn.Module):
 
 
 def _loss(kind: str, model: nn.Module, batch: Tensor) -> Tensor:
-    """``lm``: next-token cross entropy of ``model(batch[:, :-1])`` (the first element when the
-    model returns a tuple); ``mse``: the mean square of ``model(batch)``."""
+    """The training loss of a case: ``"lm"`` or ``"mse"``.
+
+    ``lm``: next-token cross entropy of ``model(batch[:, :-1])`` (the first element when the model
+    returns a tuple); ``mse``: the mean square of ``model(batch)``."""
     if kind == "lm":
         out = model(batch[:, :-1])
         logits = out[0] if isinstance(out, tuple) else out
@@ -124,8 +128,9 @@ def check_data_parallel(
     lr: float = 0.1,
     atol: float = 1e-5,
 ) -> dict[tuple[str, str], float]:
-    """Train each case's model in ``world_size`` processes (one launch for all cases and
-    strategies) and in this one, and compare the parameters.
+    """Train each case's model in ``world_size`` processes and in this one, and compare them.
+
+    One launch runs all cases and strategies; the parameters are compared.
 
     Arguments:
         cases: name -> ``(make_model, batches, loss)``. ``make_model`` is a picklable factory

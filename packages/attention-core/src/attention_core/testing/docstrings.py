@@ -17,8 +17,9 @@ def _public_names(module) -> list[str]:
 
 
 def _documented_in(cls, attr: str, package: str) -> bool:
-    """Whether ``cls.attr`` or the method of ``package`` it overrides has a docstring (a
-    docstring inherited from torch, e.g. ``nn.Module.forward``'s, does not count)."""
+    """Whether ``cls.attr`` or the method of ``package`` it overrides has a docstring.
+
+    A docstring inherited from torch, e.g. ``nn.Module.forward``'s, does not count."""
     for base in cls.__mro__:
         member = vars(base).get(attr)
         if member is None or not base.__module__.startswith(package):
@@ -29,11 +30,13 @@ def _documented_in(cls, attr: str, package: str) -> bool:
 
 
 def undocumented(package: str, *, skip: tuple[str, ...] = ()) -> list[str]:
-    """Dotted names of the public modules, classes, functions and methods of ``package`` (and
-    its submodules, except private ones and those whose dotted name starts with an entry of
-    ``skip``) that have no docstring. Only objects defined in ``package`` count; a public
-    method of a public class counts unless it, or the method of the package it overrides, has
-    a docstring (``extra_repr`` aside: it only formats the module's repr)."""
+    """Dotted names of the public objects of ``package`` that have no docstring.
+
+    Dotted names of the public modules, classes, functions and methods of ``package`` (and its
+    submodules, except private ones and those whose dotted name starts with an entry of ``skip``)
+    that have no docstring. Only objects defined in ``package`` count; a public method of a public
+    class counts unless it, or the method of the package it overrides, has a docstring
+    (``extra_repr`` aside: it only formats the module's repr)."""
     root = importlib.import_module(package)
     modules = [root]
     for info in pkgutil.walk_packages(root.__path__, prefix=f"{package}."):

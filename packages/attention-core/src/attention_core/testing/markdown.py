@@ -1,5 +1,6 @@
-"""Runnable Markdown: the ```python blocks of READMEs and documentation pages, collected so
-that each package's tests execute every example (no example rots).
+"""Runnable Markdown: the Python blocks of READMEs and documentation pages.
+
+They are collected so that each package's tests execute every example (no example rots).
 
 ``python_blocks`` follows CommonMark fences closely enough for our pages: backtick or tilde
 fences of three or more characters, an info string starting with ``python``, indented fences
@@ -46,8 +47,9 @@ def python_blocks(text: str) -> list[str]:
 
 
 def markdown_examples(pages: list[Path], root: Path) -> list[tuple[str, str]]:
-    """``(name, code)`` for every python block of the existing ``pages``; ``name`` is
-    ``<path relative to root>:<block number>`` (1-based)."""
+    """``(name, code)`` for every python block of the existing ``pages``.
+
+    ``name`` is ``<path relative to root>:<block number>`` (1-based)."""
     examples = []
     for page in pages:
         if not page.is_file():
@@ -59,8 +61,9 @@ def markdown_examples(pages: list[Path], root: Path) -> list[tuple[str, str]]:
 
 
 def run_example(name: str, code: str, *, module: str = "__docs_example__", threads: int = 1):
-    """Execute one example in a fresh namespace after ``torch.manual_seed(0)``, with
-    ``threads`` torch threads (restored afterwards); returns the namespace."""
+    """Execute one example in a fresh namespace after ``torch.manual_seed(0)``.
+
+    Runs with ``threads`` torch threads (restored afterwards); returns the namespace."""
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     torch.manual_seed(0)

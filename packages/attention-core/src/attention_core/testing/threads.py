@@ -1,5 +1,7 @@
-"""Thread-safety checks of modules with per-call randomness: a feature map whose random
-features another thread redraws between every two projections of a forward call."""
+"""Thread-safety checks of modules with per-call randomness.
+
+A feature map whose random features another thread redraws between every two projections of a
+forward call."""
 
 from __future__ import annotations
 
@@ -19,10 +21,11 @@ def _redraw_from_another_thread(feature_map: FeatureMap) -> None:
 
 
 def interfered(feature_map_class: type[FeatureMap]) -> type[FeatureMap]:
-    """A subclass of ``feature_map_class`` that records every projection it returns, as
-    ``("queries" | "keys", features, thread identifier)`` in its list ``projections``, and
-    then lets another thread call ``new_feature_map`` (the worst interleaving of concurrent
-    forward calls).
+    """A feature map class that lets another thread redraw between every two projections.
+
+    A subclass of ``feature_map_class`` that records every projection it returns, as
+    ``("queries" | "keys", features, thread identifier)`` in its list ``projections``, and then lets
+    another thread call ``new_feature_map`` (the worst interleaving of concurrent forward calls).
 
     A thread-safe attention projects its queries and keys with the same features anyway:
     with queries equal to keys, the recorded query and key features are equal.

@@ -1,5 +1,6 @@
-"""Recurrent attentions, mirroring ``fast_transformers.recurrent.attention``: self attentions in
-:mod:`.self_attention`, cross attentions in :mod:`.cross_attention`. Importing this package
+"""Recurrent attentions, mirroring ``fast_transformers.recurrent.attention``.
+
+Self attentions in `.self_attention`, cross attentions in `.cross_attention`. Importing this package
 registers all of them in attention-core's recurrent registries."""
 
 from .cross_attention import (

@@ -1,5 +1,6 @@
-"""K-means in Hamming space, used to group queries by their hashes in clustered attention
-(Vyas et al. 2020, "Fast Transformers with Clustered Attention", arXiv 2007.04825).
+"""K-means in Hamming space, used to group queries by their hashes in clustered attention.
+
+Reference: Vyas et al. 2020, "Fast Transformers with Clustered Attention", arXiv 2007.04825.
 
 Each sequence ``(n, h)`` is clustered on its own with Lloyd's algorithm:
 
@@ -21,7 +22,7 @@ The plain-PyTorch form (the reference and the fallback) gets distances from bit 
 ``|a| + |b| - 2 a . b``, a batched matrix product of ``(L, bits)`` by ``(bits, clusters)`` per
 sequence and iteration. CPU tensors go to the compiled kernel of ``attention_core._C`` (popcounts
 of XORs, threaded over sequences; ``csrc/hamming.h`` and the op of
-:mod:`attention_core.clustering.hamming._op`) unless
+`attention_core.clustering.hamming._op`) unless
 ``ATTENTION_CORE_FORCE_REFERENCE=1``; both give identical results.
 """
 
@@ -68,7 +69,7 @@ def cluster(
 
     Arguments:
         hashes: ``(N, H, L)`` int64 hash codes, e.g. from
-            :func:`attention_core.hashing.compute_hashes`.
+            `attention_core.hashing.compute_hashes`.
         lengths: ``(N,)`` integer number of valid positions of each sequence, in ``[0, L]``.
         groups: optional ``(N, H, L)`` int32 buffer for the cluster of every position.
         counts: optional ``(N, H, C)`` int32 buffer for the members of every cluster.
@@ -88,8 +89,10 @@ def cluster(
     Example:
         >>> hashes = torch.tensor([[[0b0000, 0b0001, 0b1110, 0b1111]]])
         >>> groups, counts = cluster(hashes, torch.tensor([4]), clusters=2, bits=4)
-        >>> groups, counts
-        (tensor([[[0, 0, 1, 1]]], dtype=torch.int32), tensor([[[2, 2]]], dtype=torch.int32))
+        >>> groups
+        tensor([[[0, 0, 1, 1]]], dtype=torch.int32)
+        >>> counts
+        tensor([[[2, 2]]], dtype=torch.int32)
     """
     check_tensor("hashes", hashes, dim=3, dtype=torch.int64)
     check_tensor("lengths", lengths, dim=1, integer=True, device=hashes.device)

@@ -1,5 +1,6 @@
-"""The ``torch.library`` op ``attention_core::hamming_cluster`` (CPU kernel in
-``csrc/hamming.h``) and its fake (meta) registration.
+"""The ``torch.library`` op ``attention_core::hamming_cluster`` and its fake (meta) registration.
+
+Its CPU kernel is in ``csrc/hamming.h``.
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ from ..._extension import require_extension
 def check_cluster_inputs(
     hashes: Tensor, lengths: Tensor, clusters: int, iterations: int, bits: int
 ) -> None:
-    """``hashes (N, H, L)`` and ``lengths (N,)`` int64 on one device, ``clusters >= 1``,
+    """Check the arguments of the Hamming clustering op.
+
+    ``hashes (N, H, L)`` and ``lengths (N,)`` int64 on one device, ``clusters >= 1``,
     ``iterations >= 0`` and ``1 <= bits <= 63``."""
     if not isinstance(hashes, Tensor):
         raise TypeError(f"hashes must be a torch.Tensor; got {type(hashes).__name__}")
@@ -49,9 +52,10 @@ def _hamming_outputs(hashes: Tensor, C: int, bits: int) -> tuple[Tensor, ...]:
 def hamming_cluster(
     hashes: Tensor, lengths: Tensor, clusters: int, iterations: int, bits: int
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """K-means of every sequence's hashes under the Hamming distance, with the compiled kernel
-    (Lloyd iterations from deterministic initial centroids; see
-    :func:`attention_core.clustering.hamming.cluster`).
+    """K-means of every sequence's hashes under the Hamming distance, with the compiled kernel.
+
+    Lloyd iterations from deterministic initial centroids; see
+    `attention_core.clustering.hamming.cluster`.
 
     Arguments:
         hashes: ``(N, H, L)`` int64 CPU tensor.

@@ -1,10 +1,11 @@
-"""``fast_transformers.clustering.hamming.cluster_cpu`` over
-:func:`attention_core.clustering.hamming.cluster`.
+"""fast-transformers' ``cluster_cpu`` module over `attention_core.clustering.hamming.cluster`.
+
+Stands in for ``fast_transformers.clustering.hamming.cluster_cpu``.
 
 Same function name, argument order and caller-allocated outputs as fast-transformers'
 compiled module. One difference: fast-transformers' kernel starts its iterations from the
 content of ``centroids``; here ``centroids`` is an output only and the starting centroids are
-chosen by :func:`~attention_core.clustering.hamming.cluster`.
+chosen by `cluster`.
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
-"""The plain-PyTorch Hamming k-means: distances from bit vectors as ``|a| + |b| - 2 a . b``,
-a batched matrix product per sequence and iteration; the reference of the tests and the
-fallback on every device."""
+"""The plain-PyTorch Hamming K-means.
+
+Distances from bit vectors as ``|a| + |b| - 2 a . b``, a batched matrix product per sequence and
+iteration; the reference of the tests and the fallback on every device."""
 
 from __future__ import annotations
 
@@ -49,10 +50,12 @@ def _tally(groups: Tensor, hash_bits: Tensor, clusters: int) -> tuple[Tensor, Te
 def _reseed_empty(
     centroid_bits: Tensor, member_counts: Tensor, hash_bits: Tensor, dist: Tensor, valid: Tensor
 ) -> Tensor:
-    """Each empty cluster, in index order, takes the hash of the valid position farthest from
-    its centroid (the largest of ``dist``, ties: the lowest position); the distances then drop
-    to the one to that new centroid where it is closer. An empty cluster keeps its centroid
-    when every position sits on a centroid (distance 0).
+    """Give each empty cluster the hash of the position farthest from its centroid.
+
+    Each empty cluster, in index order, takes the hash of the valid position farthest from its
+    centroid (the largest of ``dist``, ties: the lowest position); the distances then drop to the
+    one to that new centroid where it is closer. An empty cluster keeps its centroid when every
+    position sits on a centroid (distance 0).
 
     Arguments:
         centroid_bits: ``(N, H, C, B)`` int64 zeros and ones.
@@ -86,8 +89,10 @@ def _reseed_empty(
 def hamming_cluster_reference(
     hashes: Tensor, lengths: Tensor, clusters: int, iterations: int, bits: int
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """:func:`attention_core.clustering.hamming.cluster` of checked inputs
-    (``hashes (N, H, L)`` int64, ``lengths (N,)``) in plain PyTorch.
+    """Hamming K-means of checked inputs in plain PyTorch.
+
+    Computes `attention_core.clustering.hamming.cluster` of ``hashes (N, H, L)`` int64 and
+    ``lengths (N,)``.
 
     Returns:
         ``groups (N, H, L)`` (``clusters`` for padding), ``counts (N, H, C)``,

@@ -1,8 +1,10 @@
-"""Recurrent cross attentions; importing this package registers them in
-:data:`attention_core.attention_registry.RecurrentCrossAttentionRegistry` (``linear``,
-``full``, ``local``, ``exact-topk``, ``aft-simple`` and ``aft-full``, with the parameters of the
-batch attentions of the same names). ``clustered`` and ``improved-clustered`` have none (they
-cluster the queries of the whole sequence) and ``reformer`` is a self attention only."""
+"""Recurrent cross attentions.
+
+Importing this package registers them in
+`attention_core.attention_registry.RecurrentCrossAttentionRegistry` (``linear``, ``full``,
+``local``, ``exact-topk``, ``aft-simple`` and ``aft-full``, with the parameters of the batch
+attentions of the same names). ``clustered`` and ``improved-clustered`` have none (they cluster the
+queries of the whole sequence) and ``reformer`` is a self attention only."""
 
 from .attention_layer import RecurrentCrossAttentionLayer
 from .base import RecurrentCrossAttention

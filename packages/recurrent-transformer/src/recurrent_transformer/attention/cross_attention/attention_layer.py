@@ -1,5 +1,7 @@
-"""The recurrent cross attention layer: project the query of each step, project the memory's
-keys and values only once (at the first step), and run a recurrent inner cross attention."""
+"""The recurrent cross attention layer.
+
+Projects the query of each step, projects the memory's keys and values only once (at the first
+step), and runs a recurrent inner cross attention."""
 
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ __all__ = ["RecurrentCrossAttentionLayer"]
 class RecurrentCrossAttentionLayer(nn.Module):
     """Multi-head cross attention around a recurrent inner cross attention.
 
-    The parameters have the names of :class:`attention_core.attention.AttentionLayer`, so
+    The parameters have the names of `attention_core.attention.AttentionLayer`, so
     ``load_state_dict`` moves weights between the batch and the recurrent layer. When a state is
     given the keys and values are not projected again (they may be ``None``).
 
@@ -127,8 +129,9 @@ class RecurrentCrossAttentionLayer(nn.Module):
         key_lengths: BaseMask | None = None,
         state: Any = None,
     ) -> tuple[Tensor, Any]:
-        """Attend from ``T`` elements at once; arguments as :meth:`forward` with query
-        ``(N, T, d_model)``.
+        """Attend from ``T`` elements at once.
+
+        Arguments as `forward` with query ``(N, T, d_model)``.
 
         Returns:
             ``(N, T, d_model)`` and the state.

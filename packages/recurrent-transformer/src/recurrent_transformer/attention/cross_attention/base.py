@@ -1,5 +1,7 @@
-"""The interface of recurrent cross attentions: the memory is read once into a state, then each
-step (or a whole prompt at once) attends to it with a full mask."""
+"""The interface of recurrent cross attentions.
+
+The memory is read once into a state, then each step (or a whole prompt at once) attends to it with
+a full mask."""
 
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ __all__ = ["RecurrentCrossAttention"]
 class RecurrentCrossAttention(nn.Module):
     """Base class of the inner recurrent cross attentions.
 
-    Subclasses implement :meth:`make_state` (read the memory) and :meth:`attend` (queries
+    Subclasses implement `make_state` (read the memory) and `attend` (queries
     against a state); queries never change the state.
 
     Shapes: query ``(N, H, E)``, keys ``(N, S, H, E)``, values ``(N, S, H, D)``, key_lengths a
@@ -56,8 +58,7 @@ class RecurrentCrossAttention(nn.Module):
         key_lengths: BaseMask | None,
         state: Any = None,
     ) -> tuple[Tensor, Any]:
-        """Attend from ``T`` queries at once; arguments as :meth:`forward` with queries
-        ``(N, T, H, E)``.
+        """Attend from ``T`` queries at once; arguments as `forward` with queries ``(N, T, H, E)``.
 
         Returns:
             ``(N, T, H, D)`` and the state.
@@ -72,13 +73,15 @@ class RecurrentCrossAttention(nn.Module):
     def make_state(
         self, queries: Tensor, keys: Tensor, values: Tensor, key_lengths: BaseMask
     ) -> Any:
-        """Read the memory: keys ``(N, S, H, E)``, values ``(N, S, H, D)``, key_lengths
-        ``(N, S)``; ``queries`` ``(N, T, H, E)`` give the expected batch, heads and dtype."""
+        """Read the memory: keys ``(N, S, H, E)``, values ``(N, S, H, D)``, key_lengths ``(N, S)``.
+
+        ``queries`` ``(N, T, H, E)`` give the expected batch, heads and dtype."""
         raise NotImplementedError
 
     def check_state(self, state: Any, queries: Tensor) -> Any:
-        """Return ``state`` (converted from fast-transformers' list form if needed); raise if
-        it does not fit ``queries`` ``(N, T, H, E)``."""
+        """Return ``state`` (converted from fast-transformers' list form if needed).
+
+        Raise if it does not fit ``queries`` ``(N, T, H, E)``."""
         raise NotImplementedError
 
     def attend(self, queries: Tensor, state: Any) -> Tensor:

@@ -1,8 +1,7 @@
-"""Softmax cross attention with the memory projected once (Vaswani et al. 2017,
-arXiv 1706.03762).
+"""Softmax cross attention with the memory projected once (Vaswani et al. 2017, arXiv 1706.03762).
 
 The projected keys and values of the memory are kept in a
-:class:`~recurrent_transformer.state.MemoryState`; each step attends to them with a full mask
+`MemoryState`; each step attends to them with a full mask
 (padded memory positions excluded).
 
 Einstein notation: n batch, t queries, s memory positions, h heads, e query features, d value
@@ -42,7 +41,7 @@ class RecurrentCrossFullAttention(RecurrentCrossAttention):
     Arguments:
         softmax_temp: multiplier of ``Q K^T`` (default: ``1 / sqrt(E)``).
         attention_dropout: dropout on the attention weights in training mode (default: 0.1).
-        event_dispatcher: dispatcher instance or key for :class:`AttentionEvent` (weights of
+        event_dispatcher: dispatcher instance or key for `AttentionEvent` (weights of
             shape ``(N, H, T, S)``).
 
     Shapes: query ``(N, H, E)``, keys ``(N, S, H, E)``, values ``(N, S, H, D)``; returns

@@ -1,5 +1,6 @@
-"""Linear cross attention with the memory folded once into a fixed-size state (Katharopoulos et
-al. 2020, "Transformers are RNNs", arXiv 2006.16236).
+"""Linear cross attention with the memory folded once into a fixed-size state.
+
+Reference: Katharopoulos et al. 2020, "Transformers are RNNs", arXiv 2006.16236.
 
 ``S = sum_j phi(K_j) V_j^T`` and ``Z = sum_j phi(K_j)`` over the real memory positions are
 computed at the first step; every step then costs ``O(F M)`` per head whatever the memory
@@ -33,7 +34,7 @@ __all__ = ["RecurrentCrossLinearAttention"]
 class RecurrentCrossLinearAttention(RecurrentCrossAttention):
     """Recurrent linear cross attention, the dual of ``linear`` with a full mask.
 
-    The state is a :class:`LinearState` computed from the memory at the first step (when a
+    The state is a `LinearState` computed from the memory at the first step (when a
     random feature map draws its features).
 
     Arguments:

@@ -1,11 +1,12 @@
-"""Local (windowed) softmax cross attention with the memory projected once (Parmar et al.
-2018, "Image Transformer", arXiv 1802.05751).
+"""Local (windowed) softmax cross attention with the memory projected once.
+
+Reference: Parmar et al. 2018, "Image Transformer", arXiv 1802.05751.
 
 The batch ``local`` attention lets query ``t`` see the memory positions
 ``t - w // 2 .. t - w // 2 + w - 1`` (``w = local_context``, clipped to the memory and its
 length mask). Row ``t`` depends only on query ``t``, its position and the memory, so the
 recurrent form keeps the projected memory and the position in a
-:class:`~recurrent_transformer.state.MemoryState` and reads only the ``w`` positions of the
+`MemoryState` and reads only the ``w`` positions of the
 window at each step: a constant cost per step whatever the memory length.
 
 Einstein notation: n batch, t queries, s memory positions (of the window), h heads, e query
@@ -37,19 +38,20 @@ __all__ = ["RecurrentCrossLocalAttention"]
 
 
 class RecurrentCrossLocalAttention(RecurrentCrossFullAttention):
-    """Recurrent local cross attention, the dual of ``local`` with a full mask (it keeps the
-    memory as :class:`RecurrentCrossFullAttention` does).
+    """Recurrent local cross attention, the dual of ``local`` with a full mask.
+
+    It keeps the memory as `RecurrentCrossFullAttention` does.
 
     Arguments:
         local_context: the window size ``w``: step ``t`` (counting from 0) sees memory
             positions ``t - w // 2 .. t - w // 2 + w - 1``.
         softmax_temp: multiplier of ``Q K^T`` (default: ``1 / sqrt(E)``).
         attention_dropout: dropout on the attention weights in training mode (default: 0.1).
-        event_dispatcher: dispatcher instance or key for :class:`AttentionEvent` (the weights
+        event_dispatcher: dispatcher instance or key for `AttentionEvent` (the weights
             over the window, ``(N, H, T, s)`` with ``s <= w + T - 1``).
 
     Shapes: query ``(N, H, E)``, keys ``(N, S, H, E)``, values ``(N, S, H, D)``; returns
-    ``(N, H, D)``. The state is a :class:`MemoryState` whose ``position`` counts the steps.
+    ``(N, H, D)``. The state is a `MemoryState` whose ``position`` counts the steps.
     Steps whose window holds no (unpadded) memory position return zeros, as the batch
     attention does.
     """
@@ -61,14 +63,16 @@ class RecurrentCrossLocalAttention(RecurrentCrossFullAttention):
         self.local_context = check_positive_int("local_context", local_context)
 
     def prefill(self, queries, keys, values, key_lengths, state=None):
-        """As :meth:`RecurrentCrossAttention.prefill`; the returned state's ``position`` is
-        advanced by the number of queries ``T``."""
+        """As `RecurrentCrossAttention.prefill`.
+
+        The returned state's ``position`` is advanced by the number of queries ``T``."""
         out, state = super().prefill(queries, keys, values, key_lengths, state)
         return out, dataclasses.replace(state, position=state.position + queries.shape[1])
 
     def attend(self, queries, state):
-        """Softmax attention of ``(N, T, H, E)`` queries at positions ``state.position ..``
-        over their windows of the memory."""
+        """Softmax attention of queries over their windows of the memory.
+
+        The queries are ``(N, T, H, E)`` at positions ``state.position ..``."""
         T, S, w = queries.shape[1], state.keys.shape[2], self.local_context
         first = state.position - w // 2  # the first window position of the first query
         lo, hi = max(0, first), min(S, first + T - 1 + w)

@@ -1,11 +1,11 @@
-"""Recurrent cross attentions whose row ``t`` depends only on query ``t``, its position and the
-memory: exact top-k (Vyas et al. 2020, "Fast Transformers with Clustered Attention",
-arXiv 2007.04825), AFT-simple and AFT-full (Zhai et al. 2021, "An Attention Free Transformer",
-arXiv 2105.14103).
+"""Recurrent cross attentions whose row ``t`` depends only on query ``t``, its position, the memory.
+
+Exact top-k (Vyas et al. 2020, "Fast Transformers with Clustered Attention", arXiv 2007.04825),
+AFT-simple and AFT-full (Zhai et al. 2021, "An Attention Free Transformer", arXiv 2105.14103).
 
 With a full mask over a fixed memory, row ``t`` of these batch attentions does not depend on
 the other queries. Their recurrent form keeps the projected memory in a
-:class:`~recurrent_transformer.state.MemoryState` and runs the batch attention's own computation
+`MemoryState` and runs the batch attention's own computation
 on the queries of each step, so the two cannot drift apart (AFT-full also counts the position,
 for its bias row ``w_t = u_t v^T``). They subclass the batch attention: same constructor,
 parameters and buffers.
@@ -86,41 +86,43 @@ class _RowwiseCrossAttention(RecurrentCrossAttention):
 class RecurrentCrossExactTopKAttention(_RowwiseCrossAttention, ExactTopKAttention):
     """Recurrent exact top-k cross attention, the dual of ``exact-topk`` with a full mask.
 
-    Arguments: those of :class:`attention_core.attention.exact_topk_attention.ExactTopKAttention`
+    Arguments: those of `attention_core.attention.exact_topk_attention.ExactTopKAttention`
     (``topk=32``, ``softmax_temp=None``, ``attention_dropout=0.1``, ``event_dispatcher=""``).
 
     Shapes: query ``(N, H, E)``, keys ``(N, S, H, E)``, values ``(N, S, H, D)``; returns
-    ``(N, H, D)``. The state is a :class:`MemoryState`.
+    ``(N, H, D)``. The state is a `MemoryState`.
     """
 
     batch_class = ExactTopKAttention
 
 
 class RecurrentCrossAFTSimpleAttention(_RowwiseCrossAttention, AFTSimpleAttention):
-    """Recurrent AFT-simple cross attention, the dual of ``aft-simple`` with a full mask:
+    """Recurrent AFT-simple cross attention, the dual of ``aft-simple`` with a full mask.
+
     ``Y_t = sigmoid(Q_t) * sum_s softmax_s(K)_s V_s`` over the real memory positions.
 
-    Arguments: those of :class:`attention_core.attention.aft_attention.AFTSimpleAttention`
+    Arguments: those of `attention_core.attention.aft_attention.AFTSimpleAttention`
     (``event_dispatcher=""``).
 
     Shapes: query, keys and values with one head dimension ``D``: query ``(N, H, D)``, keys and
-    values ``(N, S, H, D)``; returns ``(N, H, D)``. The state is a :class:`MemoryState`.
+    values ``(N, S, H, D)``; returns ``(N, H, D)``. The state is a `MemoryState`.
     """
 
     batch_class = AFTSimpleAttention
 
 
 class RecurrentCrossAFTFullAttention(_RowwiseCrossAttention, AFTFullAttention):
-    """Recurrent AFT-full cross attention, the dual of ``aft-full`` with a full mask: step
-    ``t`` (counting from 0) mixes the memory with the bias row ``w_t = u_t v_{0..S-1}^T``.
+    """Recurrent AFT-full cross attention, the dual of ``aft-full`` with a full mask.
 
-    Arguments: those of :class:`attention_core.attention.aft_attention.AFTFullAttention`
+    Step ``t`` (counting from 0) mixes the memory with the bias row ``w_t = u_t v_{0..S-1}^T``.
+
+    Arguments: those of `attention_core.attention.aft_attention.AFTFullAttention`
     (``max_sequence_length=1024``, ``aft_parameterization=64``, ``event_dispatcher=""``);
     both the number of steps and the memory length ``S`` are limited to
     ``max_sequence_length``.
 
     Shapes: query ``(N, H, D)``, keys and values ``(N, S, H, D)``; returns ``(N, H, D)``. The
-    state is a :class:`MemoryState` whose ``position`` counts the steps.
+    state is a `MemoryState` whose ``position`` counts the steps.
     """
 
     batch_class = AFTFullAttention
@@ -131,8 +133,9 @@ class RecurrentCrossAFTFullAttention(_RowwiseCrossAttention, AFTFullAttention):
         return self.u[self._offset : self._offset + L] @ self.v[:S].T
 
     def prefill(self, queries, keys, values, key_lengths, state=None):
-        """As :meth:`RecurrentCrossAttention.prefill`; the returned state's ``position`` is
-        advanced by the number of queries ``T``."""
+        """As `RecurrentCrossAttention.prefill`.
+
+        The returned state's ``position`` is advanced by the number of queries ``T``."""
         out, state = super().prefill(queries, keys, values, key_lengths, state)
         return out, dataclasses.replace(state, position=state.position + queries.shape[1])
 

@@ -1,5 +1,7 @@
-"""Recurrent self attentions; importing this package registers them in
-:data:`attention_core.attention_registry.RecurrentAttentionRegistry`.
+"""Recurrent self attentions.
+
+Importing this package registers them in
+`attention_core.attention_registry.RecurrentAttentionRegistry`.
 
 Every batch attention whose causal form can be computed one element at a time has a recurrent
 twin here, under the same name and with the same parameters: ``linear`` and

@@ -1,14 +1,15 @@
-"""The Attention Free Transformer's causal token mixing as recurrences (Zhai et al. 2021, "An
-Attention Free Transformer", arXiv 2105.14103).
+"""The Attention Free Transformer's causal token mixing as recurrences.
+
+Reference: Zhai et al. 2021, "An Attention Free Transformer", arXiv 2105.14103.
 
 ``Y_t = sigmoid(Q_t) * sum_{s<=t} exp(K_s + w_ts) V_s / sum_{s<=t} exp(K_s + w_ts)``, feature
 by feature (so ``E == D``).
 
 - AFT-simple (``w = 0``) needs only running sums: a fixed-size
-  :class:`~recurrent_transformer.state.AFTSimpleState` holding ``sum exp(K_s - m) V_s`` and
+  `AFTSimpleState` holding ``sum exp(K_s - m) V_s`` and
   ``sum exp(K_s - m)`` shifted by their running maximum ``m``, so nothing overflows.
 - AFT-full's learned bias ``w_ts = u_t . v_s`` ties every past position to the current one, so
-  it keeps every key and value (a :class:`~recurrent_transformer.state.KVCache`) and step ``t``
+  it keeps every key and value (a `KVCache`) and step ``t``
   costs ``O(t)``, like softmax attention; ``t`` may not exceed ``max_sequence_length``.
 
 Einstein notation: n batch, h heads, s past positions, d features.
@@ -45,7 +46,7 @@ class RecurrentAFTSimpleAttention(RecurrentAttention):
         event_dispatcher: dispatcher instance or key.
 
     Shapes: query, key and value ``(N, H, D)``; returns ``(N, H, D)``. The state is an
-    :class:`AFTSimpleState` of three ``(N, H, D)`` tensors.
+    `AFTSimpleState` of three ``(N, H, D)`` tensors.
     """
 
     same_dims = True
@@ -87,7 +88,7 @@ class RecurrentAFTFullAttention(RecurrentAttention):
         event_dispatcher: dispatcher instance or key.
 
     Shapes: query, key and value ``(N, H, D)``; returns ``(N, H, D)``. The state is a
-    :class:`KVCache`.
+    `KVCache`.
     """
 
     same_dims = True

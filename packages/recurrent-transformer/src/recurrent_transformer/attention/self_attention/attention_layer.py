@@ -1,5 +1,7 @@
-"""The recurrent attention layer: project one element to multi-head queries, keys and values,
-run a recurrent inner attention with the previous state, and project the result back."""
+"""The recurrent attention layer: project, run a recurrent inner attention, project back.
+
+One element is projected to multi-head queries, keys and values; the inner attention runs with the
+previous state."""
 
 from __future__ import annotations
 
@@ -20,17 +22,17 @@ __all__ = ["RecurrentAttentionLayer"]
 class RecurrentAttentionLayer(AttentionLayer):
     """Multi-head attention around a recurrent inner attention.
 
-    The constructor and parameters are those of :class:`attention_core.attention.AttentionLayer`
+    The constructor and parameters are those of `attention_core.attention.AttentionLayer`
     (``query_projection``, ``key_projection``, ``value_projection``, ``out_projection`` and the
     wrapped ``inner_attention``), so ``load_state_dict`` moves weights between the two.
 
     Arguments:
-        attention: the inner recurrent attention, e.g. :class:`RecurrentLinearAttention`.
+        attention: the inner recurrent attention, e.g. `RecurrentLinearAttention`.
         d_model: the input and output feature size.
         n_heads: the number of heads ``H``.
         d_keys: ``E``, the head dimension of queries and keys (default: ``d_model // n_heads``).
         d_values: ``D``, the head dimension of values (default: ``d_model // n_heads``).
-        event_dispatcher: dispatcher instance or key for :class:`QKVEvent` (default: ``""``).
+        event_dispatcher: dispatcher instance or key for `QKVEvent` (default: ``""``).
 
     Example:
         >>> from recurrent_transformer.attention import RecurrentLinearAttention
@@ -76,7 +78,7 @@ class RecurrentAttentionLayer(AttentionLayer):
     def prefill(
         self, query: Tensor, key: Tensor, value: Tensor, state: Any = None
     ) -> tuple[Tensor, Any]:
-        """Consume ``T`` elements at once, as ``T`` calls of :meth:`forward` would.
+        """Consume ``T`` elements at once, as ``T`` calls of `forward` would.
 
         Arguments:
             query: ``(N, T, d_model)``.

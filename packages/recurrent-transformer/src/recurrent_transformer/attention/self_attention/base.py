@@ -2,7 +2,7 @@
 
 A recurrent self attention is the dual of a batch attention with a causal mask: stepping it
 through ``T`` elements gives the ``T`` rows of the batch attention with a
-:class:`~attention_core.masking.TriangularCausalMask`.
+`TriangularCausalMask`.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ __all__ = ["RecurrentAttention"]
 class RecurrentAttention(nn.Module):
     """Base class of the inner recurrent self attentions (they see projected heads).
 
-    Subclasses implement :meth:`step`; they may override :meth:`prefill` with a parallel
+    Subclasses implement `step`; they may override `prefill` with a parallel
     computation (the default steps through the prompt).
 
     Shapes: query and key ``(N, H, E)``, value ``(N, H, D)``; returns ``(N, H, D)`` and the new
@@ -52,13 +52,13 @@ class RecurrentAttention(nn.Module):
         return self.step(query, key, value, state)
 
     def step(self, query: Tensor, key: Tensor, value: Tensor, state: Any) -> tuple[Tensor, Any]:
-        """One step on validated inputs (see :meth:`forward`)."""
+        """One step on validated inputs (see `forward`)."""
         raise NotImplementedError
 
     def prefill(
         self, queries: Tensor, keys: Tensor, values: Tensor, state: Any = None
     ) -> tuple[Tensor, Any]:
-        """Consume ``T`` elements at once, as ``T`` calls of :meth:`forward` would.
+        """Consume ``T`` elements at once, as ``T`` calls of `forward` would.
 
         Arguments:
             queries: ``(N, T, H, E)``.

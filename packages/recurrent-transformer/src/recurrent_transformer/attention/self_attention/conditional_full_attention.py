@@ -1,12 +1,13 @@
-"""Conditional full attention as a recurrence: softmax attention while the sequence is short,
-another recurrent attention once it is long (softmax attention: Vaswani et al. 2017,
-arXiv 1706.03762).
+"""Conditional full attention as a recurrence.
+
+Softmax attention while the sequence is short, another recurrent attention once it is long.
+Reference for softmax attention: Vaswani et al. 2017, arXiv 1706.03762.
 
 The batch ``conditional-full`` decides once per call from the whole length ``L``: full
 attention when ``L <= length_limit``, the other attention otherwise. A recurrent model does not
 know ``L`` in advance, so this form decides per step from the number of elements seen so far,
 which is what the batch attention does on each prefix: steps ``1 .. length_limit`` are softmax
-attention over a :class:`~recurrent_transformer.state.KVCache`, later steps use the other
+attention over a `KVCache`, later steps use the other
 attention. The other attention is stepped from the first element (it needs the whole history
 when it takes over) and the cache is dropped at the switch. Stepping through a sequence of
 length ``<= length_limit`` therefore equals the batch attention exactly; for longer sequences
@@ -41,12 +42,12 @@ class RecurrentConditionalFullAttention(RecurrentAttention):
     Arguments:
         attention: the recurrent attention used after ``length_limit`` steps.
         length_limit: the number of steps done with softmax attention (default: 512).
-        softmax_temp: see :class:`RecurrentFullAttention`.
-        attention_dropout: see :class:`RecurrentFullAttention`.
+        softmax_temp: see `RecurrentFullAttention`.
+        attention_dropout: see `RecurrentFullAttention`.
         event_dispatcher: dispatcher instance or key, given to the full attention.
 
     Shapes: query and key ``(N, H, E)``, value ``(N, H, D)``; returns ``(N, H, D)``. The state
-    is a :class:`ConditionalState`.
+    is a `ConditionalState`.
     """
 
     def __init__(

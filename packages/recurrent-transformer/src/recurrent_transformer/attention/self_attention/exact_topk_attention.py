@@ -1,7 +1,9 @@
-"""Oracle top-k softmax attention as a recurrence over a key/value cache (the "exact top-k"
-baseline of Vyas et al. 2020, "Fast Transformers with Clustered Attention", arXiv 2007.04825).
+"""Oracle top-k softmax attention as a recurrence over a key/value cache.
 
-Each step appends its key and value to a :class:`~recurrent_transformer.state.KVCache` and
+Reference: the "exact top-k" baseline of Vyas et al. 2020, "Fast Transformers with Clustered
+Attention", arXiv 2007.04825.
+
+Each step appends its key and value to a `KVCache` and
 attends with a softmax over the ``min(topk, t + 1)`` highest-scoring cached keys: the row of
 the batch ``exact-topk`` attention with a causal mask.
 
@@ -40,11 +42,11 @@ class RecurrentExactTopKAttention(RecurrentAttention):
         topk: how many keys each step attends to (default: 32).
         softmax_temp: multiplier of ``Q K^T`` (default: ``1 / sqrt(E)``).
         attention_dropout: dropout on the attention weights in training mode (default: 0.1).
-        event_dispatcher: dispatcher instance or key for :class:`AttentionEvent` (the sparse
+        event_dispatcher: dispatcher instance or key for `AttentionEvent` (the sparse
             weights as ``(N, H, 1, t)``).
 
     Shapes: query and key ``(N, H, E)``, value ``(N, H, D)``; returns ``(N, H, D)``. The state
-    is a :class:`KVCache`; step ``t`` costs ``O(t)``.
+    is a `KVCache`; step ``t`` costs ``O(t)``.
     """
 
     def __init__(self, topk=32, softmax_temp=None, attention_dropout=0.1, event_dispatcher=""):

@@ -1,7 +1,6 @@
-"""Softmax attention as a recurrence over a key/value cache (Vaswani et al. 2017,
-arXiv 1706.03762).
+"""Softmax attention as a recurrence over a key/value cache (Vaswani et al. 2017, arXiv 1706.03762).
 
-Step ``t`` appends its key and value to a :class:`~recurrent_transformer.state.KVCache` (in
+Step ``t`` appends its key and value to a `KVCache` (in
 place, amortised ``O(1)``, buffers doubling when full) and attends over the ``t + 1`` cached
 entries with two batched products that stream the cache once (its keys are stored
 feature-major): ``O(t)`` arithmetic and no copy of the history.
@@ -38,8 +37,7 @@ _PREFILL_CHUNK = 256
 
 
 def check_cache(state, query: Tensor, value: Tensor, owner: str) -> KVCache:
-    """Validate a :class:`KVCache` against one step's ``query`` ``(N, H, E)`` and ``value``
-    ``(N, H, D)``."""
+    """Validate a `KVCache` against one step's ``query (N, H, E)`` and ``value (N, H, D)``."""
     state = check_state_type("state", state, KVCache, owner)
     N, H, E = query.shape
     check_state_tensor("state.key_buffer", state.key_buffer, (N, H, -1, E), query)
@@ -53,7 +51,7 @@ def attend_cache(
     """Causal softmax attention of the last ``T`` positions over ``S >= T`` cached ones.
 
     Query ``i`` (``0 <= i < T``) sits at position ``S - T + i`` and sees keys ``0..S - T + i``.
-    Dispatches an :class:`AttentionEvent` with the ``(N, H, T, S)`` weights when someone
+    Dispatches an `AttentionEvent` with the ``(N, H, T, S)`` weights when someone
     listens to ``module.event_dispatcher``.
 
     Arguments:
@@ -92,16 +90,17 @@ def attend_cache(
 
 
 class RecurrentFullAttention(RecurrentAttention):
-    """Recurrent softmax attention over a growing key/value cache, the dual of ``full`` with
-    a causal mask.
+    """Recurrent softmax attention over a growing key/value cache.
 
-    The state is a :class:`KVCache`; see it for the in-place append, the doubling of its
+    The dual of ``full`` with a causal mask.
+
+    The state is a `KVCache`; see it for the in-place append, the doubling of its
     buffers, and what happens while autograd records.
 
     Arguments:
         softmax_temp: multiplier of ``Q K^T`` (default: ``1 / sqrt(E)``).
         attention_dropout: dropout on the attention weights in training mode (default: 0.1).
-        event_dispatcher: dispatcher instance or key for :class:`AttentionEvent` (weights of
+        event_dispatcher: dispatcher instance or key for `AttentionEvent` (weights of
             shape ``(N, H, 1, t)`` per step).
 
     Shapes: query and key ``(N, H, E)``, value ``(N, H, D)``; returns ``(N, H, D)``.
@@ -128,14 +127,13 @@ class RecurrentFullAttention(RecurrentAttention):
         return out.squeeze(2), cache
 
     def prefill(self, queries, keys, values, state=None):
-        """Fill the cache with a prompt and attend causally, ``_PREFILL_CHUNK`` queries at a
-        time.
+        """Fill the cache with a prompt and attend causally, ``_PREFILL_CHUNK`` queries at a time.
 
         Arguments:
             queries: ``(N, T, H, E)``.
             keys: ``(N, T, H, E)``.
             values: ``(N, T, H, D)``.
-            state: a :class:`KVCache` to continue from, or ``None``.
+            state: a `KVCache` to continue from, or ``None``.
 
         Returns:
             ``(N, T, H, D)`` and the cache after the prompt.

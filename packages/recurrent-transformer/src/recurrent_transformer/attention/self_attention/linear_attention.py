@@ -1,5 +1,6 @@
-"""Causal linear attention as a recurrence with a fixed-size state (Katharopoulos et al. 2020,
-"Transformers are RNNs", arXiv 2006.16236).
+"""Causal linear attention as a recurrence with a fixed-size state.
+
+Reference: Katharopoulos et al. 2020, "Transformers are RNNs", arXiv 2006.16236.
 
 With ``S_i = sum_{j<=i} phi(K_j) V_j^T`` and ``Z_i = sum_{j<=i} phi(K_j)``, the output is
 ``V'_i = phi(Q_i)^T S_i / (phi(Q_i)^T Z_i + eps)``: each step adds one outer product to the
@@ -8,7 +9,7 @@ state and costs the same however long the sequence already is.
 A step is computed directly (``addcmul`` into a new ``S``, one batched matrix-vector product,
 one dot product): for the seed model's heads (N=10, H=12, E=M=32, float32, two threads) that
 took about 40 µs per layer, against about 80 µs through
-:func:`attention_core.causal_product.normalized_causal_dot_product` with a state and 70 µs with
+`attention_core.causal_product.normalized_causal_dot_product` with a state and 70 µs with
 ``einsum``. ``prefill`` uses the causal product for the whole prompt.
 
 The state accumulates in float32 for float16/bfloat16 inputs (a half-precision sum of
@@ -51,7 +52,7 @@ def _accumulating(t: Tensor) -> Tensor:
 class RecurrentLinearAttention(RecurrentAttention):
     """Recurrent causal linear attention, the dual of ``causal-linear``.
 
-    Registered as ``"linear"`` and ``"causal-linear"``. The state is a :class:`LinearState`
+    Registered as ``"linear"`` and ``"causal-linear"``. The state is a `LinearState`
     (``S`` of shape ``(N, H, F, M)``, ``Z`` of shape ``(N, H, F)``, with ``F`` the size of the
     feature map). A random feature map draws its features at the first step (``state=None``)
     and keeps them for the rest of the sequence.
@@ -105,17 +106,19 @@ class RecurrentLinearAttention(RecurrentAttention):
         return (numerator / denominator).to(dtype), LinearState(S, Z)
 
     def prefill(self, queries, keys, values, state=None):
-        """Consume a prompt in one parallel pass (the batch causal-linear computation) and
-        return the state after it; continues from ``state`` when one is given.
+        """Consume a prompt in one parallel pass and return the state after it.
+
+        The pass is the batch causal-linear computation; it continues from ``state`` when one is
+        given.
 
         Arguments:
             queries: ``(N, T, H, E)``.
             keys: ``(N, T, H, E)``.
             values: ``(N, T, H, M)``.
-            state: a :class:`LinearState` to continue from, or ``None``.
+            state: a `LinearState` to continue from, or ``None``.
 
         Returns:
-            ``(N, T, H, M)`` and the :class:`LinearState` after the last position.
+            ``(N, T, H, M)`` and the `LinearState` after the last position.
         """
         check_sequence_heads(queries, keys, values)
         if state is None:

@@ -1,11 +1,12 @@
-"""Causal local (sliding window) attention as a recurrence over the last few keys (Parmar et
-al. 2018, "Image Transformer", arXiv 1802.05751; Beltagy et al. 2020, "Longformer",
-arXiv 2004.05150).
+"""Causal local (sliding window) attention as a recurrence over the last few keys.
+
+Reference: Parmar et al. 2018, "Image Transformer", arXiv 1802.05751; Beltagy et al. 2020,
+"Longformer", arXiv 2004.05150.
 
 The batch ``local`` attention lets query ``i`` see keys ``i - w // 2 .. i - w // 2 + w - 1``
 (``w = local_context``); with a causal mask that leaves ``i - w // 2 .. i``, the current key
 and the ``w // 2`` before it. The recurrent form keeps exactly those ``w // 2 + 1`` keys and
-values in a :class:`~recurrent_transformer.state.WindowState`: a fixed-size state and a
+values in a `WindowState`: a fixed-size state and a
 constant cost per step.
 
 Einstein notation: n batch, h heads, j window slots, e query features, d value features.
@@ -43,10 +44,10 @@ class RecurrentLocalAttention(RecurrentAttention):
             its own key and the ``w // 2`` previous ones.
         softmax_temp: multiplier of ``Q K^T`` (default: ``1 / sqrt(E)``).
         attention_dropout: dropout on the attention weights in training mode (default: 0.1).
-        event_dispatcher: dispatcher instance or key for :class:`AttentionEvent`.
+        event_dispatcher: dispatcher instance or key for `AttentionEvent`.
 
     Shapes: query and key ``(N, H, E)``, value ``(N, H, D)``; returns ``(N, H, D)``. The state
-    is a :class:`WindowState`.
+    is a `WindowState`.
     """
 
     def __init__(
