@@ -199,7 +199,7 @@ def markdown(train_rows, decode_rows, args, steps: int, have_peer: bool) -> str:
             lines.append(f"| {label[kind]} | {seq_len} | {r['n']} | " + " | ".join(cells) + " |")
     lines += [
         "",
-        "Our forward without gradients runs `_inference_window` (torch ops, no autograd); "
+        "Our forward without gradients runs a window in fewer torch ops, without autograd; "
         "forward + backward runs the training path, one autograd node per layer and window.",
         "",
         f"Token-by-token decoding (seq_len 1, batch 1, mem_len {DECODE_MEM_LEN}, {steps} steps "
