@@ -103,15 +103,6 @@ def training(Peer, seq_len: int, n: int, repeats: int) -> list[dict]:
 
         forwards[kind], trains[kind] = forward, train
 
-    def module_path(model=models["ours"]):  # our forward without the compiled kernel
-        model.use_kernel = False
-        try:
-            with torch.no_grad():
-                model(x)
-        finally:
-            model.use_kernel = True
-
-    forwards["ours_module"] = module_path
     fwd = interleaved_medians(forwards, repeats)
     fwd_bwd = interleaved_medians(trains, repeats)
     return [
@@ -122,7 +113,6 @@ def training(Peer, seq_len: int, n: int, repeats: int) -> list[dict]:
             fwd=BATCH * n / fwd[kind],
             fwd_bwd=BATCH * (n - 1) / fwd_bwd[kind],
             saved=saved_bytes(kind, model, x) / 2**20,
-            **({"fwd_module": BATCH * n / fwd["ours_module"]} if kind == "ours" else {}),
         )
         for kind, model in models.items()
     ]
@@ -209,14 +199,8 @@ def markdown(train_rows, decode_rows, args, steps: int, have_peer: bool) -> str:
             lines.append(f"| {label[kind]} | {seq_len} | {r['n']} | " + " | ".join(cells) + " |")
     lines += [
         "",
-        "Our forward (no gradients) runs the compiled kernel (`feedback_transformer.kernel`); "
-        "without it (`use_kernel = False`, the module path) it made "
-        + ", ".join(
-            f"{r['fwd_module']:,.0f} tok/s at seq_len {r['seq_len']}"
-            for r in train_rows
-            if r["contender"] == "ours"
-        )
-        + ". Forward + backward runs the module path, one autograd node per layer and window.",
+        "Our forward without gradients runs a window in fewer torch ops, without autograd; "
+        "forward + backward runs the training path, one autograd node per layer and window.",
         "",
         f"Token-by-token decoding (seq_len 1, batch 1, mem_len {DECODE_MEM_LEN}, {steps} steps "
         "after a memory of `fill` steps; ours: `model.step`; the peer: `model(token, "

@@ -15,7 +15,6 @@
 #include "aggregate.h"
 #include "causal_product.h"
 #include "cpu_dispatch.h"
-#include "feedback.h"
 #include "hamming.h"
 #include "hashing.h"
 #include "linear_step_bindings.h"
@@ -476,122 +475,6 @@ void hamming_cluster(std::uintptr_t hashes, std::uintptr_t lengths, std::uintptr
     attention_core::hamming::cluster(a, threads);
 }
 
-// ---------------------------------------------------------------------------------------
-// feedback transformer inference
-// ---------------------------------------------------------------------------------------
-
-using FeedbackSizes = std::array<int64_t, 13>;
-using FeedbackLayer = std::array<std::uintptr_t, 16>;
-
-// sizes: (B, n, dim, heads, dim_head, hidden, depth, window, mem_len, m0, capacity, o, S);
-// eps: the attention, feed-forward and cross-attention norms'; layer: addresses of the
-// row-major float32 (qkv weight (0 in layer 0), out weight, out bias, ff norm weight, ff norm
-// bias, ff in weight (2 hidden, dim), ff in bias, ff out weight, ff out bias, then for cross
-// attention (S > 0, else 0): norm weight, norm bias, query weight, out weight, out bias,
-// context keys, context values (B heads, S, dim_head)); kv: the (2 inner, dim) key/value
-// weight (0 without memory); context_mask: (B, S) uint8 or 0; team: threads of the team, 0 for
-// the kernel's choice (at most `threads`).
-void feedback_forward(FeedbackSizes sizes, std::array<double, 3> eps, std::uintptr_t h,
-                      std::uintptr_t proj0, std::uintptr_t norm_weight,
-                      std::uintptr_t norm_bias, std::vector<FeedbackLayer> layers,
-                      std::uintptr_t mix, std::uintptr_t kv, std::uintptr_t context_mask,
-                      std::uintptr_t bias, std::uintptr_t keys, std::uintptr_t values,
-                      std::uintptr_t out, int64_t threads, int64_t team) {
-    const char* names[] = {"B",       "n",  "dim",      "heads", "dim_head",
-                           "hidden",  "depth", "window", "mem_len", "m0",
-                           "capacity", "o", "S"};
-    for (size_t i = 0; i < sizes.size(); ++i) check_positive(names[i], sizes[i]);
-    namespace fb = attention_core::feedback;
-    fb::Args a{};
-    a.B = sizes[0];
-    a.n = sizes[1];
-    a.dim = sizes[2];
-    a.heads = sizes[3];
-    a.dim_head = sizes[4];
-    a.hidden = sizes[5];
-    a.depth = sizes[6];
-    a.window = sizes[7];
-    a.mem_len = sizes[8];
-    a.m0 = sizes[9];
-    a.capacity = sizes[10];
-    a.o = sizes[11];
-    a.context_len = sizes[12];
-    const int64_t inner = a.heads * a.dim_head;
-    if (a.B < 1 || a.n < 1 || a.dim < 1 || a.heads < 1 || a.dim_head < 1 || a.hidden < 1 ||
-        a.depth < 1 || a.window < 1 || (a.o != inner && a.o != 3 * inner) ||
-        static_cast<int64_t>(layers.size()) != a.depth ||
-        a.capacity < (a.mem_len ? a.m0 + a.n : 0)) {
-        throw std::invalid_argument("feedback_forward: inconsistent sizes");
-    }
-    if (threads < 1) {
-        std::ostringstream msg;
-        msg << "threads must be a positive int; got " << threads;
-        throw std::invalid_argument(msg.str());
-    }
-    a.norm_eps = static_cast<float>(eps[0]);
-    a.ff_norm_eps = static_cast<float>(eps[1]);
-    a.cross_norm_eps = static_cast<float>(eps[2]);
-    a.context_mask = as_ptr<const uint8_t>(context_mask);
-    a.h = as_ptr<const float>(h);
-    a.proj0 = as_ptr<const float>(proj0);
-    a.norm_weight = as_ptr<const float>(norm_weight);
-    a.norm_bias = as_ptr<const float>(norm_bias);
-    std::vector<fb::Layer> packed(layers.size());
-    auto weight = [](const char* name, std::uintptr_t p, std::uintptr_t b, int64_t N,
-                     int64_t K) {
-        require(name, p, N * K);
-        return fb::Packed{as_ptr<const float>(p), as_ptr<const float>(b), N, K};
-    };
-    const int64_t half = a.hidden * a.dim;  // the gate rows of the ff in weight
-    for (size_t l = 0; l < layers.size(); ++l) {
-        const FeedbackLayer& w = layers[l];
-        packed[l].qkv = weight("qkv weight", w[0], 0, l ? a.o : 0, a.dim);
-        packed[l].out = weight("out weight", w[1], w[2], a.dim, inner);
-        require("out bias", w[2], a.dim);
-        require("ff norm weight", w[3], a.dim);
-        require("ff norm bias", w[4], a.dim);
-        packed[l].ff_norm_weight = as_ptr<const float>(w[3]);
-        packed[l].ff_norm_bias = as_ptr<const float>(w[4]);
-        require("ff in weight", w[5], 2 * half);
-        require("ff in bias", w[6], 2 * a.hidden);
-        packed[l].ff_value = weight("ff in weight", w[5], w[6], a.hidden, a.dim);
-        packed[l].ff_gate = fb::Packed{as_ptr<const float>(w[5]) + half,
-                                       as_ptr<const float>(w[6]) + a.hidden, a.hidden, a.dim};
-        packed[l].ff_out = weight("ff out weight", w[7], w[8], a.dim, a.hidden);
-        require("ff out bias", w[8], a.dim);
-        if (a.context_len) {
-            require("cross norm weight", w[9], a.dim);
-            require("cross norm bias", w[10], a.dim);
-            require("cross out bias", w[13], a.dim);
-            packed[l].cross_norm_weight = as_ptr<const float>(w[9]);
-            packed[l].cross_norm_bias = as_ptr<const float>(w[10]);
-            packed[l].cross_q = weight("cross query weight", w[11], 0, inner, a.dim);
-            packed[l].cross_out = weight("cross out weight", w[12], w[13], a.dim, inner);
-            require("context keys", w[14], a.B * inner * a.context_len);
-            require("context values", w[15], a.B * inner * a.context_len);
-            packed[l].context_keys = as_ptr<const float>(w[14]);
-            packed[l].context_values = as_ptr<const float>(w[15]);
-        }
-    }
-    a.layers = packed.data();
-    a.mix = as_ptr<const float>(mix);
-    a.kv = weight("kv weight", kv, 0, a.mem_len ? 2 * inner : 0, a.dim);
-    require("norm weight", norm_weight, a.dim);
-    require("norm bias", norm_bias, a.dim);
-    require("bias", bias, a.heads * a.window * (a.mem_len + a.window));
-    require("keys", keys, a.B * inner * (a.mem_len ? a.capacity : 0));
-    require("values", values, a.B * inner * (a.mem_len ? a.capacity : 0));
-    a.bias = as_ptr<const float>(bias);
-    a.keys = as_ptr<float>(keys);
-    a.values = as_ptr<float>(values);
-    a.out = as_ptr<float>(out);
-    require("h", h, a.B * a.n * a.dim);
-    require("proj0", proj0, a.B * a.n * a.o);
-    require("out", out, a.B * a.n * a.dim);
-    py::gil_scoped_release release;
-    fb::forward(a, threads, team);
-}
-
 int get_cpu_level() { return static_cast<int>(attention_core::cpu_level()); }
 
 void set_cpu_level(int level) {
@@ -716,12 +599,6 @@ PYBIND11_MODULE(_C, m) {
           py::arg("groups"), py::arg("counts"), py::arg("centroids"), py::arg("distances"),
           py::arg("bitcounts"), py::arg("N"), py::arg("H"), py::arg("L"), py::arg("C"),
           py::arg("bits"), py::arg("iterations"), py::arg("threads"));
-    m.def("feedback_forward_f32", &feedback_forward, py::arg("sizes"), py::arg("eps"),
-          py::arg("h"), py::arg("proj0"), py::arg("norm_weight"), py::arg("norm_bias"),
-          py::arg("layers"), py::arg("mix"), py::arg("kv"), py::arg("context_mask"),
-          py::arg("bias"), py::arg("keys"),
-          py::arg("values"), py::arg("out"), py::arg("threads"), py::arg("team") = 0,
-          "Inference forward of a Feedback Transformer over float32 buffers (see feedback.h).");
     m.def("cpu_level", &get_cpu_level,
           "Instruction set the kernels use: 0 baseline, 1 AVX2+FMA, 2 AVX-512.");
     m.def("set_cpu_level", &set_cpu_level, py::arg("level"),

@@ -4,16 +4,13 @@
 // `import torch` (attention_core imports torch before _C) that soname resolves to the copy
 // torch has already loaded, so the kernels run on torch's own thread pool and follow
 // torch.set_num_threads. Built without OpenMP (macOS clang without libomp) it runs serially.
-//
-// SpinBarrier and share() serve csrc/feedback.h's own std::thread team, whose threads meet
-// between phases; no other kernel may start threads of its own.
+// No kernel starts threads of its own.
 #pragma once
 
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
 #include <exception>
-#include <thread>
 #include <vector>
 
 #ifdef _OPENMP
@@ -21,37 +18,6 @@
 #endif
 
 namespace attention_core {
-
-// A reusable barrier for a fixed team; waiting threads spin briefly, then yield.
-class SpinBarrier {
-  public:
-    explicit SpinBarrier(int64_t parties) : parties_(parties) {}
-
-    void wait() {
-        if (parties_ == 1) return;
-        const int64_t generation = generation_.load(std::memory_order_acquire);
-        if (arrived_.fetch_add(1, std::memory_order_acq_rel) + 1 == parties_) {
-            arrived_.store(0, std::memory_order_relaxed);
-            generation_.fetch_add(1, std::memory_order_release);
-            return;
-        }
-        for (int64_t spins = 0; generation_.load(std::memory_order_acquire) == generation;) {
-            if (++spins > kSpins) {
-                std::this_thread::yield();
-            } else {
-#if defined(__x86_64__) || defined(__i386__)
-                __builtin_ia32_pause();
-#endif
-            }
-        }
-    }
-
-  private:
-    static constexpr int64_t kSpins = 2000;  // pause instructions: some tens of microseconds
-    int64_t parties_;
-    std::atomic<int64_t> arrived_{0};
-    std::atomic<int64_t> generation_{0};
-};
 
 // [begin, end) of worker t's share of `items` among `workers`: contiguous, near-equal ranges.
 inline void share(int64_t items, int64_t t, int64_t workers, int64_t& begin, int64_t& end) {

@@ -22,7 +22,7 @@ def make(**kwargs):
         (dict(mem_len=-1), ValueError, "mem_len must be a non-negative int; got -1"),
         (dict(seq_len=1, mem_len=0), ValueError, "mem_len must be positive when seq_len=1"),
         (dict(dim=0), ValueError, "dim must be a positive int"),
-        (dict(attn_dropout=1.0), ValueError, r"attn_dropout must be a float in \[0, 1\)"),
+        (dict(attn_dropout=1.0), ValueError, r"attn_dropout must be a probability in \[0, 1\)"),
         (dict(keep_last_hidden="yes"), TypeError, "keep_last_hidden must be a bool"),
     ],
 )

@@ -1,9 +1,9 @@
-"""The training path's written-out backward (``layers.LayerStep``) and the memory gradients
-that a window's layers add in one pass (``memory.KVStore.accumulate_products``).
+"""The training path's written-out backward (``_fused_window_step.LayerStep``) and the memory
+gradients that a window's layers add in one pass (``_kv_store.KVStore.accumulate_products``).
 
 Gradients are compared in float64 with the composed ops of the same layer
-(``FeedbackLayer.use_layer_step = False``), which the reference tests check against a slow
-token-by-token model.
+(``_window_loop.FUSED = False``), which the reference tests check against the paper path
+and a slow token-by-token model.
 """
 
 from __future__ import annotations
@@ -12,8 +12,7 @@ import pytest
 import torch
 
 from attention_core.testing import assert_close
-from feedback_transformer import FeedbackTransformer
-from feedback_transformer.layers import FeedbackLayer
+from feedback_transformer import FeedbackTransformer, _window_loop
 
 OPTIONS = {
     "windows": dict(seq_len=2, mem_len=6),
@@ -38,13 +37,13 @@ def gradients(model, tokens, layer_step: bool, frozen=()) -> dict[str, torch.Ten
     model.zero_grad(set_to_none=True)
     for name, p in model.named_parameters():
         p.requires_grad_(name not in frozen)
-    previous = FeedbackLayer.use_layer_step
-    FeedbackLayer.use_layer_step = layer_step
+    previous = _window_loop.FUSED
+    _window_loop.FUSED = layer_step
     try:
         _, memory = model(tokens[:, :3], return_memory=True, detach_memory=False)
         (model(tokens[:, 3:], memory=memory) ** 2).mean().backward()
     finally:
-        FeedbackLayer.use_layer_step = previous
+        _window_loop.FUSED = previous
     return {name: p.grad for name, p in model.named_parameters()}
 
 

@@ -5,12 +5,13 @@ its mask, detaching, pickling and parameter use."""
 from __future__ import annotations
 
 import io
+from unittest import mock
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from feedback_transformer import FeedbackMemory, FeedbackTransformer
+from feedback_transformer import FeedbackMemory, FeedbackTransformer, reference
 
 
 def assert_close(name, actual, expected, **tolerances):
@@ -133,23 +134,24 @@ def test_causality(seq_len, cross):
 
 
 def _layer_states(model, x):
-    """Embedding and every layer's output ``(b, n, dim)`` of one forward pass."""
-    states = [model.token_emb(x)]
+    """Embedding and every layer's output ``(b, n, dim)`` of one pass of the paper path
+    (``reference.feedback_layer`` recorded window by window)."""
     captured = []
-    hooks = [
-        layer.register_forward_hook(lambda _m, _i, out: captured.append(out))
-        for layer in model.layers
-    ]
+
+    def record(*args, **kwargs):
+        captured.append(layer_forward(*args, **kwargs))
+        return captured[-1]
+
+    layer_forward = reference.feedback_layer
+    model.use_fast_path = False
     try:
-        model(x)
+        with mock.patch.object(reference, "feedback_layer", record):
+            model(x)
     finally:
-        for hook in hooks:
-            hook.remove()
-    depth, b = len(model.layers), x.shape[0]
-    per_layer = [[] for _ in range(depth)]
-    for i, out in enumerate(captured):  # windows run layer by layer
-        per_layer[i % depth].append(out.view(b, -1, model.dim))
-    return states + [torch.cat(chunks, dim=1) for chunks in per_layer]
+        model.use_fast_path = True
+    depth = len(model.layers)
+    per_layer = [captured[i::depth] for i in range(depth)]  # windows run layer by layer
+    return [model.token_emb(x)] + [torch.cat(chunks, dim=1) for chunks in per_layer]
 
 
 def _kv(model, merged):
@@ -275,8 +277,8 @@ def test_memory_keeps_graph_on_request(seq_len):
 
 
 def test_gradients_accumulate_over_calls_and_retained_graphs():
-    """Weight gradients formed once per call (linear.StepLinear) accumulate like autograd's:
-    two backward passes over a retained graph and a third call give 3x one call's."""
+    """Weight gradients formed once per call (``_step_linear.StepLinear``) accumulate like
+    autograd's: two backward passes over a retained graph and a third call give 3x one call's."""
     model = make(seq_len=2, mem_len=4).train()
     x = tokens(2, 7)
     params = list(model.parameters())

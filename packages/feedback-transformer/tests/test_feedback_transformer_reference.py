@@ -1,6 +1,8 @@
-"""The model against the slow token-by-token reference of ``_fb_reference.py`` in float64:
-logits, the returned memory, and the gradients of every parameter, of the memory passed in
-and of the memory returned (through the model's custom autograd functions)."""
+"""Both paths of the model against the slow token-by-token oracle of ``_fb_reference.py`` in
+float64: logits, the returned memory, and the gradients of every parameter, of the memory
+passed in and of the memory returned. The fast path (``use_fast_path = True``, its custom
+autograd functions) and the paper path (``feedback_transformer.reference``, plain autograd)
+are checked alike, so the fast path equals the documented model."""
 
 from __future__ import annotations
 
@@ -60,9 +62,11 @@ def random_model(seq_len, mem_len, keep_last_hidden=False, cross_attend=False, s
     return model
 
 
+@pytest.mark.parametrize("fast", [True, False], ids=["fast-path", "paper-path"])
 @pytest.mark.parametrize(("W", "M", "n", "keep", "cross", "prefix_len"), CASES)
-def test_matches_reference(W, M, n, keep, cross, prefix_len):
+def test_matches_reference(W, M, n, keep, cross, prefix_len, fast):
     model = random_model(W, M, keep, cross)
+    model.use_fast_path = fast
     g = torch.Generator().manual_seed(1)
     x = torch.randint(0, VOCAB, (2, n), generator=g)
     context = mask = prefix = None
@@ -118,12 +122,14 @@ def test_matches_reference(W, M, n, keep, cross, prefix_len):
         assert_close(f"grad {name}", got, want)
 
 
+@pytest.mark.parametrize("fast", [True, False], ids=["fast-path", "paper-path"])
 @pytest.mark.parametrize("W", [1, 3])
-def test_gradients_with_dropout(W):
+def test_gradients_with_dropout(W, fast):
     """The custom backward with attention and feed-forward dropout on: the gradient of a
     scalar loss along random directions of all parameters equals the central difference of
     the loss (the random masks are replayed by reseeding before every evaluation)."""
     model = random_model(W, 3).train()
+    model.use_fast_path = fast
     model.layers[0].attn_dropout = model.layers[1].attn_dropout = 0.3
     for layer in model.layers:
         layer.ff.net[2].p = 0.2
@@ -157,3 +163,29 @@ def test_gradients_with_dropout(W):
     a = model(x)
     torch.manual_seed(1)
     assert not torch.allclose(a, model(x))
+
+
+@pytest.mark.parametrize(("W", "M", "n", "keep", "cross", "prefix_len"), CASES)
+def test_fast_path_equals_paper_path_in_inference(W, M, n, keep, cross, prefix_len):
+    """Without gradients (the inference branch of the fast path) in float64."""
+    model = random_model(W, M, keep, cross).eval()
+    g = torch.Generator().manual_seed(2)
+    x = torch.randint(0, VOCAB, (3, n), generator=g)
+    kwargs = {}
+    if cross:
+        kwargs = dict(context=torch.randn(3, 4, DIM, generator=g, dtype=torch.float64))
+    prefix = None
+    if prefix_len:
+        prefix = tuple(
+            torch.randn(3, HEADS, prefix_len, DIM_HEAD, generator=g, dtype=torch.float64)
+            for _ in range(2)
+        )
+    results = []
+    with torch.no_grad():
+        for fast in (True, False):
+            model.use_fast_path = fast
+            results.append(model(x, memory=prefix, return_memory=True, **kwargs))
+    (fast_logits, fast_memory), (paper_logits, paper_memory) = results
+    assert_close("logits", fast_logits, paper_logits)
+    assert_close("memory keys", fast_memory.keys, paper_memory.keys)
+    assert_close("memory values", fast_memory.values, paper_memory.values)

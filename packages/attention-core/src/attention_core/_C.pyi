@@ -486,27 +486,6 @@ def hamming_cluster(
     iterations: int,
     threads: int,
 ) -> None: ...
-def feedback_forward_f32(
-    sizes: tuple[int, int, int, int, int, int, int, int, int, int, int, int, int],
-    eps: tuple[float, float, float],
-    h: int,
-    proj0: int,
-    norm_weight: int,
-    norm_bias: int,
-    layers: list[list[int]],
-    mix: int,
-    kv: int,
-    context_mask: int,
-    bias: int,
-    keys: int,
-    values: int,
-    out: int,
-    threads: int,
-    team: int = 0,
-) -> None:
-    """Inference forward of a Feedback Transformer (csrc/feedback.h): sizes are (B, n, dim,
-    heads, dim_head, hidden, depth, window, mem_len, m0, capacity, o, S)."""
-
 def cpu_level() -> int:
     """Instruction set in use: 0 baseline, 1 AVX2+FMA, 2 AVX-512."""
 

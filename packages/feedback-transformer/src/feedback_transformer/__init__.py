@@ -1,14 +1,14 @@
 """The Feedback Transformer (Fan et al. 2021, arXiv 2002.09402) for PyTorch.
 
-``FeedbackTransformer`` is the language model of feedback-transformer-pytorch's README (with
-its cross attention), ``FeedbackMemory`` what it returns and accepts as memory, and
-``FeedbackState`` its token-by-token decoding state (``prefill``/``step``).
+`FeedbackTransformer` is the language model of feedback-transformer-pytorch's README (with
+its cross attention), `FeedbackMemory` what it returns and accepts as memory, and
+`FeedbackState` its token-by-token decoding state (``prefill``/``step``).
 
-Modules, in reading order: :mod:`.model` (the model, its checks and its window loop),
-:mod:`.layers` (one layer's blocks), :mod:`.attention` (a window's attention over the
-memory), :mod:`.memory` (the memory and its buffers), :mod:`.linear` (per-step linear maps
-with one weight gradient per call), :mod:`.kernel` (the compiled inference path) and
-:mod:`.generation` (decoding).
+Modules, in reading order: `reference` (the model as the paper writes it, layer by layer
+and window by window), `layers` (one layer's blocks), `memory` (the memory a call returns
+and accepts), `model` (the model's parameters and its `forward`) and `generation`
+(token-by-token decoding). The private modules (``_window_loop``, ``_fused_window_step``,
+``_window_attention``, ``_step_linear``, ``_kv_store``) compute the same function faster.
 """
 
 from .generation import FeedbackState

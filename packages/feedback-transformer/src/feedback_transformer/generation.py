@@ -1,11 +1,11 @@
-"""Token-by-token decoding of a :class:`~feedback_transformer.FeedbackTransformer` through the
+"""Token-by-token decoding of a `FeedbackTransformer` through the
 ``prefill``/``step`` protocol of ``attention_core.generation``.
 
 Decoding is the Feedback Transformer's exact sequential model (Fan et al. 2021, arXiv
 2002.09402): each new token's layers attend to the memory of all earlier steps. The memory
 lives in a ``RingBuffer`` that each step writes in place, and everything that does not
 change from step to step (scaled query weights, position bias, the context's keys and
-values) is computed once in :func:`prefill`: the only per-step work that grows with the
+values) is computed once in `prefill`: the only per-step work that grows with the
 memory's fill is the attention over it.
 
 Einstein notation: ``b`` batch, ``t`` prompt length, ``h`` heads, ``m`` memory slots.
@@ -22,8 +22,11 @@ from torch import Tensor
 from attention_core.generation import generate as _generate
 from attention_core.generation import stream as _stream
 
-from .attention import MemorySlice
-from .memory import FeedbackMemory, RingBuffer
+from . import _inference_window, _window_loop
+from ._inputs import check_memory, check_tokens, prepare_context
+from ._kv_store import RingBuffer
+from ._window_attention import MemorySlice
+from .memory import FeedbackMemory
 
 __all__ = ["FeedbackState", "generate", "prefill", "step", "stream"]
 
@@ -39,14 +42,16 @@ class FeedbackState:
     """
 
     def __init__(self, model, memory: FeedbackMemory, cross, batch: int):
+        """Arguments: the ``model``, its ``memory`` after the prompt, the prepared context
+        ``cross`` (or ``None``) and the ``batch`` size."""
         M = model.mem_len
         self.ring = RingBuffer(memory, M)
         self.batch, self.steps = batch, 0
         self.cross = cross
         positions = torch.arange(-M, 1, device=memory.keys.device)
         self.bias = model.rel_pos(positions[M:], positions[:M])  # (h, 1, M)
-        self.weights = model._query_weights(fused=False)
-        self.mix = model._mix()
+        self.weights = _window_loop.query_weights(model, fused=False)
+        self.mix = _window_loop.memory_mix(model)
         self.signature = model.signature
 
     @property
@@ -61,12 +66,12 @@ def prefill(model, tokens: Tensor, memory=None, context=None, context_mask=None)
     """``model.prefill``: logits ``(b, num_tokens)`` of the prompt ``(b, t)``'s last position
     and the state. The prompt runs one step at a time (windows of 1), as the decoding steps
     do."""
-    model._check_tokens("tokens", tokens, 2)
+    check_tokens(model, "tokens", tokens, 2)
     h = model.token_emb(tokens)
-    prefix = model._check_memory(memory, tokens.shape[0], h)
-    cross = model._prepare_cross(context, context_mask, tokens.shape[0], h)
-    out, new_memory = model._run(h, prefix, cross, detach=True, window=1)
-    state = FeedbackState(model, new_memory, cross, tokens.shape[0])
+    prefix = check_memory(model, memory, tokens.shape[0], h)
+    cross = prepare_context(model, context, context_mask, tokens.shape[0], h)
+    out, keys, values = _window_loop.run(model, h, prefix, cross, detach=True, seq_len=1)
+    state = FeedbackState(model, FeedbackMemory(keys, values), cross, tokens.shape[0])
     state.steps = tokens.shape[1]
     return model.to_logits(out[:, -1]), state
 
@@ -79,21 +84,23 @@ def step(model, tokens: Tensor, state: FeedbackState):
     if state.signature != model.signature or state.ring.capacity != model.mem_len:
         raise ValueError("state comes from another model; call prefill of this model")
     if not isinstance(tokens, Tensor) or tokens.dim() != 1 or tokens.shape[0] != state.batch:
-        model._check_tokens("tokens", tokens, 1)  # a TypeError or ValueError for the kind
+        check_tokens(model, "tokens", tokens, 1)  # a TypeError or ValueError for the kind
         raise ValueError(
             f"tokens must have shape (b,) = ({state.batch},); got {tuple(tokens.shape)}"
         )
     if tokens.dtype != torch.long:
-        model._check_tokens("tokens", tokens, 1)
+        check_tokens(model, "tokens", tokens, 1)
     elif tokens.numel():  # the common case: one reduction to see that the ids are in range
         low, high = tokens.aminmax()
         if low < 0 or high >= model.num_tokens:
-            model._check_tokens("tokens", tokens, 1)  # raises, naming the range
+            check_tokens(model, "tokens", tokens, 1)  # raises, naming the range
     x = model.token_emb(tokens)
     ring = state.ring
     memory = MemorySlice(ring, *ring.bounds())
     bias = state.bias[:, :, model.mem_len - ring.filled :]
-    out, k, v = model._window(x, memory, bias, False, state.weights, state.cross, state.mix)
+    out, k, v = _inference_window.window(
+        model, x, memory, bias, False, state.weights, state.cross, state.mix
+    )
     if k is not None:
         ring.append(k, v)
     state.steps += 1

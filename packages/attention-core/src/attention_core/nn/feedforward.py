@@ -86,8 +86,8 @@ class FeedForward(nn.Module):
     ``inner = int(dim * mult)``.
 
     With ``glu=True`` the first projection is twice as wide, ``Linear(d, 2 * inner)``, and its
-    halves are combined by `GLU` (``activation="gelu"`` gives GEGLU, as in the
-    Block-Recurrent and Feedback transformers). ``inner`` is ``int(dim * mult)`` in both cases
+    halves are combined by `GLU` (``activation="gelu"`` gives GEGLU, as in lucidrains'
+    recurrent transformers). ``inner`` is ``int(dim * mult)`` in both cases
     (the lucidrains convention), so the gated block has 1.5x the parameters of the plain one
     at equal ``mult``; pass ``mult=mult * 2 / 3`` to match parameter counts instead.
 

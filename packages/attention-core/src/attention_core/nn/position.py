@@ -2,8 +2,8 @@
 
 * `T5RelativePositionBias`: one learned scalar per head and distance bucket, with
   exact buckets for small distances and log-spaced ones up to ``max_distance`` (Raffel et al.
-  2020, T5, arXiv 1910.10683; used over a memory of past steps by the Feedback Transformer,
-  arXiv 2002.09402).
+  2020, T5, arXiv 1910.10683), also over a memory of past steps (keys at negative
+  positions).
 * `DynamicPositionBias`: a small MLP from the (optionally log-scaled) distance to one
   bias per head (Wang et al. 2021, CrossFormer, arXiv 2108.00154; used by the Block-Recurrent
   Transformer, arXiv 2203.07852).

@@ -10,7 +10,7 @@ exactly the paper's attention, with ``w > 1`` an approximation.
 Keys and values live in a preallocated buffer (``memory.KVStore`` or ``memory.RingBuffer``):
 the memory is slots ``lo .. hi - 1`` and the window's own keys are written to the scratch
 slots ``hi .. hi + w - 1`` (later overwritten by the window's memory), so one product covers
-both and nothing is concatenated. With autograd, :class:`MemoryAttention` saves the
+both and nothing is concatenated. With autograd, `MemoryAttention` saves the
 attention weights, not the memory, and adds the memory's gradients to the store.
 
 Einstein notation: ``b`` batch, ``h`` heads, ``i`` queries of the window (``w`` of them),
@@ -112,13 +112,13 @@ def attend_window(
         q: ``(b h, i, d)`` queries, already multiplied by the softmax scale.
         kw: ``(b, h, i, d)`` the window's keys, or ``None`` (single step).
         vw: ``(b, h, i, d)`` the window's values, or ``None``.
-        bias: from :func:`window_bias`, ``(h, i, m + i)`` or ``(h, 1, m)``.
+        bias: from `window_bias`, ``(h, i, m + i)`` or ``(h, 1, m)``.
         memory: the memory slots (``m`` of them, maybe 0) and the buffer holding them.
         first_empty: zero the first query's output (it sees no key).
         dropout_p: dropout on the attention weights (``0`` outside training).
 
     Returns:
-        ``(b h, i, d)``. Uses :class:`MemoryAttention` when gradients are recorded.
+        ``(b h, i, d)``. Uses `MemoryAttention` when gradients are recorded.
     """
     if torch.is_grad_enabled():
         return MemoryAttention.apply(q, kw, vw, bias, memory.link, memory, first_empty, dropout_p)
@@ -134,9 +134,9 @@ def attention_forward(
     first_empty: bool,
     dropout_p: float,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
-    """:func:`attend_window` without autograd: the output ``(b h, i, d)``, the attention
+    """`attend_window` without autograd: the output ``(b h, i, d)``, the attention
     weights ``(b h, i, j)`` before dropout and the dropout mask (or ``None``), which
-    :func:`attention_backward` takes (weights ``None``: a single step without memory)."""
+    `attention_backward` takes (weights ``None``: a single step without memory)."""
     if kw is None and memory.hi == memory.lo:
         return q.new_zeros(q.shape), None, None  # a single step without memory sees nothing
     k, v = _keys_values(memory, kw, vw)
@@ -160,7 +160,7 @@ def attention_backward(
     dropout_p: float,
     bias_shape: torch.Size | None,
 ) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
-    """Gradients of :func:`attention_forward` for ``dout`` ``(b h, i, d)``: ``dq``, the
+    """Gradients of `attention_forward` for ``dout`` ``(b h, i, d)``: ``dq``, the
     window's ``dkw``/``dvw`` (shaped like ``kw``/``vw``), and the bias gradient (of shape
     ``bias_shape``; ``None`` skips it); all ``None`` for a single step without memory. The
     memory's key and value gradients go to ``memory.source`` (its ``accumulate_products``);
@@ -205,7 +205,7 @@ def attention_backward(
 
 
 class MemoryAttention(Function):
-    """:func:`attend_window` with a backward pass that reads the memory from the buffer
+    """`attend_window` with a backward pass that reads the memory from the buffer
     (no copy of it is saved, only the attention weights) and adds its gradients to the
     store (``accumulate``).
 

@@ -3,12 +3,12 @@
 The Feedback Transformer (Fan et al. 2021, arXiv 2002.09402) runs its steps one after
 another, so every weight is applied once per step to a few rows (``b * w``). Plain autograd
 then computes and accumulates a full weight-sized gradient per step, which costs more than
-the step's forward product. :class:`StepLinear` instead records each step's input and output
+the step's forward product. `StepLinear` instead records each step's input and output
 gradient during the backward pass and forms the weight gradient once, as one matrix product
 over all steps' rows, ``dW = cat(dY)^T cat(X)`` (and ``db = sum(dY)``).
 
-How: for each weight, a :class:`Gather` node is put *before* all uses; it outputs a scalar
-token that every step's :class:`Linear` takes as an input. The backward pass therefore runs
+How: for each weight, a `Gather` node is put *before* all uses; it outputs a scalar
+token that every step's `Linear` takes as an input. The backward pass therefore runs
 every step's ``Linear.backward`` (which returns the input gradient and records ``(X, dY)``)
 before ``Gather.backward``, which returns the summed weight and bias gradients.
 
@@ -62,7 +62,7 @@ class Gather(Function):
 class Linear(Function):
     """``apply(x, weight, bias, token, record)``: ``F.linear(x, weight, bias)`` for ``x``
     ``(r, i)``; the backward returns ``dX = dY W`` and records ``(X, dY)`` for
-    :class:`Gather` (nothing when no gradient reached the output: the weight then gets
+    `Gather` (nothing when no gradient reached the output: the weight then gets
     none from this use, as with ``F.linear``)."""
 
     @staticmethod

@@ -1,0 +1,110 @@
+"""Inference speed-up: a window through every layer in fewer torch ops, without autograd.
+
+The model's steps run one after another on a few rows each (``b * w``), so the number of
+ops dispatched per step is part of the cost. This is `_window_loop.window` for calls that
+record no gradients (and apply no dropout), in fewer ops per layer:
+
+* the position bias is expanded to the ``(b h, w, j)`` scores once per window and added by
+  the score product itself (``baddbmm``);
+* no autograd bookkeeping, no `StepLinear` indirection, no custom autograd functions.
+
+It reads the memory from a key/value buffer (`_kv_store.KVStore` of a forward call or
+`_kv_store.RingBuffer` of decoding) and writes the window's own keys after the memory.
+
+Einstein notation: ``b`` batch, ``w`` steps of the window, ``h`` heads, ``j`` keys (memory
+slots, then the window), ``d`` head feature.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ._window_attention import MemorySlice
+
+__all__ = ["layer_norm", "window"]
+
+
+def layer_norm(x: Tensor, norm) -> Tensor:
+    """``norm(x)`` for an ``nn.LayerNorm`` ``norm``, without module dispatch."""
+    return F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+
+
+def _attention(proj: Tensor, memory: MemorySlice, bias: Tensor, first_empty: bool, sizes):
+    """The attention output ``(b w, h d)`` of a projection ``(b w, o)`` (queries, then, for
+    ``w > 1``, the window's keys and values) over the memory and the window; ``bias``
+    ``(b h, w, j)``, ``sizes`` ``(b, w, h, d)``."""
+    b, w, h, d = sizes
+    lo, hi = memory.lo, memory.hi
+    keys, values = memory.source.keys, memory.source.values  # (b h, c, d)
+    if w == 1:
+        if lo == hi:  # a single step without memory sees nothing
+            return proj.new_zeros(b, h * d)
+        q = proj.reshape(b * h, 1, d)
+    else:
+        parts = proj.view(b, w, 3, h, d)
+        q = parts[:, :, 0].transpose(1, 2).reshape(b * h, w, d)
+        # the window's keys and values go to the scratch slots after the memory
+        shape = (b, h, keys.shape[1], d)
+        keys.view(shape)[:, :, hi : hi + w].copy_(parts[:, :, 1].transpose(1, 2))
+        values.view(shape)[:, :, hi : hi + w].copy_(parts[:, :, 2].transpose(1, 2))
+        hi += w
+    scores = torch.baddbmm(bias, q, keys[:, lo:hi].mT)
+    out = torch.bmm(scores.softmax(dim=-1), values[:, lo:hi])
+    if first_empty:
+        out[:, 0] = 0.0
+    if w == 1:
+        return out.view(b, h * d)
+    return out.view(b, h, w, d).transpose(1, 2).reshape(b * w, h * d)
+
+
+def _layer(layer, weight, norm, x, memory, bias, first_empty, cross, proj) -> Tensor:
+    """One layer for ``x`` ``(b w, dim)`` (arguments as `_window_loop.layer_window`)."""
+    w = bias.shape[1]
+    b = x.shape[0] // w
+    if proj is None:
+        proj = F.linear(layer_norm(x, norm), weight)
+    out = _attention(proj, memory, bias, first_empty, (b, w, layer.heads, layer.dim_head))
+    x = F.linear(out, layer.to_out.weight, layer.to_out.bias).add_(x)
+    if cross is not None:
+        x += layer.cross(x.view(b, w, -1), *cross).view(b * w, -1)
+    first, _, last = layer.ff_parts()
+    a = layer_norm(x, layer.ff_norm)
+    hidden, gate = F.linear(a, first.weight, first.bias).chunk(2, dim=-1)
+    hidden = hidden * F.gelu(gate)
+    return F.linear(hidden, last.weight, last.bias).add_(x)
+
+
+def window(
+    model,
+    x: Tensor,
+    memory: MemorySlice,
+    bias: Tensor,
+    first_empty: bool,
+    weights: list[Tensor],
+    cross,
+    mix: Tensor | None,
+    proj0: Tensor | None = None,
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """`_window_loop.window` without autograd (the same arguments, without ``linear``):
+    the last layer's output ``(b w, dim)`` and the window's memory keys and values
+    ``(b, h, w, d)`` (``None`` when ``mem_len == 0``)."""
+    h, (_, w, j) = model.heads, bias.shape
+    b = x.shape[0] // w
+    bias = bias.expand(b, h, w, j).reshape(b * h, w, j)  # once for all layers
+    states = [x]
+    for i, layer in enumerate(model.layers):
+        layer_cross = None if cross is None else (*cross[0][i], cross[1])
+        proj = proj0 if i == 0 else None
+        x = _layer(
+            layer, weights[i], model.attn_norm, x, memory, bias, first_empty, layer_cross, proj
+        )
+        states.append(x)
+    if not model.mem_len:
+        return x, None, None
+    merged = x if mix is None else torch.stack(states, dim=-1) @ mix  # (b w) dim l, l
+    kv = F.linear(layer_norm(merged, model.attn_norm), model.to_kv.weight)
+    # "(b w) (two h d) -> two b h w d"
+    kv = kv.view(b, w, 2, h, model.dim_head).permute(2, 0, 3, 1, 4)
+    return x, kv[0], kv[1]
