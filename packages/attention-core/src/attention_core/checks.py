@@ -324,7 +324,7 @@ def check_model_dtype(name: str, x: Tensor, model_dtype: torch.dtype) -> Tensor:
         >>> check_model_dtype("x", x, torch.float32)  # doctest: +ELLIPSIS
         Traceback (most recent call last):
           ...
-        TypeError: x must have the dtype of the model's parameters (torch.float32); got ...
+        TypeError: x must have the dtype of the model's parameters (torch.float32)...
     """
     if x.dtype != model_dtype and not torch.is_autocast_enabled(x.device.type):
         raise TypeError(
@@ -361,7 +361,8 @@ def check_token_ids(
         >>> labels = torch.tensor([[3, -100, 4]])
         >>> check_token_ids("labels", labels, 5, ignore_index=-100).shape
         torch.Size([1, 3])
-        >>> check_token_ids("labels", torch.tensor([[3, -100, 9]]), 5, ignore_index=-100)
+        >>> bad = torch.tensor([[3, -100, 9]])
+        >>> check_token_ids("labels", bad, 5, ignore_index=-100)
         Traceback (most recent call last):
           ...
         ValueError: labels must hold token ids in [0, 5) or ignore_index = -100; got 9

@@ -1,5 +1,6 @@
-"""Token-by-token decoding of a `FeedbackTransformer` through the
-``prefill``/``step`` protocol of ``attention_core.generation``.
+"""This module decodes a `FeedbackTransformer` token by token.
+
+It implements the ``prefill``/``step`` protocol of ``attention_core.generation``.
 
 Decoding is the Feedback Transformer's exact sequential model (Fan et al. 2021, arXiv
 2002.09402): each new token's layers attend to the memory of all earlier steps. The memory
@@ -32,8 +33,9 @@ __all__ = ["FeedbackState", "generate", "prefill", "step", "stream"]
 
 
 class FeedbackState:
-    """Decoding state of a batch of ``b`` rows: the memory ring buffer and what the steps
-    reuse. Steps update it in place.
+    """Hold the decoding state of a batch of ``b`` rows.
+
+    The state is the memory ring buffer and what the steps reuse. Steps update it in place.
 
     Attributes:
         ring: the last ``mem_len`` steps' keys and values.
@@ -42,8 +44,14 @@ class FeedbackState:
     """
 
     def __init__(self, model, memory: FeedbackMemory, cross, batch: int):
-        """Arguments: the ``model``, its ``memory`` after the prompt, the prepared context
-        ``cross`` (or ``None``) and the ``batch`` size."""
+        """Set up the state after the prompt.
+
+        Arguments:
+            model: the model that decodes.
+            memory: its memory after the prompt.
+            cross: the prepared context, or ``None``.
+            batch: the batch size.
+        """
         M = model.mem_len
         self.ring = RingBuffer(memory, M)
         self.batch, self.steps = batch, 0
@@ -63,9 +71,14 @@ class FeedbackState:
 
 @torch.no_grad()
 def prefill(model, tokens: Tensor, memory=None, context=None, context_mask=None):
-    """``model.prefill``: logits ``(b, num_tokens)`` of the prompt ``(b, t)``'s last position
-    and the state. The prompt runs one step at a time (windows of 1), as the decoding steps
-    do."""
+    """Run the prompt and return its last position's logits and the decoding state.
+
+    This is ``model.prefill``. The prompt ``(b, t)`` runs one step at a time (windows of 1),
+    as the decoding steps do.
+
+    Returns:
+        The logits ``(b, num_tokens)`` of the prompt's last position, and the state.
+    """
     check_tokens(model, "tokens", tokens, 2)
     h = model.token_emb(tokens)
     prefix = check_memory(model, memory, tokens.shape[0], h)
@@ -78,7 +91,10 @@ def prefill(model, tokens: Tensor, memory=None, context=None, context_mask=None)
 
 @torch.no_grad()
 def step(model, tokens: Tensor, state: FeedbackState):
-    """``model.step``: one token per row ``(b,)`` -> logits ``(b, num_tokens)``, state."""
+    """Decode one token per row ``(b,)`` and return logits ``(b, num_tokens)`` and the state.
+
+    This is ``model.step``.
+    """
     if not isinstance(state, FeedbackState):
         raise TypeError(f"state must be a FeedbackState from prefill; got {type(state).__name__}")
     if state.signature != model.signature or state.ring.capacity != model.mem_len:
@@ -132,8 +148,11 @@ def generate(
     context_mask: Tensor | None = None,
     **sampling,
 ) -> Tensor:
-    """The prompt ``(b, t)`` followed by up to ``max_new_tokens`` new tokens ``(b, t + n)``
-    (sampling options as in ``attention_core.generation.generate``)."""
+    """Return the prompt ``(b, t)`` followed by up to ``max_new_tokens`` new tokens.
+
+    The result has shape ``(b, t + n)``; the sampling options are those of
+    ``attention_core.generation.generate``.
+    """
     bound = _Bound(model, memory=memory, context=context, context_mask=context_mask)
     return _generate(bound, prompt, max_new_tokens, **sampling)
 
@@ -148,7 +167,9 @@ def stream(
     context_mask: Tensor | None = None,
     **sampling,
 ) -> Iterator[Tensor]:
-    """Yield up to ``max_new_tokens`` new tokens ``(b,)`` one at a time (as
-    ``attention_core.generation.stream``)."""
+    """Yield up to ``max_new_tokens`` new tokens ``(b,)`` one at a time.
+
+    The sampling options are those of ``attention_core.generation.stream``.
+    """
     bound = _Bound(model, memory=memory, context=context, context_mask=context_mask)
     return _stream(bound, prompt, max_new_tokens, **sampling)

@@ -1,5 +1,7 @@
-"""The blocks of one Feedback Transformer layer (Fan et al. 2021, arXiv 2002.09402): attention
-over the feedback memory, optional cross attention over an encoded context, and a GEGLU
+"""This module holds the blocks of one Feedback Transformer layer.
+
+A layer of the Feedback Transformer (Fan et al. 2021, arXiv 2002.09402) has attention over
+the feedback memory, optional cross attention over an encoded context, and a GEGLU
 feed-forward (Shazeer 2020, arXiv 2002.05202), each pre-normalised and residual.
 
 How a layer runs is written in `reference.feedback_layer`.
@@ -19,8 +21,9 @@ __all__ = ["CrossAttention", "FeedbackLayer"]
 
 
 class CrossAttention(nn.Module):
-    """Pre-normalised attention of the window's states to an encoded context (no
-    self-attention over the window: the queries see the context only).
+    """Attend from the window's states to an encoded context, pre-normalised.
+
+    There is no self-attention over the window: the queries see the context only.
 
     Arguments:
         dim: model width.
@@ -49,8 +52,17 @@ class CrossAttention(nn.Module):
         return k, v
 
     def forward(self, x: Tensor, keys: Tensor, values: Tensor, mask: Tensor | None) -> Tensor:
-        """``x`` ``(b, n, dim)`` attends to ``keys``/``values`` ``(b, h, s, d)``; ``mask``
-        ``(b, 1, 1, s)`` boolean (``True`` = visible) or ``None``. Returns ``(b, n, dim)``."""
+        """Attend from ``x`` to the context's keys and values.
+
+        Arguments:
+            x: ``(b, n, dim)`` the window's states.
+            keys: ``(b, h, s, d)`` the context's keys.
+            values: ``(b, h, s, d)`` the context's values.
+            mask: ``(b, 1, 1, s)`` boolean (``True`` = visible), or ``None``.
+
+        Returns:
+            ``(b, n, dim)``.
+        """
         q = rearrange(self.to_q(self.norm(x)), "b n (h d) -> b h n d", h=self.heads)
         dropout = self.dropout if self.training else 0.0
         out = attend(q, keys, values, mask=mask, dropout_p=dropout, training=self.training)
@@ -76,8 +88,11 @@ class FeedbackLayer(nn.Module):
     """
 
     def ff_parts(self) -> tuple[nn.Linear, nn.Dropout, nn.Linear]:
-        """The feed-forward block's input product (``dim`` to ``2 hidden``: the value half,
-        then the gate half), its dropout and its output product (``hidden`` to ``dim``)."""
+        """Return the feed-forward block's input product, its dropout and its output product.
+
+        The input product maps ``dim`` to ``2 hidden`` (the value half, then the gate half);
+        the output product maps ``hidden`` to ``dim``.
+        """
         first, _, dropout, last = self.ff.net  # Linear, GEGLU, Dropout, Linear
         return first, dropout, last
 

@@ -25,9 +25,10 @@ class _KeysValues(NamedTuple):
 
 
 class FeedbackMemory(_KeysValues):
-    """The keys and values of the most recent steps, oldest first: a ``(keys, values)``
-    named tuple (like feedback-transformer-pytorch's ``Memory``, so ``keys, values = memory``
-    works) that also remembers the size of the model that wrote it.
+    """Hold the keys and values of the most recent steps, oldest first.
+
+    A ``(keys, values)`` named tuple (like feedback-transformer-pytorch's ``Memory``, so
+    ``keys, values = memory`` works) that also remembers the size of the model that wrote it.
 
     Attributes:
         keys: ``(b, h, m, d)`` keys of the last ``m <= mem_len`` steps.
@@ -39,7 +40,8 @@ class FeedbackMemory(_KeysValues):
             strictly; new tensors computed from them (slices, clones) carry no source.
 
     Example:
-        >>> memory = FeedbackMemory(torch.zeros(2, 8, 5, 64), torch.zeros(2, 8, 5, 64))
+        >>> memory = FeedbackMemory(
+        ...     torch.zeros(2, 8, 5, 64), torch.zeros(2, 8, 5, 64))
         >>> keys, values = memory
         >>> keys.shape, memory.source
         (torch.Size([2, 8, 5, 64]), None)
@@ -61,12 +63,16 @@ class FeedbackMemory(_KeysValues):
 
 
 def memory_source(memory) -> tuple[int, int, int, int] | None:
-    """``(dim, depth, heads, dim_head)`` of the model that wrote ``memory`` (a
-    `FeedbackMemory` or a plain ``(keys, values)`` tuple of its tensors), or ``None``
-    when unknown.
+    """Return the ``(dim, depth, heads, dim_head)`` of the model that wrote ``memory``.
 
-    Raises ``ValueError`` when ``keys`` and ``values`` were written by models of different
-    sizes.
+    Arguments:
+        memory: a `FeedbackMemory` or a plain ``(keys, values)`` tuple of its tensors.
+
+    Returns:
+        The model's ``(dim, depth, heads, dim_head)``, or ``None`` when unknown.
+
+    Raises:
+        ValueError: ``keys`` and ``values`` were written by models of different sizes.
     """
     source = getattr(memory, "source", None)
     if source is not None:

@@ -1,5 +1,7 @@
-"""The Feedback Transformer (Fan et al. 2021, "Addressing Some Limitations of Transformers
-with Feedback Memory", arXiv 2002.09402).
+"""This module holds the Feedback Transformer model.
+
+The model is from Fan et al. 2021, "Addressing Some Limitations of Transformers with Feedback
+Memory" (arXiv 2002.09402).
 
 At every time step ``t`` the states of all layers (the token embedding ``x_t^0`` and each
 layer's output ``x_t^l``) are merged into one memory vector

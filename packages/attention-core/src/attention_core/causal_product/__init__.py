@@ -1,27 +1,29 @@
-"""Causal dot product, the core of causal linear attention (Katharopoulos et al. 2020,
-"Transformers are RNNs", arXiv 2006.16236).
+"""The causal dot product is the core of causal linear attention.
+
+Causal linear attention is from Katharopoulos et al. 2020, "Transformers are RNNs" (arXiv
+2006.16236).
 
 ``causal_dot_product(Q, K, V)[n, h, i] = sum_{j <= i} (Q[n, h, i] . K[n, h, j]) V[n, h, j]``
 
 Four implementations sit behind the public functions:
 
-- :func:`causal_dot_product_reference`, the quadratic masked product: obviously right, the
+- `causal_dot_product_reference`, the quadratic masked product: obviously right, the
   test oracle;
-- :func:`causal_dot_product_chunked`, plain PyTorch that never materialises an ``L x L``
+- `causal_dot_product_chunked`, plain PyTorch that never materialises an ``L x L``
   matrix (intra-chunk masked products plus inter-chunk state passing): the fallback on every
   device and dtype;
 - the compiled CPU kernel of ``attention_core._C`` (``csrc/causal_product.h``, registered as
-  the ``torch.library`` ops of :mod:`attention_core.causal_product._op`): a
+  the ``torch.library`` ops of `attention_core.causal_product._op`): a
   fused per-token recurrence over a state that stays in cache, threaded over batch x heads
   with ``torch.get_num_threads()`` threads, whose backward recomputes the states instead of
   storing them. Used for float32/float64 CPU tensors (half precision is computed in float32)
   unless ``ATTENTION_CORE_FORCE_REFERENCE=1``;
 - a chunked Triton kernel for float32 (and half-precision, computed in float32) CUDA tensors
-  when triton is importable (:mod:`attention_core.causal_product._triton`, registered as the
+  when triton is importable (`attention_core.causal_product._triton`, registered as the
   ops' ``"cuda"`` kernels); float64 CUDA tensors take the chunked plain-PyTorch form.
 
-:func:`normalized_causal_dot_product` adds the normaliser of causal linear attention in the
-same pass, and :func:`elu_normalized_causal_dot_product` also the default feature map
+`normalized_causal_dot_product` adds the normaliser of causal linear attention in the
+same pass, and `elu_normalized_causal_dot_product` also the default feature map
 ``elu(x) + 1`` (inside the CPU kernel; the whole ``CausalLinearAttention`` layer with its
 default feature map is this one call).
 Both take and return the running state (``S = sum_j K_j V_j^T`` and
@@ -112,9 +114,11 @@ def causal_dot_product(
         >>> Q, K, V = (torch.rand(2, 4, 10, 8) for _ in range(3))
         >>> causal_dot_product(Q, K, V).shape
         torch.Size([2, 4, 10, 8])
-        >>> first, S = causal_dot_product(Q[:, :, :6], K[:, :, :6], V[:, :, :6], return_state=True)
+        >>> first, S = causal_dot_product(
+        ...     Q[:, :, :6], K[:, :, :6], V[:, :, :6], return_state=True)
         >>> rest = causal_dot_product(Q[:, :, 6:], K[:, :, 6:], V[:, :, 6:], state=S)
-        >>> torch.allclose(torch.cat([first, rest], 2), causal_dot_product(Q, K, V), atol=1e-5)
+        >>> torch.allclose(
+        ...     torch.cat([first, rest], 2), causal_dot_product(Q, K, V), atol=1e-5)
         True
     """
     check_inputs(Q, K, V)
@@ -171,7 +175,7 @@ def normalized_causal_dot_product(
     state: tuple[Tensor, Tensor] | None = None,
     return_state: bool = False,
 ) -> Tensor | tuple[Tensor, tuple[Tensor, Tensor]]:
-    """Causal linear attention of already feature-mapped queries and keys, in one pass:
+    """Compute causal linear attention of already feature-mapped queries and keys in one pass.
 
     ``out[n, h, i] = causal_dot_product(Q, K, V)[n, h, i] / (Q[n, h, i] . z_i + eps)`` with
     ``z_i = sum_{j <= i} K[n, h, j]``.
@@ -220,13 +224,15 @@ def normalized_causal_dot_product(
 
 
 def elu_normalized_causal_dot_product(Q: Tensor, K: Tensor, V: Tensor, eps: float = 1e-6) -> Tensor:
-    """Causal linear attention with the default feature map ``phi(x) = elu(x) + 1``:
-    ``normalized_causal_dot_product(phi(Q), phi(K), V, eps)`` in one pass.
+    """Compute causal linear attention with the default feature map ``phi(x) = elu(x) + 1``.
+
+    The result is ``normalized_causal_dot_product(phi(Q), phi(K), V, eps)``, computed in one
+    pass.
 
     For float32/float64 CPU tensors the compiled kernel applies ``phi`` while it reads each
     chunk of rows (op ``attention_core::elu_causal_linear_attention``), so neither feature-
     mapped copy is made nor stored for the backward pass; elsewhere ``phi`` is applied first
-    and :func:`normalized_causal_dot_product` runs. The result is stored like ``Q`` (see
+    and `normalized_causal_dot_product` runs. The result is stored like ``Q`` (see
     there). Differentiable with respect to ``Q``, ``K`` and ``V``.
 
     Arguments:
@@ -242,7 +248,8 @@ def elu_normalized_causal_dot_product(Q: Tensor, K: Tensor, V: Tensor, eps: floa
         >>> Q, K, V = (torch.randn(1, 2, 7, 4) for _ in range(3))
         >>> phi = lambda x: torch.nn.functional.elu(x) + 1
         >>> out = elu_normalized_causal_dot_product(Q, K, V)
-        >>> torch.allclose(out, normalized_causal_dot_product(phi(Q), phi(K), V), atol=1e-5)
+        >>> torch.allclose(
+        ...     out, normalized_causal_dot_product(phi(Q), phi(K), V), atol=1e-5)
         True
     """
     check_inputs(Q, K, V)

@@ -1,5 +1,7 @@
-"""``fast_transformers.causal_product.causal_product_cpu`` over
-:func:`attention_core.causal_product.causal_dot_product`.
+"""This module provides fast-transformers' compiled ``causal_product_cpu`` functions.
+
+It is ``fast_transformers.causal_product.causal_product_cpu`` over
+`attention_core.causal_product.causal_dot_product`.
 
 Same function names, argument order and caller-allocated outputs as fast-transformers'
 compiled module; any floating dtype is accepted. The backward comes from autograd through
@@ -39,7 +41,7 @@ def causal_dot_backward(
     grad_keys: Tensor,
     grad_values: Tensor,
 ) -> None:
-    """Write the gradients of :func:`causal_dot_product` for ``grad_out`` into the buffers.
+    """Write the gradients of `causal_dot_product` for ``grad_out`` into the buffers.
 
     Arguments:
         queries: ``(N, H, L, E)``.

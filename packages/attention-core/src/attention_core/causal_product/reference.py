@@ -1,6 +1,9 @@
-"""The plain-PyTorch forms of the causal product: the quadratic reference (the tests'
-oracle), the chunked form (the fallback on every device and dtype) and the normalised chunked
-form of causal linear attention; also the input checks of the public functions."""
+"""This module holds the plain-PyTorch forms of the causal product.
+
+They are the quadratic reference (the tests' oracle), the chunked form (the fallback on every
+device and dtype) and the normalised chunked form of causal linear attention; the module also
+holds the input checks of the public functions.
+"""
 
 from __future__ import annotations
 
@@ -85,8 +88,12 @@ def causal_dot_product_reference(Q: Tensor, K: Tensor, V: Tensor) -> Tensor:
 def chunked_product(
     Q: Tensor, K: Tensor, V: Tensor, chunk_size: int, S0: Tensor | None
 ) -> tuple[Tensor, Tensor]:
-    """The chunked numerator ``(N, H, L, M)`` of checked ``Q, K (N, H, L, E)`` and
-    ``V (N, H, L, M)`` and the final state ``S0 + sum_j K_j V_j^T`` ``(N, H, E, M)``."""
+    """Compute the chunked numerator of the causal product and its final state.
+
+    Returns:
+        The numerator ``(N, H, L, M)`` of checked ``Q, K (N, H, L, E)`` and
+        ``V (N, H, L, M)``, and the final state ``S0 + sum_j K_j V_j^T`` ``(N, H, E, M)``.
+    """
     N, H, L, E = Q.shape
     M = V.shape[-1]
     if L == 0:
@@ -150,9 +157,12 @@ def causal_dot_product_chunked(
 def normalized_chunked_product(
     Q: Tensor, K: Tensor, V: Tensor, eps: float, S0: Tensor | None, z0: Tensor | None
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Causal linear attention of checked, feature-mapped ``Q, K (N, H, L, E)`` and
-    ``V (N, H, L, M)`` in plain PyTorch: the output ``(N, H, L, M)`` and the final states
-    ``S (N, H, E, M)`` and ``z (N, H, E)``."""
+    """Compute causal linear attention of checked, feature-mapped inputs in plain PyTorch.
+
+    Returns:
+        For ``Q, K (N, H, L, E)`` and ``V (N, H, L, M)``: the output ``(N, H, L, M)`` and the
+        final states ``S (N, H, E, M)`` and ``z (N, H, E)``.
+    """
     N, H, L, E = Q.shape
     numerator, S = chunked_product(Q, K, V, 64, S0)
     prefix = K.cumsum(dim=2)

@@ -1,6 +1,7 @@
-"""One step of recurrent (causal) linear attention (Katharopoulos et al. 2020, "Transformers
-are RNNs", arXiv 2006.16236), fused: the feature map, the state update and the normalised
-read in one pass over the state.
+"""This module computes one fused step of recurrent (causal) linear attention.
+
+The step follows Katharopoulos et al. 2020, "Transformers are RNNs" (arXiv 2006.16236): the
+feature map, the state update and the normalised read run in one pass over the state.
 
 With ``S = sum_j phi(K_j) V_j^T`` and ``Z = sum_j phi(K_j)`` over the previous steps, a step
 with query ``q``, key ``k`` and value ``v`` computes
@@ -9,8 +10,9 @@ with query ``q``, key ``k`` and value ``v`` computes
 
 Implementations behind `linear_attention_step`:
 
-- `linear_attention_step_reference` (:mod:`.reference`), the formula in plain PyTorch: the
-  test oracle and the path for half precision and for devices without a kernel;
+- `linear_attention_step_reference` (`attention_core.linear_step.reference`), the formula
+  in plain PyTorch: the test oracle and the path for half precision and for devices without
+  a kernel;
 - the compiled CPU kernel of ``attention_core._C`` (``csrc/linear_step.h``) for float32 and
   float64 CPU tensors: every row of ``S`` is read once, updated, written to the new state and
   used for the output while it is in registers, on torch's thread pool (one thread for small

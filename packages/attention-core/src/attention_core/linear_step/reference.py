@@ -1,5 +1,6 @@
-"""The plain-PyTorch form of one recurrent linear-attention step: the oracle of the tests and
-the path for dtypes and devices without a compiled kernel.
+"""This module holds the plain-PyTorch form of one recurrent linear-attention step.
+
+It is the oracle of the tests and the path for dtypes and devices without a compiled kernel.
 
 Einstein notation: n batch, h heads, e query/key features (after the feature map), m value
 features.

@@ -1,5 +1,8 @@
-"""Run the ``Example:`` blocks of a package's docstrings: every package's tests assert that
-they all pass, so an example on an API page is an example that works."""
+"""This module runs the ``Example:`` blocks of a package's docstrings.
+
+Every package's tests assert that they all pass, so an example on an API page is an example
+that works.
+"""
 
 from __future__ import annotations
 
