@@ -10,6 +10,8 @@ heads, ``d`` head feature.
 
 from __future__ import annotations
 
+from typing import cast
+
 from einops import rearrange
 from torch import Tensor, nn
 
@@ -79,7 +81,7 @@ class FeedbackLayer(nn.Module):
         """The feed-forward block's input product (``dim`` to ``2 hidden``: the value half,
         then the gate half), its dropout and its output product (``hidden`` to ``dim``)."""
         first, _, dropout, last = self.ff.net  # Linear, GEGLU, Dropout, Linear
-        return first, dropout, last
+        return cast(nn.Linear, first), cast(nn.Dropout, dropout), cast(nn.Linear, last)
 
     def __init__(
         self,
