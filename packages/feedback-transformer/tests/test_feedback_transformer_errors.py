@@ -105,6 +105,17 @@ def test_context_errors():
         make()(x, context=torch.zeros(2, 5, 16))
 
 
+def test_reference_without_context():
+    # the paper path called directly on a cross attention model without the context's keys
+    # and values: a clear error (it used to be "argument after * must be an iterable")
+    from feedback_transformer.reference import feedback_forward
+
+    cross = make(cross_attend=True)
+    h = cross.token_emb(torch.zeros(2, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match="context is required"):
+        feedback_forward(cross, h)
+
+
 def test_step_errors():
     model = make()
     _, state = model.prefill(torch.zeros(2, 3, dtype=torch.long))

@@ -15,6 +15,7 @@ Einstein notation: ``b`` batch, ``w`` steps of the window, ``h`` heads, ``d`` he
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +23,7 @@ from torch import Tensor
 from torch.autograd import Function
 from torch.autograd.function import once_differentiable
 
+from ._step_linear import _Record
 from ._window_attention import MemorySlice, attention_backward, attention_forward
 
 __all__ = ["LayerStep", "StepInputs", "StepPlan", "join_heads", "split_heads", "split_projection"]
@@ -59,7 +61,7 @@ class StepInputs:
     token_ff_in: Tensor | None
     token_ff_out: Tensor | None
 
-    def as_args(self) -> tuple:
+    def as_args(self) -> tuple[Tensor | None, ...]:
         """The fields in order, for `LayerStep.apply`."""
         return tuple(getattr(self, f.name) for f in fields(self))
 
@@ -80,7 +82,7 @@ class StepPlan:
     ff_norm_eps: float
     attn_dropout: float
     ff_dropout: float
-    records: tuple
+    records: tuple[_Record | None, ...]
 
 
 _INDEX = {f.name: i for i, f in enumerate(fields(StepInputs))}
@@ -92,7 +94,7 @@ class LayerStep(Function):
     cross attention for a window of ``w`` steps, rows in ``(b, w)`` order, as one node."""
 
     @staticmethod
-    def forward(ctx, plan: StepPlan, *args):
+    def forward(ctx: Any, plan: StepPlan, *args: Any) -> Tensor:
         t = StepInputs(*args)
         b, w, h, d = plan.batch, plan.window, plan.heads, plan.dim_head
         x, dim = t.x, t.x.shape[1]
@@ -132,7 +134,7 @@ class LayerStep(Function):
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, dy: Tensor):
+    def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:
         (
             x, a, mean, rstd, q, kw, vw, p, keep, att, o, x1, a2, mean2, rstd2, hx, gate, g,
             u, keep_ff, norm_w, norm_b, weight, out_w, ffn_w, ffn_b, ff1_w, ff2_w,
@@ -195,7 +197,9 @@ class LayerStep(Function):
         return (None, *(grads.get(f.name) for f in fields(StepInputs)))
 
 
-def split_projection(proj: Tensor, b: int, w: int, h: int, d: int):
+def split_projection(
+    proj: Tensor, b: int, w: int, h: int, d: int
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """Queries ``(b h, w, d)`` and the window's keys and values ``(b, h, w, d)`` (``None``
     for one step) of a projection ``(b w, o)``."""
     inner = h * d
@@ -207,10 +211,14 @@ def split_projection(proj: Tensor, b: int, w: int, h: int, d: int):
     return q, kw, vw
 
 
-def join_projection(dq: Tensor, dkw, dvw, b: int, w: int, h: int, d: int) -> Tensor:
+def join_projection(
+    dq: Tensor, dkw: Tensor | None, dvw: Tensor | None, b: int, w: int, h: int, d: int
+) -> Tensor:
     """The inverse of `split_projection`, for gradients: ``(b w, o)``."""
     if w == 1:
         return dq.reshape(b, h * d)
+    if dkw is None or dvw is None:
+        raise ValueError("a window of w > 1 steps needs the gradients of its keys and values")
     parts = (dq.view(b, h, w, d), dkw, dvw)
     return torch.cat([t.transpose(1, 2).reshape(b * w, h * d) for t in parts], dim=1)
 

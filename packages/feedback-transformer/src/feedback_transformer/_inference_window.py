@@ -17,21 +17,36 @@ slots, then the window), ``d`` head feature.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from ._window_attention import MemorySlice
 
+if TYPE_CHECKING:
+    from torch import nn
+
+    from ._window_loop import Cross
+    from .layers import FeedbackLayer
+    from .model import FeedbackTransformer
+
 __all__ = ["layer_norm", "window"]
 
 
-def layer_norm(x: Tensor, norm) -> Tensor:
+def layer_norm(x: Tensor, norm: nn.LayerNorm) -> Tensor:
     """``norm(x)`` for an ``nn.LayerNorm`` ``norm``, without module dispatch."""
     return F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
 
 
-def _attention(proj: Tensor, memory: MemorySlice, bias: Tensor, first_empty: bool, sizes):
+def _attention(
+    proj: Tensor,
+    memory: MemorySlice,
+    bias: Tensor,
+    first_empty: bool,
+    sizes: tuple[int, int, int, int],
+) -> Tensor:
     """The attention output ``(b w, h d)`` of a projection ``(b w, o)`` (queries, then, for
     ``w > 1``, the window's keys and values) over the memory and the window; ``bias``
     ``(b h, w, j)``, ``sizes`` ``(b, w, h, d)``."""
@@ -59,7 +74,17 @@ def _attention(proj: Tensor, memory: MemorySlice, bias: Tensor, first_empty: boo
     return out.view(b, h, w, d).transpose(1, 2).reshape(b * w, h * d)
 
 
-def _layer(layer, weight, norm, x, memory, bias, first_empty, cross, proj) -> Tensor:
+def _layer(
+    layer: FeedbackLayer,
+    weight: Tensor,
+    norm: nn.LayerNorm,
+    x: Tensor,
+    memory: MemorySlice,
+    bias: Tensor,
+    first_empty: bool,
+    cross: tuple[Tensor, Tensor, Tensor | None] | None,
+    proj: Tensor | None,
+) -> Tensor:
     """One layer for ``x`` ``(b w, dim)`` (arguments as `_window_loop.layer_window`)."""
     w = bias.shape[1]
     b = x.shape[0] // w
@@ -67,7 +92,9 @@ def _layer(layer, weight, norm, x, memory, bias, first_empty, cross, proj) -> Te
         proj = F.linear(layer_norm(x, norm), weight)
     out = _attention(proj, memory, bias, first_empty, (b, w, layer.heads, layer.dim_head))
     x = F.linear(out, layer.to_out.weight, layer.to_out.bias).add_(x)
-    if cross is not None:
+    if layer.cross is not None:
+        if cross is None:
+            raise ValueError("a layer with cross attention needs the context's keys and values")
         x += layer.cross(x.view(b, w, -1), *cross).view(b * w, -1)
     first, _, last = layer.ff_parts()
     a = layer_norm(x, layer.ff_norm)
@@ -77,13 +104,13 @@ def _layer(layer, weight, norm, x, memory, bias, first_empty, cross, proj) -> Te
 
 
 def window(
-    model,
+    model: FeedbackTransformer,
     x: Tensor,
     memory: MemorySlice,
     bias: Tensor,
     first_empty: bool,
     weights: list[Tensor],
-    cross,
+    cross: Cross | None,
     mix: Tensor | None,
     proj0: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:

@@ -4,6 +4,8 @@ the expected and the actual shape, dtype or value."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from einops import rearrange
 from torch import Tensor
@@ -12,19 +14,25 @@ from attention_core.checks import check_tensor, check_token_ids
 
 from .memory import FeedbackMemory, memory_source
 
+if TYPE_CHECKING:
+    from ._window_loop import Cross
+    from .model import FeedbackTransformer
+
 __all__ = ["check_memory", "check_tokens", "prepare_context"]
 
 
-def check_tokens(model, name: str, x, dim: int) -> None:
+def check_tokens(model: FeedbackTransformer, name: str, x: object, dim: int) -> None:
     """Token ids of ``dim`` dimensions (``(b, n)`` with ``n >= 1``, or ``(b,)``) in
     ``[0, num_tokens)``."""
-    check_tensor(name, x, dim=dim, integer=True)
+    x = check_tensor(name, x, dim=dim, integer=True)
     if dim == 2 and x.shape[1] < 1:
         raise ValueError(f"{name} must have shape (b, n) with n >= 1; got {tuple(x.shape)}")
     check_token_ids(name, x, model.num_tokens)
 
 
-def check_memory(model, memory, batch: int, like: Tensor) -> FeedbackMemory | None:
+def check_memory(
+    model: FeedbackTransformer, memory: object, batch: int, like: Tensor
+) -> FeedbackMemory | None:
     """The newest ``mem_len`` steps of ``memory`` (a `FeedbackMemory` or ``(keys, values)``
     of shape ``(batch, heads, m, dim_head)``, dtype and device of ``like``), or ``None`` when
     there is nothing to keep."""
@@ -44,7 +52,7 @@ def check_memory(model, memory, batch: int, like: Tensor) -> FeedbackMemory | No
             f"{tuple(source)}; this model has {model.signature}"
         )
     for name, t in (("memory.keys", keys), ("memory.values", values)):
-        check_tensor(name, t, dim=4, dtype=like.dtype, device=like.device)
+        t = check_tensor(name, t, dim=4, dtype=like.dtype, device=like.device)
         if t.shape[:2] != (batch, model.heads) or t.shape[3] != model.dim_head:
             raise ValueError(
                 f"{name} must have shape (b, heads, m, dim_head) = "
@@ -62,8 +70,12 @@ def check_memory(model, memory, batch: int, like: Tensor) -> FeedbackMemory | No
 
 
 def prepare_context(
-    model, context, context_mask, batch: int, like: Tensor
-) -> tuple[list[tuple[Tensor, Tensor]], Tensor | None] | None:
+    model: FeedbackTransformer,
+    context: object,
+    context_mask: object,
+    batch: int,
+    like: Tensor,
+) -> Cross | None:
     """Per layer the context's keys and values ``(b, h, s, d)`` (projected once per call,
     masked positions zeroed first), and the mask ``(b, 1, 1, s)`` (or ``None``); ``None``
     for a model without cross attention."""
@@ -73,7 +85,7 @@ def prepare_context(
         return None
     if context is None:
         raise ValueError("context is required: the model was built with cross_attend=True")
-    check_tensor("context", context, dim=3, dtype=like.dtype, device=like.device)
+    context = check_tensor("context", context, dim=3, dtype=like.dtype, device=like.device)
     if context.shape[0] != batch or context.shape[2] != model.dim or context.shape[1] < 1:
         raise ValueError(
             f"context must have shape (b, s, dim) = ({batch}, s >= 1, {model.dim}); "
@@ -81,7 +93,7 @@ def prepare_context(
         )
     mask = None
     if context_mask is not None:
-        check_tensor("context_mask", context_mask, dim=2, dtype=torch.bool)
+        context_mask = check_tensor("context_mask", context_mask, dim=2, dtype=torch.bool)
         if context_mask.shape != context.shape[:2]:
             raise ValueError(
                 f"context_mask must have shape (b, s) = {tuple(context.shape[:2])}; "
@@ -92,4 +104,6 @@ def prepare_context(
         # nan), so whatever they held reaches no output nor gradient
         context = torch.where(context_mask[..., None], context, 0.0)
         mask = rearrange(context_mask, "b s -> b 1 1 s")
-    return [layer.cross.project(context) for layer in model.layers], mask
+    # cross_attend: every layer has a cross attention block
+    kv = [layer.cross.project(context) for layer in model.layers if layer.cross is not None]
+    return kv, mask

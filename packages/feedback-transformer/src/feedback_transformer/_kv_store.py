@@ -13,10 +13,15 @@ Einstein notation: ``b`` batch, ``h`` heads, ``m``/``c`` memory slots / buffer c
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 import torch
 from torch import Tensor
 from torch.autograd import Function
 from torch.autograd.function import once_differentiable
+
+if TYPE_CHECKING:
+    from .memory import FeedbackMemory
 
 __all__ = ["KVStore", "Read", "RingBuffer", "Write"]
 
@@ -71,7 +76,7 @@ class KVStore:
         return Read.apply(link, self, lo, hi)
 
     def _grads(self) -> tuple[Tensor, Tensor]:
-        if self.grad_keys is None:
+        if self.grad_keys is None or self.grad_values is None:
             self.grad_keys = torch.zeros_like(self.keys)
             self.grad_values = torch.zeros_like(self.values)
         return self.grad_keys, self.grad_values
@@ -83,7 +88,7 @@ class KVStore:
         grad_keys[:, lo:hi].add_(dk)
         grad_values[:, lo:hi].add_(dv)
 
-    def accumulate_products(self, lo: int, ds: Tensor, q: Tensor, pd: Tensor, dout: Tensor):
+    def accumulate_products(self, lo: int, ds: Tensor, q: Tensor, pd: Tensor, dout: Tensor) -> None:
         """Add ``ds^T q`` to the key gradients and ``pd^T dout`` to the value gradients of
         slots ``lo .. lo + m - 1`` (``ds``/``pd`` ``(b h, i, m)``, ``q``/``dout``
         ``(b h, i, d)``: one reader's score gradients and attention weights).
@@ -116,7 +121,7 @@ class KVStore:
         ``lo .. hi - 1``."""
         self._flush()
         b, h, d = self.batch, self.heads, self.keys.shape[2]
-        if self.grad_keys is None:
+        if self.grad_keys is None or self.grad_values is None:
             zeros = self.keys.new_zeros(b, h, hi - lo, d)
             return zeros, zeros
         dk = self.grad_keys[:, lo:hi].clone()
@@ -135,7 +140,7 @@ class Write(Function):
     """
 
     @staticmethod
-    def forward(ctx, keys: Tensor, values: Tensor, store: KVStore, start: int) -> Tensor:
+    def forward(ctx: Any, keys: Tensor, values: Tensor, store: KVStore, start: int) -> Tensor:
         stop = start + keys.shape[2]
         store.keys4[:, :, start:stop].copy_(keys)
         store.values4[:, :, start:stop].copy_(values)
@@ -144,7 +149,7 @@ class Write(Function):
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, _grad_link: Tensor):
+    def backward(ctx: Any, _grad_link: Tensor) -> tuple[Tensor, Tensor, None, None]:
         dk, dv = ctx.store.take_grad(ctx.start, ctx.stop)
         return dk, dv, None, None
 
@@ -155,13 +160,13 @@ class Read(Function):
     keeps its graph)."""
 
     @staticmethod
-    def forward(ctx, link: Tensor, store: KVStore, lo: int, hi: int) -> tuple[Tensor, Tensor]:
+    def forward(ctx: Any, link: Tensor, store: KVStore, lo: int, hi: int) -> tuple[Tensor, Tensor]:
         ctx.store, ctx.lo = store, lo
         return store.keys4[:, :, lo:hi].clone(), store.values4[:, :, lo:hi].clone()
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, dk: Tensor, dv: Tensor):
+    def backward(ctx: Any, dk: Tensor, dv: Tensor) -> tuple[Tensor, None, None, None]:
         bh = ctx.store.keys.shape[0]
         ctx.store.accumulate(ctx.lo, dk.reshape(bh, *dk.shape[2:]), dv.reshape(bh, *dv.shape[2:]))
         return dk.new_zeros(()), None, None, None
@@ -176,7 +181,7 @@ class RingBuffer:
     tensor whatever the memory length (no shifting, no concatenation).
     """
 
-    def __init__(self, memory, capacity: int):
+    def __init__(self, memory: FeedbackMemory, capacity: int):
         """Arguments: ``memory``, keys and values ``(b, h, m, d)`` to start from, and
         ``capacity``, the number of steps kept."""
         b, h, m, d = memory.keys.shape

@@ -18,6 +18,8 @@ output features.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -32,7 +34,7 @@ class _Record:
 
     __slots__ = ("pairs",)
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.pairs: list[tuple[Tensor, Tensor]] = []
 
 
@@ -41,14 +43,14 @@ class Gather(Function):
     ``weight``; its backward turns the recorded pairs into ``dW (o, i)`` and ``db (o,)``."""
 
     @staticmethod
-    def forward(ctx, weight: Tensor, bias: Tensor | None, record: _Record) -> Tensor:
+    def forward(ctx: Any, weight: Tensor, bias: Tensor | None, record: _Record) -> Tensor:
         ctx.record, ctx.has_bias = record, bias is not None
         ctx.weight_shape = weight.shape
         return weight.new_zeros(())
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, _token_grad: Tensor):
+    def backward(ctx: Any, _token_grad: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
         pairs, ctx.record.pairs = ctx.record.pairs, []
         if not pairs:
             return None, None, None
@@ -66,7 +68,9 @@ class Linear(Function):
     none from this use, as with ``F.linear``)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, token, record: _Record) -> Tensor:
+    def forward(
+        ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, token: Tensor, record: _Record
+    ) -> Tensor:
         ctx.record = record
         ctx.save_for_backward(x, weight)
         ctx.set_materialize_grads(False)
@@ -74,7 +78,9 @@ class Linear(Function):
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, dy: Tensor | None):
+    def backward(
+        ctx: Any, dy: Tensor | None
+    ) -> tuple[Tensor | None, None, None, Tensor | None, None]:
         if dy is None:
             return None, None, None, None, None
         x, weight = ctx.saved_tensors
@@ -89,7 +95,7 @@ class StepLinear:
     of the same ``weight`` tensor to one product per call (see the module docstring).
     Create one per forward call; a weight must always come with the same bias."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self._tokens: dict[int, tuple[Tensor, _Record]] = {}
 
     def __call__(self, x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:

@@ -19,10 +19,17 @@ Einstein notation: ``b`` batch, ``h`` heads, ``i`` queries of the window (``w`` 
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 import torch
 from torch import Tensor
 from torch.autograd import Function
 from torch.autograd.function import once_differentiable
+
+from ._kv_store import KVStore
+
+if TYPE_CHECKING:
+    from ._kv_store import RingBuffer
 
 __all__ = [
     "MemoryAttention",
@@ -41,7 +48,7 @@ class MemorySlice:
 
     __slots__ = ("hi", "link", "lo", "source")
 
-    def __init__(self, source, lo: int, hi: int, link: Tensor | None = None):
+    def __init__(self, source: KVStore | RingBuffer, lo: int, hi: int, link: Tensor | None = None):
         self.source, self.lo, self.hi, self.link = source, lo, hi, link
 
     def views(self, extra: int = 0) -> tuple[Tensor, Tensor]:
@@ -74,7 +81,9 @@ def window_bias(bias: Tensor, m: int, w: int, w_max: int) -> tuple[Tensor, bool]
     return bias[:, :w, M - m : M + w].masked_fill(full, float("-inf")), not m
 
 
-def _weights(q: Tensor, k: Tensor, bias: Tensor, dropout_p: float):
+def _weights(
+    q: Tensor, k: Tensor, bias: Tensor, dropout_p: float
+) -> tuple[Tensor, Tensor, Tensor | None]:
     """Attention weights ``(b h, i, j)`` (before and after dropout) and the dropout mask."""
     scores = torch.bmm(q, k.mT)
     scores.view(-1, *bias.shape).add_(bias)  # "(b h) i j + h i j"
@@ -85,11 +94,15 @@ def _weights(q: Tensor, k: Tensor, bias: Tensor, dropout_p: float):
     return p, p * keep / (1.0 - dropout_p), keep
 
 
-def _keys_values(memory: MemorySlice, kw: Tensor | None, vw: Tensor | None):
+def _keys_values(
+    memory: MemorySlice, kw: Tensor | None, vw: Tensor | None
+) -> tuple[Tensor, Tensor]:
     """The memory's keys and values followed by the window's, written to the scratch slots
     after the memory: ``(b h, j, d)`` views of the buffer."""
     if kw is None:
         return memory.views()
+    if vw is None:
+        raise ValueError("kw and vw must be both given or both None")
     hi, w = memory.hi, kw.shape[2]
     b, h = kw.shape[:2]
     for buffer, new in ((memory.source.keys, kw), (memory.source.values, vw)):
@@ -133,7 +146,7 @@ def attention_forward(
     memory: MemorySlice,
     first_empty: bool,
     dropout_p: float,
-) -> tuple[Tensor, Tensor, Tensor | None]:
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """`attend_window` without autograd: the output ``(b h, i, d)``, the attention
     weights ``(b h, i, j)`` before dropout and the dropout mask (or ``None``), which
     `attention_backward` takes (weights ``None``: a single step without memory)."""
@@ -152,14 +165,14 @@ def attention_backward(
     q: Tensor,
     kw: Tensor | None,
     vw: Tensor | None,
-    p: Tensor,
+    p: Tensor | None,
     keep: Tensor | None,
     out: Tensor,
     memory: MemorySlice,
     first_empty: bool,
     dropout_p: float,
     bias_shape: torch.Size | None,
-) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
+) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
     """Gradients of `attention_forward` for ``dout`` ``(b h, i, d)``: ``dq``, the
     window's ``dkw``/``dvw`` (shaped like ``kw``/``vw``), and the bias gradient (of shape
     ``bias_shape``; ``None`` skips it); all ``None`` for a single step without memory. The
@@ -175,10 +188,12 @@ def attention_backward(
     pd = p if keep is None else p * keep / (1.0 - dropout_p)
     window_shape = None if kw is None else kw.shape
     if kw is not None:  # "b h w d -> (b h) w d"
+        if vw is None:
+            raise ValueError("kw and vw must be both given or both None")
         kw, vw = kw.reshape(-1, *kw.shape[2:]), vw.reshape(-1, *vw.shape[2:])
 
     # values, and the gradient of the (dropped-out) weights
-    if kw is None:
+    if vw is None:
         dpd = torch.bmm(dout, vm.mT)
     elif not m:
         dpd = torch.bmm(dout, vw.mT)
@@ -195,6 +210,8 @@ def attention_backward(
     else:
         dq = torch.baddbmm(torch.bmm(ds[..., m:], kw), ds[..., :m], km)
     if m:  # the memory's key and value gradients: ds^T q and pd^T dout, added by the store
+        if not isinstance(memory.source, KVStore):
+            raise TypeError("gradients of the memory need a KVStore")
         memory.source.accumulate_products(memory.lo, ds[..., :m], q, pd[..., :m], dout)
     dkw = dvw = None
     if window_shape is not None:
@@ -214,7 +231,17 @@ class MemoryAttention(Function):
     """
 
     @staticmethod
-    def forward(ctx, q, kw, vw, bias, link, memory: MemorySlice, first_empty, dropout_p):
+    def forward(
+        ctx: Any,
+        q: Tensor,
+        kw: Tensor | None,
+        vw: Tensor | None,
+        bias: Tensor,
+        link: Tensor | None,
+        memory: MemorySlice,
+        first_empty: bool,
+        dropout_p: float,
+    ) -> Tensor:
         out, p, keep = attention_forward(q, kw, vw, bias, memory, first_empty, dropout_p)
         ctx.memory, ctx.first_empty, ctx.dropout_p = memory, first_empty, dropout_p
         ctx.bias_shape = bias.shape
@@ -223,7 +250,11 @@ class MemoryAttention(Function):
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, dout: Tensor):
+    def backward(
+        ctx: Any, dout: Tensor
+    ) -> tuple[
+        Tensor | None, Tensor | None, Tensor | None, Tensor | None, Tensor | None, None, None, None
+    ]:
         q, kw, vw, p, keep, out = ctx.saved_tensors
         memory = ctx.memory
         bias_shape = ctx.bias_shape if ctx.needs_input_grad[3] else None

@@ -22,6 +22,7 @@ head feature.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +35,12 @@ from ._kv_store import KVStore
 from ._step_linear import StepLinear
 from ._window_attention import MemorySlice, attend_window, window_bias
 
+if TYPE_CHECKING:
+    from torch import nn
+
+    from .layers import FeedbackLayer
+    from .model import FeedbackTransformer
+
 __all__ = ["FUSED", "Cross", "layer_window", "memory_mix", "query_weights", "run", "window"]
 
 LinearFn = Callable[[Tensor, Tensor, Tensor | None], Tensor]
@@ -44,7 +51,7 @@ Cross = tuple[list[tuple[Tensor, Tensor]], Tensor | None]
 FUSED = True
 
 
-def query_weights(model, fused: bool) -> list[Tensor]:
+def query_weights(model: FeedbackTransformer, fused: bool) -> list[Tensor]:
     """Per layer: the query weight scaled by ``dim_head ** -0.5``, with the shared
     key/value weight stacked below it when ``fused`` (one projection per window)."""
     scale = model.dim_head**-0.5
@@ -53,19 +60,19 @@ def query_weights(model, fused: bool) -> list[Tensor]:
     return [torch.cat((layer.to_q.weight * scale, model.to_kv.weight)) for layer in model.layers]
 
 
-def memory_mix(model) -> Tensor | None:
+def memory_mix(model: FeedbackTransformer) -> Tensor | None:
     """``softmax(layer_weight)`` ``(depth + 1,)``, or ``None`` (the last layer only)."""
     return None if model.layer_weight is None else model.layer_weight.softmax(dim=-1)
 
 
-def dropout_active(model) -> bool:
+def dropout_active(model: FeedbackTransformer) -> bool:
     """Whether a forward of ``model`` applies dropout (training mode, a probability > 0)."""
     return model.training and any(
         layer.attn_dropout or layer.ff_parts()[1].p for layer in model.layers
     )
 
 
-def _feedforward(layer, x: Tensor, linear: LinearFn) -> Tensor:
+def _feedforward(layer: FeedbackLayer, x: Tensor, linear: LinearFn) -> Tensor:
     """``layer.ff(layer.ff_norm(x))`` for ``x`` ``(b w, dim)``, its products through
     ``linear``."""
     first, dropout, last = layer.ff_parts()
@@ -76,7 +83,17 @@ def _feedforward(layer, x: Tensor, linear: LinearFn) -> Tensor:
     return linear(x, last.weight, last.bias)
 
 
-def _fused_layer(layer, norm, x, weight, memory, bias, first_empty, linear, proj) -> Tensor:
+def _fused_layer(
+    layer: FeedbackLayer,
+    norm: nn.LayerNorm,
+    x: Tensor,
+    weight: Tensor,
+    memory: MemorySlice,
+    bias: Tensor,
+    first_empty: bool,
+    linear: StepLinear,
+    proj: Tensor | None,
+) -> Tensor:
     """`layer_window` while training, without cross attention: one `LayerStep` node."""
     first, ff_dropout, last = layer.ff_parts()
     entries = [
@@ -107,8 +124,8 @@ def _fused_layer(layer, norm, x, weight, memory, bias, first_empty, linear, proj
 
 
 def layer_window(
-    layer,
-    norm,
+    layer: FeedbackLayer,
+    norm: nn.LayerNorm,
     x: Tensor,
     weight: Tensor,
     memory: MemorySlice,
@@ -139,8 +156,8 @@ def layer_window(
     h, d = layer.heads, layer.dim_head
     w = bias.shape[1]
     b = x.shape[0] // w
-    fused = FUSED and layer.cross is None and isinstance(linear, StepLinear)
-    if fused and torch.is_grad_enabled():
+    fused = FUSED and layer.cross is None
+    if fused and isinstance(linear, StepLinear) and torch.is_grad_enabled():
         return _fused_layer(layer, norm, x, weight, memory, bias, first_empty, linear, proj)
     if proj is None:
         proj = linear(layer_norm(x, norm), weight, None)
@@ -149,12 +166,14 @@ def layer_window(
     out = join_heads(attend_window(q, kw, vw, bias, memory, first_empty, dropout), b, w, h, d)
     x = x + linear(out, layer.to_out.weight, layer.to_out.bias)
     if layer.cross is not None:
+        if cross is None:
+            raise ValueError("a layer with cross attention needs the context's keys and values")
         x = x + layer.cross(x.view(b, w, -1), *cross).view(b * w, -1)
     return x + _feedforward(layer, x, linear)
 
 
 def window(
-    model,
+    model: FeedbackTransformer,
     x: Tensor,
     memory: MemorySlice,
     bias: Tensor,
@@ -191,9 +210,9 @@ def window(
 
 
 def run(
-    model,
+    model: FeedbackTransformer,
     h: Tensor,
-    prefix,
+    prefix: tuple[Tensor, Tensor] | None,
     cross: Cross | None,
     detach: bool,
     seq_len: int | None = None,
@@ -209,7 +228,7 @@ def run(
     # every step's keys and values, written once; with mem_len == 0 just the scratch slots
     # of the window's own keys
     store = KVStore(h, b, model.heads, m0 + n if M else W, model.dim_head)
-    link = store.write(*prefix) if m0 else None
+    link = store.write(*prefix) if prefix is not None and m0 else None
     # bias of queries 0 .. W-1 over memory slots -M .. -1 and window keys 0 .. W-1
     positions = torch.arange(-M, W, device=h.device)
     bias_full = model.rel_pos(positions[M:], positions)
@@ -248,7 +267,7 @@ def run(
                 model, x, memory, bias, first_empty, layer_weights, cross, mix, linear, proj0
             )
         outputs.append(x.view(b, w, dim))
-        if M:
+        if k is not None and v is not None:  # the window's memory (mem_len > 0)
             link = store.write(k, v)
     out = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
     if not M:

@@ -15,10 +15,11 @@ Einstein notation: ``b`` batch, ``t`` prompt length, ``h`` heads, ``m`` memory s
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from attention_core.generation import generate as _generate
 from attention_core.generation import stream as _stream
@@ -28,6 +29,10 @@ from ._inputs import check_memory, check_tokens, prepare_context
 from ._kv_store import RingBuffer
 from ._window_attention import MemorySlice
 from .memory import FeedbackMemory
+
+if TYPE_CHECKING:
+    from ._window_loop import Cross
+    from .model import FeedbackTransformer
 
 __all__ = ["FeedbackState", "generate", "prefill", "step", "stream"]
 
@@ -43,7 +48,9 @@ class FeedbackState:
         steps: tokens consumed so far (prompt included).
     """
 
-    def __init__(self, model, memory: FeedbackMemory, cross, batch: int):
+    def __init__(
+        self, model: FeedbackTransformer, memory: FeedbackMemory, cross: Cross | None, batch: int
+    ):
         """Set up the state after the prompt.
 
         Arguments:
@@ -70,7 +77,13 @@ class FeedbackState:
 
 
 @torch.no_grad()
-def prefill(model, tokens: Tensor, memory=None, context=None, context_mask=None):
+def prefill(
+    model: FeedbackTransformer,
+    tokens: Tensor,
+    memory: FeedbackMemory | tuple[Tensor, Tensor] | None = None,
+    context: Tensor | None = None,
+    context_mask: Tensor | None = None,
+) -> tuple[Tensor, FeedbackState]:
     """Run the prompt and return its last position's logits and the decoding state.
 
     This is ``model.prefill``. The prompt ``(b, t)`` runs one step at a time (windows of 1),
@@ -90,7 +103,9 @@ def prefill(model, tokens: Tensor, memory=None, context=None, context_mask=None)
 
 
 @torch.no_grad()
-def step(model, tokens: Tensor, state: FeedbackState):
+def step(
+    model: FeedbackTransformer, tokens: Tensor, state: FeedbackState
+) -> tuple[Tensor, FeedbackState]:
     """Decode one token per row ``(b,)`` and return logits ``(b, num_tokens)`` and the state.
 
     This is ``model.step``.
@@ -117,10 +132,11 @@ def step(model, tokens: Tensor, state: FeedbackState):
     out, k, v = _inference_window.window(
         model, x, memory, bias, False, state.weights, state.cross, state.mix
     )
-    if k is not None:
+    if k is not None and v is not None:  # mem_len > 0
         ring.append(k, v)
     state.steps += 1
     norm, head = model.to_logits  # LayerNorm, Linear: called without module dispatch
+    norm, head = cast(nn.LayerNorm, norm), cast(nn.Linear, head)
     out = F.layer_norm(out, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
     return F.linear(out, head.weight, head.bias), state
 
@@ -128,25 +144,25 @@ def step(model, tokens: Tensor, state: FeedbackState):
 class _Bound:
     """A model with its prefill keyword arguments bound: a ``StepModel``."""
 
-    def __init__(self, model, **prefill_kwargs):
+    def __init__(self, model: FeedbackTransformer, **prefill_kwargs: Any):
         self.model, self.prefill_kwargs = model, prefill_kwargs
 
-    def prefill(self, tokens: Tensor):
+    def prefill(self, tokens: Tensor) -> tuple[Tensor, FeedbackState]:
         return self.model.prefill(tokens, **self.prefill_kwargs)
 
-    def step(self, tokens: Tensor, state):
+    def step(self, tokens: Tensor, state: FeedbackState) -> tuple[Tensor, FeedbackState]:
         return self.model.step(tokens, state)
 
 
 def generate(
-    model,
+    model: FeedbackTransformer,
     prompt: Tensor,
     max_new_tokens: int,
     *,
     memory: FeedbackMemory | None = None,
     context: Tensor | None = None,
     context_mask: Tensor | None = None,
-    **sampling,
+    **sampling: Any,
 ) -> Tensor:
     """Return the prompt ``(b, t)`` followed by up to ``max_new_tokens`` new tokens.
 
@@ -158,14 +174,14 @@ def generate(
 
 
 def stream(
-    model,
+    model: FeedbackTransformer,
     prompt: Tensor,
     max_new_tokens: int,
     *,
     memory: FeedbackMemory | None = None,
     context: Tensor | None = None,
     context_mask: Tensor | None = None,
-    **sampling,
+    **sampling: Any,
 ) -> Iterator[Tensor]:
     """Yield up to ``max_new_tokens`` new tokens ``(b,)`` one at a time.
 

@@ -12,6 +12,8 @@ heads, ``d`` head feature.
 
 from __future__ import annotations
 
+from typing import cast
+
 from einops import rearrange
 from torch import Tensor, nn
 
@@ -94,7 +96,7 @@ class FeedbackLayer(nn.Module):
         the output product maps ``hidden`` to ``dim``.
         """
         first, _, dropout, last = self.ff.net  # Linear, GEGLU, Dropout, Linear
-        return first, dropout, last
+        return cast(nn.Linear, first), cast(nn.Dropout, dropout), cast(nn.Linear, last)
 
     def __init__(
         self,

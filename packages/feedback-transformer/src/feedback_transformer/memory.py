@@ -11,12 +11,18 @@ Einstein notation: ``b`` batch, ``h`` heads, ``m`` memory slots, ``d`` head feat
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 __all__ = ["FeedbackMemory", "memory_source"]
+
+Signature = tuple[int, int, int, int]  # (dim, depth, heads, dim_head)
+
+# the attribute of a memory's tensors that names the model that wrote them
+_SOURCE = "_feedback_memory_source"
 
 
 class _KeysValues(NamedTuple):
@@ -47,14 +53,16 @@ class FeedbackMemory(_KeysValues):
         (torch.Size([2, 8, 5, 64]), None)
     """
 
+    source: Signature | None
+
     def __new__(
-        cls, keys: Tensor, values: Tensor, source: tuple[int, int, int, int] | None = None
+        cls, keys: Tensor, values: Tensor, source: Signature | None = None
     ) -> FeedbackMemory:
         self = super().__new__(cls, keys, values)
         self.source = source
         if source is not None:
             for t in (keys, values):
-                t._feedback_memory_source = tuple(source)
+                setattr(t, _SOURCE, tuple(source))
         return self
 
     def detach(self) -> FeedbackMemory:
@@ -62,7 +70,7 @@ class FeedbackMemory(_KeysValues):
         return FeedbackMemory(self.keys.detach(), self.values.detach(), self.source)
 
 
-def memory_source(memory) -> tuple[int, int, int, int] | None:
+def memory_source(memory: Sequence[Tensor]) -> Signature | None:
     """Return the ``(dim, depth, heads, dim_head)`` of the model that wrote ``memory``.
 
     Arguments:
@@ -78,8 +86,8 @@ def memory_source(memory) -> tuple[int, int, int, int] | None:
     if source is not None:
         return tuple(source)
     keys, values = memory
-    key_source = getattr(keys, "_feedback_memory_source", None)
-    value_source = getattr(values, "_feedback_memory_source", None)
+    key_source = getattr(keys, _SOURCE, None)
+    value_source = getattr(values, _SOURCE, None)
     if key_source is not None and value_source is not None and key_source != value_source:
         raise ValueError(
             "memory's keys and values come from models with (dim, depth, heads, dim_head) = "

@@ -21,6 +21,9 @@ memory slots, ``d`` head feature, ``l`` merged layer states.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Any, cast
+
 import torch
 from torch import Tensor, nn
 
@@ -32,6 +35,9 @@ from ._inputs import check_memory, check_tokens, prepare_context
 from .layers import FeedbackLayer
 from .memory import FeedbackMemory
 from .reference import feedback_forward
+
+if TYPE_CHECKING:
+    from .generation import FeedbackState
 
 __all__ = ["FeedbackTransformer"]
 
@@ -127,9 +133,13 @@ class FeedbackTransformer(nn.Module):
         # memory's keys and the window's keys come from the same normalisation
         self.attn_norm = nn.LayerNorm(dim)
         self.to_kv = nn.Linear(dim, 2 * heads * dim_head, bias=False)
-        self.layers = nn.ModuleList(
-            FeedbackLayer(dim, heads, dim_head, attn_dropout, ff_dropout, ff_mult, cross_attend)
-            for _ in range(depth)
+        # an nn.ModuleList (registers the layers); torch does not type its items
+        self.layers = cast(
+            "Sequence[FeedbackLayer]",
+            nn.ModuleList(
+                FeedbackLayer(dim, heads, dim_head, attn_dropout, ff_dropout, ff_mult, cross_attend)
+                for _ in range(depth)
+            ),
         )
         # weights of the embedding and the depth layer outputs in the memory (zeros: the
         # uniform mix, as in the paper's code)
@@ -194,7 +204,7 @@ class FeedbackTransformer(nn.Module):
         memory: FeedbackMemory | None = None,
         context: Tensor | None = None,
         context_mask: Tensor | None = None,
-    ):
+    ) -> tuple[Tensor, FeedbackState]:
         """Consume a prompt and return the logits of its last position and a decoding state.
 
         ``tokens`` ``(b, t)``; returns the logits ``(b, num_tokens)`` and a `FeedbackState`
@@ -209,7 +219,7 @@ class FeedbackTransformer(nn.Module):
 
         return prefill(self, tokens, memory, context, context_mask)
 
-    def step(self, tokens: Tensor, state):
+    def step(self, tokens: Tensor, state: FeedbackState) -> tuple[Tensor, FeedbackState]:
         """Consume one token per row and return the logits of the next position.
 
         ``tokens`` ``(b,)`` come after ``state`` (which is updated in place and returned);
@@ -220,7 +230,7 @@ class FeedbackTransformer(nn.Module):
 
         return step(self, tokens, state)
 
-    def generate(self, prompt: Tensor, max_new_tokens: int, **kwargs) -> Tensor:
+    def generate(self, prompt: Tensor, max_new_tokens: int, **kwargs: Any) -> Tensor:
         """Sample up to ``max_new_tokens`` tokens after a prompt.
 
         ``attention_core.generation.generate`` on this model: returns the prompt ``(b, t)``
@@ -231,7 +241,7 @@ class FeedbackTransformer(nn.Module):
 
         return generate(self, prompt, max_new_tokens, **kwargs)
 
-    def stream(self, prompt: Tensor, max_new_tokens: int, **kwargs):
+    def stream(self, prompt: Tensor, max_new_tokens: int, **kwargs: Any) -> Iterator[Tensor]:
         """Yield up to ``max_new_tokens`` sampled tokens ``(b,)`` one at a time after a prompt.
 
         ``attention_core.generation.stream`` on this model, after the prompt ``(b, t)``; each

@@ -34,16 +34,22 @@ slots, then the window), ``h`` heads, ``d`` head feature, ``s`` context position
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from einops import rearrange
 from torch import Tensor
 
 from attention_core.nn import attend
 
+if TYPE_CHECKING:
+    from .layers import FeedbackLayer
+    from .model import FeedbackTransformer
+
 __all__ = ["feedback_forward", "feedback_layer", "memory_key_value"]
 
 
-def memory_key_value(model, state: Tensor) -> tuple[Tensor, Tensor]:
+def memory_key_value(model: FeedbackTransformer, state: Tensor) -> tuple[Tensor, Tensor]:
     """Project states ``(b, w, dim)`` to keys and values ``(b, h, w, d)``.
 
     With the pre-norm and the key/value projection that all layers share: this makes the
@@ -54,8 +60,8 @@ def memory_key_value(model, state: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def feedback_layer(
-    model,
-    layer,
+    model: FeedbackTransformer,
+    layer: FeedbackLayer,
     x: Tensor,
     memory: tuple[Tensor, Tensor],
     times: Tensor,
@@ -95,12 +101,14 @@ def feedback_layer(
     )  # fmt: skip
     x = x + layer.to_out(rearrange(out, "b h w d -> b w (h d)"))
     if layer.cross is not None:
+        if context is None:
+            raise ValueError("context is required: the layer has cross attention")
         x = x + layer.cross(x, *context)
     return x + layer.ff(layer.ff_norm(x))
 
 
 def feedback_forward(
-    model,
+    model: FeedbackTransformer,
     h: Tensor,
     memory: tuple[Tensor, Tensor] | None = None,
     context: list[tuple[Tensor, Tensor]] | None = None,
