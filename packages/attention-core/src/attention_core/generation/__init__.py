@@ -2,7 +2,7 @@
 protocol with :func:`stream` and :func:`generate` loops shared by every model family."""
 
 from .generate import StepModel, generate, stream
-from .sampling import filter_by_threshold, sample, top_k_filter, top_p_filter
+from .sampling import filter_by_threshold, sample, threshold_top_k, top_k_filter, top_p_filter
 
 __all__ = [
     "StepModel",
@@ -10,6 +10,7 @@ __all__ = [
     "generate",
     "sample",
     "stream",
+    "threshold_top_k",
     "top_k_filter",
     "top_p_filter",
 ]
