@@ -94,6 +94,13 @@ class BlockRecurrentTransformer(nn.Module):
     with ``states`` a list of ``(B, S, dim)``, one per recurrent layer in ascending layer
     order.
 
+    The arguments are checked once, before any module is built; an invalid one raises a
+    `TypeError` or `ValueError` that names it. The model keeps them, with their defaults
+    resolved, in `config` and as attributes (`num_tokens`, `dim`, `depth`, `heads`,
+    `dim_head`, `kv_heads`, `max_seq_len`, `block_width`, `num_state_vectors`,
+    `ignore_index`, `xl_memories_layers`, `recurrent_layers` in ascending order and
+    `read_recurrent_layers` in the same order).
+
     Example:
         >>> model = BlockRecurrentTransformer(num_tokens=100, dim=32, depth=2, dim_head=8,
         ...                                   heads=2, block_width=8, num_state_vectors=4)
