@@ -21,6 +21,7 @@ from attention_core.checks import (
     check_probability,
     check_tensor,
     check_token_ids,
+    check_tokens,
 )
 
 
@@ -190,3 +191,26 @@ def test_check_token_ids_with_ignore_index():
            check_token_ids, "labels", labels, 5, ignore_index=0)  # fmt: skip
     # an ignore_index inside the vocabulary is just another accepted value
     assert check_token_ids("labels", torch.tensor([0, 4]), 5, ignore_index=0).shape == (2,)
+
+
+def test_check_tokens():
+    seq = torch.tensor([[1, 2, 3], [0, 9, -100]])
+    assert check_tokens("seq", seq, 10, min_length=3, ignore_index=-100) is seq
+    assert check_tokens("tokens", seq[:, 0], 10, shape=(2,)) is not None
+    raises(TypeError, "seq must be a torch.Tensor; got list", check_tokens, "seq", [[1]], 10)
+    raises(TypeError, "seq must be an integer tensor; got dtype torch.float32", check_tokens,
+           "seq", seq.float(), 10)  # fmt: skip
+    raises(ValueError, "seq must have 2 dimensions; got shape (3,)", check_tokens, "seq",
+           seq[0], 10)  # fmt: skip
+    raises(ValueError, "tokens must have shape (3,); got (2,)", check_tokens, "tokens",
+           seq[:, 0], 10, shape=(3,))  # fmt: skip
+    raises(ValueError, "seq must have shape (B, n) with n >= 4; got (2, 3)", check_tokens,
+           "seq", seq, 10, min_length=4)  # fmt: skip
+    raises(ValueError, "prompt must have shape (B, T) with T >= 1; got (2, 0)", check_tokens,
+           "prompt", seq[:, :0], 10, shape=("B", "T"), min_length=1)  # fmt: skip
+    raises(ValueError, "seq must be on device meta; got cpu", check_tokens, "seq", seq, 10,
+           device="meta")  # fmt: skip
+    raises(ValueError, "seq must hold token ids in [0, 10); got values in [-100, 9]",
+           check_tokens, "seq", seq, 10)  # fmt: skip
+    raises(ValueError, "seq must hold token ids in [0, 9) or ignore_index = -100; got 9",
+           check_tokens, "seq", seq, 9, ignore_index=-100)  # fmt: skip

@@ -13,6 +13,7 @@ from attention_core.generation import (
     generate,
     sample,
     stream,
+    threshold_top_k,
     top_k_filter,
     top_p_filter,
 )
@@ -81,9 +82,17 @@ def test_top_p_filter_exact_mass_and_minus_inf():
 def test_filter_by_threshold_keeps_ceil_fraction(V, thres, expected):
     logits = torch.randn(3, V, generator=seeded(2))
     assert expected == max(1, math.ceil((1 - thres) * V))
+    assert threshold_top_k(thres, V) == expected
     out = filter_by_threshold(logits, thres)
     assert kept(out) == kept(top_k_filter(logits, expected))
     assert all(len(keep) == expected for keep in kept(out))
+
+
+def test_threshold_top_k_checks_its_arguments():
+    with pytest.raises(ValueError, match=r"thres must be a float in \[0, 1\]; got 1.5"):
+        threshold_top_k(1.5, 10)
+    with pytest.raises(ValueError, match="vocab_size must be a positive int; got 0"):
+        threshold_top_k(0.5, 0)
 
 
 def test_filters_bad_arguments():

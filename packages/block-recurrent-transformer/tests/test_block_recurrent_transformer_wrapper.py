@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import block_recurrent_transformer.layer as layer_module
 import block_recurrent_transformer.state as state_module
-from attention_core.generation import filter_by_threshold, sample
+from attention_core.generation import StepModel, filter_by_threshold, sample
 from attention_core.testing import assert_close
 from block_recurrent_transformer import BlockRecurrentTransformer, RecurrentTrainerWrapper
 
@@ -147,6 +147,52 @@ def test_cached_generation_equals_generation_by_recomputation(name, temperature)
     expected = recompute_generate(model, prime, length, temperature, 0.9, generator)
     assert cached.shape == (2, length - 11)
     assert torch.equal(cached, expected)
+
+
+def step_loop_generate(model, prime, length, temperature, filter_thres, generator):
+    """The decoding loop written out: ``filter_by_threshold`` then ``sample`` on the logits of
+    ``prefill`` and of each ``step`` (what ``generate`` did before it went through
+    ``attention_core.generation``)."""
+    logits, state = model.prefill(prime)
+    new = []
+    for n in range(length - prime.shape[1]):
+        tokens = sample(filter_by_threshold(logits, filter_thres), temperature, generator=generator)
+        new.append(tokens)
+        if n + 1 < length - prime.shape[1]:
+            logits, state = model.step(tokens, state)
+    return torch.stack(new, dim=1)
+
+
+@pytest.mark.parametrize(
+    ("temperature", "filter_thres"),
+    [(1.0, 0.9), (0.7, 0.5), (1.5, 0.0), (1.0, 1.0), (0.0, 0.9), (0.3, 0.99)],
+)
+def test_generate_draws_the_samples_of_the_written_out_loop(temperature, filter_thres):
+    """Same generator seed, same tokens: top_k = threshold_top_k(filter_thres, V) in the shared
+    loop samples exactly like filter_by_threshold before sampling."""
+    model = make_model(dtype=torch.float32, depth=3, recurrent_layers=(2,)).eval()
+    wrapper = RecurrentTrainerWrapper(model)
+    for batch, prompt in ((1, 1), (3, 6), (2, 13)):
+        prime = torch.randint(0, 40, (batch, prompt))
+        length = prompt + 21
+        got = wrapper.generate(
+            prime, length, temperature, filter_thres, generator=torch.Generator().manual_seed(3)
+        )
+        with torch.no_grad():
+            expected = step_loop_generate(
+                model, prime, length, temperature, filter_thres, torch.Generator().manual_seed(3)
+            )
+        assert torch.equal(got, expected)
+        # any integer dtype of the prompt, as before
+        again = wrapper.generate(
+            prime.int(), length, temperature, filter_thres,
+            generator=torch.Generator().manual_seed(3),
+        )  # fmt: skip
+        assert torch.equal(again, expected)
+
+
+def test_the_model_is_a_step_model():
+    assert isinstance(make_model(), StepModel)
 
 
 def test_generate_defaults_follow_the_seed_signature():

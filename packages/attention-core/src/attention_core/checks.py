@@ -48,6 +48,7 @@ __all__ = [
     "check_probability",
     "check_tensor",
     "check_token_ids",
+    "check_tokens",
 ]
 
 
@@ -383,3 +384,58 @@ def check_token_ids(
             f"got {tokens[bad][0].item()}"
         )
     return tokens
+
+
+def check_tokens(
+    name: str,
+    tokens,
+    num_tokens: int,
+    *,
+    shape: Sequence[int | str | None] = ("B", "n"),
+    min_length: int = 0,
+    device: torch.device | str | None = None,
+    ignore_index: int | None = None,
+) -> Tensor:
+    """Check a tensor of token ids: its type, shape, device, length and values, in that order.
+
+    The checks of a language model's input in one call: `check_tensor` (an integer tensor
+    with `len(shape)` dimensions, of `shape`, on `device`), at least `min_length` entries
+    along the last axis, then `check_token_ids` (ids in `[0, num_tokens)`, or
+    `ignore_index`).
+
+    Arguments:
+        name: the argument's name, for the error message.
+        tokens: the value to check.
+        num_tokens: the vocabulary size.
+        shape: the expected shape, as in `check_tensor`; `("B", "n")` by default.
+        min_length: the least size of the last axis.
+        device: require this device, or `None` for any.
+        ignore_index: a value accepted besides the ids (a label that the loss skips).
+
+    Returns:
+        `tokens`.
+
+    Raises:
+        TypeError: `tokens` is not a tensor or not of an integer dtype.
+        ValueError: a wrong rank, shape, device or length, or an id out of range.
+
+    Example:
+        >>> check_tokens("seq", torch.tensor([[1, 2, 3]]), 10, min_length=2).shape
+        torch.Size([1, 3])
+        >>> check_tokens("seq", torch.tensor([[1]]), 10, min_length=2)
+        Traceback (most recent call last):
+          ...
+        ValueError: seq must have shape (B, n) with n >= 2; got (1, 1)
+        >>> check_tokens("tokens", torch.tensor([4, 12]), 10, shape=(2,))
+        Traceback (most recent call last):
+          ...
+        ValueError: tokens must hold token ids in [0, 10); got values in [4, 12]
+    """
+    check_tensor(name, tokens, dim=len(shape), shape=shape, integer=True, device=device)
+    if shape and not isinstance(shape[-1], int) and tokens.shape[-1] < min_length:
+        length = shape[-1] or "n"
+        raise ValueError(
+            f"{name} must have shape {_shape_text(shape)} with {length} >= {min_length}; "
+            f"got {tuple(tokens.shape)}"
+        )
+    return check_token_ids(name, tokens, num_tokens, ignore_index=ignore_index)

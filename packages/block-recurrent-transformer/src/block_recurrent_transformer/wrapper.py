@@ -1,14 +1,15 @@
-"""Training over long sequences and generation with recurrence for the Block-Recurrent
-Transformer (Hutchins et al. 2022, arXiv 2203.07852).
+"""Training over long sequences and generation with recurrence for the Block-Recurrent Transformer.
 
-:class:`RecurrentTrainerWrapper` cuts a long sequence into segments of ``max_seq_len`` tokens
+The model is Hutchins et al. 2022, arXiv 2203.07852.
+`RecurrentTrainerWrapper` cuts a long sequence into segments of ``max_seq_len`` tokens
 and runs them one after the other, carrying the Transformer-XL memories and the recurrent
 states (truncated back-propagation: gradients stop at segment boundaries). During training it
 applies *structured dropout*: for each segment and each row, the whole memory is forgotten
 with probability ``xl_memories_dropout`` and the whole state reset to the initial state with
 probability ``state_dropout``, so that the model learns not to depend on either blindly.
 
-Generation prefills the prompt and then feeds one token per step, carrying memories and
+Generation runs the decoding loop of `attention_core.generation` over the model's `prefill`
+and `step`: the prompt is prefilled, then one token per step is fed, carrying memories and
 states and caching keys/values within the current block, so a new token costs
 ``O(block_width)``.
 
@@ -22,13 +23,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from attention_core.checks import (
-    check_positive_int,
-    check_probability,
-    check_tensor,
-    check_token_ids,
-)
-from attention_core.generation import filter_by_threshold, sample
+from attention_core.checks import check_positive_int, check_probability, check_tokens
+from attention_core.generation import generate, threshold_top_k
 
 from .memory import XLMemories
 from .transformer import BlockRecurrentTransformer
@@ -37,8 +33,7 @@ __all__ = ["RecurrentTrainerWrapper"]
 
 
 class RecurrentTrainerWrapper(nn.Module):
-    """Segment-by-segment training loss and generation for a
-    :class:`~block_recurrent_transformer.BlockRecurrentTransformer`.
+    """Segment-by-segment training loss and generation for a `BlockRecurrentTransformer`.
 
     Arguments:
         model: the transformer (its ``max_seq_len`` is the segment length).
@@ -108,9 +103,7 @@ class RecurrentTrainerWrapper(nn.Module):
             ``(loss, memories, states)``.
         """
         model = self.model
-        check_tensor("seq", seq, dim=2, integer=True)
-        if seq.shape[1] < 2:
-            raise ValueError(f"seq must have shape (B, n) with n >= 2; got {tuple(seq.shape)}")
+        check_tokens("seq", seq, model.num_tokens, min_length=2, ignore_index=model.ignore_index)
         batch, total = seq.shape
         memories, states = None, None
         loss_sum = seq.new_zeros((), dtype=model.token_emb.weight.dtype)
@@ -121,7 +114,6 @@ class RecurrentTrainerWrapper(nn.Module):
             inputs = inputs[:, : labels.shape[1]]
             memories, states = self._dropout(memories, states, batch, seq.device)
             logits, memories, states = model(inputs, xl_memories=memories, states=states)
-            check_token_ids("seq labels", labels, model.num_tokens, ignore_index=model.ignore_index)
             loss_sum = loss_sum + F.cross_entropy(
                 rearrange(logits, "b n v -> b v n"),
                 labels,
@@ -146,42 +138,36 @@ class RecurrentTrainerWrapper(nn.Module):
     ) -> Tensor:
         """Sample a continuation of ``prime``.
 
-        The prompt is consumed in pieces of ``max_seq_len``; then each new token is one
-        ``O(block_width)`` step of the model, carrying memories and states across blocks.
+        The decoding loop is `attention_core.generation.generate` over the model's
+        `prefill` (the prompt, in pieces of ``max_seq_len``) and `step` (one
+        ``O(block_width)`` step per new token, carrying memories and states across blocks).
 
         Arguments:
             prime: ``(B, T)`` token ids, ``T >= 1``.
             length: total length ``> T`` of prompt plus continuation.
             temperature: sampling temperature (``0`` = greedy).
-            filter_thres: keep the top ``1 - filter_thres`` fraction of the vocabulary
-                (``attention_core.generation.filter_by_threshold``).
+            filter_thres: keep the top ``1 - filter_thres`` fraction of the vocabulary (at
+                least one token), as ``attention_core.generation.filter_by_threshold``.
             generator: random generator for reproducible sampling.
 
         Returns:
             ``(B, length - T)`` the new tokens only.
         """
-        check_tensor("prime", prime, dim=2, integer=True)
+        model = self.model
+        check_tokens("prime", prime, model.num_tokens, min_length=1)
         check_positive_int("length", length)
-        if (
-            not isinstance(temperature, (int, float))
-            or isinstance(temperature, bool)
-            or not 0.0 <= temperature < float("inf")
-        ):
-            raise ValueError(f"temperature must be a finite float >= 0; got {temperature!r}")
-        check_probability("filter_thres", filter_thres)
         if length <= prime.shape[1]:
             raise ValueError(
                 f"length must exceed the prime's length {prime.shape[1]} (it is the total "
                 f"length of prime plus continuation); got {length}"
             )
-        model = self.model
-        logits, state = model.prefill(prime)
-        new = []
-        for n in range(length - prime.shape[1]):
-            tokens = sample(
-                filter_by_threshold(logits, filter_thres), temperature, generator=generator
-            )
-            new.append(tokens)
-            if n + 1 < length - prime.shape[1]:
-                logits, state = model.step(tokens, state)
-        return torch.stack(new, dim=1)
+        check_probability("filter_thres", filter_thres)
+        out = generate(
+            model,
+            prime.long(),
+            length - prime.shape[1],
+            temperature=temperature,
+            top_k=threshold_top_k(filter_thres, model.num_tokens),
+            generator=generator,
+        )
+        return out[:, prime.shape[1] :]

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from attention_core.attention_registry import AttentionRegistry, RecurrentAttentionRegistry
 from attention_core.builders import TransformerEncoderBuilder
-from attention_core.checks import check_positive_int, check_tensor, check_token_ids
+from attention_core.checks import check_positive_int, check_tokens
 from attention_core.generation import generate
 from attention_core.masking import TriangularCausalMask
 from attention_core.nn import TokenShift
@@ -270,8 +270,7 @@ class RecurrentLM(nn.Module):
         Returns:
             ``(B, T, V)``.
         """
-        check_tensor("tokens", tokens, dim=2, integer=True)
-        check_token_ids("tokens", tokens, self.num_tokens)
+        check_tokens("tokens", tokens, self.num_tokens)
         T = tokens.shape[1]
         x = self._embed(tokens, 0)
         if self.token_shift is not None:
@@ -290,12 +289,7 @@ class RecurrentLM(nn.Module):
         Returns:
             the logits ``(B, V)`` after the last prompt token and the `LMState`.
         """
-        check_tensor("tokens", tokens, dim=2, integer=True)
-        check_token_ids("tokens", tokens, self.num_tokens)
-        if tokens.shape[1] < 1:
-            raise ValueError(
-                f"tokens must have shape (B, T) with T >= 1; got {tuple(tokens.shape)}"
-            )
+        check_tokens("tokens", tokens, self.num_tokens, shape=("B", "T"), min_length=1)
         x, shift = self._embed(tokens, 0), None
         if self.token_shift is not None:
             x, shift = self.token_shift.prefill(x)
@@ -312,8 +306,7 @@ class RecurrentLM(nn.Module):
         Returns:
             the logits ``(B, V)`` for the next position and the new state.
         """
-        check_tensor("tokens", tokens, dim=1, integer=True)
-        check_token_ids("tokens", tokens, self.num_tokens)
+        check_tokens("tokens", tokens, self.num_tokens, shape=("B",))
         if not isinstance(state, LMState):
             raise TypeError(
                 f"state must be the LMState returned by prefill or step; got {type(state).__name__}"

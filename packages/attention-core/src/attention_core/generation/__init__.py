@@ -4,7 +4,7 @@ Logit filters and sampling, and a ``prefill``/``step`` protocol with the `stream
 loops."""
 
 from .generate import StepModel, generate, stream
-from .sampling import filter_by_threshold, sample, top_k_filter, top_p_filter
+from .sampling import filter_by_threshold, sample, threshold_top_k, top_k_filter, top_p_filter
 
 __all__ = [
     "StepModel",
@@ -12,6 +12,7 @@ __all__ = [
     "generate",
     "sample",
     "stream",
+    "threshold_top_k",
     "top_k_filter",
     "top_p_filter",
 ]

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from .._checks import check_positive_int, check_tensor
 
-__all__ = ["filter_by_threshold", "sample", "top_k_filter", "top_p_filter"]
+__all__ = ["filter_by_threshold", "sample", "threshold_top_k", "top_k_filter", "top_p_filter"]
 
 
 def _check_logits(logits: Tensor, *, dim: int | None = None) -> Tensor:
@@ -121,10 +121,32 @@ def filter_by_threshold(logits: Tensor, thres: float = 0.9) -> Tensor:
         tensor([[-inf, -inf, -inf, -inf, -inf, -inf, -inf, -inf, 8., 9.]])
     """
     _check_logits(logits)
+    return top_k_filter(logits, threshold_top_k(thres, logits.shape[-1]))
+
+
+def threshold_top_k(thres: float, vocab_size: int) -> int:
+    """The `k` of lucidrains' `thres` filter: `max(1, ceil((1 - thres) * vocab_size))`.
+
+    For a decoding loop that takes `top_k` (`attention_core.generation.generate`) and a
+    caller that speaks in `filter_thres`.
+
+    Arguments:
+        thres: fraction of the vocabulary to drop, in `[0, 1]`.
+        vocab_size: the vocabulary size `V` (`>= 1`).
+
+    Returns:
+        the number of logits to keep, in `[1, V]`.
+
+    Example:
+        >>> threshold_top_k(0.9, 256)
+        26
+        >>> threshold_top_k(1.0, 256)
+        1
+    """
     if not isinstance(thres, (int, float)) or isinstance(thres, bool) or not 0.0 <= thres <= 1.0:
         raise ValueError(f"thres must be a float in [0, 1]; got {thres!r}")
-    k = max(1, math.ceil((1.0 - thres) * logits.shape[-1]))
-    return top_k_filter(logits, k)
+    check_positive_int("vocab_size", vocab_size)
+    return max(1, math.ceil((1.0 - thres) * vocab_size))
 
 
 def sample(
