@@ -540,6 +540,11 @@ def test_bad_constructor_arguments(kwargs, error, match):
         BlockRecurrentTransformer(**{**SMALL, "depth": 2, **kwargs})
 
 
+def test_unused_compressed_mem_factor_is_not_used():
+    model = BlockRecurrentTransformer(**{**SMALL, "depth": 2}, compressed_mem_factor=None)
+    assert model.config.max_distance == 2 * model.block_width
+
+
 def test_bad_tokens():
     model = make_model("default", dtype=torch.float32)
     with pytest.raises(ValueError, match=r"token ids in \[0, 40\); got values in \[0, 40\]"):
@@ -568,6 +573,8 @@ def test_missing_or_foreign_memories_and_states():
         model(seq, xl_memories=list(mems), states=states)
     with pytest.raises(ValueError, match="xl_memories is required when states is given"):
         model(seq, xl_memories=[], states=states)
+    with pytest.raises(ValueError, match="xl_memories is required when states is given"):
+        model(seq, states=5)  # not a list: the same error, not a TypeError from len()
     fresh = model(seq)[0]  # the peer's empty lists start a new stream
     assert torch.equal(model(seq, xl_memories=[], states=[])[0], fresh)
     with pytest.raises(ValueError, match="one tensor per recurrent layer"):

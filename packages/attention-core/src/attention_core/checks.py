@@ -388,7 +388,7 @@ def check_token_ids(
 
 def check_tokens(
     name: str,
-    tokens,
+    tokens: object,
     num_tokens: int,
     *,
     shape: Sequence[int | str | None] = ("B", "n"),
@@ -431,7 +431,7 @@ def check_tokens(
           ...
         ValueError: tokens must hold token ids in [0, 10); got values in [4, 12]
     """
-    check_tensor(name, tokens, dim=len(shape), shape=shape, integer=True, device=device)
+    tokens = check_tensor(name, tokens, dim=len(shape), shape=shape, integer=True, device=device)
     if shape and not isinstance(shape[-1], int) and tokens.shape[-1] < min_length:
         length = shape[-1] or "n"
         raise ValueError(

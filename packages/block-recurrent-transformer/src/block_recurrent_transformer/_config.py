@@ -11,6 +11,7 @@ block-recurrent-transformer-pytorch) and indexed from 0 in the derived tables.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from attention_core.checks import (
@@ -29,7 +30,7 @@ from .state import RecurrentState
 __all__ = ["ModelConfig"]
 
 
-def _layer_numbers(name: str, value, depth: int) -> tuple[int, ...]:
+def _layer_numbers(name: str, value: object, depth: int) -> tuple[int, ...]:
     """Check a tuple of distinct 1-indexed layer numbers in `1..depth`."""
     if not isinstance(value, (tuple, list)) or not all(
         isinstance(v, int) and not isinstance(v, bool) for v in value
@@ -42,7 +43,9 @@ def _layer_numbers(name: str, value, depth: int) -> tuple[int, ...]:
     return tuple(value)
 
 
-def _readers(read_recurrent_layers, recurrent_layers: tuple[int, ...], depth: int) -> dict:
+def _readers(
+    read_recurrent_layers: object, recurrent_layers: tuple[int, ...], depth: int
+) -> dict[int, int]:
     """Map each recurrent layer to the layer that reads its state (at or below it)."""
     if read_recurrent_layers is None:
         return {w: w for w in recurrent_layers}
@@ -71,14 +74,14 @@ def _readers(read_recurrent_layers, recurrent_layers: tuple[int, ...], depth: in
     return reader_of
 
 
-@dataclass
+@dataclass(init=False)
 class ModelConfig:
     """The checked arguments of `BlockRecurrentTransformer`, with defaults resolved.
 
-    The fields are the constructor's arguments (see `BlockRecurrentTransformer`); after
-    `__post_init__`, `kv_heads` and `num_state_vectors` are ints, `ff_mult` and
-    `qk_rmsnorm_scale` floats, the three layer lists tuples, `recurrent_layers` ascending and
-    `read_recurrent_layers` in the same order.
+    The constructor takes the arguments of `BlockRecurrentTransformer` (see there), checks
+    them and keeps them with their defaults resolved: `kv_heads` and `num_state_vectors` are
+    ints, `ff_mult` and `qk_rmsnorm_scale` floats, the three layer lists tuples,
+    `recurrent_layers` ascending and `read_recurrent_layers` in the same order.
 
     Raises:
         TypeError: an argument of the wrong type (a flag that is not a bool, a layer list
@@ -91,16 +94,16 @@ class ModelConfig:
     depth: int
     dim_head: int
     heads: int
-    xl_memories_layers: tuple[int, ...] | None
-    recurrent_layers: tuple[int, ...] | None
-    read_recurrent_layers: tuple[int, ...] | None
+    xl_memories_layers: tuple[int, ...]
+    recurrent_layers: tuple[int, ...]
+    read_recurrent_layers: tuple[int, ...]
     max_seq_len: int
     block_width: int
-    num_state_vectors: int | None
+    num_state_vectors: int
     ff_mult: float
     all_layers_qk_rmsnorm: bool
     qk_rmsnorm_scale: float
-    kv_heads: int | None
+    kv_heads: int
     sliding_window: bool
     state_attends_previous_block: bool
     gate_type: str
@@ -111,33 +114,61 @@ class ModelConfig:
     ignore_index: int
     checkpoint_layers: bool
 
-    def __post_init__(self) -> None:
-        for name in ("num_tokens", "dim", "depth", "dim_head", "heads", "max_seq_len"):
-            check_positive_int(name, getattr(self, name))
-        check_positive_int("block_width", self.block_width)
-        heads, depth, width = self.heads, self.depth, self.block_width
-        if self.kv_heads is None:
-            self.kv_heads = heads
-        check_positive_int("kv_heads", self.kv_heads)
+    def __init__(
+        self,
+        num_tokens: int,
+        dim: int,
+        depth: int,
+        dim_head: int,
+        heads: int,
+        xl_memories_layers: Sequence[int] | None,
+        recurrent_layers: Sequence[int] | None,
+        read_recurrent_layers: Sequence[int] | None,
+        *,
+        max_seq_len: int,
+        block_width: int,
+        num_state_vectors: int | None,
+        ff_mult: float,
+        all_layers_qk_rmsnorm: bool,
+        qk_rmsnorm_scale: float,
+        kv_heads: int | None,
+        sliding_window: bool,
+        state_attends_previous_block: bool,
+        gate_type: str,
+        state_ffn: bool,
+        position_encoding: str | None,
+        use_compressed_mem: bool,
+        compressed_mem_factor: int,
+        ignore_index: int,
+        checkpoint_layers: bool,
+    ) -> None:
+        self.num_tokens = check_positive_int("num_tokens", num_tokens)
+        self.dim = check_positive_int("dim", dim)
+        self.depth = depth = check_positive_int("depth", depth)
+        self.dim_head = check_positive_int("dim_head", dim_head)
+        self.heads = heads = check_positive_int("heads", heads)
+        self.max_seq_len = check_positive_int("max_seq_len", max_seq_len)
+        self.block_width = width = check_positive_int("block_width", block_width)
+        self.kv_heads = check_positive_int("kv_heads", heads if kv_heads is None else kv_heads)
         if heads % self.kv_heads:
             raise ValueError(f"kv_heads must divide heads = {heads}; got {self.kv_heads}")
-        if self.num_state_vectors is None:
-            self.num_state_vectors = width
-        check_positive_int("num_state_vectors", self.num_state_vectors)
-        self.ff_mult = check_positive_number("ff_mult", self.ff_mult)
-        self.qk_rmsnorm_scale = check_positive_number("qk_rmsnorm_scale", self.qk_rmsnorm_scale)
-        check_choice("gate_type", self.gate_type, GATE_TYPES)
-        for name in (
-            "all_layers_qk_rmsnorm",
-            "sliding_window",
-            "state_attends_previous_block",
-            "state_ffn",
-            "use_compressed_mem",
-            "checkpoint_layers",
-        ):
-            check_bool(name, getattr(self, name))
-        check_int("ignore_index", self.ignore_index)
-        c = self.compressed_mem_factor
+        self.num_state_vectors = check_positive_int(
+            "num_state_vectors", width if num_state_vectors is None else num_state_vectors
+        )
+        self.ff_mult = check_positive_number("ff_mult", ff_mult)
+        self.qk_rmsnorm_scale = check_positive_number("qk_rmsnorm_scale", qk_rmsnorm_scale)
+        self.gate_type = check_choice("gate_type", gate_type, GATE_TYPES)
+        self.all_layers_qk_rmsnorm = check_bool("all_layers_qk_rmsnorm", all_layers_qk_rmsnorm)
+        self.sliding_window = check_bool("sliding_window", sliding_window)
+        self.state_attends_previous_block = check_bool(
+            "state_attends_previous_block", state_attends_previous_block
+        )
+        self.state_ffn = check_bool("state_ffn", state_ffn)
+        self.use_compressed_mem = check_bool("use_compressed_mem", use_compressed_mem)
+        self.checkpoint_layers = check_bool("checkpoint_layers", checkpoint_layers)
+        self.position_encoding = position_encoding
+        self.ignore_index = check_int("ignore_index", ignore_index)
+        c = compressed_mem_factor
         if self.use_compressed_mem and (
             not isinstance(c, int) or isinstance(c, bool) or c < 2 or c % 2 or width % c
         ):
@@ -145,18 +176,19 @@ class ModelConfig:
                 "compressed_mem_factor must be an even int >= 2 that divides block_width = "
                 f"{width}; got {c!r}"
             )
+        self.compressed_mem_factor = c
         all_layers = tuple(range(1, depth + 1))
         self.xl_memories_layers = _layer_numbers(
             "xl_memories_layers",
-            all_layers if self.xl_memories_layers is None else self.xl_memories_layers,
+            all_layers if xl_memories_layers is None else xl_memories_layers,
             depth,
         )
         recurrent = _layer_numbers(
             "recurrent_layers",
-            (max(1, depth // 2),) if self.recurrent_layers is None else self.recurrent_layers,
+            (max(1, depth // 2),) if recurrent_layers is None else recurrent_layers,
             depth,
         )
-        reader_of = _readers(self.read_recurrent_layers, recurrent, depth)
+        reader_of = _readers(read_recurrent_layers, recurrent, depth)
         self.recurrent_layers = tuple(sorted(recurrent))
         self.read_recurrent_layers = tuple(reader_of[w] for w in self.recurrent_layers)
 
@@ -175,8 +207,9 @@ class ModelConfig:
     @property
     def max_distance(self) -> int:
         """The largest query-key distance in a window (for the position biases)."""
-        extra = self.block_width * self.compressed_mem_factor // 2
-        return 2 * self.block_width + (extra if self.use_compressed_mem else 0)
+        if not self.use_compressed_mem:
+            return 2 * self.block_width
+        return 2 * self.block_width + self.block_width * self.compressed_mem_factor // 2
 
     def writer_slot(self, index: int) -> int | None:
         """The position in `recurrent_layers` of the state that layer `index` (0-indexed)
@@ -198,7 +231,7 @@ class ModelConfig:
         """The static role of layer `index` (0-indexed) in the stack."""
         slot = self.writer_slot(index)
         writes = slot is not None
-        reads_own = writes and self.read_recurrent_layers[slot] == index + 1
+        reads_own = slot is not None and self.read_recurrent_layers[slot] == index + 1
         external = self.external_reads(index)
         xl = index + 1 in self.xl_memories_layers
         state_lookback = self.block_width if writes and self.state_attends_previous_block else 0
@@ -258,7 +291,8 @@ class ModelConfig:
                 merged[-1][1] = max(merged[-1][1], last)
             else:
                 merged.append([first, last])
-        plan, layer = [], 0
+        plan: list[tuple[int, int]] = []
+        layer = 0
         for first, last in merged:
             plan.extend((i, i) for i in range(layer, first))
             plan.append((first, last))

@@ -5,8 +5,9 @@ tokens still attend to (its `LayerMemory`: the current, incomplete block, plus t
 block for the layers that reach into it), and every recurrent layer keeps its state vectors
 `(B, S, dim)`. A call continues from both and returns them after its tokens; this module
 starts a new stream, checks a stream passed back by the user against the model's
-configuration (another depth, batch, dtype or position is refused with the reason), and holds
-the `DecodeState` of incremental decoding.
+configuration (another depth, batch, dtype or position is refused with the reason), holds
+the `DecodeState` of incremental decoding and runs the model's layers over the tokens of a
+call (`run_layers`).
 
 Einstein notation: `b` batch, `h` key/value heads, `m` memory slots, `d` head feature,
 `s` state vectors, `c` model feature.
@@ -15,6 +16,7 @@ Einstein notation: `b` batch, `h` key/value heads, `m` memory slots, `d` head fe
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -22,9 +24,13 @@ from torch import Tensor
 from attention_core.checks import check_positive_int, check_tensor
 
 from ._config import ModelConfig
+from .blocks import BlockGeometry
 from .context import CallContext
 from .layer import Prepared
 from .memory import LayerMemory, XLMemories
+
+if TYPE_CHECKING:
+    from .transformer import BlockRecurrentTransformer
 
 __all__ = [
     "DecodeState",
@@ -34,6 +40,7 @@ __all__ = [
     "fresh_stream",
     "memory_length",
     "resume",
+    "run_layers",
 ]
 
 
@@ -128,7 +135,9 @@ def _compresses(config: ModelConfig, index: int) -> bool:
 # checks of a stream passed back by the user
 
 
-def resume(config: ModelConfig, xl_memories, states, batch: int, like: Tensor) -> Stream | None:
+def resume(
+    config: ModelConfig, xl_memories: object, states: object, batch: int, like: Tensor
+) -> Stream | None:
     """The stream to continue from the memories and states a user passed, after checking them.
 
     `xl_memories=None` (or `[]`, block-recurrent-transformer-pytorch's "no memories yet")
@@ -154,7 +163,7 @@ def resume(config: ModelConfig, xl_memories, states, batch: int, like: Tensor) -
     if isinstance(states, (list, tuple)) and not states and xl_memories is None:
         states = None
     if xl_memories is None:
-        if states is not None and len(states) > 0:
+        if states is not None:
             raise ValueError(
                 "xl_memories is required when states is given: pass the memories returned "
                 "together with these states"
@@ -197,7 +206,6 @@ def check_memories(config: ModelConfig, mems: XLMemories, batch: int, like: Tens
             f"xl_memories must hold one LayerMemory per layer ({config.depth}); got "
             f"{len(mems.layers)} (memories from a model of another depth?)"
         )
-    kinds = dict(dtype=like.dtype, device=like.device)
     for index, memory in enumerate(mems.layers):
         name = f"xl_memories[{index}]"
         if not isinstance(memory, LayerMemory):
@@ -205,7 +213,9 @@ def check_memories(config: ModelConfig, mems: XLMemories, batch: int, like: Tens
         m = memory_length(config, index, position)
         expected = (batch, config.kv_heads, m, config.dim_head)
         for field in ("keys", "values"):
-            t = check_tensor(f"{name}.{field}", getattr(memory, field), **kinds)
+            t = check_tensor(
+                f"{name}.{field}", getattr(memory, field), dtype=like.dtype, device=like.device
+            )
             if tuple(t.shape) != expected:
                 raise ValueError(
                     f"{name}.{field} must have shape (B, kv_heads, m, dim_head) = {expected} "
@@ -225,7 +235,13 @@ def check_memories(config: ModelConfig, mems: XLMemories, batch: int, like: Tens
         if compressed:
             slots = (batch, config.kv_heads, config.compressed_slots, config.dim_head)
             for field in ("compressed_keys", "compressed_values"):
-                check_tensor(f"{name}.{field}", getattr(memory, field), shape=slots, **kinds)
+                check_tensor(
+                    f"{name}.{field}",
+                    getattr(memory, field),
+                    shape=slots,
+                    dtype=like.dtype,
+                    device=like.device,
+                )
             check_tensor(
                 f"{name}.compressed_valid",
                 memory.compressed_valid,
@@ -235,7 +251,7 @@ def check_memories(config: ModelConfig, mems: XLMemories, batch: int, like: Tens
             )
 
 
-def check_states(config: ModelConfig, states, batch: int, like: Tensor) -> list[Tensor]:
+def check_states(config: ModelConfig, states: object, batch: int, like: Tensor) -> list[Tensor]:
     """Check that `states` holds one state `(B, S, dim)` per recurrent layer.
 
     Arguments:
@@ -267,3 +283,70 @@ def check_states(config: ModelConfig, states, batch: int, like: Tensor) -> list[
                 f"{tuple(s.shape)}"
             )
     return list(states)
+
+
+# running the layers over a call
+
+
+def run_layers(
+    model: BlockRecurrentTransformer, x: Tensor, stream: Stream, ctx: CallContext
+) -> tuple[Tensor, Stream]:
+    """Run the layers of `model` on the embedded tokens `x` that continue `stream`.
+
+    The layers run in the order of the model's plan: a single layer over all the blocks of
+    the call at once, a run of layers (from a state reader up to a higher writer) block by
+    block.
+
+    Arguments:
+        model: the model.
+        x: `(B, n, dim)` the embedded tokens of the call.
+        stream: the stream that the tokens continue.
+        ctx: the call's shared window tables.
+
+    Returns:
+        the hidden states `(B, n, dim)` of the tokens and the stream after them.
+
+    Raises:
+        RuntimeError: a recurrent layer returned no state.
+    """
+    width = model.block_width
+    geom = BlockGeometry(stream.memories.position, x.shape[1], width)
+    memories = list(stream.memories.layers)
+    states, prepared = list(stream.states), list(stream.prepared)
+    modules = model._states_modules()
+
+    def run(index: int, h: Tensor, g: BlockGeometry) -> Tensor:
+        slot = model._writer_slot[index]
+        reads = []
+        for w in model._external_reads[index]:
+            read = prepared[w]
+            if read is None:
+                read = prepared[w] = modules[w].prepare(states[w])
+            reads.append((read[1], read[2]))
+        state = None if slot is None else states[slot]
+        prep = None if slot is None else prepared[slot]
+        # build the window tables (a position bias may need gradients) outside the layer,
+        # so that an activation-checkpointed layer computes the same thing when re-run
+        ctx.tables(g, model._layer(index).token_lookback)
+        h, memories[index], state, prep = model._call_layer(
+            index, h, g, memories[index], ctx, model.positions, state, prep, reads
+        )
+        if slot is not None:
+            if state is None:
+                raise RuntimeError(f"recurrent layer {index + 1} returned no state")
+            states[slot], prepared[slot] = state, prep
+        return h
+
+    for first, last in model._plan:
+        if first == last:
+            x = run(first, x, geom)
+            continue
+        pieces = []
+        for start, stop in geom.block_slices():
+            h = x[:, start:stop]
+            g = BlockGeometry(geom.start + start, stop - start, width)
+            for index in range(first, last + 1):
+                h = run(index, h, g)
+            pieces.append(h)
+        x = torch.cat(pieces, dim=1)
+    return x, Stream(XLMemories(geom.end, memories), states, prepared)

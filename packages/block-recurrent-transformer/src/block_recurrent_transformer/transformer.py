@@ -22,6 +22,8 @@ Einstein notation: ``b`` batch, ``n`` sequence, ``v`` vocabulary, ``s`` state ve
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 import torch.nn.functional as F
 from einops import rearrange
@@ -33,11 +35,11 @@ from attention_core.nn import RMSNorm
 
 from ._config import ModelConfig
 from .attention import PositionEncoding
-from .blocks import BlockGeometry
 from .context import CallContext
-from .memory import XLMemories
+from .layer import BlockRecurrentLayer, Prepared
+from .memory import LayerMemory, XLMemories
 from .state import RecurrentState
-from .stream import DecodeState, Stream, check_states, fresh_stream, resume
+from .stream import DecodeState, Stream, check_states, fresh_stream, resume, run_layers
 
 __all__ = ["BlockRecurrentTransformer", "DecodeState"]
 
@@ -102,8 +104,9 @@ class BlockRecurrentTransformer(nn.Module):
     `read_recurrent_layers` in the same order).
 
     Example:
-        >>> model = BlockRecurrentTransformer(num_tokens=100, dim=32, depth=2, dim_head=8,
-        ...                                   heads=2, block_width=8, num_state_vectors=4)
+        >>> model = BlockRecurrentTransformer(
+        ...     num_tokens=100, dim=32, depth=2, dim_head=8, heads=2,
+        ...     block_width=8, num_state_vectors=4)
         >>> seq = torch.randint(0, 100, (1, 20))
         >>> out, mems, states = model(seq)
         >>> out.shape, mems.position, states[0].shape
@@ -170,13 +173,19 @@ class BlockRecurrentTransformer(nn.Module):
         )
         self.config = config
         # the resolved arguments, as attributes (block-recurrent-transformer-pytorch's names)
-        for name in (
-            "num_tokens", "dim", "depth", "heads", "dim_head", "kv_heads", "max_seq_len",
-            "block_width", "num_state_vectors", "ignore_index", "xl_memories_layers",
-            "recurrent_layers", "read_recurrent_layers", "sliding_window", "checkpoint_layers",
-            "compressed_slots", "compressed_per_block",
-        ):  # fmt: skip
-            setattr(self, name, getattr(config, name))
+        self.num_tokens, self.dim, self.depth = config.num_tokens, config.dim, config.depth
+        self.heads, self.dim_head, self.kv_heads = config.heads, config.dim_head, config.kv_heads
+        self.max_seq_len, self.block_width = config.max_seq_len, config.block_width
+        self.num_state_vectors, self.ignore_index = config.num_state_vectors, config.ignore_index
+        self.xl_memories_layers = config.xl_memories_layers
+        self.recurrent_layers = config.recurrent_layers
+        self.read_recurrent_layers = config.read_recurrent_layers
+        self.sliding_window, self.checkpoint_layers = (
+            config.sliding_window,
+            config.checkpoint_layers,
+        )
+        self.compressed_slots = config.compressed_slots
+        self.compressed_per_block = config.compressed_per_block
 
         self.token_emb = nn.Embedding(num_tokens, dim)
         self.positions = PositionEncoding(
@@ -199,14 +208,24 @@ class BlockRecurrentTransformer(nn.Module):
     def _param(self) -> Tensor:
         return self.token_emb.weight
 
+    def _layer(self, index: int) -> BlockRecurrentLayer:
+        # `nn.ModuleList` indexes to `nn.Module`; every entry is built by `config.make_layer`
+        return cast(BlockRecurrentLayer, self.layers[index])
+
     def _states_modules(self) -> list[RecurrentState]:
-        return [self.layers[w - 1].state for w in self.recurrent_layers]
+        modules = []
+        for w in self.recurrent_layers:
+            state = self._layer(w - 1).state
+            if state is None:
+                raise RuntimeError(f"recurrent layer {w} has no RecurrentState")
+            modules.append(state)
+        return modules
 
     def _fresh_stream(self, batch: int) -> Stream:
         states = [module.initial_state(batch) for module in self._states_modules()]
         return fresh_stream(self.config, batch, states, self._param)
 
-    def _stream_from(self, xl_memories, states, batch: int) -> Stream:
+    def _stream_from(self, xl_memories: object, states: object, batch: int) -> Stream:
         stream = resume(self.config, xl_memories, states, batch, self._param)
         return self._fresh_stream(batch) if stream is None else stream
 
@@ -242,52 +261,13 @@ class BlockRecurrentTransformer(nn.Module):
             weight.device,
         )
 
-    def _call_layer(self, index: int, *args):
+    def _call_layer(
+        self, index: int, *args: object
+    ) -> tuple[Tensor, LayerMemory, Tensor | None, Prepared | None]:
         layer = self.layers[index]
         if self.checkpoint_layers and self.training and torch.is_grad_enabled():
             return checkpoint(layer, *args, use_reentrant=False)
         return layer(*args)
-
-    def _run(self, x: Tensor, stream: Stream, ctx: CallContext) -> tuple[Tensor, Stream]:
-        """Hidden states ``(B, n, dim)`` of the embedded tokens ``x`` continuing ``stream``,
-        and the stream after them."""
-        geom = BlockGeometry(stream.memories.position, x.shape[1], self.block_width)
-        memories = list(stream.memories.layers)
-        states, prepared = list(stream.states), list(stream.prepared)
-        modules = self._states_modules()
-
-        def run(index: int, h: Tensor, g: BlockGeometry) -> Tensor:
-            slot = self._writer_slot[index]
-            reads = []
-            for w in self._external_reads[index]:
-                if prepared[w] is None:
-                    prepared[w] = modules[w].prepare(states[w])
-                reads.append((prepared[w][1], prepared[w][2]))
-            state = None if slot is None else states[slot]
-            prep = None if slot is None else prepared[slot]
-            # build the window tables (a position bias may need gradients) outside the layer,
-            # so that an activation-checkpointed layer computes the same thing when re-run
-            ctx.tables(g, self.layers[index].token_lookback)
-            h, memories[index], state, prep = self._call_layer(
-                index, h, g, memories[index], ctx, self.positions, state, prep, reads
-            )
-            if slot is not None:
-                states[slot], prepared[slot] = state, prep
-            return h
-
-        for first, last in self._plan:
-            if first == last:
-                x = run(first, x, geom)
-                continue
-            pieces = []
-            for start, stop in geom.block_slices():
-                h = x[:, start:stop]
-                g = BlockGeometry(geom.start + start, stop - start, self.block_width)
-                for index in range(first, last + 1):
-                    h = run(index, h, g)
-                pieces.append(h)
-            x = torch.cat(pieces, dim=1)
-        return x, Stream(XLMemories(geom.end, memories), states, prepared)
 
     # public API
 
@@ -335,7 +315,7 @@ class BlockRecurrentTransformer(nn.Module):
         stream = self._stream_from(xl_memories, states, inputs.shape[0])
         if reset is not None:
             stream = self._reset(stream, reset)
-        hidden, stream = self._run(self.token_emb(inputs), stream, self._context())
+        hidden, stream = run_layers(self, self.token_emb(inputs), stream, self._context())
         logits = self.to_logits(self.final_norm(hidden))
         memories = stream.memories.detach()
         states = [s.detach() for s in stream.states]
@@ -358,8 +338,9 @@ class BlockRecurrentTransformer(nn.Module):
         xl_memories: XLMemories | None = None,
         states: list[Tensor] | None = None,
     ) -> tuple[Tensor, DecodeState]:
-        """Consume a prompt for incremental decoding (the ``StepModel`` protocol of
-        ``attention_core.generation``).
+        """Consume a prompt for incremental decoding.
+
+        This is the ``prefill`` of the ``StepModel`` protocol of ``attention_core.generation``.
 
         Arguments:
             tokens: ``(B, T)`` token ids, ``T >= 1``; consumed in pieces of ``max_seq_len``.
@@ -373,13 +354,14 @@ class BlockRecurrentTransformer(nn.Module):
         stream = self._stream_from(xl_memories, states, tokens.shape[0])
         ctx = self._context()
         for piece in tokens.split(self.max_seq_len, dim=1):
-            hidden, stream = self._run(self.token_emb(piece), stream, ctx)
+            hidden, stream = run_layers(self, self.token_emb(piece), stream, ctx)
         return self.to_logits(self.final_norm(hidden[:, -1])), DecodeState(stream, ctx)
 
     @torch.no_grad()
     def step(self, tokens: Tensor, state: DecodeState) -> tuple[Tensor, DecodeState]:
-        """Consume one token per row after ``state``; costs ``O(block_width)`` per token plus
-        a state update each time a block completes.
+        """Consume one token per row after ``state``.
+
+        Each token costs ``O(block_width)``, plus a state update each time a block completes.
 
         Arguments:
             tokens: ``(B,)`` token ids.
@@ -392,5 +374,6 @@ class BlockRecurrentTransformer(nn.Module):
             raise TypeError(f"state must be a DecodeState; got {type(state).__name__}")
         batch = state.stream.memories.batch_size
         check_tokens("tokens", tokens, self.num_tokens, shape=(batch,), device=self._param.device)
-        hidden, stream = self._run(self.token_emb(tokens[:, None]), state.stream, state.context)
+        x = self.token_emb(tokens[:, None])
+        hidden, stream = run_layers(self, x, state.stream, state.context)
         return self.to_logits(self.final_norm(hidden[:, -1])), DecodeState(stream, state.context)

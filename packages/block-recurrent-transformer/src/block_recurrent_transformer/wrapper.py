@@ -46,11 +46,12 @@ class RecurrentTrainerWrapper(nn.Module):
     ``generate(prime (B, T), length)`` -> ``(B, length - T)`` new tokens.
 
     Example:
-        >>> model = BlockRecurrentTransformer(num_tokens=50, dim=32, depth=2, dim_head=8,
-        ...                                   heads=2, max_seq_len=16, block_width=8,
-        ...                                   num_state_vectors=4)
+        >>> model = BlockRecurrentTransformer(
+        ...     num_tokens=50, dim=32, depth=2, dim_head=8, heads=2,
+        ...     max_seq_len=16, block_width=8, num_state_vectors=4)
         >>> wrapper = RecurrentTrainerWrapper(model, state_dropout=0.1)
-        >>> loss = wrapper(torch.randint(0, 50, (2, 49)))   # 3 segments of 16 predictions
+        >>> # 3 segments of 16 predictions
+        >>> loss = wrapper(torch.randint(0, 50, (2, 49)))
         >>> loss.backward()
         >>> wrapper.generate(torch.randint(0, 50, (2, 5)), 12).shape
         torch.Size([2, 7])
@@ -67,13 +68,17 @@ class RecurrentTrainerWrapper(nn.Module):
             raise TypeError(
                 f"model must be a BlockRecurrentTransformer; got {type(model).__name__}"
             )
-        self.model = model
-        self.seq_len = model.max_seq_len
+        self.model: BlockRecurrentTransformer = model
+        self.seq_len: int = model.max_seq_len
         self.xl_memories_dropout = check_probability("xl_memories_dropout", xl_memories_dropout)
         self.state_dropout = check_probability("state_dropout", state_dropout)
 
     def _dropout(
-        self, memories: XLMemories | None, states: list[Tensor] | None, batch: int, device
+        self,
+        memories: XLMemories | None,
+        states: list[Tensor] | None,
+        batch: int,
+        device: torch.device,
     ) -> tuple[XLMemories | None, list[Tensor] | None]:
         if not self.training or memories is None:
             return memories, states
@@ -105,7 +110,8 @@ class RecurrentTrainerWrapper(nn.Module):
         model = self.model
         check_tokens("seq", seq, model.num_tokens, min_length=2, ignore_index=model.ignore_index)
         batch, total = seq.shape
-        memories, states = None, None
+        memories: XLMemories | None = None
+        states: list[Tensor] | None = None
         loss_sum = seq.new_zeros((), dtype=model.token_emb.weight.dtype)
         count = 0
         for start in range(0, total - 1, self.seq_len):
@@ -122,9 +128,11 @@ class RecurrentTrainerWrapper(nn.Module):
             )
             count += int((labels != model.ignore_index).sum())
         loss = loss_sum / max(count, 1)
-        if return_memories_and_states:
-            return loss, memories, states
-        return loss
+        if not return_memories_and_states:
+            return loss
+        if memories is None or states is None:  # not reached: seq has at least one segment
+            raise RuntimeError("no segment of seq was run")
+        return loss, memories, states
 
     @torch.no_grad()
     def generate(
