@@ -25,7 +25,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .._checks import TRITON_DTYPES
-from ._op import check_groups
+from ._validation import check_groups
 
 __all__ = [
     "aggregate_backward",

@@ -31,7 +31,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .._checks import TRITON_DTYPES
-from ._op import check_causal
+from ._validation import check_causal
 
 __all__ = ["CHUNK", "causal_product_backward", "causal_product_forward"]
 

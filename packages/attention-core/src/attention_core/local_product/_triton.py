@@ -31,7 +31,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .._checks import TRITON_DTYPES
-from ._op import check_local_average, check_local_dot
+from ._validation import check_local_average, check_local_dot
 
 __all__ = [
     "local_dot_product_backward",

@@ -32,7 +32,12 @@ import triton.language as tl
 from torch import Tensor
 
 from .._checks import TRITON_DTYPES
-from ._op import check_sparse_average, check_sparse_dot, check_topk_values, contiguous_indices
+from ._validation import (
+    check_sparse_average,
+    check_sparse_dot,
+    check_topk_values,
+    contiguous_indices,
+)
 
 __all__ = [
     "sparse_dot_product_backward",
