@@ -19,8 +19,8 @@ public functions send float64 CUDA tensors to the plain-PyTorch path).
 
 Einstein notation: n batch, h heads, l sequence, e query/key features, m value features.
 
-GPU timings have not been measured: this module was written and tested under Triton's
-interpreter (``TRITON_INTERPRET=1``) on CPU tensors, in a session without a GPU.
+The tests run these kernels under Triton's interpreter (``TRITON_INTERPRET=1``, on CPU
+tensors: ``nox -s slow``); no GPU timings are published yet.
 """
 
 from __future__ import annotations
