@@ -72,7 +72,8 @@ def install_torch(session: nox.Session) -> None:
             "python", "-m", "pip", "install", "--quiet", *CONSTRAINTS, "--target", str(target),
             TORCH,
         )  # fmt: skip
-        (target / ".complete").touch()
+        if (target / "torch").is_dir():  # not with nox --no-install, which skips installs
+            (target / ".complete").touch()
     (Path(purelib) / "_shared_torch.pth").write_text(f"{target}\n")
 
 
@@ -103,6 +104,7 @@ def wheel(session: nox.Session, package: str) -> str:
         for old in WHEELS.glob(f"{package}-*"):
             shutil.rmtree(old, ignore_errors=True)
         building = out.with_name(out.name + ".partial")
+        shutil.rmtree(building, ignore_errors=True)
         session.run_install(
             "python", "-m", "pip", "wheel", "--quiet", "--no-deps", *CONSTRAINTS,
             "--wheel-dir", str(building), str(ROOT / "packages" / package),
