@@ -41,7 +41,6 @@ PACKAGES = {
     "feedback-transformer": "feedback_transformer",
 }
 MODELS = [name for name in PACKAGES if name != "attention-core"]
-MODEL_PACKAGES = [f"packages/{name}" for name in MODELS]
 SOURCE_DIRS = [str(ROOT / "packages" / name / "src") for name in PACKAGES]
 # parts of a package directory that are not in its wheel (or are build output)
 NOT_SOURCES = {"tests", "build", "dist", "__pycache__", ".pytest_cache"}
@@ -115,24 +114,31 @@ def wheel(session: nox.Session, package: str) -> str:
     return str(found[0]) if found else str(out)
 
 
-def install_packages(session: nox.Session, *packages: str, extras: str = "") -> None:
-    """Install the shared torch, then the wheels of ``packages`` (``extras`` on each)."""
+def install_packages(session: nox.Session, *packages: str) -> None:
+    """Install the shared torch, then the wheels of ``packages``.
+
+    A package may carry extras, as in ``"attention-core[test]"``.
+    """
     install_torch(session)
-    install(session, *(wheel(session, package) + extras for package in packages))
+    wheels = {}
+    for package in packages:
+        name, bracket, extras = package.partition("[")
+        wheels[wheel(session, name)] = bracket + extras
+    install(session, *(path + extras for path, extras in wheels.items()))
+    # pip keeps an installed package of the same version: in a reused environment (nox -r)
+    # the wheels of changed sources must replace the old ones explicitly
+    if getattr(session.virtualenv, "_reused", False):
+        session.install("--no-deps", "--force-reinstall", *wheels)
 
 
 @nox.session
 @nox.parametrize("package", list(PACKAGES))
 def tests(session: nox.Session, package: str) -> None:
     """Run one package's tests (not those marked slow) with only its declared dependencies."""
-    targets = [package] if package == "attention-core" else ["attention-core", package]
-    # the core is installed without its test extra for a model package: a model package's
-    # tests see the core's runtime dependencies and its own [test] extra, nothing more
-    install_torch(session)
-    install(
-        session,
-        *(wheel(session, name) + ("[test]" if name == package else "") for name in targets),
-    )
+    # a model package's tests see the core's runtime dependencies and the model package's
+    # own [test] extra, nothing more
+    core = [] if package == "attention-core" else ["attention-core"]
+    install_packages(session, *core, f"{package}[test]")
     session.run("pytest", f"packages/{package}/tests", "-m", "not slow", *session.posargs)
 
 
@@ -144,12 +150,7 @@ def slow(session: nox.Session) -> None:
     runs on CPU tensors and reports on its own (with a CUDA device, unset it to run the
     compiled kernels: ``TRITON_INTERPRET=0 nox -s slow``).
     """
-    install_torch(session)
-    install(
-        session,
-        wheel(session, "attention-core") + "[test,triton]",
-        *(wheel(session, name) + "[test]" for name in MODELS),
-    )
+    install_packages(session, "attention-core[test,triton]", *(f"{name}[test]" for name in MODELS))
     interpret = os.environ.get("TRITON_INTERPRET", "1")
     session.run(
         "pytest", *(f"packages/{name}/tests" for name in PACKAGES), "-m", "slow",
