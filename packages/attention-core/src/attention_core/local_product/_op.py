@@ -8,9 +8,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .._checks import (
-    kernel_dtypes,
-)
+from .._checks import kernel_dtypes
 from .._extension import (
     binding,
     nhl,
