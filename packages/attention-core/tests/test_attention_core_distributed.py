@@ -16,6 +16,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 
+@pytest.mark.slow  # spawns two gloo processes per case
 def test_encoders_under_ddp_and_fsdp_match_one_process():
     generator = torch.Generator().manual_seed(1)
     batches = torch.randn(3, 4, 6, 16, dtype=torch.float64, generator=generator)

@@ -94,9 +94,11 @@ def test_the_graph_sees_imports():
     edges = module_level_imports("attention_core.causal_product")
     assert "attention_core.causal_product._op" in edges
     assert "attention_core._extension" in edges
-    assert "attention_core.causal_product._op" in module_level_imports(
-        "attention_core.causal_product._triton"
-    )
+    # the ops and their Triton kernels share the argument checks of a leaf module
+    for user in ("_op", "_triton"):
+        assert "attention_core.causal_product._validation" in module_level_imports(
+            f"attention_core.causal_product.{user}"
+        )
     # the Triton module is imported inside a function (on the first CUDA call) only
     assert "attention_core.causal_product._triton" not in module_level_imports(
         "attention_core.causal_product._op"
@@ -106,6 +108,9 @@ def test_the_graph_sees_imports():
 def test_shared_checks_are_a_leaf():
     assert module_level_imports("attention_core.checks") == set()
     assert module_level_imports("attention_core._checks") == {"attention_core.checks"}
+    for op in ("aggregate", "causal_product", "local_product", "sparse_product"):
+        imported = module_level_imports(f"attention_core.{op}._validation")
+        assert not {f"attention_core.{op}._op", f"attention_core.{op}._triton"} & imported
 
 
 def test_every_module_imports_in_random_order():

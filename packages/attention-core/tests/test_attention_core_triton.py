@@ -2,19 +2,16 @@
 dense reference, forward and every gradient.
 
 Where to run them: on a CUDA device when there is one; otherwise under Triton's interpreter
-on CPU tensors. The interpreter must be switched on before triton is imported
-(``triton.jit`` reads ``TRITON_INTERPRET`` when it decorates a function, and triton's own
-library functions such as ``tl.sum`` are decorated when triton is imported), and by the time
-this module runs attention_core has imported triton. So without a GPU,
-``test_kernels_under_interpreter`` runs this module again in a subprocess with
-``TRITON_INTERPRET=1``, where the kernel tests run; the variable never leaks into the rest of
-the suite. The whole module is skipped when triton is not importable.
+on CPU tensors, which must be switched on for the whole pytest process before triton is
+imported (``triton.jit`` reads ``TRITON_INTERPRET`` when it decorates a function, and
+triton's own library functions such as ``tl.sum`` are decorated when triton is imported):
+``TRITON_INTERPRET=1 pytest -m slow packages/attention-core/tests/test_attention_core_triton.py``,
+which ``nox -s slow`` runs. Without a CUDA device and without the interpreter, the kernel tests
+are skipped with that command as the reason. The whole module is marked slow (about half a
+minute under the interpreter) and skipped when triton is not importable.
 """
 
 import os
-import subprocess
-import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -37,6 +34,7 @@ from attention_core.sparse_product import _op as sparse_op
 from attention_core.sparse_product import _triton as triton_sparse
 from attention_core.testing import TOLERANCES, assert_close
 
+pytestmark = pytest.mark.slow  # about half a minute under the interpreter
 EPS = 1e-3
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # every op with a Triton kernel: name -> (its torch.library op, its "cuda" kernel)
@@ -49,24 +47,11 @@ CUDA_OPS = {
 DEVICE = "cuda" if torch.cuda.is_available() and not INTERPRETED else "cpu"
 runs_kernels = pytest.mark.skipif(
     DEVICE == "cpu" and not INTERPRETED,
-    reason="no CUDA device: run under the interpreter by test_kernels_under_interpreter",
+    reason="no CUDA device: run with TRITON_INTERPRET=1 set for the whole pytest process",
 )
 needs_cuda = pytest.mark.skipif(
     not torch.cuda.is_available() or INTERPRETED, reason="needs a CUDA device (compiled kernels)"
 )
-
-
-@pytest.mark.skipif(INTERPRETED, reason="already inside the interpreter run")
-def test_kernels_under_interpreter(request):
-    """Run this module's kernel tests in a subprocess with ``TRITON_INTERPRET=1``."""
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    command = [sys.executable, "-m", "pytest", __file__, "-q", "-x", "-p", "no:cacheprovider"]
-    result = subprocess.run(
-        command, env=env, cwd=Path(request.config.rootpath), capture_output=True, text=True,
-        timeout=600,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
-    assert " passed" in result.stdout and " failed" not in result.stdout
 
 
 # ---------------------------------------------------------------------------------------

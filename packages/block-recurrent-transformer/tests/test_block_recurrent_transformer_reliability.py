@@ -35,6 +35,7 @@ def small_model(**overrides) -> BlockRecurrentTransformer:
     return BlockRecurrentTransformer(**{**SMALL, **overrides}).eval()
 
 
+@pytest.mark.slow  # spawns two gloo processes per strategy
 def test_language_model_trains_identically_under_ddp_and_fsdp():
     # 10 tokens per row: the call crosses two block boundaries (state updates) and ends
     # inside a block; no dropout anywhere, so every run sees the same computation

@@ -46,7 +46,7 @@ def _rss_mib() -> float:
     raise RuntimeError("no VmRSS line in /proc/self/status")
 
 
-@pytest.mark.slow  # about 25 s here (45 s with the machine's 2 cores oversubscribed)
+@pytest.mark.slow  # about 25 s on two cores
 @pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs /proc/self/status")
 def test_stream_of_100k_steps_keeps_memory_flat_and_logits_finite():
     # a tiny model (one layer, one head, 4 memory slots: the ring buffer wraps 25,000 times)
@@ -72,6 +72,7 @@ def test_stream_of_100k_steps_keeps_memory_flat_and_logits_finite():
     assert growth < 16, f"resident memory grew by {growth:.1f} MiB from step 10k to 100k"
 
 
+@pytest.mark.slow  # spawns two gloo processes per strategy
 def test_language_model_trains_identically_under_ddp_and_fsdp():
     # 9 tokens in, seq_len 2: four full windows and an odd trailing one; memory of 4 steps
     # wraps; no dropout, so every run sees the same computation

@@ -33,6 +33,7 @@ def resident_mib() -> float:
     raise RuntimeError("no VmRSS")
 
 
+@pytest.mark.slow  # 100k steps
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc")
 def test_a_100k_step_linear_stream_keeps_memory_flat_and_outputs_finite():
     model = tiny_encoder("linear")
@@ -59,6 +60,7 @@ def _stream(model, x, samples):
                 samples[step] = resident_mib()
 
 
+@pytest.mark.slow  # spawns two gloo processes per strategy
 def test_language_models_train_identically_under_ddp_and_fsdp():
     batches = torch.randint(0, 17, (2, 4, 9), generator=torch.Generator().manual_seed(0))
     # no dropout anywhere: every run must see the same computation
@@ -166,6 +168,7 @@ def test_forward_hooks_fire_while_stepping():
 HALF_BOUNDS = {torch.bfloat16: 0.15, torch.float16: 0.025}
 
 
+@pytest.mark.slow  # 16k steps in two models
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_half_precision_16k_step_stream_stays_close_to_float32(dtype):
     model = tiny_encoder("linear")

@@ -1,4 +1,4 @@
-"""Run the seed examples end to end: ``python -m attention_core.demo``.
+"""Run the fast-transformers documentation examples end to end: ``python -m attention_core.demo``.
 
 First the BERT-like encoder of the fast-transformers quick start, exactly as written there
 (with the import prefix ``attention_core``), then the same builder with every registered
@@ -30,10 +30,10 @@ EXTRA: dict[str, dict[str, Any]] = {
 
 
 def quick_start() -> None:
-    """The quick-start example of the seed, as written."""
+    """The quick-start example of the fast-transformers documentation, as written there."""
     print("== quick start: BERT-like encoder (12 layers, 12 heads, full attention)")
     start = time.perf_counter()
-    # --- seed example (fast_transformers -> attention_core) ---
+    # --- fast-transformers' quick start (fast_transformers -> attention_core) ---
     bert = TransformerEncoderBuilder.from_kwargs(
         n_layers=12,
         n_heads=12,
@@ -52,7 +52,7 @@ def quick_start() -> None:
             64 * 12,  # features
         )
     )
-    # --- end of seed example ---
+    # --- end of the quick start ---
     print(
         f"   output {tuple(y.shape)}, finite: {bool(torch.isfinite(y).all())}, "
         f"{time.perf_counter() - start:.1f} s"

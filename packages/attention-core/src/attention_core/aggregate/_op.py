@@ -11,14 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .._checks import (
-    CPU_DTYPES,
-    DtypeRule,
-    check_floats,
-    check_grad,
-    check_index,
-    kernel_dtypes,
-)
+from .._checks import kernel_dtypes
 from .._extension import (
     address,
     binding,
@@ -27,44 +20,12 @@ from .._extension import (
     row_major,
     triton_installed,
 )
+from ._validation import check_groups
 
 # ``G (N, H, L)`` int64 groups, ``F (N, H, C)`` factors of the rows' dtype and optional
 # ``limits (N, H)`` int64 (positions ``l >= limits`` are padding). A position whose group is
 # outside ``[0, C)`` or that is padding takes no part. The backward passes are the same two
 # kernels plus a reduction over the features for the factors' gradient.
-
-
-def check_groups(
-    rows: Tensor,
-    G: Tensor,
-    F: Tensor,
-    limits: Tensor | None,
-    broadcast: bool,
-    grad: Tensor | None = None,
-    dtypes: DtypeRule = CPU_DTYPES,
-) -> None:
-    """Check every argument of the aggregate (``broadcast=False``) and broadcast ops.
-
-    The rows ``X (N, H, L, E)`` or ``Y (N, H, C, E)`` and ``F (N, H, C)`` of one allowed dtype and
-    device, ``G (N, H, L)`` and ``limits (N, H)`` int64 on that device, and ``grad`` of the output's
-    shape: ``(N, H, C, E)`` for aggregate, ``(N, H, L, E)`` for broadcast."""
-    name = "Y" if broadcast else "X"
-    if not isinstance(F, Tensor) or F.dim() != 3:
-        got = tuple(F.shape) if isinstance(F, Tensor) else type(F).__name__
-        raise ValueError(f"F must be an (N, H, C) tensor; got {got}")
-    check_floats(f"{name} and F", rows, F.unsqueeze(-1), dtypes=dtypes)
-    N, H, R, E = rows.shape
-    if not isinstance(G, Tensor) or G.dim() != 3:
-        got = tuple(G.shape) if isinstance(G, Tensor) else type(G).__name__
-        raise ValueError(f"G must be an (N, H, L) int64 tensor; got {got}")
-    L = G.shape[2] if broadcast else R
-    check_index("G", G, (N, H, L), rows.device)
-    C = R if broadcast else F.shape[2]
-    if tuple(F.shape) != (N, H, C):
-        raise ValueError(f"F must have shape {(N, H, C)}; got {tuple(F.shape)}")
-    check_index("limits", limits, (N, H), rows.device)
-    if grad is not None:
-        check_grad("grad", grad, (N, H, L if broadcast else C, E), rows)
 
 
 def _group_rows(

@@ -13,8 +13,8 @@ The gradients are the same two kernels plus a reduction over the features for ``
 are float32, float16 or bfloat16 with any strides, ``F`` of the same dtype; sums accumulate
 in float32 and outputs take the rows' dtype.
 
-GPU timings have not been measured: this module was written and tested under Triton's
-interpreter (``TRITON_INTERPRET=1``) on CPU tensors, in a session without a GPU.
+The tests run these kernels under Triton's interpreter (``TRITON_INTERPRET=1``, on CPU
+tensors: ``nox -s slow``); no GPU timings are published yet.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .._checks import TRITON_DTYPES
-from ._op import check_groups
+from ._validation import check_groups
 
 __all__ = [
     "aggregate_backward",

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from .._extension import binding, new_nhl, nhl, require_extension, row_major
-from ._op import check_causal
+from ._validation import check_causal
 
 
 @torch.library.custom_op(

@@ -19,8 +19,8 @@ public functions send float64 CUDA tensors to the plain-PyTorch path).
 
 Einstein notation: n batch, h heads, l sequence, e query/key features, m value features.
 
-GPU timings have not been measured: this module was written and tested under Triton's
-interpreter (``TRITON_INTERPRET=1``) on CPU tensors, in a session without a GPU.
+The tests run these kernels under Triton's interpreter (``TRITON_INTERPRET=1``, on CPU
+tensors: ``nox -s slow``); no GPU timings are published yet.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .._checks import TRITON_DTYPES
-from ._op import check_causal
+from ._validation import check_causal
 
 __all__ = ["CHUNK", "causal_product_backward", "causal_product_forward"]
 

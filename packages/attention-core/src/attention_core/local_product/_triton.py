@@ -20,8 +20,8 @@ Inputs are float32, float16 or bfloat16 with any strides; products accumulate in
 
 Einstein notation: n batch, h heads, l queries, j keys, f features.
 
-GPU timings have not been measured: this module was written and tested under Triton's
-interpreter (``TRITON_INTERPRET=1``) on CPU tensors, in a session without a GPU.
+The tests run these kernels under Triton's interpreter (``TRITON_INTERPRET=1``, on CPU
+tensors: ``nox -s slow``); no GPU timings are published yet.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .._checks import TRITON_DTYPES
-from ._op import check_local_average, check_local_dot
+from ._validation import check_local_average, check_local_dot
 
 __all__ = [
     "local_dot_product_backward",

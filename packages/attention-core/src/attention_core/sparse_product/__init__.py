@@ -24,6 +24,7 @@ from torch import Tensor
 from .._checks import check_tensor
 from .._extension import use_kernels
 from . import _op
+from ._validation import check_topk_values
 from .reference import (
     clustered_sparse_dot_product_reference,
     clustered_sparse_weighted_average_reference,
@@ -73,7 +74,7 @@ def _check_keys(topk: Tensor, S: int) -> None:
 
     It reads the data: under torch.compile it is left out."""
     if not torch.compiler.is_compiling():
-        _op.check_topk_values(topk, S)
+        check_topk_values(topk, S)
 
 
 _HALF = (torch.float16, torch.bfloat16)

@@ -20,8 +20,8 @@ outputs take the input dtype.
 
 Einstein notation: n batch, h heads, l queries, t selected slots, j keys, f features.
 
-GPU timings have not been measured: this module was written and tested under Triton's
-interpreter (``TRITON_INTERPRET=1``) on CPU tensors, in a session without a GPU.
+The tests run these kernels under Triton's interpreter (``TRITON_INTERPRET=1``, on CPU
+tensors: ``nox -s slow``); no GPU timings are published yet.
 """
 
 from __future__ import annotations
@@ -32,7 +32,12 @@ import triton.language as tl
 from torch import Tensor
 
 from .._checks import TRITON_DTYPES
-from ._op import check_sparse_average, check_sparse_dot, check_topk_values, contiguous_indices
+from ._validation import (
+    check_sparse_average,
+    check_sparse_dot,
+    check_topk_values,
+    contiguous_indices,
+)
 
 __all__ = [
     "sparse_dot_product_backward",
