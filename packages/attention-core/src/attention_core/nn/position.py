@@ -5,8 +5,7 @@
   2020, T5, arXiv 1910.10683), also over a memory of past steps (keys at negative
   positions).
 * `DynamicPositionBias`: a small MLP from the (optionally log-scaled) distance to one
-  bias per head (Wang et al. 2021, CrossFormer, arXiv 2108.00154; used by the Block-Recurrent
-  Transformer, arXiv 2203.07852).
+  bias per head (Wang et al. 2021, CrossFormer, arXiv 2108.00154).
 
 Both take explicit integer positions of the queries and the keys, so keys that lie far in
 the past (memories, caches) get their real distance. The relative distance is always
