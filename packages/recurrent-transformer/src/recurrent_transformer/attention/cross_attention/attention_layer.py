@@ -9,10 +9,10 @@ from typing import Any
 
 import torch
 from einops import rearrange
-from torch import Tensor, nn
+from torch import Tensor
 
-from attention_core.checks import check_positive_int, check_tensor
-from attention_core.events import EventDispatcher
+from attention_core.attention.attention_layer import AttentionLayer
+from attention_core.checks import check_tensor
 from attention_core.masking import BaseMask, LengthMask
 
 from ..._checks import check_element, check_prompt
@@ -20,10 +20,10 @@ from ..._checks import check_element, check_prompt
 __all__ = ["RecurrentCrossAttentionLayer"]
 
 
-class RecurrentCrossAttentionLayer(nn.Module):
+class RecurrentCrossAttentionLayer(AttentionLayer):
     """Multi-head cross attention around a recurrent inner cross attention.
 
-    The parameters have the names of `attention_core.attention.AttentionLayer`, so
+    The constructor and parameters are those of `attention_core.attention.AttentionLayer`, so
     ``load_state_dict`` moves weights between the batch and the recurrent layer. When a state is
     given the keys and values are not projected again (they may be ``None``).
 
@@ -37,37 +37,8 @@ class RecurrentCrossAttentionLayer(nn.Module):
         event_dispatcher: dispatcher instance or key.
     """
 
-    def __init__(
-        self,
-        attention: nn.Module,
-        d_model: int,
-        n_heads: int,
-        d_keys: int | None = None,
-        d_values: int | None = None,
-        d_model_keys: int | None = None,
-        event_dispatcher: EventDispatcher | str = "",
-    ):
-        super().__init__()
-        check_positive_int("d_model", d_model)
-        check_positive_int("n_heads", n_heads)
-        d_keys = d_keys or (d_model // n_heads)
-        d_values = d_values or (d_model // n_heads)
-        d_model_keys = d_model_keys or d_model
-        for name, value in (
-            ("d_keys", d_keys),
-            ("d_values", d_values),
-            ("d_model_keys", d_model_keys),
-        ):
-            check_positive_int(name, value)
-        self.inner_attention: Any = attention  # a recurrent cross attention (forward, prefill)
-        self.query_projection = nn.Linear(d_model, d_keys * n_heads)
-        self.key_projection = nn.Linear(d_model_keys, d_keys * n_heads)
-        self.value_projection = nn.Linear(d_model_keys, d_values * n_heads)
-        self.out_projection = nn.Linear(d_values * n_heads, d_model)
-        self.n_heads = n_heads
-        self.d_model = d_model
-        self.d_model_keys = d_model_keys
-        self.event_dispatcher = EventDispatcher.get(event_dispatcher)
+    # any recurrent cross attention: a module with `forward` and `prefill` taking a state
+    inner_attention: Any
 
     def _memory(
         self, N: int, keys: Tensor | None, values: Tensor | None, key_lengths: BaseMask | None
@@ -96,7 +67,8 @@ class RecurrentCrossAttentionLayer(nn.Module):
         v = rearrange(self.value_projection(values), "n s (h d) -> n s h d", h=H)
         return k, v, key_lengths
 
-    def forward(
+    # the recurrent layer shares the batch layer's constructor and parameters, not its call
+    def forward(  # type: ignore[override]
         self,
         query: Tensor,
         keys: Tensor | None,
