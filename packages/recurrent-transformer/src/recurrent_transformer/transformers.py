@@ -15,25 +15,27 @@ Shapes: ``x`` is ``(N, E)`` per step or ``(N, T, E)`` for ``prefill``; ``memory`
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
 
 from torch import Tensor, nn
 
-from attention_core.checks import check_model_dtype, check_tensor
-from attention_core.events import EventDispatcher, IntermediateOutput
+from attention_core.checks import check_model_dtype
 from attention_core.masking import BaseMask
-from attention_core.transformers import TransformerDecoderLayer, TransformerEncoderLayer
+from attention_core.transformers import (
+    TransformerDecoder,
+    TransformerDecoderLayer,
+    TransformerEncoder,
+    TransformerEncoderLayer,
+)
 from attention_core.utils import check_state
 
 from ._checks import (
     check_element,
-    check_output,
     check_prompt,
-    end_layer_checks,
     layer_checks_enabled,
-    start_layer_checks,
 )
+from ._layer_stack import check_memory, layer_states, run_layers
 from .state import DecoderLayerState, TransformerState
 
 if TYPE_CHECKING:
@@ -52,76 +54,6 @@ __all__ = [
 def _width(layers: nn.ModuleList) -> int:
     """The feature size ``E`` of the first of ``layers``."""
     return cast(int, layers[0].d_model)
-
-
-def _layer_states(state: Any, n_layers: int, owner: str) -> list:
-    """The per-layer states of a model state (``None``: a new sequence)."""
-    if state is None:
-        return [None] * n_layers
-    if not isinstance(state, (TransformerState, list, tuple)):
-        raise TypeError(
-            f"{owner} needs the TransformerState it returned (or a list of per-layer states) as "
-            f"state; got {type(state).__name__}"
-        )
-    states = list(state)
-    if len(states) != n_layers:
-        raise ValueError(
-            f"{owner} has {n_layers} layers but the state holds {len(states)} layer states "
-            "(a state belongs to one model: start a new one with state=None)"
-        )
-    return states
-
-
-def _run_layers(
-    model: RecurrentTransformerEncoder | RecurrentTransformerDecoder,
-    x: Tensor,
-    states: list,
-    call: Callable[[Any, Tensor, Any], tuple[Tensor, Any]],
-) -> tuple[Tensor, Any]:
-    """Run every layer of ``model`` on ``x`` with its state, then ``model.norm``.
-
-    ``x, states[i] = call(layer, x, states[i])`` for every layer (dispatching an
-    `IntermediateOutput` event after each). The model has checked ``x``: the layers skip their
-    finiteness checks and the output is checked once instead."""
-    token = start_layer_checks()
-    try:
-        for i, layer in enumerate(model.layers):
-            x, states[i] = call(layer, x, states[i])
-            if model.event_dispatcher.has_listeners:
-                model.event_dispatcher.dispatch(IntermediateOutput(layer, x))
-    finally:
-        end_layer_checks(token)
-    if model.norm is not None:
-        x = model.norm(x)
-    check_output(x, type(model).__name__)
-    return x, TransformerState(tuple(states))
-
-
-def _check_memory(
-    memory: Tensor | None,
-    memory_length_mask: BaseMask | None,
-    N: int,
-    layer: RecurrentTransformerDecoderLayer,
-) -> None:
-    # the memory's width is the cross attention's key width (cross_model_dimensions)
-    d_model = getattr(layer.cross_attention, "d_model_keys", layer.d_model)
-    memory = check_tensor("memory", memory, dim=3, floating=True)
-    if memory.shape[0] != N or memory.shape[2] != d_model:
-        raise ValueError(f"memory must have shape ({N}, S, {d_model}); got {tuple(memory.shape)}")
-    check_model_dtype("memory", memory, layer.linear1.weight.dtype)
-    S = memory.shape[1]
-    if memory_length_mask is None:
-        return
-    if not isinstance(memory_length_mask, BaseMask):
-        raise TypeError(
-            "memory_length_mask must be a BaseMask (e.g. LengthMask); got "
-            f"{type(memory_length_mask).__name__}"
-        )
-    if tuple(memory_length_mask.shape) != (N, S):
-        raise ValueError(
-            f"memory_length_mask must have shape (N, S) = ({N}, {S}), the batch size and the "
-            f"length of memory; got a mask of shape {tuple(memory_length_mask.shape)}"
-        )
 
 
 class _FeedForward(nn.Module):
@@ -201,7 +133,7 @@ class RecurrentTransformerEncoderLayer(_FeedForward, TransformerEncoderLayer):
         return self._feed_forward(self.norm1(x + self._drop(x2)), self.norm2), state
 
 
-class RecurrentTransformerEncoder(nn.Module):
+class RecurrentTransformerEncoder(TransformerEncoder):
     """A stack of recurrent encoder layers with an optional final normalisation.
 
     It keeps one state per layer in a `TransformerState`.
@@ -223,18 +155,8 @@ class RecurrentTransformerEncoder(nn.Module):
         (torch.Size([3, 64]), 2)
     """
 
-    def __init__(
-        self,
-        layers: Iterable[nn.Module],
-        norm_layer: nn.Module | None = None,
-        event_dispatcher: EventDispatcher | str = "",
-    ):
-        super().__init__()
-        self.layers = nn.ModuleList(layers)
-        self.norm = norm_layer
-        self.event_dispatcher = EventDispatcher.get(event_dispatcher)
-
-    def forward(
+    # the recurrent stack shares the batch stack's constructor, not its call
+    def forward(  # type: ignore[override]
         self, x: Tensor, state: Any = None, memory: Any = None
     ) -> tuple[Tensor, TransformerState]:
         """Apply every layer to one element.
@@ -253,8 +175,8 @@ class RecurrentTransformerEncoder(nn.Module):
             check_element("x", x, _width(self.layers), type(self).__name__)
             if isinstance(self.layers[0], RecurrentTransformerEncoderLayer):
                 check_model_dtype("x", x, self.layers[0].linear1.weight.dtype)
-        states = _layer_states(state, len(self.layers), type(self).__name__)
-        return _run_layers(self, x, states, lambda layer, x, s: layer(x, s))
+        states = layer_states(state, len(self.layers), type(self).__name__)
+        return run_layers(self, x, states, lambda layer, x, s: layer(x, s))
 
     def prefill(self, x: Tensor, state: Any = None) -> tuple[Tensor, TransformerState]:
         """Consume ``T`` elements in one parallel pass, as ``T`` calls of `forward` would.
@@ -270,8 +192,8 @@ class RecurrentTransformerEncoder(nn.Module):
         """
         if self.layers:
             check_prompt("x", x, _width(self.layers))
-        states = _layer_states(state, len(self.layers), type(self).__name__)
-        return _run_layers(self, x, states, lambda layer, x, s: layer.prefill(x, s))
+        states = layer_states(state, len(self.layers), type(self).__name__)
+        return run_layers(self, x, states, lambda layer, x, s: layer.prefill(x, s))
 
 
 # decoder
@@ -332,7 +254,7 @@ class RecurrentTransformerDecoderLayer(_FeedForward, TransformerDecoderLayer):
         check_model_dtype("x", x, self.linear1.weight.dtype)
         self_state, cross_state = self._states(state)
         if cross_state is None:
-            _check_memory(memory, memory_length_mask, N, self)
+            check_memory(memory, memory_length_mask, N, self)
         x2, self_state = self.self_attention(x, x, x, self_state)
         x = self.norm1(x + self._drop(x2))
         x2, cross_state = self.cross_attention(x, memory, memory, memory_length_mask, cross_state)
@@ -357,7 +279,7 @@ class RecurrentTransformerDecoderLayer(_FeedForward, TransformerDecoderLayer):
         check_model_dtype("x", x, self.linear1.weight.dtype)
         self_state, cross_state = self._states(state)
         if cross_state is None:
-            _check_memory(memory, memory_length_mask, N, self)
+            check_memory(memory, memory_length_mask, N, self)
         x2, self_state = self.self_attention.prefill(x, x, x, self_state)
         x = self.norm1(x + self._drop(x2))
         x2, cross_state = self.cross_attention.prefill(
@@ -367,7 +289,7 @@ class RecurrentTransformerDecoderLayer(_FeedForward, TransformerDecoderLayer):
         return self._feed_forward(x, self.norm3), DecoderLayerState(self_state, cross_state)
 
 
-class RecurrentTransformerDecoder(nn.Module):
+class RecurrentTransformerDecoder(TransformerDecoder):
     """A stack of recurrent decoder layers with an optional final normalisation.
 
     One `DecoderLayerState` per layer in a `TransformerState`.
@@ -378,18 +300,8 @@ class RecurrentTransformerDecoder(nn.Module):
         event_dispatcher: dispatcher instance or key.
     """
 
-    def __init__(
-        self,
-        layers: Iterable[nn.Module],
-        norm_layer: nn.Module | None = None,
-        event_dispatcher: EventDispatcher | str = "",
-    ):
-        super().__init__()
-        self.layers = nn.ModuleList(layers)
-        self.norm = norm_layer
-        self.event_dispatcher = EventDispatcher.get(event_dispatcher)
-
-    def forward(
+    # the recurrent stack shares the batch stack's constructor, not its call
+    def forward(  # type: ignore[override]
         self,
         x: Tensor,
         memory: Tensor | None,
@@ -409,12 +321,12 @@ class RecurrentTransformerDecoder(nn.Module):
         """
         if self.layers:
             check_element("x", x, _width(self.layers), type(self).__name__)
-        states = _layer_states(state, len(self.layers), type(self).__name__)
+        states = layer_states(state, len(self.layers), type(self).__name__)
 
         def call(layer, x, layer_state):
             return layer(x, memory, memory_length_mask=memory_length_mask, state=layer_state)
 
-        return _run_layers(self, x, states, call)
+        return run_layers(self, x, states, call)
 
     def prefill(
         self,
@@ -432,9 +344,9 @@ class RecurrentTransformerDecoder(nn.Module):
         """
         if self.layers:
             check_prompt("x", x, _width(self.layers))
-        states = _layer_states(state, len(self.layers), type(self).__name__)
+        states = layer_states(state, len(self.layers), type(self).__name__)
 
         def call(layer, x, layer_state):
             return layer.prefill(x, memory, memory_length_mask, layer_state)
 
-        return _run_layers(self, x, states, call)
+        return run_layers(self, x, states, call)
