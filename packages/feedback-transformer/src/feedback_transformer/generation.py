@@ -121,10 +121,13 @@ def prefill(
     last = None
     if complete:
         out, keys, values = _window_loop.run(model, h[:, :complete], prefix, cross, detach=True)
-        prefix, last = (keys, values), out[:, -1]
-    elif prefix is None:
-        prefix = (h.new_zeros(b, model.heads, 0, model.dim_head),) * 2
-    state = FeedbackState(model, FeedbackMemory(*prefix), cross, b)
+        start, last = FeedbackMemory(keys, values), out[:, -1]
+    elif prefix is not None:
+        start = FeedbackMemory(*prefix)
+    else:
+        empty = h.new_zeros(b, model.heads, 0, model.dim_head)
+        start = FeedbackMemory(empty, empty)
+    state = FeedbackState(model, start, cross, b)
     state.steps = t
     if complete < t:  # the prompt ends inside a window: the steps continue it
         last = _advance(model, state, h[:, complete:])
