@@ -136,7 +136,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--depth", type=int, default=3)
     parser.add_argument("--window", type=int, default=128, help="training window (tokens)")
     parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
+    parser.add_argument("--lr", type=float, default=4e-3, help="peak learning rate")
     parser.add_argument(
         "--seq-len", type=int, default=SEQ_LEN,
         help="feedback: tokens per window (1: the paper's exact model; more: faster training)",
