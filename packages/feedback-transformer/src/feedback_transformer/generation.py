@@ -85,8 +85,10 @@ class FeedbackState:
 
     @property
     def memory(self) -> FeedbackMemory:
-        """A copy of the current memory ``(b, h, m, d)``, oldest step first (the memory that
-        `FeedbackTransformer.forward` returns after the same tokens)."""
+        """A copy of the current memory ``(b, h, m, d)``, oldest step first.
+
+        It is the memory that `FeedbackTransformer.forward` returns after the same tokens.
+        """
         keys, values = self.ring.view()
         if self.window_memory is not None:
             capacity = self.ring.capacity
