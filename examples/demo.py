@@ -163,6 +163,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"--threads must be >= 1; got {args.threads}")
     if args.seq_len < 1:
         parser.error(f"--seq-len must be >= 1; got {args.seq_len}")
+    if args.budget != "time" and not args.compare:
+        parser.error("--budget applies to --compare (one family trains for --minutes or --steps)")
     if args.minutes < 0 or (args.steps is not None and args.steps < 0):
         parser.error("--minutes and --steps must be >= 0")
     return args

@@ -123,6 +123,9 @@ def test_compare_with_a_token_budget_gives_every_family_the_first_ones_tokens(tm
     out = capsys.readouterr().out
     assert f"{first['tokens']:,} training tokens (linear's in 0.02 min) per family" in out
     assert "feedback: windows of 16 tokens (seq_len)" in out
+    with pytest.raises(SystemExit):
+        demo.parse_args(["--budget", "tokens"])
+    assert "--budget applies to --compare" in capsys.readouterr().err
 
 
 def test_bad_data_and_a_tiny_corpus_give_one_line_errors(tmp_path):
