@@ -13,8 +13,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-#: options that fix the model's shapes: a change makes the checkpoint unusable
-MODEL_OPTIONS = ("model", "dim", "depth", "window")
+#: options that fix the model's shapes or its function: a change makes the checkpoint
+#: unusable (``seq_len``: the Feedback Transformer's window, ``None`` for other families)
+MODEL_OPTIONS = ("model", "dim", "depth", "window", "seq_len")
+#: the window of a feedback checkpoint written before the demo stored ``seq_len``
+FORMER_FEEDBACK_SEQ_LEN = 8
 #: options of the training loop: a change is allowed, with a warning
 TRAINING_OPTIONS = ("batch", "lr")
 
@@ -75,6 +78,9 @@ def resume(
             f"--resume: {path} was trained on {_describe(saved['corpus'])}, not on "
             f"{_describe(corpus)}; pass the same --data/--max-bytes or another --checkpoint"
         )
+    if "seq_len" not in saved["options"]:
+        former = FORMER_FEEDBACK_SEQ_LEN if saved["options"].get("model") == "feedback" else None
+        saved["options"]["seq_len"] = former
     for keys, fatal in ((MODEL_OPTIONS, True), (TRAINING_OPTIONS, False)):
         was = {k: saved["options"].get(k) for k in keys}
         now = {k: options[k] for k in keys}

@@ -1,6 +1,11 @@
 """``demo.py --compare``: every model family trained on the same corpus with the same budget,
 each in a process of its own (so that its peak memory is its own), then one table and a plot
-of validation bits per character against training time."""
+of validation bits per character against training time.
+
+The budget (``--budget``) is either the same training time for every family (``time``, the
+default: ``--minutes`` or ``--steps``) or the same number of training tokens (``tokens``: the
+first family trains for ``--minutes`` and every other family for as many tokens as it saw,
+however long that takes)."""
 
 from __future__ import annotations
 
@@ -18,14 +23,17 @@ DEMO = Path(__file__).resolve().parent / "demo.py"
 CURVE_POINTS = 8
 #: options passed on to every family's run unchanged
 SHARED = ("data", "max_bytes", "minutes", "steps", "dim", "depth", "window", "batch", "lr",
-          "sample_length", "prompt_length", "temperature", "seed", "threads")  # fmt: skip
+          "seq_len", "sample_length", "prompt_length", "temperature", "seed",
+          "threads")  # fmt: skip
 
 
-def child_arguments(args, family: str, workdir: Path) -> list[str]:
-    """The command-line of one family's run."""
+def child_arguments(args, family: str, workdir: Path, steps: int | None = None) -> list[str]:
+    """The command-line of one family's run (``steps``: instead of the time budget)."""
     argv = ["--model", family, "--curve-points", str(CURVE_POINTS)]
     for name in SHARED:
         value = getattr(args, name)
+        if steps is not None and name in ("minutes", "steps"):
+            value = steps if name == "steps" else None
         if value is not None:
             argv += [f"--{name.replace('_', '-')}", str(value)]
     if args.no_progress:
@@ -90,20 +98,31 @@ def compare(args, argv: list[str], families: tuple[str, ...]) -> dict:
     if args.threads is None:  # one count for every family, chosen once
         args.threads, reason = default_threads()
         print(f"every family uses {plural(args.threads, 'thread')} ({reason})")
-    summaries = []
+    summaries: list[dict] = []
+    steps = None  # --budget tokens: the first family's step count, for the others
     with tempfile.TemporaryDirectory(prefix="demo-compare-") as tmp:
         for family in families:
-            print(f"\n=== {family}: {budget} of training ===", flush=True)
-            command = [sys.executable, str(DEMO), *child_arguments(args, family, Path(tmp))]
-            subprocess.run(command, check=True)
+            now = budget if steps is None else f"{steps:,} steps ({families[0]}'s tokens)"
+            print(f"\n=== {family}: {now} of training ===", flush=True)
+            child = child_arguments(args, family, Path(tmp), steps)
+            subprocess.run([sys.executable, str(DEMO), *child], check=True)
             summaries.append(json.loads((Path(tmp) / f"{family}.json").read_text()))
+            if args.budget == "tokens" and steps is None:
+                steps = summaries[0]["steps"]
+    short = budget
+    if args.budget == "tokens":
+        tokens = summaries[0]["tokens"]
+        short = f"{tokens / 1e6:.2f}M tokens"
+        budget = f"{tokens:,} training tokens ({families[0]}'s in {budget})"
     threads = summaries[0]["threads"]
     text = table(summaries)
     command = "nox -s demo -- " + " ".join(argv)
     caption = (
         f"Training budget: {budget} per family, {plural(threads, 'thread')}, batch {args.batch}, "
-        f"window {args.window}, dim {args.dim}, depth {args.depth}; validation over 64 random "
-        f"windows; run on {time.strftime('%Y-%m-%d')}."
+        f"window {args.window}, dim {args.dim}, depth {args.depth}, peak learning rate "
+        f"{args.lr:g}; feedback: windows of {args.seq_len} tokens (seq_len), memory of "
+        f"{args.window} steps (mem_len); validation over 64 random windows; run on "
+        f"{time.strftime('%Y-%m-%d')}."
     )
     print(f"\n{text}\n\n{caption}")
     if args.compare_out:
@@ -111,7 +130,7 @@ def compare(args, argv: list[str], families: tuple[str, ...]) -> dict:
         out.mkdir(parents=True, exist_ok=True)
         (out / "demo_compare.md").write_text(f"{text}\n\n{caption} Command: `{command}`\n")
         (out / "demo_compare.json").write_text(json.dumps(summaries, indent=1) + "\n")
-        title = f"{budget} per family, {plural(threads, 'thread')}, on the CPU"
+        title = f"{short} per family, {plural(threads, 'thread')}, on the CPU"
         plot(summaries, out / "demo_compare.svg", title)
         print(f"wrote {out / 'demo_compare.md'} and {out / 'demo_compare.svg'}")
     return {"runs": summaries}

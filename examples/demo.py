@@ -24,12 +24,13 @@ Model families (``--model``):
 - ``full``: the same with softmax attention, its key/value cache growing per token;
 - ``block-recurrent``: the Block-Recurrent Transformer (Hutchins et al. 2022, arXiv 2203.07852);
 - ``feedback``: the Feedback Transformer (Fan et al. 2021, arXiv 2002.09402), trained in
-  windows of ``seq_len`` tokens and decoded token by token.
+  windows of ``--seq-len`` tokens and decoded token by token, the same function.
 
 ``--compare`` trains every family in turn on the same corpus with the same budget, each in a
 process of its own, then prints one table (parameters, training tokens/s, validation bits
 per character, generation tokens/s, peak memory) and, with ``--compare-out DIR``, writes it
-with a plot of validation bits per character against training time.
+with a plot of validation bits per character against training time. ``--budget tokens``
+gives every family the training tokens of the first one instead of the same time.
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ from _demo_threads import default_threads, plural
 
 FAMILIES = ("linear", "full", "block-recurrent", "feedback")
 VOCAB = 256  # bytes
+SEQ_LEN = 16  # the Feedback Transformer's default window (tokens)
 
 
 # ---------------------------------------------------------------------------------------
@@ -64,9 +66,9 @@ VOCAB = 256  # bytes
 # ---------------------------------------------------------------------------------------
 
 
-def build_model(family: str, dim: int, depth: int, window: int) -> nn.Module:
+def build_model(family: str, dim: int, depth: int, window: int, seq_len: int) -> nn.Module:
     """A model of ``family`` with width ``dim`` and ``depth`` layers for ``window``-token
-    training windows."""
+    training windows (``seq_len``: the Feedback Transformer's tokens per window)."""
     heads = max(1, dim // 32)
     if family in ("linear", "full"):
         from recurrent_transformer.lm import RecurrentLM
@@ -97,8 +99,8 @@ def build_model(family: str, dim: int, depth: int, window: int) -> nn.Module:
         from feedback_transformer import FeedbackTransformer
 
         return FeedbackTransformer(
-            num_tokens=VOCAB, dim=dim, depth=depth, seq_len=8, mem_len=window, dim_head=32,
-            heads=heads,
+            num_tokens=VOCAB, dim=dim, depth=depth, seq_len=seq_len, mem_len=window,
+            dim_head=32, heads=heads,
         )  # fmt: skip
     raise SystemExit(f"--model must be one of {', '.join(FAMILIES)}; got {family!r}")
 
@@ -134,7 +136,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--depth", type=int, default=3)
     parser.add_argument("--window", type=int, default=128, help="training window (tokens)")
     parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
+    parser.add_argument("--lr", type=float, default=4e-3, help="peak learning rate")
+    parser.add_argument(
+        "--seq-len", type=int, default=SEQ_LEN,
+        help="feedback: tokens per window (1: the paper's exact model; more: faster training)",
+    )  # fmt: skip
     parser.add_argument("--sample-length", type=int, default=300)
     parser.add_argument("--prompt-length", type=int, default=128, help="at most, in bytes")
     parser.add_argument("--temperature", type=float, default=0.8)
@@ -147,9 +153,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--summary-json", help=argparse.SUPPRESS)  # for --compare
     parser.add_argument("--compare", action="store_true", help="train every family in turn")
     parser.add_argument("--compare-out", help="with --compare: write table and plot here")
+    parser.add_argument(
+        "--budget", choices=("time", "tokens"), default="time",
+        help="with --compare: the same training time for every family (default), or the "
+        "training tokens that the first family saw in that time",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     if args.threads is not None and args.threads < 1:
         parser.error(f"--threads must be >= 1; got {args.threads}")
+    if args.seq_len < 1:
+        parser.error(f"--seq-len must be >= 1; got {args.seq_len}")
+    if args.budget != "time" and not args.compare:
+        parser.error("--budget applies to --compare (one family trains for --minutes or --steps)")
     if args.minutes < 0 or (args.steps is not None and args.steps < 0):
         parser.error("--minutes and --steps must be >= 0")
     return args
@@ -250,7 +265,9 @@ def main(argv: list[str] | None = None) -> dict:
     options = {
         k: getattr(args, k) for k in (*checkpoints.MODEL_OPTIONS, *checkpoints.TRAINING_OPTIONS)
     }
-    model = build_model(args.model, args.dim, args.depth, args.window)
+    if args.model != "feedback":  # the other families have no such option
+        options["seq_len"] = None
+    model = build_model(args.model, args.dim, args.depth, args.window, args.seq_len)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
     path = (
         Path(args.checkpoint)

@@ -86,6 +86,48 @@ def test_checkpoints_refuse_another_corpus_or_model_and_warn_on_training_options
     assert default.read_bytes() == before
 
 
+def test_seq_len_reaches_the_feedback_model_and_its_checkpoint(tmp_path, capsys):
+    checkpoint = tmp_path / "feedback.pt"
+    options = ["--model", "feedback", "--checkpoint", str(checkpoint), *TINY]
+    summary = demo.main([*options, "--seq-len", "3"])  # windows that do not divide 32
+    assert summary["steps"] == 2 and summary["sampled"] == 5
+    assert torch.load(checkpoint, weights_only=True)["options"]["seq_len"] == 3
+    with pytest.raises(SystemExit, match=r"holds a model with .*'seq_len': 3"):
+        demo.main([*options, "--resume", "--seq-len", "4"])
+    # a feedback checkpoint from before --seq-len existed was trained with windows of 8
+    saved = torch.load(checkpoint, weights_only=True)
+    del saved["options"]["seq_len"]
+    torch.save(saved, checkpoint)
+    assert demo.main([*options, "--resume", "--seq-len", "8"])["steps"] == 4
+    # another family ignores --seq-len, in its checkpoint too
+    linear = tmp_path / "linear.pt"
+    demo.main(["--checkpoint", str(linear), *TINY, "--seq-len", "5"])
+    assert torch.load(linear, weights_only=True)["options"]["seq_len"] is None
+    assert demo.main(["--checkpoint", str(linear), "--resume", *TINY])["steps"] == 4
+    with pytest.raises(SystemExit):
+        demo.parse_args(["--seq-len", "0"])
+    assert "--seq-len must be >= 1; got 0" in capsys.readouterr().err
+
+
+def test_compare_with_a_token_budget_gives_every_family_the_first_ones_tokens(tmp_path, capsys):
+    from _demo_compare import compare
+
+    tiny = TINY[2:]  # without "--steps 2"
+    assert TINY[:2] == ["--steps", "2"]
+    argv = ["--compare", "--budget", "tokens", "--minutes", "0.02", *tiny]
+    summary = compare(demo.parse_args(argv), argv, ("linear", "feedback"))
+    first, second = summary["runs"]
+    assert first["model"] == "linear" and second["model"] == "feedback"
+    assert first["steps"] >= 1 and second["steps"] == first["steps"]
+    assert second["tokens"] == first["tokens"]
+    out = capsys.readouterr().out
+    assert f"{first['tokens']:,} training tokens (linear's in 0.02 min) per family" in out
+    assert "feedback: windows of 16 tokens (seq_len)" in out
+    with pytest.raises(SystemExit):
+        demo.parse_args(["--budget", "tokens"])
+    assert "--budget applies to --compare" in capsys.readouterr().err
+
+
 def test_bad_data_and_a_tiny_corpus_give_one_line_errors(tmp_path):
     with pytest.raises(SystemExit, match=r"^--data: no such file: .*missing.txt$"):
         demo.main(["--data", str(tmp_path / "missing.txt"), *TINY])

@@ -1,6 +1,7 @@
-"""Token-by-token decoding (prefill/step, generate, stream) is the exact seq_len=1 model:
-its logits equal forward of a seq_len=1 model with the same weights, whatever seq_len the
-model was built with, and a step neither grows nor reallocates the memory."""
+"""Token-by-token decoding (prefill/step, generate, stream) computes forward's function:
+teacher-forced through the step protocol, a model's logits and memory equal those of its
+forward, for any seq_len (windows of seq_len tokens counted from the prompt's start), and a
+step neither grows nor reallocates the memory."""
 
 from __future__ import annotations
 
@@ -53,30 +54,85 @@ def exact_copy(model):
     return exact.eval()
 
 
+def teacher_forced(model, x, prompt, **kwargs):
+    """Logits ``(b, n - prompt + 1, V)`` of positions ``prompt - 1 .. n - 1`` of ``x`` through
+    prefill of ``x[:, :prompt]`` and one step per later token, and the final state."""
+    logits, state = model.prefill(x[:, :prompt], **kwargs)
+    out = [logits]
+    for t in range(prompt, x.shape[1]):
+        logits, state = model.step(x[:, t], state)
+        out.append(logits)
+    return torch.stack(out, dim=1), state
+
+
 @pytest.mark.parametrize(
-    ("seq_len", "mem_len", "cross"),
-    [(1, 5, False), (2, 3, False), (3, 16, True), (2, 1, True)],
-    ids=["W1", "W2-ring-wraps", "W3-cross", "W2-M1-cross"],
+    ("seq_len", "mem_len", "prompt", "cross"),
+    [
+        (1, 5, 4, False),
+        (2, 3, 4, False),
+        (2, 6, 1, False),
+        (2, 1, 3, True),
+        (3, 16, 5, True),
+        (3, 0, 4, False),
+        (8, 16, 1, False),
+        (8, 16, 11, False),
+        (8, 5, 8, False),
+    ],
+    ids=[
+        "W1",
+        "W2-ring-wraps",
+        "W2-prompt-1",
+        "W2-M1-cross",
+        "W3-cross",
+        "W3-no-memory",
+        "W8-prompt-1",
+        "W8-prompt-mid-window",
+        "W8-M5-prompt-one-window",
+    ],
 )
-def test_steps_equal_seq_len_1_forward(seq_len, mem_len, cross):
+def test_steps_equal_forward(seq_len, mem_len, prompt, cross):
+    """Teacher forcing through prefill/step gives forward's logits at every position and
+    its memory, whatever window the prompt ends in."""
     model = make(seq_len, mem_len, cross)
-    x = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(3))
+    x = torch.randint(0, VOCAB, (2, 21), generator=torch.Generator().manual_seed(3))
     kwargs = {}
     if cross:
         context = torch.randn(2, 4, DIM, dtype=torch.float64)
         kwargs = dict(
             context=context, context_mask=torch.tensor([[1, 0, 1, 1], [1, 1, 1, 0]]).bool()
         )
-    expected, expected_memory = exact_copy(model)(x, return_memory=True, **kwargs)
-    logits, state = model.prefill(x[:, :4], **kwargs)
+    expected, expected_memory = model(x, return_memory=True, **kwargs)
+    logits, state = teacher_forced(model, x, prompt, **kwargs)
     assert isinstance(state, FeedbackState)
-    assert_close("prefill", logits, expected[:, 3])
-    for t in range(4, 12):
-        logits, state = model.step(x[:, t], state)
-        assert_close(f"step {t}", logits, expected[:, t])
-    assert state.steps == 12
+    assert_close("logits", logits, expected[:, prompt - 1 :])
+    assert state.steps == 21
     assert_close("memory keys", state.memory.keys, expected_memory.keys)
     assert_close("memory values", state.memory.values, expected_memory.values)
+
+
+@pytest.mark.parametrize("seq_len", [2, 8])
+def test_windowed_models_decode_their_own_function_not_the_token_by_token_one(seq_len):
+    """With seq_len > 1 the windows make a function other than seq_len=1's (so a test that
+    compared decoding with a seq_len=1 copy would not notice a decoder that ignores them)."""
+    model = make(seq_len, 16)
+    x = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(6))
+    logits, _ = teacher_forced(model, x, 1)
+    assert_close("logits", logits, model(x))
+    differs = (exact_copy(model)(x)[:, 1:] - logits[:, 1:]).abs().amax()
+    assert differs > 1e-3, f"seq_len={seq_len} and seq_len=1 agree to {float(differs):.1e}"
+
+
+def test_steps_equal_forward_in_float32():
+    """The decoding path keeps float32's precision (no drift over a ring that wraps)."""
+    torch.manual_seed(1)
+    model = FeedbackTransformer(
+        num_tokens=VOCAB, dim=32, depth=3, seq_len=8, mem_len=12, heads=2, dim_head=16
+    ).eval()
+    x = torch.randint(0, VOCAB, (3, 40), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        expected = model(x)
+    logits, _ = teacher_forced(model, x, 5)
+    assert_close("logits", logits, expected[:, 4:], rtol=1e-5, atol=1e-5)
 
 
 def test_prefill_continues_a_memory():
@@ -103,15 +159,15 @@ def test_step_writes_the_memory_in_place():
     assert state.ring.keys.shape == shape
 
 
-def test_generate_is_greedy_decoding_of_the_exact_model():
-    model = make(seq_len=2, mem_len=6)
-    exact = exact_copy(model)
+@pytest.mark.parametrize("seq_len", [1, 2, 3])
+def test_generate_is_greedy_decoding_of_forward(seq_len):
+    model = make(seq_len=seq_len, mem_len=6)
     prompt = torch.randint(0, VOCAB, (2, 3), generator=torch.Generator().manual_seed(5))
     out = model.generate(prompt, 6, temperature=0.0)
     assert out.shape == (2, 9) and torch.equal(out[:, :3], prompt)
     sequence = prompt
     for _ in range(6):  # the slow way: rerun the whole sequence for every new token
-        next_token = exact(sequence)[:, -1].argmax(-1, keepdim=True)
+        next_token = model(sequence)[:, -1].argmax(-1, keepdim=True)
         sequence = torch.cat((sequence, next_token), dim=1)
     assert torch.equal(out, sequence)
     streamed = torch.stack(list(model.stream(prompt, 6, temperature=0.0)), dim=1)

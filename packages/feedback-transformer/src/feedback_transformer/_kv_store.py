@@ -178,16 +178,19 @@ class RingBuffer:
     Every step is written twice, at ``slot`` and ``slot + capacity`` of a ``(b h, 2c, d)``
     buffer, so that the last ``filled`` steps are always the contiguous slots
     ``[next + c - filled, next + c)`` in time order: one step costs two small copies per
-    tensor whatever the memory length (no shifting, no concatenation).
+    tensor whatever the memory length (no shifting, no concatenation). ``scratch`` more slots
+    at the end leave room after the memory for a window's own keys (slots ``next + c`` and
+    later are never read as memory before a write refreshes them).
     """
 
-    def __init__(self, memory: FeedbackMemory, capacity: int):
-        """Arguments: ``memory``, keys and values ``(b, h, m, d)`` to start from, and
-        ``capacity``, the number of steps kept."""
+    def __init__(self, memory: FeedbackMemory, capacity: int, scratch: int = 0):
+        """Arguments: ``memory``, keys and values ``(b, h, m, d)`` to start from,
+        ``capacity``, the number of steps kept, and ``scratch``, the most window keys
+        written after the memory."""
         b, h, m, d = memory.keys.shape
         self.batch, self.heads, self.capacity = b, h, capacity
-        self.keys = memory.keys.new_zeros(b * h, 2 * capacity, d)
-        self.values = memory.values.new_zeros(b * h, 2 * capacity, d)
+        self.keys = memory.keys.new_zeros(b * h, 2 * capacity + scratch, d)
+        self.values = memory.values.new_zeros(b * h, 2 * capacity + scratch, d)
         self.filled = 0
         self.next = 0  # slot of the next write, in [0, capacity)
         if m:
@@ -201,7 +204,7 @@ class RingBuffer:
         n = keys.shape[2]
         if n > c:
             keys, values, n = keys[:, :, -c:], values[:, :, -c:], c
-        shape = (self.batch, self.heads, 2 * c, keys.shape[3])
+        shape = (self.batch, self.heads, self.keys.shape[1], keys.shape[3])
         if n == 1:  # the decoding step: two small copies per tensor
             s = self.next
             for buffer, new in ((self.keys, keys), (self.values, values)):

@@ -2,11 +2,16 @@
 
 It implements the ``prefill``/``step`` protocol of ``attention_core.generation``.
 
-Decoding is the Feedback Transformer's exact sequential model (Fan et al. 2021, arXiv
-2002.09402): each new token's layers attend to the memory of all earlier steps. The memory
-lives in a ``RingBuffer`` that each step writes in place, and everything that does not
-change from step to step (scaled query weights, position bias, the context's keys and
-values) is computed once in `prefill`: the only per-step work that grows with the
+Decoding computes the function that `FeedbackTransformer.forward` computes, one token at a
+time. With ``seq_len = 1`` that is the Feedback Transformer's exact sequential model (Fan et
+al. 2021, arXiv 2002.09402): each new token's layers attend to the memory of all earlier
+steps. With ``seq_len > 1`` the tokens are grouped in windows of ``seq_len`` as in
+``forward`` (counted from the prompt's first token): a token sees the memory of the earlier
+windows and, at each layer, the earlier tokens of its own window; a step runs the window so
+far (at most ``seq_len`` rows), and the window's memory is written when the window is full.
+The memory lives in a ``RingBuffer`` that each step writes in place, and everything that
+does not change from step to step (scaled query weights, position bias, the context's keys
+and values) is computed once in `prefill`: the only per-step work that grows with the
 memory's fill is the attention over it.
 
 Einstein notation: ``b`` batch, ``t`` prompt length, ``h`` heads, ``m`` memory slots.
@@ -27,7 +32,7 @@ from attention_core.generation import stream as _stream
 from . import _inference_window, _window_loop
 from ._inputs import check_memory, check_tokens, prepare_context
 from ._kv_store import RingBuffer
-from ._window_attention import MemorySlice
+from ._window_attention import MemorySlice, window_bias
 from .memory import FeedbackMemory
 
 if TYPE_CHECKING:
@@ -43,9 +48,12 @@ class FeedbackState:
     The state is the memory ring buffer and what the steps reuse. Steps update it in place.
 
     Attributes:
-        ring: the last ``mem_len`` steps' keys and values.
+        ring: the last ``mem_len`` keys and values of the steps of complete windows.
         batch: number of rows ``b``.
         steps: tokens consumed so far (prompt included).
+        window: embeddings ``(b, r, dim)`` of the ``r < seq_len`` tokens of the window not
+            yet complete (``r = 0`` with ``seq_len = 1``).
+        window_memory: their memory keys and values ``(b, h, r, d)``, or ``None``.
     """
 
     def __init__(
@@ -59,20 +67,33 @@ class FeedbackState:
             cross: the prepared context, or ``None``.
             batch: the batch size.
         """
-        M = model.mem_len
-        self.ring = RingBuffer(memory, M)
+        M, W = model.mem_len, model.seq_len
+        self.ring = RingBuffer(memory, M, scratch=W if W > 1 else 0)
         self.batch, self.steps = batch, 0
         self.cross = cross
-        positions = torch.arange(-M, 1, device=memory.keys.device)
-        self.bias = model.rel_pos(positions[M:], positions[:M])  # (h, 1, M)
+        positions = torch.arange(-M, W, device=memory.keys.device)
+        # queries 0 .. W-1 of a window over keys at -M .. W-1
+        self.bias_full = model.rel_pos(positions[M:], positions)  # (h, W, M + W)
+        self.bias = self.bias_full[:, :1, :M]  # (h, 1, M): a window's first token
+        self.window_biases: dict[tuple[int, int], tuple[Tensor, bool]] = {}
         self.weights = _window_loop.query_weights(model, fused=False)
+        self.window_weights = _window_loop.query_weights(model, fused=True) if W > 1 else []
         self.mix = _window_loop.memory_mix(model)
         self.signature = model.signature
+        self.window = memory.keys.new_zeros(batch, 0, model.dim)
+        self.window_memory: tuple[Tensor, Tensor] | None = None
 
     @property
     def memory(self) -> FeedbackMemory:
-        """A copy of the current memory ``(b, h, m, d)``, oldest step first."""
+        """A copy of the current memory ``(b, h, m, d)``, oldest step first.
+
+        It is the memory that `FeedbackTransformer.forward` returns after the same tokens.
+        """
         keys, values = self.ring.view()
+        if self.window_memory is not None:
+            capacity = self.ring.capacity
+            keys = torch.cat((keys, self.window_memory[0]), dim=2)[:, :, -capacity:]
+            values = torch.cat((values, self.window_memory[1]), dim=2)[:, :, -capacity:]
         return FeedbackMemory(keys.clone(), values.clone(), self.signature)
 
 
@@ -86,20 +107,63 @@ def prefill(
 ) -> tuple[Tensor, FeedbackState]:
     """Run the prompt and return its last position's logits and the decoding state.
 
-    This is ``model.prefill``. The prompt ``(b, t)`` runs one step at a time (windows of 1),
-    as the decoding steps do.
+    This is ``model.prefill``. The prompt ``(b, t)`` runs in windows of ``seq_len`` tokens,
+    as in ``forward``; the last ``t % seq_len`` tokens start the window that the decoding
+    steps continue.
 
     Returns:
         The logits ``(b, num_tokens)`` of the prompt's last position, and the state.
     """
     check_tokens(model, "tokens", tokens, 2)
     h = model.token_emb(tokens)
-    prefix = check_memory(model, memory, tokens.shape[0], h)
-    cross = prepare_context(model, context, context_mask, tokens.shape[0], h)
-    out, keys, values = _window_loop.run(model, h, prefix, cross, detach=True, seq_len=1)
-    state = FeedbackState(model, FeedbackMemory(keys, values), cross, tokens.shape[0])
-    state.steps = tokens.shape[1]
-    return model.to_logits(out[:, -1]), state
+    b, t = tokens.shape
+    prefix = check_memory(model, memory, b, h)
+    cross = prepare_context(model, context, context_mask, b, h)
+    complete = t - t % model.seq_len  # tokens in complete windows
+    last = None
+    if complete:
+        out, keys, values = _window_loop.run(model, h[:, :complete], prefix, cross, detach=True)
+        start, last = FeedbackMemory(keys, values), out[:, -1]
+    elif prefix is not None:
+        start = FeedbackMemory(*prefix)
+    else:
+        empty = h.new_zeros(b, model.heads, 0, model.dim_head)
+        start = FeedbackMemory(empty, empty)
+    state = FeedbackState(model, start, cross, b)
+    state.steps = t
+    if complete < t:  # the prompt ends inside a window: the steps continue it
+        last = _advance(model, state, h[:, complete:])
+    return model.to_logits(last), state
+
+
+def _advance(model: FeedbackTransformer, state: FeedbackState, x: Tensor) -> Tensor:
+    """Run the window so far, ``x`` ``(b, w, dim)``, after the memory in ``state`` and return
+    the last token's output ``(b, dim)``; a full window's memory goes to the ring, an
+    incomplete one stays in ``state``."""
+    b, w, dim = x.shape
+    ring = state.ring
+    lo, hi = ring.bounds()
+    memory = MemorySlice(ring, lo, hi)
+    if w == 1:  # a window's first token: the memory only, queries only
+        bias, first_empty = state.bias[:, :, model.mem_len - ring.filled :], False
+        weights = state.weights
+    else:
+        key = (w, ring.filled)
+        if key not in state.window_biases:
+            state.window_biases[key] = window_bias(state.bias_full, ring.filled, w, model.seq_len)
+        bias, first_empty = state.window_biases[key]
+        weights = state.window_weights
+    out, k, v = _inference_window.window(
+        model, x.reshape(b * w, dim), memory, bias, first_empty, weights, state.cross, state.mix
+    )
+    if w == model.seq_len:  # the window is complete: its memory is final
+        if k is not None and v is not None:  # mem_len > 0
+            ring.append(k, v)
+        state.window, state.window_memory = x[:, :0], None
+    else:
+        state.window = x
+        state.window_memory = None if k is None or v is None else (k, v)
+    return out.view(b, w, dim)[:, -1]
 
 
 @torch.no_grad()
@@ -108,7 +172,7 @@ def step(
 ) -> tuple[Tensor, FeedbackState]:
     """Decode one token per row ``(b,)`` and return logits ``(b, num_tokens)`` and the state.
 
-    This is ``model.step``.
+    This is ``model.step``: the logits equal those of ``forward`` at the same position.
     """
     if not isinstance(state, FeedbackState):
         raise TypeError(f"state must be a FeedbackState from prefill; got {type(state).__name__}")
@@ -125,15 +189,10 @@ def step(
         low, high = tokens.aminmax()
         if low < 0 or high >= model.num_tokens:
             check_tokens(model, "tokens", tokens, 1)  # raises, naming the range
-    x = model.token_emb(tokens)
-    ring = state.ring
-    memory = MemorySlice(ring, *ring.bounds())
-    bias = state.bias[:, :, model.mem_len - ring.filled :]
-    out, k, v = _inference_window.window(
-        model, x, memory, bias, False, state.weights, state.cross, state.mix
-    )
-    if k is not None and v is not None:  # mem_len > 0
-        ring.append(k, v)
+    x = model.token_emb(tokens)[:, None]
+    if state.window.shape[1]:  # continue the window (seq_len > 1)
+        x = torch.cat((state.window, x), dim=1)
+    out = _advance(model, state, x)
     state.steps += 1
     norm, head = model.to_logits  # LayerNorm, Linear: called without module dispatch
     norm, head = cast(nn.LayerNorm, norm), cast(nn.Linear, head)

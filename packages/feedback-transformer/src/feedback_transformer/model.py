@@ -49,8 +49,8 @@ class FeedbackTransformer(nn.Module):
     exact model: each token's layers see the memory of all earlier tokens. With
     ``seq_len > 1`` (faster: fewer sequential steps) a window's tokens see the memory of the
     earlier windows plus, within the window, the earlier tokens' states at the same layer
-    instead of their (not yet computed) memory: an approximation, which token-by-token
-    generation (`step`) does not make.
+    instead of their (not yet computed) memory: an approximation of the paper's model, and
+    the function that `forward`, `prefill` and `step` all compute.
 
     Arguments:
         num_tokens: vocabulary size.
@@ -210,10 +210,10 @@ class FeedbackTransformer(nn.Module):
         ``tokens`` ``(b, t)``; returns the logits ``(b, num_tokens)`` and a `FeedbackState`
         for `step` (the ``attention_core.generation.StepModel`` protocol).
 
-        The prompt is consumed one step at a time like the generated tokens (the paper's
-        exact model, whatever ``seq_len`` is: the logits are those of `forward` of a
-        ``seq_len=1`` model with the same weights), without gradients;
-        ``context``/``context_mask`` are projected once and kept in the state.
+        The prompt runs in windows of ``seq_len`` tokens as in `forward` (the logits are
+        those of `forward` on the same tokens), without gradients; its last ``t % seq_len``
+        tokens start the window that `step` continues. ``context``/``context_mask`` are
+        projected once and kept in the state.
         """
         from .generation import prefill
 
@@ -223,9 +223,11 @@ class FeedbackTransformer(nn.Module):
         """Consume one token per row and return the logits of the next position.
 
         ``tokens`` ``(b,)`` come after ``state`` (which is updated in place and returned);
-        returns the logits ``(b, num_tokens)`` and the state. Apart from the attention
-        products over the memory, a step costs the same whatever the memory's fill (nothing
-        is copied or re-stacked), and equals `forward` of a ``seq_len=1`` model."""
+        returns the logits ``(b, num_tokens)`` and the state, equal to those of `forward` at
+        the same position: with ``seq_len > 1`` a step runs the window so far (at most
+        ``seq_len`` rows) and writes its memory when the window is full. Apart from the
+        attention products over the memory, a step costs the same whatever the memory's
+        fill (nothing is copied or re-stacked)."""
         from .generation import step
 
         return step(self, tokens, state)
