@@ -15,6 +15,7 @@
 #include "aggregate.h"
 #include "causal_product.h"
 #include "cpu_dispatch.h"
+#include "feature_map.h"
 #include "hamming.h"
 #include "hashing.h"
 #include "linear_step_bindings.h"
@@ -169,6 +170,18 @@ void causal_product_backward(std::uintptr_t grad, Strides3 gs, std::uintptr_t q,
     a.dz0 = as_ptr<T>(dz0);
     py::gil_scoped_release release;
     attention_core::causal::backward<T>(a, threads);
+}
+
+// phi(x) = elu(x) + 1 of the fused causal kernels over n contiguous elements, with the
+// variant of the current CPU level (feature_map.h); for the tests.
+template <typename T>
+void elu_plus_one(std::uintptr_t x, std::uintptr_t out, int64_t n) {
+    check_positive("n", n);
+    require("x", x, n);
+    require("out", out, n);
+    py::gil_scoped_release release;
+    attention_core::feature_map::elu_plus_one<T>(as_ptr<T>(out), as_ptr<const T>(x), n,
+                                                 attention_core::cpu_level());
 }
 
 // ---------------------------------------------------------------------------------------
@@ -517,6 +530,10 @@ PYBIND11_MODULE(_C, m) {
           ATTENTION_CORE_CAUSAL_BACKWARD_ARGS);
     m.def("causal_product_backward_f64", &causal_product_backward<double>,
           ATTENTION_CORE_CAUSAL_BACKWARD_ARGS);
+    m.def("elu_plus_one_f32", &elu_plus_one<float>, py::arg("x"), py::arg("out"), py::arg("n"),
+          "out[i] = elu(x[i]) + 1 for i < n (the fused kernels' feature map)");
+    m.def("elu_plus_one_f64", &elu_plus_one<double>, py::arg("x"), py::arg("out"), py::arg("n"),
+          "out[i] = elu(x[i]) + 1 for i < n (the fused kernels' feature map)");
 #define ATTENTION_CORE_LOCAL_SIZES \
     py::arg("N"), py::arg("H"), py::arg("L"), py::arg("S"), py::arg("F"), py::arg("C"), \
         py::arg("threads")

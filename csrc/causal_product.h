@@ -19,6 +19,7 @@
 #pragma once
 
 #include <algorithm>
+#include <cstddef>
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -27,6 +28,7 @@
 #include "causal_packed.h"
 #include "causal_recurrence.h"
 #include "cpu_dispatch.h"
+#include "huge_pages.h"
 #include "parallel.h"
 
 namespace attention_core {
@@ -194,9 +196,9 @@ void forward_packed(const ForwardArgs<T>& a, int64_t threads) {
         std::vector<chunked::HeadForward<T>> heads;
         for (int64_t item = begin; item < end; ++item) heads.push_back(forward_head_args(a, item));
         packed::Workspace<T> ws;
-        ws.reserve(a.E, a.M);
+        ws.reserve(a.E, a.M, end - begin);
         for (int64_t c0 = 0; c0 < a.L; c0 += packed::kChunk) {
-            for (const auto& p : heads) leaves.forward(p, ws, c0);
+            leaves.forward(heads.data(), end - begin, ws, c0);
         }
     });
 }
@@ -234,8 +236,17 @@ void forward_recurrence(const ForwardArgs<T>& a, int64_t threads);
 template <typename T>
 void backward_recurrence(const BackwardArgs<T>& a, int64_t threads);
 
+// The bytes from the first to the last element of an (N, H, L, cols) operand.
+template <typename T>
+std::size_t span_bytes(const Operand<T>& x, int64_t N, int64_t H, int64_t L, int64_t cols) {
+    if (N == 0 || H == 0 || L == 0 || cols == 0) return 0;
+    const int64_t last = (N - 1) * x.s.n + (H - 1) * x.s.h + (L - 1) * x.s.l + cols - 1;
+    return static_cast<std::size_t>(last + 1) * sizeof(T);
+}
+
 template <typename T>
 void forward(const ForwardArgs<T>& a, int64_t threads) {
+    advise_huge_pages(a.out.data, span_bytes(a.out, a.N, a.H, a.L, a.M));
     switch (choose_form(a)) {
         case Form::chunked: return forward_chunked(a, threads);
         case Form::packed: return forward_packed(a, threads);
@@ -245,6 +256,9 @@ void forward(const ForwardArgs<T>& a, int64_t threads) {
 
 template <typename T>
 void backward(const BackwardArgs<T>& a, int64_t threads) {
+    advise_huge_pages(a.dq.data, span_bytes(a.dq, a.N, a.H, a.L, a.E));
+    advise_huge_pages(a.dk.data, span_bytes(a.dk, a.N, a.H, a.L, a.E));
+    advise_huge_pages(a.dv.data, span_bytes(a.dv, a.N, a.H, a.L, a.M));
     switch (choose_form(a)) {
         case Form::chunked: return backward_chunked(a, threads);
         case Form::packed: return backward_packed(a, threads);

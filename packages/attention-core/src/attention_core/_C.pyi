@@ -486,6 +486,12 @@ def hamming_cluster(
     iterations: int,
     threads: int,
 ) -> None: ...
+def elu_plus_one_f32(x: int, out: int, n: int) -> None:
+    """``out[i] = elu(x[i]) + 1`` for ``i < n`` with the current CPU level's variant."""
+
+def elu_plus_one_f64(x: int, out: int, n: int) -> None:
+    """``out[i] = elu(x[i]) + 1`` for ``i < n`` with the current CPU level's variant."""
+
 def cpu_level() -> int:
     """Instruction set in use: 0 baseline, 1 AVX2+FMA, 2 AVX-512."""
 
