@@ -182,10 +182,24 @@ struct Chunks {
                     r[i] = T(1) / (dot(q + i * E, z, E) + p.eps);
                 }
             }
-            run_recurrence<T, W, U>({q, E, k, E, ws.hv.data() + h * kChunk * M, M,
-                                     p.out + c0 * p.out_step, p.out_step,
-                                     p.normalize ? r : nullptr, nullptr, p.S, E, M, c, false,
-                                     false});
+            Recurrence<T> sweep{q, E, k, E, ws.hv.data() + h * kChunk * M, M,
+                                p.out + c0 * p.out_step, p.out_step, p.normalize ? r : nullptr,
+                                nullptr, p.S, E, M, c, false, false};
+            // while it computes, the head's rows of the next chunk come from memory
+            const int64_t next = c0 + kChunk;
+            if (E == M && next < L) {
+                sweep.ahead[0] = p.q + next * p.q_step;
+                sweep.ahead[1] = p.k + next * p.k_step;
+                sweep.ahead[2] = p.v + next * p.v_step;
+                sweep.ahead[3] = p.out + next * p.out_step;
+                sweep.ahead_step[0] = p.q_step;
+                sweep.ahead_step[1] = p.k_step;
+                sweep.ahead_step[2] = p.v_step;
+                sweep.ahead_step[3] = p.out_step;
+                sweep.ahead_bytes = E * int64_t(sizeof(T));
+                sweep.ahead_length = std::min(kChunk, L - next);
+            }
+            run_recurrence<T, W, U>(sweep);
         }
     }
 
