@@ -1,9 +1,10 @@
 """Causal linear attention with the feature map elu(x) + 1 applied inside the CPU kernel
 (``elu_normalized_causal_dot_product``, ops ``attention_core::elu_causal_linear_attention``
 and its backward), and CausalLinearAttention's use of it: against the feature map applied
-first, in float64 and float32, every form of the kernel (packed for short sequences and
-E M < 128 * 128, chunked otherwise), compact and strided rows, gradcheck, opcheck,
-torch.compile, and the layer's general path for every other feature map."""
+first, in float64 and float32, every form of the kernel (packed; chunked, here from L = 128
+and E M = 128 * 128 on: the `chunked_form_from_128` fixture lowers its thresholds), compact
+and strided rows, gradcheck, opcheck, torch.compile, the layer's general path for every
+other feature map, and the kernels' elu(x) + 1 against torch.exp at every CPU level."""
 
 import pytest
 import torch
@@ -20,6 +21,16 @@ from attention_core.masking import LengthMask, TriangularCausalMask
 from attention_core.testing import assert_close
 
 pytest.importorskip("attention_core._C", reason="attention_core._C is not compiled")
+
+
+@pytest.fixture(autouse=True)
+def chunked_form_from_128():
+    """The chunked form from L = 128 and E M = 128 * 128 on, then the default thresholds."""
+    default = _extension._C.chunked_thresholds()
+    _extension._C.set_chunked_thresholds(128, 128 * 128, 128 * 128)
+    yield
+    _extension._C.set_chunked_thresholds(*default)
+
 
 EPS = 0.1  # large enough that dQ is not all cancellation (at L=1 it is dout/deps)
 
