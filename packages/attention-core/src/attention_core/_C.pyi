@@ -492,9 +492,7 @@ def causal_form(L: int, E: int, M: int, compact: bool, elu: bool) -> str:
 def chunked_thresholds() -> tuple[int, int, int]:
     """``(min_length, min_state_compact, min_state_strided)`` of the chunked form."""
 
-def set_chunked_thresholds(
-    min_length: int, min_state_compact: int, min_state_strided: int
-) -> None:
+def set_chunked_thresholds(min_length: int, min_state_compact: int, min_state_strided: int) -> None:
     """Set the thresholds of the chunked form (for tests)."""
 
 def elu_plus_one_f32(x: int, out: int, n: int) -> None:
