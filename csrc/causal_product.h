@@ -19,7 +19,6 @@
 #pragma once
 
 #include <algorithm>
-#include <cstddef>
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -28,7 +27,6 @@
 #include "causal_packed.h"
 #include "causal_recurrence.h"
 #include "cpu_dispatch.h"
-#include "huge_pages.h"
 #include "parallel.h"
 
 namespace attention_core {
@@ -258,17 +256,8 @@ void forward_recurrence(const ForwardArgs<T>& a, int64_t threads);
 template <typename T>
 void backward_recurrence(const BackwardArgs<T>& a, int64_t threads);
 
-// The bytes from the first to the last element of an (N, H, L, cols) operand.
-template <typename T>
-std::size_t span_bytes(const Operand<T>& x, int64_t N, int64_t H, int64_t L, int64_t cols) {
-    if (N == 0 || H == 0 || L == 0 || cols == 0) return 0;
-    const int64_t last = (N - 1) * x.s.n + (H - 1) * x.s.h + (L - 1) * x.s.l + cols - 1;
-    return static_cast<std::size_t>(last + 1) * sizeof(T);
-}
-
 template <typename T>
 void forward(const ForwardArgs<T>& a, int64_t threads) {
-    advise_huge_pages(a.out.data, span_bytes(a.out, a.N, a.H, a.L, a.M));
     switch (choose_form(a)) {
         case Form::chunked: return forward_chunked(a, threads);
         case Form::packed: return forward_packed(a, threads);
@@ -278,9 +267,6 @@ void forward(const ForwardArgs<T>& a, int64_t threads) {
 
 template <typename T>
 void backward(const BackwardArgs<T>& a, int64_t threads) {
-    advise_huge_pages(a.dq.data, span_bytes(a.dq, a.N, a.H, a.L, a.E));
-    advise_huge_pages(a.dk.data, span_bytes(a.dk, a.N, a.H, a.L, a.E));
-    advise_huge_pages(a.dv.data, span_bytes(a.dv, a.N, a.H, a.L, a.M));
     switch (choose_form(a)) {
         case Form::chunked: return backward_chunked(a, threads);
         case Form::packed: return backward_packed(a, threads);

@@ -32,7 +32,6 @@
 #include <vector>
 
 #include "cpu_dispatch.h"
-#include "huge_pages.h"
 #include "parallel.h"
 #include "small_gemm.h"
 #include "weighted_rows.h"
@@ -329,9 +328,6 @@ void dot_forward(const DotForward<T>& a, int64_t threads) {
     const Leaves<T> leaves = leaves_for<T>(cpu_level());
     const int64_t workers = useful_threads(threads, a.N * a.H, 2 * a.N * a.H * a.L * a.C * a.E);
     const T minus_inf = -std::numeric_limits<T>::infinity();
-    if (a.out.s.l == a.C && a.out.s.h == a.L * a.C && a.out.s.n == a.H * a.L * a.C) {
-        advise_huge_pages(a.out.data, sizeof(T) * a.N * a.H * a.L * a.C);
-    }
     parallel_for(a.N * a.H, workers, [&](int64_t, int64_t begin, int64_t end) {
         PaddedTranspose<T> kt;
         std::vector<T> work(score_work_size(a.C, a.E, leaves.NR));
