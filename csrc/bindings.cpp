@@ -15,6 +15,7 @@
 #include "aggregate.h"
 #include "causal_product.h"
 #include "cpu_dispatch.h"
+#include "feature_map.h"
 #include "hamming.h"
 #include "hashing.h"
 #include "linear_step_bindings.h"
@@ -169,6 +170,43 @@ void causal_product_backward(std::uintptr_t grad, Strides3 gs, std::uintptr_t q,
     a.dz0 = as_ptr<T>(dz0);
     py::gil_scoped_release release;
     attention_core::causal::backward<T>(a, threads);
+}
+
+// The form of the causal product that runs for a shape (causal_product.h), and its
+// thresholds: for the tests, which run the chunked form on small shapes.
+std::string causal_form(int64_t L, int64_t E, int64_t M, bool compact, bool elu) {
+    using attention_core::causal::Form;
+    switch (attention_core::causal::choose_form(L, E, M, compact, elu)) {
+        case Form::chunked: return "chunked";
+        case Form::packed: return "packed";
+        default: return "recurrence";
+    }
+}
+
+std::array<int64_t, 3> get_chunked_thresholds() {
+    const auto& t = attention_core::causal::chunked_thresholds();
+    return {t.min_length, t.min_state_compact, t.min_state_strided};
+}
+
+void set_chunked_thresholds(int64_t min_length, int64_t min_state_compact,
+                            int64_t min_state_strided) {
+    check_positive("min_length", min_length);
+    check_positive("min_state_compact", min_state_compact);
+    check_positive("min_state_strided", min_state_strided);
+    attention_core::causal::chunked_thresholds() = {min_length, min_state_compact,
+                                                    min_state_strided};
+}
+
+// phi(x) = elu(x) + 1 of the fused causal kernels over n contiguous elements, with the
+// variant of the current CPU level (feature_map.h); for the tests.
+template <typename T>
+void elu_plus_one(std::uintptr_t x, std::uintptr_t out, int64_t n) {
+    check_positive("n", n);
+    require("x", x, n);
+    require("out", out, n);
+    py::gil_scoped_release release;
+    attention_core::feature_map::elu_plus_one<T>(as_ptr<T>(out), as_ptr<const T>(x), n,
+                                                 attention_core::cpu_level());
 }
 
 // ---------------------------------------------------------------------------------------
@@ -517,6 +555,18 @@ PYBIND11_MODULE(_C, m) {
           ATTENTION_CORE_CAUSAL_BACKWARD_ARGS);
     m.def("causal_product_backward_f64", &causal_product_backward<double>,
           ATTENTION_CORE_CAUSAL_BACKWARD_ARGS);
+    m.def("causal_form", &causal_form, py::arg("L"), py::arg("E"), py::arg("M"),
+          py::arg("compact"), py::arg("elu"),
+          "The form of the causal product for a shape: recurrence, packed or chunked");
+    m.def("chunked_thresholds", &get_chunked_thresholds,
+          "(min_length, min_state_compact, min_state_strided) of the chunked form");
+    m.def("set_chunked_thresholds", &set_chunked_thresholds, py::arg("min_length"),
+          py::arg("min_state_compact"), py::arg("min_state_strided"),
+          "Set the thresholds of the chunked form (for tests)");
+    m.def("elu_plus_one_f32", &elu_plus_one<float>, py::arg("x"), py::arg("out"), py::arg("n"),
+          "out[i] = elu(x[i]) + 1 for i < n (the fused kernels' feature map)");
+    m.def("elu_plus_one_f64", &elu_plus_one<double>, py::arg("x"), py::arg("out"), py::arg("n"),
+          "out[i] = elu(x[i]) + 1 for i < n (the fused kernels' feature map)");
 #define ATTENTION_CORE_LOCAL_SIZES \
     py::arg("N"), py::arg("H"), py::arg("L"), py::arg("S"), py::arg("F"), py::arg("C"), \
         py::arg("threads")

@@ -31,7 +31,9 @@
 #include <cstring>
 #include <vector>
 
+#include "causal_recurrence.h"
 #include "cpu_dispatch.h"
+#include "feature_map.h"
 #include "small_gemm.h"
 
 namespace attention_core {
@@ -86,41 +88,9 @@ struct HeadBackward : Head<T> {
 
 inline int64_t round_up(int64_t x, int64_t to) { return (x + to - 1) / to * to; }
 
-// exp(x) for x <= 0. float: Cephes' expf polynomial (about 1 ulp), written without branches or
-// library calls so the feature-map loops vectorise (std::exp per element cost more than the
-// whole product); inputs below -87 give exp(-87) ~ 1.6e-38 instead of a denormal. double:
-// std::exp.
-template <typename T>
-inline T exp_nonpositive(T x) {
-    return std::exp(x);
-}
-
-template <>
-inline float exp_nonpositive<float>(float x) {
-    x = std::max(x, -87.0f);
-    const int32_t n = static_cast<int32_t>(x * 1.44269504088896341f - 0.5f);  // round, x <= 0
-    const float nf = static_cast<float>(n);
-    float r = x - nf * 0.693359375f;
-    r = r - nf * -2.12194440e-4f;
-    float p = 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * r * r + r + 1.0f;
-    const int32_t bits = (n + 127) << 23;  // 2^n, n >= -126
-    float scale;
-    std::memcpy(&scale, &bits, sizeof(scale));
-    return p * scale;
-}
-
-// Selects by arithmetic (no control flow: the loops over rows vectorise).
-template <typename T>
-inline T elu_plus_one(T x) {
-    const T positive = static_cast<T>(x > T(0));
-    return positive * (x + T(1)) + (T(1) - positive) * exp_nonpositive(std::min(x, T(0)));
-}
+// phi(x) = elu(x) + 1 and its exp (feature_map.h)
+using feature_map::elu_plus_one;
+using feature_map::exp_nonpositive;
 
 // Per-thread buffers, zero-padded: rows of C, columns rounded up to the kernel's NR.
 template <typename T>
@@ -172,13 +142,6 @@ inline void transpose_chunk(T* dst, const T* src, int64_t ld, int64_t rows) {
         T* __restrict d = dst + f * kChunk;
         for (int64_t i = 0; i < kChunk; ++i) d[i] = src[i * ld + f];
     }
-}
-
-template <typename T>
-inline T dot(const T* __restrict a, const T* __restrict b, int64_t n) {
-    T sum = 0;
-    for (int64_t i = 0; i < n; ++i) sum += a[i] * b[i];
-    return sum;
 }
 
 // The gradient of elu(x) + 1 applied to a gradient row: d *= (x > 0 ? 1 : exp(x)).

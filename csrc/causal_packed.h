@@ -31,6 +31,7 @@
 #include "causal_chunked.h"
 #include "causal_recurrence.h"
 #include "cpu_dispatch.h"
+#include "feature_map.h"
 
 namespace attention_core {
 namespace causal {
@@ -43,11 +44,14 @@ constexpr int64_t kChunk = 64;  // tokens per chunk
 template <typename T>
 struct Workspace {
     std::vector<T> q, k, d, r;  // mapped q and k rows, a gradient chunk, r of the chunk
+    // the forward pass's chunk of every head of the worker: mapped q and k, v (heads x C x .)
+    std::vector<T> hq, hk, hv;
 
-    void reserve(int64_t E, int64_t M) {
-        (void)M;
+    void reserve(int64_t E, int64_t M, int64_t heads = 0) {
         for (auto* buffer : {&q, &k, &d}) buffer->assign(kChunk * E, T(0));
         r.resize(kChunk);
+        for (auto* buffer : {&hq, &hk}) buffer->assign(heads * kChunk * E, T(0));
+        hv.assign(heads * kChunk * M, T(0));
     }
 };
 
@@ -58,11 +62,11 @@ struct HeadState {
     std::vector<T> state_t, z, r, dd;  // (M x E), (E), (L), (L)
 };
 
-// dst = phi(src) (or a copy) for `cols` features.
-template <typename T>
+// dst = phi(src) (or a copy) for `cols` features (Avx512: see feature_map.h).
+template <bool Avx512, typename T>
 inline void map_row(T* __restrict dst, const T* __restrict src, int64_t cols, bool elu) {
     if (elu) {
-        for (int64_t f = 0; f < cols; ++f) dst[f] = chunked::elu_plus_one(src[f]);
+        feature_map::elu_plus_one_row<Avx512>(dst, src, cols);
     } else {
         std::copy(src, src + cols, dst);
     }
@@ -106,7 +110,7 @@ inline void prefetch_backward(const HeadBackward<T>& p, int64_t ahead, bool reve
 
 // The c rows of the chunk at c0: q and k mapped into ws.q and ws.k (and the rows of the next
 // chunk prefetched).
-template <typename T>
+template <bool Avx512, typename T>
 inline void map_chunk(const HeadBackward<T>& p, Workspace<T>& ws, int64_t c0, int64_t c,
                       bool reverse) {
     const int64_t E = p.E;
@@ -120,8 +124,8 @@ inline void map_chunk(const HeadBackward<T>& p, Workspace<T>& ws, int64_t c0, in
             prefetch_row(k, k_step, ahead, E);
             prefetch_backward(p, ahead, reverse);
         }
-        map_row(ws.q.data() + i * E, q + (c0 + i) * q_step, E, p.elu);
-        map_row(ws.k.data() + i * E, k + (c0 + i) * k_step, E, p.elu);
+        map_row<Avx512>(ws.q.data() + i * E, q + (c0 + i) * q_step, E, p.elu);
+        map_row<Avx512>(ws.k.data() + i * E, k + (c0 + i) * k_step, E, p.elu);
     }
 }
 
@@ -143,34 +147,60 @@ inline void unpack_gradient(T* dst, int64_t dst_step, const T* packed, const T* 
 }
 
 // The chunk kernels of one instruction set: the recurrence runs with tiles of W columns and U
-// tokens per sweep (see run_recurrence).
-template <typename T, int W, int U>
+// tokens per sweep (see run_recurrence); Avx512 selects the feature map's AVX-512 form.
+template <typename T, int W, int U, bool Avx512 = false>
 struct Chunks {
-    // out rows of the chunk at c0, with the head's S and z carried.
-    static void forward(const HeadForward<T>& p, Workspace<T>& ws, int64_t c0) {
-        const int64_t E = p.E, M = p.M, c = std::min(kChunk, p.L - c0);
-        T* q = ws.q.data();
-        T* k = ws.k.data();
-        T* r = ws.r.data();
+    // out rows of the chunk at c0 for `count` heads, with each head's S and z carried. The
+    // rows of every head are first gathered token by token (q and k mapped), so that the
+    // strided (N, L, H, E) layout is read in its memory order, once; each head's recurrence
+    // then runs on contiguous rows that are in the caches.
+    static void forward(const HeadForward<T>* heads, int64_t count, Workspace<T>& ws,
+                        int64_t c0) {
+        if (count == 0) return;
+        const HeadForward<T>& first = heads[0];
+        const int64_t E = first.E, M = first.M, L = first.L, c = std::min(kChunk, L - c0);
         for (int64_t i = 0; i < c; ++i) {
-            T* __restrict qi = q + i * E;
-            T* __restrict ki = k + i * E;
-            const int64_t ahead = token_ahead(c0 + i, p.L, false);
-            if (ahead >= 0) {
-                prefetch_row(p.q, p.q_step, ahead, E);
-                prefetch_row(p.k, p.k_step, ahead, E);
-            }
-            map_row(qi, p.q + (c0 + i) * p.q_step, E, p.elu);
-            map_row(ki, p.k + (c0 + i) * p.k_step, E, p.elu);
-            if (p.normalize) {
-                T* __restrict z = p.z;
-                for (int64_t e = 0; e < E; ++e) z[e] += ki[e];
-                r[i] = T(1) / (dot(qi, z, E) + p.eps);
+            const int64_t t = c0 + i;
+            for (int64_t h = 0; h < count; ++h) {
+                const HeadForward<T>& p = heads[h];
+                map_row<Avx512>(ws.hq.data() + (h * kChunk + i) * E, p.q + t * p.q_step, E, p.elu);
+                map_row<Avx512>(ws.hk.data() + (h * kChunk + i) * E, p.k + t * p.k_step, E, p.elu);
+                const T* v = p.v + t * p.v_step;
+                std::copy(v, v + M, ws.hv.data() + (h * kChunk + i) * M);
             }
         }
-        run_recurrence<T, W, U>({q, E, k, E, p.v + c0 * p.v_step, p.v_step,
-                                 p.out + c0 * p.out_step, p.out_step,
-                                 p.normalize ? r : nullptr, nullptr, p.S, E, M, c, false, false});
+        T* r = ws.r.data();
+        for (int64_t h = 0; h < count; ++h) {
+            const HeadForward<T>& p = heads[h];
+            const T* q = ws.hq.data() + h * kChunk * E;
+            const T* k = ws.hk.data() + h * kChunk * E;
+            if (p.normalize) {
+                T* __restrict z = p.z;
+                for (int64_t i = 0; i < c; ++i) {
+                    const T* __restrict ki = k + i * E;
+                    for (int64_t e = 0; e < E; ++e) z[e] += ki[e];
+                    r[i] = T(1) / (dot(q + i * E, z, E) + p.eps);
+                }
+            }
+            Recurrence<T> sweep{q, E, k, E, ws.hv.data() + h * kChunk * M, M,
+                                p.out + c0 * p.out_step, p.out_step, p.normalize ? r : nullptr,
+                                nullptr, p.S, E, M, c, false, false};
+            // while it computes, the head's rows of the next chunk come from memory
+            const int64_t next = c0 + kChunk;
+            if (E == M && next < L) {
+                sweep.ahead[0] = p.q + next * p.q_step;
+                sweep.ahead[1] = p.k + next * p.k_step;
+                sweep.ahead[2] = p.v + next * p.v_step;
+                sweep.ahead[3] = p.out + next * p.out_step;
+                sweep.ahead_step[0] = p.q_step;
+                sweep.ahead_step[1] = p.k_step;
+                sweep.ahead_step[2] = p.v_step;
+                sweep.ahead_step[3] = p.out_step;
+                sweep.ahead_bytes = E * int64_t(sizeof(T));
+                sweep.ahead_length = std::min(kChunk, L - next);
+            }
+            run_recurrence<T, W, U>(sweep);
+        }
     }
 
     // dq_i = dd_i z_i + r_i S_i g_i for the chunk at c0, forward in time (the state as M x E).
@@ -178,7 +208,7 @@ struct Chunks {
                                  int64_t c0) {
         const int64_t E = p.E, M = p.M, c = std::min(kChunk, p.L - c0);
         const bool norm = p.normalize;
-        map_chunk(p, ws, c0, c, false);
+        map_chunk<Avx512>(p, ws, c0, c, false);
         const T* g = p.grad + c0 * p.grad_step;
         T* r = h.r.data() + c0;
         if (norm) {
@@ -198,7 +228,7 @@ struct Chunks {
                                  int64_t c0) {
         const int64_t E = p.E, M = p.M, c = std::min(kChunk, p.L - c0);
         const bool norm = p.normalize;
-        map_chunk(p, ws, c0, c, true);
+        map_chunk<Avx512>(p, ws, c0, c, true);
         const T* g = p.grad + c0 * p.grad_step;
         const T* v = p.v + c0 * p.v_step;
         const T* r = norm ? h.r.data() + c0 : nullptr;
@@ -237,7 +267,7 @@ void backward_turn(const HeadBackward<T>& p, HeadState<T>& h) {
 
 template <typename T>
 struct Leaves {
-    void (*forward)(const HeadForward<T>&, Workspace<T>&, int64_t);
+    void (*forward)(const HeadForward<T>*, int64_t, Workspace<T>&, int64_t);
     void (*backward_forward)(const HeadBackward<T>&, HeadState<T>&, Workspace<T>&, int64_t);
     void (*backward_reverse)(const HeadBackward<T>&, HeadState<T>&, Workspace<T>&, int64_t);
 };
@@ -247,8 +277,8 @@ template <typename T>
 using BaselineChunks = Chunks<T, 32, 1>;
 
 template <typename T>
-void forward_baseline(const HeadForward<T>& p, Workspace<T>& ws, int64_t c0) {
-    BaselineChunks<T>::forward(p, ws, c0);
+void forward_baseline(const HeadForward<T>* heads, int64_t count, Workspace<T>& ws, int64_t c0) {
+    BaselineChunks<T>::forward(heads, count, ws, c0);
 }
 template <typename T>
 void backward_forward_baseline(const HeadBackward<T>& p, HeadState<T>& h, Workspace<T>& ws,
@@ -265,12 +295,12 @@ void backward_reverse_baseline(const HeadBackward<T>& p, HeadState<T>& h, Worksp
 template <typename T>
 using Avx2Chunks = Chunks<T, 32, 1>;
 template <typename T>
-using Avx512Chunks = Chunks<T, 256 / sizeof(T), 3>;
+using Avx512Chunks = Chunks<T, 256 / sizeof(T), 3, true>;
 
 template <typename T>
-ATTENTION_CORE_TARGET_AVX2 void forward_avx2(const HeadForward<T>& p, Workspace<T>& ws,
-                                             int64_t c0) {
-    Avx2Chunks<T>::forward(p, ws, c0);
+ATTENTION_CORE_TARGET_AVX2 void forward_avx2(const HeadForward<T>* heads, int64_t count,
+                                             Workspace<T>& ws, int64_t c0) {
+    Avx2Chunks<T>::forward(heads, count, ws, c0);
 }
 template <typename T>
 ATTENTION_CORE_TARGET_AVX2 void backward_forward_avx2(const HeadBackward<T>& p, HeadState<T>& h,
@@ -283,9 +313,9 @@ ATTENTION_CORE_TARGET_AVX2 void backward_reverse_avx2(const HeadBackward<T>& p, 
     Avx2Chunks<T>::backward_reverse(p, h, ws, c0);
 }
 template <typename T>
-ATTENTION_CORE_TARGET_AVX512 void forward_avx512(const HeadForward<T>& p, Workspace<T>& ws,
-                                                 int64_t c0) {
-    Avx512Chunks<T>::forward(p, ws, c0);
+ATTENTION_CORE_TARGET_AVX512 void forward_avx512(const HeadForward<T>* heads, int64_t count,
+                                                 Workspace<T>& ws, int64_t c0) {
+    Avx512Chunks<T>::forward(heads, count, ws, c0);
 }
 template <typename T>
 ATTENTION_CORE_TARGET_AVX512 void backward_forward_avx512(const HeadBackward<T>& p,

@@ -85,24 +85,46 @@ inline int64_t useful_threads(int64_t threads, int64_t heads, int64_t flops) {
     return std::max<int64_t>(1, std::min({threads, heads, flops / kMinFlopsPerThread}));
 }
 
-// Which form runs (measured here with E = M = 64, float32, see the chunked and packed headers):
+// Which form runs:
 // - recurrence: the per-token recurrence straight on the operands; compact rows.
 // - packed: the same recurrence over packed 64-token chunks; rows that are not adjacent in
-//   memory (reading through the (N, L, H, E) layout's strides costs the plain recurrence
-//   about 1.7x forward and 2x backward) and the fused feature map.
+//   memory (every head's chunk is gathered in memory order, see causal_packed.h) and the fused
+//   feature map.
 // - chunked: the GEMM-shaped form; it does about 1.5x the operations of the recurrence in
-//   register-blocked products, and wins where the state is too large for the recurrence to
-//   keep its rows in L1 across a chunk (E M >= kChunkedMinState).
+//   register-blocked products.
+// Measured with 8 heads, float32, one thread, against the recurrence (packed for strided
+// rows and the fused map), chunked / per-token time, forward and backward:
+//   E = M = 64:  1.7-3.0x at every L from 256 to 4096;  E = M = 128: 1.2-2.2x;
+//   E = M = 256: compact rows 0.80-0.90x from L = 1024 (1.1x at 256), strided 1.1-1.2x;
+//   E = M = 512: compact 0.78-0.88x at L = 1024, strided 0.82-0.99x.
+// Hence chunked from L = 1024 on with E M >= 256 * 256 on compact rows and E M >= 512 * 512
+// on strided rows or with the fused map. The thresholds can be changed for the tests (which
+// run the chunked form on small shapes) through `chunked_thresholds()`.
 enum class Form { recurrence, packed, chunked };
 
-constexpr int64_t kChunkedMinLength = 128;
-constexpr int64_t kChunkedMinState = 128 * 128;
+struct ChunkedThresholds {
+    int64_t min_length = 1024;
+    int64_t min_state_compact = 256 * 256;  // E M, compact rows without the fused map
+    int64_t min_state_strided = 512 * 512;  // E M, strided rows or the fused map
+};
+
+inline ChunkedThresholds& chunked_thresholds() {
+    static ChunkedThresholds thresholds;
+    return thresholds;
+}
+
+inline Form choose_form(int64_t L, int64_t E, int64_t M, bool compact, bool elu) {
+    const ChunkedThresholds& t = chunked_thresholds();
+    const bool plain = compact && !elu;
+    const int64_t min_state = plain ? t.min_state_compact : t.min_state_strided;
+    if (L >= t.min_length && E * M >= min_state) return Form::chunked;
+    return plain ? Form::recurrence : Form::packed;
+}
 
 template <typename T>
 Form choose_form(const Problem<T>& a) {
-    const bool strided = a.q.s.l != a.E || a.k.s.l != a.E || a.v.s.l != a.M;
-    if (a.L >= kChunkedMinLength && a.E * a.M >= kChunkedMinState) return Form::chunked;
-    return strided || a.elu ? Form::packed : Form::recurrence;
+    const bool compact = a.q.s.l == a.E && a.k.s.l == a.E && a.v.s.l == a.M;
+    return choose_form(a.L, a.E, a.M, compact, a.elu);
 }
 
 template <typename T>
@@ -194,9 +216,9 @@ void forward_packed(const ForwardArgs<T>& a, int64_t threads) {
         std::vector<chunked::HeadForward<T>> heads;
         for (int64_t item = begin; item < end; ++item) heads.push_back(forward_head_args(a, item));
         packed::Workspace<T> ws;
-        ws.reserve(a.E, a.M);
+        ws.reserve(a.E, a.M, end - begin);
         for (int64_t c0 = 0; c0 < a.L; c0 += packed::kChunk) {
-            for (const auto& p : heads) leaves.forward(p, ws, c0);
+            leaves.forward(heads.data(), end - begin, ws, c0);
         }
     });
 }

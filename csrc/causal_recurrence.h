@@ -40,6 +40,14 @@ struct Recurrence {
     int64_t length;
     bool accumulate;  // add into out instead of overwriting it
     bool reverse;     // walk the tokens from the last to the first
+    // Rows brought towards the caches while the sweep computes (the operands of the next
+    // chunk, see causal_packed.h): with the i-th token of the sweep, row i of each stream
+    // (`ahead_bytes` bytes at ahead[s] + i * ahead_step[s], for i < ahead_length).
+    static constexpr int kAheadStreams = 4;
+    const T* ahead[kAheadStreams] = {};
+    int64_t ahead_step[kAheadStreams] = {};
+    int64_t ahead_bytes = 0;
+    int64_t ahead_length = 0;
 };
 
 // A block of state rows is swept over the whole sequence while it stays in L1.
@@ -54,6 +62,15 @@ inline void prefetch_bytes(const void* row, int64_t bytes, bool write = false) {
         } else {
             __builtin_prefetch(p + b);
         }
+    }
+}
+
+// Prefetches row i of the `ahead` streams of p (a hint; no effect on results).
+template <typename T>
+inline void prefetch_ahead(const Recurrence<T>& p, int64_t i) {
+    if (i >= p.ahead_length) return;
+    for (int s = 0; s < Recurrence<T>::kAheadStreams; ++s) {
+        if (p.ahead[s]) prefetch_bytes(p.ahead[s] + i * p.ahead_step[s], p.ahead_bytes);
     }
 }
 
@@ -100,6 +117,9 @@ inline int64_t multi_token_pass(const Recurrence<T>& p, int64_t c0, T* state, in
                     std::memcpy(&acc[u][j], out[u] + j * V, sizeof(vec));
                 }
             }
+        }
+        if (c0 == 0 && r0 == 0) {
+            for (int u = 0; u < U; ++u) prefetch_ahead(p, i + u);
         }
         for (int u = 0; u < U; ++u) {
             const int64_t ahead = i + u + kPrefetchTokens;
@@ -149,6 +169,7 @@ inline void recurrence_tile(const Recurrence<T>& p, int64_t c0, int64_t width, T
     int64_t first = 0;
     if constexpr (U > 1 && !Partial) first = multi_token_pass<T, W, U>(p, c0, state, ld, r0, r1);
     for (int64_t i = first; i < p.length; ++i) {
+        if (c0 == 0 && r0 == 0) prefetch_ahead(p, i);
         const int64_t t = p.reverse ? p.length - 1 - i : i;
         const T* __restrict qt = p.q + t * p.q_step;
         const T* __restrict kt = p.k + t * p.k_step;
@@ -226,17 +247,37 @@ inline void run_recurrence(const Recurrence<T>& p) {
 // The normaliser sweeps (cheap: O(E + M) per token)
 // ---------------------------------------------------------------------------------------
 
+// a . b: whole vectors of 64 bytes into two accumulators, summed at the end as a tree (a
+// serial sum of many partial sums cost more than the products for E = 64).
 template <typename T>
 inline T dot(const T* __restrict a, const T* __restrict b, int64_t n) {
-    constexpr int P = 32;  // independent partial sums (32: see recurrence_tile)
-    T part[P] = {};
+    constexpr int V = 64 / sizeof(T);
+    typedef T vec __attribute__((vector_size(64)));
+    vec acc0{}, acc1{};
     int64_t i = 0;
-    for (; i + P <= n; i += P) {
-        for (int j = 0; j < P; ++j) part[j] += a[i + j] * b[i + j];
+    for (; i + 2 * V <= n; i += 2 * V) {
+        vec a0, a1, b0, b1;
+        std::memcpy(&a0, a + i, sizeof(vec));
+        std::memcpy(&b0, b + i, sizeof(vec));
+        std::memcpy(&a1, a + i + V, sizeof(vec));
+        std::memcpy(&b1, b + i + V, sizeof(vec));
+        acc0 += a0 * b0;
+        acc1 += a1 * b1;
     }
-    T sum = 0;
+    for (; i + V <= n; i += V) {
+        vec a0, b0;
+        std::memcpy(&a0, a + i, sizeof(vec));
+        std::memcpy(&b0, b + i, sizeof(vec));
+        acc0 += a0 * b0;
+    }
+    acc0 += acc1;
+    T lanes[V];
+    std::memcpy(lanes, &acc0, sizeof(vec));
+    for (int width = V / 2; width >= 1; width /= 2) {
+        for (int j = 0; j < width; ++j) lanes[j] += lanes[j + width];
+    }
+    T sum = lanes[0];
     for (; i < n; ++i) sum += a[i] * b[i];
-    for (int j = 0; j < P; ++j) sum += part[j];
     return sum;
 }
 

@@ -12,9 +12,9 @@
 //
 // so three loops do all the work (the "leaves", compiled once per instruction set):
 // - band_scores: x_l . y_{l - C/2 + k} for every slot. y is first copied transposed into a
-//   zero-padded (F x P) buffer whose column l + k holds key l - C/2 + k, so a tile of W
-//   slots of one query is W contiguous columns: the inner loop is a vector fused multiply-add
-//   per feature, with no horizontal sums, and keys outside [0, S) read zeros;
+//   zero-padded (F x P) buffer whose column l + k holds key l - C/2 + k, so the slots of a
+//   block of 16 queries are 16 + C - 1 contiguous columns: one register-blocked product
+//   (small_gemm.h) per block, with no horizontal sums, and keys outside [0, S) read zeros;
 // - band_gather: out_l = sum_k w[l, k] y_j, a weighted sum of rows kept in registers
 //   (weighted_rows.h);
 // - band_scatter: dy_j = sum of w[l, k] x_l over the slots (l, k) that reach key j, written
@@ -33,6 +33,7 @@
 
 #include "cpu_dispatch.h"
 #include "parallel.h"
+#include "small_gemm.h"
 #include "weighted_rows.h"
 
 namespace attention_core {
@@ -43,7 +44,8 @@ namespace local {
 // ---------------------------------------------------------------------------------------
 
 // out[l * out_step + k] = sum_f x[l * x_step + f] * yt[f * P + l + k], l < L, k < C.
-// yt needs P >= L + round_up(C, W) columns (the last tile reads up to W - 1 columns past C).
+// yt needs P >= score_columns(L, C, NR) columns, and `work` score_work_size(C, F, NR)
+// elements (see band_scores).
 template <typename T>
 struct BandScores {
     const T* x;
@@ -55,23 +57,49 @@ struct BandScores {
     int64_t L;
     int64_t C;
     int64_t F;
+    T* work;
 };
 
-template <typename T, int W>
+constexpr int64_t kQueryBlock = 16;  // queries per product in band_scores
+
+inline int64_t round_up_to(int64_t x, int64_t to) { return (x + to - 1) / to * to; }
+
+// The columns of one block's product: slot k of query l0 + r is column r + k.
+inline int64_t block_columns(int64_t C, int64_t NR) {
+    return round_up_to(std::max<int64_t>(C + kQueryBlock - 1, 1), NR);
+}
+
+inline int64_t score_columns(int64_t L, int64_t C, int64_t NR) {
+    return round_up_to(L, kQueryBlock) + block_columns(C, NR);
+}
+
+inline int64_t score_work_size(int64_t C, int64_t F, int64_t NR) {
+    return kQueryBlock * (F + block_columns(C, NR));
+}
+
+// The scores of kQueryBlock queries at a time as one register-blocked product (small_gemm.h):
+// their (B x F) rows, copied zero-padded, times the (F x n) columns [l0, l0 + n) of yt, which
+// hold every key that any of them reaches; the band (query r: columns r .. r + C - 1) is then
+// copied out. About (C + B) / C of the band's multiply-adds, but each loaded key vector serves
+// MR queries instead of one (the per-query sweep was bound by its loads).
+template <typename T, class K>
 inline void band_scores(const BandScores<T>& p) {
-    for (int64_t l = 0; l < p.L; ++l) {
-        const T* __restrict xl = p.x + l * p.x_step;
-        T* __restrict ol = p.out + l * p.out_step;
-        for (int64_t k0 = 0; k0 < p.C; k0 += W) {
-            T acc[W] = {};
-            const T* __restrict column = p.yt + l + k0;
-            for (int64_t f = 0; f < p.F; ++f) {
-                const T xf = xl[f];
-                const T* __restrict row = column + f * p.P;
-                for (int w = 0; w < W; ++w) acc[w] += xf * row[w];
-            }
-            const int64_t width = std::min<int64_t>(W, p.C - k0);
-            for (int64_t w = 0; w < width; ++w) ol[k0 + w] = acc[w];
+    constexpr int64_t B = kQueryBlock;
+    static_assert(B % K::MR == 0, "the block must be a whole number of row tiles");
+    const int64_t n = block_columns(p.C, K::NR), F = p.F;
+    T* q = p.work;          // (B, F)
+    T* tile = p.work + B * F;  // (B, n)
+    for (int64_t l0 = 0; l0 < p.L; l0 += B) {
+        const int64_t rows = std::min(B, p.L - l0);
+        for (int64_t r = 0; r < rows; ++r) {
+            const T* xr = p.x + (l0 + r) * p.x_step;
+            std::copy(xr, xr + F, q + r * F);
+        }
+        std::fill(q + rows * F, q + B * F, T(0));
+        K::product(B, n, F, q, F, p.yt + l0, p.P, tile, n, false, gemm::Band::full);
+        for (int64_t r = 0; r < rows; ++r) {
+            const T* band = tile + r * n + r;
+            std::copy(band, band + p.C, p.out + (l0 + r) * p.out_step);
         }
     }
 }
@@ -167,13 +195,17 @@ struct Leaves {
     void (*scores)(const BandScores<T>&);
     void (*gather)(const BandAxpy<T>&);
     void (*scatter)(const BandAxpy<T>&);
-    int64_t width;  // the W of `scores`
+    int64_t NR;  // the column multiple of `scores`' product
 };
+
+// The register tiles of `scores` (small_gemm.h) and the widths of the weighted sums.
+template <typename T>
+using BaselineScores = gemm::Kernel<T, 16 / sizeof(T), 4, 2>;
 
 // Baseline: 32 elements per tile, the smallest width GCC vectorises (see causal_product.h).
 template <typename T>
 inline void scores_baseline(const BandScores<T>& p) {
-    band_scores<T, 32>(p);
+    band_scores<T, BaselineScores<T>>(p);
 }
 template <typename T>
 inline void gather_baseline(const BandAxpy<T>& p) {
@@ -185,15 +217,14 @@ inline void scatter_baseline(const BandAxpy<T>& p) {
 }
 
 #if ATTENTION_CORE_X86_DISPATCH
-// Slot tiles of 8 vectors: 8 independent accumulator chains per broadcast feature.
 template <typename T>
-constexpr int kAvx2ScoreWidth = 256 / sizeof(T);
+using Avx2Scores = gemm::Kernel<T, 32 / sizeof(T), 4, 2>;
 template <typename T>
-constexpr int kAvx512ScoreWidth = 512 / sizeof(T);
+using Avx512Scores = gemm::Kernel<T, 64 / sizeof(T), 8, 3>;  // 24 accumulators
 
 template <typename T>
 ATTENTION_CORE_TARGET_AVX2 void scores_avx2(const BandScores<T>& p) {
-    band_scores<T, kAvx2ScoreWidth<T>>(p);
+    band_scores<T, Avx2Scores<T>>(p);
 }
 template <typename T>
 ATTENTION_CORE_TARGET_AVX2 void gather_avx2(const BandAxpy<T>& p) {
@@ -205,7 +236,7 @@ ATTENTION_CORE_TARGET_AVX2 void scatter_avx2(const BandAxpy<T>& p) {
 }
 template <typename T>
 ATTENTION_CORE_TARGET_AVX512 void scores_avx512(const BandScores<T>& p) {
-    band_scores<T, kAvx512ScoreWidth<T>>(p);
+    band_scores<T, Avx512Scores<T>>(p);
 }
 template <typename T>
 ATTENTION_CORE_TARGET_AVX512 void gather_avx512(const BandAxpy<T>& p) {
@@ -221,14 +252,15 @@ template <typename T>
 Leaves<T> leaves_for(CpuLevel level) {
 #if ATTENTION_CORE_X86_DISPATCH
     if (level == CpuLevel::avx512) {
-        return {&scores_avx512<T>, &gather_avx512<T>, &scatter_avx512<T>, kAvx512ScoreWidth<T>};
+        return {&scores_avx512<T>, &gather_avx512<T>, &scatter_avx512<T>, Avx512Scores<T>::NR};
     }
     if (level == CpuLevel::avx2) {
-        return {&scores_avx2<T>, &gather_avx2<T>, &scatter_avx2<T>, kAvx2ScoreWidth<T>};
+        return {&scores_avx2<T>, &gather_avx2<T>, &scatter_avx2<T>, Avx2Scores<T>::NR};
     }
 #endif
     (void)level;
-    return {&scores_baseline<T>, &gather_baseline<T>, &scatter_baseline<T>, 32};
+    return {&scores_baseline<T>, &gather_baseline<T>, &scatter_baseline<T>,
+            BaselineScores<T>::NR};
 }
 
 // ---------------------------------------------------------------------------------------
@@ -253,15 +285,22 @@ struct PaddedTranspose {
     int64_t P = 0;
 
     void fill(const T* y, int64_t y_step, int64_t S, int64_t F, int64_t L, int64_t C,
-              int64_t W) {
-        P = L + (C + W - 1) / W * W;
+              int64_t NR) {
+        P = score_columns(L, C, NR);
         data.assign(F * P, T(0));
         const int64_t left = C / 2;
         const int64_t count = std::max<int64_t>(0, std::min<int64_t>(S, P - left));
-        for (int64_t j = 0; j < count; ++j) {
-            const T* yj = y + j * y_step;
-            T* column = data.data() + left + j;
-            for (int64_t f = 0; f < F; ++f) column[f * P] = yj[f];
+        // blocks of kBlock keys: their rows stay in L1 while each feature's kBlock
+        // contiguous elements are written (one element per row of the copy cost a cache
+        // line per write)
+        constexpr int64_t kBlock = 16;
+        for (int64_t j0 = 0; j0 < count; j0 += kBlock) {
+            const int64_t width = std::min<int64_t>(kBlock, count - j0);
+            const T* block = y + j0 * y_step;
+            for (int64_t f = 0; f < F; ++f) {
+                T* __restrict column = data.data() + f * P + left + j0;
+                for (int64_t j = 0; j < width; ++j) column[j] = block[j * y_step + f];
+            }
         }
     }
 };
@@ -291,21 +330,27 @@ void dot_forward(const DotForward<T>& a, int64_t threads) {
     const T minus_inf = -std::numeric_limits<T>::infinity();
     parallel_for(a.N * a.H, workers, [&](int64_t, int64_t begin, int64_t end) {
         PaddedTranspose<T> kt;
+        std::vector<T> work(score_work_size(a.C, a.E, leaves.NR));
         for (int64_t item = begin; item < end; ++item) {
             const int64_t n = item / a.H, h = item % a.H;
             const int64_t limit = std::clamp<int64_t>(a.lengths[n], 0, a.S);
             T* out = a.out.head(n, h);
-            kt.fill(a.k.head(n, h), a.k.s.l, limit, a.E, a.L, a.C, leaves.width);
+            kt.fill(a.k.head(n, h), a.k.s.l, limit, a.E, a.L, a.C, leaves.NR);
             leaves.scores({a.q.head(n, h), a.q.s.l, kt.data.data(), kt.P, out, a.out.s.l, a.L,
-                           a.C, a.E});
+                           a.C, a.E, work.data()});
             for (int64_t l = 0; l < a.L; ++l) {
                 T* ol = out + l * a.out.s.l;
                 int64_t k_begin, k_end;
                 slot_range(l, a.C, limit, k_begin, k_end);
                 std::fill(ol, ol + k_begin, minus_inf);
                 const T* mask_row = a.mask + l * a.mask_l;
-                for (int64_t k = k_begin; k < k_end; ++k) {
-                    ol[k] += mask_row[(l - a.C / 2 + k) * a.mask_s];
+                if (a.mask_s == 1) {  // contiguous mask rows: a vector add
+                    const T* __restrict m = mask_row + (l - a.C / 2 + k_begin);
+                    for (int64_t k = k_begin; k < k_end; ++k) ol[k] += m[k - k_begin];
+                } else {
+                    for (int64_t k = k_begin; k < k_end; ++k) {
+                        ol[k] += mask_row[(l - a.C / 2 + k) * a.mask_s];
+                    }
                 }
                 std::fill(ol + k_end, ol + a.C, minus_inf);
             }
@@ -379,12 +424,13 @@ void average_backward(const AverageBackward<T>& a, int64_t threads) {
     const int64_t workers = useful_threads(threads, a.N * a.H, 4 * a.N * a.H * a.L * a.C * a.D);
     parallel_for(a.N * a.H, workers, [&](int64_t, int64_t begin, int64_t end) {
         PaddedTranspose<T> vt;
+        std::vector<T> work(score_work_size(a.C, a.D, leaves.NR));
         for (int64_t item = begin; item < end; ++item) {
             const int64_t n = item / a.H, h = item % a.H;
             const T* g = a.grad.head(n, h);
-            vt.fill(a.v.head(n, h), a.v.s.l, a.S, a.D, a.L, a.C, leaves.width);
+            vt.fill(a.v.head(n, h), a.v.s.l, a.S, a.D, a.L, a.C, leaves.NR);
             leaves.scores({g, a.grad.s.l, vt.data.data(), vt.P, a.dattention.head(n, h),
-                           a.dattention.s.l, a.L, a.C, a.D});
+                           a.dattention.s.l, a.L, a.C, a.D, work.data()});
             leaves.scatter({a.attention.head(n, h), a.attention.s.l, g, a.grad.s.l,
                             a.dv.head(n, h), a.dv.s.l, a.L, a.C, a.D, a.S, a.S});
         }

@@ -4,11 +4,15 @@ csrc/causal_chunked.h); csrc/causal_product.h picks the form:
 - rows that are not adjacent in memory (the (N, L, H, E) layout of the attention modules,
   every-other-token views, padded buffers): the per-token recurrence over packed chunks of 64
   tokens, heads interleaved chunk by chunk;
-- from L = 128 on with a state of E M >= 128 * 128: the chunked, GEMM-shaped form (chunks of
-  64 tokens, register-blocked products);
+- long sequences with a large state (by default L >= 1024 and E M >= 256 * 256 on compact
+  rows, 512 * 512 on strided rows): the chunked, GEMM-shaped form (chunks of 64 tokens,
+  register-blocked products);
 - compact rows otherwise: the plain recurrence (test_attention_core_causal_kernel.py).
 
-Every test here uses strided inputs, so one of the two new forms runs (the shapes say which):
+The tests here lower the chunked form's thresholds to L >= 128 and E M >= 128 * 128 (the
+`chunked_form_from_128` fixture), so that it runs on shapes small enough for the float64
+reference; the default thresholds are tested apart, on both sides. Every test here uses
+strided inputs, so one of the two new forms runs (the shapes say which):
 against the dense float64 reference, at chunk boundaries, with a partial last chunk, shorter
 than a chunk, with initial and final states, every instruction-set variant, and gradcheck in
 float64."""
@@ -20,6 +24,16 @@ from attention_core.causal_product import causal_dot_product, normalized_causal_
 from attention_core.testing import assert_close
 
 _C = pytest.importorskip("attention_core._C", reason="attention_core._C is not compiled")
+
+
+@pytest.fixture(autouse=True)
+def chunked_form_from_128():
+    """The chunked form from L = 128 and E M = 128 * 128 on, then the default thresholds."""
+    default = _C.chunked_thresholds()
+    _C.set_chunked_thresholds(128, 128 * 128, 128 * 128)
+    yield
+    _C.set_chunked_thresholds(*default)
+
 
 NORMALIZE = [pytest.param(False, id="numerator"), pytest.param(True, id="normalized")]
 DTYPES = [pytest.param(torch.float32, id="float32"), pytest.param(torch.float64, id="float64")]
@@ -104,7 +118,7 @@ def check(Q, K, V, normalize, name=""):
         close(f"{name}d{label}", a.grad, b.grad)
 
 
-SHAPES = [  # packed unless E M >= 128 * 128 and L >= 128
+SHAPES = [  # packed unless E M >= 128 * 128 and L >= 128 (the fixture's thresholds)
     pytest.param((1, 2, 3, 4, 3), id="packed-three-tokens"),
     pytest.param((2, 2, CHUNK - 7, 9, 4), id="packed-shorter-than-a-chunk"),
     pytest.param((1, 2, 2 * CHUNK, 5, 7), id="two-whole-chunks"),
@@ -180,8 +194,8 @@ def test_chunked_states_in_and_out(features, normalize):
 
 @pytest.mark.parametrize("normalize", NORMALIZE)
 def test_chunked_gradcheck_with_states(normalize):
-    """gradcheck of the packed form; the chunked one (E M >= 128 * 128, too many inputs for
-    gradcheck) is held to the float64 reference's gradients above."""
+    """gradcheck of the packed form; the chunked one (E M >= 128 * 128 here, too many inputs
+    for gradcheck) is held to the float64 reference's gradients above."""
     Q, K, V = (t.requires_grad_(True) for t in inputs(1, 2, CHUNK * 2 + 3, 3, 2, seed=8))
     S0 = torch.rand(1, 2, 3, 2, dtype=torch.float64, generator=gen(9), requires_grad=True)
     z0 = torch.rand(1, 2, 3, dtype=torch.float64, generator=gen(10), requires_grad=True)
@@ -196,3 +210,37 @@ def test_chunked_gradcheck_with_states(normalize):
         return out, S
 
     assert torch.autograd.gradcheck(fn, (Q, K, V, S0, z0))
+
+
+def test_default_thresholds_choose_the_measured_form():
+    """Both sides of each default threshold (the fixture's are restored for the call)."""
+    _C.set_chunked_thresholds(1024, 256 * 256, 512 * 512)
+    form = _C.causal_form
+    assert form(1024, 256, 256, True, False) == "chunked"
+    assert form(1023, 256, 256, True, False) == "recurrence"
+    assert form(1024, 256, 255, True, False) == "recurrence"
+    assert form(4096, 64, 64, True, False) == "recurrence"
+    assert form(4096, 64, 64, False, False) == "packed"
+    assert form(4096, 64, 64, True, True) == "packed"
+    assert form(1024, 256, 256, False, False) == "packed"
+    assert form(1024, 512, 512, False, False) == "chunked"
+    assert form(1024, 512, 512, True, True) == "chunked"
+    assert form(1024, 512, 511, False, True) == "packed"
+    assert form(1023, 512, 512, False, True) == "packed"
+
+
+@pytest.mark.parametrize("normalize", NORMALIZE)
+def test_both_sides_of_the_default_length_threshold(normalize):
+    """Compact float32 rows with E = M = 256 at L = 1023 (recurrence) and 1024 (chunked):
+    the same values as the float64 per-token recurrence."""
+    _C.set_chunked_thresholds(1024, 256 * 256, 512 * 512)
+    for L in (1023, 1024):
+        assert _C.causal_form(L, 256, 256, True, False) == (
+            "chunked" if L == 1024 else "recurrence"
+        )
+        g = gen(L)
+        Q, K = (torch.rand(1, 1, L, 256, generator=g) / 16 for _ in range(2))
+        V = torch.randn(1, 1, L, 256, generator=g)
+        out = run(Q, K, V, normalize)
+        expected = run(Q.double(), K.double(), V.double(), normalize)
+        close(f"L={L} ", out, expected)

@@ -1,9 +1,10 @@
 """Causal linear attention with the feature map elu(x) + 1 applied inside the CPU kernel
 (``elu_normalized_causal_dot_product``, ops ``attention_core::elu_causal_linear_attention``
 and its backward), and CausalLinearAttention's use of it: against the feature map applied
-first, in float64 and float32, every form of the kernel (packed for short sequences and
-E M < 128 * 128, chunked otherwise), compact and strided rows, gradcheck, opcheck,
-torch.compile, and the layer's general path for every other feature map."""
+first, in float64 and float32, every form of the kernel (packed; chunked, here from L = 128
+and E M = 128 * 128 on: the `chunked_form_from_128` fixture lowers its thresholds), compact
+and strided rows, gradcheck, opcheck, torch.compile, the layer's general path for every
+other feature map, and the kernels' elu(x) + 1 against torch.exp at every CPU level."""
 
 import pytest
 import torch
@@ -20,6 +21,16 @@ from attention_core.masking import LengthMask, TriangularCausalMask
 from attention_core.testing import assert_close
 
 pytest.importorskip("attention_core._C", reason="attention_core._C is not compiled")
+
+
+@pytest.fixture(autouse=True)
+def chunked_form_from_128():
+    """The chunked form from L = 128 and E M = 128 * 128 on, then the default thresholds."""
+    default = _extension._C.chunked_thresholds()
+    _extension._C.set_chunked_thresholds(128, 128 * 128, 128 * 128)
+    yield
+    _extension._C.set_chunked_thresholds(*default)
+
 
 EPS = 0.1  # large enough that dQ is not all cancellation (at L=1 it is dout/deps)
 
@@ -207,3 +218,53 @@ def test_compiled_layer_matches_eager():
     assert_close("compiled", out, layer_call(attention, q, k, v))
     out.sum().backward()
     assert q.grad is not None and torch.isfinite(q.grad).all()
+
+
+SPECIAL_INPUTS = [0.0, -0.0, 1e-40, -1e-40, -1e-45, 1.0, -1.0, 3.5, -17.0, -86.9, -87.3, -88.0]
+SPECIAL_INPUTS += [-100.0, -103.9, -104.0, -104.5, -1e30, float("inf"), float("-inf")]
+
+
+def kernel_feature_map(x):
+    """The kernels' elu(x) + 1 over a contiguous tensor, with the current CPU level."""
+    out = torch.full((x.numel() + 16,), 7.0, dtype=x.dtype)  # 16 sentinels after the end
+    name = "elu_plus_one_f32" if x.dtype == torch.float32 else "elu_plus_one_f64"
+    getattr(_extension._C, name)(x.data_ptr(), out.data_ptr(), x.numel())
+    assert (out[x.numel() :] == 7.0).all(), "wrote past the end of the row"
+    return out[: x.numel()]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("level", [0, 1, 2], ids=["baseline", "avx2", "avx512"])
+def test_feature_map_exp_against_torch(level, dtype, cpu_level):
+    """elu(x) + 1 = exp(x) for x <= 0 (against torch.exp in float64: relative error of a few
+    float32 ulps down to exp(x) = 1e-37, absolute below 2e-38 beneath), x + 1
+    exactly above, over a dense range, special values (signed zeros, denormals, the
+    underflow edges, infinities, NaN) and every row length up to two vectors (the masked
+    tail of the AVX-512 form)."""
+    cpu_level(level)
+    if _extension._C.cpu_level() != level:
+        pytest.skip(f"this CPU does not support level {level}")
+    g = torch.Generator().manual_seed(level)
+    dense = torch.linspace(-110.0, 10.0, 4001, dtype=torch.float64)
+    x = torch.cat([dense, torch.randn(999, generator=g, dtype=torch.float64) * 3])
+    x = torch.cat([x, torch.tensor(SPECIAL_INPUTS, dtype=torch.float64)]).to(dtype)
+    got = kernel_feature_map(x).double()
+    xd = x.double()
+    expected = torch.where(xd > 0, xd + 1, torch.exp(xd.clamp(max=0)))
+    tiny = torch.finfo(torch.float32).tiny
+    ulps = 4 * torch.finfo(dtype).eps
+    assert got[xd == float("inf")].eq(float("inf")).all()
+    normal = (expected >= 1e-37) & expected.isfinite()  # the plain form clamps at -87
+    rel = ((got - expected).abs() / expected.clamp(min=tiny))[normal]
+    worst = x[normal][rel.argmax()].item()
+    assert rel.max() <= ulps, f"relative error {rel.max():.3g} at x = {worst}, level {level}"
+    small = expected < 1e-37
+    assert (got[small] - expected[small]).abs().max() < 2e-38
+    assert (got[xd > 0] == (x[xd > 0] + 1).double()).all()
+    nan = kernel_feature_map(torch.tensor([float("nan"), -1.0], dtype=dtype))
+    assert nan[0].isnan() and nan[1] == torch.exp(torch.tensor(-1.0, dtype=dtype))
+    for n in range(0, 34):  # every tail length
+        row = torch.randn(n, generator=g, dtype=dtype) * 4
+        rd = row.double()
+        expected = torch.where(rd > 0, rd + 1, torch.exp(rd.clamp(max=0)))
+        assert_close(f"n={n}", kernel_feature_map(row).double(), expected, rtol=ulps, atol=2e-38)

@@ -152,6 +152,9 @@ def test_every_instruction_set_variant(level, cpu_level):
     for dtype in (torch.float32, torch.float64):
         check_dot(*band_inputs(2, 2, 23, 19, 37, 35, dtype=dtype, seed=level), 35, f"{dtype} ")
         check_average(*average_inputs(2, 2, 23, 19, 37, 35, dtype=dtype), f"{dtype} ")
+        # blocks of 16 queries over a wide band: 4 blocks, the last partial, S > L
+        check_dot(*band_inputs(1, 2, 50, 61, 64, 128, dtype=dtype, seed=level), 128, "wide ")
+        check_average(*average_inputs(1, 2, 50, 61, 64, 128, dtype=dtype), "wide ")
 
 
 def strided(t, layout):

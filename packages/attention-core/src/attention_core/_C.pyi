@@ -486,6 +486,21 @@ def hamming_cluster(
     iterations: int,
     threads: int,
 ) -> None: ...
+def causal_form(L: int, E: int, M: int, compact: bool, elu: bool) -> str:
+    """The form of the causal product for a shape: "recurrence", "packed" or "chunked"."""
+
+def chunked_thresholds() -> tuple[int, int, int]:
+    """``(min_length, min_state_compact, min_state_strided)`` of the chunked form."""
+
+def set_chunked_thresholds(min_length: int, min_state_compact: int, min_state_strided: int) -> None:
+    """Set the thresholds of the chunked form (for tests)."""
+
+def elu_plus_one_f32(x: int, out: int, n: int) -> None:
+    """``out[i] = elu(x[i]) + 1`` for ``i < n`` with the current CPU level's variant."""
+
+def elu_plus_one_f64(x: int, out: int, n: int) -> None:
+    """``out[i] = elu(x[i]) + 1`` for ``i < n`` with the current CPU level's variant."""
+
 def cpu_level() -> int:
     """Instruction set in use: 0 baseline, 1 AVX2+FMA, 2 AVX-512."""
 
