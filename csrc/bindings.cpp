@@ -20,6 +20,7 @@
 #include "linear_step_bindings.h"
 #include "local_product.h"
 #include "parallel.h"
+#include "residual_step_bindings.h"
 #include "sparse_product.h"
 
 namespace py = pybind11;
@@ -609,4 +610,5 @@ PYBIND11_MODULE(_C, m) {
         "last_team_size", [] { return attention_core::last_team_size().load(); },
         "Threads (the OpenMP team) that ran the last kernel's parallel loop (for tests).");
     attention_core::linear_step::bind(m);  // csrc/linear_step_bindings.h
+    attention_core::residual_step::bind(m);  // csrc/residual_step_bindings.h
 }
