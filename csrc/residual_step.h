@@ -61,29 +61,66 @@ struct Linear {
     T* out;  // (R, D) contiguous
 };
 
-template <typename T>
-void columns_baseline(const Product<T>& p, int64_t c0, int64_t c1) {
-    rows::Dot<T, 16>::columns(p, c0, c1);
-}
-#if ATTENTION_CORE_X86_DISPATCH
-template <typename T>
-ATTENTION_CORE_TARGET_AVX2 void columns_avx2(const Product<T>& p, int64_t c0, int64_t c1) {
-    rows::Dot<T, 32>::columns(p, c0, c1);
-}
-template <typename T>
-ATTENTION_CORE_TARGET_AVX512 void columns_avx512(const Product<T>& p, int64_t c0, int64_t c1) {
-    rows::Dot<T, 64>::columns(p, c0, c1);
-}
-#endif
+// What a worker runs on its columns, compiled once per instruction set (cpu_dispatch.h).
+template <typename T, int BYTES>
+struct Workers {
+    // hidden[:, c0:c1] = act(a W1[c0:c1]^T + b1[c0:c1]); with geglu the gate rows F + c of
+    // W1 go through a scratch block and hidden = value * gelu(gate).
+    static void hidden_columns(const FeedForward<T>& p, const T* a, int64_t lda, T* hidden,
+                               int64_t c0, int64_t c1) {
+        const int64_t R = p.R, D = p.D, F = p.F, width = c1 - c0;
+        Product<T> value{a, lda, R, D, p.W1, p.b1, nullptr, 0, hidden, F};
+        rows::Dot<T, BYTES>::columns(value, c0, c1);
+        if (p.activation != Activation::geglu) {
+            for (int64_t r = 0; r < R; ++r) rows::activate(hidden + r * F + c0, width, p.activation);
+            return;
+        }
+        std::vector<T> gate(static_cast<size_t>(R * width));
+        Product<T> gates{a,       lda, R, D, p.W1 + (F + c0) * D, p.b1 ? p.b1 + F + c0 : nullptr,
+                         nullptr, 0,   gate.data(), width};
+        rows::Dot<T, BYTES>::columns(gates, 0, width);
+        for (int64_t r = 0; r < R; ++r) {
+            rows::gate_values(hidden + r * F + c0, gate.data() + r * width, width);
+        }
+    }
+    static void columns(const Product<T>& p, int64_t c0, int64_t c1) {
+        rows::Dot<T, BYTES>::columns(p, c0, c1);
+    }
+};
 
 template <typename T>
-rows::ColumnsFn<T> columns_kernel() {
+struct WorkerSet {
+    void (*hidden_columns)(const FeedForward<T>&, const T*, int64_t, T*, int64_t, int64_t);
+    void (*columns)(const Product<T>&, int64_t, int64_t);
+};
+
+#define ATTENTION_CORE_RESIDUAL_WORKERS(NAME, TARGET, BYTES)                                \
+    template <typename T>                                                                   \
+    TARGET void NAME##_hidden(const FeedForward<T>& p, const T* a, int64_t lda, T* hidden,  \
+                              int64_t c0, int64_t c1) {                                     \
+        Workers<T, BYTES>::hidden_columns(p, a, lda, hidden, c0, c1);                       \
+    }                                                                                       \
+    template <typename T>                                                                   \
+    TARGET void NAME##_columns(const Product<T>& p, int64_t c0, int64_t c1) {               \
+        Workers<T, BYTES>::columns(p, c0, c1);                                              \
+    }
+#define ATTENTION_CORE_NO_TARGET
+ATTENTION_CORE_RESIDUAL_WORKERS(baseline, ATTENTION_CORE_NO_TARGET, 16)
+#if ATTENTION_CORE_X86_DISPATCH
+ATTENTION_CORE_RESIDUAL_WORKERS(avx2, ATTENTION_CORE_TARGET_AVX2, 32)
+ATTENTION_CORE_RESIDUAL_WORKERS(avx512, ATTENTION_CORE_TARGET_AVX512, 64)
+#endif
+#undef ATTENTION_CORE_NO_TARGET
+#undef ATTENTION_CORE_RESIDUAL_WORKERS
+
+template <typename T>
+WorkerSet<T> workers() {
 #if ATTENTION_CORE_X86_DISPATCH
     const CpuLevel level = cpu_level();
-    if (level == CpuLevel::avx512) return &columns_avx512<T>;
-    if (level == CpuLevel::avx2) return &columns_avx2<T>;
+    if (level == CpuLevel::avx512) return {&avx512_hidden<T>, &avx512_columns<T>};
+    if (level == CpuLevel::avx2) return {&avx2_hidden<T>, &avx2_columns<T>};
 #endif
-    return &columns_baseline<T>;
+    return {&baseline_hidden<T>, &baseline_columns<T>};
 }
 
 // Below this many multiply-adds per thread a product runs on one thread (waking the pool costs
@@ -118,7 +155,7 @@ template <typename T>
 void residual_feed_forward(const FeedForward<T>& p, int64_t threads) {
     const int64_t R = p.R, D = p.D, F = p.F;
     if (R <= 0 || D <= 0) return;
-    const rows::ColumnsFn<T> columns = columns_kernel<T>();
+    const WorkerSet<T> kernels = workers<T>();
     // the first product's input: LN(x) (pre-norm) or x itself
     std::vector<T> normed(p.norm_first ? static_cast<size_t>(R * D) : 0);
     const T* a = p.x;
@@ -132,33 +169,11 @@ void residual_feed_forward(const FeedForward<T>& p, int64_t threads) {
     const bool geglu = p.activation == Activation::geglu;
     // workers own hidden columns [c0, c1): with geglu both their value and their gate rows
     split_columns(R, F, geglu ? 2 * D : D, threads, [&](int64_t c0, int64_t c1) {
-        Product<T> value{a, lda, R, D, p.W1, p.b1, nullptr, 0, hidden.data(), F};
-        columns(value, c0, c1);
-        if (geglu) {  // the gate columns F + c of the same hidden columns, then value * gelu(gate)
-            const int64_t width = c1 - c0;
-            std::vector<T> gate(static_cast<size_t>(R * width));
-            Product<T> gates{a,       lda, R, D, p.W1 + (F + c0) * D, p.b1 ? p.b1 + F + c0 : nullptr,
-                             nullptr, 0,   gate.data(), width};
-            columns(gates, 0, width);
-            for (int64_t r = 0; r < R; ++r) {
-                T* h = hidden.data() + r * F + c0;
-                const T* g = gate.data() + r * width;
-                for (int64_t c = 0; c < width; ++c) h[c] *= rows::gelu(g[c]);
-            }
-        } else {
-            for (int64_t r = 0; r < R; ++r) {
-                T* h = hidden.data() + r * F;
-                if (p.activation == Activation::relu) {
-                    for (int64_t c = c0; c < c1; ++c) h[c] = h[c] > T(0) ? h[c] : T(0);
-                } else {
-                    for (int64_t c = c0; c < c1; ++c) h[c] = rows::gelu(h[c]);
-                }
-            }
-        }
+        kernels.hidden_columns(p, a, lda, hidden.data(), c0, c1);
     });
     split_columns(R, D, F, threads, [&](int64_t c0, int64_t c1) {
         Product<T> second{hidden.data(), F, R, F, p.W2, p.b2, p.x, p.ldx, p.out, D};
-        columns(second, c0, c1);
+        kernels.columns(second, c0, c1);
     });
     if (!p.norm_first) norm_rows(p.out, D, p.out, D, R, D, p.norm);
 }
@@ -166,10 +181,10 @@ void residual_feed_forward(const FeedForward<T>& p, int64_t threads) {
 template <typename T>
 void residual_linear(const Linear<T>& p, int64_t threads) {
     if (p.R <= 0 || p.D <= 0) return;
-    const rows::ColumnsFn<T> columns = columns_kernel<T>();
+    const WorkerSet<T> kernels = workers<T>();
     split_columns(p.R, p.D, p.K, threads, [&](int64_t c0, int64_t c1) {
         Product<T> product{p.a, p.lda, p.R, p.K, p.W, p.b, p.x, p.ldx, p.out, p.D};
-        columns(product, c0, c1);
+        kernels.columns(product, c0, c1);
     });
     if (p.norm) norm_rows(p.out, p.D, p.out, p.D, p.R, p.D, p.layer_norm);
 }

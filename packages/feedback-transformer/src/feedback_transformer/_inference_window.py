@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from attention_core.residual_step import residual_feed_forward, residual_linear
+
 from ._window_attention import MemorySlice
 
 if TYPE_CHECKING:
@@ -91,16 +93,17 @@ def _layer(
     if proj is None:
         proj = F.linear(layer_norm(x, norm), weight)
     out = _attention(proj, memory, bias, first_empty, (b, w, layer.heads, layer.dim_head))
-    x = F.linear(out, layer.to_out.weight, layer.to_out.bias).add_(x)
+    x = residual_linear(x, out, layer.to_out.weight, layer.to_out.bias)
     if layer.cross is not None:
         if cross is None:
             raise ValueError("a layer with cross attention needs the context's keys and values")
         x += layer.cross(x.view(b, w, -1), *cross).view(b * w, -1)
     first, _, last = layer.ff_parts()
-    a = layer_norm(x, layer.ff_norm)
-    hidden, gate = F.linear(a, first.weight, first.bias).chunk(2, dim=-1)
-    hidden = hidden * F.gelu(gate)
-    return F.linear(hidden, last.weight, last.bias).add_(x)
+    norm = layer.ff_norm
+    return residual_feed_forward(
+        x, first.weight, first.bias, last.weight, last.bias, norm.weight, norm.bias,
+        activation="geglu", norm_first=True, eps=norm.eps,
+    )  # fmt: skip
 
 
 def window(

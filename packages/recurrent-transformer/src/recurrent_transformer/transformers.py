@@ -34,6 +34,7 @@ from ._checks import (
     layer_checks_enabled,
     start_layer_checks,
 )
+from ._fused_step import attention_sublayer, feed_forward_sublayer, fused_step_enabled
 from .state import DecoderLayerState, TransformerState
 
 if TYPE_CHECKING:
@@ -182,6 +183,10 @@ class RecurrentTransformerEncoderLayer(_FeedForward, TransformerEncoderLayer):
         if layer_checks_enabled():  # else the model has checked x
             check_element("x", x, self.d_model, type(self).__name__)
             check_model_dtype("x", x, self.linear1.weight.dtype)
+        if fused_step_enabled(self, (self.norm1, self.norm2), (self.attention,)):
+            heads, state = self.attention.heads(x, x, x, state)
+            x = attention_sublayer(x, heads, self.attention.out_projection, self.norm1)
+            return feed_forward_sublayer(self, x, self.norm2), state
         x2, state = self.attention(x, x, x, state)
         return self._feed_forward(self.norm1(x + self._drop(x2)), self.norm2), state
 
@@ -333,6 +338,16 @@ class RecurrentTransformerDecoderLayer(_FeedForward, TransformerDecoderLayer):
         self_state, cross_state = self._states(state)
         if cross_state is None:
             _check_memory(memory, memory_length_mask, N, self)
+        norms = (self.norm1, self.norm2, self.norm3)
+        if fused_step_enabled(self, norms, (self.self_attention, self.cross_attention)):
+            heads, self_state = self.self_attention.heads(x, x, x, self_state)
+            x = attention_sublayer(x, heads, self.self_attention.out_projection, self.norm1)
+            heads, cross_state = self.cross_attention.heads(
+                x, memory, memory, memory_length_mask, cross_state
+            )
+            x = attention_sublayer(x, heads, self.cross_attention.out_projection, self.norm2)
+            x = feed_forward_sublayer(self, x, self.norm3)
+            return x, DecoderLayerState(self_state, cross_state)
         x2, self_state = self.self_attention(x, x, x, self_state)
         x = self.norm1(x + self._drop(x2))
         x2, cross_state = self.cross_attention(x, memory, memory, memory_length_mask, cross_state)

@@ -139,8 +139,10 @@ def check_linear(
 def _rows(t: Tensor) -> Tensor:
     """``t`` as ``(R, width)`` rows with contiguous features (a copy only when needed)."""
     t = t.reshape(-1, t.shape[-1])
-    return t if t.stride(-1) == 1 and (t.shape[0] <= 1 or t.stride(0) >= t.shape[1]) else (
-        t.contiguous()
+    return (
+        t
+        if t.stride(-1) == 1 and (t.shape[0] <= 1 or t.stride(0) >= t.shape[1])
+        else (t.contiguous())
     )
 
 
@@ -300,9 +302,7 @@ def _reference_grads(ctx: Any, grad: Tensor, reference: Any) -> tuple[Tensor | N
         out = reference(*inputs)
     wanted = [t for t in inputs if isinstance(t, Tensor) and t.requires_grad]
     grads = iter(torch.autograd.grad(out, wanted, grad, allow_unused=True) if wanted else ())
-    return tuple(
-        next(grads) if isinstance(t, Tensor) and t.requires_grad else None for t in inputs
-    )
+    return tuple(next(grads) if isinstance(t, Tensor) and t.requires_grad else None for t in inputs)
 
 
 def _setup_context(ctx: Any, inputs: tuple, output: Tensor) -> None:
