@@ -13,6 +13,7 @@
 #include <string>
 
 #include "aggregate.h"
+#include "cache_attention_bindings.h"
 #include "causal_product.h"
 #include "cpu_dispatch.h"
 #include "hamming.h"
@@ -611,4 +612,5 @@ PYBIND11_MODULE(_C, m) {
         "Threads (the OpenMP team) that ran the last kernel's parallel loop (for tests).");
     attention_core::linear_step::bind(m);  // csrc/linear_step_bindings.h
     attention_core::residual_step::bind(m);  // csrc/residual_step_bindings.h
+    attention_core::cache_attention::bind(m);  // csrc/cache_attention_bindings.h
 }

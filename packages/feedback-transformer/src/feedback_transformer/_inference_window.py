@@ -4,8 +4,12 @@ The model's steps run one after another on a few rows each (``b * w``), so the n
 ops dispatched per step is part of the cost. This is `_window_loop.window` for calls that
 record no gradients (and apply no dropout), in fewer ops per layer:
 
-* the position bias is expanded to the ``(b h, w, j)`` scores once per window and added by
-  the score product itself (``baddbmm``);
+* the attention over the memory and the window is one call of
+  `attention_core.cache_attention.cache_attention` (scores, position bias, softmax and
+  weighted sum in one pass per batch element and head, output with the heads joined);
+* the output projection with its residual is one call of
+  `attention_core.residual_step.residual_linear`, the pre-norm GEGLU feed-forward block with
+  its residual one call of `attention_core.residual_step.residual_feed_forward`;
 * no autograd bookkeeping, no `StepLinear` indirection, no custom autograd functions.
 
 It reads the memory from a key/value buffer (`_kv_store.KVStore` of a forward call or
@@ -23,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from attention_core.cache_attention import cache_attention
 from attention_core.residual_step import residual_feed_forward, residual_linear
 
 from ._window_attention import MemorySlice
@@ -51,29 +56,27 @@ def _attention(
 ) -> Tensor:
     """The attention output ``(b w, h d)`` of a projection ``(b w, o)`` (queries, then, for
     ``w > 1``, the window's keys and values) over the memory and the window; ``bias``
-    ``(b h, w, j)``, ``sizes`` ``(b, w, h, d)``."""
+    ``(h, w, j)``, ``sizes`` ``(b, w, h, d)``."""
     b, w, h, d = sizes
     lo, hi = memory.lo, memory.hi
-    keys, values = memory.source.keys, memory.source.values  # (b h, c, d)
+    # "(b h) c d -> b h c d"
+    keys = memory.source.keys.unflatten(0, (b, h))
+    values = memory.source.values.unflatten(0, (b, h))
     if w == 1:
         if lo == hi:  # a single step without memory sees nothing
             return proj.new_zeros(b, h * d)
-        q = proj.reshape(b * h, 1, d)
+        q = proj.view(b, 1, h, d)
     else:
         parts = proj.view(b, w, 3, h, d)
-        q = parts[:, :, 0].transpose(1, 2).reshape(b * h, w, d)
+        q = parts[:, :, 0]
         # the window's keys and values go to the scratch slots after the memory
-        shape = (b, h, keys.shape[1], d)
-        keys.view(shape)[:, :, hi : hi + w].copy_(parts[:, :, 1].transpose(1, 2))
-        values.view(shape)[:, :, hi : hi + w].copy_(parts[:, :, 2].transpose(1, 2))
+        keys[:, :, hi : hi + w].copy_(parts[:, :, 1].transpose(1, 2))
+        values[:, :, hi : hi + w].copy_(parts[:, :, 2].transpose(1, 2))
         hi += w
-    scores = torch.baddbmm(bias, q, keys[:, lo:hi].mT)
-    out = torch.bmm(scores.softmax(dim=-1), values[:, lo:hi])
+    out = cache_attention(q, keys, values, lo, hi, bias, scale=1.0)  # b w h d
     if first_empty:
         out[:, 0] = 0.0
-    if w == 1:
-        return out.view(b, h * d)
-    return out.view(b, h, w, d).transpose(1, 2).reshape(b * w, h * d)
+    return out.view(b * w, h * d)
 
 
 def _layer(
@@ -120,9 +123,8 @@ def window(
     """`_window_loop.window` without autograd (the same arguments, without ``linear``):
     the last layer's output ``(b w, dim)`` and the window's memory keys and values
     ``(b, h, w, d)`` (``None`` when ``mem_len == 0``)."""
-    h, (_, w, j) = model.heads, bias.shape
+    h, w = model.heads, bias.shape[1]
     b = x.shape[0] // w
-    bias = bias.expand(b, h, w, j).reshape(b * h, w, j)  # once for all layers
     states = [x]
     for i, layer in enumerate(model.layers):
         layer_cross = None if cross is None else (*cross[0][i], cross[1])

@@ -7,12 +7,12 @@
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 from torch import Tensor
 
 from .._extension import binding, use_kernels
+from .._reference_autograd import register_reference_autograd
 from .reference import ACTIVATIONS, residual_feed_forward_reference, residual_linear_reference
 
 __all__ = [
@@ -294,29 +294,5 @@ def _(x, inputs, weight, bias, norm, norm_weight, norm_bias, eps):
     return x.new_empty(x.shape)
 
 
-def _reference_grads(ctx: Any, grad: Tensor, reference: Any) -> tuple[Tensor | None, ...]:
-    """Gradients of the op's tensor inputs, by differentiating its reference (recomputed)."""
-    inputs = [t.detach().requires_grad_(needs) if isinstance(t, Tensor) else t
-              for t, needs in zip(ctx.saved_inputs, ctx.needs, strict=True)]  # fmt: skip
-    with torch.enable_grad():
-        out = reference(*inputs)
-    wanted = [t for t in inputs if isinstance(t, Tensor) and t.requires_grad]
-    grads = iter(torch.autograd.grad(out, wanted, grad, allow_unused=True) if wanted else ())
-    return tuple(next(grads) if isinstance(t, Tensor) and t.requires_grad else None for t in inputs)
-
-
-def _setup_context(ctx: Any, inputs: tuple, output: Tensor) -> None:
-    ctx.saved_inputs = inputs
-    ctx.needs = [isinstance(t, Tensor) and t.requires_grad for t in inputs]
-
-
-def _feed_forward_backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-    return _reference_grads(ctx, grad, residual_feed_forward_reference)
-
-
-def _linear_backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-    return _reference_grads(ctx, grad, residual_linear_reference)
-
-
-residual_feed_forward_op.register_autograd(_feed_forward_backward, setup_context=_setup_context)
-residual_linear_op.register_autograd(_linear_backward, setup_context=_setup_context)
+register_reference_autograd(residual_feed_forward_op, residual_feed_forward_reference)
+register_reference_autograd(residual_linear_op, residual_linear_reference)

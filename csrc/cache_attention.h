@@ -1,0 +1,136 @@
+// Softmax attention of a few query rows over a slice of a key/value cache, in one pass per
+// (batch, head): for query i of batch b and head h,
+//
+//   s_j = scale q_i . k_j + bias[b, h, i, j - start]      (start <= j < end)
+//   out_i = sum_j softmax(s)_j v_j                         (zeros when every s_j is -inf)
+//
+// Keys are read either row-major (features contiguous: a dot product per key) or
+// feature-major (keys contiguous for each feature, as a cache that appends along its last
+// dimension stores them: an axpy per feature), whichever the strides say. The (batch, head)
+// pairs split over torch's thread pool (parallel_for). No pybind11 and no torch here: the
+// bindings validate.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+#include "causal_chunked.h"
+#include "cpu_dispatch.h"
+#include "parallel.h"
+
+namespace attention_core {
+namespace cache_attention {
+
+template <typename T>
+struct Problem {
+    const T* q;  // (B, W, H, E), features contiguous
+    int64_t q_b, q_w, q_h;
+    const T* k;  // (B, H, C, E): element (j, e) at j * k_j + e * k_e
+    int64_t k_b, k_h, k_j, k_e;
+    const T* v;  // (B, H, C, M), features contiguous
+    int64_t v_b, v_h, v_j;
+    const T* bias;  // (B or broadcast, H, W, J), last dimension contiguous, or null
+    int64_t bias_b, bias_h, bias_w;
+    T* out;  // (B, W, H, M) contiguous
+    int64_t B, W, H, E, M, start, end;
+    T scale;
+};
+
+template <typename T>
+void run_items(const Problem<T>& p, int64_t begin, int64_t end, T* __restrict scores) {
+    const int64_t J = p.end - p.start, E = p.E, M = p.M;
+    for (int64_t item = begin; item < end; ++item) {
+        const int64_t b = item / p.H, h = item % p.H;
+        const T* keys = p.k + b * p.k_b + h * p.k_h + p.start * p.k_j;
+        const T* values = p.v + b * p.v_b + h * p.v_h + p.start * p.v_j;
+        for (int64_t i = 0; i < p.W; ++i) {
+            const T* __restrict q = p.q + b * p.q_b + i * p.q_w + h * p.q_h;
+            T* __restrict out = p.out + ((b * p.W + i) * p.H + h) * M;
+            if (p.k_e == 1) {  // row-major keys: a dot product per key
+                for (int64_t j = 0; j < J; ++j) {
+                    const T* __restrict key = keys + j * p.k_j;
+                    T s = T(0);
+                    for (int64_t e = 0; e < E; ++e) s += q[e] * key[e];
+                    scores[j] = s;
+                }
+            } else {  // feature-major keys (k_j == 1): an axpy per feature
+                for (int64_t j = 0; j < J; ++j) scores[j] = T(0);
+                for (int64_t e = 0; e < E; ++e) {
+                    const T a = q[e];
+                    const T* __restrict column = keys + e * p.k_e;
+                    for (int64_t j = 0; j < J; ++j) scores[j] += a * column[j];
+                }
+            }
+            const T* __restrict bias =
+                p.bias ? p.bias + b * p.bias_b + h * p.bias_h + i * p.bias_w : nullptr;
+            T top = -std::numeric_limits<T>::infinity();
+            for (int64_t j = 0; j < J; ++j) {
+                T s = scores[j] * p.scale;
+                if (bias) s += bias[j];
+                scores[j] = s;
+                top = std::max(top, s);
+            }
+            for (int64_t m = 0; m < M; ++m) out[m] = T(0);
+            if (!(top > -std::numeric_limits<T>::infinity())) continue;  // sees no key (or NaN)
+            T total = T(0);
+            for (int64_t j = 0; j < J; ++j) {
+                // scores minus their maximum are <= 0: the branch-free exponential of the
+                // chunked causal product (vectorises; -inf gives at most 1.6e-38 in float)
+                const T e = causal::chunked::exp_nonpositive(std::min(scores[j] - top, T(0)));
+                scores[j] = e;
+                total += e;
+            }
+            const T inv = T(1) / total;
+            for (int64_t j = 0; j < J; ++j) {
+                const T weight = scores[j] * inv;
+                const T* __restrict value = values + j * p.v_j;
+                for (int64_t m = 0; m < M; ++m) out[m] += weight * value[m];
+            }
+        }
+    }
+}
+
+template <typename T>
+void run_baseline(const Problem<T>& p, int64_t begin, int64_t end, T* scores) {
+    run_items<T>(p, begin, end, scores);
+}
+#if ATTENTION_CORE_X86_DISPATCH
+template <typename T>
+ATTENTION_CORE_TARGET_AVX2 void run_avx2(const Problem<T>& p, int64_t begin, int64_t end,
+                                         T* scores) {
+    run_items<T>(p, begin, end, scores);
+}
+template <typename T>
+ATTENTION_CORE_TARGET_AVX512 void run_avx512(const Problem<T>& p, int64_t begin, int64_t end,
+                                             T* scores) {
+    run_items<T>(p, begin, end, scores);
+}
+#endif
+
+// Below this many multiply-adds per thread the pairs run on one thread.
+constexpr int64_t kWorkPerThread = 32768;
+
+template <typename T>
+void cache_attention(const Problem<T>& p, int64_t threads) {
+    const int64_t items = p.B * p.H;
+    if (items <= 0 || p.W <= 0) return;
+    void (*run)(const Problem<T>&, int64_t, int64_t, T*) = &run_baseline<T>;
+#if ATTENTION_CORE_X86_DISPATCH
+    const CpuLevel level = cpu_level();
+    if (level == CpuLevel::avx512) run = &run_avx512<T>;
+    if (level == CpuLevel::avx2) run = &run_avx2<T>;
+#endif
+    const int64_t J = p.end - p.start;
+    const int64_t work = items * p.W * std::max<int64_t>(J, 1) * (p.E + p.M);
+    const int64_t workers = std::min(threads, std::max<int64_t>(1, work / kWorkPerThread));
+    parallel_for(items, workers, [&](int64_t, int64_t begin, int64_t end) {
+        std::vector<T> scores(static_cast<size_t>(std::max<int64_t>(J, 1)));
+        run(p, begin, end, scores.data());
+    });
+}
+
+}  // namespace cache_attention
+}  // namespace attention_core
