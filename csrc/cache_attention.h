@@ -4,8 +4,8 @@
 //   s_j = scale q_i . k_j + bias[b, h, i, j - start]      (start <= j < end)
 //   out_i = sum_j softmax(s)_j v_j                         (zeros when every s_j is -inf)
 //
-// Keys are read either row-major (features contiguous: a dot product per key) or
-// feature-major (keys contiguous for each feature, as a cache that appends along its last
+// Keys are read either row-major (features contiguous: the few-row products of
+// row_products.h, blocks of keys read once for all queries) or feature-major (keys contiguous for each feature, as a cache that appends along its last
 // dimension stores them: an axpy per feature), whichever the strides say. The (batch, head)
 // pairs split over torch's thread pool (parallel_for). No pybind11 and no torch here: the
 // bindings validate.
@@ -20,6 +20,7 @@
 #include "causal_chunked.h"
 #include "cpu_dispatch.h"
 #include "parallel.h"
+#include "row_products.h"
 
 namespace attention_core {
 namespace cache_attention {
@@ -39,53 +40,85 @@ struct Problem {
     T scale;
 };
 
+// Scores of the W query rows of one (batch, head) pair over the J keys, into `scores` (W x J):
+// scale q . k + bias. Contiguous key rows: the few-row products of row_products.h (blocks of
+// keys read once for every query, on the pre-scaled queries `qs`); otherwise per-key loops.
+template <typename T, int BYTES>
+inline void scores_of(const Problem<T>& p, const T* q, const T* keys, const T* bias, T* qs,
+                      T* scores) {
+    const int64_t W = p.W, J = p.end - p.start, E = p.E;
+    if (p.k_e == 1 && (p.k_j == E || J <= 1)) {
+        for (int64_t i = 0; i < W; ++i) {
+            for (int64_t e = 0; e < E; ++e) qs[i * E + e] = q[i * p.q_w + e] * p.scale;
+        }
+        rows::Product<T> product{qs, E, W, E, keys, nullptr, bias, p.bias_w, scores, J};
+        rows::Dot<T, BYTES>::columns(product, 0, J);
+        return;
+    }
+    for (int64_t i = 0; i < W; ++i) {
+        const T* __restrict qi = q + i * p.q_w;
+        T* __restrict s = scores + i * J;
+        if (p.k_e == 1) {  // row-major keys at another stride: a dot product per key
+            for (int64_t j = 0; j < J; ++j) {
+                const T* __restrict key = keys + j * p.k_j;
+                T dot = T(0);
+#pragma omp simd reduction(+ : dot)
+                for (int64_t e = 0; e < E; ++e) dot += qi[e] * key[e];
+                s[j] = dot;
+            }
+        } else {  // feature-major keys (k_j == 1): an axpy per feature
+            for (int64_t j = 0; j < J; ++j) s[j] = T(0);
+            for (int64_t e = 0; e < E; ++e) {
+                const T a = qi[e];
+                const T* __restrict column = keys + e * p.k_e;
+                for (int64_t j = 0; j < J; ++j) s[j] += a * column[j];
+            }
+        }
+        const T* __restrict bi = bias ? bias + i * p.bias_w : nullptr;
+        for (int64_t j = 0; j < J; ++j) s[j] = s[j] * p.scale + (bi ? bi[j] : T(0));
+    }
+}
+
+// softmax of one row of J scores in place; false when every score is -inf (or NaN).
 template <typename T>
-void run_items(const Problem<T>& p, int64_t begin, int64_t end, T* __restrict scores) {
-    const int64_t J = p.end - p.start, E = p.E, M = p.M;
+inline bool softmax_row(T* __restrict s, int64_t J) {
+    T top = -std::numeric_limits<T>::infinity();
+#pragma omp simd reduction(max : top)
+    for (int64_t j = 0; j < J; ++j) top = s[j] > top ? s[j] : top;
+    if (!(top > -std::numeric_limits<T>::infinity())) return false;
+    T total = T(0);
+#pragma omp simd reduction(+ : total)
+    for (int64_t j = 0; j < J; ++j) {
+        // scores minus their maximum are <= 0: the branch-free exponential of the chunked
+        // causal product (vectorises; -inf gives at most 1.6e-38 in float)
+        const T e = causal::chunked::exp_nonpositive(std::min(s[j] - top, T(0)));
+        s[j] = e;
+        total += e;
+    }
+    const T inv = T(1) / total;
+    for (int64_t j = 0; j < J; ++j) s[j] *= inv;
+    return true;
+}
+
+// Pairs [begin, end) of the flattened (batch, head) range; `scratch` holds W (J + E) elements.
+template <typename T, int BYTES>
+void run_items(const Problem<T>& p, int64_t begin, int64_t end, T* __restrict scratch) {
+    const int64_t J = p.end - p.start, M = p.M, W = p.W;
+    T* __restrict scores = scratch;
+    T* __restrict qs = scratch + W * J;
     for (int64_t item = begin; item < end; ++item) {
         const int64_t b = item / p.H, h = item % p.H;
         const T* keys = p.k + b * p.k_b + h * p.k_h + p.start * p.k_j;
         const T* values = p.v + b * p.v_b + h * p.v_h + p.start * p.v_j;
-        for (int64_t i = 0; i < p.W; ++i) {
-            const T* __restrict q = p.q + b * p.q_b + i * p.q_w + h * p.q_h;
-            T* __restrict out = p.out + ((b * p.W + i) * p.H + h) * M;
-            if (p.k_e == 1) {  // row-major keys: a dot product per key
-                for (int64_t j = 0; j < J; ++j) {
-                    const T* __restrict key = keys + j * p.k_j;
-                    T s = T(0);
-                    for (int64_t e = 0; e < E; ++e) s += q[e] * key[e];
-                    scores[j] = s;
-                }
-            } else {  // feature-major keys (k_j == 1): an axpy per feature
-                for (int64_t j = 0; j < J; ++j) scores[j] = T(0);
-                for (int64_t e = 0; e < E; ++e) {
-                    const T a = q[e];
-                    const T* __restrict column = keys + e * p.k_e;
-                    for (int64_t j = 0; j < J; ++j) scores[j] += a * column[j];
-                }
-            }
-            const T* __restrict bias =
-                p.bias ? p.bias + b * p.bias_b + h * p.bias_h + i * p.bias_w : nullptr;
-            T top = -std::numeric_limits<T>::infinity();
-            for (int64_t j = 0; j < J; ++j) {
-                T s = scores[j] * p.scale;
-                if (bias) s += bias[j];
-                scores[j] = s;
-                top = std::max(top, s);
-            }
+        const T* bias = p.bias ? p.bias + b * p.bias_b + h * p.bias_h : nullptr;
+        scores_of<T, BYTES>(p, p.q + b * p.q_b + h * p.q_h, keys, bias, qs, scores);
+        for (int64_t i = 0; i < W; ++i) {
+            T* __restrict out = p.out + ((b * W + i) * p.H + h) * M;
             for (int64_t m = 0; m < M; ++m) out[m] = T(0);
-            if (!(top > -std::numeric_limits<T>::infinity())) continue;  // sees no key (or NaN)
-            T total = T(0);
+            if (!softmax_row(scores + i * J, J)) continue;  // sees no key: zeros
+            const T* __restrict weights = scores + i * J;
             for (int64_t j = 0; j < J; ++j) {
-                // scores minus their maximum are <= 0: the branch-free exponential of the
-                // chunked causal product (vectorises; -inf gives at most 1.6e-38 in float)
-                const T e = causal::chunked::exp_nonpositive(std::min(scores[j] - top, T(0)));
-                scores[j] = e;
-                total += e;
-            }
-            const T inv = T(1) / total;
-            for (int64_t j = 0; j < J; ++j) {
-                const T weight = scores[j] * inv;
+                const T weight = weights[j];
                 const T* __restrict value = values + j * p.v_j;
                 for (int64_t m = 0; m < M; ++m) out[m] += weight * value[m];
             }
@@ -94,19 +127,19 @@ void run_items(const Problem<T>& p, int64_t begin, int64_t end, T* __restrict sc
 }
 
 template <typename T>
-void run_baseline(const Problem<T>& p, int64_t begin, int64_t end, T* scores) {
-    run_items<T>(p, begin, end, scores);
+void run_baseline(const Problem<T>& p, int64_t begin, int64_t end, T* scratch) {
+    run_items<T, 16>(p, begin, end, scratch);
 }
 #if ATTENTION_CORE_X86_DISPATCH
 template <typename T>
 ATTENTION_CORE_TARGET_AVX2 void run_avx2(const Problem<T>& p, int64_t begin, int64_t end,
-                                         T* scores) {
-    run_items<T>(p, begin, end, scores);
+                                         T* scratch) {
+    run_items<T, 32>(p, begin, end, scratch);
 }
 template <typename T>
 ATTENTION_CORE_TARGET_AVX512 void run_avx512(const Problem<T>& p, int64_t begin, int64_t end,
-                                             T* scores) {
-    run_items<T>(p, begin, end, scores);
+                                             T* scratch) {
+    run_items<T, 64>(p, begin, end, scratch);
 }
 #endif
 
@@ -127,8 +160,8 @@ void cache_attention(const Problem<T>& p, int64_t threads) {
     const int64_t work = items * p.W * std::max<int64_t>(J, 1) * (p.E + p.M);
     const int64_t workers = std::min(threads, std::max<int64_t>(1, work / kWorkPerThread));
     parallel_for(items, workers, [&](int64_t, int64_t begin, int64_t end) {
-        std::vector<T> scores(static_cast<size_t>(std::max<int64_t>(J, 1)));
-        run(p, begin, end, scores.data());
+        std::vector<T> scratch(static_cast<size_t>(p.W * (std::max<int64_t>(J, 1) + p.E)));
+        run(p, begin, end, scratch.data());
     });
 }
 

@@ -56,7 +56,7 @@ def check_attention(
     if values.dim() != 4 or values.shape[:3] != (B, H, C):
         raise ValueError(f"values must have shape ({B}, {H}, {C}, M); got {tuple(values.shape)}")
     for name, value in (("start", start), ("end", end)):
-        if isinstance(value, bool) or not isinstance(value, int):
+        if isinstance(value, bool) or not isinstance(value, (int, torch.SymInt)):
             raise TypeError(f"{name} must be an int; got {type(value).__name__}")
     if not 0 <= start <= end <= C:
         raise ValueError(

@@ -2,8 +2,8 @@
 
 A recurrent model, or one with a memory, steps one element (or a short window) of each
 sequence at a time, so each sublayer works on a few rows: its dense products are bound by
-reading the weights, and everything around them (layer norm, bias, activation, residual add) costs more in
-dispatched ops than in arithmetic. These ops run a whole sublayer in one call:
+reading the weights, and everything around them (layer norm, bias, activation, residual
+add) costs more in dispatched ops than in arithmetic. These ops run a whole sublayer in one call:
 
 - `residual_feed_forward`: the position-wise feed-forward sublayer with its residual and its
   layer norm, pre-norm ``x + W2 act(W1 LN(x) + b1) + b2`` or post-norm
