@@ -134,7 +134,7 @@ void run_baseline(const Problem<T>& p, int64_t begin, int64_t end, T* scratch) {
 template <typename T>
 ATTENTION_CORE_TARGET_AVX2 void run_avx2(const Problem<T>& p, int64_t begin, int64_t end,
                                          T* scratch) {
-    run_items<T, 32>(p, begin, end, scratch);
+    run_items<T, 16>(p, begin, end, scratch);  // see residual_step.h: 16-byte vectors
 }
 template <typename T>
 ATTENTION_CORE_TARGET_AVX512 void run_avx512(const Problem<T>& p, int64_t begin, int64_t end,
