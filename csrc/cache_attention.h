@@ -14,6 +14,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -100,6 +101,43 @@ inline bool softmax_row(T* __restrict s, int64_t J) {
     return true;
 }
 
+// out (M) = sum_j weights[j] values[j], the values' rows `ld` apart: blocks of up to four
+// vectors of out stay in registers while the rows stream past.
+template <typename T, int BYTES>
+inline void weighted_sum(const T* __restrict weights, const T* __restrict values, int64_t ld,
+                         int64_t J, int64_t M, T* __restrict out) {
+    using Dot = rows::Dot<T, BYTES>;
+    using vec = typename Dot::vec;
+    constexpr int V = Dot::V;
+    int64_t m0 = 0;
+    for (; m0 + 4 * V <= M; m0 += 4 * V) {
+        vec acc[4] = {};
+        for (int64_t j = 0; j < J; ++j) {
+            const T weight = weights[j];
+            for (int u = 0; u < 4; ++u) {
+                vec v;
+                Dot::load(v, values + j * ld + m0 + u * V);
+                acc[u] += weight * v;
+            }
+        }
+        std::memcpy(out + m0, acc, sizeof(acc));
+    }
+    for (; m0 + V <= M; m0 += V) {
+        vec acc = {};
+        for (int64_t j = 0; j < J; ++j) {
+            vec v;
+            Dot::load(v, values + j * ld + m0);
+            acc += weights[j] * v;
+        }
+        std::memcpy(out + m0, &acc, sizeof(acc));
+    }
+    for (; m0 < M; ++m0) {
+        T acc = T(0);
+        for (int64_t j = 0; j < J; ++j) acc += weights[j] * values[j * ld + m0];
+        out[m0] = acc;
+    }
+}
+
 // Pairs [begin, end) of the flattened (batch, head) range; `scratch` holds W (J + E) elements.
 template <typename T, int BYTES>
 void run_items(const Problem<T>& p, int64_t begin, int64_t end, T* __restrict scratch) {
@@ -116,12 +154,7 @@ void run_items(const Problem<T>& p, int64_t begin, int64_t end, T* __restrict sc
             T* __restrict out = p.out + ((b * W + i) * p.H + h) * M;
             for (int64_t m = 0; m < M; ++m) out[m] = T(0);
             if (!softmax_row(scores + i * J, J)) continue;  // sees no key: zeros
-            const T* __restrict weights = scores + i * J;
-            for (int64_t j = 0; j < J; ++j) {
-                const T weight = weights[j];
-                const T* __restrict value = values + j * p.v_j;
-                for (int64_t m = 0; m < M; ++m) out[m] += weight * value[m];
-            }
+            weighted_sum<T, BYTES>(scores + i * J, values, p.v_j, J, M, out);
         }
     }
 }
