@@ -19,9 +19,9 @@ dropout off:
    the values): milliseconds per token. Ours: ``model.step`` (ring-buffer memory); the peer
    has no generation API, so its decoding is ``model(token, memory=memory,
    return_memory=True)`` with a seq_len 1 model, one token at a time. Beside them, in the same
-   run, the attention's read of the memory alone (``depth`` calls of ``cache_attention``, one
-   query per head over the filled slots): a token of ours should grow with the fill by no
-   more than that read.
+   run, the attention's read of the memory alone (``depth`` layers of one query per head over
+   the filled slots, in the torch ops a one-row window runs): a token of ours should grow with
+   the fill by no more than that read.
 
 The peer is imported if it is installed (``pip install --no-deps
 feedback-transformer-pytorch==0.0.11``; it needs only torch and einops). Without it, only our
@@ -42,7 +42,6 @@ import torch.nn.functional as F
 from timing import Elapsed, interleaved_medians
 from torch import Tensor
 
-from attention_core.cache_attention import cache_attention
 from feedback_transformer import FeedbackMemory, FeedbackTransformer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -162,15 +161,18 @@ def decoding(Peer, fill: int, steps: int, repeats: int) -> list[dict]:
         runs[kind] = run
 
     # the attention's read of the memory alone, as a token of ours does it: per layer one query
-    # row per head over the `fill` memory slots with the position bias (the same op, shapes)
-    query = torch.randn(1, 1, HEADS, DIM_HEAD, generator=g)
+    # row per head over the `fill` memory slots with the position bias, in the torch ops a
+    # window of one row runs (`baddbmm`, softmax, `bmm`; same shapes)
+    query = torch.randn(HEADS, 1, DIM_HEAD, generator=g)
     bias = torch.randn(HEADS, 1, fill, generator=g)
+    memory_keys, memory_values = keys[0], values[0]  # (heads, fill, dim_head)
 
     def read():
         with torch.no_grad():
             start = time.perf_counter()
             for _ in range(steps * DEPTH):
-                cache_attention(query, keys, values, 0, fill, bias, scale=1.0)
+                scores = torch.baddbmm(bias, query, memory_keys.mT)
+                torch.bmm(scores.softmax(dim=-1), memory_values)
             return Elapsed(time.perf_counter() - start)
 
     runs["read"] = read
@@ -246,8 +248,8 @@ def markdown(train_rows, decode_rows, args, steps: int, have_peer: bool) -> str:
         "for memory); the last column of the second is how much a token slows down as the "
         "memory fills (1.00x: flat), the last how many milliseconds it gains. The row "
         f"'{LABEL['read']}' times, in the same run, what a token of ours must read: "
-        f"{DEPTH} layers of `cache_attention`, one query per head over the `fill` memory slots "
-        "with the position bias; ours should gain no more than that row as the memory fills. "
+        f"{DEPTH} layers of attention, one query per head over the `fill` memory slots with "
+        "the position bias; ours should gain no more than that row as the memory fills. "
         "The two models are not the same function: the peer's "
         "window tokens also attend to themselves and its memory ignores distance in the "
         "position bias; the work per step is the same.",
