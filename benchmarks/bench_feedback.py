@@ -18,7 +18,10 @@ dropout off:
    1024 steps (random keys and values of the right shapes: a step's cost does not depend on
    the values): milliseconds per token. Ours: ``model.step`` (ring-buffer memory); the peer
    has no generation API, so its decoding is ``model(token, memory=memory,
-   return_memory=True)`` with a seq_len 1 model, one token at a time.
+   return_memory=True)`` with a seq_len 1 model, one token at a time. Beside them, in the same
+   run, the attention's read of the memory alone (``depth`` layers of one query per head over
+   the filled slots, in the torch ops a one-row window runs): a token of ours should grow with
+   the fill by no more than that read.
 
 The peer is imported if it is installed (``pip install --no-deps
 feedback-transformer-pytorch==0.0.11``; it needs only torch and einops). Without it, only our
@@ -44,7 +47,11 @@ from feedback_transformer import FeedbackMemory, FeedbackTransformer
 ROOT = Path(__file__).resolve().parents[1]
 DIM, DEPTH, HEADS, DIM_HEAD, VOCAB, BATCH, MEM_LEN = 256, 4, 8, 64, 256, 2, 256
 DECODE_MEM_LEN, FILLS = 1024, (16, 64, 256, 1024)
-LABEL = {"peer": "feedback-transformer-pytorch", "ours": "feedback (ours)"}
+LABEL = {
+    "peer": "feedback-transformer-pytorch",
+    "ours": "feedback (ours)",
+    "read": "its attention's read of the memory alone",
+}
 
 
 def import_peer():
@@ -152,6 +159,23 @@ def decoding(Peer, fill: int, steps: int, repeats: int) -> list[dict]:
                     return Elapsed(time.perf_counter() - start)
 
         runs[kind] = run
+
+    # the attention's read of the memory alone, as a token of ours does it: per layer one query
+    # row per head over the `fill` memory slots with the position bias, in the torch ops a
+    # window of one row runs (`baddbmm`, softmax, `bmm`; same shapes)
+    query = torch.randn(HEADS, 1, DIM_HEAD, generator=g)
+    bias = torch.randn(HEADS, 1, fill, generator=g)
+    memory_keys, memory_values = keys[0], values[0]  # (heads, fill, dim_head)
+
+    def read():
+        with torch.no_grad():
+            start = time.perf_counter()
+            for _ in range(steps * DEPTH):
+                scores = torch.baddbmm(bias, query, memory_keys.mT)
+                torch.bmm(scores.softmax(dim=-1), memory_values)
+            return Elapsed(time.perf_counter() - start)
+
+    runs["read"] = read
     elapsed = interleaved_medians(runs, repeats)
     return [
         dict(
@@ -207,20 +231,26 @@ def markdown(train_rows, decode_rows, args, steps: int, have_peer: bool) -> str:
         "memory=memory, return_memory=True)`), milliseconds per token:",
         "",
         "| contender | " + " | ".join(f"fill {f}" for f in FILLS) + " | fill "
-        f"{FILLS[-1]} / fill {FILLS[0]} |",
-        "|---|" + "---:|" * (len(FILLS) + 1),
+        f"{FILLS[-1]} / fill {FILLS[0]} | fill {FILLS[-1]} - fill {FILLS[0]} (ms) |",
+        "|---|" + "---:|" * (len(FILLS) + 2),
     ]
     for model in dict.fromkeys(r["model"] for r in decode_rows):
         ms = {r["context"]: r["ms_per_token"] for r in decode_rows if r["model"] == model}
-        cells = [f"{ms[f]:.2f}" for f in FILLS]
+        cells = [f"{ms[f]:.3f}" for f in FILLS]
+        growth = ms[FILLS[-1]] - ms[FILLS[0]]
         lines.append(
-            f"| {model} | " + " | ".join(cells) + f" | {ms[FILLS[-1]] / ms[FILLS[0]]:.2f}x |"
+            f"| {model} | " + " | ".join(cells) + f" | {ms[FILLS[-1]] / ms[FILLS[0]]:.2f}x "
+            f"| {growth:.3f} |"
         )
     lines += [
         "",
         "Ratios in the first table are against the peer (higher is better for tokens/s, lower "
         "for memory); the last column of the second is how much a token slows down as the "
-        "memory fills (1.00x: flat). The two models are not the same function: the peer's "
+        "memory fills (1.00x: flat), the last how many milliseconds it gains. The row "
+        f"'{LABEL['read']}' times, in the same run, what a token of ours must read: "
+        f"{DEPTH} layers of attention, one query per head over the `fill` memory slots with "
+        "the position bias; ours should gain no more than that row as the memory fills. "
+        "The two models are not the same function: the peer's "
         "window tokens also attend to themselves and its memory ignores distance in the "
         "position bias; the work per step is the same.",
     ]

@@ -13,6 +13,7 @@
 #include <string>
 
 #include "aggregate.h"
+#include "cache_attention_bindings.h"
 #include "causal_product.h"
 #include "cpu_dispatch.h"
 #include "feature_map.h"
@@ -21,6 +22,7 @@
 #include "linear_step_bindings.h"
 #include "local_product.h"
 #include "parallel.h"
+#include "residual_step_bindings.h"
 #include "sparse_product.h"
 
 namespace py = pybind11;
@@ -659,4 +661,6 @@ PYBIND11_MODULE(_C, m) {
         "last_team_size", [] { return attention_core::last_team_size().load(); },
         "Threads (the OpenMP team) that ran the last kernel's parallel loop (for tests).");
     attention_core::linear_step::bind(m);  // csrc/linear_step_bindings.h
+    attention_core::residual_step::bind(m);  // csrc/residual_step_bindings.h
+    attention_core::cache_attention::bind(m);  // csrc/cache_attention_bindings.h
 }

@@ -558,3 +558,123 @@ def linear_attention_step_f64(
     threads: int,
 ) -> None:
     """float64 version of `linear_attention_step_f32`."""
+
+def residual_feed_forward_f32(
+    x: int,
+    ldx: int,
+    R: int,
+    D: int,
+    F: int,
+    W1: int,
+    b1: int,
+    W2: int,
+    b2: int,
+    norm_weight: int,
+    norm_bias: int,
+    eps: float,
+    activation: int,
+    norm_first: bool,
+    out: int,
+    threads: int,
+) -> None:
+    """A feed-forward sublayer on R rows of float32 buffers (csrc/residual_step.h): x
+    ``(R, D)`` rows ``ldx`` apart, W1 ``(F or 2 F, D)``, W2 ``(D, F)`` contiguous, biases and
+    norm parameters or 0; activation 0 relu, 1 gelu, 2 geglu; writes out ``(R, D)``."""
+
+def residual_feed_forward_f64(
+    x: int,
+    ldx: int,
+    R: int,
+    D: int,
+    F: int,
+    W1: int,
+    b1: int,
+    W2: int,
+    b2: int,
+    norm_weight: int,
+    norm_bias: int,
+    eps: float,
+    activation: int,
+    norm_first: bool,
+    out: int,
+    threads: int,
+) -> None:
+    """float64 version of `residual_feed_forward_f32`."""
+
+def residual_linear_f32(
+    x: int,
+    ldx: int,
+    a: int,
+    lda: int,
+    R: int,
+    D: int,
+    K: int,
+    W: int,
+    b: int,
+    norm: bool,
+    norm_weight: int,
+    norm_bias: int,
+    eps: float,
+    out: int,
+    threads: int,
+) -> None:
+    """``x + a W^T + b`` (then a layer norm when ``norm``) on R rows of float32 buffers
+    (csrc/residual_step.h); writes out ``(R, D)``."""
+
+def residual_linear_f64(
+    x: int,
+    ldx: int,
+    a: int,
+    lda: int,
+    R: int,
+    D: int,
+    K: int,
+    W: int,
+    b: int,
+    norm: bool,
+    norm_weight: int,
+    norm_bias: int,
+    eps: float,
+    out: int,
+    threads: int,
+) -> None:
+    """float64 version of `residual_linear_f32`."""
+
+def cache_attention_f32(
+    q: int,
+    q_strides: tuple[int, int, int],
+    k: int,
+    k_strides: tuple[int, int, int, int],
+    v: int,
+    v_strides: tuple[int, int, int],
+    bias: int,
+    bias_strides: tuple[int, int, int],
+    out: int,
+    sizes: tuple[int, int, int, int, int, int],
+    start: int,
+    end: int,
+    scale: float,
+    threads: int,
+) -> None:
+    """Softmax attention of query rows ``(B, W, H, E)`` over cache positions start .. end - 1
+    of keys ``(B, H, C, E)`` and values ``(B, H, C, M)`` (float32 buffers,
+    csrc/cache_attention.h), bias ``(B, H, W, J)`` strides or 0; sizes ``(B, W, H, E, M, C)``;
+    writes out ``(B, W, H, M)``."""
+
+def cache_attention_f64(
+    q: int,
+    q_strides: tuple[int, int, int],
+    k: int,
+    k_strides: tuple[int, int, int, int],
+    v: int,
+    v_strides: tuple[int, int, int],
+    bias: int,
+    bias_strides: tuple[int, int, int],
+    out: int,
+    sizes: tuple[int, int, int, int, int, int],
+    start: int,
+    end: int,
+    scale: float,
+    threads: int,
+) -> None:
+    """float64 version of `cache_attention_f32`."""

@@ -35,6 +35,7 @@ from ._checks import (
     check_prompt,
     layer_checks_enabled,
 )
+from ._fused_step import attention_sublayer, feed_forward_sublayer, fused_step_enabled
 from ._layer_stack import check_memory, layer_states, run_layers
 from .state import DecoderLayerState, TransformerState
 
@@ -114,6 +115,10 @@ class RecurrentTransformerEncoderLayer(_FeedForward, TransformerEncoderLayer):
         if layer_checks_enabled():  # else the model has checked x
             check_element("x", x, self.d_model, type(self).__name__)
             check_model_dtype("x", x, self.linear1.weight.dtype)
+        if fused_step_enabled(self, (self.norm1, self.norm2), (self.attention,)):
+            heads, state = self.attention.heads(x, x, x, state)
+            x = attention_sublayer(x, heads, self.attention.out_projection, self.norm1)
+            return feed_forward_sublayer(self, x, self.norm2), state
         x2, state = self.attention(x, x, x, state)
         return self._feed_forward(self.norm1(x + self._drop(x2)), self.norm2), state
 
@@ -255,6 +260,16 @@ class RecurrentTransformerDecoderLayer(_FeedForward, TransformerDecoderLayer):
         self_state, cross_state = self._states(state)
         if cross_state is None:
             check_memory(memory, memory_length_mask, N, self)
+        norms = (self.norm1, self.norm2, self.norm3)
+        if fused_step_enabled(self, norms, (self.self_attention, self.cross_attention)):
+            heads, self_state = self.self_attention.heads(x, x, x, self_state)
+            x = attention_sublayer(x, heads, self.self_attention.out_projection, self.norm1)
+            heads, cross_state = self.cross_attention.heads(
+                x, memory, memory, memory_length_mask, cross_state
+            )
+            x = attention_sublayer(x, heads, self.cross_attention.out_projection, self.norm2)
+            x = feed_forward_sublayer(self, x, self.norm3)
+            return x, DecoderLayerState(self_state, cross_state)
         x2, self_state = self.self_attention(x, x, x, self_state)
         x = self.norm1(x + self._drop(x2))
         x2, cross_state = self.cross_attention(x, memory, memory, memory_length_mask, cross_state)

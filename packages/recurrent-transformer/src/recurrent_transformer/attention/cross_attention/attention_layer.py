@@ -88,13 +88,39 @@ class RecurrentCrossAttentionLayer(AttentionLayer):
         Returns:
             ``(N, d_model)`` and the state.
         """
+        heads, state = self.heads(query, keys, values, key_lengths, state)
+        return self.out_projection(heads), state
+
+    def heads(
+        self,
+        query: Tensor,
+        keys: Tensor | None,
+        values: Tensor | None,
+        key_lengths: BaseMask | None = None,
+        state: Any = None,
+    ) -> tuple[Tensor, Any]:
+        """Attend from one element as `forward` does, but stop before the output projection.
+
+        A layer that fuses the output projection with its residual and norm
+        (`attention_core.residual_step.residual_linear`) calls this.
+
+        Arguments:
+            query: ``(N, d_model)``.
+            keys: ``(N, S, d_model_keys)``; ignored when ``state`` is given.
+            values: ``(N, S, d_model_keys)``; ignored when ``state`` is given.
+            key_lengths: ``(N, S)`` mask of the real memory positions (default: all).
+            state: the state returned by the previous call, or ``None``.
+
+        Returns:
+            the heads joined, ``(N, H D)``, and the state.
+        """
         N = check_element("query", query, self.d_model, type(self).__name__)[0]
-        q = rearrange(self.query_projection(query), "n (h e) -> n h e", h=self.n_heads)
+        q = self.query_projection(query).unflatten(1, (self.n_heads, -1))  # "n (h e) -> n h e"
         k = v = None
         if state is None:
             k, v, key_lengths = self._memory(N, keys, values, key_lengths)
         out, state = self.inner_attention(q, k, v, key_lengths, state)
-        return self.out_projection(rearrange(out, "n h d -> n (h d)")), state
+        return out.flatten(1), state
 
     def prefill(
         self,

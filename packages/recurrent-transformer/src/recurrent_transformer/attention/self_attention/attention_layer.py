@@ -62,7 +62,26 @@ class RecurrentAttentionLayer(AttentionLayer):
         Returns:
             ``(N, d_model)`` and the new state.
         """
-        state = check_state(state, memory)
+        heads, state = self.heads(query, key, value, check_state(state, memory))
+        return self.out_projection(heads), state
+
+    def heads(
+        self, query: Tensor, key: Tensor, value: Tensor, state: Any = None
+    ) -> tuple[Tensor, Any]:
+        """Attend from one element as `forward` does, but stop before the output projection.
+
+        A layer that fuses the output projection with its residual and norm
+        (`attention_core.residual_step.residual_linear`) calls this.
+
+        Arguments:
+            query: ``(N, d_model)``.
+            key: ``(N, d_model)``.
+            value: ``(N, d_model)``.
+            state: the inner attention's state from the previous step, or ``None``.
+
+        Returns:
+            the heads joined, ``(N, H D)``, and the new state.
+        """
         if layer_checks_enabled():  # else the model has checked its input
             name = type(self).__name__
             check_element("query", query, self.d_model, name)
@@ -78,7 +97,7 @@ class RecurrentAttentionLayer(AttentionLayer):
         if self.event_dispatcher.has_listeners:
             self.event_dispatcher.dispatch(QKVEvent(self, q, k, v))
         out, state = self.inner_attention(q, k, v, state)
-        return self.out_projection(out.flatten(1)), state
+        return out.flatten(1), state
 
     def prefill(
         self, query: Tensor, key: Tensor, value: Tensor, state: Any = None

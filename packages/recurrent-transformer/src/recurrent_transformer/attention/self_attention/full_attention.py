@@ -25,6 +25,7 @@ from attention_core.attention_registry import (
     Optional,
     RecurrentAttentionRegistry,
 )
+from attention_core.cache_attention import cache_attention
 from attention_core.events import AttentionEvent, EventDispatcher
 
 from ..._checks import check_sequence_heads
@@ -73,6 +74,12 @@ def attend_cache(
         ``(N, H, T, D)``.
     """
     T, S = queries.shape[2], keys.shape[2]
+    listening = module.event_dispatcher.has_listeners
+    if T == 1 and not listening and not torch.is_grad_enabled() and not module.training:
+        # one step of inference: scores, softmax and weighted sum in one pass over the cache
+        # (its feature-major keys read in place); "n h 1 e -> n 1 h e" and back
+        out = cache_attention(queries.transpose(1, 2), keys, values, scale=softmax_temp)
+        return out.transpose(1, 2)
     allowed = None
     if T > 1:
         positions = torch.arange(S - T, S, device=queries.device)

@@ -1,0 +1,151 @@
+"""The ``torch.library`` op ``attention_core::cache_attention``: its checks, its CPU kernel
+(``csrc/cache_attention.h``) with the plain-PyTorch fallback, its fake registration and
+autograd (through the reference).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from .._extension import binding, use_kernels
+from .._reference_autograd import register_reference_autograd
+from .reference import cache_attention_reference
+
+__all__ = ["cache_attention_op", "check_attention", "compute_attention"]
+
+
+def _check_tensor(name: str, t: Tensor, like: Tensor | None = None) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
+    if like is None:
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating point tensor; got {t.dtype}")
+        return
+    if t.dtype != like.dtype:
+        raise TypeError(f"{name} must have the dtype of query, {like.dtype}; got {t.dtype}")
+    if t.device != like.device:
+        raise ValueError(f"{name} must be on the device of query, {like.device}; got {t.device}")
+
+
+def check_attention(
+    query: Tensor,
+    keys: Tensor,
+    values: Tensor,
+    start: int,
+    end: int,
+    bias: Tensor | None,
+    scale: float,
+) -> None:
+    """Check every argument of `cache_attention` before a kernel runs.
+
+    ``query`` `(B, W, H, E)` floating; ``keys`` `(B, H, C, E)` and ``values`` `(B, H, C, M)`
+    of its dtype and device; ``0 <= start <= end <= C`` ints; ``bias`` `(H, W, J)` or
+    `(B, H, W, J)` with ``J = end - start``, or ``None``; ``scale`` a finite number."""
+    _check_tensor("query", query)
+    _check_tensor("keys", keys, query)
+    _check_tensor("values", values, query)
+    if query.dim() != 4:
+        raise ValueError(f"query must have shape (B, W, H, E); got {tuple(query.shape)}")
+    B, W, H, E = query.shape
+    if keys.dim() != 4 or keys.shape[:2] != (B, H) or keys.shape[3] != E:
+        raise ValueError(f"keys must have shape ({B}, {H}, C, {E}); got {tuple(keys.shape)}")
+    C = keys.shape[2]
+    if values.dim() != 4 or values.shape[:3] != (B, H, C):
+        raise ValueError(f"values must have shape ({B}, {H}, {C}, M); got {tuple(values.shape)}")
+    for name, value in (("start", start), ("end", end)):
+        if isinstance(value, bool) or not isinstance(value, (int, torch.SymInt)):
+            raise TypeError(f"{name} must be an int; got {type(value).__name__}")
+    if not 0 <= start <= end <= C:
+        raise ValueError(
+            f"start and end must satisfy 0 <= start <= end <= {C} (the cache length); got "
+            f"{start} and {end}"
+        )
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise ValueError(f"scale must be a finite number; got {scale!r}")
+    if bias is None:
+        return
+    _check_tensor("bias", bias, query)
+    J = end - start
+    if bias.shape not in ((H, W, J), (B, H, W, J)):
+        raise ValueError(
+            f"bias must have shape ({H}, {W}, {J}) or ({B}, {H}, {W}, {J}) (J = end - start); "
+            f"got {tuple(bias.shape)}"
+        )
+
+
+def _features_last(t: Tensor) -> Tensor:
+    return t if t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous()
+
+
+def compute_attention(
+    query: Tensor,
+    keys: Tensor,
+    values: Tensor,
+    start: int,
+    end: int,
+    bias: Tensor | None,
+    scale: float,
+) -> Tensor:
+    """Compute `cache_attention` on arguments that `check_attention` has accepted.
+
+    The compiled kernel runs for float32 and float64 CPU tensors, the reference elsewhere.
+    Returns a new contiguous `(B, W, H, M)` tensor; never writes its inputs."""
+    if not use_kernels(query):
+        return cache_attention_reference(query, keys, values, start, end, bias, scale)
+    B, W, H, E = query.shape
+    C, M = keys.shape[2], values.shape[3]
+    query, values = _features_last(query), _features_last(values)
+    if keys.stride(3) != 1 and keys.stride(2) != 1:  # neither row- nor feature-major
+        keys = keys.contiguous()
+    if bias is not None:
+        bias = _features_last(bias)
+        bias_strides = bias.stride()[:3] if bias.dim() == 4 else (0, *bias.stride()[:2])
+    out = query.new_empty(B, W, H, M)
+    binding("cache_attention", query.dtype)(
+        query.data_ptr(), query.stride()[:3], keys.data_ptr(), keys.stride(),
+        values.data_ptr(), values.stride()[:3], 0 if bias is None else bias.data_ptr(),
+        (0, 0, 0) if bias is None else bias_strides, out.data_ptr(), (B, W, H, E, M, C),
+        start, end, float(scale), torch.get_num_threads(),
+    )  # fmt: skip
+    return out
+
+
+@torch.library.custom_op("attention_core::cache_attention", mutates_args=())
+def cache_attention_op(
+    query: Tensor,
+    keys: Tensor,
+    values: Tensor,
+    start: int,
+    end: int,
+    bias: Tensor | None,
+    scale: float,
+) -> Tensor:
+    """Attention over a cache slice (see `attention_core.cache_attention.cache_attention`).
+
+    Arguments:
+        query: `(B, W, H, E)`.
+        keys: `(B, H, C, E)`.
+        values: `(B, H, C, M)`.
+        start: the first cached position attended to.
+        end: one past the last.
+        bias: `(H, W, J)` or `(B, H, W, J)`, or ``None``.
+        scale: the multiplier of the dot products.
+
+    Returns:
+        `(B, W, H, M)`.
+    """
+    check_attention(query, keys, values, start, end, bias, scale)
+    return compute_attention(query, keys, values, start, end, bias, scale)
+
+
+@cache_attention_op.register_fake
+def _(query, keys, values, start, end, bias, scale):
+    check_attention(query, keys, values, start, end, bias, scale)
+    B, W, H, _ = query.shape
+    return query.new_empty(B, W, H, values.shape[3])
+
+
+register_reference_autograd(cache_attention_op, cache_attention_reference)

@@ -1,0 +1,298 @@
+"""The ``torch.library`` ops ``attention_core::residual_feed_forward`` and
+``attention_core::residual_linear``: their checks, their CPU kernels
+(``csrc/residual_step.h``) with the plain-PyTorch fallback, fake registrations and autograd
+(through the reference).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from .._extension import binding, use_kernels
+from .._reference_autograd import register_reference_autograd
+from .reference import ACTIVATIONS, residual_feed_forward_reference, residual_linear_reference
+
+__all__ = [
+    "check_feed_forward",
+    "check_linear",
+    "compute_feed_forward",
+    "compute_linear",
+    "residual_feed_forward_op",
+    "residual_linear_op",
+]
+
+
+def _check_x(x: Tensor) -> None:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x must be a torch.Tensor; got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"x must be a floating point tensor; got {x.dtype}")
+    if x.dim() < 1:
+        raise ValueError(f"x must have shape (..., D); got a 0-dim tensor {tuple(x.shape)}")
+
+
+def _check_param(
+    name: str, t: Tensor | None, shape: tuple[int, ...], like: Tensor, optional: bool = True
+) -> None:
+    if t is None:
+        if optional:
+            return
+        raise TypeError(f"{name} must be a torch.Tensor; got None")
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor or None; got {type(t).__name__}")
+    if t.shape != shape:
+        raise ValueError(f"{name} must have shape {shape}; got {tuple(t.shape)}")
+    if t.dtype != like.dtype:
+        raise TypeError(f"{name} must have the dtype of x, {like.dtype}; got {t.dtype}")
+    if t.device != like.device:
+        raise ValueError(f"{name} must be on the device of x, {like.device}; got {t.device}")
+
+
+def _check_eps(eps: float) -> None:
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps):
+        raise ValueError(f"eps must be a finite non-negative number; got {eps!r}")
+    if eps < 0:
+        raise ValueError(f"eps must be a finite non-negative number; got {eps!r}")
+
+
+def check_feed_forward(
+    x: Tensor,
+    linear1_weight: Tensor,
+    linear1_bias: Tensor | None,
+    linear2_weight: Tensor,
+    linear2_bias: Tensor | None,
+    norm_weight: Tensor | None,
+    norm_bias: Tensor | None,
+    activation: str,
+    norm_first: bool,
+    eps: float,
+) -> None:
+    """Check every argument of `residual_feed_forward` before a kernel runs.
+
+    ``x`` `(..., D)` floating; ``linear1_weight`` `(F, D)` (`(2 F, D)` for ``geglu``),
+    ``linear2_weight`` `(D, F)`, biases and norm parameters of matching length or ``None``,
+    all of the dtype and device of ``x``; ``activation`` one of ``relu``, ``gelu``, ``geglu``;
+    ``norm_first`` a bool; ``eps`` finite and non-negative."""
+    _check_x(x)
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}; got {activation!r}")
+    if not isinstance(norm_first, bool):
+        raise TypeError(f"norm_first must be a bool; got {type(norm_first).__name__}")
+    _check_eps(eps)
+    D = x.shape[-1]
+    if not isinstance(linear2_weight, Tensor) or linear2_weight.dim() != 2:
+        raise ValueError(
+            f"linear2_weight must be a (D, F) = ({D}, F) tensor; got "
+            f"{getattr(linear2_weight, 'shape', type(linear2_weight).__name__)}"
+        )
+    hidden = linear2_weight.shape[1]
+    first = 2 * hidden if activation == "geglu" else hidden
+    _check_param("linear1_weight", linear1_weight, (first, D), x, optional=False)
+    _check_param("linear1_bias", linear1_bias, (first,), x)
+    _check_param("linear2_weight", linear2_weight, (D, hidden), x, optional=False)
+    _check_param("linear2_bias", linear2_bias, (D,), x)
+    _check_param("norm_weight", norm_weight, (D,), x)
+    _check_param("norm_bias", norm_bias, (D,), x)
+
+
+def check_linear(
+    x: Tensor,
+    inputs: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    norm: bool,
+    norm_weight: Tensor | None,
+    norm_bias: Tensor | None,
+    eps: float,
+) -> None:
+    """Check every argument of `residual_linear` before a kernel runs.
+
+    ``x`` `(..., D)` and ``inputs`` `(..., K)` with one leading shape, ``weight`` `(D, K)`,
+    ``bias``, ``norm_weight`` and ``norm_bias`` `(D,)` or ``None``, all of one dtype and
+    device; ``norm`` a bool; ``eps`` finite and non-negative."""
+    _check_x(x)
+    if not isinstance(inputs, Tensor):
+        raise TypeError(f"inputs must be a torch.Tensor; got {type(inputs).__name__}")
+    if inputs.dim() != x.dim() or inputs.shape[:-1] != x.shape[:-1]:
+        raise ValueError(
+            f"inputs must have shape ({', '.join(map(str, x.shape[:-1]))}, K), the leading "
+            f"shape of x; got {tuple(inputs.shape)}"
+        )
+    if inputs.dtype != x.dtype or inputs.device != x.device:
+        raise TypeError(
+            f"inputs must have the dtype and device of x ({x.dtype}, {x.device}); got "
+            f"{inputs.dtype}, {inputs.device}"
+        )
+    if not isinstance(norm, bool):
+        raise TypeError(f"norm must be a bool; got {type(norm).__name__}")
+    _check_eps(eps)
+    D, K = x.shape[-1], inputs.shape[-1]
+    _check_param("weight", weight, (D, K), x, optional=False)
+    _check_param("bias", bias, (D,), x)
+    _check_param("norm_weight", norm_weight, (D,), x)
+    _check_param("norm_bias", norm_bias, (D,), x)
+
+
+def _rows(t: Tensor) -> Tensor:
+    """``t`` as ``(R, width)`` rows with contiguous features (a copy only when needed)."""
+    t = t.reshape(-1, t.shape[-1])
+    return (
+        t
+        if t.stride(-1) == 1 and (t.shape[0] <= 1 or t.stride(0) >= t.shape[1])
+        else (t.contiguous())
+    )
+
+
+def _address(t: Tensor | None) -> int:
+    return 0 if t is None else t.contiguous().data_ptr()
+
+
+def compute_feed_forward(
+    x: Tensor,
+    linear1_weight: Tensor,
+    linear1_bias: Tensor | None,
+    linear2_weight: Tensor,
+    linear2_bias: Tensor | None,
+    norm_weight: Tensor | None,
+    norm_bias: Tensor | None,
+    activation: str,
+    norm_first: bool,
+    eps: float,
+) -> Tensor:
+    """Compute `residual_feed_forward` on arguments that `check_feed_forward` has accepted.
+
+    The compiled kernel runs for float32 and float64 CPU tensors, the reference elsewhere.
+    Returns a new contiguous `(..., D)` tensor; never writes its inputs."""
+    if not use_kernels(x):
+        return residual_feed_forward_reference(
+            x, linear1_weight, linear1_bias, linear2_weight, linear2_bias, norm_weight,
+            norm_bias, activation, norm_first, eps,
+        ).contiguous()  # fmt: skip
+    rows = _rows(x)
+    D, hidden = x.shape[-1], linear2_weight.shape[1]
+    out = x.new_empty(x.shape)
+    w1, w2 = linear1_weight.contiguous(), linear2_weight.contiguous()
+    binding("residual_feed_forward", x.dtype)(
+        rows.data_ptr(), rows.stride(0), rows.shape[0], D, hidden, w1.data_ptr(),
+        _address(linear1_bias), w2.data_ptr(), _address(linear2_bias), _address(norm_weight),
+        _address(norm_bias), float(eps), ACTIVATIONS.index(activation), norm_first,
+        out.data_ptr(), torch.get_num_threads(),
+    )  # fmt: skip
+    return out
+
+
+def compute_linear(
+    x: Tensor,
+    inputs: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    norm: bool,
+    norm_weight: Tensor | None,
+    norm_bias: Tensor | None,
+    eps: float,
+) -> Tensor:
+    """Compute `residual_linear` on arguments that `check_linear` has accepted.
+
+    The compiled kernel runs for float32 and float64 CPU tensors, the reference elsewhere.
+    Returns a new contiguous `(..., D)` tensor; never writes its inputs."""
+    if not use_kernels(x):
+        return residual_linear_reference(
+            x, inputs, weight, bias, norm, norm_weight, norm_bias, eps
+        ).contiguous()
+    rows, a = _rows(x), _rows(inputs)
+    out = x.new_empty(x.shape)
+    w = weight.contiguous()
+    binding("residual_linear", x.dtype)(
+        rows.data_ptr(), rows.stride(0), a.data_ptr(), a.stride(0), rows.shape[0],
+        x.shape[-1], inputs.shape[-1], w.data_ptr(), _address(bias), norm,
+        _address(norm_weight), _address(norm_bias), float(eps), out.data_ptr(),
+        torch.get_num_threads(),
+    )  # fmt: skip
+    return out
+
+
+@torch.library.custom_op("attention_core::residual_feed_forward", mutates_args=())
+def residual_feed_forward_op(
+    x: Tensor,
+    linear1_weight: Tensor,
+    linear1_bias: Tensor | None,
+    linear2_weight: Tensor,
+    linear2_bias: Tensor | None,
+    norm_weight: Tensor | None,
+    norm_bias: Tensor | None,
+    activation: str,
+    norm_first: bool,
+    eps: float,
+) -> Tensor:
+    """A feed-forward sublayer step (see `attention_core.residual_step.residual_feed_forward`).
+
+    Arguments:
+        x: `(..., D)`.
+        linear1_weight: `(F, D)`, or `(2 F, D)` for ``geglu``.
+        linear1_bias: `(F,)` / `(2 F,)` or ``None``.
+        linear2_weight: `(D, F)`.
+        linear2_bias: `(D,)` or ``None``.
+        norm_weight: `(D,)` or ``None``.
+        norm_bias: `(D,)` or ``None``.
+        activation: ``"relu"``, ``"gelu"`` or ``"geglu"``.
+        norm_first: pre-norm (True) or post-norm (False).
+        eps: the layer norm's epsilon.
+
+    Returns:
+        `(..., D)`.
+    """
+    args = (x, linear1_weight, linear1_bias, linear2_weight, linear2_bias, norm_weight)
+    check_feed_forward(*args, norm_bias, activation, norm_first, eps)
+    return compute_feed_forward(*args, norm_bias, activation, norm_first, eps)
+
+
+@residual_feed_forward_op.register_fake
+def _(x, linear1_weight, linear1_bias, linear2_weight, linear2_bias, norm_weight, norm_bias,
+      activation, norm_first, eps):  # fmt: skip
+    args = (x, linear1_weight, linear1_bias, linear2_weight, linear2_bias, norm_weight)
+    check_feed_forward(*args, norm_bias, activation, norm_first, eps)
+    return x.new_empty(x.shape)
+
+
+@torch.library.custom_op("attention_core::residual_linear", mutates_args=())
+def residual_linear_op(
+    x: Tensor,
+    inputs: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    norm: bool,
+    norm_weight: Tensor | None,
+    norm_bias: Tensor | None,
+    eps: float,
+) -> Tensor:
+    """A projection with residual and optional post-norm (see
+    `attention_core.residual_step.residual_linear`).
+
+    Arguments:
+        x: `(..., D)`.
+        inputs: `(..., K)`.
+        weight: `(D, K)`.
+        bias: `(D,)` or ``None``.
+        norm: apply the layer norm after the residual add.
+        norm_weight: `(D,)` or ``None``.
+        norm_bias: `(D,)` or ``None``.
+        eps: the layer norm's epsilon.
+
+    Returns:
+        `(..., D)`.
+    """
+    check_linear(x, inputs, weight, bias, norm, norm_weight, norm_bias, eps)
+    return compute_linear(x, inputs, weight, bias, norm, norm_weight, norm_bias, eps)
+
+
+@residual_linear_op.register_fake
+def _(x, inputs, weight, bias, norm, norm_weight, norm_bias, eps):
+    check_linear(x, inputs, weight, bias, norm, norm_weight, norm_bias, eps)
+    return x.new_empty(x.shape)
+
+
+register_reference_autograd(residual_feed_forward_op, residual_feed_forward_reference)
+register_reference_autograd(residual_linear_op, residual_linear_reference)
