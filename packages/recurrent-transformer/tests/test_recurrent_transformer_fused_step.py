@@ -7,6 +7,7 @@ import torch
 
 import recurrent_transformer._fused_step as fused_step
 import recurrent_transformer.transformers as transformers
+from attention_core.residual_step import MIN_ROWS
 from attention_core.testing import assert_close
 from recurrent_transformer.builders import RecurrentDecoderBuilder, RecurrentEncoderBuilder
 
@@ -72,7 +73,7 @@ def composed(monkeypatch):
 @pytest.mark.parametrize("activation", ["relu", "gelu"])
 def test_encoder_fused_step_equals_the_composed_step(attention, activation, counted, monkeypatch):
     model = encoder(attention, activation)
-    xs = torch.randn(6, 2, 15, dtype=torch.float64)
+    xs = torch.randn(6, 4, 15, dtype=torch.float64)  # 4 rows: MIN_ROWS or more
     fused = steps(model, xs)
     assert counted == {"linear": 6 * 2, "feed_forward": 6 * 2}
     composed(monkeypatch)
@@ -84,8 +85,8 @@ def test_encoder_fused_step_equals_the_composed_step(attention, activation, coun
 @pytest.mark.parametrize("activation", ["relu", "gelu"])
 def test_decoder_fused_step_equals_the_composed_step(attention, activation, counted, monkeypatch):
     model = decoder(attention, activation)
-    xs = torch.randn(5, 2, 15, dtype=torch.float64)
-    memory = torch.randn(2, 7, 15, dtype=torch.float64)
+    xs = torch.randn(5, 4, 15, dtype=torch.float64)
+    memory = torch.randn(4, 7, 15, dtype=torch.float64)
     fused = steps(model, xs, memory)
     assert counted == {"linear": 5 * 2 * 2, "feed_forward": 5 * 2}
     composed(monkeypatch)
@@ -94,7 +95,7 @@ def test_decoder_fused_step_equals_the_composed_step(attention, activation, coun
 
 def test_autograd_dropout_and_hooks_take_the_composed_step(counted):
     model = encoder("linear", "relu")
-    x = torch.randn(2, 15, dtype=torch.float64)
+    x = torch.randn(4, 15, dtype=torch.float64)
     y, _ = model(x)  # autograd records: composed modules, gradients reach the weights
     y.sum().backward()
     assert model.layers[0].linear1.weight.grad is not None
@@ -110,3 +111,13 @@ def test_autograd_dropout_and_hooks_take_the_composed_step(counted):
     with torch.no_grad():
         model(x)
     assert counted["linear"] == 3
+
+
+def test_fewer_rows_than_min_rows_take_the_composed_step(counted):
+    assert MIN_ROWS > 1
+    model = encoder("full", "gelu")
+    with torch.no_grad():
+        model(torch.randn(MIN_ROWS - 1, 15, dtype=torch.float64))
+        assert counted == {"linear": 0, "feed_forward": 0}
+        model(torch.randn(MIN_ROWS, 15, dtype=torch.float64))
+    assert counted == {"linear": 2, "feed_forward": 2}

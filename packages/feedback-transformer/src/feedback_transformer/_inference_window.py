@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from attention_core.cache_attention import cache_attention
-from attention_core.residual_step import residual_feed_forward, residual_linear
+from attention_core.residual_step import MIN_ROWS, residual_feed_forward, residual_linear
 
 from ._window_attention import MemorySlice
 
@@ -44,9 +44,8 @@ if TYPE_CHECKING:
 
 __all__ = ["FUSED_MIN_ROWS", "layer_norm", "window"]
 
-# windows of fewer rows (batch times steps) run composed torch ops: at one or two rows their
-# matrix products (MKL's) and dispatch measured faster than the fused ops' (1 thread)
-FUSED_MIN_ROWS = 3
+# windows of fewer rows (batch times steps) run composed torch ops (measured faster there)
+FUSED_MIN_ROWS = MIN_ROWS
 
 
 def layer_norm(x: Tensor, norm: nn.LayerNorm) -> Tensor:

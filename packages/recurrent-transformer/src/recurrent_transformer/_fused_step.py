@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from attention_core.residual_step import residual_feed_forward, residual_linear
+from attention_core.residual_step import MIN_ROWS, residual_feed_forward, residual_linear
 
 __all__ = ["attention_sublayer", "feed_forward_sublayer", "fused_step_enabled"]
 
@@ -35,12 +35,17 @@ def _hooked(module: nn.Module) -> bool:
     return any(m is not None and (m._forward_hooks or m._forward_pre_hooks) for m in modules)
 
 
-def fused_step_enabled(layer: Any, norms: tuple[Any, ...], attentions: tuple[Any, ...]) -> bool:
-    """Whether ``layer``'s step may run fused.
+def fused_step_enabled(
+    layer: Any, x: Tensor, norms: tuple[Any, ...], attentions: tuple[Any, ...]
+) -> bool:
+    """Whether ``layer``'s step of ``x`` ``(N, E)`` may run fused.
 
-    That is: no autograd recording, no dropout (evaluation or ``p == 0``), a relu or gelu
-    feed-forward activation, ``nn.LayerNorm`` norms over the last dimension, and attention
-    layers that have a ``heads`` method and no forward hooks."""
+    That is: at least ``MIN_ROWS`` rows (with fewer the composed ops are faster), no autograd
+    recording, no dropout (evaluation or ``p == 0``), a relu or gelu feed-forward activation,
+    ``nn.LayerNorm`` norms over the last dimension, and attention layers that have a ``heads``
+    method and no forward hooks."""
+    if x.shape[0] < MIN_ROWS:
+        return False
     if torch.is_grad_enabled() or (layer.training and layer.dropout.p):
         return False
     if layer.activation not in _ACTIVATION_NAMES or not all(_plain_norm(n) for n in norms):

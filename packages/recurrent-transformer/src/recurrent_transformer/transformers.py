@@ -115,7 +115,7 @@ class RecurrentTransformerEncoderLayer(_FeedForward, TransformerEncoderLayer):
         if layer_checks_enabled():  # else the model has checked x
             check_element("x", x, self.d_model, type(self).__name__)
             check_model_dtype("x", x, self.linear1.weight.dtype)
-        if fused_step_enabled(self, (self.norm1, self.norm2), (self.attention,)):
+        if fused_step_enabled(self, x, (self.norm1, self.norm2), (self.attention,)):
             heads, state = self.attention.heads(x, x, x, state)
             x = attention_sublayer(x, heads, self.attention.out_projection, self.norm1)
             return feed_forward_sublayer(self, x, self.norm2), state
@@ -261,7 +261,7 @@ class RecurrentTransformerDecoderLayer(_FeedForward, TransformerDecoderLayer):
         if cross_state is None:
             check_memory(memory, memory_length_mask, N, self)
         norms = (self.norm1, self.norm2, self.norm3)
-        if fused_step_enabled(self, norms, (self.self_attention, self.cross_attention)):
+        if fused_step_enabled(self, x, norms, (self.self_attention, self.cross_attention)):
             heads, self_state = self.self_attention.heads(x, x, x, self_state)
             x = attention_sublayer(x, heads, self.self_attention.out_projection, self.norm1)
             heads, cross_state = self.cross_attention.heads(
