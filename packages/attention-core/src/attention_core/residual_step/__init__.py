@@ -112,8 +112,10 @@ def residual_feed_forward(
 
     Example:
         >>> x = torch.rand(4, 16)
-        >>> w1, b1, w2, b2 = torch.rand(64, 16), torch.rand(64), torch.rand(16, 64), torch.rand(16)
-        >>> y = residual_feed_forward(x, w1, b1, w2, b2, torch.ones(16), torch.zeros(16))
+        >>> w1, b1 = torch.rand(64, 16), torch.rand(64)
+        >>> w2, b2 = torch.rand(16, 64), torch.rand(16)
+        >>> g, b = torch.ones(16), torch.zeros(16)
+        >>> y = residual_feed_forward(x, w1, b1, w2, b2, g, b)
         >>> y.shape
         torch.Size([4, 16])
     """
@@ -163,7 +165,8 @@ def residual_linear(
 
     Example:
         >>> x, heads = torch.rand(4, 16), torch.rand(4, 32)
-        >>> y = residual_linear(x, heads, torch.rand(16, 32), torch.rand(16), norm=True)
+        >>> w, bias = torch.rand(16, 32), torch.rand(16)
+        >>> y = residual_linear(x, heads, w, bias, norm=True)
         >>> y.shape
         torch.Size([4, 16])
     """
