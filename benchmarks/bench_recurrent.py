@@ -119,6 +119,23 @@ def dense_products_ms(model, repeats: int) -> float:
     return statistics.median(times[1:])
 
 
+def one_thread_note(model, state, x, repeats: int) -> str:
+    """The step at 10 and the model's dense products, both with one thread (the floor's
+    share differs with the thread count: the products gain from a second core, the per-layer
+    calls around them hardly)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        step = time_steps({"ours": (model, state)}, x, repeats)["ours"]
+        floor = dense_products_ms(model, repeats)
+    finally:
+        torch.set_num_threads(threads)
+    return (
+        f"linear, step 10, with 1 thread: {step:.2f} ms against {floor:.2f} ms for its dense "
+        f"products ({step / floor:.2f}x)"
+    )
+
+
 def per_step_latency(
     FTBuilder, repeats: int, long_step: int, compile_step: bool = False
 ) -> tuple[list[dict], list[str]]:
@@ -166,10 +183,13 @@ def per_step_latency(
             print(row, flush=True)
         if attention == "linear":
             linears = sum(isinstance(m, torch.nn.Linear) for m in ours.modules())
+            floor, step10 = dense_products_ms(ours, repeats), rows[-2]["ours"]
             notes.append(
                 f"the model's {linears} dense products alone (its nn.Linear modules in layer "
-                f"order, batch {N}, back to back): {dense_products_ms(ours, repeats):.2f} ms"
+                f"order, batch {N}, back to back): {floor:.2f} ms; the step at 10 takes "
+                f"{step10 / floor:.2f}x that"
             )
+            notes.append(one_thread_note(ours, ours_state, x, repeats))
     return rows, notes
 
 
