@@ -19,6 +19,7 @@ __all__ = [
     "check_floats",
     "check_grad",
     "check_index",
+    "check_like",
     "check_model_dtype",
     "check_positive_int",
     "check_rows",
@@ -85,6 +86,24 @@ def check_index(name: str, t: Tensor | None, shape: tuple[int, ...], device: tor
         )
     if t.device != device:
         raise ValueError(f"{name} must be on device {device}; got {t.device}")
+
+
+def check_like(
+    name: str, t: object, like: Tensor, like_name: str, shape: tuple[int, ...] | None = None
+) -> Tensor:
+    """A tensor of ``shape`` (any when ``None``) with the dtype and device of ``like``, the
+    argument called ``like_name``."""
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
+    if shape is not None and tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}; got {tuple(t.shape)}")
+    if t.dtype != like.dtype:
+        raise TypeError(f"{name} must have the dtype of {like_name}, {like.dtype}; got {t.dtype}")
+    if t.device != like.device:
+        raise ValueError(
+            f"{name} must be on the device of {like_name}, {like.device}; got {t.device}"
+        )
+    return t
 
 
 def check_grad(name: str, grad: Tensor, shape: tuple[int, ...], like: Tensor) -> None:

@@ -10,24 +10,12 @@ import math
 import torch
 from torch import Tensor
 
-from .._extension import binding, use_kernels
+from .._checks import check_like, check_tensor
+from .._extension import binding, row_major, use_kernels
 from .._reference_autograd import register_reference_autograd
 from .reference import cache_attention_reference
 
 __all__ = ["cache_attention_op", "check_attention", "compute_attention"]
-
-
-def _check_tensor(name: str, t: Tensor, like: Tensor | None = None) -> None:
-    if not isinstance(t, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
-    if like is None:
-        if not t.is_floating_point():
-            raise TypeError(f"{name} must be a floating point tensor; got {t.dtype}")
-        return
-    if t.dtype != like.dtype:
-        raise TypeError(f"{name} must have the dtype of query, {like.dtype}; got {t.dtype}")
-    if t.device != like.device:
-        raise ValueError(f"{name} must be on the device of query, {like.device}; got {t.device}")
 
 
 def check_attention(
@@ -44,9 +32,9 @@ def check_attention(
     ``query`` `(B, W, H, E)` floating; ``keys`` `(B, H, C, E)` and ``values`` `(B, H, C, M)`
     of its dtype and device; ``0 <= start <= end <= C`` ints; ``bias`` `(H, W, J)` or
     `(B, H, W, J)` with ``J = end - start``, or ``None``; ``scale`` a finite number."""
-    _check_tensor("query", query)
-    _check_tensor("keys", keys, query)
-    _check_tensor("values", values, query)
+    check_tensor("query", query, floating=True)
+    check_like("keys", keys, query, "query")
+    check_like("values", values, query, "query")
     if query.dim() != 4:
         raise ValueError(f"query must have shape (B, W, H, E); got {tuple(query.shape)}")
     B, W, H, E = query.shape
@@ -67,17 +55,13 @@ def check_attention(
         raise ValueError(f"scale must be a finite number; got {scale!r}")
     if bias is None:
         return
-    _check_tensor("bias", bias, query)
+    check_like("bias", bias, query, "query")
     J = end - start
     if bias.shape not in ((H, W, J), (B, H, W, J)):
         raise ValueError(
             f"bias must have shape ({H}, {W}, {J}) or ({B}, {H}, {W}, {J}) (J = end - start); "
             f"got {tuple(bias.shape)}"
         )
-
-
-def _features_last(t: Tensor) -> Tensor:
-    return t if t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous()
 
 
 def compute_attention(
@@ -97,11 +81,11 @@ def compute_attention(
         return cache_attention_reference(query, keys, values, start, end, bias, scale)
     B, W, H, E = query.shape
     C, M = keys.shape[2], values.shape[3]
-    query, values = _features_last(query), _features_last(values)
+    query, values = row_major(query), row_major(values)
     if keys.stride(3) != 1 and keys.stride(2) != 1:  # neither row- nor feature-major
         keys = keys.contiguous()
     if bias is not None:
-        bias = _features_last(bias)
+        bias = row_major(bias)
         bias_strides = bias.stride()[:3] if bias.dim() == 4 else (0, *bias.stride()[:2])
     out = query.new_empty(B, W, H, M)
     binding("cache_attention", query.dtype)(

@@ -11,7 +11,8 @@ import math
 import torch
 from torch import Tensor
 
-from .._extension import binding, use_kernels
+from .._checks import check_like, check_tensor
+from .._extension import address, binding, use_kernels
 from .._reference_autograd import register_reference_autograd
 from .reference import ACTIVATIONS, residual_feed_forward_reference, residual_linear_reference
 
@@ -26,10 +27,7 @@ __all__ = [
 
 
 def _check_x(x: Tensor) -> None:
-    if not isinstance(x, Tensor):
-        raise TypeError(f"x must be a torch.Tensor; got {type(x).__name__}")
-    if not x.is_floating_point():
-        raise TypeError(f"x must be a floating point tensor; got {x.dtype}")
+    check_tensor("x", x, floating=True)
     if x.dim() < 1:
         raise ValueError(f"x must have shape (..., D); got a 0-dim tensor {tuple(x.shape)}")
 
@@ -37,18 +35,8 @@ def _check_x(x: Tensor) -> None:
 def _check_param(
     name: str, t: Tensor | None, shape: tuple[int, ...], like: Tensor, optional: bool = True
 ) -> None:
-    if t is None:
-        if optional:
-            return
-        raise TypeError(f"{name} must be a torch.Tensor; got None")
-    if not isinstance(t, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor or None; got {type(t).__name__}")
-    if t.shape != shape:
-        raise ValueError(f"{name} must have shape {shape}; got {tuple(t.shape)}")
-    if t.dtype != like.dtype:
-        raise TypeError(f"{name} must have the dtype of x, {like.dtype}; got {t.dtype}")
-    if t.device != like.device:
-        raise ValueError(f"{name} must be on the device of x, {like.device}; got {t.device}")
+    if t is not None or not optional:
+        check_like(name, t, like, "x", shape)
 
 
 def _check_eps(eps: float) -> None:
@@ -146,8 +134,10 @@ def _rows(t: Tensor) -> Tensor:
     )
 
 
-def _address(t: Tensor | None) -> int:
-    return 0 if t is None else t.contiguous().data_ptr()
+def _contiguous(*tensors: Tensor | None) -> list[Tensor | None]:
+    """Each of ``tensors`` contiguous (``None`` kept); the caller holds them while the kernel
+    reads their addresses."""
+    return [None if t is None else t.contiguous() for t in tensors]
 
 
 def compute_feed_forward(
@@ -174,12 +164,13 @@ def compute_feed_forward(
     rows = _rows(x)
     D, hidden = x.shape[-1], linear2_weight.shape[1]
     out = x.new_empty(x.shape)
-    w1, w2 = linear1_weight.contiguous(), linear2_weight.contiguous()
+    w1, b1, w2, b2, g, b = _contiguous(
+        linear1_weight, linear1_bias, linear2_weight, linear2_bias, norm_weight, norm_bias
+    )
     binding("residual_feed_forward", x.dtype)(
-        rows.data_ptr(), rows.stride(0), rows.shape[0], D, hidden, w1.data_ptr(),
-        _address(linear1_bias), w2.data_ptr(), _address(linear2_bias), _address(norm_weight),
-        _address(norm_bias), float(eps), ACTIVATIONS.index(activation), norm_first,
-        out.data_ptr(), torch.get_num_threads(),
+        rows.data_ptr(), rows.stride(0), rows.shape[0], D, hidden, address(w1), address(b1),
+        address(w2), address(b2), address(g), address(b), float(eps),
+        ACTIVATIONS.index(activation), norm_first, out.data_ptr(), torch.get_num_threads(),
     )  # fmt: skip
     return out
 
@@ -204,12 +195,11 @@ def compute_linear(
         ).contiguous()
     rows, a = _rows(x), _rows(inputs)
     out = x.new_empty(x.shape)
-    w = weight.contiguous()
+    w, b, g, nb = _contiguous(weight, bias, norm_weight, norm_bias)
     binding("residual_linear", x.dtype)(
         rows.data_ptr(), rows.stride(0), a.data_ptr(), a.stride(0), rows.shape[0],
-        x.shape[-1], inputs.shape[-1], w.data_ptr(), _address(bias), norm,
-        _address(norm_weight), _address(norm_bias), float(eps), out.data_ptr(),
-        torch.get_num_threads(),
+        x.shape[-1], inputs.shape[-1], address(w), address(b), norm, address(g), address(nb),
+        float(eps), out.data_ptr(), torch.get_num_threads(),
     )  # fmt: skip
     return out
 
