@@ -34,6 +34,7 @@
 #include <vector>
 
 #include "cpu_dispatch.h"
+#include "vector_dot.h"
 #include "parallel.h"
 #include "weighted_rows.h"
 
@@ -43,38 +44,6 @@ namespace sparse {
 // ---------------------------------------------------------------------------------------
 // The leaves
 // ---------------------------------------------------------------------------------------
-
-// a . b over n elements, with 32-byte vectors (GCC/Clang vector extensions: one source for
-// every target; two independent accumulators hide the latency of the adds).
-template <typename T>
-inline T dot(const T* a, const T* b, int64_t n) {
-    int64_t i = 0;
-    T sum = 0;
-#if defined(__GNUC__)
-    constexpr int V = 32 / sizeof(T);
-    typedef T vec __attribute__((vector_size(32)));
-    vec acc0 = {}, acc1 = {};
-    for (; i + 2 * V <= n; i += 2 * V) {
-        vec a0, a1, b0, b1;
-        std::memcpy(&a0, a + i, sizeof(vec));
-        std::memcpy(&b0, b + i, sizeof(vec));
-        std::memcpy(&a1, a + i + V, sizeof(vec));
-        std::memcpy(&b1, b + i + V, sizeof(vec));
-        acc0 += a0 * b0;
-        acc1 += a1 * b1;
-    }
-    for (; i + V <= n; i += V) {
-        vec a0, b0;
-        std::memcpy(&a0, a + i, sizeof(vec));
-        std::memcpy(&b0, b + i, sizeof(vec));
-        acc0 += a0 * b0;
-    }
-    acc0 += acc1;
-    for (int j = 0; j < V; ++j) sum += acc0[j];
-#endif
-    for (; i < n; ++i) sum += a[i] * b[i];
-    return sum;
-}
 
 // out[r] = x . y[r] for four rows y[0..3]: x is loaded once per step for four products.
 template <typename T>
