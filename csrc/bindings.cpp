@@ -13,6 +13,7 @@
 #include <string>
 
 #include "aggregate.h"
+#include "binding_checks.h"
 #include "cache_attention_bindings.h"
 #include "causal_product.h"
 #include "cpu_dispatch.h"
@@ -28,6 +29,10 @@
 namespace py = pybind11;
 
 namespace {
+
+using attention_core::require_address;
+using attention_core::require_eps;
+using attention_core::require_threads;
 
 template <typename T>
 T* as_ptr(std::uintptr_t address) {
@@ -69,15 +74,6 @@ attention_core::causal::Operand<T> operand(std::uintptr_t address, const Strides
     return {as_ptr<T>(address), {s[0], s[1], s[2]}};
 }
 
-// A null address is only allowed for an empty buffer.
-void require(const char* name, std::uintptr_t address, int64_t elements) {
-    if (address == 0 && elements > 0) {
-        std::ostringstream msg;
-        msg << name << " must be a buffer address; got a null pointer";
-        throw std::invalid_argument(msg.str());
-    }
-}
-
 std::string shape_text(int64_t N, int64_t H, int64_t L, int64_t E, int64_t M) {
     std::ostringstream msg;
     msg << "(N, H, L, E, M) = (" << N << ", " << H << ", " << L << ", " << E << ", " << M << ")";
@@ -93,19 +89,11 @@ void fill_problem(attention_core::causal::Problem<T>& p, std::uintptr_t q, const
         throw std::invalid_argument("sizes must be non-negative; got " +
                                     shape_text(N, H, L, E, M));
     }
-    if (threads < 1) {
-        std::ostringstream msg;
-        msg << "threads must be a positive int; got " << threads;
-        throw std::invalid_argument(msg.str());
-    }
-    if (!std::isfinite(eps) || eps < 0) {
-        std::ostringstream msg;
-        msg << "eps must be a finite non-negative number; got " << eps;
-        throw std::invalid_argument(msg.str());
-    }
-    require("Q", q, N * H * L * E);
-    require("K", k, N * H * L * E);
-    require("V", v, N * H * L * M);
+    require_threads(threads);
+    require_eps(eps);
+    require_address("Q", q, N * H * L * E);
+    require_address("K", k, N * H * L * E);
+    require_address("V", v, N * H * L * M);
     p.N = N;
     p.H = H;
     p.L = L;
@@ -129,9 +117,9 @@ void causal_product_forward(std::uintptr_t q, Strides3 qs, std::uintptr_t k, Str
     attention_core::causal::ForwardArgs<T> a{};
     fill_problem<T>(a, q, qs, k, ks, v, vs, S0, z0, N, H, L, E, M, normalize, eps, threads);
     a.elu = elu;
-    require("out", out, N * H * L * M);
-    require("S", S, N * H * E * M);
-    if (normalize) require("z", z, N * H * E);
+    require_address("out", out, N * H * L * M);
+    require_address("S", S, N * H * E * M);
+    if (normalize) require_address("z", z, N * H * E);
     a.out = operand<T>(out, os);
     a.S = as_ptr<T>(S);
     a.z = as_ptr<T>(z);
@@ -152,14 +140,14 @@ void causal_product_backward(std::uintptr_t grad, Strides3 gs, std::uintptr_t q,
     attention_core::causal::BackwardArgs<T> a{};
     fill_problem<T>(a, q, qs, k, ks, v, vs, S0, z0, N, H, L, E, M, normalize, eps, threads);
     a.elu = elu;
-    require("grad", grad, N * H * L * M);
-    require("dQ", dq, N * H * L * E);
-    require("dK", dk, N * H * L * E);
-    require("dV", dv, N * H * L * M);
-    require("dS0", dS0, N * H * E * M);
+    require_address("grad", grad, N * H * L * M);
+    require_address("dQ", dq, N * H * L * E);
+    require_address("dK", dk, N * H * L * E);
+    require_address("dV", dv, N * H * L * M);
+    require_address("dS0", dS0, N * H * E * M);
     if (normalize) {
-        require("out", out, N * H * L * M);
-        require("dz0", dz0, N * H * E);
+        require_address("out", out, N * H * L * M);
+        require_address("dz0", dz0, N * H * E);
     }
     a.grad = operand<const T>(grad, gs);
     a.out = operand<const T>(out, os);
@@ -204,8 +192,8 @@ void set_chunked_thresholds(int64_t min_length, int64_t min_state_compact,
 template <typename T>
 void elu_plus_one(std::uintptr_t x, std::uintptr_t out, int64_t n) {
     check_positive("n", n);
-    require("x", x, n);
-    require("out", out, n);
+    require_address("x", x, n);
+    require_address("out", out, n);
     py::gil_scoped_release release;
     attention_core::feature_map::elu_plus_one<T>(as_ptr<T>(out), as_ptr<const T>(x), n,
                                                  attention_core::cpu_level());
@@ -218,7 +206,7 @@ void elu_plus_one(std::uintptr_t x, std::uintptr_t out, int64_t n) {
 template <typename T>
 attention_core::local::Operand<T> local_operand(const char* name, std::uintptr_t address,
                                                 const Strides3& s, int64_t elements) {
-    require(name, address, elements);
+    require_address(name, address, elements);
     return {as_ptr<T>(address), {s[0], s[1], s[2]}};
 }
 
@@ -231,11 +219,7 @@ void check_local_sizes(int64_t N, int64_t H, int64_t L, int64_t S, int64_t F, in
             << N << ", " << H << ", " << L << ", " << S << ", " << F << ", " << C << ")";
         throw std::invalid_argument(msg.str());
     }
-    if (threads < 1) {
-        std::ostringstream msg;
-        msg << "threads must be a positive int; got " << threads;
-        throw std::invalid_argument(msg.str());
-    }
+    require_threads(threads);
 }
 
 template <typename T>
@@ -247,8 +231,8 @@ void local_dot_forward(std::uintptr_t q, Strides3 qs, std::uintptr_t k, Strides3
     attention_core::local::DotForward<T> a{N, H, L, S, E, C};
     a.q = local_operand<const T>("Q", q, qs, N * H * L * E);
     a.k = local_operand<const T>("K", k, ks, N * H * S * E);
-    require("attn_mask", mask, L * S);
-    require("key_lengths", lengths, N);
+    require_address("attn_mask", mask, L * S);
+    require_address("key_lengths", lengths, N);
     a.mask = as_ptr<const T>(mask);
     a.mask_l = mask_strides[0];
     a.mask_s = mask_strides[1];
@@ -268,7 +252,7 @@ void local_dot_backward(std::uintptr_t grad, Strides3 gs, std::uintptr_t q, Stri
     a.grad = local_operand<const T>("grad", grad, gs, N * H * L * C);
     a.q = local_operand<const T>("Q", q, qs, N * H * L * E);
     a.k = local_operand<const T>("K", k, ks, N * H * S * E);
-    require("key_lengths", lengths, N);
+    require_address("key_lengths", lengths, N);
     a.lengths = as_ptr<const int64_t>(lengths);
     a.dq = local_operand<T>("dQ", dq, dqs, N * H * L * E);
     a.dk = local_operand<T>("dK", dk, dks, N * H * S * E);
@@ -312,7 +296,7 @@ void local_average_backward(std::uintptr_t grad, Strides3 gs, std::uintptr_t att
 template <typename T>
 attention_core::sparse::Operand<T> sparse_operand(const char* name, std::uintptr_t address,
                                                   const Strides3& s, int64_t elements) {
-    require(name, address, elements);
+    require_address(name, address, elements);
     return {as_ptr<T>(address), {s[0], s[1], s[2]}};
 }
 
@@ -330,12 +314,8 @@ void fill_sparse(attention_core::sparse::Problem<T>& p, std::uintptr_t topk, int
             << ", " << L << ", " << S << ", " << F << ", " << k << ", " << R << ")";
         throw std::invalid_argument(msg.str());
     }
-    if (threads < 1) {
-        std::ostringstream msg;
-        msg << "threads must be a positive int; got " << threads;
-        throw std::invalid_argument(msg.str());
-    }
-    require("topk", topk, N * H * R * k);
+    require_threads(threads);
+    require_address("topk", topk, N * H * R * k);
     const int64_t* index = as_ptr<const int64_t>(topk);
     if (!groups && R != L) {
         std::ostringstream msg;
@@ -452,15 +432,11 @@ void group_rows(std::uintptr_t in, Strides3 is, std::uintptr_t out, Strides3 os,
             << L << ", " << C << ", " << E << ")";
         throw std::invalid_argument(msg.str());
     }
-    if (threads < 1) {
-        std::ostringstream msg;
-        msg << "threads must be a positive int; got " << threads;
-        throw std::invalid_argument(msg.str());
-    }
+    require_threads(threads);
     const int64_t in_rows = broadcast ? C : L, out_rows = broadcast ? L : C;
-    require("input", in, N * H * in_rows * E);
-    require("output", out, N * H * out_rows * E);
-    require("G", G, N * H * L);
+    require_address("input", in, N * H * in_rows * E);
+    require_address("output", out, N * H * out_rows * E);
+    require_address("G", G, N * H * L);
     attention_core::aggregate::Args<T> a{N, H, L, C, E};
     a.G = as_ptr<const int64_t>(G);
     a.F = as_ptr<const T>(F);
@@ -491,18 +467,14 @@ void hamming_cluster(std::uintptr_t hashes, std::uintptr_t lengths, std::uintptr
         msg << "bits must be in [1, 63]; got " << bits;
         throw std::invalid_argument(msg.str());
     }
-    if (threads < 1) {
-        std::ostringstream msg;
-        msg << "threads must be a positive int; got " << threads;
-        throw std::invalid_argument(msg.str());
-    }
-    require("hashes", hashes, N * H * L);
-    require("lengths", lengths, N);
-    require("groups", groups, N * H * L);
-    require("counts", counts, N * H * C);
-    require("centroids", centroids, N * H * C);
-    require("distances", distances, N * H * L);
-    require("bitcounts", bitcounts, N * H * C * bits);
+    require_threads(threads);
+    require_address("hashes", hashes, N * H * L);
+    require_address("lengths", lengths, N);
+    require_address("groups", groups, N * H * L);
+    require_address("counts", counts, N * H * C);
+    require_address("centroids", centroids, N * H * C);
+    require_address("distances", distances, N * H * L);
+    require_address("bitcounts", bitcounts, N * H * C * bits);
     attention_core::hamming::Args a{N, H, L, C, bits, iterations};
     a.hashes = as_ptr<const int64_t>(hashes);
     a.lengths = as_ptr<const int64_t>(lengths);

@@ -11,18 +11,11 @@
 #include <sstream>
 #include <stdexcept>
 
+#include "binding_checks.h"
 #include "cache_attention.h"
 
 namespace attention_core {
 namespace cache_attention {
-
-inline void require_address(const char* name, std::uintptr_t address, int64_t elements) {
-    if (address == 0 && elements > 0) {
-        std::ostringstream msg;
-        msg << name << " must be a buffer address; got a null pointer";
-        throw std::invalid_argument(msg.str());
-    }
-}
 
 // sizes: (B, W, H, E, M, C); q, v strides of their first three dimensions, k of all four,
 // bias of its first three (0 to broadcast) or address 0 for none; out (B, W, H, M) contiguous.
@@ -46,7 +39,7 @@ void bound_attention(std::uintptr_t q, const std::array<int64_t, 3>& q_strides,
     if (k_strides[3] != 1 && k_strides[2] != 1 && E > 1 && end - start > 1) {
         throw std::invalid_argument("keys must have contiguous features or contiguous positions");
     }
-    if (threads < 1) throw std::invalid_argument("threads must be a positive int");
+    require_threads(threads);
     require_address("query", q, B * W * H * E);
     require_address("keys", k, (end - start) * B * H * E);
     require_address("values", v, (end - start) * B * H * M);

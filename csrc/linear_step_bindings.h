@@ -11,18 +11,11 @@
 #include <sstream>
 #include <stdexcept>
 
+#include "binding_checks.h"
 #include "linear_step.h"
 
 namespace attention_core {
 namespace linear_step {
-
-inline void require_address(const char* name, std::uintptr_t address, int64_t elements) {
-    if (address == 0 && elements > 0) {
-        std::ostringstream msg;
-        msg << name << " must be a buffer address; got a null pointer";
-        throw std::invalid_argument(msg.str());
-    }
-}
 
 // q, k, v: addresses with the element strides of their n and h dimensions (features
 // contiguous); S, Z: contiguous or 0 for zeros; out, S_new, Z_new: contiguous outputs.
@@ -38,16 +31,8 @@ void bound_step(std::uintptr_t q, const std::array<int64_t, 2>& q_strides, std::
             << ", " << M << ")";
         throw std::invalid_argument(msg.str());
     }
-    if (threads < 1) {
-        std::ostringstream msg;
-        msg << "threads must be a positive int; got " << threads;
-        throw std::invalid_argument(msg.str());
-    }
-    if (!std::isfinite(eps) || eps < 0) {
-        std::ostringstream msg;
-        msg << "eps must be a finite non-negative number; got " << eps;
-        throw std::invalid_argument(msg.str());
-    }
+    require_threads(threads);
+    require_eps(eps);
     for (int64_t stride : {q_strides[0], q_strides[1], k_strides[0], k_strides[1],
                            v_strides[0], v_strides[1]}) {
         if (stride < 0) throw std::invalid_argument("strides must be non-negative");

@@ -11,6 +11,7 @@
 #include <sstream>
 #include <stdexcept>
 
+#include "binding_checks.h"
 #include "residual_step.h"
 
 namespace attention_core {
@@ -20,24 +21,8 @@ inline void require_sizes(std::initializer_list<int64_t> sizes, int64_t threads,
     for (int64_t size : sizes) {
         if (size < 0) throw std::invalid_argument("sizes and strides must be non-negative");
     }
-    if (threads < 1) {
-        std::ostringstream msg;
-        msg << "threads must be a positive int; got " << threads;
-        throw std::invalid_argument(msg.str());
-    }
-    if (!std::isfinite(eps) || eps < 0) {
-        std::ostringstream msg;
-        msg << "eps must be a finite non-negative number; got " << eps;
-        throw std::invalid_argument(msg.str());
-    }
-}
-
-inline void require_address(const char* name, std::uintptr_t address, int64_t elements) {
-    if (address == 0 && elements > 0) {
-        std::ostringstream msg;
-        msg << name << " must be a buffer address; got a null pointer";
-        throw std::invalid_argument(msg.str());
-    }
+    require_threads(threads);
+    require_eps(eps);
 }
 
 template <typename T>
