@@ -1,51 +1,55 @@
-"""Inference speed-up: a window through every layer in fewer torch ops, without autograd.
+"""Inference speed-up: a window through every layer in few torch ops, without autograd.
 
 The model's steps run one after another on a few rows each (``b * w``), so the number of
-ops dispatched per step is part of the cost. This is `_window_loop.window` for calls that
-record no gradients (and apply no dropout), in fewer ops per layer:
+ops dispatched per step, and the Python around them, is part of the cost. This is
+`_window_loop.window` for calls that record no gradients (and apply no dropout):
 
+* the parameters are gathered once per call (`InferenceWeights`: the scaled query weights
+  stacked on the shared key/value weight, each layer's tensors in one tuple), not looked up
+  on the modules per window;
+* keys and values live in one joint buffer ``(2, b h, c, d)``, so a window's own keys and
+  values go to the scratch slots after the memory in one copy, and a window's memory in
+  one copy;
 * the attention over the memory and the window is one call of
   `attention_core.cache_attention.cache_attention` (scores, position bias, softmax and
-  weighted sum in one pass per batch element and head, output with the heads joined);
-* the output projection with its residual is one call of
-  `attention_core.residual_step.residual_linear`, the pre-norm GEGLU feed-forward block with
-  its residual one call of `attention_core.residual_step.residual_feed_forward`;
+  weighted sum in one pass per batch element and head, output with the heads joined), the
+  pre-norm GEGLU feed-forward block with its residual one call of
+  `attention_core.residual_step.residual_feed_forward`; the output projection with its
+  residual is ``F.linear`` and an add (measured faster than the core's ``residual_linear``
+  at a few rows);
 * windows of fewer than ``FUSED_MIN_ROWS`` rows (``b * w``) run the same formulas in torch
-  ops instead (the position bias expanded once per window and added by ``baddbmm``): at one
-  or two rows those measured faster;
-* no autograd bookkeeping, no `StepLinear` indirection, no custom autograd functions.
-
-It reads the memory from a key/value buffer (`_kv_store.KVStore` of a forward call or
-`_kv_store.RingBuffer` of decoding) and writes the window's own keys after the memory.
+  ops instead (the position bias expanded once per window and added by ``baddbmm``).
 
 Einstein notation: ``b`` batch, ``w`` steps of the window, ``h`` heads, ``j`` keys (memory
-slots, then the window), ``d`` head feature.
+slots, then the window), ``d`` head feature, ``l`` layer states.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from attention_core.cache_attention import cache_attention
-from attention_core.residual_step import MIN_ROWS, residual_feed_forward, residual_linear
+from attention_core.residual_step import residual_feed_forward
 
-from ._window_attention import MemorySlice
+from ._window_attention import window_bias
 
 if TYPE_CHECKING:
     from torch import nn
 
     from ._window_loop import Cross
-    from .layers import FeedbackLayer
+    from .layers import CrossAttention
     from .model import FeedbackTransformer
 
-__all__ = ["FUSED_MIN_ROWS", "layer_norm", "window"]
+__all__ = ["FUSED_MIN_ROWS", "InferenceWeights", "layer_norm", "query_weights", "run", "window"]
 
-# windows of fewer rows (batch times steps) run composed torch ops (measured faster there)
-FUSED_MIN_ROWS = MIN_ROWS
+# windows of fewer rows (batch times steps) run composed torch ops; the core's ops measured
+# faster from one row on (1 thread: the feed-forward 147 against 181 us at one row, the
+# attention 36 against 39 us)
+FUSED_MIN_ROWS = 1
 
 
 def layer_norm(x: Tensor, norm: nn.LayerNorm) -> Tensor:
@@ -53,21 +57,68 @@ def layer_norm(x: Tensor, norm: nn.LayerNorm) -> Tensor:
     return F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
 
 
+class LayerWeights:
+    """The tensors of one layer as a window reads them.
+
+    Attributes:
+        weight: ``(h d, dim)`` the query weight times ``dim_head ** -0.5``, or ``(3 h d, dim)``
+            that stacked on the shared key/value weight (windows of ``w > 1`` steps).
+        out_weight: ``(dim, h d)``, the attention's output projection, and ``out_bias``.
+        feed_forward: the feed-forward block's first weight and bias, second weight and bias,
+            and pre-norm weight and bias, in the order of ``residual_feed_forward``.
+        ff_eps: the feed-forward pre-norm's epsilon.
+        cross: the layer's cross attention, or ``None``.
+    """
+
+    __slots__ = ("cross", "feed_forward", "ff_eps", "out_bias", "out_weight", "weight")
+
+    def __init__(self, layer: nn.Module, weight: Tensor):
+        first, _, last = layer.ff_parts()
+        norm = layer.ff_norm
+        self.weight = weight
+        self.out_weight, self.out_bias = layer.to_out.weight, layer.to_out.bias
+        self.feed_forward = (
+            first.weight,
+            first.bias,
+            last.weight,
+            last.bias,
+            norm.weight,
+            norm.bias,
+        )
+        self.ff_eps = norm.eps
+        self.cross: CrossAttention | None = layer.cross
+
+
+class InferenceWeights:
+    """The model's parameters gathered once for a call (or a decoding state).
+
+    Arguments:
+        model: the `FeedbackTransformer`.
+        weights: per layer the query weight ``(h d, dim)`` or ``(3 h d, dim)`` from
+            `_window_loop.query_weights`.
+    """
+
+    __slots__ = ("dim_head", "has_memory", "heads", "kv_weight", "layers", "mix", "norm")
+
+    def __init__(self, model: FeedbackTransformer, weights: list[Tensor]):
+        norm = model.attn_norm
+        self.norm = (norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+        self.kv_weight = model.to_kv.weight
+        self.layers = [LayerWeights(layer, w) for layer, w in zip(model.layers, weights)]
+        mix = model.layer_weight
+        self.mix = None if mix is None or not model.mem_len else mix.softmax(dim=-1)
+        self.heads, self.dim_head = model.heads, model.dim_head
+        self.has_memory = model.mem_len > 0
+
+
 def _attention(
-    proj: Tensor,
-    memory: MemorySlice,
-    bias: Tensor,
-    first_empty: bool,
-    sizes: tuple[int, int, int, int],
+    proj: Tensor, buffer: Tensor, lo: int, hi: int, bias: Tensor, sizes: tuple[int, ...]
 ) -> Tensor:
-    """The attention output ``(b w, h d)`` of a projection ``(b w, o)`` (queries, then, for
-    ``w > 1``, the window's keys and values) over the memory and the window; ``bias``
-    ``(h, w, j)``, ``sizes`` ``(b, w, h, d)``."""
+    """The attention output ``(b w, h d)`` of a projection ``(b w, o)`` (queries, then for
+    ``w > 1`` the window's keys and values, written to ``buffer`` ``(2, b h, c, d)`` at slots
+    ``hi .. hi + w - 1``) over slots ``lo .. hi - 1`` and the window; ``bias`` ``(h, w, j)``
+    or, below ``FUSED_MIN_ROWS`` rows, ``(b h, w, j)``; ``sizes`` ``(b, w, h, d)``."""
     b, w, h, d = sizes
-    lo, hi = memory.lo, memory.hi
-    # "(b h) c d -> b h c d"
-    keys = memory.source.keys.unflatten(0, (b, h))
-    values = memory.source.values.unflatten(0, (b, h))
     if w == 1:
         if lo == hi:  # a single step without memory sees nothing
             return proj.new_zeros(b, h * d)
@@ -75,128 +126,169 @@ def _attention(
     else:
         parts = proj.view(b, w, 3, h, d)
         q = parts[:, :, 0]
-        # the window's keys and values go to the scratch slots after the memory
-        keys[:, :, hi : hi + w].copy_(parts[:, :, 1].transpose(1, 2))
-        values[:, :, hi : hi + w].copy_(parts[:, :, 2].transpose(1, 2))
+        # "b w two h d -> two (b h) w d" into the scratch slots after the memory
+        buffer.view(2, b, h, buffer.shape[2], d)[:, :, :, hi : hi + w].copy_(
+            parts[:, :, 1:].permute(2, 0, 3, 1, 4)
+        )
         hi += w
-    out = cache_attention(q, keys, values, lo, hi, bias, scale=1.0)  # b w h d
-    if first_empty:
-        out[:, 0] = 0.0
-    return out.view(b * w, h * d)
-
-
-def _composed_attention(
-    proj: Tensor,
-    memory: MemorySlice,
-    bias: Tensor,
-    first_empty: bool,
-    sizes: tuple[int, int, int, int],
-) -> Tensor:
-    """`_attention` in torch ops (``bias`` expanded to ``(b h, w, j)``), for small windows."""
-    b, w, h, d = sizes
-    lo, hi = memory.lo, memory.hi
-    keys, values = memory.source.keys, memory.source.values  # (b h, c, d)
-    if w == 1:
-        if lo == hi:  # a single step without memory sees nothing
-            return proj.new_zeros(b, h * d)
-        q = proj.reshape(b * h, 1, d)
-    else:
-        parts = proj.view(b, w, 3, h, d)
-        q = parts[:, :, 0].transpose(1, 2).reshape(b * h, w, d)
-        shape = (b, h, keys.shape[1], d)
-        keys.view(shape)[:, :, hi : hi + w].copy_(parts[:, :, 1].transpose(1, 2))
-        values.view(shape)[:, :, hi : hi + w].copy_(parts[:, :, 2].transpose(1, 2))
-        hi += w
-    scores = torch.baddbmm(bias, q, keys[:, lo:hi].mT)
-    out = torch.bmm(scores.softmax(dim=-1), values[:, lo:hi])
-    if first_empty:
-        out[:, 0] = 0.0
-    if w == 1:
-        return out.view(b, h * d)
+    if b * w >= FUSED_MIN_ROWS:
+        out = cache_attention(
+            q,
+            buffer[0].view(b, h, buffer.shape[2], d),
+            buffer[1].view(b, h, buffer.shape[2], d),
+            lo,
+            hi,
+            bias,
+            scale=1.0,
+        )
+        return out.view(b * w, h * d)  # "b w h d -> (b w) (h d)"
+    q = q.transpose(1, 2).reshape(b * h, w, d)
+    scores = torch.baddbmm(bias, q, buffer[0, :, lo:hi].mT)
+    out = torch.bmm(scores.softmax(dim=-1), buffer[1, :, lo:hi])
     return out.view(b, h, w, d).transpose(1, 2).reshape(b * w, h * d)
 
 
-def _composed_sublayers(layer: FeedbackLayer, x: Tensor, out: Tensor, cross_out: Any) -> Tensor:
-    """The output projection, cross attention and feed-forward block in torch ops."""
-    x = F.linear(out, layer.to_out.weight, layer.to_out.bias).add_(x)
-    if cross_out is not None:
-        x += cross_out(x)
-    first, _, last = layer.ff_parts()
-    hidden, gate = F.linear(layer_norm(x, layer.ff_norm), first.weight, first.bias).chunk(2, -1)
-    return F.linear(hidden * F.gelu(gate), last.weight, last.bias).add_(x)
-
-
-def _layer(
-    layer: FeedbackLayer,
-    weight: Tensor,
-    norm: nn.LayerNorm,
-    x: Tensor,
-    memory: MemorySlice,
-    bias: Tensor,
-    first_empty: bool,
-    cross: tuple[Tensor, Tensor, Tensor | None] | None,
-    proj: Tensor | None,
-) -> Tensor:
-    """One layer for ``x`` ``(b w, dim)`` (arguments as `_window_loop.layer_window`)."""
-    w = bias.shape[-2]
-    b = x.shape[0] // w
-    if proj is None:
-        proj = F.linear(layer_norm(x, norm), weight)
-    cross_out = None
-    if layer.cross is not None:
-        if cross is None:
-            raise ValueError("a layer with cross attention needs the context's keys and values")
-        cross_layer = layer.cross
-
-        def cross_out(x: Tensor) -> Tensor:
-            return cross_layer(x.view(b, w, -1), *cross).view(b * w, -1)
-
-    sizes = (b, w, layer.heads, layer.dim_head)
-    if x.shape[0] < FUSED_MIN_ROWS:  # `window` expanded the bias for the composed ops
-        out = _composed_attention(proj, memory, bias, first_empty, sizes)
-        return _composed_sublayers(layer, x, out, cross_out)
-    out = _attention(proj, memory, bias, first_empty, sizes)
-    x = residual_linear(x, out, layer.to_out.weight, layer.to_out.bias)
-    if cross_out is not None:
-        x += cross_out(x)
-    first, _, last = layer.ff_parts()
-    norm = layer.ff_norm
-    return residual_feed_forward(
-        x, first.weight, first.bias, last.weight, last.bias, norm.weight, norm.bias,
-        activation="geglu", norm_first=True, eps=norm.eps,
-    )  # fmt: skip
+def _feed_forward(p: LayerWeights, x: Tensor) -> Tensor:
+    """The pre-norm GEGLU feed-forward block with its residual, ``x`` ``(b w, dim)``."""
+    if x.shape[0] >= FUSED_MIN_ROWS:
+        return residual_feed_forward(
+            x, *p.feed_forward, activation="geglu", norm_first=True, eps=p.ff_eps
+        )
+    w1, b1, w2, b2, norm_weight, norm_bias = p.feed_forward
+    a = F.layer_norm(x, x.shape[1:], norm_weight, norm_bias, p.ff_eps)
+    hidden, gate = F.linear(a, w1, b1).chunk(2, dim=-1)
+    return F.linear(hidden * F.gelu(gate), w2, b2).add_(x)
 
 
 def window(
-    model: FeedbackTransformer,
+    weights: InferenceWeights,
     x: Tensor,
-    memory: MemorySlice,
+    buffer: Tensor,
+    slots: tuple[int, int],
     bias: Tensor,
     first_empty: bool,
-    weights: list[Tensor],
     cross: Cross | None,
-    mix: Tensor | None,
     proj0: Tensor | None = None,
-) -> tuple[Tensor, Tensor | None, Tensor | None]:
-    """`_window_loop.window` without autograd (the same arguments, without ``linear``):
-    the last layer's output ``(b w, dim)`` and the window's memory keys and values
-    ``(b, h, w, d)`` (``None`` when ``mem_len == 0``)."""
-    h, (_, w, j) = model.heads, bias.shape
-    b = x.shape[0] // w
-    if b * w < FUSED_MIN_ROWS:  # the composed ops: the bias expanded once for all layers
+) -> tuple[Tensor, Tensor | None]:
+    """Run a window of ``w`` steps through every layer, without autograd.
+
+    Arguments:
+        weights: the call's `InferenceWeights` (stacked query weights when ``w > 1``).
+        x: ``(b w, dim)`` the embeddings of the window's steps, rows in ``(b, w)`` order.
+        buffer: ``(2, b h, c, d)`` keys and values; the window's own go to the slots after
+            the memory.
+        slots: ``(lo, hi)``, the memory slots the window sees.
+        bias: ``(h, w, j)`` from `_window_attention.window_bias`.
+        first_empty: the first query sees no key (its attention output is zero).
+        cross: the context's keys and values per layer and the mask, or ``None``.
+        proj0: the first layer's projection ``(b w, o)`` of ``x`` if already computed.
+
+    Returns:
+        The last layer's output ``(b w, dim)`` and the window's memory keys and values
+        ``(b w, 2 h d)`` (``None`` when the model has no memory, ``mem_len == 0``).
+    """
+    h, d = weights.heads, weights.dim_head
+    _, w, j = bias.shape
+    rows = x.shape[0]
+    b = rows // w
+    lo, hi = slots
+    sizes = (b, w, h, d)
+    if rows < FUSED_MIN_ROWS:  # the composed ops: the bias expanded once for all layers
         bias = bias.expand(b, h, w, j).reshape(b * h, w, j)
+    shape, norm_weight, norm_bias, eps = weights.norm
     states = [x]
-    for i, layer in enumerate(model.layers):
-        layer_cross = None if cross is None else (*cross[0][i], cross[1])
-        proj = proj0 if i == 0 else None
-        x = _layer(
-            layer, weights[i], model.attn_norm, x, memory, bias, first_empty, layer_cross, proj
-        )
+    for i, p in enumerate(weights.layers):
+        proj = proj0 if i == 0 and proj0 is not None else None
+        if proj is None:
+            proj = F.linear(F.layer_norm(x, shape, norm_weight, norm_bias, eps), p.weight)
+        out = _attention(proj, buffer, lo, hi, bias, sizes)
+        if first_empty:
+            out.view(b, w, h * d)[:, 0] = 0.0  # the first step of each batch element
+        x = F.linear(out, p.out_weight, p.out_bias).add_(x)
+        if p.cross is not None:
+            if cross is None:
+                raise ValueError("a layer with cross attention needs the context's keys and values")
+            keys, values = cross[0][i]
+            x += p.cross(x.view(b, w, x.shape[1]), keys, values, cross[1]).view(x.shape)
+        x = _feed_forward(p, x)
         states.append(x)
-    if not model.mem_len:
-        return x, None, None
-    merged = x if mix is None else torch.stack(states, dim=-1) @ mix  # (b w) dim l, l
-    kv = F.linear(layer_norm(merged, model.attn_norm), model.to_kv.weight)
-    # "(b w) (two h d) -> two b h w d"
-    kv = kv.view(b, w, 2, h, model.dim_head).permute(2, 0, 3, 1, 4)
-    return x, kv[0], kv[1]
+    if not weights.has_memory:
+        return x, None
+    merged = x if weights.mix is None else torch.stack(states, dim=-1) @ weights.mix
+    return x, F.linear(F.layer_norm(merged, shape, norm_weight, norm_bias, eps), weights.kv_weight)
+
+
+def query_weights(model: FeedbackTransformer, stacked: bool) -> list[Tensor]:
+    """Per layer: the query weight scaled by ``dim_head ** -0.5``, with the shared
+    key/value weight stacked below it when ``stacked`` (one projection per window)."""
+    scale = model.dim_head**-0.5
+    if not stacked:
+        return [layer.to_q.weight * scale for layer in model.layers]
+    return [torch.cat((layer.to_q.weight * scale, model.to_kv.weight)) for layer in model.layers]
+
+
+def run(
+    model: FeedbackTransformer,
+    h: Tensor,
+    prefix: tuple[Tensor, Tensor] | None,
+    cross: Cross | None,
+    seq_len: int,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """`_window_loop.run` without autograd: the last layer's outputs ``(b, n, dim)`` of the
+    embedded tokens ``h`` ``(b, n, dim)`` after the memory ``prefix`` (keys, values
+    ``(b, h, m, d)``, ``m <= mem_len``, or ``None``), in windows of ``seq_len`` steps, and
+    the keys and values ``(b, h, m', d)`` of the last ``m' = min(mem_len, m + n)`` steps.
+
+    The full windows' rows are laid out window by window once (``(n / w, b w, dim)``), so
+    that a window's input and its first layer's projection (one product over all tokens)
+    are views, not copies."""
+    b, n, dim = h.shape
+    W, M, H, D = seq_len, model.mem_len, model.heads, model.dim_head
+    m0 = 0 if prefix is None else prefix[0].shape[2]
+    # every step's keys and values, written once; with mem_len == 0 only the scratch slots
+    buffer = h.new_empty(2, b * H, m0 + n if M else W, D)
+    slots = buffer.view(2, b, H, buffer.shape[2], D)  # "two (b h) c d -> two b h c d"
+    if prefix is not None and m0:
+        slots[0, :, :, :m0].copy_(prefix[0])
+        slots[1, :, :, :m0].copy_(prefix[1])
+    positions = torch.arange(-M, W, device=h.device)
+    bias_full = model.rel_pos(positions[M:], positions)  # (h, W, M + W)
+    full = InferenceWeights(model, query_weights(model, stacked=W > 1))
+    single = full if W == 1 else InferenceWeights(model, [p.weight[: H * D] for p in full.layers])
+    biases: dict[tuple[int, int], tuple[Tensor, bool]] = {}
+    count = n // W  # full windows; then a tail of n % W steps
+    # "b (k w) e -> k (b w) e": each full window's rows contiguous
+    steps = h[:, : count * W].reshape(b, count, W, dim).transpose(0, 1).reshape(count, b * W, dim)
+    first = full.layers[0]
+    proj_all = F.linear(F.layer_norm(steps, *full.norm), first.weight)
+    outputs = []
+    for index in range(count + (n % W > 0)):
+        start = index * W
+        w = min(W, n - start)
+        hi = m0 + start if M else 0
+        lo = max(0, hi - M)
+        key = (w, hi - lo)
+        if key not in biases:
+            biases[key] = window_bias(bias_full, hi - lo, w, W)
+        bias, first_empty = biases[key]
+        if index < count:
+            x, proj0 = steps[index], proj_all[index]
+        else:  # "b w e -> (b w) e"
+            x, proj0 = h[:, start:].reshape(b * w, dim), None
+        weights = full if w > 1 else single
+        x, kv = window(weights, x, buffer, (lo, hi), bias, first_empty, cross, proj0)
+        outputs.append(x)
+        if kv is not None:  # "(b w) (two h d) -> two b h w d" into the memory slots
+            slots[:, :, :, hi : hi + w].copy_(kv.view(b, w, 2, H, D).permute(2, 0, 3, 1, 4))
+    pieces = []
+    if count:  # "k (b w) e -> b (k w) e"
+        stacked = torch.stack(outputs[:count]).view(count, b, W, dim)
+        pieces.append(stacked.transpose(0, 1).reshape(b, count * W, dim))
+    if n % W:
+        pieces.append(outputs[-1].view(b, n % W, dim))
+    out = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)
+    if not M:
+        empty = h.new_zeros(b, H, 0, D)
+        return out, empty, empty.clone()
+    keep = slots[:, :, :, max(0, m0 + n - M) : m0 + n].clone()
+    return out, keep[0], keep[1]

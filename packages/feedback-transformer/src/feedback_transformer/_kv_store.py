@@ -30,7 +30,8 @@ class KVStore:
     """Keys and values of every step of one forward call, preallocated.
 
     ``keys``/``values`` have shape ``(b h, c, d)`` (heads folded into the batch, the layout
-    of the batched products); ``keys4``/``values4`` are their ``(b, h, c, d)`` views. Slot
+    of the batched products), the two halves of one buffer ``kv`` ``(2, b h, c, d)``;
+    ``keys4``/``values4`` are their ``(b, h, c, d)`` views. Slot
     ``i`` is written once (by `write`) and read by the attention of later steps as a
     narrowed view, never copied. ``grad_keys``/``grad_values`` collect the gradients of the
     slots during the backward pass (allocated on first use).
@@ -38,8 +39,8 @@ class KVStore:
 
     def __init__(self, like: Tensor, batch: int, heads: int, capacity: int, dim_head: int):
         self.batch, self.heads = batch, heads
-        self.keys = like.new_empty(batch * heads, capacity, dim_head)
-        self.values = like.new_empty(batch * heads, capacity, dim_head)
+        self.kv = like.new_empty(2, batch * heads, capacity, dim_head)
+        self.keys, self.values = self.kv[0], self.kv[1]
         self.grad_keys: Tensor | None = None
         self.grad_values: Tensor | None = None
         self.size = 0
@@ -178,7 +179,8 @@ class RingBuffer:
     Every step is written twice, at ``slot`` and ``slot + capacity`` of a ``(b h, 2c, d)``
     buffer, so that the last ``filled`` steps are always the contiguous slots
     ``[next + c - filled, next + c)`` in time order: one step costs two small copies per
-    tensor whatever the memory length (no shifting, no concatenation). ``scratch`` more slots
+    tensor whatever the memory length (no shifting, no concatenation). Keys and values are the
+    halves of one buffer ``kv`` ``(2, b h, 2c + scratch, d)``. ``scratch`` more slots
     at the end leave room after the memory for a window's own keys (slots ``next + c`` and
     later are never read as memory before a write refreshes them).
     """
@@ -189,8 +191,8 @@ class RingBuffer:
         written after the memory."""
         b, h, m, d = memory.keys.shape
         self.batch, self.heads, self.capacity = b, h, capacity
-        self.keys = memory.keys.new_zeros(b * h, 2 * capacity + scratch, d)
-        self.values = memory.values.new_zeros(b * h, 2 * capacity + scratch, d)
+        self.kv = memory.keys.new_zeros(2, b * h, 2 * capacity + scratch, d)
+        self.keys, self.values = self.kv[0], self.kv[1]
         self.filled = 0
         self.next = 0  # slot of the next write, in [0, capacity)
         if m:

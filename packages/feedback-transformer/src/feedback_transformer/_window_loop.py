@@ -30,7 +30,7 @@ from torch import Tensor
 
 from . import _inference_window
 from ._fused_window_step import LayerStep, StepInputs, StepPlan, join_heads, split_projection
-from ._inference_window import layer_norm
+from ._inference_window import layer_norm, query_weights
 from ._kv_store import KVStore
 from ._step_linear import StepLinear
 from ._window_attention import MemorySlice, attend_window, window_bias
@@ -49,15 +49,6 @@ Cross = tuple[list[tuple[Tensor, Tensor]], Tensor | None]
 
 # a training layer without cross attention runs as one LayerStep node (False: composed ops)
 FUSED = True
-
-
-def query_weights(model: FeedbackTransformer, fused: bool) -> list[Tensor]:
-    """Per layer: the query weight scaled by ``dim_head ** -0.5``, with the shared
-    key/value weight stacked below it when ``fused`` (one projection per window)."""
-    scale = model.dim_head**-0.5
-    if not fused:
-        return [layer.to_q.weight * scale for layer in model.layers]
-    return [torch.cat((layer.to_q.weight * scale, model.to_kv.weight)) for layer in model.layers]
 
 
 def memory_mix(model: FeedbackTransformer) -> Tensor | None:
@@ -222,8 +213,11 @@ def run(
     ``None``), in windows of ``seq_len`` steps (default ``model.seq_len``), and the keys and
     values ``(b, h, m', d)`` of the last ``m' = min(mem_len, m + n)`` steps (differentiable
     unless ``detach``)."""
+    W = seq_len or model.seq_len
+    if not torch.is_grad_enabled() and not dropout_active(model):
+        return _inference_window.run(model, h, prefix, cross, W)
     b, n, dim = h.shape
-    W, M = seq_len or model.seq_len, model.mem_len
+    M = model.mem_len
     m0 = 0 if prefix is None else prefix[0].shape[2]
     # every step's keys and values, written once; with mem_len == 0 just the scratch slots
     # of the window's own keys
@@ -232,10 +226,9 @@ def run(
     # bias of queries 0 .. W-1 over memory slots -M .. -1 and window keys 0 .. W-1
     positions = torch.arange(-M, W, device=h.device)
     bias_full = model.rel_pos(positions[M:], positions)
-    weights = query_weights(model, fused=W > 1 and n > 1)
+    weights = query_weights(model, stacked=W > 1 and n > 1)
     q_weights = [wt[: model.heads * model.dim_head] for wt in weights]
     linear = StepLinear() if torch.is_grad_enabled() else F.linear
-    fast_inference = linear is F.linear and not dropout_active(model)
     mix = memory_mix(model)
     # the first layer's input is the embedding, known for every step: its pre-norm and
     # projection are one product over all b * n rows instead of one per window
@@ -258,14 +251,9 @@ def run(
         o = layer_weights[0].shape[0]  # "b w o -> (b w) o" (a copy when b > 1)
         proj0 = proj_windows[index][:, :, :o].reshape(b * w, o)
         memory = MemorySlice(store, lo, hi, link)
-        if fast_inference:
-            x, k, v = _inference_window.window(
-                model, x, memory, bias, first_empty, layer_weights, cross, mix, proj0
-            )
-        else:
-            x, k, v = window(
-                model, x, memory, bias, first_empty, layer_weights, cross, mix, linear, proj0
-            )
+        x, k, v = window(
+            model, x, memory, bias, first_empty, layer_weights, cross, mix, linear, proj0
+        )
         outputs.append(x.view(b, w, dim))
         if k is not None and v is not None:  # the window's memory (mem_len > 0)
             link = store.write(k, v)

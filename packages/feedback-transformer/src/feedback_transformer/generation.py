@@ -30,9 +30,10 @@ from attention_core.generation import generate as _generate
 from attention_core.generation import stream as _stream
 
 from . import _inference_window, _window_loop
+from ._inference_window import InferenceWeights, query_weights
 from ._inputs import check_memory, check_tokens, prepare_context
 from ._kv_store import RingBuffer
-from ._window_attention import MemorySlice, window_bias
+from ._window_attention import window_bias
 from .memory import FeedbackMemory
 
 if TYPE_CHECKING:
@@ -76,9 +77,10 @@ class FeedbackState:
         self.bias_full = model.rel_pos(positions[M:], positions)  # (h, W, M + W)
         self.bias = self.bias_full[:, :1, :M]  # (h, 1, M): a window's first token
         self.window_biases: dict[tuple[int, int], tuple[Tensor, bool]] = {}
-        self.weights = _window_loop.query_weights(model, fused=False)
-        self.window_weights = _window_loop.query_weights(model, fused=True) if W > 1 else []
-        self.mix = _window_loop.memory_mix(model)
+        self.weights = InferenceWeights(model, query_weights(model, stacked=False))
+        self.window_weights = (
+            InferenceWeights(model, query_weights(model, stacked=True)) if W > 1 else None
+        )
         self.signature = model.signature
         self.window = memory.keys.new_zeros(batch, 0, model.dim)
         self.window_memory: tuple[Tensor, Tensor] | None = None
@@ -142,8 +144,6 @@ def _advance(model: FeedbackTransformer, state: FeedbackState, x: Tensor) -> Ten
     incomplete one stays in ``state``."""
     b, w, dim = x.shape
     ring = state.ring
-    lo, hi = ring.bounds()
-    memory = MemorySlice(ring, lo, hi)
     if w == 1:  # a window's first token: the memory only, queries only
         bias, first_empty = state.bias[:, :, model.mem_len - ring.filled :], False
         weights = state.weights
@@ -153,16 +153,19 @@ def _advance(model: FeedbackTransformer, state: FeedbackState, x: Tensor) -> Ten
             state.window_biases[key] = window_bias(state.bias_full, ring.filled, w, model.seq_len)
         bias, first_empty = state.window_biases[key]
         weights = state.window_weights
-    out, k, v = _inference_window.window(
-        model, x.reshape(b * w, dim), memory, bias, first_empty, weights, state.cross, state.mix
+    out, kv = _inference_window.window(
+        weights, x.reshape(b * w, dim), ring.kv, ring.bounds(), bias, first_empty, state.cross
     )
+    memory = None  # "(b w) (two h d) -> two b h w d"
+    if kv is not None:  # mem_len > 0
+        memory = kv.view(b, w, 2, model.heads, model.dim_head).permute(2, 0, 3, 1, 4)
     if w == model.seq_len:  # the window is complete: its memory is final
-        if k is not None and v is not None:  # mem_len > 0
-            ring.append(k, v)
+        if memory is not None:
+            ring.append(memory[0], memory[1])
         state.window, state.window_memory = x[:, :0], None
     else:
         state.window = x
-        state.window_memory = None if k is None or v is None else (k, v)
+        state.window_memory = None if memory is None else (memory[0], memory[1])
     return out.view(b, w, dim)[:, -1]
 
 
