@@ -112,39 +112,37 @@ class InferenceWeights:
 
 
 def _attention(
-    proj: Tensor, buffer: Tensor, lo: int, hi: int, bias: Tensor, sizes: tuple[int, ...]
+    proj: Tensor,
+    cache: tuple[Tensor, Tensor, Tensor | None],
+    lo: int,
+    hi: int,
+    bias: Tensor,
+    sizes: tuple[int, int, int, int],
 ) -> Tensor:
     """The attention output ``(b w, h d)`` of a projection ``(b w, o)`` (queries, then for
-    ``w > 1`` the window's keys and values, written to ``buffer`` ``(2, b h, c, d)`` at slots
-    ``hi .. hi + w - 1``) over slots ``lo .. hi - 1`` and the window; ``bias`` ``(h, w, j)``
-    or, below ``FUSED_MIN_ROWS`` rows, ``(b h, w, j)``; ``sizes`` ``(b, w, h, d)``."""
+    ``w > 1`` the window's keys and values) over slots ``lo .. hi - 1`` and the window.
+
+    ``cache`` holds the keys and values ``(b, h, c, d)`` and, for ``w > 1``, their slots
+    ``hi .. hi + w - 1`` ``(2, b, h, w, d)``, where the window's own go; ``bias`` is
+    ``(h, w, j)`` or, below ``FUSED_MIN_ROWS`` rows, ``(b h, w, j)``; ``sizes`` is
+    ``(b, w, h, d)``."""
     b, w, h, d = sizes
-    if w == 1:
+    keys, values, scratch = cache
+    if scratch is None:  # w == 1
         if lo == hi:  # a single step without memory sees nothing
             return proj.new_zeros(b, h * d)
         q = proj.view(b, 1, h, d)
     else:
         parts = proj.view(b, w, 3, h, d)
         q = parts[:, :, 0]
-        # "b w two h d -> two (b h) w d" into the scratch slots after the memory
-        buffer.view(2, b, h, buffer.shape[2], d)[:, :, :, hi : hi + w].copy_(
-            parts[:, :, 1:].permute(2, 0, 3, 1, 4)
-        )
+        scratch.copy_(parts[:, :, 1:].permute(2, 0, 3, 1, 4))  # "b w two h d -> two b h w d"
         hi += w
     if b * w >= FUSED_MIN_ROWS:
-        out = cache_attention(
-            q,
-            buffer[0].view(b, h, buffer.shape[2], d),
-            buffer[1].view(b, h, buffer.shape[2], d),
-            lo,
-            hi,
-            bias,
-            scale=1.0,
-        )
+        out = cache_attention(q, keys, values, lo, hi, bias, scale=1.0)
         return out.view(b * w, h * d)  # "b w h d -> (b w) (h d)"
     q = q.transpose(1, 2).reshape(b * h, w, d)
-    scores = torch.baddbmm(bias, q, buffer[0, :, lo:hi].mT)
-    out = torch.bmm(scores.softmax(dim=-1), buffer[1, :, lo:hi])
+    keys, values = keys.flatten(0, 1)[:, lo:hi], values.flatten(0, 1)[:, lo:hi]
+    out = torch.bmm(torch.baddbmm(bias, q, keys.mT).softmax(dim=-1), values)
     return out.view(b, h, w, d).transpose(1, 2).reshape(b * w, h * d)
 
 
@@ -193,6 +191,9 @@ def window(
     b = rows // w
     lo, hi = slots
     sizes = (b, w, h, d)
+    c = buffer.shape[2]  # "two (b h) c d -> two b h c d"
+    slots_of = buffer.view(2, b, h, c, d)
+    cache = (slots_of[0], slots_of[1], slots_of[:, :, :, hi : hi + w] if w > 1 else None)
     if rows < FUSED_MIN_ROWS:  # the composed ops: the bias expanded once for all layers
         bias = bias.expand(b, h, w, j).reshape(b * h, w, j)
     shape, norm_weight, norm_bias, eps = weights.norm
@@ -201,7 +202,7 @@ def window(
         proj = proj0 if i == 0 and proj0 is not None else None
         if proj is None:
             proj = F.linear(F.layer_norm(x, shape, norm_weight, norm_bias, eps), p.weight)
-        out = _attention(proj, buffer, lo, hi, bias, sizes)
+        out = _attention(proj, cache, lo, hi, bias, sizes)
         if first_empty:
             out.view(b, w, h * d)[:, 0] = 0.0  # the first step of each batch element
         x = F.linear(out, p.out_weight, p.out_bias).add_(x)

@@ -1,0 +1,121 @@
+"""The inference path (a forward without gradients, and decoding) computes the paper path's
+function in float64: for windows of 1, 2, 3 and 8 steps, batches of 1 and 2, with cross
+attention, with a memory that the call pushes past ``mem_len`` (and, decoding, a ring buffer
+that wraps around), with the core's fused ops or the composed torch ops at every row count."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from feedback_transformer import FeedbackTransformer, _inference_window
+
+VOCAB, DIM, HEADS, DIM_HEAD = 13, 16, 2, 8
+
+
+def random_model(seq_len, mem_len, cross_attend=False, keep_last_hidden=False, seed=0):
+    """A float64 model whose parameters are all far from their (often zero) initial values."""
+    torch.manual_seed(seed)
+    model = FeedbackTransformer(
+        num_tokens=VOCAB, dim=DIM, depth=2, seq_len=seq_len, mem_len=mem_len, heads=HEADS,
+        dim_head=DIM_HEAD, cross_attend=cross_attend, keep_last_hidden=keep_last_hidden,
+    ).double()  # fmt: skip
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.5)
+    return model.eval()
+
+
+def paper(model, *args, **kwargs):
+    """``model(*args, **kwargs)`` on the paper path (`feedback_transformer.reference`)."""
+    model.use_fast_path = False
+    try:
+        with torch.no_grad():
+            return model(*args, **kwargs)
+    finally:
+        model.use_fast_path = True
+
+
+def assert_close(name, actual, expected):
+    torch.testing.assert_close(actual, expected, rtol=1e-9, atol=1e-9, msg=lambda m: f"{name}: {m}")
+
+
+CASES = [  # (seq_len, mem_len, batch, n, cross_attend, prefix length)
+    pytest.param(1, 4, 1, 9, False, 0, id="W1-b1-wraps"),
+    pytest.param(1, 3, 2, 7, True, 2, id="W1-b2-cross-prefix"),
+    pytest.param(2, 5, 1, 11, False, 3, id="W2-b1-prefix-tail"),
+    pytest.param(2, 4, 2, 12, True, 0, id="W2-b2-cross"),
+    pytest.param(3, 4, 2, 10, False, 6, id="W3-b2-prefix-longer-than-mem_len"),
+    pytest.param(3, 0, 1, 7, False, 0, id="W3-b1-no-memory"),
+    pytest.param(8, 6, 2, 19, False, 0, id="W8-b2-tail"),
+    pytest.param(8, 20, 1, 5, True, 4, id="W8-b1-one-short-window-cross"),
+]
+
+
+@pytest.mark.parametrize("rows", [1, 10**6], ids=["fused", "composed"])
+@pytest.mark.parametrize(("W", "M", "b", "n", "cross", "prefix_len"), CASES)
+def test_forward_without_gradients_equals_paper_path(W, M, b, n, cross, prefix_len, rows,
+                                                     monkeypatch):  # fmt: skip
+    monkeypatch.setattr(_inference_window, "FUSED_MIN_ROWS", rows)
+    model = random_model(W, M, cross_attend=cross)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randint(0, VOCAB, (b, n), generator=g)
+    kwargs = {}
+    if cross:
+        context = torch.randn(b, 3, DIM, generator=g, dtype=torch.float64)
+        kwargs = dict(context=context, context_mask=torch.tensor([[True, False, True]] * b))
+    if prefix_len:
+        shape = (b, HEADS, prefix_len, DIM_HEAD)
+        kwargs["memory"] = tuple(torch.randn(shape, generator=g, dtype=torch.float64) for _ in "kv")
+    expected, expected_memory = paper(model, x, return_memory=True, **kwargs)
+    with torch.no_grad():
+        logits, memory = model(x, return_memory=True, **kwargs)
+    assert_close("logits", logits, expected)
+    assert_close("memory keys", memory.keys, expected_memory.keys)
+    assert_close("memory values", memory.values, expected_memory.values)
+    assert memory.keys.shape[2] == min(M, prefix_len + n)
+
+
+@pytest.mark.parametrize("rows", [1, 10**6], ids=["fused", "composed"])
+@pytest.mark.parametrize(("W", "b", "cross"), [(1, 1, False), (1, 2, True), (2, 2, False),
+                                               (3, 1, True), (8, 2, False)])  # fmt: skip
+def test_decoding_past_a_full_ring_equals_paper_path(W, b, cross, rows, monkeypatch):
+    """Decoding 3 times ``mem_len`` steps: the ring buffer wraps around (several times)."""
+    monkeypatch.setattr(_inference_window, "FUSED_MIN_ROWS", rows)
+    M, prompt, n = 4, 3, 3 + 12
+    model = random_model(W, M, cross_attend=cross, keep_last_hidden=W == 3, seed=2)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randint(0, VOCAB, (b, n), generator=g)
+    kwargs = {}
+    if cross:
+        kwargs = dict(context=torch.randn(b, 5, DIM, generator=g, dtype=torch.float64))
+    expected, expected_memory = paper(model, x, return_memory=True, **kwargs)
+    with torch.no_grad():
+        logits, state = model.prefill(x[:, :prompt], **kwargs)
+        steps = [logits]
+        for t in range(prompt, n):
+            logits, state = model.step(x[:, t], state)
+            steps.append(logits)
+    assert_close("logits", torch.stack(steps[:-1], dim=1), expected[:, prompt - 1 : n - 1])
+    assert_close("last logits", steps[-1], expected[:, -1])
+    assert_close("memory keys", state.memory.keys, expected_memory.keys)
+    assert_close("memory values", state.memory.values, expected_memory.values)
+
+
+def test_full_windows_read_their_rows_and_first_projection_as_views(monkeypatch):
+    """The full windows' rows are laid out window by window once per call: a window's input
+    and its first layer's projection are views of those, not copies per window; the tail
+    window (here 1 step) projects its own input."""
+    model = random_model(2, 8)
+    x = torch.randint(0, VOCAB, (2, 7))
+    calls = []
+    original = _inference_window.window
+
+    def spy(weights, x, buffer, slots, bias, first_empty, cross, proj0=None):
+        calls.append((x._base is not None, proj0 is not None and proj0._base is not None))
+        return original(weights, x, buffer, slots, bias, first_empty, cross, proj0)
+
+    monkeypatch.setattr(_inference_window, "window", spy)
+    with torch.no_grad():
+        model(x)
+    assert calls == [(True, True)] * 3 + [(True, False)]
