@@ -20,8 +20,9 @@ dropout off:
    has no generation API, so its decoding is ``model(token, memory=memory,
    return_memory=True)`` with a seq_len 1 model, one token at a time. Beside them, in the same
    run, the attention's read of the memory alone (``depth`` layers of one query per head over
-   the filled slots, in the torch ops a one-row window runs): a token of ours should grow with
-   the fill by no more than that read.
+   the filled slots, in torch ops that read the same bytes as the model's
+   ``cache_attention`` calls): a token of ours should grow with the fill by no more than that
+   read.
 
 The peer is imported if it is installed (``pip install --no-deps
 feedback-transformer-pytorch==0.0.11``; it needs only torch and einops). Without it, only our
@@ -161,8 +162,8 @@ def decoding(Peer, fill: int, steps: int, repeats: int) -> list[dict]:
         runs[kind] = run
 
     # the attention's read of the memory alone, as a token of ours does it: per layer one query
-    # row per head over the `fill` memory slots with the position bias, in the torch ops a
-    # window of one row runs (`baddbmm`, softmax, `bmm`; same shapes)
+    # row per head over the `fill` memory slots with the position bias, in torch ops
+    # (`baddbmm`, softmax, `bmm`; the same shapes and bytes as the token's `cache_attention`)
     query = torch.randn(HEADS, 1, DIM_HEAD, generator=g)
     bias = torch.randn(HEADS, 1, fill, generator=g)
     memory_keys, memory_values = keys[0], values[0]  # (heads, fill, dim_head)

@@ -13,7 +13,9 @@ Computes what `reference.feedback_forward` computes, with these differences in h
 * functional ops on the parameters (no module dispatch, no einops parsing per step);
 * while gradients are recorded, weight gradients are formed once per call
   (`_step_linear.StepLinear`) and a layer without cross attention is one autograd node
-  (`_fused_window_step.LayerStep`, unless ``FUSED`` is false).
+  (`_fused_window_step.LayerStep`, unless ``FUSED`` is false);
+* a call that records no gradients (and applies no dropout) runs `_inference_window.run`,
+  the same loop in fewer ops per window.
 
 Einstein notation: ``b`` batch, ``n`` tokens, ``w`` steps of a window, ``h`` heads, ``d``
 head feature.
