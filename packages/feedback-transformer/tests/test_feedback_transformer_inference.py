@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from feedback_transformer import FeedbackTransformer, _inference_window
+from feedback_transformer._window_attention import window_bias
 
 VOCAB, DIM, HEADS, DIM_HEAD = 13, 16, 2, 8
 
@@ -119,3 +120,17 @@ def test_full_windows_read_their_rows_and_first_projection_as_views(monkeypatch)
     with torch.no_grad():
         model(x)
     assert calls == [(True, True)] * 3 + [(True, False)]
+
+
+@pytest.mark.parametrize(("W", "M"), [(1, 4), (2, 0), (3, 5), (8, 3)])
+def test_window_biases_are_the_masked_window_bias(W, M):
+    """`WindowBiases.get` (slices of one masked table) equals `window_bias` for every memory
+    fill and window length."""
+    table = torch.randn(2, W, M + W, dtype=torch.float64)
+    biases = _inference_window.WindowBiases(table, W)
+    for m in range(M + 1):
+        for w in range(1, W + 1):
+            bias, first_empty = biases.get(m, w)
+            expected, expected_first_empty = window_bias(table, m, w, W)
+            assert first_empty == expected_first_empty
+            torch.testing.assert_close(bias, expected, rtol=0, atol=0)

@@ -44,7 +44,15 @@ if TYPE_CHECKING:
     from .layers import CrossAttention
     from .model import FeedbackTransformer
 
-__all__ = ["FUSED_MIN_ROWS", "InferenceWeights", "layer_norm", "query_weights", "run", "window"]
+__all__ = [
+    "FUSED_MIN_ROWS",
+    "InferenceWeights",
+    "WindowBiases",
+    "layer_norm",
+    "query_weights",
+    "run",
+    "window",
+]
 
 # windows of fewer rows (batch times steps) run composed torch ops. The core's ops measured
 # faster from one row on (dim 256, 8 heads of 64, 256 memory slots, medians of the block
@@ -112,6 +120,39 @@ class InferenceWeights:
         self.mix = None if mix is None or not model.mem_len else mix.softmax(dim=-1)
         self.heads, self.dim_head = model.heads, model.dim_head
         self.has_memory = model.mem_len > 0
+
+
+class WindowBiases:
+    """The position bias of a window of ``w`` queries over ``m`` memory slots, as a view.
+
+    `_window_attention.window_bias` masks the window's keys per call; here the table of the
+    longest memory is masked once and every window with memory reads a slice of it (a
+    window without memory, the first of a call, gets its own).
+
+    Arguments:
+        table: ``(h, W, M + W)``, queries ``0 .. W - 1`` over keys at ``-M .. W - 1``.
+        window: ``W``, the most steps of a window.
+    """
+
+    __slots__ = ("_empty", "_masked", "_table", "_window")
+
+    def __init__(self, table: Tensor, window: int):
+        self._table, self._window = table, window
+        memory = table.shape[2] - window
+        # with one step per window no query reads a window key: the table needs no mask
+        masked = memory and window > 1
+        self._masked = window_bias(table, memory, window, window)[0] if masked else table
+        self._empty: dict[int, tuple[Tensor, bool]] = {}
+
+    def get(self, m: int, w: int) -> tuple[Tensor, bool]:
+        """The bias ``(h, w, m + w)`` (``(h, 1, m)`` when ``w == 1``) and whether the first
+        query sees no key, as `_window_attention.window_bias` returns them."""
+        if not m:
+            if w not in self._empty:
+                self._empty[w] = window_bias(self._table, 0, w, self._window)
+            return self._empty[w]
+        M = self._masked.shape[2] - self._window
+        return self._masked[:, :w, M - m : M + (w if w > 1 else 0)], False
 
 
 def _attention(
@@ -218,7 +259,9 @@ def window(
         states.append(x)
     if not weights.has_memory:
         return x, None
-    merged = x if weights.mix is None else torch.stack(states, dim=-1) @ weights.mix
+    merged = x
+    if weights.mix is not None:  # "l r e, l -> r e"
+        merged = (weights.mix @ torch.stack(states).flatten(1)).view_as(x)
     return x, F.linear(F.layer_norm(merged, shape, norm_weight, norm_bias, eps), weights.kv_weight)
 
 
@@ -259,7 +302,7 @@ def run(
     bias_full = model.rel_pos(positions[M:], positions)  # (h, W, M + W)
     full = InferenceWeights(model, query_weights(model, stacked=W > 1))
     single = full if W == 1 else InferenceWeights(model, [p.weight[: H * D] for p in full.layers])
-    biases: dict[tuple[int, int], tuple[Tensor, bool]] = {}
+    biases = WindowBiases(bias_full, W)
     count = n // W  # full windows; then a tail of n % W steps
     # "b (k w) e -> k (b w) e": each full window's rows contiguous
     steps = h[:, : count * W].reshape(b, count, W, dim).transpose(0, 1).reshape(count, b * W, dim)
@@ -271,10 +314,7 @@ def run(
         w = min(W, n - start)
         hi = m0 + start if M else 0
         lo = max(0, hi - M)
-        key = (w, hi - lo)
-        if key not in biases:
-            biases[key] = window_bias(bias_full, hi - lo, w, W)
-        bias, first_empty = biases[key]
+        bias, first_empty = biases.get(hi - lo, w)
         if index < count:
             x, proj0 = steps[index], proj_all[index]
         else:  # "b w e -> (b w) e"

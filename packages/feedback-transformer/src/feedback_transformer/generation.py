@@ -30,10 +30,9 @@ from attention_core.generation import generate as _generate
 from attention_core.generation import stream as _stream
 
 from . import _inference_window, _window_loop
-from ._inference_window import InferenceWeights, query_weights
+from ._inference_window import InferenceWeights, WindowBiases, query_weights
 from ._inputs import check_memory, check_tokens, prepare_context
 from ._kv_store import RingBuffer
-from ._window_attention import window_bias
 from .memory import FeedbackMemory
 
 if TYPE_CHECKING:
@@ -74,9 +73,7 @@ class FeedbackState:
         self.cross = cross
         positions = torch.arange(-M, W, device=memory.keys.device)
         # queries 0 .. W-1 of a window over keys at -M .. W-1
-        self.bias_full = model.rel_pos(positions[M:], positions)  # (h, W, M + W)
-        self.bias = self.bias_full[:, :1, :M]  # (h, 1, M): a window's first token
-        self.window_biases: dict[tuple[int, int], tuple[Tensor, bool]] = {}
+        self.biases = WindowBiases(model.rel_pos(positions[M:], positions), W)
         self.weights = InferenceWeights(model, query_weights(model, stacked=False))
         self.window_weights = (
             InferenceWeights(model, query_weights(model, stacked=True)) if W > 1 else None
@@ -144,15 +141,9 @@ def _advance(model: FeedbackTransformer, state: FeedbackState, x: Tensor) -> Ten
     incomplete one stays in ``state``."""
     b, w, dim = x.shape
     ring = state.ring
-    if w == 1:  # a window's first token: the memory only, queries only
-        bias, first_empty = state.bias[:, :, model.mem_len - ring.filled :], False
-        weights = state.weights
-    else:
-        key = (w, ring.filled)
-        if key not in state.window_biases:
-            state.window_biases[key] = window_bias(state.bias_full, ring.filled, w, model.seq_len)
-        bias, first_empty = state.window_biases[key]
-        weights = state.window_weights
+    bias, first_empty = state.biases.get(ring.filled, w)
+    # a window's first token: the memory only, queries only
+    weights = state.weights if w == 1 else state.window_weights
     out, kv = _inference_window.window(
         weights, x.reshape(b * w, dim), ring.kv, ring.bounds(), bias, first_empty, state.cross
     )
