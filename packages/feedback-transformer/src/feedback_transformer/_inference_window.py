@@ -306,7 +306,9 @@ def run(
     positions = torch.arange(-M, W, device=h.device)
     bias_full = model.rel_pos(positions[M:], positions)  # (h, W, M + W)
     full = InferenceWeights(model, query_weights(model, stacked=W > 1))
-    single = full if W == 1 else InferenceWeights(model, query_weights(model, stacked=False))
+    single = full  # the queries-only weights of a one-step window (a tail of one step)
+    if W > 1 and n % W == 1:
+        single = InferenceWeights(model, query_weights(model, stacked=False))
     biases = WindowBiases(bias_full, W)
     count = n // W  # full windows; then a tail of n % W steps
     # "b (k w) e -> k (b w) e": each full window's rows contiguous
