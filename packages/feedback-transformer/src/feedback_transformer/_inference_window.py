@@ -56,13 +56,17 @@ __all__ = [
     "window",
 ]
 
-# windows of fewer rows (batch times steps) run composed torch ops. The core's ops measured
-# faster from one row on (dim 256, 8 heads of 64, 256 memory slots, medians of the block
-# against its composed ops; 1 thread: feed-forward 147/181 us at 1 row, 147/173 at 2, 165/248
-# at 4; attention 36/39, 73/91, 98/110; 2 threads: feed-forward 52/81, 78/87, 79/105;
-# attention 26/32, 47/61, 46/51). The output projection stays a torch product: the core's
-# `residual_linear` measured slower there (1 thread, 4 rows: 35 against 17 us).
-FUSED_MIN_ROWS = 1
+# Windows of fewer rows (batch times steps) run composed torch ops. Alone, the core's ops
+# measured faster from one row on (dim 256, 8 heads of 64, 256 memory slots, medians, the
+# block against its composed ops; 1 thread: feed-forward 147/181 us at 1 row, 147/173 at 2,
+# 165/248 at 4, attention 36/39, 73/91, 98/110; 2 threads: feed-forward 52/81, 78/87,
+# 79/105, attention 26/32, 47/61, 46/51). Inside the model (1 thread, ms per window, fused
+# against composed) 4 rows ran 8% faster fused (2.03/2.20), 2 rows 5 to 7% faster composed
+# (1.43/1.34, seq_len 1, batch 2; fused attention with composed feed-forward or the reverse
+# was no better), 1 row within the noise (1.31/1.33). The output projection stays a torch
+# product: the core's `residual_linear` measured slower there (1 thread, 4 rows: 35 against
+# 17 us).
+FUSED_MIN_ROWS = 3
 
 
 def layer_norm(x: Tensor, norm: nn.LayerNorm) -> Tensor:
