@@ -6,9 +6,10 @@ ops dispatched per step, and the Python around them, is part of the cost. This i
 
 * the parameters are gathered once per call (`InferenceWeights`: the scaled query weights
   stacked on the shared key/value weight, each layer's tensors in one tuple), not looked up
-  on the modules per window; the dense products' weights are held transposed, ``(in, out)``
-  (``torch.mm`` of a few rows on those measured up to a quarter faster than ``F.linear``
-  on the ``(out, in)`` weight with 1 thread: 32 against 42 us at 4 rows, ``256 -> 1536``);
+  on the modules per window; the attention's dense products read their weights transposed,
+  ``(in, out)`` (``torch.mm`` of 4 rows on a cache-resident ``256 -> 1536`` weight: 32
+  against 42 us for ``F.linear``, 1 thread; inside the model, where the weights stream from
+  the last-level cache, 2-3% at seq_len 2 and within the noise at seq_len 1);
 * keys and values live in one joint buffer ``(2, b h, c, d)``, so a window's own keys and
   values go to the scratch slots after the memory in one copy, and a window's memory in
   one copy;
