@@ -637,6 +637,10 @@ PYBIND11_MODULE(_C, m) {
           "Use the sgemm_ at this address (0: none) for few-row products; whether it is used.");
     m.def("install_blas_f64", &attention_core::blas::install<double>, py::arg("dgemm"),
           "Use the dgemm_ at this address (0: none) for few-row products; whether it is used.");
+    m.def(
+        "set_blas_min_rows",
+        [](int64_t rows) { attention_core::rows::blas_min_rows_override() = rows; },
+        py::arg("rows"), "Products of this many rows or more run on BLAS (-1: measured); tests.");
     attention_core::linear_step::bind(m);  // csrc/linear_step_bindings.h
     attention_core::residual_step::bind(m);  // csrc/residual_step_bindings.h
     attention_core::cache_attention::bind(m);  // csrc/cache_attention_bindings.h

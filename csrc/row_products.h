@@ -12,6 +12,7 @@
 #pragma once
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -135,13 +136,23 @@ struct Dot {
 constexpr int64_t kBlasMinRowsOneThread = 20;
 constexpr int64_t kBlasMinRowsThreaded = 40;
 
+// The row count from which products run on BLAS when set by `set_blas_min_rows` (-1: the
+// measured thresholds above); benchmarks and tests use it to run either path at any size.
+inline std::atomic<int64_t>& blas_min_rows_override() {
+    static std::atomic<int64_t> rows{-1};
+    return rows;
+}
+
 // Whether torch's BLAS (blas.h) computes an R x N x K product faster than `Dot::columns` on
 // `threads` threads of the pool. `lds`: the strides of the rows of x, y (and add), which must
 // fit BLAS integers too.
 template <typename T>
 inline bool blas_wins(int64_t R, int64_t N, int64_t K, int64_t threads,
                       std::initializer_list<int64_t> lds) {
-    const int64_t min_rows = threads > 1 ? kBlasMinRowsThreaded : kBlasMinRowsOneThread;
+    const int64_t wanted = blas_min_rows_override().load(std::memory_order_relaxed);
+    const int64_t min_rows = wanted >= 0      ? wanted
+                             : threads > 1 ? kBlasMinRowsThreaded
+                                           : kBlasMinRowsOneThread;
     return R >= min_rows && blas::gemm_function<T>() != nullptr && blas::fits({R, N, K}) &&
            blas::fits(lds);
 }

@@ -1,7 +1,7 @@
-"""The kernels' few-row products on torch's own BLAS (``csrc/blas.h``): both paths (BLAS and
-the own kernels, forced with ``own_row_products``) against plain formulas in float32 and
-float64 over the row counts around the switch, strided inputs, with 1 and 2 threads; the BLAS
-path is torch.mm's very function (bit-identical results); the thread count of torch's MKL
+"""The kernels' few-row products on torch's own BLAS (``csrc/blas.h``): every path (the
+measured choice, BLAS at every row count, the own kernels) against plain formulas in float32
+and float64 over the row counts around the switch, strided inputs, with 1 and 2 threads; the
+BLAS path is torch.mm's very function (bit-identical results); the thread count of torch's MKL
 follows torch.set_num_threads; a function that fails the installation check is not used."""
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ needs_blas = pytest.mark.skipif(
 
 # around the switch to BLAS: 20 rows with 1 thread, 40 with more (csrc/row_products.h)
 ROWS = [1, 5, 19, 20, 39, 40, 64]
-PATHS = ["blas", "own"]
+PATHS = ["measured", "blas", "own"]
 DTYPES = [pytest.param(torch.float64, id="f64"), pytest.param(torch.float32, id="f32")]
 
 
@@ -42,8 +42,11 @@ def run(path, threads, fn, *args, **kwargs):
             with _extension.own_row_products():
                 assert not _extension.blas_in_use(torch.float32)
                 return fn(*args, **kwargs)
+        if path == "blas":
+            _extension._C.set_blas_min_rows(1)
         return fn(*args, **kwargs)
     finally:
+        _extension._C.set_blas_min_rows(-1)
         torch.set_num_threads(before)
 
 
@@ -102,9 +105,11 @@ def test_feed_forward_equals_the_formula(path, threads, rows, dtype, activation,
 
 
 @needs_blas
-@pytest.mark.parametrize("threads, rows", [(1, 20), (1, 64), (2, 40), (2, 64)])
+@pytest.mark.parametrize(
+    "threads, rows, min_rows", [(1, 20, -1), (1, 64, -1), (2, 40, -1), (2, 64, -1), (2, 4, 1)]
+)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_blas_path_is_torch_mm(threads, rows, dtype):
+def test_blas_path_is_torch_mm(threads, rows, min_rows, dtype):
     """From the switch on, a product is torch.mm's own gemm: bit for bit the same result."""
     if not _extension.blas_in_use(dtype):
         pytest.skip(f"no BLAS for {dtype}")
@@ -115,9 +120,11 @@ def test_blas_path_is_torch_mm(threads, rows, dtype):
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
+        _extension._C.set_blas_min_rows(min_rows)
         y = residual_linear(zeros, a, w)
         expected = torch.mm(a, w.T)
     finally:
+        _extension._C.set_blas_min_rows(-1)
         torch.set_num_threads(before)
     assert torch.equal(y, expected)
 

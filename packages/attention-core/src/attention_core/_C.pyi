@@ -515,6 +515,10 @@ def install_blas_f64(dgemm: int) -> bool:
     """Run few-row float64 products on the Fortran ``dgemm_`` at this address (0: the own
     kernels); returns whether it passed its check and is in use."""
 
+def set_blas_min_rows(rows: int) -> None:
+    """Run few-row products of this many rows or more on BLAS, fewer on the own kernels (-1:
+    the measured thresholds); for tests and benchmarks."""
+
 def openmp_enabled() -> bool:
     """Whether the kernels were compiled with OpenMP (otherwise they run serially)."""
 
