@@ -15,6 +15,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <memory>
 #include <vector>
 
 #include "cpu_dispatch.h"
@@ -88,11 +89,17 @@ struct Workers {
     static void columns(const Product<T>& p, int64_t c0, int64_t c1) {
         rows::Dot<T, BYTES>::columns(p, c0, c1);
     }
-    // After the first product through BLAS: act(hidden) in place on R rows of F, `ld` apart;
-    // with geglu each row holds [value, gate] (ld = 2 F) and value becomes value * gelu(gate).
-    static void activate_rows(const FeedForward<T>& p, T* hidden, int64_t ld) {
-        for (int64_t r = 0; r < p.R; ++r) {
-            T* row = hidden + r * ld;
+    // After the first product through BLAS (without its bias): act(hidden + b1) in place on
+    // rows [r0, r1) of F, `ld` apart; with geglu each row holds [value, gate] (ld = 2 F) and
+    // value becomes value * gelu(gate).
+    static void activate_rows(const FeedForward<T>& p, T* hidden, int64_t ld, int64_t r0,
+                              int64_t r1) {
+        const int64_t width = p.activation == Activation::geglu ? 2 * p.F : p.F;
+        for (int64_t r = r0; r < r1; ++r) {
+            T* __restrict row = hidden + r * ld;
+            if (p.b1) {
+                for (int64_t c = 0; c < width; ++c) row[c] += p.b1[c];
+            }
             if (p.activation == Activation::geglu) {
                 rows::gate_values(row, row + p.F, p.F);
             } else {
@@ -106,7 +113,7 @@ template <typename T>
 struct WorkerSet {
     void (*hidden_columns)(const FeedForward<T>&, const T*, int64_t, T*, int64_t, int64_t);
     void (*columns)(const Product<T>&, int64_t, int64_t);
-    void (*activate_rows)(const FeedForward<T>&, T*, int64_t);
+    void (*activate_rows)(const FeedForward<T>&, T*, int64_t, int64_t, int64_t);
 };
 
 #define ATTENTION_CORE_RESIDUAL_WORKERS(NAME, TARGET, BYTES)                                \
@@ -120,8 +127,9 @@ struct WorkerSet {
         Workers<T, BYTES>::columns(p, c0, c1);                                              \
     }                                                                                       \
     template <typename T>                                                                   \
-    TARGET void NAME##_activate(const FeedForward<T>& p, T* hidden, int64_t ld) {           \
-        Workers<T, BYTES>::activate_rows(p, hidden, ld);                                    \
+    TARGET void NAME##_activate(const FeedForward<T>& p, T* hidden, int64_t ld, int64_t r0,  \
+                                int64_t r1) {                                               \
+        Workers<T, BYTES>::activate_rows(p, hidden, ld, r0, r1);                            \
     }
 #define ATTENTION_CORE_NO_TARGET
 ATTENTION_CORE_RESIDUAL_WORKERS(baseline, ATTENTION_CORE_NO_TARGET, 16)
@@ -145,6 +153,9 @@ WorkerSet<T> workers() {
 #endif
     return {&baseline_hidden<T>, &baseline_columns<T>, &baseline_activate<T>};
 }
+
+// Below this many activations per thread the pass after a BLAS product runs on one thread.
+constexpr int64_t kActivationsPerThread = 16384;
 
 // Below this many multiply-adds per thread a product runs on one thread (waking the pool costs
 // more than the work).
@@ -177,24 +188,30 @@ void norm_rows(T* dst, int64_t ld_dst, const T* src, int64_t ld_src, int64_t R, 
 // hidden (R x F, rows `ld` apart) = act(a W1^T + b1), the first product on torch's BLAS
 // (blas.h) or on the own kernels split over the pool. With geglu on BLAS the rows are
 // [value, gate] (ld = 2 F) and the values become value * gelu(gate).
+// (The buffer is left uninitialised: every element is written before it is read.)
 template <typename T>
-std::vector<T> hidden_rows(const FeedForward<T>& p, const WorkerSet<T>& kernels, const T* a,
-                           int64_t lda, int64_t threads, int64_t& ld) {
+std::unique_ptr<T[]> hidden_rows(const FeedForward<T>& p, const WorkerSet<T>& kernels,
+                                 const T* a, int64_t lda, int64_t threads, int64_t& ld) {
     const int64_t R = p.R, D = p.D, F = p.F;
     const bool geglu = p.activation == Activation::geglu;
     const int64_t first = geglu ? 2 * F : F;
     if (rows::blas_wins<T>(R, first, D, threads, {lda, first})) {
-        std::vector<T> hidden(static_cast<size_t>(R * first));
-        rows::blas_product(Product<T>{a, lda, R, D, p.W1, p.b1, nullptr, 0, hidden.data(), first},
-                           first);
-        kernels.activate_rows(p, hidden.data(), first);
+        std::unique_ptr<T[]> hidden(new T[static_cast<size_t>(R * first)]);
+        // the bias is added by the activation's pass, which reads each row anyway
+        rows::blas_product(
+            Product<T>{a, lda, R, D, p.W1, nullptr, nullptr, 0, hidden.get(), first}, first);
+        const int64_t useful = std::max<int64_t>(1, R * first / kActivationsPerThread);
+        const int64_t workers = std::min(threads, useful);
+        parallel_for(R, workers, [&](int64_t, int64_t r0, int64_t r1) {
+            kernels.activate_rows(p, hidden.get(), first, r0, r1);
+        });
         ld = first;
         return hidden;
     }
-    std::vector<T> hidden(static_cast<size_t>(R * F));
+    std::unique_ptr<T[]> hidden(new T[static_cast<size_t>(R * F)]);
     // workers own hidden columns [c0, c1): with geglu both their value and their gate rows
     split_columns(R, F, geglu ? 2 * D : D, threads, [&](int64_t c0, int64_t c1) {
-        kernels.hidden_columns(p, a, lda, hidden.data(), c0, c1);
+        kernels.hidden_columns(p, a, lda, hidden.get(), c0, c1);
     });
     ld = F;
     return hidden;
@@ -215,8 +232,8 @@ void residual_feed_forward(const FeedForward<T>& p, int64_t threads) {
         lda = D;
     }
     int64_t ld = F;
-    const std::vector<T> hidden = hidden_rows(p, kernels, a, lda, threads, ld);
-    const Product<T> second{hidden.data(), ld, R, F, p.W2, p.b2, p.x, p.ldx, p.out, D};
+    const std::unique_ptr<T[]> hidden = hidden_rows(p, kernels, a, lda, threads, ld);
+    const Product<T> second{hidden.get(), ld, R, F, p.W2, p.b2, p.x, p.ldx, p.out, D};
     if (rows::blas_wins<T>(R, D, F, threads, {ld, D})) {
         rows::blas_product(second, D);
     } else {

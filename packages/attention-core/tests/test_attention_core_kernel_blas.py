@@ -79,7 +79,10 @@ def test_linear_equals_the_formula(path, threads, rows, dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("activation", ["relu", "gelu", "geglu"])
 @pytest.mark.parametrize("norm_first", [True, False], ids=["pre-norm", "post-norm"])
-def test_feed_forward_equals_the_formula(path, threads, rows, dtype, activation, norm_first):
+@pytest.mark.parametrize("biases", [True, False], ids=["biases", "no-biases"])
+def test_feed_forward_equals_the_formula(
+    path, threads, rows, dtype, activation, norm_first, biases
+):
     g = torch.Generator().manual_seed(rows)
     D, hidden = 40, 56
     first = 2 * hidden if activation == "geglu" else hidden
@@ -88,8 +91,11 @@ def test_feed_forward_equals_the_formula(path, threads, rows, dtype, activation,
     b1 = torch.randn(first, generator=g, dtype=dtype)
     w2 = torch.randn(D, hidden, generator=g, dtype=dtype) / hidden**0.5
     b2, nw, nb = (torch.randn(D, generator=g, dtype=dtype) for _ in range(3))
+    if not biases:
+        b1, b2 = torch.zeros_like(b1), torch.zeros_like(b2)  # the formula's terms
+    passed = (b1, b2) if biases else (None, None)
     y = run(
-        path, threads, residual_feed_forward, x, w1, b1, w2, b2, nw, nb,
+        path, threads, residual_feed_forward, x, w1, passed[0], w2, passed[1], nw, nb,
         activation=activation, norm_first=norm_first,
     )  # fmt: skip
     xd = x.double()
