@@ -233,20 +233,17 @@ void backward_packed(const BackwardArgs<T>& a, int64_t threads) {
         for (int64_t item = begin; item < end; ++item) {
             heads.push_back(backward_head_args(a, item));
         }
+        const int64_t count = end - begin;
         std::vector<packed::HeadState<T>> states(heads.size());
         packed::Workspace<T> ws;
-        ws.reserve(a.E, a.M);
-        for (size_t i = 0; i < heads.size(); ++i) packed::backward_start(heads[i], states[i]);
+        ws.reserve_backward(a.E, a.M, count, a.normalize);
+        for (int64_t i = 0; i < count; ++i) packed::backward_start(heads[i], states[i]);
         for (int64_t c0 = 0; c0 < L; c0 += C) {
-            for (size_t i = 0; i < heads.size(); ++i) {
-                leaves.backward_forward(heads[i], states[i], ws, c0);
-            }
+            leaves.backward_forward(heads.data(), states.data(), count, ws, c0);
         }
-        for (size_t i = 0; i < heads.size(); ++i) packed::backward_turn(heads[i], states[i]);
+        for (int64_t i = 0; i < count; ++i) packed::backward_turn(heads[i], states[i]);
         for (int64_t c0 = (L - 1) / C * C; L > 0 && c0 >= 0; c0 -= C) {
-            for (size_t i = 0; i < heads.size(); ++i) {
-                leaves.backward_reverse(heads[i], states[i], ws, c0);
-            }
+            leaves.backward_reverse(heads.data(), states.data(), count, ws, c0);
         }
     });
 }
