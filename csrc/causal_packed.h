@@ -41,26 +41,53 @@ using chunked::HeadBackward;
 using chunked::HeadForward;
 constexpr int64_t kChunk = 64;  // tokens per chunk
 
+// A buffer of at least n elements (grown, never shrunk: its rows are written before they
+// are read, so nothing needs clearing).
+template <typename T>
+inline T* at_least(std::vector<T>& buffer, int64_t n) {
+    if (int64_t(buffer.size()) < n) buffer.resize(n);
+    return buffer.data();
+}
+
 template <typename T>
 struct Workspace {
     std::vector<T> r;  // r of the forward pass's chunk
-    // The chunk of every head of the worker (heads x C x features): mapped q and k, v; for the
+    // The chunk of every head of a group (heads x C x features): mapped q and k, v; for the
     // backward pass also the gradient g, the forward output (normalised forward sweep only),
     // and the packed gradients: dq or dk (`hd`) and dv.
     std::vector<T> hq, hk, hv, hg, ho, hd, hdv;
 
     void reserve(int64_t E, int64_t M, int64_t heads) {
-        r.resize(kChunk);
-        for (auto* buffer : {&hq, &hk}) buffer->assign(heads * kChunk * E, T(0));
-        hv.assign(heads * kChunk * M, T(0));
+        at_least(r, kChunk);
+        for (auto* buffer : {&hq, &hk}) at_least(*buffer, heads * kChunk * E);
+        at_least(hv, heads * kChunk * M);
     }
 
     void reserve_backward(int64_t E, int64_t M, int64_t heads, bool normalize) {
-        for (auto* buffer : {&hq, &hk, &hd}) buffer->assign(heads * kChunk * E, T(0));
-        for (auto* buffer : {&hv, &hg, &hdv}) buffer->assign(heads * kChunk * M, T(0));
-        ho.assign(normalize ? heads * kChunk * M : 0, T(0));
+        for (auto* buffer : {&hq, &hk, &hd}) at_least(*buffer, heads * kChunk * E);
+        for (auto* buffer : {&hv, &hg, &hdv}) at_least(*buffer, heads * kChunk * M);
+        if (normalize) at_least(ho, heads * kChunk * M);
     }
 };
+
+// The workspace of the calling thread, kept between calls (the threads of torch's pool live
+// on): allocating and clearing it per call was a fixed cost of every call. Bounded by the
+// group size below.
+template <typename T>
+inline Workspace<T>& thread_workspace() {
+    static thread_local Workspace<T> workspace;
+    return workspace;
+}
+
+// Heads gathered together: as many as keep a group's chunk buffers (at most 3 rows of E and
+// 4 of M per token and head, backward) within about 1 MiB, so that they stay in L2 while its
+// sweeps run; at least one.
+template <typename T>
+inline int64_t group_size(int64_t E, int64_t M) {
+    constexpr int64_t kGroupBytes = int64_t{1} << 20;
+    const int64_t head_bytes = kChunk * (3 * E + 4 * M) * int64_t(sizeof(T));
+    return std::max<int64_t>(1, kGroupBytes / std::max<int64_t>(1, head_bytes));
+}
 
 // Per-head state that the backward pass carries from chunk to chunk (the forward pass keeps
 // its states in the head's S and z outputs).

@@ -134,3 +134,13 @@ def test_gradcheck_with_states_across_chunks(normalize):
         return out, S
 
     assert torch.autograd.gradcheck(fn, (Q, K, V, S0, z0))
+
+
+@pytest.mark.parametrize("normalize", NORMALIZE)
+def test_heads_in_several_groups(normalize, threads):
+    """A worker gathers at most about 1 MiB of chunk rows at a time: with E = M = 64 in
+    float64 that is 4 heads, so 2 batches of 5 heads on one thread run as groups of 4, 4
+    and 2, one of them across the batch boundary."""
+    threads(1)
+    tensors = inputs(2, 5, 70, 64, 64, seed=11)
+    check(lambda *t: run(*t, normalize), lambda *t: dense(*t, normalize), tensors)
