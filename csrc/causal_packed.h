@@ -3,22 +3,24 @@
 // H E-element strides) and for the fused feature map: causal linear attention with
 // phi(x) = elu(x) + 1 applied inside the kernel, numerator and normaliser in one pass.
 //
-// For each chunk of 64 tokens, q and k are first mapped into contiguous buffers (phi applied
-// when asked) while the normaliser runs over the same rows (z += phi(k_t),
-// r_t = 1 / (phi(q_t) . z + eps)); the recurrence then reads those buffers and the v rows
-// where they lie, and writes each output row scaled by r_t straight into the strided output.
-// States are carried from chunk to chunk, so the result is the one recurrence over the whole
-// sequence. The caller walks chunks in the outer loop and a worker's heads in the inner one:
-// in the (N, L, H, E) layout the heads of a chunk share the same pages, so the memory of a
-// chunk is read while it is in the TLB and caches (walking one head at a time over the whole
-// sequence touches a new page every few tokens: that, not the arithmetic, made strided rows
-// 1.7-2x slower).
+// For each chunk of 64 tokens, the rows of every head of a group (about 1 MiB of chunk rows,
+// see group_size) are first gathered token by token into contiguous buffers, q and k mapped
+// (phi applied when asked), v copied: in the (N, L, H, E) layout the heads of one token are
+// adjacent, so the strided operands are read in their memory order, once. Each head then
+// runs the normaliser over its buffered rows (z += phi(k_t), r_t = 1 / (phi(q_t) . z + eps))
+// and the recurrence, which writes each output row scaled by r_t straight into the strided
+// output. States are carried from chunk to chunk, so the result is the one recurrence over
+// the whole sequence. (Walking one head at a time over the whole sequence touches a new page
+// every few tokens: that, not the arithmetic, made strided rows 1.7-2x slower.)
 //
-// The backward pass runs its forward sweep chunk by chunk from the first, and its three
-// reverse sweeps chunk by chunk from the last, all three on the same mapped chunk; the map is
-// recomputed (nothing of size L E is stored), r and dd are kept per token (O(L) per head).
-// The gradient of phi is phi(x) for x <= 0 and 1 above, that is min(phi(x), 1): it is read
-// from the mapped rows when a chunk's dQ and dK rows are written, without a second exp.
+// The backward pass does the same with its forward sweep chunk by chunk from the first and
+// its reverse sweeps chunk by chunk from the last: each sweep gathers the chunk's q and k
+// (mapped), g, v and (forward sweep, normalised) out of every head of the group, runs the
+// heads' sweeps on the buffers into packed gradients, then writes the gradient rows back token
+// by token, in memory order again. The map is recomputed (nothing of size L E is stored); r
+// and dd are kept per token (O(L) per head). The gradient of phi is phi(x) for x <= 0 and 1
+// above, that is min(phi(x), 1): it is read from the mapped rows when the dQ and dK rows are
+// written back, without a second exp.
 //
 // Every chunk kernel is compiled once per instruction set (`Leaves`, as in causal_recurrence.h),
 // the feature map and the recurrence included. No pybind11 and no torch here.
@@ -113,10 +115,7 @@ inline void map_row(T* __restrict dst, const T* __restrict src, int64_t cols, bo
     }
 }
 
-// Rows of every head of the worker are read (and written) token by token, in memory order:
-// in the (N, L, H, E) layout the worker's heads of one token are adjacent, so a chunk is one
-// forward stream per operand, which the hardware prefetchers follow; each head's sweeps then
-// run on contiguous rows in the caches. Rows kPrefetchRows tokens ahead are prefetched as well.
+// The backward gather also prefetches the rows kPrefetchRows tokens ahead (a hint).
 constexpr int64_t kPrefetchRows = 4;
 
 template <typename T>
