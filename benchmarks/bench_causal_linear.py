@@ -389,8 +389,8 @@ def targets(rows: list[dict], layer: list[dict], gemm: float) -> list[str]:
         if numerator:
             rate = f"{work / numerator['forward'] / gemm:.0%}"
         fresh = "n/a"
-        if "fresh pages ms" in entry:  # tables stored before this column have none
-            less = entry["numerator forward ms"] - entry["fresh pages ms"]
+        if numerator and "fresh pages ms" in entry:  # older stored tables have none
+            less = numerator["forward"] - entry["fresh pages ms"]
             fresh = f"{work / less / gemm:.0%} ({entry['fresh pages ms']:.1f})"
         layer_cells = [f"{entry[m]:.2f}x" for m in MODES]
         columns.append([*speed, memory, *layer_cells, rate, fresh])
