@@ -13,14 +13,15 @@
 // the whole sequence. (Walking one head at a time over the whole sequence touches a new page
 // every few tokens: that, not the arithmetic, made strided rows 1.7-2x slower.)
 //
-// The backward pass does the same with its forward sweep chunk by chunk from the first and
-// its reverse sweeps chunk by chunk from the last: each sweep gathers the chunk's q and k
-// (mapped), g, v and (forward sweep, normalised) out of every head of the group, runs the
-// heads' sweeps on the buffers into packed gradients, then writes the gradient rows back token
-// by token, in memory order again. The map is recomputed (nothing of size L E is stored); r
-// and dd are kept per token (O(L) per head). The gradient of phi is phi(x) for x <= 0 and 1
-// above, that is min(phi(x), 1): it is read from the mapped rows when the dQ and dK rows are
-// written back, without a second exp.
+// The backward pass runs its forward sweep chunk by chunk from the first and its reverse
+// sweeps chunk by chunk from the last. Each sweep gathers the chunk's q and k rows of every
+// head of the group (mapped) the same way, runs the heads' sweeps (reading g, v and out and
+// writing dv where they lie, a head at a time) into packed dq or dk rows, then writes those
+// back token by token, in memory order again. (Gathering g, v and out as well measured the
+// same at L = 4096 and 16384 and 6-10% slower at L = 1024, one thread.) The map is
+// recomputed (nothing of size L E is stored); r and dd are kept per token (O(L) per head).
+// The gradient of phi is phi(x) for x <= 0 and 1 above, that is min(phi(x), 1): it is read
+// from the mapped rows when the dQ and dK rows are written back, without a second exp.
 //
 // Every chunk kernel is compiled once per instruction set (`Leaves`, as in causal_recurrence.h),
 // the feature map and the recurrence included. No pybind11 and no torch here.
@@ -54,10 +55,9 @@ inline T* at_least(std::vector<T>& buffer, int64_t n) {
 template <typename T>
 struct Workspace {
     std::vector<T> r;  // r of the forward pass's chunk
-    // The chunk of every head of a group (heads x C x features): mapped q and k, v; for the
-    // backward pass also the gradient g, the forward output (normalised forward sweep only),
-    // and the packed gradients: dq or dk (`hd`) and dv.
-    std::vector<T> hq, hk, hv, hg, ho, hd, hdv;
+    // The chunk of every head of a group (heads x C x features): mapped q and k, v (forward
+    // pass), the packed dq or dk (backward pass).
+    std::vector<T> hq, hk, hv, hd;
 
     void reserve(int64_t E, int64_t M, int64_t heads) {
         at_least(r, kChunk);
@@ -65,10 +65,8 @@ struct Workspace {
         at_least(hv, heads * kChunk * M);
     }
 
-    void reserve_backward(int64_t E, int64_t M, int64_t heads, bool normalize) {
+    void reserve_backward(int64_t E, int64_t heads) {
         for (auto* buffer : {&hq, &hk, &hd}) at_least(*buffer, heads * kChunk * E);
-        for (auto* buffer : {&hv, &hg, &hdv}) at_least(*buffer, heads * kChunk * M);
-        if (normalize) at_least(ho, heads * kChunk * M);
     }
 };
 
@@ -81,13 +79,13 @@ inline Workspace<T>& thread_workspace() {
     return workspace;
 }
 
-// Heads gathered together: as many as keep a group's chunk buffers (at most 3 rows of E and
-// 4 of M per token and head, backward) within about 1 MiB, so that they stay in L2 while its
-// sweeps run; at least one.
+// Heads gathered together: as many as keep a group's chunk buffers (at most 3 rows of
+// max(E, M) per token and head) within about 1 MiB, so that they stay in L2 while the
+// group's sweeps run; at least one.
 template <typename T>
 inline int64_t group_size(int64_t E, int64_t M) {
     constexpr int64_t kGroupBytes = int64_t{1} << 20;
-    const int64_t head_bytes = kChunk * (3 * E + 4 * M) * int64_t(sizeof(T));
+    const int64_t head_bytes = kChunk * 3 * std::max(E, M) * int64_t(sizeof(T));
     return std::max<int64_t>(1, kGroupBytes / std::max<int64_t>(1, head_bytes));
 }
 
@@ -115,7 +113,7 @@ inline void map_row(T* __restrict dst, const T* __restrict src, int64_t cols, bo
     }
 }
 
-// The backward gather also prefetches the rows kPrefetchRows tokens ahead (a hint).
+// The backward gather prefetches the rows kPrefetchRows tokens ahead (a hint).
 constexpr int64_t kPrefetchRows = 4;
 
 template <typename T>
@@ -124,12 +122,11 @@ inline void prefetch_row(const T* row, int64_t cols) {
     for (int64_t b = 0; b < cols * int64_t(sizeof(T)); b += 64) __builtin_prefetch(bytes + b);
 }
 
-// The backward pass's rows of tokens [c0, c0 + c) of every head into the workspace: q and k
-// mapped, g, v, and (forward sweep, normalised) the forward output.
+// The q and k rows of tokens [c0, c0 + c) of every head into the workspace, mapped.
 template <bool Avx512, typename T>
 inline void gather_backward(const HeadBackward<T>* heads, int64_t count, Workspace<T>& ws,
-                            int64_t c0, int64_t c, bool with_out) {
-    const int64_t E = heads[0].E, M = heads[0].M, L = heads[0].L;
+                            int64_t c0, int64_t c) {
+    const int64_t E = heads[0].E, L = heads[0].L;
     for (int64_t i = 0; i < c; ++i) {
         const int64_t t = c0 + i, ahead = t + kPrefetchRows < L ? t + kPrefetchRows : -1;
         for (int64_t h = 0; h < count; ++h) {
@@ -137,21 +134,10 @@ inline void gather_backward(const HeadBackward<T>* heads, int64_t count, Workspa
             if (ahead >= 0) {
                 prefetch_row(p.q + ahead * p.q_step, E);
                 prefetch_row(p.k + ahead * p.k_step, E);
-                prefetch_row(p.grad + ahead * p.grad_step, M);
-                prefetch_row(p.v + ahead * p.v_step, M);
-                if (with_out) prefetch_row(p.out + ahead * p.out_step, M);
             }
-            const int64_t e_row = (h * kChunk + i) * E, m_row = (h * kChunk + i) * M;
+            const int64_t e_row = (h * kChunk + i) * E;
             map_row<Avx512>(ws.hq.data() + e_row, p.q + t * p.q_step, E, p.elu);
             map_row<Avx512>(ws.hk.data() + e_row, p.k + t * p.k_step, E, p.elu);
-            const T* g = p.grad + t * p.grad_step;
-            copy_row(ws.hg.data() + m_row, g, M);
-            const T* v = p.v + t * p.v_step;
-            copy_row(ws.hv.data() + m_row, v, M);
-            if (with_out) {
-                const T* o = p.out + t * p.out_step;
-                copy_row(ws.ho.data() + m_row, o, M);
-            }
         }
     }
 }
@@ -169,25 +155,19 @@ inline void unpack_row(T* __restrict dst, const T* __restrict packed, const T* _
 }
 
 // The packed gradients of tokens [c0, c0 + c) of every head into their strided outputs:
-// ws.hd into dq (forward sweep) or dk (reverse sweep, with ws.hdv into dv).
+// ws.hd into dq (forward sweep) or dk (reverse sweep).
 template <typename T>
 inline void scatter_backward(const HeadBackward<T>* heads, int64_t count, const Workspace<T>& ws,
                              int64_t c0, int64_t c, bool reverse) {
-    const int64_t E = heads[0].E, M = heads[0].M;
+    const int64_t E = heads[0].E;
+    const std::vector<T>& mapped = reverse ? ws.hk : ws.hq;
     for (int64_t i = 0; i < c; ++i) {
         const int64_t t = c0 + i;
         for (int64_t h = 0; h < count; ++h) {
             const HeadBackward<T>& p = heads[h];
-            const int64_t e_row = (h * kChunk + i) * E;
-            if (reverse) {
-                unpack_row(p.dk + t * p.dk_step, ws.hd.data() + e_row, ws.hk.data() + e_row, E,
-                           p.elu);
-                const T* dv = ws.hdv.data() + (h * kChunk + i) * M;
-                copy_row(p.dv + t * p.dv_step, dv, M);
-            } else {
-                unpack_row(p.dq + t * p.dq_step, ws.hd.data() + e_row, ws.hq.data() + e_row, E,
-                           p.elu);
-            }
+            const int64_t row = (h * kChunk + i) * E;
+            T* dst = reverse ? p.dk + t * p.dk_step : p.dq + t * p.dq_step;
+            unpack_row(dst, ws.hd.data() + row, mapped.data() + row, E, p.elu);
         }
     }
 }
@@ -256,21 +236,22 @@ struct Chunks {
         if (count == 0) return;
         const int64_t E = heads[0].E, M = heads[0].M, c = std::min(kChunk, heads[0].L - c0);
         const bool norm = heads[0].normalize;
-        gather_backward<Avx512>(heads, count, ws, c0, c, norm);
+        gather_backward<Avx512>(heads, count, ws, c0, c);
         for (int64_t h = 0; h < count; ++h) {
             const HeadBackward<T>& p = heads[h];
             HeadState<T>& st = states[h];
             const T* q = ws.hq.data() + h * kChunk * E;
             const T* k = ws.hk.data() + h * kChunk * E;
-            const T* g = ws.hg.data() + h * kChunk * M;
-            const T* v = ws.hv.data() + h * kChunk * M;
+            const T* g = p.grad + c0 * p.grad_step;
+            const T* v = p.v + c0 * p.v_step;
+            const int64_t gs = p.grad_step, vs = p.v_step;
             T* d = ws.hd.data() + h * kChunk * E;
             T* r = st.r.data() + c0;
             if (norm) {
-                normalizer_sweep<T>({q, E, k, E, g, M, ws.ho.data() + h * kChunk * M, M, d, E,
+                normalizer_sweep<T>({q, E, k, E, g, gs, p.out + c0 * p.out_step, p.out_step, d, E,
                                      st.z.data(), r, st.dd.data() + c0, c, E, M, p.eps});
             }
-            run_recurrence<T, W, U>({g, M, v, M, k, E, d, E, norm ? r : nullptr, nullptr,
+            run_recurrence<T, W, U>({g, gs, v, vs, k, E, d, E, norm ? r : nullptr, nullptr,
                                      st.state_t.data(), M, E, c, norm, false});
         }
         scatter_backward(heads, count, ws, c0, c, false);
@@ -283,22 +264,23 @@ struct Chunks {
         if (count == 0) return;
         const int64_t E = heads[0].E, M = heads[0].M, c = std::min(kChunk, heads[0].L - c0);
         const bool norm = heads[0].normalize;
-        gather_backward<Avx512>(heads, count, ws, c0, c, false);
+        gather_backward<Avx512>(heads, count, ws, c0, c);
         for (int64_t h = 0; h < count; ++h) {
             const HeadBackward<T>& p = heads[h];
             HeadState<T>& st = states[h];
             const T* q = ws.hq.data() + h * kChunk * E;
             const T* k = ws.hk.data() + h * kChunk * E;
-            const T* g = ws.hg.data() + h * kChunk * M;
-            const T* v = ws.hv.data() + h * kChunk * M;
+            const T* g = p.grad + c0 * p.grad_step;
+            const T* v = p.v + c0 * p.v_step;
+            const int64_t gs = p.grad_step, vs = p.v_step;
             T* d = ws.hd.data() + h * kChunk * E;
-            T* dv = ws.hdv.data() + h * kChunk * M;
+            T* dv = p.dv + c0 * p.dv_step;
             const T* r = norm ? st.r.data() + c0 : nullptr;
             if (norm) normalizer_reverse<T>({q, E, st.dd.data() + c0, d, E, p.dz0, c, E});
             run_recurrence<T, W, U>(
-                {k, E, q, E, g, M, dv, M, nullptr, r, p.dS0, E, M, c, false, true});
+                {k, E, q, E, g, gs, dv, p.dv_step, nullptr, r, p.dS0, E, M, c, false, true});
             run_recurrence<T, W, U>(
-                {v, M, g, M, q, E, d, E, nullptr, r, st.state_t.data(), M, E, c, norm, true});
+                {v, vs, g, gs, q, E, d, E, nullptr, r, st.state_t.data(), M, E, c, norm, true});
         }
         scatter_backward(heads, count, ws, c0, c, true);
     }
