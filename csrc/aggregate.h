@@ -1,6 +1,6 @@
 // Aggregate rows by group and broadcast group rows back, the bookkeeping of clustered
 // attention (Vyas et al. 2020, "Fast Transformers with Clustered Attention", arXiv
-// 2007.04825), on the CPU. For one head (batch x heads are spread over std::threads):
+// 2007.04825), on the CPU. For one head (batch x heads are spread over torch's OpenMP threads):
 //
 //   aggregate:  Y_c = F_c * sum_{l valid, G_l = c} X_l        (C rows)
 //   broadcast:  X_l = F_{G_l} * Y_{G_l}  if l is valid, else 0  (L rows)

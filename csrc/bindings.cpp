@@ -14,6 +14,7 @@
 
 #include "aggregate.h"
 #include "binding_checks.h"
+#include "blas.h"
 #include "cache_attention_bindings.h"
 #include "causal_product.h"
 #include "cpu_dispatch.h"
@@ -632,6 +633,14 @@ PYBIND11_MODULE(_C, m) {
     m.def(
         "last_team_size", [] { return attention_core::last_team_size().load(); },
         "Threads (the OpenMP team) that ran the last kernel's parallel loop (for tests).");
+    m.def("install_blas_f32", &attention_core::blas::install<float>, py::arg("sgemm"),
+          "Use the sgemm_ at this address (0: none) for few-row products; whether it is used.");
+    m.def("install_blas_f64", &attention_core::blas::install<double>, py::arg("dgemm"),
+          "Use the dgemm_ at this address (0: none) for few-row products; whether it is used.");
+    m.def(
+        "set_blas_min_rows",
+        [](int64_t rows) { attention_core::rows::blas_min_rows_override() = rows; },
+        py::arg("rows"), "Products of this many rows or more run on BLAS (-1: measured); tests.");
     attention_core::linear_step::bind(m);  // csrc/linear_step_bindings.h
     attention_core::residual_step::bind(m);  // csrc/residual_step_bindings.h
     attention_core::cache_attention::bind(m);  // csrc/cache_attention_bindings.h

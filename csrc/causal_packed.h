@@ -3,22 +3,25 @@
 // H E-element strides) and for the fused feature map: causal linear attention with
 // phi(x) = elu(x) + 1 applied inside the kernel, numerator and normaliser in one pass.
 //
-// For each chunk of 64 tokens, q and k are first mapped into contiguous buffers (phi applied
-// when asked) while the normaliser runs over the same rows (z += phi(k_t),
-// r_t = 1 / (phi(q_t) . z + eps)); the recurrence then reads those buffers and the v rows
-// where they lie, and writes each output row scaled by r_t straight into the strided output.
-// States are carried from chunk to chunk, so the result is the one recurrence over the whole
-// sequence. The caller walks chunks in the outer loop and a worker's heads in the inner one:
-// in the (N, L, H, E) layout the heads of a chunk share the same pages, so the memory of a
-// chunk is read while it is in the TLB and caches (walking one head at a time over the whole
-// sequence touches a new page every few tokens: that, not the arithmetic, made strided rows
-// 1.7-2x slower).
+// For each chunk of 64 tokens, the rows of every head of a group (about 1 MiB of chunk rows,
+// see group_size) are first gathered token by token into contiguous buffers, q and k mapped
+// (phi applied when asked), v copied: in the (N, L, H, E) layout the heads of one token are
+// adjacent, so the strided operands are read in their memory order, once. Each head then
+// runs the normaliser over its buffered rows (z += phi(k_t), r_t = 1 / (phi(q_t) . z + eps))
+// and the recurrence, which writes each output row scaled by r_t straight into the strided
+// output. States are carried from chunk to chunk, so the result is the one recurrence over
+// the whole sequence. (Walking one head at a time over the whole sequence touches a new page
+// every few tokens: that, not the arithmetic, made strided rows 1.7-2x slower.)
 //
-// The backward pass runs its forward sweep chunk by chunk from the first, and its three
-// reverse sweeps chunk by chunk from the last, all three on the same mapped chunk; the map is
-// recomputed (nothing of size L E is stored), r and dd are kept per token (O(L) per head).
+// The backward pass runs its forward sweep chunk by chunk from the first and its reverse
+// sweeps chunk by chunk from the last. Each sweep gathers the chunk's q and k rows of every
+// head of the group (mapped) the same way, runs the heads' sweeps (reading g, v and out and
+// writing dv where they lie, a head at a time) into packed dq or dk rows, then writes those
+// back token by token, in memory order again. (Gathering g, v and out as well measured the
+// same at L = 4096 and 16384 and 6-10% slower at L = 1024, one thread.) The map is
+// recomputed (nothing of size L E is stored); r and dd are kept per token (O(L) per head).
 // The gradient of phi is phi(x) for x <= 0 and 1 above, that is min(phi(x), 1): it is read
-// from the mapped rows when a chunk's dQ and dK rows are written, without a second exp.
+// from the mapped rows when the dQ and dK rows are written back, without a second exp.
 //
 // Every chunk kernel is compiled once per instruction set (`Leaves`, as in causal_recurrence.h),
 // the feature map and the recurrence included. No pybind11 and no torch here.
@@ -41,19 +44,50 @@ using chunked::HeadBackward;
 using chunked::HeadForward;
 constexpr int64_t kChunk = 64;  // tokens per chunk
 
+// A buffer of at least n elements (grown, never shrunk: its rows are written before they
+// are read, so nothing needs clearing).
+template <typename T>
+inline T* at_least(std::vector<T>& buffer, int64_t n) {
+    if (int64_t(buffer.size()) < n) buffer.resize(n);
+    return buffer.data();
+}
+
 template <typename T>
 struct Workspace {
-    std::vector<T> q, k, d, r;  // mapped q and k rows, a gradient chunk, r of the chunk
-    // the forward pass's chunk of every head of the worker: mapped q and k, v (heads x C x .)
-    std::vector<T> hq, hk, hv;
+    std::vector<T> r;  // r of the forward pass's chunk
+    // The chunk of every head of a group (heads x C x features): mapped q and k, v (forward
+    // pass), the packed dq or dk (backward pass).
+    std::vector<T> hq, hk, hv, hd;
 
-    void reserve(int64_t E, int64_t M, int64_t heads = 0) {
-        for (auto* buffer : {&q, &k, &d}) buffer->assign(kChunk * E, T(0));
-        r.resize(kChunk);
-        for (auto* buffer : {&hq, &hk}) buffer->assign(heads * kChunk * E, T(0));
-        hv.assign(heads * kChunk * M, T(0));
+    void reserve(int64_t E, int64_t M, int64_t heads) {
+        at_least(r, kChunk);
+        for (auto* buffer : {&hq, &hk}) at_least(*buffer, heads * kChunk * E);
+        at_least(hv, heads * kChunk * M);
+    }
+
+    void reserve_backward(int64_t E, int64_t heads) {
+        for (auto* buffer : {&hq, &hk, &hd}) at_least(*buffer, heads * kChunk * E);
     }
 };
+
+// The workspace of the calling thread, kept between calls (the threads of torch's pool live
+// on): allocating and clearing it per call was a fixed cost of every call. Bounded by the
+// group size below.
+template <typename T>
+inline Workspace<T>& thread_workspace() {
+    static thread_local Workspace<T> workspace;
+    return workspace;
+}
+
+// Heads gathered together: as many as keep a group's chunk buffers (at most 3 rows of
+// max(E, M) per token and head) within about 1 MiB, so that they stay in L2 while the
+// group's sweeps run; at least one.
+template <typename T>
+inline int64_t group_size(int64_t E, int64_t M) {
+    constexpr int64_t kGroupBytes = int64_t{1} << 20;
+    const int64_t head_bytes = kChunk * 3 * std::max(E, M) * int64_t(sizeof(T));
+    return std::max<int64_t>(1, kGroupBytes / std::max<int64_t>(1, head_bytes));
+}
 
 // Per-head state that the backward pass carries from chunk to chunk (the forward pass keeps
 // its states in the head's S and z outputs).
@@ -62,86 +96,78 @@ struct HeadState {
     std::vector<T> state_t, z, r, dd;  // (M x E), (E), (L), (L)
 };
 
+// dst = src for `cols` elements: a loop the compiler vectorises and inlines (a call of
+// memmove per row of a few hundred bytes costs more than the copy).
+template <typename T>
+inline void copy_row(T* __restrict dst, const T* __restrict src, int64_t cols) {
+    for (int64_t f = 0; f < cols; ++f) dst[f] = src[f];
+}
+
 // dst = phi(src) (or a copy) for `cols` features (Avx512: see feature_map.h).
 template <bool Avx512, typename T>
 inline void map_row(T* __restrict dst, const T* __restrict src, int64_t cols, bool elu) {
     if (elu) {
         feature_map::elu_plus_one_row<Avx512>(dst, src, cols);
     } else {
-        std::copy(src, src + cols, dst);
+        copy_row(dst, src, cols);
     }
 }
 
-// Prefetching of the next chunk of this head (visited after the worker's other heads): the
-// hardware prefetchers do not follow strided rows. `ahead` is the token of the next chunk that
-// corresponds to token t of this one (t + kChunk, or t - kChunk in reverse sweeps).
-inline int64_t token_ahead(int64_t t, int64_t L, bool reverse) {
-    const int64_t ahead = reverse ? t - kChunk : t + kChunk;
-    return ahead >= 0 && ahead < L ? ahead : -1;
-}
+// The backward gather prefetches the rows kPrefetchRows tokens ahead (a hint).
+constexpr int64_t kPrefetchRows = 4;
 
 template <typename T>
-inline void prefetch_row(const T* base, int64_t step, int64_t t, int64_t cols,
-                         bool write = false) {
-    const char* row = reinterpret_cast<const char*>(base + t * step);
-    for (int64_t b = 0; b < cols * int64_t(sizeof(T)); b += 64) {
-        if (write) {
-            __builtin_prefetch(row + b, 1);
-        } else {
-            __builtin_prefetch(row + b);
-        }
-    }
+inline void prefetch_row(const T* row, int64_t cols) {
+    const char* bytes = reinterpret_cast<const char*>(row);
+    for (int64_t b = 0; b < cols * int64_t(sizeof(T)); b += 64) __builtin_prefetch(bytes + b);
 }
 
-// The rows that the backward sweeps read (and write) at token `ahead`.
-template <typename T>
-inline void prefetch_backward(const HeadBackward<T>& p, int64_t ahead, bool reverse) {
-    if (ahead < 0) return;
-    prefetch_row(p.grad, p.grad_step, ahead, p.M);
-    prefetch_row(p.v, p.v_step, ahead, p.M);
-    if (reverse) {
-        prefetch_row(p.dk, p.dk_step, ahead, p.E, true);
-        prefetch_row(p.dv, p.dv_step, ahead, p.M, true);
-    } else {
-        prefetch_row(p.dq, p.dq_step, ahead, p.E, true);
-        if (p.normalize) prefetch_row(p.out, p.out_step, ahead, p.M);
-    }
-}
-
-// The c rows of the chunk at c0: q and k mapped into ws.q and ws.k (and the rows of the next
-// chunk prefetched).
+// The q and k rows of tokens [c0, c0 + c) of every head into the workspace, mapped.
 template <bool Avx512, typename T>
-inline void map_chunk(const HeadBackward<T>& p, Workspace<T>& ws, int64_t c0, int64_t c,
-                      bool reverse) {
-    const int64_t E = p.E;
-    const T* q = p.q;
-    const T* k = p.k;
-    const int64_t q_step = p.q_step, k_step = p.k_step, L = p.L;
+inline void gather_backward(const HeadBackward<T>* heads, int64_t count, Workspace<T>& ws,
+                            int64_t c0, int64_t c) {
+    const int64_t E = heads[0].E, L = heads[0].L;
     for (int64_t i = 0; i < c; ++i) {
-        const int64_t ahead = token_ahead(c0 + i, L, reverse);
-        if (ahead >= 0) {
-            prefetch_row(q, q_step, ahead, E);
-            prefetch_row(k, k_step, ahead, E);
-            prefetch_backward(p, ahead, reverse);
+        const int64_t t = c0 + i, ahead = t + kPrefetchRows < L ? t + kPrefetchRows : -1;
+        for (int64_t h = 0; h < count; ++h) {
+            const HeadBackward<T>& p = heads[h];
+            if (ahead >= 0) {
+                prefetch_row(p.q + ahead * p.q_step, E);
+                prefetch_row(p.k + ahead * p.k_step, E);
+            }
+            const int64_t e_row = (h * kChunk + i) * E;
+            map_row<Avx512>(ws.hq.data() + e_row, p.q + t * p.q_step, E, p.elu);
+            map_row<Avx512>(ws.hk.data() + e_row, p.k + t * p.k_step, E, p.elu);
         }
-        map_row<Avx512>(ws.q.data() + i * E, q + (c0 + i) * q_step, E, p.elu);
-        map_row<Avx512>(ws.k.data() + i * E, k + (c0 + i) * k_step, E, p.elu);
     }
 }
 
-// Rows of a packed gradient (c x cols) into the strided dst, times phi'(x) = min(phi(x), 1)
-// read from the mapped rows when the map is fused.
+// A packed gradient row (cols) into dst, times phi'(x) = min(phi(x), 1) read from the mapped
+// row when the map is fused.
 template <typename T>
-inline void unpack_gradient(T* dst, int64_t dst_step, const T* packed, const T* mapped,
-                            int64_t cols, bool elu, int64_t c) {
+inline void unpack_row(T* __restrict dst, const T* __restrict packed, const T* __restrict mapped,
+                       int64_t cols, bool elu) {
+    if (elu) {
+        for (int64_t f = 0; f < cols; ++f) dst[f] = packed[f] * std::min(mapped[f], T(1));
+    } else {
+        copy_row(dst, packed, cols);
+    }
+}
+
+// The packed gradients of tokens [c0, c0 + c) of every head into their strided outputs:
+// ws.hd into dq (forward sweep) or dk (reverse sweep).
+template <typename T>
+inline void scatter_backward(const HeadBackward<T>* heads, int64_t count, const Workspace<T>& ws,
+                             int64_t c0, int64_t c, bool reverse) {
+    const int64_t E = heads[0].E;
+    const std::vector<T>& mapped = reverse ? ws.hk : ws.hq;
     for (int64_t i = 0; i < c; ++i) {
-        T* __restrict d = dst + i * dst_step;
-        const T* __restrict g = packed + i * cols;
-        if (elu) {
-            const T* __restrict m = mapped + i * cols;
-            for (int64_t f = 0; f < cols; ++f) d[f] = g[f] * std::min(m[f], T(1));
-        } else {
-            std::copy(g, g + cols, d);
+        const int64_t t = c0 + i;
+        for (int64_t h = 0; h < count; ++h) {
+            const HeadBackward<T>& p = heads[h];
+            const int64_t row = (h * kChunk + i) * E;
+            T* dst = reverse ? p.dk + t * p.dk_step : p.dq + t * p.dq_step;
+            unpack_row(dst, ws.hd.data() + row, mapped.data() + row, E, p.elu);
         }
     }
 }
@@ -166,7 +192,7 @@ struct Chunks {
                 map_row<Avx512>(ws.hq.data() + (h * kChunk + i) * E, p.q + t * p.q_step, E, p.elu);
                 map_row<Avx512>(ws.hk.data() + (h * kChunk + i) * E, p.k + t * p.k_step, E, p.elu);
                 const T* v = p.v + t * p.v_step;
-                std::copy(v, v + M, ws.hv.data() + (h * kChunk + i) * M);
+                copy_row(ws.hv.data() + (h * kChunk + i) * M, v, M);
             }
         }
         T* r = ws.r.data();
@@ -203,44 +229,60 @@ struct Chunks {
         }
     }
 
-    // dq_i = dd_i z_i + r_i S_i g_i for the chunk at c0, forward in time (the state as M x E).
-    static void backward_forward(const HeadBackward<T>& p, HeadState<T>& h, Workspace<T>& ws,
-                                 int64_t c0) {
-        const int64_t E = p.E, M = p.M, c = std::min(kChunk, p.L - c0);
-        const bool norm = p.normalize;
-        map_chunk<Avx512>(p, ws, c0, c, false);
-        const T* g = p.grad + c0 * p.grad_step;
-        T* r = h.r.data() + c0;
-        if (norm) {
-            normalizer_sweep<T>({ws.q.data(), E, ws.k.data(), E, g, p.grad_step,
-                                 p.out + c0 * p.out_step, p.out_step, ws.d.data(), E, h.z.data(),
-                                 r, h.dd.data() + c0, c, E, M, p.eps});
+    // dq_i = dd_i z_i + r_i S_i g_i for the chunk at c0 of `count` heads, forward in time
+    // (each head's state as M x E).
+    static void backward_forward(const HeadBackward<T>* heads, HeadState<T>* states,
+                                 int64_t count, Workspace<T>& ws, int64_t c0) {
+        if (count == 0) return;
+        const int64_t E = heads[0].E, M = heads[0].M, c = std::min(kChunk, heads[0].L - c0);
+        const bool norm = heads[0].normalize;
+        gather_backward<Avx512>(heads, count, ws, c0, c);
+        for (int64_t h = 0; h < count; ++h) {
+            const HeadBackward<T>& p = heads[h];
+            HeadState<T>& st = states[h];
+            const T* q = ws.hq.data() + h * kChunk * E;
+            const T* k = ws.hk.data() + h * kChunk * E;
+            const T* g = p.grad + c0 * p.grad_step;
+            const T* v = p.v + c0 * p.v_step;
+            const int64_t gs = p.grad_step, vs = p.v_step;
+            T* d = ws.hd.data() + h * kChunk * E;
+            T* r = st.r.data() + c0;
+            if (norm) {
+                normalizer_sweep<T>({q, E, k, E, g, gs, p.out + c0 * p.out_step, p.out_step, d, E,
+                                     st.z.data(), r, st.dd.data() + c0, c, E, M, p.eps});
+            }
+            run_recurrence<T, W, U>({g, gs, v, vs, k, E, d, E, norm ? r : nullptr, nullptr,
+                                     st.state_t.data(), M, E, c, norm, false});
         }
-        run_recurrence<T, W, U>({g, p.grad_step, p.v + c0 * p.v_step, p.v_step, ws.k.data(), E,
-                                 ws.d.data(), E, norm ? r : nullptr, nullptr, h.state_t.data(),
-                                 M, E, c, norm, false});
-        unpack_gradient(p.dq + c0 * p.dq_step, p.dq_step, ws.d.data(), ws.q.data(), E, p.elu, c);
+        scatter_backward(heads, count, ws, c0, c, false);
     }
 
-    // dk (the normaliser's part, then the state's), dv, dS0 and dz0 for the chunk at c0,
-    // reverse in time.
-    static void backward_reverse(const HeadBackward<T>& p, HeadState<T>& h, Workspace<T>& ws,
-                                 int64_t c0) {
-        const int64_t E = p.E, M = p.M, c = std::min(kChunk, p.L - c0);
-        const bool norm = p.normalize;
-        map_chunk<Avx512>(p, ws, c0, c, true);
-        const T* g = p.grad + c0 * p.grad_step;
-        const T* v = p.v + c0 * p.v_step;
-        const T* r = norm ? h.r.data() + c0 : nullptr;
-        if (norm) {
-            normalizer_reverse<T>({ws.q.data(), E, h.dd.data() + c0, ws.d.data(), E, p.dz0, c, E});
+    // dk (the normaliser's part, then the state's), dv, dS0 and dz0 for the chunk at c0 of
+    // `count` heads, reverse in time.
+    static void backward_reverse(const HeadBackward<T>* heads, HeadState<T>* states,
+                                 int64_t count, Workspace<T>& ws, int64_t c0) {
+        if (count == 0) return;
+        const int64_t E = heads[0].E, M = heads[0].M, c = std::min(kChunk, heads[0].L - c0);
+        const bool norm = heads[0].normalize;
+        gather_backward<Avx512>(heads, count, ws, c0, c);
+        for (int64_t h = 0; h < count; ++h) {
+            const HeadBackward<T>& p = heads[h];
+            HeadState<T>& st = states[h];
+            const T* q = ws.hq.data() + h * kChunk * E;
+            const T* k = ws.hk.data() + h * kChunk * E;
+            const T* g = p.grad + c0 * p.grad_step;
+            const T* v = p.v + c0 * p.v_step;
+            const int64_t gs = p.grad_step, vs = p.v_step;
+            T* d = ws.hd.data() + h * kChunk * E;
+            T* dv = p.dv + c0 * p.dv_step;
+            const T* r = norm ? st.r.data() + c0 : nullptr;
+            if (norm) normalizer_reverse<T>({q, E, st.dd.data() + c0, d, E, p.dz0, c, E});
+            run_recurrence<T, W, U>(
+                {k, E, q, E, g, gs, dv, p.dv_step, nullptr, r, p.dS0, E, M, c, false, true});
+            run_recurrence<T, W, U>(
+                {v, vs, g, gs, q, E, d, E, nullptr, r, st.state_t.data(), M, E, c, norm, true});
         }
-        run_recurrence<T, W, U>({ws.k.data(), E, ws.q.data(), E, g, p.grad_step,
-                                 p.dv + c0 * p.dv_step, p.dv_step, nullptr, r, p.dS0, E, M, c,
-                                 false, true});
-        run_recurrence<T, W, U>({v, p.v_step, g, p.grad_step, ws.q.data(), E, ws.d.data(), E,
-                                 nullptr, r, h.state_t.data(), M, E, c, norm, true});
-        unpack_gradient(p.dk + c0 * p.dk_step, p.dk_step, ws.d.data(), ws.k.data(), E, p.elu, c);
+        scatter_backward(heads, count, ws, c0, c, true);
     }
 };
 
@@ -268,8 +310,10 @@ void backward_turn(const HeadBackward<T>& p, HeadState<T>& h) {
 template <typename T>
 struct Leaves {
     void (*forward)(const HeadForward<T>*, int64_t, Workspace<T>&, int64_t);
-    void (*backward_forward)(const HeadBackward<T>&, HeadState<T>&, Workspace<T>&, int64_t);
-    void (*backward_reverse)(const HeadBackward<T>&, HeadState<T>&, Workspace<T>&, int64_t);
+    void (*backward_forward)(const HeadBackward<T>*, HeadState<T>*, int64_t, Workspace<T>&,
+                             int64_t);
+    void (*backward_reverse)(const HeadBackward<T>*, HeadState<T>*, int64_t, Workspace<T>&,
+                             int64_t);
 };
 
 // The tile widths and tokens per sweep of causal_recurrence.h's leaves.
@@ -281,14 +325,14 @@ void forward_baseline(const HeadForward<T>* heads, int64_t count, Workspace<T>& 
     BaselineChunks<T>::forward(heads, count, ws, c0);
 }
 template <typename T>
-void backward_forward_baseline(const HeadBackward<T>& p, HeadState<T>& h, Workspace<T>& ws,
-                               int64_t c0) {
-    BaselineChunks<T>::backward_forward(p, h, ws, c0);
+void backward_forward_baseline(const HeadBackward<T>* heads, HeadState<T>* states,
+    int64_t count, Workspace<T>& ws, int64_t c0) {
+    BaselineChunks<T>::backward_forward(heads, states, count, ws, c0);
 }
 template <typename T>
-void backward_reverse_baseline(const HeadBackward<T>& p, HeadState<T>& h, Workspace<T>& ws,
-                               int64_t c0) {
-    BaselineChunks<T>::backward_reverse(p, h, ws, c0);
+void backward_reverse_baseline(const HeadBackward<T>* heads, HeadState<T>* states,
+    int64_t count, Workspace<T>& ws, int64_t c0) {
+    BaselineChunks<T>::backward_reverse(heads, states, count, ws, c0);
 }
 
 #if ATTENTION_CORE_X86_DISPATCH
@@ -303,14 +347,14 @@ ATTENTION_CORE_TARGET_AVX2 void forward_avx2(const HeadForward<T>* heads, int64_
     Avx2Chunks<T>::forward(heads, count, ws, c0);
 }
 template <typename T>
-ATTENTION_CORE_TARGET_AVX2 void backward_forward_avx2(const HeadBackward<T>& p, HeadState<T>& h,
-                                                      Workspace<T>& ws, int64_t c0) {
-    Avx2Chunks<T>::backward_forward(p, h, ws, c0);
+ATTENTION_CORE_TARGET_AVX2 void backward_forward_avx2(const HeadBackward<T>* heads, HeadState<T>* states,
+    int64_t count, Workspace<T>& ws, int64_t c0) {
+    Avx2Chunks<T>::backward_forward(heads, states, count, ws, c0);
 }
 template <typename T>
-ATTENTION_CORE_TARGET_AVX2 void backward_reverse_avx2(const HeadBackward<T>& p, HeadState<T>& h,
-                                                      Workspace<T>& ws, int64_t c0) {
-    Avx2Chunks<T>::backward_reverse(p, h, ws, c0);
+ATTENTION_CORE_TARGET_AVX2 void backward_reverse_avx2(const HeadBackward<T>* heads, HeadState<T>* states,
+    int64_t count, Workspace<T>& ws, int64_t c0) {
+    Avx2Chunks<T>::backward_reverse(heads, states, count, ws, c0);
 }
 template <typename T>
 ATTENTION_CORE_TARGET_AVX512 void forward_avx512(const HeadForward<T>* heads, int64_t count,
@@ -318,16 +362,14 @@ ATTENTION_CORE_TARGET_AVX512 void forward_avx512(const HeadForward<T>* heads, in
     Avx512Chunks<T>::forward(heads, count, ws, c0);
 }
 template <typename T>
-ATTENTION_CORE_TARGET_AVX512 void backward_forward_avx512(const HeadBackward<T>& p,
-                                                          HeadState<T>& h, Workspace<T>& ws,
-                                                          int64_t c0) {
-    Avx512Chunks<T>::backward_forward(p, h, ws, c0);
+ATTENTION_CORE_TARGET_AVX512 void backward_forward_avx512(const HeadBackward<T>* heads, HeadState<T>* states,
+    int64_t count, Workspace<T>& ws, int64_t c0) {
+    Avx512Chunks<T>::backward_forward(heads, states, count, ws, c0);
 }
 template <typename T>
-ATTENTION_CORE_TARGET_AVX512 void backward_reverse_avx512(const HeadBackward<T>& p,
-                                                          HeadState<T>& h, Workspace<T>& ws,
-                                                          int64_t c0) {
-    Avx512Chunks<T>::backward_reverse(p, h, ws, c0);
+ATTENTION_CORE_TARGET_AVX512 void backward_reverse_avx512(const HeadBackward<T>* heads, HeadState<T>* states,
+    int64_t count, Workspace<T>& ws, int64_t c0) {
+    Avx512Chunks<T>::backward_reverse(heads, states, count, ws, c0);
 }
 #endif
 

@@ -205,20 +205,28 @@ void backward_chunked(const BackwardArgs<T>& a, int64_t threads) {
     });
 }
 
-// The packed recurrence: each worker walks the chunks in the outer loop and its heads in the
-// inner one (see causal_packed.h).
+// The packed recurrence: each worker takes its heads in groups (see packed::group_size) and
+// walks the chunks of a group in the outer loop and its heads in the inner one (see
+// causal_packed.h).
 template <typename T>
 void forward_packed(const ForwardArgs<T>& a, int64_t threads) {
     const packed::Leaves<T> leaves = packed::leaves_for<T>(cpu_level());
     const int64_t NH = a.N * a.H;
     const int64_t workers = useful_threads(threads, NH, 4 * NH * a.L * a.E * a.M);
+    const int64_t group = packed::group_size<T>(a.E, a.M);
     parallel_for(NH, workers, [&](int64_t, int64_t begin, int64_t end) {
+        packed::Workspace<T>& ws = packed::thread_workspace<T>();
         std::vector<chunked::HeadForward<T>> heads;
-        for (int64_t item = begin; item < end; ++item) heads.push_back(forward_head_args(a, item));
-        packed::Workspace<T> ws;
-        ws.reserve(a.E, a.M, end - begin);
-        for (int64_t c0 = 0; c0 < a.L; c0 += packed::kChunk) {
-            leaves.forward(heads.data(), end - begin, ws, c0);
+        for (int64_t first = begin; first < end; first += group) {
+            const int64_t count = std::min(group, end - first);
+            heads.clear();
+            for (int64_t item = first; item < first + count; ++item) {
+                heads.push_back(forward_head_args(a, item));
+            }
+            ws.reserve(a.E, a.M, count);
+            for (int64_t c0 = 0; c0 < a.L; c0 += packed::kChunk) {
+                leaves.forward(heads.data(), count, ws, c0);
+            }
         }
     });
 }
@@ -228,24 +236,26 @@ void backward_packed(const BackwardArgs<T>& a, int64_t threads) {
     const packed::Leaves<T> leaves = packed::leaves_for<T>(cpu_level());
     const int64_t NH = a.N * a.H, L = a.L, C = packed::kChunk;
     const int64_t workers = useful_threads(threads, NH, 12 * NH * L * a.E * a.M);
+    const int64_t group = packed::group_size<T>(a.E, a.M);
     parallel_for(NH, workers, [&](int64_t, int64_t begin, int64_t end) {
+        packed::Workspace<T>& ws = packed::thread_workspace<T>();
         std::vector<chunked::HeadBackward<T>> heads;
-        for (int64_t item = begin; item < end; ++item) {
-            heads.push_back(backward_head_args(a, item));
-        }
-        std::vector<packed::HeadState<T>> states(heads.size());
-        packed::Workspace<T> ws;
-        ws.reserve(a.E, a.M);
-        for (size_t i = 0; i < heads.size(); ++i) packed::backward_start(heads[i], states[i]);
-        for (int64_t c0 = 0; c0 < L; c0 += C) {
-            for (size_t i = 0; i < heads.size(); ++i) {
-                leaves.backward_forward(heads[i], states[i], ws, c0);
+        std::vector<packed::HeadState<T>> states;
+        for (int64_t first = begin; first < end; first += group) {
+            const int64_t count = std::min(group, end - first);
+            heads.clear();
+            for (int64_t item = first; item < first + count; ++item) {
+                heads.push_back(backward_head_args(a, item));
             }
-        }
-        for (size_t i = 0; i < heads.size(); ++i) packed::backward_turn(heads[i], states[i]);
-        for (int64_t c0 = (L - 1) / C * C; L > 0 && c0 >= 0; c0 -= C) {
-            for (size_t i = 0; i < heads.size(); ++i) {
-                leaves.backward_reverse(heads[i], states[i], ws, c0);
+            states.resize(count);
+            ws.reserve_backward(a.E, count);
+            for (int64_t i = 0; i < count; ++i) packed::backward_start(heads[i], states[i]);
+            for (int64_t c0 = 0; c0 < L; c0 += C) {
+                leaves.backward_forward(heads.data(), states.data(), count, ws, c0);
+            }
+            for (int64_t i = 0; i < count; ++i) packed::backward_turn(heads[i], states[i]);
+            for (int64_t c0 = (L - 1) / C * C; L > 0 && c0 >= 0; c0 -= C) {
+                leaves.backward_reverse(heads.data(), states.data(), count, ws, c0);
             }
         }
     });

@@ -1,6 +1,6 @@
 // K-means in Hamming space, used to group queries by their hashes in clustered attention
 // (Vyas et al. 2020, "Fast Transformers with Clustered Attention", arXiv 2007.04825), on the
-// CPU. Each sequence (n, h) is clustered on its own (batch x heads spread over std::threads)
+// CPU. Each sequence (n, h) is clustered on its own (batch x heads spread over torch's OpenMP threads)
 // with Lloyd's algorithm, exactly as attention_core.clustering.hamming describes:
 //
 // 1. centroid c starts as the hash at position min(floor(c * length / C), L - 1);

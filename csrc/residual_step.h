@@ -7,12 +7,15 @@
 //     act: relu, gelu, or geglu (W1 x + b1 = [value, gate], act = value * gelu(gate))
 //   residual_linear:       y = x + a W^T + b, then LN(y) when `norm` is set
 //
-// The products split their output columns over torch's thread pool (parallel_for); the row-wise
-// passes run on the calling thread. No pybind11 and no torch here: the bindings validate.
+// The products run on torch's BLAS where it is installed and faster (blas.h, row_products.h),
+// otherwise on the own kernels with their output columns split over torch's thread pool
+// (parallel_for); the row-wise passes run on the calling thread. No pybind11 and no torch
+// here: the bindings validate.
 #pragma once
 
 #include <algorithm>
 #include <cstdint>
+#include <memory>
 #include <vector>
 
 #include "cpu_dispatch.h"
@@ -86,12 +89,31 @@ struct Workers {
     static void columns(const Product<T>& p, int64_t c0, int64_t c1) {
         rows::Dot<T, BYTES>::columns(p, c0, c1);
     }
+    // After the first product through BLAS (without its bias): act(hidden + b1) in place on
+    // rows [r0, r1) of F, `ld` apart; with geglu each row holds [value, gate] (ld = 2 F) and
+    // value becomes value * gelu(gate).
+    static void activate_rows(const FeedForward<T>& p, T* hidden, int64_t ld, int64_t r0,
+                              int64_t r1) {
+        const int64_t width = p.activation == Activation::geglu ? 2 * p.F : p.F;
+        for (int64_t r = r0; r < r1; ++r) {
+            T* __restrict row = hidden + r * ld;
+            if (p.b1) {
+                for (int64_t c = 0; c < width; ++c) row[c] += p.b1[c];
+            }
+            if (p.activation == Activation::geglu) {
+                rows::gate_values(row, row + p.F, p.F);
+            } else {
+                rows::activate(row, p.F, p.activation);
+            }
+        }
+    }
 };
 
 template <typename T>
 struct WorkerSet {
     void (*hidden_columns)(const FeedForward<T>&, const T*, int64_t, T*, int64_t, int64_t);
     void (*columns)(const Product<T>&, int64_t, int64_t);
+    void (*activate_rows)(const FeedForward<T>&, T*, int64_t, int64_t, int64_t);
 };
 
 #define ATTENTION_CORE_RESIDUAL_WORKERS(NAME, TARGET, BYTES)                                \
@@ -103,6 +125,11 @@ struct WorkerSet {
     template <typename T>                                                                   \
     TARGET void NAME##_columns(const Product<T>& p, int64_t c0, int64_t c1) {               \
         Workers<T, BYTES>::columns(p, c0, c1);                                              \
+    }                                                                                       \
+    template <typename T>                                                                   \
+    TARGET void NAME##_activate(const FeedForward<T>& p, T* hidden, int64_t ld, int64_t r0,  \
+                                int64_t r1) {                                               \
+        Workers<T, BYTES>::activate_rows(p, hidden, ld, r0, r1);                            \
     }
 #define ATTENTION_CORE_NO_TARGET
 ATTENTION_CORE_RESIDUAL_WORKERS(baseline, ATTENTION_CORE_NO_TARGET, 16)
@@ -119,11 +146,16 @@ template <typename T>
 WorkerSet<T> workers() {
 #if ATTENTION_CORE_X86_DISPATCH
     const CpuLevel level = cpu_level();
-    if (level == CpuLevel::avx512) return {&avx512_hidden<T>, &avx512_columns<T>};
-    if (level == CpuLevel::avx2) return {&avx2_hidden<T>, &avx2_columns<T>};
+    if (level == CpuLevel::avx512) {
+        return {&avx512_hidden<T>, &avx512_columns<T>, &avx512_activate<T>};
+    }
+    if (level == CpuLevel::avx2) return {&avx2_hidden<T>, &avx2_columns<T>, &avx2_activate<T>};
 #endif
-    return {&baseline_hidden<T>, &baseline_columns<T>};
+    return {&baseline_hidden<T>, &baseline_columns<T>, &baseline_activate<T>};
 }
+
+// Below this many activations per thread the pass after a BLAS product runs on one thread.
+constexpr int64_t kActivationsPerThread = 16384;
 
 // Below this many multiply-adds per thread a product runs on one thread (waking the pool costs
 // more than the work).
@@ -153,6 +185,38 @@ void norm_rows(T* dst, int64_t ld_dst, const T* src, int64_t ld_src, int64_t R, 
     }
 }
 
+// hidden (R x F, rows `ld` apart) = act(a W1^T + b1), the first product on torch's BLAS
+// (blas.h) or on the own kernels split over the pool. With geglu on BLAS the rows are
+// [value, gate] (ld = 2 F) and the values become value * gelu(gate).
+// (The buffer is left uninitialised: every element is written before it is read.)
+template <typename T>
+std::unique_ptr<T[]> hidden_rows(const FeedForward<T>& p, const WorkerSet<T>& kernels,
+                                 const T* a, int64_t lda, int64_t threads, int64_t& ld) {
+    const int64_t R = p.R, D = p.D, F = p.F;
+    const bool geglu = p.activation == Activation::geglu;
+    const int64_t first = geglu ? 2 * F : F;
+    if (rows::blas_wins<T>(R, first, D, threads, {lda, first})) {
+        std::unique_ptr<T[]> hidden(new T[static_cast<size_t>(R * first)]);
+        // the bias is added by the activation's pass, which reads each row anyway
+        rows::blas_product(
+            Product<T>{a, lda, R, D, p.W1, nullptr, nullptr, 0, hidden.get(), first}, first);
+        const int64_t useful = std::max<int64_t>(1, R * first / kActivationsPerThread);
+        const int64_t workers = std::min(threads, useful);
+        parallel_for(R, workers, [&](int64_t, int64_t r0, int64_t r1) {
+            kernels.activate_rows(p, hidden.get(), first, r0, r1);
+        });
+        ld = first;
+        return hidden;
+    }
+    std::unique_ptr<T[]> hidden(new T[static_cast<size_t>(R * F)]);
+    // workers own hidden columns [c0, c1): with geglu both their value and their gate rows
+    split_columns(R, F, geglu ? 2 * D : D, threads, [&](int64_t c0, int64_t c1) {
+        kernels.hidden_columns(p, a, lda, hidden.get(), c0, c1);
+    });
+    ld = F;
+    return hidden;
+}
+
 template <typename T>
 void residual_feed_forward(const FeedForward<T>& p, int64_t threads) {
     const int64_t R = p.R, D = p.D, F = p.F;
@@ -167,27 +231,29 @@ void residual_feed_forward(const FeedForward<T>& p, int64_t threads) {
         a = normed.data();
         lda = D;
     }
-    std::vector<T> hidden(static_cast<size_t>(R * F));
-    const bool geglu = p.activation == Activation::geglu;
-    // workers own hidden columns [c0, c1): with geglu both their value and their gate rows
-    split_columns(R, F, geglu ? 2 * D : D, threads, [&](int64_t c0, int64_t c1) {
-        kernels.hidden_columns(p, a, lda, hidden.data(), c0, c1);
-    });
-    split_columns(R, D, F, threads, [&](int64_t c0, int64_t c1) {
-        Product<T> second{hidden.data(), F, R, F, p.W2, p.b2, p.x, p.ldx, p.out, D};
-        kernels.columns(second, c0, c1);
-    });
+    int64_t ld = F;
+    const std::unique_ptr<T[]> hidden = hidden_rows(p, kernels, a, lda, threads, ld);
+    const Product<T> second{hidden.get(), ld, R, F, p.W2, p.b2, p.x, p.ldx, p.out, D};
+    if (rows::blas_wins<T>(R, D, F, threads, {ld, D})) {
+        rows::blas_product(second, D);
+    } else {
+        split_columns(R, D, F, threads,
+                      [&](int64_t c0, int64_t c1) { kernels.columns(second, c0, c1); });
+    }
     if (!p.norm_first) norm_rows(p.out, D, p.out, D, R, D, p.norm);
 }
 
 template <typename T>
 void residual_linear(const Linear<T>& p, int64_t threads) {
     if (p.R <= 0 || p.D <= 0) return;
-    const WorkerSet<T> kernels = workers<T>();
-    split_columns(p.R, p.D, p.K, threads, [&](int64_t c0, int64_t c1) {
-        Product<T> product{p.a, p.lda, p.R, p.K, p.W, p.b, p.x, p.ldx, p.out, p.D};
-        kernels.columns(product, c0, c1);
-    });
+    const Product<T> product{p.a, p.lda, p.R, p.K, p.W, p.b, p.x, p.ldx, p.out, p.D};
+    if (rows::blas_wins<T>(p.R, p.D, p.K, threads, {p.lda, p.D})) {
+        rows::blas_product(product, p.D);
+    } else {
+        const WorkerSet<T> kernels = workers<T>();
+        split_columns(p.R, p.D, p.K, threads,
+                      [&](int64_t c0, int64_t c1) { kernels.columns(product, c0, c1); });
+    }
     if (p.norm) norm_rows(p.out, p.D, p.out, p.D, p.R, p.D, p.layer_norm);
 }
 

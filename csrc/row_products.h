@@ -7,14 +7,17 @@
 // contiguous rows. With R small (one step of a few sequences) the product is bound by reading
 // W: a block of 4 weight rows is read once for all R input rows, 4 (or 2) x 4 dot products at
 // a time in vector registers (GCC/Clang vector extensions, compiled per target by the caller's `target`
-// attribute). No pybind11 and no torch here.
+// attribute). Where torch's BLAS is installed (blas.h) and measured faster, the whole product
+// runs there instead (`blas_product`). No pybind11 and no torch here.
 #pragma once
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 
+#include "blas.h"
 #include "causal_chunked.h"
 
 namespace attention_core {
@@ -124,6 +127,54 @@ struct Dot {
         for (; c < c1; ++c) column_block<1>(p, c);
     }
 };
+
+// The fewest rows at which torch's BLAS (MKL) beat `Dot::columns` on the pool, measured with
+// float32 products of 384 x 1536 and 1536 x 384 weights on an AVX-512 Xeon: with 1 thread the
+// two were even at 16-20 rows, MKL 1.1x faster at 24 and 1.35x at 48, the own kernel up to
+// 1.6x faster below 16; with 2 threads even at 32-48 rows, MKL 1.2x faster at 48 (and in the
+// 8-layer step of batch 10 the own kernels were faster with either thread count).
+constexpr int64_t kBlasMinRowsOneThread = 20;
+constexpr int64_t kBlasMinRowsThreaded = 40;
+
+// The row count from which products run on BLAS when set by `set_blas_min_rows` (-1: the
+// measured thresholds above); benchmarks and tests use it to run either path at any size.
+inline std::atomic<int64_t>& blas_min_rows_override() {
+    static std::atomic<int64_t> rows{-1};
+    return rows;
+}
+
+// Whether torch's BLAS (blas.h) computes an R x N x K product faster than `Dot::columns` on
+// `threads` threads of the pool. `lds`: the strides of the rows of x, y (and add), which must
+// fit BLAS integers too.
+template <typename T>
+inline bool blas_wins(int64_t R, int64_t N, int64_t K, int64_t threads,
+                      std::initializer_list<int64_t> lds) {
+    const int64_t wanted = blas_min_rows_override().load(std::memory_order_relaxed);
+    const int64_t min_rows = wanted >= 0      ? wanted
+                             : threads > 1 ? kBlasMinRowsThreaded
+                                           : kBlasMinRowsOneThread;
+    return R >= min_rows && blas::gemm_function<T>() != nullptr && blas::fits({R, N, K}) &&
+           blas::fits(lds);
+}
+
+// The whole product p over the columns [0, N) through torch's BLAS: y = add + bias first
+// (when either is set), then y += x W^T. Requires the sizes and strides that
+// `blas_wins` checks.
+template <typename T>
+inline void blas_product(const Product<T>& p, int64_t N) {
+    const bool accumulate = p.add != nullptr || p.bias != nullptr;
+    if (accumulate) {
+        for (int64_t r = 0; r < p.R; ++r) {
+            T* __restrict y = p.y + r * p.ldy;
+            const T* add = p.add ? p.add + r * p.ld_add : nullptr;
+            for (int64_t c = 0; c < N; ++c) {
+                y[c] = (add ? add[c] : T(0)) + (p.bias ? p.bias[c] : T(0));
+            }
+        }
+    }
+    blas::rows_times_transposed<T>(p.x, p.ldx, p.R, p.K, p.W, N, accumulate ? T(1) : T(0), p.y,
+                                   p.ldy);
+}
 
 // Layer norm of one row of K elements: (x - mean) / sqrt(var + eps) * weight + bias, with the
 // biased variance (as torch.nn.LayerNorm); weight and bias may be null (no affine part).

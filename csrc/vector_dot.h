@@ -31,9 +31,21 @@ inline T dot(const T* __restrict a, const T* __restrict b, int64_t n) {
         acc0 += a0 * b0;
     }
     acc0 += acc1;
-    T lanes[V];
-    std::memcpy(lanes, &acc0, sizeof(vec));
-    for (int width = V / 2; width >= 1; width /= 2) {
+    // the tree: lane j += lane j + width for width = V/2, V/4, ..., 1, on vector halves (a
+    // loop over the lanes in memory stalled on reloading what it had just stored)
+    typedef T half __attribute__((vector_size(32)));
+    typedef T quarter __attribute__((vector_size(16)));
+    half h0, h1;
+    std::memcpy(&h0, &acc0, sizeof(half));
+    std::memcpy(&h1, reinterpret_cast<const char*>(&acc0) + sizeof(half), sizeof(half));
+    h0 += h1;
+    quarter q0, q1;
+    std::memcpy(&q0, &h0, sizeof(quarter));
+    std::memcpy(&q1, reinterpret_cast<const char*>(&h0) + sizeof(quarter), sizeof(quarter));
+    q0 += q1;
+    T lanes[16 / sizeof(T)];
+    std::memcpy(lanes, &q0, sizeof(quarter));
+    for (int width = 8 / int(sizeof(T)); width >= 1; width /= 2) {
         for (int j = 0; j < width; ++j) lanes[j] += lanes[j + width];
     }
     T sum = lanes[0];

@@ -1,7 +1,8 @@
 """One recurrent linear-attention step (``attention_core.linear_step``, op
 ``attention_core::linear_attention_step``): the compiled kernel against the plain formula in
 float64 and float32 over varied shapes, strided inputs, the first step (no state), the
-identity feature map, half-precision accumulation, the written-out backward against autograd
+identity feature map, every instruction set with the new state's rows streamed or stored,
+half-precision accumulation, the written-out backward against autograd
 of the formula (gradcheck), opcheck, torch.compile, the old state left untouched, stepping
 equal to the batch causal linear attention, and bad inputs."""
 
@@ -62,6 +63,34 @@ def test_step_equals_the_formula(shape, dtype, elu, with_state):
     )
     for name, got, want in zip(("out", "S", "Z"), (out, S_new, Z_new), expected):
         assert got.dtype == dtype and got.is_contiguous()
+        assert_close(name, got, want, **tolerance)
+
+
+@pytest.mark.parametrize("level", [0, 1, 2], ids=["baseline", "avx2", "avx512"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize(
+    "M",
+    [
+        pytest.param(16, id="streamed"),  # rows of whole 64-byte blocks (float; double: 128 B)
+        pytest.param(24, id="streamed-f64-only"),  # 96 B in float, 192 B in double
+        pytest.param(10, id="stored"),
+        pytest.param(272, id="wider-than-the-stream-buffer"),
+    ],
+)
+def test_every_instruction_set_and_store_gives_the_formula(level, dtype, M):
+    from attention_core import _C
+
+    q, k, v, S, Z = draw(3, 5, 4, M, dtype=dtype, seed=M)
+    try:
+        _C.set_cpu_level(level)  # clamped to what the CPU supports
+        out, (S_new, Z_new) = linear_attention_step(q, k, v, (S, Z), 0.1)
+    finally:
+        _C.set_cpu_level(-1)
+    expected = plain(*(t.double() for t in (q, k, v, S, Z)), 0.1, True)
+    tolerance = (
+        dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
+    )
+    for name, got, want in zip(("out", "S", "Z"), (out, S_new, Z_new), expected):
         assert_close(name, got, want, **tolerance)
 
 

@@ -266,7 +266,7 @@ def test_conditional_registered_like_a_builder_would_use_it():
 def test_conditional_bad_arguments():
     with pytest.raises(ValueError, match="length_limit must be a positive int; got 0"):
         ConditionalFullAttention(Recorder(), length_limit=0)
-    with pytest.raises(TypeError, match=r"attention must be an attention module.*got str"):
+    with pytest.raises(TypeError, match=r"attention module used beyond length_limit.*got str"):
         ConditionalFullAttention("linear")
     q, k, v = make_inputs(1, 3, 3, 1, 2, 2)
     masks = make_masks("none", 1, 3, 3)

@@ -320,6 +320,38 @@ def test_parameters_and_specs_match_the_batch_attention(name):
         )
 
 
+@pytest.mark.parametrize("name", ["aft-full", "conditional-full", "exact-topk", "full", "local"])
+def test_a_batch_state_dict_loads_into_the_recurrent_attention(name):
+    """Same constructor, same parameters: the batch attention's weights drive the recurrent one."""
+    kwargs = dict(query_dimensions=4, local_context=3, max_sequence_length=8, attention_dropout=0.0)
+    if name == "conditional-full":
+        kwargs["attention"] = AttentionRegistry["aft-full"][0](max_sequence_length=8)
+        recurrent_kwargs = dict(kwargs, attention=RecurrentAttentionRegistry["aft-full"][0](8))
+    else:
+        recurrent_kwargs = kwargs
+    batch_class, names = AttentionRegistry[name]
+    recurrent_class = RecurrentAttentionRegistry[name][0]
+    batch = batch_class(**{k: v for k, v in kwargs.items() if k in names or k == "attention"})
+    recurrent = recurrent_class(
+        **{k: v for k, v in recurrent_kwargs.items() if k in names or k == "attention"}
+    )
+    assert recurrent.state_dict().keys() == batch.state_dict().keys()
+    recurrent.load_state_dict(batch.state_dict())
+    for key, value in batch.state_dict().items():
+        assert torch.equal(recurrent.state_dict()[key], value)
+    if name == "conditional-full":  # the full attention inside is the recurrent form
+        assert isinstance(recurrent.full_attention, RecurrentAttentionRegistry["full"][0])
+
+
+def test_registry_parameter_tuples():
+    assert AttentionRegistry.parameter_tuples("local")[0][0] == "local_context"
+    assert [p for p, _ in AttentionRegistry.parameter_tuples("full")] == AttentionRegistry["full"][
+        1
+    ]
+    with pytest.raises(KeyError, match="'nope' is not a registered attention type"):
+        AttentionRegistry.parameter_tuples("nope")
+
+
 def test_builders_construct_recurrent_attentions():
     builder = RecurrentAttentionBuilder.from_kwargs(query_dimensions=8, length_limit=3)
     assert isinstance(builder.get("causal-linear"), RecurrentLinearAttention)

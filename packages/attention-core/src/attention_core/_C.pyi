@@ -507,6 +507,18 @@ def cpu_level() -> int:
 def set_cpu_level(level: int) -> None:
     """Cap the instruction set (-1: automatic); for tests and benchmarks."""
 
+def install_blas_f32(sgemm: int) -> bool:
+    """Run few-row float32 products on the Fortran ``sgemm_`` at this address (0: the own
+    kernels); returns whether it passed its check and is in use."""
+
+def install_blas_f64(dgemm: int) -> bool:
+    """Run few-row float64 products on the Fortran ``dgemm_`` at this address (0: the own
+    kernels); returns whether it passed its check and is in use."""
+
+def set_blas_min_rows(rows: int) -> None:
+    """Run few-row products of this many rows or more on BLAS, fewer on the own kernels (-1:
+    the measured thresholds); for tests and benchmarks."""
+
 def openmp_enabled() -> bool:
     """Whether the kernels were compiled with OpenMP (otherwise they run serially)."""
 

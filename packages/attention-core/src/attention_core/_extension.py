@@ -6,16 +6,25 @@ loads the extension (after torch, so that the extension's OpenMP symbols resolve
 own ``libgomp.so.1``), says whether the kernels should run, and turns tensors into the
 addresses and strides the raw-pointer bindings take.
 
+The few-row dense products of the compiled kernels (``csrc/row_products.h``) run on the BLAS
+that torch itself calls for ``torch.mm`` (MKL's ``sgemm_``/``dgemm_`` in the Linux x86-64
+wheels), found here in the torch library already loaded: no link dependency of the extension,
+the same OpenMP pool and thread count as torch. Where torch exports no such function the
+kernels keep their own products (``csrc/blas.h``).
+
 Set the environment variable ``ATTENTION_CORE_FORCE_REFERENCE=1`` to force the
 plain-PyTorch path everywhere (useful to tell a kernel bug from a model bug).
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import functools
 import importlib.util
 import os
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor
@@ -29,9 +38,11 @@ __all__ = [
     "FORCE_REFERENCE_ENV",
     "address",
     "binding",
+    "blas_in_use",
     "kernels_available",
     "new_nhl",
     "nhl",
+    "own_row_products",
     "require_extension",
     "row_major",
     "triton_available",
@@ -40,6 +51,9 @@ __all__ = [
 ]
 
 FORCE_REFERENCE_ENV = "ATTENTION_CORE_FORCE_REFERENCE"
+
+# torch's CPU library by platform (Windows is left out: its BLAS symbols are not checked here)
+_TORCH_CPU_LIBRARY = {"linux": "libtorch_cpu.so", "darwin": "libtorch_cpu.dylib"}
 
 _CPU_DTYPES = (torch.float32, torch.float64)
 _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -78,6 +92,9 @@ def use_kernels(*tensors: Tensor, triton: bool = False) -> bool:
     when triton is importable; float64 CUDA tensors do not (they take the plain-PyTorch path)."""
     if os.environ.get(FORCE_REFERENCE_ENV, "0") not in ("", "0"):
         return False
+    if len(tensors) == 1 and not triton:  # the per-step ops' case, without a generator
+        (t,) = tensors
+        return _C is not None and t.dtype in _CPU_DTYPES and t.device.type == "cpu"
     if triton and tensors and all(t.device.type == "cuda" for t in tensors):
         return triton_available() and all(t.dtype in _TRITON_DTYPES for t in tensors)
     if _C is None:
@@ -117,3 +134,54 @@ def new_nhl(like: Tensor, N: int, H: int, L: int, D: int, sequence_first: bool) 
     if sequence_first:
         return like.new_empty(N, L, H, D).transpose(1, 2)
     return like.new_empty(N, H, L, D)
+
+
+def _torch_gemm_addresses() -> tuple[int, int]:
+    """The addresses of ``sgemm_`` and ``dgemm_`` exported by the torch library already
+    loaded; ``0`` for each one that is absent (another build or platform)."""
+    name = _TORCH_CPU_LIBRARY.get("darwin" if sys.platform == "darwin" else sys.platform[:5])
+    if name is None:
+        return 0, 0
+    path = os.path.join(os.path.dirname(torch.__file__), "lib", name)
+    # RTLD_NOLOAD: only the copy torch has loaded, never a second one
+    mode = getattr(os, "RTLD_NOLOAD", 0) | getattr(os, "RTLD_LAZY", 0)
+    try:
+        library = ctypes.CDLL(path, mode=mode)
+    except OSError:
+        return 0, 0
+    addresses = []
+    for symbol in ("sgemm_", "dgemm_"):
+        function = getattr(library, symbol, None)
+        addresses.append(0 if function is None else ctypes.cast(function, ctypes.c_void_p).value)
+    return addresses[0] or 0, addresses[1] or 0
+
+
+_BLAS_IN_USE = {torch.float32: False, torch.float64: False}
+
+
+def _install_blas(enabled: bool = True) -> None:
+    """Hand torch's gemm functions to the extension (``enabled=False``: none)."""
+    sgemm, dgemm = _torch_gemm_addresses() if enabled else (0, 0)
+    _BLAS_IN_USE[torch.float32] = bool(_C.install_blas_f32(sgemm))
+    _BLAS_IN_USE[torch.float64] = bool(_C.install_blas_f64(dgemm))
+
+
+def blas_in_use(dtype: torch.dtype) -> bool:
+    """``True`` when the kernels' few-row products of ``dtype`` run on torch's BLAS."""
+    return _BLAS_IN_USE.get(dtype, False)
+
+
+@contextlib.contextmanager
+def own_row_products() -> Iterator[None]:
+    """Run the kernels' few-row products on their own code inside the block, not on torch's
+    BLAS (tests and benchmarks compare the two)."""
+    require_extension()
+    _install_blas(False)
+    try:
+        yield
+    finally:
+        _install_blas()
+
+
+if _C is not None:
+    _install_blas()

@@ -38,6 +38,10 @@ class ConditionalFullAttention(nn.Module):
     masks ``(L, S)``, ``(N, L)``, ``(N, S)``; returns ``(N, L, H, D)``.
     """
 
+    #: the class of ``full_attention``, built with ``(softmax_temp, attention_dropout,
+    #: event_dispatcher)``; a subclass (e.g. a recurrent form) may name another one
+    full_attention_class: type[nn.Module] = FullAttention
+
     def __init__(
         self,
         attention: nn.Module,
@@ -49,12 +53,14 @@ class ConditionalFullAttention(nn.Module):
         super().__init__()
         if not callable(attention):
             raise TypeError(
-                "attention must be an attention module used for long sequences; "
+                "attention must be the attention module used beyond length_limit; "
                 f"got {type(attention).__name__}"
             )
         self.length_limit = check_positive_int("length_limit", length_limit)
         self.event_dispatcher = EventDispatcher.get(event_dispatcher)
-        self.full_attention = FullAttention(softmax_temp, attention_dropout, event_dispatcher)
+        self.full_attention = self.full_attention_class(
+            softmax_temp, attention_dropout, event_dispatcher
+        )
         self.other_attention = attention
 
     def forward(

@@ -73,6 +73,15 @@ class Registry:
         """Return ``True`` if some registered attention declares parameter ``key``."""
         return key in self._parameters
 
+    def parameter_tuples(self, key: str) -> list[tuple[str, Spec]]:
+        """The ``[(parameter, spec), ...]`` that attention ``key`` was registered with.
+
+        A recurrent twin of a batch attention registers the same list, e.g.
+        ``RecurrentAttentionRegistry.register("full", RecurrentFullAttention,
+        AttentionRegistry.parameter_tuples("full"))``."""
+        names = self[key][1]  # a clear KeyError for an unknown key
+        return [(p, self._class_specs[key][p]) for p in names]
+
     def spec(self, key: str) -> Spec:
         """The spec registered for parameter ``key``."""
         return self._parameters[key]

@@ -50,8 +50,10 @@ __all__ = [
 ]
 
 
-#: The fewest rows at which these calls beat the composed torch ops they replace (measured with
-#: 1 and 2 threads: at one or two rows MKL's products and the ops' dispatch are faster).
+#: The fewest rows at which these calls beat the composed torch ops they replace, measured in
+#: the 8-layer step of a recurrent encoder (d_model 384, feed-forward 1536): with 1 thread the
+#: calls were 3-10% faster already at one or two rows, with 2 threads the composed ops were
+#: 2-4% faster there; from 3 rows on the calls are faster with either.
 MIN_ROWS = 3
 
 

@@ -126,7 +126,8 @@ def check_linear(
 
 def _rows(t: Tensor) -> Tensor:
     """``t`` as ``(R, width)`` rows with contiguous features (a copy only when needed)."""
-    t = t.reshape(-1, t.shape[-1])
+    if t.dim() != 2:
+        t = t.reshape(-1, t.shape[-1])
     return (
         t
         if t.stride(-1) == 1 and (t.shape[0] <= 1 or t.stride(0) >= t.shape[1])

@@ -16,16 +16,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from einops import rearrange
-from torch import Tensor, nn
+from torch import Tensor
 
-from attention_core.attention.full_attention import masked_softmax
+from attention_core.attention.full_attention import FullAttention, masked_softmax
 from attention_core.attention_registry import (
-    EventDispatcherInstance,
-    Float,
-    Optional,
+    AttentionRegistry,
     RecurrentCrossAttentionRegistry,
 )
-from attention_core.events import AttentionEvent, EventDispatcher
+from attention_core.events import AttentionEvent
 from attention_core.masking import BaseMask, zero_padding
 
 from ...state import MemoryState, check_state_tensor, check_state_type
@@ -34,7 +32,9 @@ from .base import RecurrentCrossAttention, check_memory_heads
 __all__ = ["RecurrentCrossFullAttention"]
 
 
-class RecurrentCrossFullAttention(RecurrentCrossAttention):
+# the batch attention gives the constructor, parameters and registry entry; the
+# recurrent interface (first in the MRO) replaces its forward
+class RecurrentCrossFullAttention(RecurrentCrossAttention, FullAttention):  # type: ignore[misc]
     """Recurrent softmax cross attention, the dual of ``full`` with a full mask.
 
     Queries whose memory is empty (length 0) get zeros, as in the batch attention.
@@ -48,17 +48,6 @@ class RecurrentCrossFullAttention(RecurrentCrossAttention):
     Shapes: query ``(N, H, E)``, keys ``(N, S, H, E)``, values ``(N, S, H, D)``; returns
     ``(N, H, D)``.
     """
-
-    def __init__(
-        self,
-        softmax_temp: float | None = None,
-        attention_dropout: float = 0.1,
-        event_dispatcher: EventDispatcher | str = "",
-    ):
-        super().__init__()
-        self.softmax_temp = softmax_temp
-        self.dropout = nn.Dropout(attention_dropout)
-        self.event_dispatcher = EventDispatcher.get(event_dispatcher)
 
     def make_state(
         self,
@@ -103,11 +92,5 @@ class RecurrentCrossFullAttention(RecurrentCrossAttention):
 
 
 RecurrentCrossAttentionRegistry.register(
-    "full",
-    RecurrentCrossFullAttention,
-    [
-        ("softmax_temp", Optional(Float)),
-        ("attention_dropout", Optional(Float, 0.1)),
-        ("event_dispatcher", Optional(EventDispatcherInstance, "")),
-    ],
+    "full", RecurrentCrossFullAttention, AttentionRegistry.parameter_tuples("full")
 )

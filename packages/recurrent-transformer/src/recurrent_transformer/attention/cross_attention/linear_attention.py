@@ -12,22 +12,16 @@ feature map, m value features.
 
 from __future__ import annotations
 
-import collections.abc
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from attention_core.attention.linear_attention import LinearAttention
 from attention_core.attention_registry import (
-    Callable,
-    EventDispatcherInstance,
-    Float,
-    Int,
-    Optional,
+    AttentionRegistry,
     RecurrentCrossAttentionRegistry,
 )
-from attention_core.events import EventDispatcher
-from attention_core.feature_maps import FeatureMap, elu_feature_map
 from attention_core.masking import BaseMask
 
 from ...state import LinearState, check_state_tensor, check_state_type
@@ -36,7 +30,9 @@ from .base import RecurrentCrossAttention, check_memory_heads
 __all__ = ["RecurrentCrossLinearAttention"]
 
 
-class RecurrentCrossLinearAttention(RecurrentCrossAttention):
+# the batch attention gives the constructor, parameters and registry entry; the
+# recurrent interface (first in the MRO) replaces its forward
+class RecurrentCrossLinearAttention(RecurrentCrossAttention, LinearAttention):  # type: ignore[misc]
     """Recurrent linear cross attention, the dual of ``linear`` with a full mask.
 
     The state is a `LinearState` computed from the memory at the first step (when a
@@ -51,18 +47,6 @@ class RecurrentCrossLinearAttention(RecurrentCrossAttention):
     Shapes: query ``(N, H, E)``, keys ``(N, S, H, E)``, values ``(N, S, H, M)``; returns
     ``(N, H, M)``.
     """
-
-    def __init__(
-        self,
-        query_dimensions: int,
-        feature_map: collections.abc.Callable[[int], FeatureMap] | None = None,
-        eps: float = 1e-6,
-        event_dispatcher: EventDispatcher | str = "",
-    ):
-        super().__init__()
-        self.feature_map = (feature_map or elu_feature_map)(query_dimensions)
-        self.eps = eps
-        self.event_dispatcher = EventDispatcher.get(event_dispatcher)
 
     def make_state(
         self,
@@ -100,12 +84,5 @@ class RecurrentCrossLinearAttention(RecurrentCrossAttention):
 
 
 RecurrentCrossAttentionRegistry.register(
-    "linear",
-    RecurrentCrossLinearAttention,
-    [
-        ("query_dimensions", Int),
-        ("feature_map", Optional(Callable)),
-        ("eps", Optional(Float, 1e-6)),
-        ("event_dispatcher", Optional(EventDispatcherInstance, "")),
-    ],
+    "linear", RecurrentCrossLinearAttention, AttentionRegistry.parameter_tuples("linear")
 )

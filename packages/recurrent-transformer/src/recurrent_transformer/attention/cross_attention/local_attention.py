@@ -25,10 +25,7 @@ from torch import Tensor
 
 from attention_core.attention.full_attention import masked_softmax
 from attention_core.attention_registry import (
-    EventDispatcherInstance,
-    Float,
-    Int,
-    Optional,
+    AttentionRegistry,
     RecurrentCrossAttentionRegistry,
 )
 from attention_core.checks import check_positive_int
@@ -109,12 +106,5 @@ class RecurrentCrossLocalAttention(RecurrentCrossFullAttention):
 
 
 RecurrentCrossAttentionRegistry.register(
-    "local",
-    RecurrentCrossLocalAttention,
-    [
-        ("local_context", Int),
-        ("softmax_temp", Optional(Float)),
-        ("attention_dropout", Optional(Float, 0.1)),
-        ("event_dispatcher", Optional(EventDispatcherInstance, "")),
-    ],
+    "local", RecurrentCrossLocalAttention, AttentionRegistry.parameter_tuples("local")
 )

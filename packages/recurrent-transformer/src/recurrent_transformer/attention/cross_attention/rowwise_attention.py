@@ -30,10 +30,7 @@ from torch import Tensor
 from attention_core.attention.aft_attention import AFTFullAttention, AFTSimpleAttention
 from attention_core.attention.exact_topk_attention import ExactTopKAttention
 from attention_core.attention_registry import (
-    EventDispatcherInstance,
-    Float,
-    Int,
-    Optional,
+    AttentionRegistry,
     RecurrentCrossAttentionRegistry,
 )
 from attention_core.masking import BaseMask, FullMask, LengthMask
@@ -173,26 +170,11 @@ class RecurrentCrossAFTFullAttention(_RowwiseCrossAttention, AFTFullAttention): 
 
 
 RecurrentCrossAttentionRegistry.register(
-    "aft-full",
-    RecurrentCrossAFTFullAttention,
-    [
-        ("max_sequence_length", Optional(Int, 1024)),
-        ("aft_parameterization", Optional(Int, 64)),
-        ("event_dispatcher", Optional(EventDispatcherInstance, "")),
-    ],
+    "aft-full", RecurrentCrossAFTFullAttention, AttentionRegistry.parameter_tuples("aft-full")
 )
 RecurrentCrossAttentionRegistry.register(
-    "exact-topk",
-    RecurrentCrossExactTopKAttention,
-    [
-        ("topk", Optional(Int, 32)),
-        ("softmax_temp", Optional(Float)),
-        ("attention_dropout", Optional(Float, 0.1)),
-        ("event_dispatcher", Optional(EventDispatcherInstance, "")),
-    ],
+    "exact-topk", RecurrentCrossExactTopKAttention, AttentionRegistry.parameter_tuples("exact-topk")
 )
 RecurrentCrossAttentionRegistry.register(
-    "aft-simple",
-    RecurrentCrossAFTSimpleAttention,
-    [("event_dispatcher", Optional(EventDispatcherInstance, ""))],
+    "aft-simple", RecurrentCrossAFTSimpleAttention, AttentionRegistry.parameter_tuples("aft-simple")
 )

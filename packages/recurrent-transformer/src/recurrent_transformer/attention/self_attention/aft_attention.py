@@ -20,16 +20,13 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
+from attention_core.attention.aft_attention import AFTFullAttention, AFTSimpleAttention
 from attention_core.attention_registry import (
-    EventDispatcherInstance,
-    Int,
-    Optional,
+    AttentionRegistry,
     RecurrentAttentionRegistry,
 )
-from attention_core.checks import check_positive_int
-from attention_core.events import EventDispatcher
 
 from ...state import AFTSimpleState, KVCache, check_state_tensor, check_state_type
 from .base import RecurrentAttention
@@ -41,7 +38,9 @@ __all__ = ["RecurrentAFTFullAttention", "RecurrentAFTSimpleAttention"]
 # AFT-simple
 
 
-class RecurrentAFTSimpleAttention(RecurrentAttention):
+# the batch attention gives the constructor, parameters and registry entry; the
+# recurrent interface (first in the MRO) replaces its forward
+class RecurrentAFTSimpleAttention(RecurrentAttention, AFTSimpleAttention):  # type: ignore[misc]
     """Recurrent causal AFT-simple, the dual of ``aft-simple`` with a causal mask.
 
     Arguments:
@@ -52,10 +51,6 @@ class RecurrentAFTSimpleAttention(RecurrentAttention):
     """
 
     same_dims = True
-
-    def __init__(self, event_dispatcher: EventDispatcher | str = ""):
-        super().__init__()
-        self.event_dispatcher = EventDispatcher.get(event_dispatcher)
 
     def step(self, query: Tensor, key: Tensor, value: Tensor, state: Any) -> tuple[Tensor, Any]:
         """Fold ``exp(K) V`` and ``exp(K)`` into the running sums and read them."""
@@ -77,7 +72,9 @@ class RecurrentAFTSimpleAttention(RecurrentAttention):
 # AFT-full
 
 
-class RecurrentAFTFullAttention(RecurrentAttention):
+# the batch attention gives the constructor, parameters and registry entry; the
+# recurrent interface (first in the MRO) replaces its forward
+class RecurrentAFTFullAttention(RecurrentAttention, AFTFullAttention):  # type: ignore[misc]
     """Recurrent causal AFT-full, the dual of ``aft-full`` with a causal mask.
 
     Step ``t`` (counting from 0) uses the bias row ``w_t = u_t v_{0..t}^T``. The parameters
@@ -94,19 +91,6 @@ class RecurrentAFTFullAttention(RecurrentAttention):
     """
 
     same_dims = True
-
-    def __init__(
-        self,
-        max_sequence_length: int = 1024,
-        aft_parameterization: int = 64,
-        event_dispatcher: EventDispatcher | str = "",
-    ):
-        super().__init__()
-        self.max_sequence_length = check_positive_int("max_sequence_length", max_sequence_length)
-        check_positive_int("aft_parameterization", aft_parameterization)
-        self.u = nn.Parameter(torch.randn(max_sequence_length, aft_parameterization) * 0.01)
-        self.v = nn.Parameter(torch.randn(max_sequence_length, aft_parameterization) * 0.01)
-        self.event_dispatcher = EventDispatcher.get(event_dispatcher)
 
     def step(self, query: Tensor, key: Tensor, value: Tensor, state: Any) -> tuple[Tensor, Any]:
         """Append ``key``/``value`` and mix every cached value with the bias row of step t."""
@@ -129,16 +113,8 @@ class RecurrentAFTFullAttention(RecurrentAttention):
 
 
 RecurrentAttentionRegistry.register(
-    "aft-full",
-    RecurrentAFTFullAttention,
-    [
-        ("max_sequence_length", Optional(Int, 1024)),
-        ("aft_parameterization", Optional(Int, 64)),
-        ("event_dispatcher", Optional(EventDispatcherInstance, "")),
-    ],
+    "aft-full", RecurrentAFTFullAttention, AttentionRegistry.parameter_tuples("aft-full")
 )
 RecurrentAttentionRegistry.register(
-    "aft-simple",
-    RecurrentAFTSimpleAttention,
-    [("event_dispatcher", Optional(EventDispatcherInstance, ""))],
+    "aft-simple", RecurrentAFTSimpleAttention, AttentionRegistry.parameter_tuples("aft-simple")
 )

@@ -88,12 +88,13 @@ class RecurrentAttentionLayer(AttentionLayer):
             if key is not query or value is not query:  # self attention passes x three times
                 check_element("key", key, self.d_model, name)
                 check_element("value", value, self.d_model, name)
-        # the per-step hot path splits heads with unflatten/flatten: "n (h e) -> n h e" and
-        # back (an einops recipe lookup costs more than the view itself at one element per call)
-        heads = (self.n_heads, -1)
-        q = self.query_projection(query).unflatten(1, heads)
-        k = self.key_projection(key).unflatten(1, heads)
-        v = self.value_projection(value).unflatten(1, heads)
+        # the per-step hot path splits heads with reshape/flatten: "n (h e) -> n h e" and back
+        # (an einops recipe lookup, or Tensor.unflatten's Python wrapper, costs more than the
+        # view itself at one element per call)
+        N, H = query.shape[0], self.n_heads
+        q = self.query_projection(query).reshape(N, H, -1)
+        k = self.key_projection(key).reshape(N, H, -1)
+        v = self.value_projection(value).reshape(N, H, -1)
         if self.event_dispatcher.has_listeners:
             self.event_dispatcher.dispatch(QKVEvent(self, q, k, v))
         out, state = self.inner_attention(q, k, v, state)

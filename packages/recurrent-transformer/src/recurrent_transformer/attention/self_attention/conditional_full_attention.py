@@ -18,17 +18,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from torch import Tensor, nn
+from torch import Tensor
 
+from attention_core.attention.conditional_full_attention import ConditionalFullAttention
 from attention_core.attention_registry import (
-    EventDispatcherInstance,
-    Float,
-    Int,
-    Optional,
+    AttentionRegistry,
     RecurrentAttentionRegistry,
 )
-from attention_core.checks import check_positive_int
-from attention_core.events import EventDispatcher
 
 from ...state import ConditionalState, check_state_type
 from .base import RecurrentAttention
@@ -37,7 +33,9 @@ from .full_attention import RecurrentFullAttention
 __all__ = ["RecurrentConditionalFullAttention"]
 
 
-class RecurrentConditionalFullAttention(RecurrentAttention):
+# the batch attention gives the constructor, parameters and registry entry (with a recurrent
+# full attention inside); the recurrent interface (first in the MRO) replaces its forward
+class RecurrentConditionalFullAttention(RecurrentAttention, ConditionalFullAttention):  # type: ignore[misc]
     """Recurrent softmax attention for the first ``length_limit`` steps, then ``attention``.
 
     Builders create it from composite types such as ``"conditional-full:linear"``. The
@@ -54,26 +52,8 @@ class RecurrentConditionalFullAttention(RecurrentAttention):
     is a `ConditionalState`.
     """
 
-    def __init__(
-        self,
-        attention: nn.Module,
-        length_limit: int = 512,
-        softmax_temp: float | None = None,
-        attention_dropout: float = 0.1,
-        event_dispatcher: EventDispatcher | str = "",
-    ):
-        super().__init__()
-        if not callable(attention):
-            raise TypeError(
-                "attention must be a recurrent attention module used after length_limit steps; "
-                f"got {type(attention).__name__}"
-            )
-        self.length_limit = check_positive_int("length_limit", length_limit)
-        self.event_dispatcher = EventDispatcher.get(event_dispatcher)
-        self.full_attention = RecurrentFullAttention(
-            softmax_temp, attention_dropout, event_dispatcher
-        )
-        self.other_attention = attention
+    full_attention_class = RecurrentFullAttention
+    full_attention: RecurrentFullAttention
 
     def step(self, query: Tensor, key: Tensor, value: Tensor, state: Any) -> tuple[Tensor, Any]:
         """Step both attentions while within ``length_limit``, then only the other one."""
@@ -93,10 +73,5 @@ class RecurrentConditionalFullAttention(RecurrentAttention):
 RecurrentAttentionRegistry.register(
     "conditional-full",
     RecurrentConditionalFullAttention,
-    [
-        ("length_limit", Optional(Int, 512)),
-        ("softmax_temp", Optional(Float)),
-        ("attention_dropout", Optional(Float, 0.1)),
-        ("event_dispatcher", Optional(EventDispatcherInstance, "")),
-    ],
+    AttentionRegistry.parameter_tuples("conditional-full"),
 )

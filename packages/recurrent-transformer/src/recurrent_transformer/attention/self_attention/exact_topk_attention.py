@@ -16,18 +16,15 @@ from math import sqrt
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
+from attention_core.attention.exact_topk_attention import ExactTopKAttention
 from attention_core.attention.full_attention import masked_softmax
 from attention_core.attention_registry import (
-    EventDispatcherInstance,
-    Float,
-    Int,
-    Optional,
+    AttentionRegistry,
     RecurrentAttentionRegistry,
 )
-from attention_core.checks import check_positive_int
-from attention_core.events import AttentionEvent, EventDispatcher
+from attention_core.events import AttentionEvent
 
 from ...state import KVCache
 from .base import RecurrentAttention
@@ -36,7 +33,9 @@ from .full_attention import check_cache
 __all__ = ["RecurrentExactTopKAttention"]
 
 
-class RecurrentExactTopKAttention(RecurrentAttention):
+# the batch attention gives the constructor, parameters and registry entry; the
+# recurrent interface (first in the MRO) replaces its forward
+class RecurrentExactTopKAttention(RecurrentAttention, ExactTopKAttention):  # type: ignore[misc]
     """Recurrent exact top-k attention, the dual of ``exact-topk`` with a causal mask.
 
     Arguments:
@@ -49,19 +48,6 @@ class RecurrentExactTopKAttention(RecurrentAttention):
     Shapes: query and key ``(N, H, E)``, value ``(N, H, D)``; returns ``(N, H, D)``. The state
     is a `KVCache`; step ``t`` costs ``O(t)``.
     """
-
-    def __init__(
-        self,
-        topk: int = 32,
-        softmax_temp: float | None = None,
-        attention_dropout: float = 0.1,
-        event_dispatcher: EventDispatcher | str = "",
-    ):
-        super().__init__()
-        self.topk = check_positive_int("topk", topk)
-        self.softmax_temp = softmax_temp
-        self.dropout = nn.Dropout(attention_dropout)
-        self.event_dispatcher = EventDispatcher.get(event_dispatcher)
 
     def step(self, query: Tensor, key: Tensor, value: Tensor, state: Any) -> tuple[Tensor, Any]:
         """Append ``key``/``value`` and attend to the ``topk`` best cached keys."""
@@ -86,12 +72,5 @@ class RecurrentExactTopKAttention(RecurrentAttention):
 
 
 RecurrentAttentionRegistry.register(
-    "exact-topk",
-    RecurrentExactTopKAttention,
-    [
-        ("topk", Optional(Int, 32)),
-        ("softmax_temp", Optional(Float)),
-        ("attention_dropout", Optional(Float, 0.1)),
-        ("event_dispatcher", Optional(EventDispatcherInstance, "")),
-    ],
+    "exact-topk", RecurrentExactTopKAttention, AttentionRegistry.parameter_tuples("exact-topk")
 )

@@ -16,17 +16,15 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-from attention_core.attention.full_attention import masked_softmax
+from attention_core.attention.full_attention import FullAttention, masked_softmax
 from attention_core.attention_registry import (
-    EventDispatcherInstance,
-    Float,
-    Optional,
+    AttentionRegistry,
     RecurrentAttentionRegistry,
 )
 from attention_core.cache_attention import cache_attention
-from attention_core.events import AttentionEvent, EventDispatcher
+from attention_core.events import AttentionEvent
 
 from ..._checks import check_sequence_heads
 from ...state import KVCache, check_state_tensor, check_state_type
@@ -104,7 +102,9 @@ def attend_cache(
     return torch.matmul(A, values)
 
 
-class RecurrentFullAttention(RecurrentAttention):
+# the batch attention gives the constructor, parameters and registry entry; the
+# recurrent interface (first in the MRO) replaces its forward
+class RecurrentFullAttention(RecurrentAttention, FullAttention):  # type: ignore[misc]
     """Recurrent softmax attention over a growing key/value cache.
 
     The dual of ``full`` with a causal mask.
@@ -120,17 +120,6 @@ class RecurrentFullAttention(RecurrentAttention):
 
     Shapes: query and key ``(N, H, E)``, value ``(N, H, D)``; returns ``(N, H, D)``.
     """
-
-    def __init__(
-        self,
-        softmax_temp: float | None = None,
-        attention_dropout: float = 0.1,
-        event_dispatcher: EventDispatcher | str = "",
-    ):
-        super().__init__()
-        self.softmax_temp = softmax_temp
-        self.dropout = nn.Dropout(attention_dropout)
-        self.event_dispatcher = EventDispatcher.get(event_dispatcher)
 
     def _new_cache(self, query: Tensor, value: Tensor, state: Any) -> KVCache:
         if state is None:
@@ -173,11 +162,5 @@ class RecurrentFullAttention(RecurrentAttention):
 
 
 RecurrentAttentionRegistry.register(
-    "full",
-    RecurrentFullAttention,
-    [
-        ("softmax_temp", Optional(Float)),
-        ("attention_dropout", Optional(Float, 0.1)),
-        ("event_dispatcher", Optional(EventDispatcherInstance, "")),
-    ],
+    "full", RecurrentFullAttention, AttentionRegistry.parameter_tuples("full")
 )

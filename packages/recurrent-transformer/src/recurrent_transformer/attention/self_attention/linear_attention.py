@@ -19,24 +19,19 @@ m value features.
 
 from __future__ import annotations
 
-import collections.abc
 from typing import Any
 
 import torch
 from einops import rearrange
 from torch import Tensor
 
+from attention_core.attention.causal_linear_attention import CausalLinearAttention
 from attention_core.attention_registry import (
-    Callable,
-    EventDispatcherInstance,
-    Float,
-    Int,
-    Optional,
+    AttentionRegistry,
     RecurrentAttentionRegistry,
 )
 from attention_core.causal_product import causal_dot_product
-from attention_core.events import EventDispatcher
-from attention_core.feature_maps import FeatureMap, elu_feature_map, is_elu_feature_map
+from attention_core.feature_maps import is_elu_feature_map
 from attention_core.linear_step import accumulation_dtype, linear_attention_step
 
 from ..._checks import check_sequence_heads
@@ -51,7 +46,9 @@ def _accumulating(t: Tensor) -> Tensor:
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
-class RecurrentLinearAttention(RecurrentAttention):
+# the batch attention gives the constructor, parameters and registry entry; the
+# recurrent interface (first in the MRO) replaces its forward
+class RecurrentLinearAttention(RecurrentAttention, CausalLinearAttention):  # type: ignore[misc]
     """Recurrent causal linear attention, the dual of ``causal-linear``.
 
     Registered as ``"linear"`` and ``"causal-linear"``. The state is a `LinearState`
@@ -74,18 +71,6 @@ class RecurrentLinearAttention(RecurrentAttention):
         >>> out.shape, state.S.shape
         (torch.Size([2, 4, 8]), torch.Size([2, 4, 8, 8]))
     """
-
-    def __init__(
-        self,
-        query_dimensions: int,
-        feature_map: collections.abc.Callable[[int], FeatureMap] | None = None,
-        eps: float = 1e-6,
-        event_dispatcher: EventDispatcher | str = "",
-    ):
-        super().__init__()
-        self.feature_map = (feature_map or elu_feature_map)(query_dimensions)
-        self.eps = eps
-        self.event_dispatcher = EventDispatcher.get(event_dispatcher)
 
     def _check(self, state: Any, Q: Tensor, value: Tensor) -> LinearState:
         state = check_state_type("state", state, LinearState, type(self).__name__)
@@ -156,11 +141,9 @@ class RecurrentLinearAttention(RecurrentAttention):
         return (numerator / denominator).to(dtype), LinearState(S, Z)
 
 
-_PARAMETERS = [
-    ("query_dimensions", Int),
-    ("feature_map", Optional(Callable)),
-    ("eps", Optional(Float, 1e-6)),
-    ("event_dispatcher", Optional(EventDispatcherInstance, "")),
-]
-RecurrentAttentionRegistry.register("linear", RecurrentLinearAttention, _PARAMETERS)
-RecurrentAttentionRegistry.register("causal-linear", RecurrentLinearAttention, _PARAMETERS)
+RecurrentAttentionRegistry.register(
+    "linear", RecurrentLinearAttention, AttentionRegistry.parameter_tuples("linear")
+)
+RecurrentAttentionRegistry.register(
+    "causal-linear", RecurrentLinearAttention, AttentionRegistry.parameter_tuples("causal-linear")
+)

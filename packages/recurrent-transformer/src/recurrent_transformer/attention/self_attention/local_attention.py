@@ -18,17 +18,13 @@ from math import sqrt
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
+from attention_core.attention.local_attention import LocalAttention
 from attention_core.attention_registry import (
-    EventDispatcherInstance,
-    Float,
-    Int,
-    Optional,
+    AttentionRegistry,
     RecurrentAttentionRegistry,
 )
-from attention_core.checks import check_positive_int
-from attention_core.events import EventDispatcher
 
 from ...state import WindowState, check_state_tensor, check_state_type
 from .base import RecurrentAttention
@@ -37,7 +33,9 @@ from .full_attention import attend_cache
 __all__ = ["RecurrentLocalAttention"]
 
 
-class RecurrentLocalAttention(RecurrentAttention):
+# the batch attention gives the constructor, parameters and registry entry; the
+# recurrent interface (first in the MRO) replaces its forward
+class RecurrentLocalAttention(RecurrentAttention, LocalAttention):  # type: ignore[misc]
     """Recurrent causal local attention, the dual of ``local`` with a causal mask.
 
     Arguments:
@@ -50,19 +48,6 @@ class RecurrentLocalAttention(RecurrentAttention):
     Shapes: query and key ``(N, H, E)``, value ``(N, H, D)``; returns ``(N, H, D)``. The state
     is a `WindowState`.
     """
-
-    def __init__(
-        self,
-        local_context: int,
-        softmax_temp: float | None = None,
-        attention_dropout: float = 0.1,
-        event_dispatcher: EventDispatcher | str = "",
-    ):
-        super().__init__()
-        self.local_context = check_positive_int("local_context", local_context)
-        self.softmax_temp = softmax_temp
-        self.dropout = nn.Dropout(attention_dropout)
-        self.event_dispatcher = EventDispatcher.get(event_dispatcher)
 
     @property
     def window(self) -> int:
@@ -89,12 +74,5 @@ class RecurrentLocalAttention(RecurrentAttention):
 
 
 RecurrentAttentionRegistry.register(
-    "local",
-    RecurrentLocalAttention,
-    [
-        ("local_context", Int),
-        ("softmax_temp", Optional(Float)),
-        ("attention_dropout", Optional(Float, 0.1)),
-        ("event_dispatcher", Optional(EventDispatcherInstance, "")),
-    ],
+    "local", RecurrentLocalAttention, AttentionRegistry.parameter_tuples("local")
 )
