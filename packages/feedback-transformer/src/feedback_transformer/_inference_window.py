@@ -44,7 +44,7 @@ if TYPE_CHECKING:
     from torch import nn
 
     from ._window_loop import Cross
-    from .layers import CrossAttention
+    from .layers import CrossAttention, FeedbackLayer
     from .model import FeedbackTransformer
 
 __all__ = [
@@ -91,11 +91,12 @@ class LayerWeights:
 
     __slots__ = ("cross", "feed_forward", "ff_eps", "out_bias", "out_weight_t", "projection_t")
 
-    def __init__(self, layer: nn.Module, weight: Tensor):
+    def __init__(self, layer: FeedbackLayer, weight: Tensor):
         first, _, last = layer.ff_parts()
-        norm = layer.ff_norm
+        norm: nn.LayerNorm = layer.ff_norm
+        to_out: nn.Linear = layer.to_out
         self.projection_t = weight.t().contiguous()
-        self.out_weight_t, self.out_bias = layer.to_out.weight.t().contiguous(), layer.to_out.bias
+        self.out_weight_t, self.out_bias = to_out.weight.t().contiguous(), to_out.bias
         self.feed_forward = (
             first.weight,
             first.bias,
@@ -104,7 +105,7 @@ class LayerWeights:
             norm.weight,
             norm.bias,
         )
-        self.ff_eps = norm.eps
+        self.ff_eps: float = norm.eps
         self.cross: CrossAttention | None = layer.cross
 
 

@@ -75,8 +75,9 @@ class FeedbackState:
         # queries 0 .. W-1 of a window over keys at -M .. W-1
         self.biases = WindowBiases(model.rel_pos(positions[M:], positions), W)
         self.weights = InferenceWeights(model, query_weights(model, stacked=False))
+        # windows of more than one step (seq_len > 1) project queries, keys and values at once
         self.window_weights = (
-            InferenceWeights(model, query_weights(model, stacked=True)) if W > 1 else None
+            InferenceWeights(model, query_weights(model, stacked=True)) if W > 1 else self.weights
         )
         self.signature = model.signature
         self.window = memory.keys.new_zeros(batch, 0, model.dim)
