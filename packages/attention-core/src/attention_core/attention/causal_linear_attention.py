@@ -7,7 +7,6 @@ from __future__ import annotations
 import collections.abc
 
 import torch
-from einops import rearrange
 from torch import Tensor, nn
 
 from ..attention_registry import (
@@ -83,14 +82,16 @@ class CausalLinearAttention(nn.Module):
                 "CausalLinearAttention needs a lower triangular attention mask "
                 "(TriangularCausalMask); got a mask that is not"
             )
-        to_heads = lambda t: rearrange(t, "n l h d -> n h l d")  # noqa: E731
+        # (N, L, H, D) <-> (N, H, L, D) as views: Tensor.transpose costs a fraction of an
+        # einops rearrange's call, which counts at short lengths
+        to_heads = lambda t: t.transpose(1, 2)  # noqa: E731
         if S == L and key_lengths.all_ones and self._default_feature_map():
             # the whole layer in one kernel call: feature map, numerator and normaliser,
             # reading and writing the (N, L, H, .) layout in place
             V = elu_normalized_causal_dot_product(
                 to_heads(queries), to_heads(keys), to_heads(values), self.eps
             )
-            return rearrange(V, "n h l d -> n l h d").contiguous()
+            return V.transpose(1, 2).contiguous()
         self.feature_map.new_feature_map(queries.device)
         Q = self.feature_map.forward_queries(queries)
         K = self.feature_map.forward_keys(keys)
@@ -102,9 +103,9 @@ class CausalLinearAttention(nn.Module):
             K = torch.nn.functional.pad(K, (0, 0, 0, 0, 0, L - S))
             values = torch.nn.functional.pad(values, (0, 0, 0, 0, 0, L - S))
         # numerator and normaliser in one pass; on the kernel path the result is written
-        # straight into (N, L, H, D) storage, so the final rearrange is free
+        # straight into (N, L, H, D) storage, so the final transpose is free
         V = normalized_causal_dot_product(to_heads(Q), to_heads(K), to_heads(values), self.eps)
-        return rearrange(V, "n h l d -> n l h d").contiguous()
+        return V.transpose(1, 2).contiguous()
 
     def _default_feature_map(self) -> bool:
         """Whether the feature map is the default ``elu(x) + 1`` with no hooks.
