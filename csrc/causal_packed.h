@@ -229,6 +229,25 @@ struct Chunks {
         }
     }
 
+    // Head h's rows of the chunk at c0 as both backward sweeps read them: its gathered
+    // (mapped) queries and keys, the gradient and the values where they lie (with their row
+    // steps), and its dq or dk rows in the workspace.
+    struct ChunkRows {
+        const T* q;
+        const T* k;
+        const T* g;
+        const T* v;
+        int64_t gs, vs;
+        T* d;
+    };
+    static ChunkRows chunk_rows(const HeadBackward<T>& p, Workspace<T>& ws, int64_t h, int64_t c0,
+                                int64_t E) {
+        return {ws.hq.data() + h * kChunk * E, ws.hk.data() + h * kChunk * E,
+                p.grad + c0 * p.grad_step,      p.v + c0 * p.v_step,
+                p.grad_step,                    p.v_step,
+                ws.hd.data() + h * kChunk * E};
+    }
+
     // dq_i = dd_i z_i + r_i S_i g_i for the chunk at c0 of `count` heads, forward in time
     // (each head's state as M x E).
     static void backward_forward(const HeadBackward<T>* heads, HeadState<T>* states,
@@ -240,12 +259,7 @@ struct Chunks {
         for (int64_t h = 0; h < count; ++h) {
             const HeadBackward<T>& p = heads[h];
             HeadState<T>& st = states[h];
-            const T* q = ws.hq.data() + h * kChunk * E;
-            const T* k = ws.hk.data() + h * kChunk * E;
-            const T* g = p.grad + c0 * p.grad_step;
-            const T* v = p.v + c0 * p.v_step;
-            const int64_t gs = p.grad_step, vs = p.v_step;
-            T* d = ws.hd.data() + h * kChunk * E;
+            const auto [q, k, g, v, gs, vs, d] = chunk_rows(p, ws, h, c0, E);
             T* r = st.r.data() + c0;
             if (norm) {
                 normalizer_sweep<T>({q, E, k, E, g, gs, p.out + c0 * p.out_step, p.out_step, d, E,
@@ -268,12 +282,7 @@ struct Chunks {
         for (int64_t h = 0; h < count; ++h) {
             const HeadBackward<T>& p = heads[h];
             HeadState<T>& st = states[h];
-            const T* q = ws.hq.data() + h * kChunk * E;
-            const T* k = ws.hk.data() + h * kChunk * E;
-            const T* g = p.grad + c0 * p.grad_step;
-            const T* v = p.v + c0 * p.v_step;
-            const int64_t gs = p.grad_step, vs = p.v_step;
-            T* d = ws.hd.data() + h * kChunk * E;
+            const auto [q, k, g, v, gs, vs, d] = chunk_rows(p, ws, h, c0, E);
             T* dv = p.dv + c0 * p.dv_step;
             const T* r = norm ? st.r.data() + c0 : nullptr;
             if (norm) normalizer_reverse<T>({q, E, st.dd.data() + c0, d, E, p.dz0, c, E});

@@ -92,9 +92,6 @@ def use_kernels(*tensors: Tensor, triton: bool = False) -> bool:
     when triton is importable; float64 CUDA tensors do not (they take the plain-PyTorch path)."""
     if os.environ.get(FORCE_REFERENCE_ENV, "0") not in ("", "0"):
         return False
-    if len(tensors) == 1 and not triton:  # the per-step ops' case, without a generator
-        (t,) = tensors
-        return _C is not None and t.dtype in _CPU_DTYPES and t.device.type == "cpu"
     if triton and tensors and all(t.device.type == "cuda" for t in tensors):
         return triton_available() and all(t.dtype in _TRITON_DTYPES for t in tensors)
     if _C is None:
