@@ -309,23 +309,54 @@ def test_thread_count_is_honoured(normalize, monkeypatch):
 def test_dispatch_to_kernel_unless_forced(monkeypatch):
     Q, K, V = inputs(1, 2, 9, 3, 4, dtype=torch.float32)
     calls = []
-    original = causal_op.causal_product_forward
+    for name in ("causal_product_forward", "forward_kernel"):
 
-    def spy(*args):
-        calls.append(args[5])
-        return original(*args)
+        def spy(*args, _name=name, _original=getattr(causal_op, name)):
+            calls.append((_name, args[5]))
+            return _original(*args)
 
-    monkeypatch.setattr(causal_op, "causal_product_forward", spy)
+        monkeypatch.setattr(causal_op, name, spy)
     monkeypatch.delenv(_extension.FORCE_REFERENCE_ENV, raising=False)
     kernel = causal_dot_product(Q, K, V)
     normalized_causal_dot_product(Q, K, V)
-    assert calls == [False, True]
+    # nothing to record for autograd: the checked call skips the dispatcher
+    assert calls == [("forward_kernel", False), ("forward_kernel", True)]
+    calls.clear()
+    recorded = causal_dot_product(Q.requires_grad_(), K, V)
+    normalized_causal_dot_product(Q, K, V)
+    op = [("causal_product_forward", False), ("forward_kernel", False)]
+    assert calls == op + [("causal_product_forward", True), ("forward_kernel", True)]
+    assert torch.equal(recorded.detach(), kernel)
+    calls.clear()
     monkeypatch.setenv(_extension.FORCE_REFERENCE_ENV, "1")
     reference = causal_dot_product(Q, K, V)
     normalized_causal_dot_product(Q, K, V)
-    assert calls == [False, True]
+    assert calls == []
     assert_close("forced reference", reference, kernel)
     assert_close("chunked", causal_dot_product_chunked(Q, K, V, 4), kernel)
+
+
+def test_fused_map_skips_the_dispatcher_only_without_autograd(monkeypatch):
+    from attention_core.causal_product import _fused, elu_normalized_causal_dot_product
+
+    Q, K, V = inputs(1, 2, 9, 3, 4, dtype=torch.float64)
+    calls = []
+    for name in ("elu_causal_linear_attention", "elu_forward_kernel"):
+
+        def spy(*args, _name=name, _original=getattr(_fused, name)):
+            calls.append(_name)
+            return _original(*args)
+
+        monkeypatch.setattr(_fused, name, spy)
+    direct = elu_normalized_causal_dot_product(Q, K, V, EPS)
+    with torch.no_grad():
+        elu_normalized_causal_dot_product(Q.requires_grad_(), K, V, EPS)
+    recorded = elu_normalized_causal_dot_product(Q, K, V, EPS)
+    op = ["elu_causal_linear_attention", "elu_forward_kernel"]  # the op runs the kernel
+    assert calls == ["elu_forward_kernel", "elu_forward_kernel", *op]
+    assert torch.equal(direct, recorded.detach())
+    phi = lambda x: torch.nn.functional.elu(x) + 1  # noqa: E731
+    assert_close("fused map", direct, dense_reference(phi(Q), phi(K), V, True)[0])
 
 
 def test_missing_extension_falls_back(monkeypatch):
@@ -490,8 +521,14 @@ def raw_forward(Q, K, V, *, L, out):
         pytest.param(
             lambda Q, K, V: normalized_causal_dot_product(Q, K, V, eps=-1.0),
             ValueError,
-            "eps must be a non-negative number; got -1.0",
+            "eps must be a finite non-negative number; got -1.0",
             id="negative-eps",
+        ),
+        pytest.param(
+            lambda Q, K, V: normalized_causal_dot_product(Q, K, V, eps=float("inf")),
+            ValueError,
+            "eps must be a finite non-negative number; got inf",
+            id="infinite-eps",
         ),
         pytest.param(
             lambda Q, K, V: causal_op.causal_product_forward(

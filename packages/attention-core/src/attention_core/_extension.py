@@ -40,6 +40,7 @@ __all__ = [
     "binding",
     "blas_in_use",
     "kernels_available",
+    "needs_graph",
     "new_nhl",
     "nhl",
     "own_row_products",
@@ -97,6 +98,18 @@ def use_kernels(*tensors: Tensor, triton: bool = False) -> bool:
     if _C is None:
         return False
     return all(t.device.type == "cpu" and t.dtype in _CPU_DTYPES for t in tensors)
+
+
+def needs_graph(*tensors: Tensor | None) -> bool:
+    """Whether a call must go through its registered ``torch.library`` op: under
+    ``torch.compile``, or when autograd records it (grad mode on and a tensor that requires
+    grad). Otherwise a public function that has checked its arguments may call the op's CPU
+    kernel directly and skip the dispatcher (tens of microseconds per call)."""
+    if torch.compiler.is_compiling():
+        return True
+    if not torch.is_grad_enabled():
+        return False
+    return any(t is not None and t.requires_grad for t in tensors)
 
 
 def require_extension() -> None:

@@ -33,12 +33,14 @@ token by token, or chunk by chunk.
 
 from __future__ import annotations
 
-from typing import Literal, overload
+import math
+from collections.abc import Callable
+from typing import Any, Literal, overload
 
 import torch
 from torch import Tensor
 
-from .._extension import use_kernels
+from .._extension import needs_graph, use_kernels
 from . import _fused, _op
 from .reference import (
     causal_dot_product_chunked,
@@ -59,9 +61,17 @@ __all__ = [
 ]
 
 
+def _direct(kernel: Callable[..., Any], *tensors: Tensor | None) -> Callable[..., Any] | None:
+    """``kernel`` when a checked call on CPU tensors may skip the registered op (no autograd
+    recording, no ``torch.compile``: see `needs_graph`), else ``None``."""
+    if tensors[0] is None or tensors[0].device.type != "cpu" or needs_graph(*tensors):
+        return None
+    return kernel
+
+
 def _check_eps(eps: object) -> None:
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
-        raise ValueError(f"eps must be a non-negative number; got {eps!r}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 <= eps < math.inf:
+        raise ValueError(f"eps must be a finite non-negative number; got {eps!r}")
 
 
 @overload
@@ -127,7 +137,8 @@ def causal_dot_product(
     dtype, work = Q.dtype, compute_dtype(Q.dtype)
     Q, K, V = Q.to(work), K.to(work), V.to(work)
     if use_kernels(Q, K, V, triton=True):
-        out, S, _ = _op.causal_product_forward(Q, K, V, S0, None, False, 0.0, False)
+        op = _direct(_op.forward_kernel, Q, K, V, S0) or _op.causal_product_forward
+        out, S, _ = op(Q, K, V, S0, None, False, 0.0, False)
     else:
         out, S = chunked_product(Q, K, V, 64, S0)
     out = out.to(dtype)
@@ -216,7 +227,8 @@ def normalized_causal_dot_product(
     Q, K, V = Q.to(work), K.to(work), V.to(work)
     if use_kernels(Q, K, V, triton=True):
         sequence_first = Q.stride(1) < Q.stride(2)
-        out, S, z = _op.causal_product_forward(Q, K, V, S0, z0, True, float(eps), sequence_first)
+        op = _direct(_op.forward_kernel, Q, K, V, S0, z0) or _op.causal_product_forward
+        out, S, z = op(Q, K, V, S0, z0, True, float(eps), sequence_first)
     else:
         out, S, z = normalized_chunked_product(Q, K, V, eps, S0, z0)
     out = out.to(dtype)
@@ -256,6 +268,7 @@ def elu_normalized_causal_dot_product(Q: Tensor, K: Tensor, V: Tensor, eps: floa
     _check_eps(eps)
     if use_kernels(Q, K, V):
         sequence_first = Q.stride(1) < Q.stride(2)
-        return _fused.elu_causal_linear_attention(Q, K, V, float(eps), sequence_first)
+        op = _direct(_fused.elu_forward_kernel, Q, K, V) or _fused.elu_causal_linear_attention
+        return op(Q, K, V, float(eps), sequence_first)
     phi = torch.nn.functional.elu
     return normalized_causal_dot_product(phi(Q) + 1, phi(K) + 1, V, eps)

@@ -42,6 +42,13 @@ def elu_causal_linear_attention(
     """
     require_extension()
     check_causal(Q, K, V, {}, eps)
+    return elu_forward_kernel(Q, K, V, eps, sequence_first)
+
+
+def elu_forward_kernel(Q: Tensor, K: Tensor, V: Tensor, eps: float, sequence_first: bool) -> Tensor:
+    """The CPU kernel of `elu_causal_linear_attention` on arguments that the op's checks (or
+    a public function's equal ones) have accepted, without the dispatcher: float32/float64
+    CPU tensors ``Q, K (N, H, L, E)``, ``V (N, H, L, M)``; returns ``(N, H, L, M)``."""
     N, H, L, E = Q.shape
     M = V.shape[-1]
     Q, K, V = row_major(Q), row_major(K), row_major(V)

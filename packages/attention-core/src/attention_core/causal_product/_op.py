@@ -62,6 +62,22 @@ def causal_product_forward(
     z0 = z0 if normalize else None
     require_extension()
     check_causal(Q, K, V, {"S0": S0, "z0": z0}, eps)
+    return forward_kernel(Q, K, V, S0, z0, normalize, eps, sequence_first)
+
+
+def forward_kernel(
+    Q: Tensor,
+    K: Tensor,
+    V: Tensor,
+    S0: Tensor | None,
+    z0: Tensor | None,
+    normalize: bool,
+    eps: float,
+    sequence_first: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The CPU kernel of `causal_product_forward` on arguments that the op's checks (or a
+    public function's equal ones) have accepted, without the dispatcher: float32/float64 CPU
+    tensors, ``z0`` ``None`` unless ``normalize``. Arguments and returns as there."""
     N, H, L, E = Q.shape
     M = V.shape[-1]
     Q, K, V = row_major(Q), row_major(K), row_major(V)
