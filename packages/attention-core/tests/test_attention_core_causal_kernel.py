@@ -306,16 +306,21 @@ def test_thread_count_is_honoured(normalize, monkeypatch):
         assert torch.equal(a, b)
 
 
+def spy(calls: list, name: str, function, argument: int = 0):
+    """``function``, appending ``(name, args[argument])`` to ``calls`` on each call."""
+
+    def recorded(*args):
+        calls.append((name, args[argument]))
+        return function(*args)
+
+    return recorded
+
+
 def test_dispatch_to_kernel_unless_forced(monkeypatch):
     Q, K, V = inputs(1, 2, 9, 3, 4, dtype=torch.float32)
     calls = []
     for name in ("causal_product_forward", "forward_kernel"):
-
-        def spy(*args, _name=name, _original=getattr(causal_op, name)):
-            calls.append((_name, args[5]))
-            return _original(*args)
-
-        monkeypatch.setattr(causal_op, name, spy)
+        monkeypatch.setattr(causal_op, name, spy(calls, name, getattr(causal_op, name), 5))
     monkeypatch.delenv(_extension.FORCE_REFERENCE_ENV, raising=False)
     kernel = causal_dot_product(Q, K, V)
     normalized_causal_dot_product(Q, K, V)
@@ -325,7 +330,7 @@ def test_dispatch_to_kernel_unless_forced(monkeypatch):
     recorded = causal_dot_product(Q.requires_grad_(), K, V)
     normalized_causal_dot_product(Q, K, V)
     op = [("causal_product_forward", False), ("forward_kernel", False)]
-    assert calls == op + [("causal_product_forward", True), ("forward_kernel", True)]
+    assert calls == [*op, ("causal_product_forward", True), ("forward_kernel", True)]
     assert torch.equal(recorded.detach(), kernel)
     calls.clear()
     monkeypatch.setenv(_extension.FORCE_REFERENCE_ENV, "1")
@@ -342,18 +347,13 @@ def test_fused_map_skips_the_dispatcher_only_without_autograd(monkeypatch):
     Q, K, V = inputs(1, 2, 9, 3, 4, dtype=torch.float64)
     calls = []
     for name in ("elu_causal_linear_attention", "elu_forward_kernel"):
-
-        def spy(*args, _name=name, _original=getattr(_fused, name)):
-            calls.append(_name)
-            return _original(*args)
-
-        monkeypatch.setattr(_fused, name, spy)
+        monkeypatch.setattr(_fused, name, spy(calls, name, getattr(_fused, name)))
     direct = elu_normalized_causal_dot_product(Q, K, V, EPS)
     with torch.no_grad():
         elu_normalized_causal_dot_product(Q.requires_grad_(), K, V, EPS)
     recorded = elu_normalized_causal_dot_product(Q, K, V, EPS)
     op = ["elu_causal_linear_attention", "elu_forward_kernel"]  # the op runs the kernel
-    assert calls == ["elu_forward_kernel", "elu_forward_kernel", *op]
+    assert [name for name, _ in calls] == ["elu_forward_kernel", "elu_forward_kernel", *op]
     assert torch.equal(direct, recorded.detach())
     phi = lambda x: torch.nn.functional.elu(x) + 1  # noqa: E731
     assert_close("fused map", direct, dense_reference(phi(Q), phi(K), V, True)[0])
