@@ -570,3 +570,21 @@ def test_bad_inputs(call, error, match):
     Q, K, V = inputs(1, 2, 5, 3, 4, dtype=torch.float32)
     with pytest.raises(error, match=match):
         call(Q, K, V)
+
+
+def test_fake_tensors_without_autograd_take_the_op():
+    """Tensor subclasses never reach the kernel directly: under FakeTensorMode (shape
+    propagation) and no_grad the registered op's fake gives the shapes."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from attention_core.causal_product import elu_normalized_causal_dot_product
+
+    with FakeTensorMode(), torch.no_grad():
+        Q = torch.randn(1, 2, 8, 4)
+        V = torch.randn(1, 2, 8, 3)
+        shapes = [
+            causal_dot_product(Q, Q, V).shape,
+            normalized_causal_dot_product(Q, Q, V).shape,
+            elu_normalized_causal_dot_product(Q, Q, V).shape,
+        ]
+    assert shapes == [torch.Size([1, 2, 8, 3])] * 3

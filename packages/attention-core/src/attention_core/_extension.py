@@ -104,12 +104,18 @@ def needs_graph(*tensors: Tensor | None) -> bool:
     """Whether a call must go through its registered ``torch.library`` op: under
     ``torch.compile``, or when autograd records it (grad mode on and a tensor that requires
     grad). Otherwise a public function that has checked its arguments may call the op's CPU
-    kernel directly and skip the dispatcher (tens of microseconds per call)."""
+    kernel directly and skip the dispatcher (tens of microseconds per call). Tensor
+    subclasses other than ``nn.Parameter`` always take the op."""
     if torch.compiler.is_compiling():
         return True
+    if any(t is not None and type(t) not in _PLAIN_TENSORS for t in tensors):
+        return True  # a tensor subclass (fake, functional, ...) dispatches through the op
     if not torch.is_grad_enabled():
         return False
     return any(t is not None and t.requires_grad for t in tensors)
+
+
+_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
 
 
 def require_extension() -> None:
