@@ -17,7 +17,10 @@ Four implementations sit behind the public functions:
   fused per-token recurrence over a state that stays in cache, threaded over batch x heads
   with ``torch.get_num_threads()`` threads, whose backward recomputes the states instead of
   storing them. Used for float32/float64 CPU tensors (half precision is computed in float32)
-  unless ``ATTENTION_CORE_FORCE_REFERENCE=1``;
+  unless ``ATTENTION_CORE_FORCE_REFERENCE=1``. When autograd records nothing (no input
+  requires grad, or grad mode is off) and nothing is being compiled, the public functions,
+  having checked every argument, call the kernel without going through the dispatcher;
+  otherwise they call the registered op;
 - a chunked Triton kernel for float32 (and half-precision, computed in float32) CUDA tensors
   when triton is importable (`attention_core.causal_product._triton`, registered as the
   ops' ``"cuda"`` kernels); float64 CUDA tensors take the chunked plain-PyTorch form.
