@@ -85,11 +85,9 @@ def fused_step_enabled(
 # the query, key and value projections as one product
 
 
-def _meta(t: Tensor) -> tuple:
-    """What identifies the values of a parameter whose object is unchanged: an in-place
-    change bumps ``_version``; a new ``.data`` has another address or layout (the stacked
-    copy holds the old storage, so no new tensor reuses its address)."""
-    return (t._version, t.data_ptr(), t.shape, t.stride(), t.dtype, t.device)
+def _layout(t: Tensor | None) -> tuple | None:
+    """Where and how ``t`` stores its values."""
+    return None if t is None else (t.data_ptr(), t.shape, t.stride(), t.dtype, t.device)
 
 
 def stacked_qkv(
@@ -99,40 +97,46 @@ def stacked_qkv(
     ``(Fq + Fk + Fv,)``, and ``(Fq, Fq + Fk)``: ``F.linear(x, W, b)`` holds the three outputs
     side by side, split at these two columns.
 
-    Cached in ``cache``, rebuilt when a parameter is replaced or changes (its ``_version``,
-    address, shape, strides, dtype or device). ``None`` when the three cannot be stacked:
-    different input widths, dtypes or devices, or some with a bias and some without."""
-    params = (
-        query._parameters["weight"], key._parameters["weight"], value._parameters["weight"],
-        query._parameters["bias"], key._parameters["bias"], value._parameters["bias"],
-    )  # fmt: skip
+    The parameters are made views of the stacked tensors (their values copied once, the
+    parameter objects kept): a change of their values in any way (an optimiser step,
+    ``load_state_dict``, an in-place op on ``.data``) is a change of the stacked tensors.
+    What is kept in ``cache`` is checked at every call: a parameter replaced, or given other
+    storage (a new ``.data``, ``module.to(...)``), restacks the three. ``None`` when they
+    cannot be stacked: other module types than ``nn.Linear``, different input widths,
+    dtypes or devices, one parameter shared by two of them, some with a bias and some
+    without."""
+    q, k, v = query._parameters, key._parameters, value._parameters
+    params = (q.get("weight"), k.get("weight"), v.get("weight"),
+              q.get("bias"), k.get("bias"), v.get("bias"))  # fmt: skip
     entry = cache.get("qkv")
     if entry is not None:
-        cached, metas, stacked = entry
-        if all(p is c for p, c in zip(params, cached)) and metas == tuple(
-            None if p is None else _meta(p) for p in params
-        ):
+        cached, layouts, stacked = entry
+        if all(p is c for p, c in zip(params, cached)) and layouts == tuple(map(_layout, params)):
             return stacked
-    weights: list[Tensor] = [w for w in params[:3] if w is not None and w.dim() == 2]
-    if len(weights) != 3:
+    if not (type(query) is type(key) is type(value) is nn.Linear):
         return None
-    biases = params[3:]
-    first = weights[0]
-    like = (first.shape[1], first.dtype, first.device)
-    if any((w.shape[1], w.dtype, w.device) != like for w in weights):
+    weights: list[Tensor] = [w for w in params[:3] if w is not None and w.dim() == 2]
+    biases = [b for b in params[3:] if b is not None and b.dim() == 1]
+    if len(weights) != 3 or len(biases) not in (0, 3):
+        return None
+    if len({id(p) for p in params if p is not None}) != 3 + len(biases):
+        return None
+    like = (weights[0].shape[1], weights[0].dtype, weights[0].device)
+    rows = [w.shape[0] for w in weights]
+    if any((w.shape[1], w.dtype, w.device) != like for w in weights) or any(
+        (b.shape[0], b.dtype, b.device) != (n, *like[1:]) for b, n in zip(biases, rows)
+    ):
         return None
     with torch.no_grad():
         W = torch.cat(weights)
-        if all(b is None for b in biases):
-            B = None
-        else:
-            present: list[Tensor] = [b for b in biases if b is not None and b.dim() == 1]
-            if len(present) != 3 or any((b.dtype, b.device) != like[1:] for b in present):
-                return None
-            B = torch.cat(present)
-    splits = (first.shape[0], first.shape[0] + weights[1].shape[0])
-    stacked = (W, B, splits)
-    cache["qkv"] = (params, tuple(None if p is None else _meta(p) for p in params), stacked)
+        B = torch.cat(biases) if biases else None
+        for w, view in zip(weights, W.split(rows)):
+            w.data = view
+        if B is not None:
+            for b, view in zip(biases, B.split(rows)):
+                b.data = view
+    stacked = (W, B, (rows[0], rows[0] + rows[1]))
+    cache["qkv"] = (params, tuple(map(_layout, params)), stacked)
     return stacked
 
 
