@@ -116,7 +116,7 @@ def stacked_qkv(
     if not (type(query) is type(key) is type(value) is nn.Linear):
         return None
     weights: list[Tensor] = [w for w in params[:3] if w is not None and w.dim() == 2]
-    biases = [b for b in params[3:] if b is not None and b.dim() == 1]
+    biases: list[Tensor] = [b for b in params[3:] if b is not None and b.dim() == 1]
     if len(weights) != 3 or len(biases) not in (0, 3):
         return None
     if len({id(p) for p in params if p is not None}) != 3 + len(biases):
