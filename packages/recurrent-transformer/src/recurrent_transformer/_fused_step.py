@@ -27,6 +27,8 @@ from torch import Tensor, nn
 
 from attention_core.residual_step import MIN_ROWS, residual_feed_forward, residual_linear
 
+from .attention.self_attention.base import RecurrentAttention
+
 __all__ = [
     "attention_sublayer",
     "feed_forward_sublayer",
@@ -160,10 +162,18 @@ def self_attention_heads(attention: Any, x: Tensor, state: Any) -> tuple[Tensor,
     W, B, (k_start, v_start) = stacked
     N, H = x.shape[0], attention.n_heads
     qkv = F.linear(x, W, B)
-    q = qkv[:, :k_start].view(N, H, -1)
-    k = qkv[:, k_start:v_start].view(N, H, -1)
-    v = qkv[:, v_start:].view(N, H, -1)
-    out, state = modules["inner_attention"](q, k, v, state)
+    inner = modules["inner_attention"]
+    if v_start != 2 * k_start or W.shape[0] != 3 * k_start or k_start % H:
+        q = qkv[:, :k_start].view(N, H, -1)
+        k = qkv[:, k_start:v_start].view(N, H, -1)
+        v = qkv[:, v_start:].view(N, H, -1)
+        out, state = inner(q, k, v, state)
+        return out.flatten(1), state
+    q, k, v = qkv.view(N, 3, H, -1).unbind(1)  # one view and one split instead of six ops
+    if _hooked(inner) or type(inner).forward is not RecurrentAttention.forward:
+        out, state = inner(q, k, v, state)
+    else:  # what its forward does: the checks of the heads hold by construction here
+        out, state = inner.step(q, k, v, state)
     return out.flatten(1), state
 
 

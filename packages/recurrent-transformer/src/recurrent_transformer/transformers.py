@@ -269,7 +269,7 @@ class RecurrentTransformerDecoderLayer(_FeedForward, TransformerDecoderLayer):
             check_memory(memory, memory_length_mask, N, self)
         norms = (self.norm1, self.norm2, self.norm3)
         if fused_step_enabled(self, x, norms, (self.self_attention, self.cross_attention)):
-            heads, self_state = self.self_attention.heads(x, x, x, self_state)
+            heads, self_state = self_attention_heads(self.self_attention, x, self_state)
             x = attention_sublayer(x, heads, self.self_attention.out_projection, self.norm1)
             heads, cross_state = self.cross_attention.heads(
                 x, memory, memory, memory_length_mask, cross_state
