@@ -233,3 +233,17 @@ def test_qkv_listeners_get_their_events_from_the_fused_step(counted):
         dispatcher.remove(events.append)
     assert len(events) == 2 and counted == {"linear": 2, "feed_forward": 2}
     assert events[0].queries.shape == (4, 3, 4)
+
+
+def test_a_step_under_inference_mode_leaves_the_model_trainable():
+    model = encoder("linear", "relu")
+    x = torch.randn(4, 15, dtype=torch.float64)
+    with torch.inference_mode():
+        model(x)
+    weight = model.layers[0].attention.query_projection.weight
+    assert "qkv" in model.layers[0].attention._stacked_projections  # the fused step ran
+    assert not weight.is_inference()
+    model.train()
+    y, _ = model(x)
+    y.sum().backward()
+    assert weight.grad is not None and weight.grad.abs().sum() > 0

@@ -123,13 +123,17 @@ def stacked_qkv(
         return None
     if len({id(p) for p in params if p is not None}) != 3 + len(biases):
         return None
+    if any(t.is_inference() for t in (*weights, *biases)):
+        return None  # parameters made under torch.inference_mode: left as they are
     like = (weights[0].shape[1], weights[0].dtype, weights[0].device)
     rows = [w.shape[0] for w in weights]
     if any((w.shape[1], w.dtype, w.device) != like for w in weights) or any(
         (b.shape[0], b.dtype, b.device) != (n, *like[1:]) for b, n in zip(biases, rows)
     ):
         return None
-    with torch.no_grad():
+    # normal tensors even under torch.inference_mode: the parameters become views of them,
+    # and an inference tensor could not take part in training later
+    with torch.inference_mode(False), torch.no_grad():
         W = torch.cat(weights)
         B = torch.cat(biases) if biases else None
         for w, view in zip(weights, W.split(rows)):
