@@ -247,3 +247,20 @@ def test_a_step_under_inference_mode_leaves_the_model_trainable():
     y, _ = model(x)
     y.sum().backward()
     assert weight.grad is not None and weight.grad.abs().sum() > 0
+
+
+def test_a_subclass_with_its_own_heads_keeps_them(monkeypatch):
+    from recurrent_transformer.attention import RecurrentAttentionLayer
+
+    class ScaledQueries(RecurrentAttentionLayer):
+        def heads(self, query, key, value, state=None):
+            return super().heads(2 * query, key, value, state)
+
+    model = encoder("linear", "relu")
+    for layer in model.layers:
+        layer.attention.__class__ = ScaledQueries
+    x = torch.randn(4, 15, dtype=torch.float64)
+    fused = one_step(model, x, None)
+    assert "_stacked_projections" not in model.layers[0].attention.__dict__
+    composed(monkeypatch)
+    assert_same_step(fused, one_step(model, x, None))

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from attention_core.residual_step import MIN_ROWS, residual_feed_forward, residual_linear
 
+from .attention.self_attention.attention_layer import RecurrentAttentionLayer
 from .attention.self_attention.base import RecurrentAttention
 
 __all__ = [
@@ -107,6 +108,8 @@ def stacked_qkv(
     cannot be stacked: other module types than ``nn.Linear``, different input widths,
     dtypes or devices, one parameter shared by two of them, some with a bias and some
     without."""
+    if not (type(query) is type(key) is type(value) is nn.Linear):
+        return None
     q, k, v = query._parameters, key._parameters, value._parameters
     params = (q.get("weight"), k.get("weight"), v.get("weight"),
               q.get("bias"), k.get("bias"), v.get("bias"))  # fmt: skip
@@ -115,8 +118,6 @@ def stacked_qkv(
         cached, layouts, stacked = entry
         if all(p is c for p, c in zip(params, cached)) and layouts == tuple(map(_layout, params)):
             return stacked
-    if not (type(query) is type(key) is type(value) is nn.Linear):
-        return None
     weights: list[Tensor] = [w for w in params[:3] if w is not None and w.dim() == 2]
     biases: list[Tensor] = [b for b in params[3:] if b is not None and b.dim() == 1]
     if len(weights) != 3 or len(biases) not in (0, 3):
@@ -157,9 +158,13 @@ def self_attention_heads(attention: Any, x: Tensor, state: Any) -> tuple[Tensor,
     (no hooks)."""
     modules = attention._modules
     stacked = None
-    if not attention.event_dispatcher.has_listeners and not torch.compiler.is_compiling():
+    if (
+        type(attention).heads is RecurrentAttentionLayer.heads  # not a subclass's own heads
+        and not attention.event_dispatcher.has_listeners
+        and not torch.compiler.is_compiling()
+    ):
         cache = attention.__dict__.setdefault("_stacked_projections", {})
-        query, key, value = (modules[name] for name in _PROJECTIONS[:3])
+        query, key, value = (modules.get(name) for name in _PROJECTIONS[:3])
         stacked = stacked_qkv(query, key, value, cache)
     if stacked is None:
         return attention.heads(x, x, x, state)
