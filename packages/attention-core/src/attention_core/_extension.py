@@ -123,11 +123,17 @@ def require_extension() -> None:
         raise RuntimeError("attention_core._C is not compiled; use the reference path")
 
 
+# the functions `binding` has looked up, valid for the module they came from (tests replace
+# `_C` with a spy)
 _BINDINGS: dict[tuple[str, torch.dtype], Callable[..., None]] = {}
+_BINDINGS_SOURCE: list[object] = [None]
 
 
 def binding(name: str, dtype: torch.dtype) -> Callable[..., None]:
     """The ``_C`` function ``name`` for ``dtype`` (``name_f32`` or ``name_f64``)."""
+    if _BINDINGS_SOURCE[0] is not _C:
+        _BINDINGS.clear()
+        _BINDINGS_SOURCE[0] = _C
     function = _BINDINGS.get((name, dtype))
     if function is None:
         require_extension()
