@@ -107,12 +107,12 @@ def use_kernels(*tensors: Tensor, triton: bool = False) -> bool:
     when triton is importable; float64 CUDA tensors do not (they take the plain-PyTorch path)."""
     if _reference_forced():
         return False
-    if triton and tensors and all(t.is_cuda for t in tensors):
+    if triton and tensors and all(t.device.type == "cuda" for t in tensors):
         return triton_available() and all(t.dtype in _TRITON_DTYPES for t in tensors)
     if _C is None:
         return False
     for t in tensors:  # noqa: SIM110  # all(generator) costs more, at every kernel call
-        if not t.is_cpu or t.dtype not in _CPU_DTYPES:
+        if t.device.type != "cpu" or t.dtype not in _CPU_DTYPES:
             return False
     return True
 
