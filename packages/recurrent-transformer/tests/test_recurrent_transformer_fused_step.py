@@ -121,3 +121,146 @@ def test_fewer_rows_than_min_rows_take_the_composed_step(counted):
         assert counted == {"linear": 0, "feed_forward": 0}
         model(torch.randn(MIN_ROWS, 15, dtype=torch.float64))
     assert counted == {"linear": 2, "feed_forward": 2}
+
+
+# the query, key and value projections as one product (stacked weights, cached)
+
+
+def one_step(model, x, state):
+    """The output and new state of one step from ``state`` (left untouched)."""
+    with torch.no_grad():
+        return model(x, state=state)
+
+
+def assert_same_step(fused, composed_step):
+    (y, state), (y_ref, state_ref) = fused, composed_step
+    assert_close("y", y, y_ref, rtol=1e-10, atol=1e-10)
+    for i, (a, b) in enumerate(zip(state, state_ref)):
+        for name, t, t_ref in zip(("S", "Z"), a.as_sequence(), b.as_sequence()):
+            assert_close(f"layer {i} {name}", t, t_ref, rtol=1e-10, atol=1e-10)
+
+
+def test_stacked_projections_follow_every_change_of_the_weights(monkeypatch):
+    model = encoder("linear", "relu")
+    x = torch.randn(4, 15, dtype=torch.float64)
+    _, state = one_step(model, x, None)
+    attention = model.layers[0].attention
+    changes = [
+        lambda: attention.key_projection.weight.add_(0.5),  # in place (_version)
+        lambda: setattr(attention.value_projection, "weight",
+                        torch.nn.Parameter(torch.randn(15, 15, dtype=torch.float64))),
+        lambda: setattr(attention.query_projection.bias, "data",
+                        torch.randn(12, dtype=torch.float64)),  # a new .data
+        lambda: attention.query_projection.weight.data.copy_(  # through .data: no _version
+            torch.randn(12, 15, dtype=torch.float64)
+        ),
+        lambda: attention.key_projection.bias.data.mul_(3),
+        lambda: model.load_state_dict({k: v + 0.1 for k, v in model.state_dict().items()}),
+    ]  # fmt: skip
+    for change in changes:
+        with torch.no_grad():
+            change()
+        fused = one_step(model, x, state)
+        with monkeypatch.context() as m:
+            composed(m)
+            assert_same_step(fused, one_step(model, x, state))
+    W, B, _ = attention._stacked_projections["qkv"][2]  # the stacked path ran
+    assert attention.value_projection.weight.data_ptr() == W[24:].data_ptr()  # views of it
+    assert attention.key_projection.bias.data_ptr() == B[12:].data_ptr()
+
+
+def test_stacked_projections_follow_a_change_of_dtype():
+    model = encoder("linear", "gelu")
+    x = torch.randn(4, 15, dtype=torch.float64)
+    one_step(model, x, None)
+    model.float()  # same parameter objects, new data
+    y, state = one_step(model, x.float(), None)
+    assert y.dtype == torch.float32 and state[0].S.dtype == torch.float32
+    stacked = model.layers[0].attention._stacked_projections["qkv"][2]
+    assert stacked[0].dtype == torch.float32
+
+
+def test_projections_that_cannot_be_stacked_take_the_three_products(monkeypatch):
+    model = encoder("full", "relu")
+    attention = model.layers[1].attention
+    attention.key_projection.bias = None  # one projection without bias
+    x = torch.randn(4, 15, dtype=torch.float64)
+    fused = one_step(model, x, None)
+    assert "qkv" not in attention.__dict__.get("_stacked_projections", {})
+    composed(monkeypatch)
+    assert_same_step(fused, one_step(model, x, None))
+
+
+@pytest.mark.parametrize(
+    "module",
+    ["attention.query_projection", "attention.value_projection", "attention.out_projection",
+     "linear1", "linear2", "norm1", "norm2", "attention"],
+)  # fmt: skip
+def test_a_hook_on_any_bypassed_module_fires(module, counted):
+    model = encoder("linear", "relu")
+    target = model.layers[0].get_submodule(module)
+    fired = []
+    target.register_forward_hook(lambda *args: fired.append(1))
+    with torch.no_grad():
+        model(torch.randn(4, 15, dtype=torch.float64))
+    assert fired == [1]
+    assert counted == {"linear": 1, "feed_forward": 1}  # the second layer stays fused
+
+
+def test_a_global_hook_takes_the_composed_step(counted):
+    model = encoder("linear", "relu")
+    fired = []
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda *a: fired.append(1))
+    try:
+        with torch.no_grad():
+            model(torch.randn(4, 15, dtype=torch.float64))
+    finally:
+        handle.remove()
+    assert fired and counted == {"linear": 0, "feed_forward": 0}
+
+
+def test_qkv_listeners_get_their_events_from_the_fused_step(counted):
+    from attention_core.events import EventDispatcher, QKVEvent
+
+    model = encoder("linear", "relu")
+    dispatcher = EventDispatcher.get("")
+    events = []
+    dispatcher.listen(QKVEvent, events.append)
+    try:
+        with torch.no_grad():
+            model(torch.randn(4, 15, dtype=torch.float64))
+    finally:
+        dispatcher.remove(events.append)
+    assert len(events) == 2 and counted == {"linear": 2, "feed_forward": 2}
+    assert events[0].queries.shape == (4, 3, 4)
+
+
+def test_a_step_under_inference_mode_leaves_the_model_trainable():
+    model = encoder("linear", "relu")
+    x = torch.randn(4, 15, dtype=torch.float64)
+    with torch.inference_mode():
+        model(x)
+    weight = model.layers[0].attention.query_projection.weight
+    assert "qkv" in model.layers[0].attention._stacked_projections  # the fused step ran
+    assert not weight.is_inference()
+    model.train()
+    y, _ = model(x)
+    y.sum().backward()
+    assert weight.grad is not None and weight.grad.abs().sum() > 0
+
+
+def test_a_subclass_with_its_own_heads_keeps_them(monkeypatch):
+    from recurrent_transformer.attention import RecurrentAttentionLayer
+
+    class ScaledQueries(RecurrentAttentionLayer):
+        def heads(self, query, key, value, state=None):
+            return super().heads(2 * query, key, value, state)
+
+    model = encoder("linear", "relu")
+    for layer in model.layers:
+        layer.attention.__class__ = ScaledQueries
+    x = torch.randn(4, 15, dtype=torch.float64)
+    fused = one_step(model, x, None)
+    assert "_stacked_projections" not in model.layers[0].attention.__dict__
+    composed(monkeypatch)
+    assert_same_step(fused, one_step(model, x, None))

@@ -84,6 +84,21 @@ def triton_available() -> bool:
     return True
 
 
+# ``os.environ.get`` encodes the key and decodes the value at every call (about 1 us, paid by
+# every kernel call of a recurrent step); CPython's ``os.environ`` keeps the encoded mapping
+# it updates in ``_data``, read here directly where it exists
+_ENVIRON_DATA = getattr(os.environ, "_data", None)
+_ENVIRON_KEY = getattr(os.environ, "encodekey", lambda key: key)(FORCE_REFERENCE_ENV)
+
+
+def _reference_forced() -> bool:
+    """``True`` when ``ATTENTION_CORE_FORCE_REFERENCE`` is set to anything but ``""``/``"0"``."""
+    if isinstance(_ENVIRON_DATA, dict):
+        raw = _ENVIRON_DATA.get(_ENVIRON_KEY)
+        return raw is not None and raw not in (b"", b"0", "", "0")
+    return os.environ.get(FORCE_REFERENCE_ENV, "0") not in ("", "0")
+
+
 def use_kernels(*tensors: Tensor, triton: bool = False) -> bool:
     """``True`` when the compiled kernels should handle ``tensors``.
 
@@ -91,13 +106,16 @@ def use_kernels(*tensors: Tensor, triton: bool = False) -> bool:
     ``"0"``), and every tensor is a float32/float64 CPU tensor. With ``triton=True`` (ops with a
     Triton kernel registered for ``"cuda"``), float32/float16/bfloat16 CUDA tensors also qualify
     when triton is importable; float64 CUDA tensors do not (they take the plain-PyTorch path)."""
-    if os.environ.get(FORCE_REFERENCE_ENV, "0") not in ("", "0"):
+    if _reference_forced():
         return False
     if triton and tensors and all(t.device.type == "cuda" for t in tensors):
         return triton_available() and all(t.dtype in _TRITON_DTYPES for t in tensors)
     if _C is None:
         return False
-    return all(t.device.type == "cpu" and t.dtype in _CPU_DTYPES for t in tensors)
+    for t in tensors:  # noqa: SIM110  # all(generator) costs more, at every kernel call
+        if t.device.type != "cpu" or t.dtype not in _CPU_DTYPES:
+            return False
+    return True
 
 
 def needs_graph(*tensors: Tensor | None) -> bool:
@@ -124,10 +142,23 @@ def require_extension() -> None:
         raise RuntimeError("attention_core._C is not compiled; use the reference path")
 
 
+# the functions `binding` has looked up, valid for the module they came from (tests replace
+# `_C` with a spy)
+_BINDINGS: dict[tuple[str, torch.dtype], Callable[..., None]] = {}
+_BINDINGS_SOURCE: list[object] = [None]
+
+
 def binding(name: str, dtype: torch.dtype) -> Callable[..., None]:
     """The ``_C`` function ``name`` for ``dtype`` (``name_f32`` or ``name_f64``)."""
-    require_extension()
-    return getattr(_C, f"{name}_{'f32' if dtype == torch.float32 else 'f64'}")
+    if _BINDINGS_SOURCE[0] is not _C:
+        _BINDINGS.clear()
+        _BINDINGS_SOURCE[0] = _C
+    function = _BINDINGS.get((name, dtype))
+    if function is None:
+        require_extension()
+        function = getattr(_C, f"{name}_{'f32' if dtype == torch.float32 else 'f64'}")
+        _BINDINGS[name, dtype] = function
+    return function
 
 
 def row_major(t: Tensor) -> Tensor:

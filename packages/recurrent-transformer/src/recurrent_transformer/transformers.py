@@ -35,7 +35,12 @@ from ._checks import (
     check_prompt,
     layer_checks_enabled,
 )
-from ._fused_step import attention_sublayer, feed_forward_sublayer, fused_step_enabled
+from ._fused_step import (
+    attention_sublayer,
+    feed_forward_sublayer,
+    fused_step_enabled,
+    self_attention_heads,
+)
 from ._layer_stack import check_memory, layer_states, run_layers
 from .state import DecoderLayerState, TransformerState
 
@@ -115,10 +120,12 @@ class RecurrentTransformerEncoderLayer(_FeedForward, TransformerEncoderLayer):
         if layer_checks_enabled():  # else the model has checked x
             check_element("x", x, self.d_model, type(self).__name__)
             check_model_dtype("x", x, self.linear1.weight.dtype)
-        if fused_step_enabled(self, x, (self.norm1, self.norm2), (self.attention,)):
-            heads, state = self.attention.heads(x, x, x, state)
-            x = attention_sublayer(x, heads, self.attention.out_projection, self.norm1)
-            return feed_forward_sublayer(self, x, self.norm2), state
+        modules: dict[str, Any] = self._modules  # dict lookups: cheaper than __getattr__
+        attention, norm1, norm2 = modules["attention"], modules["norm1"], modules["norm2"]
+        if fused_step_enabled(self, x, (norm1, norm2), (attention,)):
+            heads, state = self_attention_heads(attention, x, state)
+            x = attention_sublayer(x, heads, attention._modules["out_projection"], norm1)
+            return feed_forward_sublayer(self, x, norm2), state
         x2, state = self.attention(x, x, x, state)
         return self._feed_forward(self.norm1(x + self._drop(x2)), self.norm2), state
 
@@ -262,7 +269,7 @@ class RecurrentTransformerDecoderLayer(_FeedForward, TransformerDecoderLayer):
             check_memory(memory, memory_length_mask, N, self)
         norms = (self.norm1, self.norm2, self.norm3)
         if fused_step_enabled(self, x, norms, (self.self_attention, self.cross_attention)):
-            heads, self_state = self.self_attention.heads(x, x, x, self_state)
+            heads, self_state = self_attention_heads(self.self_attention, x, self_state)
             x = attention_sublayer(x, heads, self.self_attention.out_projection, self.norm1)
             heads, cross_state = self.cross_attention.heads(
                 x, memory, memory, memory_length_mask, cross_state

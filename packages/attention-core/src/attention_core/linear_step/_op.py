@@ -25,6 +25,42 @@ def _shape_error(name: str, t: Tensor, shape: tuple[int, ...], dtype: torch.dtyp
     return f"{name} must be a {dtype} tensor of shape {shape}; got {t.dtype} {tuple(t.shape)}"
 
 
+# exact types for the fast path: a subclass (a FakeTensor, a tensor subclass with its own
+# semantics) takes the full checks
+_PLAIN_TENSORS = (Tensor, torch.nn.Parameter)
+
+
+def _step_accepted(
+    query: Tensor, key: Tensor, value: Tensor, S: Tensor | None, Z: Tensor | None, eps: float
+) -> bool:
+    """``True`` only for arguments that the full checks of `check_step` accept, in one pass
+    of comparisons (a recurrent step calls the op with a few rows, where the checks' function
+    calls cost as much as the kernel); anything else takes the full checks."""
+    plain = _PLAIN_TENSORS
+    if type(query) not in plain or type(key) not in plain or type(value) not in plain:
+        return False
+    if type(eps) is not float or not 0.0 <= eps < math.inf or not query.is_floating_point():
+        return False
+    dtype, device, shape = query.dtype, query.device, query.shape
+    if len(shape) != 3 or key.shape != shape or key.dtype != dtype or key.device != device:
+        return False
+    if value.dim() != 3 or value.shape[:2] != shape[:2]:
+        return False
+    if value.dtype != dtype or value.device != device:
+        return False
+    state_dtype = accumulation_dtype(dtype)
+    if S is not None and (
+        type(S) not in plain
+        or S.shape != (*shape, value.shape[2])
+        or S.dtype != state_dtype
+        or S.device != device
+    ):
+        return False
+    return Z is None or (
+        type(Z) in plain and Z.shape == shape and Z.dtype == state_dtype and Z.device == device
+    )
+
+
 def check_step(
     query: Tensor, key: Tensor, value: Tensor, S: Tensor | None, Z: Tensor | None, eps: float
 ) -> None:
@@ -34,6 +70,8 @@ def check_step(
     dtype and device; ``S`` `(N, H, E, M)` and ``Z`` `(N, H, E)` (each optional) in the
     accumulation dtype (float32 for half precision, else the input dtype) on the same device;
     ``eps`` a finite non-negative number."""
+    if _step_accepted(query, key, value, S, Z, eps):
+        return
     for name, t in (("query", query), ("key", key), ("value", value)):
         if not isinstance(t, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
@@ -82,8 +120,8 @@ def check_step(
         raise ValueError(f"eps must be a finite non-negative number; got {eps!r}")
 
 
-def _strides(t: Tensor) -> tuple[int, int]:
-    return (t.stride(0), t.stride(1))
+def _strides(t: Tensor) -> tuple[int, ...]:
+    return t.stride()[:2]
 
 
 def _features_last(t: Tensor) -> Tensor:

@@ -26,6 +26,11 @@ __all__ = [
 ]
 
 
+# exact types for the fast paths: a subclass (a FakeTensor, a tensor subclass with its own
+# semantics) takes the full checks
+_PLAIN_TENSORS = (Tensor, torch.nn.Parameter)
+
+
 def _check_x(x: Tensor) -> None:
     check_tensor("x", x, floating=True)
     if x.dim() < 1:
@@ -46,6 +51,92 @@ def _check_eps(eps: float) -> None:
         raise ValueError(f"eps must be a finite non-negative number; got {eps!r}")
 
 
+# The accepting fast paths of the checks: one pass of comparisons that is ``True`` only for
+# arguments the full checks below accept (a recurrent step calls these ops with a few rows,
+# where the checks' function calls cost as much as the kernel). Anything else, a wrong
+# argument or merely an unusual one (an int ``eps``, a tensor subclass), goes through the
+# full checks, which name the argument, the expected and the actual value.
+
+
+def _eps_accepted(eps: float) -> bool:
+    return type(eps) is float and 0.0 <= eps < math.inf
+
+
+def _param_accepted(
+    t: Tensor | None, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
+) -> bool:
+    """``t`` is ``None`` or a plain tensor of ``shape``, ``dtype`` and ``device``."""
+    return t is None or (
+        type(t) in _PLAIN_TENSORS and t.shape == shape and t.dtype == dtype and t.device == device
+    )
+
+
+def _feed_forward_accepted(
+    x: Tensor,
+    linear1_weight: Tensor,
+    linear1_bias: Tensor | None,
+    linear2_weight: Tensor,
+    linear2_bias: Tensor | None,
+    norm_weight: Tensor | None,
+    norm_bias: Tensor | None,
+    activation: str,
+    norm_first: bool,
+    eps: float,
+) -> bool:
+    if type(x) not in _PLAIN_TENSORS or type(linear2_weight) not in _PLAIN_TENSORS:
+        return False
+    if not x.is_floating_point() or x.dim() < 1 or linear2_weight.dim() != 2:
+        return False
+    if type(norm_first) is not bool or not _eps_accepted(eps):
+        return False
+    D, hidden = x.shape[-1], linear2_weight.shape[1]
+    if activation == "geglu":
+        first = 2 * hidden
+    elif activation == "relu" or activation == "gelu":
+        first = hidden
+    else:
+        return False
+    dtype, device = x.dtype, x.device
+    return (
+        linear1_weight is not None
+        and _param_accepted(linear1_weight, (first, D), dtype, device)
+        and _param_accepted(linear1_bias, (first,), dtype, device)
+        and _param_accepted(linear2_weight, (D, hidden), dtype, device)
+        and _param_accepted(linear2_bias, (D,), dtype, device)
+        and _param_accepted(norm_weight, (D,), dtype, device)
+        and _param_accepted(norm_bias, (D,), dtype, device)
+    )
+
+
+def _linear_accepted(
+    x: Tensor,
+    inputs: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    norm: bool,
+    norm_weight: Tensor | None,
+    norm_bias: Tensor | None,
+    eps: float,
+) -> bool:
+    if type(x) not in _PLAIN_TENSORS or type(inputs) not in _PLAIN_TENSORS:
+        return False
+    if not x.is_floating_point() or x.dim() < 1 or inputs.dim() != x.dim():
+        return False
+    if type(norm) is not bool or not _eps_accepted(eps):
+        return False
+    dtype, device = x.dtype, x.device
+    if inputs.shape[:-1] != x.shape[:-1] or inputs.dtype != dtype or inputs.device != device:
+        return False
+    D, K = x.shape[-1], inputs.shape[-1]
+    return (
+        weight is not None
+        and _param_accepted(weight, (D, K), dtype, device)
+        and _param_accepted(bias, (D,), dtype, device)
+        and _param_accepted(norm_weight, (D,), dtype, device)
+        and _param_accepted(norm_bias, (D,), dtype, device)
+    )
+
+
 def check_feed_forward(
     x: Tensor,
     linear1_weight: Tensor,
@@ -64,6 +155,11 @@ def check_feed_forward(
     ``linear2_weight`` `(D, F)`, biases and norm parameters of matching length or ``None``,
     all of the dtype and device of ``x``; ``activation`` one of ``relu``, ``gelu``, ``geglu``;
     ``norm_first`` a bool; ``eps`` finite and non-negative."""
+    if _feed_forward_accepted(
+        x, linear1_weight, linear1_bias, linear2_weight, linear2_bias, norm_weight, norm_bias,
+        activation, norm_first, eps,
+    ):  # fmt: skip
+        return
     _check_x(x)
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}; got {activation!r}")
@@ -101,6 +197,8 @@ def check_linear(
     ``x`` `(..., D)` and ``inputs`` `(..., K)` with one leading shape, ``weight`` `(D, K)`,
     ``bias``, ``norm_weight`` and ``norm_bias`` `(D,)` or ``None``, all of one dtype and
     device; ``norm`` a bool; ``eps`` finite and non-negative."""
+    if _linear_accepted(x, inputs, weight, bias, norm, norm_weight, norm_bias, eps):
+        return
     _check_x(x)
     if not isinstance(inputs, Tensor):
         raise TypeError(f"inputs must be a torch.Tensor; got {type(inputs).__name__}")
@@ -164,7 +262,7 @@ def compute_feed_forward(
         ).contiguous()  # fmt: skip
     rows = _rows(x)
     D, hidden = x.shape[-1], linear2_weight.shape[1]
-    out = x.new_empty(x.shape)
+    out = torch.empty_like(x, memory_format=torch.contiguous_format)
     w1, b1, w2, b2, g, b = _contiguous(
         linear1_weight, linear1_bias, linear2_weight, linear2_bias, norm_weight, norm_bias
     )
@@ -195,7 +293,7 @@ def compute_linear(
             x, inputs, weight, bias, norm, norm_weight, norm_bias, eps
         ).contiguous()
     rows, a = _rows(x), _rows(inputs)
-    out = x.new_empty(x.shape)
+    out = torch.empty_like(x, memory_format=torch.contiguous_format)
     w, b, g, nb = _contiguous(weight, bias, norm_weight, norm_bias)
     binding("residual_linear", x.dtype)(
         rows.data_ptr(), rows.stride(0), a.data_ptr(), a.stride(0), rows.shape[0],

@@ -73,6 +73,20 @@ class RecurrentLinearAttention(RecurrentAttention, CausalLinearAttention):  # ty
     """
 
     def _check(self, state: Any, Q: Tensor, value: Tensor) -> LinearState:
+        if type(state) is LinearState:  # the common case in one pass of comparisons
+            S, Z, shape = state.S, state.Z, Q.shape
+            dtype, device = Q.dtype, Q.device
+            if (
+                type(S) is Tensor
+                and type(Z) is Tensor
+                and S.shape == (*shape, value.shape[-1])
+                and Z.shape == shape
+                and S.dtype == dtype
+                and Z.dtype == dtype
+                and S.device == device
+                and Z.device == device
+            ):
+                return state
         state = check_state_type("state", state, LinearState, type(self).__name__)
         N, H, F = Q.shape[0], Q.shape[-2], Q.shape[-1]
         check_state_tensor("state.S", state.S, (N, H, F, value.shape[-1]), Q)
@@ -84,21 +98,22 @@ class RecurrentLinearAttention(RecurrentAttention, CausalLinearAttention):  # ty
 
         One call of `attention_core.linear_step.linear_attention_step`, which applies the
         default feature map itself for float32/float64 inputs."""
+        feature_map: Any = self._modules["feature_map"]  # a dict lookup, not __getattr__
         if state is None:
-            self.feature_map.new_feature_map(query.device)
+            feature_map.new_feature_map(query.device)
         dtype = value.dtype
-        elu = is_elu_feature_map(self.feature_map) and accumulation_dtype(dtype) == dtype
+        elu = is_elu_feature_map(feature_map) and accumulation_dtype(dtype) == dtype
         if elu:
             Q, K = query, key
         else:
-            Q = _accumulating(self.feature_map.forward_queries(query))
-            K = _accumulating(self.feature_map.forward_keys(key))
+            Q = _accumulating(feature_map.forward_queries(query))
+            K = _accumulating(feature_map.forward_keys(key))
             value = _accumulating(value)
         if state is not None:
             state = self._check(state, Q, value)
             state = (state.S, state.Z)
         out, (S, Z) = linear_attention_step(Q, K, value, state, self.eps, elu_feature_map=elu)
-        return out.to(dtype), LinearState(S, Z)
+        return (out if out.dtype == dtype else out.to(dtype)), LinearState(S, Z)
 
     def prefill(
         self, queries: Tensor, keys: Tensor, values: Tensor, state: Any = None
