@@ -25,6 +25,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .._extension import needs_graph
 from ._op import cache_attention_op, check_attention, compute_attention
 from .reference import cache_attention_reference
 
@@ -82,10 +83,6 @@ def cache_attention(
     if scale is None:
         scale = query.shape[-1] ** -0.5 if isinstance(query, Tensor) and query.dim() else 1.0
     check_attention(query, keys, values, start, end, bias, scale)
-    needs = torch.compiler.is_compiling() or (
-        torch.is_grad_enabled()
-        and any(t is not None and t.requires_grad for t in (query, keys, values, bias))
-    )
-    if needs:
+    if needs_graph(query, keys, values, bias):
         return cache_attention_op(query, keys, values, start, end, bias, float(scale))
     return compute_attention(query, keys, values, start, end, bias, float(scale))

@@ -34,6 +34,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .._extension import needs_graph
 from ._op import check_step, compute_step, linear_attention_step_op
 from .reference import (
     accumulation_dtype,
@@ -49,18 +50,6 @@ __all__ = [
     "linear_attention_step_backward_reference",
     "linear_attention_step_reference",
 ]
-
-
-def _needs_graph(*tensors: Tensor | None) -> bool:
-    """Tell whether the call must go through the registered op.
-
-    It must under ``torch.compile`` (so that the graph holds the op) and when autograd records
-    the call."""
-    if torch.compiler.is_compiling():
-        return True
-    if not torch.is_grad_enabled():
-        return False
-    return any(t is not None and t.requires_grad for t in tensors)
 
 
 def linear_attention_step(
@@ -112,7 +101,7 @@ def linear_attention_step(
             raise TypeError(f"state must be a pair (S, Z) or None; got {type(state).__name__}")
         S, Z = state
     check_step(query, key, value, S, Z, eps)
-    if _needs_graph(query, key, value, S, Z):
+    if needs_graph(query, key, value, S, Z):
         out, S, Z = linear_attention_step_op(query, key, value, S, Z, float(eps), elu_feature_map)
     else:  # the op's own implementation, without the dispatcher's cost (a few microseconds)
         out, S, Z = compute_step(query, key, value, S, Z, float(eps), bool(elu_feature_map))

@@ -30,6 +30,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .._extension import needs_graph
 from ._op import (
     check_feed_forward,
     check_linear,
@@ -55,16 +56,6 @@ __all__ = [
 #: calls were 3-10% faster already at one or two rows, with 2 threads the composed ops were
 #: 2-4% faster there; from 3 rows on the calls are faster with either.
 MIN_ROWS = 3
-
-
-def _needs_graph(*tensors: Tensor | None) -> bool:
-    """Tell whether the call must go through the registered op (``torch.compile`` or
-    autograd recording the call)."""
-    if torch.compiler.is_compiling():
-        return True
-    if not torch.is_grad_enabled():
-        return False
-    return any(t is not None and t.requires_grad for t in tensors)
 
 
 def residual_feed_forward(
@@ -123,7 +114,7 @@ def residual_feed_forward(
     """
     args = (x, linear1_weight, linear1_bias, linear2_weight, linear2_bias, norm_weight)
     check_feed_forward(*args, norm_bias, activation, norm_first, eps)
-    if _needs_graph(*args, norm_bias):
+    if needs_graph(*args, norm_bias):
         return residual_feed_forward_op(*args, norm_bias, activation, norm_first, float(eps))
     return compute_feed_forward(*args, norm_bias, activation, norm_first, float(eps))
 
@@ -173,6 +164,6 @@ def residual_linear(
         torch.Size([4, 16])
     """
     check_linear(x, inputs, weight, bias, norm, norm_weight, norm_bias, eps)
-    if _needs_graph(x, inputs, weight, bias, norm_weight, norm_bias):
+    if needs_graph(x, inputs, weight, bias, norm_weight, norm_bias):
         return residual_linear_op(x, inputs, weight, bias, norm, norm_weight, norm_bias, float(eps))
     return compute_linear(x, inputs, weight, bias, norm, norm_weight, norm_bias, float(eps))
