@@ -58,6 +58,7 @@ CASES = [  # (seq_len, mem_len, batch, n, cross_attend, prefix length)
 def test_forward_without_gradients_equals_paper_path(W, M, b, n, cross, prefix_len, rows,
                                                      monkeypatch):  # fmt: skip
     monkeypatch.setattr(_inference_window, "FUSED_MIN_ROWS", rows)
+    monkeypatch.setattr(_inference_window, "ATTENTION_FUSED_MIN_ROWS", rows)
     model = random_model(W, M, cross_attend=cross)
     g = torch.Generator().manual_seed(1)
     x = torch.randint(0, VOCAB, (b, n), generator=g)
@@ -83,6 +84,7 @@ def test_forward_without_gradients_equals_paper_path(W, M, b, n, cross, prefix_l
 def test_decoding_past_a_full_ring_equals_paper_path(W, b, cross, rows, monkeypatch):
     """Decoding 3 times ``mem_len`` steps: the ring buffer wraps around (several times)."""
     monkeypatch.setattr(_inference_window, "FUSED_MIN_ROWS", rows)
+    monkeypatch.setattr(_inference_window, "ATTENTION_FUSED_MIN_ROWS", rows)
     M, prompt, n = 4, 3, 3 + 12
     model = random_model(W, M, cross_attend=cross, keep_last_hidden=W == 3, seed=2)
     g = torch.Generator().manual_seed(3)
@@ -112,9 +114,9 @@ def test_full_windows_read_their_rows_and_first_projection_as_views(monkeypatch)
     calls = []
     original = _inference_window.window
 
-    def spy(weights, x, buffer, slots, bias, first_empty, cross, proj0=None):
+    def spy(weights, x, buffer, slots, bias, first_empty, cross, proj0=None, views=None):
         calls.append((x._base is not None, proj0 is not None and proj0._base is not None))
-        return original(weights, x, buffer, slots, bias, first_empty, cross, proj0)
+        return original(weights, x, buffer, slots, bias, first_empty, cross, proj0, views)
 
     monkeypatch.setattr(_inference_window, "window", spy)
     with torch.no_grad():

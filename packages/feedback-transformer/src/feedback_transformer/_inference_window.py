@@ -48,8 +48,10 @@ if TYPE_CHECKING:
     from .model import FeedbackTransformer
 
 __all__ = [
+    "ATTENTION_FUSED_MIN_ROWS",
     "FUSED_MIN_ROWS",
     "InferenceWeights",
+    "KVViews",
     "WindowBiases",
     "layer_norm",
     "query_weights",
@@ -68,6 +70,7 @@ __all__ = [
 # product: the core's `residual_linear` measured slower there (1 thread, 4 rows: 35 against
 # 17 us).
 FUSED_MIN_ROWS = 3
+ATTENTION_FUSED_MIN_ROWS = 3
 
 
 def layer_norm(x: Tensor, norm: nn.LayerNorm) -> Tensor:
@@ -164,38 +167,40 @@ class WindowBiases:
         return self._masked[:, :w, M - m : M + (w if w > 1 else 0)], False
 
 
-def _attention(
-    proj: Tensor,
-    cache: tuple[Tensor, Tensor, Tensor | None],
-    lo: int,
-    hi: int,
-    bias: Tensor,
-    sizes: tuple[int, int, int, int],
-) -> Tensor:
-    """The attention output ``(b w, h d)`` of a projection ``(b w, o)`` (queries, then for
-    ``w > 1`` the window's keys and values) over slots ``lo .. hi - 1`` and the window.
+class KVViews:
+    """Views of a key/value buffer ``(2, b h, c, d)`` that every window of a call reads.
 
-    ``cache`` holds the keys and values ``(b, h, c, d)`` and, for ``w > 1``, their slots
-    ``hi .. hi + w - 1`` ``(2, b, h, w, d)``, where the window's own go; ``bias`` is
-    ``(h, w, j)`` or, below ``FUSED_MIN_ROWS`` rows, ``(b h, w, j)``; ``sizes`` is
-    ``(b, w, h, d)``."""
+    Attributes:
+        slots: ``(2, b, h, c, d)``, keys then values.
+        keys: ``(b, h, c, d)`` and ``values`` ``(b, h, c, d)``, the fused attention's operands.
+        keys_t: ``(b h, d, c)`` and ``values_flat`` ``(b h, c, d)``, those of the composed
+            products.
+    """
+
+    __slots__ = ("keys", "keys_t", "slots", "values", "values_flat")
+
+    def __init__(self, buffer: Tensor, batch: int):
+        _, bh, c, d = buffer.shape
+        self.slots = buffer.view(2, batch, bh // batch, c, d)  # "two (b h) c d -> two b h c d"
+        self.keys, self.values = self.slots.unbind(0)
+        keys, self.values_flat = buffer.unbind(0)
+        self.keys_t = keys.mT
+
+
+def _composed_attention(
+    proj: Tensor, views: KVViews, lo: int, hi: int, bias: Tensor, sizes: tuple[int, int, int, int]
+) -> Tensor:
+    """The attention output ``(b w, h d)`` in torch products: ``proj`` ``(b w, o)``, the window's
+    own keys already in slots ``hi - w .. hi - 1``, ``bias`` ``(b h, w, j)``."""
     b, w, h, d = sizes
-    keys, values, scratch = cache
-    if scratch is None:  # w == 1
-        if lo == hi:  # a single step without memory sees nothing
-            return proj.new_zeros(b, h * d)
-        q = proj.view(b, 1, h, d)
-    else:
-        parts = proj.view(b, w, 3, h, d)
-        q = parts[:, :, 0]
-        scratch.copy_(parts[:, :, 1:].permute(2, 0, 3, 1, 4))  # "b w two h d -> two b h w d"
-        hi += w
-    if b * w >= FUSED_MIN_ROWS:
-        out = cache_attention(q, keys, values, lo, hi, bias, scale=1.0)
-        return out.view(b * w, h * d)  # "b w h d -> (b w) (h d)"
-    q = q.transpose(1, 2).reshape(b * h, w, d)
-    keys, values = keys.flatten(0, 1)[:, lo:hi], values.flatten(0, 1)[:, lo:hi]
-    out = torch.bmm(torch.baddbmm(bias, q, keys.mT).softmax(dim=-1), values)
+    if w == 1:  # "(b h d) -> (b h) 1 d", a view
+        q = proj.view(b * h, 1, d)
+    else:  # "b w (h d) -> (b h) w d", queries only
+        q = proj.view(b, w, -1, d)[:, :, :h].transpose(1, 2).reshape(b * h, w, d)
+    scores = torch.baddbmm(bias, q, views.keys_t[:, :, lo:hi])
+    out = torch.bmm(scores.softmax(dim=-1), views.values_flat[:, lo:hi])
+    if w == 1:
+        return out.view(b, h * d)
     return out.view(b, h, w, d).transpose(1, 2).reshape(b * w, h * d)
 
 
@@ -206,7 +211,7 @@ def _feed_forward(p: LayerWeights, x: Tensor) -> Tensor:
             x, *p.feed_forward, activation="geglu", norm_first=True, eps=p.ff_eps
         )
     w1, b1, w2, b2, norm_weight, norm_bias = p.feed_forward
-    a = F.layer_norm(x, x.shape[1:], norm_weight, norm_bias, p.ff_eps)
+    a = torch.layer_norm(x, x.shape[1:], norm_weight, norm_bias, p.ff_eps)
     hidden, gate = F.linear(a, w1, b1).chunk(2, dim=-1)
     return F.linear(hidden * F.gelu(gate), w2, b2).add_(x)
 
@@ -220,6 +225,7 @@ def window(
     first_empty: bool,
     cross: Cross | None,
     proj0: Tensor | None = None,
+    views: KVViews | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """Run a window of ``w`` steps through every layer, without autograd.
 
@@ -233,6 +239,7 @@ def window(
         first_empty: the first query sees no key (its attention output is zero).
         cross: the context's keys and values per layer and the mask, or ``None``.
         proj0: the first layer's projection ``(b w, o)`` of ``x`` if already computed.
+        views: the `KVViews` of ``buffer`` if already made (once per call).
 
     Returns:
         The last layer's output ``(b w, dim)`` and the window's memory keys and values
@@ -244,35 +251,49 @@ def window(
     b = rows // w
     lo, hi = slots
     sizes = (b, w, h, d)
-    c = buffer.shape[2]  # "two (b h) c d -> two b h c d"
-    slots_of = buffer.view(2, b, h, c, d)
-    cache = (slots_of[0], slots_of[1], slots_of[:, :, :, hi : hi + w] if w > 1 else None)
-    if rows < FUSED_MIN_ROWS:  # the composed ops: the bias expanded once for all layers
+    if views is None:
+        views = KVViews(buffer, b)
+    keys, values = views.keys, views.values
+    fused = rows >= ATTENTION_FUSED_MIN_ROWS
+    if not fused:  # the composed products: the bias expanded once for all layers
         bias = bias.expand(b, h, w, j).reshape(b * h, w, j)
+    scratch = views.slots[:, :, :, hi : hi + w] if w > 1 else None  # the window's own keys
+    end = hi + w if w > 1 else hi
+    empty = w == 1 and lo == hi  # a single step without memory sees nothing
     shape, norm_weight, norm_bias, eps = weights.norm
     states = [x]
     for i, p in enumerate(weights.layers):
-        proj = proj0 if i == 0 and proj0 is not None else None
-        if proj is None:
-            proj = torch.mm(F.layer_norm(x, shape, norm_weight, norm_bias, eps), p.projection_t)
-        out = _attention(proj, cache, lo, hi, bias, sizes)
+        if i or proj0 is None:
+            a = torch.layer_norm(x, shape, norm_weight, norm_bias, eps)
+            proj = torch.mm(a, p.projection_t)
+        else:
+            proj = proj0
+        if scratch is not None:  # "b w two h d -> two b h w d"
+            scratch.copy_(proj.view(b, w, 3, h, d)[:, :, 1:].permute(2, 0, 3, 1, 4))
+        if empty:
+            out = proj.new_zeros(rows, h * d)
+        elif fused:
+            q = proj.view(b, w, -1, d)[:, :, :h]  # "b w (h d) -> b w h d", queries only
+            out = cache_attention(q, keys, values, lo, end, bias, scale=1.0).view(rows, h * d)
+        else:
+            out = _composed_attention(proj, views, lo, end, bias, sizes)
         if first_empty:
             out.view(b, w, h * d)[:, 0] = 0.0  # the first step of each batch element
         x = torch.addmm(p.out_bias, out, p.out_weight_t).add_(x)
         if p.cross is not None:
             if cross is None:
                 raise ValueError("a layer with cross attention needs the context's keys and values")
-            keys, values = cross[0][i]
-            x += p.cross(x.view(b, w, x.shape[1]), keys, values, cross[1]).view(x.shape)
+            ck, cv = cross[0][i]
+            x += p.cross(x.view(b, w, x.shape[1]), ck, cv, cross[1]).view(x.shape)
         x = _feed_forward(p, x)
         states.append(x)
     if not weights.has_memory:
         return x, None
     merged = x
     if weights.mix is not None:  # "l r e, l -> r e"
-        merged = (weights.mix @ torch.stack(states).flatten(1)).view_as(x)
+        merged = torch.stack(states, dim=-1) @ weights.mix
     return x, torch.mm(
-        F.layer_norm(merged, shape, norm_weight, norm_bias, eps), weights.kv_weight_t
+        torch.layer_norm(merged, shape, norm_weight, norm_bias, eps), weights.kv_weight_t
     )
 
 
@@ -305,10 +326,10 @@ def run(
     m0 = 0 if prefix is None else prefix[0].shape[2]
     # every step's keys and values, written once; with mem_len == 0 only the scratch slots
     buffer = h.new_empty(2, b * H, m0 + n if M else W, D)
-    slots = buffer.view(2, b, H, buffer.shape[2], D)  # "two (b h) c d -> two b h c d"
+    views = KVViews(buffer, b)
     if prefix is not None and m0:
-        slots[0, :, :, :m0].copy_(prefix[0])
-        slots[1, :, :, :m0].copy_(prefix[1])
+        views.keys[:, :, :m0].copy_(prefix[0])
+        views.values[:, :, :m0].copy_(prefix[1])
     positions = torch.arange(-M, W, device=h.device)
     bias_full = model.rel_pos(positions[M:], positions)  # (h, W, M + W)
     full = InferenceWeights(model, query_weights(model, stacked=W > 1))
@@ -320,23 +341,22 @@ def run(
     # "b (k w) e -> k (b w) e": each full window's rows contiguous
     steps = h[:, : count * W].reshape(b, count, W, dim).transpose(0, 1).reshape(count, b * W, dim)
     first = full.layers[0]
-    proj_all = F.layer_norm(steps, *full.norm) @ first.projection_t
+    proj_all = torch.layer_norm(steps, *full.norm) @ first.projection_t
+    inputs = list(zip(steps.unbind(0), proj_all.unbind(0)))
+    if n % W:  # "b w e -> (b w) e"
+        inputs.append((h[:, count * W :].reshape(b * (n % W), dim), None))
     outputs = []
-    for index in range(count + (n % W > 0)):
+    for index, (x, proj0) in enumerate(inputs):
         start = index * W
         w = min(W, n - start)
         hi = m0 + start if M else 0
         lo = max(0, hi - M)
         bias, first_empty = biases.get(hi - lo, w)
-        if index < count:
-            x, proj0 = steps[index], proj_all[index]
-        else:  # "b w e -> (b w) e"
-            x, proj0 = h[:, start:].reshape(b * w, dim), None
         weights = full if w > 1 else single
-        x, kv = window(weights, x, buffer, (lo, hi), bias, first_empty, cross, proj0)
+        x, kv = window(weights, x, buffer, (lo, hi), bias, first_empty, cross, proj0, views)
         outputs.append(x)
         if kv is not None:  # "(b w) (two h d) -> two b h w d" into the memory slots
-            slots[:, :, :, hi : hi + w].copy_(kv.view(b, w, 2, H, D).permute(2, 0, 3, 1, 4))
+            views.slots[:, :, :, hi : hi + w].copy_(kv.view(b, w, 2, H, D).permute(2, 0, 3, 1, 4))
     pieces = []
     if count:  # "k (b w) e -> b (k w) e"
         stacked = torch.stack(outputs[:count]).view(count, b, W, dim)
@@ -347,5 +367,5 @@ def run(
     if not M:
         empty = h.new_zeros(b, H, 0, D)
         return out, empty, empty.clone()
-    keep = slots[:, :, :, max(0, m0 + n - M) : m0 + n].clone()
+    keep = views.slots[:, :, :, max(0, m0 + n - M) : m0 + n].clone()
     return out, keep[0], keep[1]
