@@ -80,7 +80,6 @@ def test_fused_and_composed_inference_windows_agree(seq_len, monkeypatch):
     outputs = []
     for rows in (1, 10**6):  # every window fused, every window composed
         monkeypatch.setattr(_inference_window, "FUSED_MIN_ROWS", rows)
-        monkeypatch.setattr(_inference_window, "ATTENTION_FUSED_MIN_ROWS", rows)
         with torch.no_grad():
             outputs.append(model(x, return_memory=True))
     (fused, fused_memory), (composed, composed_memory) = outputs

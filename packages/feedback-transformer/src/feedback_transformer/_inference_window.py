@@ -4,15 +4,15 @@ The model's steps run one after another on a few rows each (``b * w``), so the n
 ops dispatched per step, and the Python around them, is part of the cost. This is
 `_window_loop.window` for calls that record no gradients (and apply no dropout):
 
-* the parameters are gathered once per call (`InferenceWeights`: the scaled query weights
-  stacked on the shared key/value weight, each layer's tensors in one tuple), not looked up
-  on the modules per window; the attention's dense products read their weights transposed,
-  ``(in, out)`` (``torch.mm`` of 4 rows on a cache-resident ``256 -> 1536`` weight: 32
-  against 42 us for ``F.linear``, 1 thread; inside the model, where the weights stream from
-  the last-level cache, 2-3% at seq_len 2 and within the noise at seq_len 1);
-* keys and values live in one joint buffer ``(2, b h, c, d)``, so a window's own keys and
-  values go to the scratch slots after the memory in one copy, and a window's memory in
-  one copy;
+* the parameters are gathered once per call (`_inference_weights.InferenceWeights`), not
+  looked up on the modules per window; the attention's dense products read their weights
+  transposed, ``(in, out)``;
+* the windows of a call run under ``torch.inference_mode`` (no version counters or view
+  tracking per op: 10-15% less time per window in ops and Python at a few rows);
+* keys and values live in one joint buffer ``(2, b h, c, d)`` whose views (`KVViews`) are
+  made once per call; a window's slots after the memory take, at each layer, the window's
+  own keys and values (one copy of a view of the projection) and at the end the window's
+  memory (one copy), so one product covers memory and window;
 * the attention over the memory and the window is one call of
   `attention_core.cache_attention.cache_attention` (scores, position bias, softmax and
   weighted sum in one pass per batch element and head, output with the heads joined), the
@@ -21,7 +21,9 @@ ops dispatched per step, and the Python around them, is part of the cost. This i
   residual is ``addmm`` and an add (measured faster than the core's ``residual_linear`` at
   a few rows);
 * windows of fewer than ``FUSED_MIN_ROWS`` rows (``b * w``) run the same formulas in torch
-  ops instead (the position bias expanded once per window and added by ``baddbmm``).
+  ops instead (the position bias expanded once per window and added by ``baddbmm``; a
+  one-step window's queries and output are views, its keys read pre-transposed);
+* the memory of a window is the weighted sum of the layer states as one stack and product.
 
 Einstein notation: ``b`` batch, ``w`` steps of the window, ``h`` heads, ``j`` keys (memory
 slots, then the window), ``d`` head feature, ``l`` layer states.
@@ -29,6 +31,7 @@ slots, then the window), ``d`` head feature, ``l`` layer states.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import TYPE_CHECKING
 
 import torch
@@ -38,26 +41,14 @@ from torch import Tensor
 from attention_core.cache_attention import cache_attention
 from attention_core.residual_step import residual_feed_forward
 
+from ._inference_weights import InferenceWeights, LayerWeights, query_weights
 from ._window_attention import window_bias
 
 if TYPE_CHECKING:
-    from torch import nn
-
     from ._window_loop import Cross
-    from .layers import CrossAttention, FeedbackLayer
     from .model import FeedbackTransformer
 
-__all__ = [
-    "ATTENTION_FUSED_MIN_ROWS",
-    "FUSED_MIN_ROWS",
-    "InferenceWeights",
-    "KVViews",
-    "WindowBiases",
-    "layer_norm",
-    "query_weights",
-    "run",
-    "window",
-]
+__all__ = ["FUSED_MIN_ROWS", "KVViews", "WindowBiases", "run", "window"]
 
 # Windows of fewer rows (batch times steps) run composed torch ops. Alone, the core's ops
 # measured faster from one row on (dim 256, 8 heads of 64, 256 memory slots, medians, the
@@ -70,68 +61,6 @@ __all__ = [
 # product: the core's `residual_linear` measured slower there (1 thread, 4 rows: 35 against
 # 17 us).
 FUSED_MIN_ROWS = 3
-ATTENTION_FUSED_MIN_ROWS = 3
-
-
-def layer_norm(x: Tensor, norm: nn.LayerNorm) -> Tensor:
-    """``norm(x)`` for an ``nn.LayerNorm`` ``norm``, without module dispatch."""
-    return F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
-
-
-class LayerWeights:
-    """The tensors of one layer as a window reads them.
-
-    Attributes:
-        projection_t: ``(dim, h d)``, the transposed query weight times
-            ``dim_head ** -0.5``, or ``(dim, 3 h d)``: that with the shared key/value weight
-            (windows of ``w > 1`` steps).
-        out_weight_t: ``(h d, dim)``, the transposed output projection, and ``out_bias``.
-        feed_forward: the feed-forward block's first weight and bias, second weight and bias,
-            and pre-norm weight and bias, in the order of ``residual_feed_forward``.
-        ff_eps: the feed-forward pre-norm's epsilon.
-        cross: the layer's cross attention, or ``None``.
-    """
-
-    __slots__ = ("cross", "feed_forward", "ff_eps", "out_bias", "out_weight_t", "projection_t")
-
-    def __init__(self, layer: FeedbackLayer, weight: Tensor):
-        first, _, last = layer.ff_parts()
-        norm: nn.LayerNorm = layer.ff_norm
-        to_out: nn.Linear = layer.to_out
-        self.projection_t = weight.t().contiguous()
-        self.out_weight_t, self.out_bias = to_out.weight.t().contiguous(), to_out.bias
-        self.feed_forward = (
-            first.weight,
-            first.bias,
-            last.weight,
-            last.bias,
-            norm.weight,
-            norm.bias,
-        )
-        self.ff_eps: float = norm.eps
-        self.cross: CrossAttention | None = layer.cross
-
-
-class InferenceWeights:
-    """The model's parameters gathered once for a call (or a decoding state).
-
-    Arguments:
-        model: the `FeedbackTransformer`.
-        weights: per layer the query weight ``(h d, dim)`` or ``(3 h d, dim)`` from
-            `_window_loop.query_weights`.
-    """
-
-    __slots__ = ("dim_head", "has_memory", "heads", "kv_weight_t", "layers", "mix", "norm")
-
-    def __init__(self, model: FeedbackTransformer, weights: list[Tensor]):
-        norm = model.attn_norm
-        self.norm = (norm.normalized_shape, norm.weight, norm.bias, norm.eps)
-        self.kv_weight_t = model.to_kv.weight.t().contiguous()
-        self.layers = [LayerWeights(layer, w) for layer, w in zip(model.layers, weights)]
-        mix = model.layer_weight
-        self.mix = None if mix is None or not model.mem_len else mix.softmax(dim=-1)
-        self.heads, self.dim_head = model.heads, model.dim_head
-        self.has_memory = model.mem_len > 0
 
 
 class WindowBiases:
@@ -179,9 +108,9 @@ class KVViews:
 
     __slots__ = ("keys", "keys_t", "slots", "values", "values_flat")
 
-    def __init__(self, buffer: Tensor, batch: int):
-        _, bh, c, d = buffer.shape
-        self.slots = buffer.view(2, batch, bh // batch, c, d)  # "two (b h) c d -> two b h c d"
+    def __init__(self, buffer: Tensor, batch: int, heads: int):
+        c, d = buffer.shape[2:]
+        self.slots = buffer.view(2, batch, heads, c, d)  # "two (b h) c d -> two b h c d"
         self.keys, self.values = self.slots.unbind(0)
         keys, self.values_flat = buffer.unbind(0)
         self.keys_t = keys.mT
@@ -196,7 +125,7 @@ def _composed_attention(
     if w == 1:  # "(b h d) -> (b h) 1 d", a view
         q = proj.view(b * h, 1, d)
     else:  # "b w (h d) -> (b h) w d", queries only
-        q = proj.view(b, w, -1, d)[:, :, :h].transpose(1, 2).reshape(b * h, w, d)
+        q = proj.view(b, w, proj.shape[1] // d, d)[:, :, :h].transpose(1, 2).reshape(b * h, w, d)
     scores = torch.baddbmm(bias, q, views.keys_t[:, :, lo:hi])
     out = torch.bmm(scores.softmax(dim=-1), views.values_flat[:, lo:hi])
     if w == 1:
@@ -226,6 +155,7 @@ def window(
     cross: Cross | None,
     proj0: Tensor | None = None,
     views: KVViews | None = None,
+    write_memory: bool = False,
 ) -> tuple[Tensor, Tensor | None]:
     """Run a window of ``w`` steps through every layer, without autograd.
 
@@ -240,6 +170,8 @@ def window(
         cross: the context's keys and values per layer and the mask, or ``None``.
         proj0: the first layer's projection ``(b w, o)`` of ``x`` if already computed.
         views: the `KVViews` of ``buffer`` if already made (once per call).
+        write_memory: also write the window's memory keys and values to its slots
+            ``hi .. hi + w - 1`` of ``buffer``.
 
     Returns:
         The last layer's output ``(b w, dim)`` and the window's memory keys and values
@@ -252,13 +184,16 @@ def window(
     lo, hi = slots
     sizes = (b, w, h, d)
     if views is None:
-        views = KVViews(buffer, b)
+        views = KVViews(buffer, b, h)
     keys, values = views.keys, views.values
-    fused = rows >= ATTENTION_FUSED_MIN_ROWS
+    fused = rows >= FUSED_MIN_ROWS
     if not fused:  # the composed products: the bias expanded once for all layers
         bias = bias.expand(b, h, w, j).reshape(b * h, w, j)
-    scratch = views.slots[:, :, :, hi : hi + w] if w > 1 else None  # the window's own keys
+    # the window's slots after the memory, as "two b h w d -> b w two h d": its keys and
+    # values at each layer (w > 1), then its memory (``write_memory``)
+    own = views.slots[:, :, :, hi : hi + w].permute(1, 3, 0, 2, 4)
     end = hi + w if w > 1 else hi
+    hd = h * d
     empty = w == 1 and lo == hi  # a single step without memory sees nothing
     shape, norm_weight, norm_bias, eps = weights.norm
     states = [x]
@@ -268,12 +203,13 @@ def window(
             proj = torch.mm(a, p.projection_t)
         else:
             proj = proj0
-        if scratch is not None:  # "b w two h d -> two b h w d"
-            scratch.copy_(proj.view(b, w, 3, h, d)[:, :, 1:].permute(2, 0, 3, 1, 4))
+        if w > 1:  # "(b w) (two h d) -> b w two h d"
+            own.copy_(proj[:, hd:].view(b, w, 2, h, d))
         if empty:
             out = proj.new_zeros(rows, h * d)
         elif fused:
-            q = proj.view(b, w, -1, d)[:, :, :h]  # "b w (h d) -> b w h d", queries only
+            # "b w (h d) -> b w h d", the queries only
+            q = proj.view(b, w, proj.shape[1] // d, d)[:, :, :h]
             out = cache_attention(q, keys, values, lo, end, bias, scale=1.0).view(rows, h * d)
         else:
             out = _composed_attention(proj, views, lo, end, bias, sizes)
@@ -292,18 +228,10 @@ def window(
     merged = x
     if weights.mix is not None:  # "l r e, l -> r e"
         merged = torch.stack(states, dim=-1) @ weights.mix
-    return x, torch.mm(
-        torch.layer_norm(merged, shape, norm_weight, norm_bias, eps), weights.kv_weight_t
-    )
-
-
-def query_weights(model: FeedbackTransformer, stacked: bool) -> list[Tensor]:
-    """Per layer: the query weight scaled by ``dim_head ** -0.5``, with the shared
-    key/value weight stacked below it when ``stacked`` (one projection per window)."""
-    scale = model.dim_head**-0.5
-    if not stacked:
-        return [layer.to_q.weight * scale for layer in model.layers]
-    return [torch.cat((layer.to_q.weight * scale, model.to_kv.weight)) for layer in model.layers]
+    kv = torch.mm(torch.layer_norm(merged, shape, norm_weight, norm_bias, eps), weights.kv_weight_t)
+    if write_memory:  # "(b w) (two h d) -> b w two h d"
+        own.copy_(kv.view(b, w, 2, h, d))
+    return x, kv
 
 
 def run(
@@ -318,6 +246,41 @@ def run(
     ``(b, h, m, d)``, ``m <= mem_len``, or ``None``), in windows of ``seq_len`` steps, and
     the keys and values ``(b, h, m', d)`` of the last ``m' = min(mem_len, m + n)`` steps.
 
+    The windows run under ``torch.inference_mode`` (each op dispatches faster: no version
+    counters, no view tracking; not while ``torch.compile`` traces the call); the results
+    are joined outside it, so they are ordinary tensors that later calls may use with
+    autograd."""
+    # (a compiled call traces the ops; inference mode would only get in its way there)
+    with nullcontext() if torch.compiler.is_compiling() else torch.inference_mode():
+        outputs, shape, memory = _windows(model, h, prefix, cross, seq_len)
+    b, n, dim = h.shape
+    W = seq_len
+    count = n // W
+    pieces = []
+    if count:  # "k (b w) e -> b (k w) e"
+        stacked = torch.stack(outputs[:count]).view(count, b, W, dim)
+        pieces.append(stacked.transpose(0, 1).reshape(b, count * W, dim))
+    if n % W:
+        pieces.append(outputs[-1].view(b, n % W, dim))
+    out = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)
+    if memory is None:
+        empty = h.new_zeros(shape)
+        return out, empty, empty.clone()
+    keep = memory.clone()
+    return out, keep[0], keep[1]
+
+
+def _windows(
+    model: FeedbackTransformer,
+    h: Tensor,
+    prefix: tuple[Tensor, Tensor] | None,
+    cross: Cross | None,
+    seq_len: int,
+) -> tuple[list[Tensor], tuple[int, int, int, int], Tensor | None]:
+    """The loop of `run`: each window's output ``(b w, dim)``, the shape ``(b, h, 0, d)`` of
+    an empty memory, and the kept memory slots ``(2, b, h, m', d)`` (a view; ``None``
+    without memory).
+
     The full windows' rows are laid out window by window once (``(n / w, b w, dim)``), so
     that a window's input and its first layer's projection (one product over all tokens)
     are views, not copies."""
@@ -326,7 +289,7 @@ def run(
     m0 = 0 if prefix is None else prefix[0].shape[2]
     # every step's keys and values, written once; with mem_len == 0 only the scratch slots
     buffer = h.new_empty(2, b * H, m0 + n if M else W, D)
-    views = KVViews(buffer, b)
+    views = KVViews(buffer, b, H)
     if prefix is not None and m0:
         views.keys[:, :, :m0].copy_(prefix[0])
         views.values[:, :, :m0].copy_(prefix[1])
@@ -353,19 +316,8 @@ def run(
         lo = max(0, hi - M)
         bias, first_empty = biases.get(hi - lo, w)
         weights = full if w > 1 else single
-        x, kv = window(weights, x, buffer, (lo, hi), bias, first_empty, cross, proj0, views)
+        x, _ = window(weights, x, buffer, (lo, hi), bias, first_empty, cross, proj0, views, True)
         outputs.append(x)
-        if kv is not None:  # "(b w) (two h d) -> two b h w d" into the memory slots
-            views.slots[:, :, :, hi : hi + w].copy_(kv.view(b, w, 2, H, D).permute(2, 0, 3, 1, 4))
-    pieces = []
-    if count:  # "k (b w) e -> b (k w) e"
-        stacked = torch.stack(outputs[:count]).view(count, b, W, dim)
-        pieces.append(stacked.transpose(0, 1).reshape(b, count * W, dim))
-    if n % W:
-        pieces.append(outputs[-1].view(b, n % W, dim))
-    out = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)
     if not M:
-        empty = h.new_zeros(b, H, 0, D)
-        return out, empty, empty.clone()
-    keep = views.slots[:, :, :, max(0, m0 + n - M) : m0 + n].clone()
-    return out, keep[0], keep[1]
+        return outputs, (b, H, 0, D), None
+    return outputs, (b, H, 0, D), views.slots[:, :, :, max(0, m0 + n - M) : m0 + n]

@@ -30,7 +30,8 @@ from attention_core.generation import generate as _generate
 from attention_core.generation import stream as _stream
 
 from . import _inference_window, _window_loop
-from ._inference_window import InferenceWeights, WindowBiases, query_weights
+from ._inference_weights import InferenceWeights, query_weights
+from ._inference_window import WindowBiases
 from ._inputs import check_memory, check_tokens, prepare_context
 from ._kv_store import RingBuffer
 from .memory import FeedbackMemory
