@@ -38,11 +38,22 @@ class LayerWeights:
         out_weight_t: ``(h d, dim)``, the transposed output projection, and ``out_bias``.
         feed_forward: the feed-forward block's first weight and bias, second weight and bias,
             and pre-norm weight and bias, in the order of ``residual_feed_forward``.
+        ff_in_t: ``(dim, 2 f)`` and ``ff_out_t`` ``(f, dim)``, the feed-forward weights
+            transposed (views), for ``addmm``.
         ff_eps: the feed-forward pre-norm's epsilon.
         cross: the layer's cross attention, or ``None``.
     """
 
-    __slots__ = ("cross", "feed_forward", "ff_eps", "out_bias", "out_weight_t", "projection_t")
+    __slots__ = (
+        "cross",
+        "feed_forward",
+        "ff_eps",
+        "ff_in_t",
+        "ff_out_t",
+        "out_bias",
+        "out_weight_t",
+        "projection_t",
+    )
 
     def __init__(self, layer: FeedbackLayer, weight: Tensor):
         first, _, last = layer.ff_parts()
@@ -58,6 +69,7 @@ class LayerWeights:
             norm.weight,
             norm.bias,
         )
+        self.ff_in_t, self.ff_out_t = first.weight.t(), last.weight.t()
         self.ff_eps: float = norm.eps
         self.cross: CrossAttention | None = layer.cross
 

@@ -106,7 +106,7 @@ class KVViews:
             products.
     """
 
-    __slots__ = ("keys", "keys_t", "slots", "values", "values_flat")
+    __slots__ = ("_projections", "keys", "keys_t", "slots", "values", "values_flat")
 
     def __init__(self, buffer: Tensor, batch: int, heads: int):
         c, d = buffer.shape[2:]
@@ -114,35 +114,48 @@ class KVViews:
         self.keys, self.values = self.slots.unbind(0)
         keys, self.values_flat = buffer.unbind(0)
         self.keys_t = keys.mT
+        self._projections: dict[tuple[int, int, int], tuple[Tensor, Tensor, Tensor | None]] = {}
+
+    def projection(self, b: int, w: int, weight_t: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+        """A projection buffer ``(b w, o)`` for the product with ``weight_t`` ``(dim, o)``,
+        its queries ``(b w, h d)`` and (``w > 1``) its keys and values as
+        ``(b, w, 2, h, d)``: views made once per window shape and reused."""
+        key = (b, w, weight_t.shape[1])
+        if key not in self._projections:
+            h, d = self.slots.shape[2], self.slots.shape[4]
+            out = weight_t.new_empty(b * w, weight_t.shape[1])
+            own = out[:, h * d :].view(b, w, 2, h, d) if w > 1 else None
+            self._projections[key] = (out, out[:, : h * d], own)
+        return self._projections[key]
 
 
 def _composed_attention(
-    proj: Tensor, views: KVViews, lo: int, hi: int, bias: Tensor, sizes: tuple[int, int, int, int]
+    q: Tensor, keys_t: Tensor, values: Tensor, bias: Tensor, sizes: tuple[int, int, int, int]
 ) -> Tensor:
-    """The attention output ``(b w, h d)`` in torch products: ``proj`` ``(b w, o)``, the window's
-    own keys already in slots ``hi - w .. hi - 1``, ``bias`` ``(b h, w, j)``."""
+    """The attention output ``(b w, h d)`` in torch products: queries ``q`` ``(b w, h d)``
+    (a view), the window's slots ``keys_t`` ``(b h, d, j)`` and ``values`` ``(b h, j, d)``,
+    ``bias`` ``(b h, w, j)``."""
     b, w, h, d = sizes
-    if w == 1:  # "(b h d) -> (b h) 1 d", a view
-        q = proj.view(b * h, 1, d)
-    else:  # "b w (h d) -> (b h) w d", queries only
-        q = proj.view(b, w, proj.shape[1] // d, d)[:, :, :h].transpose(1, 2).reshape(b * h, w, d)
-    scores = torch.baddbmm(bias, q, views.keys_t[:, :, lo:hi])
-    out = torch.bmm(scores.softmax(dim=-1), views.values_flat[:, lo:hi])
+    if w == 1:  # "b (h d) -> (b h) 1 d", a view
+        q = q.view(b * h, 1, d)
+    else:  # "(b w) (h d) -> (b h) w d"
+        q = q.view(b, w, h, d).transpose(1, 2).reshape(b * h, w, d)
+    out = torch.bmm(torch.baddbmm(bias, q, keys_t).softmax(dim=-1), values)
     if w == 1:
         return out.view(b, h * d)
     return out.view(b, h, w, d).transpose(1, 2).reshape(b * w, h * d)
 
 
-def _feed_forward(p: LayerWeights, x: Tensor) -> Tensor:
+def _feed_forward(p: LayerWeights, x: Tensor, fused: bool) -> Tensor:
     """The pre-norm GEGLU feed-forward block with its residual, ``x`` ``(b w, dim)``."""
-    if x.shape[0] >= FUSED_MIN_ROWS:
+    if fused:
         return residual_feed_forward(
             x, *p.feed_forward, activation="geglu", norm_first=True, eps=p.ff_eps
         )
-    w1, b1, w2, b2, norm_weight, norm_bias = p.feed_forward
+    _, b1, _, b2, norm_weight, norm_bias = p.feed_forward
     a = torch.layer_norm(x, x.shape[1:], norm_weight, norm_bias, p.ff_eps)
-    hidden, gate = F.linear(a, w1, b1).chunk(2, dim=-1)
-    return F.linear(hidden * F.gelu(gate), w2, b2).add_(x)
+    hidden, gate = torch.addmm(b1, a, p.ff_in_t).chunk(2, dim=-1)
+    return torch.addmm(b2, hidden.mul_(F.gelu(gate)), p.ff_out_t).add_(x)
 
 
 def window(
@@ -187,41 +200,44 @@ def window(
         views = KVViews(buffer, b, h)
     keys, values = views.keys, views.values
     fused = rows >= FUSED_MIN_ROWS
-    if not fused:  # the composed products: the bias expanded once for all layers
+    end = hi + w if w > 1 else hi
+    if not fused:  # the composed products: the bias expanded, the slots sliced once
         bias = bias.expand(b, h, w, j).reshape(b * h, w, j)
+        keys_t, values_flat = views.keys_t[:, :, lo:end], views.values_flat[:, lo:end]
     # the window's slots after the memory, as "two b h w d -> b w two h d": its keys and
     # values at each layer (w > 1), then its memory (``write_memory``)
     own = views.slots[:, :, :, hi : hi + w].permute(1, 3, 0, 2, 4)
-    end = hi + w if w > 1 else hi
     hd = h * d
     empty = w == 1 and lo == hi  # a single step without memory sees nothing
     shape, norm_weight, norm_bias, eps = weights.norm
+    # one projection buffer for the layers after the first, with its views made once
+    buffer_proj, queries, own_keys = views.projection(b, w, weights.layers[0].projection_t)
     states = [x]
     for i, p in enumerate(weights.layers):
         if i or proj0 is None:
             a = torch.layer_norm(x, shape, norm_weight, norm_bias, eps)
-            proj = torch.mm(a, p.projection_t)
-        else:
-            proj = proj0
-        if w > 1:  # "(b w) (two h d) -> b w two h d"
-            own.copy_(proj[:, hd:].view(b, w, 2, h, d))
+            torch.mm(a, p.projection_t, out=buffer_proj)
+            q, kw = queries, own_keys
+        else:  # "(b w) (three h d) -> b w three h d"
+            q, kw = proj0[:, :hd], proj0[:, hd:].view(b, w, 2, h, d) if w > 1 else None
+        if kw is not None:
+            own.copy_(kw)
         if empty:
-            out = proj.new_zeros(rows, h * d)
-        elif fused:
-            # "b w (h d) -> b w h d", the queries only
-            q = proj.view(b, w, proj.shape[1] // d, d)[:, :, :h]
-            out = cache_attention(q, keys, values, lo, end, bias, scale=1.0).view(rows, h * d)
+            out = q.new_zeros(rows, hd)
+        elif fused:  # "(b w) (h d) -> b w h d"
+            out = cache_attention(q.view(b, w, h, d), keys, values, lo, end, bias, scale=1.0)
+            out = out.view(rows, hd)
         else:
-            out = _composed_attention(proj, views, lo, end, bias, sizes)
+            out = _composed_attention(q, keys_t, values_flat, bias, sizes)
         if first_empty:
-            out.view(b, w, h * d)[:, 0] = 0.0  # the first step of each batch element
+            out.view(b, w, hd)[:, 0] = 0.0  # the first step of each batch element
         x = torch.addmm(p.out_bias, out, p.out_weight_t).add_(x)
         if p.cross is not None:
             if cross is None:
                 raise ValueError("a layer with cross attention needs the context's keys and values")
             ck, cv = cross[0][i]
             x += p.cross(x.view(b, w, x.shape[1]), ck, cv, cross[1]).view(x.shape)
-        x = _feed_forward(p, x)
+        x = _feed_forward(p, x, fused)
         states.append(x)
     if not weights.has_memory:
         return x, None
