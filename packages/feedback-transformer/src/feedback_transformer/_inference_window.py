@@ -321,7 +321,7 @@ def _windows(
     steps = h[:, : count * W].reshape(b, count, W, dim).transpose(0, 1).reshape(count, b * W, dim)
     first = full.layers[0]
     proj_all = torch.layer_norm(steps, *full.norm) @ first.projection_t
-    inputs = list(zip(steps.unbind(0), proj_all.unbind(0)))
+    inputs: list[tuple[Tensor, Tensor | None]] = list(zip(steps.unbind(0), proj_all.unbind(0)))
     if n % W:  # "b w e -> (b w) e"
         inputs.append((h[:, count * W :].reshape(b * (n % W), dim), None))
     outputs = []
