@@ -118,28 +118,28 @@ class KVViews:
 
     def projection(self, b: int, w: int, weight_t: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
         """A projection buffer ``(b w, o)`` for the product with ``weight_t`` ``(dim, o)``,
-        its queries ``(b w, h d)`` and (``w > 1``) its keys and values as
+        its queries ``(b, w, h, d)`` and (``w > 1``) its keys and values as
         ``(b, w, 2, h, d)``: views made once per window shape and reused."""
         key = (b, w, weight_t.shape[1])
         if key not in self._projections:
             h, d = self.slots.shape[2], self.slots.shape[4]
             out = weight_t.new_empty(b * w, weight_t.shape[1])
             own = out[:, h * d :].view(b, w, 2, h, d) if w > 1 else None
-            self._projections[key] = (out, out[:, : h * d], own)
+            self._projections[key] = (out, out[:, : h * d].view(b, w, h, d), own)
         return self._projections[key]
 
 
 def _composed_attention(
     q: Tensor, keys_t: Tensor, values: Tensor, bias: Tensor, sizes: tuple[int, int, int, int]
 ) -> Tensor:
-    """The attention output ``(b w, h d)`` in torch products: queries ``q`` ``(b w, h d)``
+    """The attention output ``(b w, h d)`` in torch products: queries ``q`` ``(b, w, h, d)``
     (a view), the window's slots ``keys_t`` ``(b h, d, j)`` and ``values`` ``(b h, j, d)``,
     ``bias`` ``(b h, w, j)``."""
     b, w, h, d = sizes
-    if w == 1:  # "b (h d) -> (b h) 1 d", a view
+    if w == 1:  # "b 1 h d -> (b h) 1 d", a view
         q = q.view(b * h, 1, d)
-    else:  # "(b w) (h d) -> (b h) w d"
-        q = q.view(b, w, h, d).transpose(1, 2).reshape(b * h, w, d)
+    else:  # "b w h d -> (b h) w d"
+        q = q.transpose(1, 2).reshape(b * h, w, d)
     out = torch.bmm(torch.baddbmm(bias, q, keys_t).softmax(dim=-1), values)
     if w == 1:
         return out.view(b, h * d)
@@ -218,15 +218,15 @@ def window(
             a = torch.layer_norm(x, shape, norm_weight, norm_bias, eps)
             torch.mm(a, p.projection_t, out=buffer_proj)
             q, kw = queries, own_keys
-        else:  # "(b w) (three h d) -> b w three h d"
-            q, kw = proj0[:, :hd], proj0[:, hd:].view(b, w, 2, h, d) if w > 1 else None
+        else:  # "(b w) ((one + two) h d) -> b w h d, b w two h d"
+            q = proj0[:, :hd].view(b, w, h, d)
+            kw = proj0[:, hd:].view(b, w, 2, h, d) if w > 1 else None
         if kw is not None:
             own.copy_(kw)
         if empty:
             out = q.new_zeros(rows, hd)
-        elif fused:  # "(b w) (h d) -> b w h d"
-            out = cache_attention(q.view(b, w, h, d), keys, values, lo, end, bias, scale=1.0)
-            out = out.view(rows, hd)
+        elif fused:  # "b w h d -> (b w) (h d)"
+            out = cache_attention(q, keys, values, lo, end, bias, scale=1.0).view(rows, hd)
         else:
             out = _composed_attention(q, keys_t, values_flat, bias, sizes)
         if first_empty:
