@@ -117,9 +117,11 @@ class KVViews:
         self._projections: dict[tuple[int, int, int], tuple[Tensor, Tensor, Tensor | None]] = {}
 
     def projection(self, b: int, w: int, weight_t: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
-        """A projection buffer ``(b w, o)`` for the product with ``weight_t`` ``(dim, o)``,
-        its queries ``(b, w, h, d)`` and (``w > 1``) its keys and values as
-        ``(b, w, 2, h, d)``: views made once per window shape and reused."""
+        """Return a reusable projection buffer and its views for windows of ``w`` steps.
+
+        The buffer ``(b w, o)`` takes the product with ``weight_t`` ``(dim, o)``; its views
+        are the queries ``(b, w, h, d)`` and (``w > 1``) the keys and values
+        ``(b, w, 2, h, d)``, made once per window shape."""
         key = (b, w, weight_t.shape[1])
         if key not in self._projections:
             h, d = self.slots.shape[2], self.slots.shape[4]
@@ -132,9 +134,10 @@ class KVViews:
 def _composed_attention(
     q: Tensor, keys_t: Tensor, values: Tensor, bias: Tensor, sizes: tuple[int, int, int, int]
 ) -> Tensor:
-    """The attention output ``(b w, h d)`` in torch products: queries ``q`` ``(b, w, h, d)``
-    (a view), the window's slots ``keys_t`` ``(b h, d, j)`` and ``values`` ``(b h, j, d)``,
-    ``bias`` ``(b h, w, j)``."""
+    """Return the attention output ``(b w, h d)``, computed with torch products.
+
+    Queries ``q`` ``(b, w, h, d)`` (a view), the window's slots ``keys_t`` ``(b h, d, j)``
+    and ``values`` ``(b h, j, d)``, ``bias`` ``(b h, w, j)``."""
     b, w, h, d = sizes
     if w == 1:  # "b 1 h d -> (b h) 1 d", a view
         q = q.view(b * h, 1, d)
@@ -293,9 +296,11 @@ def _windows(
     cross: Cross | None,
     seq_len: int,
 ) -> tuple[list[Tensor], tuple[int, int, int, int], Tensor | None]:
-    """The loop of `run`: each window's output ``(b w, dim)``, the shape ``(b, h, 0, d)`` of
-    an empty memory, and the kept memory slots ``(2, b, h, m', d)`` (a view; ``None``
-    without memory).
+    """Run the windows of `run` and return their outputs and the memory slots to keep.
+
+    Returns each window's output ``(b w, dim)``, the shape ``(b, h, 0, d)`` of an empty
+    memory, and the kept memory slots ``(2, b, h, m', d)`` (a view; ``None`` without
+    memory).
 
     The full windows' rows are laid out window by window once (``(n / w, b w, dim)``), so
     that a window's input and its first layer's projection (one product over all tokens)
