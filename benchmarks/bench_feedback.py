@@ -248,7 +248,8 @@ def markdown(train_rows, decode_rows, args, steps: int, have_peer: bool) -> str:
             lines.append(f"| {label[kind]} | {seq_len} | {r['n']} | " + " | ".join(cells) + " |")
     lines += [
         "",
-        "Our forward without gradients runs a window in fewer torch ops, without autograd; "
+        "Our forward without gradients runs a window in fewer torch ops, without autograd "
+        "(under `torch.inference_mode`, the parameters and buffer views gathered once per call); "
         "forward + backward runs the training path, one autograd node per layer and window.",
         "",
         f"Token-by-token decoding (seq_len 1, batch 1, mem_len {DECODE_MEM_LEN}, {steps} steps "

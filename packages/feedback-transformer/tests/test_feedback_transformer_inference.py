@@ -105,21 +105,27 @@ def test_decoding_past_a_full_ring_equals_paper_path(W, b, cross, rows, monkeypa
 
 def test_full_windows_read_their_rows_and_first_projection_as_views(monkeypatch):
     """The full windows' rows are laid out window by window once per call: a window's input
-    and its first layer's projection are views of those, not copies per window; the tail
-    window (here 1 step) projects its own input."""
+    and its first layer's projection are views of those (one storage for all windows), not
+    copies per window; the tail window (here 1 step) projects its own input."""
     model = random_model(2, 8)
     x = torch.randint(0, VOCAB, (2, 7))
     calls = []
     original = _inference_window.window
 
-    def spy(weights, x, buffer, slots, bias, first_empty, cross, proj0=None):
-        calls.append((x._base is not None, proj0 is not None and proj0._base is not None))
-        return original(weights, x, buffer, slots, bias, first_empty, cross, proj0)
+    def spy(weights, x, buffer, slots, bias, first_empty, cross, proj0=None, *args):
+        storage = None if proj0 is None else proj0.untyped_storage().data_ptr()
+        calls.append((x.untyped_storage().data_ptr(), storage, x.storage_offset()))
+        return original(weights, x, buffer, slots, bias, first_empty, cross, proj0, *args)
 
     monkeypatch.setattr(_inference_window, "window", spy)
     with torch.no_grad():
         model(x)
-    assert calls == [(True, True)] * 3 + [(True, False)]
+    assert len(calls) == 4
+    (rows, proj, _), *others, tail = calls
+    assert proj is not None and rows != proj
+    assert [call[:2] for call in others] == [(rows, proj)] * 2  # the same two storages
+    assert [call[2] for call in calls[:3]] == [0, 4 * DIM, 8 * DIM]  # consecutive rows
+    assert tail[1] is None and tail[0] != rows
 
 
 @pytest.mark.parametrize(("W", "M"), [(1, 4), (2, 0), (3, 5), (8, 3)])
@@ -134,3 +140,17 @@ def test_window_biases_are_the_masked_window_bias(W, M):
             expected, expected_first_empty = window_bias(table, m, w, W)
             assert first_empty == expected_first_empty
             torch.testing.assert_close(bias, expected, rtol=0, atol=0)
+
+
+def test_results_without_gradients_are_ordinary_tensors():
+    """The windows run under ``torch.inference_mode``; the logits and memory of a call under
+    ``torch.no_grad`` are ordinary tensors: a training call can continue from that memory
+    and backpropagate."""
+    model = random_model(2, 4).train()
+    x = torch.randint(0, VOCAB, (2, 5))
+    with torch.no_grad():
+        logits, memory = model(x, return_memory=True)
+    assert not any(torch.is_inference(t) for t in (logits, memory.keys, memory.values))
+    loss = model(x, memory=memory).sum() + (logits * 0).sum()
+    loss.backward()
+    assert model.token_emb.weight.grad is not None

@@ -4,15 +4,15 @@ The model's steps run one after another on a few rows each (``b * w``), so the n
 ops dispatched per step, and the Python around them, is part of the cost. This is
 `_window_loop.window` for calls that record no gradients (and apply no dropout):
 
-* the parameters are gathered once per call (`InferenceWeights`: the scaled query weights
-  stacked on the shared key/value weight, each layer's tensors in one tuple), not looked up
-  on the modules per window; the attention's dense products read their weights transposed,
-  ``(in, out)`` (``torch.mm`` of 4 rows on a cache-resident ``256 -> 1536`` weight: 32
-  against 42 us for ``F.linear``, 1 thread; inside the model, where the weights stream from
-  the last-level cache, 2-3% at seq_len 2 and within the noise at seq_len 1);
-* keys and values live in one joint buffer ``(2, b h, c, d)``, so a window's own keys and
-  values go to the scratch slots after the memory in one copy, and a window's memory in
-  one copy;
+* the parameters are gathered once per call (`_inference_weights.InferenceWeights`), not
+  looked up on the modules per window; the attention's dense products read their weights
+  transposed, ``(in, out)``;
+* the windows of a call run under ``torch.inference_mode`` (no version counters or view
+  tracking per op: 10-15% less time per window in ops and Python at a few rows);
+* keys and values live in one joint buffer ``(2, b h, c, d)`` whose views (`KVViews`) are
+  made once per call; a window's slots after the memory take, at each layer, the window's
+  own keys and values (one copy of a view of the projection) and at the end the window's
+  memory (one copy), so one product covers memory and window;
 * the attention over the memory and the window is one call of
   `attention_core.cache_attention.cache_attention` (scores, position bias, softmax and
   weighted sum in one pass per batch element and head, output with the heads joined), the
@@ -21,7 +21,9 @@ ops dispatched per step, and the Python around them, is part of the cost. This i
   residual is ``addmm`` and an add (measured faster than the core's ``residual_linear`` at
   a few rows);
 * windows of fewer than ``FUSED_MIN_ROWS`` rows (``b * w``) run the same formulas in torch
-  ops instead (the position bias expanded once per window and added by ``baddbmm``).
+  ops instead (the position bias expanded once per window and added by ``baddbmm``; a
+  one-step window's queries and output are views, its keys read pre-transposed);
+* the memory of a window is the weighted sum of the layer states as one stack and product.
 
 Einstein notation: ``b`` batch, ``w`` steps of the window, ``h`` heads, ``j`` keys (memory
 slots, then the window), ``d`` head feature, ``l`` layer states.
@@ -29,6 +31,7 @@ slots, then the window), ``d`` head feature, ``l`` layer states.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import TYPE_CHECKING
 
 import torch
@@ -38,24 +41,14 @@ from torch import Tensor
 from attention_core.cache_attention import cache_attention
 from attention_core.residual_step import residual_feed_forward
 
+from ._inference_weights import InferenceWeights, LayerWeights, query_weights
 from ._window_attention import window_bias
 
 if TYPE_CHECKING:
-    from torch import nn
-
     from ._window_loop import Cross
-    from .layers import CrossAttention, FeedbackLayer
     from .model import FeedbackTransformer
 
-__all__ = [
-    "FUSED_MIN_ROWS",
-    "InferenceWeights",
-    "WindowBiases",
-    "layer_norm",
-    "query_weights",
-    "run",
-    "window",
-]
+__all__ = ["FUSED_MIN_ROWS", "KVViews", "WindowBiases", "run", "window"]
 
 # Windows of fewer rows (batch times steps) run composed torch ops. Alone, the core's ops
 # measured faster from one row on (dim 256, 8 heads of 64, 256 memory slots, medians, the
@@ -68,67 +61,6 @@ __all__ = [
 # product: the core's `residual_linear` measured slower there (1 thread, 4 rows: 35 against
 # 17 us).
 FUSED_MIN_ROWS = 3
-
-
-def layer_norm(x: Tensor, norm: nn.LayerNorm) -> Tensor:
-    """``norm(x)`` for an ``nn.LayerNorm`` ``norm``, without module dispatch."""
-    return F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
-
-
-class LayerWeights:
-    """The tensors of one layer as a window reads them.
-
-    Attributes:
-        projection_t: ``(dim, h d)``, the transposed query weight times
-            ``dim_head ** -0.5``, or ``(dim, 3 h d)``: that with the shared key/value weight
-            (windows of ``w > 1`` steps).
-        out_weight_t: ``(h d, dim)``, the transposed output projection, and ``out_bias``.
-        feed_forward: the feed-forward block's first weight and bias, second weight and bias,
-            and pre-norm weight and bias, in the order of ``residual_feed_forward``.
-        ff_eps: the feed-forward pre-norm's epsilon.
-        cross: the layer's cross attention, or ``None``.
-    """
-
-    __slots__ = ("cross", "feed_forward", "ff_eps", "out_bias", "out_weight_t", "projection_t")
-
-    def __init__(self, layer: FeedbackLayer, weight: Tensor):
-        first, _, last = layer.ff_parts()
-        norm: nn.LayerNorm = layer.ff_norm
-        to_out: nn.Linear = layer.to_out
-        self.projection_t = weight.t().contiguous()
-        self.out_weight_t, self.out_bias = to_out.weight.t().contiguous(), to_out.bias
-        self.feed_forward = (
-            first.weight,
-            first.bias,
-            last.weight,
-            last.bias,
-            norm.weight,
-            norm.bias,
-        )
-        self.ff_eps: float = norm.eps
-        self.cross: CrossAttention | None = layer.cross
-
-
-class InferenceWeights:
-    """The model's parameters gathered once for a call (or a decoding state).
-
-    Arguments:
-        model: the `FeedbackTransformer`.
-        weights: per layer the query weight ``(h d, dim)`` or ``(3 h d, dim)`` from
-            `_window_loop.query_weights`.
-    """
-
-    __slots__ = ("dim_head", "has_memory", "heads", "kv_weight_t", "layers", "mix", "norm")
-
-    def __init__(self, model: FeedbackTransformer, weights: list[Tensor]):
-        norm = model.attn_norm
-        self.norm = (norm.normalized_shape, norm.weight, norm.bias, norm.eps)
-        self.kv_weight_t = model.to_kv.weight.t().contiguous()
-        self.layers = [LayerWeights(layer, w) for layer, w in zip(model.layers, weights)]
-        mix = model.layer_weight
-        self.mix = None if mix is None or not model.mem_len else mix.softmax(dim=-1)
-        self.heads, self.dim_head = model.heads, model.dim_head
-        self.has_memory = model.mem_len > 0
 
 
 class WindowBiases:
@@ -164,51 +96,69 @@ class WindowBiases:
         return self._masked[:, :w, M - m : M + (w if w > 1 else 0)], False
 
 
-def _attention(
-    proj: Tensor,
-    cache: tuple[Tensor, Tensor, Tensor | None],
-    lo: int,
-    hi: int,
-    bias: Tensor,
-    sizes: tuple[int, int, int, int],
-) -> Tensor:
-    """The attention output ``(b w, h d)`` of a projection ``(b w, o)`` (queries, then for
-    ``w > 1`` the window's keys and values) over slots ``lo .. hi - 1`` and the window.
+class KVViews:
+    """Views of a key/value buffer ``(2, b h, c, d)`` that every window of a call reads.
 
-    ``cache`` holds the keys and values ``(b, h, c, d)`` and, for ``w > 1``, their slots
-    ``hi .. hi + w - 1`` ``(2, b, h, w, d)``, where the window's own go; ``bias`` is
-    ``(h, w, j)`` or, below ``FUSED_MIN_ROWS`` rows, ``(b h, w, j)``; ``sizes`` is
-    ``(b, w, h, d)``."""
+    Attributes:
+        slots: ``(2, b, h, c, d)``, keys then values.
+        keys: ``(b, h, c, d)`` and ``values`` ``(b, h, c, d)``, the fused attention's operands.
+        keys_t: ``(b h, d, c)`` and ``values_flat`` ``(b h, c, d)``, those of the composed
+            products.
+    """
+
+    __slots__ = ("_projections", "keys", "keys_t", "slots", "values", "values_flat")
+
+    def __init__(self, buffer: Tensor, batch: int, heads: int):
+        c, d = buffer.shape[2:]
+        self.slots = buffer.view(2, batch, heads, c, d)  # "two (b h) c d -> two b h c d"
+        self.keys, self.values = self.slots.unbind(0)
+        keys, self.values_flat = buffer.unbind(0)
+        self.keys_t = keys.mT
+        self._projections: dict[tuple[int, int, int], tuple[Tensor, Tensor, Tensor | None]] = {}
+
+    def projection(self, b: int, w: int, weight_t: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Return a reusable projection buffer and its views for windows of ``w`` steps.
+
+        The buffer ``(b w, o)`` takes the product with ``weight_t`` ``(dim, o)``; its views
+        are the queries ``(b, w, h, d)`` and (``w > 1``) the keys and values
+        ``(b, w, 2, h, d)``, made once per window shape."""
+        key = (b, w, weight_t.shape[1])
+        if key not in self._projections:
+            h, d = self.slots.shape[2], self.slots.shape[4]
+            out = weight_t.new_empty(b * w, weight_t.shape[1])
+            own = out[:, h * d :].view(b, w, 2, h, d) if w > 1 else None
+            self._projections[key] = (out, out[:, : h * d].view(b, w, h, d), own)
+        return self._projections[key]
+
+
+def _composed_attention(
+    q: Tensor, keys_t: Tensor, values: Tensor, bias: Tensor, sizes: tuple[int, int, int, int]
+) -> Tensor:
+    """Return the attention output ``(b w, h d)``, computed with torch products.
+
+    Queries ``q`` ``(b, w, h, d)`` (a view), the window's slots ``keys_t`` ``(b h, d, j)``
+    and ``values`` ``(b h, j, d)``, ``bias`` ``(b h, w, j)``."""
     b, w, h, d = sizes
-    keys, values, scratch = cache
-    if scratch is None:  # w == 1
-        if lo == hi:  # a single step without memory sees nothing
-            return proj.new_zeros(b, h * d)
-        q = proj.view(b, 1, h, d)
-    else:
-        parts = proj.view(b, w, 3, h, d)
-        q = parts[:, :, 0]
-        scratch.copy_(parts[:, :, 1:].permute(2, 0, 3, 1, 4))  # "b w two h d -> two b h w d"
-        hi += w
-    if b * w >= FUSED_MIN_ROWS:
-        out = cache_attention(q, keys, values, lo, hi, bias, scale=1.0)
-        return out.view(b * w, h * d)  # "b w h d -> (b w) (h d)"
-    q = q.transpose(1, 2).reshape(b * h, w, d)
-    keys, values = keys.flatten(0, 1)[:, lo:hi], values.flatten(0, 1)[:, lo:hi]
-    out = torch.bmm(torch.baddbmm(bias, q, keys.mT).softmax(dim=-1), values)
+    if w == 1:  # "b 1 h d -> (b h) 1 d", a view
+        q = q.view(b * h, 1, d)
+    else:  # "b w h d -> (b h) w d"
+        q = q.transpose(1, 2).reshape(b * h, w, d)
+    out = torch.bmm(torch.baddbmm(bias, q, keys_t).softmax(dim=-1), values)
+    if w == 1:
+        return out.view(b, h * d)
     return out.view(b, h, w, d).transpose(1, 2).reshape(b * w, h * d)
 
 
-def _feed_forward(p: LayerWeights, x: Tensor) -> Tensor:
+def _feed_forward(p: LayerWeights, x: Tensor, fused: bool) -> Tensor:
     """The pre-norm GEGLU feed-forward block with its residual, ``x`` ``(b w, dim)``."""
-    if x.shape[0] >= FUSED_MIN_ROWS:
+    if fused:
         return residual_feed_forward(
             x, *p.feed_forward, activation="geglu", norm_first=True, eps=p.ff_eps
         )
-    w1, b1, w2, b2, norm_weight, norm_bias = p.feed_forward
-    a = F.layer_norm(x, x.shape[1:], norm_weight, norm_bias, p.ff_eps)
-    hidden, gate = F.linear(a, w1, b1).chunk(2, dim=-1)
-    return F.linear(hidden * F.gelu(gate), w2, b2).add_(x)
+    _, b1, _, b2, norm_weight, norm_bias = p.feed_forward
+    a = torch.layer_norm(x, x.shape[1:], norm_weight, norm_bias, p.ff_eps)
+    hidden, gate = torch.addmm(b1, a, p.ff_in_t).chunk(2, dim=-1)
+    return torch.addmm(b2, hidden.mul_(F.gelu(gate)), p.ff_out_t).add_(x)
 
 
 def window(
@@ -220,6 +170,8 @@ def window(
     first_empty: bool,
     cross: Cross | None,
     proj0: Tensor | None = None,
+    views: KVViews | None = None,
+    write_memory: bool = False,
 ) -> tuple[Tensor, Tensor | None]:
     """Run a window of ``w`` steps through every layer, without autograd.
 
@@ -233,6 +185,9 @@ def window(
         first_empty: the first query sees no key (its attention output is zero).
         cross: the context's keys and values per layer and the mask, or ``None``.
         proj0: the first layer's projection ``(b w, o)`` of ``x`` if already computed.
+        views: the `KVViews` of ``buffer`` if already made (once per call).
+        write_memory: also write the window's memory keys and values to its slots
+            ``hi .. hi + w - 1`` of ``buffer``.
 
     Returns:
         The last layer's output ``(b w, dim)`` and the window's memory keys and values
@@ -244,45 +199,58 @@ def window(
     b = rows // w
     lo, hi = slots
     sizes = (b, w, h, d)
-    c = buffer.shape[2]  # "two (b h) c d -> two b h c d"
-    slots_of = buffer.view(2, b, h, c, d)
-    cache = (slots_of[0], slots_of[1], slots_of[:, :, :, hi : hi + w] if w > 1 else None)
-    if rows < FUSED_MIN_ROWS:  # the composed ops: the bias expanded once for all layers
+    if views is None:
+        views = KVViews(buffer, b, h)
+    keys, values = views.keys, views.values
+    fused = rows >= FUSED_MIN_ROWS
+    end = hi + w if w > 1 else hi
+    if not fused:  # the composed products: the bias expanded, the slots sliced once
         bias = bias.expand(b, h, w, j).reshape(b * h, w, j)
+        keys_t, values_flat = views.keys_t[:, :, lo:end], views.values_flat[:, lo:end]
+    # the window's slots after the memory, as "two b h w d -> b w two h d": its keys and
+    # values at each layer (w > 1), then its memory (``write_memory``)
+    own = views.slots[:, :, :, hi : hi + w].permute(1, 3, 0, 2, 4)
+    hd = h * d
+    empty = w == 1 and lo == hi  # a single step without memory sees nothing
     shape, norm_weight, norm_bias, eps = weights.norm
+    # one projection buffer for the layers after the first, with its views made once
+    buffer_proj, queries, own_keys = views.projection(b, w, weights.layers[0].projection_t)
     states = [x]
     for i, p in enumerate(weights.layers):
-        proj = proj0 if i == 0 and proj0 is not None else None
-        if proj is None:
-            proj = torch.mm(F.layer_norm(x, shape, norm_weight, norm_bias, eps), p.projection_t)
-        out = _attention(proj, cache, lo, hi, bias, sizes)
+        if i or proj0 is None:
+            a = torch.layer_norm(x, shape, norm_weight, norm_bias, eps)
+            torch.mm(a, p.projection_t, out=buffer_proj)
+            q, kw = queries, own_keys
+        else:  # "(b w) ((one + two) h d) -> b w h d, b w two h d"
+            q = proj0[:, :hd].view(b, w, h, d)
+            kw = proj0[:, hd:].view(b, w, 2, h, d) if w > 1 else None
+        if kw is not None:
+            own.copy_(kw)
+        if empty:
+            out = q.new_zeros(rows, hd)
+        elif fused:  # "b w h d -> (b w) (h d)"
+            out = cache_attention(q, keys, values, lo, end, bias, scale=1.0).view(rows, hd)
+        else:
+            out = _composed_attention(q, keys_t, values_flat, bias, sizes)
         if first_empty:
-            out.view(b, w, h * d)[:, 0] = 0.0  # the first step of each batch element
+            out.view(b, w, hd)[:, 0] = 0.0  # the first step of each batch element
         x = torch.addmm(p.out_bias, out, p.out_weight_t).add_(x)
         if p.cross is not None:
             if cross is None:
                 raise ValueError("a layer with cross attention needs the context's keys and values")
-            keys, values = cross[0][i]
-            x += p.cross(x.view(b, w, x.shape[1]), keys, values, cross[1]).view(x.shape)
-        x = _feed_forward(p, x)
+            ck, cv = cross[0][i]
+            x += p.cross(x.view(b, w, x.shape[1]), ck, cv, cross[1]).view(x.shape)
+        x = _feed_forward(p, x, fused)
         states.append(x)
     if not weights.has_memory:
         return x, None
     merged = x
     if weights.mix is not None:  # "l r e, l -> r e"
-        merged = (weights.mix @ torch.stack(states).flatten(1)).view_as(x)
-    return x, torch.mm(
-        F.layer_norm(merged, shape, norm_weight, norm_bias, eps), weights.kv_weight_t
-    )
-
-
-def query_weights(model: FeedbackTransformer, stacked: bool) -> list[Tensor]:
-    """Per layer: the query weight scaled by ``dim_head ** -0.5``, with the shared
-    key/value weight stacked below it when ``stacked`` (one projection per window)."""
-    scale = model.dim_head**-0.5
-    if not stacked:
-        return [layer.to_q.weight * scale for layer in model.layers]
-    return [torch.cat((layer.to_q.weight * scale, model.to_kv.weight)) for layer in model.layers]
+        merged = torch.stack(states, dim=-1) @ weights.mix
+    kv = torch.mm(torch.layer_norm(merged, shape, norm_weight, norm_bias, eps), weights.kv_weight_t)
+    if write_memory:  # "(b w) (two h d) -> b w two h d"
+        own.copy_(kv.view(b, w, 2, h, d))
+    return x, kv
 
 
 def run(
@@ -297,6 +265,43 @@ def run(
     ``(b, h, m, d)``, ``m <= mem_len``, or ``None``), in windows of ``seq_len`` steps, and
     the keys and values ``(b, h, m', d)`` of the last ``m' = min(mem_len, m + n)`` steps.
 
+    The windows run under ``torch.inference_mode`` (each op dispatches faster: no version
+    counters, no view tracking; not while ``torch.compile`` traces the call); the results
+    are joined outside it, so they are ordinary tensors that later calls may use with
+    autograd."""
+    # (a compiled call traces the ops; inference mode would only get in its way there)
+    with nullcontext() if torch.compiler.is_compiling() else torch.inference_mode():
+        outputs, shape, memory = _windows(model, h, prefix, cross, seq_len)
+    b, n, dim = h.shape
+    W = seq_len
+    count = n // W
+    pieces = []
+    if count:  # "k (b w) e -> b (k w) e"
+        stacked = torch.stack(outputs[:count]).view(count, b, W, dim)
+        pieces.append(stacked.transpose(0, 1).reshape(b, count * W, dim))
+    if n % W:
+        pieces.append(outputs[-1].view(b, n % W, dim))
+    out = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)
+    if memory is None:
+        empty = h.new_zeros(shape)
+        return out, empty, empty.clone()
+    keep = memory.clone()
+    return out, keep[0], keep[1]
+
+
+def _windows(
+    model: FeedbackTransformer,
+    h: Tensor,
+    prefix: tuple[Tensor, Tensor] | None,
+    cross: Cross | None,
+    seq_len: int,
+) -> tuple[list[Tensor], tuple[int, int, int, int], Tensor | None]:
+    """Run the windows of `run` and return their outputs and the memory slots to keep.
+
+    Returns each window's output ``(b w, dim)``, the shape ``(b, h, 0, d)`` of an empty
+    memory, and the kept memory slots ``(2, b, h, m', d)`` (a view; ``None`` without
+    memory).
+
     The full windows' rows are laid out window by window once (``(n / w, b w, dim)``), so
     that a window's input and its first layer's projection (one product over all tokens)
     are views, not copies."""
@@ -305,10 +310,10 @@ def run(
     m0 = 0 if prefix is None else prefix[0].shape[2]
     # every step's keys and values, written once; with mem_len == 0 only the scratch slots
     buffer = h.new_empty(2, b * H, m0 + n if M else W, D)
-    slots = buffer.view(2, b, H, buffer.shape[2], D)  # "two (b h) c d -> two b h c d"
+    views = KVViews(buffer, b, H)
     if prefix is not None and m0:
-        slots[0, :, :, :m0].copy_(prefix[0])
-        slots[1, :, :, :m0].copy_(prefix[1])
+        views.keys[:, :, :m0].copy_(prefix[0])
+        views.values[:, :, :m0].copy_(prefix[1])
     positions = torch.arange(-M, W, device=h.device)
     bias_full = model.rel_pos(positions[M:], positions)  # (h, W, M + W)
     full = InferenceWeights(model, query_weights(model, stacked=W > 1))
@@ -320,32 +325,20 @@ def run(
     # "b (k w) e -> k (b w) e": each full window's rows contiguous
     steps = h[:, : count * W].reshape(b, count, W, dim).transpose(0, 1).reshape(count, b * W, dim)
     first = full.layers[0]
-    proj_all = F.layer_norm(steps, *full.norm) @ first.projection_t
+    proj_all = torch.layer_norm(steps, *full.norm) @ first.projection_t
+    inputs: list[tuple[Tensor, Tensor | None]] = list(zip(steps.unbind(0), proj_all.unbind(0)))
+    if n % W:  # "b w e -> (b w) e"
+        inputs.append((h[:, count * W :].reshape(b * (n % W), dim), None))
     outputs = []
-    for index in range(count + (n % W > 0)):
+    for index, (x, proj0) in enumerate(inputs):
         start = index * W
         w = min(W, n - start)
         hi = m0 + start if M else 0
         lo = max(0, hi - M)
         bias, first_empty = biases.get(hi - lo, w)
-        if index < count:
-            x, proj0 = steps[index], proj_all[index]
-        else:  # "b w e -> (b w) e"
-            x, proj0 = h[:, start:].reshape(b * w, dim), None
         weights = full if w > 1 else single
-        x, kv = window(weights, x, buffer, (lo, hi), bias, first_empty, cross, proj0)
+        x, _ = window(weights, x, buffer, (lo, hi), bias, first_empty, cross, proj0, views, True)
         outputs.append(x)
-        if kv is not None:  # "(b w) (two h d) -> two b h w d" into the memory slots
-            slots[:, :, :, hi : hi + w].copy_(kv.view(b, w, 2, H, D).permute(2, 0, 3, 1, 4))
-    pieces = []
-    if count:  # "k (b w) e -> b (k w) e"
-        stacked = torch.stack(outputs[:count]).view(count, b, W, dim)
-        pieces.append(stacked.transpose(0, 1).reshape(b, count * W, dim))
-    if n % W:
-        pieces.append(outputs[-1].view(b, n % W, dim))
-    out = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)
     if not M:
-        empty = h.new_zeros(b, H, 0, D)
-        return out, empty, empty.clone()
-    keep = slots[:, :, :, max(0, m0 + n - M) : m0 + n].clone()
-    return out, keep[0], keep[1]
+        return outputs, (b, H, 0, D), None
+    return outputs, (b, H, 0, D), views.slots[:, :, :, max(0, m0 + n - M) : m0 + n]

@@ -32,7 +32,7 @@ from torch import Tensor
 
 from . import _inference_window
 from ._fused_window_step import LayerStep, StepInputs, StepPlan, join_heads, split_projection
-from ._inference_window import layer_norm, query_weights
+from ._inference_weights import layer_norm, query_weights
 from ._kv_store import KVStore
 from ._step_linear import StepLinear
 from ._window_attention import MemorySlice, attend_window, window_bias

@@ -30,7 +30,8 @@ from attention_core.generation import generate as _generate
 from attention_core.generation import stream as _stream
 
 from . import _inference_window, _window_loop
-from ._inference_window import InferenceWeights, WindowBiases, query_weights
+from ._inference_weights import InferenceWeights, query_weights
+from ._inference_window import KVViews, WindowBiases
 from ._inputs import check_memory, check_tokens, prepare_context
 from ._kv_store import RingBuffer
 from .memory import FeedbackMemory
@@ -69,6 +70,7 @@ class FeedbackState:
         """
         M, W = model.mem_len, model.seq_len
         self.ring = RingBuffer(memory, M, scratch=W if W > 1 else 0)
+        self.views = KVViews(self.ring.kv, batch, model.heads)  # made once, read every step
         self.batch, self.steps = batch, 0
         self.cross = cross
         positions = torch.arange(-M, W, device=memory.keys.device)
@@ -146,8 +148,9 @@ def _advance(model: FeedbackTransformer, state: FeedbackState, x: Tensor) -> Ten
     # a window's first token: the memory only, queries only
     weights = state.weights if w == 1 else state.window_weights
     out, kv = _inference_window.window(
-        weights, x.reshape(b * w, dim), ring.kv, ring.bounds(), bias, first_empty, state.cross
-    )
+        weights, x.reshape(b * w, dim), ring.kv, ring.bounds(), bias, first_empty, state.cross,
+        views=state.views,
+    )  # fmt: skip
     memory = None  # "(b w) (two h d) -> two b h w d"
     if kv is not None:  # mem_len > 0
         memory = kv.view(b, w, 2, model.heads, model.dim_head).permute(2, 0, 3, 1, 4)
