@@ -79,9 +79,16 @@ def attend_heads(
 
     ``mask`` (bool, ``True`` = may attend) and ``bias`` broadcast to ``(B, H, I, J)``; pass
     them 4-dimensional so that ``scaled_dot_product_attention`` keeps its fused kernel. Rows
-    with no visible key return zeros. Returns ``(B, H, I, D)``.
+    with no visible key return zeros. Without mask and bias, the query heads that share a
+    key/value head are folded into the query rows (the keys are neither expanded nor repeated).
+    Returns ``(B, H, I, D)``.
     """
-    heads, kv_heads = q.shape[1], k.shape[1]
+    b, heads, rows, d = q.shape
+    kv_heads = k.shape[1]
+    if mask is None and bias is None and kv_heads != heads and k.shape[2] and 0 not in q.shape:
+        folded = q.reshape(b, kv_heads, heads // kv_heads * rows, d)
+        out = F.scaled_dot_product_attention(folded, k, v, scale=scale)
+        return out.view(b, heads, rows, v.shape[-1])
     if kv_heads not in (1, heads):
         groups = heads // kv_heads
         k = k.repeat_interleave(groups, dim=1)
@@ -98,23 +105,23 @@ def attend_window(
     with a ready-made additive mask ``(1 or B, 1 or H, I, J)`` (position bias, and ``-inf`` where a
     key is forbidden) in which every row allows at least one key: one call of
     ``scaled_dot_product_attention``, without the checks and the empty-row handling of
-    `attend_heads`. With one key/value head (multi-query) the heads are folded into the query rows,
-    ``(B, 1, H * I, D)``, so that the keys are neither expanded nor repeated (when the mask is
-    shared by the batch). Returns ``(B, H, I, D)``."""
+    `attend_heads`. With fewer key/value heads than query heads (multi-query, grouped) the ``g``
+    query heads of a key/value head are folded into its query rows, ``(B, Hkv, g * I, D)``, and
+    the mask with them, so that the keys are neither expanded nor repeated (the backward pass then
+    needs no sum over expanded heads). Returns ``(B, H, I, D)``."""
     b, heads, rows, d = q.shape
     kv_heads = k.shape[1]
-    if kv_heads == 1 and additive.shape[0] == 1:
-        mask = additive.expand(1, heads, *additive.shape[2:]).reshape(1, 1, heads * rows, -1)
-        out = F.scaled_dot_product_attention(
-            q.reshape(b, 1, heads * rows, d), k, v, attn_mask=mask, scale=scale
-        )
-        return out.view(b, heads, rows, d)
-    if kv_heads == 1:
-        k, v = k.expand(-1, heads, -1, -1), v.expand(-1, heads, -1, -1)
-    elif kv_heads != heads:
-        k = k.repeat_interleave(heads // kv_heads, dim=1)
-        v = v.repeat_interleave(heads // kv_heads, dim=1)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=additive, scale=scale)
+    if kv_heads == heads:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=additive, scale=scale)
+    groups = heads // kv_heads
+    batch, mask_heads, _, slots = additive.shape
+    if mask_heads == 1:  # one mask for all heads: repeat it for the folded heads
+        mask = additive.expand(batch, groups, rows, slots).reshape(batch, 1, groups * rows, slots)
+    else:  # a mask per query head (position bias): heads j g .. j g + g - 1 of key/value head j
+        mask = additive.reshape(batch, kv_heads, groups * rows, slots)
+    folded = q.reshape(b, kv_heads, groups * rows, d)
+    out = F.scaled_dot_product_attention(folded, k, v, attn_mask=mask, scale=scale)
+    return out.view(b, heads, rows, d)
 
 
 POSITION_ENCODINGS = ("rotary", "dynamic", "t5", None)
