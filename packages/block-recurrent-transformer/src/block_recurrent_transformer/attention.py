@@ -105,20 +105,26 @@ def attend_window(
     with a ready-made additive mask ``(1 or B, 1 or H, I, J)`` (position bias, and ``-inf`` where a
     key is forbidden) in which every row allows at least one key: one call of
     ``scaled_dot_product_attention``, without the checks and the empty-row handling of
-    `attend_heads`. With fewer key/value heads than query heads (multi-query, grouped) the ``g``
-    query heads of a key/value head are folded into its query rows, ``(B, Hkv, g * I, D)``, and
-    the mask with them, so that the keys are neither expanded nor repeated (the backward pass then
-    needs no sum over expanded heads). Returns ``(B, H, I, D)``."""
+    `attend_heads`. With fewer key/value heads than query heads (multi-query, grouped) the keys
+    are neither expanded nor repeated, so that the backward pass needs no sum over expanded heads:
+    with a mask shared by the batch, the ``g`` query heads of a key/value head are folded into its
+    query rows, ``(B, Hkv, g * I, D)``, and the mask with them; with a mask per batch row (invalid
+    slots), ``scaled_dot_product_attention`` shares the key/value heads itself (``enable_gqa``).
+    Returns ``(B, H, I, D)``."""
     b, heads, rows, d = q.shape
     kv_heads = k.shape[1]
     if kv_heads == heads:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=additive, scale=scale)
-    groups = heads // kv_heads
     batch, mask_heads, _, slots = additive.shape
+    if batch != 1:
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=additive, scale=scale, enable_gqa=True
+        )
+    groups = heads // kv_heads
     if mask_heads == 1:  # one mask for all heads: repeat it for the folded heads
-        mask = additive.expand(batch, groups, rows, slots).reshape(batch, 1, groups * rows, slots)
+        mask = additive.expand(1, groups, rows, slots).reshape(1, 1, groups * rows, slots)
     else:  # a mask per query head (position bias): heads j g .. j g + g - 1 of key/value head j
-        mask = additive.reshape(batch, kv_heads, groups * rows, slots)
+        mask = additive.reshape(1, kv_heads, groups * rows, slots)
     folded = q.reshape(b, kv_heads, groups * rows, d)
     out = F.scaled_dot_product_attention(folded, k, v, attn_mask=mask, scale=scale)
     return out.view(b, heads, rows, d)
