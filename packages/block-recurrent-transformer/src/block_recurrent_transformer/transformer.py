@@ -325,7 +325,9 @@ class BlockRecurrentTransformer(nn.Module):
         if labels is None:
             return logits, memories, states
         loss = F.cross_entropy(
-            rearrange(logits, "b n v -> b v n"), labels, ignore_index=self.ignore_index
+            rearrange(logits, "b n v -> (b n) v"),  # rows of tokens: no transposed copy
+            rearrange(labels, "b n -> (b n)"),
+            ignore_index=self.ignore_index,
         )
         return loss, memories, states
 
