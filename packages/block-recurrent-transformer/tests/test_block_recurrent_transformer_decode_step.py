@@ -153,6 +153,12 @@ def test_a_weight_changed_between_steps_is_used_by_the_next_step():
     fast = model.step(torch.tensor([3, 4]), state)[0]
     model._fast_decode = False
     assert_close("logits", fast, model.step(torch.tensor([3, 4]), state)[0])
+    model._fast_decode = True
+    with torch.no_grad():  # new data under the same parameter (as `module.to` does)
+        model.layers[0].to_q.weight.data = model.layers[0].to_q.weight.data * 0.5
+    fast = model.step(torch.tensor([3, 4]), state)[0]
+    model._fast_decode = False
+    assert_close("logits after new data", fast, model.step(torch.tensor([3, 4]), state)[0])
 
 
 @pytest.mark.parametrize("name", ["paper", "peer-options"])

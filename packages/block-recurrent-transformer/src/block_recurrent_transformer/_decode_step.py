@@ -87,11 +87,14 @@ class DecodeCache:
 
 
 def _fused_weight(cache: DecodeCache, index: int, layer: BlockRecurrentLayer) -> Tensor:
-    """``[to_q; to_kv; to_read_q]`` of a layer, rebuilt when a weight changed."""
+    """``[to_q; to_kv; to_read_q]`` of a layer, rebuilt when a weight changed.
+
+    A weight changes when it is replaced (identity), modified in place (``_version``) or given
+    new data (``.data``, ``module.to``: data pointer)."""
     parts = [layer.to_q.weight, layer.to_kv.weight]
     if layer.to_read_q is not None:
         parts.append(layer.to_read_q.weight)
-    key = tuple((id(w), w._version) for w in parts)
+    key = tuple((id(w), w._version, w.data_ptr()) for w in parts)
     cached = cache.weights.get(index)
     if cached is None or cached[0] != key:
         cached = (key, torch.cat(parts, dim=0))
