@@ -689,10 +689,16 @@ def test_attend_window_equals_masked_attention(kv_heads, with_bias):
     assert_close("per row", attend_window(q, k, v, additive=per_row, scale=0.7), expected)
 
 
+@pytest.mark.parametrize("sdpa_gqa", [True, False], ids=["enable_gqa", "torch<2.5"])
 @pytest.mark.parametrize("kv_heads", [1, 2, 4])
 @pytest.mark.parametrize("use_window", [False, True], ids=["attend_heads", "attend_window"])
-def test_shared_key_heads_equal_repeated_keys_with_gradients(kv_heads, use_window):
+def test_shared_key_heads_equal_repeated_keys_with_gradients(
+    monkeypatch, kv_heads, use_window, sdpa_gqa
+):
+    import block_recurrent_transformer.attention as attention_module
     from block_recurrent_transformer.attention import attend_heads, attend_window
+
+    monkeypatch.setattr(attention_module, "_SDPA_SHARES_HEADS", sdpa_gqa)
 
     g = torch.Generator().manual_seed(1)
     q = torch.randn(3, 4, 5, 8, dtype=torch.float64, generator=g, requires_grad=True)

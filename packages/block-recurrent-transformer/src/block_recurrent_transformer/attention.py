@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
+from torch.torch_version import TorchVersion
 
 from attention_core.nn import (
     DynamicPositionBias,
@@ -42,6 +43,10 @@ __all__ = [
     "attend_window",
     "split_heads",
 ]
+
+
+# ``scaled_dot_product_attention(..., enable_gqa=True)`` exists from torch 2.5 on
+_SDPA_SHARES_HEADS = TorchVersion(torch.__version__) >= (2, 5)
 
 
 def split_heads(t: Tensor, heads: int) -> Tensor:
@@ -116,10 +121,14 @@ def attend_window(
     if kv_heads == heads:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=additive, scale=scale)
     batch, mask_heads, _, slots = additive.shape
-    if batch != 1:
+    if batch != 1 and _SDPA_SHARES_HEADS:
         return F.scaled_dot_product_attention(
             q, k, v, attn_mask=additive, scale=scale, enable_gqa=True
         )
+    if batch != 1:  # torch < 2.5: repeat the key/value heads
+        k = k.repeat_interleave(heads // kv_heads, dim=1)
+        v = v.repeat_interleave(heads // kv_heads, dim=1)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=additive, scale=scale)
     groups = heads // kv_heads
     if mask_heads == 1:  # one mask for all heads: repeat it for the folded heads
         mask = additive.expand(1, groups, rows, slots).reshape(1, 1, groups * rows, slots)
