@@ -46,7 +46,7 @@ __all__ = [
 
 
 # ``scaled_dot_product_attention(..., enable_gqa=True)`` exists from torch 2.5 on
-_SDPA_SHARES_HEADS = TorchVersion(torch.__version__) >= (2, 5)
+_SDPA_SHARES_HEADS = TorchVersion(torch.__version__) >= "2.5"
 
 
 def split_heads(t: Tensor, heads: int) -> Tensor:
