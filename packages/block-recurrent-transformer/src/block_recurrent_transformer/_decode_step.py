@@ -76,12 +76,14 @@ class DecodeCache:
         model: ``id`` of the model it belongs to.
         angles: ``(2W, 2, r)`` rotation table of the positions ``-W .. W - 1`` (relative to
             the block start), or ``None`` without rotary positions.
+        roll: ``(d, d)`` the permutation of `PositionEncoding.rotate`'s ``roll`` as a matrix.
         weights: per layer, the fused input weights and the identities they were built from.
         buffers: per layer, the key/value buffer of the current block, or ``None``.
     """
 
     model: int
     angles: Tensor | None
+    roll: Tensor | None = None
     weights: dict[int, tuple[tuple, Tensor]] = field(default_factory=dict)
     buffers: dict[int, _KeyBuffer] = field(default_factory=dict)
 
@@ -141,6 +143,26 @@ def _buffer(
     return buf
 
 
+def _rotation(cache: DecodeCache, index: int, dim_head: int) -> Tensor | None:
+    """The rotary embedding of row ``index`` of ``cache.angles`` as a matrix ``(d, d)``.
+
+    ``t @ R`` is `PositionEncoding.rotate` of ``t (..., d)``: ``t * cos + roll(t, r / 2) *
+    signed_sin`` on the first ``r`` features, the identity on the others."""
+    if cache.angles is None:
+        return None
+    cos, signed_sin = cache.angles[index]
+    r = cos.shape[0]
+    if cache.roll is None:  # (t @ roll)[j] = roll(t, r / 2)[j] for j < r, 0 beyond
+        roll = cos.new_zeros(dim_head, dim_head)
+        roll[:r, :r] = torch.eye(r, dtype=cos.dtype, device=cos.device).roll(r // 2, dims=1)
+        cache.roll = roll
+    diagonal = cos.new_ones(dim_head)
+    diagonal[:r] = cos
+    column_sin = cos.new_zeros(dim_head)
+    column_sin[:r] = signed_sin
+    return torch.diag(diagonal) + cache.roll * column_sin
+
+
 def _attend(q: Tensor, k: Tensor, v: Tensor, scale: float | None) -> Tensor:
     """Attention of the ``g`` query heads ``q (b, h, g, d)`` of each key/value head.
 
@@ -158,8 +180,11 @@ def _layer_step(
     buf: _KeyBuffer,
     offset: int,
     reads: list[tuple[Tensor, Tensor]],
+    rotation: Tensor | None,
 ) -> tuple[Tensor, LayerMemory]:
-    """One layer on one token ``x (b, c)``; returns ``x`` after the layer and its new memory."""
+    """One layer on one token ``x (b, c)``; returns ``x`` after the layer and its new memory.
+
+    ``rotation`` is the ``(d, d)`` rotary matrix of the token's position (see `_rotation`)."""
     layer = model._layer(index)
     spec, width = layer.spec, model.block_width
     b = x.shape[0]
@@ -168,23 +193,22 @@ def _layer_step(
     inner = layer.heads * d
     xn = F.rms_norm(x, (x.shape[-1],), layer.norm.weight, layer.norm.eps)
     proj = F.linear(xn, _fused_weight(cache, index, layer))
-    q = proj[:, :inner].view(b, kv_heads, groups, d)
-    k = proj[:, inner : inner + kv_heads * d].view(b, kv_heads, 1, d)
-    v = proj[:, inner + kv_heads * d : inner + 2 * kv_heads * d].view(b, kv_heads, 1, d)
+    # queries and the key side by side: one normalisation and one rotation for both
+    qk = proj[:, : inner + kv_heads * d].view(b, layer.heads + kv_heads, d)
+    v = proj[:, inner + kv_heads * d : inner + 2 * kv_heads * d].view(b, kv_heads, d)
     scale = None
     if spec.qk_norm:
-        q = F.normalize(q, dim=-1, eps=1e-12) * layer.q_norm.gain
-        k = F.normalize(k, dim=-1, eps=1e-12) * layer.k_norm.gain
+        qk = F.normalize(qk, dim=-1, eps=1e-12)
+        qk[:, : layer.heads].mul_(layer.q_norm.gain)
+        qk[:, layer.heads :].mul_(layer.k_norm.gain)
         scale = layer.temperature
     m = buf.filled
-    buf.keys[:, :, m : m + 1] = k
-    buf.values[:, :, m : m + 1] = v
-    if cache.angles is not None:
-        table = cache.angles[width + offset : width + offset + 1]
-        buf.rotated[:, :, m : m + 1] = PositionEncoding.rotate(k, table)
-        q = PositionEncoding.rotate(q, table)
-    else:
-        buf.rotated[:, :, m : m + 1] = k
+    buf.keys.select(2, m).copy_(qk[:, layer.heads :])
+    buf.values.select(2, m).copy_(v)
+    if rotation is not None:
+        qk = qk @ rotation
+    buf.rotated.select(2, m).copy_(qk[:, layer.heads :])
+    q = qk[:, : layer.heads].view(b, kv_heads, groups, d)
     buf.filled = m + 1
 
     # the visible slots (slot s stands at offset - m + s): the sliding window holds the W
@@ -247,6 +271,7 @@ def fast_step(
             return None
         buffers.append(buf)
 
+    rotation = _rotation(cache, offset + width, model.dim_head)
     modules = model._states_modules()
     prepared = list(stream.prepared)
     x = model.token_emb(tokens)
@@ -262,7 +287,7 @@ def fast_step(
             if read is None:
                 read = prepared[w] = modules[w].prepare(stream.states[w])
             reads.append((read[1], read[2]))
-        x, memory = _layer_step(model, cache, index, x, buf, offset, reads)
+        x, memory = _layer_step(model, cache, index, x, buf, offset, reads, rotation)
         memories.append(memory)
     x = F.rms_norm(x, (x.shape[-1],), model.final_norm.weight, model.final_norm.eps)
     logits = F.linear(x, model.to_logits.weight)
