@@ -123,6 +123,19 @@ def test_feedforward_matches_manual(dim, mult, glu, activation, dtype):
     assert_close("feedforward", ff.to(dtype)(x.to(dtype)), expected)
 
 
+@pytest.mark.parametrize("activation", ["gelu", "silu"])
+def test_gated_feedforward_gradients_match_the_sequential_net(activation):
+    ff = FeedForward(6, mult=2, glu=True, activation=activation).double()
+    x = torch.randn(3, 4, 6, dtype=torch.float64, generator=seeded(7), requires_grad=True)
+    weights = torch.randn(3, 4, 6, dtype=torch.float64, generator=seeded(8))
+    params = (x, *ff.parameters())
+    grads = torch.autograd.grad((ff(x) * weights).sum(), params)
+    expected = torch.autograd.grad((ff.net(x) * weights).sum(), params)  # Linear, GLU, ...
+    assert_close("output", ff(x), ff.net(x))
+    for i, (a, b) in enumerate(zip(grads, expected)):
+        assert_close(f"gradient {i}", a, b)
+
+
 def test_feedforward_dropout_and_grad():
     ff = FeedForward(6, mult=2, dropout=0.5, glu=True)
     x = torch.randn(4, 6, generator=seeded(6), requires_grad=True)

@@ -687,3 +687,40 @@ def test_attend_window_equals_masked_attention(kv_heads, with_bias):
     expected = attend_heads(q, k, v, mask=rows, bias=bias, scale=0.7)
     per_row = additive.masked_fill(~valid[:, None, None, :], float("-inf"))
     assert_close("per row", attend_window(q, k, v, additive=per_row, scale=0.7), expected)
+
+
+@pytest.mark.parametrize("sdpa_gqa", [True, False], ids=["enable_gqa", "torch<2.5"])
+@pytest.mark.parametrize("kv_heads", [1, 2, 4])
+@pytest.mark.parametrize("use_window", [False, True], ids=["attend_heads", "attend_window"])
+def test_shared_key_heads_equal_repeated_keys_with_gradients(
+    monkeypatch, kv_heads, use_window, sdpa_gqa
+):
+    import block_recurrent_transformer.attention as attention_module
+    from block_recurrent_transformer.attention import attend_heads, attend_window
+
+    monkeypatch.setattr(attention_module, "_SDPA_SHARES_HEADS", sdpa_gqa)
+
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(3, 4, 5, 8, dtype=torch.float64, generator=g, requires_grad=True)
+    k, v = (
+        torch.randn(3, kv_heads, 9, 8, dtype=torch.float64, generator=g, requires_grad=True)
+        for _ in "kv"
+    )
+    valid = torch.rand(3, 1, 1, 9, generator=g) < 0.7  # a mask per batch row for the window
+    valid[..., 0] = True
+    additive = torch.zeros(3, 1, 1, 9, dtype=torch.float64).masked_fill(~valid, float("-inf"))
+    if use_window:
+        out = attend_window(q, k, v, additive=additive, scale=0.7)
+    else:
+        out = attend_heads(q, k, v, scale=0.7)
+    repeat = 4 // kv_heads
+    scores = 0.7 * q @ k.repeat_interleave(repeat, dim=1).transpose(-1, -2)
+    if use_window:
+        scores = scores + additive
+    expected = scores.softmax(dim=-1) @ v.repeat_interleave(repeat, dim=1)
+    assert_close("output", out, expected)
+    weights = torch.randn(out.shape, dtype=torch.float64, generator=g)
+    grads = torch.autograd.grad((out * weights).sum(), (q, k, v))
+    expected_grads = torch.autograd.grad((expected * weights).sum(), (q, k, v))
+    for name, a, b in zip("qkv", grads, expected_grads):
+        assert_close(f"d{name}", a, b)

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import block_recurrent_transformer._decode_step as decode_module
 import block_recurrent_transformer.layer as layer_module
 import block_recurrent_transformer.state as state_module
 from attention_core.generation import StepModel, filter_by_threshold, sample
@@ -226,16 +227,22 @@ def _record_key_lengths(monkeypatch):
         token_keys.append(k.shape[2])
         return original_window(q, k, v, **kwargs)
 
+    def decode_attend(q, k, v, scale):  # the decoding step inside a block
+        token_keys.append(k.shape[2])
+        return original_decode(q, k, v, scale)
+
     original_layer, original_state = layer_module.attend_heads, state_module.attend_heads
-    original_window = layer_module.attend_window
+    original_window, original_decode = layer_module.attend_window, decode_module._attend
     monkeypatch.setattr(layer_module, "attend_heads", layer_attend)
     monkeypatch.setattr(layer_module, "attend_window", layer_attend_window)
+    monkeypatch.setattr(decode_module, "_attend", decode_attend)
     monkeypatch.setattr(state_module, "attend_heads", state_attend)
     return token_keys, state_updates
 
 
+@pytest.mark.parametrize("fast", [True, False], ids=["fast-step", "general-step"])
 @pytest.mark.parametrize("sliding_window", [True, False])
-def test_per_token_attention_work_does_not_grow_with_position(monkeypatch, sliding_window):
+def test_per_token_attention_work_does_not_grow_with_position(monkeypatch, sliding_window, fast):
     width = 8
     model = make_model(
         dtype=torch.float32,
@@ -245,6 +252,7 @@ def test_per_token_attention_work_does_not_grow_with_position(monkeypatch, slidi
         recurrent_layers=(2,),
         sliding_window=sliding_window,
     )
+    model._fast_decode = fast
     token_keys, state_updates = _record_key_lengths(monkeypatch)
     logits, state = model.prefill(torch.randint(0, 40, (1, 5)))
     per_step = []
@@ -256,15 +264,17 @@ def test_per_token_attention_work_does_not_grow_with_position(monkeypatch, slidi
         # layer 1 (XL): token keys; layer 2: token keys and its state (S keys)
         per_step.append((position, max(token_keys), len(state_updates)))
     for position, keys, updates in per_step:
+        # the fast step (inside a block, after the first) leaves out the token's own key
+        general = not fast or position < width or position % width in (0, width - 1)
         if sliding_window:  # exactly the W keys before the token, and its own (masked)
-            assert keys == width + 1, position
+            assert keys == width + int(general), position
         else:  # the peer's window: the previous block and the current one so far
             assert keys == width + 1 + position % width <= 2 * width
         # a state update (self- and cross-attention) exactly when a block completes
         assert updates == (2 if (position + 1) % width == 0 else 0), position
     # the work of a step depends on the position inside the block, never on the stream length
     by_offset = {}
-    for position, keys, _ in per_step:
+    for position, keys, _ in per_step[width:]:  # after the first block
         by_offset.setdefault(position % width, set()).add(keys)
     assert all(len(v) == 1 for v in by_offset.values())
 

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
+from torch.torch_version import TorchVersion
 
 from attention_core.nn import (
     DynamicPositionBias,
@@ -42,6 +43,10 @@ __all__ = [
     "attend_window",
     "split_heads",
 ]
+
+
+# ``scaled_dot_product_attention(..., enable_gqa=True)`` exists from torch 2.5 on
+_SDPA_SHARES_HEADS = TorchVersion(torch.__version__) >= "2.5"
 
 
 def split_heads(t: Tensor, heads: int) -> Tensor:
@@ -79,9 +84,16 @@ def attend_heads(
 
     ``mask`` (bool, ``True`` = may attend) and ``bias`` broadcast to ``(B, H, I, J)``; pass
     them 4-dimensional so that ``scaled_dot_product_attention`` keeps its fused kernel. Rows
-    with no visible key return zeros. Returns ``(B, H, I, D)``.
+    with no visible key return zeros. Without mask and bias, the query heads that share a
+    key/value head are folded into the query rows (the keys are neither expanded nor repeated).
+    Returns ``(B, H, I, D)``.
     """
-    heads, kv_heads = q.shape[1], k.shape[1]
+    b, heads, rows, d = q.shape
+    kv_heads = k.shape[1]
+    if mask is None and bias is None and kv_heads != heads and k.shape[2] and 0 not in q.shape:
+        folded = q.reshape(b, kv_heads, heads // kv_heads * rows, d)
+        out = F.scaled_dot_product_attention(folded, k, v, scale=scale)
+        return out.view(b, heads, rows, v.shape[-1])
     if kv_heads not in (1, heads):
         groups = heads // kv_heads
         k = k.repeat_interleave(groups, dim=1)
@@ -98,23 +110,33 @@ def attend_window(
     with a ready-made additive mask ``(1 or B, 1 or H, I, J)`` (position bias, and ``-inf`` where a
     key is forbidden) in which every row allows at least one key: one call of
     ``scaled_dot_product_attention``, without the checks and the empty-row handling of
-    `attend_heads`. With one key/value head (multi-query) the heads are folded into the query rows,
-    ``(B, 1, H * I, D)``, so that the keys are neither expanded nor repeated (when the mask is
-    shared by the batch). Returns ``(B, H, I, D)``."""
+    `attend_heads`. With fewer key/value heads than query heads (multi-query, grouped) the keys
+    are neither expanded nor repeated, so that the backward pass needs no sum over expanded heads:
+    with a mask shared by the batch, the ``g`` query heads of a key/value head are folded into its
+    query rows, ``(B, Hkv, g * I, D)``, and the mask with them; with a mask per batch row (invalid
+    slots), ``scaled_dot_product_attention`` shares the key/value heads itself (``enable_gqa``).
+    Returns ``(B, H, I, D)``."""
     b, heads, rows, d = q.shape
     kv_heads = k.shape[1]
-    if kv_heads == 1 and additive.shape[0] == 1:
-        mask = additive.expand(1, heads, *additive.shape[2:]).reshape(1, 1, heads * rows, -1)
-        out = F.scaled_dot_product_attention(
-            q.reshape(b, 1, heads * rows, d), k, v, attn_mask=mask, scale=scale
+    if kv_heads == heads:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=additive, scale=scale)
+    batch, mask_heads, _, slots = additive.shape
+    if batch != 1 and _SDPA_SHARES_HEADS:
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=additive, scale=scale, enable_gqa=True
         )
-        return out.view(b, heads, rows, d)
-    if kv_heads == 1:
-        k, v = k.expand(-1, heads, -1, -1), v.expand(-1, heads, -1, -1)
-    elif kv_heads != heads:
+    if batch != 1:  # torch < 2.5: repeat the key/value heads
         k = k.repeat_interleave(heads // kv_heads, dim=1)
         v = v.repeat_interleave(heads // kv_heads, dim=1)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=additive, scale=scale)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=additive, scale=scale)
+    groups = heads // kv_heads
+    if mask_heads == 1:  # one mask for all heads: repeat it for the folded heads
+        mask = additive.expand(1, groups, rows, slots).reshape(1, 1, groups * rows, slots)
+    else:  # a mask per query head (position bias): heads j g .. j g + g - 1 of key/value head j
+        mask = additive.reshape(1, kv_heads, groups * rows, slots)
+    folded = q.reshape(b, kv_heads, groups * rows, d)
+    out = F.scaled_dot_product_attention(folded, k, v, attn_mask=mask, scale=scale)
+    return out.view(b, heads, rows, d)
 
 
 POSITION_ENCODINGS = ("rotary", "dynamic", "t5", None)

@@ -371,7 +371,7 @@ class BlockRecurrentLayer(nn.Module):
             for q_read, (k_read, v_read) in zip(read_qs, reads):
                 outs.append(attend_heads(q_read, k_read, v_read, scale=scale))
 
-        out = _from_blocks(torch.cat(outs, dim=1), geom)
+        out = _from_blocks(torch.cat(outs, dim=1) if reads else outs[0], geom)
         x = x + self.to_out(out)
         x = x + self.ff(self.ff_norm(x))
         return x, new_memory, state, final_prepared

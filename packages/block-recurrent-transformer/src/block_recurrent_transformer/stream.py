@@ -16,7 +16,7 @@ Einstein notation: `b` batch, `h` key/value heads, `m` memory slots, `d` head fe
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -64,12 +64,14 @@ class Stream:
 class DecodeState:
     """The state of incremental decoding with `BlockRecurrentTransformer.prefill` and `step`.
 
-    It holds the stream's memories and states plus the cached position tables, and stays
-    valid only while the model's weights do not change.
+    It holds the stream's memories and states plus the cached position tables and the
+    buffers of the fast decoding steps (`cache`), and stays valid only while the model's
+    weights do not change.
     """
 
     stream: Stream
     context: CallContext
+    cache: Any = None
 
     @property
     def xl_memories(self) -> XLMemories:

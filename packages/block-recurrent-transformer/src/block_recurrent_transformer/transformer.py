@@ -34,6 +34,7 @@ from attention_core.checks import check_bool, check_tensor, check_token_ids, che
 from attention_core.nn import RMSNorm
 
 from ._config import ModelConfig
+from ._decode_step import fast_step
 from .attention import PositionEncoding
 from .context import CallContext
 from .layer import BlockRecurrentLayer, Prepared
@@ -201,6 +202,8 @@ class BlockRecurrentTransformer(nn.Module):
         self._writer_slot = [config.writer_slot(i) for i in range(depth)]
         self._external_reads = [config.external_reads(i) for i in range(depth)]
         self._plan = config.plan()
+        # `step` takes `._decode_step` for a token inside a block (tests turn it off to compare)
+        self._fast_decode = True
 
     # streams
 
@@ -322,7 +325,9 @@ class BlockRecurrentTransformer(nn.Module):
         if labels is None:
             return logits, memories, states
         loss = F.cross_entropy(
-            rearrange(logits, "b n v -> b v n"), labels, ignore_index=self.ignore_index
+            rearrange(logits, "b n v -> (b n) v"),  # rows of tokens: no transposed copy
+            rearrange(labels, "b n -> (b n)"),
+            ignore_index=self.ignore_index,
         )
         return loss, memories, states
 
@@ -374,6 +379,11 @@ class BlockRecurrentTransformer(nn.Module):
             raise TypeError(f"state must be a DecodeState; got {type(state).__name__}")
         batch = state.stream.memories.batch_size
         check_tokens("tokens", tokens, self.num_tokens, shape=(batch,), device=self._param.device)
+        if self._fast_decode:
+            fast = fast_step(self, tokens, state)
+            if fast is not None:
+                return fast
         x = self.token_emb(tokens[:, None])
         hidden, stream = run_layers(self, x, state.stream, state.context)
-        return self.to_logits(self.final_norm(hidden[:, -1])), DecodeState(stream, state.context)
+        logits = self.to_logits(self.final_norm(hidden[:, -1]))
+        return logits, DecodeState(stream, state.context, state.cache)

@@ -121,8 +121,8 @@ class RecurrentTrainerWrapper(nn.Module):
             memories, states = self._dropout(memories, states, batch, seq.device)
             logits, memories, states = model(inputs, xl_memories=memories, states=states)
             loss_sum = loss_sum + F.cross_entropy(
-                rearrange(logits, "b n v -> b v n"),
-                labels,
+                rearrange(logits, "b n v -> (b n) v"),
+                rearrange(labels, "b n -> (b n)"),
                 ignore_index=model.ignore_index,
                 reduction="sum",
             )

@@ -143,7 +143,18 @@ class FeedForward(nn.Module):
         check_tensor("x", x, floating=True)
         if x.dim() == 0 or x.shape[-1] != self.dim:
             raise ValueError(f"x must have shape (..., {self.dim}); got {tuple(x.shape)}")
-        return self.net(x)
+        if not self.glu:
+            return self.net(x)
+        first, glu, dropout, last = self.net
+        if not isinstance(first, nn.Linear) or not isinstance(glu, GLU):
+            raise TypeError("FeedForward.net must hold Linear, GLU, Dropout, Linear")
+        # the two halves of the first product (what `GLU` splits) as two products: the gate's
+        # elementwise work then runs on contiguous tensors instead of strided halves, which
+        # makes the forward and backward of the block markedly faster on CPU
+        inner, bias = self.inner_dim, first.bias
+        value = F.linear(x, first.weight[:inner], None if bias is None else bias[:inner])
+        gate = F.linear(x, first.weight[inner:], None if bias is None else bias[inner:])
+        return last(dropout(value * glu._fn(gate)))
 
 
 class _Activation(nn.Module):
