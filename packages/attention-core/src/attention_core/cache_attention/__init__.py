@@ -22,7 +22,6 @@ with a fake registration for ``torch.compile``; its backward differentiates the 
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from .._extension import needs_graph

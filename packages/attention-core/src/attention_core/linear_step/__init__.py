@@ -31,7 +31,6 @@ output has the input dtype.
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from .._extension import needs_graph

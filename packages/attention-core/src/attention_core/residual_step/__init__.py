@@ -27,7 +27,6 @@ taken under ``torch.no_grad``).
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from .._extension import needs_graph
