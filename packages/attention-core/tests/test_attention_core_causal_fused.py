@@ -16,7 +16,11 @@ from attention_core.causal_product import (
     elu_normalized_causal_dot_product,
     normalized_causal_dot_product,
 )
-from attention_core.feature_maps import ActivationFunctionFeatureMap, elu_feature_map
+from attention_core.feature_maps import (
+    ActivationFunctionFeatureMap,
+    elu_feature_map,
+    is_elu_feature_map,
+)
 from attention_core.masking import LengthMask, TriangularCausalMask
 from attention_core.testing import assert_close
 
@@ -163,8 +167,8 @@ def test_layer_fused_equals_general_path(L):
                for _ in range(3))  # fmt: skip
     fused = CausalLinearAttention(8)
     general = CausalLinearAttention(8, feature_map=same_map_unfused)
-    assert fused._default_feature_map() and not general._default_feature_map()
-    assert CausalLinearAttention(8, feature_map=elu_feature_map)._default_feature_map()
+    assert is_elu_feature_map(fused.feature_map) and not is_elu_feature_map(general.feature_map)
+    assert is_elu_feature_map(CausalLinearAttention(8, feature_map=elu_feature_map).feature_map)
     out = layer_call(fused, q, k, v)
     out.square().sum().backward()
     grads = [t.grad.clone() for t in (q, k, v)]

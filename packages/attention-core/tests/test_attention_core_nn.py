@@ -136,6 +136,25 @@ def test_gated_feedforward_gradients_match_the_sequential_net(activation):
         assert_close(f"gradient {i}", a, b)
 
 
+def test_gated_feedforward_calls_hooked_or_replaced_modules():
+    """The gated block computes its first product in halves without calling ``net[0]`` and
+    ``net[1]``: a hook on either, or a replaced module, makes it call them."""
+    ff = FeedForward(6, mult=2, glu=True).double()
+    x = torch.randn(2, 6, dtype=torch.float64, generator=seeded(9))
+    expected = ff.net(x)
+    for module in (ff.net[0], ff.net[1]):
+        seen: list[torch.Size] = []
+        handle = module.register_forward_hook(lambda m, a, out, seen=seen: seen.append(out.shape))
+        assert_close("hooked", ff(x), expected)
+        handle.remove()
+        assert len(seen) == 1
+    doubled = []
+    ff.net[1] = type(ff.net[1])("gelu")  # the same GLU type: the halves path
+    ff.net[0].register_forward_pre_hook(lambda m, args: doubled.append(1))
+    ff(x)
+    assert doubled == [1]
+
+
 def test_feedforward_dropout_and_grad():
     ff = FeedForward(6, mult=2, dropout=0.5, glu=True)
     x = torch.randn(4, 6, generator=seeded(6), requires_grad=True)

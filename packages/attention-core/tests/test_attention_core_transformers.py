@@ -3,6 +3,7 @@ loading weights from torch.nn.Transformer* and Hugging Face BERT layouts."""
 
 import pytest
 import torch
+from torch import nn
 
 from attention_core.builders import TransformerDecoderBuilder, TransformerEncoderBuilder
 from attention_core.events import (
@@ -14,7 +15,7 @@ from attention_core.events import (
 from attention_core.events.filters import event_class, from_layer, layer_name_contains
 from attention_core.masking import LengthMask, TriangularCausalMask
 from attention_core.testing import assert_close
-from attention_core.utils import check_state, make_mirror
+from attention_core.utils import check_state, forward_hooks_registered, make_mirror
 from attention_core.weight_mapper import (
     HugginfaceBertEncoderMapper,
     LongformerMapper,
@@ -295,3 +296,19 @@ def test_check_state_and_make_mirror():
     assert b.layers[0].linear1.weight is a.layers[0].linear1.weight
     with pytest.raises(ValueError, match="different parameters"):
         make_mirror(a, small_encoder(n_layers=1))
+
+
+def test_forward_hooks_registered_sees_module_and_global_hooks():
+    a, b = nn.Linear(2, 2), nn.Linear(2, 2)
+    assert not forward_hooks_registered(a, None, b)
+    handle = b.register_forward_pre_hook(lambda module, args: None)
+    assert forward_hooks_registered(a, None, b) and not forward_hooks_registered(a)
+    handle.remove()
+    for register in (
+        nn.modules.module.register_module_forward_hook,
+        nn.modules.module.register_module_forward_pre_hook,
+    ):
+        handle = register(lambda *args: None)
+        assert forward_hooks_registered(a) and forward_hooks_registered()
+        handle.remove()
+    assert not forward_hooks_registered(a, b)

@@ -170,3 +170,19 @@ def test_greedy_generation_gives_the_same_tokens(name):
     model._fast_decode = False
     general = wrapper.generate(prime, 13 + 5 * WIDTH, temperature=0.0)
     assert torch.equal(fast, general)
+
+
+def test_a_forward_hook_selects_the_general_path(monkeypatch):
+    """The fast step calls few of the model's modules: a hook on any of them (or a global one)
+    must see its calls, so the general path runs."""
+    model = make_model(**PEER_OPTIONS)
+    seq = torch.randint(0, 40, (1, 11 + 2 * WIDTH), generator=torch.Generator().manual_seed(6))
+    calls = count_fast_steps(monkeypatch)
+    seen = []
+    handle = model.layers[1].ff.register_forward_hook(lambda module, args, out: seen.append(1))
+    hooked = decode(model, seq[:, :11], seq[:, 11:], fast=True)[0]
+    handle.remove()
+    assert calls[0] == 0
+    assert len(seen) == 1 + seq.shape[1] - 11  # the prefill's call and one per step
+    assert_close("logits", hooked, decode(model, seq[:, :11], seq[:, 11:], fast=True)[0])
+    assert calls[0] > 0  # without the hook the fast path runs again

@@ -1,13 +1,15 @@
-"""Small helpers kept from fast-transformers' ``utils`` module."""
+"""Small helpers: those kept from fast-transformers' ``utils`` module, and the hook test of the
+fast paths that replace module calls."""
 
 from __future__ import annotations
 
 import warnings
 from typing import Any
 
+import torch
 from torch import nn
 
-__all__ = ["check_state", "make_mirror"]
+__all__ = ["check_state", "forward_hooks_registered", "make_mirror"]
 
 
 def check_state(state: Any = None, memory: Any = None) -> Any:
@@ -54,3 +56,36 @@ def make_mirror(src_module: nn.Module, dst_module: nn.Module) -> None:
                 f"{tuple(dst[name].shape)} in dst_module"
             )
         setattr_recursive(dst_module, name, parameter)
+
+
+_MODULE_HOOKS = torch.nn.modules.module  # where torch keeps the global forward hooks
+
+
+def forward_hooks_registered(*modules: nn.Module | None) -> bool:
+    """Tell whether a forward hook would see a call of one of ``modules``.
+
+    A fast path that computes what some modules compute without calling them (an inference
+    step that reads their weights, a fused kernel that applies a feature map) may run only
+    when this is ``False``: no forward or forward-pre hook on any of ``modules`` (``None``
+    entries are skipped) and no global one (``nn.modules.module.register_module_forward_hook``
+    and its pre-hook twin). Otherwise the caller takes its composed path, which calls the
+    modules and so their hooks.
+
+    Arguments:
+        modules: the modules whose calls the fast path replaces.
+
+    Returns:
+        ``True`` when a hook is registered.
+
+    Example:
+        >>> layer = nn.Linear(4, 4)
+        >>> forward_hooks_registered(layer)
+        False
+        >>> handle = layer.register_forward_hook(lambda module, args, out: None)
+        >>> forward_hooks_registered(layer)
+        True
+        >>> handle.remove()
+    """
+    if _MODULE_HOOKS._global_forward_hooks or _MODULE_HOOKS._global_forward_pre_hooks:
+        return True
+    return any(m is not None and (m._forward_hooks or m._forward_pre_hooks) for m in modules)

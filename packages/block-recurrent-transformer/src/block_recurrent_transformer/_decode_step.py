@@ -16,8 +16,9 @@ runs the same computation as `.layer` with fewer, larger operations:
   output products.
 
 Anything else (block starts and ends, the first block of a stream, invalid memory slots,
-position biases, compressed memory) returns ``None`` and `BlockRecurrentTransformer.step`
-takes the general path. Tests prove both paths equal in float64.
+position biases, compressed memory, a forward hook on any module of the model) returns
+``None`` and `BlockRecurrentTransformer.step` takes the general path. Tests prove both paths
+equal in float64.
 
 Einstein notation: ``b`` batch, ``h`` key/value heads, ``g`` query heads per key/value head,
 ``m`` memory slots, ``d`` head feature, ``c`` model feature.
@@ -31,6 +32,8 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from attention_core.utils import forward_hooks_registered
 
 from .attention import PositionEncoding
 from .layer import BlockRecurrentLayer
@@ -112,6 +115,8 @@ def _applies(model: BlockRecurrentTransformer, state: DecodeState) -> bool:
     if position < width or offset == 0 or offset + 1 == width:
         return False
     if model.positions.kind not in ("rotary", None) or model.compressed_slots:
+        return False
+    if forward_hooks_registered(*model.modules()):  # the fast step calls few of the modules
         return False
     return not model.training or all(
         m.p == 0 for m in model.modules() if isinstance(m, torch.nn.Dropout)

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from attention_core.residual_step import MIN_ROWS, residual_feed_forward, residual_linear
+from attention_core.utils import forward_hooks_registered
 
 from .attention.self_attention.attention_layer import RecurrentAttentionLayer
 from .attention.self_attention.base import RecurrentAttention
@@ -40,24 +41,17 @@ __all__ = [
 
 _ACTIVATION_NAMES = {F.relu: "relu", F.gelu: "gelu"}
 _PROJECTIONS = ("query_projection", "key_projection", "value_projection", "out_projection")
-_HOOKS = torch.nn.modules.module
 
 
 def _plain_norm(norm: Any) -> bool:
     return isinstance(norm, nn.LayerNorm) and len(norm.normalized_shape) == 1
 
 
-def _hooked(module: nn.Module) -> bool:
-    return bool(module._forward_hooks or module._forward_pre_hooks)
-
-
 def _attention_hooked(attention: nn.Module) -> bool:
-    """Whether forward hooks are registered on ``attention`` or one of its projections (the
-    fused step calls none of them)."""
-    if _hooked(attention):
-        return True
+    """Whether forward hooks see a call of ``attention`` or one of its projections (the fused
+    step calls none of them)."""
     modules = attention._modules
-    return any((m := modules.get(name)) is not None and _hooked(m) for name in _PROJECTIONS)
+    return forward_hooks_registered(attention, *(modules.get(name) for name in _PROJECTIONS))
 
 
 def fused_step_enabled(
@@ -77,10 +71,8 @@ def fused_step_enabled(
         return False
     if layer.activation not in _ACTIVATION_NAMES or not all(_plain_norm(n) for n in norms):
         return False
-    if _HOOKS._global_forward_hooks or _HOOKS._global_forward_pre_hooks:
-        return False
     modules = layer._modules
-    if _hooked(modules["linear1"]) or _hooked(modules["linear2"]) or any(map(_hooked, norms)):
+    if forward_hooks_registered(modules["linear1"], modules["linear2"], *norms):
         return False
     return all(hasattr(a, "heads") and not _attention_hooked(a) for a in attentions)
 
@@ -179,7 +171,7 @@ def self_attention_heads(attention: Any, x: Tensor, state: Any) -> tuple[Tensor,
         out, state = inner(q, k, v, state)
         return out.flatten(1), state
     q, k, v = qkv.view(N, 3, H, -1).unbind(1)  # one view and one split instead of six ops
-    if _hooked(inner) or type(inner).forward is not RecurrentAttention.forward:
+    if forward_hooks_registered(inner) or type(inner).forward is not RecurrentAttention.forward:
         out, state = inner(q, k, v, state)
     else:  # what its forward does: the checks of the heads hold by construction here
         out, state = inner.step(q, k, v, state)

@@ -20,8 +20,7 @@ from ..attention_registry import (
 from ..causal_product import elu_normalized_causal_dot_product, normalized_causal_dot_product
 from ..errors import UnsupportedMaskError
 from ..events import EventDispatcher
-from ..feature_maps import ActivationFunctionFeatureMap, FeatureMap, elu_feature_map
-from ..feature_maps.base import _elu_plus_one
+from ..feature_maps import FeatureMap, elu_feature_map, is_elu_feature_map
 from ..masking import BaseMask
 from ._inputs import check_attention_inputs
 
@@ -85,7 +84,7 @@ class CausalLinearAttention(nn.Module):
         # (N, L, H, D) <-> (N, H, L, D) as views: Tensor.transpose costs a fraction of an
         # einops rearrange's call, which counts at short lengths
         to_heads = lambda t: t.transpose(1, 2)  # noqa: E731
-        if S == L and key_lengths.all_ones and self._default_feature_map():
+        if S == L and key_lengths.all_ones and is_elu_feature_map(self.feature_map):
             # the whole layer in one kernel call: feature map, numerator and normaliser,
             # reading and writing the (N, L, H, .) layout in place
             V = elu_normalized_causal_dot_product(
@@ -106,19 +105,6 @@ class CausalLinearAttention(nn.Module):
         # straight into (N, L, H, D) storage, so the final transpose is free
         V = normalized_causal_dot_product(to_heads(Q), to_heads(K), to_heads(values), self.eps)
         return V.transpose(1, 2).contiguous()
-
-    def _default_feature_map(self) -> bool:
-        """Whether the feature map is the default ``elu(x) + 1`` with no hooks.
-
-        Then the kernel may apply it."""
-        fm = self.feature_map
-        return (
-            type(fm) is ActivationFunctionFeatureMap
-            and fm.activation_function is _elu_plus_one
-            and not (fm._forward_hooks or fm._forward_pre_hooks)
-            and not (torch.nn.modules.module._global_forward_hooks)
-            and not (torch.nn.modules.module._global_forward_pre_hooks)
-        )
 
 
 AttentionRegistry.register(

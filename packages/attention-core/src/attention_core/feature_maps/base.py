@@ -11,6 +11,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..utils import forward_hooks_registered
+
 __all__ = ["ActivationFunctionFeatureMap", "FeatureMap", "elu_feature_map", "is_elu_feature_map"]
 
 
@@ -105,10 +107,8 @@ def is_elu_feature_map(feature_map: nn.Module) -> bool:
         >>> is_elu_feature_map(elu_feature_map(8))
         True
     """
-    hooks = torch.nn.modules.module
     return (
         type(feature_map) is ActivationFunctionFeatureMap
         and feature_map.activation_function is _elu_plus_one
-        and not (feature_map._forward_hooks or feature_map._forward_pre_hooks)
-        and not (hooks._global_forward_hooks or hooks._global_forward_pre_hooks)
+        and not forward_hooks_registered(feature_map)
     )

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._checks import check_positive_int, check_tensor
+from ..utils import forward_hooks_registered
 
 __all__ = ["GEGLU", "GLU", "FeedForward"]
 
@@ -143,11 +144,12 @@ class FeedForward(nn.Module):
         check_tensor("x", x, floating=True)
         if x.dim() == 0 or x.shape[-1] != self.dim:
             raise ValueError(f"x must have shape (..., {self.dim}); got {tuple(x.shape)}")
-        if not self.glu:
-            return self.net(x)
-        first, glu, dropout, last = self.net
-        if not isinstance(first, nn.Linear) or not isinstance(glu, GLU):
-            raise TypeError("FeedForward.net must hold Linear, GLU, Dropout, Linear")
+        net = self.net
+        if not self.glu or len(net) != 4 or forward_hooks_registered(net[0], net[1]):
+            return net(x)
+        first, glu, dropout, last = net
+        if type(first) is not nn.Linear or type(glu) is not GLU:
+            return net(x)  # modules replaced by the user: their own calls
         # the two halves of the first product (what `GLU` splits) as two products: the gate's
         # elementwise work then runs on contiguous tensors instead of strided halves, which
         # makes the forward and backward of the block markedly faster on CPU
