@@ -1,5 +1,7 @@
-"""Small helpers: those kept from fast-transformers' ``utils`` module, and the hook test of the
-fast paths that replace module calls."""
+"""Small helpers kept from fast-transformers' ``utils`` module, and a hook test for fast paths.
+
+`forward_hooks_registered` tells a fast path that replaces module calls whether a hook would
+miss them."""
 
 from __future__ import annotations
 
