@@ -7,6 +7,8 @@ module (the op packages included) can import it without an import cycle."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -14,6 +16,7 @@ from .checks import check_model_dtype, check_positive_int, check_tensor, check_t
 
 __all__ = [
     "CPU_DTYPES",
+    "PLAIN_TENSORS",
     "TRITON_DTYPES",
     "DtypeRule",
     "check_floats",
@@ -26,12 +29,24 @@ __all__ = [
     "check_tensor",
     "check_token_ids",
     "kernel_dtypes",
+    "plain_eps",
 ]
 
 
 # ---------------------------------------------------------------------------------------
 # the compiled and Triton kernels' operands
 # ---------------------------------------------------------------------------------------
+
+# exact types for the fast paths (a call that skips the dispatcher, a check in one pass of
+# comparisons): a subclass (a FakeTensor, a tensor subclass with its own semantics) takes the
+# registered op and the full checks
+PLAIN_TENSORS = (Tensor, torch.nn.Parameter)
+
+
+def plain_eps(eps: object) -> bool:
+    """``eps`` is a finite non-negative ``float`` (the fast checks' form of the eps check)."""
+    return type(eps) is float and 0.0 <= eps < math.inf
+
 
 # the dtypes a kernel family accepts and how an error message names them
 DtypeRule = tuple[tuple[torch.dtype, ...], str]

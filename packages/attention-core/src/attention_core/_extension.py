@@ -29,6 +29,8 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import Tensor
 
+from ._checks import PLAIN_TENSORS
+
 try:  # torch is imported first: the extension links to the libgomp.so.1 torch has loaded
     from . import _C
 except ImportError:  # a source checkout that was never compiled
@@ -126,14 +128,11 @@ def needs_graph(*tensors: Tensor | None) -> bool:
     subclasses other than ``nn.Parameter`` always take the op."""
     if torch.compiler.is_compiling():
         return True
-    if any(t is not None and type(t) not in _PLAIN_TENSORS for t in tensors):
+    if any(t is not None and type(t) not in PLAIN_TENSORS for t in tensors):
         return True  # a tensor subclass (fake, functional, ...) dispatches through the op
     if not torch.is_grad_enabled():
         return False
     return any(t is not None and t.requires_grad for t in tensors)
-
-
-_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
 
 
 def require_extension() -> None:

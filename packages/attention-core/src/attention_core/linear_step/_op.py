@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .._checks import PLAIN_TENSORS, plain_eps
 from .._extension import binding, use_kernels
 from .reference import (
     accumulation_dtype,
@@ -25,21 +26,16 @@ def _shape_error(name: str, t: Tensor, shape: tuple[int, ...], dtype: torch.dtyp
     return f"{name} must be a {dtype} tensor of shape {shape}; got {t.dtype} {tuple(t.shape)}"
 
 
-# exact types for the fast path: a subclass (a FakeTensor, a tensor subclass with its own
-# semantics) takes the full checks
-_PLAIN_TENSORS = (Tensor, torch.nn.Parameter)
-
-
 def _step_accepted(
     query: Tensor, key: Tensor, value: Tensor, S: Tensor | None, Z: Tensor | None, eps: float
 ) -> bool:
     """``True`` only for arguments that the full checks of `check_step` accept, in one pass
     of comparisons (a recurrent step calls the op with a few rows, where the checks' function
     calls cost as much as the kernel); anything else takes the full checks."""
-    plain = _PLAIN_TENSORS
+    plain = PLAIN_TENSORS
     if type(query) not in plain or type(key) not in plain or type(value) not in plain:
         return False
-    if type(eps) is not float or not 0.0 <= eps < math.inf or not query.is_floating_point():
+    if not plain_eps(eps) or not query.is_floating_point():
         return False
     dtype, device, shape = query.dtype, query.device, query.shape
     if len(shape) != 3 or key.shape != shape or key.dtype != dtype or key.device != device:

@@ -11,7 +11,7 @@ import math
 import torch
 from torch import Tensor
 
-from .._checks import check_like, check_tensor
+from .._checks import PLAIN_TENSORS, check_like, check_tensor, plain_eps
 from .._extension import address, binding, use_kernels
 from .._reference_autograd import register_reference_autograd
 from .reference import ACTIVATIONS, residual_feed_forward_reference, residual_linear_reference
@@ -24,11 +24,6 @@ __all__ = [
     "residual_feed_forward_op",
     "residual_linear_op",
 ]
-
-
-# exact types for the fast paths: a subclass (a FakeTensor, a tensor subclass with its own
-# semantics) takes the full checks
-_PLAIN_TENSORS = (Tensor, torch.nn.Parameter)
 
 
 def _check_x(x: Tensor) -> None:
@@ -58,16 +53,12 @@ def _check_eps(eps: float) -> None:
 # full checks, which name the argument, the expected and the actual value.
 
 
-def _eps_accepted(eps: float) -> bool:
-    return type(eps) is float and 0.0 <= eps < math.inf
-
-
 def _param_accepted(
     t: Tensor | None, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
 ) -> bool:
     """``t`` is ``None`` or a plain tensor of ``shape``, ``dtype`` and ``device``."""
     return t is None or (
-        type(t) in _PLAIN_TENSORS and t.shape == shape and t.dtype == dtype and t.device == device
+        type(t) in PLAIN_TENSORS and t.shape == shape and t.dtype == dtype and t.device == device
     )
 
 
@@ -83,11 +74,11 @@ def _feed_forward_accepted(
     norm_first: bool,
     eps: float,
 ) -> bool:
-    if type(x) not in _PLAIN_TENSORS or type(linear2_weight) not in _PLAIN_TENSORS:
+    if type(x) not in PLAIN_TENSORS or type(linear2_weight) not in PLAIN_TENSORS:
         return False
     if not x.is_floating_point() or x.dim() < 1 or linear2_weight.dim() != 2:
         return False
-    if type(norm_first) is not bool or not _eps_accepted(eps):
+    if type(norm_first) is not bool or not plain_eps(eps):
         return False
     D, hidden = x.shape[-1], linear2_weight.shape[1]
     if activation == "geglu":
@@ -118,11 +109,11 @@ def _linear_accepted(
     norm_bias: Tensor | None,
     eps: float,
 ) -> bool:
-    if type(x) not in _PLAIN_TENSORS or type(inputs) not in _PLAIN_TENSORS:
+    if type(x) not in PLAIN_TENSORS or type(inputs) not in PLAIN_TENSORS:
         return False
     if not x.is_floating_point() or x.dim() < 1 or inputs.dim() != x.dim():
         return False
-    if type(norm) is not bool or not _eps_accepted(eps):
+    if type(norm) is not bool or not plain_eps(eps):
         return False
     dtype, device = x.dtype, x.device
     if inputs.shape[:-1] != x.shape[:-1] or inputs.dtype != dtype or inputs.device != device:
