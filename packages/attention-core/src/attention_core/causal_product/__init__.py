@@ -64,10 +64,12 @@ __all__ = [
 ]
 
 
-def _direct(kernel: Callable[..., Any], *tensors: Tensor | None) -> Callable[..., Any] | None:
+def _direct(
+    kernel: Callable[..., Any], Q: Tensor, *tensors: Tensor | None
+) -> Callable[..., Any] | None:
     """``kernel`` when a checked call on CPU tensors may skip the registered op (no autograd
     recording, no ``torch.compile``: see `needs_graph`), else ``None``."""
-    if tensors[0] is None or tensors[0].device.type != "cpu" or needs_graph(*tensors):
+    if Q.device.type != "cpu" or needs_graph(Q, *tensors):
         return None
     return kernel
 
