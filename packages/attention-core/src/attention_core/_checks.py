@@ -29,6 +29,7 @@ __all__ = [
     "check_tensor",
     "check_token_ids",
     "kernel_dtypes",
+    "layouts",
     "plain_eps",
 ]
 
@@ -46,6 +47,14 @@ PLAIN_TENSORS = (Tensor, torch.nn.Parameter)
 def plain_eps(eps: object) -> bool:
     """``eps`` is a finite non-negative ``float`` (the fast checks' form of the eps check)."""
     return type(eps) is float and 0.0 <= eps < math.inf
+
+
+def layouts(tensors: tuple[Tensor | None, ...]) -> tuple:
+    """Where and how each of ``tensors`` stores its values: ``(data address, shape,
+    strides)``, ``None`` for ``None``. The prepared ops compare it at every call with what
+    they checked: a tensor given other storage, shape or strides since (``.data = ...``,
+    ``set_``, ``resize_``) is checked again before a kernel reads it."""
+    return tuple([None if t is None else (t.data_ptr(), t.shape, t.stride()) for t in tensors])
 
 
 # the dtypes a kernel family accepts and how an error message names them

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from attention_core.residual_step import PreparedFeedForward
+
 if TYPE_CHECKING:
     from torch import nn
 
@@ -41,12 +43,16 @@ class LayerWeights:
         ff_in_t: ``(dim, 2 f)`` and ``ff_out_t`` ``(f, dim)``, the feed-forward weights
             transposed (views), for ``addmm``.
         ff_eps: the feed-forward pre-norm's epsilon.
+        feed_forward_step: the feed-forward block with its residual as one prepared call
+            (`attention_core.residual_step.PreparedFeedForward`: its weights are checked
+            once, not at every window).
         cross: the layer's cross attention, or ``None``.
     """
 
     __slots__ = (
         "cross",
         "feed_forward",
+        "feed_forward_step",
         "ff_eps",
         "ff_in_t",
         "ff_out_t",
@@ -71,6 +77,9 @@ class LayerWeights:
         )
         self.ff_in_t, self.ff_out_t = first.weight.t(), last.weight.t()
         self.ff_eps: float = norm.eps
+        self.feed_forward_step = PreparedFeedForward(
+            *self.feed_forward, activation="geglu", norm_first=True, eps=norm.eps
+        )
         self.cross: CrossAttention | None = layer.cross
 
 

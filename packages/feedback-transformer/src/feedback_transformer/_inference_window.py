@@ -14,10 +14,12 @@ ops dispatched per step, and the Python around them, is part of the cost. This i
   own keys and values (one copy of a view of the projection) and at the end the window's
   memory (one copy), so one product covers memory and window;
 * the attention over the memory and the window is one call of
-  `attention_core.cache_attention.cache_attention` (scores, position bias, softmax and
-  weighted sum in one pass per batch element and head, output with the heads joined), the
-  pre-norm GEGLU feed-forward block with its residual one call of
-  `attention_core.residual_step.residual_feed_forward`; the output projection with its
+  `attention_core.cache_attention.PreparedCacheAttention` (scores, position bias, softmax
+  and weighted sum in one pass per batch element and head, output with the heads joined),
+  the pre-norm GEGLU feed-forward block with its residual one call of
+  `attention_core.residual_step.PreparedFeedForward` (both check their fixed operands once
+  per call, not at every window: inside the model those checks cost about a fifth of a
+  window); the output projection with its
   residual is ``addmm`` and an add (measured faster than the core's ``residual_linear`` at
   a few rows);
 * windows of fewer than ``FUSED_MIN_ROWS`` rows (``b * w``) run the same formulas in torch
@@ -38,8 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from attention_core.cache_attention import cache_attention
-from attention_core.residual_step import residual_feed_forward
+from attention_core.cache_attention import PreparedCacheAttention
 
 from ._inference_weights import InferenceWeights, LayerWeights, query_weights
 from ._window_attention import window_bias
@@ -102,11 +103,14 @@ class KVViews:
     Attributes:
         slots: ``(2, b, h, c, d)``, keys then values.
         keys: ``(b, h, c, d)`` and ``values`` ``(b, h, c, d)``, the fused attention's operands.
+        attention: the fused attention over them
+            (`attention_core.cache_attention.PreparedCacheAttention`, unscaled: the queries
+            are scaled by the weights), checked once per call instead of at every window.
         keys_t: ``(b h, d, c)`` and ``values_flat`` ``(b h, c, d)``, those of the composed
             products.
     """
 
-    __slots__ = ("_projections", "keys", "keys_t", "slots", "values", "values_flat")
+    __slots__ = ("_projections", "attention", "keys", "keys_t", "slots", "values", "values_flat")
 
     def __init__(self, buffer: Tensor, batch: int, heads: int):
         c, d = buffer.shape[2:]
@@ -114,6 +118,7 @@ class KVViews:
         self.keys, self.values = self.slots.unbind(0)
         keys, self.values_flat = buffer.unbind(0)
         self.keys_t = keys.mT
+        self.attention = PreparedCacheAttention(self.keys, self.values, scale=1.0)
         self._projections: dict[tuple[int, int, int], tuple[Tensor, Tensor, Tensor | None]] = {}
 
     def projection(self, b: int, w: int, weight_t: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
@@ -152,9 +157,7 @@ def _composed_attention(
 def _feed_forward(p: LayerWeights, x: Tensor, fused: bool) -> Tensor:
     """The pre-norm GEGLU feed-forward block with its residual, ``x`` ``(b w, dim)``."""
     if fused:
-        return residual_feed_forward(
-            x, *p.feed_forward, activation="geglu", norm_first=True, eps=p.ff_eps
-        )
+        return p.feed_forward_step(x)
     _, b1, _, b2, norm_weight, norm_bias = p.feed_forward
     a = torch.layer_norm(x, x.shape[1:], norm_weight, norm_bias, p.ff_eps)
     hidden, gate = torch.addmm(b1, a, p.ff_in_t).chunk(2, dim=-1)
@@ -201,7 +204,6 @@ def window(
     sizes = (b, w, h, d)
     if views is None:
         views = KVViews(buffer, b, h)
-    keys, values = views.keys, views.values
     fused = rows >= FUSED_MIN_ROWS
     end = hi + w if w > 1 else hi
     if not fused:  # the composed products: the bias expanded, the slots sliced once
@@ -229,7 +231,7 @@ def window(
         if empty:
             out = q.new_zeros(rows, hd)
         elif fused:  # "b w h d -> (b w) (h d)"
-            out = cache_attention(q, keys, values, lo, end, bias, scale=1.0).view(rows, hd)
+            out = views.attention(q, lo, end, bias).view(rows, hd)
         else:
             out = _composed_attention(q, keys_t, values_flat, bias, sizes)
         if first_empty:

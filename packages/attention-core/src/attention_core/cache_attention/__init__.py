@@ -24,11 +24,11 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from .._extension import needs_graph
-from ._op import cache_attention_op, check_attention, compute_attention
+from ._op import attend
+from .prepared import PreparedCacheAttention
 from .reference import cache_attention_reference
 
-__all__ = ["cache_attention", "cache_attention_reference"]
+__all__ = ["PreparedCacheAttention", "cache_attention", "cache_attention_reference"]
 
 
 def cache_attention(
@@ -81,7 +81,4 @@ def cache_attention(
         end = keys.shape[2] if isinstance(keys, Tensor) and keys.dim() == 4 else -1
     if scale is None:
         scale = query.shape[-1] ** -0.5 if isinstance(query, Tensor) and query.dim() else 1.0
-    check_attention(query, keys, values, start, end, bias, scale)
-    if needs_graph(query, keys, values, bias):
-        return cache_attention_op(query, keys, values, start, end, bias, float(scale))
-    return compute_attention(query, keys, values, start, end, bias, float(scale))
+    return attend(query, keys, values, start, end, bias, scale)

@@ -11,11 +11,11 @@ import torch
 from torch import Tensor
 
 from .._checks import check_like, check_tensor
-from .._extension import binding, row_major, use_kernels
+from .._extension import binding, needs_graph, row_major, use_kernels
 from .._reference_autograd import register_reference_autograd
 from .reference import cache_attention_reference
 
-__all__ = ["cache_attention_op", "check_attention", "compute_attention"]
+__all__ = ["attend", "cache_attention_op", "check_attention", "compute_attention"]
 
 
 def check_attention(
@@ -95,6 +95,24 @@ def compute_attention(
         start, end, float(scale), torch.get_num_threads(),
     )  # fmt: skip
     return out
+
+
+def attend(
+    query: Tensor,
+    keys: Tensor,
+    values: Tensor,
+    start: int,
+    end: int,
+    bias: Tensor | None,
+    scale: float,
+) -> Tensor:
+    """`cache_attention` with every argument given: check them all, then run the registered
+    op where autograd records or ``torch.compile`` traces the call, else the kernel
+    directly."""
+    check_attention(query, keys, values, start, end, bias, scale)
+    if needs_graph(query, keys, values, bias):
+        return cache_attention_op(query, keys, values, start, end, bias, float(scale))
+    return compute_attention(query, keys, values, start, end, bias, float(scale))
 
 
 @torch.library.custom_op("attention_core::cache_attention", mutates_args=())

@@ -30,19 +30,14 @@ from __future__ import annotations
 from torch import Tensor
 
 from .._extension import needs_graph
-from ._op import (
-    check_feed_forward,
-    check_linear,
-    compute_feed_forward,
-    compute_linear,
-    residual_feed_forward_op,
-    residual_linear_op,
-)
+from ._op import check_linear, compute_linear, feed_forward, residual_linear_op
+from .prepared import PreparedFeedForward
 from .reference import ACTIVATIONS, residual_feed_forward_reference, residual_linear_reference
 
 __all__ = [
     "ACTIVATIONS",
     "MIN_ROWS",
+    "PreparedFeedForward",
     "residual_feed_forward",
     "residual_feed_forward_reference",
     "residual_linear",
@@ -111,11 +106,10 @@ def residual_feed_forward(
         >>> y.shape
         torch.Size([4, 16])
     """
-    args = (x, linear1_weight, linear1_bias, linear2_weight, linear2_bias, norm_weight)
-    check_feed_forward(*args, norm_bias, activation, norm_first, eps)
-    if needs_graph(*args, norm_bias):
-        return residual_feed_forward_op(*args, norm_bias, activation, norm_first, float(eps))
-    return compute_feed_forward(*args, norm_bias, activation, norm_first, float(eps))
+    return feed_forward(
+        x, linear1_weight, linear1_bias, linear2_weight, linear2_bias, norm_weight, norm_bias,
+        activation, norm_first, eps,
+    )  # fmt: skip
 
 
 def residual_linear(

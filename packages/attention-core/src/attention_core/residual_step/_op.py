@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from .._checks import PLAIN_TENSORS, check_like, check_tensor, plain_eps
-from .._extension import address, binding, use_kernels
+from .._extension import address, binding, needs_graph, use_kernels
 from .._reference_autograd import register_reference_autograd
 from .reference import ACTIVATIONS, residual_feed_forward_reference, residual_linear_reference
 
@@ -21,6 +21,7 @@ __all__ = [
     "check_linear",
     "compute_feed_forward",
     "compute_linear",
+    "feed_forward",
     "residual_feed_forward_op",
     "residual_linear_op",
 ]
@@ -292,6 +293,27 @@ def compute_linear(
         float(eps), out.data_ptr(), torch.get_num_threads(),
     )  # fmt: skip
     return out
+
+
+def feed_forward(
+    x: Tensor,
+    linear1_weight: Tensor,
+    linear1_bias: Tensor | None,
+    linear2_weight: Tensor,
+    linear2_bias: Tensor | None,
+    norm_weight: Tensor | None,
+    norm_bias: Tensor | None,
+    activation: str,
+    norm_first: bool,
+    eps: float,
+) -> Tensor:
+    """`residual_feed_forward`: check every argument, then run the registered op where
+    autograd records or ``torch.compile`` traces the call, else the kernel directly."""
+    args = (x, linear1_weight, linear1_bias, linear2_weight, linear2_bias, norm_weight)
+    check_feed_forward(*args, norm_bias, activation, norm_first, eps)
+    if needs_graph(*args, norm_bias):
+        return residual_feed_forward_op(*args, norm_bias, activation, norm_first, float(eps))
+    return compute_feed_forward(*args, norm_bias, activation, norm_first, float(eps))
 
 
 @torch.library.custom_op("attention_core::residual_feed_forward", mutates_args=())

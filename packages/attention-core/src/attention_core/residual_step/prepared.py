@@ -1,0 +1,141 @@
+"""The feed-forward sublayer step with its weights checked once, for many calls.
+
+A forward pass that runs a window at a time, or a decoding loop, calls
+`residual_feed_forward` with the same six weight tensors hundreds of times on a few rows.
+Checking them at every call costs as much as the kernel there, and more inside a model,
+whose weight reads push the checks' own data out of the caches. `PreparedFeedForward` holds
+the weights: its first call checks every argument as `residual_feed_forward` does, later
+calls check the input and that each weight still has the storage, shape and strides it was
+checked with.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .._checks import PLAIN_TENSORS, layouts
+from .._extension import _reference_forced, address, binding, use_kernels
+from ._op import _check_eps, feed_forward
+from .reference import ACTIVATIONS
+
+__all__ = ["PreparedFeedForward"]
+
+
+class PreparedFeedForward:
+    """Apply `residual_feed_forward` with weights fixed when the object is made.
+
+    ``ff(x)`` equals ``residual_feed_forward(x, *weights, activation=..., norm_first=...,
+    eps=...)`` for every ``x``, and costs less per call where the same weights serve many
+    calls on a few rows (the windows of a forward pass, the steps of a decoding loop). The
+    first call checks every argument as `residual_feed_forward` does; later calls that
+    record no gradients and run outside ``torch.compile`` check ``x`` and that each weight
+    still has the storage, shape and strides it was checked with, then run the CPU kernel.
+    Anything else (a new dtype or device, a weight given other storage, autograd recording,
+    tensor subclasses) takes `residual_feed_forward` itself, which checks it again. The
+    weights are read at every call, so in-place updates of their values are seen.
+
+    Arguments:
+        linear1_weight: `(F, D)`, or `(2 F, D)` for ``geglu``.
+        linear1_bias: `(F,)` / `(2 F,)` or ``None``.
+        linear2_weight: `(D, F)`.
+        linear2_bias: `(D,)` or ``None``.
+        norm_weight: `(D,)` the layer norm's scale, or ``None`` (no scale).
+        norm_bias: `(D,)` the layer norm's shift, or ``None`` (no shift).
+        activation: ``"relu"`` (default), ``"gelu"`` or ``"geglu"``.
+        norm_first: pre-norm (True) or post-norm (False, default).
+        eps: the layer norm's epsilon (default: 1e-5).
+
+    Raises:
+        ValueError: ``activation`` is unknown or ``eps`` is negative or not finite.
+        TypeError: ``norm_first`` is not a bool.
+
+    Example:
+        >>> from attention_core.residual_step import residual_feed_forward
+        >>> w1, b1 = torch.rand(64, 16), torch.rand(64)
+        >>> w2, b2 = torch.rand(16, 64), torch.rand(16)
+        >>> g, b = torch.ones(16), torch.zeros(16)
+        >>> ff = PreparedFeedForward(w1, b1, w2, b2, g, b)
+        >>> x = torch.rand(4, 16)
+        >>> y = residual_feed_forward(x, w1, b1, w2, b2, g, b)
+        >>> torch.equal(ff(x), y)
+        True
+    """
+
+    __slots__ = ("_checked", "_weights", "activation", "eps", "norm_first")
+
+    def __init__(
+        self,
+        linear1_weight: Tensor,
+        linear1_bias: Tensor | None,
+        linear2_weight: Tensor,
+        linear2_bias: Tensor | None,
+        norm_weight: Tensor | None = None,
+        norm_bias: Tensor | None = None,
+        *,
+        activation: str = "relu",
+        norm_first: bool = False,
+        eps: float = 1e-5,
+    ):
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {ACTIVATIONS}; got {activation!r}")
+        if not isinstance(norm_first, bool):
+            raise TypeError(f"norm_first must be a bool; got {type(norm_first).__name__}")
+        _check_eps(eps)
+        self._weights = (
+            linear1_weight, linear1_bias, linear2_weight, linear2_bias, norm_weight, norm_bias
+        )  # fmt: skip
+        self.activation, self.norm_first, self.eps = activation, norm_first, float(eps)
+        # after a call that ran the kernel: (dtype, D, F, weight layouts, kernel arguments)
+        self._checked: tuple | None = None
+
+    def __call__(self, x: Tensor) -> Tensor:
+        """Apply the sublayer to ``x``.
+
+        Arguments:
+            x: `(..., D)` the sublayer's input.
+
+        Returns:
+            `(..., D)`, a new tensor.
+        """
+        checked = self._checked
+        if (
+            checked is not None
+            and type(x) in PLAIN_TENSORS
+            and x.dtype is checked[0]
+            and x.is_cpu
+            and x.dim() == 2
+            and x.shape[1] == checked[1]
+            and x.stride(1) == 1
+            and (x.shape[0] <= 1 or x.stride(0) >= checked[1])
+            and not torch.is_grad_enabled()
+            and not torch.compiler.is_compiling()
+            and not _reference_forced()
+            and layouts(self._weights) == checked[3]
+        ):
+            out = torch.empty_like(x, memory_format=torch.contiguous_format)
+            kernel, addresses, activation = checked[4]
+            kernel(
+                x.data_ptr(), x.stride(0), x.shape[0], checked[1], checked[2], *addresses,
+                self.eps, activation, self.norm_first, out.data_ptr(), torch.get_num_threads(),
+            )  # fmt: skip
+            return out
+        y = feed_forward(x, *self._weights, self.activation, self.norm_first, self.eps)
+        self._remember(x)
+        return y
+
+    def _remember(self, x: Tensor) -> None:
+        """Keep what the fast path needs once `residual_feed_forward` has accepted ``x`` and
+        the weights, where the kernel can serve later calls (contiguous weights, CPU)."""
+        w1, b1, w2, b2, g, b = self._weights
+        weights = [t for t in self._weights if t is not None]
+        if type(x) not in PLAIN_TENSORS or not use_kernels(x, *weights):
+            return
+        if any(type(t) not in PLAIN_TENSORS or not t.is_contiguous() for t in weights):
+            return
+        kernel = binding("residual_feed_forward", x.dtype)
+        addresses = (address(w1), address(b1), address(w2), address(b2), address(g), address(b))
+        self._checked = (
+            x.dtype, x.shape[-1], w2.shape[1], layouts(self._weights),
+            (kernel, addresses, ACTIVATIONS.index(self.activation)),
+        )  # fmt: skip
