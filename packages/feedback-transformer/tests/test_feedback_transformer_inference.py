@@ -1,7 +1,7 @@
 """The inference path (a forward without gradients, and decoding) computes the paper path's
 function in float64: for windows of 1, 2, 3 and 8 steps, batches of 1 and 2, with cross
 attention, with a memory that the call pushes past ``mem_len`` (and, decoding, a ring buffer
-that wraps around), with the core's fused ops or the composed torch ops at every row count."""
+that wraps around), on the core's prepared sublayer ops at every row count."""
 
 from __future__ import annotations
 
@@ -53,11 +53,8 @@ CASES = [  # (seq_len, mem_len, batch, n, cross_attend, prefix length)
 ]
 
 
-@pytest.mark.parametrize("rows", [1, 10**6], ids=["fused", "composed"])
 @pytest.mark.parametrize(("W", "M", "b", "n", "cross", "prefix_len"), CASES)
-def test_forward_without_gradients_equals_paper_path(W, M, b, n, cross, prefix_len, rows,
-                                                     monkeypatch):  # fmt: skip
-    monkeypatch.setattr(_inference_window, "FUSED_MIN_ROWS", rows)
+def test_forward_without_gradients_equals_paper_path(W, M, b, n, cross, prefix_len):
     model = random_model(W, M, cross_attend=cross)
     g = torch.Generator().manual_seed(1)
     x = torch.randint(0, VOCAB, (b, n), generator=g)
@@ -77,12 +74,10 @@ def test_forward_without_gradients_equals_paper_path(W, M, b, n, cross, prefix_l
     assert memory.keys.shape[2] == min(M, prefix_len + n)
 
 
-@pytest.mark.parametrize("rows", [1, 10**6], ids=["fused", "composed"])
 @pytest.mark.parametrize(("W", "b", "cross"), [(1, 1, False), (1, 2, True), (2, 2, False),
                                                (3, 1, True), (8, 2, False)])  # fmt: skip
-def test_decoding_past_a_full_ring_equals_paper_path(W, b, cross, rows, monkeypatch):
+def test_decoding_past_a_full_ring_equals_paper_path(W, b, cross):
     """Decoding 3 times ``mem_len`` steps: the ring buffer wraps around (several times)."""
-    monkeypatch.setattr(_inference_window, "FUSED_MIN_ROWS", rows)
     M, prompt, n = 4, 3, 3 + 12
     model = random_model(W, M, cross_attend=cross, keep_last_hidden=W == 3, seed=2)
     g = torch.Generator().manual_seed(3)

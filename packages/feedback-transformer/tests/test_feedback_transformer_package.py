@@ -64,24 +64,3 @@ def test_inference_takes_the_fewer_ops_window(monkeypatch):
     assert len(calls) == 4  # windows of 2, 2, 2, 1
     model(x)
     assert len(calls) == 4
-
-
-@pytest.mark.parametrize("seq_len", [1, 2, 3])
-def test_fused_and_composed_inference_windows_agree(seq_len, monkeypatch):
-    """Without gradients a window runs the core's sublayer ops (from
-    `_inference_window.FUSED_MIN_ROWS` rows) or composed torch ops: the same function."""
-    torch.manual_seed(0)
-    model = FeedbackTransformer(num_tokens=20, dim=16, depth=2, seq_len=seq_len, mem_len=5,
-                                heads=2, dim_head=8).double().eval()  # fmt: skip
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.3)
-    x = torch.randint(0, 20, (2, 9))
-    outputs = []
-    for rows in (1, 10**6):  # every window fused, every window composed
-        monkeypatch.setattr(_inference_window, "FUSED_MIN_ROWS", rows)
-        with torch.no_grad():
-            outputs.append(model(x, return_memory=True))
-    (fused, fused_memory), (composed, composed_memory) = outputs
-    torch.testing.assert_close(fused, composed, rtol=1e-10, atol=1e-10)
-    torch.testing.assert_close(fused_memory.keys, composed_memory.keys, rtol=1e-10, atol=1e-10)

@@ -38,28 +38,13 @@ class LayerWeights:
             ``dim_head ** -0.5``, or ``(dim, 3 h d)``: that with the shared key/value weight
             (windows of ``w > 1`` steps).
         out_weight_t: ``(h d, dim)``, the transposed output projection, and ``out_bias``.
-        feed_forward: the feed-forward block's first weight and bias, second weight and bias,
-            and pre-norm weight and bias, in the order of ``residual_feed_forward``.
-        ff_in_t: ``(dim, 2 f)`` and ``ff_out_t`` ``(f, dim)``, the feed-forward weights
-            transposed (views), for ``addmm``.
-        ff_eps: the feed-forward pre-norm's epsilon.
-        feed_forward_step: the feed-forward block with its residual as one prepared call
-            (`attention_core.residual_step.PreparedFeedForward`: its weights are checked
-            once, not at every window).
+        feed_forward_step: the pre-norm GEGLU feed-forward block with its residual as one
+            prepared call (`attention_core.residual_step.PreparedFeedForward`: its weights
+            are checked once, not at every window).
         cross: the layer's cross attention, or ``None``.
     """
 
-    __slots__ = (
-        "cross",
-        "feed_forward",
-        "feed_forward_step",
-        "ff_eps",
-        "ff_in_t",
-        "ff_out_t",
-        "out_bias",
-        "out_weight_t",
-        "projection_t",
-    )
+    __slots__ = ("cross", "feed_forward_step", "out_bias", "out_weight_t", "projection_t")
 
     def __init__(self, layer: FeedbackLayer, weight: Tensor):
         first, _, last = layer.ff_parts()
@@ -67,19 +52,10 @@ class LayerWeights:
         to_out: nn.Linear = layer.to_out
         self.projection_t = weight.t().contiguous()
         self.out_weight_t, self.out_bias = to_out.weight.t().contiguous(), to_out.bias
-        self.feed_forward = (
-            first.weight,
-            first.bias,
-            last.weight,
-            last.bias,
-            norm.weight,
-            norm.bias,
-        )
-        self.ff_in_t, self.ff_out_t = first.weight.t(), last.weight.t()
-        self.ff_eps: float = norm.eps
         self.feed_forward_step = PreparedFeedForward(
-            *self.feed_forward, activation="geglu", norm_first=True, eps=norm.eps
-        )
+            first.weight, first.bias, last.weight, last.bias, norm.weight, norm.bias,
+            activation="geglu", norm_first=True, eps=norm.eps,
+        )  # fmt: skip
         self.cross: CrossAttention | None = layer.cross
 
 

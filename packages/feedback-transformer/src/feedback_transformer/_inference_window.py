@@ -17,14 +17,12 @@ ops dispatched per step, and the Python around them, is part of the cost. This i
   `attention_core.cache_attention.PreparedCacheAttention` (scores, position bias, softmax
   and weighted sum in one pass per batch element and head, output with the heads joined),
   the pre-norm GEGLU feed-forward block with its residual one call of
-  `attention_core.residual_step.PreparedFeedForward` (both check their fixed operands once
-  per call, not at every window: inside the model those checks cost about a fifth of a
-  window); the output projection with its
-  residual is ``addmm`` and an add (measured faster than the core's ``residual_linear`` at
-  a few rows);
-* windows of fewer than ``FUSED_MIN_ROWS`` rows (``b * w``) run the same formulas in torch
-  ops instead (the position bias expanded once per window and added by ``baddbmm``; a
-  one-step window's queries and output are views, its keys read pre-transposed);
+  `attention_core.residual_step.PreparedFeedForward`. Both check their fixed operands once
+  per call, not at every window: inside the model those checks cost about a tenth of a
+  window, and with them composed torch ops were as fast at one or two rows. The output
+  projection with its residual is ``addmm`` and an add (measured faster than the core's
+  ``residual_linear`` at a few rows). The position bias is read in place: its table is
+  made contiguous once per call;
 * the memory of a window is the weighted sum of the layer states as one stack and product.
 
 Einstein notation: ``b`` batch, ``w`` steps of the window, ``h`` heads, ``j`` keys (memory
@@ -37,31 +35,21 @@ from contextlib import nullcontext
 from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from attention_core.cache_attention import PreparedCacheAttention
 
-from ._inference_weights import InferenceWeights, LayerWeights, query_weights
+from ._inference_weights import InferenceWeights, query_weights
 from ._window_attention import window_bias
 
 if TYPE_CHECKING:
     from ._window_loop import Cross
     from .model import FeedbackTransformer
 
-__all__ = ["FUSED_MIN_ROWS", "KVViews", "WindowBiases", "run", "window"]
+__all__ = ["KVViews", "WindowBiases", "run", "window"]
 
-# Windows of fewer rows (batch times steps) run composed torch ops. Alone, the core's ops
-# measured faster from one row on (dim 256, 8 heads of 64, 256 memory slots, medians, the
-# block against its composed ops; 1 thread: feed-forward 147/181 us at 1 row, 147/173 at 2,
-# 165/248 at 4, attention 36/39, 73/91, 98/110; 2 threads: feed-forward 52/81, 78/87,
-# 79/105, attention 26/32, 47/61, 46/51). Inside the model (1 thread, ms per window, fused
-# against composed) 4 rows ran 8% faster fused (2.03/2.20), 2 rows 5 to 7% faster composed
-# (1.43/1.34, seq_len 1, batch 2; fused attention with composed feed-forward or the reverse
-# was no better), 1 row within the noise (1.31/1.33). The output projection stays a torch
-# product: the core's `residual_linear` measured slower there (1 thread, 4 rows: 35 against
-# 17 us).
-FUSED_MIN_ROWS = 3
+# The output projection stays a torch product: the core's `residual_linear` measured slower
+# there (1 thread, 4 rows: 35 against 17 us).
 
 
 class WindowBiases:
@@ -83,7 +71,11 @@ class WindowBiases:
         memory = table.shape[2] - window
         # with one step per window no query reads a window key: the table needs no mask
         masked = memory and window > 1
-        self._masked = window_bias(table, memory, window, window)[0] if masked else table
+        # contiguous rows of keys: the attention reads them in place, the table of
+        # rel_pos has the heads innermost
+        self._masked = (
+            window_bias(table, memory, window, window)[0] if masked else table.contiguous()
+        )
         self._empty: dict[int, tuple[Tensor, bool]] = {}
 
     def get(self, m: int, w: int) -> tuple[Tensor, bool]:
@@ -102,22 +94,18 @@ class KVViews:
 
     Attributes:
         slots: ``(2, b, h, c, d)``, keys then values.
-        keys: ``(b, h, c, d)`` and ``values`` ``(b, h, c, d)``, the fused attention's operands.
-        attention: the fused attention over them
+        keys: ``(b, h, c, d)`` and ``values`` ``(b, h, c, d)``, the attention's operands.
+        attention: the attention over them
             (`attention_core.cache_attention.PreparedCacheAttention`, unscaled: the queries
             are scaled by the weights), checked once per call instead of at every window.
-        keys_t: ``(b h, d, c)`` and ``values_flat`` ``(b h, c, d)``, those of the composed
-            products.
     """
 
-    __slots__ = ("_projections", "attention", "keys", "keys_t", "slots", "values", "values_flat")
+    __slots__ = ("_projections", "attention", "keys", "slots", "values")
 
     def __init__(self, buffer: Tensor, batch: int, heads: int):
         c, d = buffer.shape[2:]
         self.slots = buffer.view(2, batch, heads, c, d)  # "two (b h) c d -> two b h c d"
         self.keys, self.values = self.slots.unbind(0)
-        keys, self.values_flat = buffer.unbind(0)
-        self.keys_t = keys.mT
         self.attention = PreparedCacheAttention(self.keys, self.values, scale=1.0)
         self._projections: dict[tuple[int, int, int], tuple[Tensor, Tensor, Tensor | None]] = {}
 
@@ -134,34 +122,6 @@ class KVViews:
             own = out[:, h * d :].view(b, w, 2, h, d) if w > 1 else None
             self._projections[key] = (out, out[:, : h * d].view(b, w, h, d), own)
         return self._projections[key]
-
-
-def _composed_attention(
-    q: Tensor, keys_t: Tensor, values: Tensor, bias: Tensor, sizes: tuple[int, int, int, int]
-) -> Tensor:
-    """Return the attention output ``(b w, h d)``, computed with torch products.
-
-    Queries ``q`` ``(b, w, h, d)`` (a view), the window's slots ``keys_t`` ``(b h, d, j)``
-    and ``values`` ``(b h, j, d)``, ``bias`` ``(b h, w, j)``."""
-    b, w, h, d = sizes
-    if w == 1:  # "b 1 h d -> (b h) 1 d", a view
-        q = q.view(b * h, 1, d)
-    else:  # "b w h d -> (b h) w d"
-        q = q.transpose(1, 2).reshape(b * h, w, d)
-    out = torch.bmm(torch.baddbmm(bias, q, keys_t).softmax(dim=-1), values)
-    if w == 1:
-        return out.view(b, h * d)
-    return out.view(b, h, w, d).transpose(1, 2).reshape(b * w, h * d)
-
-
-def _feed_forward(p: LayerWeights, x: Tensor, fused: bool) -> Tensor:
-    """The pre-norm GEGLU feed-forward block with its residual, ``x`` ``(b w, dim)``."""
-    if fused:
-        return p.feed_forward_step(x)
-    _, b1, _, b2, norm_weight, norm_bias = p.feed_forward
-    a = torch.layer_norm(x, x.shape[1:], norm_weight, norm_bias, p.ff_eps)
-    hidden, gate = torch.addmm(b1, a, p.ff_in_t).chunk(2, dim=-1)
-    return torch.addmm(b2, hidden.mul_(F.gelu(gate)), p.ff_out_t).add_(x)
 
 
 def window(
@@ -197,18 +157,13 @@ def window(
         ``(b w, 2 h d)`` (``None`` when the model has no memory, ``mem_len == 0``).
     """
     h, d = weights.heads, weights.dim_head
-    _, w, j = bias.shape
+    w = bias.shape[1]
     rows = x.shape[0]
     b = rows // w
     lo, hi = slots
-    sizes = (b, w, h, d)
     if views is None:
         views = KVViews(buffer, b, h)
-    fused = rows >= FUSED_MIN_ROWS
     end = hi + w if w > 1 else hi
-    if not fused:  # the composed products: the bias expanded, the slots sliced once
-        bias = bias.expand(b, h, w, j).reshape(b * h, w, j)
-        keys_t, values_flat = views.keys_t[:, :, lo:end], views.values_flat[:, lo:end]
     # the window's slots after the memory, as "two b h w d -> b w two h d": its keys and
     # values at each layer (w > 1), then its memory (``write_memory``)
     own = views.slots[:, :, :, hi : hi + w].permute(1, 3, 0, 2, 4)
@@ -230,10 +185,8 @@ def window(
             own.copy_(kw)
         if empty:
             out = q.new_zeros(rows, hd)
-        elif fused:  # "b w h d -> (b w) (h d)"
+        else:  # "b w h d -> (b w) (h d)"
             out = views.attention(q, lo, end, bias).view(rows, hd)
-        else:
-            out = _composed_attention(q, keys_t, values_flat, bias, sizes)
         if first_empty:
             out.view(b, w, hd)[:, 0] = 0.0  # the first step of each batch element
         x = torch.addmm(p.out_bias, out, p.out_weight_t).add_(x)
@@ -242,7 +195,7 @@ def window(
                 raise ValueError("a layer with cross attention needs the context's keys and values")
             ck, cv = cross[0][i]
             x += p.cross(x.view(b, w, x.shape[1]), ck, cv, cross[1]).view(x.shape)
-        x = _feed_forward(p, x, fused)
+        x = p.feed_forward_step(x)  # the pre-norm GEGLU block with its residual
         states.append(x)
     if not weights.has_memory:
         return x, None
