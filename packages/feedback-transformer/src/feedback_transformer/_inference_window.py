@@ -200,8 +200,8 @@ def window(
     if not weights.has_memory:
         return x, None
     merged = x
-    if weights.mix is not None:  # "l r e, l -> r e"
-        merged = torch.stack(states, dim=-1) @ weights.mix
+    if weights.mix is not None:  # "l, l (r e) -> (r e)": the states stacked contiguously
+        merged = (weights.mix @ torch.stack(states).view(len(states), -1)).view(x.shape)
     kv = torch.mm(torch.layer_norm(merged, shape, norm_weight, norm_bias, eps), weights.kv_weight_t)
     if write_memory:  # "(b w) (two h d) -> b w two h d"
         own.copy_(kv.view(b, w, 2, h, d))
