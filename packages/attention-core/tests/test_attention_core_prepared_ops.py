@@ -285,3 +285,61 @@ def test_prepared_ops_check_their_fixed_operands_once(monkeypatch):
         assert (len(checked_ff), len(checked_attention)) == (2, 2)
     ff(x)  # grad mode on: the checked path (which records where a weight requires grad)
     assert len(checked_ff) == 3
+
+
+def test_prepared_ops_recheck_a_held_tensor_of_another_dtype_at_the_same_address():
+    w1, b1, w2, b2, g, b = feed_forward_weights(8, 16, "relu", torch.float32)
+    ff = PreparedFeedForward(w1, b1, w2, b2, g, b)
+    keys, values = attention_operands(2, 1, 4, 8, 8, 12, torch.float32)
+    attention = PreparedCacheAttention(keys, values)
+    x, q = torch.randn(3, 8), torch.randn(2, 1, 4, 8)
+    with torch.no_grad():
+        ff(x), attention(q, 0, 6)
+        w1.data = w1.data.view(torch.int32)  # same address and shape, another dtype
+        keys.data = keys.data.view(torch.int32)
+        with pytest.raises(TypeError, match="linear1_weight"):
+            ff(x)
+        with pytest.raises(TypeError, match="keys"):
+            attention(q, 0, 6)
+
+
+def test_prepared_ops_options_are_fixed():
+    ff = PreparedFeedForward(
+        *feed_forward_weights(8, 16, "geglu", torch.float32), activation="geglu"
+    )
+    keys, values = attention_operands(2, 1, 4, 8, 8, 12, torch.float32)
+    attention = PreparedCacheAttention(keys, values, scale=0.5)
+    assert (ff.activation, ff.norm_first, ff.eps) == ("geglu", False, 1e-5)
+    assert (attention.keys, attention.values, attention.scale) == (keys, values, 0.5)
+    changes = [
+        (ff, "activation", "gelu"),
+        (ff, "eps", 0.1),
+        (ff, "norm_first", True),
+        (attention, "scale", float("nan")),
+        (attention, "keys", values),
+    ]
+    for obj, name, value in changes:
+        with pytest.raises(AttributeError):
+            setattr(obj, name, value)
+
+
+def test_prepared_ops_later_calls_on_unusual_layouts_equal_the_functions():
+    weights = feed_forward_weights(8, 16, "relu", torch.float64)
+    ff = PreparedFeedForward(*weights)
+    keys, values = attention_operands(2, 2, 4, 8, 8, 12, torch.float64)
+    attention = PreparedCacheAttention(keys, values)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        ff(torch.randn(3, 8, dtype=torch.float64))
+        for x in (
+            torch.randn(1, 8, dtype=torch.float64).expand(4, 8),  # one row read four times
+            torch.randn(0, 8, dtype=torch.float64),
+            torch.randn(3, 16, dtype=torch.float64)[:, ::2],  # strided features
+        ):
+            assert torch.equal(ff(x), residual_feed_forward(x, *weights))
+        attention(torch.randn(2, 2, 4, 8, dtype=torch.float64), 0, 6)
+        q = torch.randn(2, 2, 4, 16, generator=g, dtype=torch.float64)[..., ::2]
+        bias = torch.randn(4, 2, 12, generator=g, dtype=torch.float64)[..., ::2]  # J = 6
+        assert torch.equal(attention(q, 2, 8, bias), cache_attention(q, keys, values, 2, 8, bias))
+        with pytest.raises(ValueError, match="bias"):
+            attention(q, 2, 8, torch.tensor(1.0, dtype=torch.float64))

@@ -31,6 +31,7 @@ __all__ = [
     "kernel_dtypes",
     "layouts",
     "plain_eps",
+    "storages",
 ]
 
 
@@ -50,11 +51,23 @@ def plain_eps(eps: object) -> bool:
 
 
 def layouts(tensors: tuple[Tensor | None, ...]) -> tuple:
-    """Where and how each of ``tensors`` stores its values: ``(data address, shape,
-    strides)``, ``None`` for ``None``. The prepared ops compare it at every call with what
-    they checked: a tensor given other storage, shape or strides since (``.data = ...``,
-    ``set_``, ``resize_``) is checked again before a kernel reads it."""
-    return tuple([None if t is None else (t.data_ptr(), t.shape, t.stride()) for t in tensors])
+    """Where and how each of ``tensors`` stores its values: ``(data address, dtype, device,
+    shape, strides)``, ``None`` for ``None``. The prepared ops compare it at every call with
+    what they checked: a tensor given other storage, dtype, shape or strides since
+    (``.data = ...``, ``set_``, ``resize_``, ``as_strided_``) is checked again before a
+    kernel reads it."""
+    return tuple(
+        [
+            None if t is None else (t.data_ptr(), t.dtype, t.device, t.shape, t.stride())
+            for t in tensors
+        ]
+    )
+
+
+def storages(tensors: tuple[Tensor | None, ...]) -> tuple:
+    """The storages of ``tensors`` (``None`` kept): a prepared op holds them with what it
+    checked, so that no other tensor can be given their addresses while it may read them."""
+    return tuple([None if t is None else t.untyped_storage() for t in tensors])
 
 
 # the dtypes a kernel family accepts and how an error message names them

@@ -14,7 +14,7 @@ import math
 import torch
 from torch import Tensor
 
-from .._checks import PLAIN_TENSORS, layouts
+from .._checks import PLAIN_TENSORS, layouts, storages
 from .._extension import _reference_forced, binding, use_kernels
 from ._op import attend
 
@@ -27,13 +27,14 @@ class PreparedCacheAttention:
     ``attention(query, start, end, bias)`` equals ``cache_attention(query, keys, values,
     start, end, bias, scale=scale)``, and costs less per call where one cache serves many
     calls (the windows of a forward pass over a memory). The first call checks every
-    argument as `cache_attention` does; later calls that record no gradients and run outside
-    ``torch.compile`` check the queries, ``start`` and ``end``, the bias, and that the
-    buffers still have the storage, shape and strides they were checked with, then run the
-    CPU kernel. Anything else (other shapes or dtypes, a buffer given other storage,
-    autograd recording, tensor subclasses) takes `cache_attention` itself, which checks it
-    again. The buffers are read at every call, so values written into them in place (a
-    window's own keys) are seen.
+    argument as `cache_attention` does; later calls with grad mode off (``torch.no_grad``,
+    ``torch.inference_mode``) and outside ``torch.compile`` check the queries, ``start`` and
+    ``end``, the bias, and that the buffers still have the data address, dtype, device,
+    shape and strides they were checked with, then run the CPU kernel. Anything else (other
+    shapes or dtypes, a buffer given other storage, grad mode on, tensor subclasses) takes
+    `cache_attention` itself, which checks it again. The buffers are read at every call, so
+    values written into them in place (a window's own keys) are seen; the buffers and the
+    scale are fixed.
 
     Arguments:
         keys: `(B, H, C, E)`, row-major (features contiguous) or feature-major.
@@ -49,7 +50,7 @@ class PreparedCacheAttention:
         True
     """
 
-    __slots__ = ("_checked", "keys", "scale", "values")
+    __slots__ = ("_checked", "_keys", "_scale", "_values")
 
     def __init__(self, keys: Tensor, values: Tensor, *, scale: float | None = None):
         if scale is None:
@@ -58,9 +59,25 @@ class PreparedCacheAttention:
             raise ValueError(f"scale must be a finite number; got {scale!r}")
         if not math.isfinite(scale):
             raise ValueError(f"scale must be a finite number; got {scale!r}")
-        self.keys, self.values, self.scale = keys, values, float(scale)
-        # after a call that ran the kernel: (dtype, (B, H, C, E, M), buffer layouts, kernel)
+        self._keys, self._values, self._scale = keys, values, float(scale)
+        # after a call that ran the kernel: (dtype, (B, H, C, E, M), buffer layouts, kernel,
+        # the buffers' storages, held so that their addresses stay theirs)
         self._checked: tuple | None = None
+
+    @property
+    def keys(self) -> Tensor:
+        """The key buffer `(B, H, C, E)` (fixed when the object is made)."""
+        return self._keys
+
+    @property
+    def values(self) -> Tensor:
+        """The value buffer `(B, H, C, M)` (fixed when the object is made)."""
+        return self._values
+
+    @property
+    def scale(self) -> float:
+        """The multiplier of ``q . k`` (fixed when the object is made)."""
+        return self._scale
 
     def __call__(
         self, query: Tensor, start: int = 0, end: int | None = None, bias: Tensor | None = None
@@ -79,7 +96,7 @@ class PreparedCacheAttention:
         """
         checked = self._checked
         if end is None:
-            keys = self.keys
+            keys = self._keys
             end = keys.shape[2] if isinstance(keys, Tensor) and keys.dim() == 4 else -1
         if (
             checked is not None
@@ -100,7 +117,7 @@ class PreparedCacheAttention:
                 and query.shape[3] == E
                 and (query.stride(3) == 1 or E <= 1)
                 and 0 <= start <= end <= C
-                and layouts((self.keys, self.values)) == checked[2]
+                and layouts((self._keys, self._values)) == checked[2]
             ):
                 W = query.shape[1]
                 bias_args = _bias_arguments(bias, (B, H, W, end - start), checked[0])
@@ -109,9 +126,9 @@ class PreparedCacheAttention:
                 out = query.new_empty(B, W, H, M)
                 kernel, k_strides, v_strides = checked[3]
                 kernel(
-                    query.data_ptr(), query.stride()[:3], self.keys.data_ptr(), k_strides,
-                    self.values.data_ptr(), v_strides, *bias_args,
-                    out.data_ptr(), (B, W, H, E, M, C), start, end, self.scale,
+                    query.data_ptr(), query.stride()[:3], self._keys.data_ptr(), k_strides,
+                    self._values.data_ptr(), v_strides, *bias_args,
+                    out.data_ptr(), (B, W, H, E, M, C), start, end, self._scale,
                     torch.get_num_threads(),
                 )  # fmt: skip
                 return out
@@ -119,8 +136,8 @@ class PreparedCacheAttention:
 
     def _attend(self, query: Tensor, start: int, end: int, bias: Tensor | None) -> Tensor:
         """`cache_attention` with every check; then keep what later calls need."""
-        out = attend(query, self.keys, self.values, start, end, bias, self.scale)
-        keys, values = self.keys, self.values
+        keys, values = self._keys, self._values
+        out = attend(query, keys, values, start, end, bias, self._scale)
         if (
             type(keys) in PLAIN_TENSORS
             and type(values) in PLAIN_TENSORS
@@ -132,6 +149,7 @@ class PreparedCacheAttention:
             self._checked = (
                 keys.dtype, (B, H, C, E, values.shape[3]), layouts((keys, values)),
                 (binding("cache_attention", keys.dtype), keys.stride(), values.stride()[:3]),
+                storages((keys, values)),
             )  # fmt: skip
         return out
 
@@ -147,6 +165,7 @@ def _bias_arguments(
     B, H, W, J = sizes
     if (
         type(bias) not in PLAIN_TENSORS
+        or bias.dim() not in (3, 4)
         or bias.dtype is not dtype
         or not bias.is_cpu
         or (bias.stride(-1) != 1 and J > 1)

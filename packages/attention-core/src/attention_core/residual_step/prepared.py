@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .._checks import PLAIN_TENSORS, layouts
+from .._checks import PLAIN_TENSORS, layouts, storages
 from .._extension import _reference_forced, address, binding, use_kernels
 from ._op import _check_eps, feed_forward
 from .reference import ACTIVATIONS
@@ -28,12 +28,13 @@ class PreparedFeedForward:
     ``ff(x)`` equals ``residual_feed_forward(x, *weights, activation=..., norm_first=...,
     eps=...)`` for every ``x``, and costs less per call where the same weights serve many
     calls on a few rows (the windows of a forward pass, the steps of a decoding loop). The
-    first call checks every argument as `residual_feed_forward` does; later calls that
-    record no gradients and run outside ``torch.compile`` check ``x`` and that each weight
-    still has the storage, shape and strides it was checked with, then run the CPU kernel.
-    Anything else (a new dtype or device, a weight given other storage, autograd recording,
-    tensor subclasses) takes `residual_feed_forward` itself, which checks it again. The
-    weights are read at every call, so in-place updates of their values are seen.
+    first call checks every argument as `residual_feed_forward` does; later calls with grad
+    mode off (``torch.no_grad``, ``torch.inference_mode``) and outside ``torch.compile``
+    check ``x`` and that each weight still has the data address, dtype, device, shape and
+    strides it was checked with, then run the CPU kernel. Anything else (a new dtype or
+    device, a weight given other storage, grad mode on, tensor subclasses) takes
+    `residual_feed_forward` itself, which checks it again. The weights are read at every
+    call, so in-place updates of their values are seen; the options are fixed.
 
     Arguments:
         linear1_weight: `(F, D)`, or `(2 F, D)` for ``geglu``.
@@ -62,7 +63,7 @@ class PreparedFeedForward:
         True
     """
 
-    __slots__ = ("_checked", "_weights", "activation", "eps", "norm_first")
+    __slots__ = ("_activation", "_checked", "_eps", "_norm_first", "_weights")
 
     def __init__(
         self,
@@ -85,9 +86,25 @@ class PreparedFeedForward:
         self._weights = (
             linear1_weight, linear1_bias, linear2_weight, linear2_bias, norm_weight, norm_bias
         )  # fmt: skip
-        self.activation, self.norm_first, self.eps = activation, norm_first, float(eps)
-        # after a call that ran the kernel: (dtype, D, F, weight layouts, kernel arguments)
+        self._activation, self._norm_first, self._eps = activation, norm_first, float(eps)
+        # after a call that ran the kernel: (dtype, D, F, weight layouts, kernel arguments,
+        # the weights' storages, held so that their addresses stay theirs)
         self._checked: tuple | None = None
+
+    @property
+    def activation(self) -> str:
+        """``"relu"``, ``"gelu"`` or ``"geglu"`` (fixed when the object is made)."""
+        return self._activation
+
+    @property
+    def norm_first(self) -> bool:
+        """Pre-norm (True) or post-norm (False), fixed when the object is made."""
+        return self._norm_first
+
+    @property
+    def eps(self) -> float:
+        """The layer norm's epsilon (fixed when the object is made)."""
+        return self._eps
 
     def __call__(self, x: Tensor) -> Tensor:
         """Apply the sublayer to ``x``.
@@ -117,10 +134,10 @@ class PreparedFeedForward:
             kernel, addresses, activation = checked[4]
             kernel(
                 x.data_ptr(), x.stride(0), x.shape[0], checked[1], checked[2], *addresses,
-                self.eps, activation, self.norm_first, out.data_ptr(), torch.get_num_threads(),
+                self._eps, activation, self._norm_first, out.data_ptr(), torch.get_num_threads(),
             )  # fmt: skip
             return out
-        y = feed_forward(x, *self._weights, self.activation, self.norm_first, self.eps)
+        y = feed_forward(x, *self._weights, self._activation, self._norm_first, self._eps)
         self._remember(x)
         return y
 
@@ -137,5 +154,5 @@ class PreparedFeedForward:
         addresses = (address(w1), address(b1), address(w2), address(b2), address(g), address(b))
         self._checked = (
             x.dtype, x.shape[-1], w2.shape[1], layouts(self._weights),
-            (kernel, addresses, ACTIVATIONS.index(self.activation)),
+            (kernel, addresses, ACTIVATIONS.index(self._activation)), storages(self._weights),
         )  # fmt: skip
