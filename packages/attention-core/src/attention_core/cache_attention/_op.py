@@ -15,7 +15,13 @@ from .._extension import binding, needs_graph, row_major, use_kernels
 from .._reference_autograd import register_reference_autograd
 from .reference import cache_attention_reference
 
-__all__ = ["attend", "cache_attention_op", "check_attention", "compute_attention"]
+__all__ = [
+    "attend",
+    "cache_attention_op",
+    "check_attention",
+    "compute_attention",
+    "run_attention",
+]
 
 
 def check_attention(
@@ -79,20 +85,40 @@ def compute_attention(
     Returns a new contiguous `(B, W, H, M)` tensor; never writes its inputs."""
     if not use_kernels(query):
         return cache_attention_reference(query, keys, values, start, end, bias, scale)
-    B, W, H, E = query.shape
-    C, M = keys.shape[2], values.shape[3]
     query, values = row_major(query), row_major(values)
     if keys.stride(3) != 1 and keys.stride(2) != 1:  # neither row- nor feature-major
         keys = keys.contiguous()
+    bias_arguments: tuple[int, tuple[int, ...]] = (0, (0, 0, 0))
     if bias is not None:
         bias = row_major(bias)
         bias_strides = bias.stride()[:3] if bias.dim() == 4 else (0, *bias.stride()[:2])
+        bias_arguments = (bias.data_ptr(), bias_strides)
+    cache = (keys.data_ptr(), keys.stride(), values.data_ptr(), values.stride()[:3])
+    return run_attention(query, cache, keys.shape[2], values.shape[3], bias_arguments, start,
+                         end, float(scale))  # fmt: skip
+
+
+def run_attention(
+    query: Tensor,
+    cache: tuple[int, tuple[int, ...], int, tuple[int, ...]],
+    C: int,
+    M: int,
+    bias: tuple[int, tuple[int, ...]],
+    start: int,
+    end: int,
+    scale: float,
+) -> Tensor:
+    """Run the compiled kernel for ``query`` `(B, W, H, E)` (contiguous features) over the
+    cache ``(keys address, keys strides, values address, values strides[:3])`` of ``C``
+    positions and value width ``M``, with ``bias`` ``(address, strides[:3])`` (address 0:
+    none); returns a new `(B, W, H, M)` tensor. Everything has been checked: this only
+    passes addresses."""
+    B, W, H, E = query.shape
     out = query.new_empty(B, W, H, M)
+    keys, k_strides, values, v_strides = cache
     binding("cache_attention", query.dtype)(
-        query.data_ptr(), query.stride()[:3], keys.data_ptr(), keys.stride(),
-        values.data_ptr(), values.stride()[:3], 0 if bias is None else bias.data_ptr(),
-        (0, 0, 0) if bias is None else bias_strides, out.data_ptr(), (B, W, H, E, M, C),
-        start, end, float(scale), torch.get_num_threads(),
+        query.data_ptr(), query.stride()[:3], keys, k_strides, values, v_strides, *bias,
+        out.data_ptr(), (B, W, H, E, M, C), start, end, scale, torch.get_num_threads(),
     )  # fmt: skip
     return out
 

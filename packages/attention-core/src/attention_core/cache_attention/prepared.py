@@ -15,8 +15,8 @@ import torch
 from torch import Tensor
 
 from .._checks import PLAIN_TENSORS, layouts, storages
-from .._extension import _reference_forced, binding, use_kernels
-from ._op import attend
+from .._extension import _reference_forced, use_kernels
+from ._op import attend, run_attention
 
 __all__ = ["PreparedCacheAttention"]
 
@@ -60,7 +60,7 @@ class PreparedCacheAttention:
         if not math.isfinite(scale):
             raise ValueError(f"scale must be a finite number; got {scale!r}")
         self._keys, self._values, self._scale = keys, values, float(scale)
-        # after a call that ran the kernel: (dtype, (B, H, C, E, M), buffer layouts, kernel,
+        # after a call that ran the kernel: (dtype, (B, H, C, E, M), buffer layouts, strides,
         # the buffers' storages, held so that their addresses stay theirs)
         self._checked: tuple | None = None
 
@@ -123,15 +123,9 @@ class PreparedCacheAttention:
                 bias_args = _bias_arguments(bias, (B, H, W, end - start), checked[0])
                 if bias_args is None:
                     return self._attend(query, start, end, bias)
-                out = query.new_empty(B, W, H, M)
-                kernel, k_strides, v_strides = checked[3]
-                kernel(
-                    query.data_ptr(), query.stride()[:3], self._keys.data_ptr(), k_strides,
-                    self._values.data_ptr(), v_strides, *bias_args,
-                    out.data_ptr(), (B, W, H, E, M, C), start, end, self._scale,
-                    torch.get_num_threads(),
-                )  # fmt: skip
-                return out
+                cache = (self._keys.data_ptr(), checked[3][0], self._values.data_ptr(),
+                         checked[3][1])  # fmt: skip
+                return run_attention(query, cache, C, M, bias_args, start, end, self._scale)
         return self._attend(query, start, end, bias)
 
     def _attend(self, query: Tensor, start: int, end: int, bias: Tensor | None) -> Tensor:
@@ -148,7 +142,7 @@ class PreparedCacheAttention:
             B, H, C, E = keys.shape
             self._checked = (
                 keys.dtype, (B, H, C, E, values.shape[3]), layouts((keys, values)),
-                (binding("cache_attention", keys.dtype), keys.stride(), values.stride()[:3]),
+                (keys.stride(), values.stride()[:3]),
                 storages((keys, values)),
             )  # fmt: skip
         return out

@@ -24,6 +24,7 @@ __all__ = [
     "feed_forward",
     "residual_feed_forward_op",
     "residual_linear_op",
+    "run_feed_forward",
 ]
 
 
@@ -252,16 +253,32 @@ def compute_feed_forward(
             x, linear1_weight, linear1_bias, linear2_weight, linear2_bias, norm_weight,
             norm_bias, activation, norm_first, eps,
         ).contiguous()  # fmt: skip
-    rows = _rows(x)
-    D, hidden = x.shape[-1], linear2_weight.shape[1]
-    out = torch.empty_like(x, memory_format=torch.contiguous_format)
-    w1, b1, w2, b2, g, b = _contiguous(
+    weights = _contiguous(
         linear1_weight, linear1_bias, linear2_weight, linear2_bias, norm_weight, norm_bias
     )
+    return run_feed_forward(
+        x, _rows(x), linear2_weight.shape[1], tuple(map(address, weights)), float(eps),
+        ACTIVATIONS.index(activation), norm_first,
+    )  # fmt: skip
+
+
+def run_feed_forward(
+    x: Tensor,
+    rows: Tensor,
+    hidden: int,
+    addresses: tuple[int, ...],
+    eps: float,
+    activation: int,
+    norm_first: bool,
+) -> Tensor:
+    """Run the compiled feed-forward kernel (the weights held by the caller at ``addresses``,
+    in the order of `residual_feed_forward`, 0 for ``None``) on ``rows``, ``x`` as rows
+    with contiguous features; returns a new tensor shaped like ``x``. Everything has been
+    checked: this only passes addresses."""
+    out = torch.empty_like(x, memory_format=torch.contiguous_format)
     binding("residual_feed_forward", x.dtype)(
-        rows.data_ptr(), rows.stride(0), rows.shape[0], D, hidden, address(w1), address(b1),
-        address(w2), address(b2), address(g), address(b), float(eps),
-        ACTIVATIONS.index(activation), norm_first, out.data_ptr(), torch.get_num_threads(),
+        rows.data_ptr(), rows.stride(0), rows.shape[0], x.shape[-1], hidden, *addresses, eps,
+        activation, norm_first, out.data_ptr(), torch.get_num_threads(),
     )  # fmt: skip
     return out
 

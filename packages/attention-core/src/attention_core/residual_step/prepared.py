@@ -15,8 +15,8 @@ import torch
 from torch import Tensor
 
 from .._checks import PLAIN_TENSORS, layouts, storages
-from .._extension import _reference_forced, address, binding, use_kernels
-from ._op import _check_eps, feed_forward
+from .._extension import _reference_forced, address, use_kernels
+from ._op import _check_eps, feed_forward, run_feed_forward
 from .reference import ACTIVATIONS
 
 __all__ = ["PreparedFeedForward"]
@@ -87,8 +87,8 @@ class PreparedFeedForward:
             linear1_weight, linear1_bias, linear2_weight, linear2_bias, norm_weight, norm_bias
         )  # fmt: skip
         self._activation, self._norm_first, self._eps = activation, norm_first, float(eps)
-        # after a call that ran the kernel: (dtype, D, F, weight layouts, kernel arguments,
-        # the weights' storages, held so that their addresses stay theirs)
+        # after a call that ran the kernel: (dtype, D, F, weight layouts, weight addresses,
+        # activation index, the weights' storages, held so that their addresses stay theirs)
         self._checked: tuple | None = None
 
     @property
@@ -130,13 +130,9 @@ class PreparedFeedForward:
             and not _reference_forced()
             and layouts(self._weights) == checked[3]
         ):
-            out = torch.empty_like(x, memory_format=torch.contiguous_format)
-            kernel, addresses, activation = checked[4]
-            kernel(
-                x.data_ptr(), x.stride(0), x.shape[0], checked[1], checked[2], *addresses,
-                self._eps, activation, self._norm_first, out.data_ptr(), torch.get_num_threads(),
-            )  # fmt: skip
-            return out
+            return run_feed_forward(
+                x, x, checked[2], checked[4], self._eps, checked[5], self._norm_first
+            )
         y = feed_forward(x, *self._weights, self._activation, self._norm_first, self._eps)
         self._remember(x)
         return y
@@ -144,15 +140,13 @@ class PreparedFeedForward:
     def _remember(self, x: Tensor) -> None:
         """Keep what the fast path needs once `residual_feed_forward` has accepted ``x`` and
         the weights, where the kernel can serve later calls (contiguous weights, CPU)."""
-        w1, b1, w2, b2, g, b = self._weights
         weights = [t for t in self._weights if t is not None]
         if type(x) not in PLAIN_TENSORS or not use_kernels(x, *weights):
             return
         if any(type(t) not in PLAIN_TENSORS or not t.is_contiguous() for t in weights):
             return
-        kernel = binding("residual_feed_forward", x.dtype)
-        addresses = (address(w1), address(b1), address(w2), address(b2), address(g), address(b))
         self._checked = (
-            x.dtype, x.shape[-1], w2.shape[1], layouts(self._weights),
-            (kernel, addresses, ACTIVATIONS.index(self._activation)), storages(self._weights),
+            x.dtype, x.shape[-1], self._weights[2].shape[1], layouts(self._weights),
+            tuple(map(address, self._weights)), ACTIVATIONS.index(self._activation),
+            storages(self._weights),
         )  # fmt: skip
