@@ -18,6 +18,10 @@ over the slice on torch's thread pool, reading keys stored row-major or feature-
 place, writing the output with the heads joined. ``ATTENTION_CORE_FORCE_REFERENCE=1`` forces
 the reference. Both are the ``torch.library`` op ``torch.ops.attention_core.cache_attention``
 with a fake registration for ``torch.compile``; its backward differentiates the reference.
+
+`PreparedCacheAttention` holds one key/value cache for many calls: the cache is checked with
+its first call, and later calls check the queries, the range and the bias and compare the
+cache's layout with what was checked.
 """
 
 from __future__ import annotations

@@ -23,6 +23,10 @@ Both are the ``torch.library`` ops ``torch.ops.attention_core.residual_feed_forw
 ``torch.ops.attention_core.residual_linear``, with fake registrations for ``torch.compile``;
 their backward differentiates the reference (the kernels serve inference, where a step is
 taken under ``torch.no_grad``).
+
+`PreparedFeedForward` holds one feed-forward sublayer's weights for many calls (the windows
+of a forward pass, the steps of a decoding loop): they are checked with its first call, and
+later calls check the input and compare the weights' layout with what was checked.
 """
 
 from __future__ import annotations
