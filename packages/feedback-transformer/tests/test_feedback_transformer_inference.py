@@ -107,10 +107,10 @@ def test_full_windows_read_their_rows_and_first_projection_as_views(monkeypatch)
     calls = []
     original = _inference_window.window
 
-    def spy(weights, x, buffer, slots, bias, first_empty, cross, proj0=None, *args):
+    def spy(weights, x, views, slots, bias, first_empty, cross, proj0=None, *args):
         storage = None if proj0 is None else proj0.untyped_storage().data_ptr()
         calls.append((x.untyped_storage().data_ptr(), storage, x.storage_offset()))
-        return original(weights, x, buffer, slots, bias, first_empty, cross, proj0, *args)
+        return original(weights, x, views, slots, bias, first_empty, cross, proj0, *args)
 
     monkeypatch.setattr(_inference_window, "window", spy)
     with torch.no_grad():

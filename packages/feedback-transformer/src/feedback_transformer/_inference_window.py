@@ -127,13 +127,12 @@ class KVViews:
 def window(
     weights: InferenceWeights,
     x: Tensor,
-    buffer: Tensor,
+    views: KVViews,
     slots: tuple[int, int],
     bias: Tensor,
     first_empty: bool,
     cross: Cross | None,
     proj0: Tensor | None = None,
-    views: KVViews | None = None,
     write_memory: bool = False,
 ) -> tuple[Tensor, Tensor | None]:
     """Run a window of ``w`` steps through every layer, without autograd.
@@ -141,16 +140,15 @@ def window(
     Arguments:
         weights: the call's `InferenceWeights` (stacked query weights when ``w > 1``).
         x: ``(b w, dim)`` the embeddings of the window's steps, rows in ``(b, w)`` order.
-        buffer: ``(2, b h, c, d)`` keys and values; the window's own go to the slots after
-            the memory.
+        views: the `KVViews` of the call's key/value buffer (made once per call or decoding
+            state); the window's own keys and values go to the slots after the memory.
         slots: ``(lo, hi)``, the memory slots the window sees.
         bias: ``(h, w, j)`` from `_window_attention.window_bias`.
         first_empty: the first query sees no key (its attention output is zero).
         cross: the context's keys and values per layer and the mask, or ``None``.
         proj0: the first layer's projection ``(b w, o)`` of ``x`` if already computed.
-        views: the `KVViews` of ``buffer`` if already made (once per call).
         write_memory: also write the window's memory keys and values to its slots
-            ``hi .. hi + w - 1`` of ``buffer``.
+            ``hi .. hi + w - 1`` of the buffer.
 
     Returns:
         The last layer's output ``(b w, dim)`` and the window's memory keys and values
@@ -161,8 +159,6 @@ def window(
     rows = x.shape[0]
     b = rows // w
     lo, hi = slots
-    if views is None:
-        views = KVViews(buffer, b, h)
     end = hi + w if w > 1 else hi
     # the window's slots after the memory, as "two b h w d -> b w two h d": its keys and
     # values at each layer (w > 1), then its memory (``write_memory``)
@@ -292,7 +288,7 @@ def _windows(
         lo = max(0, hi - M)
         bias, first_empty = biases.get(hi - lo, w)
         weights = full if w > 1 else single
-        x, _ = window(weights, x, buffer, (lo, hi), bias, first_empty, cross, proj0, views, True)
+        x, _ = window(weights, x, views, (lo, hi), bias, first_empty, cross, proj0, True)
         outputs.append(x)
     if not M:
         return outputs, (b, H, 0, D), None

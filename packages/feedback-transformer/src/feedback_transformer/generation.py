@@ -148,8 +148,8 @@ def _advance(model: FeedbackTransformer, state: FeedbackState, x: Tensor) -> Ten
     # a window's first token: the memory only, queries only
     weights = state.weights if w == 1 else state.window_weights
     out, kv = _inference_window.window(
-        weights, x.reshape(b * w, dim), ring.kv, ring.bounds(), bias, first_empty, state.cross,
-        views=state.views,
+        weights, x.reshape(b * w, dim), state.views, ring.bounds(), bias, first_empty,
+        state.cross,
     )  # fmt: skip
     memory = None  # "(b w) (two h d) -> two b h w d"
     if kv is not None:  # mem_len > 0

@@ -19,9 +19,18 @@ __all__ = [
     "attend",
     "cache_attention_op",
     "check_attention",
+    "check_scale",
     "compute_attention",
+    "kernel_bias",
+    "kernel_cache",
     "run_attention",
 ]
+
+
+def check_scale(scale: object) -> None:
+    """``scale`` must be a finite number (an int or a float, not a bool)."""
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise ValueError(f"scale must be a finite number; got {scale!r}")
 
 
 def check_attention(
@@ -57,8 +66,7 @@ def check_attention(
             f"start and end must satisfy 0 <= start <= end <= {C} (the cache length); got "
             f"{start} and {end}"
         )
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
-        raise ValueError(f"scale must be a finite number; got {scale!r}")
+    check_scale(scale)
     if bias is None:
         return
     check_like("bias", bias, query, "query")
@@ -88,14 +96,24 @@ def compute_attention(
     query, values = row_major(query), row_major(values)
     if keys.stride(3) != 1 and keys.stride(2) != 1:  # neither row- nor feature-major
         keys = keys.contiguous()
-    bias_arguments: tuple[int, tuple[int, ...]] = (0, (0, 0, 0))
-    if bias is not None:
-        bias = row_major(bias)
-        bias_strides = bias.stride()[:3] if bias.dim() == 4 else (0, *bias.stride()[:2])
-        bias_arguments = (bias.data_ptr(), bias_strides)
-    cache = (keys.data_ptr(), keys.stride(), values.data_ptr(), values.stride()[:3])
-    return run_attention(query, cache, keys.shape[2], values.shape[3], bias_arguments, start,
-                         end, float(scale))  # fmt: skip
+    bias = None if bias is None else row_major(bias)
+    return run_attention(query, kernel_cache(keys, values), keys.shape[2], values.shape[3],
+                         kernel_bias(bias), start, end, float(scale))  # fmt: skip
+
+
+def kernel_cache(keys: Tensor, values: Tensor) -> tuple[int, tuple[int, ...], int, tuple[int, ...]]:
+    """How the kernel reads ``keys`` `(B, H, C, E)` (row- or feature-major) and ``values``
+    `(B, H, C, M)` (contiguous features): their addresses and strides."""
+    return keys.data_ptr(), keys.stride(), values.data_ptr(), values.stride()[:3]
+
+
+def kernel_bias(bias: Tensor | None) -> tuple[int, tuple[int, ...]]:
+    """How the kernel reads ``bias`` `(H, W, J)` or `(B, H, W, J)` with a contiguous last
+    dimension: its address and the strides of its first three dimensions (0: shared by the
+    batch); ``(0, (0, 0, 0))`` for none."""
+    if bias is None:
+        return 0, (0, 0, 0)
+    return bias.data_ptr(), bias.stride()[:3] if bias.dim() == 4 else (0, *bias.stride()[:2])
 
 
 def run_attention(

@@ -9,14 +9,12 @@ storage, shape and strides they were checked with.
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
 from .._checks import PLAIN_TENSORS, layouts, storages
 from .._extension import _reference_forced, use_kernels
-from ._op import attend, run_attention
+from ._op import attend, check_scale, kernel_bias, kernel_cache, run_attention
 
 __all__ = ["PreparedCacheAttention"]
 
@@ -55,13 +53,10 @@ class PreparedCacheAttention:
     def __init__(self, keys: Tensor, values: Tensor, *, scale: float | None = None):
         if scale is None:
             scale = keys.shape[-1] ** -0.5 if isinstance(keys, Tensor) and keys.dim() else 1.0
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)):
-            raise ValueError(f"scale must be a finite number; got {scale!r}")
-        if not math.isfinite(scale):
-            raise ValueError(f"scale must be a finite number; got {scale!r}")
+        check_scale(scale)
         self._keys, self._values, self._scale = keys, values, float(scale)
-        # after a call that ran the kernel: (dtype, (B, H, C, E, M), buffer layouts, strides,
-        # the buffers' storages, held so that their addresses stay theirs)
+        # after a call that ran the kernel: (dtype, (B, H, C, E, M), buffer layouts, how the
+        # kernel reads the buffers, their storages, held so that their addresses stay theirs)
         self._checked: tuple | None = None
 
     @property
@@ -123,9 +118,7 @@ class PreparedCacheAttention:
                 bias_args = _bias_arguments(bias, (B, H, W, end - start), checked[0])
                 if bias_args is None:
                     return self._attend(query, start, end, bias)
-                cache = (self._keys.data_ptr(), checked[3][0], self._values.data_ptr(),
-                         checked[3][1])  # fmt: skip
-                return run_attention(query, cache, C, M, bias_args, start, end, self._scale)
+                return run_attention(query, checked[3], C, M, bias_args, start, end, self._scale)
         return self._attend(query, start, end, bias)
 
     def _attend(self, query: Tensor, start: int, end: int, bias: Tensor | None) -> Tensor:
@@ -142,8 +135,7 @@ class PreparedCacheAttention:
             B, H, C, E = keys.shape
             self._checked = (
                 keys.dtype, (B, H, C, E, values.shape[3]), layouts((keys, values)),
-                (keys.stride(), values.stride()[:3]),
-                storages((keys, values)),
+                kernel_cache(keys, values), storages((keys, values)),
             )  # fmt: skip
         return out
 
@@ -165,8 +157,6 @@ def _bias_arguments(
         or (bias.stride(-1) != 1 and J > 1)
     ):
         return None
-    if bias.shape == (H, W, J):
-        return bias.data_ptr(), (0, *bias.stride()[:2])
-    if bias.shape == (B, H, W, J):
-        return bias.data_ptr(), bias.stride()[:3]
-    return None
+    if bias.shape not in ((H, W, J), (B, H, W, J)):
+        return None
+    return kernel_bias(bias)
