@@ -186,3 +186,22 @@ def test_generate_with_context_and_sampling_options():
 
 def test_model_is_a_step_model():
     assert isinstance(make(), StepModel)
+
+
+@pytest.mark.parametrize("seq_len", [1, 3])
+def test_steps_return_ordinary_tensors(seq_len):
+    """A step's window runs under ``torch.inference_mode``; what it returns and keeps must
+    not be inference tensors: callers scale logits in place and train on the memory."""
+    model = make(seq_len=seq_len, mem_len=4)
+    logits, state = model.prefill(torch.randint(0, VOCAB, (2, 2)))
+    for t in range(5):
+        logits, state = model.step(torch.full((2,), t), state)
+        assert not logits.is_inference()
+        logits.div_(2.0)  # raises for an inference tensor outside inference mode
+    memory = state.memory
+    assert not memory.keys.is_inference() and not memory.values.is_inference()
+    assert not state.ring.keys.is_inference() and not state.window.is_inference()
+    x = torch.randint(0, VOCAB, (2, 3))
+    model.train()
+    loss = model(x, memory=memory).sum()  # the memory feeds a training step
+    loss.backward()

@@ -5,8 +5,8 @@ ops dispatched per step, and the Python around them, is part of the cost. This i
 `_window_loop.window` for calls that record no gradients (and apply no dropout):
 
 * the parameters are gathered once per call (`_inference_weights.InferenceWeights`), not
-  looked up on the modules per window; the attention's dense products read their weights
-  transposed, ``(in, out)``;
+  looked up on the modules per window; the attention's dense products read their
+  ``(out, in)`` weights through transposed views (the faster layout at a few rows);
 * the windows of a call run under ``torch.inference_mode`` (no version counters or view
   tracking per op: 10-15% less time per window in ops and Python at a few rows);
 * keys and values live in one joint buffer ``(2, b h, c, d)`` whose views (`KVViews`) are
