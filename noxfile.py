@@ -274,6 +274,14 @@ def ft_suite(session: nox.Session) -> None:
     session.run("python", str(ROOT / ".ci" / "ft_suite.py"), str(tests), *args)
 
 
+# test modules without "kernel" in their name whose calls reach the C++ kernels too: the
+# step ops, the prepared ops' fast paths (held addresses) and the causal product's forms
+ASAN_TOO = (
+    "cache_attention", "causal_chunked", "causal_fused", "linear_step", "prepared_ops",
+    "residual_step",
+)  # fmt: skip
+
+
 @nox.session(default=False)
 def asan(session: nox.Session) -> None:
     """Build the C++ kernels with AddressSanitizer and run their tests under it."""
@@ -299,7 +307,7 @@ def asan(session: nox.Session) -> None:
     kernel_tests = sorted(
         str(path.relative_to(ROOT))
         for path in (ROOT / CORE / "tests").glob("test_attention_core_*.py")
-        if "kernel" in path.name
+        if "kernel" in path.name or path.stem.removeprefix("test_attention_core_") in ASAN_TOO
     )
     session.run(
         "pytest", *kernel_tests, "-p", "no:cacheprovider", "-s", *session.posargs,

@@ -149,6 +149,21 @@ def test_no_module_over_500_lines():
     assert long == {}, f"modules over {MAX_LINES} lines: {long}"
 
 
+CSRC = Path(__file__).resolve().parents[3] / "csrc"
+
+
+@pytest.mark.skipif(not CSRC.is_dir(), reason="needs the repository's csrc/ (a source checkout)")
+def test_no_csrc_file_over_500_lines():
+    """The extension's sources too: each kernel in its header, each binding in its
+    ``*_bindings.h``, and bindings.cpp only registers them."""
+    long = {
+        path.name: n
+        for path in sorted(CSRC.iterdir())
+        if path.suffix in {".h", ".cpp"} and (n := len(path.read_text().splitlines())) > MAX_LINES
+    }
+    assert long == {}, f"csrc files over {MAX_LINES} lines: {long}"
+
+
 @pytest.mark.parametrize("op", OP_PACKAGES)
 def test_one_op_one_place(op):
     """Each op package holds its public functions, its reference and its torch.library
