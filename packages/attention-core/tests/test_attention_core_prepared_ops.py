@@ -1,4 +1,5 @@
-"""The prepared ops (``PreparedFeedForward``, ``PreparedCacheAttention``): fixed operands
+"""The prepared ops (``PreparedFeedForward``, ``PreparedResidualLinear``,
+``PreparedCacheAttention``): fixed operands
 checked once, then only the per-call arguments. Every call, first or later, equals the
 public function (bit for bit on the kernel path, in float64 and float32); a later call sees
 values written into the fixed tensors in place and re-checks a tensor given other storage,
@@ -9,7 +10,12 @@ import pytest
 import torch
 
 from attention_core.cache_attention import PreparedCacheAttention, cache_attention
-from attention_core.residual_step import PreparedFeedForward, residual_feed_forward
+from attention_core.residual_step import (
+    PreparedFeedForward,
+    PreparedResidualLinear,
+    residual_feed_forward,
+    residual_linear,
+)
 from attention_core.testing import assert_close
 
 FEED_FORWARD_CASES = [  # R, D, F, activation, norm_first
@@ -134,6 +140,120 @@ def test_prepared_feed_forward_compiles():
         assert_close(
             "compiled", compiled(x), residual_feed_forward(x, *weights), atol=1e-6, rtol=1e-6
         )
+
+
+LINEAR_CASES = [  # R, D, K, norm
+    pytest.param((1, 8, 16, True), id="1-row-norm"),
+    pytest.param((10, 384, 384, True), id="recurrent-step-sized"),
+    pytest.param((3, 24, 40, False), id="no-norm"),
+]
+
+
+def linear_weights(D, K, dtype, seed=0, biases=True):
+    g = torch.Generator().manual_seed(seed)
+    return (
+        torch.randn(D, K, generator=g, dtype=dtype) / K**0.5,
+        torch.randn(D, generator=g, dtype=dtype) if biases else None,
+        1 + torch.randn(D, generator=g, dtype=dtype) / 4,
+        torch.randn(D, generator=g, dtype=dtype) if biases else None,
+    )
+
+
+@pytest.mark.parametrize("case", LINEAR_CASES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("biases", [True, False], ids=["biases", "no-biases"])
+def test_prepared_residual_linear_equals_the_function_at_every_call(case, dtype, biases):
+    R, D, K, norm = case
+    weights = linear_weights(D, K, dtype, biases=biases)
+    proj = PreparedResidualLinear(*weights, norm=norm, eps=1e-5)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for rows in (R, R, 1, 2 * R, 0):  # the first call, later calls, other row counts
+            x = torch.randn(rows, D, generator=g, dtype=dtype)
+            a = torch.randn(rows, K, generator=g, dtype=dtype)
+            expected = residual_linear(x, a, *weights, norm=norm, eps=1e-5)
+            assert torch.equal(proj(x, a), expected)
+        x = torch.randn(1, D, generator=g, dtype=dtype).expand(R, D)  # one row read R times
+        a = torch.randn(R, 3 * K, generator=g, dtype=dtype)[:, K : 2 * K]  # a strided view
+        assert torch.equal(proj(x, a), residual_linear(x, a, *weights, norm=norm, eps=1e-5))
+        a = torch.randn(R, 2 * K, generator=g, dtype=dtype)[:, ::2]  # strided features
+        assert torch.equal(proj(x, a), residual_linear(x, a, *weights, norm=norm, eps=1e-5))
+
+
+def test_prepared_residual_linear_sees_every_change_of_its_weights():
+    w, b, g, nb = linear_weights(8, 16, torch.float64)
+    proj = PreparedResidualLinear(w, b, g, nb, norm=True)
+    x, a = torch.randn(3, 8, dtype=torch.float64), torch.randn(3, 16, dtype=torch.float64)
+    with torch.no_grad():
+        proj(x, a)
+        w.mul_(2)  # in place: the same storage, read at the call
+        assert torch.equal(proj(x, a), residual_linear(x, a, w, b, g, nb, norm=True))
+        b.data = torch.randn(8, dtype=torch.float64)  # other storage: checked again
+        assert torch.equal(proj(x, a), residual_linear(x, a, w, b, g, nb, norm=True))
+        g.data = torch.randn(16, dtype=torch.float64)[::2]  # strided: not the kernel's
+        assert torch.equal(proj(x, a), residual_linear(x, a, w, b, g, nb, norm=True))
+        w.data = torch.randn(8, 17, dtype=torch.float64)  # now wrong: the check names it
+        with pytest.raises(ValueError, match="weight"):
+            proj(x, a)
+
+
+@pytest.mark.parametrize(
+    ("x", "a", "error", "match"),
+    [
+        (torch.randn(3, 9, dtype=torch.float64), None, ValueError, "weight"),
+        (None, torch.randn(3, 15, dtype=torch.float64), ValueError, "weight"),
+        (None, torch.randn(2, 16, dtype=torch.float64), ValueError, "inputs"),
+        (torch.randn(3, 8), None, TypeError, "dtype"),
+        (None, torch.randn(3, 16), TypeError, "inputs"),
+        ("x", None, TypeError, "x"),
+        (None, "inputs", TypeError, "inputs"),
+    ],
+    ids=["x-width", "inputs-width", "rows", "x-dtype", "inputs-dtype", "x-type", "inputs-type"],
+)
+def test_prepared_residual_linear_refuses_what_the_function_refuses(x, a, error, match):
+    proj = PreparedResidualLinear(*linear_weights(8, 16, torch.float64), norm=True)
+    good_x, good_a = torch.randn(3, 8, dtype=torch.float64), torch.randn(3, 16, dtype=torch.float64)
+    with torch.no_grad():
+        proj(good_x, good_a)  # checked once
+        with pytest.raises(error, match=match):
+            proj(good_x if x is None else x, good_a if a is None else a)
+
+
+def test_prepared_residual_linear_refuses_bad_options_when_made():
+    weights = linear_weights(8, 16, torch.float64)
+    with pytest.raises(TypeError, match="norm"):
+        PreparedResidualLinear(*weights, norm=1)
+    with pytest.raises(ValueError, match="eps"):
+        PreparedResidualLinear(*weights, eps=-1.0)
+
+
+def test_prepared_residual_linear_records_gradients_and_compiles():
+    weights = [t.requires_grad_() for t in linear_weights(8, 16, torch.float64)]
+    proj = PreparedResidualLinear(*weights, norm=True)
+    x, a = torch.randn(3, 8, dtype=torch.float64), torch.randn(3, 16, dtype=torch.float64)
+    with torch.no_grad():
+        proj(x, a)  # the fast path is ready; a call that records must not take it
+    y = proj(x, a)
+    assert y.grad_fn is not None
+    y.sum().backward()
+    assert all(t.grad is not None for t in weights)
+    with torch.no_grad():
+        compiled = torch.compile(proj, fullgraph=True, backend="eager")
+        expected = residual_linear(x, a, *weights, norm=True)
+        assert_close("compiled", compiled(x, a), expected, atol=1e-12, rtol=1e-12)
+
+
+def test_prepared_residual_linear_follows_the_forced_reference(monkeypatch):
+    weights = linear_weights(16, 32, torch.float32)
+    proj = PreparedResidualLinear(*weights, norm=True)
+    x, a = torch.randn(4, 16), torch.randn(4, 32)
+    with torch.no_grad():
+        kernel = proj(x, a)
+        monkeypatch.setenv("ATTENTION_CORE_FORCE_REFERENCE", "1")
+        forced = proj(x, a)
+        expected = residual_linear(x, a, *weights, norm=True)
+    assert torch.equal(forced, expected)  # both the reference now
+    assert_close("forced reference", forced, kernel, atol=1e-5, rtol=1e-5)
 
 
 ATTENTION_CASES = [  # B, W, H, E, M, C, start, end
@@ -264,7 +384,11 @@ def test_prepared_ops_check_their_fixed_operands_once(monkeypatch):
     from attention_core.residual_step import prepared as feed_forward_module
 
     checked_ff = counting(monkeypatch, feed_forward_module, "feed_forward")
+    checked_linear = counting(monkeypatch, feed_forward_module, "linear")
     checked_attention = counting(monkeypatch, attention_module, "attend")
+    w, bias, norm_w, norm_b = linear_weights(16, 8, torch.float32)
+    proj = PreparedResidualLinear(w, bias, norm_w, norm_b, norm=True)
+    heads = torch.randn(4, 8)
     w1, b1, w2, b2, g, b = feed_forward_weights(16, 32, "geglu", torch.float32)
     ff = PreparedFeedForward(w1, b1, w2, b2, g, b, activation="geglu", norm_first=True)
     keys, values = attention_operands(2, 2, 4, 8, 8, 20, torch.float32)
@@ -273,8 +397,13 @@ def test_prepared_ops_check_their_fixed_operands_once(monkeypatch):
     with torch.no_grad():
         for _ in range(3):
             ff(x)
+            proj(x, heads)
             attention(q, 2, 12, bias)
-        assert (len(checked_ff), len(checked_attention)) == (1, 1)
+        assert (len(checked_ff), len(checked_linear), len(checked_attention)) == (1, 1, 1)
+        w.data = w.clone()
+        proj(x, heads)
+        proj(x, heads)
+        assert len(checked_linear) == 2  # new storage: checked once more
         w2.data = w2.clone()
         keys.data = keys.clone()
         ff(x)
@@ -284,7 +413,8 @@ def test_prepared_ops_check_their_fixed_operands_once(monkeypatch):
         attention(q, 2, 12, bias)
         assert (len(checked_ff), len(checked_attention)) == (2, 2)
     ff(x)  # grad mode on: the checked path (which records where a weight requires grad)
-    assert len(checked_ff) == 3
+    proj(x, heads)
+    assert (len(checked_ff), len(checked_linear)) == (3, 3)
 
 
 def test_prepared_ops_recheck_a_held_tensor_of_another_dtype_at_the_same_address():
@@ -293,8 +423,14 @@ def test_prepared_ops_recheck_a_held_tensor_of_another_dtype_at_the_same_address
     keys, values = attention_operands(2, 1, 4, 8, 8, 12, torch.float32)
     attention = PreparedCacheAttention(keys, values)
     x, q = torch.randn(3, 8), torch.randn(2, 1, 4, 8)
+    w, bias, norm_w, norm_b = linear_weights(8, 16, torch.float32)
+    proj = PreparedResidualLinear(w, bias, norm_w, norm_b)
+    heads = torch.randn(3, 16)
     with torch.no_grad():
-        ff(x), attention(q, 0, 6)
+        ff(x), attention(q, 0, 6), proj(x, heads)
+        w.data = w.data.view(torch.int32)
+        with pytest.raises(TypeError, match="weight"):
+            proj(x, heads)
         w1.data = w1.data.view(torch.int32)  # same address and shape, another dtype
         keys.data = keys.data.view(torch.int32)
         with pytest.raises(TypeError, match="linear1_weight"):
@@ -309,12 +445,16 @@ def test_prepared_ops_options_are_fixed():
     )
     keys, values = attention_operands(2, 1, 4, 8, 8, 12, torch.float32)
     attention = PreparedCacheAttention(keys, values, scale=0.5)
+    proj = PreparedResidualLinear(*linear_weights(8, 16, torch.float32), norm=True, eps=0.5)
+    assert (proj.norm, proj.eps) == (True, 0.5)
     assert (ff.activation, ff.norm_first, ff.eps) == ("geglu", False, 1e-5)
     assert (attention.keys, attention.values, attention.scale) == (keys, values, 0.5)
     changes = [
         (ff, "activation", "gelu"),
         (ff, "eps", 0.1),
         (ff, "norm_first", True),
+        (proj, "norm", False),
+        (proj, "eps", 1e-5),
         (attention, "scale", float("nan")),
         (attention, "keys", values),
     ]

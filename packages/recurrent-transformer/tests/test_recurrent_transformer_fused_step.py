@@ -52,16 +52,19 @@ def steps(model, xs, memory=None):
 
 @pytest.fixture
 def counted(monkeypatch):
-    """Counts the fused sublayer calls."""
+    """Counts the fused sublayer calls (of the prepared ops that the fused step keeps)."""
     calls = {"linear": 0, "feed_forward": 0}
-    for name, attr in (("linear", "residual_linear"), ("feed_forward", "residual_feed_forward")):
-        original = getattr(fused_step, attr)
+    for name, cls in (
+        ("linear", fused_step.PreparedResidualLinear),
+        ("feed_forward", fused_step.PreparedFeedForward),
+    ):
+        original = cls.__call__
 
         def wrapper(*args, _original=original, _name=name, **kwargs):
             calls[_name] += 1
             return _original(*args, **kwargs)
 
-        monkeypatch.setattr(fused_step, attr, wrapper)
+        monkeypatch.setattr(cls, "__call__", wrapper)
     return calls
 
 
@@ -167,6 +170,37 @@ def test_stacked_projections_follow_every_change_of_the_weights(monkeypatch):
     W, B, _ = attention._stacked_projections["qkv"][2]  # the stacked path ran
     assert attention.value_projection.weight.data_ptr() == W[24:].data_ptr()  # views of it
     assert attention.key_projection.bias.data_ptr() == B[12:].data_ptr()
+
+
+def test_prepared_sublayers_follow_every_change_of_the_weights_and_options(monkeypatch, counted):
+    """The fused step keeps one prepared op per sublayer (its weights checked once); a new
+    parameter object, new ``.data``, an in-place update, a loaded state_dict, another epsilon
+    or activation: each next step still equals the composed one."""
+    model = encoder("linear", "relu")
+    x = torch.randn(4, 15, dtype=torch.float64)
+    _, state = one_step(model, x, None)
+    layer = model.layers[1]
+    changes = [
+        lambda: layer.linear1.weight.mul_(1.5),  # in place
+        lambda: setattr(layer.norm1, "weight",
+                        torch.nn.Parameter(torch.rand(15, dtype=torch.float64) + 0.5)),
+        lambda: setattr(layer.linear2.bias, "data", torch.randn(15, dtype=torch.float64)),
+        lambda: setattr(layer.attention.out_projection.weight, "data",
+                        torch.randn(15, 30, dtype=torch.float64)[:, ::2]),  # strided
+        lambda: setattr(layer.norm2, "eps", 0.5),
+        lambda: setattr(layer.norm1, "eps", 1e-3),
+        lambda: setattr(layer, "activation", torch.nn.functional.gelu),
+        lambda: model.load_state_dict({k: v * 0.9 for k, v in model.state_dict().items()}),
+    ]  # fmt: skip
+    for change in changes:
+        with torch.no_grad():
+            change()
+        before = dict(counted)
+        fused = one_step(model, x, state)
+        assert counted["feed_forward"] == before["feed_forward"] + 2  # the fused step ran
+        with monkeypatch.context() as m:
+            composed(m)
+            assert_same_step(fused, one_step(model, x, state))
 
 
 def test_stacked_projections_follow_a_change_of_dtype():

@@ -19,13 +19,16 @@ global forward hook, selects the composed path.
 
 from __future__ import annotations
 
+import operator
+from collections.abc import Callable
 from typing import Any
+from weakref import WeakKeyDictionary
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from attention_core.residual_step import MIN_ROWS, residual_feed_forward, residual_linear
+from attention_core.residual_step import MIN_ROWS, PreparedFeedForward, PreparedResidualLinear
 from attention_core.utils import forward_hooks_registered
 
 from .attention.self_attention.attention_layer import RecurrentAttentionLayer
@@ -181,20 +184,49 @@ def self_attention_heads(attention: Any, x: Tensor, state: Any) -> tuple[Tensor,
 # the sublayers after the attention
 
 
+# Each sublayer's prepared op (its weights checked once, then only the step's inputs and the
+# weights' layout: `attention_core.residual_step.PreparedResidualLinear` and
+# `PreparedFeedForward`), kept per module with the parameter objects and options it was made
+# for; another parameter object or option makes a new one. Weakly keyed: nothing is added to
+# the module, so copies, pickles and state_dicts are as before.
+_PREPARED: WeakKeyDictionary[nn.Module, tuple[tuple, tuple, Any]] = WeakKeyDictionary()
+
+
+def _prepared(owner: nn.Module, params: tuple, options: tuple, make: Callable[[], Any]) -> Any:
+    """The prepared op of ``owner`` for ``params`` (compared by identity) and ``options``
+    (compared by equality), made by ``make`` when there is none or either changed."""
+    entry = _PREPARED.get(owner)
+    if entry is None or entry[1] != options or not all(map(operator.is_, entry[0], params)):
+        entry = _PREPARED[owner] = (params, options, make())
+    return entry[2]
+
+
 def attention_sublayer(x: Tensor, heads: Tensor, out_projection: nn.Linear, norm: Any) -> Tensor:
     """``norm(x + out_projection(heads))`` for ``x`` ``(N, E)`` and ``heads`` ``(N, H D)``."""
     p: dict[str, Any] = out_projection._parameters
     n = norm._parameters
-    return residual_linear(
-        x, heads, p["weight"], p["bias"], n["weight"], n["bias"], norm=True, eps=norm.eps
+    weights = (p["weight"], p["bias"], n["weight"], n["bias"])
+    project = _prepared(
+        out_projection,
+        weights,
+        (norm.eps,),
+        lambda: PreparedResidualLinear(*weights, norm=True, eps=norm.eps),
     )
+    return project(x, heads)
 
 
 def feed_forward_sublayer(layer: Any, x: Tensor, norm: Any) -> Tensor:
     """``norm(x + linear2(act(linear1(x))))`` of ``layer`` for ``x`` ``(N, E)``."""
     modules = layer._modules
     p1, p2, n = modules["linear1"]._parameters, modules["linear2"]._parameters, norm._parameters
-    return residual_feed_forward(
-        x, p1["weight"], p1["bias"], p2["weight"], p2["bias"], n["weight"], n["bias"],
-        activation=_ACTIVATION_NAMES[layer.activation], norm_first=False, eps=norm.eps,
-    )  # fmt: skip
+    weights = (p1["weight"], p1["bias"], p2["weight"], p2["bias"], n["weight"], n["bias"])
+    activation = _ACTIVATION_NAMES[layer.activation]
+    feed_forward = _prepared(
+        modules["linear1"],
+        weights,
+        (activation, norm.eps),
+        lambda: PreparedFeedForward(
+            *weights, activation=activation, norm_first=False, eps=norm.eps
+        ),
+    )
+    return feed_forward(x)

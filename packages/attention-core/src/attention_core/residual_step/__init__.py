@@ -24,24 +24,25 @@ Both are the ``torch.library`` ops ``torch.ops.attention_core.residual_feed_forw
 their backward differentiates the reference (the kernels serve inference, where a step is
 taken under ``torch.no_grad``).
 
-`PreparedFeedForward` holds one feed-forward sublayer's weights for many calls (the windows
-of a forward pass, the steps of a decoding loop): they are checked with its first call, and
-later calls check the input and compare the weights' layout with what was checked.
+`PreparedFeedForward` and `PreparedResidualLinear` hold one sublayer's weights for many calls
+(the windows of a forward pass, the steps of a decoding loop): they are checked with its
+first call, and later calls check the inputs and compare the weights' layout with what was
+checked.
 """
 
 from __future__ import annotations
 
 from torch import Tensor
 
-from .._extension import needs_graph
-from ._op import check_linear, compute_linear, feed_forward, residual_linear_op
-from .prepared import PreparedFeedForward
+from ._op import feed_forward, linear
+from .prepared import PreparedFeedForward, PreparedResidualLinear
 from .reference import ACTIVATIONS, residual_feed_forward_reference, residual_linear_reference
 
 __all__ = [
     "ACTIVATIONS",
     "MIN_ROWS",
     "PreparedFeedForward",
+    "PreparedResidualLinear",
     "residual_feed_forward",
     "residual_feed_forward_reference",
     "residual_linear",
@@ -160,7 +161,4 @@ def residual_linear(
         >>> y.shape
         torch.Size([4, 16])
     """
-    check_linear(x, inputs, weight, bias, norm, norm_weight, norm_bias, eps)
-    if needs_graph(x, inputs, weight, bias, norm_weight, norm_bias):
-        return residual_linear_op(x, inputs, weight, bias, norm, norm_weight, norm_bias, float(eps))
-    return compute_linear(x, inputs, weight, bias, norm, norm_weight, norm_bias, float(eps))
+    return linear(x, inputs, weight, bias, norm, norm_weight, norm_bias, eps)

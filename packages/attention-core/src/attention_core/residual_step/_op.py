@@ -22,9 +22,11 @@ __all__ = [
     "compute_feed_forward",
     "compute_linear",
     "feed_forward",
+    "linear",
     "residual_feed_forward_op",
     "residual_linear_op",
     "run_feed_forward",
+    "run_linear",
 ]
 
 
@@ -301,13 +303,23 @@ def compute_linear(
         return residual_linear_reference(
             x, inputs, weight, bias, norm, norm_weight, norm_bias, eps
         ).contiguous()
-    rows, a = _rows(x), _rows(inputs)
-    out = torch.empty_like(x, memory_format=torch.contiguous_format)
     w, b, g, nb = _contiguous(weight, bias, norm_weight, norm_bias)
+    addresses = (address(w), address(b), address(g), address(nb))
+    return run_linear(x, _rows(x), _rows(inputs), addresses, norm, float(eps))
+
+
+def run_linear(
+    x: Tensor, rows: Tensor, inputs: Tensor, addresses: tuple[int, ...], norm: bool, eps: float
+) -> Tensor:
+    """Call the `residual_linear` kernel: the residual ``rows`` ``(R, D)`` and the ``inputs``
+    ``(R, K)``, both rows with contiguous features, the contiguous weight, bias, norm weight
+    and norm bias at ``addresses`` (0 for ``None``); returns a new tensor shaped like ``x``
+    (``rows`` is ``x`` as rows). Everything has been checked."""
+    out = torch.empty_like(x, memory_format=torch.contiguous_format)
     binding("residual_linear", x.dtype)(
-        rows.data_ptr(), rows.stride(0), a.data_ptr(), a.stride(0), rows.shape[0],
-        x.shape[-1], inputs.shape[-1], address(w), address(b), norm, address(g), address(nb),
-        float(eps), out.data_ptr(), torch.get_num_threads(),
+        rows.data_ptr(), rows.stride(0), inputs.data_ptr(), inputs.stride(0), rows.shape[0],
+        rows.shape[1], inputs.shape[1], *addresses[:2], norm, *addresses[2:], eps,
+        out.data_ptr(), torch.get_num_threads(),
     )  # fmt: skip
     return out
 
@@ -331,6 +343,24 @@ def feed_forward(
     if needs_graph(*args, norm_bias):
         return residual_feed_forward_op(*args, norm_bias, activation, norm_first, float(eps))
     return compute_feed_forward(*args, norm_bias, activation, norm_first, float(eps))
+
+
+def linear(
+    x: Tensor,
+    inputs: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    norm: bool,
+    norm_weight: Tensor | None,
+    norm_bias: Tensor | None,
+    eps: float,
+) -> Tensor:
+    """`residual_linear`: check every argument, then run the registered op where autograd
+    records or ``torch.compile`` traces the call, else the kernel directly."""
+    check_linear(x, inputs, weight, bias, norm, norm_weight, norm_bias, eps)
+    if needs_graph(x, inputs, weight, bias, norm_weight, norm_bias):
+        return residual_linear_op(x, inputs, weight, bias, norm, norm_weight, norm_bias, float(eps))
+    return compute_linear(x, inputs, weight, bias, norm, norm_weight, norm_bias, float(eps))
 
 
 @torch.library.custom_op("attention_core::residual_feed_forward", mutates_args=())
