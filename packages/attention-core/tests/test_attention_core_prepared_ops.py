@@ -439,6 +439,28 @@ def test_prepared_ops_recheck_a_held_tensor_of_another_dtype_at_the_same_address
             attention(q, 0, 6)
 
 
+def test_prepared_ops_let_go_of_weights_the_kernel_no_longer_reads():
+    """After a call that the kernel cannot serve (weights moved to another dtype, as
+    ``model.to(torch.bfloat16)`` does), the ops hold neither the old layout nor the old
+    storages, which would otherwise stay alive as long as the op."""
+    w1, b1, w2, b2, g, b = feed_forward_weights(8, 16, "relu", torch.float32)
+    ff = PreparedFeedForward(w1, b1, w2, b2, g, b)
+    weight, bias, norm_w, norm_b = linear_weights(8, 16, torch.float32)
+    proj = PreparedResidualLinear(weight, bias, norm_w, norm_b, norm=True)
+    x, heads = torch.randn(3, 8), torch.randn(3, 16)
+    with torch.no_grad():
+        ff(x), proj(x, heads)
+        assert ff._checked is not None and proj._checked is not None
+        for t in (w1, b1, w2, b2, g, b, weight, bias, norm_w, norm_b):
+            t.data = t.data.to(torch.bfloat16)
+        half = x.to(torch.bfloat16)
+        assert torch.equal(ff(half), residual_feed_forward(half, w1, b1, w2, b2, g, b))
+        expected = residual_linear(half, heads.to(torch.bfloat16), weight, bias, norm_w, norm_b,
+                                   norm=True)  # fmt: skip
+        assert torch.equal(proj(half, heads.to(torch.bfloat16)), expected)
+    assert ff._checked is None and proj._checked is None
+
+
 def test_prepared_ops_options_are_fixed():
     ff = PreparedFeedForward(
         *feed_forward_weights(8, 16, "geglu", torch.float32), activation="geglu"

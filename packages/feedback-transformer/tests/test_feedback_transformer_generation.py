@@ -201,7 +201,56 @@ def test_steps_return_ordinary_tensors(seq_len):
     memory = state.memory
     assert not memory.keys.is_inference() and not memory.values.is_inference()
     assert not state.ring.keys.is_inference() and not state.window.is_inference()
+    if seq_len > 1:  # 2 + 5 tokens: an incomplete window of 1, whose memory the state keeps
+        assert state.window_memory is not None
+        assert not any(t.is_inference() for t in state.window_memory)
     x = torch.randint(0, VOCAB, (2, 3))
     model.train()
     loss = model(x, memory=memory).sum()  # the memory feeds a training step
     loss.backward()
+
+
+@pytest.mark.parametrize("seq_len", [1, 3])
+def test_a_compiled_step_continues_eager_steps(seq_len):
+    """Eager steps run under inference mode; what they leave in the state must serve a later
+    step under torch.compile (which runs without it)."""
+    model = make(seq_len=seq_len, mem_len=5)
+    x = torch.randint(0, VOCAB, (2, 8), generator=torch.Generator().manual_seed(6))
+    expected, _ = teacher_forced(model, x, 2)
+    logits, state = model.prefill(x[:, :2])
+    out = [logits]
+    for t in range(2, 5):
+        logits, state = model.step(x[:, t], state)
+        out.append(logits)
+    compiled = torch.compile(model.step, backend="eager")
+    for t in range(5, 8):
+        logits, state = compiled(x[:, t], state)
+        out.append(logits)
+    assert_close("eager then compiled steps", torch.stack(out, dim=1), expected)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda m: m.layers[0].to_out.weight.add_(0.1),
+        lambda m: m.to_kv.weight.mul_(2.0),
+        lambda m: m.load_state_dict(m.state_dict()),
+        lambda m: setattr(m.layers[1].to_q.weight, "data", m.layers[1].to_q.weight.clone()),
+    ],
+    ids=["in-place", "shared-kv", "load_state_dict", "new-data"],
+)
+def test_a_step_refuses_parameters_changed_since_prefill(change):
+    """The state holds copies of some weights (the scaled queries) and reads others: after a
+    change of the parameters a step would mix old and new weights, so it refuses."""
+    model = make(seq_len=2, mem_len=4)
+    tokens = torch.randint(0, VOCAB, (2, 3))
+    _, state = model.prefill(tokens)
+    model.step(tokens[:, 0], state)
+    with torch.no_grad():
+        change(model)
+    with pytest.raises(ValueError, match="changed since prefill"):
+        model.step(tokens[:, 1], state)
+    _, state = model.prefill(tokens)  # a new state follows the new weights
+    x = torch.cat((tokens, tokens[:, :1]), dim=1)
+    stepped, _ = model.step(tokens[:, 0], state)
+    assert_close("step after a new prefill", stepped, model(x)[:, -1])

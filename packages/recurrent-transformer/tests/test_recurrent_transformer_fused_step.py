@@ -203,6 +203,32 @@ def test_prepared_sublayers_follow_every_change_of_the_weights_and_options(monke
             assert_same_step(fused, one_step(model, x, state))
 
 
+def test_the_fused_step_reuses_its_prepared_ops(monkeypatch):
+    """One prepared op per sublayer, made at the first step and reused by the next ones (its
+    weights checked once), also for modules shared by several layers (tied weights)."""
+    made = []
+    for cls in (fused_step.PreparedResidualLinear, fused_step.PreparedFeedForward):
+        original = cls.__init__
+
+        def counting(self, *args, _original=original, **kwargs):
+            made.append(type(self).__name__)
+            _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(cls, "__init__", counting)
+    model = encoder("linear", "relu")
+    x = torch.randn(4, 15, dtype=torch.float64)
+    steps(model, [x] * 5)
+    assert sorted(made) == ["PreparedFeedForward"] * 2 + ["PreparedResidualLinear"] * 2
+    made.clear()
+    model.layers[1].linear1 = model.layers[0].linear1  # tied: one module, two layers
+    model.layers[1].attention.out_projection = model.layers[0].attention.out_projection
+    fused = steps(model, [x] * 5)
+    assert sorted(made) == ["PreparedFeedForward", "PreparedResidualLinear"]  # one new each
+    with monkeypatch.context() as m:
+        composed(m)
+        assert_close("tied", fused, steps(model, [x] * 5), rtol=1e-10, atol=1e-10)
+
+
 def test_stacked_projections_follow_a_change_of_dtype():
     model = encoder("linear", "gelu")
     x = torch.randn(4, 15, dtype=torch.float64)

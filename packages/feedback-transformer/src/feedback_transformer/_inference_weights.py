@@ -38,15 +38,15 @@ class LayerWeights:
             transposed, or ``(dim, 3 h d)``: that with the shared key/value weight (windows
             of ``w > 1`` steps).
         out_weight_t: ``(h d, dim)``, the output projection transposed, and ``out_bias``.
+        feed_forward_step: the pre-norm GEGLU feed-forward block with its residual as one
+            prepared call (`attention_core.residual_step.PreparedFeedForward`: its weights
+            are checked once, not at every window).
+        cross: the layer's cross attention, or ``None``.
 
     The transposed weights are views of ``(out, in)`` storage: at a few rows MKL's product
     with a transposed operand read that layout 15-25% faster than ``(in, out)`` storage
     (2 threads, the 17 products of a window: 0.52 against 0.63 ms; with the bias 0.56
     against 0.74 ms).
-        feed_forward_step: the pre-norm GEGLU feed-forward block with its residual as one
-            prepared call (`attention_core.residual_step.PreparedFeedForward`: its weights
-            are checked once, not at every window).
-        cross: the layer's cross attention, or ``None``.
     """
 
     __slots__ = ("cross", "feed_forward_step", "out_bias", "out_weight_t", "projection_t")

@@ -83,7 +83,8 @@ class WindowBiases:
         query sees no key, as `_window_attention.window_bias` returns them."""
         if not m:
             if w not in self._empty:
-                self._empty[w] = window_bias(self._table, 0, w, self._window)
+                with torch.inference_mode(False):  # kept: an ordinary tensor, as above
+                    self._empty[w] = window_bias(self._table, 0, w, self._window)
             return self._empty[w]
         M = self._masked.shape[2] - self._window
         return self._masked[:, :w, M - m : M + (w if w > 1 else 0)], False
@@ -118,7 +119,10 @@ class KVViews:
         key = (b, w, weight_t.shape[1])
         if key not in self._projections:
             h, d = self.slots.shape[2], self.slots.shape[4]
-            out = weight_t.new_empty(b * w, weight_t.shape[1])
+            # an ordinary tensor even when made under inference mode: a decoding state keeps
+            # it, and a later step outside inference mode (torch.compile) writes it
+            with torch.inference_mode(False):
+                out = weight_t.new_empty(b * w, weight_t.shape[1])
             own = out[:, h * d :].view(b, w, 2, h, d) if w > 1 else None
             self._projections[key] = (out, out[:, : h * d].view(b, w, h, d), own)
         return self._projections[key]

@@ -56,6 +56,9 @@ class FeedbackState:
         window: embeddings ``(b, r, dim)`` of the ``r < seq_len`` tokens of the window not
             yet complete (``r = 0`` with ``seq_len = 1``).
         window_memory: their memory keys and values ``(b, h, r, d)``, or ``None``.
+        parameters: the model's parameters, and ``parameter_versions`` their version
+            counters and data addresses at `prefill`: `step` refuses to go on when they
+            changed (see `check_parameters`).
     """
 
     def __init__(
@@ -85,6 +88,24 @@ class FeedbackState:
         self.signature = model.signature
         self.window = memory.keys.new_zeros(batch, 0, model.dim)
         self.window_memory: tuple[Tensor, Tensor] | None = None
+        # the parameters as the state read them: the steps use copies of some (the scaled
+        # query weights) and the parameters themselves for others
+        self.parameters = tuple(model.parameters())
+        self.parameter_versions = _versions(self.parameters)
+
+    def check_parameters(self) -> None:
+        """Raise ``ValueError`` if the model's parameters changed since `prefill`.
+
+        That is: changed in place or given other storage (an optimiser step,
+        ``load_state_dict``, ``model.to``); the state's copies would no longer match the
+        model. (An in-place change through ``.data`` is not seen: it bypasses the
+        parameter's version counter.)"""
+        if _versions(self.parameters) != self.parameter_versions:
+            raise ValueError(
+                "the model's parameters changed since prefill (an optimiser step, "
+                "load_state_dict, an in-place update or model.to): the decoding state holds "
+                "copies of the old ones; call prefill again"
+            )
 
     @property
     def memory(self) -> FeedbackMemory:
@@ -98,6 +119,11 @@ class FeedbackState:
             keys = torch.cat((keys, self.window_memory[0]), dim=2)[:, :, -capacity:]
             values = torch.cat((values, self.window_memory[1]), dim=2)[:, :, -capacity:]
         return FeedbackMemory(keys.clone(), values.clone(), self.signature)
+
+
+def _versions(parameters: tuple[Tensor, ...]) -> tuple[tuple[int, int], ...]:
+    """Each parameter's version counter and data address."""
+    return tuple([(p._version, p.data_ptr()) for p in parameters])
 
 
 @torch.no_grad()
@@ -137,15 +163,25 @@ def prefill(
     if complete < t:  # the prompt ends inside a window: the steps continue it
         with _inference():
             last = _advance(model, state, h[:, complete:])
+        _keep_ordinary(state)
     return model.to_logits(last), state
 
 
 def _inference() -> AbstractContextManager:
     """``torch.inference_mode`` around a step's window (5-6% less time per decoded token at
     d=256: no version counters or view tracking per op), except while ``torch.compile``
-    traces the call. The state's buffers, made outside it, stay ordinary tensors that it
-    writes in place; the logits are computed after it, so they are ordinary tensors too."""
+    traces the call. What the state keeps stays an ordinary tensor: the ring buffer is made
+    outside it and written in place, the buffers that the window makes for later steps are
+    made with inference mode off, the memory of an incomplete window is copied after it
+    (`_keep_ordinary`), and the logits are computed after it."""
     return nullcontext() if torch.compiler.is_compiling() else torch.inference_mode()
+
+
+def _keep_ordinary(state: FeedbackState) -> None:
+    """Replace the incomplete window's memory, made under inference mode, by ordinary copies
+    (``(b, h, r, d)`` with ``r < seq_len``: a few rows), which callers may use as any tensor."""
+    if state.window_memory is not None and state.window_memory[0].is_inference():
+        state.window_memory = (state.window_memory[0].clone(), state.window_memory[1].clone())
 
 
 def _advance(model: FeedbackTransformer, state: FeedbackState, x: Tensor) -> Tensor:
@@ -186,6 +222,7 @@ def step(
         raise TypeError(f"state must be a FeedbackState from prefill; got {type(state).__name__}")
     if state.signature != model.signature or state.ring.capacity != model.mem_len:
         raise ValueError("state comes from another model; call prefill of this model")
+    state.check_parameters()
     if not isinstance(tokens, Tensor) or tokens.dim() != 1 or tokens.shape[0] != state.batch:
         check_tokens(model, "tokens", tokens, 1)  # a TypeError or ValueError for the kind
         raise ValueError(
@@ -202,6 +239,7 @@ def step(
         x = torch.cat((state.window, x), dim=1)
     with _inference():
         out = _advance(model, state, x)
+    _keep_ordinary(state)
     state.steps += 1
     norm, head = model.to_logits  # LayerNorm, Linear: called without module dispatch
     norm, head = cast(nn.LayerNorm, norm), cast(nn.Linear, head)

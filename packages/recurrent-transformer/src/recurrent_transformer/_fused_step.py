@@ -187,18 +187,26 @@ def self_attention_heads(attention: Any, x: Tensor, state: Any) -> tuple[Tensor,
 # Each sublayer's prepared op (its weights checked once, then only the step's inputs and the
 # weights' layout: `attention_core.residual_step.PreparedResidualLinear` and
 # `PreparedFeedForward`), kept per module with the parameter objects and options it was made
-# for; another parameter object or option makes a new one. Weakly keyed: nothing is added to
-# the module, so copies, pickles and state_dicts are as before.
-_PREPARED: WeakKeyDictionary[nn.Module, tuple[tuple, tuple, Any]] = WeakKeyDictionary()
+# for; another parameter object or option makes a new one. A module shared by several layers
+# (tied weights) keeps one per combination, up to _PER_MODULE. Weakly keyed: nothing is added
+# to the module, so copies, pickles and state_dicts are as before, and the entries go with it.
+_PREPARED: WeakKeyDictionary[nn.Module, list[tuple[tuple, tuple, Any]]] = WeakKeyDictionary()
+_PER_MODULE = 4
 
 
 def _prepared(owner: nn.Module, params: tuple, options: tuple, make: Callable[[], Any]) -> Any:
     """The prepared op of ``owner`` for ``params`` (compared by identity) and ``options``
-    (compared by equality), made by ``make`` when there is none or either changed."""
-    entry = _PREPARED.get(owner)
-    if entry is None or entry[1] != options or not all(map(operator.is_, entry[0], params)):
-        entry = _PREPARED[owner] = (params, options, make())
-    return entry[2]
+    (compared by equality), made by ``make`` when there is none."""
+    entries = _PREPARED.get(owner)
+    if entries is None:
+        entries = _PREPARED[owner] = []
+    for held, held_options, op in entries:
+        if held_options == options and all(map(operator.is_, held, params)):
+            return op
+    op = make()
+    entries.insert(0, (params, options, op))
+    del entries[_PER_MODULE:]  # the oldest: replaced parameters are not held for long
+    return op
 
 
 def attention_sublayer(x: Tensor, heads: Tensor, out_projection: nn.Linear, norm: Any) -> Tensor:

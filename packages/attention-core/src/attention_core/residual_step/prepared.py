@@ -165,6 +165,7 @@ class PreparedFeedForward:
         """Keep what the fast path needs once `residual_feed_forward` has accepted ``x`` and
         the weights, where the kernel can serve later calls (contiguous weights, CPU)."""
         if not _kernel_serves((x,), self._weights):
+            self._checked = None  # nor hold the storages of weights the kernel no longer reads
             return
         self._checked = (
             x.dtype, x.shape[-1], self._weights[2].shape[1], layouts(self._weights),
@@ -261,9 +262,12 @@ class PreparedResidualLinear:
         ):
             return run_linear(x, x, inputs, checked[4], self._norm, self._eps)
         y = linear(x, inputs, *self._weights[:2], self._norm, *self._weights[2:], self._eps)
-        if _kernel_serves((x, inputs), self._weights):
-            self._checked = (
+        self._checked = (
+            (
                 x.dtype, x.shape[-1], inputs.shape[-1], layouts(self._weights),
                 tuple(map(address, self._weights)), storages(self._weights),
-            )  # fmt: skip
+            )
+            if _kernel_serves((x, inputs), self._weights)
+            else None  # nor hold the storages of weights the kernel no longer reads
+        )  # fmt: skip
         return y
