@@ -324,3 +324,24 @@ def test_a_subclass_with_its_own_heads_keeps_them(monkeypatch):
     assert "_stacked_projections" not in model.layers[0].attention.__dict__
     composed(monkeypatch)
     assert_same_step(fused, one_step(model, x, None))
+
+
+def test_a_compiled_step_does_not_touch_the_table_of_prepared_ops(monkeypatch):
+    """torch.compile would guard on the weakly keyed table's contents, which change whenever
+    a module is collected (a guard that indexed it failed in CI): under compile the
+    sublayers call the functions instead."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the table of prepared ops was used under torch.compile")
+
+    model = encoder("linear", "gelu")
+    xs = torch.randn(4, 4, 15, dtype=torch.float64)
+    eager = steps(model, xs)
+    monkeypatch.setattr(fused_step, "_prepared", refuse)
+    compiled = torch.compile(lambda x, s: model(x, state=s), backend="eager")
+    state, outputs = None, []
+    with torch.no_grad():
+        for x in xs:
+            y, state = compiled(x, state)
+            outputs.append(y)
+    assert_close("compiled", torch.stack(outputs), eager, rtol=1e-10, atol=1e-10)

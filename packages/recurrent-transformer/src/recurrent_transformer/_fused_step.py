@@ -28,7 +28,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from attention_core.residual_step import MIN_ROWS, PreparedFeedForward, PreparedResidualLinear
+from attention_core.residual_step import (
+    MIN_ROWS,
+    PreparedFeedForward,
+    PreparedResidualLinear,
+    residual_feed_forward,
+    residual_linear,
+)
 from attention_core.utils import forward_hooks_registered
 
 from .attention.self_attention.attention_layer import RecurrentAttentionLayer
@@ -190,6 +196,7 @@ def self_attention_heads(attention: Any, x: Tensor, state: Any) -> tuple[Tensor,
 # for; another parameter object or option makes a new one. A module shared by several layers
 # (tied weights) keeps one per combination, up to _PER_MODULE. Weakly keyed: nothing is added
 # to the module, so copies, pickles and state_dicts are as before, and the entries go with it.
+# Under torch.compile the functions run instead (it would guard on the table's contents).
 _PREPARED: WeakKeyDictionary[nn.Module, list[tuple[tuple, tuple, Any]]] = WeakKeyDictionary()
 _PER_MODULE = 4
 
@@ -214,6 +221,8 @@ def attention_sublayer(x: Tensor, heads: Tensor, out_projection: nn.Linear, norm
     p: dict[str, Any] = out_projection._parameters
     n = norm._parameters
     weights = (p["weight"], p["bias"], n["weight"], n["bias"])
+    if torch.compiler.is_compiling():  # the op itself: no table for torch.compile to guard
+        return residual_linear(x, heads, *weights, norm=True, eps=norm.eps)
     project = _prepared(
         out_projection,
         weights,
@@ -229,6 +238,10 @@ def feed_forward_sublayer(layer: Any, x: Tensor, norm: Any) -> Tensor:
     p1, p2, n = modules["linear1"]._parameters, modules["linear2"]._parameters, norm._parameters
     weights = (p1["weight"], p1["bias"], p2["weight"], p2["bias"], n["weight"], n["bias"])
     activation = _ACTIVATION_NAMES[layer.activation]
+    if torch.compiler.is_compiling():  # as above
+        return residual_feed_forward(
+            x, *weights, activation=activation, norm_first=False, eps=norm.eps
+        )
     feed_forward = _prepared(
         modules["linear1"],
         weights,
