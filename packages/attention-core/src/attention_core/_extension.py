@@ -120,6 +120,16 @@ def use_kernels(*tensors: Tensor, triton: bool = False) -> bool:
     return True
 
 
+def direct_call_mode() -> bool:
+    """Nothing records gradients, ``torch.compile`` traces nothing and the reference is not
+    forced: a prepared op's fast path may call the kernel directly."""
+    return (
+        not torch.is_grad_enabled()
+        and not torch.compiler.is_compiling()
+        and not _reference_forced()
+    )
+
+
 def needs_graph(*tensors: Tensor | None) -> bool:
     """Whether a call must go through its registered ``torch.library`` op: under
     ``torch.compile``, or when autograd records it (grad mode on and a tensor that requires

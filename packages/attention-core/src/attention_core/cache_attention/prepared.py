@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from .._checks import PLAIN_TENSORS, layouts, storages
-from .._extension import _reference_forced, use_kernels
+from .._extension import direct_call_mode, use_kernels
 from ._op import attend, check_scale, kernel_bias, kernel_cache, run_attention
 
 __all__ = ["PreparedCacheAttention"]
@@ -100,9 +100,7 @@ class PreparedCacheAttention:
             and query.is_cpu
             and type(start) is int
             and type(end) is int
-            and not torch.is_grad_enabled()
-            and not torch.compiler.is_compiling()
-            and not _reference_forced()
+            and direct_call_mode()
         ):
             B, H, C, E, M = checked[1]
             if (

@@ -303,9 +303,8 @@ def compute_linear(
         return residual_linear_reference(
             x, inputs, weight, bias, norm, norm_weight, norm_bias, eps
         ).contiguous()
-    w, b, g, nb = _contiguous(weight, bias, norm_weight, norm_bias)
-    addresses = (address(w), address(b), address(g), address(nb))
-    return run_linear(x, _rows(x), _rows(inputs), addresses, norm, float(eps))
+    weights = _contiguous(weight, bias, norm_weight, norm_bias)
+    return run_linear(x, _rows(x), _rows(inputs), tuple(map(address, weights)), norm, float(eps))
 
 
 def run_linear(

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from .._checks import PLAIN_TENSORS, layouts, storages
-from .._extension import _reference_forced, address, use_kernels
+from .._extension import address, direct_call_mode, use_kernels
 from ._op import _check_eps, feed_forward, linear, run_feed_forward, run_linear
 from .reference import ACTIVATIONS
 
@@ -33,15 +33,6 @@ def _fast_rows(t: Tensor, width: int, dtype: torch.dtype) -> bool:
         and t.shape[1] == width
         and t.stride(1) == 1
         and (t.shape[0] <= 1 or t.stride(0) >= width)
-    )
-
-
-def _fast_mode() -> bool:
-    """Nothing records, traces or forces the reference: the kernel may be called directly."""
-    return (
-        not torch.is_grad_enabled()
-        and not torch.compiler.is_compiling()
-        and not _reference_forced()
     )
 
 
@@ -151,27 +142,23 @@ class PreparedFeedForward:
         if (
             checked is not None
             and _fast_rows(x, checked[1], checked[0])
-            and _fast_mode()
+            and direct_call_mode()
             and layouts(self._weights) == checked[3]
         ):
             return run_feed_forward(
                 x, x, checked[2], checked[4], self._eps, checked[5], self._norm_first
             )
         y = feed_forward(x, *self._weights, self._activation, self._norm_first, self._eps)
-        self._remember(x)
-        return y
-
-    def _remember(self, x: Tensor) -> None:
-        """Keep what the fast path needs once `residual_feed_forward` has accepted ``x`` and
-        the weights, where the kernel can serve later calls (contiguous weights, CPU)."""
-        if not _kernel_serves((x,), self._weights):
-            self._checked = None  # nor hold the storages of weights the kernel no longer reads
-            return
         self._checked = (
-            x.dtype, x.shape[-1], self._weights[2].shape[1], layouts(self._weights),
-            tuple(map(address, self._weights)), ACTIVATIONS.index(self._activation),
-            storages(self._weights),
+            (
+                x.dtype, x.shape[-1], self._weights[2].shape[1], layouts(self._weights),
+                tuple(map(address, self._weights)), ACTIVATIONS.index(self._activation),
+                storages(self._weights),
+            )
+            if _kernel_serves((x,), self._weights)
+            else None  # nor hold the storages of weights the kernel no longer reads
         )  # fmt: skip
+        return y
 
 
 class PreparedResidualLinear:
@@ -257,7 +244,7 @@ class PreparedResidualLinear:
             and _fast_rows(x, checked[1], checked[0])
             and _fast_rows(inputs, checked[2], checked[0])
             and inputs.shape[0] == x.shape[0]
-            and _fast_mode()
+            and direct_call_mode()
             and layouts(self._weights) == checked[3]
         ):
             return run_linear(x, x, inputs, checked[4], self._norm, self._eps)
