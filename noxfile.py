@@ -275,10 +275,11 @@ def ft_suite(session: nox.Session) -> None:
 
 
 # test modules without "kernel" in their name whose calls reach the C++ kernels too: the
-# step ops, the prepared ops' fast paths (held addresses) and the causal product's forms
+# step ops, the prepared ops' fast paths (held addresses), the step chains and the causal
+# product's forms
 ASAN_TOO = (
     "cache_attention", "causal_chunked", "causal_fused", "linear_step", "prepared_ops",
-    "residual_step",
+    "residual_step", "step_chain",
 )  # fmt: skip
 
 

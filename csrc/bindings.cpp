@@ -26,6 +26,7 @@
 #include "parallel.h"
 #include "residual_step_bindings.h"
 #include "sparse_product_bindings.h"
+#include "step_chain_bindings.h"
 
 namespace py = pybind11;
 
@@ -178,4 +179,5 @@ PYBIND11_MODULE(_C, m) {
     attention_core::linear_step::bind(m);  // csrc/linear_step_bindings.h
     attention_core::residual_step::bind(m);  // csrc/residual_step_bindings.h
     attention_core::cache_attention::bind(m);  // csrc/cache_attention_bindings.h
+    attention_core::step_chain::bind(m);  // csrc/step_chain_bindings.h
 }

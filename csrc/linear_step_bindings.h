@@ -17,14 +17,15 @@
 namespace attention_core {
 namespace linear_step {
 
-// q, k, v: addresses with the element strides of their n and h dimensions (features
-// contiguous); S, Z: contiguous or 0 for zeros; out, S_new, Z_new: contiguous outputs.
+// The step's arguments, checked (also for csrc/step_chain_bindings.h). q, k, v: addresses
+// with the element strides of their n and h dimensions (features contiguous); S, Z: contiguous
+// or 0 for zeros; out, S_new, Z_new: contiguous outputs.
 template <typename T>
-void bound_step(std::uintptr_t q, const std::array<int64_t, 2>& q_strides, std::uintptr_t k,
-                const std::array<int64_t, 2>& k_strides, std::uintptr_t v,
-                const std::array<int64_t, 2>& v_strides, std::uintptr_t S, std::uintptr_t Z,
-                std::uintptr_t out, std::uintptr_t S_new, std::uintptr_t Z_new, int64_t N,
-                int64_t H, int64_t E, int64_t M, double eps, bool elu, int64_t threads) {
+Problem<T> step_args(std::uintptr_t q, const std::array<int64_t, 2>& q_strides, std::uintptr_t k,
+                     const std::array<int64_t, 2>& k_strides, std::uintptr_t v,
+                     const std::array<int64_t, 2>& v_strides, std::uintptr_t S, std::uintptr_t Z,
+                     std::uintptr_t out, std::uintptr_t S_new, std::uintptr_t Z_new, int64_t N,
+                     int64_t H, int64_t E, int64_t M, double eps, bool elu, int64_t threads) {
     if (N < 0 || H < 0 || E < 0 || M < 0) {
         std::ostringstream msg;
         msg << "sizes must be non-negative; got (N, H, E, M) = (" << N << ", " << H << ", " << E
@@ -44,9 +45,19 @@ void bound_step(std::uintptr_t q, const std::array<int64_t, 2>& q_strides, std::
     require_address("S_new", S_new, N * H * E * M);
     require_address("Z_new", Z_new, N * H * E);
     auto ptr = [](std::uintptr_t a) { return reinterpret_cast<T*>(a); };
-    Problem<T> p{ptr(q), q_strides[0], q_strides[1], ptr(k), k_strides[0], k_strides[1],
-                 ptr(v), v_strides[0], v_strides[1], ptr(S), ptr(Z), ptr(out), ptr(S_new),
-                 ptr(Z_new), N, H, E, M, static_cast<T>(eps), elu};
+    return Problem<T>{ptr(q), q_strides[0], q_strides[1], ptr(k), k_strides[0], k_strides[1],
+                      ptr(v), v_strides[0], v_strides[1], ptr(S), ptr(Z), ptr(out), ptr(S_new),
+                      ptr(Z_new), N, H, E, M, static_cast<T>(eps), elu};
+}
+
+template <typename T>
+void bound_step(std::uintptr_t q, const std::array<int64_t, 2>& q_strides, std::uintptr_t k,
+                const std::array<int64_t, 2>& k_strides, std::uintptr_t v,
+                const std::array<int64_t, 2>& v_strides, std::uintptr_t S, std::uintptr_t Z,
+                std::uintptr_t out, std::uintptr_t S_new, std::uintptr_t Z_new, int64_t N,
+                int64_t H, int64_t E, int64_t M, double eps, bool elu, int64_t threads) {
+    const Problem<T> p = step_args<T>(q, q_strides, k, k_strides, v, v_strides, S, Z, out, S_new,
+                                      Z_new, N, H, E, M, eps, elu, threads);
     pybind11::gil_scoped_release release;
     linear_attention_step<T>(p, threads);
 }

@@ -30,12 +30,13 @@ const T* maybe(std::uintptr_t address) {
     return reinterpret_cast<const T*>(address);
 }
 
+// The feed-forward sublayer's arguments, checked (also for csrc/step_chain_bindings.h).
 template <typename T>
-void bound_feed_forward(std::uintptr_t x, int64_t ldx, int64_t R, int64_t D, int64_t F,
-                        std::uintptr_t W1, std::uintptr_t b1, std::uintptr_t W2,
-                        std::uintptr_t b2, std::uintptr_t norm_weight, std::uintptr_t norm_bias,
-                        double eps, int activation, bool norm_first, std::uintptr_t out,
-                        int64_t threads) {
+FeedForward<T> feed_forward_args(std::uintptr_t x, int64_t ldx, int64_t R, int64_t D, int64_t F,
+                                 std::uintptr_t W1, std::uintptr_t b1, std::uintptr_t W2,
+                                 std::uintptr_t b2, std::uintptr_t norm_weight,
+                                 std::uintptr_t norm_bias, double eps, int activation,
+                                 bool norm_first, std::uintptr_t out, int64_t threads) {
     require_sizes({ldx, R, D, F}, threads, eps);
     if (R > 1 && ldx < D) throw std::invalid_argument("x rows overlap: ldx < D");
     if (activation < 0 || activation > 2) {
@@ -48,13 +49,45 @@ void bound_feed_forward(std::uintptr_t x, int64_t ldx, int64_t R, int64_t D, int
     require_address("W1", W1, first_rows * D);
     require_address("W2", W2, D * F);
     require_address("out", out, R * D);
-    FeedForward<T> p{maybe<T>(x), ldx, R, D, F, maybe<T>(W1), maybe<T>(b1), maybe<T>(W2),
-                     maybe<T>(b2),
-                     LayerNorm<T>{maybe<T>(norm_weight), maybe<T>(norm_bias), static_cast<T>(eps)},
-                     static_cast<Activation>(activation), norm_first,
-                     reinterpret_cast<T*>(out)};
+    return FeedForward<T>{maybe<T>(x), ldx, R, D, F, maybe<T>(W1), maybe<T>(b1), maybe<T>(W2),
+                          maybe<T>(b2),
+                          LayerNorm<T>{maybe<T>(norm_weight), maybe<T>(norm_bias),
+                                       static_cast<T>(eps)},
+                          static_cast<Activation>(activation), norm_first,
+                          reinterpret_cast<T*>(out)};
+}
+
+template <typename T>
+void bound_feed_forward(std::uintptr_t x, int64_t ldx, int64_t R, int64_t D, int64_t F,
+                        std::uintptr_t W1, std::uintptr_t b1, std::uintptr_t W2,
+                        std::uintptr_t b2, std::uintptr_t norm_weight, std::uintptr_t norm_bias,
+                        double eps, int activation, bool norm_first, std::uintptr_t out,
+                        int64_t threads) {
+    const FeedForward<T> p = feed_forward_args<T>(x, ldx, R, D, F, W1, b1, W2, b2, norm_weight,
+                                                  norm_bias, eps, activation, norm_first, out,
+                                                  threads);
     pybind11::gil_scoped_release release;
     residual_feed_forward<T>(p, threads);
+}
+
+// The residual linear sublayer's arguments, checked (also for csrc/step_chain_bindings.h).
+// x, the residual, may be 0: no residual (a plain product, with the norm when `norm` is set).
+template <typename T>
+Linear<T> linear_args(std::uintptr_t x, int64_t ldx, std::uintptr_t a, int64_t lda, int64_t R,
+                      int64_t D, int64_t K, std::uintptr_t W, std::uintptr_t b, bool norm,
+                      std::uintptr_t norm_weight, std::uintptr_t norm_bias, double eps,
+                      std::uintptr_t out, int64_t threads) {
+    require_sizes({ldx, lda, R, D, K}, threads, eps);
+    if (R > 1 && ((x != 0 && ldx < D) || lda < K)) {
+        throw std::invalid_argument("rows overlap: ld < width");
+    }
+    require_address("inputs", a, R * K);
+    require_address("weight", W, D * K);
+    require_address("out", out, R * D);
+    return Linear<T>{maybe<T>(x), ldx, maybe<T>(a), lda, R, D, K, maybe<T>(W), maybe<T>(b), norm,
+                     LayerNorm<T>{maybe<T>(norm_weight), maybe<T>(norm_bias),
+                                  static_cast<T>(eps)},
+                     reinterpret_cast<T*>(out)};
 }
 
 template <typename T>
@@ -62,15 +95,9 @@ void bound_linear(std::uintptr_t x, int64_t ldx, std::uintptr_t a, int64_t lda, 
                   int64_t D, int64_t K, std::uintptr_t W, std::uintptr_t b, bool norm,
                   std::uintptr_t norm_weight, std::uintptr_t norm_bias, double eps,
                   std::uintptr_t out, int64_t threads) {
-    require_sizes({ldx, lda, R, D, K}, threads, eps);
-    if (R > 1 && (ldx < D || lda < K)) throw std::invalid_argument("rows overlap: ld < width");
     require_address("x", x, R * D);
-    require_address("inputs", a, R * K);
-    require_address("weight", W, D * K);
-    require_address("out", out, R * D);
-    Linear<T> p{maybe<T>(x), ldx, maybe<T>(a), lda, R, D, K, maybe<T>(W), maybe<T>(b), norm,
-                LayerNorm<T>{maybe<T>(norm_weight), maybe<T>(norm_bias), static_cast<T>(eps)},
-                reinterpret_cast<T*>(out)};
+    const Linear<T> p = linear_args<T>(x, ldx, a, lda, R, D, K, W, b, norm, norm_weight,
+                                       norm_bias, eps, out, threads);
     pybind11::gil_scoped_release release;
     residual_linear<T>(p, threads);
 }

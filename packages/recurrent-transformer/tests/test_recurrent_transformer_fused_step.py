@@ -50,6 +50,13 @@ def steps(model, xs, memory=None):
     return torch.stack(outputs)
 
 
+@pytest.fixture(autouse=True)
+def layer_by_layer(monkeypatch):
+    """These tests are about the layers' fused step: the encoder's chain of all layers
+    (tested in test_recurrent_transformer_step_chain.py) is turned off."""
+    monkeypatch.setattr(transformers, "chained_step", lambda *args: None)
+
+
 @pytest.fixture
 def counted(monkeypatch):
     """Counts the fused sublayer calls (of the prepared ops that the fused step keeps)."""

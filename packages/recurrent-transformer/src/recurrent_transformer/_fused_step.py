@@ -44,6 +44,7 @@ __all__ = [
     "attention_sublayer",
     "feed_forward_sublayer",
     "fused_step_enabled",
+    "fusible",
     "self_attention_heads",
     "stacked_qkv",
 ]
@@ -66,16 +67,19 @@ def _attention_hooked(attention: nn.Module) -> bool:
 def fused_step_enabled(
     layer: Any, x: Tensor, norms: tuple[Any, ...], attentions: tuple[Any, ...]
 ) -> bool:
-    """Whether ``layer``'s step of ``x`` ``(N, E)`` may run fused.
+    """Whether ``layer``'s step of ``x`` ``(N, E)`` may run fused: at least ``MIN_ROWS`` rows
+    (with fewer the composed ops are faster) and `fusible`."""
+    return x.shape[0] >= MIN_ROWS and fusible(layer, norms, attentions)
 
-    That is: at least ``MIN_ROWS`` rows (with fewer the composed ops are faster), no autograd
-    recording, no dropout (evaluation or ``p == 0``), a relu or gelu feed-forward activation,
-    ``nn.LayerNorm`` norms over the last dimension, attention layers that have a ``heads``
-    method, and no forward hooks on the modules that the fused step does not call (the
-    attention layers and their projections, the feed-forward products, the norms) nor global
-    ones."""
-    if x.shape[0] < MIN_ROWS:
-        return False
+
+def fusible(layer: Any, norms: tuple[Any, ...], attentions: tuple[Any, ...]) -> bool:
+    """Whether ``layer``'s step computes what its sublayer ops compute.
+
+    That is: no autograd recording, no dropout (evaluation or ``p == 0``), a relu or gelu
+    feed-forward activation, ``nn.LayerNorm`` norms over the last dimension, attention layers
+    that have a ``heads`` method, and no forward hooks on the modules that the fused step does
+    not call (the attention layers and their projections, the feed-forward products, the
+    norms) nor global ones."""
     if torch.is_grad_enabled() or (layer.training and layer.dropout.p):
         return False
     if layer.activation not in _ACTIVATION_NAMES or not all(_plain_norm(n) for n in norms):

@@ -42,6 +42,7 @@ from ._fused_step import (
     self_attention_heads,
 )
 from ._layer_stack import check_memory, layer_states, run_layers
+from ._step_chain import chained_step
 from .state import DecoderLayerState, TransformerState
 
 if TYPE_CHECKING:
@@ -188,6 +189,9 @@ class RecurrentTransformerEncoder(TransformerEncoder):
             if isinstance(self.layers[0], RecurrentTransformerEncoderLayer):
                 check_model_dtype("x", x, self.layers[0].linear1.weight.dtype)
         states = layer_states(state, len(self.layers), type(self).__name__)
+        chained = chained_step(self, x, states) if self.layers else None
+        if chained is not None:  # every layer in one call (see _step_chain)
+            return chained
         return run_layers(self, x, states, lambda layer, x, s: layer(x, s))
 
     def prefill(self, x: Tensor, state: Any = None) -> tuple[Tensor, TransformerState]:
