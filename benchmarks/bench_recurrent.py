@@ -119,6 +119,45 @@ def dense_products_ms(model, repeats: int) -> float:
     return statistics.median(times[1:])
 
 
+def chained_products_ms(model, repeats: int) -> float:
+    """Median milliseconds of the model's dense products run as one
+    `attention_core.step_chain.StepChain` call (per layer the stacked query, key and value
+    product, the output projection and the two feed-forward products, each a plain product):
+    the same weight reads as the step's, without a call from Python per product."""
+    from attention_core.step_chain import StepChain
+
+    chain = StepChain(H * E)
+    x = chain.input
+    for layer in model.layers:
+        a = layer.attention
+        qkv = torch.cat([a.query_projection.weight, a.key_projection.weight,
+                         a.value_projection.weight]).detach()  # fmt: skip
+        chain.linear(x, qkv)
+        chain.linear(x, a.out_projection.weight.detach())
+        hidden = chain.linear(x, layer.linear1.weight.detach())
+        x = chain.linear(hidden, layer.linear2.weight.detach())
+    inputs = torch.rand(N, H * E)
+    times = []
+    with torch.no_grad():
+        for _ in range(repeats + 1):
+            start = time.perf_counter()
+            chain(inputs)
+            times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times[1:])
+
+
+def layer_by_layer_ms(model, state, x, repeats: int) -> float:
+    """The step at 10 with the encoder's chain turned off (each layer called in turn)."""
+    import recurrent_transformer.transformers as transformers
+
+    chained = transformers.chained_step
+    transformers.chained_step = lambda *args: None
+    try:
+        return time_steps({"ours": (model, state)}, x, repeats)["ours"]
+    finally:
+        transformers.chained_step = chained
+
+
 def one_thread_note(model, state, x, repeats: int) -> str:
     """The step at 10 and the model's dense products, both with one thread (the floor's
     share differs with the thread count: the products gain from a second core, the per-layer
@@ -184,6 +223,16 @@ def per_step_latency(
         if attention == "linear":
             linears = sum(isinstance(m, torch.nn.Linear) for m in ours.modules())
             floor, step10 = dense_products_ms(ours, repeats), rows[-2]["ours"]
+            chained = chained_products_ms(ours, repeats)
+            notes.append(
+                f"the same products as one `StepChain` call (no Python between them): "
+                f"{chained:.2f} ms; the step at 10 takes {step10 / chained:.2f}x that"
+            )
+            layers = layer_by_layer_ms(ours, ours_state, x, repeats)
+            notes.append(
+                f"linear, step 10, layer by layer (the encoder's chain turned off): "
+                f"{layers:.2f} ms, {layers / step10:.2f}x the chained step"
+            )
             notes.append(
                 f"the model's {linears} dense products alone (its nn.Linear modules in layer "
                 f"order, batch {N}, back to back): {floor:.2f} ms; the step at 10 takes "

@@ -70,6 +70,7 @@ from ._ops import (
 __all__ = ["Slot", "StepChain"]
 
 _IDS = itertools.count()
+_PROGRAMS = 8  # programs kept per chain, one per row count
 
 
 class StepChain:
@@ -93,6 +94,7 @@ class StepChain:
         self.input = Slot(self._id, 0, 0, width)
         self._widths = [width]  # buffer b's row length; buffer 0 is the input
         self._ops: list[Op] = []
+        self._specs: list[tuple | None] = []  # each weight's shape, dtype and device when added
         self._steps: list[LinearStepOp] = []
         self._dtype: torch.dtype | None = None
         self._device: torch.device | None = None
@@ -118,6 +120,7 @@ class StepChain:
                 f"({self._dtype}, {self._device}); got {dtype}, {device}"
             )
         self._ops.append(op)
+        self._specs += [None if w is None else (w.shape, w.dtype, w.device) for w in op.weights()]
         self._widths.append(op.width)
         self._programs.clear()
         self._checked = None
@@ -305,6 +308,17 @@ class StepChain:
         weights = self._weights()
         if self._checked is not None and layouts(weights) == self._checked[0]:
             return True
+        # first call, or a weight given other storage or strides since: checked again
+        for i, (w, spec) in enumerate(zip(weights, self._specs)):
+            if (w is None) != (spec is None) or (
+                w is not None and (w.shape, w.dtype, w.device) != spec
+            ):
+                got = None if w is None else (tuple(w.shape), w.dtype, w.device)
+                raise ValueError(
+                    f"weight {i} of the chain changed since it was added: it was "
+                    f"{None if spec is None else (tuple(spec[0]), *spec[1:])}, now {got} "
+                    "(make a new chain)"
+                )
         held = [w for w in weights if w is not None]
         if any(type(w) not in PLAIN_TENSORS or not w.is_contiguous() for w in held):
             self._checked = None
@@ -333,6 +347,8 @@ class StepChain:
             if isinstance(op, LinearStepOp):
                 new += op.state_size(rows)
         entry = (program, bases, total, new)
+        if len(self._programs) >= _PROGRAMS:
+            self._programs.clear()  # many row counts: keep the latest ones only
         self._programs[rows] = entry
         return entry
 
@@ -355,7 +371,11 @@ class StepChain:
         binding("step_chain", x.dtype)(
             program, bases_, [op.eps for op in self._ops], torch.get_num_threads()
         )
-        out = x if target.buffer == 0 else self._buffer(work, bases, target.buffer)
+        # a copy of the output's rows, not a view that would keep the workspace alive
+        out = (
+            x if target.buffer == 0 else _columns(self._buffer(work, bases, target.buffer), target)
+        )
+        out = out.clone(memory_format=torch.contiguous_format) if target.buffer else out
         new_states = []
         offset = 0
         for step in self._steps:
@@ -368,7 +388,7 @@ class StepChain:
                 )
             )
             offset += step.state_size(rows)
-        return _columns(out, target), new_states
+        return _columns(out, target) if target.buffer == 0 else out, new_states
 
     @staticmethod
     def _buffer(work: Tensor, bases: Bases, buffer: int) -> Tensor:

@@ -303,8 +303,8 @@ class LinearStepOp(Op):
     ) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
         R = values[0].shape[0]
         q, k, v = (
-            value(values, slot).reshape(R, self.heads, -1)
-            for slot in (self.query, self.key, self.value)
+            value(values, slot).reshape(R, self.heads, width)
+            for slot, width in ((self.query, self.E), (self.key, self.E), (self.value, self.M))
         )
         out, new = linear_attention_step(
             q, k, v, state, self.eps, elu_feature_map=self.elu_feature_map
