@@ -95,6 +95,7 @@ class StepChain:
         self._widths = [width]  # buffer b's row length; buffer 0 is the input
         self._ops: list[Op] = []
         self._specs: list[tuple | None] = []  # each weight's shape, dtype and device when added
+        self._held: tuple[Tensor | None, ...] | None = None
         self._steps: list[LinearStepOp] = []
         self._dtype: torch.dtype | None = None
         self._device: torch.device | None = None
@@ -124,6 +125,7 @@ class StepChain:
         self._widths.append(op.width)
         self._programs.clear()
         self._checked = None
+        self._held = None
         return Slot(self._id, len(self._widths) - 1, 0, op.width)
 
     def linear(
@@ -295,7 +297,10 @@ class StepChain:
         return self._run_composed(x, checked, target)
 
     def _weights(self) -> tuple[Tensor | None, ...]:
-        return tuple(w for op in self._ops for w in op.weights())
+        """Every op's weights in program order (kept: the ops do not change once added)."""
+        if self._held is None:
+            self._held = tuple(w for op in self._ops for w in op.weights())
+        return self._held
 
     def _compiled_serves(self, x: Tensor, states: list[tuple[Tensor, Tensor] | None]) -> bool:
         """Whether the compiled chain runs this call (holding the weights it reads)."""
