@@ -368,9 +368,10 @@ def test_a_weight_given_another_dtype_or_shape_is_refused(new, grad):
         w.data = torch.randn(8, 8, dtype=torch.float64) if new == "float64" else torch.randn(8, 16)
         with pytest.raises((ValueError, RuntimeError)) as info:
             chain(x)
-    if not grad:  # the chain's own check; the composed path raises F.linear's error
-        words = ["weight 0", "float32", "float64"] if new == "float64" else ["(8, 8)", "(8, 16)"]
-        assert info.type is ValueError and all(w in str(info.value) for w in words), info.value
+    # the chain's own check, also on the composed path (F.linear would raise otherwise)
+    words = ["weight 0", "float32", "float64"] if new == "float64" else ["(8, 8)", "(8, 16)"]
+    assert info.type is step_chain_module.WeightChangedError, info.value
+    assert all(w in str(info.value) for w in words), info.value
 
 
 def error_chain():
@@ -544,3 +545,47 @@ def test_zero_rows_give_empty_outputs(attention, with_states):
     assert len(new) == chain.steps
     for (S, Z), (S1, Z1) in zip(new, shapes_from):
         assert S.shape == (0, *S1.shape[1:]) and Z.shape == (0, *Z1.shape[1:])
+
+
+def test_slots_outside_their_buffer_and_of_copies_are_refused():
+    import copy
+    import dataclasses
+
+    chain = StepChain(4)
+    a = chain.linear(chain.input, torch.randn(8, 4))
+    for forged in (
+        dataclasses.replace(a, width=4_000_000),
+        dataclasses.replace(a, start=6),
+        dataclasses.replace(a, buffer=5),
+        dataclasses.replace(a, start=-1),
+    ):
+        with pytest.raises(ValueError, match="Slot of this chain"):
+            chain.linear(forged, torch.randn(2, forged.width if forged.width < 100 else 8))
+    twin = copy.deepcopy(chain)  # another chain: its values are made from its own input
+    with pytest.raises(ValueError, match="Slot of this chain"):
+        twin.linear(a, torch.randn(2, 8))
+    b = twin.linear(twin.input, torch.randn(3, 4))
+    with pytest.raises(ValueError, match="Slot of this chain"):
+        chain.linear(b, torch.randn(2, 3))
+    with torch.no_grad():
+        y, _ = twin(torch.randn(2, 4))
+    assert y.shape == (2, 3)
+
+
+def test_a_weight_whose_storage_shrank_is_refused():
+    w = torch.randn(8, 4)
+    chain = StepChain(4)
+    chain.linear(chain.input, w)
+    x = torch.randn(3, 4)
+    with torch.no_grad():
+        chain(x)
+        w.untyped_storage().resize_(8)  # behind the tensor's back: 2 of its 32 elements
+        with pytest.raises(step_chain_module.WeightChangedError, match="storage"):
+            chain(x)
+
+
+@pytest.mark.parametrize("start, stop", [(True, 2), (0, 2.0), (0, 0), (1, 5)])
+def test_columns_take_int_bounds_inside_the_value(start, stop):
+    chain = StepChain(4)
+    with pytest.raises(ValueError, match="columns"):
+        chain.columns(chain.input, start, stop)

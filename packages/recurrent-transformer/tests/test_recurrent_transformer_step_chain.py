@@ -2,6 +2,9 @@
 float64 to the layer-by-layer step, taken only where the layers compute what the chain does,
 made once and made again when a parameter or an option changes."""
 
+import gc
+import weakref
+
 import pytest
 import torch
 from torch import nn
@@ -195,9 +198,107 @@ def test_tied_layers_and_a_model_collected_with_its_chain(chain_calls, monkeypat
     xs = torch.randn(3, 3, 8, dtype=torch.float64)
     assert_same_run(model, xs, monkeypatch)
     assert chain_calls["made"] == 1
-    before = len(step_chain._CHAINS)
+    chain = weakref.ref(step_chain._CHAINS[model][2])
     del model
-    import gc
-
     gc.collect()
-    assert len(step_chain._CHAINS) == before - 1
+    assert chain() is None  # the table does not keep a model's chain alive
+
+
+class ScaledLinear(nn.Linear):
+    def forward(self, x):
+        return super().forward(x) * 2
+
+
+class ShiftedNorm(nn.LayerNorm):
+    def forward(self, x):
+        return super().forward(x) + 1
+
+
+def _subclass(model, case):
+    layer = model.layers[1]
+    attention = layer.attention
+    if case == "linear subclass as out_projection":
+        attention.out_projection.__class__ = ScaledLinear
+    elif case == "linear subclass as linear1":
+        layer.linear1.__class__ = ScaledLinear
+    elif case == "layer norm subclass":
+        layer.norm1.__class__ = ShiftedNorm
+    elif case == "weight norm on linear2":
+        torch.nn.utils.parametrizations.weight_norm(layer.linear2)
+    elif case == "attention layer with its own forward":
+        base = type(attention)
+        attention.__class__ = type(
+            "Doubled",
+            (base,),
+            {
+                "forward": lambda self, *a, **k: (lambda o: (o[0] * 2, o[1]))(
+                    base.forward(self, *a, **k)
+                )
+            },
+        )
+    else:  # a layer with its own feed-forward block
+        base = type(layer)
+        layer.__class__ = type(
+            "Halved",
+            (base,),
+            {"_feed_forward": lambda self, x, norm: base._feed_forward(self, x, norm) / 2},
+        )
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "linear subclass as out_projection", "linear subclass as linear1",
+        "layer norm subclass", "weight norm on linear2",
+        "attention layer with its own forward", "layer with its own feed-forward",
+    ],
+)  # fmt: skip
+@pytest.mark.parametrize("rows", [1, 4])
+def test_subclasses_and_parametrizations_take_the_modules(case, rows, chain_calls, monkeypatch):
+    """What a subclass or a parametrization computes from the same parameters is what the
+    modules compute, at every row count (the chain and the fused layers skip them)."""
+    model = encoder()
+    _subclass(model, case)
+    xs = torch.randn(3, rows, 8, dtype=torch.float64)
+    fast, _ = run(model, xs)
+    monkeypatch.setattr(transformers, "chained_step", lambda *args: None)
+    monkeypatch.setattr(transformers, "fused_step_enabled", lambda *args: False)
+    assert_close("y", fast, run(model, xs)[0], rtol=1e-10, atol=1e-10)
+    assert chain_calls["calls"] == 0
+
+
+def test_parameters_keep_their_storage(monkeypatch):
+    """The chain reads the parameters where they are: views of a vector stay views of it."""
+    model = encoder()
+    vector = torch.nn.utils.parameters_to_vector(model.parameters())
+    torch.nn.utils.vector_to_parameters(vector, model.parameters())
+    x = torch.randn(2, 1, 8, dtype=torch.float64)
+    run(model, x)
+    with torch.no_grad():
+        vector.mul_(0.5)  # reaches every parameter
+    assert_same_run(model, x, monkeypatch)
+    assert all(p.untyped_storage().data_ptr() == vector.untyped_storage().data_ptr()
+               for p in model.parameters())  # fmt: skip
+
+
+def test_a_resized_feed_forward_remakes_the_chain(chain_calls, monkeypatch):
+    model = encoder()
+    xs = torch.randn(2, 3, 8, dtype=torch.float64)
+    run(model, xs)
+    layer = model.layers[0]
+    layer.linear1.weight.data = torch.randn(30, 8, dtype=torch.float64)
+    layer.linear1.bias.data = torch.randn(30, dtype=torch.float64)
+    layer.linear2.weight.data = torch.randn(8, 30, dtype=torch.float64)
+    assert_same_run(model, xs, monkeypatch)
+    assert chain_calls["made"] == 2
+
+
+def test_each_state_is_its_own_tensor():
+    model = encoder()
+    with torch.no_grad():
+        _, state = model(torch.randn(3, 8, dtype=torch.float64))
+    storages = {t.untyped_storage().data_ptr() for s in state for t in (s.S, s.Z)}
+    assert len(storages) == 2 * len(state)
+    weight = torch.ones((), dtype=torch.float64, requires_grad=True)
+    state[0].S.add_(weight)  # in place under grad mode, as on a layer's own state
+    assert state[0].S.requires_grad

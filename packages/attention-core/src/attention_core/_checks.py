@@ -64,6 +64,18 @@ def layouts(tensors: tuple[Tensor | None, ...]) -> tuple:
     )
 
 
+def storage_holds(t: Tensor) -> bool:
+    """Whether ``t``'s storage holds every element its shape and strides address (a storage
+    resized or freed behind the tensor's back does not): checked where a held tensor changed
+    its layout, before a kernel reads it by address."""
+    if t.numel() == 0:
+        return True
+    if t.data_ptr() == 0:
+        return False
+    extent = t.storage_offset() + 1 + sum((n - 1) * abs(s) for n, s in zip(t.shape, t.stride()))
+    return t.untyped_storage().nbytes() >= extent * t.element_size()
+
+
 def storages(tensors: tuple[Tensor | None, ...]) -> tuple:
     """The storages of ``tensors`` (``None`` kept): a prepared op holds them with what it
     checked, so that no other tensor can be given their addresses while it may read them."""

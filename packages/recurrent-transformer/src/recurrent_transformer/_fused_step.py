@@ -54,7 +54,17 @@ _PROJECTIONS = ("query_projection", "key_projection", "value_projection", "out_p
 
 
 def _plain_norm(norm: Any) -> bool:
-    return isinstance(norm, nn.LayerNorm) and len(norm.normalized_shape) == 1
+    return type(norm) is nn.LayerNorm and len(norm.normalized_shape) == 1
+
+
+def _own_call(module: nn.Module, *names: str) -> bool:
+    """Whether ``module``'s methods ``names`` are the library's own (not a subclass's, which
+    the fused step would skip)."""
+    for name in names:
+        owner = next(c for c in type(module).__mro__ if name in c.__dict__)
+        if not owner.__module__.startswith(("recurrent_transformer.", "attention_core.")):
+            return False
+    return True
 
 
 def _attention_hooked(attention: nn.Module) -> bool:
@@ -76,18 +86,31 @@ def fusible(layer: Any, norms: tuple[Any, ...], attentions: tuple[Any, ...]) -> 
     """Whether ``layer``'s step computes what its sublayer ops compute.
 
     That is: no autograd recording, no dropout (evaluation or ``p == 0``), a relu or gelu
-    feed-forward activation, ``nn.LayerNorm`` norms over the last dimension, attention layers
-    that have a ``heads`` method, and no forward hooks on the modules that the fused step does
-    not call (the attention layers and their projections, the feed-forward products, the
-    norms) nor global ones."""
+    feed-forward activation, ``nn.LayerNorm`` norms over the last dimension and ``nn.Linear``
+    feed-forward and output products (exactly those types: a subclass or a parametrization
+    may compute something else from the same parameters), the library's own calls of the
+    layer and its attention layers (which have a ``heads`` method), and no forward hooks on
+    the modules that the fused step does not call (the attention layers and their
+    projections, the feed-forward products, the norms) nor global ones."""
     if torch.is_grad_enabled() or (layer.training and layer.dropout.p):
         return False
     if layer.activation not in _ACTIVATION_NAMES or not all(_plain_norm(n) for n in norms):
         return False
     modules = layer._modules
-    if forward_hooks_registered(modules["linear1"], modules["linear2"], *norms):
+    linears = (modules["linear1"], modules["linear2"])
+    if any(type(m) is not nn.Linear for m in linears) or not _own_call(
+        layer, "_feed_forward", "_drop"
+    ):
+        return False  # a subclass or a parametrization may compute something else
+    if forward_hooks_registered(*linears, *norms):
         return False
-    return all(hasattr(a, "heads") and not _attention_hooked(a) for a in attentions)
+    return all(
+        hasattr(a, "heads")
+        and _own_call(a, "forward")
+        and type(a._modules.get("out_projection")) is nn.Linear
+        and not _attention_hooked(a)
+        for a in attentions
+    )
 
 
 # the query, key and value projections as one product

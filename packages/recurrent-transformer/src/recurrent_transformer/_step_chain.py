@@ -2,8 +2,8 @@
 
 Where every layer of a `RecurrentTransformerEncoder` computes what its sublayer ops compute
 (`_fused_step.fusible`: no autograd, dropout or hooks) and its attention is causal linear
-attention with the default feature map, the whole step (per layer the stacked query, key and
-value product, the attention step, the output projection with its residual and norm, the
+attention with the default feature map, the whole step (per layer the query, key and value
+products, the attention step, the output projection with its residual and norm, the
 feed-forward sublayer) runs as one
 `attention_core.step_chain.StepChain` call: the same formulas as the layers, without a call
 from Python per op (in the 8-layer step of fast-transformers' recurrent example those calls
@@ -28,13 +28,12 @@ import torch
 from torch import Tensor, nn
 
 from attention_core.feature_maps import is_elu_feature_map
-from attention_core.step_chain import StepChain
+from attention_core.step_chain import StepChain, WeightChangedError
 from attention_core.utils import forward_hooks_registered
 
 from ._checks import check_output
-from ._fused_step import _ACTIVATION_NAMES, fusible, stacked_qkv
+from ._fused_step import _ACTIVATION_NAMES, fusible
 from .attention.self_attention.attention_layer import RecurrentAttentionLayer
-from .attention.self_attention.base import RecurrentAttention
 from .attention.self_attention.linear_attention import RecurrentLinearAttention
 from .state import LinearState, TransformerState
 
@@ -43,61 +42,53 @@ if TYPE_CHECKING:
 
 __all__ = ["chained_step"]
 
-_TENSORS, _OPTIONS = 12, 8  # per layer, see _layer_parts
+_TENSORS, _OPTIONS = 16, 5  # per layer, see _layer_parts
+_PROJECTIONS = ("query_projection", "key_projection", "value_projection", "out_projection")
 _CHAINS: WeakKeyDictionary[nn.Module, tuple[tuple, tuple, StepChain]] = WeakKeyDictionary()
 
 
 def _layer_parts(layer: Any) -> tuple[tuple, tuple] | None:
     """The tensors and options of ``layer``'s step in a chain, or ``None`` when the chain
-    would not compute what the layer's call does."""
+    would not compute what the layer's call does: the layer, its attention layer, its linear
+    attention, its products and norms must be of exactly their library types (a subclass, or
+    a parametrization, may compute something else from the same parameters)."""
     from .transformers import RecurrentTransformerEncoderLayer
 
-    if type(layer).forward is not RecurrentTransformerEncoderLayer.forward or (
-        forward_hooks_registered(layer)
-    ):
+    if type(layer) is not RecurrentTransformerEncoderLayer or forward_hooks_registered(layer):
         return None
     modules = layer._modules
     attention, norm1, norm2 = modules["attention"], modules["norm1"], modules["norm2"]
+    if type(attention) is not RecurrentAttentionLayer or attention.event_dispatcher.has_listeners:
+        return None
     if not fusible(layer, (norm1, norm2), (attention,)):
         return None
-    if (
-        type(attention).heads is not RecurrentAttentionLayer.heads
-        or attention.event_dispatcher.has_listeners
-    ):
-        return None
     inner = attention._modules["inner_attention"]
-    if not isinstance(inner, RecurrentLinearAttention) or (
-        type(inner).forward is not RecurrentAttention.forward
-        or type(inner).step is not RecurrentLinearAttention.step
-    ):
+    if type(inner) is not RecurrentLinearAttention:
         return None
     feature_map = inner._modules["feature_map"]
-    if feature_map is None or not is_elu_feature_map(feature_map) or forward_hooks_registered(inner, feature_map):
+    if feature_map is None or not is_elu_feature_map(feature_map):
+        return None
+    if forward_hooks_registered(inner, feature_map):
         return None
     projections = attention._modules
-    stacked = stacked_qkv(
-        projections["query_projection"],
-        projections["key_projection"],
-        projections["value_projection"],
-        attention.__dict__.setdefault("_stacked_projections", {}),
-    )
-    if stacked is None:
+    linears: list[Any] = [projections[name] for name in _PROJECTIONS]
+    linears += (modules["linear1"], modules["linear2"])
+    if any(type(m) is not nn.Linear for m in linears) or not (
+        type(norm1) is type(norm2) is nn.LayerNorm
+    ):
         return None
-    W, B, (k_start, v_start) = stacked
-    heads, total = attention.n_heads, W.shape[0]
-    if v_start - k_start != k_start or k_start % heads or (total - v_start) % heads:
+    heads = attention.n_heads
+    query, key, value, out, p1, p2 = (m._parameters for m in linears)
+    width = query["weight"].shape[0]
+    if key["weight"].shape[0] != width or width % heads or value["weight"].shape[0] % heads:
         return None  # the chain's step takes queries and keys of one width
-    out = projections["out_projection"]._parameters
-    p1, p2 = modules["linear1"]._parameters, modules["linear2"]._parameters
     n1, n2 = norm1._parameters, norm2._parameters
     tensors = (
-        W, B, out["weight"], out["bias"], n1["weight"], n1["bias"],
+        query["weight"], query["bias"], key["weight"], key["bias"], value["weight"],
+        value["bias"], out["weight"], out["bias"], n1["weight"], n1["bias"],
         p1["weight"], p1["bias"], p2["weight"], p2["bias"], n2["weight"], n2["bias"],
     )  # fmt: skip
-    options = (
-        heads, k_start, v_start, total, inner.eps, norm1.eps, norm2.eps,
-        _ACTIVATION_NAMES[layer.activation],
-    )  # fmt: skip
+    options = (heads, inner.eps, norm1.eps, norm2.eps, _ACTIVATION_NAMES[layer.activation])
     return tensors, options
 
 
@@ -106,14 +97,11 @@ def _make_chain(width: int, tensors: tuple, options: tuple, layers: int) -> Step
     chain = StepChain(width)
     x = chain.input
     for i in range(layers):
-        W, B, wo, bo, g1, b1, w1, c1, w2, c2, g2, b2 = tensors[_TENSORS * i : _TENSORS * (i + 1)]
-        heads, k_start, v_start, total, eps, eps1, eps2, activation = options[
-            _OPTIONS * i : _OPTIONS * (i + 1)
+        wq, bq, wk, bk, wv, bv, wo, bo, g1, b1, w1, c1, w2, c2, g2, b2 = tensors[
+            _TENSORS * i : _TENSORS * (i + 1)
         ]
-        qkv = chain.linear(x, W, B)
-        q = chain.columns(qkv, 0, k_start)
-        k = chain.columns(qkv, k_start, v_start)
-        v = chain.columns(qkv, v_start, total)
+        heads, eps, eps1, eps2, activation = options[_OPTIONS * i : _OPTIONS * (i + 1)]
+        q, k, v = chain.linear(x, wq, bq), chain.linear(x, wk, bk), chain.linear(x, wv, bv)
         attended = chain.linear_attention_step(q, k, v, heads, eps)
         x = chain.linear(
             attended, wo, bo, residual=x, norm_weight=g1, norm_bias=b1, norm=True, eps=eps1
@@ -123,7 +111,7 @@ def _make_chain(width: int, tensors: tuple, options: tuple, layers: int) -> Step
 
 
 def _linear_states(
-    states: list, x: Tensor, options: tuple
+    states: list, x: Tensor, tensors: tuple, options: tuple
 ) -> list[tuple[Tensor, Tensor] | None] | None:
     """The ``(S, Z)`` of each layer's state, or ``None`` when one is not a `LinearState` of
     plain tensors of the step's shape, dtype and device (the layers' own checks then say what
@@ -137,8 +125,9 @@ def _linear_states(
         if type(state) is not LinearState:
             return None
         S, Z = state.S, state.Z
-        heads, k_start, v_start, total = options[_OPTIONS * i : _OPTIONS * i + 4]
-        E, M = k_start // heads, (total - v_start) // heads
+        heads = options[_OPTIONS * i]
+        E = tensors[_TENSORS * i].shape[0] // heads  # query width / heads
+        M = tensors[_TENSORS * i + 4].shape[0] // heads  # value width / heads
         if not (
             type(S) is Tensor
             and type(Z) is Tensor
@@ -167,6 +156,7 @@ def chained_step(
         or type(x) is not Tensor
         or x.dtype not in (torch.float32, torch.float64)
         or not x.is_cpu
+        or x.shape[0] == 0
     ):
         return None
     layers = model.layers
@@ -175,14 +165,24 @@ def chained_step(
         return None
     tensors = tuple(t for part in parts for t in part[0])  # type: ignore[index]
     options = tuple(o for part in parts for o in part[1])  # type: ignore[index]
-    pairs = _linear_states(states, x, options)
+    pairs = _linear_states(states, x, tensors, options)
     if pairs is None:
         return None
     entry = _CHAINS.get(model)
-    if entry is None or entry[1] != options or not all(map(operator.is_, entry[0], tensors)):
+    if (
+        entry is None
+        or entry[1] != options
+        or not all(map(operator.is_, entry[0], tensors))
+        or (entry[2].dtype, entry[2].device) != (x.dtype, x.device)  # e.g. after model.float()
+    ):
         entry = (tensors, options, _make_chain(x.shape[1], tensors, options, len(layers)))
         _CHAINS[model] = entry
-    y, new = entry[2](x, pairs)
+    try:
+        y, new = entry[2](x, pairs)
+    except WeightChangedError:  # a parameter given another shape or dtype: a new chain
+        entry = (tensors, options, _make_chain(x.shape[1], tensors, options, len(layers)))
+        _CHAINS[model] = entry
+        y, new = entry[2](x, pairs)
     if model.norm is not None:
         y = model.norm(y)
     check_output(y, type(model).__name__)

@@ -54,7 +54,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from .._checks import PLAIN_TENSORS, layouts, storages
+from .._checks import PLAIN_TENSORS, layouts, storage_holds, storages
 from .._extension import address, binding, direct_call_mode, use_kernels
 from ..checks import check_tensor
 from ._ops import (
@@ -65,12 +65,18 @@ from ._ops import (
     Op,
     Slot,
     check_states,
+    columns_of,
 )
 
-__all__ = ["Slot", "StepChain"]
+__all__ = ["Slot", "StepChain", "WeightChangedError"]
 
 _IDS = itertools.count()
 _PROGRAMS = 8  # programs kept per chain, one per row count
+
+
+class WeightChangedError(ValueError):
+    """A weight of a `StepChain` was given another shape, dtype or device (or lost its
+    storage) after it was added: the chain's ops no longer fit it; make a new chain."""
 
 
 class StepChain:
@@ -102,15 +108,27 @@ class StepChain:
         # after a call that ran the compiled chain: the weights' layouts, addresses and
         # storages (held so that the addresses stay theirs), and the programs by row count
         self._checked: tuple | None = None
-        self._programs: dict[int, tuple[list[int], Bases, int, int]] = {}
+        self._programs: dict[int, tuple[list[int], Bases, int]] = {}
 
     # building
 
     def _own(self, name: str, slot: Slot | None, optional: bool = False) -> None:
         if slot is None and optional:
             return
-        if not isinstance(slot, Slot) or slot.chain != self._id:
+        if (
+            not isinstance(slot, Slot)
+            or slot.chain != self._id
+            or not 0 <= slot.buffer < len(self._widths)
+            or not 0 <= slot.start < slot.start + slot.width <= self._widths[slot.buffer]
+        ):
             raise ValueError(f"{name} must be a Slot of this chain; got {slot!r}")
+
+    def __setstate__(self, state: dict) -> None:
+        # a copy (copy.deepcopy, pickle) is another chain: the values of the original are not
+        # its values, and its own are made from its `input`
+        self.__dict__.update(state)
+        self._id = next(_IDS)
+        self.input = Slot(self._id, 0, 0, self._widths[0])
 
     def _add(self, op: Op, dtype: torch.dtype, device: torch.device) -> Slot:
         if self._dtype is None:
@@ -243,13 +261,21 @@ class StepChain:
             `(R, stop - start)`.
         """
         self._own("slot", slot)
-        if not (
-            isinstance(start, int) and isinstance(stop, int) and 0 <= start < stop <= slot.width
-        ):
+        if not (type(start) is int and type(stop) is int and 0 <= start < stop <= slot.width):
             raise ValueError(
                 f"columns must satisfy 0 <= start < stop <= {slot.width}; got {start!r}, {stop!r}"
             )
         return Slot(self._id, slot.buffer, slot.start + start, stop - start)
+
+    @property
+    def dtype(self) -> torch.dtype | None:
+        """The dtype of the chain's weights (of its input), ``None`` before its first op."""
+        return self._dtype
+
+    @property
+    def device(self) -> torch.device | None:
+        """The device of the chain's weights (of its input), ``None`` before its first op."""
+        return self._device
 
     @property
     def steps(self) -> int:
@@ -292,8 +318,9 @@ class StepChain:
         target = (
             output if output is not None else Slot(self._id, len(self._ops), 0, self._widths[-1])
         )
-        if self._compiled_serves(x, checked):
-            return self._run_compiled(x, checked, target)
+        compiled = self._check_weights()
+        if compiled is not None and self._compiled_serves(x, checked):
+            return self._run_compiled(x, checked, target, compiled)
         return self._run_composed(x, checked, target)
 
     def _weights(self) -> tuple[Tensor | None, ...]:
@@ -302,38 +329,47 @@ class StepChain:
             self._held = tuple(w for op in self._ops for w in op.weights())
         return self._held
 
-    def _compiled_serves(self, x: Tensor, states: list[tuple[Tensor, Tensor] | None]) -> bool:
-        """Whether the compiled chain runs this call (holding the weights it reads)."""
-        if type(x) not in PLAIN_TENSORS or not direct_call_mode() or not use_kernels(x):
-            return False
-        if x.shape[0] == 0 or any(
-            type(t) not in PLAIN_TENSORS for state in states if state for t in state
-        ):
-            return False
+    def _check_weights(self) -> tuple | None:
+        """Compare the weights' layouts with the last checked ones and, when one changed,
+        check them again: a weight must keep the shape, dtype and device it was added with
+        (`WeightChangedError`) and its storage must hold it. Returns what the compiled chain
+        reads (layouts, addresses, storages), ``None`` when it cannot read them (a tensor
+        subclass, a weight that is not contiguous)."""
+        checked = self._checked
         weights = self._weights()
-        if self._checked is not None and layouts(weights) == self._checked[0]:
-            return True
-        # first call, or a weight given other storage or strides since: checked again
+        current = layouts(weights)
+        if checked is not None and current == checked[0]:
+            return checked if checked[1] is not None else None
         for i, (w, spec) in enumerate(zip(weights, self._specs)):
-            if (w is None) != (spec is None) or (
-                w is not None and (w.shape, w.dtype, w.device) != spec
-            ):
-                got = None if w is None else (tuple(w.shape), w.dtype, w.device)
-                raise ValueError(
+            got = None if w is None else (w.shape, w.dtype, w.device)
+            if got != spec:
+                raise WeightChangedError(
                     f"weight {i} of the chain changed since it was added: it was "
-                    f"{None if spec is None else (tuple(spec[0]), *spec[1:])}, now {got} "
-                    "(make a new chain)"
+                    f"{_spec(spec)}, now {_spec(got)} (make a new chain)"
+                )
+            if w is not None and not storage_holds(w):
+                raise WeightChangedError(
+                    f"weight {i} of the chain has lost its storage (it holds fewer elements "
+                    "than the weight's shape and strides need)"
                 )
         held = [w for w in weights if w is not None]
         if any(type(w) not in PLAIN_TENSORS or not w.is_contiguous() for w in held):
-            self._checked = None
-            return False
-        self._checked = (layouts(weights), [address(w) for w in weights], storages(weights))
-        return True
+            self._checked = (current, None, None)
+            return None
+        self._checked = (current, [address(w) for w in weights], storages(weights))
+        return self._checked
 
-    def _program(self, rows: int) -> tuple[list[int], Bases, int, int]:
-        """The compiled program for ``rows`` rows, its buffers, the workspace's and the new
-        states' sizes."""
+    def _compiled_serves(self, x: Tensor, states: list[tuple[Tensor, Tensor] | None]) -> bool:
+        """Whether the compiled chain runs this call: plain float32/float64 CPU tensors, grad
+        mode off, not compiling, rows to compute."""
+        if type(x) not in PLAIN_TENSORS or not direct_call_mode() or not use_kernels(x):
+            return False
+        return x.shape[0] > 0 and all(
+            type(t) in PLAIN_TENSORS for state in states if state for t in state
+        )
+
+    def _program(self, rows: int) -> tuple[list[int], Bases, int]:
+        """The compiled program for ``rows`` rows, its buffers and the workspace's size."""
         cached = self._programs.get(rows)
         if cached is not None:
             return cached
@@ -341,64 +377,56 @@ class StepChain:
         for w in self._widths[1:]:
             offsets.append(total)
             total += rows * w
-        n_weights = len(self._weights())
-        bases = Bases(rows, tuple(offsets), tuple(self._widths), 3, 3 + n_weights)
+        n_weights, n_states = len(self._weights()), 2 * len(self._steps)
+        first_state = 2 + n_weights
+        bases = Bases(
+            rows, tuple(offsets), tuple(self._widths), 2, first_state, first_state + n_states
+        )
         program: list[int] = []
-        weight_index = new = 0
+        weight_index = 0
         for b, op in enumerate(self._ops, start=1):
             program.append(op.kind)
-            program += op.fields(bases, (1, offsets[b]), weight_index, new)
+            program += op.fields(bases, (1, offsets[b]), weight_index)
             weight_index += len(op.weights())
-            if isinstance(op, LinearStepOp):
-                new += op.state_size(rows)
-        entry = (program, bases, total, new)
+        entry = (program, bases, total)
         if len(self._programs) >= _PROGRAMS:
             self._programs.clear()  # many row counts: keep the latest ones only
         self._programs[rows] = entry
         return entry
 
     def _run_compiled(
-        self, x: Tensor, states: list[tuple[Tensor, Tensor] | None], target: Slot
+        self,
+        x: Tensor,
+        states: list[tuple[Tensor, Tensor] | None],
+        target: Slot,
+        checked: tuple,
     ) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
         rows = x.shape[0]
         if x.stride(1) != 1 or x.stride(0) != x.shape[1]:
             x = x.contiguous()
-        program, bases, work_size, new_size = self._program(rows)
+        program, bases, work_size = self._program(rows)
         work = x.new_empty(work_size)
-        new = x.new_empty(new_size)
         # contiguous states (copies only where they are not), alive until the call returns
         given = [None if s is None else (s[0].contiguous(), s[1].contiguous()) for s in states]
-        state_addresses = [
-            a for s in given for a in ((0, 0) if s is None else (s[0].data_ptr(), s[1].data_ptr()))
-        ]
-        weights = self._checked[1]  # type: ignore[index]
-        bases_ = [x.data_ptr(), work.data_ptr(), new.data_ptr(), *weights, *state_addresses]
-        binding("step_chain", x.dtype)(
-            program, bases_, [op.eps for op in self._ops], torch.get_num_threads()
-        )
-        # a copy of the output's rows, not a view that would keep the workspace alive
-        out = (
-            x if target.buffer == 0 else _columns(self._buffer(work, bases, target.buffer), target)
-        )
-        out = out.clone(memory_format=torch.contiguous_format) if target.buffer else out
         new_states = []
-        offset = 0
-        for step in self._steps:
+        for step in self._steps:  # each S and Z its own tensor, as the ops' own results
             S_shape, Z_shape = step.state_shapes(rows)
-            S_size = rows * step.heads * step.E * step.M
-            new_states.append(
-                (
-                    new[offset : offset + S_size].view(S_shape),
-                    new[offset + S_size : offset + step.state_size(rows)].view(Z_shape),
-                )
-            )
-            offset += step.state_size(rows)
-        return _columns(out, target) if target.buffer == 0 else out, new_states
-
-    @staticmethod
-    def _buffer(work: Tensor, bases: Bases, buffer: int) -> Tensor:
-        start, width = bases.offsets[buffer], bases.widths[buffer]
-        return work[start : start + bases.rows * width].view(bases.rows, width)
+            new_states.append((x.new_empty(S_shape), x.new_empty(Z_shape)))
+        # `checked` holds the weights' storages for the call, whatever another thread does
+        addresses = [x.data_ptr(), work.data_ptr(), *checked[1]]
+        for pair in given:
+            addresses += (0, 0) if pair is None else (pair[0].data_ptr(), pair[1].data_ptr())
+        for S, Z in new_states:
+            addresses += (S.data_ptr(), Z.data_ptr())
+        binding("step_chain", x.dtype)(
+            program, addresses, [op.eps for op in self._ops], torch.get_num_threads()
+        )
+        if target.buffer == 0:
+            return columns_of(x, target), new_states
+        start, width = bases.offsets[target.buffer], bases.widths[target.buffer]
+        out = columns_of(work[start : start + rows * width].view(rows, width), target)
+        # a copy of the output's rows, not a view that would keep the workspace alive
+        return out.clone(memory_format=torch.contiguous_format), new_states
 
     def _run_composed(
         self, x: Tensor, states: list[tuple[Tensor, Tensor] | None], target: Slot
@@ -411,11 +439,8 @@ class StepChain:
             values.append(y)
             if new is not None:
                 new_states.append(new)
-        return _columns(values[target.buffer], target), new_states
+        return columns_of(values[target.buffer], target), new_states
 
 
-def _columns(t: Tensor, slot: Slot) -> Tensor:
-    """``slot``'s columns of its buffer ``t``."""
-    if slot.start == 0 and slot.width == t.shape[1]:
-        return t
-    return t[:, slot.start : slot.start + slot.width]
+def _spec(spec: tuple | None) -> object:
+    return None if spec is None else (tuple(spec[0]), *spec[1:])

@@ -5,8 +5,9 @@ public function it stands for (the composed path).
 A value of the chain lives in a buffer of rows: buffer 0 is the input ``x``, buffer ``b >= 1``
 the output of op ``b - 1``. In the program an address is two fields, a base (an index into the
 call's base addresses) and an offset in elements; the bases of a call are, in order, ``x``,
-the workspace that holds buffers ``1..``, the new states, every held weight (``0`` for
-``None``) and the states passed in (``S``, ``Z`` per attention step, ``0`` for none).
+the workspace that holds buffers ``1..``, every held weight (``0`` for ``None``), the states
+passed in (``S``, ``Z`` per attention step, ``0`` for none) and the new states (``S'``,
+``Z'`` per attention step, each its own tensor).
 """
 
 from __future__ import annotations
@@ -26,7 +27,10 @@ from ..residual_step import residual_feed_forward, residual_linear
 from ..residual_step._op import check_feed_forward, check_linear
 from ..residual_step.reference import ACTIVATIONS
 
-__all__ = ["Bases", "FeedForwardOp", "LinearOp", "LinearStepOp", "Op", "Slot"]
+__all__ = [
+    "Bases", "FeedForwardOp", "LinearOp", "LinearStepOp", "Op", "Slot", "check_states",
+    "columns_of", "value",
+]  # fmt: skip
 
 LINEAR, FEED_FORWARD, LINEAR_STEP = 0, 1, 2
 NULL = (-1, 0)  # a null address in the program
@@ -51,13 +55,15 @@ class Bases:
     """Where the buffers of one call are, as program fields: ``offsets[b]`` is the element
     offset of buffer ``b`` in its base (the input for ``b = 0``, the workspace after it)
     and ``widths[b]`` its row length; ``first_weight`` the base index of the first held
-    weight; ``first_state`` that of the first state passed in."""
+    weight, ``first_state`` that of the first state passed in, ``first_new`` that of the
+    first new state."""
 
     rows: int
     offsets: tuple[int, ...]
     widths: tuple[int, ...]
     first_weight: int
     first_state: int
+    first_new: int
 
     def of(self, slot: Slot) -> tuple[int, int, int]:
         """``(base, offset, row stride)`` of ``slot``'s first element."""
@@ -91,9 +97,9 @@ class Op(abc.ABC):
         """The tensors the op holds, ``None`` kept, in the order the program reads them."""
 
     @abc.abstractmethod
-    def fields(self, bases: Bases, out: tuple[int, int], weight_index: int, new: int) -> list[int]:
+    def fields(self, bases: Bases, out: tuple[int, int], weight_index: int) -> list[int]:
         """The op's program fields: its output at ``out`` ``(base, offset)``, its first weight
-        the held weight ``weight_index``, a new state at offset ``new`` of the new states."""
+        the held weight ``weight_index``."""
 
     @abc.abstractmethod
     def compose(
@@ -103,12 +109,16 @@ class Op(abc.ABC):
         output and its new state (``None`` for the ops without one)."""
 
 
-def value(values: list[Tensor], slot: Slot) -> Tensor:
-    """``slot``'s ``(R, width)`` rows among the buffers ``values``."""
-    t = values[slot.buffer]
+def columns_of(t: Tensor, slot: Slot) -> Tensor:
+    """``slot``'s columns of its buffer's rows ``t``."""
     if slot.start == 0 and slot.width == t.shape[1]:
         return t
     return t[:, slot.start : slot.start + slot.width]
+
+
+def value(values: list[Tensor], slot: Slot) -> Tensor:
+    """``slot``'s ``(R, width)`` rows among the buffers ``values``."""
+    return columns_of(values[slot.buffer], slot)
 
 
 @dataclasses.dataclass(eq=False)
@@ -148,7 +158,7 @@ class LinearOp(Op):
     def weights(self) -> tuple[Tensor | None, ...]:
         return (self.weight, self.bias, self.norm_weight, self.norm_bias)
 
-    def fields(self, bases: Bases, out: tuple[int, int], weight_index: int, new: int) -> list[int]:
+    def fields(self, bases: Bases, out: tuple[int, int], weight_index: int) -> list[int]:
         a_base, a_offset, lda = bases.of(self.inputs)
         if self.residual is None:
             x: tuple[int, int] = NULL
@@ -212,7 +222,7 @@ class FeedForwardOp(Op):
             self.norm_weight, self.norm_bias,
         )  # fmt: skip
 
-    def fields(self, bases: Bases, out: tuple[int, int], weight_index: int, new: int) -> list[int]:
+    def fields(self, bases: Bases, out: tuple[int, int], weight_index: int) -> list[int]:
         x_base, x_offset, ldx = bases.of(self.x)
         hidden = self.linear2_weight.shape[1]
         w1, b1, w2, b2, nw, nb = (
@@ -285,16 +295,14 @@ class LinearStepOp(Op):
         """The shapes of ``S`` and ``Z`` for ``rows`` rows."""
         return (rows, self.heads, self.E, self.M), (rows, self.heads, self.E)
 
-    def fields(self, bases: Bases, out: tuple[int, int], weight_index: int, new: int) -> list[int]:
-        # the new S at offset `new` of the new states' base (2), the new Z right after it
+    def fields(self, bases: Bases, out: tuple[int, int], weight_index: int) -> list[int]:
         fields: list[int] = []
         for slot, width in ((self.query, self.E), (self.key, self.E), (self.value, self.M)):
             base, offset, ld = bases.of(slot)
             fields += (base, offset, ld, width)
-        S_size = bases.rows * self.heads * self.E * self.M
-        state = bases.first_state + 2 * self.index
+        state, new_state = bases.first_state + 2 * self.index, bases.first_new + 2 * self.index
         return [
-            *fields, state, 0, state + 1, 0, *out, 2, new, 2, new + S_size,
+            *fields, state, 0, state + 1, 0, *out, new_state, 0, new_state + 1, 0,
             bases.rows, self.heads, self.E, self.M, int(self.elu_feature_map),
         ]  # fmt: skip
 
