@@ -75,8 +75,10 @@ _PROGRAMS = 8  # programs kept per chain, one per row count
 
 
 class WeightChangedError(ValueError):
-    """A weight of a `StepChain` was given another shape, dtype or device (or lost its
-    storage) after it was added: the chain's ops no longer fit it; make a new chain."""
+    """A weight of a `StepChain` changed its shape, dtype or device after it was added.
+
+    Also raised when a weight's storage no longer holds it. The chain's ops no longer fit the
+    weight: make a new chain."""
 
 
 class StepChain:
