@@ -47,14 +47,12 @@ _PROJECTIONS = ("query_projection", "key_projection", "value_projection", "out_p
 _CHAINS: WeakKeyDictionary[nn.Module, tuple[tuple, tuple, StepChain]] = WeakKeyDictionary()
 
 
-def _layer_parts(layer: Any) -> tuple[tuple, tuple] | None:
+def _layer_parts(layer: Any, layer_type: Any) -> tuple[tuple, tuple] | None:
     """The tensors and options of ``layer``'s step in a chain, or ``None`` when the chain
     would not compute what the layer's call does: the layer, its attention layer, its linear
     attention, its products and norms must be of exactly their library types (a subclass, or
     a parametrization, may compute something else from the same parameters)."""
-    from .transformers import RecurrentTransformerEncoderLayer
-
-    if type(layer) is not RecurrentTransformerEncoderLayer or forward_hooks_registered(layer):
+    if type(layer) is not layer_type or forward_hooks_registered(layer):
         return None
     modules = layer._modules
     attention, norm1, norm2 = modules["attention"], modules["norm1"], modules["norm2"]
@@ -144,12 +142,14 @@ def _linear_states(
 
 
 def chained_step(
-    model: RecurrentTransformerEncoder, x: Tensor, states: list
+    model: RecurrentTransformerEncoder, x: Tensor, states: list, layer_type: type
 ) -> tuple[Tensor, TransformerState] | None:
     """``model``'s step of ``x`` ``(N, E)`` with ``states`` (one per layer) as one chain
     call, or ``None`` when a layer would not take the fused step (see the module docstring).
 
-    The model has checked ``x``."""
+    The model has checked ``x``; its layers must be of exactly ``layer_type``
+    (`RecurrentTransformerEncoderLayer`, passed in: this module is imported by the one that
+    defines it)."""
     if (
         torch.compiler.is_compiling()
         or model.event_dispatcher.has_listeners
@@ -160,7 +160,7 @@ def chained_step(
     ):
         return None
     layers = model.layers
-    parts = [_layer_parts(layer) for layer in layers]
+    parts = [_layer_parts(layer, layer_type) for layer in layers]
     if not parts or any(part is None for part in parts):
         return None
     tensors = tuple(t for part in parts for t in part[0])  # type: ignore[index]

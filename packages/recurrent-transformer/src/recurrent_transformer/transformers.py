@@ -189,7 +189,9 @@ class RecurrentTransformerEncoder(TransformerEncoder):
             if isinstance(self.layers[0], RecurrentTransformerEncoderLayer):
                 check_model_dtype("x", x, self.layers[0].linear1.weight.dtype)
         states = layer_states(state, len(self.layers), type(self).__name__)
-        chained = chained_step(self, x, states) if self.layers else None
+        chained = (
+            chained_step(self, x, states, RecurrentTransformerEncoderLayer) if self.layers else None
+        )
         if chained is not None:  # every layer in one call (see _step_chain)
             return chained
         return run_layers(self, x, states, lambda layer, x, s: layer(x, s))
