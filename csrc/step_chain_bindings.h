@@ -1,7 +1,9 @@
 // pybind11 binding of csrc/step_chain.h (included by bindings.cpp): decode and validate a
 // program of step ops, then run it with the GIL released.
 //
-// A program is a flat list of integers: per op its kind (kLinear, kFeedForward,
+// A program is a flat array of int64 (given by address and length: a program is made once and
+// run at every step, and converting a list of a few hundred integers at every call cost more
+// than the small ops it runs): per op its kind (kLinear, kFeedForward,
 // kLinearStep) and then its fields in the order of the op's own binding (linear_args,
 // feed_forward_args, step_args), where every address is two fields, (base, offset): the
 // address bases[base] plus `offset` elements, or null for base -1. `scalars` holds one eps per
@@ -33,10 +35,10 @@ constexpr int64_t kLinear = 0, kFeedForward = 1, kLinearStep = 2;
 template <typename T>
 class Fields {
   public:
-    Fields(const std::vector<int64_t>& program, const std::vector<int64_t>& bases, size_t at,
+    Fields(const int64_t* program, size_t length, const std::vector<int64_t>& bases, size_t at,
            size_t count, int64_t op)
         : program_(program), bases_(bases), at_(at), op_(op) {
-        if (at + count > program.size()) {
+        if (at + count > length) {
             std::ostringstream msg;
             msg << "program ends inside op " << op << ": it needs " << count << " fields";
             throw std::invalid_argument(msg.str());
@@ -71,7 +73,7 @@ class Fields {
     }
 
   private:
-    const std::vector<int64_t>& program_;
+    const int64_t* program_;
     const std::vector<int64_t>& bases_;
     size_t at_;
     int64_t op_;
@@ -126,12 +128,17 @@ Op<T> decode(int64_t kind, Fields<T>& f, double eps, int64_t threads) {
 }
 
 template <typename T>
-void bound_chain(const std::vector<int64_t>& program, const std::vector<int64_t>& bases,
-                 const std::vector<double>& scalars, int64_t threads) {
+void bound_chain(std::uintptr_t program_address, int64_t length,
+                 const std::vector<int64_t>& bases, const std::vector<double>& scalars,
+                 int64_t threads) {
     require_threads(threads);
+    check_positive("length", length);
+    require_address("program", program_address, length);
+    const int64_t* program = reinterpret_cast<const int64_t*>(program_address);
+    const size_t size = static_cast<size_t>(length);
     std::vector<Op<T>> ops;
     size_t at = 0;
-    for (int64_t op = 0; at < program.size(); ++op) {
+    for (int64_t op = 0; at < size; ++op) {
         const int64_t kind = program[at++];
         size_t count = 0;
         if (kind == kLinear) count = kLinearFields;
@@ -148,7 +155,7 @@ void bound_chain(const std::vector<int64_t>& program, const std::vector<int64_t>
             msg << "scalars holds " << scalars.size() << " eps values; op " << op << " needs one";
             throw std::invalid_argument(msg.str());
         }
-        Fields<T> fields(program, bases, at, count, op);
+        Fields<T> fields(program, size, bases, at, count, op);
         ops.push_back(decode<T>(kind, fields, scalars[op], threads));
         at += count;
         if (fields.position() != at) throw std::logic_error("step chain: field count mismatch");
@@ -164,10 +171,10 @@ void bound_chain(const std::vector<int64_t>& program, const std::vector<int64_t>
 
 inline void bind(pybind11::module_& m) {
     namespace py = pybind11;
-    m.def("step_chain_f32", &bound_chain<float>, py::arg("program"), py::arg("bases"),
-          py::arg("scalars"), py::arg("threads"));
-    m.def("step_chain_f64", &bound_chain<double>, py::arg("program"), py::arg("bases"),
-          py::arg("scalars"), py::arg("threads"));
+    m.def("step_chain_f32", &bound_chain<float>, py::arg("program"), py::arg("length"),
+          py::arg("bases"), py::arg("scalars"), py::arg("threads"));
+    m.def("step_chain_f64", &bound_chain<double>, py::arg("program"), py::arg("length"),
+          py::arg("bases"), py::arg("scalars"), py::arg("threads"));
 }
 
 }  // namespace step_chain

@@ -474,7 +474,9 @@ from attention_core import _C
 x, w, out = torch.randn(2, 4), torch.randn(3, 4), torch.zeros(2, 3)
 for name, (program, scalars, threads, _) in json.loads(sys.argv[1]).items():
     try:
-        _C.step_chain_f32(program, [x.data_ptr(), w.data_ptr(), out.data_ptr()], scalars, threads)
+        p = torch.tensor(program, dtype=torch.int64)
+        bases = [x.data_ptr(), w.data_ptr(), out.data_ptr()]
+        _C.step_chain_f32(p.data_ptr(), p.numel(), bases, scalars, threads)
         print(name, "ok" if torch.allclose(out, x @ w.T, atol=1e-5) else "wrong result", flush=True)
     except ValueError as e:
         print(name, f"ValueError: {e}", flush=True)

@@ -692,18 +692,20 @@ def cache_attention_f64(
     """float64 version of `cache_attention_f32`."""
 
 def step_chain_f32(
-    program: list[int],
+    program: int,
+    length: int,
     bases: list[int],
     scalars: list[float],
     threads: int,
 ) -> None:
-    """Run a chain of step ops on float32 buffers (csrc/step_chain.h): ``program`` holds per op
-    its kind (0 linear, 1 feed forward, 2 linear attention step) and its fields, each address
-    as ``(base index, element offset)`` into ``bases`` (base -1: null); ``scalars`` one eps per
-    op (csrc/step_chain_bindings.h)."""
+    """Run a chain of step ops on float32 buffers (csrc/step_chain.h): the int64 ``program``
+    (address, ``length`` elements) holds per op its kind (0 linear, 1 feed forward, 2 linear
+    attention step) and its fields, each address as ``(base index, element offset)`` into
+    ``bases`` (base -1: null); ``scalars`` one eps per op (csrc/step_chain_bindings.h)."""
 
 def step_chain_f64(
-    program: list[int],
+    program: int,
+    length: int,
     bases: list[int],
     scalars: list[float],
     threads: int,

@@ -102,6 +102,7 @@ class StepChain:
         self.input = Slot(self._id, 0, 0, width)
         self._widths = [width]  # buffer b's row length; buffer 0 is the input
         self._ops: list[Op] = []
+        self._eps: list[float] = []  # each op's eps, in program order
         self._specs: list[tuple | None] = []  # each weight's shape, dtype and device when added
         self._held: tuple[Tensor | None, ...] | None = None
         self._steps: list[LinearStepOp] = []
@@ -110,7 +111,7 @@ class StepChain:
         # after a call that ran the compiled chain: the weights' layouts, addresses and
         # storages (held so that the addresses stay theirs), and the programs by row count
         self._checked: tuple | None = None
-        self._programs: dict[int, tuple[list[int], Bases, int]] = {}
+        self._programs: dict[int, tuple[Tensor, Bases, int]] = {}
 
     # building
 
@@ -141,6 +142,7 @@ class StepChain:
                 f"({self._dtype}, {self._device}); got {dtype}, {device}"
             )
         self._ops.append(op)
+        self._eps.append(float(op.eps))
         self._specs += [None if w is None else (w.shape, w.dtype, w.device) for w in op.weights()]
         self._widths.append(op.width)
         self._programs.clear()
@@ -370,7 +372,7 @@ class StepChain:
             type(t) in PLAIN_TENSORS for state in states if state for t in state
         )
 
-    def _program(self, rows: int) -> tuple[list[int], Bases, int]:
+    def _program(self, rows: int) -> tuple[Tensor, Bases, int]:
         """The compiled program for ``rows`` rows, its buffers and the workspace's size."""
         cached = self._programs.get(rows)
         if cached is not None:
@@ -390,7 +392,9 @@ class StepChain:
             program.append(op.kind)
             program += op.fields(bases, (1, offsets[b]), weight_index)
             weight_index += len(op.weights())
-        entry = (program, bases, total)
+        # as an int64 tensor: the binding reads it in place (a list would be converted at
+        # every call)
+        entry = (torch.tensor(program, dtype=torch.int64), bases, total)
         if len(self._programs) >= _PROGRAMS:
             self._programs.clear()  # many row counts: keep the latest ones only
         self._programs[rows] = entry
@@ -421,7 +425,7 @@ class StepChain:
         for S, Z in new_states:
             addresses += (S.data_ptr(), Z.data_ptr())
         binding("step_chain", x.dtype)(
-            program, addresses, [op.eps for op in self._ops], torch.get_num_threads()
+            program.data_ptr(), program.numel(), addresses, self._eps, torch.get_num_threads()
         )
         if target.buffer == 0:
             return columns_of(x, target), new_states
