@@ -49,7 +49,6 @@ Example:
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -291,7 +290,7 @@ class StepChain:
     def __call__(
         self,
         x: Tensor,
-        states: Sequence[tuple[Tensor, Tensor] | None] | None = None,
+        states: list[tuple[Tensor, Tensor] | None] | tuple | None = None,
         *,
         output: Slot | None = None,
     ) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
@@ -299,8 +298,9 @@ class StepChain:
 
         Arguments:
             x: `(R, width)`.
-            states: one ``(S, Z)`` per attention step, ``S`` `(R, H, E, M)` and ``Z``
-                `(R, H, E)`, or ``None`` for a step's first call; ``None``: all first calls.
+            states: a list (or tuple) of one ``(S, Z)`` per attention step, ``S``
+                `(R, H, E, M)` and ``Z`` `(R, H, E)`, or ``None`` for a step's first call;
+                ``None``: all first calls.
             output: the value to return (default: the last op's).
 
         Returns:

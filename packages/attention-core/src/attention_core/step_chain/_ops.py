@@ -287,10 +287,6 @@ class LinearStepOp(Op):
     def weights(self) -> tuple[Tensor | None, ...]:
         return ()
 
-    def state_size(self, rows: int) -> int:
-        """Elements of a new ``S`` and ``Z`` for ``rows`` rows."""
-        return rows * self.heads * self.E * (self.M + 1)
-
     def state_shapes(self, rows: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """The shapes of ``S`` and ``Z`` for ``rows`` rows."""
         return (rows, self.heads, self.E, self.M), (rows, self.heads, self.E)
