@@ -14,6 +14,7 @@ import functools
 import os
 import sys
 import tempfile
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -113,6 +114,7 @@ def _worker(rank, world_size, init_file, cases, strategies, lr, out_dir):
                 results[name, strategy] = _flat_parameters(model)
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
         dist.barrier()  # no rank tears gloo down while another still communicates
+        (Path(out_dir) / f"rank{rank}.done").touch()  # every rank's results are saved
     finally:
         dist.destroy_process_group()
 
@@ -176,7 +178,16 @@ def check_data_parallel(
             lr=lr,
             out_dir=tmp,
         )
-        mp.start_processes(_spawned, args=(worker,), nprocs=world_size, start_method="spawn")
+        try:
+            mp.start_processes(_spawned, args=(worker,), nprocs=world_size, start_method="spawn")
+        except mp.ProcessExitedException as error:
+            # a rank killed by a signal after every rank passed the barrier that follows the
+            # saved results crashed in gloo's teardown (seen once in CI under load, SIGSEGV,
+            # not reproduced in 8 local runs): the check's results are complete
+            done = all((Path(tmp) / f"rank{r}.done").exists() for r in range(world_size))
+            if not (done and error.signal_name):
+                raise
+            warnings.warn(f"a rank crashed after its results were complete: {error}", stacklevel=2)
         ranks = [torch.load(Path(tmp) / f"rank{r}.pt") for r in range(world_size)]
     differences = {}
     for key, parameters in ranks[0].items():
