@@ -32,7 +32,7 @@ from attention_core.step_chain import StepChain, WeightChangedError
 from attention_core.utils import forward_hooks_registered
 
 from ._checks import check_output
-from ._fused_step import _ACTIVATION_NAMES, fusible
+from ._fused_step import _ACTIVATION_NAMES, _PROJECTIONS, fusible
 from .attention.self_attention.attention_layer import RecurrentAttentionLayer
 from .attention.self_attention.linear_attention import RecurrentLinearAttention
 from .state import LinearState, TransformerState
@@ -43,15 +43,15 @@ if TYPE_CHECKING:
 __all__ = ["chained_step"]
 
 _TENSORS, _OPTIONS = 16, 5  # per layer, see _layer_parts
-_PROJECTIONS = ("query_projection", "key_projection", "value_projection", "out_projection")
 _CHAINS: WeakKeyDictionary[nn.Module, tuple[tuple, tuple, StepChain]] = WeakKeyDictionary()
 
 
 def _layer_parts(layer: Any, layer_type: Any) -> tuple[tuple, tuple] | None:
     """The tensors and options of ``layer``'s step in a chain, or ``None`` when the chain
-    would not compute what the layer's call does: the layer, its attention layer, its linear
-    attention, its products and norms must be of exactly their library types (a subclass, or
-    a parametrization, may compute something else from the same parameters)."""
+    would not compute what the layer's call does: the layer must be `fusible`, and it, its
+    attention layer, its linear attention and its query, key and value products of exactly
+    their library types (a subclass, or a parametrization, may compute something else from
+    the same parameters)."""
     if type(layer) is not layer_type or forward_hooks_registered(layer):
         return None
     modules = layer._modules
@@ -68,12 +68,11 @@ def _layer_parts(layer: Any, layer_type: Any) -> tuple[tuple, tuple] | None:
         return None
     if forward_hooks_registered(inner, feature_map):
         return None
+    # `fusible` took the norms, the output and feed-forward products of exactly their types
     projections = attention._modules
     linears: list[Any] = [projections[name] for name in _PROJECTIONS]
     linears += (modules["linear1"], modules["linear2"])
-    if any(type(m) is not nn.Linear for m in linears) or not (
-        type(norm1) is type(norm2) is nn.LayerNorm
-    ):
+    if any(type(m) is not nn.Linear for m in linears[:3]):
         return None
     heads = attention.n_heads
     query, key, value, out, p1, p2 = (m._parameters for m in linears)

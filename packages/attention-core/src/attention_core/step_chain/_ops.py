@@ -76,12 +76,9 @@ def _like(width: int, dtype: torch.dtype, device: torch.device) -> Tensor:
     return torch.empty(0, width, dtype=dtype, device=device)
 
 
-def _weight_fields(bases: Bases, index: int, weights: tuple[Tensor | None, ...]) -> list[int]:
-    """The program fields of held weights ``index, index + 1, ...`` (null for ``None``)."""
-    fields: list[int] = []
-    for i, weight in enumerate(weights):
-        fields += NULL if weight is None else (bases.first_weight + index + i, 0)
-    return fields
+def _weight_address(bases: Bases, index: int, weight: Tensor | None) -> tuple[int, int]:
+    """The program address of held weight ``index`` (null for ``None``)."""
+    return NULL if weight is None else (bases.first_weight + index, 0)
 
 
 class Op(abc.ABC):
@@ -167,7 +164,7 @@ class LinearOp(Op):
             x_base, x_offset, ldx = bases.of(self.residual)
             x = (x_base, x_offset)
         w, b, nw, nb = (
-            _weight_fields(bases, weight_index + i, (t,)) for i, t in enumerate(self.weights())
+            _weight_address(bases, weight_index + i, t) for i, t in enumerate(self.weights())
         )
         return [
             *x, ldx, a_base, a_offset, lda, bases.rows, self.width, self.inputs.width,
@@ -226,7 +223,7 @@ class FeedForwardOp(Op):
         x_base, x_offset, ldx = bases.of(self.x)
         hidden = self.linear2_weight.shape[1]
         w1, b1, w2, b2, nw, nb = (
-            _weight_fields(bases, weight_index + i, (t,)) for i, t in enumerate(self.weights())
+            _weight_address(bases, weight_index + i, t) for i, t in enumerate(self.weights())
         )
         return [
             x_base, x_offset, ldx, bases.rows, self.width, hidden, *w1, *b1, *w2, *b2, *nw, *nb,
