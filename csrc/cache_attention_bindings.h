@@ -19,13 +19,15 @@ namespace cache_attention {
 
 // sizes: (B, W, H, E, M, C); q, v strides of their first three dimensions, k of all four,
 // bias of its first three (0 to broadcast) or address 0 for none; out (B, W, H, M) contiguous.
+// Checks the sizes, the range and the addresses and returns the kernel's problem (also the
+// check of the step chain's op, step_chain_bindings.h).
 template <typename T>
-void bound_attention(std::uintptr_t q, const std::array<int64_t, 3>& q_strides,
-                     std::uintptr_t k, const std::array<int64_t, 4>& k_strides,
-                     std::uintptr_t v, const std::array<int64_t, 3>& v_strides,
-                     std::uintptr_t bias, const std::array<int64_t, 3>& bias_strides,
-                     std::uintptr_t out, const std::array<int64_t, 6>& sizes, int64_t start,
-                     int64_t end, double scale, int64_t threads) {
+Problem<T> attention_args(std::uintptr_t q, const std::array<int64_t, 3>& q_strides,
+                          std::uintptr_t k, const std::array<int64_t, 4>& k_strides,
+                          std::uintptr_t v, const std::array<int64_t, 3>& v_strides,
+                          std::uintptr_t bias, const std::array<int64_t, 3>& bias_strides,
+                          std::uintptr_t out, const std::array<int64_t, 6>& sizes, int64_t start,
+                          int64_t end, double scale, int64_t threads) {
     const auto [B, W, H, E, M, C] = sizes;
     for (int64_t size : sizes) {
         if (size < 0) throw std::invalid_argument("sizes must be non-negative");
@@ -52,6 +54,18 @@ void bound_attention(std::uintptr_t q, const std::array<int64_t, 3>& q_strides,
                  H,              E,               M,               start,         end,
                  static_cast<T>(scale)};
     if (E <= 1) p.k_e = 1;  // one feature: the row-major loop reads it at any stride
+    return p;
+}
+
+template <typename T>
+void bound_attention(std::uintptr_t q, const std::array<int64_t, 3>& q_strides,
+                     std::uintptr_t k, const std::array<int64_t, 4>& k_strides,
+                     std::uintptr_t v, const std::array<int64_t, 3>& v_strides,
+                     std::uintptr_t bias, const std::array<int64_t, 3>& bias_strides,
+                     std::uintptr_t out, const std::array<int64_t, 6>& sizes, int64_t start,
+                     int64_t end, double scale, int64_t threads) {
+    const Problem<T> p = attention_args<T>(q, q_strides, k, k_strides, v, v_strides, bias,
+                                           bias_strides, out, sizes, start, end, scale, threads);
     pybind11::gil_scoped_release release;
     cache_attention<T>(p, threads);
 }

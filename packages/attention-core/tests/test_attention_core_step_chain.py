@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 import attention_core.step_chain as step_chain_module
+import attention_core.step_chain._run as step_chain_run
 from attention_core.step_chain import StepChain
 from attention_core.testing import assert_close
 
@@ -167,13 +168,13 @@ def draw(rows, width, dtype, seed):
 @pytest.fixture
 def compiled_calls(monkeypatch):
     """The dtypes of the compiled chain's calls (the binding the module looks up, spied on)."""
-    calls, binding = [], step_chain_module.binding
+    calls, binding = [], step_chain_run.binding
 
     def spy(name, dtype):
         function = binding(name, dtype)
         return lambda *args: (calls.append(dtype), function(*args))[1]
 
-    monkeypatch.setattr(step_chain_module, "binding", spy)
+    monkeypatch.setattr(step_chain_run, "binding", spy)
     return calls
 
 
@@ -456,17 +457,17 @@ FF = [1, 0, 0, 3, 2, 3, 2, 1, 0, -1, 0, 1, 0, *[-1, 0] * 3, 3, 0, 2, 0]
 STEP = [2, 0, 0, 4, 1, 0, 1, 4, 1, 0, 2, 4, 1, *[-1, 0] * 2, 2, 0, 2, 2, 2, 4, 2, 1, 1, 1, 2]
 BAD_PROGRAMS = {  # id: (program, scalars, threads, message)
     "valid": (GOOD, [1e-5], 1, "ok"),
-    "kind": ([7, *GOOD[1:]], [1e-5], 1, "op 0: kind must be 0 (linear), 1 (feed forward) or 2"),
+    "kind": ([7, *GOOD[1:]], [1e-5], 1, "op 0: kind must be 0 (linear), 1 (feed forward), 2"),
     "truncated": (GOOD[:-3], [1e-5], 1, "program ends inside op 0: it needs 20 fields"),
     "base": ([*GOOD[:10], 9, *GOOD[11:]], [1e-5], 1, "op 0: address (9, 0) outside the bases (3)"),
     "offset": ([*GOOD[:10], 1, -1, *GOOD[12:]], [1e-5], 1, "op 0: address (1, -1) outside"),
     "flag": ([*GOOD[:14], 2, *GOOD[15:]], [1e-5], 1, "op 0: a flag must be 0 or 1; got 2"),
     "elu-flag": (STEP, [1e-6], 1, "op 0: a flag must be 0 or 1; got 2"),
     "activation": (FF, [1e-5], 1, "activation must be 0 (relu), 1 (gelu) or 2 (geglu); got 3"),
-    "scalars-short": (GOOD, [], 1, "scalars holds 0 eps values; op 0 needs one"),
-    "scalars-long": (GOOD, [1e-5, 1e-5], 1, "scalars holds 2 eps values for 1 ops"),
+    "scalars-short": (GOOD, [], 1, "scalars holds 0 values; op 0 needs one"),
+    "scalars-long": (GOOD, [1e-5, 1e-5], 1, "scalars holds 2 values for 1 ops"),
     "threads": (GOOD, [1e-5], 0, "threads must be a positive int; got 0"),
-    "second-op-kind": ([*GOOD, 5, *GOOD[1:]], [1e-5, 1e-5], 1, "op 1: kind must be"),
+    "second-op-kind": ([*GOOD, 9, *GOOD[1:]], [1e-5, 1e-5], 1, "op 1: kind must be"),
 }
 SUBPROCESS_CODE = """
 import json, sys, torch
@@ -476,7 +477,7 @@ for name, (program, scalars, threads, _) in json.loads(sys.argv[1]).items():
     try:
         p = torch.tensor(program, dtype=torch.int64)
         bases = [x.data_ptr(), w.data_ptr(), out.data_ptr()]
-        _C.step_chain_f32(p.data_ptr(), p.numel(), bases, scalars, threads)
+        _C.step_chain_f32(p.data_ptr(), p.numel(), bases, scalars, [], threads)
         print(name, "ok" if torch.allclose(out, x @ w.T, atol=1e-5) else "wrong result", flush=True)
     except ValueError as e:
         print(name, f"ValueError: {e}", flush=True)

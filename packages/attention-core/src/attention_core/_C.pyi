@@ -696,18 +696,22 @@ def step_chain_f32(
     length: int,
     bases: list[int],
     scalars: list[float],
+    indices: list[int],
     threads: int,
 ) -> None:
     """Run a chain of step ops on float32 buffers (csrc/step_chain.h): the int64 ``program``
     (address, ``length`` elements) holds per op its kind (0 linear, 1 feed forward, 2 linear
-    attention step) and its fields, each address as ``(base index, element offset)`` into
-    ``bases`` (base -1: null); ``scalars`` one eps per op (csrc/step_chain_bindings.h)."""
+    attention step, 3 layer norm, 4 weighted sum, 5 cache attention, 6 cache write) and its
+    fields, each address as ``(base index, element offset)`` into ``bases`` (base -1: null),
+    each position as an index into ``indices``; ``scalars`` one eps or scale per op
+    (csrc/step_chain_bindings.h)."""
 
 def step_chain_f64(
     program: int,
     length: int,
     bases: list[int],
     scalars: list[float],
+    indices: list[int],
     threads: int,
 ) -> None:
     """float64 version of `step_chain_f32`."""

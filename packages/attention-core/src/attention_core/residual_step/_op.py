@@ -17,6 +17,7 @@ from .._reference_autograd import register_reference_autograd
 from .reference import ACTIVATIONS, residual_feed_forward_reference, residual_linear_reference
 
 __all__ = [
+    "check_layer_norm",
     "check_feed_forward",
     "check_linear",
     "compute_feed_forward",
@@ -48,6 +49,16 @@ def _check_eps(eps: float) -> None:
         raise ValueError(f"eps must be a finite non-negative number; got {eps!r}")
     if eps < 0:
         raise ValueError(f"eps must be a finite non-negative number; got {eps!r}")
+
+
+def check_layer_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> None:
+    """Check a layer norm over the last dimension of ``x`` `(..., D)`: ``weight`` and
+    ``bias`` `(D,)` of its dtype and device or ``None``, ``eps`` finite and non-negative."""
+    _check_x(x)
+    D = x.shape[-1]
+    _check_param("weight", weight, (D,), x)
+    _check_param("bias", bias, (D,), x)
+    _check_eps(eps)
 
 
 # The accepting fast paths of the checks: one pass of comparisons that is ``True`` only for

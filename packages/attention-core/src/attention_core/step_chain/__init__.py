@@ -48,14 +48,14 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import torch
 from torch import Tensor
 
-from .._checks import PLAIN_TENSORS, layouts, storage_holds, storages
-from .._extension import address, binding, direct_call_mode, use_kernels
 from ..checks import check_tensor
+from ._cache_ops import CacheAttentionOp, CacheWriteOp, Position
 from ._ops import (
     Bases,
     FeedForwardOp,
@@ -64,23 +64,16 @@ from ._ops import (
     Op,
     Slot,
     check_states,
-    columns_of,
 )
+from ._row_ops import LayerNormOp, WeightedSumOp
+from ._run import ChainRunner, WeightChangedError
 
-__all__ = ["Slot", "StepChain", "WeightChangedError"]
+__all__ = ["Position", "Slot", "StepChain", "WeightChangedError"]
 
 _IDS = itertools.count()
-_PROGRAMS = 8  # programs kept per chain, one per row count
 
 
-class WeightChangedError(ValueError):
-    """A weight of a `StepChain` changed its shape, dtype or device after it was added.
-
-    Also raised when a weight's storage no longer holds it. The chain's ops no longer fit the
-    weight: make a new chain."""
-
-
-class StepChain:
+class StepChain(ChainRunner):
     """Step ops on the rows of one input, run in one call.
 
     Build the chain with its op methods, each taking `Slot` values of this chain and returning
@@ -99,9 +92,11 @@ class StepChain:
             raise ValueError(f"width must be a positive int; got {width!r}")
         self._id = next(_IDS)
         self.input = Slot(self._id, 0, 0, width)
+        self._last = self.input  # the value a call returns by default
         self._widths = [width]  # buffer b's row length; buffer 0 is the input
         self._ops: list[Op] = []
-        self._eps: list[float] = []  # each op's eps, in program order
+        self._scalars: list[float] = []  # each op's eps or scale, in program order
+        self._positions: list[Position] = []
         self._specs: list[tuple | None] = []  # each weight's shape, dtype and device when added
         self._held: tuple[Tensor | None, ...] | None = None
         self._steps: list[LinearStepOp] = []
@@ -131,6 +126,8 @@ class StepChain:
         self.__dict__.update(state)
         self._id = next(_IDS)
         self.input = Slot(self._id, 0, 0, self._widths[0])
+        self._last = dataclasses.replace(self._last, chain=self._id)
+        self._positions = [dataclasses.replace(p, chain=self._id) for p in self._positions]
 
     def _add(self, op: Op, dtype: torch.dtype, device: torch.device) -> Slot:
         if self._dtype is None:
@@ -141,13 +138,16 @@ class StepChain:
                 f"({self._dtype}, {self._device}); got {dtype}, {device}"
             )
         self._ops.append(op)
-        self._eps.append(float(op.eps))
+        self._scalars.append(op.scalar())
         self._specs += [None if w is None else (w.shape, w.dtype, w.device) for w in op.weights()]
         self._widths.append(op.width)
         self._programs.clear()
         self._checked = None
         self._held = None
-        return Slot(self._id, len(self._widths) - 1, 0, op.width)
+        slot = Slot(self._id, len(self._widths) - 1, 0, op.width)
+        if op.width:
+            self._last = slot
+        return slot
 
     def linear(
         self,
@@ -270,6 +270,132 @@ class StepChain:
             )
         return Slot(self._id, slot.buffer, slot.start + start, stop - start)
 
+    def position(self, limit: int) -> Position:
+        """A position given at each call: an int from 0 to ``limit``, passed in the call's
+        ``positions`` in the order the positions are made.
+
+        Returns:
+            The `Position`, for the cache ops.
+        """
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
+            raise ValueError(f"limit must be a non-negative int; got {limit!r}")
+        position = Position(self._id, len(self._positions), limit)
+        self._positions.append(position)
+        return position
+
+    def _own_position(self, name: str, position: object) -> Position:
+        if not isinstance(position, Position) or position.chain != self._id:
+            raise ValueError(f"{name} must be a Position of this chain; got {position!r}")
+        return position
+
+    def _chain_dtype(self, op: str) -> tuple[torch.dtype, torch.device]:
+        if self._dtype is None:
+            raise ValueError(f"{op}: a chain's first op must hold weights (linear or feed_forward)")
+        return self._dtype, self._device  # type: ignore[return-value]
+
+    def layer_norm(
+        self, x: Slot, weight: Tensor | None, bias: Tensor | None, eps: float = 1e-5
+    ) -> Slot:
+        """Add a layer norm over the columns of ``x``.
+
+        Arguments:
+            x: `(R, D)`.
+            weight: `(D,)` the scale, or ``None``.
+            bias: `(D,)` the shift, or ``None``.
+            eps: added to the variance (default: 1e-5).
+
+        Returns:
+            The `(R, D)` result.
+        """
+        self._own("x", x)
+        held = weight if weight is not None else bias
+        if isinstance(held, Tensor):
+            dtype, device = held.dtype, held.device
+        else:
+            dtype, device = self._chain_dtype("layer_norm")
+        op = LayerNormOp(x, weight, bias, eps, dtype, device)
+        return self._add(op, dtype, device)
+
+    def weighted_sum(self, values: list[Slot] | tuple[Slot, ...], coefficients: Tensor) -> Slot:
+        """Add ``sum_i coefficients[i] values[i]``.
+
+        Arguments:
+            values: ``n`` values `(R, D)`, added in this order.
+            coefficients: `(n,)`, held like a weight.
+
+        Returns:
+            The `(R, D)` result.
+        """
+        if not isinstance(values, (list, tuple)):
+            raise TypeError(f"values must be a list of Slots; got {type(values).__name__}")
+        for i, slot in enumerate(values):
+            self._own(f"values[{i}]", slot)
+        dtype, device = self._chain_dtype("weighted_sum")
+        op = WeightedSumOp(tuple(values), coefficients, dtype, device)
+        return self._add(op, dtype, device)
+
+    def cache_attention(
+        self,
+        query: Slot,
+        keys: Tensor,
+        values: Tensor,
+        start: Position,
+        end: Position,
+        bias: Tensor | None = None,
+        bias_start: Position | None = None,
+        *,
+        scale: float | None = None,
+    ) -> Slot:
+        """Add softmax attention over the cached positions ``start .. end - 1``
+        (`attention_core.cache_attention.cache_attention`).
+
+        The ``R`` rows are ``B`` batch elements of ``W = R / B`` queries each, in ``(B, W)``
+        order. The cache is held like a weight: a call reads what it holds then (what
+        `cache_write` ops wrote included).
+
+        Arguments:
+            query: `(R, H E)`, the heads side by side.
+            keys: `(B, H, C, E)`.
+            values: `(B, H, C, M)`.
+            start: the first position read (a `Position` of this chain, at most ``C``).
+            end: one past the last (a `Position`, at most ``C``).
+            bias: `(H, W', J')` added to the scores, or ``None``: query ``i`` over position
+                ``start + j`` takes ``bias[:, i, bias_start + j]``; it must hold the ``W``
+                rows and the columns that a call reads.
+            bias_start: the bias column of position ``start`` (a `Position`; default:
+                ``start``, a bias indexed by cache position).
+            scale: the multiplier of ``q . k`` (default: ``1 / sqrt(E)``).
+
+        Returns:
+            The `(R, H M)` output, its heads side by side.
+        """
+        self._own("query", query)
+        start, end = self._own_position("start", start), self._own_position("end", end)
+        bias_start = start if bias_start is None else self._own_position("bias_start", bias_start)
+        dtype, device = self._chain_dtype("cache_attention")
+        if scale is None:
+            scale = float(keys.shape[3]) ** -0.5 if isinstance(keys, Tensor) else 1.0
+        op = CacheAttentionOp(query, keys, values, start, end, bias, bias_start, scale, dtype,
+                              device)  # fmt: skip
+        return self._add(op, dtype, device)
+
+    def cache_write(self, x: Slot, cache: Tensor, position: Position) -> None:
+        """Add a write of ``x``'s rows into ``cache`` at ``position``.
+
+        The ``R`` rows are ``B`` batch elements of ``W = R / B`` positions each: row
+        ``b W + w`` goes to ``cache[b, :, position + w]``, its heads split.
+
+        Arguments:
+            x: `(R, H E)`.
+            cache: `(B, H, C, E)`, held like a weight and written in place (not one that
+                requires grad).
+            position: where the first row of each batch element goes (a `Position`).
+        """
+        self._own("x", x)
+        position = self._own_position("position", position)
+        dtype, device = self._chain_dtype("cache_write")
+        self._add(CacheWriteOp(x, cache, position, dtype, device), dtype, device)
+
     @property
     def dtype(self) -> torch.dtype | None:
         """The dtype of the chain's weights (of its input), ``None`` before its first op."""
@@ -293,6 +419,7 @@ class StepChain:
         states: list[tuple[Tensor, Tensor] | None] | tuple | None = None,
         *,
         output: Slot | None = None,
+        positions: list[int] | tuple[int, ...] = (),
     ) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
         """Run the chain on ``x``.
 
@@ -301,7 +428,8 @@ class StepChain:
             states: a list (or tuple) of one ``(S, Z)`` per attention step, ``S``
                 `(R, H, E, M)` and ``Z`` `(R, H, E)`, or ``None`` for a step's first call;
                 ``None``: all first calls.
-            output: the value to return (default: the last op's).
+            output: the value to return (default: the last value made).
+            positions: one int per `position` of the chain, each from 0 to its limit.
 
         Returns:
             ``output``'s `(R, D)` value and the new states, one ``(S, Z)`` per attention step.
@@ -319,134 +447,26 @@ class StepChain:
                 f"{self._device}); got {x.dtype}, {x.device}"
             )
         checked = check_states(states, self._steps, x.shape[0])
-        target = (
-            output if output is not None else Slot(self._id, len(self._ops), 0, self._widths[-1])
-        )
+        positions = self._check_positions(positions)
+        target = output if output is not None else self._last
         compiled = self._check_weights()
         if compiled is not None and self._compiled_serves(x, checked):
-            return self._run_compiled(x, checked, target, compiled)
-        return self._run_composed(x, checked, target)
+            return self._run_compiled(x, checked, target, compiled, positions)
+        return self._run_composed(x, checked, target, positions)
 
-    def _weights(self) -> tuple[Tensor | None, ...]:
-        """Every op's weights in program order (kept: the ops do not change once added)."""
-        if self._held is None:
-            self._held = tuple(w for op in self._ops for w in op.weights())
-        return self._held
-
-    def _check_weights(self) -> tuple | None:
-        """Compare the weights' layouts with the last checked ones and, when one changed,
-        check them again: a weight must keep the shape, dtype and device it was added with
-        (`WeightChangedError`) and its storage must hold it. Returns what the compiled chain
-        reads (layouts, addresses, storages), ``None`` when it cannot read them (a tensor
-        subclass, a weight that is not contiguous)."""
-        checked = self._checked
-        weights = self._weights()
-        current = layouts(weights)
-        if checked is not None and current == checked[0]:
-            return checked if checked[1] is not None else None
-        for i, (w, spec) in enumerate(zip(weights, self._specs)):
-            got = None if w is None else (w.shape, w.dtype, w.device)
-            if got != spec:
-                raise WeightChangedError(
-                    f"weight {i} of the chain changed since it was added: it was "
-                    f"{_spec(spec)}, now {_spec(got)} (make a new chain)"
-                )
-            if w is not None and not storage_holds(w):
-                raise WeightChangedError(
-                    f"weight {i} of the chain has lost its storage (it holds fewer elements "
-                    "than the weight's shape and strides need)"
-                )
-        held = [w for w in weights if w is not None]
-        if any(type(w) not in PLAIN_TENSORS or not w.is_contiguous() for w in held):
-            self._checked = (current, None, None)
-            return None
-        self._checked = (current, [address(w) for w in weights], storages(weights))
-        return self._checked
-
-    def _compiled_serves(self, x: Tensor, states: list[tuple[Tensor, Tensor] | None]) -> bool:
-        """Whether the compiled chain runs this call: plain float32/float64 CPU tensors, grad
-        mode off, not compiling, rows to compute."""
-        if type(x) not in PLAIN_TENSORS or not direct_call_mode() or not use_kernels(x):
-            return False
-        return x.shape[0] > 0 and all(
-            type(t) in PLAIN_TENSORS for state in states if state for t in state
-        )
-
-    def _program(self, rows: int) -> tuple[Tensor, Bases, int]:
-        """The compiled program for ``rows`` rows, its buffers and the workspace's size."""
-        cached = self._programs.get(rows)
-        if cached is not None:
-            return cached
-        offsets, total = [0], 0
-        for w in self._widths[1:]:
-            offsets.append(total)
-            total += rows * w
-        n_weights, n_states = len(self._weights()), 2 * len(self._steps)
-        first_state = 2 + n_weights
-        bases = Bases(
-            rows, tuple(offsets), tuple(self._widths), 2, first_state, first_state + n_states
-        )
-        program: list[int] = []
-        weight_index = 0
-        for b, op in enumerate(self._ops, start=1):
-            program.append(op.kind)
-            program += op.fields(bases, (1, offsets[b]), weight_index)
-            weight_index += len(op.weights())
-        # as an int64 tensor: the binding reads it in place (a list would be converted at
-        # every call)
-        entry = (torch.tensor(program, dtype=torch.int64), bases, total)
-        if len(self._programs) >= _PROGRAMS:
-            self._programs.clear()  # many row counts: keep the latest ones only
-        self._programs[rows] = entry
-        return entry
-
-    def _run_compiled(
-        self,
-        x: Tensor,
-        states: list[tuple[Tensor, Tensor] | None],
-        target: Slot,
-        checked: tuple,
-    ) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
-        rows = x.shape[0]
-        if x.stride(1) != 1 or x.stride(0) != x.shape[1]:
-            x = x.contiguous()
-        program, bases, work_size = self._program(rows)
-        work = x.new_empty(work_size)
-        # contiguous states (copies only where they are not), alive until the call returns
-        given = [None if s is None else (s[0].contiguous(), s[1].contiguous()) for s in states]
-        new_states = []
-        for step in self._steps:  # each S and Z its own tensor, as the ops' own results
-            S_shape, Z_shape = step.state_shapes(rows)
-            new_states.append((x.new_empty(S_shape), x.new_empty(Z_shape)))
-        # `checked` holds the weights' storages for the call, whatever another thread does
-        addresses = [x.data_ptr(), work.data_ptr(), *checked[1]]
-        for pair in given:
-            addresses += (0, 0) if pair is None else (pair[0].data_ptr(), pair[1].data_ptr())
-        for S, Z in new_states:
-            addresses += (S.data_ptr(), Z.data_ptr())
-        binding("step_chain", x.dtype)(
-            program.data_ptr(), program.numel(), addresses, self._eps, torch.get_num_threads()
-        )
-        if target.buffer == 0:
-            return columns_of(x, target), new_states
-        start, width = bases.offsets[target.buffer], bases.widths[target.buffer]
-        out = columns_of(work[start : start + rows * width].view(rows, width), target)
-        # a copy of the output's rows, not a view that would keep the workspace alive
-        return out.clone(memory_format=torch.contiguous_format), new_states
-
-    def _run_composed(
-        self, x: Tensor, states: list[tuple[Tensor, Tensor] | None], target: Slot
-    ) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
-        values = [x]
-        new_states: list[tuple[Tensor, Tensor]] = []
-        for op in self._ops:
-            state = states[op.index] if isinstance(op, LinearStepOp) else None
-            y, new = op.compose(values, state)
-            values.append(y)
-            if new is not None:
-                new_states.append(new)
-        return columns_of(values[target.buffer], target), new_states
-
-
-def _spec(spec: tuple | None) -> object:
-    return None if spec is None else (tuple(spec[0]), *spec[1:])
+    def _check_positions(self, positions: object) -> list[int]:
+        if not isinstance(positions, (list, tuple)) or len(positions) != len(self._positions):
+            got = (
+                f"{len(positions)} positions"
+                if isinstance(positions, (list, tuple))
+                else type(positions).__name__
+            )
+            raise ValueError(
+                f"positions must be a list of {len(self._positions)} ints (one per position of "
+                f"the chain); got {got}"
+            )
+        for i, (p, position) in enumerate(zip(positions, self._positions)):
+            if type(p) is not int or not 0 <= p <= position.limit:
+                raise ValueError(f"positions[{i}] must be an int from 0 to {position.limit}; "
+                                 f"got {p!r}")  # fmt: skip
+        return list(positions)

@@ -28,8 +28,8 @@ from ..residual_step._op import check_feed_forward, check_linear
 from ..residual_step.reference import ACTIVATIONS
 
 __all__ = [
-    "Bases", "FeedForwardOp", "LinearOp", "LinearStepOp", "Op", "Slot", "check_states",
-    "columns_of", "value",
+    "NULL", "Bases", "FeedForwardOp", "LinearOp", "LinearStepOp", "Op", "Slot", "check_states",
+    "columns_of", "value", "weight_address",
 ]  # fmt: skip
 
 LINEAR, FEED_FORWARD, LINEAR_STEP = 0, 1, 2
@@ -76,7 +76,7 @@ def _like(width: int, dtype: torch.dtype, device: torch.device) -> Tensor:
     return torch.empty(0, width, dtype=dtype, device=device)
 
 
-def _weight_address(bases: Bases, index: int, weight: Tensor | None) -> tuple[int, int]:
+def weight_address(bases: Bases, index: int, weight: Tensor | None) -> tuple[int, int]:
     """The program address of held weight ``index`` (null for ``None``)."""
     return NULL if weight is None else (bases.first_weight + index, 0)
 
@@ -89,6 +89,10 @@ class Op(abc.ABC):
     eps: float
     width: int
 
+    def scalar(self) -> float:
+        """The op's number in the call's scalars: its eps."""
+        return float(self.eps)
+
     @abc.abstractmethod
     def weights(self) -> tuple[Tensor | None, ...]:
         """The tensors the op holds, ``None`` kept, in the order the program reads them."""
@@ -100,10 +104,11 @@ class Op(abc.ABC):
 
     @abc.abstractmethod
     def compose(
-        self, values: list[Tensor], state: tuple[Tensor, Tensor] | None
+        self, values: list[Tensor], state: tuple[Tensor, Tensor] | None, positions: Sequence[int]
     ) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
-        """The op on tensors (``values[b]`` is buffer ``b``) through its public function: its
-        output and its new state (``None`` for the ops without one)."""
+        """The op on tensors (``values[b]`` is buffer ``b``, ``positions`` the call's) through
+        its public function: its output and its new state (``None`` for the ops without
+        one)."""
 
 
 def columns_of(t: Tensor, slot: Slot) -> Tensor:
@@ -164,7 +169,7 @@ class LinearOp(Op):
             x_base, x_offset, ldx = bases.of(self.residual)
             x = (x_base, x_offset)
         w, b, nw, nb = (
-            _weight_address(bases, weight_index + i, t) for i, t in enumerate(self.weights())
+            weight_address(bases, weight_index + i, t) for i, t in enumerate(self.weights())
         )
         return [
             *x, ldx, a_base, a_offset, lda, bases.rows, self.width, self.inputs.width,
@@ -172,7 +177,7 @@ class LinearOp(Op):
         ]  # fmt: skip
 
     def compose(
-        self, values: list[Tensor], state: tuple[Tensor, Tensor] | None
+        self, values: list[Tensor], state: tuple[Tensor, Tensor] | None, positions: Sequence[int]
     ) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
         inputs = value(values, self.inputs)
         if self.residual is not None:
@@ -223,7 +228,7 @@ class FeedForwardOp(Op):
         x_base, x_offset, ldx = bases.of(self.x)
         hidden = self.linear2_weight.shape[1]
         w1, b1, w2, b2, nw, nb = (
-            _weight_address(bases, weight_index + i, t) for i, t in enumerate(self.weights())
+            weight_address(bases, weight_index + i, t) for i, t in enumerate(self.weights())
         )
         return [
             x_base, x_offset, ldx, bases.rows, self.width, hidden, *w1, *b1, *w2, *b2, *nw, *nb,
@@ -231,7 +236,7 @@ class FeedForwardOp(Op):
         ]  # fmt: skip
 
     def compose(
-        self, values: list[Tensor], state: tuple[Tensor, Tensor] | None
+        self, values: list[Tensor], state: tuple[Tensor, Tensor] | None, positions: Sequence[int]
     ) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
         y = residual_feed_forward(
             value(values, self.x), self.linear1_weight, self.linear1_bias, self.linear2_weight,
@@ -300,7 +305,7 @@ class LinearStepOp(Op):
         ]  # fmt: skip
 
     def compose(
-        self, values: list[Tensor], state: tuple[Tensor, Tensor] | None
+        self, values: list[Tensor], state: tuple[Tensor, Tensor] | None, positions: Sequence[int]
     ) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
         R = values[0].shape[0]
         q, k, v = (

@@ -1,0 +1,177 @@
+"""The ops of a `StepChain` on a held key/value cache: softmax attention over a range of its
+positions and a write of a value's rows into it (``csrc/step_chain.h``:
+``cache_attention::Problem``, ``CacheWrite``), with the positions that change from call to
+call (`Position`)."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from .._checks import check_like
+from ..cache_attention import cache_attention
+from ..cache_attention._op import check_attention
+from ..checks import check_tensor
+from ._ops import NULL, Bases, Op, Slot, value, weight_address
+
+__all__ = ["CACHE_ATTENTION", "CACHE_WRITE", "CacheAttentionOp", "CacheWriteOp", "Position"]
+
+CACHE_ATTENTION, CACHE_WRITE = 5, 6
+
+
+@dataclasses.dataclass(frozen=True)
+class Position:
+    """A non-negative int given at each call of a `StepChain` (its ``positions``), at most
+    ``limit``: where in a cache an op reads or writes.
+
+    Made by `StepChain.position`; pass it to that chain's cache ops."""
+
+    chain: int  # id of the chain that made it
+    index: int  # its place in the call's positions
+    limit: int
+
+
+def _rows_per_batch(rows: int, batch: int, op: str) -> int:
+    if rows % batch:
+        raise ValueError(f"{op}: x must have a multiple of the cache's batch ({batch}) rows; "
+                         f"got {rows}")  # fmt: skip
+    return rows // batch
+
+
+def _cache(name: str, t: object, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """``t`` a `(B, H, C, E)` tensor of the chain's dtype and device."""
+    t = check_tensor(name, t, dim=4, floating=True)
+    return check_like(name, t, torch.empty(0, dtype=dtype, device=device), "the chain's weights")
+
+
+@dataclasses.dataclass(eq=False)
+class CacheAttentionOp(Op):
+    """`attention_core.cache_attention.cache_attention` of the heads of ``query`` over the
+    positions ``start .. end - 1`` of the held ``keys`` and ``values``, with the bias columns
+    from ``bias_start``."""
+
+    query: Slot
+    keys: Tensor
+    values: Tensor
+    start: Position
+    end: Position
+    bias: Tensor | None
+    bias_start: Position
+    scale: float
+    dtype: torch.dtype
+    device: torch.device
+    kind = CACHE_ATTENTION
+
+    def __post_init__(self) -> None:
+        keys = _cache("keys", self.keys, self.dtype, self.device)
+        B, H, C, E = keys.shape
+        if self.query.width != H * E:
+            raise ValueError(f"query must have width H E = {H * E} (keys {tuple(keys.shape)}); "
+                             f"got {self.query.width}")  # fmt: skip
+        like = torch.empty(B, 1, H, E, dtype=self.dtype, device=self.device)
+        check_attention(like, keys, self.values, 0, C, None, self.scale)
+        for name, position in (("start", self.start), ("end", self.end)):
+            if position.limit > C:
+                raise ValueError(f"{name} must be a position of at most the cache length ({C}); "
+                                 f"got one of limit {position.limit}")  # fmt: skip
+        if self.bias is not None:
+            check_tensor("bias", self.bias, shape=(H, None, None))
+            check_like("bias", self.bias, like, "the chain's weights")
+        self.shape = (B, H, C, E, self.values.shape[3])
+        self.width = H * self.shape[4]
+
+    def scalar(self) -> float:
+        return float(self.scale)
+
+    def weights(self) -> tuple[Tensor | None, ...]:
+        return (self.keys, self.values, self.bias)
+
+    def fields(self, bases: Bases, out: tuple[int, int], weight_index: int) -> list[int]:
+        B, H, C, E, M = self.shape
+        q_base, q_offset, ldq = bases.of(self.query)
+        k, v, bias = (
+            weight_address(bases, weight_index + i, t) for i, t in enumerate(self.weights())
+        )
+        # the held tensors are contiguous (the compiled chain reads no other)
+        bias_fields = [0, 0, 0, 0] if self.bias is None else [
+            self.bias.shape[1] * self.bias.shape[2], self.bias.shape[2], *self.bias.shape[1:]
+        ]  # fmt: skip
+        return [
+            q_base, q_offset, ldq, bases.rows, *k, H * C * E, C * E, E, 1, *v, H * C * M, C * M,
+            M, *(bias if self.bias is not None else NULL), *bias_fields, *out, B, H, E, M, C,
+            self.start.index, self.end.index, self.bias_start.index,
+        ]  # fmt: skip
+
+    def compose(
+        self, values: list[Tensor], state: tuple[Tensor, Tensor] | None, positions: Sequence[int]
+    ) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
+        B, H, _, E, M = self.shape
+        q = value(values, self.query)
+        R = q.shape[0]
+        W = _rows_per_batch(R, B, "cache attention")
+        start, end = positions[self.start.index], positions[self.end.index]
+        bias = self.bias
+        if bias is not None:
+            column = positions[self.bias_start.index]
+            if bias.shape[1] < W or column + max(end - start, 0) > bias.shape[2]:
+                raise ValueError(
+                    f"cache attention: the bias {tuple(bias.shape)} must hold {W} rows and the "
+                    f"columns {column} .. {column + end - start - 1}"
+                )
+            bias = bias[:, :W, column : column + end - start]
+        out = cache_attention(q.reshape(B, W, H, E), self.keys, self.values, start, end, bias,
+                              scale=self.scale)  # fmt: skip
+        return out.reshape(R, H * M), None
+
+
+@dataclasses.dataclass(eq=False)
+class CacheWriteOp(Op):
+    """``cache[b, h, position + w] = x[b W + w]``'s head ``h``, for the ``R = B W`` rows of
+    ``x`` `(R, H E)` and the held ``cache`` `(B, H, C, E)`."""
+
+    x: Slot
+    cache: Tensor
+    position: Position
+    dtype: torch.dtype
+    device: torch.device
+    kind = CACHE_WRITE
+    eps = 0.0
+    width = 0  # it makes no value
+
+    def __post_init__(self) -> None:
+        B, H, C, E = _cache("cache", self.cache, self.dtype, self.device).shape
+        if self.x.width != H * E:
+            raise ValueError(f"x must have width H E = {H * E} (cache {tuple(self.cache.shape)}); "
+                             f"got {self.x.width}")  # fmt: skip
+        if self.cache.requires_grad:
+            raise ValueError("cache must not require grad (the chain writes it in place)")
+        self.shape = (B, H, C, E)
+
+    def weights(self) -> tuple[Tensor | None, ...]:
+        return (self.cache,)
+
+    def fields(self, bases: Bases, out: tuple[int, int], weight_index: int) -> list[int]:
+        B, H, C, E = self.shape
+        x_base, x_offset, ldx = bases.of(self.x)
+        return [
+            x_base, x_offset, ldx, bases.rows, B, H, E,
+            *weight_address(bases, weight_index, self.cache), H * C * E, C * E, E, 1, C,
+            self.position.index,
+        ]  # fmt: skip
+
+    def compose(
+        self, values: list[Tensor], state: tuple[Tensor, Tensor] | None, positions: Sequence[int]
+    ) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
+        B, H, C, E = self.shape
+        x = value(values, self.x)
+        W = _rows_per_batch(x.shape[0], B, "cache write")
+        p = positions[self.position.index]
+        if p + W > C:
+            raise ValueError(f"cache write: positions {p} .. {p + W - 1} outside the cache "
+                             f"({C} positions)")  # fmt: skip
+        # "(b w) (h e) -> b h w e"
+        self.cache[:, :, p : p + W].copy_(x.reshape(B, W, H, E).transpose(1, 2))
+        return x.new_empty(x.shape[0], 0), None
