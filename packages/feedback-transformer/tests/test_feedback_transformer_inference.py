@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from feedback_transformer import FeedbackTransformer, _inference_window
+from feedback_transformer import FeedbackTransformer, _inference_window, _window_chain
 from feedback_transformer._window_attention import window_bias
 
 VOCAB, DIM, HEADS, DIM_HEAD = 13, 16, 2, 8
@@ -53,8 +53,27 @@ CASES = [  # (seq_len, mem_len, batch, n, cross_attend, prefix length)
 ]
 
 
+@pytest.fixture(params=["chain", "layers"])
+def window_path(request, monkeypatch):
+    """Run the windows of a forward without gradients as step chains (where they serve: a
+    memory, no context) or layer by layer; returns the path and the list of the chains'
+    windows."""
+    windows = []
+    if request.param == "layers":
+        monkeypatch.setattr(_inference_window, "chain_serves", lambda *args: False)
+    else:
+        original = _window_chain.WindowChains.__call__
+
+        def spy(self, x, lo, hi):
+            windows.append((x.shape[0], lo, hi))
+            return original(self, x, lo, hi)
+
+        monkeypatch.setattr(_window_chain.WindowChains, "__call__", spy)
+    return request.param, windows
+
+
 @pytest.mark.parametrize(("W", "M", "b", "n", "cross", "prefix_len"), CASES)
-def test_forward_without_gradients_equals_paper_path(W, M, b, n, cross, prefix_len):
+def test_forward_without_gradients_equals_paper_path(W, M, b, n, cross, prefix_len, window_path):
     model = random_model(W, M, cross_attend=cross)
     g = torch.Generator().manual_seed(1)
     x = torch.randint(0, VOCAB, (b, n), generator=g)
@@ -72,6 +91,24 @@ def test_forward_without_gradients_equals_paper_path(W, M, b, n, cross, prefix_l
     assert_close("memory keys", memory.keys, expected_memory.keys)
     assert_close("memory values", memory.values, expected_memory.values)
     assert memory.keys.shape[2] == min(M, prefix_len + n)
+    path, windows = window_path
+    chained = path == "chain" and M > 0 and not cross  # then one chain call per window
+    assert len(windows) == (-(-n // W) if chained else 0)
+
+
+@pytest.mark.parametrize(("W", "n"), [(1, 6), (2, 7), (3, 9)])
+def test_forward_chains_in_float32_equal_layers(W, n, monkeypatch):
+    """In float32 the chains (their compiled kernels) and the layer-by-layer windows agree to
+    float32 rounding, logits and kept memory."""
+    model = random_model(W, 5, seed=4).float()
+    x = torch.randint(0, VOCAB, (2, n), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        logits, memory = model(x, return_memory=True)
+        monkeypatch.setattr(_inference_window, "chain_serves", lambda *args: False)
+        expected, expected_memory = model(x, return_memory=True)
+    torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(memory.keys, expected_memory.keys, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(memory.values, expected_memory.values, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize(("W", "b", "cross"), [(1, 1, False), (1, 2, True), (2, 2, False),
@@ -101,7 +138,9 @@ def test_decoding_past_a_full_ring_equals_paper_path(W, b, cross):
 def test_full_windows_read_their_rows_and_first_projection_as_views(monkeypatch):
     """The full windows' rows are laid out window by window once per call: a window's input
     and its first layer's projection are views of those (one storage for all windows), not
-    copies per window; the tail window (here 1 step) projects its own input."""
+    copies per window; the tail window (here 1 step) projects its own input (the windows
+    layer by layer: the chains project each window in their call)."""
+    monkeypatch.setattr(_inference_window, "chain_serves", lambda *args: False)
     model = random_model(2, 8)
     x = torch.randint(0, VOCAB, (2, 7))
     calls = []

@@ -10,7 +10,7 @@ import torch
 
 import attention_core
 import feedback_transformer
-from feedback_transformer import FeedbackTransformer, _inference_window
+from feedback_transformer import FeedbackTransformer, _inference_window, _window_chain
 
 PACKAGE = Path(feedback_transformer.__file__).parent
 CORE = Path(attention_core.__file__).parent
@@ -48,19 +48,26 @@ def test_attention_core_names_no_feedback_model():
     assert not hasattr(getattr(attention_core, "_C", None), "feedback_forward_f32")
 
 
-def test_inference_takes_the_fewer_ops_window(monkeypatch):
-    """Without gradients (and dropout) a forward runs `_inference_window.window`, once per
-    window; with gradients it does not."""
+@pytest.mark.parametrize("chains", [True, False])
+def test_inference_takes_the_fewer_ops_window(monkeypatch, chains):
+    """Without gradients (and dropout) a forward runs each window as one step chain
+    (`_window_chain.WindowChains`) or, where chains do not serve, as
+    `_inference_window.window`; with gradients it runs neither."""
     calls = []
-    original = _inference_window.window
-    monkeypatch.setattr(
-        _inference_window, "window", lambda *a, **k: calls.append(1) or original(*a, **k)
-    )
+
+    def spy(owner, name):
+        original = getattr(owner, name)
+        monkeypatch.setattr(owner, name, lambda *a, **k: calls.append(name) or original(*a, **k))
+
+    spy(_inference_window, "window")
+    spy(_window_chain.WindowChains, "__call__")
+    if not chains:
+        monkeypatch.setattr(_inference_window, "chain_serves", lambda *args: False)
     model = FeedbackTransformer(num_tokens=20, dim=16, depth=2, seq_len=2, mem_len=4,
                                 heads=2, dim_head=8).eval()  # fmt: skip
     x = torch.randint(0, 20, (2, 7))
     with torch.no_grad():
         model(x)
-    assert len(calls) == 4  # windows of 2, 2, 2, 1
+    assert calls == ["__call__" if chains else "window"] * 4  # windows of 2, 2, 2, 1
     model(x)
     assert len(calls) == 4

@@ -41,6 +41,7 @@ from attention_core.cache_attention import PreparedCacheAttention
 
 from ._inference_weights import InferenceWeights, query_weights
 from ._window_attention import window_bias
+from ._window_chain import WindowChains, chain_serves
 
 if TYPE_CHECKING:
     from ._window_loop import Cross
@@ -77,6 +78,11 @@ class WindowBiases:
             window_bias(table, memory, window, window)[0] if masked else table.contiguous()
         )
         self._empty: dict[int, tuple[Tensor, bool]] = {}
+
+    @property
+    def table(self) -> Tensor:
+        """``(h, W, M + W)``: the table with the window's keys masked (``W > 1``), contiguous."""
+        return self._masked
 
     def get(self, m: int, w: int) -> tuple[Tensor, bool]:
         """The bias ``(h, w, m + w)`` (``(h, 1, m)`` when ``w == 1``) and whether the first
@@ -279,21 +285,25 @@ def _windows(
     count = n // W  # full windows; then a tail of n % W steps
     # "b (k w) e -> k (b w) e": each full window's rows contiguous
     steps = h[:, : count * W].reshape(b, count, W, dim).transpose(0, 1).reshape(count, b * W, dim)
-    first = full.layers[0]
-    proj_all = torch.layer_norm(steps, *full.norm) @ first.projection_t
-    inputs: list[tuple[Tensor, Tensor | None]] = list(zip(steps.unbind(0), proj_all.unbind(0)))
+    windows = list(steps.unbind(0))
     if n % W:  # "b w e -> (b w) e"
-        inputs.append((h[:, count * W :].reshape(b * (n % W), dim), None))
-    outputs = []
-    for index, (x, proj0) in enumerate(inputs):
-        start = index * W
-        w = min(W, n - start)
-        hi = m0 + start if M else 0
-        lo = max(0, hi - M)
-        bias, first_empty = biases.get(hi - lo, w)
-        weights = full if w > 1 else single
-        x, _ = window(weights, x, views, (lo, hi), bias, first_empty, cross, proj0, True)
-        outputs.append(x)
+        windows.append(h[:, count * W :].reshape(b * (n % W), dim))
+    starts = [m0 + index * W if M else 0 for index in range(len(windows))]
+    if chain_serves(model, h, cross):
+        chains = WindowChains(model, (single, full), views, biases.table)
+        outputs = [chains(x, max(0, hi - M), hi) for x, hi in zip(windows, starts)]
+    else:
+        first = full.layers[0]  # its projection of every full window in one product
+        proj_all = torch.layer_norm(steps, *full.norm) @ first.projection_t
+        projections: list[Tensor | None] = [*proj_all.unbind(0), None][: len(windows)]
+        outputs = []
+        for index, (x, proj0, hi) in enumerate(zip(windows, projections, starts)):
+            w = min(W, n - index * W)
+            lo = max(0, hi - M)
+            bias, first_empty = biases.get(hi - lo, w)
+            weights = full if w > 1 else single
+            x, _ = window(weights, x, views, (lo, hi), bias, first_empty, cross, proj0, True)
+            outputs.append(x)
     if not M:
         return outputs, (b, H, 0, D), None
     return outputs, (b, H, 0, D), views.slots[:, :, :, max(0, m0 + n - M) : m0 + n]
