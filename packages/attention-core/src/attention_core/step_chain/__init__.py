@@ -16,8 +16,17 @@ is added, and runs the whole sequence in one call of the compiled extension:
   (`attention_core.residual_step.residual_feed_forward`);
 - `StepChain.linear_attention_step`: one step of causal linear attention, with its state
   (`attention_core.linear_step.linear_attention_step`);
+- `StepChain.layer_norm`: a layer norm of a value's columns;
+- `StepChain.weighted_sum`: ``sum_i c_i values_i`` with held coefficients;
+- `StepChain.cache_attention`: softmax attention over a range of positions of a held key/value
+  cache, with a position bias from a held table
+  (`attention_core.cache_attention.cache_attention`);
+- `StepChain.cache_write`: a value's rows written into a held cache;
 - `StepChain.columns`: a range of columns of a value (e.g. the queries of a stacked
   query-key-value product).
+
+Where the cache ops read and write may change from call to call: `StepChain.position` makes a
+`Position`, whose int each call passes in ``positions``.
 
 Each op reads values made before it (`Slot`) and makes a new one. A call checks the input, the
 states and that every held weight still has the address, dtype, device, shape and strides it
@@ -271,8 +280,9 @@ class StepChain(ChainRunner):
         return Slot(self._id, slot.buffer, slot.start + start, stop - start)
 
     def position(self, limit: int) -> Position:
-        """A position given at each call: an int from 0 to ``limit``, passed in the call's
-        ``positions`` in the order the positions are made.
+        """Make a position: an int from 0 to ``limit`` that each call passes.
+
+        A call's ``positions`` hold one int per position, in the order they were made.
 
         Returns:
             The `Position`, for the cache ops.
@@ -346,9 +356,9 @@ class StepChain(ChainRunner):
         *,
         scale: float | None = None,
     ) -> Slot:
-        """Add softmax attention over the cached positions ``start .. end - 1``
-        (`attention_core.cache_attention.cache_attention`).
+        """Add softmax attention over the cached positions ``start .. end - 1``.
 
+        As `attention_core.cache_attention.cache_attention`.
         The ``R`` rows are ``B`` batch elements of ``W = R / B`` queries each, in ``(B, W)``
         order. The cache is held like a weight: a call reads what it holds then (what
         `cache_write` ops wrote included).
