@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from feedback_transformer import FeedbackTransformer, _inference_window, _window_chain
+from feedback_transformer import FeedbackTransformer, _inference_window, _window_chain, generation
 from feedback_transformer._window_attention import window_bias
 
 VOCAB, DIM, HEADS, DIM_HEAD = 13, 16, 2, 8
@@ -96,11 +96,12 @@ def test_forward_without_gradients_equals_paper_path(W, M, b, n, cross, prefix_l
     assert len(windows) == (-(-n // W) if chained else 0)
 
 
+@pytest.mark.parametrize("keep_last_hidden", [False, True])
 @pytest.mark.parametrize(("W", "n"), [(1, 6), (2, 7), (3, 9)])
-def test_forward_chains_in_float32_equal_layers(W, n, monkeypatch):
+def test_forward_chains_in_float32_equal_layers(W, n, keep_last_hidden, monkeypatch):
     """In float32 the chains (their compiled kernels) and the layer-by-layer windows agree to
-    float32 rounding, logits and kept memory."""
-    model = random_model(W, 5, seed=4).float()
+    float32 rounding, logits and kept memory, with the layers' states mixed or not."""
+    model = random_model(W, 5, keep_last_hidden=keep_last_hidden, seed=4).float()
     x = torch.randint(0, VOCAB, (2, n), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         logits, memory = model(x, return_memory=True)
@@ -111,12 +112,19 @@ def test_forward_chains_in_float32_equal_layers(W, n, monkeypatch):
     torch.testing.assert_close(memory.values, expected_memory.values, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize(("W", "b", "cross"), [(1, 1, False), (1, 2, True), (2, 2, False),
-                                               (3, 1, True), (8, 2, False)])  # fmt: skip
-def test_decoding_past_a_full_ring_equals_paper_path(W, b, cross):
-    """Decoding 3 times ``mem_len`` steps: the ring buffer wraps around (several times)."""
+@pytest.mark.parametrize("chain", [True, False])
+@pytest.mark.parametrize(("W", "b", "cross"), [
+    (1, 1, False), (1, 2, True), (2, 2, False), (3, 1, True), (8, 2, False), (1, 3, False),
+])  # fmt: skip
+def test_decoding_past_a_full_ring_equals_paper_path(W, b, cross, chain, monkeypatch):
+    """Decoding 3 times ``mem_len`` steps: the ring buffer wraps around (several times). With
+    ``seq_len = 1`` and no context a step runs as one step chain (`chain`), else (and with
+    the chains turned off) window by window."""
+    if not chain:
+        monkeypatch.setattr(generation, "chain_serves", lambda *args: False)
     M, prompt, n = 4, 3, 3 + 12
-    model = random_model(W, M, cross_attend=cross, keep_last_hidden=W == 3, seed=2)
+    # the last layer's state as memory (no mix): seq_len 3, and seq_len 1 with batch 3
+    model = random_model(W, M, cross_attend=cross, keep_last_hidden=W == 3 or b == 3, seed=2)
     g = torch.Generator().manual_seed(3)
     x = torch.randint(0, VOCAB, (b, n), generator=g)
     kwargs = {}
@@ -125,6 +133,7 @@ def test_decoding_past_a_full_ring_equals_paper_path(W, b, cross):
     expected, expected_memory = paper(model, x, return_memory=True, **kwargs)
     with torch.no_grad():
         logits, state = model.prefill(x[:, :prompt], **kwargs)
+        assert (state.chain is not None) == (chain and W == 1 and not cross)
         steps = [logits]
         for t in range(prompt, n):
             logits, state = model.step(x[:, t], state)

@@ -222,6 +222,12 @@ class RingBuffer:
         self.next = (self.next + n) % c
         self.filled = min(c, self.filled + n)
 
+    def advance(self) -> None:
+        """Count one step whose keys and values were written to the slots ``next`` and
+        ``next + capacity`` by the caller (a decoding chain)."""
+        self.next = (self.next + 1) % self.capacity
+        self.filled = min(self.capacity, self.filled + 1)
+
     def bounds(self) -> tuple[int, int]:
         """Slots ``(lo, hi)`` of the last ``filled`` steps, oldest first."""
         hi = self.next + self.capacity

@@ -32,13 +32,14 @@ from torch import Tensor
 from attention_core.step_chain import StepChain
 
 if TYPE_CHECKING:
-    from attention_core.step_chain import Slot
+    from attention_core.step_chain import Position, Slot
 
     from ._inference_weights import InferenceWeights
     from ._inference_window import KVViews
+    from ._kv_store import RingBuffer
     from .model import FeedbackTransformer
 
-__all__ = ["WindowChains", "chain_serves"]
+__all__ = ["DecodingChain", "WindowChains", "chain_serves"]
 
 
 def chain_serves(model: FeedbackTransformer, h: Tensor, cross: object) -> bool:
@@ -107,13 +108,71 @@ def _build(
     window: bool,
 ) -> tuple[StepChain, Slot]:
     """The chain of a window of one step (``window`` false) or more, and the slot of its
-    last layer's output."""
-    keys, values = views.keys, views.values
-    C = keys.shape[2]
-    hd = weights.heads * weights.dim_head
+    last layer's output; the window's memory goes to its slots ``hi ..``."""
+    C = views.keys.shape[2]
     chain = StepChain(model.dim)
     lo, end = chain.position(C), chain.position(C)
     column, hi = chain.position(table.shape[2]), chain.position(C)
+    x, kv = _layers(chain, model, weights, views, table, (lo, end, column), hi if window else None)
+    _write(chain, kv, views, hi)
+    return chain, x
+
+
+class DecodingChain:
+    """A decoding step of a ``seq_len = 1`` model as one step chain: the layers over the
+    ring buffer's memory, the step's memory written to the ring's two slots, and the logits.
+
+    Arguments:
+        model: the `FeedbackTransformer` (``seq_len == 1``, ``mem_len > 0``, no context).
+        weights: the decoding state's `InferenceWeights` (query weights alone).
+        views: the `KVViews` of the ring buffer ``(2, b h, 2 M, d)``.
+        table: ``(h, 1, M + 1)``, the position bias of the query over keys at ``-M .. 0``.
+    """
+
+    __slots__ = ("_chain", "_memory")
+
+    def __init__(
+        self, model: FeedbackTransformer, weights: InferenceWeights, views: KVViews, table: Tensor
+    ):
+        C = views.keys.shape[2]
+        self._memory = model.mem_len
+        chain = StepChain(model.dim)
+        lo, end, column = chain.position(C), chain.position(C), chain.position(table.shape[2])
+        x, kv = _layers(chain, model, weights, views, table, (lo, end, column), None)
+        for slot in (chain.position(C - 1), chain.position(C - 1)):  # the ring's two copies
+            _write(chain, kv, views, slot)
+        norm, head = model.to_logits
+        normed = chain.layer_norm(x, norm.weight, norm.bias, norm.eps)
+        chain.linear(normed, head.weight, head.bias)
+        self._chain = chain
+
+    def __call__(self, x: Tensor, ring: RingBuffer) -> Tensor:
+        """Run the step of the embeddings ``x`` ``(b, dim)`` after the ring's memory, append
+        the step's memory to the ring and return the logits ``(b, num_tokens)``."""
+        lo, hi = ring.bounds()
+        M, s = self._memory, ring.next
+        logits, _ = self._chain(x, positions=[lo, hi, M - (hi - lo), s, s + M])
+        ring.advance()
+        return logits
+
+
+def _layers(
+    chain: StepChain,
+    model: FeedbackTransformer,
+    weights: InferenceWeights,
+    views: KVViews,
+    table: Tensor,
+    memory: tuple[Position, Position, Position],
+    own: Position | None,
+) -> tuple[Slot, Slot]:
+    """Add the layers of a window to ``chain``: the attention reads the slots
+    ``lo .. end - 1`` of the key/value buffer with the bias columns from ``column``
+    (``memory``); with ``own`` each layer first writes the window's keys and values to its
+    slots ``own ..``. Returns the last layer's output and the window's memory keys and
+    values ``(b w, 2 h d)``."""
+    keys, values = views.keys, views.values
+    hd = weights.heads * weights.dim_head
+    lo, end, column = memory
     _, norm_weight, norm_bias, eps = weights.norm
     x = chain.input
     states = [x]
@@ -121,9 +180,9 @@ def _build(
         a = chain.layer_norm(x, norm_weight, norm_bias, eps)
         projection = chain.linear(a, p.projection_t.t())  # "(b w) ((one + two) h d)"
         q = chain.columns(projection, 0, hd)
-        if window:  # the window's own keys and values, after the memory
-            chain.cache_write(chain.columns(projection, hd, 2 * hd), keys, hi)
-            chain.cache_write(chain.columns(projection, 2 * hd, 3 * hd), values, hi)
+        if own is not None:  # the window's own keys and values, after the memory
+            chain.cache_write(chain.columns(projection, hd, 2 * hd), keys, own)
+            chain.cache_write(chain.columns(projection, 2 * hd, 3 * hd), values, own)
         # the queries are scaled by their weights
         heads = chain.cache_attention(q, keys, values, lo, end, table, column, scale=1.0)
         x = chain.linear(heads, p.out_weight_t.t(), p.out_bias, residual=x)
@@ -135,9 +194,13 @@ def _build(
         )  # fmt: skip
         states.append(x)
     merged = x if weights.mix is None else chain.weighted_sum(states, weights.mix)
-    kv = chain.linear(
-        chain.layer_norm(merged, norm_weight, norm_bias, eps), weights.kv_weight_t.t()
-    )
-    chain.cache_write(chain.columns(kv, 0, hd), keys, hi)  # "(b w) (two h d)"
-    chain.cache_write(chain.columns(kv, hd, 2 * hd), values, hi)
-    return chain, x
+    normed = chain.layer_norm(merged, norm_weight, norm_bias, eps)
+    return x, chain.linear(normed, weights.kv_weight_t.t())
+
+
+def _write(chain: StepChain, kv: Slot, views: KVViews, position: Position) -> None:
+    """Add the writes of the memory keys and values ``kv`` ``(b w, 2 h d)`` to the buffer's
+    slots ``position ..``."""
+    hd = kv.width // 2  # "(b w) (two h d)"
+    chain.cache_write(chain.columns(kv, 0, hd), views.keys, position)
+    chain.cache_write(chain.columns(kv, hd, 2 * hd), views.values, position)

@@ -35,6 +35,7 @@ from ._inference_weights import InferenceWeights, query_weights
 from ._inference_window import KVViews, WindowBiases
 from ._inputs import check_memory, check_tokens, prepare_context
 from ._kv_store import RingBuffer
+from ._window_chain import DecodingChain, chain_serves
 from .memory import FeedbackMemory
 
 if TYPE_CHECKING:
@@ -85,6 +86,10 @@ class FeedbackState:
         self.window_weights = (
             InferenceWeights(model, query_weights(model, stacked=True)) if W > 1 else self.weights
         )
+        # seq_len 1: a step as one call of the core's step chain
+        self.chain = None
+        if W == 1 and batch and chain_serves(model, memory.keys, cross):
+            self.chain = DecodingChain(model, self.weights, self.views, self.biases.table)
         self.signature = model.signature
         self.window = memory.keys.new_zeros(batch, 0, model.dim)
         self.window_memory: tuple[Tensor, Tensor] | None = None
@@ -234,6 +239,10 @@ def step(
         low, high = tokens.aminmax()
         if low < 0 or high >= model.num_tokens:
             check_tokens(model, "tokens", tokens, 1)  # raises, naming the range
+    if state.chain is not None and not torch.compiler.is_compiling():
+        logits = state.chain(model.token_emb(tokens), state.ring)
+        state.steps += 1
+        return logits, state
     x = model.token_emb(tokens)[:, None]
     if state.window.shape[1]:  # continue the window (seq_len > 1)
         x = torch.cat((state.window, x), dim=1)
