@@ -17,8 +17,8 @@ from .._reference_autograd import register_reference_autograd
 from .reference import ACTIVATIONS, residual_feed_forward_reference, residual_linear_reference
 
 __all__ = [
-    "check_layer_norm",
     "check_feed_forward",
+    "check_layer_norm",
     "check_linear",
     "compute_feed_forward",
     "compute_linear",

@@ -374,7 +374,9 @@ class StepChain(ChainRunner):
         bias_start = start if bias_start is None else self._own_position("bias_start", bias_start)
         dtype, device = self._chain_dtype("cache_attention")
         if scale is None:
-            scale = float(keys.shape[3]) ** -0.5 if isinstance(keys, Tensor) else 1.0
+            # 1 / sqrt(E) of a (B, H, C, E) cache; anything else is refused by the op's checks
+            well_formed = isinstance(keys, Tensor) and keys.dim() == 4
+            scale = float(keys.shape[3]) ** -0.5 if well_formed else 1.0
         op = CacheAttentionOp(query, keys, values, start, end, bias, bias_start, scale, dtype,
                               device)  # fmt: skip
         return self._add(op, dtype, device)
