@@ -116,6 +116,9 @@ class CacheChain:
         kvq = chain.linear(ln, self.w_in)
         k, v, q = (chain.columns(kvq, H * a, H * b) for a, b in ((0, E), (E, E + M),
                                                                  (E + M, 2 * E + M)))  # fmt: skip
+        # strided sources: a layer norm (neither scale nor shift) and a weighted sum of columns
+        self.side_coefficients = self.rand(2)
+        self.side = chain.weighted_sum([chain.layer_norm(q, None, None), k], self.side_coefficients)
         chain.cache_write(k, self.keys, self.positions[0])
         chain.cache_write(v, self.values, self.positions[0])
         heads = chain.cache_attention(
@@ -158,7 +161,9 @@ class CacheChain:
         w1, b1, w2, _, nw, _ = map(dbl, self.ff)
         f = y + F.gelu(plain_layer_norm(y, nw, None, 1e-5) @ w1.T + b1) @ w2.T
         c = self.coefficients.double()
-        return c[0] * f + c[1] * x + c[2] * ln, heads
+        q, k, s = kvq[:, H * (E + M) :], kvq[:, : H * E], self.side_coefficients.double()
+        side = s[0] * plain_layer_norm(q, None, None, 1e-5) + s[1] * k
+        return c[0] * f + c[1] * x + c[2] * ln, heads, side
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -175,14 +180,16 @@ def test_random_cache_chains_equal_the_formula_over_several_calls(
             x = case.rand(case.B * W, case.D)
             positions = case.draw_positions(r)
             heads, _ = chain(x, positions=positions, output=case.heads)  # writes once more
+            side, _ = chain(x, positions=positions, output=case.side)
             y, states = chain(x, positions=positions)
-            want, want_heads = case.reference(x, positions)
+            want, want_heads, want_side = case.reference(x, positions)
             assert states == [] and y.dtype == dtype
             assert_close("y", y, want, **tol)
             assert_close("heads", heads, want_heads, **tol)
+            assert_close("side", side, want_side, **tol)
             assert_close("keys", case.keys, case.ref_keys, **tol)
             assert_close("values", case.values, case.ref_values, **tol)
-    assert compiled_calls == ([] if grad else [dtype] * 8)
+    assert compiled_calls == ([] if grad else [dtype] * 12)
 
 
 def small_chain(dtype=torch.float64, B=2, H=2, E=2, C=6, bias=None, scale=None):
@@ -328,6 +335,22 @@ def test_bad_positions_and_rows_are_refused_and_leave_the_caches(case, grad, com
         assert word in str(info.value), str(info.value)
     assert torch.equal(K, before[0]) and torch.equal(V, before[1])
     assert K.abs().sum() > 0  # the first call wrote
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["compiled", "composed"])
+def test_a_cache_made_to_require_grad_after_it_was_added(grad, compiled_calls):
+    chain, K, _ = small_chain()
+    K.requires_grad_()
+    x = torch.randn(4, 4, dtype=torch.float64)
+    with torch.set_grad_enabled(grad):
+        if grad:  # autograd would refuse the in-place write: the chain says which tensor
+            with pytest.raises(ValueError, match="cache must not require grad"):
+                chain(x, positions=[0, 0, 2])
+            assert not K.detach().any()
+        else:  # written in place as under torch.no_grad
+            chain(x, positions=[0, 0, 2])
+            assert torch.equal(K[:, :, :2], x.view(2, 2, 2, 2).transpose(1, 2))
+    assert len(compiled_calls) == (0 if grad else 1)
 
 
 def other_position(chain, K, V, q):

@@ -175,6 +175,9 @@ class CacheWriteOp(Op):
         ]  # fmt: skip
 
     def check_call(self, rows: int, positions: Sequence[int]) -> None:
+        if self.cache.is_leaf and self.cache.requires_grad and torch.is_grad_enabled():
+            # made to require grad after it was added: autograd refuses the in-place write
+            raise ValueError("cache must not require grad (the chain writes it in place)")
         W = _rows_per_batch(rows, self.shape[0], "cache write")
         p, C = positions[self.position.index], self.shape[2]
         if p + W > C:
