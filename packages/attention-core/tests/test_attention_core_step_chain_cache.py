@@ -26,6 +26,12 @@ TOLERANCES = {
 }
 
 
+@pytest.fixture(autouse=True)
+def seeded():
+    """The tests that draw from torch's global generator draw the same numbers at every run."""
+    torch.manual_seed(0)
+
+
 @pytest.fixture
 def compiled_calls(monkeypatch):
     """The dtypes of the compiled chain's calls (the binding the module looks up, spied on)."""

@@ -271,8 +271,9 @@ class StepChain(ChainRunner):
         return Slot(self._id, slot.buffer, slot.start + start, stop - start)
 
     def position(self, limit: int) -> Position:
-        """A position given at each call: an int from 0 to ``limit``, passed in the call's
-        ``positions`` in the order the positions are made.
+        """Add a position: an int from 0 to ``limit`` given at each call.
+
+        A call's ``positions`` hold one int per position, in the order the positions are made.
 
         Returns:
             The `Position`, for the cache ops.
@@ -346,9 +347,9 @@ class StepChain(ChainRunner):
         *,
         scale: float | None = None,
     ) -> Slot:
-        """Add softmax attention over the cached positions ``start .. end - 1``
-        (`attention_core.cache_attention.cache_attention`).
+        """Add softmax attention over the cached positions ``start .. end - 1``.
 
+        The op is `attention_core.cache_attention.cache_attention` over a held cache.
         The ``R`` rows are ``B`` batch elements of ``W = R / B`` queries each, in ``(B, W)``
         order. The cache is held like a weight: a call reads what it holds then (what
         `cache_write` ops wrote included).

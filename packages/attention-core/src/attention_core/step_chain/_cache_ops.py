@@ -24,10 +24,10 @@ CACHE_ATTENTION, CACHE_WRITE = 5, 6
 
 @dataclasses.dataclass(frozen=True)
 class Position:
-    """A non-negative int given at each call of a `StepChain` (its ``positions``), at most
-    ``limit``: where in a cache an op reads or writes.
+    """A non-negative int, at most ``limit``, given at each call of a `StepChain`.
 
-    Made by `StepChain.position`; pass it to that chain's cache ops."""
+    It is one of the call's ``positions``: where in a cache an op reads or writes. Made by
+    `StepChain.position`; pass it to that chain's cache ops."""
 
     chain: int  # id of the chain that made it
     index: int  # its place in the call's positions
