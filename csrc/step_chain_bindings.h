@@ -186,19 +186,21 @@ cache_attention::Problem<T> cache_attention_args(Fields<T>& f, double scale, int
     if (!std::isfinite(scale)) throw std::invalid_argument("cache attention: scale must be finite");
     const int64_t W = rows_per_batch("cache attention", R, B);
     if (R > 1 && ldq < H * E) throw std::invalid_argument("cache attention: query rows overlap");
-    if (bias != 0) {
-        if (W > bias_rows || end < start || column + (end - start) > bias_columns) {
-            std::ostringstream msg;
-            msg << "cache attention: the bias (" << bias_rows << " rows, " << bias_columns
-                << " columns) must hold " << W << " rows and the columns " << column << " .. "
-                << column + (end - start) - 1;
-            throw std::invalid_argument(msg.str());
-        }
-        bias += static_cast<std::uintptr_t>(column) * sizeof(T);
-    }
-    return cache_attention::attention_args<T>(
-        q, {W * ldq, ldq, E}, k, k_strides, v, v_strides, bias, {0, bias_h, bias_w}, out,
+    // the op's own checks first (0 <= start <= end <= C among them); nothing reads the bias
+    // before the check below
+    const std::uintptr_t bias_at =
+        bias == 0 ? 0 : bias + static_cast<std::uintptr_t>(column) * sizeof(T);
+    const cache_attention::Problem<T> p = cache_attention::attention_args<T>(
+        q, {W * ldq, ldq, E}, k, k_strides, v, v_strides, bias_at, {0, bias_h, bias_w}, out,
         {B, W, H, E, M, C}, start, end, scale, threads);
+    if (bias != 0 && (W > bias_rows || column + (end - start) > bias_columns)) {
+        std::ostringstream msg;
+        msg << "cache attention: the bias (" << bias_rows << " rows, " << bias_columns
+            << " columns) must hold " << W << " rows and the columns " << column << " .. "
+            << column + (end - start) - 1;
+        throw std::invalid_argument(msg.str());
+    }
+    return p;
 }
 
 template <typename T>

@@ -280,9 +280,9 @@ class StepChain(ChainRunner):
         return Slot(self._id, slot.buffer, slot.start + start, stop - start)
 
     def position(self, limit: int) -> Position:
-        """Make a position: an int from 0 to ``limit`` that each call passes.
+        """Add a position: an int from 0 to ``limit`` given at each call.
 
-        A call's ``positions`` hold one int per position, in the order they were made.
+        A call's ``positions`` hold one int per position, in the order the positions are made.
 
         Returns:
             The `Position`, for the cache ops.
@@ -358,7 +358,7 @@ class StepChain(ChainRunner):
     ) -> Slot:
         """Add softmax attention over the cached positions ``start .. end - 1``.
 
-        As `attention_core.cache_attention.cache_attention`.
+        The op is `attention_core.cache_attention.cache_attention` over a held cache.
         The ``R`` rows are ``B`` batch elements of ``W = R / B`` queries each, in ``(B, W)``
         order. The cache is held like a weight: a call reads what it holds then (what
         `cache_write` ops wrote included).
@@ -384,7 +384,9 @@ class StepChain(ChainRunner):
         bias_start = start if bias_start is None else self._own_position("bias_start", bias_start)
         dtype, device = self._chain_dtype("cache_attention")
         if scale is None:
-            scale = float(keys.shape[3]) ** -0.5 if isinstance(keys, Tensor) else 1.0
+            # 1 / sqrt(E) of a (B, H, C, E) cache; anything else is refused by the op's checks
+            well_formed = isinstance(keys, Tensor) and keys.dim() == 4
+            scale = float(keys.shape[3]) ** -0.5 if well_formed else 1.0
         op = CacheAttentionOp(query, keys, values, start, end, bias, bias_start, scale, dtype,
                               device)  # fmt: skip
         return self._add(op, dtype, device)

@@ -24,10 +24,10 @@ CACHE_ATTENTION, CACHE_WRITE = 5, 6
 
 @dataclasses.dataclass(frozen=True)
 class Position:
-    """A non-negative int given at each call of a `StepChain` (its ``positions``), at most
-    ``limit``: where in a cache an op reads or writes.
+    """A non-negative int, at most ``limit``, given at each call of a `StepChain`.
 
-    Made by `StepChain.position`; pass it to that chain's cache ops."""
+    It is one of the call's ``positions``: where in a cache an op reads or writes. Made by
+    `StepChain.position`; pass it to that chain's cache ops."""
 
     chain: int  # id of the chain that made it
     index: int  # its place in the call's positions
@@ -105,22 +105,34 @@ class CacheAttentionOp(Op):
             self.start.index, self.end.index, self.bias_start.index,
         ]  # fmt: skip
 
+    def check_call(self, rows: int, positions: Sequence[int]) -> None:
+        W = _rows_per_batch(rows, self.shape[0], "cache attention")
+        start, end = positions[self.start.index], positions[self.end.index]
+        if end < start:  # end <= C: its limit is at most C
+            raise ValueError(
+                f"cache attention: start and end must satisfy 0 <= start <= end <= "
+                f"{self.shape[2]} (the cache length); got {start} and {end}"
+            )
+        bias = self.bias
+        if bias is not None:
+            column = positions[self.bias_start.index]
+            if bias.shape[1] < W or column + end - start > bias.shape[2]:
+                raise ValueError(
+                    f"cache attention: the bias {tuple(bias.shape)} must hold {W} rows and the "
+                    f"columns {column} .. {column + end - start - 1}"
+                )
+
     def compose(
         self, values: list[Tensor], state: tuple[Tensor, Tensor] | None, positions: Sequence[int]
     ) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
         B, H, _, E, M = self.shape
         q = value(values, self.query)
         R = q.shape[0]
-        W = _rows_per_batch(R, B, "cache attention")
+        W = R // B  # check_call: a multiple of B
         start, end = positions[self.start.index], positions[self.end.index]
         bias = self.bias
         if bias is not None:
             column = positions[self.bias_start.index]
-            if bias.shape[1] < W or column + max(end - start, 0) > bias.shape[2]:
-                raise ValueError(
-                    f"cache attention: the bias {tuple(bias.shape)} must hold {W} rows and the "
-                    f"columns {column} .. {column + end - start - 1}"
-                )
             bias = bias[:, :W, column : column + end - start]
         out = cache_attention(q.reshape(B, W, H, E), self.keys, self.values, start, end, bias,
                               scale=self.scale)  # fmt: skip
@@ -162,16 +174,23 @@ class CacheWriteOp(Op):
             self.position.index,
         ]  # fmt: skip
 
-    def compose(
-        self, values: list[Tensor], state: tuple[Tensor, Tensor] | None, positions: Sequence[int]
-    ) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
-        B, H, C, E = self.shape
-        x = value(values, self.x)
-        W = _rows_per_batch(x.shape[0], B, "cache write")
-        p = positions[self.position.index]
+    def check_call(self, rows: int, positions: Sequence[int]) -> None:
+        if self.cache.is_leaf and self.cache.requires_grad and torch.is_grad_enabled():
+            # made to require grad after it was added: autograd refuses the in-place write
+            raise ValueError("cache must not require grad (the chain writes it in place)")
+        W = _rows_per_batch(rows, self.shape[0], "cache write")
+        p, C = positions[self.position.index], self.shape[2]
         if p + W > C:
             raise ValueError(f"cache write: positions {p} .. {p + W - 1} outside the cache "
                              f"({C} positions)")  # fmt: skip
+
+    def compose(
+        self, values: list[Tensor], state: tuple[Tensor, Tensor] | None, positions: Sequence[int]
+    ) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
+        B, H, _, E = self.shape
+        x = value(values, self.x)
+        W = x.shape[0] // B  # check_call: a multiple of B, inside the cache
+        p = positions[self.position.index]
         # "(b w) (h e) -> b h w e"
         self.cache[:, :, p : p + W].copy_(x.reshape(B, W, H, E).transpose(1, 2))
         return x.new_empty(x.shape[0], 0), None

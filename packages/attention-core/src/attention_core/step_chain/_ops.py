@@ -102,6 +102,10 @@ class Op(abc.ABC):
         """The op's program fields: its output at ``out`` ``(base, offset)``, its first weight
         the held weight ``weight_index``."""
 
+    def check_call(self, rows: int, positions: Sequence[int]) -> None:  # noqa: B027 (most ops check nothing)
+        """Refuse a call of ``rows`` rows at ``positions`` that the op cannot run (before any
+        op of the call runs: an op that writes a held tensor must not have written it)."""
+
     @abc.abstractmethod
     def compose(
         self, values: list[Tensor], state: tuple[Tensor, Tensor] | None, positions: Sequence[int]

@@ -152,6 +152,8 @@ class ChainRunner:
         target: Slot,
         positions: list[int],
     ) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
+        for op in self._ops:  # all before any op runs, as the compiled chain's checks
+            op.check_call(x.shape[0], positions)
         values = [x]
         new_states: list[tuple[Tensor, Tensor]] = []
         for op in self._ops:
