@@ -24,10 +24,10 @@ Einstein notation: ``b`` batch, ``w`` steps of the window, ``h`` heads, ``d`` he
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from attention_core.step_chain import StepChain
 
@@ -141,7 +141,8 @@ class DecodingChain:
         x, kv = _layers(chain, model, weights, views, table, (lo, end, column), None)
         for slot in (chain.position(C - 1), chain.position(C - 1)):  # the ring's two copies
             _write(chain, kv, views, slot)
-        norm, head = model.to_logits
+        norm, head = model.to_logits  # LayerNorm, Linear
+        norm, head = cast(nn.LayerNorm, norm), cast(nn.Linear, head)
         normed = chain.layer_norm(x, norm.weight, norm.bias, norm.eps)
         chain.linear(normed, head.weight, head.bias)
         self._chain = chain

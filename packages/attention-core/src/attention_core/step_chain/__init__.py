@@ -395,7 +395,10 @@ class StepChain(ChainRunner):
         """Add a write of ``x``'s rows into ``cache`` at ``position``.
 
         The ``R`` rows are ``B`` batch elements of ``W = R / B`` positions each: row
-        ``b W + w`` goes to ``cache[b, :, position + w]``, its heads split.
+        ``b W + w`` goes to ``cache[b, :, position + w]``, its heads split. In grad mode
+        (the ops' public functions) autograd records the write like any in-place copy: the
+        cache then carries the history of every call that wrote it, until the caller detaches
+        it (``cache.detach_()``); the compiled chain (grad mode off) records nothing.
 
         Arguments:
             x: `(R, H E)`.
