@@ -248,9 +248,10 @@ def markdown(train_rows, decode_rows, args, steps: int, have_peer: bool) -> str:
             lines.append(f"| {label[kind]} | {seq_len} | {r['n']} | " + " | ".join(cells) + " |")
     lines += [
         "",
-        "Our forward without gradients runs a window in fewer torch ops, without autograd "
-        "(under `torch.inference_mode`, the parameters and buffer views gathered once per call); "
-        "forward + backward runs the training path, one autograd node per layer and window.",
+        "Our forward without gradients runs each window as one call of attention-core's step "
+        "chain (`attention_core.step_chain.StepChain`, built once per call), and so does a "
+        "decoding step with seq_len 1; forward + backward runs the training path, one autograd "
+        "node per layer and window.",
         "",
         f"Token-by-token decoding (seq_len 1, batch 1, mem_len {DECODE_MEM_LEN}, {steps} steps "
         "after a memory of `fill` steps; ours: `model.step`; the peer: `model(token, "
