@@ -6,10 +6,7 @@ autograd and gradcheck, states left untouched and taken non-contiguous, weights 
 place or given other storage, thread counts, zero rows, bad arguments, and the compiled
 binding's validation of bad programs (in a subprocess, where a crash cannot take the run)."""
 
-import json
 import random
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -485,11 +482,8 @@ for name, (program, scalars, threads, _) in json.loads(sys.argv[1]).items():
 
 
 @pytest.fixture(scope="module")
-def bad_program_output():
-    command = [sys.executable, "-c", SUBPROCESS_CODE, json.dumps(BAD_PROGRAMS)]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stdout + result.stderr  # no crash
-    return dict(line.split(" ", 1) for line in result.stdout.splitlines())
+def bad_program_output(run_programs):
+    return run_programs(SUBPROCESS_CODE, BAD_PROGRAMS)
 
 
 @pytest.mark.parametrize("name", BAD_PROGRAMS)

@@ -6,11 +6,8 @@ causal bias; gradcheck; bad positions, shapes and programs (the binding's in a s
 where a crash cannot take the run); held caches given other storage; copies."""
 
 import copy
-import json
 import math
 import random
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -509,11 +506,8 @@ for name, (program, scalars, indices, _) in json.loads(sys.argv[1]).items():
 
 
 @pytest.fixture(scope="module")
-def bad_program_output():
-    command = [sys.executable, "-c", SUBPROCESS_CODE, json.dumps(BAD_PROGRAMS)]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stdout + result.stderr  # no crash
-    return dict(line.split(" ", 1) for line in result.stdout.splitlines())
+def bad_program_output(run_programs):
+    return run_programs(SUBPROCESS_CODE, BAD_PROGRAMS)
 
 
 @pytest.mark.parametrize("name", BAD_PROGRAMS)
