@@ -63,7 +63,7 @@ class StepInputs:
 
     def as_args(self) -> tuple[Tensor | None, ...]:
         """The fields in order, for `LayerStep.apply`."""
-        return tuple(getattr(self, f.name) for f in fields(self))
+        return tuple([getattr(self, name) for name in _NAMES])
 
 
 @dataclass
@@ -85,7 +85,8 @@ class StepPlan:
     records: tuple[_Record | None, ...]
 
 
-_INDEX = {f.name: i for i, f in enumerate(fields(StepInputs))}
+_NAMES = tuple(f.name for f in fields(StepInputs))
+_INDEX = {name: i for i, name in enumerate(_NAMES)}
 _TOKENS = ("token_qkv", "token_out", "token_ff_in", "token_ff_out")
 
 
@@ -194,7 +195,7 @@ class LayerStep(Function):
         for name, present in ctx.has_token.items():
             if present:
                 grads[name] = dy.new_zeros(())
-        return (None, *(grads.get(f.name) for f in fields(StepInputs)))
+        return (None, *[grads.get(name) for name in _NAMES])
 
 
 def split_projection(
