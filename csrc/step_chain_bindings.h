@@ -193,11 +193,13 @@ cache_attention::Problem<T> cache_attention_args(Fields<T>& f, double scale, int
     const cache_attention::Problem<T> p = cache_attention::attention_args<T>(
         q, {W * ldq, ldq, E}, k, k_strides, v, v_strides, bias_at, {0, bias_h, bias_w}, out,
         {B, W, H, E, M, C}, start, end, scale, threads);
-    if (bias != 0 && (W > bias_rows || column + (end - start) > bias_columns)) {
+    // (end - start and bias_columns - column cannot overflow: 0 <= start <= end, column >= 0)
+    if (bias != 0 && (W > bias_rows || column > bias_columns ||
+                      end - start > bias_columns - column)) {
         std::ostringstream msg;
         msg << "cache attention: the bias (" << bias_rows << " rows, " << bias_columns
-            << " columns) must hold " << W << " rows and the columns " << column << " .. "
-            << column + (end - start) - 1;
+            << " columns) must hold " << W << " rows and " << end - start
+            << " columns from column " << column;
         throw std::invalid_argument(msg.str());
     }
     return p;
@@ -211,9 +213,9 @@ CacheWrite<T> cache_write_args(Fields<T>& f) {
     const int64_t c_b = f.size(), c_h = f.size(), c_j = f.size(), c_e = f.size();
     const int64_t C = f.size(), position = f.position();
     const int64_t W = rows_per_batch("cache write", R, B);
-    if (position + W > C) {
+    if (position > C || W > C - position) {  // (no overflow: 0 <= position, W)
         std::ostringstream msg;
-        msg << "cache write: positions " << position << " .. " << position + W - 1
+        msg << "cache write: " << W << " positions from position " << position
             << " outside the cache (" << C << " positions)";
         throw std::invalid_argument(msg.str());
     }

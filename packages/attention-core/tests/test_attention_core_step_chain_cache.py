@@ -316,11 +316,11 @@ CALL_ERRORS = {  # id: (x, positions, exception, words of the message)
     "end-before-start": (X4, [0, 3, 1, 0], ValueError,
                          ["0 <= start <= end <= 6", "got 3 and 1"]),
     "bias-rows": (torch.randn(6, 4), [0, 0, 3, 0], ValueError,
-                  ["cache attention: the bias", "must hold 3 rows", "columns 0 .. 2"]),
+                  ["cache attention: the bias", "must hold 3 rows", "3 columns from column 0"]),
     "bias-columns": (X4, [0, 0, 4, 4], ValueError,
-                     ["cache attention: the bias", "must hold 2 rows", "columns 4 .. 7"]),
+                     ["cache attention: the bias", "must hold 2 rows", "4 columns from column 4"]),
     "write-past-the-cache": (X4, [5, 0, 1, 0], ValueError,
-                             ["cache write", "positions 5 .. 6", "(6 positions)"]),
+                             ["cache write", "2 positions from position 5", "(6 positions)"]),
 }  # fmt: skip
 
 
@@ -372,7 +372,7 @@ BUILD_ERRORS = {  # id: (what adds the op to a chain with (R, 4) value q, except
                    ["bias_start", "Position of this chain"]),
     "end-beyond-C": (lambda c, K, V, q: c.cache_attention(q, K, V, c.position(6),
                                                           c.position(7)), ValueError,
-                     ["end", "at most the cache length (6)", "7"]),
+                     ["end", "limit at most 6 (the cache length)", "7"]),
     "position-limit": (lambda c, K, V, q: c.position(-1), ValueError, ["limit", "-1"]),
     "cache-requires-grad": (lambda c, K, V, q: c.cache_write(q, K.requires_grad_(), c.position(4)),
                             ValueError, ["cache", "require grad"]),
@@ -458,7 +458,11 @@ BAD_PROGRAMS = {  # id: (program, scalars, indices, message)
     "end-beyond-C": (CA, [0.5], [1, 6, 0], "start and end must satisfy 0 <= start <= end <= 5"),
     "end-before-start": (CA, [0.5], [3, 1, 0], "start and end must satisfy 0 <= start <= end"),
     "bias-columns": (CA, [0.5], [1, 4, 3], "cache attention: the bias (2 rows, 5 columns)"),
-    "write-beyond-C": (CW, [0.0], [4], "cache write: positions 4 .. 5 outside the cache (5"),
+    # column + (end - start) would overflow int64
+    "bias-column-huge": (CA, [0.5], [1, 4, 2**63 - 1], "cache attention: the bias (2 rows"),
+    "write-beyond-C": (CW, [0.0], [4], "cache write: 2 positions from position 4 outside the"),
+    # position + rows would overflow int64
+    "write-huge": (CW, [0.0], [2**63 - 1], "cache write: 2 positions from position 9223372"),
     "write-rows": ([*CW[:5], 3, *CW[6:]], [0.0], [0], "cache write: the rows (2) must be a"),
     "sum-of-none": ([*WS[:3], 0, *WS[4:]], [0.0], [], "op 0: a weighted sum must add 1 to 256"),
     "sum-of-300": ([*WS[:3], 300, *WS[4:]], [0.0], [], "op 0: a weighted sum must add 1 to 256"),

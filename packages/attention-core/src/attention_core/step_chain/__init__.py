@@ -106,6 +106,7 @@ class StepChain(ChainRunner):
         self._ops: list[Op] = []
         self._scalars: list[float] = []  # each op's eps or scale, in program order
         self._positions: list[Position] = []
+        self._written: list[Tensor] = []  # the caches that cache_write ops write
         self._specs: list[tuple | None] = []  # each weight's shape, dtype and device when added
         self._held: tuple[Tensor | None, ...] | None = None
         self._steps: list[LinearStepOp] = []
@@ -133,6 +134,11 @@ class StepChain(ChainRunner):
         # a copy (copy.deepcopy, pickle) is another chain: the values of the original are not
         # its values, and its own are made from its `input`
         self.__dict__.update(state)
+        # its own containers (a shallow copy would share the original's): ops added to one
+        # are not the other's, and programs, checks and held weights are made again
+        for name in ("_ops", "_widths", "_scalars", "_specs", "_steps", "_written"):
+            setattr(self, name, list(getattr(self, name)))
+        self._programs, self._checked, self._held = {}, None, None
         self._id = next(_IDS)
         self.input = Slot(self._id, 0, 0, self._widths[0])
         self._last = dataclasses.replace(self._last, chain=self._id)
@@ -287,8 +293,8 @@ class StepChain(ChainRunner):
         Returns:
             The `Position`, for the cache ops.
         """
-        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
-            raise ValueError(f"limit must be a non-negative int; got {limit!r}")
+        if isinstance(limit, bool) or not isinstance(limit, int) or not 0 <= limit < 2**62:
+            raise ValueError(f"limit must be an int from 0 to 2**62 - 1; got {limit!r}")
         position = Position(self._id, len(self._positions), limit)
         self._positions.append(position)
         return position
@@ -410,6 +416,7 @@ class StepChain(ChainRunner):
         position = self._own_position("position", position)
         dtype, device = self._chain_dtype("cache_write")
         self._add(CacheWriteOp(x, cache, position, dtype, device), dtype, device)
+        self._written.append(cache)
 
     @property
     def dtype(self) -> torch.dtype | None:

@@ -42,9 +42,17 @@ def _rows_per_batch(rows: int, batch: int, op: str) -> int:
 
 
 def _cache(name: str, t: object, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """``t`` a `(B, H, C, E)` tensor of the chain's dtype and device."""
+    """``t`` a `(B, H, C, E)` tensor of the chain's dtype and device, ``B >= 1``."""
     t = check_tensor(name, t, dim=4, floating=True)
+    if t.shape[0] == 0:
+        raise ValueError(f"{name} must have a batch B >= 1; got shape {tuple(t.shape)}")
     return check_like(name, t, torch.empty(0, dtype=dtype, device=device), "the chain's weights")
+
+
+def _check_limit(name: str, position: Position, most: int, what: str) -> None:
+    if position.limit > most:
+        raise ValueError(f"{name} must be a position of limit at most {most} ({what}); got one "
+                         f"of limit {position.limit}")  # fmt: skip
 
 
 @dataclasses.dataclass(eq=False)
@@ -74,12 +82,11 @@ class CacheAttentionOp(Op):
         like = torch.empty(B, 1, H, E, dtype=self.dtype, device=self.device)
         check_attention(like, keys, self.values, 0, C, None, self.scale)
         for name, position in (("start", self.start), ("end", self.end)):
-            if position.limit > C:
-                raise ValueError(f"{name} must be a position of at most the cache length ({C}); "
-                                 f"got one of limit {position.limit}")  # fmt: skip
+            _check_limit(name, position, C, "the cache length")
         if self.bias is not None:
             check_tensor("bias", self.bias, shape=(H, None, None))
             check_like("bias", self.bias, like, "the chain's weights")
+            _check_limit("bias_start", self.bias_start, self.bias.shape[2], "the bias's columns")
         self.shape = (B, H, C, E, self.values.shape[3])
         self.width = H * self.shape[4]
 
@@ -118,8 +125,8 @@ class CacheAttentionOp(Op):
             column = positions[self.bias_start.index]
             if bias.shape[1] < W or column + end - start > bias.shape[2]:
                 raise ValueError(
-                    f"cache attention: the bias {tuple(bias.shape)} must hold {W} rows and the "
-                    f"columns {column} .. {column + end - start - 1}"
+                    f"cache attention: the bias ({bias.shape[1]} rows, {bias.shape[2]} columns) "
+                    f"must hold {W} rows and {end - start} columns from column {column}"
                 )
 
     def compose(
@@ -160,6 +167,7 @@ class CacheWriteOp(Op):
                              f"got {self.x.width}")  # fmt: skip
         if self.cache.requires_grad:
             raise ValueError("cache must not require grad (the chain writes it in place)")
+        _check_limit("position", self.position, C, "the cache length")
         self.shape = (B, H, C, E)
 
     def weights(self) -> tuple[Tensor | None, ...]:
@@ -181,7 +189,7 @@ class CacheWriteOp(Op):
         W = _rows_per_batch(rows, self.shape[0], "cache write")
         p, C = positions[self.position.index], self.shape[2]
         if p + W > C:
-            raise ValueError(f"cache write: positions {p} .. {p + W - 1} outside the cache "
+            raise ValueError(f"cache write: {W} positions from position {p} outside the cache "
                              f"({C} positions)")  # fmt: skip
 
     def compose(

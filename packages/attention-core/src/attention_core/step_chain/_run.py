@@ -35,6 +35,7 @@ class ChainRunner:
     _steps: list[LinearStepOp]
     _checked: tuple | None
     _programs: dict[int, tuple[Tensor, Bases, int]]
+    _written: list[Tensor]
 
     def _weights(self) -> tuple[Tensor | None, ...]:
         """Every op's weights in program order (kept: the ops do not change once added)."""
@@ -138,6 +139,10 @@ class ChainRunner:
             program.data_ptr(), program.numel(), addresses, self._scalars, positions,
             torch.get_num_threads(),
         )  # fmt: skip
+        if self._written:  # what torch's in-place ops do: autograd sees the caches changed
+            written = [c for c in self._written if not c.is_inference()]
+            if written:
+                torch.autograd.graph.increment_version(written)
         if target.buffer == 0:
             return columns_of(x, target), new_states
         start, width = bases.offsets[target.buffer], bases.widths[target.buffer]
