@@ -95,3 +95,39 @@ def test_an_op_added_to_a_shallow_copy_leaves_the_original_alone():
         other(x, states, output=new)  # the copy's program, cached for both
         got, _ = chain(x, states)
     torch.testing.assert_close(got, expected)
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["compiled", "composed"])
+def test_feature_major_caches_equal_row_major_ones(grad):
+    """Keys stored feature-major (the transpose of a contiguous (B, H, E, C)) are written and
+    read in place like row-major ones, on both paths."""
+    torch.manual_seed(1)
+    B, H, E, C, D = 2, 2, 3, 7, 6
+    w = torch.randn(3 * D, D, dtype=torch.float64)
+    results = []
+    for feature_major in (False, True):
+        if feature_major:
+            keys = torch.zeros(B, H, E, C, dtype=torch.float64).transpose(2, 3)
+        else:
+            keys = torch.zeros(B, H, C, E, dtype=torch.float64)
+        values = torch.zeros(B, H, C, E, dtype=torch.float64)
+        chain = StepChain(D)
+        qkv = chain.linear(chain.input, w)
+        q, k, v = (chain.columns(qkv, i * D, (i + 1) * D) for i in range(3))
+        here, end, start = chain.position(C), chain.position(C), chain.position(0)
+        chain.cache_write(k, keys, here)
+        chain.cache_write(v, values, here)
+        chain.cache_attention(q, keys, values, start, end, scale=0.3)
+        outs = []
+        with torch.set_grad_enabled(grad):
+            for t in range(4):
+                x = torch.randn(
+                    B, D, dtype=torch.float64, generator=torch.Generator().manual_seed(t)
+                )
+                outs.append(chain(x, positions=[t, t + 1, 0])[0].detach())
+        results.append((torch.stack(outs), keys.detach().clone(), keys.stride()))
+    (out0, keys0, _), (out1, keys1, strides1) = results
+    assert strides1 == (H * E * C, E * C, 1, C)  # still feature-major: written in place
+    torch.testing.assert_close(out1, out0, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(keys1, keys0, rtol=0, atol=0)
+    assert keys0[:, :, :4].abs().sum() > 0 and not keys0[:, :, 4:].any()

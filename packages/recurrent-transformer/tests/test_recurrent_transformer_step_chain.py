@@ -146,11 +146,12 @@ def test_autograd_dropout_listeners_and_other_attentions_take_the_layers(chain_c
     relu_map = encoder(feature_map=ActivationFunctionFeatureMap.factory(torch.relu))
     with torch.no_grad():
         relu_map(x)
-    full = RecurrentEncoderBuilder.from_kwargs(
-        n_layers=1, n_heads=2, query_dimensions=4, value_dimensions=4, attention_type="full"
+    local = RecurrentEncoderBuilder.from_kwargs(
+        n_layers=1, n_heads=2, query_dimensions=4, value_dimensions=4, attention_type="local",
+        local_context=3,
     ).get().eval()  # fmt: skip
     with torch.no_grad():
-        full(torch.randn(3, 8))
+        local(torch.randn(3, 8))
     assert chain_calls["calls"] == 0
 
 
@@ -198,7 +199,7 @@ def test_tied_layers_and_a_model_collected_with_its_chain(chain_calls, monkeypat
     xs = torch.randn(3, 3, 8, dtype=torch.float64)
     assert_same_run(model, xs, monkeypatch)
     assert chain_calls["made"] == 1
-    chain = weakref.ref(step_chain._CHAINS[model][2])
+    chain = weakref.ref(step_chain._CHAINS[model][3])
     del model
     gc.collect()
     assert chain() is None  # the table does not keep a model's chain alive

@@ -2,25 +2,30 @@
 
 Where every layer of a `RecurrentTransformerEncoder` computes what its sublayer ops compute
 (`_fused_step.fusible`: no autograd, dropout or hooks) and its attention is causal linear
-attention with the default feature map, the whole step (per layer the query, key and value
-products, the attention step, the output projection with its residual and norm, the
-feed-forward sublayer) runs as one
+attention with the default feature map or softmax attention over a `KVCache`, the whole step
+(per layer the query, key and value products, the attention step, the output projection with
+its residual and norm, the feed-forward sublayer) runs as one
 `attention_core.step_chain.StepChain` call: the same formulas as the layers, without a call
 from Python per op (in the 8-layer step of fast-transformers' recurrent example those calls
 took longer than the dense products; the chain is about twice as fast as the layers at one
-row and at ten). Tests prove the paths equal in float64.
+row and at ten). Softmax attention's step writes its key and value into the cache's buffers
+in place, as `KVCache.append` does; a cache that cannot take it in place (full, shared with a
+newer state, loaded from a file) is first copied into a larger one, as `KVCache.append` would.
+Tests prove the paths equal in float64.
 
-The chain is made once per model and kept in a weakly keyed table with the parameter objects
-and options it was made for; it is made again when a parameter is replaced or an option
-changes. Its weights are the layers' parameters themselves (the chain checks their layout at
-every call), so an in-place update of their values is seen. Anything the chain does not run
-(hooks, event listeners, autograd, dropout, other attentions or states, subclasses that change
-a layer's call, ``torch.compile``) takes the layer-by-layer path.
+The chain is made once per model and kept in a weakly keyed table with the parameter objects,
+options and cache buffers it was made for; it is made again when a parameter is replaced, an
+option changes or a cache was reallocated. Its weights are the layers' parameters themselves
+(the chain checks their layout at every call), so an in-place update of their values is seen.
+Anything the chain does not run (hooks, event listeners, autograd, dropout, other attentions
+or states, subclasses that change a layer's call, ``torch.compile``) takes the layer-by-layer
+path.
 """
 
 from __future__ import annotations
 
 import operator
+from math import sqrt
 from typing import TYPE_CHECKING, Any
 from weakref import WeakKeyDictionary
 
@@ -33,7 +38,9 @@ from attention_core.utils import forward_hooks_registered
 
 from ._checks import check_output
 from ._fused_step import _ACTIVATION_NAMES, _PROJECTIONS, fusible
+from ._kv_cache import _MIN_CAPACITY, KVCache
 from .attention.self_attention.attention_layer import RecurrentAttentionLayer
+from .attention.self_attention.full_attention import RecurrentFullAttention
 from .attention.self_attention.linear_attention import RecurrentLinearAttention
 from .state import LinearState, TransformerState
 
@@ -42,8 +49,10 @@ if TYPE_CHECKING:
 
 __all__ = ["chained_step"]
 
-_TENSORS, _OPTIONS = 16, 5  # per layer, see _layer_parts
-_CHAINS: WeakKeyDictionary[nn.Module, tuple[tuple, tuple, StepChain]] = WeakKeyDictionary()
+_TENSORS, _OPTIONS = 16, 6  # per layer, see _layer_parts
+_LINEAR, _FULL = "linear", "full"  # the attentions a chain runs
+# per model: the parameters, options and cache buffers a chain was made for, and the chain
+_CHAINS: WeakKeyDictionary[nn.Module, tuple[tuple, tuple, tuple, StepChain]] = WeakKeyDictionary()
 
 
 def _layer_parts(layer: Any, layer_type: Any) -> tuple[tuple, tuple] | None:
@@ -61,12 +70,20 @@ def _layer_parts(layer: Any, layer_type: Any) -> tuple[tuple, tuple] | None:
     if not fusible(layer, (norm1, norm2), (attention,)):
         return None
     inner = attention._modules["inner_attention"]
-    if type(inner) is not RecurrentLinearAttention:
-        return None
-    feature_map = inner._modules["feature_map"]
-    if feature_map is None or not is_elu_feature_map(feature_map):
-        return None
-    if forward_hooks_registered(inner, feature_map):
+    if type(inner) is RecurrentLinearAttention:
+        kind, feature_map = _LINEAR, inner._modules["feature_map"]
+        if feature_map is None or not is_elu_feature_map(feature_map):
+            return None
+        if forward_hooks_registered(inner, feature_map):
+            return None
+    elif type(inner) is RecurrentFullAttention:
+        kind = _FULL
+        dropout = inner._modules["dropout"]
+        if inner.event_dispatcher.has_listeners or (inner.training and dropout.p):
+            return None
+        if forward_hooks_registered(inner, dropout):
+            return None
+    else:
         return None
     # `fusible` took the norms, the output and feed-forward products of exactly their types
     projections = attention._modules
@@ -85,21 +102,37 @@ def _layer_parts(layer: Any, layer_type: Any) -> tuple[tuple, tuple] | None:
         value["bias"], out["weight"], out["bias"], n1["weight"], n1["bias"],
         p1["weight"], p1["bias"], p2["weight"], p2["bias"], n2["weight"], n2["bias"],
     )  # fmt: skip
-    options = (heads, inner.eps, norm1.eps, norm2.eps, _ACTIVATION_NAMES[layer.activation])
+    # linear attention: its eps; softmax attention: the scale of q . k
+    number = inner.eps if kind == _LINEAR else inner.softmax_temp or 1.0 / sqrt(width // heads)
+    options = (kind, heads, number, norm1.eps, norm2.eps, _ACTIVATION_NAMES[layer.activation])
     return tensors, options
 
 
-def _make_chain(width: int, tensors: tuple, options: tuple, layers: int) -> StepChain:
-    """The chain of ``layers`` post-norm linear-attention layers (see `_layer_parts`)."""
+def _make_chain(
+    width: int, tensors: tuple, options: tuple, layers: int, buffers: tuple
+) -> StepChain:
+    """The chain of ``layers`` post-norm layers (see `_layer_parts`); ``buffers`` holds the
+    key and value buffers of each softmax layer's cache, in layer order. A call passes the
+    positions ``[t, t + 1, 0]`` for a cache of ``t`` steps (all of one length)."""
     chain = StepChain(width)
     x = chain.input
+    if buffers:  # the step's slot, one past it, and the first slot read
+        C = min(buffer.shape[2] for buffer in buffers)
+        here, end, start = chain.position(C), chain.position(C), chain.position(0)
+    caches = iter(buffers)
     for i in range(layers):
         wq, bq, wk, bk, wv, bv, wo, bo, g1, b1, w1, c1, w2, c2, g2, b2 = tensors[
             _TENSORS * i : _TENSORS * (i + 1)
         ]
-        heads, eps, eps1, eps2, activation = options[_OPTIONS * i : _OPTIONS * (i + 1)]
+        kind, heads, number, eps1, eps2, activation = options[_OPTIONS * i : _OPTIONS * (i + 1)]
         q, k, v = chain.linear(x, wq, bq), chain.linear(x, wk, bk), chain.linear(x, wv, bv)
-        attended = chain.linear_attention_step(q, k, v, heads, eps)
+        if kind == _LINEAR:
+            attended = chain.linear_attention_step(q, k, v, heads, number)
+        else:
+            keys, values = next(caches), next(caches)
+            chain.cache_write(k, keys, here)
+            chain.cache_write(v, values, here)
+            attended = chain.cache_attention(q, keys, values, start, end, scale=number)
         x = chain.linear(
             attended, wo, bo, residual=x, norm_weight=g1, norm_bias=b1, norm=True, eps=eps1
         )
@@ -107,37 +140,58 @@ def _make_chain(width: int, tensors: tuple, options: tuple, layers: int) -> Step
     return chain
 
 
-def _linear_states(
+def _chain_states(
     states: list, x: Tensor, tensors: tuple, options: tuple
-) -> list[tuple[Tensor, Tensor] | None] | None:
-    """The ``(S, Z)`` of each layer's state, or ``None`` when one is not a `LinearState` of
-    plain tensors of the step's shape, dtype and device (the layers' own checks then say what
-    is wrong)."""
+) -> tuple[list[tuple[Tensor, Tensor] | None], list[KVCache], int] | None:
+    """The ``(S, Z)`` of each linear layer's state, the `KVCache` of each softmax layer's
+    (an empty one for a first step) and the caches' common length; or ``None`` when a state
+    is not one the chain can take (the layers then take the step, and their own checks say
+    what is wrong)."""
     pairs: list[tuple[Tensor, Tensor] | None] = []
+    caches: list[KVCache] = []
     N, dtype, device = x.shape[0], x.dtype, x.device
     for i, state in enumerate(states):
+        kind, heads = options[_OPTIONS * i : _OPTIONS * i + 2]
+        E = tensors[_TENSORS * i].shape[0] // heads  # query width / heads
+        M = tensors[_TENSORS * i + 4].shape[0] // heads  # value width / heads
+        if kind == _FULL:
+            if state is None:
+                state = KVCache.empty(N, heads, E, M, dtype=dtype, device=device)
+            if type(state) is not KVCache or not _cache_fits(state, (N, heads, E, M), x):
+                return None
+            if not state._in_place_ok(state.length + 1):  # grown as `KVCache.append` would
+                capacity = max(_MIN_CAPACITY, state.length + 1, 2 * state.capacity)
+                state = KVCache.from_tensors(state.keys, state.values, capacity)
+            caches.append(state)
+            continue
         if state is None:
             pairs.append(None)
             continue
         if type(state) is not LinearState:
             return None
         S, Z = state.S, state.Z
-        heads = options[_OPTIONS * i]
-        E = tensors[_TENSORS * i].shape[0] // heads  # query width / heads
-        M = tensors[_TENSORS * i + 4].shape[0] // heads  # value width / heads
-        if not (
-            type(S) is Tensor
-            and type(Z) is Tensor
-            and S.shape == (N, heads, E, M)
-            and Z.shape == (N, heads, E)
-            and S.dtype == dtype
-            and Z.dtype == dtype
-            and S.device == device
-            and Z.device == device
-        ):
+        if not (_plain(S, (N, heads, E, M), x) and _plain(Z, (N, heads, E), x)):
             return None
         pairs.append((S, Z))
-    return pairs
+    length = caches[0].length if caches else 0
+    if any(cache.length != length for cache in caches):
+        return None
+    return pairs, caches, length
+
+
+def _plain(t: object, shape: tuple[int, ...], x: Tensor) -> bool:
+    """``t`` a plain tensor of ``shape`` with ``x``'s dtype and device."""
+    return type(t) is Tensor and t.shape == shape and t.dtype == x.dtype and t.device == x.device
+
+
+def _cache_fits(cache: KVCache, shape: tuple[int, ...], x: Tensor) -> bool:
+    """``cache``'s buffers fit a step of ``x`` (``shape`` = N, H, E, D)."""
+    N, H, E, D = shape
+    keys, values = cache.key_buffer, cache.value_buffer
+    C = keys.shape[2] if isinstance(keys, Tensor) and keys.dim() == 4 else -1
+    return (
+        _plain(keys, (N, H, C, E), x) and _plain(values, (N, H, C, D), x) and 0 <= cache.length <= C
+    )
 
 
 def chained_step(
@@ -164,25 +218,46 @@ def chained_step(
         return None
     tensors = tuple(t for part in parts for t in part[0])  # type: ignore[index]
     options = tuple(o for part in parts for o in part[1])  # type: ignore[index]
-    pairs = _linear_states(states, x, tensors, options)
-    if pairs is None:
+    found = _chain_states(states, x, tensors, options)
+    if found is None:
         return None
+    pairs, caches, length = found
+    buffers = tuple(t for cache in caches for t in (cache.key_buffer, cache.value_buffer))
     entry = _CHAINS.get(model)
     if (
         entry is None
         or entry[1] != options
         or not all(map(operator.is_, entry[0], tensors))
-        or (entry[2].dtype, entry[2].device) != (x.dtype, x.device)  # e.g. after model.float()
+        or len(entry[2]) != len(buffers)
+        or not all(map(operator.is_, entry[2], buffers))
+        or (entry[3].dtype, entry[3].device) != (x.dtype, x.device)  # e.g. after model.float()
     ):
-        entry = (tensors, options, _make_chain(x.shape[1], tensors, options, len(layers)))
-        _CHAINS[model] = entry
+        entry = _new_entry(x.shape[1], tensors, options, len(layers), buffers)
+    positions = [length, length + 1, 0] if buffers else []
     try:
-        y, new = entry[2](x, pairs)
+        y, new = entry[3](x, pairs, positions=positions)
     except WeightChangedError:  # a parameter given another shape or dtype: a new chain
-        entry = (tensors, options, _make_chain(x.shape[1], tensors, options, len(layers)))
-        _CHAINS[model] = entry
-        y, new = entry[2](x, pairs)
+        entry = _new_entry(x.shape[1], tensors, options, len(layers), buffers)
+        y, new = entry[3](x, pairs, positions=positions)
+    _CHAINS[model] = entry
     if model.norm is not None:
         y = model.norm(y)
     check_output(y, type(model).__name__)
-    return y, TransformerState(tuple(LinearState(S, Z) for S, Z in new))
+    linear, full = iter(new), iter(caches)
+    out_states: list[Any] = []
+    for i in range(len(layers)):
+        if options[_OPTIONS * i] == _LINEAR:
+            S, Z = next(linear)
+            out_states.append(LinearState(S, Z))
+        else:  # the chain wrote the step's key and value at slot `length`
+            cache = next(full)
+            claim = cache._claim
+            claim.filled = length + 1  # type: ignore[union-attr]
+            out_states.append(KVCache(cache.key_buffer, cache.value_buffer, length + 1, claim))
+    return y, TransformerState(tuple(out_states))
+
+
+def _new_entry(
+    width: int, tensors: tuple, options: tuple, layers: int, buffers: tuple
+) -> tuple[tuple, tuple, tuple, StepChain]:
+    return tensors, options, buffers, _make_chain(width, tensors, options, layers, buffers)

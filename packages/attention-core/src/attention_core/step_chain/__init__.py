@@ -371,7 +371,9 @@ class StepChain(ChainRunner):
 
         Arguments:
             query: `(R, H E)`, the heads side by side.
-            keys: `(B, H, C, E)`.
+            keys: `(B, H, C, E)`, contiguous, or feature-major (the transpose of a contiguous
+                `(B, H, E, C)`, as a cache that grows along its last dimension stores
+                them; then held through a view of that storage).
             values: `(B, H, C, M)`.
             start: the first position read (a `Position` of this chain, at most ``C``).
             end: one past the last (a `Position`, at most ``C``).
@@ -409,7 +411,7 @@ class StepChain(ChainRunner):
         Arguments:
             x: `(R, H E)`.
             cache: `(B, H, C, E)`, held like a weight and written in place (not one that
-                requires grad).
+                requires grad); contiguous or feature-major, as ``keys`` of `cache_attention`.
             position: where the first row of each batch element goes (a `Position`).
         """
         self._own("x", x)
