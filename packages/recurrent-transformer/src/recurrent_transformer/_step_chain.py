@@ -79,7 +79,9 @@ def _layer_parts(layer: Any, layer_type: Any) -> tuple[tuple, tuple] | None:
     elif type(inner) is RecurrentFullAttention:
         kind = _FULL
         dropout = inner._modules["dropout"]
-        if inner.event_dispatcher.has_listeners or (inner.training and dropout.p):
+        if type(dropout) is not nn.Dropout or inner.event_dispatcher.has_listeners:
+            return None
+        if inner.training and dropout.p:
             return None
         if forward_hooks_registered(inner, dropout):
             return None
