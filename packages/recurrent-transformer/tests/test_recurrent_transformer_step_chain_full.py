@@ -4,7 +4,9 @@ shared with older states, loaded, mixed with linear layers; the caches it return
 the layers' do."""
 
 import copy
+import gc
 import io
+import weakref
 
 import pytest
 import torch
@@ -162,3 +164,20 @@ def test_caches_of_other_lengths_take_the_layers(chain_calls, monkeypatch):
     assert_close("y", got, expected, rtol=1e-10, atol=1e-10)
     assert len(chain_calls) == calls
     assert isinstance(long[0], KVCache) and not isinstance(long[0], LinearState)
+
+
+def test_the_chain_and_its_buffers_go_with_the_states(chain_calls, monkeypatch):
+    """A chain over caches lives on their claim, not in the model's table: dropping the states
+    frees the buffers (and the chain); a deep copy of a state does not copy the chain."""
+    model = encoder()
+    xs = torch.randn(3, 2, 8, dtype=torch.float64)
+    _, state = run(model, xs, monkeypatch=monkeypatch)
+    claim = state[0]._claim
+    assert claim.chain is not None
+    assert getattr(copy.deepcopy(state[0])._claim, "chain", None) is None
+    buffer = weakref.ref(state[0].key_buffer)
+    chain = weakref.ref(claim.chain[3])
+    del state, claim
+    gc.collect()
+    assert buffer() is None and chain() is None
+    assert len(chain_calls) == 3

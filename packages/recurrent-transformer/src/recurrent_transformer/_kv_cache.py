@@ -22,12 +22,22 @@ __all__ = ["KVCache"]
 class _Claim:
     """How many slots of a shared key/value buffer are in use.
 
-    The caches that view the same buffer share it, so that only the newest may append in place."""
+    The caches that view the same buffer share it, so that only the newest may append in place.
+    An encoder's step chain over the buffer (`recurrent_transformer._step_chain`) is kept here,
+    so that it lives as long as the states that use the buffer; a copy of the claim keeps
+    the count only."""
 
-    __slots__ = ("filled",)
+    __slots__ = ("chain", "filled")
 
     def __init__(self, filled: int):
         self.filled = filled
+        self.chain: Any = None
+
+    def __copy__(self) -> _Claim:
+        return _Claim(self.filled)
+
+    def __deepcopy__(self, memo: dict) -> _Claim:
+        return _Claim(self.filled)
 
 
 _MIN_CAPACITY = 16

@@ -13,10 +13,12 @@ in place, as `KVCache.append` does; a cache that cannot take it in place (full, 
 newer state, loaded from a file) is first copied into a larger one, as `KVCache.append` would.
 Tests prove the paths equal in float64.
 
-The chain is made once per model and kept in a weakly keyed table with the parameter objects,
-options and cache buffers it was made for; it is made again when a parameter is replaced, an
-option changes or a cache was reallocated. Its weights are the layers' parameters themselves
-(the chain checks their layout at every call), so an in-place update of their values is seen.
+The chain is made once per model and kept in a weakly keyed table with the parameter objects
+and options it was made for (a chain over `KVCache` buffers is kept with the buffers instead,
+on their claim, so that it goes when the states go); it is made again when a parameter is
+replaced, an option changes or a cache was reallocated. Its weights are the layers' parameters
+themselves (the chain checks their layout at every call), so an in-place update of their values
+is seen.
 Anything the chain does not run (hooks, event listeners, autograd, dropout, other attentions
 or states, subclasses that change a layer's call, ``torch.compile``) takes the layer-by-layer
 path.
@@ -225,7 +227,9 @@ def chained_step(
         return None
     pairs, caches, length = found
     buffers = tuple(t for cache in caches for t in (cache.key_buffer, cache.value_buffer))
-    entry = _CHAINS.get(model)
+    # a chain over caches lives with them (on the first one's claim), not with the model: it
+    # holds their buffers, which must go when the states that use them go
+    entry = caches[0]._claim.chain if caches else _CHAINS.get(model)  # type: ignore[union-attr]
     if (
         entry is None
         or entry[1] != options
@@ -241,7 +245,10 @@ def chained_step(
     except WeightChangedError:  # a parameter given another shape or dtype: a new chain
         entry = _new_entry(x.shape[1], tensors, options, len(layers), buffers)
         y, new = entry[3](x, pairs, positions=positions)
-    _CHAINS[model] = entry
+    if caches:
+        caches[0]._claim.chain = entry  # type: ignore[union-attr]
+    else:
+        _CHAINS[model] = entry
     if model.norm is not None:
         y = model.norm(y)
     check_output(y, type(model).__name__)
