@@ -1,10 +1,10 @@
-"""Known defects of the encoder's step chain with softmax attention, each an expected failure
-until fixed: the layer-by-layer step (``chained_step`` patched to ``None``) is the reference."""
+"""The encoder's step chain with softmax attention where a review found defects (fixed): one
+cache given to every layer, a key buffer given new storage, the buffers of dropped states. The
+layer-by-layer step (``chained_step`` patched to ``None``) is the reference."""
 
 import gc
 import weakref
 
-import pytest
 import torch
 
 import recurrent_transformer.transformers as transformers
@@ -37,7 +37,6 @@ def run(model, xs, state, chained, monkeypatch, between=None):
     return torch.stack(outputs), state
 
 
-@pytest.mark.xfail(strict=True, reason="every layer's cache checked in place before any write")
 def test_one_empty_cache_given_to_every_layer(monkeypatch):
     """``[KVCache.empty(...)] * n_layers``: the layers append to the one cache in turn (the
     second copies it); the chain writes every layer's key into the same slot."""
@@ -53,7 +52,6 @@ def test_one_empty_cache_given_to_every_layer(monkeypatch):
         torch.testing.assert_close(a.keys, b.keys, rtol=1e-9, atol=1e-9)
 
 
-@pytest.mark.xfail(strict=True, reason="StepChain holds a feature-major cache through a view")
 def test_a_key_buffer_given_new_storage_receives_the_next_keys(monkeypatch):
     """``state.key_buffer.data = ...`` keeps the tensor (so the cached chain is reused); the
     chain must write the next keys into the new storage, as the layers do."""
@@ -70,7 +68,6 @@ def test_a_key_buffer_given_new_storage_receives_the_next_keys(monkeypatch):
         torch.testing.assert_close(a.keys, b.keys, rtol=1e-9, atol=1e-9)
 
 
-@pytest.mark.xfail(strict=True, reason="the table of chains holds the last cache buffers")
 def test_dropped_states_free_their_cache_buffers(monkeypatch):
     """Once the caller drops the states, their buffers are freed (the layer path's are)."""
     model = encoder(layers=1)

@@ -153,6 +153,8 @@ def _chain_states(
     what is wrong)."""
     pairs: list[tuple[Tensor, Tensor] | None] = []
     caches: list[KVCache] = []
+    claims: set[int] = set()
+    storages: set[int] = set()
     N, dtype, device = x.shape[0], x.dtype, x.device
     for i, state in enumerate(states):
         kind, heads = options[_OPTIONS * i : _OPTIONS * i + 2]
@@ -163,9 +165,14 @@ def _chain_states(
                 state = KVCache.empty(N, heads, E, M, dtype=dtype, device=device)
             if type(state) is not KVCache or not _cache_fits(state, (N, heads, E, M), x):
                 return None
-            if not state._in_place_ok(state.length + 1):  # grown as `KVCache.append` would
+            # a cache that cannot take the step in place, or that an earlier layer's step
+            # writes (one cache given to several layers), is copied as `KVCache.append` would
+            taken = id(state._claim) in claims or state.key_buffer.data_ptr() in storages
+            if taken or not state._in_place_ok(state.length + 1):
                 capacity = max(_MIN_CAPACITY, state.length + 1, 2 * state.capacity)
                 state = KVCache.from_tensors(state.keys, state.values, capacity)
+            claims.add(id(state._claim))
+            storages.add(state.key_buffer.data_ptr())
             caches.append(state)
             continue
         if state is None:

@@ -373,7 +373,7 @@ class StepChain(ChainRunner):
             query: `(R, H E)`, the heads side by side.
             keys: `(B, H, C, E)`, contiguous, or feature-major (the transpose of a contiguous
                 `(B, H, E, C)`, as a cache that grows along its last dimension stores
-                them; then held through a view of that storage).
+                them), read in place.
             values: `(B, H, C, M)`.
             start: the first position read (a `Position` of this chain, at most ``C``).
             end: one past the last (a `Position`, at most ``C``).

@@ -49,19 +49,17 @@ def _cache(name: str, t: object, dtype: torch.dtype, device: torch.device) -> Te
     return check_like(name, t, torch.empty(0, dtype=dtype, device=device), "the chain's weights")
 
 
-def _held_cache(t: Tensor) -> tuple[Tensor, bool]:
-    """How the chain holds a `(B, H, C, E)` cache: as it is, or as its contiguous
-    `(B, H, E, C)` transpose when the cache is stored feature-major (positions contiguous for
-    each feature, as a cache that grows along its last dimension); and whether it is."""
-    if not t.is_contiguous() and t.transpose(2, 3).is_contiguous():
-        return t.transpose(2, 3), True
-    return t, False
+def feature_major(t: Tensor) -> bool:
+    """Whether a `(B, H, C, E)` cache is stored feature-major: the transpose of a contiguous
+    `(B, H, E, C)` (positions contiguous for each feature, as a cache that grows along its
+    last dimension stores them), and not contiguous itself."""
+    return not t.is_contiguous() and t.transpose(2, 3).is_contiguous()
 
 
-def _cache_strides(shape: tuple[int, ...], feature_major: bool) -> list[int]:
-    """The element strides of a `(B, H, C, E)` cache held contiguous (see `_held_cache`)."""
-    _, H, C, E = shape
-    return [H * C * E, C * E, 1, C] if feature_major else [H * C * E, C * E, E, 1]
+def _cache_strides(cache: Tensor) -> list[int]:
+    """The element strides of a `(B, H, C, E)` cache, contiguous or feature-major."""
+    _, H, C, E = cache.shape
+    return [H * C * E, C * E, 1, C] if feature_major(cache) else [H * C * E, C * E, E, 1]
 
 
 def _check_limit(name: str, position: Position, most: int, what: str) -> None:
@@ -104,14 +102,20 @@ class CacheAttentionOp(Op):
             _check_limit("bias_start", self.bias_start, self.bias.shape[2], "the bias's columns")
         self.shape = (B, H, C, E, self.values.shape[3])
         self.width = H * self.shape[4]
-        # a feature-major cache is held (and read on both paths) through a view of its storage
-        self._keys, self._feature_major = _held_cache(keys)
 
     def scalar(self) -> float:
         return float(self.scale)
 
     def weights(self) -> tuple[Tensor | None, ...]:
-        return (self._keys, self.values, self.bias)
+        return (self.keys, self.values, self.bias)
+
+    def readable(self) -> bool:
+        bias = self.bias
+        return (
+            (self.keys.is_contiguous() or feature_major(self.keys))
+            and self.values.is_contiguous()
+            and (bias is None or bias.is_contiguous())
+        )
 
     def fields(self, bases: Bases, out: tuple[int, int], weight_index: int) -> list[int]:
         B, H, C, E, M = self.shape
@@ -123,7 +127,7 @@ class CacheAttentionOp(Op):
         bias_fields = [0, 0, 0, 0] if self.bias is None else [
             self.bias.shape[1] * self.bias.shape[2], self.bias.shape[2], *self.bias.shape[1:]
         ]  # fmt: skip
-        k_strides = _cache_strides((B, H, C, E), self._feature_major)
+        k_strides = _cache_strides(self.keys)
         return [
             q_base, q_offset, ldq, bases.rows, *k, *k_strides, *v, H * C * M, C * M,
             M, *(bias if self.bias is not None else NULL), *bias_fields, *out, B, H, E, M, C,
@@ -159,8 +163,7 @@ class CacheAttentionOp(Op):
         if bias is not None:
             column = positions[self.bias_start.index]
             bias = bias[:, :W, column : column + end - start]
-        keys = self._keys.transpose(2, 3) if self._feature_major else self._keys
-        out = cache_attention(q.reshape(B, W, H, E), keys, self.values, start, end, bias,
+        out = cache_attention(q.reshape(B, W, H, E), self.keys, self.values, start, end, bias,
                               scale=self.scale)  # fmt: skip
         return out.reshape(R, H * M), None
 
@@ -188,18 +191,19 @@ class CacheWriteOp(Op):
             raise ValueError("cache must not require grad (the chain writes it in place)")
         _check_limit("position", self.position, C, "the cache length")
         self.shape = (B, H, C, E)
-        self._cache, self._feature_major = _held_cache(self.cache)
 
     def weights(self) -> tuple[Tensor | None, ...]:
-        return (self._cache,)
+        return (self.cache,)
+
+    def readable(self) -> bool:
+        return self.cache.is_contiguous() or feature_major(self.cache)
 
     def fields(self, bases: Bases, out: tuple[int, int], weight_index: int) -> list[int]:
         B, H, C, E = self.shape
         x_base, x_offset, ldx = bases.of(self.x)
         return [
             x_base, x_offset, ldx, bases.rows, B, H, E,
-            *weight_address(bases, weight_index, self._cache),
-            *_cache_strides(self.shape, self._feature_major), C,
+            *weight_address(bases, weight_index, self.cache), *_cache_strides(self.cache), C,
             self.position.index,
         ]  # fmt: skip
 
@@ -221,6 +225,5 @@ class CacheWriteOp(Op):
         W = x.shape[0] // B  # check_call: a multiple of B, inside the cache
         p = positions[self.position.index]
         # "(b w) (h e) -> b h w e"
-        cache = self._cache.transpose(2, 3) if self._feature_major else self._cache
-        cache[:, :, p : p + W].copy_(x.reshape(B, W, H, E).transpose(1, 2))
+        self.cache[:, :, p : p + W].copy_(x.reshape(B, W, H, E).transpose(1, 2))
         return x.new_empty(x.shape[0], 0), None

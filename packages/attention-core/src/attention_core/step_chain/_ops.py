@@ -93,6 +93,11 @@ class Op(abc.ABC):
         """The op's number in the call's scalars: its eps."""
         return float(self.eps)
 
+    def readable(self) -> bool:
+        """Whether the compiled program reads the op's held tensors in their current layout:
+        contiguous (the cache ops also take feature-major caches)."""
+        return all(w is None or w.is_contiguous() for w in self.weights())
+
     @abc.abstractmethod
     def weights(self) -> tuple[Tensor | None, ...]:
         """The tensors the op holds, ``None`` kept, in the order the program reads them."""

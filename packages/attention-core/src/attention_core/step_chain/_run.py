@@ -48,7 +48,7 @@ class ChainRunner:
         check them again: a weight must keep the shape, dtype and device it was added with
         (`WeightChangedError`) and its storage must hold it. Returns what the compiled chain
         reads (layouts, addresses, storages), ``None`` when it cannot read them (a tensor
-        subclass, a weight that is not contiguous)."""
+        subclass, a weight in a layout its op does not read: see `Op.readable`)."""
         checked = self._checked
         weights = self._weights()
         current = layouts(weights)
@@ -66,8 +66,11 @@ class ChainRunner:
                     f"weight {i} of the chain has lost its storage (it holds fewer elements "
                     "than the weight's shape and strides need)"
                 )
+        self._programs.clear()  # their strides are the weights' layouts' (a cache's included)
         held = [w for w in weights if w is not None]
-        if any(type(w) not in PLAIN_TENSORS or not w.is_contiguous() for w in held):
+        if any(type(w) not in PLAIN_TENSORS for w in held) or not all(
+            op.readable() for op in self._ops
+        ):
             self._checked = (current, None, None)
             return None
         self._checked = (current, [address(w) for w in weights], storages(weights))
