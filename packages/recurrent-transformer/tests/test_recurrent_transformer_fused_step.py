@@ -52,9 +52,10 @@ def steps(model, xs, memory=None):
 
 @pytest.fixture(autouse=True)
 def layer_by_layer(monkeypatch):
-    """These tests are about the layers' fused step: the encoder's chain of all layers
-    (tested in test_recurrent_transformer_step_chain.py) is turned off."""
+    """These tests are about the layers' fused step: the encoder's and the decoder's chains of
+    all layers (tested in test_recurrent_transformer_step_chain*.py) are turned off."""
     monkeypatch.setattr(transformers, "chained_step", lambda *args: None)
+    monkeypatch.setattr(transformers, "chained_decoder_step", lambda *args: None)
 
 
 @pytest.fixture

@@ -35,6 +35,7 @@ from ._checks import (
     check_prompt,
     layer_checks_enabled,
 )
+from ._decoder_chain import chained_decoder_step
 from ._fused_step import (
     attention_sublayer,
     feed_forward_sublayer,
@@ -350,6 +351,14 @@ class RecurrentTransformerDecoder(TransformerDecoder):
         if self.layers:
             check_element("x", x, _width(self.layers), type(self).__name__)
         states = layer_states(state, len(self.layers), type(self).__name__)
+
+        chained = (
+            chained_decoder_step(self, x, states, RecurrentTransformerDecoderLayer)
+            if self.layers
+            else None
+        )
+        if chained is not None:  # every layer in one call (see _decoder_chain)
+            return chained
 
         def call(layer, x, layer_state):
             return layer(x, memory, memory_length_mask=memory_length_mask, state=layer_state)

@@ -1,0 +1,212 @@
+"""Inference speed-up of a recurrent decoder's step: all its layers in one call.
+
+The decoder's counterpart of `_step_chain`: where every layer of a
+`RecurrentTransformerDecoder` computes what its sublayer ops compute (`_fused_step.fusible`),
+its self attention is one the encoder's chain runs (causal linear attention with the default
+feature map, or softmax attention over a `KVCache`) and its cross attention is softmax
+attention over a memory already projected (a `MemoryState` without padding, from the first
+step), the whole step (per layer the self-attention step, its output projection with residual
+and norm, the cross attention's query product, the attention over the memory, its output
+projection with residual and norm, the feed-forward sublayer) runs as one
+`attention_core.step_chain.StepChain` call. The first step, which projects the memory, a
+padded memory, other attentions, hooks, listeners, autograd, dropout and ``torch.compile``
+take the layer-by-layer path. Tests prove the paths equal in float64.
+
+The chain holds the memory's keys and values, so it is kept with the first layer's
+`MemoryState` (in a weakly keyed table): it goes when the states go.
+"""
+
+from __future__ import annotations
+
+from math import sqrt
+from typing import TYPE_CHECKING, Any
+from weakref import WeakKeyDictionary
+
+import torch
+from torch import Tensor, nn
+
+from attention_core.step_chain import StepChain, WeightChangedError
+from attention_core.utils import forward_hooks_registered
+
+from ._checks import check_output
+from ._fused_step import _ACTIVATION_NAMES, fusible
+from ._step_chain import (
+    Entry,
+    SelfStates,
+    add_self_attention,
+    cache_positions,
+    entry_fits,
+    plain_attention,
+    self_attention_parts,
+)
+from .attention.cross_attention.attention_layer import RecurrentCrossAttentionLayer
+from .attention.cross_attention.full_attention import RecurrentCrossFullAttention
+from .state import DecoderLayerState, MemoryState, TransformerState
+
+if TYPE_CHECKING:
+    from .transformers import RecurrentTransformerDecoder
+
+__all__ = ["chained_decoder_step"]
+
+_TENSORS, _OPTIONS = 22, 9  # per layer, see _layer_parts
+_CHAINS: WeakKeyDictionary[MemoryState, Entry] = WeakKeyDictionary()
+
+
+def _layer_parts(layer: Any, layer_type: Any) -> tuple[tuple, tuple] | None:
+    """The tensors and options of a decoder layer's step in a chain, or ``None`` when the
+    chain would not compute what the layer's call does (see the module docstring)."""
+    if type(layer) is not layer_type or forward_hooks_registered(layer):
+        return None
+    modules = layer._modules
+    attention, cross = modules["self_attention"], modules["cross_attention"]
+    norm1, norm2, norm3 = modules["norm1"], modules["norm2"], modules["norm3"]
+    if not fusible(layer, (norm1, norm2, norm3), (attention, cross)):
+        return None
+    found = self_attention_parts(attention)
+    if found is None:
+        return None
+    if type(cross) is not RecurrentCrossAttentionLayer or cross.event_dispatcher.has_listeners:
+        return None
+    inner, query = cross._modules["inner_attention"], cross._modules["query_projection"]
+    if type(inner) is not RecurrentCrossFullAttention or not plain_attention(inner):
+        return None
+    heads = cross.n_heads
+    if type(query) is not nn.Linear or query.weight.shape[0] % heads:
+        return None
+    scale = inner.softmax_temp or 1.0 / sqrt(query.weight.shape[0] // heads)
+    # `fusible` took the norms, the output and feed-forward products of exactly their types
+    out1, out2 = attention.out_projection, cross.out_projection
+    p1, p2 = modules["linear1"], modules["linear2"]
+    tensors = (
+        *found[0], out1.weight, out1.bias, norm1.weight, norm1.bias, query.weight, query.bias,
+        out2.weight, out2.bias, norm2.weight, norm2.bias, p1.weight, p1.bias, p2.weight,
+        p2.bias, norm3.weight, norm3.bias,
+    )  # fmt: skip
+    options = (
+        *found[1], norm1.eps, heads, scale, norm2.eps, norm3.eps,
+        _ACTIVATION_NAMES[layer.activation],
+    )  # fmt: skip
+    return tensors, options
+
+
+def _make_chain(
+    width: int, tensors: tuple, options: tuple, layers: int, held: tuple, caches: int
+) -> StepChain:
+    """The chain of ``layers`` decoder layers: ``held`` holds the self-attention caches' key
+    and value buffers (the first ``caches``) and then each layer's memory keys and values. A
+    call passes the positions of `_step_chain.cache_positions`, then ``[0, S]``."""
+    chain = StepChain(width)
+    x = chain.input
+    positions = cache_positions(chain, held[:caches])
+    buffers, memories = iter(held[:caches]), iter(held[caches:])
+    S = held[caches].shape[2]
+    start, end = chain.position(0), chain.position(S)
+    for i in range(layers):
+        t, o = tensors[_TENSORS * i : _TENSORS * (i + 1)], options[_OPTIONS * i :]
+        attended = add_self_attention(chain, x, t[:6], o[:3], buffers, positions)
+        x = chain.linear(
+            attended, t[6], t[7], residual=x, norm_weight=t[8], norm_bias=t[9], norm=True,
+            eps=o[3],
+        )  # fmt: skip
+        keys, values = next(memories), next(memories)
+        q = chain.linear(x, t[10], t[11])
+        attended = chain.cache_attention(q, keys, values, start, end, scale=o[5])
+        x = chain.linear(
+            attended, t[12], t[13], residual=x, norm_weight=t[14], norm_bias=t[15], norm=True,
+            eps=o[6],
+        )  # fmt: skip
+        x = chain.feed_forward(
+            x, t[16], t[17], t[18], t[19], t[20], t[21], activation=o[8], eps=o[7]
+        )
+    return chain
+
+
+def _memory(state: Any, x: Tensor, tensors: tuple, options: tuple) -> MemoryState | None:
+    """A cross attention's state the chain reads: a `MemoryState` without padding whose keys
+    ``(N, H, S, E)`` and values ``(N, H, S, D)`` are contiguous tensors of ``x``'s dtype and
+    device."""
+    if type(state) is not MemoryState or state.key_mask is not None:
+        return None
+    keys, values = state.keys, state.values
+    heads = options[4]
+    E, D = tensors[10].shape[0] // heads, tensors[12].shape[1] // heads
+    for t, width in ((keys, E), (values, D)):
+        if not (
+            type(t) is Tensor
+            and t.dim() == 4
+            and t.shape[:2] == (x.shape[0], heads)
+            and t.shape[3] == width
+            and t.shape[2] > 0
+            and t.dtype == x.dtype
+            and t.device == x.device
+            and t.is_contiguous()
+        ):
+            return None
+    return state if keys.shape[2] == values.shape[2] else None
+
+
+def chained_decoder_step(
+    model: RecurrentTransformerDecoder, x: Tensor, states: list, layer_type: type
+) -> tuple[Tensor, TransformerState] | None:
+    """``model``'s step of ``x`` ``(N, E)`` with ``states`` (one per layer) as one chain
+    call, or ``None`` when a layer would not take it (see the module docstring).
+
+    The model has checked ``x``'s shape; its layers must be of exactly ``layer_type``
+    (`RecurrentTransformerDecoderLayer`, passed in: this module is imported by the one that
+    defines it)."""
+    if (
+        torch.compiler.is_compiling()
+        or model.event_dispatcher.has_listeners
+        or type(x) is not Tensor
+        or x.dtype not in (torch.float32, torch.float64)
+        or not x.is_cpu
+        or x.shape[0] == 0
+    ):
+        return None
+    layers = model.layers
+    parts = [_layer_parts(layer, layer_type) for layer in layers]
+    if not parts or any(part is None for part in parts):
+        return None
+    if any(x.dtype != part[0][16].dtype for part in parts):  # type: ignore[index]
+        return None  # the layers' own check names the dtype
+    tensors = tuple(t for part in parts for t in part[0])  # type: ignore[index]
+    options = tuple(o for part in parts for o in part[1])  # type: ignore[index]
+    selfs, memories = SelfStates(x), []
+    for i, state in enumerate(states):
+        if type(state) is not DecoderLayerState:
+            return None
+        layer_tensors, layer_options = tensors[_TENSORS * i :], options[_OPTIONS * i :]
+        memory = _memory(state.cross_attention, x, layer_tensors, layer_options)
+        if memory is None or not selfs.add(state.self_attention, layer_tensors, layer_options):
+            return None
+        memories.append(memory)
+    length = selfs.length()
+    S = memories[0].keys.shape[2]
+    if length is None or any(m.keys.shape[2] != S for m in memories):
+        return None
+    buffers = selfs.buffers
+    held = (*buffers, *(t for m in memories for t in (m.keys, m.values)))
+    kept = _CHAINS.get(memories[0])
+    if kept is not None and entry_fits(kept, tensors, options, held, x):
+        entry: Entry = kept
+    else:
+        entry = _new_entry(x.shape[1], tensors, options, len(layers), held, len(buffers))
+    positions = [*selfs.positions(length), 0, S]
+    try:
+        y, new = entry[3](x, selfs.pairs, positions=positions)
+    except WeightChangedError:  # a parameter given another shape or dtype: a new chain
+        entry = _new_entry(x.shape[1], tensors, options, len(layers), held, len(buffers))
+        y, new = entry[3](x, selfs.pairs, positions=positions)
+    _CHAINS[memories[0]] = entry
+    if model.norm is not None:
+        y = model.norm(y)
+    check_output(y, type(model).__name__)
+    kinds = [options[_OPTIONS * i] for i in range(len(layers))]
+    new_states = selfs.new_states(kinds, new, length)
+    return y, TransformerState(tuple(DecoderLayerState(s, m) for s, m in zip(new_states, memories)))
+
+
+def _new_entry(
+    width: int, tensors: tuple, options: tuple, layers: int, held: tuple, caches: int
+) -> Entry:
+    return tensors, options, held, _make_chain(width, tensors, options, layers, held, caches)

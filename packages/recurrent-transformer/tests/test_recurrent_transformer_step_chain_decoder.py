@@ -1,0 +1,115 @@
+"""The decoder's step as one chain call (``recurrent_transformer._decoder_chain``): equal in
+float64 to the layer-by-layer step with linear or softmax self attention and softmax cross
+attention over the memory; taken only from the second step (the first projects the memory)
+and where the layers compute what the chain does; kept with the memory's state."""
+
+import gc
+import weakref
+
+import pytest
+import torch
+
+import recurrent_transformer._decoder_chain as decoder_chain
+import recurrent_transformer.transformers as transformers
+from attention_core.events import AttentionEvent, EventDispatcher
+from attention_core.masking import LengthMask
+from attention_core.step_chain import StepChain
+from attention_core.testing import assert_close
+from recurrent_transformer.builders import RecurrentDecoderBuilder
+from recurrent_transformer.state import KVCache, LinearState, MemoryState
+
+
+def decoder(self_type="full", cross_type="full", seed=0, **kwargs):
+    torch.manual_seed(seed)
+    model = RecurrentDecoderBuilder.from_kwargs(
+        n_layers=2, n_heads=2, query_dimensions=4, value_dimensions=4,
+        feed_forward_dimensions=20, self_attention_type=self_type,
+        cross_attention_type=cross_type, **kwargs,
+    ).get()  # fmt: skip
+    with torch.no_grad():  # parameters far from their initialisation
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    return model.double().eval()
+
+
+@pytest.fixture
+def chain_calls(monkeypatch):
+    calls = []
+    call = StepChain.__call__
+    monkeypatch.setattr(
+        StepChain, "__call__", lambda self, *a, **k: calls.append(1) or call(self, *a, **k)
+    )
+    return calls
+
+
+def run(model, xs, memory, monkeypatch, chained=True, mask=None, state=None):
+    with monkeypatch.context() as m, torch.no_grad():
+        if not chained:
+            m.setattr(transformers, "chained_decoder_step", lambda *args: None)
+        outputs = []
+        for x in xs:
+            y, state = model(x, memory, memory_length_mask=mask, state=state)
+            outputs.append(y)
+    return torch.stack(outputs), state
+
+
+@pytest.mark.parametrize("self_type", ["full", "causal-linear"])
+@pytest.mark.parametrize("rows", [1, 3])
+def test_the_chain_equals_the_layers(self_type, rows, chain_calls, monkeypatch):
+    model = decoder(self_type)
+    g = torch.Generator().manual_seed(1)
+    xs = torch.randn(20, rows, 8, generator=g, dtype=torch.float64)  # past a capacity of 16
+    memory = torch.randn(rows, 5, 8, generator=g, dtype=torch.float64)
+    chained, state = run(model, xs, memory, monkeypatch)
+    layers, layers_state = run(model, xs, memory, monkeypatch, chained=False)
+    assert_close("y", chained, layers, rtol=1e-10, atol=1e-10)
+    assert len(chain_calls) == 19  # every step but the first, which projects the memory
+    for a, b in zip(state, layers_state):
+        assert type(a.cross_attention) is MemoryState
+        s, t = a.self_attention, b.self_attention
+        if isinstance(s, KVCache):
+            assert s.length == t.length == 20
+            assert_close("keys", s.keys, t.keys, rtol=1e-10, atol=1e-10)
+        else:
+            assert isinstance(s, LinearState)
+            assert_close("S", s.S, t.S, rtol=1e-10, atol=1e-10)
+    # the chain's states continue on the layers' path
+    more, _ = run(model, xs[:2], None, monkeypatch, chained=False, state=state)
+    expected, _ = run(model, xs[:2], None, monkeypatch, chained=False, state=layers_state)
+    assert_close("continued", more, expected, rtol=1e-10, atol=1e-10)
+
+
+def test_float32_and_softmax_temp(chain_calls, monkeypatch):
+    model = decoder(softmax_temp=0.6).float()
+    xs, memory = torch.randn(6, 2, 8), torch.randn(2, 7, 8)
+    chained, _ = run(model, xs, memory, monkeypatch)
+    layers, _ = run(model, xs, memory, monkeypatch, chained=False)
+    assert_close("y", chained, layers, rtol=1e-5, atol=1e-5)
+    assert len(chain_calls) == 5
+
+
+def test_padded_memories_other_attentions_and_listeners_take_the_layers(chain_calls, monkeypatch):
+    xs, memory = torch.randn(3, 2, 8, dtype=torch.float64), torch.randn(2, 5, 8)
+    memory = memory.double()
+    mask = LengthMask(torch.tensor([5, 3]), max_len=5)
+    padded, _ = run(decoder(), xs, memory, monkeypatch, mask=mask)
+    expected, _ = run(decoder(), xs, memory, monkeypatch, chained=False, mask=mask)
+    assert_close("padded", padded, expected, rtol=1e-10, atol=1e-10)
+    run(decoder(cross_type="linear"), xs, memory, monkeypatch)
+    events = []
+    listened = decoder(event_dispatcher=EventDispatcher())
+    listened.event_dispatcher.listen(AttentionEvent, events.append)
+    run(listened, xs, memory, monkeypatch)
+    assert events and not chain_calls
+
+
+def test_the_chain_goes_with_the_memory_state(chain_calls, monkeypatch):
+    model = decoder()
+    xs, memory = torch.randn(3, 2, 8, dtype=torch.float64), torch.randn(2, 5, 8).double()
+    _, state = run(model, xs, memory, monkeypatch)
+    assert len(chain_calls) == 2
+    entry = decoder_chain._CHAINS[state[0].cross_attention]
+    chain, keys = weakref.ref(entry[3]), weakref.ref(state[0].cross_attention.keys)
+    del state, entry
+    gc.collect()
+    assert chain() is None and keys() is None
