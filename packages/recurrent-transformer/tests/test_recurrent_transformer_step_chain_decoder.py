@@ -9,7 +9,6 @@ import weakref
 import pytest
 import torch
 
-import recurrent_transformer._decoder_chain as decoder_chain
 import recurrent_transformer.transformers as transformers
 from attention_core.events import AttentionEvent, EventDispatcher
 from attention_core.masking import LengthMask
@@ -108,7 +107,7 @@ def test_the_chain_goes_with_the_memory_state(chain_calls, monkeypatch):
     xs, memory = torch.randn(3, 2, 8, dtype=torch.float64), torch.randn(2, 5, 8).double()
     _, state = run(model, xs, memory, monkeypatch)
     assert len(chain_calls) == 2
-    entry = decoder_chain._CHAINS[state[0].cross_attention]
+    entry = state[0].self_attention._claim.chain  # kept with the caches (softmax)
     chain, keys = weakref.ref(entry[3]), weakref.ref(state[0].cross_attention.keys)
     del state, entry
     gc.collect()

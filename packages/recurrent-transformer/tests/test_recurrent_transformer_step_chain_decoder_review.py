@@ -1,13 +1,12 @@
 """Findings of a review of the decoder's step chain (``recurrent_transformer._decoder_chain``),
-each a strict xfail until fixed: the chain kept with the memory's state holds the
-self-attention caches after their states are gone, it is remade at every step when two
-continuations share one memory state, and a memory given longer storage makes it raise."""
+fixed, each with its test: a kept memory state must not keep the self-attention caches of
+dropped states alive, two continuations of one memory state keep their own chains, and a
+memory given longer storage is read as the layers read it."""
 
 import contextlib
 import gc
 import weakref
 
-import pytest
 import torch
 
 import recurrent_transformer._decoder_chain as decoder_chain
@@ -36,10 +35,6 @@ def layers_only(monkeypatch, chained):
         yield
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the chain, kept with the first layer's MemoryState, holds the caches' buffers",
-)
 def test_a_kept_memory_state_does_not_keep_the_caches_alive():
     model = decoder()
     x, memory = torch.randn(2, 8, dtype=torch.float64), torch.randn(2, 5, 8, dtype=torch.float64)
@@ -55,7 +50,6 @@ def test_a_kept_memory_state_does_not_keep_the_caches_alive():
     assert all(b() is None for b in buffers)  # as on the layers' path
 
 
-@pytest.mark.xfail(strict=True, reason="one chain per MemoryState: each branch remakes it")
 def test_two_continuations_of_one_memory_keep_their_chains(monkeypatch):
     made = []
     make = decoder_chain._make_chain
@@ -71,7 +65,6 @@ def test_two_continuations_of_one_memory_keep_their_chains(monkeypatch):
     assert len(made) <= 4  # 16 steps of two sequences: a chain each, remade on growth
 
 
-@pytest.mark.xfail(strict=True, reason="the memory's length is a position limit of the chain")
 def test_a_memory_given_longer_storage_is_read_as_the_layers_read_it(monkeypatch):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(3, 3, 8, generator=g, dtype=torch.float64)

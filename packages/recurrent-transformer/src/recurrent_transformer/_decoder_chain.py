@@ -12,8 +12,9 @@ projection with residual and norm, the feed-forward sublayer) runs as one
 padded memory, other attentions, hooks, listeners, autograd, dropout and ``torch.compile``
 take the layer-by-layer path. Tests prove the paths equal in float64.
 
-The chain holds the memory's keys and values, so it is kept with the first layer's
-`MemoryState` (in a weakly keyed table): it goes when the states go.
+The chain holds the memory's keys and values (and the self-attention caches' buffers), so it is
+kept with the states: on the first cache's claim when the self attention is softmax attention
+(as the encoder's chain), else with the first layer's `MemoryState` in a weakly keyed table.
 """
 
 from __future__ import annotations
@@ -186,7 +187,10 @@ def chained_decoder_step(
         return None
     buffers = selfs.buffers
     held = (*buffers, *(t for m in memories for t in (m.keys, m.values)))
-    kept = _CHAINS.get(memories[0])
+    # kept with the self-attention caches when there are some (on the first one's claim, as
+    # the encoder's chain), else with the memory: it holds their tensors
+    caches = selfs.caches
+    kept = caches[0]._claim.chain if caches else _CHAINS.get(memories[0])  # type: ignore[union-attr]
     if kept is not None and entry_fits(kept, tensors, options, held, x):
         entry: Entry = kept
     else:
@@ -197,7 +201,10 @@ def chained_decoder_step(
     except WeightChangedError:  # a parameter given another shape or dtype: a new chain
         entry = _new_entry(x.shape[1], tensors, options, len(layers), held, len(buffers))
         y, new = entry[3](x, selfs.pairs, positions=positions)
-    _CHAINS[memories[0]] = entry
+    if caches:
+        caches[0]._claim.chain = entry  # type: ignore[union-attr]
+    else:
+        _CHAINS[memories[0]] = entry
     if model.norm is not None:
         y = model.norm(y)
     check_output(y, type(model).__name__)

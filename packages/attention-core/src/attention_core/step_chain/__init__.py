@@ -471,9 +471,11 @@ class StepChain(ChainRunner):
                 f"{self._device}); got {x.dtype}, {x.device}"
             )
         checked = check_states(states, self._steps, x.shape[0])
+        # the held tensors first: one that changed shape (a longer cache) makes the chain's
+        # limits stale, which `WeightChangedError` tells its maker
+        compiled = self._check_weights()
         positions = self._check_positions(positions)
         target = output if output is not None else self._last
-        compiled = self._check_weights()
         if compiled is not None and self._compiled_serves(x, checked):
             return self._run_compiled(x, checked, target, compiled, positions)
         return self._run_composed(x, checked, target, positions)
