@@ -112,3 +112,15 @@ def test_the_chain_goes_with_the_memory_state(chain_calls, monkeypatch):
     del state, entry
     gc.collect()
     assert chain() is None and keys() is None
+
+
+@pytest.mark.parametrize("self_type", ["full", "causal-linear"])
+def test_an_empty_batch_steps(self_type, chain_calls, monkeypatch):
+    """A batch of no sequences steps on both paths (the heads are split with explicit widths:
+    an empty batch has no size to infer)."""
+    model = decoder(self_type)
+    xs, memory = torch.randn(3, 0, 8, dtype=torch.float64), torch.randn(0, 5, 8).double()
+    for chained in (True, False):
+        y, state = run(model, xs, memory, monkeypatch, chained=chained)
+        assert y.shape == (3, 0, 8) and len(state) == 2
+    assert not chain_calls  # nothing to compute: the layers' path

@@ -115,7 +115,8 @@ class RecurrentCrossAttentionLayer(AttentionLayer):
             the heads joined, ``(N, H D)``, and the state.
         """
         N = check_element("query", query, self.d_model, type(self).__name__)[0]
-        q = self.query_projection(query).unflatten(1, (self.n_heads, -1))  # "n (h e) -> n h e"
+        q = self.query_projection(query)  # "n (h e) -> n h e" (explicit: N may be 0)
+        q = q.unflatten(1, (self.n_heads, q.shape[1] // self.n_heads))
         k = v = None
         if state is None:
             k, v, key_lengths = self._memory(N, keys, values, key_lengths)

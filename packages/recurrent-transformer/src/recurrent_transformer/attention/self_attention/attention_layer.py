@@ -92,9 +92,15 @@ class RecurrentAttentionLayer(AttentionLayer):
         # (an einops recipe lookup, or Tensor.unflatten's Python wrapper, costs more than the
         # view itself at one element per call)
         N, H = query.shape[0], self.n_heads
-        q = self.query_projection(query).reshape(N, H, -1)
-        k = self.key_projection(key).reshape(N, H, -1)
-        v = self.value_projection(value).reshape(N, H, -1)
+        # explicit head widths: an empty batch (N = 0) has no -1 to infer
+        q, k, v = (
+            t.reshape(N, H, t.shape[1] // H)
+            for t in (
+                self.query_projection(query),
+                self.key_projection(key),
+                self.value_projection(value),
+            )
+        )
         if self.event_dispatcher.has_listeners:
             self.event_dispatcher.dispatch(QKVEvent(self, q, k, v))
         out, state = self.inner_attention(q, k, v, state)
