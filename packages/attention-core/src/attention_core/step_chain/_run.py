@@ -32,6 +32,7 @@ class ChainRunner:
     _scalars: list[float]
     _specs: list[tuple | None]
     _held: tuple[Tensor | None, ...] | None
+    _distinct: tuple[Tensor, ...]
     _steps: list[LinearStepOp]
     _checked: tuple | None
     _programs: dict[int, tuple[Tensor, Bases, int]]
@@ -41,6 +42,13 @@ class ChainRunner:
         """Every op's weights in program order (kept: the ops do not change once added)."""
         if self._held is None:
             self._held = tuple(w for op in self._ops for w in op.weights())
+            # each tensor once (a norm or a cache several ops hold): the layouts compared at
+            # every call
+            unique: dict[int, Tensor] = {}
+            for w in self._held:
+                if w is not None:
+                    unique.setdefault(id(w), w)
+            self._distinct = tuple(unique.values())
         return self._held
 
     def _check_weights(self) -> tuple | None:
@@ -51,7 +59,7 @@ class ChainRunner:
         subclass, a weight in a layout its op does not read: see `Op.readable`)."""
         checked = self._checked
         weights = self._weights()
-        current = layouts(weights)
+        current = layouts(self._distinct)
         if checked is not None and current == checked[0]:
             return checked if checked[1] is not None else None
         for i, (w, spec) in enumerate(zip(weights, self._specs)):
