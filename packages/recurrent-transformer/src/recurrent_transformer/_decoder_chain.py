@@ -23,7 +23,6 @@ from math import sqrt
 from typing import TYPE_CHECKING, Any
 from weakref import WeakKeyDictionary
 
-import torch
 from torch import Tensor, nn
 
 from attention_core.step_chain import StepChain, WeightChangedError
@@ -37,8 +36,10 @@ from ._step_chain import (
     add_self_attention,
     cache_positions,
     entry_fits,
+    gather_parts,
     plain_attention,
     self_attention_parts,
+    step_may_chain,
 )
 from .attention.cross_attention.attention_layer import RecurrentCrossAttentionLayer
 from .attention.cross_attention.full_attention import RecurrentCrossFullAttention
@@ -155,23 +156,15 @@ def chained_decoder_step(
     The model has checked ``x``'s shape; its layers must be of exactly ``layer_type``
     (`RecurrentTransformerDecoderLayer`, passed in: this module is imported by the one that
     defines it)."""
-    if (
-        torch.compiler.is_compiling()
-        or model.event_dispatcher.has_listeners
-        or type(x) is not Tensor
-        or x.dtype not in (torch.float32, torch.float64)
-        or not x.is_cpu
-        or x.shape[0] == 0
-    ):
+    if not step_may_chain(model, x):
         return None
     layers = model.layers
-    parts = [_layer_parts(layer, layer_type) for layer in layers]
-    if not parts or any(part is None for part in parts):
+    gathered = gather_parts([_layer_parts(layer, layer_type) for layer in layers])
+    if gathered is None:
         return None
-    if any(x.dtype != part[0][16].dtype for part in parts):  # type: ignore[index]
+    tensors, options = gathered
+    if any(x.dtype != t.dtype for t in tensors[16::_TENSORS]):  # each layer's linear1 weight
         return None  # the layers' own check names the dtype
-    tensors = tuple(t for part in parts for t in part[0])  # type: ignore[index]
-    options = tuple(o for part in parts for o in part[1])  # type: ignore[index]
     selfs, memories = SelfStates(x), []
     for i, state in enumerate(states):
         if type(state) is not DecoderLayerState:

@@ -285,21 +285,13 @@ def chained_step(
     The model has checked ``x``; its layers must be of exactly ``layer_type``
     (`RecurrentTransformerEncoderLayer`, passed in: this module is imported by the one that
     defines it)."""
-    if (
-        torch.compiler.is_compiling()
-        or model.event_dispatcher.has_listeners
-        or type(x) is not Tensor
-        or x.dtype not in (torch.float32, torch.float64)
-        or not x.is_cpu
-        or x.shape[0] == 0
-    ):
+    if not step_may_chain(model, x):
         return None
     layers = model.layers
-    parts = [_layer_parts(layer, layer_type) for layer in layers]
-    if not parts or any(part is None for part in parts):
+    gathered = gather_parts([_layer_parts(layer, layer_type) for layer in layers])
+    if gathered is None:
         return None
-    tensors = tuple(t for part in parts for t in part[0])  # type: ignore[index]
-    options = tuple(o for part in parts for o in part[1])  # type: ignore[index]
+    tensors, options = gathered
     selfs = SelfStates(x)
     for i, state in enumerate(states):
         if not selfs.add(state, tensors[_TENSORS * i :], options[_OPTIONS * i :]):
@@ -330,6 +322,29 @@ def chained_step(
     check_output(y, type(model).__name__)
     kinds = [options[_OPTIONS * i] for i in range(len(layers))]
     return y, TransformerState(tuple(selfs.new_states(kinds, new, length)))
+
+
+def step_may_chain(model: Any, x: Tensor) -> bool:
+    """Whether a step of ``x`` may run as a chain: plain float32 or float64 CPU rows, no
+    listeners on the model, nothing being compiled."""
+    return not (
+        torch.compiler.is_compiling()
+        or model.event_dispatcher.has_listeners
+        or type(x) is not Tensor
+        or x.dtype not in (torch.float32, torch.float64)
+        or not x.is_cpu
+        or x.shape[0] == 0
+    )
+
+
+def gather_parts(parts: list[tuple[tuple, tuple] | None]) -> tuple[tuple, tuple] | None:
+    """The layers' tensors and options one after another, or ``None`` when a layer has
+    none (it would not take the chain's step) or there are no layers."""
+    if not parts or any(part is None for part in parts):
+        return None
+    tensors = tuple(t for part in parts for t in part[0])  # type: ignore[index]
+    options = tuple(o for part in parts for o in part[1])  # type: ignore[index]
+    return tensors, options
 
 
 def entry_fits(entry: Entry, tensors: tuple, options: tuple, buffers: tuple, x: Tensor) -> bool:
