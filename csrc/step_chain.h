@@ -12,7 +12,6 @@
 #include "cache_attention.h"
 #include "linear_step.h"
 #include "residual_step.h"
-#include "row_products.h"
 
 namespace attention_core {
 namespace step_chain {
@@ -49,14 +48,6 @@ template <typename T>
 using Op = std::variant<residual_step::Linear<T>, residual_step::FeedForward<T>,
                         linear_step::Problem<T>, LayerNormRows<T>, WeightedSum<T>,
                         cache_attention::Problem<T>, CacheWrite<T>>;
-
-template <typename T>
-void layer_norm_rows(const LayerNormRows<T>& p) {
-    for (int64_t r = 0; r < p.R; ++r) {
-        rows::layer_norm_row(p.out + r * p.K, p.x + r * p.ldx, p.K, p.norm.weight, p.norm.bias,
-                             p.norm.eps);
-    }
-}
 
 template <typename T>
 void weighted_sum(const WeightedSum<T>& p) {
@@ -100,7 +91,8 @@ void run(const std::vector<Op<T>>& ops, int64_t threads) {
         } else if (const auto* step = std::get_if<linear_step::Problem<T>>(&op)) {
             linear_step::linear_attention_step<T>(*step, threads);
         } else if (const auto* norm = std::get_if<LayerNormRows<T>>(&op)) {
-            layer_norm_rows<T>(*norm);
+            residual_step::norm_rows<T>(norm->out, norm->K, norm->x, norm->ldx, norm->R, norm->K,
+                                        norm->norm);
         } else if (const auto* sum = std::get_if<WeightedSum<T>>(&op)) {
             weighted_sum<T>(*sum);
         } else if (const auto* attention = std::get_if<cache_attention::Problem<T>>(&op)) {

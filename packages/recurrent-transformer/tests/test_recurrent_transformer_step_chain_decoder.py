@@ -12,7 +12,6 @@ import torch
 import recurrent_transformer.transformers as transformers
 from attention_core.events import AttentionEvent, EventDispatcher
 from attention_core.masking import LengthMask
-from attention_core.step_chain import StepChain
 from attention_core.testing import assert_close
 from recurrent_transformer.builders import RecurrentDecoderBuilder
 from recurrent_transformer.state import KVCache, LinearState, MemoryState
@@ -29,16 +28,6 @@ def decoder(self_type="full", cross_type="full", seed=0, **kwargs):
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.3)
     return model.double().eval()
-
-
-@pytest.fixture
-def chain_calls(monkeypatch):
-    calls = []
-    call = StepChain.__call__
-    monkeypatch.setattr(
-        StepChain, "__call__", lambda self, *a, **k: calls.append(1) or call(self, *a, **k)
-    )
-    return calls
 
 
 def run(model, xs, memory, monkeypatch, chained=True, mask=None, state=None):

@@ -13,7 +13,6 @@ import torch
 
 import recurrent_transformer.transformers as transformers
 from attention_core.events import AttentionEvent, EventDispatcher
-from attention_core.step_chain import StepChain
 from attention_core.testing import assert_close
 from recurrent_transformer.builders import RecurrentEncoderBuilder
 from recurrent_transformer.state import KVCache, LinearState
@@ -36,16 +35,6 @@ def mixed_encoder():
     model, linear = encoder("full"), encoder("linear", seed=1)
     model.layers[1] = linear.layers[1]
     return model
-
-
-@pytest.fixture
-def chain_calls(monkeypatch):
-    calls = []
-    call = StepChain.__call__
-    monkeypatch.setattr(
-        StepChain, "__call__", lambda self, *a, **k: calls.append(1) or call(self, *a, **k)
-    )
-    return calls
 
 
 def run(model, xs, state=None, chained=True, monkeypatch=None):

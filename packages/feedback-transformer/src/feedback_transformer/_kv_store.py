@@ -219,14 +219,13 @@ class RingBuffer:
                 buffer = buffer.view(shape)
                 buffer.index_copy_(2, slots, new)
                 buffer.index_copy_(2, slots + c, new)
-        self.next = (self.next + n) % c
-        self.filled = min(c, self.filled + n)
+        self.advance(n)
 
-    def advance(self) -> None:
-        """Count one step whose keys and values were written to the slots ``next`` and
-        ``next + capacity`` by the caller (a decoding chain)."""
-        self.next = (self.next + 1) % self.capacity
-        self.filled = min(self.capacity, self.filled + 1)
+    def advance(self, n: int = 1) -> None:
+        """Count ``n`` steps whose keys and values are written at the slots from ``next``
+        (and ``capacity`` later): by `append`, or by the caller (a decoding chain)."""
+        self.next = (self.next + n) % self.capacity
+        self.filled = min(self.capacity, self.filled + n)
 
     def bounds(self) -> tuple[int, int]:
         """Slots ``(lo, hi)`` of the last ``filled`` steps, oldest first."""

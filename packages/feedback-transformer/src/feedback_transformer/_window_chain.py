@@ -42,16 +42,17 @@ if TYPE_CHECKING:
 __all__ = ["DecodingChain", "WindowChains", "chain_serves"]
 
 
-def chain_serves(model: FeedbackTransformer, h: Tensor, cross: object) -> bool:
-    """Whether the windows of a call on ``h`` ``(b, n, dim)`` run as step chains: a model
-    with a memory, no context, a batch, float32 or float64 on the CPU, nothing being
-    compiled."""
+def chain_serves(model: FeedbackTransformer, like: Tensor, cross: object) -> bool:
+    """Whether the windows of a call (or the steps of a decoding state) run as step chains:
+    a model with a memory, no context, a batch (``like``'s first dimension: the embeddings
+    ``(b, n, dim)`` or the memory's keys ``(b, h, m, d)``), float32 or float64 on the CPU,
+    nothing being compiled."""
     return (
         model.mem_len > 0
-        and h.shape[0] > 0
+        and like.shape[0] > 0
         and cross is None
-        and h.device.type == "cpu"
-        and h.dtype in (torch.float32, torch.float64)
+        and like.device.type == "cpu"
+        and like.dtype in (torch.float32, torch.float64)
         and not torch.compiler.is_compiling()
     )
 
@@ -69,7 +70,7 @@ class WindowChains:
             ``-M .. W - 1``, window keys that are not strictly earlier masked.
     """
 
-    __slots__ = ("_chains", "_model", "_table", "_views", "_weights")
+    __slots__ = ("_chains", "_memory", "_model", "_table", "_views", "_weights")
 
     def __init__(
         self,
@@ -79,6 +80,7 @@ class WindowChains:
         table: Tensor,
     ):
         self._model, self._weights, self._views, self._table = model, weights, views, table
+        self._memory = table.shape[2] - table.shape[1]  # M
         self._chains: dict[bool, tuple[StepChain, Slot]] = {}
 
     def __call__(self, x: Tensor, lo: int, hi: int) -> Tensor:
@@ -87,9 +89,8 @@ class WindowChains:
         ``hi .. hi + w - 1``, and return the last layer's output ``(b w, dim)``."""
         w = x.shape[0] // self._views.keys.shape[0]
         chain, output = self._chain(w > 1)
-        M = self._table.shape[2] - self._table.shape[1]
         end = hi + w if w > 1 else hi  # one step reads the memory only
-        out, _ = chain(x, positions=[lo, end, M - (hi - lo), hi], output=output)
+        out, _ = chain(x, positions=[lo, end, self._memory - (hi - lo), hi], output=output)
         return out
 
     def _chain(self, window: bool) -> tuple[StepChain, Slot]:
@@ -109,13 +110,22 @@ def _build(
 ) -> tuple[StepChain, Slot]:
     """The chain of a window of one step (``window`` false) or more, and the slot of its
     last layer's output; the window's memory goes to its slots ``hi ..``."""
-    C = views.keys.shape[2]
     chain = StepChain(model.dim)
-    lo, end = chain.position(C), chain.position(C)
-    column, hi = chain.position(table.shape[2]), chain.position(C)
-    x, kv = _layers(chain, model, weights, views, table, (lo, end, column), hi if window else None)
+    memory = _memory_positions(chain, views, table)
+    hi = chain.position(views.keys.shape[2])
+    x, kv = _layers(chain, model, weights, views, table, memory, hi if window else None)
     _write(chain, kv, views, hi)
     return chain, x
+
+
+def _memory_positions(
+    chain: StepChain, views: KVViews, table: Tensor
+) -> tuple[Position, Position, Position]:
+    """The positions of the memory a window reads: its first slot, one past its last (the
+    window's own slots included when it has more than one step), and the bias column of its
+    first slot."""
+    C = views.keys.shape[2]
+    return chain.position(C), chain.position(C), chain.position(table.shape[2])
 
 
 class DecodingChain:
@@ -137,8 +147,8 @@ class DecodingChain:
         C = views.keys.shape[2]
         self._memory = model.mem_len
         chain = StepChain(model.dim)
-        lo, end, column = chain.position(C), chain.position(C), chain.position(table.shape[2])
-        x, kv = _layers(chain, model, weights, views, table, (lo, end, column), None)
+        memory = _memory_positions(chain, views, table)
+        x, kv = _layers(chain, model, weights, views, table, memory, None)
         for slot in (chain.position(C - 1), chain.position(C - 1)):  # the ring's two copies
             _write(chain, kv, views, slot)
         norm, head = model.to_logits  # LayerNorm, Linear

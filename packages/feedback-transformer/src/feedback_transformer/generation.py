@@ -88,7 +88,7 @@ class FeedbackState:
         )
         # seq_len 1: a step as one call of the core's step chain
         self.chain = None
-        if W == 1 and batch and chain_serves(model, memory.keys, cross):
+        if W == 1 and chain_serves(model, memory.keys, cross):
             self.chain = DecodingChain(model, self.weights, self.views, self.biases.table)
         self.signature = model.signature
         self.window = memory.keys.new_zeros(batch, 0, model.dim)

@@ -157,24 +157,18 @@ class KVCache(RecurrentState):
             self.value_buffer[:, :, self.length : new_length] = values
             claim.filled = new_length
             return KVCache(self.key_buffer, self.value_buffer, new_length, claim)
-        capacity = max(_MIN_CAPACITY, new_length, 2 * self.capacity)
-        grown = KVCache.empty(
-            keys.shape[0],
-            keys.shape[1],
-            keys.shape[3],
-            values.shape[3],
-            capacity,
-            keys.dtype,
-            keys.device,
-        )
-        for buffer, old, new in (
-            (grown.key_buffer, self.keys, keys),
-            (grown.value_buffer, self.values, values),
-        ):
-            buffer[:, :, : self.length] = old
-            buffer[:, :, self.length : new_length] = new
+        grown = self.with_room(new_length)
+        grown.key_buffer[:, :, self.length : new_length] = keys
+        grown.value_buffer[:, :, self.length : new_length] = values
         grown.length, grown._claim = new_length, _Claim(new_length)  # sole owner, as above
         return grown
+
+    def with_room(self, new_length: int) -> KVCache:
+        """A copy of this cache in new buffers with room for ``new_length`` steps (at least
+        twice the capacity), their only owner: what `append` makes when it cannot append in
+        place."""
+        capacity = max(_MIN_CAPACITY, new_length, 2 * self.capacity)
+        return KVCache.from_tensors(self.keys, self.values, capacity)
 
     def as_sequence(self) -> tuple[Tensor, Tensor]:
         """fast-transformers' ``[keys, values]``: ``(N, H, t, E)`` and ``(N, H, t, D)``."""

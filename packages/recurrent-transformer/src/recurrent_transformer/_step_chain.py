@@ -41,7 +41,7 @@ from attention_core.utils import forward_hooks_registered
 
 from ._checks import check_output
 from ._fused_step import _ACTIVATION_NAMES, _PROJECTIONS, fusible
-from ._kv_cache import _MIN_CAPACITY, KVCache
+from ._kv_cache import KVCache
 from .attention.self_attention.attention_layer import RecurrentAttentionLayer
 from .attention.self_attention.full_attention import RecurrentFullAttention
 from .attention.self_attention.linear_attention import RecurrentLinearAttention
@@ -213,8 +213,7 @@ class SelfStates:
                 id(state._claim) in self._claims or state.key_buffer.data_ptr() in self._storages
             )
             if taken or not state._in_place_ok(state.length + 1):
-                capacity = max(_MIN_CAPACITY, state.length + 1, 2 * state.capacity)
-                state = KVCache.from_tensors(state.keys, state.values, capacity)
+                state = state.with_room(state.length + 1)
             self._claims.add(id(state._claim))
             self._storages.add(state.key_buffer.data_ptr())
             self.caches.append(state)

@@ -106,7 +106,6 @@ class StepChain(ChainRunner):
         self._ops: list[Op] = []
         self._scalars: list[float] = []  # each op's eps or scale, in program order
         self._positions: list[Position] = []
-        self._written: list[Tensor] = []  # the caches that cache_write ops write
         self._specs: list[tuple | None] = []  # each weight's shape, dtype and device when added
         self._held: tuple[Tensor | None, ...] | None = None
         self._steps: list[LinearStepOp] = []
@@ -136,7 +135,7 @@ class StepChain(ChainRunner):
         self.__dict__.update(state)
         # its own containers (a shallow copy would share the original's): ops added to one
         # are not the other's, and programs, checks and held weights are made again
-        for name in ("_ops", "_widths", "_scalars", "_specs", "_steps", "_written"):
+        for name in ("_ops", "_widths", "_scalars", "_specs", "_steps"):
             setattr(self, name, list(getattr(self, name)))
         self._programs, self._checked, self._held = {}, None, None
         self._id = next(_IDS)
@@ -263,14 +262,12 @@ class StepChain(ChainRunner):
         """
         for name, slot in (("query", query), ("key", key), ("value", value)):
             self._own(name, slot)
-        if self._dtype is None:
-            raise ValueError("a chain's first op must hold weights (linear or feed_forward)")
+        dtype, device = self._chain_dtype("linear_attention_step")
         op = LinearStepOp(
-            query, key, value, heads, eps, elu_feature_map, len(self._steps), self._dtype,
-            self._device,  # type: ignore[arg-type]
-        )  # fmt: skip
+            query, key, value, heads, eps, elu_feature_map, len(self._steps), dtype, device
+        )
         self._steps.append(op)
-        return self._add(op, self._dtype, self._device)  # type: ignore[arg-type]
+        return self._add(op, dtype, device)
 
     def columns(self, slot: Slot, start: int, stop: int) -> Slot:
         """The columns ``[start, stop)`` of ``slot``, as a value of their own (no copy).
@@ -418,7 +415,6 @@ class StepChain(ChainRunner):
         position = self._own_position("position", position)
         dtype, device = self._chain_dtype("cache_write")
         self._add(CacheWriteOp(x, cache, position, dtype, device), dtype, device)
-        self._written.append(cache)
 
     @property
     def dtype(self) -> torch.dtype | None:

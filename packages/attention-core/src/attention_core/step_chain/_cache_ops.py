@@ -20,6 +20,7 @@ from ._ops import NULL, Bases, Op, Slot, value, weight_address
 __all__ = ["CACHE_ATTENTION", "CACHE_WRITE", "CacheAttentionOp", "CacheWriteOp", "Position"]
 
 CACHE_ATTENTION, CACHE_WRITE = 5, 6
+_NO_GRAD = "cache must not require grad (the chain writes it in place)"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,7 +124,7 @@ class CacheAttentionOp(Op):
         k, v, bias = (
             weight_address(bases, weight_index + i, t) for i, t in enumerate(self.weights())
         )
-        # the held tensors are contiguous (the compiled chain reads no other)
+        # the bias is contiguous, the keys contiguous or feature-major (`readable`)
         bias_fields = [0, 0, 0, 0] if self.bias is None else [
             self.bias.shape[1] * self.bias.shape[2], self.bias.shape[2], *self.bias.shape[1:]
         ]  # fmt: skip
@@ -188,11 +189,14 @@ class CacheWriteOp(Op):
             raise ValueError(f"x must have width H E = {H * E} (cache {tuple(self.cache.shape)}); "
                              f"got {self.x.width}")  # fmt: skip
         if self.cache.requires_grad:
-            raise ValueError("cache must not require grad (the chain writes it in place)")
+            raise ValueError(_NO_GRAD)
         _check_limit("position", self.position, C, "the cache length")
         self.shape = (B, H, C, E)
 
     def weights(self) -> tuple[Tensor | None, ...]:
+        return (self.cache,)
+
+    def written(self) -> tuple[Tensor, ...]:
         return (self.cache,)
 
     def readable(self) -> bool:
@@ -210,7 +214,7 @@ class CacheWriteOp(Op):
     def check_call(self, rows: int, positions: Sequence[int]) -> None:
         if self.cache.is_leaf and self.cache.requires_grad and torch.is_grad_enabled():
             # made to require grad after it was added: autograd refuses the in-place write
-            raise ValueError("cache must not require grad (the chain writes it in place)")
+            raise ValueError(_NO_GRAD)
         W = _rows_per_batch(rows, self.shape[0], "cache write")
         p, C = positions[self.position.index], self.shape[2]
         if p + W > C:

@@ -98,6 +98,10 @@ class Op(abc.ABC):
         contiguous (the cache ops also take feature-major caches)."""
         return all(w is None or w.is_contiguous() for w in self.weights())
 
+    def written(self) -> tuple[Tensor, ...]:
+        """The held tensors the op writes in place (none but a cache write's cache)."""
+        return ()
+
     @abc.abstractmethod
     def weights(self) -> tuple[Tensor | None, ...]:
         """The tensors the op holds, ``None`` kept, in the order the program reads them."""

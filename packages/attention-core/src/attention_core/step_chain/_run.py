@@ -36,7 +36,7 @@ class ChainRunner:
     _steps: list[LinearStepOp]
     _checked: tuple | None
     _programs: dict[int, tuple[Tensor, Bases, int]]
-    _written: list[Tensor]
+    _written: tuple[Tensor, ...]
 
     def _weights(self) -> tuple[Tensor | None, ...]:
         """Every op's weights in program order (kept: the ops do not change once added)."""
@@ -49,6 +49,7 @@ class ChainRunner:
                 if w is not None:
                     unique.setdefault(id(w), w)
             self._distinct = tuple(unique.values())
+            self._written = tuple(t for op in self._ops for t in op.written())
         return self._held
 
     def _check_weights(self) -> tuple | None:
