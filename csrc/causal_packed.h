@@ -3,15 +3,18 @@
 // H E-element strides) and for the fused feature map: causal linear attention with
 // phi(x) = elu(x) + 1 applied inside the kernel, numerator and normaliser in one pass.
 //
-// For each chunk of 64 tokens, the rows of every head of a group (about 1 MiB of chunk rows,
-// see group_size) are first gathered token by token into contiguous buffers, q and k mapped
-// (phi applied when asked), v copied: in the (N, L, H, E) layout the heads of one token are
-// adjacent, so the strided operands are read in their memory order, once. Each head then
-// runs the normaliser over its buffered rows (z += phi(k_t), r_t = 1 / (phi(q_t) . z + eps))
-// and the recurrence, which writes each output row scaled by r_t straight into the strided
-// output. States are carried from chunk to chunk, so the result is the one recurrence over
-// the whole sequence. (Walking one head at a time over the whole sequence touches a new page
-// every few tokens: that, not the arithmetic, made strided rows 1.7-2x slower.)
+// The heads of a group (see group_size) are walked chunk by chunk: for each chunk of 64
+// tokens, one head after the other. (Walking one head at a time over the whole sequence
+// touches a new page every few tokens: that, not the arithmetic, made strided rows 1.7-2x
+// slower.) In the forward pass a head's chunk runs in three steps: its q and k rows mapped
+// into a contiguous buffer when the map is fused (read in place otherwise), the normaliser
+// over those rows (z += phi(k_t), r_t = 1 / (phi(q_t) . z + eps), vectorised across tokens,
+// causal_normalizer.h), then the recurrence, which reads v in place and writes each output
+// row scaled by r_t straight into the strided output, while it brings the next head's rows
+// towards the caches. States are carried from chunk to chunk, so the result is the one
+// recurrence over the whole sequence. (An earlier form first gathered the rows of every head
+// of the group token by token, v included: the gather ran at memory speed with nothing to
+// overlap it, and the layer took 1.5-1.7x its bare numerator in place of about 1.4x.)
 //
 // The backward pass runs its forward sweep chunk by chunk from the first and its reverse
 // sweeps chunk by chunk from the last. Each sweep gathers the chunk's q and k rows of every
@@ -32,6 +35,7 @@
 #include <vector>
 
 #include "causal_chunked.h"
+#include "causal_normalizer.h"
 #include "causal_recurrence.h"
 #include "cpu_dispatch.h"
 #include "feature_map.h"
@@ -55,14 +59,13 @@ inline T* at_least(std::vector<T>& buffer, int64_t n) {
 template <typename T>
 struct Workspace {
     std::vector<T> r;  // r of the forward pass's chunk
-    // The chunk of every head of a group (heads x C x features): mapped q and k, v (forward
-    // pass), the packed dq or dk (backward pass).
-    std::vector<T> hq, hk, hv, hd;
+    // Mapped q and k: the chunk of one head (forward pass) or of every head of a group (heads
+    // x C x E, backward pass); the packed dq or dk of a group (backward pass).
+    std::vector<T> hq, hk, hd;
 
-    void reserve(int64_t E, int64_t M, int64_t heads) {
+    void reserve_forward(int64_t E) {
         at_least(r, kChunk);
-        for (auto* buffer : {&hq, &hk}) at_least(*buffer, heads * kChunk * E);
-        at_least(hv, heads * kChunk * M);
+        for (auto* buffer : {&hq, &hk}) at_least(*buffer, kChunk * E);
     }
 
     void reserve_backward(int64_t E, int64_t heads) {
@@ -79,9 +82,10 @@ inline Workspace<T>& thread_workspace() {
     return workspace;
 }
 
-// Heads gathered together: as many as keep a group's chunk buffers (at most 3 rows of
-// max(E, M) per token and head) within about 1 MiB, so that they stay in L2 while the
-// group's sweeps run; at least one.
+// Heads walked together: as many as keep a group's chunk buffers of the backward pass (at
+// most 3 rows of max(E, M) per token and head) within about 1 MiB, so that they stay in L2
+// while the group's sweeps run; at least one. (In the forward pass it bounds the states that
+// cycle through the caches, E M per head.)
 template <typename T>
 inline int64_t group_size(int64_t E, int64_t M) {
     constexpr int64_t kGroupBytes = int64_t{1} << 20;
@@ -113,13 +117,25 @@ inline void map_row(T* __restrict dst, const T* __restrict src, int64_t cols, bo
     }
 }
 
-// The backward gather prefetches the rows kPrefetchRows tokens ahead (a hint).
+// The gathers prefetch the rows kPrefetchRows tokens ahead (a hint).
 constexpr int64_t kPrefetchRows = 4;
 
 template <typename T>
 inline void prefetch_row(const T* row, int64_t cols) {
     const char* bytes = reinterpret_cast<const char*>(row);
     for (int64_t b = 0; b < cols * int64_t(sizeof(T)); b += 64) __builtin_prefetch(bytes + b);
+}
+
+// dst (rows x cols, contiguous) = phi of `rows` rows of src, `step` elements apart; the rows
+// kMapPrefetchRows ahead are brought towards the caches meanwhile (a hint).
+constexpr int64_t kMapPrefetchRows = 8;
+
+template <bool Avx512, typename T>
+inline void map_rows(T* __restrict dst, const T* src, int64_t step, int64_t rows, int64_t cols) {
+    for (int64_t i = 0; i < rows; ++i) {
+        if (i + kMapPrefetchRows < rows) prefetch_row(src + (i + kMapPrefetchRows) * step, cols);
+        feature_map::elu_plus_one_row<Avx512>(dst + i * cols, src + i * step, cols);
+    }
 }
 
 // The q and k rows of tokens [c0, c0 + c) of every head into the workspace, mapped.
@@ -176,57 +192,52 @@ inline void scatter_backward(const HeadBackward<T>* heads, int64_t count, const 
 // tokens per sweep (see run_recurrence); Avx512 selects the feature map's AVX-512 form.
 template <typename T, int W, int U, bool Avx512 = false>
 struct Chunks {
-    // out rows of the chunk at c0 for `count` heads, with each head's S and z carried. The
-    // rows of every head are first gathered token by token (q and k mapped), so that the
-    // strided (N, L, H, E) layout is read in its memory order, once; each head's recurrence
-    // then runs on contiguous rows that are in the caches.
+    // The chunk at c0 of `count` heads, one head after the other, each head's S and z carried
+    // from chunk to chunk: the head's q and k rows mapped into the workspace when the map is
+    // fused (read where they lie otherwise), its normaliser over those rows, then its
+    // recurrence, which reads v where it lies and writes each output row, scaled by r_t,
+    // straight into the output. While a head's recurrence runs, the rows of the next head (or
+    // of the first head's next chunk) are brought towards the caches.
     static void forward(const HeadForward<T>* heads, int64_t count, Workspace<T>& ws,
                         int64_t c0) {
-        if (count == 0) return;
-        const HeadForward<T>& first = heads[0];
-        const int64_t E = first.E, M = first.M, L = first.L, c = std::min(kChunk, L - c0);
-        for (int64_t i = 0; i < c; ++i) {
-            const int64_t t = c0 + i;
-            for (int64_t h = 0; h < count; ++h) {
-                const HeadForward<T>& p = heads[h];
-                map_row<Avx512>(ws.hq.data() + (h * kChunk + i) * E, p.q + t * p.q_step, E, p.elu);
-                map_row<Avx512>(ws.hk.data() + (h * kChunk + i) * E, p.k + t * p.k_step, E, p.elu);
-                const T* v = p.v + t * p.v_step;
-                copy_row(ws.hv.data() + (h * kChunk + i) * M, v, M);
-            }
-        }
-        T* r = ws.r.data();
         for (int64_t h = 0; h < count; ++h) {
             const HeadForward<T>& p = heads[h];
-            const T* q = ws.hq.data() + h * kChunk * E;
-            const T* k = ws.hk.data() + h * kChunk * E;
-            if (p.normalize) {
-                T* __restrict z = p.z;
-                for (int64_t i = 0; i < c; ++i) {
-                    const T* __restrict ki = k + i * E;
-                    for (int64_t e = 0; e < E; ++e) z[e] += ki[e];
-                    r[i] = T(1) / (dot(q + i * E, z, E) + p.eps);
-                }
+            const int64_t E = p.E, M = p.M, c = std::min(kChunk, p.L - c0);
+            const T* q = p.q + c0 * p.q_step;
+            const T* k = p.k + c0 * p.k_step;
+            int64_t q_step = p.q_step, k_step = p.k_step;
+            if (p.elu) {
+                map_rows<Avx512>(ws.hq.data(), q, q_step, c, E);
+                map_rows<Avx512>(ws.hk.data(), k, k_step, c, E);
+                q = ws.hq.data();
+                k = ws.hk.data();
+                q_step = k_step = E;
             }
-            Recurrence<T> sweep{q, E, k, E, ws.hv.data() + h * kChunk * M, M,
-                                p.out + c0 * p.out_step, p.out_step, p.normalize ? r : nullptr,
-                                nullptr, p.S, E, M, c, false, false};
-            // while it computes, the head's rows of the next chunk come from memory
-            const int64_t next = c0 + kChunk;
-            if (E == M && next < L) {
-                sweep.ahead[0] = p.q + next * p.q_step;
-                sweep.ahead[1] = p.k + next * p.k_step;
-                sweep.ahead[2] = p.v + next * p.v_step;
-                sweep.ahead[3] = p.out + next * p.out_step;
-                sweep.ahead_step[0] = p.q_step;
-                sweep.ahead_step[1] = p.k_step;
-                sweep.ahead_step[2] = p.v_step;
-                sweep.ahead_step[3] = p.out_step;
-                sweep.ahead_bytes = E * int64_t(sizeof(T));
-                sweep.ahead_length = std::min(kChunk, L - next);
+            T* r = p.normalize ? ws.r.data() : nullptr;
+            if (r) chunk_normalizer<T>(q, q_step, k, k_step, c, E, p.eps, p.z, r);
+            Recurrence<T> sweep{q, q_step, k, k_step, p.v + c0 * p.v_step, p.v_step,
+                                p.out + c0 * p.out_step, p.out_step, r, nullptr, p.S, E, M, c,
+                                false, false};
+            if (h + 1 < count) {
+                prefetch_next(sweep, heads[h + 1], c0);
+            } else if (c0 + kChunk < p.L) {
+                prefetch_next(sweep, heads[0], c0 + kChunk);
             }
             run_recurrence<T, W, U>(sweep);
         }
+    }
+
+    // The rows of head p's chunk at c0 (q, k, v and out) as the `ahead` streams of a sweep.
+    static void prefetch_next(Recurrence<T>& sweep, const HeadForward<T>& p, int64_t c0) {
+        const T* rows[4] = {p.q, p.k, p.v, p.out};
+        const int64_t steps[4] = {p.q_step, p.k_step, p.v_step, p.out_step};
+        const int64_t widths[4] = {p.E, p.E, p.M, p.M};
+        for (int s = 0; s < 4; ++s) {
+            sweep.ahead[s] = rows[s] + c0 * steps[s];
+            sweep.ahead_step[s] = steps[s];
+            sweep.ahead_bytes[s] = widths[s] * int64_t(sizeof(T));
+        }
+        sweep.ahead_length = std::min(kChunk, p.L - c0);
     }
 
     // Head h's rows of the chunk at c0 as both backward sweeps read them: its gathered

@@ -223,7 +223,7 @@ void forward_packed(const ForwardArgs<T>& a, int64_t threads) {
             for (int64_t item = first; item < first + count; ++item) {
                 heads.push_back(forward_head_args(a, item));
             }
-            ws.reserve(a.E, a.M, count);
+            ws.reserve_forward(a.E);
             for (int64_t c0 = 0; c0 < a.L; c0 += packed::kChunk) {
                 leaves.forward(heads.data(), count, ws, c0);
             }

@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "cpu_dispatch.h"
+#include "causal_normalizer.h"
 #include "vector_dot.h"
 
 namespace attention_core {
@@ -21,6 +22,8 @@ namespace causal {
 // For each token t (t = 0..length-1, or reversed):
 //     state += kv_scale[t] * k_t v_t^T                    (rows x cols)
 //     out_t  = [out_t +] q_scale[t] * state^T q_t          (cols)
+// q_scale multiplies the read-out once per token and column, not q_t in the row loop (a
+// scalar product and broadcast per row cost about a tenth of the sweep).
 // q_t and k_t have `rows` elements, v_t and out_t `cols`; `*_step` is the distance between two
 // tokens of one operand. A null scale means 1.
 template <typename T>
@@ -42,12 +45,12 @@ struct Recurrence {
     bool accumulate;  // add into out instead of overwriting it
     bool reverse;     // walk the tokens from the last to the first
     // Rows brought towards the caches while the sweep computes (the operands of the next
-    // chunk, see causal_packed.h): with the i-th token of the sweep, row i of each stream
-    // (`ahead_bytes` bytes at ahead[s] + i * ahead_step[s], for i < ahead_length).
+    // head's chunk, see causal_packed.h): with the i-th token of the sweep, row i of each
+    // stream (ahead_bytes[s] bytes at ahead[s] + i * ahead_step[s], for i < ahead_length).
     static constexpr int kAheadStreams = 4;
     const T* ahead[kAheadStreams] = {};
     int64_t ahead_step[kAheadStreams] = {};
-    int64_t ahead_bytes = 0;
+    int64_t ahead_bytes[kAheadStreams] = {};
     int64_t ahead_length = 0;
 };
 
@@ -71,7 +74,7 @@ template <typename T>
 inline void prefetch_ahead(const Recurrence<T>& p, int64_t i) {
     if (i >= p.ahead_length) return;
     for (int s = 0; s < Recurrence<T>::kAheadStreams; ++s) {
-        if (p.ahead[s]) prefetch_bytes(p.ahead[s] + i * p.ahead_step[s], p.ahead_bytes);
+        if (p.ahead[s]) prefetch_bytes(p.ahead[s] + i * p.ahead_step[s], p.ahead_bytes[s]);
     }
 }
 
@@ -112,11 +115,7 @@ inline int64_t multi_token_pass(const Recurrence<T>& p, int64_t c0, T* state, in
             for (int j = 0; j < NV; ++j) {
                 std::memcpy(&v[u][j], vt + j * V, sizeof(vec));
                 v[u][j] *= kv_scale;
-                if (fresh) {
-                    acc[u][j] = vec{};
-                } else {
-                    std::memcpy(&acc[u][j], out[u] + j * V, sizeof(vec));
-                }
+                acc[u][j] = vec{};
             }
         }
         if (c0 == 0 && r0 == 0) {
@@ -137,7 +136,7 @@ inline int64_t multi_token_pass(const Recurrence<T>& p, int64_t c0, T* state, in
             for (int j = 0; j < NV; ++j) std::memcpy(&s[j], row + j * V, sizeof(vec));
             for (int u = 0; u < U; ++u) {
                 const T ke = k[u][e];
-                const T qe = q[u][e] * q_scale[u];
+                const T qe = q[u][e];
                 for (int j = 0; j < NV; ++j) {
                     s[j] += ke * v[u][j];
                     acc[u][j] += qe * s[j];
@@ -145,8 +144,16 @@ inline int64_t multi_token_pass(const Recurrence<T>& p, int64_t c0, T* state, in
             }
             for (int j = 0; j < NV; ++j) std::memcpy(row + j * V, &s[j], sizeof(vec));
         }
-        for (int u = 0; u < U; ++u) {
-            for (int j = 0; j < NV; ++j) std::memcpy(out[u] + j * V, &acc[u][j], sizeof(vec));
+        for (int u = 0; u < U; ++u) {  // out = [out +] q_scale * acc
+            for (int j = 0; j < NV; ++j) {
+                vec o = acc[u][j] * q_scale[u];
+                if (!fresh) {
+                    vec before;
+                    std::memcpy(&before, out[u] + j * V, sizeof(vec));
+                    o += before;
+                }
+                std::memcpy(out[u] + j * V, &o, sizeof(vec));
+            }
         }
     }
     return i;
@@ -182,14 +189,13 @@ inline void recurrence_tile(const Recurrence<T>& p, int64_t c0, int64_t width, T
         T acc[W];
         if constexpr (Partial) {
             for (int w = 0; w < W; ++w) vv[w] = w < width ? vt[w] * kv_scale : T(0);
-            for (int w = 0; w < W; ++w) acc[w] = fresh || w >= width ? T(0) : ot[w];
         } else {
             for (int w = 0; w < W; ++w) vv[w] = vt[w] * kv_scale;
-            for (int w = 0; w < W; ++w) acc[w] = fresh ? T(0) : ot[w];
         }
+        for (int w = 0; w < W; ++w) acc[w] = T(0);
         for (int64_t e = r0; e < r1; ++e) {
             const T ke = kt[e];
-            const T qe = qt[e] * q_scale;
+            const T qe = qt[e];
             T* __restrict row = st + e * ld;
             for (int w = 0; w < W; ++w) {
                 const T s = row[w] + ke * vv[w];
@@ -197,11 +203,8 @@ inline void recurrence_tile(const Recurrence<T>& p, int64_t c0, int64_t width, T
                 acc[w] += qe * s;
             }
         }
-        if constexpr (Partial) {
-            for (int64_t w = 0; w < width; ++w) ot[w] = acc[w];
-        } else {
-            for (int w = 0; w < W; ++w) ot[w] = acc[w];
-        }
+        const int64_t written = Partial ? width : W;
+        for (int64_t w = 0; w < written; ++w) ot[w] = (fresh ? T(0) : ot[w]) + q_scale * acc[w];
     }
 }
 
@@ -241,79 +244,6 @@ inline void run_recurrence(const Recurrence<T>& p) {
     recurrence_column<T, W, true, 1>(p, c0, width, padded.data(), W);
     for (int64_t e = 0; e < p.rows; ++e) {
         std::copy(padded.data() + e * W, padded.data() + e * W + width, p.state + e * p.cols + c0);
-    }
-}
-
-// ---------------------------------------------------------------------------------------
-// The normaliser sweeps (cheap: O(E + M) per token)
-// ---------------------------------------------------------------------------------------
-
-// Forward in time: z_i = z + sum_{j<=i} k_j and r_i = 1 / (q_i . z_i + eps). With `g` set (the
-// backward pass) also dd_i = -(g_i . out_i) r_i, the gradient of the denominator, and
-// dq_i = dd_i z_i. `z` holds z0 on entry and z_final on exit.
-template <typename T>
-struct NormalizerSweep {
-    const T* q;
-    int64_t q_step;
-    const T* k;
-    int64_t k_step;
-    const T* g;  // backward only (else null)
-    int64_t g_step;
-    const T* out;
-    int64_t out_step;
-    T* dq;
-    int64_t dq_step;
-    T* z;
-    T* r;
-    T* dd;
-    int64_t length;
-    int64_t E;
-    int64_t M;
-    T eps;
-};
-
-template <typename T>
-inline void normalizer_sweep(const NormalizerSweep<T>& p) {
-    T* __restrict z = p.z;
-    for (int64_t t = 0; t < p.length; ++t) {
-        const T* __restrict kt = p.k + t * p.k_step;
-        for (int64_t e = 0; e < p.E; ++e) z[e] += kt[e];
-        const T r = T(1) / (dot(p.q + t * p.q_step, z, p.E) + p.eps);
-        p.r[t] = r;
-        if (p.g) {
-            const T dd = -dot(p.g + t * p.g_step, p.out + t * p.out_step, p.M) * r;
-            p.dd[t] = dd;
-            T* __restrict dq = p.dq + t * p.dq_step;
-            for (int64_t e = 0; e < p.E; ++e) dq[e] = dd * z[e];
-        }
-    }
-}
-
-// Reverse in time: w_i = w + sum_{j>=i} dd_j q_j, written to dk_i; `w` holds the gradient of
-// z_final on entry and the gradient of z0 on exit.
-template <typename T>
-struct NormalizerReverse {
-    const T* q;
-    int64_t q_step;
-    const T* dd;
-    T* dk;
-    int64_t dk_step;
-    T* w;
-    int64_t length;
-    int64_t E;
-};
-
-template <typename T>
-inline void normalizer_reverse(const NormalizerReverse<T>& p) {
-    T* __restrict w = p.w;
-    for (int64_t t = p.length - 1; t >= 0; --t) {
-        const T* __restrict qt = p.q + t * p.q_step;
-        T* __restrict dk = p.dk + t * p.dk_step;
-        const T dd = p.dd[t];
-        for (int64_t e = 0; e < p.E; ++e) {
-            w[e] += dd * qt[e];
-            dk[e] = w[e];
-        }
     }
 }
 

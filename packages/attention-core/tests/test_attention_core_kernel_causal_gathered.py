@@ -1,9 +1,11 @@
 """The packed form of the causal-product kernel on rows that are not adjacent in memory (the
-(N, L, H, E) layout of the attention modules seen as (N, H, L, E)): its forward and backward
-passes gather each 64-token chunk of all of a worker's heads in memory order. Against a dense
-float64 reference: many heads per worker (one and two threads, bitwise equal), lengths below,
-at and across the chunk size, states in and out (gradcheck), the fused feature map, and the
-same values in compact rows (the per-token recurrence) for the other side of the choice."""
+(N, L, H, E) layout of the attention modules seen as (N, H, L, E)): it walks each 64-token
+chunk of all of a worker's heads, one head after the other (the backward pass gathers the
+chunk's rows of every head in memory order). Against a dense float64 reference: many heads
+per worker (one and two threads, bitwise equal), lengths below, at and across the chunk
+size, states in and out (gradcheck), the fused feature map, the normaliser's widths (its
+register blocks and the general loop) at every CPU level, and the same values in compact
+rows (the per-token recurrence) for the other side of the choice."""
 
 import pytest
 import torch
@@ -115,6 +117,45 @@ def test_fused_feature_map(L, sequence_first):
     for dtype in (torch.float64, torch.float32):
         cast = [t.to(dtype) for t in tensors]
         check(lambda *t: elu_normalized_causal_dot_product(*t, EPS), mapped_first, cast)
+
+
+@pytest.fixture
+def cpu_level():
+    """Set the instruction-set level for one test, then restore automatic selection."""
+    yield _extension._C.set_cpu_level
+    _extension._C.set_cpu_level(-1)
+
+
+@pytest.mark.parametrize("level", [0, 1, 2], ids=["baseline", "avx2", "avx512"])
+@pytest.mark.parametrize("E", [1, 8, 16, 24, 32, 48, 64, 65])
+def test_normaliser_widths(E, level, cpu_level):
+    """The chunk normaliser keeps z in registers when E is one to four whole vectors (16, 32,
+    48, 64 floats; 8, 16, 24, 32 doubles) and runs a general loop with a scalar tail
+    otherwise; with and without the fused map, 2 chunks and a part, states in and out."""
+    cpu_level(level)
+    if _extension._C.cpu_level() != level:
+        pytest.skip(f"this CPU does not support level {level}")
+    for dtype in (torch.float64, torch.float32):
+        tensors = [t.to(dtype) for t in inputs(1, 3, 150, E, 5, seed=E, positive=False)]
+        Q, K, V = tensors
+        z0 = torch.rand(1, 3, E, dtype=dtype)
+        S0 = torch.rand(1, 3, E, 5, dtype=dtype)
+        out, (S, z) = normalized_causal_dot_product(
+            Q.abs(), K.abs(), V, EPS, state=(S0, z0), return_state=True
+        )
+        Qd, Kd, Vd = (t.double() for t in (Q.abs(), K.abs(), V))
+        prefix = z0.double()[:, :, None] + Kd.cumsum(2)
+        numerator = (S0.double()[:, :, None] * Qd[..., None]).sum(3) + dense(Qd, Kd, Vd, False)
+        expected = numerator / ((Qd * prefix).sum(-1, keepdim=True) + EPS)
+        atol = 1e-5 if dtype == torch.float32 else 1e-12
+        scale = expected.abs().max()
+        assert_close(f"{dtype} out", out.double() / scale, expected / scale, rtol=0, atol=atol)
+        assert_close(f"{dtype} z", z.double(), prefix[:, :, -1], rtol=1e-6, atol=0)
+        phi = torch.nn.functional.elu
+        mapped = elu_normalized_causal_dot_product(Q, K, V, EPS).double()
+        reference = dense(phi(Q.double()) + 1, phi(K.double()) + 1, V.double(), True)
+        scale = reference.abs().max()
+        assert_close(f"{dtype} fused", mapped / scale, reference / scale, rtol=0, atol=atol)
 
 
 @pytest.mark.parametrize("normalize", NORMALIZE)
