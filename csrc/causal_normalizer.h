@@ -9,6 +9,7 @@
 #include <cstring>
 #include <type_traits>
 
+#include "prefetch.h"
 #include "vector_dot.h"
 
 namespace attention_core {
@@ -236,6 +237,73 @@ inline void chunk_normalizer(const T* q, int64_t q_step, const T* k, int64_t k_s
         }
         Lanes<T>::sums(lanes, n, r + t0);
         for (int64_t t = t0; t < t0 + n; ++t) r[t] = T(1) / (r[t] + eps);
+    }
+}
+
+// The backward pass's normaliser over `length` rows, forward in time: r_t as in
+// chunk_normalizer, dd_t = -(g_t . out_t) r_t (the gradient of the denominator) and
+// dq_t = dd_t z_t, the denominator's part of dq, written to the rows of dq (`dq_step` apart).
+// z_t is written to the dq row as it is formed and scaled by dd_t once the row's sums are
+// known; the sums of both products run through the lane tree, in blocks of kNormalizerRows.
+template <typename T>
+inline void chunk_normalizer_backward(const T* q, int64_t q_step, const T* k, int64_t k_step,
+                                      const T* g, int64_t g_step, const T* out,
+                                      int64_t out_step, int64_t length, int64_t E, int64_t M,
+                                      T eps, T* __restrict z, T* r, T* dd, T* dq,
+                                      int64_t dq_step) {
+    using L = Lanes<T>;
+    constexpr int V = L::V;
+    alignas(64) T lanes[kNormalizerRows * V];
+    alignas(64) T products[kNormalizerRows * V];
+    const int64_t whole_e = E / V * V, whole_m = M / V * V;
+    for (int64_t t0 = 0; t0 < length; t0 += kNormalizerRows) {
+        const int64_t n = std::min(kNormalizerRows, length - t0);
+        for (int64_t i = 0; i < n; ++i) {
+            const int64_t t = t0 + i;
+            if (t + kPrefetchRows < length) {  // the rows that come from memory
+                const int64_t a = t + kPrefetchRows;
+                prefetch_row(q + a * q_step, E);
+                prefetch_row(k + a * k_step, E);
+                prefetch_row(g + a * g_step, M);
+                prefetch_row(out + a * out_step, M);
+                prefetch_row(dq + a * dq_step, E, true);
+            }
+            const T* __restrict qt = q + t * q_step;
+            const T* __restrict kt = k + t * k_step;
+            T* __restrict zt = dq + t * dq_step;
+            typename L::vec acc{};
+            for (int64_t e = 0; e < whole_e; e += V) {
+                const typename L::vec ze = L::load(z + e) + L::load(kt + e);
+                L::store(z + e, ze);
+                L::store(zt + e, ze);
+                acc += L::load(qt + e) * ze;
+            }
+            T rest = T(0);
+            for (int64_t e = whole_e; e < E; ++e) {
+                z[e] += kt[e];
+                zt[e] = z[e];
+                rest += qt[e] * z[e];
+            }
+            acc[0] += rest;
+            L::store(lanes + i * V, acc);
+            const T* __restrict gt = g + t * g_step;
+            const T* __restrict ot = out + t * out_step;
+            typename L::vec prod{};
+            for (int64_t m = 0; m < whole_m; m += V) prod += L::load(gt + m) * L::load(ot + m);
+            T more = T(0);
+            for (int64_t m = whole_m; m < M; ++m) more += gt[m] * ot[m];
+            prod[0] += more;
+            L::store(products + i * V, prod);
+        }
+        L::sums(lanes, n, r + t0);
+        L::sums(products, n, dd + t0);
+        for (int64_t t = t0; t < t0 + n; ++t) {
+            r[t] = T(1) / (r[t] + eps);
+            dd[t] = -dd[t] * r[t];
+            T* __restrict dqt = dq + t * dq_step;
+            const T d = dd[t];
+            for (int64_t e = 0; e < E; ++e) dqt[e] *= d;
+        }
     }
 }
 

@@ -6,25 +6,26 @@
 // The heads of a group (see group_size) are walked chunk by chunk: for each chunk of 64
 // tokens, one head after the other. (Walking one head at a time over the whole sequence
 // touches a new page every few tokens: that, not the arithmetic, made strided rows 1.7-2x
-// slower.) In the forward pass a head's chunk runs in three steps: its q and k rows mapped
-// into a contiguous buffer when the map is fused (read in place otherwise), the normaliser
-// over those rows (z += phi(k_t), r_t = 1 / (phi(q_t) . z + eps), vectorised across tokens,
-// causal_normalizer.h), then the recurrence, which reads v in place and writes each output
-// row scaled by r_t straight into the strided output, while it brings the next head's rows
-// towards the caches. States are carried from chunk to chunk, so the result is the one
-// recurrence over the whole sequence. (An earlier form first gathered the rows of every head
-// of the group token by token, v included: the gather ran at memory speed with nothing to
-// overlap it, and the layer took 1.5-1.7x its bare numerator in place of about 1.4x.)
-//
-// The backward pass runs its forward sweep chunk by chunk from the first and its reverse
-// sweeps chunk by chunk from the last. Each sweep gathers the chunk's q and k rows of every
-// head of the group (mapped) the same way, runs the heads' sweeps (reading g, v and out and
-// writing dv where they lie, a head at a time) into packed dq or dk rows, then writes those
-// back token by token, in memory order again. (Gathering g, v and out as well measured the
-// same at L = 4096 and 16384 and 6-10% slower at L = 1024, one thread.) The map is
-// recomputed (nothing of size L E is stored); r and dd are kept per token (O(L) per head).
-// The gradient of phi is phi(x) for x <= 0 and 1 above, that is min(phi(x), 1): it is read
-// from the mapped rows when the dQ and dK rows are written back, without a second exp.
+// slower.) Each sweep of a head's chunk first maps its q and k rows into contiguous buffers
+// when the map is fused (and reads them in place otherwise), then runs the normaliser over
+// them, vectorised across tokens (causal_normalizer.h), then the recurrence, which reads the
+// other operands and writes its output rows where they lie. The loops outside the recurrence
+// prefetch the strided rows a few tokens ahead (prefetch.h); the recurrence prefetches its
+// own.
+// - Forward: r_t = 1 / (phi(q_t) . z_t + eps), and the output rows scaled by r_t. States are
+//   carried from chunk to chunk, so the result is the one recurrence over the whole sequence.
+// - Backward: a forward sweep chunk by chunk from the first (r, dd and dq) and reverse sweeps
+//   from the last (dk, dv and the initial states' gradients). With the fused map dq and dk
+//   are formed in a buffer and written out times phi'(x) = min(phi(x), 1), read from the
+//   mapped rows (no second exp). The map is recomputed in each sweep (nothing of size L E is
+//   stored); r and dd are kept per token (O(L) per head).
+// An earlier form first gathered the chunk's rows of every head of the group token by token:
+// the gather ran at memory speed with nothing to overlap it. Against it, this form measured
+// (2 threads, B=1, H=8, E=M=64, float32) 1.2-1.3x faster for the fused layer's forward,
+// 1.2-1.3x for strided rows without the map, forward and backward alike, and about the same
+// for the fused layer's backward. Prefetching the next head's rows during a recurrence
+// measured no gain (the rows were not there yet when the next head's loops read them), so
+// nothing is prefetched across heads.
 //
 // Every chunk kernel is compiled once per instruction set (`Leaves`, as in causal_recurrence.h),
 // the feature map and the recurrence included. No pybind11 and no torch here.
@@ -39,6 +40,7 @@
 #include "causal_recurrence.h"
 #include "cpu_dispatch.h"
 #include "feature_map.h"
+#include "prefetch.h"
 
 namespace attention_core {
 namespace causal {
@@ -59,8 +61,8 @@ inline T* at_least(std::vector<T>& buffer, int64_t n) {
 template <typename T>
 struct Workspace {
     std::vector<T> r;  // r of the forward pass's chunk
-    // Mapped q and k: the chunk of one head (forward pass) or of every head of a group (heads
-    // x C x E, backward pass); the packed dq or dk of a group (backward pass).
+    // One head's chunk (C x E): mapped q and k, and the dq or dk that the backward pass forms
+    // before it writes them out times phi'.
     std::vector<T> hq, hk, hd;
 
     void reserve_forward(int64_t E) {
@@ -68,8 +70,8 @@ struct Workspace {
         for (auto* buffer : {&hq, &hk}) at_least(*buffer, kChunk * E);
     }
 
-    void reserve_backward(int64_t E, int64_t heads) {
-        for (auto* buffer : {&hq, &hk, &hd}) at_least(*buffer, heads * kChunk * E);
+    void reserve_backward(int64_t E) {
+        for (auto* buffer : {&hq, &hk, &hd}) at_least(*buffer, kChunk * E);
     }
 };
 
@@ -100,92 +102,48 @@ struct HeadState {
     std::vector<T> state_t, z, r, dd;  // (M x E), (E), (L), (L)
 };
 
-// dst = src for `cols` elements: a loop the compiler vectorises and inlines (a call of
-// memmove per row of a few hundred bytes costs more than the copy).
-template <typename T>
-inline void copy_row(T* __restrict dst, const T* __restrict src, int64_t cols) {
-    for (int64_t f = 0; f < cols; ++f) dst[f] = src[f];
-}
-
-// dst = phi(src) (or a copy) for `cols` features (Avx512: see feature_map.h).
-template <bool Avx512, typename T>
-inline void map_row(T* __restrict dst, const T* __restrict src, int64_t cols, bool elu) {
-    if (elu) {
-        feature_map::elu_plus_one_row<Avx512>(dst, src, cols);
-    } else {
-        copy_row(dst, src, cols);
-    }
-}
-
-// The gathers prefetch the rows kPrefetchRows tokens ahead (a hint).
-constexpr int64_t kPrefetchRows = 4;
-
-template <typename T>
-inline void prefetch_row(const T* row, int64_t cols) {
-    const char* bytes = reinterpret_cast<const char*>(row);
-    for (int64_t b = 0; b < cols * int64_t(sizeof(T)); b += 64) __builtin_prefetch(bytes + b);
-}
-
 // dst (rows x cols, contiguous) = phi of `rows` rows of src, `step` elements apart; the rows
-// kMapPrefetchRows ahead are brought towards the caches meanwhile (a hint).
-constexpr int64_t kMapPrefetchRows = 8;
-
+// kPrefetchRows ahead are brought towards the caches meanwhile.
 template <bool Avx512, typename T>
 inline void map_rows(T* __restrict dst, const T* src, int64_t step, int64_t rows, int64_t cols) {
     for (int64_t i = 0; i < rows; ++i) {
-        if (i + kMapPrefetchRows < rows) prefetch_row(src + (i + kMapPrefetchRows) * step, cols);
+        if (i + kPrefetchRows < rows) prefetch_row(src + (i + kPrefetchRows) * step, cols);
         feature_map::elu_plus_one_row<Avx512>(dst + i * cols, src + i * step, cols);
     }
 }
 
-// The q and k rows of tokens [c0, c0 + c) of every head into the workspace, mapped.
-template <bool Avx512, typename T>
-inline void gather_backward(const HeadBackward<T>* heads, int64_t count, Workspace<T>& ws,
-                            int64_t c0, int64_t c) {
-    const int64_t E = heads[0].E, L = heads[0].L;
-    for (int64_t i = 0; i < c; ++i) {
-        const int64_t t = c0 + i, ahead = t + kPrefetchRows < L ? t + kPrefetchRows : -1;
-        for (int64_t h = 0; h < count; ++h) {
-            const HeadBackward<T>& p = heads[h];
-            if (ahead >= 0) {
-                prefetch_row(p.q + ahead * p.q_step, E);
-                prefetch_row(p.k + ahead * p.k_step, E);
-            }
-            const int64_t e_row = (h * kChunk + i) * E;
-            map_row<Avx512>(ws.hq.data() + e_row, p.q + t * p.q_step, E, p.elu);
-            map_row<Avx512>(ws.hk.data() + e_row, p.k + t * p.k_step, E, p.elu);
-        }
+// dst rows (`step` apart) = the contiguous gradient rows of `packed` times
+// phi'(x) = min(phi(x), 1), read from the contiguous mapped rows (no second exp).
+template <typename T>
+inline void map_gradient_rows(T* dst, int64_t step, const T* packed, const T* mapped,
+                              int64_t rows, int64_t cols) {
+    for (int64_t i = 0; i < rows; ++i) {
+        if (i + kPrefetchRows < rows) prefetch_row(dst + (i + kPrefetchRows) * step, cols, true);
+        T* __restrict d = dst + i * step;
+        const T* __restrict p = packed + i * cols;
+        const T* __restrict x = mapped + i * cols;
+        for (int64_t f = 0; f < cols; ++f) d[f] = p[f] * std::min(x[f], T(1));
     }
 }
 
-// A packed gradient row (cols) into dst, times phi'(x) = min(phi(x), 1) read from the mapped
-// row when the map is fused.
+// One head's chunk of rows as a sweep reads them: q and k mapped into the workspace when the
+// map is fused (rows `E` apart), read in place otherwise.
 template <typename T>
-inline void unpack_row(T* __restrict dst, const T* __restrict packed, const T* __restrict mapped,
-                       int64_t cols, bool elu) {
-    if (elu) {
-        for (int64_t f = 0; f < cols; ++f) dst[f] = packed[f] * std::min(mapped[f], T(1));
-    } else {
-        copy_row(dst, packed, cols);
-    }
-}
+struct MappedRows {
+    const T* q;
+    int64_t q_step;
+    const T* k;
+    int64_t k_step;
+};
 
-// The packed gradients of tokens [c0, c0 + c) of every head into their strided outputs:
-// ws.hd into dq (forward sweep) or dk (reverse sweep).
-template <typename T>
-inline void scatter_backward(const HeadBackward<T>* heads, int64_t count, const Workspace<T>& ws,
-                             int64_t c0, int64_t c, bool reverse) {
-    const int64_t E = heads[0].E;
-    const std::vector<T>& mapped = reverse ? ws.hk : ws.hq;
-    for (int64_t i = 0; i < c; ++i) {
-        const int64_t t = c0 + i;
-        for (int64_t h = 0; h < count; ++h) {
-            const HeadBackward<T>& p = heads[h];
-            const int64_t row = (h * kChunk + i) * E;
-            T* dst = reverse ? p.dk + t * p.dk_step : p.dq + t * p.dq_step;
-            unpack_row(dst, ws.hd.data() + row, mapped.data() + row, E, p.elu);
-        }
-    }
+template <bool Avx512, typename T, class Head>
+inline MappedRows<T> chunk_rows(const Head& p, Workspace<T>& ws, int64_t c0, int64_t c) {
+    const T* q = p.q + c0 * p.q_step;
+    const T* k = p.k + c0 * p.k_step;
+    if (!p.elu) return {q, p.q_step, k, p.k_step};
+    map_rows<Avx512>(ws.hq.data(), q, p.q_step, c, p.E);
+    map_rows<Avx512>(ws.hk.data(), k, p.k_step, c, p.E);
+    return {ws.hq.data(), p.E, ws.hk.data(), p.E};
 }
 
 // The chunk kernels of one instruction set: the recurrence runs with tiles of W columns and U
@@ -202,107 +160,65 @@ struct Chunks {
                         int64_t c0) {
         for (int64_t h = 0; h < count; ++h) {
             const HeadForward<T>& p = heads[h];
-            const int64_t E = p.E, M = p.M, c = std::min(kChunk, p.L - c0);
-            const T* q = p.q + c0 * p.q_step;
-            const T* k = p.k + c0 * p.k_step;
-            int64_t q_step = p.q_step, k_step = p.k_step;
-            if (p.elu) {
-                map_rows<Avx512>(ws.hq.data(), q, q_step, c, E);
-                map_rows<Avx512>(ws.hk.data(), k, k_step, c, E);
-                q = ws.hq.data();
-                k = ws.hk.data();
-                q_step = k_step = E;
-            }
+            const int64_t c = std::min(kChunk, p.L - c0);
+            const auto [q, q_step, k, k_step] = chunk_rows<Avx512>(p, ws, c0, c);
             T* r = p.normalize ? ws.r.data() : nullptr;
-            if (r) chunk_normalizer<T>(q, q_step, k, k_step, c, E, p.eps, p.z, r);
-            Recurrence<T> sweep{q, q_step, k, k_step, p.v + c0 * p.v_step, p.v_step,
-                                p.out + c0 * p.out_step, p.out_step, r, nullptr, p.S, E, M, c,
-                                false, false};
-            if (h + 1 < count) {
-                prefetch_next(sweep, heads[h + 1], c0);
-            } else if (c0 + kChunk < p.L) {
-                prefetch_next(sweep, heads[0], c0 + kChunk);
-            }
-            run_recurrence<T, W, U>(sweep);
+            if (r) chunk_normalizer<T>(q, q_step, k, k_step, c, p.E, p.eps, p.z, r);
+            run_recurrence<T, W, U>({q, q_step, k, k_step, p.v + c0 * p.v_step, p.v_step,
+                                     p.out + c0 * p.out_step, p.out_step, r, nullptr, p.S, p.E,
+                                     p.M, c, false, false});
         }
     }
 
-    // The rows of head p's chunk at c0 (q, k, v and out) as the `ahead` streams of a sweep.
-    static void prefetch_next(Recurrence<T>& sweep, const HeadForward<T>& p, int64_t c0) {
-        const T* rows[4] = {p.q, p.k, p.v, p.out};
-        const int64_t steps[4] = {p.q_step, p.k_step, p.v_step, p.out_step};
-        const int64_t widths[4] = {p.E, p.E, p.M, p.M};
-        for (int s = 0; s < 4; ++s) {
-            sweep.ahead[s] = rows[s] + c0 * steps[s];
-            sweep.ahead_step[s] = steps[s];
-            sweep.ahead_bytes[s] = widths[s] * int64_t(sizeof(T));
-        }
-        sweep.ahead_length = std::min(kChunk, p.L - c0);
-    }
-
-    // Head h's rows of the chunk at c0 as both backward sweeps read them: its gathered
-    // (mapped) queries and keys, the gradient and the values where they lie (with their row
-    // steps), and its dq or dk rows in the workspace.
-    struct ChunkRows {
-        const T* q;
-        const T* k;
-        const T* g;
-        const T* v;
-        int64_t gs, vs;
-        T* d;
-    };
-    static ChunkRows chunk_rows(const HeadBackward<T>& p, Workspace<T>& ws, int64_t h, int64_t c0,
-                                int64_t E) {
-        return {ws.hq.data() + h * kChunk * E, ws.hk.data() + h * kChunk * E,
-                p.grad + c0 * p.grad_step,      p.v + c0 * p.v_step,
-                p.grad_step,                    p.v_step,
-                ws.hd.data() + h * kChunk * E};
-    }
-
-    // dq_i = dd_i z_i + r_i S_i g_i for the chunk at c0 of `count` heads, forward in time
-    // (each head's state as M x E).
+    // dq_t = dd_t z_t + r_t S_t g_t for the chunk at c0 of `count` heads, forward in time,
+    // one head after the other (each head's state as M x E). With the fused map dq is formed
+    // in the workspace and written out times phi'(q).
     static void backward_forward(const HeadBackward<T>* heads, HeadState<T>* states,
                                  int64_t count, Workspace<T>& ws, int64_t c0) {
-        if (count == 0) return;
-        const int64_t E = heads[0].E, M = heads[0].M, c = std::min(kChunk, heads[0].L - c0);
-        const bool norm = heads[0].normalize;
-        gather_backward<Avx512>(heads, count, ws, c0, c);
         for (int64_t h = 0; h < count; ++h) {
             const HeadBackward<T>& p = heads[h];
             HeadState<T>& st = states[h];
-            const auto [q, k, g, v, gs, vs, d] = chunk_rows(p, ws, h, c0, E);
+            const int64_t E = p.E, M = p.M, c = std::min(kChunk, p.L - c0);
+            const bool norm = p.normalize;
+            const auto [q, q_step, k, k_step] = chunk_rows<Avx512>(p, ws, c0, c);
+            const T* g = p.grad + c0 * p.grad_step;
+            T* d = p.elu ? ws.hd.data() : p.dq + c0 * p.dq_step;
+            const int64_t d_step = p.elu ? E : p.dq_step;
             T* r = st.r.data() + c0;
             if (norm) {
-                normalizer_sweep<T>({q, E, k, E, g, gs, p.out + c0 * p.out_step, p.out_step, d, E,
-                                     st.z.data(), r, st.dd.data() + c0, c, E, M, p.eps});
+                chunk_normalizer_backward<T>(q, q_step, k, k_step, g, p.grad_step,
+                                             p.out + c0 * p.out_step, p.out_step, c, E, M, p.eps,
+                                             st.z.data(), r, st.dd.data() + c0, d, d_step);
             }
-            run_recurrence<T, W, U>({g, gs, v, vs, k, E, d, E, norm ? r : nullptr, nullptr,
-                                     st.state_t.data(), M, E, c, norm, false});
+            run_recurrence<T, W, U>({g, p.grad_step, p.v + c0 * p.v_step, p.v_step, k, k_step,
+                                     d, d_step, norm ? r : nullptr, nullptr, st.state_t.data(),
+                                     M, E, c, norm, false});
+            if (p.elu) map_gradient_rows(p.dq + c0 * p.dq_step, p.dq_step, d, q, c, E);
         }
-        scatter_backward(heads, count, ws, c0, c, false);
     }
 
     // dk (the normaliser's part, then the state's), dv, dS0 and dz0 for the chunk at c0 of
-    // `count` heads, reverse in time.
+    // `count` heads, reverse in time, one head after the other.
     static void backward_reverse(const HeadBackward<T>* heads, HeadState<T>* states,
                                  int64_t count, Workspace<T>& ws, int64_t c0) {
-        if (count == 0) return;
-        const int64_t E = heads[0].E, M = heads[0].M, c = std::min(kChunk, heads[0].L - c0);
-        const bool norm = heads[0].normalize;
-        gather_backward<Avx512>(heads, count, ws, c0, c);
         for (int64_t h = 0; h < count; ++h) {
             const HeadBackward<T>& p = heads[h];
             HeadState<T>& st = states[h];
-            const auto [q, k, g, v, gs, vs, d] = chunk_rows(p, ws, h, c0, E);
-            T* dv = p.dv + c0 * p.dv_step;
+            const int64_t E = p.E, M = p.M, c = std::min(kChunk, p.L - c0);
+            const bool norm = p.normalize;
+            const auto [q, q_step, k, k_step] = chunk_rows<Avx512>(p, ws, c0, c);
+            const T* g = p.grad + c0 * p.grad_step;
+            const T* v = p.v + c0 * p.v_step;
+            T* d = p.elu ? ws.hd.data() : p.dk + c0 * p.dk_step;
+            const int64_t d_step = p.elu ? E : p.dk_step;
             const T* r = norm ? st.r.data() + c0 : nullptr;
-            if (norm) normalizer_reverse<T>({q, E, st.dd.data() + c0, d, E, p.dz0, c, E});
-            run_recurrence<T, W, U>(
-                {k, E, q, E, g, gs, dv, p.dv_step, nullptr, r, p.dS0, E, M, c, false, true});
-            run_recurrence<T, W, U>(
-                {v, vs, g, gs, q, E, d, E, nullptr, r, st.state_t.data(), M, E, c, norm, true});
+            if (norm) normalizer_reverse<T>({q, q_step, st.dd.data() + c0, d, d_step, p.dz0, c, E});
+            run_recurrence<T, W, U>({k, k_step, q, q_step, g, p.grad_step, p.dv + c0 * p.dv_step,
+                                     p.dv_step, nullptr, r, p.dS0, E, M, c, false, true});
+            run_recurrence<T, W, U>({v, p.v_step, g, p.grad_step, q, q_step, d, d_step, nullptr,
+                                     r, st.state_t.data(), M, E, c, norm, true});
+            if (p.elu) map_gradient_rows(p.dk + c0 * p.dk_step, p.dk_step, d, k, c, E);
         }
-        scatter_backward(heads, count, ws, c0, c, true);
     }
 };
 

@@ -248,7 +248,7 @@ void backward_packed(const BackwardArgs<T>& a, int64_t threads) {
                 heads.push_back(backward_head_args(a, item));
             }
             states.resize(count);
-            ws.reserve_backward(a.E, count);
+            ws.reserve_backward(a.E);
             for (int64_t i = 0; i < count; ++i) packed::backward_start(heads[i], states[i]);
             for (int64_t c0 = 0; c0 < L; c0 += C) {
                 leaves.backward_forward(heads.data(), states.data(), count, ws, c0);

@@ -10,6 +10,7 @@
 
 #include "cpu_dispatch.h"
 #include "causal_normalizer.h"
+#include "prefetch.h"
 #include "vector_dot.h"
 
 namespace attention_core {
@@ -44,39 +45,10 @@ struct Recurrence {
     int64_t length;
     bool accumulate;  // add into out instead of overwriting it
     bool reverse;     // walk the tokens from the last to the first
-    // Rows brought towards the caches while the sweep computes (the operands of the next
-    // head's chunk, see causal_packed.h): with the i-th token of the sweep, row i of each
-    // stream (ahead_bytes[s] bytes at ahead[s] + i * ahead_step[s], for i < ahead_length).
-    static constexpr int kAheadStreams = 4;
-    const T* ahead[kAheadStreams] = {};
-    int64_t ahead_step[kAheadStreams] = {};
-    int64_t ahead_bytes[kAheadStreams] = {};
-    int64_t ahead_length = 0;
 };
 
 // A block of state rows is swept over the whole sequence while it stays in L1.
 constexpr int64_t kStateBlockBytes = 16 * 1024;
-
-// Brings `bytes` bytes at `row` towards the caches (a hint; no effect on results).
-inline void prefetch_bytes(const void* row, int64_t bytes, bool write = false) {
-    const char* p = static_cast<const char*>(row);
-    for (int64_t b = 0; b < bytes; b += 64) {
-        if (write) {
-            __builtin_prefetch(p + b, 1);
-        } else {
-            __builtin_prefetch(p + b);
-        }
-    }
-}
-
-// Prefetches row i of the `ahead` streams of p (a hint; no effect on results).
-template <typename T>
-inline void prefetch_ahead(const Recurrence<T>& p, int64_t i) {
-    if (i >= p.ahead_length) return;
-    for (int s = 0; s < Recurrence<T>::kAheadStreams; ++s) {
-        if (p.ahead[s]) prefetch_bytes(p.ahead[s] + i * p.ahead_step[s], p.ahead_bytes[s]);
-    }
-}
 
 // Tokens ahead of the sweep whose rows are prefetched: the rows of long or strided operands
 // come from memory, and the hardware prefetchers do not follow strided rows.
@@ -117,9 +89,6 @@ inline int64_t multi_token_pass(const Recurrence<T>& p, int64_t c0, T* state, in
                 v[u][j] *= kv_scale;
                 acc[u][j] = vec{};
             }
-        }
-        if (c0 == 0 && r0 == 0) {
-            for (int u = 0; u < U; ++u) prefetch_ahead(p, i + u);
         }
         for (int u = 0; u < U; ++u) {
             const int64_t ahead = i + u + kPrefetchTokens;
@@ -177,7 +146,6 @@ inline void recurrence_tile(const Recurrence<T>& p, int64_t c0, int64_t width, T
     int64_t first = 0;
     if constexpr (U > 1 && !Partial) first = multi_token_pass<T, W, U>(p, c0, state, ld, r0, r1);
     for (int64_t i = first; i < p.length; ++i) {
-        if (c0 == 0 && r0 == 0) prefetch_ahead(p, i);
         const int64_t t = p.reverse ? p.length - 1 - i : i;
         const T* __restrict qt = p.q + t * p.q_step;
         const T* __restrict kt = p.k + t * p.k_step;
