@@ -151,6 +151,8 @@ def test_normaliser_widths(E, level, cpu_level):
         scale = expected.abs().max()
         assert_close(f"{dtype} out", out.double() / scale, expected / scale, rtol=0, atol=atol)
         assert_close(f"{dtype} z", z.double(), prefix[:, :, -1], rtol=1e-6, atol=0)
+        state = S0.double() + torch.einsum("nhle,nhlm->nhem", Kd, Vd)
+        assert_close(f"{dtype} S", S.double(), state, rtol=1e-5, atol=1e-5)
         phi = torch.nn.functional.elu
         mapped = elu_normalized_causal_dot_product(Q, K, V, EPS).double()
         reference = dense(phi(Q.double()) + 1, phi(K.double()) + 1, V.double(), True)
