@@ -116,7 +116,7 @@ class Fields {
 };
 
 constexpr size_t kLinearFields = 20, kFeedForwardFields = 22, kLinearStepFields = 27,
-                 kLayerNormFields = 11, kCacheAttentionFields = 31, kCacheWriteFields = 15;
+                 kLayerNormFields = 11, kCacheAttentionFields = 32, kCacheWriteFields = 15;
 
 // A weighted sum's field count: R, K, n, the coefficients, n sources (address, ld), out.
 inline size_t weighted_sum_fields(int64_t n) { return 7 + 3 * static_cast<size_t>(n); }
@@ -177,8 +177,8 @@ cache_attention::Problem<T> cache_attention_args(Fields<T>& f, double scale, int
     const std::uintptr_t v = f.address();
     const std::array<int64_t, 3> v_strides{f.size(), f.size(), f.size()};
     std::uintptr_t bias = f.address();
-    const int64_t bias_h = f.size(), bias_w = f.size(), bias_rows = f.size();
-    const int64_t bias_columns = f.size();
+    const int64_t bias_b = f.size(), bias_h = f.size(), bias_w = f.size();
+    const int64_t bias_rows = f.size(), bias_columns = f.size();
     const std::uintptr_t out = f.address();
     const int64_t B = f.size(), H = f.size(), E = f.size(), M = f.size(), C = f.size();
     const int64_t start = f.position(), end = f.position();
@@ -191,7 +191,7 @@ cache_attention::Problem<T> cache_attention_args(Fields<T>& f, double scale, int
     const std::uintptr_t bias_at =
         bias == 0 ? 0 : bias + static_cast<std::uintptr_t>(column) * sizeof(T);
     const cache_attention::Problem<T> p = cache_attention::attention_args<T>(
-        q, {W * ldq, ldq, E}, k, k_strides, v, v_strides, bias_at, {0, bias_h, bias_w}, out,
+        q, {W * ldq, ldq, E}, k, k_strides, v, v_strides, bias_at, {bias_b, bias_h, bias_w}, out,
         {B, W, H, E, M, C}, start, end, scale, threads);
     // (end - start and bias_columns - column cannot overflow: 0 <= start <= end, column >= 0)
     if (bias != 0 && (W > bias_rows || column > bias_columns ||

@@ -63,7 +63,8 @@ def plain_cache_attention(q, keys, values, start, end, bias, column, scale):
                 query = q[b * W + w, h * E : (h + 1) * E]
                 scores = scale * (keys[b, h, start:end] @ query)
                 if bias is not None:
-                    scores = scores + bias[h, w, column : column + end - start]
+                    table = bias[b, h] if bias.dim() == 4 else bias[h]  # per element, or shared
+                    scores = scores + table[w, column : column + end - start]
                 if end > start and not torch.isneginf(scores).all():
                     out[b * W + w, h] = torch.softmax(scores, 0) @ values[b, h, start:end]
     return out.reshape(q.shape[0], H * M)
@@ -223,6 +224,41 @@ def test_empty_ranges_and_masked_rows_give_zeros(grad, compiled_calls):
     want = plain_cache_attention(x.double(), K, V, 0, 2, bias, 0, 2**-0.5)
     assert_close("y", y, want, **TOLERANCES[torch.float64])
     assert compiled_calls == ([] if grad else [torch.float64] * 6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("grad", [False, True], ids=["compiled", "composed"])
+def test_a_bias_per_batch_element(grad, dtype, compiled_calls):
+    """A `(B, H, W, J)` bias: each batch element masks its own positions (a padded memory of
+    lengths 7, 4 and 0; the last element's rows see nothing and give zeros), on both paths,
+    and a bias of another batch size is refused when the op is added."""
+    g = torch.Generator().manual_seed(5)
+    B, H, E, C = 3, 2, 4, 7
+    K, V = (torch.randn(B, H, C, E, generator=g, dtype=dtype) for _ in range(2))
+    bias = torch.randn(B, H, 2, C + 1, generator=g, dtype=dtype)
+    for b, length in enumerate((7, 4, 0)):
+        bias[b, :, :, length + 1 :] = -math.inf  # columns from 1: position j at column j + 1
+
+    def new_chain():
+        chain = StepChain(H * E)
+        chain.layer_norm(chain.input, torch.ones(H * E, dtype=dtype), None)  # fixes the dtype
+        return chain, chain.position(C), chain.position(C), chain.position(C + 1)
+
+    chain, start, end, column = new_chain()
+    chain.cache_attention(chain.input, K, V, start, end, bias, column, scale=0.6)
+    x = torch.randn(B * 2, H * E, generator=g, dtype=dtype)
+    with torch.set_grad_enabled(grad):
+        for positions in ([0, 7, 1], [2, 6, 3]):
+            y, _ = chain(x, positions=positions)
+            first, last, at = positions
+            want = plain_cache_attention(dbl(x), dbl(K), dbl(V), first, last, dbl(bias), at, 0.6)
+            assert_close(f"y {positions}", y.double(), want, **TOLERANCES[dtype])
+            assert torch.equal(y[4:], torch.zeros_like(y[4:]))  # length 0: zeros, no NaN
+    assert compiled_calls == ([] if grad else [dtype] * 2)
+    other, start, end, column = new_chain()
+    with pytest.raises(ValueError, match="bias") as info:
+        other.cache_attention(other.input, K, V, start, end, bias[:2], column)
+    assert "(3, 2" in str(info.value) and "(2, 2, 2, 8)" in str(info.value), str(info.value)
 
 
 @pytest.mark.parametrize("W", [2, 3])
@@ -440,8 +476,8 @@ LN = [3, 0, 0, 4, 2, 4, 1, 0, 2, 0, 3, 0]
 WS = [4, 2, 4, 2, 4, 0, 0, 0, 4, 5, 0, 4, 3, 0]
 # cache attention of x (B 1, W 2, H 1, E 4) over positions indices[0] .. indices[1] - 1 with
 # the bias from column indices[2]: q, ldq, R, k and its strides, v and its strides, bias, its
-# strides and size, out, B, H, E, M, C, start, end, bias column
-CA = [5, 0, 0, 4, 2, 5, 0, 20, 20, 4, 1, 6, 0, 20, 20, 4, 7, 0, 10, 5, 2, 5, 3, 0,
+# strides (batch 0: shared) and size, out, B, H, E, M, C, start, end, bias column
+CA = [5, 0, 0, 4, 2, 5, 0, 20, 20, 4, 1, 6, 0, 20, 20, 4, 7, 0, 0, 10, 5, 2, 5, 3, 0,
       1, 1, 4, 4, 5, 0, 1, 2]  # fmt: skip
 # a write of x into keys at indices[0]: x, ldx, R, B, H, E, cache and its strides, C, position
 CW = [6, 0, 0, 4, 2, 1, 1, 4, 5, 0, 20, 20, 4, 1, 5, 0]
@@ -469,7 +505,7 @@ BAD_PROGRAMS = {  # id: (program, scalars, indices, message)
     "sum-past-the-end": ([*WS[:3], 3, *WS[4:]], [0.0], [], "program ends inside op 0: it needs 16"),
     "sum-without-count": (WS[:3], [0.0], [], "op 0: a weighted sum must add 1 to 256 values; got"),
     "layer-norm-truncated": (LN[:-1], [1e-5], [], "program ends inside op 0: it needs 11 fields"),
-    "attention-truncated": (CA[:-2], [0.5], [1, 4, 0], "program ends inside op 0: it needs 31"),
+    "attention-truncated": (CA[:-2], [0.5], [1, 4, 0], "program ends inside op 0: it needs 32"),
     "write-truncated": ([*CW, *CW[:9]], [0.0, 0.0], [2], "program ends inside op 1: it needs 15"),
     "scale-nan": (CA, [math.nan], [1, 4, 0], "cache attention: scale must be finite"),
     "scale-inf": (CA, [-math.inf], [1, 4, 0], "cache attention: scale must be finite"),

@@ -1,7 +1,8 @@
 """The decoder's step as one chain call (``recurrent_transformer._decoder_chain``): equal in
 float64 to the layer-by-layer step with linear or softmax self attention and softmax cross
-attention over the memory; taken only from the second step (the first projects the memory)
-and where the layers compute what the chain does; kept with the memory's state."""
+attention over the memory, padded or not; taken only from the second step (the first
+projects the memory) and where the layers compute what the chain does; kept with the
+memory's state."""
 
 import gc
 import weakref
@@ -76,13 +77,36 @@ def test_float32_and_softmax_temp(chain_calls, monkeypatch):
     assert len(chain_calls) == 5
 
 
-def test_padded_memories_other_attentions_and_listeners_take_the_layers(chain_calls, monkeypatch):
+@pytest.mark.parametrize("self_type", ["full", "causal-linear"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+def test_padded_memories_take_the_chain(self_type, dtype, chain_calls, monkeypatch):
+    """Memories of lengths 5, 3, 1 and 0 (padding holding NaN, which must not leak): the
+    chain's per-batch bias equals the layers' mask, zeros for the element without memory."""
+    model = decoder(self_type).to(dtype)
+    g = torch.Generator().manual_seed(2)
+    xs = torch.randn(6, 4, 8, generator=g, dtype=torch.float64).to(dtype)
+    memory = torch.randn(4, 5, 8, generator=g, dtype=torch.float64).to(dtype)
+    lengths = torch.tensor([5, 3, 1, 0])
+    memory[torch.arange(5)[None, :] >= lengths[:, None]] = float("nan")
+    mask = LengthMask(lengths, max_len=5)
+    chained, state = run(model, xs, memory, monkeypatch, mask=mask)
+    layers, _ = run(model, xs, memory, monkeypatch, chained=False, mask=mask)
+    tolerance = 1e-10 if dtype == torch.float64 else 1e-5
+    assert_close("padded", chained, layers, rtol=tolerance, atol=tolerance)
+    assert not chained.isnan().any()
+    assert len(chain_calls) == 5  # every step but the first
+    assert state[0].cross_attention.key_mask is not None
+    # another mask over the same memory is another chain, not the kept one's bias
+    other = LengthMask(torch.tensor([2, 5, 4, 3]), max_len=5)
+    memory = memory.nan_to_num(0.0)
+    chained, _ = run(model, xs, memory, monkeypatch, mask=other)
+    layers, _ = run(model, xs, memory, monkeypatch, chained=False, mask=other)
+    assert_close("other mask", chained, layers, rtol=tolerance, atol=tolerance)
+
+
+def test_other_attentions_and_listeners_take_the_layers(chain_calls, monkeypatch):
     xs, memory = torch.randn(3, 2, 8, dtype=torch.float64), torch.randn(2, 5, 8)
     memory = memory.double()
-    mask = LengthMask(torch.tensor([5, 3]), max_len=5)
-    padded, _ = run(decoder(), xs, memory, monkeypatch, mask=mask)
-    expected, _ = run(decoder(), xs, memory, monkeypatch, chained=False, mask=mask)
-    assert_close("padded", padded, expected, rtol=1e-10, atol=1e-10)
     run(decoder(cross_type="linear"), xs, memory, monkeypatch)
     events = []
     listened = decoder(event_dispatcher=EventDispatcher())

@@ -4,13 +4,14 @@ The decoder's counterpart of `_step_chain`: where every layer of a
 `RecurrentTransformerDecoder` computes what its sublayer ops compute (`_fused_step.fusible`),
 its self attention is one the encoder's chain runs (causal linear attention with the default
 feature map, or softmax attention over a `KVCache`) and its cross attention is softmax
-attention over a memory already projected (a `MemoryState` without padding, from the first
-step), the whole step (per layer the self-attention step, its output projection with residual
-and norm, the cross attention's query product, the attention over the memory, its output
-projection with residual and norm, the feed-forward sublayer) runs as one
-`attention_core.step_chain.StepChain` call. The first step, which projects the memory, a
-padded memory, other attentions, hooks, listeners, autograd, dropout and ``torch.compile``
-take the layer-by-layer path. Tests prove the paths equal in float64.
+attention over a memory already projected (a `MemoryState`, from the first step), the whole
+step (per layer the self-attention step, its output projection with residual and norm, the
+cross attention's query product, the attention over the memory, its output projection with
+residual and norm, the feed-forward sublayer) runs as one `attention_core.step_chain.StepChain`
+call. A padded memory's mask becomes a per-batch bias of the chain's attention (``-inf`` at
+the padded positions; a batch element without memory gets zeros, as the layers give). The
+first step, which projects the memory, other attentions, hooks, listeners, autograd, dropout
+and ``torch.compile`` take the layer-by-layer path. Tests prove the paths equal in float64.
 
 The chain holds the memory's keys and values (and the self-attention caches' buffers), so it is
 kept with the states: on the first cache's claim when the self attention is softmax attention
@@ -23,6 +24,7 @@ from math import sqrt
 from typing import TYPE_CHECKING, Any
 from weakref import WeakKeyDictionary
 
+import torch
 from torch import Tensor, nn
 
 from attention_core.step_chain import StepChain, WeightChangedError
@@ -92,15 +94,22 @@ def _layer_parts(layer: Any, layer_type: Any) -> tuple[tuple, tuple] | None:
 
 
 def _make_chain(
-    width: int, tensors: tuple, options: tuple, layers: int, held: tuple, caches: int
+    width: int,
+    tensors: tuple,
+    options: tuple,
+    layers: int,
+    held: tuple,
+    caches: int,
+    biases: tuple,
 ) -> StepChain:
     """The chain of ``layers`` decoder layers: ``held`` holds the self-attention caches' key
-    and value buffers (the first ``caches``) and then each layer's memory keys and values. A
-    call passes the positions of `_step_chain.cache_positions`, then ``[0, S]``."""
+    and value buffers (the first ``caches``) and then each layer's memory keys and values;
+    ``biases`` each layer's memory bias (`_padding_bias`) or ``None``. A call passes the
+    positions of `_step_chain.cache_positions`, then ``[0, S]``."""
     chain = StepChain(width)
     x = chain.input
     positions = cache_positions(chain, held[:caches])
-    buffers, memories = iter(held[:caches]), iter(held[caches:])
+    buffers, memories = iter(held[:caches]), iter(held[caches : caches + 2 * layers])
     S = held[caches].shape[2]
     start, end = chain.position(0), chain.position(S)
     for i in range(layers):
@@ -112,7 +121,7 @@ def _make_chain(
         )  # fmt: skip
         keys, values = next(memories), next(memories)
         q = chain.linear(x, t[10], t[11])
-        attended = chain.cache_attention(q, keys, values, start, end, scale=o[5])
+        attended = chain.cache_attention(q, keys, values, start, end, biases[i], scale=o[5])
         x = chain.linear(
             attended, t[12], t[13], residual=x, norm_weight=t[14], norm_bias=t[15], norm=True,
             eps=o[6],
@@ -124,12 +133,19 @@ def _make_chain(
 
 
 def _memory(state: Any, x: Tensor, tensors: tuple, options: tuple) -> MemoryState | None:
-    """A cross attention's state the chain reads: a `MemoryState` without padding whose keys
-    ``(N, H, S, E)`` and values ``(N, H, S, D)`` are contiguous tensors of ``x``'s dtype and
-    device."""
-    if type(state) is not MemoryState or state.key_mask is not None:
+    """A cross attention's state the chain reads: a `MemoryState` whose keys ``(N, H, S, E)``
+    and values ``(N, H, S, D)`` are contiguous tensors of ``x``'s dtype and device, and whose
+    mask, if any, is an ``(N, S)`` bool tensor on that device."""
+    if type(state) is not MemoryState:
         return None
-    keys, values = state.keys, state.values
+    keys, values, mask = state.keys, state.values, state.key_mask
+    if mask is not None and not (
+        type(mask) is Tensor
+        and mask.dtype == torch.bool
+        and mask.shape == (x.shape[0], keys.shape[2] if isinstance(keys, Tensor) else -1)
+        and mask.device == x.device
+    ):
+        return None
     heads = options[4]
     E, D = tensors[10].shape[0] // heads, tensors[12].shape[1] // heads
     for t, width in ((keys, E), (values, D)):
@@ -179,7 +195,12 @@ def chained_decoder_step(
     if length is None or any(m.keys.shape[2] != S for m in memories):
         return None
     buffers = selfs.buffers
-    held = (*buffers, *(t for m in memories for t in (m.keys, m.values)))
+    # the masks are held for the kept entry's identity check only (their biases are its own)
+    held = (
+        *buffers,
+        *(t for m in memories for t in (m.keys, m.values)),
+        *(m.key_mask for m in memories),
+    )
     # kept with the self-attention caches when there are some (on the first one's claim, as
     # the encoder's chain), else with the memory: it holds their tensors
     caches = selfs.caches
@@ -206,7 +227,23 @@ def chained_decoder_step(
     return y, TransformerState(tuple(DecoderLayerState(s, m) for s, m in zip(new_states, memories)))
 
 
+def _padding_bias(mask: Tensor | None, heads: int, dtype: torch.dtype) -> Tensor | None:
+    """``(N, H, 1, S)``: ``0`` at the memory positions ``mask`` `(N, S)` keeps, ``-inf`` at the
+    padded ones; ``None`` without a mask."""
+    if mask is None:
+        return None
+    N, S = mask.shape
+    bias = torch.zeros(N, heads, 1, S, dtype=dtype, device=mask.device)
+    return bias.masked_fill_(~mask[:, None, None, :], float("-inf"))
+
+
 def _new_entry(
     width: int, tensors: tuple, options: tuple, layers: int, held: tuple, caches: int
 ) -> Entry:
-    return tensors, options, held, _make_chain(width, tensors, options, layers, held, caches)
+    masks = held[caches + 2 * layers :]
+    biases = tuple(
+        _padding_bias(mask, options[_OPTIONS * i + 4], held[caches].dtype)
+        for i, mask in enumerate(masks)
+    )
+    chain = _make_chain(width, tensors, options, layers, held, caches, biases)
+    return tensors, options, held, chain

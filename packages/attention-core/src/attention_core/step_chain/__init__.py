@@ -374,9 +374,10 @@ class StepChain(ChainRunner):
             values: `(B, H, C, M)`.
             start: the first position read (a `Position` of this chain, at most ``C``).
             end: one past the last (a `Position`, at most ``C``).
-            bias: `(H, W', J')` added to the scores, or ``None``: query ``i`` over position
-                ``start + j`` takes ``bias[:, i, bias_start + j]``; it must hold the ``W``
-                rows and the columns that a call reads.
+            bias: `(H, W', J')` added to the scores, or `(B, H, W', J')` (one per batch
+                element, for example ``-inf`` at a padded memory's positions), or ``None``:
+                query ``i`` over position ``start + j`` takes ``bias[..., i, bias_start + j]``;
+                it must hold the ``W`` rows and the columns that a call reads.
             bias_start: the bias column of position ``start`` (a `Position`; default:
                 ``start``, a bias indexed by cache position).
             scale: the multiplier of ``q . k`` (default: ``1 / sqrt(E)``).

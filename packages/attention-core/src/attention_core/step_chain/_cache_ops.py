@@ -98,9 +98,11 @@ class CacheAttentionOp(Op):
         for name, position in (("start", self.start), ("end", self.end)):
             _check_limit(name, position, C, "the cache length")
         if self.bias is not None:
-            check_tensor("bias", self.bias, shape=(H, None, None))
+            batched = isinstance(self.bias, Tensor) and self.bias.dim() == 4
+            shape = (B, H, None, None) if batched else (H, None, None)
+            check_tensor("bias", self.bias, shape=shape)
             check_like("bias", self.bias, like, "the chain's weights")
-            _check_limit("bias_start", self.bias_start, self.bias.shape[2], "the bias's columns")
+            _check_limit("bias_start", self.bias_start, self.bias.shape[-1], "the bias's columns")
         self.shape = (B, H, C, E, self.values.shape[3])
         self.width = H * self.shape[4]
 
@@ -124,10 +126,13 @@ class CacheAttentionOp(Op):
         k, v, bias = (
             weight_address(bases, weight_index + i, t) for i, t in enumerate(self.weights())
         )
-        # the bias is contiguous, the keys contiguous or feature-major (`readable`)
-        bias_fields = [0, 0, 0, 0] if self.bias is None else [
-            self.bias.shape[1] * self.bias.shape[2], self.bias.shape[2], *self.bias.shape[1:]
-        ]  # fmt: skip
+        # the bias is contiguous, the keys contiguous or feature-major (`readable`); its
+        # batch stride is 0 when the batch shares it
+        bias_fields = [0] * 5
+        if self.bias is not None:
+            rows, columns = self.bias.shape[-2:]
+            batch = H * rows * columns if self.bias.dim() == 4 else 0
+            bias_fields = [batch, rows * columns, columns, rows, columns]
         k_strides = _cache_strides(self.keys)
         return [
             q_base, q_offset, ldq, bases.rows, *k, *k_strides, *v, H * C * M, C * M,
@@ -146,9 +151,10 @@ class CacheAttentionOp(Op):
         bias = self.bias
         if bias is not None:
             column = positions[self.bias_start.index]
-            if bias.shape[1] < W or column + end - start > bias.shape[2]:
+            rows, columns = bias.shape[-2:]
+            if rows < W or column + end - start > columns:
                 raise ValueError(
-                    f"cache attention: the bias ({bias.shape[1]} rows, {bias.shape[2]} columns) "
+                    f"cache attention: the bias ({rows} rows, {columns} columns) "
                     f"must hold {W} rows and {end - start} columns from column {column}"
                 )
 
@@ -163,7 +169,7 @@ class CacheAttentionOp(Op):
         bias = self.bias
         if bias is not None:
             column = positions[self.bias_start.index]
-            bias = bias[:, :W, column : column + end - start]
+            bias = bias[..., :W, column : column + end - start]
         out = cache_attention(q.reshape(B, W, H, E), self.keys, self.values, start, end, bias,
                               scale=self.scale)  # fmt: skip
         return out.reshape(R, H * M), None
