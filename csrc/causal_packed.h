@@ -84,10 +84,11 @@ inline Workspace<T>& thread_workspace() {
     return workspace;
 }
 
-// Heads walked together: as many as keep a group's chunk buffers of the backward pass (at
-// most 3 rows of max(E, M) per token and head) within about 1 MiB, so that they stay in L2
-// while the group's sweeps run; at least one. (In the forward pass it bounds the states that
-// cycle through the caches, E M per head.)
+// Heads walked together, chunk by chunk: about 1 MiB of chunk rows (3 rows of max(E, M) per
+// token and head), at least one head. The size was set for an earlier form that gathered
+// those rows into buffers; it now bounds the heads whose states (E M each) cycle through the
+// caches from one chunk to the next, and how far apart in time the heads of one token's
+// row (adjacent in the (N, L, H, E) layout) are read.
 template <typename T>
 inline int64_t group_size(int64_t E, int64_t M) {
     constexpr int64_t kGroupBytes = int64_t{1} << 20;
@@ -154,8 +155,7 @@ struct Chunks {
     // from chunk to chunk: the head's q and k rows mapped into the workspace when the map is
     // fused (read where they lie otherwise), its normaliser over those rows, then its
     // recurrence, which reads v where it lies and writes each output row, scaled by r_t,
-    // straight into the output. While a head's recurrence runs, the rows of the next head (or
-    // of the first head's next chunk) are brought towards the caches.
+    // straight into the output.
     static void forward(const HeadForward<T>* heads, int64_t count, Workspace<T>& ws,
                         int64_t c0) {
         for (int64_t h = 0; h < count; ++h) {
