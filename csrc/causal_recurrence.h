@@ -8,8 +8,8 @@
 #include <cstring>
 #include <vector>
 
-#include "cpu_dispatch.h"
 #include "causal_normalizer.h"
+#include "cpu_dispatch.h"
 #include "prefetch.h"
 #include "vector_dot.h"
 
@@ -23,8 +23,9 @@ namespace causal {
 // For each token t (t = 0..length-1, or reversed):
 //     state += kv_scale[t] * k_t v_t^T                    (rows x cols)
 //     out_t  = [out_t +] q_scale[t] * state^T q_t          (cols)
-// q_scale multiplies the read-out once per token and column, not q_t in the row loop (a
-// scalar product and broadcast per row cost about a tenth of the sweep).
+// q_scale multiplies q_t in the row loop, not the read-out: r_t q_t keeps S^T q_t in range
+// for large q and k (the normalised result does not depend on their scale); applying it to the
+// read-out measured no faster and overflowed float32 for q, k = 1e14.
 // q_t and k_t have `rows` elements, v_t and out_t `cols`; `*_step` is the distance between two
 // tokens of one operand. A null scale means 1.
 template <typename T>
@@ -87,7 +88,11 @@ inline int64_t multi_token_pass(const Recurrence<T>& p, int64_t c0, T* state, in
             for (int j = 0; j < NV; ++j) {
                 std::memcpy(&v[u][j], vt + j * V, sizeof(vec));
                 v[u][j] *= kv_scale;
-                acc[u][j] = vec{};
+                if (fresh) {
+                    acc[u][j] = vec{};
+                } else {
+                    std::memcpy(&acc[u][j], out[u] + j * V, sizeof(vec));
+                }
             }
         }
         for (int u = 0; u < U; ++u) {
@@ -105,7 +110,7 @@ inline int64_t multi_token_pass(const Recurrence<T>& p, int64_t c0, T* state, in
             for (int j = 0; j < NV; ++j) std::memcpy(&s[j], row + j * V, sizeof(vec));
             for (int u = 0; u < U; ++u) {
                 const T ke = k[u][e];
-                const T qe = q[u][e];
+                const T qe = q[u][e] * q_scale[u];
                 for (int j = 0; j < NV; ++j) {
                     s[j] += ke * v[u][j];
                     acc[u][j] += qe * s[j];
@@ -113,16 +118,8 @@ inline int64_t multi_token_pass(const Recurrence<T>& p, int64_t c0, T* state, in
             }
             for (int j = 0; j < NV; ++j) std::memcpy(row + j * V, &s[j], sizeof(vec));
         }
-        for (int u = 0; u < U; ++u) {  // out = [out +] q_scale * acc
-            for (int j = 0; j < NV; ++j) {
-                vec o = acc[u][j] * q_scale[u];
-                if (!fresh) {
-                    vec before;
-                    std::memcpy(&before, out[u] + j * V, sizeof(vec));
-                    o += before;
-                }
-                std::memcpy(out[u] + j * V, &o, sizeof(vec));
-            }
+        for (int u = 0; u < U; ++u) {
+            for (int j = 0; j < NV; ++j) std::memcpy(out[u] + j * V, &acc[u][j], sizeof(vec));
         }
     }
     return i;
@@ -166,13 +163,14 @@ inline void recurrence_tile(const Recurrence<T>& p, int64_t c0, int64_t width, T
         T acc[W];
         if constexpr (Partial) {
             for (int w = 0; w < W; ++w) vv[w] = w < width ? vt[w] * kv_scale : T(0);
+            for (int w = 0; w < W; ++w) acc[w] = fresh || w >= width ? T(0) : ot[w];
         } else {
             for (int w = 0; w < W; ++w) vv[w] = vt[w] * kv_scale;
+            for (int w = 0; w < W; ++w) acc[w] = fresh ? T(0) : ot[w];
         }
-        for (int w = 0; w < W; ++w) acc[w] = T(0);
         for (int64_t e = r0; e < r1; ++e) {
             const T ke = kt[e];
-            const T qe = qt[e];
+            const T qe = qt[e] * q_scale;
             T* __restrict row = st + e * ld;
             for (int w = 0; w < W; ++w) {
                 const T s = row[w] + ke * vv[w];
@@ -180,8 +178,11 @@ inline void recurrence_tile(const Recurrence<T>& p, int64_t c0, int64_t width, T
                 acc[w] += qe * s;
             }
         }
-        const int64_t written = Partial ? width : W;
-        for (int64_t w = 0; w < written; ++w) ot[w] = (fresh ? T(0) : ot[w]) + q_scale * acc[w];
+        if constexpr (Partial) {
+            for (int64_t w = 0; w < width; ++w) ot[w] = acc[w];
+        } else {
+            for (int w = 0; w < W; ++w) ot[w] = acc[w];
+        }
     }
 }
 
