@@ -124,7 +124,16 @@ struct Lanes {
                 high[j * (B / 2) + l] = first + B / 2 + l;
             }
         }
+#if defined(__clang__)  // no __builtin_shuffle: the same lanes picked one by one
+        vec sum;
+        for (int i = 0; i < V; ++i) {
+            const int lo = low[i], hi = high[i];
+            sum[i] = (lo < V ? a[lo] : b[lo - V]) + (hi < V ? a[hi] : b[hi - V]);
+        }
+        return sum;
+#else
         return __builtin_shuffle(a, b, low) + __builtin_shuffle(a, b, high);
+#endif
     }
 
     template <int B>
