@@ -1,18 +1,13 @@
-"""Review of the rewritten CPU causal-product kernels: failing cases found by an adversarial sweep.
+"""Findings of a review of the CPU causal-product kernels rewritten in session 14, kept as
+regression tests.
 
-REVIEW FINDINGS (these tests are expected to fail until the kernels are fixed).
-
-The normalised recurrence applies ``q_scale`` (``r_t = 1 / (q_t . z_t + eps)``) once per
-read-out, ``out_t = r_t * (S_t^T q_t)``, where it used to scale ``q_t`` in the row loop,
-``out_t = S_t^T (r_t q_t)``. The product ``S_t^T q_t`` overflows float32 for inputs whose
-normalised result (and the former kernel's) is finite: ``normalized_causal_dot_product`` is
-invariant to the scale of ``Q``, and ``V`` of magnitude ``1e12`` is representable, yet the
-kernel returns ``inf``. (The plain-PyTorch fallback, which forms the numerator first, and
-fast-transformers overflow too: this is a loss of range against the former kernel.)
-
-``csrc/causal_normalizer.h`` uses GCC's ``__builtin_shuffle``, which clang does not have:
-the kernels no longer compile with clang (macOS builds, see CMakeLists.txt), where the
-tree before the rewrite did.
+- Range: the normalised recurrence scales ``q_t`` by ``r_t = 1 / (q_t . z_t + eps)`` in its
+  row loop, ``out_t = S_t^T (r_t q_t)``. Scaling the read-out instead, ``r_t (S_t^T q_t)``,
+  overflowed float32 for inputs whose normalised result is finite (``q, k = 1e14``,
+  ``v = 1e12``; the result does not depend on the scale of ``q``): every CPU level, the
+  recurrence and the packed form, the fused map too.
+- Portability: the normaliser's lane tree used GCC's ``__builtin_shuffle``, which clang
+  lacks; the kernels must compile (and the lane sums agree) with clang, as on macOS.
 """
 
 import shutil
@@ -40,8 +35,8 @@ def cpu_level(request):
 
 
 @pytest.mark.parametrize("sequence_first", [False, True], ids=["recurrence", "packed"])
-def test_review_normalized_float32_large_values_stay_finite(cpu_level, sequence_first):
-    """REVIEW: q, k = 1e14 and v = 1e12 give out = v = 1e12; the kernel returns inf."""
+def test_normalized_float32_large_values_stay_finite(cpu_level, sequence_first):
+    """q, k = 1e14 and v = 1e12 give out = v = 1e12 (finite), at every CPU level."""
     Q = torch.full((1, 2, 2, 1), 1e14)  # (N, L, H, E)
     V = torch.full((1, 2, 2, 1), 1e12)
     if sequence_first:  # the attention layout seen as (N, H, L, E): the packed form
@@ -54,8 +49,8 @@ def test_review_normalized_float32_large_values_stay_finite(cpu_level, sequence_
     torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=0)
 
 
-def test_review_elu_float32_large_values_stay_finite(cpu_level):
-    """REVIEW: the fused map's form overflows the same way (phi(1e14) = 1e14 + 1)."""
+def test_elu_float32_large_values_stay_finite(cpu_level):
+    """The fused map's form too (phi(1e14) = 1e14 + 1)."""
     Q = torch.full((1, 2, 2, 1), 1e14).transpose(1, 2)
     V = torch.full((1, 2, 2, 1), 1e12).transpose(1, 2)
     out = elu_normalized_causal_dot_product(Q, Q, V)
@@ -94,8 +89,9 @@ int main() { return check<float>() + check<double>(); }
 
 
 @pytest.mark.skipif(CLANG is None, reason="clang++ is not installed")
-def test_review_causal_kernels_compile_and_run_with_clang(tmp_path):
-    """REVIEW: causal_normalizer.h's __builtin_shuffle is GCC-only; clang rejects it."""
+def test_causal_kernels_compile_and_run_with_clang(tmp_path):
+    """Every form of the causal product, forward and backward, both dtypes, compiled with
+    clang, and the lane tree's sums against plain sums."""
     source = tmp_path / "causal_clang.cpp"
     source.write_text(CLANG_PROGRAM)
     binary = tmp_path / "causal_clang"
