@@ -23,9 +23,9 @@ namespace causal {
 // For each token t (t = 0..length-1, or reversed):
 //     state += kv_scale[t] * k_t v_t^T                    (rows x cols)
 //     out_t  = [out_t +] q_scale[t] * state^T q_t          (cols)
-// q_scale multiplies q_t in the row loop, not the read-out: r_t q_t keeps S^T q_t in range
-// for large q and k (the normalised result does not depend on their scale); applying it to the
-// read-out measured no faster and overflowed float32 for q, k = 1e14.
+// q_scale multiplies q_t, not the read-out: r_t q_t keeps S^T q_t in range for large q and k
+// (the normalised result does not depend on their scale; scaling the read-out overflowed
+// float32 for q, k = 1e14).
 // q_t and k_t have `rows` elements, v_t and out_t `cols`; `*_step` is the distance between two
 // tokens of one operand. A null scale means 1.
 template <typename T>
@@ -70,19 +70,27 @@ inline int64_t multi_token_pass(const Recurrence<T>& p, int64_t c0, T* state, in
     static_assert(W % V == 0, "the tile must be a whole number of 64-byte vectors");
     typedef T vec __attribute__((vector_size(V * sizeof(T))));
     const bool fresh = r0 == 0 && !p.accumulate;
+    // with a q_scale, the U rows r0 .. r1 - 1 of q_t times q_scale[t]: the row loop then
+    // broadcasts them straight from memory (scaling in the row loop cost a multiply and a
+    // register broadcast per row and token, 7-10% of the sweep); r1 - r0 is at most a block
+    constexpr int64_t kBlockRows = std::max<int64_t>(1, kStateBlockBytes / (W * sizeof(T)));
+    alignas(64) T scaled[U][kBlockRows];
     int64_t i = 0;
     for (; i + U <= p.length; i += U) {
         const T* __restrict q[U];
         const T* __restrict k[U];
         T* out[U];
-        T q_scale[U];
         vec v[U][NV], acc[U][NV];
         for (int u = 0; u < U; ++u) {
             const int64_t t = p.reverse ? p.length - 1 - i - u : i + u;
-            q[u] = p.q + t * p.q_step;
+            q[u] = p.q + t * p.q_step + r0;  // q[u][e - r0] is feature e
+            if (p.q_scale) {  // r_t q_t, the products the row loop used to form
+                const T factor = p.q_scale[t];
+                for (int64_t e = 0; e < r1 - r0; ++e) scaled[u][e] = q[u][e] * factor;
+                q[u] = scaled[u];
+            }
             k[u] = p.k + t * p.k_step;
             out[u] = p.out + t * p.out_step + c0;
-            q_scale[u] = p.q_scale ? p.q_scale[t] : T(1);
             const T kv_scale = p.kv_scale ? p.kv_scale[t] : T(1);
             const T* vt = p.v + t * p.v_step + c0;
             for (int j = 0; j < NV; ++j) {
@@ -110,7 +118,7 @@ inline int64_t multi_token_pass(const Recurrence<T>& p, int64_t c0, T* state, in
             for (int j = 0; j < NV; ++j) std::memcpy(&s[j], row + j * V, sizeof(vec));
             for (int u = 0; u < U; ++u) {
                 const T ke = k[u][e];
-                const T qe = q[u][e] * q_scale[u];
+                const T qe = q[u][e - r0];
                 for (int j = 0; j < NV; ++j) {
                     s[j] += ke * v[u][j];
                     acc[u][j] += qe * s[j];
