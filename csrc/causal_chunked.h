@@ -35,6 +35,7 @@
 #include "cpu_dispatch.h"
 #include "feature_map.h"
 #include "small_gemm.h"
+#include "vector_dot.h"
 
 namespace attention_core {
 namespace causal {

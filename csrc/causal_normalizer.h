@@ -10,18 +10,18 @@
 #include <type_traits>
 
 #include "prefetch.h"
-#include "vector_dot.h"
 
 namespace attention_core {
 namespace causal {
 
 // ---------------------------------------------------------------------------------------
-// The normaliser sweeps of the per-token forms, one token at a time
+// The arguments of the per-token forms' sweeps (causal_product.h)
 // ---------------------------------------------------------------------------------------
 
 // Forward in time: z_i = z + sum_{j<=i} k_j and r_i = 1 / (q_i . z_i + eps). With `g` set (the
 // backward pass) also dd_i = -(g_i . out_i) r_i, the gradient of the denominator, and
-// dq_i = dd_i z_i. `z` holds z0 on entry and z_final on exit.
+// dq_i = dd_i z_i. `z` holds z0 on entry and z_final on exit. Runs as the chunk normalisers
+// below, over every row (`normalizer_sweep`).
 template <typename T>
 struct NormalizerSweep {
     const T* q;
@@ -42,23 +42,6 @@ struct NormalizerSweep {
     int64_t M;
     T eps;
 };
-
-template <typename T>
-inline void normalizer_sweep(const NormalizerSweep<T>& p) {
-    T* __restrict z = p.z;
-    for (int64_t t = 0; t < p.length; ++t) {
-        const T* __restrict kt = p.k + t * p.k_step;
-        for (int64_t e = 0; e < p.E; ++e) z[e] += kt[e];
-        const T r = T(1) / (dot(p.q + t * p.q_step, z, p.E) + p.eps);
-        p.r[t] = r;
-        if (p.g) {
-            const T dd = -dot(p.g + t * p.g_step, p.out + t * p.out_step, p.M) * r;
-            p.dd[t] = dd;
-            T* __restrict dq = p.dq + t * p.dq_step;
-            for (int64_t e = 0; e < p.E; ++e) dq[e] = dd * z[e];
-        }
-    }
-}
 
 // Reverse in time: w_i = w + sum_{j>=i} dd_j q_j, written to dk_i; `w` holds the gradient of
 // z_final on entry and the gradient of z0 on exit.
@@ -313,6 +296,19 @@ inline void chunk_normalizer_backward(const T* q, int64_t q_step, const T* k, in
             const T d = dd[t];
             for (int64_t e = 0; e < E; ++e) dqt[e] *= d;
         }
+    }
+}
+
+// The forward sweep of the per-token forms over a whole sequence: the chunk normalisers'
+// work, over every row.
+template <typename T>
+inline void normalizer_sweep(const NormalizerSweep<T>& p) {
+    if (p.g) {
+        chunk_normalizer_backward<T>(p.q, p.q_step, p.k, p.k_step, p.g, p.g_step, p.out,
+                                     p.out_step, p.length, p.E, p.M, p.eps, p.z, p.r, p.dd,
+                                     p.dq, p.dq_step);
+    } else {
+        chunk_normalizer<T>(p.q, p.q_step, p.k, p.k_step, p.length, p.E, p.eps, p.z, p.r);
     }
 }
 

@@ -11,7 +11,6 @@
 #include "causal_normalizer.h"
 #include "cpu_dispatch.h"
 #include "prefetch.h"
-#include "vector_dot.h"
 
 namespace attention_core {
 namespace causal {

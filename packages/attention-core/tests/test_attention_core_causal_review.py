@@ -1,5 +1,4 @@
-"""Findings of a review of the CPU causal-product kernels rewritten in session 14, kept as
-regression tests.
+"""Regression tests for two faults a review found in the CPU causal-product kernels.
 
 - Range: the normalised recurrence scales ``q_t`` by ``r_t = 1 / (q_t . z_t + eps)`` in its
   row loop, ``out_t = S_t^T (r_t q_t)``. Scaling the read-out instead, ``r_t (S_t^T q_t)``,

@@ -139,13 +139,6 @@ def _memory(state: Any, x: Tensor, tensors: tuple, options: tuple) -> MemoryStat
     if type(state) is not MemoryState:
         return None
     keys, values, mask = state.keys, state.values, state.key_mask
-    if mask is not None and not (
-        type(mask) is Tensor
-        and mask.dtype == torch.bool
-        and mask.shape == (x.shape[0], keys.shape[2] if isinstance(keys, Tensor) else -1)
-        and mask.device == x.device
-    ):
-        return None
     heads = options[4]
     E, D = tensors[10].shape[0] // heads, tensors[12].shape[1] // heads
     for t, width in ((keys, E), (values, D)):
@@ -160,7 +153,17 @@ def _memory(state: Any, x: Tensor, tensors: tuple, options: tuple) -> MemoryStat
             and t.is_contiguous()
         ):
             return None
-    return state if keys.shape[2] == values.shape[2] else None
+    S = keys.shape[2]
+    if values.shape[2] != S:
+        return None
+    if mask is not None and not (
+        type(mask) is Tensor
+        and mask.dtype == torch.bool
+        and mask.shape == (x.shape[0], S)
+        and mask.device == x.device
+    ):
+        return None
+    return state
 
 
 def chained_decoder_step(
